@@ -1,0 +1,612 @@
+"""Tuning space (as data) and an on-disk autotuner for flashc's Triton kernels.
+
+Why this module exists
+----------------------
+Triton kernels are parameterised by meta-parameters (block sizes, ``num_warps``,
+``num_stages``) whose best values depend on the GPU and on the problem shape.
+flashc keeps those choices *out of the kernels*:
+
+* ``TUNING_SPACE`` lists, per hardware profile (``"h100"``, ``"a100"``, ``"h200"``,
+  ``"l4"``, ``"default"``), the candidate configs of every kernel, ordered by
+  preference: the first candidate that fits is the untuned default.
+* ``HARDWARE`` holds the few facts about each profile the launchers need
+  (multiprocessor count, shared memory per block).
+* :func:`autotune` times every candidate on the real GPU (``triton.testing.do_bench``,
+  median) and remembers the winner in a JSON cache, ``$FLASHC_CACHE/tuning.json``
+  (default ``~/.cache/flashc``).  The cache key is
+  ``(profile, kernel name, shape bucket, sha256 of the kernel source)`` so editing
+  a kernel invalidates its old results instead of silently reusing them.
+* :func:`get_config` is what launchers call at run time: the cached winner if
+  there is one, else the first candidate that fits.  It never times anything.
+* :func:`export_tuning` / :func:`import_tuning` move results between machines
+  (e.g. inside a compiled artifact).
+
+On a machine without CUDA (or under ``TRITON_INTERPRET=1``) :func:`autotune`
+returns the first candidate without timing and writes nothing, unless the caller
+passes its own ``bench_fn`` (the tests do, to exercise the cache on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import tempfile
+import threading
+import warnings
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = [
+    "HARDWARE",
+    "TUNING_SPACE",
+    "PROFILES",
+    "CACHE_VERSION",
+    "autotune",
+    "cache_key",
+    "cache_path",
+    "candidates",
+    "clear_memory_cache",
+    "detect_profile",
+    "export_tuning",
+    "get_config",
+    "hardware",
+    "import_tuning",
+    "kernel_source_hash",
+    "register_kernel_source",
+    "shape_bucket",
+]
+
+CACHE_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Hardware facts per profile.  Numbers from the vendors' datasheets / CUDA
+# occupancy tables (max opt-in shared memory per block).
+# ---------------------------------------------------------------------------
+HARDWARE: dict[str, dict[str, int]] = {
+    "h100": {"sm_count": 132, "smem_per_block": 227 * 1024},
+    "h200": {"sm_count": 132, "smem_per_block": 227 * 1024},
+    "a100": {"sm_count": 108, "smem_per_block": 163 * 1024},
+    "l4": {"sm_count": 58, "smem_per_block": 99 * 1024},
+    "default": {"sm_count": 80, "smem_per_block": 96 * 1024},
+}
+
+
+def _cfgs(*rows: dict) -> list[dict]:
+    return [dict(r) for r in rows]
+
+
+# Candidate configs per kernel.  Field meaning (consumed by the launchers):
+#   rms_norm / add_rms_norm : BLOCK_M rows per program, MAX_BLOCK_N = longest row
+#                             chunk kept in registers (longer rows loop), num_warps.
+#   rotary                  : BLOCK_S sequence positions per program, num_warps.
+#   glu                     : BLOCK_M rows x BLOCK_F columns per program, num_warps.
+#   attention               : FlashAttention-2 tile BLOCK_M (queries) x BLOCK_N (keys),
+#                             num_warps, num_stages (software pipelining depth).
+#   decode_attention        : BLOCK_N keys per iteration, MIN_SPLIT_LEN = fewest keys a
+#                             split may own (Flash-Decoding), num_warps, num_stages.
+# The order is the order of preference when nothing is tuned; launchers skip
+# candidates that don't fit the shape (e.g. shared memory at large head dims).
+_NORM_FAST = _cfgs(
+    {"BLOCK_M": 1, "MAX_BLOCK_N": 8192, "num_warps": 8},
+    {"BLOCK_M": 1, "MAX_BLOCK_N": 8192, "num_warps": 4},
+    {"BLOCK_M": 1, "MAX_BLOCK_N": 16384, "num_warps": 16},
+    {"BLOCK_M": 2, "MAX_BLOCK_N": 4096, "num_warps": 8},
+    {"BLOCK_M": 4, "MAX_BLOCK_N": 2048, "num_warps": 4},
+    {"BLOCK_M": 8, "MAX_BLOCK_N": 1024, "num_warps": 4},
+)
+_NORM_SMALL = _cfgs(
+    {"BLOCK_M": 1, "MAX_BLOCK_N": 4096, "num_warps": 4},
+    {"BLOCK_M": 1, "MAX_BLOCK_N": 8192, "num_warps": 8},
+    {"BLOCK_M": 4, "MAX_BLOCK_N": 1024, "num_warps": 4},
+)
+_ROTARY = _cfgs(
+    {"BLOCK_S": 16, "num_warps": 4},
+    {"BLOCK_S": 32, "num_warps": 4},
+    {"BLOCK_S": 64, "num_warps": 8},
+    {"BLOCK_S": 8, "num_warps": 2},
+)
+_GLU = _cfgs(
+    {"BLOCK_M": 1, "BLOCK_F": 2048, "num_warps": 8},
+    {"BLOCK_M": 1, "BLOCK_F": 1024, "num_warps": 4},
+    {"BLOCK_M": 4, "BLOCK_F": 512, "num_warps": 4},
+    {"BLOCK_M": 2, "BLOCK_F": 4096, "num_warps": 16},
+)
+# Hopper: large query tiles with 8 warps and a 3-4 deep cp.async/TMA pipeline
+# follow the FlashAttention-2 paper (Dao, 2023, sec. 3.3) and Triton's fused
+# attention tutorial settings for sm90.
+_ATTN_HOPPER = _cfgs(
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+)
+_ATTN_AMPERE = _cfgs(
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+)
+_ATTN_SMALL = _cfgs(
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
+)
+_DECODE = _cfgs(
+    {"BLOCK_N": 64, "MIN_SPLIT_LEN": 256, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 128, "MIN_SPLIT_LEN": 512, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "MIN_SPLIT_LEN": 128, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 64, "MIN_SPLIT_LEN": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 16, "MIN_SPLIT_LEN": 64, "num_warps": 2, "num_stages": 1},
+)
+
+TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
+    "h100": {
+        "rms_norm": _NORM_FAST,
+        "add_rms_norm": _NORM_FAST,
+        "rotary": _ROTARY,
+        "glu": _GLU,
+        "attention": _ATTN_HOPPER,
+        "decode_attention": _DECODE,
+    },
+    "h200": {
+        "rms_norm": _NORM_FAST,
+        "add_rms_norm": _NORM_FAST,
+        "rotary": _ROTARY,
+        "glu": _GLU,
+        "attention": _ATTN_HOPPER,
+        "decode_attention": _DECODE,
+    },
+    "a100": {
+        "rms_norm": _NORM_FAST,
+        "add_rms_norm": _NORM_FAST,
+        "rotary": _ROTARY,
+        "glu": _GLU,
+        "attention": _ATTN_AMPERE,
+        "decode_attention": _DECODE,
+    },
+    "l4": {
+        "rms_norm": _NORM_SMALL,
+        "add_rms_norm": _NORM_SMALL,
+        "rotary": _ROTARY,
+        "glu": _GLU[1:] + _GLU[:1],
+        "attention": _ATTN_SMALL,
+        "decode_attention": _DECODE,
+    },
+    "default": {
+        "rms_norm": _NORM_SMALL,
+        "add_rms_norm": _NORM_SMALL,
+        "rotary": _ROTARY,
+        "glu": _GLU[1:] + _GLU[:1],
+        "attention": _ATTN_SMALL,
+        "decode_attention": _DECODE,
+    },
+}
+
+PROFILES = tuple(TUNING_SPACE)
+
+
+def hardware(profile_name: str) -> dict[str, int]:
+    """Hardware facts of ``profile_name`` (unknown names fall back to ``"default"``)."""
+    return dict(HARDWARE.get(profile_name, HARDWARE["default"]))
+
+
+def candidates(kernel_name: str, profile_name: str = "default") -> list[dict]:
+    """Candidate configs of ``kernel_name`` for ``profile_name`` (copies, safe to mutate).
+
+    Unknown profiles fall back to ``"default"``; an unknown kernel is an error
+    that lists the known ones.
+    """
+    space = TUNING_SPACE.get(profile_name, TUNING_SPACE["default"])
+    if kernel_name not in space:
+        raise KeyError(
+            f"no tuning space for kernel {kernel_name!r} in profile {profile_name!r}; "
+            f"known kernels: {sorted(space)}"
+        )
+    return [dict(c) for c in space[kernel_name]]
+
+
+# ---------------------------------------------------------------------------
+# Profile detection
+# ---------------------------------------------------------------------------
+_PROFILE_BY_NAME = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L4", "l4"))
+_profile_memo: dict[Any, str] = {}
+
+
+def detect_profile(device: Any = None) -> str:
+    """Name of the tuning profile for ``device`` (a torch device, index or None).
+
+    CPU tensors, no CUDA, or an unknown GPU give ``"default"``.  The result is
+    memoised per device because ``get_device_name`` is slow-ish.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency of flashc
+        return "default"
+    if device is not None and not isinstance(device, int):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "default"
+        device = device.index
+    if not torch.cuda.is_available():
+        return "default"
+    if device is None:
+        device = torch.cuda.current_device()
+    if device in _profile_memo:
+        return _profile_memo[device]
+    name = torch.cuda.get_device_name(device)
+    profile = "default"
+    for needle, prof in _PROFILE_BY_NAME:
+        # "L4" must not match e.g. "L40": compare whole words.
+        if needle in name.replace("-", " ").split() or (needle != "L4" and needle in name):
+            profile = prof
+            break
+    _profile_memo[device] = profile
+    return profile
+
+
+# ---------------------------------------------------------------------------
+# Kernel source hashes
+# ---------------------------------------------------------------------------
+_SOURCE_HASHES: dict[str, str] = {}
+
+
+def _source_text(obj: Any) -> str:
+    if isinstance(obj, str):
+        return obj
+    # triton JITFunction / InterpretedFunction keep the Python function in .fn
+    fn = getattr(obj, "fn", obj)
+    src = getattr(obj, "src", None)
+    if isinstance(src, str):
+        return src
+    return inspect.getsource(fn)
+
+
+def kernel_source_hash(*sources: Any) -> str:
+    """sha256 (hex) over the source text of ``sources`` (strings, functions or Triton kernels)."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(_source_text(s).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def register_kernel_source(kernel_name: str, *sources: Any) -> str:
+    """Record the source of ``kernel_name`` (every jit function it launches).
+
+    Called by the kernel modules at import, so :func:`autotune` and
+    :func:`get_config` can key the cache by the code that actually runs.
+    Returns the hash.
+    """
+    digest = kernel_source_hash(*sources)
+    _SOURCE_HASHES[kernel_name] = digest
+    return digest
+
+
+def _resolve_source_hash(kernel_name: str, kernel_source: Any) -> str:
+    if kernel_source is not None:
+        if isinstance(kernel_source, (list, tuple)):
+            return kernel_source_hash(*kernel_source)
+        return kernel_source_hash(kernel_source)
+    if kernel_name in _SOURCE_HASHES:
+        return _SOURCE_HASHES[kernel_name]
+    raise KeyError(
+        f"no kernel source known for {kernel_name!r}: pass kernel_source= to autotune "
+        f"or call register_kernel_source({kernel_name!r}, kernel) first; "
+        f"registered: {sorted(_SOURCE_HASHES)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Shape buckets and cache keys
+# ---------------------------------------------------------------------------
+def _bucket_int(v: int) -> int:
+    if v <= 0:
+        return v
+    return 1 << (int(v) - 1).bit_length()
+
+
+def shape_bucket(key: Mapping[str, Any]) -> str:
+    """Canonical string of a shape key.
+
+    Integers are rounded up to a power of two so that nearby shapes share a
+    tuning result (sequence lengths vary at every call; tuning each exactly
+    would never hit the cache).  Booleans, strings and other values are kept
+    as they are.  Keys are sorted so the dict order does not matter.
+    """
+    parts = []
+    for name in sorted(key):
+        v = key[name]
+        if isinstance(v, bool):
+            s = "1" if v else "0"
+        elif isinstance(v, int):
+            s = str(_bucket_int(v))
+        else:
+            s = str(v)
+        parts.append(f"{name}={s}")
+    return ",".join(parts)
+
+
+def cache_key(profile_name: str, kernel_name: str, key: Mapping[str, Any], source_hash: str) -> str:
+    """The JSON cache key: ``profile|kernel|bucket|sha256``."""
+    return f"{profile_name}|{kernel_name}|{shape_bucket(key)}|{source_hash}"
+
+
+# ---------------------------------------------------------------------------
+# On-disk cache
+# ---------------------------------------------------------------------------
+_lock = threading.Lock()
+# path -> {"entries": {...}} ; loaded lazily, kept for the process lifetime.
+_memory: dict[str, dict[str, dict]] = {}
+# (path, kernel, bucket, hash, profile) -> resolved config for get_config.
+_resolved: dict[tuple, dict] = {}
+
+
+def cache_path() -> str:
+    """``$FLASHC_CACHE/tuning.json`` (default ``~/.cache/flashc/tuning.json``)."""
+    root = os.environ.get("FLASHC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flashc")
+    return os.path.join(root, "tuning.json")
+
+
+def clear_memory_cache() -> None:
+    """Forget what was read from disk (the next lookup re-reads the file)."""
+    with _lock:
+        _memory.clear()
+        _resolved.clear()
+
+
+def _read_file(path: str, quiet: bool = False) -> dict[str, dict]:
+    """Entries stored at ``path``; a missing file is empty, a corrupt one warns (unless ``quiet``) and is empty."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if not quiet:
+            warnings.warn(
+                f"flashc tuning cache {path} is unreadable ({e}); ignoring it and re-tuning", RuntimeWarning, stacklevel=3
+            )
+        return {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+        if not quiet:
+            warnings.warn(
+                f"flashc tuning cache {path} has an unexpected layout (expected an object with 'entries'); "
+                "ignoring it and re-tuning",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return {}
+    entries = {}
+    for k, v in raw["entries"].items():
+        if isinstance(v, dict) and isinstance(v.get("config"), dict):
+            entries[k] = v
+    return entries
+
+
+def _entries(path: str) -> dict[str, dict]:
+    if path not in _memory:
+        _memory[path] = _read_file(path)
+    return _memory[path]
+
+
+def _write_file(path: str, entries: Mapping[str, dict]) -> None:
+    """Write atomically: a temp file in the same folder, then ``os.replace``."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": CACHE_VERSION, "entries": dict(entries)}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _store(path: str, new_entries: Mapping[str, dict]) -> None:
+    with _lock:
+        # Merge with what is on disk now, so concurrent tuners don't erase each other.
+        on_disk = _read_file(path, quiet=True)
+        merged = {**_entries(path), **on_disk, **new_entries}
+        _write_file(path, merged)
+        _memory[path] = merged
+        _resolved.clear()
+
+
+# ---------------------------------------------------------------------------
+# Benchmarking
+# ---------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _can_time_on_gpu() -> bool:
+    if _interpreting():
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
+def _default_bench(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of flashc
+
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def autotune(
+    kernel_name: str,
+    key: Mapping[str, Any],
+    candidates: Iterable[Mapping[str, Any]],
+    run_fn: Callable[[dict], Any],
+    profile_name: str = "default",
+    *,
+    kernel_source: Any = None,
+    bench_fn: Callable[[Callable[[], Any]], float] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Pick the fastest of ``candidates`` for ``kernel_name`` at shape ``key``.
+
+    ``run_fn(config)`` must launch the kernel once with ``config``.  Each
+    candidate is timed with ``bench_fn(lambda: run_fn(config))`` (default:
+    ``triton.testing.do_bench``, median of repeated runs).  A candidate that
+    raises (e.g. Triton's out-of-resources error) is skipped.  The winner is
+    stored in ``$FLASHC_CACHE/tuning.json`` under
+    ``(profile_name, kernel_name, shape_bucket(key), sha256(kernel source))``
+    and returned by later calls without running anything (unless ``force``).
+
+    ``kernel_source`` is the kernel's source (string, function, Triton kernel or
+    a list of them); by default the source registered by the kernel module.
+
+    Without CUDA or under ``TRITON_INTERPRET=1`` and with no ``bench_fn``,
+    timing would be meaningless: the first candidate is returned and nothing is
+    written.
+    """
+    cands = [dict(c) for c in candidates]
+    if not cands:
+        raise ValueError(f"autotune({kernel_name!r}): no candidate configs given")
+    if bench_fn is None:
+        if not _can_time_on_gpu():
+            return dict(cands[0])
+        bench_fn = _default_bench
+
+    source_hash = _resolve_source_hash(kernel_name, kernel_source)
+    ckey = cache_key(profile_name, kernel_name, key, source_hash)
+    path = cache_path()
+    if not force:
+        with _lock:
+            hit = _entries(path).get(ckey)
+        if hit is not None:
+            return dict(hit["config"])
+
+    timings: list[tuple[float, dict]] = []
+    errors: list[str] = []
+    bar = _progress(len(cands), f"flashc tune {kernel_name}", progress)
+    try:
+        for cfg in cands:
+            try:
+                ms = float(bench_fn(lambda cfg=cfg: run_fn(dict(cfg))))
+                if not math.isfinite(ms):
+                    raise RuntimeError(f"non-finite time {ms}")
+            except Exception as e:  # a config that does not compile/fit is just not a winner
+                errors.append(f"{cfg}: {type(e).__name__}: {e}")
+                ms = math.inf
+            timings.append((ms, cfg))
+            bar.update(1)
+            best = min(timings, key=lambda t: t[0])
+            if math.isfinite(best[0]):
+                bar.set_postfix_str(f"best {best[0]:.4f} ms")
+    finally:
+        bar.close()
+
+    best_ms, best_cfg = min(timings, key=lambda t: t[0])
+    if not math.isfinite(best_ms):
+        raise RuntimeError(
+            f"autotune({kernel_name!r}, {dict(key)}): every candidate failed:\n  " + "\n  ".join(errors)
+        )
+    _store(
+        path,
+        {
+            ckey: {
+                "config": best_cfg,
+                "ms": best_ms,
+                "timings": [{"config": c, "ms": (t if math.isfinite(t) else None)} for t, c in timings],
+            }
+        },
+    )
+    return dict(best_cfg)
+
+
+def get_config(
+    kernel_name: str,
+    key: Mapping[str, Any],
+    profile_name: str = "default",
+    fits: Callable[[dict], bool] | None = None,
+) -> dict:
+    """Config a launcher should use: the tuned one if cached, else the first candidate that ``fits``.
+
+    Never times anything.  Results are memoised in-process; :func:`autotune`
+    and :func:`import_tuning` clear the memo.
+    """
+    source_hash = _SOURCE_HASHES.get(kernel_name, "")
+    path = cache_path()
+    memo_key = (path, profile_name, kernel_name, shape_bucket(key), source_hash)
+    with _lock:
+        cfg = _resolved.get(memo_key)
+        if cfg is None:
+            hit = _entries(path).get(cache_key(profile_name, kernel_name, key, source_hash)) if source_hash else None
+            if hit is not None and (fits is None or fits(dict(hit["config"]))):
+                cfg = dict(hit["config"])
+            else:
+                cands = candidates(kernel_name, profile_name)
+                fitting = [c for c in cands if fits is None or fits(dict(c))]
+                cfg = dict((fitting or cands)[0])
+            _resolved[memo_key] = cfg
+    return dict(cfg)
+
+
+def export_tuning() -> dict:
+    """All tuning results of this machine's cache, as a JSON-serialisable dict."""
+    path = cache_path()
+    with _lock:
+        entries = json.loads(json.dumps(_entries(path)))
+    return {"version": CACHE_VERSION, "entries": entries}
+
+
+def import_tuning(data: Mapping[str, Any], *, overwrite: bool = True) -> int:
+    """Merge results exported by :func:`export_tuning` into the cache; returns how many were taken.
+
+    With ``overwrite=False`` entries already present locally are kept.
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("entries"), Mapping):
+        raise ValueError(
+            "import_tuning expects the dict made by export_tuning(): {'version': int, 'entries': {...}}, "
+            f"got {type(data).__name__} with keys {sorted(data) if isinstance(data, Mapping) else '-'}"
+        )
+    if data.get("version", CACHE_VERSION) != CACHE_VERSION:
+        raise ValueError(f"tuning data version {data.get('version')!r} != supported {CACHE_VERSION}")
+    path = cache_path()
+    with _lock:
+        existing = _entries(path)
+    taken = {}
+    for k, v in data["entries"].items():
+        if not (isinstance(v, Mapping) and isinstance(v.get("config"), Mapping)):
+            raise ValueError(f"tuning entry {k!r} has no 'config' dict: {v!r}")
+        if overwrite or k not in existing:
+            taken[k] = json.loads(json.dumps(v))
+    if taken:
+        _store(path, taken)
+    return len(taken)

@@ -1,0 +1,233 @@
+"""flashc's IR: an ATen-level FX graph with its weights lifted out as named inputs.
+
+A `Program` is what capture produces, passes rewrite, backends lower and artifacts
+store. Its graph's placeholders are the weights (parameters, buffers, constants:
+`params`) followed by the user inputs (`inputs`); the output node returns a flat
+tuple that `out_spec` folds back into the model's own output structure.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from flashc.errors import InputError, VerificationError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One user input: its name, static shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"{self.name}: {dtype_name(self.dtype)}{list(self.shape)}"
+
+    def random(self, vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh random tensor of this signature (token ids below vocab_size for ints)."""
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, dtype=self.dtype, generator=generator)
+        high = vocab_size or 2
+        return torch.randint(0, high, self.shape, dtype=self.dtype, generator=generator)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
+
+
+@dataclass
+class Program:
+    """A captured model: graph + named weights + input signature + output structure."""
+
+    graph_module: fx.GraphModule
+    params: dict[str, torch.Tensor]
+    inputs: list[InputSpec]
+    out_spec: pytree.TreeSpec | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def param_nodes(self) -> Iterator[fx.Node]:
+        return (n for n in self.placeholders() if n.name in self.params)
+
+    def input_nodes(self) -> list[fx.Node]:
+        return [n for n in self.placeholders() if n.name not in self.params]
+
+    def check_inputs(self, args: tuple) -> None:
+        """Raise InputError naming the input when args do not match the signature."""
+        if len(args) != len(self.inputs):
+            names = ", ".join(s.describe() for s in self.inputs)
+            raise InputError(f"expected {len(self.inputs)} input(s) ({names}), got {len(args)}")
+        for spec, arg in zip(self.inputs, args):
+            if not isinstance(arg, torch.Tensor):
+                raise InputError(f"input {spec.name!r}: expected a tensor, got {type(arg).__name__}")
+            if tuple(arg.shape) != spec.shape or arg.dtype != spec.dtype:
+                raise InputError(
+                    f"input {spec.name!r}: expected {dtype_name(spec.dtype)}{list(spec.shape)}, "
+                    f"got {dtype_name(arg.dtype)}{list(arg.shape)}; the model was compiled for "
+                    "that shape: compile again with example inputs of the new shape"
+                )
+
+    def run_flat(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        """Run the graph on user inputs; returns the flat outputs."""
+        weights = [self.params[n.name] for n in self.param_nodes()]
+        out = self.graph_module(*weights, *args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def unflatten(self, flat: list[torch.Tensor]) -> Any:
+        if self.out_spec is None:
+            return flat[0] if len(flat) == 1 else tuple(flat)
+        return pytree.tree_unflatten(flat, self.out_spec)
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        self.check_inputs(args)
+        return self.unflatten(self.run_flat(*args))
+
+    def add_param(self, base_name: str, value: torch.Tensor, before: fx.Node | None = None) -> fx.Node:
+        """Add a weight as a new placeholder (placed with the other weights)."""
+        name = base_name
+        taken = {n.name for n in self.graph.nodes}
+        i = 0
+        while name in taken:
+            i += 1
+            name = f"{base_name}_{i}"
+        inputs = self.input_nodes()
+        anchor = before if before is not None else (inputs[0] if inputs else None)
+        if anchor is not None:
+            with self.graph.inserting_before(anchor):
+                node = self.graph.placeholder(name)
+        else:
+            node = self.graph.placeholder(name)
+        node.meta["val"] = _fake_like(value)
+        self.params[node.name] = value
+        return node
+
+    def drop_unused_params(self) -> int:
+        """Remove weight placeholders nothing reads any more; returns how many."""
+        dropped = 0
+        for node in list(self.param_nodes()):
+            if not node.users:
+                self.graph.erase_node(node)
+                del self.params[node.name]
+                dropped += 1
+        return dropped
+
+    def recompile(self) -> None:
+        self.graph.lint()
+        self.graph_module.recompile()
+
+    def op_nodes(self) -> Iterator[fx.Node]:
+        return (n for n in self.graph.nodes if n.op == "call_function")
+
+    def clone(self) -> "Program":
+        """A copy whose graph can be rewritten without touching this one (weights shared)."""
+        import copy
+
+        gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph))
+        return Program(gm, dict(self.params), list(self.inputs), self.out_spec, dict(self.meta))
+
+
+def _fake_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def op_name(node: fx.Node) -> str:
+    """A short readable name for a call_function target: 'aten.linear', 'flashc.rms_norm'."""
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    if isinstance(t, torch._ops.OpOverload):
+        ns, name = t.namespace, t._schema.name.split("::")[-1]
+        return f"{ns}.{name}"
+    return getattr(t, "__name__", str(t))
+
+
+def source_location(node: fx.Node) -> str:
+    """'file:line in fn' of the model code that produced node, when capture recorded it."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return "<unknown>"
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip().startswith("File ")]
+    if not lines:
+        return "<unknown>"
+    # 'File "x.py", line 12, in forward' -> 'x.py:12 in forward'
+    last = lines[-1]
+    try:
+        path = last.split('"')[1]
+        rest = last.split('"')[2]
+        line = rest.split("line")[1].split(",")[0].strip()
+        fn = rest.split(" in ")[-1].strip()
+        return f"{path}:{line} in {fn}"
+    except IndexError:
+        return last
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the nn.Module that produced node ('model.layers.0.mlp')."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def propagate_shapes(program: Program) -> None:
+    """Recompute node.meta['val'] (fake tensors) for every node of the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = []
+    for node in program.placeholders():
+        if node.name in program.params:
+            fakes.append(mode.from_tensor(program.params[node.name]))
+        else:
+            spec = next(s for s in program.inputs if s.name == node.name)
+            fakes.append(mode.from_tensor(torch.empty(spec.shape, dtype=spec.dtype)))
+    FakeTensorProp(program.graph_module, mode).propagate_dont_convert_inputs(*fakes)
+
+
+def output_signature(program: Program) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    out = program.graph.output_node()
+    vals = pytree.tree_leaves(out.args[0])
+    return [(tuple(v.meta["val"].shape), v.meta["val"].dtype) for v in vals if isinstance(v, fx.Node)]
+
+
+def verify(program: Program, expected_outputs: list | None = None, where: str = "") -> None:
+    """Check the graph is well formed, shapes propagate and the outputs keep their signature."""
+    try:
+        program.graph.lint()
+    except Exception as e:  # fx raises RuntimeError with the offending node
+        raise VerificationError(f"{where}: graph lint failed: {e}") from e
+    for node in program.op_nodes():
+        if not (isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem):
+            raise VerificationError(
+                f"{where}: node {node.name} calls {node.target!r}, which is not an ATen or flashc op"
+            )
+    try:
+        propagate_shapes(program)
+    except Exception as e:
+        raise VerificationError(f"{where}: shape propagation failed: {e}") from e
+    if expected_outputs is not None:
+        got = output_signature(program)
+        if got != expected_outputs:
+            raise VerificationError(f"{where}: outputs changed from {expected_outputs} to {got}")

@@ -1,0 +1,182 @@
+"""flashc's own ops, registered with torch.library.
+
+Each op is defined once here: its schema, its reference implementation (plain
+PyTorch, the numeric truth every backend is checked against) and its fake kernel
+(shapes and dtypes only, so an optimized graph still propagates shapes). Fusion
+passes rewrite ATen subgraphs into these ops; a backend lowers the ones it supports
+and leaves the rest to the reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@torch.library.custom_op("flashc::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: normalise in fp32, cast back to x's dtype, then scale by weight."""
+    return _rms(x, eps) * weight
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("flashc::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm; returns (normed, sum) so the sum feeds the next residual."""
+    s = x + residual
+    return _rms(s, eps) * weight, s
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    s = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return torch.empty_like(s, dtype=torch.promote_types(s.dtype, weight.dtype)), s
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.library.custom_op("flashc::rotary", mutates_args=())
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form) of x[B, H, S, D] with cos/sin[B, S, D]."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * c + rotate_half(x) * s
+
+
+@rotary.register_fake
+def _(x, cos, sin):
+    return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+
+
+@torch.library.custom_op("flashc::swiglu", mutates_args=())
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the activation of Llama/Mistral/Qwen MLPs."""
+    return F.silu(gate) * up
+
+
+@swiglu.register_fake
+def _(gate, up):
+    return torch.empty(torch.broadcast_shapes(gate.shape, up.shape),
+                       dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+
+
+@torch.library.custom_op("flashc::geglu", mutates_args=())
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(gate) * up, the activation of Gemma's MLP ('tanh' approximation there)."""
+    return F.gelu(gate, approximate=approximate) * up
+
+
+@geglu.register_fake
+def _(gate, up, approximate):
+    return torch.empty(torch.broadcast_shapes(gate.shape, up.shape),
+                       dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+
+
+def causal_mask(s: int, l: int, device=None) -> torch.Tensor:
+    """Boolean [s, l] mask, True where query i may attend key j (aligned bottom-right)."""
+    i = torch.arange(s, device=device).unsqueeze(1)
+    j = torch.arange(l, device=device).unsqueeze(0)
+    return j <= i + (l - s)
+
+
+@torch.library.custom_op("flashc::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with grouped-query heads, never repeating K/V.
+
+    q[B, Hq, S, D], k/v[B, Hkv, L, D] with Hq a multiple of Hkv; query head h reads
+    KV head h // (Hq // Hkv). is_causal aligns the mask bottom-right (query i sees keys
+    j <= i + L - S), the convention of a KV cache. mask is boolean (True = attend) or
+    additive, broadcastable to [B, Hq, S, L].
+    """
+    b, hq, s, d = q.shape
+    hkv, l = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qg = q.reshape(b, hkv, group, s, d)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    if mask is not None:
+        m = mask.expand(b, hq, s, l).reshape(b, hkv, group, s, l) if mask.dim() == 4 else mask
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(s, l, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.unsqueeze(2))
+    return out.reshape(b, hq, s, d)
+
+
+@attention.register_fake
+def _(q, k, v, mask, is_causal, scale):
+    return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("flashc::moe", mutates_args=())
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+) -> torch.Tensor:
+    """Top-k mixture of SwiGLU experts (Mixtral), computing only the routed pairs.
+
+    x[T, H], router_logits[T, E], gate_up[E, 2F, H] (gate rows first), down[E, H, F].
+    Routing weights are the softmax over experts (fp32) of the top-k logits,
+    renormalised over the k chosen when `normalize`.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    f = down.shape[-1]
+    for e in range(gate_up.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel() == 0:
+            continue
+        gu = x[token] @ gate_up[e].t()
+        h = F.silu(gu[:, :f]) * gu[:, f:]
+        out.index_add_(0, token, (h @ down[e].t()) * weights[token, slot, None])
+    return out
+
+
+@moe.register_fake
+def _(x, router_logits, gate_up, down, top_k, normalize):
+    return torch.empty_like(x)
+
+
+# The ops above, by name, for backends that list what they lower and for reports.
+FLASHC_OPS = {
+    "rms_norm": torch.ops.flashc.rms_norm.default,
+    "add_rms_norm": torch.ops.flashc.add_rms_norm.default,
+    "rotary": torch.ops.flashc.rotary.default,
+    "swiglu": torch.ops.flashc.swiglu.default,
+    "geglu": torch.ops.flashc.geglu.default,
+    "attention": torch.ops.flashc.attention.default,
+    "moe": torch.ops.flashc.moe.default,
+}

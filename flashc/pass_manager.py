@@ -1,0 +1,148 @@
+"""The pass manager: runs a visible list of passes over a Program.
+
+After each pass it verifies the graph (lint, shape/dtype propagation, unchanged output
+signature), optionally compares the new graph's outputs with the previous graph's on
+fresh random inputs, records time and stats, and dumps the IR before and after each
+pass when `FLASHC_DUMP=dir` (or `dump_dir`) is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from flashc.errors import VerificationError
+from flashc.ir import Program, output_signature, propagate_shapes, verify
+from flashc.profiles import HardwareProfile
+
+
+@dataclass
+class PassResult:
+    """What one pass did: whether the graph changed and counts worth reporting."""
+
+    changed: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the hardware profile and compile options."""
+
+    profile: HardwareProfile
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    """A graph pass. `requires`/`preserves` name IR properties (e.g. 'canonical')."""
+
+    name: str
+    requires: tuple[str, ...]
+    preserves: tuple[str, ...]
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult: ...
+
+
+@dataclass
+class PassRecord:
+    """One pass's entry in the compile report."""
+
+    name: str
+    changed: bool
+    stats: dict[str, int]
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    max_error: float | None = None
+
+
+# Tolerances for the numeric check, by the dtype of the compared output: rounding
+# differences after reassociation stay far below these on float32 (see tests).
+NUMERIC_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+class PassManager:
+    """Runs passes in order with verification, optional numeric checks, timing and dumps."""
+
+    def __init__(self, passes: list[Pass], verify: bool = True, numeric_check: bool = False,
+                 dump_dir: str | os.PathLike | None = None) -> None:
+        self.passes = list(passes)
+        self.verify = verify
+        self.numeric_check = numeric_check
+        dump_dir = dump_dir or os.environ.get("FLASHC_DUMP")
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+
+    def run(self, program: Program, ctx: PassContext) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        held: set[str] = {"shapes"}
+        propagate_shapes(program)
+        expected = output_signature(program)
+        for index, p in enumerate(self.passes):
+            missing = [r for r in p.requires if r not in held]
+            if "shapes" in missing:
+                propagate_shapes(program)
+                missing.remove("shapes")
+            if missing:
+                raise VerificationError(f"pass {p.name} requires {missing}, which no earlier pass established; "
+                                        "fix the pipeline order")
+            before = program.clone() if self.numeric_check else None
+            self._dump(program, index, p.name, "before")
+            nodes_before = len(program.graph.nodes)
+            start = time.perf_counter()
+            result = p.run(program, ctx)
+            program.recompile()
+            seconds = time.perf_counter() - start
+            held = (held & set(p.preserves)) | set(getattr(p, "establishes", ()))
+            if self.verify:
+                verify(program, expected, where=f"after pass {p.name}")
+                held.add("shapes")
+            record = PassRecord(p.name, result.changed, dict(result.stats), seconds,
+                                nodes_before, len(program.graph.nodes))
+            if before is not None and result.changed:
+                record.max_error = numeric_difference(before, program, p.name)
+            self._dump(program, index, p.name, "after")
+            records.append(record)
+        return records
+
+    def _dump(self, program: Program, index: int, name: str, when: str) -> None:
+        if self.dump_dir is None:
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        (self.dump_dir / f"{index:02d}_{name}_{when}.py").write_text(program.graph_module.code)
+
+
+def random_inputs(program: Program, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Fresh random inputs of the program's signature (token ids within the vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = program.meta.get("vocab_size")
+    return tuple(spec.random(vocab, g) for spec in program.inputs)
+
+
+def numeric_difference(reference: Program, candidate: Program, where: str, seed: int = 0) -> float:
+    """Max relative error of candidate's outputs against reference's; raises past tolerance."""
+    args = random_inputs(reference, seed)
+    with torch.no_grad():
+        ref = reference.run_flat(*args)
+        got = candidate.run_flat(*args)
+    worst = 0.0
+    for i, (r, g) in enumerate(zip(ref, got)):
+        err = relative_error(g, r)
+        tol = NUMERIC_TOLERANCE.get(r.dtype, 0.0)
+        if not err <= tol:
+            raise VerificationError(f"pass {where} changed output {i}: relative error {err:.3g} > {tol:g}")
+        worst = max(worst, err)
+    return worst
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 (0 for exact integer matches); NaN never passes."""
+    if not ref.dtype.is_floating_point:
+        return 0.0 if torch.equal(got, ref) else float("inf")
+    r, g = ref.double(), got.double()
+    denom = r.norm().item() or 1.0
+    err = (g - r).norm().item() / denom
+    return err if err == err else float("inf")

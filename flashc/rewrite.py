@@ -1,0 +1,259 @@
+"""Rewrite rules: a pattern written as the PyTorch code it matches, a replacement, a check.
+
+A pattern function is captured with the same `torch.export` path and cleanup passes as
+the model, for each dtype it may appear in, so it matches the model's graph op for op.
+Pattern arguments that are tensors match any node; those listed in `scalars` are
+traced with a distinctive sentinel value and bind whatever literal stands in that
+place in the model's graph (an epsilon, a scale). With `any_shape_literals`, the
+size lists of view/reshape/expand and other int literals that only follow from shapes
+match anything, and the check function validates what matters.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# Ops whose two tensor operands may appear in either order.
+COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor}
+# Ops whose int / int-list arguments follow from shapes (view sizes, slice bounds).
+SHAPE_LITERAL_OPS = {aten.view.default, aten.reshape.default, aten.expand.default, aten.slice.Tensor,
+                     aten.arange.default, aten.histc.default, aten.floor_divide.default, aten.topk.default,
+                     aten._unsafe_view.default, aten.repeat.default, aten.new_zeros.default,
+                     aten.split_with_sizes.default, aten.split.Tensor, aten.narrow.default}
+
+
+@dataclass
+class Match:
+    """A match of a rule in a graph: what each pattern argument bound to."""
+
+    rule: "RewriteRule"
+    nodes: list[fx.Node]  # graph nodes covered by the pattern (excluding bound inputs)
+    outputs: list[fx.Node]  # graph nodes standing for the pattern's outputs
+    bindings: dict[str, Any]  # pattern argument name -> graph node or literal
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the program's weights
+
+    def val(self, name: str):
+        """The fake tensor (shape/dtype) of a bound tensor argument."""
+        return self.bindings[name].meta.get("val")
+
+    def constant(self, name: str) -> torch.Tensor | None:
+        """The value of a bound argument when it is a weight or folded constant, else None."""
+        node = self.bindings.get(name)
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return self.constants.get(node.name)
+        return None
+
+    def covered(self, target) -> list[fx.Node]:
+        """The matched graph nodes calling `target`."""
+        return [n for n in self.nodes if n.target == target]
+
+
+@dataclass
+class RewriteRule:
+    """pattern(*args) is replaced by replacement(*args) where check(match) allows."""
+
+    name: str
+    pattern: Callable
+    replacement: Callable
+    example_inputs: Callable[[torch.dtype], tuple]  # tensors for the pattern's tensor args
+    scalars: dict[str, float] = field(default_factory=dict)  # scalar arg -> sentinel used in tracing
+    check: Callable[[Match], bool] | None = None
+    any_shape_literals: bool = False
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    _graphs: dict = field(default_factory=dict, repr=False)
+
+    def pattern_graphs(self) -> list[tuple[fx.Graph, list[str]]]:
+        """The pattern captured for each dtype (cached), with its tensor argument names."""
+        if not self._graphs:
+            seen = set()
+            for dtype in self.dtypes:
+                graph, names = trace_pattern(self, dtype)
+                key = str(graph)
+                if key not in seen:
+                    seen.add(key)
+                    self._graphs[dtype] = (graph, names)
+        return list(self._graphs.values())
+
+
+def trace_pattern(rule: RewriteRule, dtype: torch.dtype) -> tuple[fx.Graph, list[str]]:
+    """Capture rule.pattern for one dtype and clean it up like a model graph."""
+    import inspect
+
+    from flashc.capture import capture
+    from flashc.ir import propagate_shapes
+    from flashc.pass_manager import PassContext
+    from flashc.profiles import PROFILES
+    from flashc.passes.cleanup import Canonicalize, EliminateDeadCode, FoldConstants
+
+    params = list(inspect.signature(rule.pattern).parameters)
+    tensor_names = [p for p in params if p not in rule.scalars]
+    example = rule.example_inputs(dtype)
+
+    class PatternModule(torch.nn.Module):
+        def forward(self, *tensors):
+            kwargs = dict(zip(tensor_names, tensors))
+            kwargs.update(rule.scalars)
+            return rule.pattern(**kwargs)
+
+    program = capture(PatternModule(), tuple(example), input_names=tensor_names)
+    ctx = PassContext(PROFILES["cpu"])
+    propagate_shapes(program)
+    for p in (Canonicalize(), FoldConstants(), EliminateDeadCode()):
+        p.run(program, ctx)
+        program.recompile()
+        propagate_shapes(program)
+    return program.graph, tensor_names
+
+
+class _Matcher:
+    def __init__(self, rule: RewriteRule, sentinels: dict[float, str]):
+        self.rule = rule
+        self.sentinels = sentinels
+
+    def node(self, pn: fx.Node, gn: Any, b: dict) -> dict | None:
+        if pn.op == "placeholder":
+            if not isinstance(gn, fx.Node):
+                return None
+            if pn.name in b:
+                return b if b[pn.name] is gn else None
+            return {**b, pn.name: gn}
+        if not isinstance(gn, fx.Node) or gn.op != "call_function" or gn.target != pn.target:
+            return None
+        key = ("__node__", pn.name)
+        if key in b:
+            return b if b[key] is gn else None
+        if any(v is gn for k, v in b.items() if isinstance(k, tuple) and k[0] == "__node__"):
+            return None
+        b = {**b, key: gn}
+        orders = [pn.args]
+        if pn.target in COMMUTATIVE and len(pn.args) == 2:
+            orders.append((pn.args[1], pn.args[0]))
+        for pargs in orders:
+            r = self.args(pargs, gn.args, b, pn.target)
+            if r is not None:
+                r = self.args(tuple(pn.kwargs.values()), tuple(gn.kwargs.get(k, _MISSING) for k in pn.kwargs), r, pn.target)
+                if r is not None and set(gn.kwargs) <= set(pn.kwargs):
+                    return r
+        return None
+
+    def args(self, pargs, gargs, b, target) -> dict | None:
+        if len(pargs) != len(gargs):
+            return None
+        for pa, ga in zip(pargs, gargs):
+            b = self.arg(pa, ga, b, target)
+            if b is None:
+                return None
+        return b
+
+    def arg(self, pa, ga, b, target) -> dict | None:
+        if isinstance(pa, fx.Node):
+            return self.node(pa, ga, b)
+        if isinstance(pa, float) and pa in self.sentinels:
+            name = self.sentinels[pa]
+            if not isinstance(ga, (int, float)) or isinstance(ga, bool):
+                return None
+            if name in b:
+                return b if b[name] == ga else None
+            return {**b, name: ga}
+        if isinstance(pa, (list, tuple)):
+            if not isinstance(ga, (list, tuple)) or len(pa) != len(ga):
+                return None
+            if self.rule.any_shape_literals and target in SHAPE_LITERAL_OPS and all(
+                    isinstance(x, int) for x in ga):
+                return b
+            return self.args(tuple(pa), tuple(ga), b, target)
+        if self.rule.any_shape_literals and target in SHAPE_LITERAL_OPS and type(pa) is int and type(ga) is int:
+            return b
+        if isinstance(pa, float) and isinstance(ga, float):
+            return b if math.isclose(pa, ga, rel_tol=1e-12) else None
+        return b if (type(pa) is type(ga) and pa == ga) else None
+
+
+_MISSING = object()
+
+
+def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> list[Match]:
+    """All non-overlapping matches of rule in graph, in graph order."""
+    matches: list[Match] = []
+    claimed: set[fx.Node] = set()
+    sentinels = {v: k for k, v in rule.scalars.items()}
+    for pgraph, tensor_names in rule.pattern_graphs():
+        pout = pgraph.output_node().args[0]
+        pouts = list(pout) if isinstance(pout, (list, tuple)) else [pout]
+        anchor = pouts[0]
+        matcher = _Matcher(rule, sentinels)
+        for gn in list(graph.nodes):
+            if gn in claimed or gn.op != "call_function" or gn.target != anchor.target:
+                continue
+            b = matcher.node(anchor, gn, {})
+            if b is None:
+                continue
+            for extra in pouts[1:]:
+                key = ("__node__", extra.name)
+                if b is None or key not in b:
+                    b = None
+            if b is None:
+                continue
+            covered = [v for k, v in b.items() if isinstance(k, tuple)]
+            outputs = [b[("__node__", p.name)] for p in pouts]
+            if set(covered) & claimed or not _self_contained(covered, outputs):
+                continue
+            bindings = {k: v for k, v in b.items() if not isinstance(k, tuple)}
+            m = Match(rule, covered, outputs, bindings, constants or {})
+            if rule.check is not None and not rule.check(m):
+                continue
+            matches.append(m)
+            claimed.update(covered)
+    return matches
+
+
+def _self_contained(covered: list[fx.Node], outputs: list[fx.Node]) -> bool:
+    """Interior nodes of a match must not be read from outside it."""
+    inside = set(covered)
+    for n in covered:
+        if n in outputs:
+            continue
+        if any(u not in inside for u in n.users):
+            return False
+    return True
+
+
+def apply_rule(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> int:
+    """Replace every match of rule in graph; returns the number of replacements.
+
+    `check` may add derived bindings (e.g. is_causal) that the replacement takes.
+    """
+    matches = find_matches(rule, graph, constants)
+    order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
+    replaced: dict[fx.Node, fx.Node] = {}  # outputs of earlier matches -> their replacements
+    done = 0
+    for m in matches:
+        m.bindings = {k: replaced.get(v, v) if isinstance(v, fx.Node) else v for k, v in m.bindings.items()}
+        point = min(m.outputs, key=order.__getitem__)
+        inputs = [v for v in m.bindings.values() if isinstance(v, fx.Node)]
+        if any(order[i] >= order[point] for i in inputs):
+            continue  # an input is defined after the first output: no safe insertion point
+        tracer = fx.proxy.GraphAppendingTracer(graph)
+        args = {k: (fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v) for k, v in m.bindings.items()}
+        with graph.inserting_before(point):
+            result = rule.replacement(**args)
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        for old, new in zip(m.outputs, results):
+            new_node = new.node if isinstance(new, fx.Proxy) else new
+            new_node.meta.update({k: v for k, v in old.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            old.replace_all_uses_with(new_node)
+            replaced[old] = new_node
+            order[new_node] = order[point] - 0.5
+        for n in sorted(m.nodes, key=order.__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        done += 1
+    return done

@@ -1,0 +1,182 @@
+"""Target-independent cleanup passes: canonicalize, fold constants, CSE, dead code.
+
+These run before fusion so that patterns see one spelling of each computation: no
+no-op casts or metadata asserts, weight-only subgraphs (casts, transposes, the causal
+mask, rotary tables) folded into constants.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from flashc.ir import Program
+from flashc.pass_manager import PassContext, PassResult
+
+aten = torch.ops.aten
+
+# Casts and copies that are identities when dtype (and device) do not change.
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+          aten.type_as.default, aten.alias.default, aten.contiguous.default, aten.clone.default}
+_METADATA_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                     aten.sym_constrain_range_for_size.default}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_identity(node: fx.Node) -> bool:
+    src, out = _val(node.args[0]) if node.args else None, _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    same = src.dtype == out.dtype and src.shape == out.shape and src.device == out.device
+    if node.target in _CASTS:
+        return same
+    if node.target in (aten.mul.Tensor, aten.div.Tensor) and node.args[1] == 1 and not isinstance(node.args[1], bool):
+        return same
+    if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.args[1] == 0 and not isinstance(node.args[1], bool):
+        return same and node.kwargs.get("alpha", 1) == 1
+    return False
+
+
+class Canonicalize:
+    """Remove metadata asserts and identity ops (same-dtype casts, x*1, x+0, aliases)."""
+
+    name = "canonicalize"
+    requires = ("shapes",)
+    preserves = ("shapes",)
+    establishes = ("canonical",)
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        removed_asserts = removed_identities = 0
+        for node in list(program.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target in _METADATA_ASSERTS:
+                program.graph.erase_node(node)
+                removed_asserts += 1
+            elif _is_identity(node):
+                node.replace_all_uses_with(node.args[0])
+                program.graph.erase_node(node)
+                removed_identities += 1
+        return PassResult(bool(removed_asserts or removed_identities),
+                          {"asserts_removed": removed_asserts, "identities_removed": removed_identities})
+
+
+def _is_pure(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    return t not in _METADATA_ASSERTS
+
+
+class FoldConstants:
+    """Evaluate subgraphs that read only weights and constants; store results as weights.
+
+    This turns the causal mask, rotary cos/sin tables and weight casts/transposes into
+    constants. A fold that would blow a small tensor up (e.g. an expand of a bias to a
+    huge activation-sized buffer) is skipped to keep the artifact small.
+    """
+
+    name = "fold_constants"
+    requires = ("shapes",)
+    preserves = ("canonical",)
+    max_growth = 4  # folded output may hold at most this many times its inputs' elements...
+    min_elements_to_limit = 1 << 16  # ...once it is larger than this
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        constant: dict[fx.Node, torch.Tensor | object] = {
+            n: program.params[n.name] for n in program.param_nodes()
+        }
+        folded_nodes: list[fx.Node] = []
+        for node in program.graph.nodes:
+            if not _is_pure(node):
+                continue
+            inputs = node.all_input_nodes
+            if any(i not in constant for i in inputs):
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: constant[n])
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+            constant[node] = value
+            folded_nodes.append(node)
+        materialized = 0
+        for node in folded_nodes:
+            value = constant[node]
+            if not isinstance(value, torch.Tensor):
+                continue
+            if not any(u not in constant for u in node.users) and node.users:
+                continue  # only feeds other folded nodes
+            if not node.users:
+                continue
+            in_elems = sum(constant[i].numel() for i in node.all_input_nodes
+                           if isinstance(constant[i], torch.Tensor))
+            if value.numel() > self.min_elements_to_limit and value.numel() > self.max_growth * max(in_elems, 1):
+                continue
+            param = program.add_param(f"c_{node.name}", value.contiguous().clone())
+            node.replace_all_uses_with(param, delete_user_cb=lambda u: u not in constant)
+            materialized += 1
+        program.graph.eliminate_dead_code()
+        dropped = program.drop_unused_params()
+        return PassResult(bool(materialized), {"constants_folded": materialized, "weights_dropped": dropped})
+
+
+class EliminateCommonSubexpressions:
+    """Merge pure nodes that compute the same op on the same arguments."""
+
+    name = "cse"
+    requires = ()
+    preserves = ("shapes", "canonical")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        seen: dict[tuple, fx.Node] = {}
+        merged = 0
+        for node in list(program.graph.nodes):
+            if not _is_pure(node):
+                continue
+            try:
+                key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                node.replace_all_uses_with(seen[key])
+                program.graph.erase_node(node)
+                merged += 1
+            else:
+                seen[key] = node
+        return PassResult(bool(merged), {"nodes_merged": merged})
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_hashable(i) for i in x))
+    if isinstance(x, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, float):
+        return ("float", x)  # keep 1 and 1.0 apart
+    return x
+
+
+class EliminateDeadCode:
+    """Remove nodes and weights whose results nothing reads."""
+
+    name = "dce"
+    requires = ()
+    preserves = ("shapes", "canonical")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        before = len(program.graph.nodes)
+        program.graph.eliminate_dead_code()
+        dropped = program.drop_unused_params()
+        removed = before - len(program.graph.nodes)
+        return PassResult(bool(removed), {"nodes_removed": removed - dropped, "weights_dropped": dropped})
