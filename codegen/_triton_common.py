@@ -96,6 +96,33 @@ def check_devices(fn: str, kernel, pairs: Iterable[tuple[str, torch.Tensor]]) ->
     return dev
 
 
+def check_out(
+    fn: str,
+    name: str,
+    out,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    contiguous: bool = False,
+    inputs: Iterable[torch.Tensor] = (),
+) -> None:
+    """Validate a caller-provided output buffer (shape, dtype, device, layout, no aliasing of inputs)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype}, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"{fn}: {name} must be on {device}, got {out.device}")
+    if contiguous and not out.is_contiguous():
+        raise ValueError(f"{fn}: {name} must be contiguous, got strides {out.stride()}")
+    for t in inputs:
+        if t is not None and out.numel() and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"{fn}: {name} must not share memory with an input")
+
+
 def launch_opts(config: dict) -> dict:
     """The launch keywords (num_warps, num_stages) present in ``config``."""
     return {k: int(config[k]) for k in ("num_warps", "num_stages") if k in config}

@@ -27,6 +27,7 @@ from . import tuning
 from ._triton_common import (
     HAS_TRITON,
     check_devices,
+    check_out,
     check_same_dtype,
     check_tensor,
     device_guard,
@@ -110,12 +111,14 @@ if HAS_TRITON:
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         g = tl.load(G + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # sigmoid(t) = 1 / (1 + exp(-t)); the exponent is capped at 80 so exp never overflows
+        # (for t < -80 the product is < 1e-33 either way).
         if ACT == 0:
-            a = g / (1.0 + tl.exp(-g))  # silu
+            a = g / (1.0 + tl.exp(tl.minimum(-g, 80.0)))  # silu
         else:
             # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))
             z2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
-            a = g / (1.0 + tl.exp(-z2))
+            a = g / (1.0 + tl.exp(tl.minimum(-z2, 80.0)))
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], (a * u).to(Y.dtype.element_ty), mask=mask)
 
     tuning.register_kernel_source("glu", _glu_kernel)
@@ -154,7 +157,14 @@ def _launch(act: str, g2, u2, y2, config, device) -> None:
         )
 
 
-def _glu(fn: str, act: str, gate: torch.Tensor, up: torch.Tensor, config) -> torch.Tensor:
+def _out(fn: str, out, shape, dtype, dev, inputs):
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=dev)
+    check_out(fn, "out", out, shape, dtype, dev, contiguous=True, inputs=inputs)
+    return out
+
+
+def _glu(fn: str, act: str, gate: torch.Tensor, up: torch.Tensor, config, out) -> torch.Tensor:
     require_triton(fn)
     check_tensor(fn, "gate", gate, min_ndim=1)
     check_tensor(fn, "up", up, min_ndim=1)
@@ -163,44 +173,56 @@ def _glu(fn: str, act: str, gate: torch.Tensor, up: torch.Tensor, config) -> tor
     check_same_dtype(fn, [("gate", gate), ("up", up)])
     dev = check_devices(fn, _glu_kernel, [("gate", gate), ("up", up)])
     n = gate.shape[-1]
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=dev)
+    y = _out(fn, out, gate.shape, gate.dtype, dev, (gate, up))
     if y.numel():
         _launch(act, _rows(gate, n), _rows(up, n), y.view(-1, n), config, dev)
     return y
 
 
-def _glu_packed(fn: str, act: str, gu: torch.Tensor, config) -> torch.Tensor:
+def _glu_packed(fn: str, act: str, gu: torch.Tensor, config, out) -> torch.Tensor:
     require_triton(fn)
     check_tensor(fn, "gu", gu, min_ndim=1)
     if gu.shape[-1] % 2:
         raise ValueError(f"{fn}: gu's last dim must be even (gate and up halves), got shape {tuple(gu.shape)}")
     dev = check_devices(fn, _glu_kernel, [("gu", gu)])
     f = gu.shape[-1] // 2
-    y = torch.empty((*gu.shape[:-1], f), dtype=gu.dtype, device=dev)
+    y = _out(fn, out, (*gu.shape[:-1], f), gu.dtype, dev, (gu,))
     if y.numel():
         gu2 = _rows(gu, 2 * f)
         _launch(act, gu2, gu2[:, f:], y.view(-1, f), config, dev)
     return y
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
     """``silu(gate) * up`` elementwise (same shapes and dtype); fp32 math, output in the input dtype."""
-    return _glu("swiglu", "silu", gate, up, config)
+    return _glu("swiglu", "silu", gate, up, config, out)
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def geglu(
+    gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` elementwise (same shapes and dtype); fp32 math, output in the input dtype."""
-    return _glu("geglu", "gelu_tanh", gate, up, config)
+    return _glu("geglu", "gelu_tanh", gate, up, config, out)
 
 
-def swiglu_packed(gu: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """SwiGLU of a merged gate/up projection ``gu[..., 2F]`` -> ``[..., F]``."""
-    return _glu_packed("swiglu_packed", "silu", gu, config)
+def swiglu_packed(
+    gu: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
+    """SwiGLU of a merged gate/up projection ``gu[..., 2F]`` -> ``[..., F]``.
+
+    ``out`` (optional) must be contiguous and not share memory with the input;
+    the same holds for the other GLU launchers.
+    """
+    return _glu_packed("swiglu_packed", "silu", gu, config, out)
 
 
-def geglu_packed(gu: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def geglu_packed(
+    gu: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None
+) -> torch.Tensor:
     """GeGLU (tanh) of a merged gate/up projection ``gu[..., 2F]`` -> ``[..., F]``."""
-    return _glu_packed("geglu_packed", "gelu_tanh", gu, config)
+    return _glu_packed("geglu_packed", "gelu_tanh", gu, config, out)
 
 
 def tune_glu(gu: torch.Tensor, act: str = "silu") -> dict:

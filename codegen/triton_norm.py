@@ -26,6 +26,7 @@ from . import tuning
 from ._triton_common import (
     HAS_TRITON,
     check_devices,
+    check_out,
     check_same_dtype,
     check_tensor,
     device_guard,
@@ -203,16 +204,28 @@ def _launch(kernel_name, x, residual, weight, eps, config, y, s):
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, config: dict | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """RMSNorm over the last dim of ``x[..., H]`` with ``weight[H]``; see the module docstring.
 
-    ``config`` overrides the tuned/default launch config (keys ``BLOCK_M``,
-    ``MAX_BLOCK_N``, ``num_warps``).  Returns a new contiguous tensor of x's shape.
+    Returns a contiguous tensor of x's shape (``out`` if given: contiguous, of
+    the output dtype, not sharing memory with the inputs).  ``config`` overrides
+    the tuned/default launch config (keys ``BLOCK_M``, ``MAX_BLOCK_N``, ``num_warps``).
     """
-    H, _ = _prepare("rms_norm", x, weight, eps, None)
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    _launch("rms_norm", x, None, weight, eps, config, y, None)
-    return y
+    _, dev = _prepare("rms_norm", x, weight, eps, None)
+    y_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=y_dtype, device=dev)
+    else:
+        check_out("rms_norm", "out", out, x.shape, y_dtype, dev, contiguous=True, inputs=(x, weight))
+    _launch("rms_norm", x, None, weight, eps, config, out, None)
+    return out
 
 
 def add_rms_norm(
@@ -221,18 +234,32 @@ def add_rms_norm(
     weight: torch.Tensor,
     eps: float = 1e-6,
     *,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``s = x + residual; y = rms_norm(s, weight, eps)``; returns ``(y, s)``.
 
     One kernel reads ``x`` and ``residual`` once and writes ``y`` and ``s``
     (the new residual stream), saving the separate add's round trip.
+    ``out`` / ``residual_out`` optionally receive ``y`` / ``s`` (contiguous, not
+    aliasing the inputs: long rows are read twice).
     """
-    H, _ = _prepare("add_rms_norm", x, weight, eps, residual)
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch("add_rms_norm", x, residual, weight, eps, config, y, s)
-    return y, s
+    _, dev = _prepare("add_rms_norm", x, weight, eps, residual)
+    y_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=y_dtype, device=dev)
+    else:
+        check_out("add_rms_norm", "out", out, x.shape, y_dtype, dev, contiguous=True, inputs=(x, residual, weight))
+    if residual_out is None:
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    else:
+        check_out(
+            "add_rms_norm", "residual_out", residual_out, x.shape, x.dtype, dev,
+            contiguous=True, inputs=(x, residual, weight, out),
+        )
+    _launch("add_rms_norm", x, residual, weight, eps, config, out, residual_out)
+    return out, residual_out
 
 
 def tune_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None) -> dict:

@@ -23,6 +23,7 @@ from . import tuning
 from ._triton_common import (
     HAS_TRITON,
     check_devices,
+    check_out,
     check_same_dtype,
     check_tensor,
     device_guard,
@@ -145,16 +146,27 @@ def _launch(x, cos, sin, y, config):
         )
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Apply RoPE to ``x[B, H, S, D]`` (any strides) with ``cos, sin[B or 1, S, D]``.
 
     Returns a new tensor with ``x``'s shape, dtype and (when ``x`` is dense)
-    memory layout.  ``config`` overrides the launch config (``BLOCK_S``, ``num_warps``).
+    memory layout, or ``out`` (any strides, not sharing memory with the inputs).
+    ``config`` overrides the launch config (``BLOCK_S``, ``num_warps``).
     """
     _check(x, cos, sin)
-    y = torch.empty_like(x)  # preserve_format: keeps x's strides when x is dense
-    _launch(x, cos, sin, y, config)
-    return y
+    if out is None:
+        out = torch.empty_like(x)  # preserve_format: keeps x's strides when x is dense
+    else:
+        check_out("rotary", "out", out, x.shape, x.dtype, x.device, inputs=(x, cos, sin))
+    _launch(x, cos, sin, out, config)
+    return out
 
 
 def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:

@@ -23,9 +23,11 @@ def pipeline(level: int) -> list:
         return cleanup()
     if level == 2:
         return [
-            *cleanup(),
-            # MoE first: its experts hold a silu(gate) * up that FUSE_SWIGLU would take.
+            Canonicalize(),
+            # MoE first, before folding turns its expert-weight transposes into new
+            # weights, and before FUSE_SWIGLU takes the silu(gate) * up of its experts.
             Fuse(FUSE_MOE, name="fuse_moe"),
+            *cleanup(),
             Fuse(FUSE_RMS_NORM, FUSE_GEMMA_RMS_NORM, FUSE_ROTARY, FUSE_SWIGLU, FUSE_GEGLU, FUSE_ATTENTION),
             Fuse(FUSE_ADD_RMS_NORM, name="fuse_residual"),
             *cleanup(),

@@ -91,7 +91,7 @@ def trace_pattern(rule: RewriteRule, dtype: torch.dtype) -> tuple[fx.Graph, list
     from flashc.ir import propagate_shapes
     from flashc.pass_manager import PassContext
     from flashc.profiles import PROFILES
-    from flashc.passes.cleanup import Canonicalize, EliminateDeadCode, FoldConstants
+    from flashc.passes.cleanup import Canonicalize, EliminateDeadCode
 
     params = list(inspect.signature(rule.pattern).parameters)
     tensor_names = [p for p in params if p not in rule.scalars]
@@ -106,7 +106,9 @@ def trace_pattern(rule: RewriteRule, dtype: torch.dtype) -> tuple[fx.Graph, list
     program = capture(PatternModule(), tuple(example), input_names=tensor_names)
     ctx = PassContext(PROFILES["cpu"])
     propagate_shapes(program)
-    for p in (Canonicalize(), FoldConstants(), EliminateDeadCode()):
+    # No constant folding here: a pattern's arguments are its only inputs, and folding
+    # its internal constants (an arange) would turn them into wildcards.
+    for p in (Canonicalize(), EliminateDeadCode()):
         p.run(program, ctx)
         program.recompile()
         propagate_shapes(program)
@@ -206,7 +208,13 @@ def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = No
             outputs = [b[("__node__", p.name)] for p in pouts]
             if set(covered) & claimed or not _self_contained(covered, outputs):
                 continue
-            bindings = {k: v for k, v in b.items() if not isinstance(k, tuple)}
+            # Pattern placeholders beyond its arguments are constants folded while
+            # tracing it (e.g. an arange): they must meet constants in the graph too.
+            declared = set(tensor_names) | set(rule.scalars)
+            extra = [v for k, v in b.items() if not isinstance(k, tuple) and k not in declared]
+            if any(not (isinstance(v, fx.Node) and v.op == "placeholder") for v in extra):
+                continue
+            bindings = {k: v for k, v in b.items() if not isinstance(k, tuple) and k in declared}
             m = Match(rule, covered, outputs, bindings, constants or {})
             if rule.check is not None and not rule.check(m):
                 continue

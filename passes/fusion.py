@@ -248,3 +248,74 @@ class Fuse:
         program.graph.eliminate_dead_code()
         program.drop_unused_params()
         return PassResult(any(stats.values()), stats)
+
+
+# --- Mixture of experts (Mixtral) ------------------------------------------------------------
+# The pattern is the installed transformers' own MixtralSparseMoeBlock, run on the
+# pattern's arguments as its weights, so it matches however that version dispatches
+# experts (grouped GEMM or a loop) under export.
+
+_MOE_DIMS = dict(hidden=16, ffn=8, experts=4, top_k=2)
+
+
+def _tiny_moe_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    d = _MOE_DIMS
+    cfg = MixtralConfig(hidden_size=d["hidden"], intermediate_size=d["ffn"], num_local_experts=d["experts"],
+                        num_experts_per_tok=d["top_k"], num_attention_heads=2, num_key_value_heads=1)
+    # A whole model picks its experts implementation at construction; a lone block
+    # must be told, or it falls back to a data-dependent loop that export rejects.
+    cfg._experts_implementation = "grouped_mm"
+    return MixtralSparseMoeBlock(cfg).eval()
+
+
+def _moe_weight_names(block) -> dict[str, str]:
+    """Map router/gate_up/down to the block's parameter names, found by shape."""
+    d = _MOE_DIMS
+    want = {(d["experts"], d["hidden"]): "router_weight",
+            (d["experts"], 2 * d["ffn"], d["hidden"]): "gate_up",
+            (d["experts"], d["hidden"], d["ffn"]): "down"}
+    names = {want[tuple(p.shape)]: n for n, p in block.named_parameters() if tuple(p.shape) in want}
+    if len(names) != 3:
+        raise NotImplementedError("this transformers version stores Mixtral experts per module; "
+                                  "the MoE fusion expects stacked expert weights (transformers >= 5)")
+    return names
+
+
+def mixtral_moe_pattern(x, router_weight, gate_up, down):
+    block = _tiny_moe_block()
+    names = _moe_weight_names(block)
+    weights = {names["router_weight"]: router_weight, names["gate_up"]: gate_up, names["down"]: down}
+    return torch.func.functional_call(block, weights, (x,))
+
+
+def mixtral_moe_replacement(x, router_weight, gate_up, down, top_k, shape):
+    flat = aten.reshape.default(x, [-1, shape[-1]])
+    logits = aten.linear.default(flat, router_weight)
+    out = flashc_ops.moe.default(flat, logits, gate_up, down, top_k, True)
+    return aten.reshape.default(out, shape)
+
+
+def _check_moe(m: Match) -> bool:
+    x, r, gu, dn = (m.val(n) for n in ("x", "router_weight", "gate_up", "down"))
+    e, h = r.shape
+    if x.shape[-1] != h or gu.shape[0] != e or gu.shape[2] != h or dn.shape[:2] != (e, h) or gu.shape[1] != 2 * dn.shape[2]:
+        return False
+    topk = m.covered(aten.topk.default)
+    if len(topk) != 1:
+        return False
+    m.bindings["top_k"] = int(topk[0].args[1])
+    m.bindings["shape"] = list(x.shape)
+    return True
+
+
+def _moe_examples(dt):
+    d = _MOE_DIMS
+    return (_x(dt, 1, 5, d["hidden"]), _x(dt, d["experts"], d["hidden"]),
+            _x(dt, d["experts"], 2 * d["ffn"], d["hidden"]), _x(dt, d["experts"], d["hidden"], d["ffn"]))
+
+
+FUSE_MOE = RewriteRule("moe", mixtral_moe_pattern, mixtral_moe_replacement, example_inputs=_moe_examples,
+                       check=_check_moe, any_shape_literals=True)

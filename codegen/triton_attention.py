@@ -1,0 +1,674 @@
+"""Attention kernels: FlashAttention-2 style prefill and Flash-Decoding style decode, with PyTorch references.
+
+Prefill -- :func:`attention` ``(q[B, Hq, S, D], k[B, Hkv, L, D], v[B, Hkv, L, D], is_causal, scale)``:
+``softmax(q k^T * scale) v`` with
+
+* grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; K/V are
+  indexed, never repeated in memory;
+* causal masking aligned bottom-right: query ``i`` may attend key ``j`` iff
+  ``j <= i + L - S`` (the convention of FlashAttention >= 2.1 and of a KV cache whose
+  last ``S`` entries are the current queries).  Note this differs from
+  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, which aligns
+  top-left; they agree when ``S == L``;
+* query rows that may attend no key at all (causal with ``S > L``) produce 0, as in
+  FlashAttention, instead of the NaN a naive softmax gives;
+* fp32 accumulation, output in ``q.dtype``.
+
+The kernel follows FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster Attention
+with Better Parallelism and Work Partitioning", Alg. 1): one program owns a
+``BLOCK_M`` tile of queries of one head, streams ``BLOCK_N`` tiles of K/V through an
+online softmax (running max ``m``, running sum ``l``, unnormalised accumulator), and
+divides by ``l`` once at the end.  Scores are scaled by ``scale * log2(e)`` so the
+exponentials are ``exp2`` (one MUFU op).  As in FA-2 sec. 3.1, key tiles entirely
+below the causal diagonal skip the mask, so only the diagonal tiles pay for it, and
+tiles entirely above it are never visited.
+
+Decode -- :func:`decode_attention` ``(q[B, Hq, 1, D], k_cache[B, Hkv, Lmax, D],
+v_cache, seq_lens[B], scale)``: keys ``j < seq_lens[b]`` are valid.  With one query
+per head there is too little work per (batch, head) to fill the GPU, so the KV length
+is split across programs (Flash-Decoding: Dao, Haziza, Massa, Sizov, 2023, "Flash-
+Decoding for long-context inference").  Stage 1: program ``(b, kv head, split)``
+computes, for *all* ``Hq // Hkv`` query heads of that KV group at once (so each K/V
+tile is read once, the GQA trick of FlashInfer / FlashAttention's decode path), a
+partial result normalised within the split plus its log-sum-exp.  Stage 2: a small
+kernel combines the splits with weights ``exp(lse_s - max lse)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import tuning
+from ._triton_common import (
+    HAS_TRITON,
+    check_devices,
+    check_out,
+    check_same_dtype,
+    check_tensor,
+    device_guard,
+    launch_opts,
+    next_pow2,
+    require_triton,
+    triton,
+    tl,
+)
+
+__all__ = [
+    "attention",
+    "decode_attention",
+    "tune_attention",
+    "tune_decode_attention",
+    "reference_attention",
+    "reference_decode_attention",
+    "decode_num_splits",
+]
+
+_LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535
+
+
+# ---------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
+    """Plain PyTorch attention with GQA and bottom-right causal alignment (see module docstring).
+
+    Computes in fp32 (fp64 for fp64 inputs) and returns ``q.dtype``.  Rows with
+    no visible key are 0.
+    """
+    B, Hq, S, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    acc = _acc_dtype(q)
+    group = Hq // Hkv
+    kf = k.to(acc).repeat_interleave(group, dim=1)
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale
+    if is_causal:
+        i = torch.arange(S, device=q.device)[:, None]
+        j = torch.arange(L, device=q.device)[None, :]
+        visible = j <= i + (L - S)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    else:
+        visible = torch.ones(S, L, dtype=torch.bool, device=q.device)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(visible.any(-1)[:, None], probs, torch.zeros((), dtype=acc, device=q.device))
+    return torch.matmul(probs, vf).to(q.dtype)
+
+
+def reference_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Plain PyTorch single-query attention over the first ``seq_lens[b]`` cache entries of each batch row.
+
+    A row with ``seq_lens[b] == 0`` gives 0.  Lengths are clamped to ``[0, Lmax]``.
+    """
+    B, Hq, _, D = q.shape
+    Lmax = k_cache.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    acc = _acc_dtype(q)
+    group = Hq // k_cache.shape[1]
+    kf = k_cache.to(acc).repeat_interleave(group, dim=1)
+    vf = v_cache.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # [B, Hq, 1, Lmax]
+    lens = seq_lens.to(torch.int64).clamp(0, Lmax).to(q.device)
+    valid = torch.arange(Lmax, device=q.device)[None, :] < lens[:, None]  # [B, Lmax]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(valid.any(-1)[:, None, None, None], probs, torch.zeros((), dtype=acc, device=q.device))
+    return torch.matmul(probs, vf).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_tiles(
+        acc, l_i, m_i, q,
+        K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
+        offs_m, offs_d, lo, hi, L, D, qk_scale, causal_shift,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Online-softmax update over key tiles [lo, hi) (FlashAttention-2, Alg. 1 inner loop).
+
+        MASKED=False is only used for tiles where every key is < L and visible to
+        every query of the tile, so it skips the mask and the -inf guards.
+        """
+        offs_n0 = tl.arange(0, BLOCK_N)
+        d_ok = offs_d < D
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < L
+            kT = tl.load(
+                K_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            if IEEE:
+                qk = tl.dot(q, kT, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kT)
+            qk = qk * qk_scale
+            if MASKED:
+                visible = n_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                qk = tl.where(visible, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_sub = m_new
+            p = tl.exp2(qk - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = tl.load(
+                V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if IEEE:
+                acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O,
+        sq_b, sq_h, sq_s, sq_d,
+        sk_b, sk_h, sk_l, sk_d,
+        sv_b, sv_h, sv_l, sv_d,
+        so_b, so_h, so_s, so_d,
+        Hq, GROUP, S, L, D,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Program (query tile, b*Hq + h): O[b, h, tile] = softmax(Q K^T * scale) V for kv head h // GROUP."""
+        pid_m = tl.program_id(0)
+        if CAUSAL:
+            # Causal tiles near the end of the sequence have the most keys: start them first
+            # so the long ones don't form the tail of the schedule.
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = pid_bh % Hq
+        kvh = (h // GROUP).to(tl.int64)
+        h = h.to(tl.int64)
+
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :] * sq_d,
+            mask=(offs_m < S)[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        K_base = K + b * sk_b + kvh * sk_h
+        V_base = V + b * sv_b + kvh * sv_h
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+        full_L = (L // BLOCK_N) * BLOCK_N  # key tiles with no out-of-range key
+        causal_shift = L - S  # bottom-right alignment: key j visible to query i iff j <= i + L - S
+        if CAUSAL:
+            # Keys < m0 + shift + 1 are visible to every query of the tile.
+            free = tl.maximum(m0 + causal_shift + 1, 0)
+            full_hi = tl.minimum((free // BLOCK_N) * BLOCK_N, full_L)
+            # The last real query of the tile sees keys up to its index + shift.
+            hi = tl.minimum(tl.minimum(m0 + BLOCK_M, S) + causal_shift, L)
+            hi = tl.maximum(hi, full_hi)
+        else:
+            full_hi = full_L
+            hi = L
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
+            offs_m, offs_d, 0, full_hi, L, D, qk_scale, causal_shift,
+            MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE,
+        )
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
+            offs_m, offs_d, full_hi, hi, L, D, qk_scale, causal_shift,
+            MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE,
+        )
+        # Rows that saw no key have l = 0 and acc = 0: output 0.
+        l_div = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_div[:, None]
+        tl.store(
+            O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :] * so_d,
+            out.to(O.dtype.element_ty),
+            mask=(offs_m < S)[:, None] & (offs_d < D)[None, :],
+        )
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, SEQ_LENS, MID_O, MID_LSE,
+        sq_b, sq_h, sq_d,
+        sk_b, sk_h, sk_l, sk_d,
+        sv_b, sv_h, sv_l, sv_d,
+        Hq, Hkv, GROUP, Lmax, D, split_len, NUM_SPLITS,
+        qk_scale,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Flash-Decoding stage 1: program (b*Hkv + kv head, split).
+
+        All GROUP query heads of the kv head form the rows of one [BLOCK_G, D] tile,
+        so every K/V tile is loaded once for the whole group.  Writes, per query
+        head, the split's softmax-normalised output and its log2-sum-exp (-inf for
+        a split with no valid key).  The last split runs to seq_len whatever
+        split_len is, so a too-small length hint never drops keys.
+        """
+        pid_bk = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bk // Hkv
+        kvh = pid_bk % Hkv
+        seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+        seq_len = tl.minimum(tl.maximum(seq_len, 0), Lmax)
+        start = split * split_len
+        end = tl.where(split == NUM_SPLITS - 1, seq_len, tl.minimum(start + split_len, seq_len))
+
+        b64 = b.to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < GROUP
+        heads = (kvh * GROUP + offs_g).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q = tl.load(
+            Q + b64 * sq_b + heads[:, None] * sq_h + offs_d[None, :] * sq_d,
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        K_base = K + b64 * sk_b + kvh.to(tl.int64) * sk_h
+        V_base = V + b64 * sv_b + kvh.to(tl.int64) * sv_h
+
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < end
+            kT = tl.load(
+                K_base + offs_n[None, :].to(tl.int64) * sk_l + offs_d[:, None] * sk_d,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            if IEEE:
+                qk = tl.dot(q, kT, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kT)
+            # Each tile starts at a valid key, so every row's max is finite.
+            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V_base + offs_n[:, None].to(tl.int64) * sv_l + offs_d[None, :] * sv_d,
+                mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (b64 * Hq + heads) * NUM_SPLITS + split  # [BLOCK_G] index into [B*Hq, NUM_SPLITS]
+        tl.store(MID_LSE + row, lse, mask=g_ok)
+        tl.store(MID_O + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        MID_O, MID_LSE, O,
+        so_b, so_h, so_d,
+        Hq, D, NUM_SPLITS,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Flash-Decoding stage 2: program b*Hq + h combines its NUM_SPLITS partials.
+
+        out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse); empty splits
+        have lse = -inf (w = 0); a row with no valid key at all gives 0.
+        """
+        pid = tl.program_id(0)
+        b = (pid // Hq).to(tl.int64)
+        h = (pid % Hq).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        s_ok = offs_s < NUM_SPLITS
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        base = pid.to(tl.int64) * NUM_SPLITS
+        lse = tl.load(MID_LSE + base + offs_s, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        denom = tl.sum(w, 0)
+        o = tl.load(MID_O + (base + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+        tl.store(O + b * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty), mask=d_ok)
+
+    tuning.register_kernel_source("attention", _attn_fwd_kernel, _attn_tiles)
+    tuning.register_kernel_source("decode_attention", _decode_split_kernel, _decode_reduce_kernel)
+
+
+# ---------------------------------------------------------------------------
+# Prefill launcher
+# ---------------------------------------------------------------------------
+def _dtype_key(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _attn_fits(D: int, dtype: torch.dtype, profile: str):
+    """Config filter: estimated shared memory (Q tile + num_stages K and V tiles) and accumulator registers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    block_d = max(16, next_pow2(D))
+    smem = tuning.hardware(profile)["smem_per_block"]
+
+    def fits(cfg: dict) -> bool:
+        bm, bn = cfg.get("BLOCK_M", 64), cfg.get("BLOCK_N", 64)
+        stages = max(1, cfg.get("num_stages", 2))
+        need = (bm * block_d + stages * 2 * bn * block_d) * elem
+        acc_regs = bm * block_d // (32 * cfg.get("num_warps", 4))
+        return need <= smem and acc_regs <= 128
+
+    return fits
+
+
+def _check_attention(q, k, v):
+    fn = "attention"
+    require_triton(fn)
+    check_tensor(fn, "q", q, ndim=4)
+    check_tensor(fn, "k", k, ndim=4)
+    check_tensor(fn, "v", v, ndim=4)
+    B, Hq, S, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape [B, Hkv, L, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"attention: k/v must be [B={B}, Hkv, L, D={D}] to match q {tuple(q.shape)} [B, Hq, S, D], got {tuple(k.shape)}"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv}) for grouped-query attention")
+    check_same_dtype(fn, [("q", q), ("k", k), ("v", v)])
+    check_devices(fn, _attn_fwd_kernel, [("q", q), ("k", k), ("v", v)])
+
+
+def _launch_attention(q, k, v, o, is_causal, scale, config):
+    B, Hq, S, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if o.numel() == 0:
+        return
+    profile = tuning.detect_profile(q.device)
+    if config is None:
+        key = {"S": S, "L": L, "D": D, "Hq": Hq, "Hkv": Hkv, "causal": bool(is_causal), "dtype": _dtype_key(q)}
+        config = tuning.get_config("attention", key, profile, _attn_fits(D, q.dtype, profile))
+    block_m, block_n = int(config["BLOCK_M"]), int(config["BLOCK_N"])
+    if min(block_m, block_n) < 16:
+        raise ValueError(f"attention: BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got config {config}")
+    grid = (triton.cdiv(S, block_m), B * Hq)
+    if grid[1] > _MAX_GRID_YZ:
+        raise ValueError(f"attention: B*Hq = {grid[1]} exceeds the grid limit {_MAX_GRID_YZ}; split the batch")
+    with device_guard(q.device):
+        _attn_fwd_kernel[grid](
+            q, k, v, o,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Hq, Hq // Hkv, S, L, D,
+            float(scale) * _LOG2E,
+            CAUSAL=bool(is_causal),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=max(16, next_pow2(D)),
+            IEEE=q.dtype == torch.float32,
+            **launch_opts(config),
+        )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """FlashAttention-2 style ``softmax(q k^T * scale) v`` with GQA; see the module docstring.
+
+    ``q[B, Hq, S, D]``, ``k, v[B, Hkv, L, D]`` of one float dtype, any strides.
+    ``scale`` defaults to ``1/sqrt(D)``.  Returns a contiguous ``[B, Hq, S, D]``
+    tensor of ``q.dtype`` (or ``out``: any strides, not sharing memory with the
+    inputs).  ``config`` overrides the launch config
+    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``).
+    fp32 inputs use exact fp32 products (no TF32) so fp32 stays fp32-accurate.
+    """
+    _check_attention(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        check_out("attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k, v))
+    _launch_attention(q, k, v, out, is_causal, scale, config)
+    return out
+
+
+def tune_attention(q, k, v, is_causal: bool = False, scale: float | None = None) -> dict:
+    """Autotune (and cache) the prefill kernel on these example inputs; returns the winning config."""
+    _check_attention(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    B, Hq, S, D = q.shape
+    key = {"S": S, "L": k.shape[2], "D": D, "Hq": Hq, "Hkv": k.shape[1], "causal": bool(is_causal), "dtype": _dtype_key(q)}
+    profile = tuning.detect_profile(q.device)
+    fits = _attn_fits(D, q.dtype, profile)
+    cands = [c for c in tuning.candidates("attention", profile) if fits(c)] or tuning.candidates("attention", profile)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return tuning.autotune("attention", key, cands, lambda cfg: _launch_attention(q, k, v, o, is_causal, scale, cfg), profile)
+
+
+# ---------------------------------------------------------------------------
+# Decode launcher
+# ---------------------------------------------------------------------------
+def _workspace(shape, device) -> torch.Tensor:
+    """fp32 scratch for the split partials (every element is written by stage 1; tests poison it)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def decode_num_splits(
+    batch: int, kv_heads: int, max_len: int, sm_count: int, block_n: int = 64, min_split_len: int = 256
+) -> tuple[int, int]:
+    """Flash-Decoding split count: ``(num_splits, split_len)``.
+
+    Aims at about two waves of programs (``2 * sm_count``) over ``batch *
+    kv_heads`` (b, kv head) pairs, but never gives a split fewer than
+    ``min_split_len`` keys (each split costs a partial write and a combine
+    term) and never more than 256 splits.  ``split_len`` is a multiple of
+    ``block_n`` so only a split's last tile is partial.
+    """
+    max_len = max(int(max_len), 1)
+    pairs = max(batch * kv_heads, 1)
+    want = -(-2 * sm_count // pairs)
+    cap = max(1, -(-max_len // max(min_split_len, block_n)))
+    ns = max(1, min(want, cap, 256))
+    split_len = -(-max_len // ns)
+    split_len = -(-split_len // block_n) * block_n
+    ns = -(-max_len // split_len)
+    return ns, split_len
+
+
+def _check_decode(q, k_cache, v_cache, seq_lens):
+    fn = "decode_attention"
+    require_triton(fn)
+    check_tensor(fn, "q", q, ndim=4)
+    check_tensor(fn, "k_cache", k_cache, ndim=4)
+    check_tensor(fn, "v_cache", v_cache, ndim=4)
+    check_tensor(fn, "seq_lens", seq_lens, ndim=1, dtypes=(torch.int32, torch.int64))
+    B, Hq, one, D = q.shape
+    if one != 1:
+        raise ValueError(f"decode_attention: q must be [B, Hq, 1, D] (one new token), got {tuple(q.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"decode_attention: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(
+            f"decode_attention: caches must be [B={B}, Hkv, Lmax, D={D}] to match q {tuple(q.shape)}, got {tuple(k_cache.shape)}"
+        )
+    Hkv = k_cache.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"decode_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if seq_lens.shape[0] != B:
+        raise ValueError(f"decode_attention: seq_lens must have shape ({B},), got {tuple(seq_lens.shape)}")
+    check_same_dtype(fn, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
+    check_devices(
+        fn, _decode_split_kernel, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)]
+    )
+
+
+def _decode_key(q, k_cache, max_len):
+    return {
+        "Lmax": int(max_len),
+        "D": q.shape[3],
+        "B": q.shape[0],
+        "Hq": q.shape[1],
+        "Hkv": k_cache.shape[1],
+        "dtype": _dtype_key(q),
+    }
+
+
+def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, max_seq_len):
+    B, Hq, _, D = q.shape
+    Hkv, Lmax = k_cache.shape[1], k_cache.shape[2]
+    if o.numel() == 0:
+        return
+    profile = tuning.detect_profile(q.device)
+    max_len = min(Lmax, max_seq_len) if max_seq_len is not None else Lmax
+    if config is None:
+        config = tuning.get_config("decode_attention", _decode_key(q, k_cache, max_len), profile)
+    block_n = int(config.get("BLOCK_N", 64))
+    if block_n < 16:
+        raise ValueError(f"decode_attention: BLOCK_N must be >= 16 (tl.dot), got config {config}")
+    if num_splits is None:
+        sm = tuning.hardware(profile)["sm_count"]
+        if q.device.type == "cuda":
+            sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+        ns, split_len = decode_num_splits(B, Hkv, max_len, sm, block_n, int(config.get("MIN_SPLIT_LEN", 256)))
+    else:
+        if int(num_splits) < 1:
+            raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+        ns = int(num_splits)
+        split_len = -(-max(max_len, 1) // ns)
+        split_len = -(-split_len // block_n) * block_n
+    if ns > _MAX_GRID_YZ:
+        raise ValueError(f"decode_attention: {ns} splits exceed the grid limit {_MAX_GRID_YZ}")
+    G = Hq // Hkv
+    mid_o = _workspace((B * Hq, ns, D), q.device)
+    mid_lse = _workspace((B * Hq, ns), q.device)
+    block_d = max(16, next_pow2(D))
+    with device_guard(q.device):
+        _decode_split_kernel[(B * Hkv, ns)](
+            q, k_cache, v_cache, seq_lens, mid_o, mid_lse,
+            q.stride(0), q.stride(1), q.stride(3),
+            *k_cache.stride(), *v_cache.stride(),
+            Hq, Hkv, G, Lmax, D, split_len, ns,
+            float(scale) * _LOG2E,
+            BLOCK_G=max(16, next_pow2(G)),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            IEEE=q.dtype == torch.float32,
+            **launch_opts(config),
+        )
+        _decode_reduce_kernel[(B * Hq,)](
+            mid_o, mid_lse, o,
+            o.stride(0), o.stride(1), o.stride(3),
+            Hq, D, ns,
+            BLOCK_S=max(2, next_pow2(ns)),
+            BLOCK_D=block_d,
+            num_warps=4 if block_d * max(2, next_pow2(ns)) >= 4096 else 2,
+        )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Flash-Decoding attention of one new query per sequence over a KV cache; see the module docstring.
+
+    ``q[B, Hq, 1, D]``, ``k_cache, v_cache[B, Hkv, Lmax, D]`` (any strides),
+    ``seq_lens[B]`` int32/int64 on the same device: keys ``j < seq_lens[b]`` are
+    attended (lengths are clamped to ``[0, Lmax]``; a length of 0 gives 0).
+
+    ``num_splits`` forces the KV split count (default: :func:`decode_num_splits`
+    from ``max_seq_len`` and the SM count).  ``max_seq_len`` is an optional host-side
+    upper bound of ``seq_lens`` (it avoids a device sync and sizes the splits to the
+    live part of the cache); keys past it are still attended, by the last split, so
+    a wrong hint costs speed, never correctness.  Returns ``[B, Hq, 1, D]`` in ``q.dtype``
+    (``out`` if given: any strides, not sharing memory with the inputs).
+    """
+    _check_decode(q, k_cache, v_cache, seq_lens)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        check_out("decode_attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k_cache, v_cache))
+    _launch_decode(q, k_cache, v_cache, seq_lens, out, scale, config, num_splits, max_seq_len)
+    return out
+
+
+def tune_decode_attention(q, k_cache, v_cache, seq_lens, scale: float | None = None, max_seq_len: int | None = None) -> dict:
+    """Autotune (and cache) the decode kernels on these example inputs; returns the winning config."""
+    _check_decode(q, k_cache, v_cache, seq_lens)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    max_len = min(k_cache.shape[2], max_seq_len) if max_seq_len is not None else k_cache.shape[2]
+    profile = tuning.detect_profile(q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return tuning.autotune(
+        "decode_attention",
+        _decode_key(q, k_cache, max_len),
+        tuning.candidates("decode_attention", profile),
+        lambda cfg: _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, cfg, None, max_seq_len),
+        profile,
+    )

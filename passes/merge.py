@@ -1,0 +1,75 @@
+"""Merge projections that read the same input into one wider matmul.
+
+q/k/v projections (and an MLP's gate/up projections) all multiply the same activation:
+one GEMM over concatenated weights reads the activation once and launches one kernel
+instead of three, which matters most at decode, where each launch costs as much as
+the arithmetic. The outputs are sliced back apart (free views).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from flashc.ir import Program
+from flashc.pass_manager import PassContext, PassResult
+
+aten = torch.ops.aten
+
+
+class MergeProjections:
+    """linear(x, w_i[, b_i]) for i in a group sharing x -> one linear, then slices."""
+
+    name = "merge_projections"
+    requires = ("shapes",)
+    preserves = ("canonical",)
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        for node in program.op_nodes():
+            if node.target != aten.linear.default or node.kwargs:
+                continue
+            w = node.args[1]
+            b = node.args[2] if len(node.args) > 2 else None
+            if not (isinstance(w, fx.Node) and w.name in program.params):
+                continue
+            if b is not None and not (isinstance(b, fx.Node) and b.name in program.params):
+                continue
+            groups[node.args[0]].append(node)
+        stats = {"qkv": 0, "gate_up": 0, "other": 0}
+        for x, linears in groups.items():
+            if len(linears) < 2:
+                continue
+            has_bias = [len(l.args) > 2 and l.args[2] is not None for l in linears]
+            if any(has_bias) and not all(has_bias):
+                continue
+            weights = [program.params[l.args[1].name] for l in linears]
+            if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
+                continue
+            self._merge(program, x, linears, weights, all(has_bias))
+            kind = {3: "qkv", 2: "gate_up"}.get(len(linears), "other")
+            stats[kind] += 1
+        program.graph.eliminate_dead_code()
+        program.drop_unused_params()
+        return PassResult(any(stats.values()), stats)
+
+    def _merge(self, program, x, linears, weights, with_bias):
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+        first = min(linears, key=order.__getitem__)
+        base = linears[0].args[1].name
+        w_node = program.add_param(f"{base}_merged", torch.cat(weights, 0))
+        args = [x, w_node]
+        if with_bias:
+            bias = torch.cat([program.params[l.args[2].name] for l in linears], 0)
+            args.append(program.add_param(f"{linears[0].args[2].name}_merged", bias))
+        with program.graph.inserting_before(first):
+            merged = program.graph.call_function(aten.linear.default, tuple(args))
+            start = 0
+            for l, w in zip(linears, weights):
+                part = program.graph.call_function(aten.slice.Tensor, (merged, -1, start, start + w.shape[0]))
+                start += w.shape[0]
+                l.replace_all_uses_with(part)
+        for l in linears:
+            program.graph.erase_node(l)
