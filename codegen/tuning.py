@@ -343,7 +343,7 @@ def cache_key(profile_name: str, kernel_name: str, key: Mapping[str, Any], sourc
 _lock = threading.Lock()
 # path -> {"entries": {...}} ; loaded lazily, kept for the process lifetime.
 _memory: dict[str, dict[str, dict]] = {}
-# (path, kernel, bucket, hash, profile) -> resolved config for get_config.
+# (path, profile, kernel, bucket, hash) -> (tuned config or None, candidates) for get_config.
 _resolved: dict[tuple, dict] = {}
 
 
@@ -558,24 +558,25 @@ def get_config(
 ) -> dict:
     """Config a launcher should use: the tuned one if cached, else the first candidate that ``fits``.
 
-    Never times anything.  Results are memoised in-process; :func:`autotune`
-    and :func:`import_tuning` clear the memo.
+    Never times anything.  The cache lookup is memoised in-process (``fits`` is
+    applied on every call); :func:`autotune` and :func:`import_tuning` clear the memo.
     """
     source_hash = _SOURCE_HASHES.get(kernel_name, "")
     path = cache_path()
     memo_key = (path, profile_name, kernel_name, shape_bucket(key), source_hash)
     with _lock:
-        cfg = _resolved.get(memo_key)
-        if cfg is None:
+        memo = _resolved.get(memo_key)
+        if memo is None:
             hit = _entries(path).get(cache_key(profile_name, kernel_name, key, source_hash)) if source_hash else None
-            if hit is not None and (fits is None or fits(dict(hit["config"]))):
-                cfg = dict(hit["config"])
-            else:
-                cands = candidates(kernel_name, profile_name)
-                fitting = [c for c in cands if fits is None or fits(dict(c))]
-                cfg = dict((fitting or cands)[0])
-            _resolved[memo_key] = cfg
-    return dict(cfg)
+            memo = (dict(hit["config"]) if hit is not None else None, candidates(kernel_name, profile_name))
+            _resolved[memo_key] = memo
+    tuned, cands = memo
+    if tuned is not None and (fits is None or fits(dict(tuned))):
+        return dict(tuned)
+    for c in cands:
+        if fits is None or fits(dict(c)):
+            return dict(c)
+    return dict(cands[0])
 
 
 def export_tuning() -> dict:

@@ -66,6 +66,7 @@ class MergeProjections:
             args.append(program.add_param(f"{linears[0].args[2].name}_merged", bias))
         with program.graph.inserting_before(first):
             merged = program.graph.call_function(aten.linear.default, tuple(args))
+            merged.meta.update({k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack")})
             start = 0
             for l, w in zip(linears, weights):
                 part = program.graph.call_function(aten.slice.Tensor, (merged, -1, start, start + w.shape[0]))

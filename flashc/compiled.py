@@ -1,0 +1,158 @@
+"""CompiledModel: what flashc.compile returns and flashc.load brings back."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from flashc.artifact import load_tensors, read_manifest, save_tensors, write_artifact
+from flashc.backends.base import Executable, Fallback
+from flashc.errors import ArtifactError
+from flashc.ir import InputSpec, Program, dtype_from_name, dtype_name, propagate_shapes
+from flashc.pass_manager import PassRecord
+from flashc.profiles import HardwareProfile, get_profile
+from flashc.report import CompileReport
+from flashc.serialize import graph_from_json, graph_to_json
+
+
+@dataclass
+class ModelSource:
+    """How to rebuild the eager model an artifact came from (zoo name or file:factory)."""
+
+    kind: str  # "zoo", "factory" or "module" (an in-memory module: not rebuildable)
+    name: str
+    dtype: str = "float32"
+    seed: int = 0
+    batch: int = 1
+    seq_len: int = 16
+
+
+@dataclass
+class CompiledModel:
+    """A callable that computes what the model computes, plus how it was made."""
+
+    program: Program
+    target: str
+    profile: HardwareProfile
+    level: int
+    executable: Executable
+    records: list[PassRecord]
+    fallbacks: list[Fallback]
+    source: ModelSource
+    timings: dict[str, float] = field(default_factory=dict)
+    reference_weights: dict[str, torch.Tensor] | None = None  # the original model's, for `flashc run`
+    accuracy: list | None = None  # evaluation results when a compile changed numerics
+
+    @property
+    def inputs(self) -> list[InputSpec]:
+        return self.program.inputs
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        self.program.check_inputs(args)
+        with torch.no_grad():
+            flat = self.executable(*args)
+        return self.program.unflatten(flat)
+
+    def report(self) -> CompileReport:
+        """What ran, what it changed, what fell back, and the cost model's estimate."""
+        from flashc.cost_model import estimate
+
+        if any(n.meta.get("val") is None for n in self.program.op_nodes()):
+            propagate_shapes(self.program)
+        return CompileReport(
+            model=self.source.name, target=self.target, profile=self.profile, level=self.level,
+            capture=self.program.meta.get("capture", "?"), warnings=list(self.program.meta.get("warnings", [])),
+            records=self.records, fallbacks=self.fallbacks, estimate=estimate(self.program, self.profile),
+            timings=self.timings, weights=len(self.program.params),
+            weight_bytes=sum(t.numel() * t.element_size() for t in self.program.params.values()),
+            accuracy=self.accuracy,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact directory atomically (see flashc.artifact)."""
+        from flashc import __version__
+        from flashc.targets import get_target
+
+        backend = get_target(self.target).backend()
+        out_spec = None
+        if self.program.out_spec is not None:
+            try:
+                out_spec = pytree.treespec_dumps(self.program.out_spec)
+            except Exception:  # a type without a registered serialized name: outputs load as a tuple
+                out_spec = None
+        manifest = {
+            "flashc_version": __version__, "torch_version": torch.__version__, "target": self.target,
+            "profile": self.profile.name, "level": self.level,
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)} for s in self.inputs],
+            "out_spec": out_spec, "source": asdict(self.source), "meta": _json_meta(self.program.meta),
+            "pipeline": [asdict(r) for r in self.records],
+            "fallbacks": [asdict(f) for f in self.fallbacks], "timings": self.timings,
+            "estimate": self.report().estimate.summary(),
+        }
+        payload: dict[str, Any] = {}
+
+        def write_payload(d: Path) -> None:
+            d.mkdir()
+            payload.update(backend.save_payload(self.executable, d))
+
+        writers = {
+            "graph.json": lambda p: p.write_text(json.dumps(graph_to_json(self.program.graph))),
+            "weights.safetensors": lambda p: save_tensors(self.program.params, p),
+            "payload": write_payload,
+        }
+        if self.reference_weights is not None:
+            writers["reference.safetensors"] = lambda p: save_tensors(self.reference_weights, p)
+        manifest["payload"] = payload
+        return write_artifact(path, manifest, writers)
+
+
+def _json_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list)) or v is None}
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load an artifact written by CompiledModel.save; checks checksums, never unpickles."""
+    from flashc.targets import get_target
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        entries = json.loads((path / "graph.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path / 'graph.json'}: cannot read graph ({e})") from None
+    gm = graph_from_json(entries)
+    params = load_tensors(path / "weights.safetensors")
+    try:
+        inputs = [InputSpec(i["name"], tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in manifest["inputs"]]
+        source = ModelSource(**manifest["source"])
+        records = [PassRecord(**r) for r in manifest["pipeline"]]
+        fallbacks = [Fallback(**f) for f in manifest["fallbacks"]]
+        target, level = manifest["target"], manifest["level"]
+        profile = get_profile(manifest["profile"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path / 'manifest.json'}: missing or malformed field ({type(e).__name__}: {e})") from None
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    expected = [p for p in placeholders if p in params] + [s.name for s in inputs]
+    if placeholders != expected or set(params) - set(placeholders):
+        raise ArtifactError(f"{path}: graph.json and weights.safetensors disagree on the graph's inputs")
+    out_spec = None
+    if manifest.get("out_spec"):
+        try:
+            out_spec = pytree.treespec_loads(manifest["out_spec"])
+        except Exception:
+            out_spec = None  # the output type is not importable here: return a flat tuple
+    program = Program(gm, params, inputs, out_spec, dict(manifest.get("meta", {})))
+    backend = get_target(target).backend()
+    executable = backend.load_payload(program, path / "payload", manifest.get("payload", {}))
+    reference = None
+    if (path / "reference.safetensors").exists():
+        reference = load_tensors(path / "reference.safetensors")
+    return CompiledModel(program, target, profile, level, executable, records, fallbacks, source,
+                         dict(manifest.get("timings", {})), reference)

@@ -1,0 +1,59 @@
+"""Targets: an explicit table from target name to backend and default hardware profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from flashc.errors import FlashcError, unknown_name
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: Callable[[], object]  # constructs the backend (imported lazily)
+    profile: str
+    description: str
+    status: str = "ready"  # or "planned: <issue>"
+
+
+def _eager():
+    from flashc.backends.eager import EagerBackend
+
+    return EagerBackend()
+
+
+def _planned(name: str, issue: str):
+    def make():
+        raise FlashcError(f"target {name!r} is not available in this flashc build yet ({issue}); "
+                          "use target 'cpu' or 'eager'")
+
+    return make
+
+
+TARGETS: dict[str, Target] = {
+    "eager": Target("eager", _eager, "cpu", "optimized graph run by PyTorch; the numeric reference"),
+    "cpu": Target("cpu", _eager, "cpu", "PyTorch on the CPU with flashc's fused graph"),
+    "h100": Target("h100", _planned("h100", "CUDA backend"), "h100", "NVIDIA H100: Triton kernels + CUDA graphs",
+                   "planned: CUDA backend"),
+    "h200": Target("h200", _planned("h200", "CUDA backend"), "h200", "NVIDIA H200: Triton kernels + CUDA graphs",
+                   "planned: CUDA backend"),
+    "a100": Target("a100", _planned("a100", "CUDA backend"), "a100", "NVIDIA A100: Triton kernels + CUDA graphs",
+                   "planned: CUDA backend"),
+    "l4": Target("l4", _planned("l4", "CUDA backend"), "l4", "NVIDIA L4: Triton kernels + CUDA graphs",
+                 "planned: CUDA backend"),
+    "onnx-cpu": Target("onnx-cpu", _planned("onnx-cpu", "ONNX backend"), "cpu", "ONNX model run by ONNX Runtime (CPU)",
+                       "planned: ONNX backend"),
+    "onnx-cuda": Target("onnx-cuda", _planned("onnx-cuda", "ONNX backend"), "h100",
+                        "ONNX model run by onnxruntime-gpu (CUDA EP)", "planned: ONNX backend"),
+    "tvm-cpu": Target("tvm-cpu", _planned("tvm-cpu", "TVM backend"), "cpu", "TVM Relax module built for llvm",
+                      "planned: TVM backend"),
+    "tvm-cuda": Target("tvm-cuda", _planned("tvm-cuda", "TVM backend"), "h100", "TVM Relax module built for CUDA",
+                       "planned: TVM backend"),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise unknown_name("target", name, list(TARGETS))
+    return TARGETS[name]

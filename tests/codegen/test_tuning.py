@@ -1,0 +1,230 @@
+"""flashc.codegen.tuning: the tuning space as data, the on-disk autotune cache, export/import."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from flashc.codegen import tuning
+
+KERNELS = ("rms_norm", "add_rms_norm", "rotary", "glu", "attention", "decode_attention")
+SRC_A = "def kernel(x):\n    return x + 1\n"
+SRC_B = "def kernel(x):\n    return x + 2\n"
+CANDS = [{"BLOCK": 16, "num_warps": 2}, {"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}]
+KEY = {"M": 1000, "H": 4096, "dtype": "bfloat16"}
+
+
+class FakeBench:
+    """Stands in for do_bench on CPU: runs the candidate once and reports a chosen time per BLOCK."""
+
+    def __init__(self, ms_by_block, fail_blocks=()):
+        self.ms_by_block = ms_by_block
+        self.fail_blocks = set(fail_blocks)
+        self.runs: list[dict] = []
+
+    def run_fn(self, cfg):
+        self.runs.append(cfg)
+        if cfg["BLOCK"] in self.fail_blocks:
+            raise RuntimeError("out of resources (simulated)")
+        self.last = cfg
+
+    def __call__(self, fn):
+        fn()
+        return self.ms_by_block[self.last["BLOCK"]]
+
+
+def _tune(bench, source=SRC_A, key=KEY, **kw):
+    return tuning.autotune("my_kernel", key, CANDS, bench.run_fn, "h100", kernel_source=source, bench_fn=bench, **kw)
+
+
+def test_space_is_complete_for_every_profile():
+    for profile in ("h100", "a100", "h200", "l4", "default"):
+        assert profile in tuning.PROFILES
+        hw = tuning.hardware(profile)
+        assert hw["sm_count"] > 0 and hw["smem_per_block"] > 0
+        for kernel in KERNELS:
+            cands = tuning.candidates(kernel, profile)
+            assert cands and all(isinstance(c, dict) and c for c in cands)
+            assert all(c.get("num_warps", 4) in (1, 2, 4, 8, 16) for c in cands)
+    assert tuning.candidates("attention", "no-such-gpu") == tuning.candidates("attention", "default")
+    with pytest.raises(KeyError, match="known kernels"):
+        tuning.candidates("no_such_kernel", "h100")
+    # candidates are copies: mutating them does not change the space
+    tuning.candidates("rotary", "h100")[0]["BLOCK_S"] = -1
+    assert tuning.candidates("rotary", "h100")[0]["BLOCK_S"] != -1
+
+
+def test_shape_bucket_rounds_ints_to_powers_of_two_and_ignores_order():
+    assert tuning.shape_bucket({"M": 1000, "H": 4096, "causal": True, "dtype": "fp16"}) == "H=4096,M=1024,causal=1,dtype=fp16"
+    assert tuning.shape_bucket({"b": 3, "a": 1}) == tuning.shape_bucket({"a": 1, "b": 4})
+    assert tuning.shape_bucket({"a": 5}) != tuning.shape_bucket({"a": 9})
+
+
+def test_no_gpu_returns_first_candidate_without_timing_or_writing(monkeypatch):
+    monkeypatch.setattr(tuning, "_can_time_on_gpu", lambda: False)
+    calls = []
+    best = tuning.autotune("my_kernel", KEY, CANDS, calls.append, "h100", kernel_source=SRC_A)
+    assert best == CANDS[0] and calls == []
+    assert not os.path.exists(tuning.cache_path())
+
+
+def test_autotune_picks_fastest_writes_cache_and_hits_it(tmp_path):
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    best = _tune(bench)
+    assert best == CANDS[1]
+    assert len(bench.runs) == 3
+
+    path = tuning.cache_path()
+    assert path == str(tmp_path / "flashc_cache" / "tuning.json")
+    data = json.load(open(path))
+    (key,) = data["entries"]
+    sha = hashlib.sha256(SRC_A.encode() + b"\0").hexdigest()
+    assert key == f"h100|my_kernel|{tuning.shape_bucket(KEY)}|{sha}"
+    assert sha in key and "my_kernel" in key and "h100" in key
+    assert data["entries"][key]["config"] == CANDS[1]
+    assert data["entries"][key]["ms"] == 1.0
+    assert [t["ms"] for t in data["entries"][key]["timings"]] == [3.0, 1.0, 2.0]
+    # atomic write leaves no temp file behind
+    assert os.listdir(os.path.dirname(path)) == ["tuning.json"]
+
+    # second call: cache hit, run_fn is not called
+    assert _tune(bench) == CANDS[1]
+    assert len(bench.runs) == 3
+    # same bucket (M=900 rounds to 1024 like M=1000): hit
+    assert _tune(bench, key={**KEY, "M": 900}) == CANDS[1]
+    assert len(bench.runs) == 3
+    # a fresh process (memory cache dropped) reads the file: still a hit
+    tuning.clear_memory_cache()
+    assert _tune(bench) == CANDS[1]
+    assert len(bench.runs) == 3
+
+
+def test_changed_kernel_source_retunes():
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    _tune(bench, SRC_A)
+    bench.ms_by_block = {16: 0.5, 32: 1.0, 64: 2.0}
+    assert _tune(bench, SRC_B) == CANDS[0]
+    assert len(bench.runs) == 6
+    assert len(json.load(open(tuning.cache_path()))["entries"]) == 2
+    assert _tune(bench, SRC_A) == CANDS[1]  # the old source's result is still there
+
+
+def test_force_retunes():
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    _tune(bench)
+    bench.ms_by_block = {16: 3.0, 32: 1.0, 64: 0.1}
+    assert _tune(bench, force=True) == CANDS[2]
+    assert _tune(bench) == CANDS[2]
+    assert len(bench.runs) == 6
+
+
+@pytest.mark.parametrize("garbage", ["{not json", '["a list"]', '{"entries": 5}', "\udcff"])
+def test_corrupted_cache_warns_and_retunes(garbage):
+    path = tuning.cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(garbage)
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    with pytest.warns(RuntimeWarning, match="tuning cache"):
+        assert _tune(bench) == CANDS[1]
+    assert len(bench.runs) == 3
+    assert len(json.load(open(path))["entries"]) == 1  # rewritten as valid JSON
+
+
+def test_failing_candidates_are_skipped_and_all_failing_is_an_error():
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0}, fail_blocks={32})
+    assert _tune(bench) == CANDS[2]
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0}, fail_blocks={16, 32, 64})
+    with pytest.raises(RuntimeError, match="every candidate failed"):
+        _tune(bench, source=SRC_B)
+    with pytest.raises(ValueError, match="no candidate"):
+        tuning.autotune("my_kernel", KEY, [], bench.run_fn, kernel_source=SRC_A, bench_fn=bench)
+
+
+def test_unknown_source_is_an_error():
+    bench = FakeBench({16: 1.0, 32: 1.0, 64: 1.0})
+    with pytest.raises(KeyError, match="register_kernel_source"):
+        tuning.autotune("never_registered", KEY, CANDS, bench.run_fn, bench_fn=bench)
+
+
+def test_progress_bar_is_shown(capsys):
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    _tune(bench, progress=True)
+    assert "flashc tune my_kernel" in capsys.readouterr().err
+
+
+def test_export_import_roundtrip(tmp_path, monkeypatch):
+    bench = FakeBench({16: 3.0, 32: 1.0, 64: 2.0})
+    _tune(bench)
+    exported = tuning.export_tuning()
+    assert exported["version"] == tuning.CACHE_VERSION and len(exported["entries"]) == 1
+    json.dumps(exported)  # serialisable as is
+
+    monkeypatch.setenv("FLASHC_CACHE", str(tmp_path / "other_machine"))
+    tuning.clear_memory_cache()
+    assert tuning.export_tuning()["entries"] == {}
+    assert tuning.import_tuning(exported) == 1
+    assert os.path.exists(tuning.cache_path())
+    assert _tune(bench) == CANDS[1]
+    assert len(bench.runs) == 3  # hit: nothing re-run after import
+    assert tuning.import_tuning(exported, overwrite=False) == 0
+    with pytest.raises(ValueError, match="export_tuning"):
+        tuning.import_tuning({"nope": 1})
+    with pytest.raises(ValueError, match="no 'config'"):
+        tuning.import_tuning({"version": tuning.CACHE_VERSION, "entries": {"k": {"ms": 1}}})
+
+
+def test_get_config_uses_tuned_result_for_registered_kernel():
+    pytest.importorskip("triton", reason="kernel sources are registered when the Triton modules import")
+    from flashc.codegen import triton_norm  # noqa: F401  (registers rms_norm's source)
+
+    key = {"H": 256, "M": 64, "dtype": "float32"}
+    default = tuning.get_config("rms_norm", key, "h100")
+    assert default == tuning.candidates("rms_norm", "h100")[0]
+    cands = tuning.candidates("rms_norm", "h100")
+    times = {i: 5.0 - i * 0.5 for i in range(len(cands))}  # the last candidate is fastest
+
+    def bench(fn):
+        fn()
+        return times[bench.idx]
+
+    def run_fn(cfg):
+        bench.idx = cands.index(cfg)
+
+    best = tuning.autotune("rms_norm", key, cands, run_fn, "h100", bench_fn=bench)
+    assert best == cands[-1]
+    assert tuning.get_config("rms_norm", key, "h100") == cands[-1]
+    assert tuning.get_config("rms_norm", key, "a100") == tuning.candidates("rms_norm", "a100")[0]
+    # a fits() that rejects the tuned config falls back to the first fitting candidate
+    assert tuning.get_config("rms_norm", key, "h100", fits=lambda c: c != cands[-1]) == cands[0]
+
+
+def test_tune_launchers_without_gpu_return_a_candidate(device):
+    """tune_* helpers run end to end; without a GPU they return the first fitting candidate untimed."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if device.type == "cuda":
+        pytest.skip("timing on a real GPU is exercised by the benchmark scripts, not unit tests")
+    from flashc.codegen import triton_attention as ta
+    from flashc.codegen import triton_mlp as tm
+    from flashc.codegen import triton_norm as tn
+    from flashc.codegen import triton_rotary as tr
+
+    x = torch.randn(4, 64)
+    assert tn.tune_rms_norm(x, torch.ones(64)) in tuning.candidates("rms_norm", "default")
+    assert tm.tune_glu(torch.randn(4, 64)) in tuning.candidates("glu", "default")
+    assert tr.tune_rotary(torch.randn(1, 2, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)) in tuning.candidates("rotary", "default")
+    q = torch.randn(1, 2, 8, 16)
+    assert ta.tune_attention(q, q, q) in tuning.candidates("attention", "default")
+    assert ta.tune_decode_attention(q[:, :, :1], q, q, torch.tensor([8], dtype=torch.int32)) in tuning.candidates(
+        "decode_attention", "default"
+    )
+    assert not os.path.exists(tuning.cache_path())
+
+
+def test_detect_profile_for_cpu_is_default():
+    assert tuning.detect_profile(torch.device("cpu")) == "default"
+    assert tuning.detect_profile("cpu") == "default"
