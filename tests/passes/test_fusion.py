@@ -1,0 +1,75 @@
+"""Fusion rules find the expected patterns in all five families and keep the numbers."""
+
+import pytest
+import torch
+from conftest import FAMILIES, fresh_ids, rel_err
+
+from flashc.capture import capture
+from flashc.ir import op_name
+from flashc.pass_manager import PassContext, PassManager
+from flashc.pipelines import pipeline
+from flashc.profiles import PROFILES
+
+# per family: (rms_norm standalone, add_rms_norm, rotary, swiglu, geglu, attention, moe) for 2 layers
+EXPECTED = {
+    "llama-tiny": dict(rms_norm=1, add_rms_norm=4, rotary=4, swiglu=2, geglu=0, attention=2, moe=0),
+    "mistral-tiny": dict(rms_norm=1, add_rms_norm=4, rotary=4, swiglu=2, geglu=0, attention=2, moe=0),
+    "mixtral-tiny": dict(rms_norm=1, add_rms_norm=4, rotary=4, swiglu=0, geglu=0, attention=2, moe=2),
+    "gemma-tiny": dict(rms_norm=1, add_rms_norm=4, rotary=4, swiglu=0, geglu=2, attention=2, moe=0),
+    "qwen2-tiny": dict(rms_norm=1, add_rms_norm=4, rotary=4, swiglu=2, geglu=0, attention=2, moe=0),
+}
+
+
+def _optimize(model, ids, level=2):
+    program = capture(model, (ids,), {"use_cache": False})
+    program.meta["vocab_size"] = model.config.vocab_size
+    records = PassManager(pipeline(level), numeric_check=True).run(program, PassContext(PROFILES["cpu"]))
+    return program, records
+
+
+def _count(program, name):
+    return sum(1 for n in program.op_nodes() if op_name(n) == f"flashc.{name}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fusion_counts_and_numerics(tiny_models, family):
+    model = tiny_models[family]
+    program, records = _optimize(model, fresh_ids(family))
+    for op, n in EXPECTED[family].items():
+        assert _count(program, op) == n, f"{family}: flashc.{op}"
+    # no unfused attention or repeat_kv expand left behind
+    ops = {op_name(n) for n in program.op_nodes()}
+    assert "aten.scaled_dot_product_attention" not in ops and "aten.expand" not in ops
+    causal = [n for n in program.op_nodes() if op_name(n) == "flashc.attention"]
+    assert all(n.args[3] is None and n.args[4] is True for n in causal), "causal mask should become is_causal"
+    ids = fresh_ids(family)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        got = program(ids).logits
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_fusion_bf16_llama():
+    from flashc import zoo
+
+    model = zoo.build("llama-tiny", dtype=torch.bfloat16)
+    program, _ = _optimize(model, fresh_ids("llama-tiny"))
+    assert _count(program, "rms_norm") + _count(program, "add_rms_norm") == 5
+    assert _count(program, "attention") == 2 and _count(program, "rotary") == 4
+    ids = fresh_ids("llama-tiny")
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        got = program(ids).logits
+    assert rel_err(got, ref) < 2e-2  # bf16 rounding of reordered casts
+
+
+def test_level_3_merges_projections(tiny_models):
+    model = tiny_models["qwen2-tiny"]  # q/k/v with biases
+    program, records = _optimize(model, fresh_ids("qwen2-tiny"), level=3)
+    merge = next(r for r in records if r.name == "merge_projections")
+    assert merge.stats["qkv"] == 2 and merge.stats["gate_up"] == 2
+    linears = [n for n in program.op_nodes() if op_name(n) == "aten.linear"]
+    assert len(linears) == 2 * 4 + 1  # per layer qkv, o, gate_up, down; plus lm_head
+    ids = fresh_ids("qwen2-tiny")
+    with torch.no_grad():
+        assert rel_err(program(ids).logits, model(ids, use_cache=False).logits) < 1e-5

@@ -1,0 +1,63 @@
+"""The pattern matcher: commutative operands, scalar binding, self-containment."""
+
+import torch
+import torch.nn.functional as F
+
+from flashc.capture import capture
+from flashc.ir import op_name, propagate_shapes
+from flashc.passes.fusion import FUSE_RMS_NORM, FUSE_SWIGLU
+from flashc.rewrite import apply_rule, find_matches
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, eps, weight_first=True, leak=False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8))
+        self.eps, self.weight_first, self.leak = eps, weight_first, leak
+
+    def forward(self, x):
+        h = x.float()
+        var = h.pow(2).mean(-1, keepdim=True)
+        n = h * torch.rsqrt(var + self.eps)
+        out = self.w * n if self.weight_first else n * self.w
+        return (out, var) if self.leak else out
+
+
+def _program(m, x):
+    p = capture(m, (x,))
+    propagate_shapes(p)
+    return p
+
+
+def test_rms_norm_binds_eps_and_either_operand_order():
+    for weight_first in (True, False):
+        m = _Norm(3e-5, weight_first)
+        p = _program(m, torch.randn(2, 3, 8))
+        matches = find_matches(FUSE_RMS_NORM, p.graph)
+        assert len(matches) == 1 and matches[0].bindings["eps"] == 3e-5
+        apply_rule(FUSE_RMS_NORM, p.graph)
+        p.recompile()
+        x = torch.randn(2, 3, 8)
+        assert torch.allclose(p(x), m(x), atol=1e-6)
+
+
+def test_no_match_when_an_interior_value_escapes():
+    m = _Norm(1e-6, leak=True)  # the variance is also an output: fusing would lose it
+    p = _program(m, torch.randn(2, 3, 8))
+    assert find_matches(FUSE_RMS_NORM, p.graph) == []
+
+
+class _Mlp(torch.nn.Module):
+    def forward(self, g, u):
+        return u * F.silu(g) + F.silu(u) * g
+
+
+def test_swiglu_matches_both_orders_without_overlap():
+    p2 = capture(_Mlp(), (torch.randn(3, 5), torch.randn(3, 5)))
+    propagate_shapes(p2)
+    n = apply_rule(FUSE_SWIGLU, p2.graph)
+    p2.recompile()
+    assert n == 2
+    assert sum(op_name(x) == "flashc.swiglu" for x in p2.op_nodes()) == 2
+    g, u = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.allclose(p2(g, u), _Mlp()(g, u), atol=1e-6)
