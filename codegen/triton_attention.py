@@ -143,6 +143,7 @@ if HAS_TRITON:
         CAUSAL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
+        EVEN_D: tl.constexpr,
     ):
         """Online-softmax update over key tiles [lo, hi) (FlashAttention-2, Alg. 1 inner loop).
 
@@ -154,36 +155,42 @@ if HAS_TRITON:
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             n_ok = offs_n < L
-            kT = tl.load(
-                K_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                mask=n_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
+            k_ptrs = K_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+            v_ptrs = V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+            # Interior tiles load without predicates (cheaper, and lets Triton pipeline plain copies).
+            if MASKED:
+                kT = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            elif EVEN_D:
+                kT = tl.load(k_ptrs)
+            else:
+                kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             if IEEE:
                 qk = tl.dot(q, kT, input_precision="ieee")
             else:
                 qk = tl.dot(q, kT)
-            qk = qk * qk_scale
+            # The softmax scale (times log2 e) is applied inside the max and the exponent,
+            # so it fuses into one FMA per score (scale > 0 keeps the max unchanged).
             if MASKED:
                 visible = n_ok[None, :]
                 if CAUSAL:
                     visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
                 qk = tl.where(visible, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 m_sub = m_new
-            p = tl.exp2(qk - m_sub[:, None])
+            p = tl.exp2(qk * qk_scale - m_sub[:, None])
             alpha = tl.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            v = tl.load(
-                V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=n_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            if MASKED:
+                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -205,6 +212,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
+        EVEN_D: tl.constexpr,
     ):
         """Program (query tile, b*Hq + h): O[b, h, tile] = softmax(Q K^T * scale) V for kv head h // GROUP."""
         pid_m = tl.program_id(0)
@@ -248,12 +256,12 @@ if HAS_TRITON:
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
             offs_m, offs_d, 0, full_hi, L, D, qk_scale, causal_shift,
-            MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE,
+            MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
         )
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
             offs_m, offs_d, full_hi, hi, L, D, qk_scale, causal_shift,
-            MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE,
+            MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
         )
         # Rows that saw no key have l = 0 and acc = 0: output 0.
         l_div = tl.where(l_i == 0.0, 1.0, l_i)
@@ -451,6 +459,7 @@ def _launch_attention(q, k, v, o, is_causal, scale, config):
             BLOCK_N=block_n,
             BLOCK_D=max(16, next_pow2(D)),
             IEEE=q.dtype == torch.float32,
+            EVEN_D=next_pow2(D) == D and D >= 16,
             **launch_opts(config),
         )
 

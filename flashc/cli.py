@@ -11,7 +11,9 @@ from pathlib import Path
 def _console():
     from rich.console import Console
 
-    return Console(width=120)
+    import shutil
+
+    return Console(width=max(170, shutil.get_terminal_size((170, 40)).columns))
 
 
 def cmd_targets(args) -> int:

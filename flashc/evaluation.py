@@ -172,7 +172,10 @@ def perplexity(
         # target t is predicted at position t - 1 (window-relative: t - 1 - start)
         pos = slice(first - 1 - start, end - 1 - start)
         targets = ids[first:end].to(logits.device)
-        logp = torch.log_softmax(logits[0, pos].float(), dim=-1)
+        scores = logits[0, pos]
+        if scores.dtype != torch.float64:
+            scores = scores.float()  # bf16/fp16 logits: do the softmax in fp32
+        logp = torch.log_softmax(scores, dim=-1)
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total_nll += float(nll.double().sum())
         n_tokens += end - first

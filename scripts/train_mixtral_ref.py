@@ -36,6 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+try:  # run from a checkout without `pip install -e .`
+    import flashc  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 MAX_FILE_BYTES = 16_000_000  # "each file < 16 MB"
 SHARD_SIZE = "12MB"  # safetensors shard target; the largest single tensor is checked below
 
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=512, help="expert intermediate size")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="directory with a saved SmolLM2 tokenizer (tokenizer.json); default: flashc.pretrained.load_smollm2_tokenizer()")
     p.add_argument("--val-windows", type=int, default=64, help="max perplexity windows on the held-out split")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
     return p.parse_args(argv)
@@ -183,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     t_start = time.time()
 
-    tokenizer = load_smollm2_tokenizer()
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer), local_files_only=True)
+    else:
+        tokenizer = load_smollm2_tokenizer()
+    if len(tokenizer) != 49152:
+        raise SystemExit(f"expected the SmolLM2 tokenizer (vocab 49152), got vocab {len(tokenizer)}")
     vocab = len(tokenizer)
     root, rels = stdlib_files()
     train_rels = [r for r in rels if not is_validation(r)]
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
         if not progress and (step % 100 == 0 or step == args.steps - 1):

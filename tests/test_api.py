@@ -1,0 +1,105 @@
+"""flashc.compile end to end on the CPU, and its errors for bad input."""
+
+import pytest
+import torch
+from conftest import FAMILIES, fresh_ids, rel_err
+
+import flashc
+from flashc.errors import CaptureError, InputError, UnknownNameError
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_save_load_run(tiny_models, family, tmp_path):
+    model = tiny_models[family]
+    cm = flashc.compile(model, "cpu", fresh_ids(family), level=3)
+    ids = fresh_ids(family)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    assert rel_err(cm(ids).logits, ref) < 1e-5
+    cm.save(tmp_path / "art")
+    loaded = flashc.load(tmp_path / "art")
+    out = loaded(ids)
+    assert type(out).__name__.endswith("CausalLMOutputWithPast")
+    assert rel_err(out.logits, ref) < 1e-5
+    assert loaded.report().fused() == cm.report().fused()
+
+
+def test_report_lists_passes_stats_and_estimate(tiny_models):
+    cm = flashc.compile(tiny_models["llama-tiny"], "cpu", fresh_ids("llama-tiny"), level=2)
+    report = cm.report()
+    assert report.fused()["attention"] == 2 and report.fused()["add_rms_norm"] == 4
+    text = report.render()
+    for needle in ("canonicalize", "fold_constants", "fuse", "attention=2", "cost model on cpu", "top time sinks"):
+        assert needle in text
+    assert report.estimate.seconds > 0 and report.estimate.kernels > 10
+    assert all(r.seconds >= 0 for r in report.records)
+
+
+def test_wrong_input_shape_and_dtype(tiny_models):
+    cm = flashc.compile(tiny_models["llama-tiny"], "cpu", fresh_ids("llama-tiny", seq_len=16))
+    with pytest.raises(InputError, match=r"expected int64\[1, 16\], got int64\[1, 9\]"):
+        cm(fresh_ids("llama-tiny", seq_len=9))
+    with pytest.raises(InputError, match=r"expected int64\[1, 16\], got int32\[1, 16\]"):
+        cm(fresh_ids("llama-tiny").int())
+    with pytest.raises(InputError, match="expected 1 input"):
+        cm()
+
+
+def test_unknown_target_and_profile(tiny_models):
+    with pytest.raises(UnknownNameError, match="unknown target 'h1000'.*did you mean 'h100'.*Known targets: .*cpu"):
+        flashc.compile(tiny_models["llama-tiny"], "h1000", fresh_ids("llama-tiny"))
+    with pytest.raises(UnknownNameError, match="unknown hardware profile 'x9'.*Known hardware profiles"):
+        flashc.compile(tiny_models["llama-tiny"], "cpu", fresh_ids("llama-tiny"), profile="x9")
+
+
+def test_not_a_module():
+    with pytest.raises(CaptureError, match="compiles torch.nn.Module objects, got builtins.function"):
+        flashc.compile(lambda x: x, "cpu", torch.randn(2))
+
+
+def test_capture_failure_names_module_and_line():
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return x * int(torch.nonzero(x).sum().item() > 0)  # data-dependent
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Inner()
+
+        def forward(self, x):
+            return self.block(x)
+
+    with pytest.raises(CaptureError) as e:
+        flashc.compile(Outer(), "cpu", torch.randn(3))
+    msg = str(e.value)
+    assert "module 'block'" in msg and "test_api.py" in msg and ".item()" in msg
+
+
+@torch.library.custom_op("flashc_test::soft_clip", mutates_args=())
+def soft_clip(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) * 3
+
+
+@soft_clip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _WithForeignOp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return soft_clip(self.lin(x))
+
+
+def test_foreign_op_falls_back_and_is_reported():
+    m = _WithForeignOp().eval()
+    cm = flashc.compile(m, "cpu", torch.randn(2, 8))
+    x = torch.randn(2, 8)
+    assert torch.allclose(cm(x), m(x), atol=1e-6)
+    fb = {f.op: f for f in cm.fallbacks}
+    assert "flashc_test.soft_clip" in fb and "test_api.py" in fb["flashc_test.soft_clip"].where
+    assert "flashc_test.soft_clip" in cm.report().render()
