@@ -149,6 +149,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
         except Exception:
             out_spec = None  # the output type is not importable here: return a flat tuple
     program = Program(gm, params, inputs, out_spec, dict(manifest.get("meta", {})))
+    program.meta["profile"] = profile.name
     backend = get_target(target).backend()
     executable = backend.load_payload(program, path / "payload", manifest.get("payload", {}))
     reference = None

@@ -23,6 +23,12 @@ def _eager():
     return EagerBackend()
 
 
+def _cuda():
+    from flashc.backends.cuda import CudaBackend
+
+    return CudaBackend()
+
+
 def _planned(name: str, issue: str):
     def make():
         raise FlashcError(f"target {name!r} is not available in this flashc build yet ({issue}); "
@@ -34,14 +40,14 @@ def _planned(name: str, issue: str):
 TARGETS: dict[str, Target] = {
     "eager": Target("eager", _eager, "cpu", "optimized graph run by PyTorch; the numeric reference"),
     "cpu": Target("cpu", _eager, "cpu", "PyTorch on the CPU with flashc's fused graph"),
-    "h100": Target("h100", _planned("h100", "CUDA backend"), "h100", "NVIDIA H100: Triton kernels + CUDA graphs",
-                   "planned: CUDA backend"),
-    "h200": Target("h200", _planned("h200", "CUDA backend"), "h200", "NVIDIA H200: Triton kernels + CUDA graphs",
-                   "planned: CUDA backend"),
-    "a100": Target("a100", _planned("a100", "CUDA backend"), "a100", "NVIDIA A100: Triton kernels + CUDA graphs",
-                   "planned: CUDA backend"),
-    "l4": Target("l4", _planned("l4", "CUDA backend"), "l4", "NVIDIA L4: Triton kernels + CUDA graphs",
-                 "planned: CUDA backend"),
+    "h100": Target("h100", _cuda, "h100", "NVIDIA H100: Triton kernels + CUDA graphs",
+                   "first kernels: fused ops + CUDA graph"),
+    "h200": Target("h200", _cuda, "h200", "NVIDIA H200: Triton kernels + CUDA graphs",
+                   "first kernels: fused ops + CUDA graph"),
+    "a100": Target("a100", _cuda, "a100", "NVIDIA A100: Triton kernels + CUDA graphs",
+                   "first kernels: fused ops + CUDA graph"),
+    "l4": Target("l4", _cuda, "l4", "NVIDIA L4: Triton kernels + CUDA graphs",
+                 "first kernels: fused ops + CUDA graph"),
     "onnx-cpu": Target("onnx-cpu", _planned("onnx-cpu", "ONNX backend"), "cpu", "ONNX model run by ONNX Runtime (CPU)",
                        "planned: ONNX backend"),
     "onnx-cuda": Target("onnx-cuda", _planned("onnx-cuda", "ONNX backend"), "h100",

@@ -1,0 +1,152 @@
+"""The CUDA backend: Triton kernels for flashc's fused ops, cuBLAS/PyTorch for the
+rest, and the whole forward replayed as one CUDA graph.
+
+Lowering copies the optimized graph, moves weights to the GPU and points each flashc
+op that has a generated kernel (flashc.codegen) at it; matmuls stay on cuBLAS through
+torch. With static input shapes the forward is captured once into a CUDA graph, so a
+call costs one graph launch instead of a hundred-odd kernel launches.
+
+Ahead-of-time use: on a machine without a GPU, `lower` records what would be lowered
+and the artifact saves normally; running it there raises a clear error, and `flashc.load`
+on a GPU machine lowers it then.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from flashc.errors import FlashcError
+from flashc.ir import Program, op_name
+from flashc.profiles import HardwareProfile, detect
+
+INSTALL_TRITON = "pip install triton (CUDA builds of torch ship it)"
+
+
+def _kernels() -> dict[str, Callable]:
+    """flashc op name -> launcher taking the op's arguments (imported on first use)."""
+    try:
+        from flashc.codegen import triton_attention, triton_mlp, triton_norm, triton_rotary
+    except ImportError as e:
+        raise FlashcError(f"the CUDA backend needs Triton ({e}); install it: {INSTALL_TRITON}") from None
+
+    def attention(q, k, v, mask, is_causal, scale):
+        if mask is not None:  # the generated kernel handles causal/none; other masks use the reference
+            return torch.ops.flashc.attention.default(q, k, v, mask, is_causal, scale)
+        return triton_attention.attention(q, k, v, is_causal, scale)
+
+    return {
+        "flashc.rms_norm": lambda x, w, eps: triton_norm.rms_norm(x, w, eps),
+        "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.add_rms_norm(x, r, w, eps),
+        "flashc.rotary": lambda x, c, s: triton_rotary.rotary(x, c, s),
+        "flashc.swiglu": lambda g, u: triton_mlp.swiglu(g.contiguous(), u.contiguous()),
+        "flashc.geglu": lambda g, u, approximate: (triton_mlp.geglu(g.contiguous(), u.contiguous())
+                                                  if approximate == "tanh"
+                                                  else torch.ops.flashc.geglu.default(g, u, approximate)),
+        "flashc.attention": attention,
+    }
+
+
+GENERATED = {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary", "flashc.swiglu", "flashc.geglu",
+             "flashc.attention"}
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def lowers(self, op: str) -> bool:
+        # ATen ops run as cuBLAS / PyTorch CUDA library kernels; flashc ops need a generated kernel
+        return op in GENERATED or op.startswith("aten.") or op == "getitem"
+
+    def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]):
+        if not torch.cuda.is_available():
+            def no_gpu(*args):
+                raise FlashcError(f"this model was compiled for {profile.name} on a machine without a GPU; "
+                                  "save it and run it with flashc.load on a machine with an NVIDIA GPU")
+
+            return no_gpu
+        local = detect()
+        if local.name != profile.name:
+            warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
+                          "kernels are tuned for the local device", stacklevel=3)
+        return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True))
+
+    def save_payload(self, executable, directory: Path) -> dict[str, Any]:
+        try:
+            from flashc.codegen.tuning import export_tuning
+        except ImportError:
+            return {}
+        import json
+
+        (directory / "tuning.json").write_text(json.dumps(export_tuning(), sort_keys=True))
+        return {"tuning": "tuning.json"}
+
+    def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
+        if info.get("tuning") and (directory / info["tuning"]).exists():
+            import json
+
+            from flashc.codegen.tuning import import_tuning
+
+            import_tuning(json.loads((directory / info["tuning"]).read_text()))
+        from flashc.profiles import get_profile
+
+        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {})
+
+
+def _to_cuda_args(x):
+    if isinstance(x, torch.device) and x.type == "cpu":
+        return torch.device("cuda")
+    return x
+
+
+class CudaExecutable:
+    """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
+
+    def __init__(self, program: Program, use_cuda_graph: bool = True) -> None:
+        kernels = _kernels()
+        graph = copy.deepcopy(program.graph)
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            node.args = fx.node.map_aggregate(node.args, _to_cuda_args)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, _to_cuda_args)
+            name = op_name(node)
+            if name in kernels:
+                node.target = kernels[name]
+        self.module = fx.GraphModule(torch.nn.Module(), graph)
+        self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
+        self.use_cuda_graph = use_cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_in: list[torch.Tensor] = []
+        self._static_out: list[torch.Tensor] = []
+
+    def run_eager(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        out = self.module(*self.weights, *[a.to("cuda", non_blocking=True) for a in args])
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if not self.use_cuda_graph:
+            return self.run_eager(*args)
+        if self._graph is None:
+            self._capture(args)
+        for static, a in zip(self._static_in, args):
+            static.copy_(a, non_blocking=True)
+        self._graph.replay()
+        return [o.clone() for o in self._static_out]
+
+    def _capture(self, args) -> None:
+        self._static_in = [a.to("cuda").clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self.run_eager(*self._static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph), torch.no_grad():
+            self._static_out = self.run_eager(*self._static_in)
