@@ -81,7 +81,10 @@ def _input_names(model: torch.nn.Module, n: int) -> list[str]:
 
 
 def _capture_export(model, args, kwargs, names) -> Program:
-    ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    # Inference graphs: under no_grad, torch.no_grad regions inside the model (HF's
+    # rotary embedding) are no-ops instead of set_grad_enabled wrapper sub-graphs.
+    with torch.no_grad():
+        ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
     sig = ep.graph_signature
     from torch.export.graph_signature import InputKind, OutputKind
 
@@ -127,7 +130,8 @@ def _capture_fx(model, args, kwargs, names) -> Program:
 
     # tracing_mode="real" runs the model on the example values, so Python control
     # flow on tensor values is taken as it falls for these inputs (specialised).
-    gm = make_fx(run, tracing_mode="real", pre_dispatch=True)(*state.values(), *args)
+    with torch.no_grad():
+        gm = make_fx(run, tracing_mode="real", pre_dispatch=True)(*state.values(), *args)
     out_leaves, out_spec = pytree.tree_flatten(run(*state.values(), *args))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = {}

@@ -196,13 +196,17 @@ def propagate_shapes(program: Program) -> None:
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # user inputs live where the weights live (the signature records no device)
+    device = next(iter(program.params.values())).device if program.params else torch.device("cpu")
+    if device.type == "meta":
+        device = torch.device("cpu")
     fakes = []
     for node in program.placeholders():
         if node.name in program.params:
             fakes.append(mode.from_tensor(program.params[node.name]))
         else:
             spec = next(s for s in program.inputs if s.name == node.name)
-            fakes.append(mode.from_tensor(torch.empty(spec.shape, dtype=spec.dtype)))
+            fakes.append(mode.from_tensor(torch.empty(spec.shape, dtype=spec.dtype, device=device)))
     FakeTensorProp(program.graph_module, mode).propagate_dont_convert_inputs(*fakes)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, fresh_ids, rel_err
+from flashc_testing import FAMILIES, fresh_ids, rel_err
 
 import flashc
 from flashc.errors import CaptureError, InputError, UnknownNameError

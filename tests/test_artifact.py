@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import fresh_ids, rel_err
+from flashc_testing import fresh_ids, rel_err
 
 import flashc
 from flashc.artifact import write_artifact

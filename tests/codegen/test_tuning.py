@@ -228,3 +228,34 @@ def test_tune_launchers_without_gpu_return_a_candidate(device):
 def test_detect_profile_for_cpu_is_default():
     assert tuning.detect_profile(torch.device("cpu")) == "default"
     assert tuning.detect_profile("cpu") == "default"
+
+
+def test_modules_import_without_triton_and_launchers_say_why():
+    """With Triton missing, references still work and launchers raise TritonUnavailable (checked in a subprocess)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        from flashc.codegen import triton_norm, triton_rotary, triton_mlp, triton_attention, tuning
+        from flashc.codegen._triton_common import HAS_TRITON, TritonUnavailable
+        assert not HAS_TRITON
+        x = torch.randn(2, 8)
+        assert triton_norm.reference_rms_norm(x, torch.ones(8)).shape == (2, 8)
+        try:
+            triton_norm.rms_norm(x, torch.ones(8))
+        except TritonUnavailable as e:
+            assert "needs Triton" in str(e), e
+        else:
+            raise AssertionError("no error")
+        assert tuning.candidates("attention", "h100")
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -1,7 +1,7 @@
 """Cleanup passes: each removes what it should and leaves the numbers alone."""
 
 import torch
-from conftest import fresh_ids, rel_err
+from flashc_testing import fresh_ids, rel_err
 
 from flashc.capture import capture
 from flashc.ir import op_name, propagate_shapes

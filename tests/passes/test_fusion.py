@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, fresh_ids, rel_err
+from flashc_testing import FAMILIES, fresh_ids, rel_err
 
 from flashc.capture import capture
 from flashc.ir import op_name
