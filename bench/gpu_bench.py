@@ -100,12 +100,18 @@ def main() -> int:
             torch.cuda.synchronize()
             variants[f"torch.compile {mode}"] = (run, time.perf_counter() - t)
         t = time.perf_counter()
-        cm = flashc.compile(model, "h100", ids, level=3, profile=detect())
-        cm.executable(ids)
-        torch.cuda.synchronize()
-        variants["flashc h100 -O3"] = (lambda: cm.executable(ids)[0], time.perf_counter() - t)
-        est = estimate(cm.program, cm.profile)
-        flops = est.flops
+        cm = None
+        try:
+            cm = flashc.compile(model, "h100", ids, level=3, profile=detect())
+            cm.executable(ids)
+            torch.cuda.synchronize()
+            variants["flashc h100 -O3"] = (lambda: cm.executable(ids)[0], time.perf_counter() - t)
+            flops = estimate(cm.program, cm.profile).flops
+        except Exception:  # keep the baselines' numbers; the log says what broke
+            import traceback
+
+            traceback.print_exc()
+            flops = 2.0 * seq * weight_bytes / 2
         floor_ms = max(weight_bytes / bw, flops / mm) * 1e3
         for name, (fn, compile_s) in variants.items():
             torch.cuda.reset_peak_memory_stats()

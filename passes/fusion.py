@@ -196,7 +196,7 @@ def _check_attention(m: Match) -> bool:
         if mask is not None and mask.device.type == "meta":
             pass  # shapes only (a meta-device model): the mask's values cannot be checked
         elif mask is not None and mask.dtype == torch.bool and mask.shape[-2:] == (s, l):
-            if bool((mask == flashc.ops.causal_mask(s, l)).all()):
+            if bool((mask == flashc.ops.causal_mask(s, l, mask.device)).all()):
                 m.bindings["mask"] = None
                 m.bindings["is_causal"] = True
         elif m.val("mask").dim() != 4:
