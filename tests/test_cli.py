@@ -79,3 +79,17 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
     assert r.returncode == 2 and "unknown target 'tpu'" in r.stderr
     r = flashc("run", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no such artifact" in r.stderr
+
+
+def test_eval_mixtral_ref_perplexity():
+    # flashc's own trained MoE: a real model, so the perplexity is far below the
+    # 49152-token vocabulary's uniform perplexity
+    r = flashc("eval", "mixtral-ref", "--limit", "2", "--texts", "code", "--window", "128")
+    assert r.returncode == 0, r.stderr
+    value = float(r.stdout.split("stride 64)")[1].split("│")[2])
+    assert 1.5 < value < 200
+
+
+def test_eval_random_weights_has_no_tokenizer():
+    r = flashc("eval", "llama-tiny")
+    assert r.returncode == 2 and "no tokenizer" in r.stderr
