@@ -119,6 +119,14 @@ class CudaExecutable:
             if name in kernels:
                 node.target = kernels[name]
         self.module = fx.GraphModule(torch.nn.Module(), graph)
+        foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function"
+                          and n.target not in kernels.values()
+                          and op_name(n).split(".")[0] not in ("aten", "flashc", "getitem")})
+        if foreign and use_cuda_graph:
+            # ops of other libraries may synchronise with the host (e.g. .tolist()), which
+            # a CUDA graph cannot hold: run those graphs kernel by kernel instead
+            warnings.warn(f"CUDA graphs disabled: the graph calls {', '.join(foreign)}", stacklevel=3)
+            use_cuda_graph = False
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -133,7 +141,14 @@ class CudaExecutable:
         if not self.use_cuda_graph:
             return self.run_eager(*args)
         if self._graph is None:
-            self._capture(args)
+            try:
+                self._capture(args)
+            except RuntimeError as e:  # an op that cannot be captured: keep running eagerly
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); "
+                              "running kernel by kernel", stacklevel=2)
+                self.use_cuda_graph, self._graph = False, None
+                torch.cuda.synchronize()
+                return self.run_eager(*args)
         for static, a in zip(self._static_in, args):
             static.copy_(a, non_blocking=True)
         self._graph.replay()
