@@ -54,7 +54,7 @@ def main() -> int:
             print(rows[-1], flush=True)
     dev = torch.cuda.get_device_name(0)
     lines = [f"device {dev}; mixtral-ref (fp32), window {w}, stride {w // 2}; flashc compile {compile_s:.1f} s; "
-             f"fallbacks: {[f.op for f in cm.fallbacks]}", "",
+             f"fused: {cm.report().fused()}; fallbacks: {[f.op for f in cm.fallbacks]}", "",
              "| text | variant | perplexity | windows | scored tokens | seconds |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['text']} | {r['variant']} | {r['ppl']:.4f} | {r['windows']} | {r['tokens']} | {r['seconds']:.1f} |"
               for r in rows]
