@@ -129,6 +129,12 @@ class CudaExecutable:
             use_cuda_graph = False
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
+        # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph
+        # the writes land in the static copies and are copied back after each replay
+        from flashc.passes.cleanup import _written
+
+        user = [n for n in graph.nodes if n.op == "placeholder"][len(self.weights):]
+        self.mutated_inputs = [i for i, n in enumerate(user) if _written(n)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []
@@ -152,6 +158,8 @@ class CudaExecutable:
         for static, a in zip(self._static_in, args):
             static.copy_(a, non_blocking=True)
         self._graph.replay()
+        for i in self.mutated_inputs:
+            args[i].copy_(self._static_in[i], non_blocking=True)
         return [o.clone() for o in self._static_out]
 
     def _capture(self, args) -> None:

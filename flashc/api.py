@@ -54,6 +54,9 @@ def compile(
     config = getattr(model, "config", None)
     if getattr(config, "vocab_size", None):
         program.meta["vocab_size"] = int(config.vocab_size)
+    if getattr(model, "max_cache_len", None):  # a DecodeStep: positions index the cache
+        program.meta["input_high"] = {"cache_position": int(model.max_cache_len)}
+        program.meta["signature"] = "decode"
     warning = program.meta.pop("capture_warning", None)
     program.meta["warnings"] = [warning] if warning else []
     timings["capture"] = time.perf_counter() - start
@@ -80,8 +83,6 @@ def _default_kwargs(model: torch.nn.Module) -> dict[str, Any]:
         from transformers import PreTrainedModel
     except ImportError:
         return {}
-    if isinstance(model, PreTrainedModel) and "use_cache" in model.forward.__code__.co_varnames:
-        return {"use_cache": False}
     if isinstance(model, PreTrainedModel):
         return {"use_cache": False}
     return {}

@@ -71,6 +71,8 @@ def capture(
 def _input_names(model: torch.nn.Module, n: int) -> list[str]:
     import inspect
 
+    if callable(getattr(model, "input_names", None)):
+        return list(model.input_names())[:n]
     try:
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

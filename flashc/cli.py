@@ -44,7 +44,8 @@ def cmd_compile(args) -> int:
     import flashc
     from flashc.models import resolve
 
-    model, inputs, source = resolve(args.model, args.dtype, args.batch, args.seq_len, args.seed)
+    model, inputs, source = resolve(args.model, args.dtype, args.batch, args.seq_len, args.seed,
+                                    signature=args.signature, cache_len=args.cache_len)
     cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
                         numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
     print(cm.report().render())
@@ -69,10 +70,13 @@ def cmd_run(args) -> int:
         missing, unexpected = model.load_state_dict(cm.reference_weights, strict=False)
         if unexpected:
             raise flashc.FlashcError(f"{args.artifact}: reference weights do not fit the rebuilt model: {unexpected[:3]}")
-    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    from flashc.decode import DecodeStep
+
+    kwargs = {"use_cache": False} if hasattr(model, "config") and not isinstance(model, DecodeStep) else {}
+    ref_inputs = [t.clone() for t in inputs]  # a decode step writes its KV cache in place
     with torch.no_grad():
-        reference = model(*inputs, **kwargs)
-        eager = _time(lambda: model(*inputs, **kwargs), args.repeat)
+        reference = model(*ref_inputs, **kwargs)
+        eager = _time(lambda: model(*ref_inputs, **kwargs), args.repeat)
     got = cm.executable(*inputs)
     from torch.utils import _pytree as pytree
 
@@ -268,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default=None, help="artifact directory to write")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--numeric-check", action="store_true", help="compare every pass with the graph before it")
+    c.add_argument("--signature", choices=["prefill", "decode"], default="prefill",
+                   help="prefill: input_ids[batch, seq-len]; decode: one token with a static KV cache")
+    c.add_argument("--cache-len", type=int, default=0, help="static KV cache length of a decode signature")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 

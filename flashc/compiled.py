@@ -32,6 +32,8 @@ class ModelSource:
     seed: int = 0
     batch: int = 1
     seq_len: int = 16
+    signature: str = "prefill"  # or "decode": one token with a static KV cache of cache_len
+    cache_len: int = 0
 
 
 @dataclass
@@ -114,7 +116,17 @@ class CompiledModel:
 
 
 def _json_meta(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list)) or v is None}
+    """The JSON-representable part of a program's meta (signature facts, warnings)."""
+    import json
+
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
 
 
 def load(path: str | os.PathLike) -> CompiledModel:

@@ -30,11 +30,11 @@ class InputSpec:
     def describe(self) -> str:
         return f"{self.name}: {dtype_name(self.dtype)}{list(self.shape)}"
 
-    def random(self, vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A fresh random tensor of this signature (token ids below vocab_size for ints)."""
+    def random(self, high: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh random tensor of this signature (ints below `high`, e.g. the vocabulary size)."""
         if self.dtype.is_floating_point:
             return torch.randn(self.shape, dtype=self.dtype, generator=generator)
-        high = vocab_size or 2
+        high = high or 2
         return torch.randint(0, high, self.shape, dtype=self.dtype, generator=generator)
 
 

@@ -35,6 +35,12 @@ def build_model(source: ModelSource, device: str = "cpu") -> tuple[torch.nn.Modu
     from flashc import zoo
 
     dtype = dtype_from_name(source.dtype)
+    if source.signature == "decode":
+        from flashc.decode import DecodeStep, decode_example_inputs
+
+        base = build_model(ModelSource(source.kind, source.name, source.dtype, source.seed, source.batch,
+                                       source.seq_len), device)[0]
+        return DecodeStep(base, source.cache_len), decode_example_inputs(base, source.batch, source.cache_len, device)
     if source.kind == "zoo":
         model = zoo.build(source.name, dtype=dtype, device=device, seed=source.seed)
         return model, zoo.example_inputs(source.name, source.batch, source.seq_len, source.seed)
@@ -57,7 +63,11 @@ def build_model(source: ModelSource, device: str = "cpu") -> tuple[torch.nn.Modu
 
 
 def resolve(spec: str, dtype: str = "float32", batch: int = 1, seq_len: int = 16, seed: int = 0,
-            device: str = "cpu") -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], ModelSource]:
-    source = ModelSource("factory" if is_factory(spec) else "zoo", spec, dtype, seed, batch, seq_len)
+            device: str = "cpu", signature: str = "prefill",
+            cache_len: int = 0) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], ModelSource]:
+    if signature == "decode" and cache_len <= 0:
+        raise FlashcError("a decode signature needs --cache-len N (the static KV cache length)")
+    source = ModelSource("factory" if is_factory(spec) else "zoo", spec, dtype, seed, batch, seq_len,
+                         signature, cache_len)
     model, inputs = build_model(source, device)
     return model, inputs, source

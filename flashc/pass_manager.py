@@ -119,7 +119,8 @@ def random_inputs(program: Program, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Fresh random inputs of the program's signature (token ids within the vocabulary)."""
     g = torch.Generator().manual_seed(seed)
     vocab = program.meta.get("vocab_size")
-    return tuple(spec.random(vocab, g) for spec in program.inputs)
+    highs = program.meta.get("input_high", {})  # e.g. cache_position < max_cache_len
+    return tuple(spec.random(highs.get(spec.name, vocab), g) for spec in program.inputs)
 
 
 def numeric_difference(reference: Program, candidate: Program, where: str, seed: int = 0) -> float:

@@ -1,0 +1,76 @@
+"""The decode-step signature: one token in, logits out, a static KV cache passed as inputs.
+
+`DecodeStep` wraps a Hugging Face causal LM so that its forward takes
+`(input_ids[B, 1], cache_position[1], k_0, v_0, k_1, v_1, ...)` with each cache tensor
+`[B, kv_heads, max_cache_len, head_dim]`. The captured graph writes the new token's key
+and value into those tensors in place (index_copy_ at cache_position) and attends over
+the whole cache with a mask that hides positions after cache_position: the same
+graph serves every step, which is what CUDA graphs and static kernels need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashc.errors import CaptureError
+
+
+class DecodeStep(torch.nn.Module):
+    """model(input_ids, cache_position, *kv_cache) -> logits, updating kv_cache in place."""
+
+    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.max_cache_len = max_cache_len
+        self.config = model.config
+
+    def input_names(self) -> list[str]:
+        """Names of the flat inputs, for the compiled model's signature."""
+        return decode_input_names(self.model)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *kv_cache: torch.Tensor):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        if len(kv_cache) != 2 * len(cache.layers):
+            raise CaptureError(f"decode step expects {2 * len(cache.layers)} cache tensors "
+                               f"(k and v per layer), got {len(kv_cache)}")
+        for i, layer in enumerate(cache.layers):
+            k, v = kv_cache[2 * i], kv_cache[2 * i + 1]
+            # hand the layer our tensors instead of letting it allocate its own, and
+            # write at cache_position (the layer would otherwise count from zero)
+            layer.keys, layer.values = k, v
+            layer.batch_size, layer.num_heads = k.shape[:2]
+            layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.cumulative_length = cache_position[0].clone()
+            layer.is_initialized = True
+        out = self.model(input_ids=input_ids, cache_position=cache_position, past_key_values=cache, use_cache=True)
+        return out.logits
+
+
+def kv_cache_shape(model: torch.nn.Module, batch: int, max_cache_len: int) -> tuple[int, int, int, int]:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (batch, heads, max_cache_len, head_dim)
+
+
+def empty_kv_cache(model: torch.nn.Module, batch: int, max_cache_len: int, device=None) -> list[torch.Tensor]:
+    """Zeroed k/v tensors for every layer, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    shape = kv_cache_shape(model, batch, max_cache_len)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * model.config.num_hidden_layers)]
+
+
+def decode_example_inputs(model: torch.nn.Module, batch: int, max_cache_len: int, device=None) -> tuple:
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    return (ids, pos, *empty_kv_cache(model, batch, max_cache_len, device))
+
+
+def decode_input_names(model: torch.nn.Module) -> list[str]:
+    names = ["input_ids", "cache_position"]
+    for i in range(model.config.num_hidden_layers):
+        names += [f"k_cache_{i}", f"v_cache_{i}"]
+    return names
