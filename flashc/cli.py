@@ -1,4 +1,4 @@
-"""The flashc command line: targets, compile, run, inspect, eval."""
+"""The flashc command line: targets, compile, run, inspect, eval, export."""
 
 from __future__ import annotations
 
@@ -254,6 +254,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+EXPORT_TARGETS = {"onnx": "onnx-cpu", "onnx-cuda": "onnx-cuda", "tvm": "tvm-cpu", "tvm-cuda": "tvm-cuda"}
+
+
+def cmd_export(args) -> int:
+    import dataclasses
+
+    import flashc
+    from flashc.backends.base import fallbacks
+    from flashc.targets import get_target
+
+    cm = flashc.load(args.artifact)
+    target = get_target(EXPORT_TARGETS[args.format])
+    backend = target.backend()
+    t = time.perf_counter()
+    executable = backend.lower(cm.program, cm.profile if target.profile == "cpu" else flashc.get_profile(target.profile),
+                               {})
+    timings = {**cm.timings, "export": time.perf_counter() - t}
+    exported = dataclasses.replace(cm, target=target.name, executable=executable,
+                                   fallbacks=fallbacks(cm.program, backend), timings=timings)
+    out = Path(args.output or f"{str(args.artifact).rstrip('/')}-{args.format}")
+    exported.save(out)
+    payload = sorted(str(p.relative_to(out)) for p in (out / "payload").rglob("*") if p.is_file())
+    print(f"exported {args.artifact} (target {cm.target}) to {out} (target {target.name}): {', '.join(payload)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashc", description="compile PyTorch LLMs for a target and hardware profile")
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=256, help="perplexity window for zoo models (artifacts: their length)")
     e.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")
+    x.add_argument("artifact")
+    x.add_argument("--format", choices=sorted(EXPORT_TARGETS), required=True)
+    x.add_argument("-o", "--output", default=None, help="new artifact directory (default: ARTIFACT-FORMAT)")
+    x.set_defaults(func=cmd_export)
     return p
 
 

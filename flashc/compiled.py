@@ -162,6 +162,10 @@ def load(path: str | os.PathLike) -> CompiledModel:
             out_spec = None  # the output type is not importable here: return a flat tuple
     program = Program(gm, params, inputs, out_spec, dict(manifest.get("meta", {})))
     program.meta["profile"] = profile.name
+    try:
+        propagate_shapes(program)  # backends and reports read node shapes
+    except Exception as e:
+        raise ArtifactError(f"{path / 'graph.json'}: the stored graph does not type-check ({e})") from None
     backend = get_target(target).backend()
     executable = backend.load_payload(program, path / "payload", manifest.get("payload", {}))
     reference = None

@@ -29,6 +29,15 @@ def _cuda():
     return CudaBackend()
 
 
+def _onnx(providers: str):
+    def make():
+        from flashc.backends.onnx.backend import OnnxBackend
+
+        return OnnxBackend(providers)
+
+    return make
+
+
 def _planned(name: str, issue: str):
     def make():
         raise FlashcError(f"target {name!r} is not available in this flashc build yet ({issue}); "
@@ -48,10 +57,9 @@ TARGETS: dict[str, Target] = {
                    "first kernels: fused ops + CUDA graph"),
     "l4": Target("l4", _cuda, "l4", "NVIDIA L4: Triton kernels + CUDA graphs",
                  "first kernels: fused ops + CUDA graph"),
-    "onnx-cpu": Target("onnx-cpu", _planned("onnx-cpu", "ONNX backend"), "cpu", "ONNX model run by ONNX Runtime (CPU)",
-                       "planned: ONNX backend"),
-    "onnx-cuda": Target("onnx-cuda", _planned("onnx-cuda", "ONNX backend"), "h100",
-                        "ONNX model run by onnxruntime-gpu (CUDA EP)", "planned: ONNX backend"),
+    "onnx-cpu": Target("onnx-cpu", _onnx("cpu"), "cpu", "ONNX model (ORT contrib ops) run by ONNX Runtime (CPU)"),
+    "onnx-cuda": Target("onnx-cuda", _onnx("cuda"), "h100", "ONNX model run by onnxruntime-gpu (CUDA EP)",
+                        "ready; needs onnxruntime-gpu"),
     "tvm-cpu": Target("tvm-cpu", _planned("tvm-cpu", "TVM backend"), "cpu", "TVM Relax module built for llvm",
                       "planned: TVM backend"),
     "tvm-cuda": Target("tvm-cuda", _planned("tvm-cuda", "TVM backend"), "h100", "TVM Relax module built for CUDA",

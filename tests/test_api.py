@@ -103,3 +103,27 @@ def test_foreign_op_falls_back_and_is_reported():
     fb = {f.op: f for f in cm.fallbacks}
     assert "flashc_test.soft_clip" in fb and "test_api.py" in fb["flashc_test.soft_clip"].where
     assert "flashc_test.soft_clip" in cm.report().render()
+
+
+def test_onnx_cpu_target_round_trip(tiny_models, tmp_path):
+    model = tiny_models["gemma-tiny"]
+    cm = flashc.compile(model, "onnx-cpu", fresh_ids("gemma-tiny"), level=3)
+    assert cm.fallbacks == []
+    ids = fresh_ids("gemma-tiny")
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    assert rel_err(cm(ids).logits, ref) < 1e-4
+    cm.save(tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "payload" / "model.onnx").exists()
+    assert rel_err(flashc.load(tmp_path / "onnx")(ids).logits, ref) < 1e-4
+
+
+def test_cuda_target_compiles_ahead_of_time_without_gpu(tiny_models, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    cm = flashc.compile(tiny_models["llama-tiny"], "h100", fresh_ids("llama-tiny"), level=3)
+    with pytest.raises(flashc.FlashcError, match="without a GPU"):
+        cm(fresh_ids("llama-tiny"))
+    cm.save(tmp_path / "h100")
+    loaded = flashc.load(tmp_path / "h100")
+    assert loaded.target == "h100" and loaded.report().fused()["attention"] == 2

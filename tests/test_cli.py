@@ -93,3 +93,13 @@ def test_eval_mixtral_ref_perplexity():
 def test_eval_random_weights_has_no_tokenizer():
     r = flashc("eval", "llama-tiny")
     assert r.returncode == 2 and "no tokenizer" in r.stderr
+
+
+def test_export_onnx_from_artifact(artifact, tmp_path):
+    out = tmp_path / "onnx"
+    r = flashc("export", str(artifact), "--format", "onnx", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "payload" / "model.onnx").exists()
+    r = flashc("run", str(out), "--repeat", "2")
+    assert r.returncode == 0, r.stderr
+    assert "onnx-cpu" in r.stdout

@@ -1,0 +1,65 @@
+"""The ONNX backend: export an optimized Program to ONNX and run it with ONNX Runtime.
+
+    from flashc.backends.onnx import export_onnx, OnnxRuntimeModel
+    export_onnx(program, "model.onnx")
+    logits, = OnnxRuntimeModel.load("model.onnx")(input_ids)
+
+ATen ops lower to the standard ONNX opset (default 23, at least 20); flashc's fused ops
+lower to ONNX Runtime's fused kernels where they compute the same thing (RMSNormalization,
+com.microsoft SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention;
+the table and precision notes are in `_fused`) and to standard ops otherwise. Shapes are
+the static shapes of the capture. Weights become initializers, stored as external data
+next to the model above ~1.5 GB. An op without a lowering raises UnsupportedOpError naming
+the op, its module and source line. `int4` holds the MatMulNBits layout for 4-bit weights.
+
+The model computes the captured shapes only (inputs are static-shaped; a decode step with
+past/present KV is a separate capture). ONNX Runtime's CPU provider runs fp32 and fp16
+exports; bf16 models export but its CPU kernels mostly lack bf16.
+
+Modules: `_builder` (onnx-ir graph building), `_lowering` (context, op table, errors),
+`_aten` / `_aten_layout` / `_fused` (the lowerings), `_export` (driver), `runtime` (ORT
+session), `backend` (flashc's Backend protocol, for the onnx-* targets), `int4`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flashc.errors import FlashcError
+
+from .runtime import INSTALL_ORT, OnnxRuntimeModel
+
+if TYPE_CHECKING:
+    from flashc.ir import Program
+
+INSTALL_ONNX = "pip install onnx onnx-ir (or: pip install 'flashc[onnx]')"
+DEFAULT_OPSET = 23
+
+
+def _export_module():
+    try:
+        from . import _export
+    except ImportError as e:
+        raise FlashcError(f"exporting to ONNX needs the onnx and onnx-ir packages ({e}); "
+                          f"install them: {INSTALL_ONNX}") from None
+    return _export
+
+
+def export_onnx(program: "Program", path: str | Path, *, opset: int = DEFAULT_OPSET,
+                external_data: bool | None = None, contrib_ops: bool = True) -> Path:
+    """Export program as an ONNX model at path, checked with onnx.checker; returns the path.
+
+    external_data: weights in `<file>.data` beside the model (None: when over ~1.5 GB).
+    contrib_ops: use ONNX Runtime's fused kernels for flashc ops (False: standard ops only).
+    """
+    return _export_module().export_onnx(program, path, opset=opset, external_data=external_data,
+                                        contrib_ops=contrib_ops)
+
+
+def lowers(op: str) -> bool:
+    """Whether the exporter lowers op ('aten.linear', 'flashc.rms_norm', 'getitem')."""
+    return _export_module().lowers_op(op)
+
+
+__all__ = ["export_onnx", "lowers", "OnnxRuntimeModel", "INSTALL_ORT", "INSTALL_ONNX", "DEFAULT_OPSET"]

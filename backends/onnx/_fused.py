@@ -1,0 +1,240 @@
+"""Lowerings of flashc's fused ops: ONNX Runtime's fused kernels where they compute
+the same thing, standard ONNX ops otherwise.
+
+* rms_norm -> ONNX RMSNormalization (opset >= 23), when x and weight share a dtype.
+* add_rms_norm -> com.microsoft SkipSimplifiedLayerNormalization (outputs the sum too),
+  when x, residual and weight share a dtype and x has the residual's shape.
+* rotary -> com.microsoft RotaryEmbedding (rotate-half, BNSH input), when cos/sin are
+  constants with one table for the batch whose two halves are equal (HF's layout).
+* attention -> com.microsoft GroupQueryAttention, for prefill: no mask, causal,
+  S == L, fp32/fp16. Masked, non-causal or S != L attention uses standard ops
+  (MatMul/Softmax, GQA by broadcasting, never repeating K/V).
+* swiglu, geglu, moe -> standard ops (Sigmoid/Gelu; MoE as dense TopK-weighted experts).
+
+With contrib_ops=False every flashc op takes its standard-op form.
+
+Why RMSNormalization and not ORT's SimplifiedLayerNormalization: ORT registers the
+latter in the *ONNX* domain, so `onnx.checker` rejects every model that uses it ("No Op
+registered for SimplifiedLayerNormalization"); ONNX's own RMSNormalization (opset 23)
+runs on ORT's fused kernel and passes the checker. Its spec matches flashc.rms_norm
+(normalise in fp32, cast to x's dtype, then scale). Below opset 23 the decomposed form
+is emitted and ORT's optimizer fuses it back at load.
+
+Precision caveats (fp16/bf16 only; fp32 agrees to rounding): ORT's fused norm kernels
+multiply by the weight in fp32 and round once, where flashc rounds the normalised value
+to x's dtype first; SkipSimplifiedLayerNormalization also normalises the fp32 sum
+before rounding it. Both differ from flashc by at most an ulp or two of fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._builder import MS_DOMAIN
+from ._lowering import LoweringContext, causal_mask_value, lowers
+
+flashc_ops = torch.ops.flashc
+
+# --- RMSNorm -----------------------------------------------------------------------------
+
+
+def _rms_norm_standard(ctx: LoweringContext, x, x_dtype, w, w_dtype, eps, out_dtype):
+    """flashc.rms_norm step by step: fp32 normalise, cast to x's dtype, scale by w.
+
+    Spelled Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern ORT's optimizer fuses into its
+    SimplifiedLayerNormalization kernel at load (x / sqrt(.) rather than x * rsqrt(.):
+    an ulp apart in fp32).
+    """
+    b = ctx.b
+    xf = b.cast(x, x_dtype, torch.float32)
+    ms = b.op("ReduceMean", b.op("Pow", xf, b.scalar(2.0, torch.float32)), b.ints([-1]), keepdims=1)
+    normed = b.op("Div", xf, b.op("Sqrt", b.op("Add", ms, b.scalar(eps, torch.float32))))
+    normed = b.cast(normed, torch.float32, x_dtype)
+    return b.op("Mul", b.cast(normed, x_dtype, out_dtype), b.cast(w, w_dtype, out_dtype))
+
+
+@lowers(flashc_ops.rms_norm.default)
+def _rms_norm(ctx, node):
+    x, w, eps = node.args
+    xd, wd, od = ctx.dtype(x), ctx.dtype(w), ctx.out_dtype(node)
+    if ctx.contrib_ops and ctx.b.opset >= 23 and xd == wd == od:
+        return ctx.b.op("RMSNormalization", ctx.v(x), ctx.v(w), axis=-1, epsilon=float(eps), stash_type=1)
+    return _rms_norm_standard(ctx, ctx.v(x), xd, ctx.v(w), wd, eps, od)
+
+
+@lowers(flashc_ops.add_rms_norm.default)
+def _add_rms_norm(ctx, node):
+    x, residual, w, eps = node.args
+    normed_dt, sum_dt = (v.dtype for v in node.meta["val"])
+    same = ctx.dtype(x) == ctx.dtype(residual) == ctx.dtype(w) == normed_dt == sum_dt
+    if ctx.contrib_ops and same and ctx.shape(x) == ctx.shape(residual):
+        normed, _, _, total = ctx.b.op("SkipSimplifiedLayerNormalization", ctx.v(x), ctx.v(residual), ctx.v(w),
+                                       domain=MS_DOMAIN, outputs=4, omit=(1, 2), epsilon=float(eps))
+        return normed, total
+    total = ctx.b.op("Add", ctx.tensor(x, sum_dt), ctx.tensor(residual, sum_dt))
+    return _rms_norm_standard(ctx, total, sum_dt, ctx.v(w), ctx.dtype(w), eps, normed_dt), total
+
+
+# --- Rotary embedding ---------------------------------------------------------------------
+
+
+def _rotary_tables(ctx, cos, sin, x):
+    """(cos_cache, sin_cache) [S, D/2] for RotaryEmbedding, or None when the inputs do not fit."""
+    c, s = ctx.param(cos), ctx.param(sin)
+    if c is None or s is None or c.dtype != ctx.dtype(x) or s.dtype != c.dtype:
+        return None
+    xs = ctx.shape(x)
+    if len(xs) != 4 or c.dim() != 3 or c.shape != s.shape or c.shape[1] != xs[2] or c.shape[2] != xs[3]:
+        return None
+    d = xs[3]
+    if d % 2 or not (torch.equal(c, c[:1].expand_as(c)) and torch.equal(s, s[:1].expand_as(s))):
+        return None  # per-batch positions differ: the op takes one table and position ids
+    half_c, half_s = c[0, :, : d // 2], s[0, :, : d // 2]
+    if not (torch.equal(half_c, c[0, :, d // 2:]) and torch.equal(half_s, s[0, :, d // 2:])):
+        return None  # not the rotate-half layout (frequencies repeated over both halves)
+    return ctx.b.const(half_c, c.dtype), ctx.b.const(half_s, s.dtype)
+
+
+@lowers(flashc_ops.rotary.default)
+def _rotary(ctx, node):
+    x, cos, sin = node.args
+    b = ctx.b
+    out_dt = ctx.out_dtype(node)
+    tables = _rotary_tables(ctx, cos, sin, x) if ctx.contrib_ops and out_dt == ctx.dtype(x) else None
+    batch, _, seq, d = ctx.shape(x)
+    if tables is not None:
+        positions = b.const(torch.arange(seq).expand(batch, seq), torch.int64)
+        return b.op("RotaryEmbedding", ctx.v(x), positions, *tables, domain=MS_DOMAIN, interleaved=0)
+    xv = ctx.tensor(x, out_dt)
+    cb, cs, cd = ctx.shape(cos)
+    c = b.reshape(ctx.tensor(cos, out_dt), [cb, 1, cs, cd])
+    s = b.reshape(ctx.tensor(sin, out_dt), [cb, 1, cs, cd])
+    rotated = b.op("Concat", b.op("Neg", b.slice(xv, 3, d // 2, d)), b.slice(xv, 3, 0, d // 2), axis=3)
+    return b.op("Add", b.op("Mul", xv, c), b.op("Mul", rotated, s))
+
+
+# --- Gated activations ------------------------------------------------------------------------
+
+@lowers(flashc_ops.swiglu.default)
+def _swiglu(ctx, node):
+    dt = ctx.out_dtype(node)
+    gate, up = (ctx.tensor(a, dt) for a in node.args)
+    return ctx.b.op("Mul", ctx.b.op("Mul", gate, ctx.b.op("Sigmoid", gate)), up)
+
+
+@lowers(flashc_ops.geglu.default)
+def _geglu(ctx, node):
+    dt = ctx.out_dtype(node)
+    gate, up = (ctx.tensor(a, dt) for a in node.args[:2])
+    return ctx.b.op("Mul", ctx.b.op("Gelu", gate, approximate=node.args[2]), up)
+
+
+# --- Attention --------------------------------------------------------------------------------
+
+
+def attention_standard(ctx: LoweringContext, q, k, v, mask, causal, scale: float):
+    """softmax(q k^T * scale + mask) v in standard ops, grouped-query heads without repeating K/V.
+
+    q [B, Hq, S, D] is viewed as [B, Hkv, G, S, D] and K/V as [B, Hkv, 1, L, D], so MatMul
+    broadcasting shares each KV head across its G query heads. Scores and softmax are
+    fp32 (as flashc.attention). mask: None or (value, dtype, rank); a 4-D mask is
+    expanded to [B, Hq, S, L] and regrouped, lower ranks broadcast as they are.
+    causal: None or a bool [S, L] value (True = attend).
+    """
+    b = ctx.b
+    bsz, hq, s, d = ctx.shape(q)
+    hkv, l, dv = ctx.shape(k)[1], ctx.shape(k)[2], ctx.shape(v)[3]
+    g = hq // hkv
+    qv, kv, vv = ctx.v(q), ctx.v(k), ctx.v(v)
+    if g > 1:
+        qv = b.reshape(qv, [bsz, hkv, g, s, d])
+        kv = b.reshape(kv, [bsz, hkv, 1, l, d])
+        vv = b.reshape(vv, [bsz, hkv, 1, l, dv])
+    kt = b.transpose(kv, [0, 1, 2, 4, 3] if g > 1 else [0, 1, 3, 2])
+    scores = b.cast(b.op("MatMul", qv, kt), ctx.dtype(q), torch.float32)
+    scores = b.op("Mul", scores, b.scalar(scale, torch.float32))
+    neg_inf = b.scalar(float("-inf"), torch.float32)
+    if mask is not None:
+        m, m_dtype, rank = mask
+        if rank == 4 and g > 1:
+            m = b.reshape(b.op("Expand", m, b.ints([bsz, hq, s, l])), [bsz, hkv, g, s, l])
+        if m_dtype == torch.bool:
+            scores = b.op("Where", m, scores, neg_inf)
+        else:
+            scores = b.op("Add", scores, b.cast(m, m_dtype, torch.float32))
+    if causal is not None:
+        scores = b.op("Where", causal, scores, neg_inf)
+    probs = b.cast(b.op("Softmax", scores, axis=-1), torch.float32, ctx.dtype(v))
+    out = b.op("MatMul", probs, vv)
+    return b.reshape(out, [bsz, hq, s, dv]) if g > 1 else out
+
+
+def _gqa_fits(ctx, q, k, v, mask, is_causal) -> bool:
+    qs, ks, vs = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    dtypes = {ctx.dtype(q), ctx.dtype(k), ctx.dtype(v)}
+    return (mask is None and is_causal and qs[2] == ks[2] and len(dtypes) == 1
+            and dtypes <= {torch.float32, torch.float16} and qs[3] == ks[3] == vs[3]
+            and qs[1] % ks[1] == 0 and ks == vs)
+
+
+@lowers(flashc_ops.attention.default)
+def _attention(ctx, node):
+    q, k, v, mask, is_causal, scale = node.args
+    b = ctx.b
+    if ctx.contrib_ops and _gqa_fits(ctx, q, k, v, mask, is_causal):
+        bsz, hq, s, d = ctx.shape(q)
+        hkv = ctx.shape(k)[1]
+
+        def packed(x, heads):  # [B, H, S, D] -> [B, S, H * D]
+            return b.reshape(b.transpose(ctx.v(x), [0, 2, 1, 3]), [bsz, s, heads * d])
+
+        seqlens_k = b.const([s - 1] * bsz, torch.int32)  # prefill: every row sees all S keys
+        total = b.scalar(s, torch.int32)
+        out, _, _ = b.op("GroupQueryAttention", packed(q, hq), packed(k, hkv), packed(v, hkv), None, None,
+                         seqlens_k, total, domain=MS_DOMAIN, outputs=3, num_heads=hq, kv_num_heads=hkv,
+                         scale=float(scale))
+        return b.transpose(b.reshape(out, [bsz, s, hq, d]), [0, 2, 1, 3])
+    s, l = ctx.shape(q)[2], ctx.shape(k)[2]
+    mask_v = None if mask is None else (ctx.v(mask), ctx.dtype(mask), len(ctx.shape(mask)))
+    causal = causal_mask_value(ctx, s, l, l - s) if is_causal else None
+    return attention_standard(ctx, q, k, v, mask_v, causal, scale)
+
+
+# --- Mixture of experts -----------------------------------------------------------------------
+
+
+def _expert_weight_t(ctx, w):
+    """An expert weight [E, A, B] as [E, B, A]: a transposed initializer when it is a constant."""
+    t = ctx.param(w)
+    if t is not None and all(u.target == flashc_ops.moe.default for u in w.users):
+        key = ("expert_weight_t", w)
+        if key not in ctx.cache:
+            ctx.cache[key] = ctx.b.weight(f"{w.name}_t", t.detach().transpose(1, 2).contiguous())
+        return ctx.cache[key]
+    return ctx.b.transpose(ctx.v(w), [0, 2, 1])
+
+
+@lowers(flashc_ops.moe.default)
+def _moe(ctx, node):
+    """Dense top-k MoE: every expert runs on every token, weighted by a scattered routing matrix.
+
+    Exact (the unrouted experts get weight 0) and static-shaped, at E/top_k times the
+    routed FLOPs: correctness first; a gather-based version is a later optimisation.
+    """
+    x, logits, gate_up, down, top_k, normalize = node.args
+    b = ctx.b
+    dt = ctx.dtype(x)
+    t = ctx.shape(x)[0]
+    e, f = ctx.shape(down)[0], ctx.shape(down)[2]
+    probs = b.op("Softmax", ctx.tensor(logits, torch.float32), axis=-1)
+    weights, experts = b.op("TopK", probs, b.ints([top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+    if normalize:
+        weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
+    weights = b.cast(weights, torch.float32, dt)
+    dense = b.op("ScatterElements", b.const(torch.zeros(t, e), dt), experts, weights, axis=1)  # [T, E]
+    gu = b.op("MatMul", ctx.v(x), _expert_weight_t(ctx, gate_up))  # [T, H] x [E, H, 2F] -> [E, T, 2F]
+    gate, up = b.slice(gu, 2, 0, f), b.slice(gu, 2, f, 2 * f)
+    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    y = b.op("MatMul", act, _expert_weight_t(ctx, down))  # [E, T, F] x [E, F, H] -> [E, T, H]
+    route = b.reshape(b.transpose(dense, [1, 0]), [e, t, 1])
+    return b.op("ReduceSum", b.op("Mul", y, route), b.ints([0]), keepdims=0)

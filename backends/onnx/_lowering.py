@@ -1,0 +1,185 @@
+"""The lowering context and the table of op lowerings.
+
+A lowering is a function `(ctx, node) -> ir.Value | tuple[ir.Value, ...] | None` that
+emits the ONNX nodes computing one FX node. It reads the node's arguments by schema
+name (`ctx.args(node)`) and its static output shape and dtype from `node.meta["val"]`:
+captured programs have static shapes, so every shape the ONNX graph needs is a
+constant and no Shape/Gather arithmetic is emitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from flashc.errors import UnsupportedOpError
+from flashc.ir import Program, module_path, op_name, source_location
+
+from ._builder import GraphBuilder, onnx_dtype
+
+Lowering = Callable[["LoweringContext", fx.Node], Any]
+
+# op target (an OpOverload) -> lowering; filled by the modules that define lowerings
+LOWERINGS: dict[Any, Lowering] = {}
+# ops of other libraries, by op_name ('transformers.grouped_mm_fallback'): their
+# OpOverloads exist only once that library is imported, so they are matched by name
+NAMED_LOWERINGS: dict[str, Lowering] = {}
+
+EAGER_TARGETS = "cpu (eager)"
+
+
+def lowers(*targets: Any) -> Callable[[Lowering], Lowering]:
+    """Register the decorated function as the lowering of each target."""
+
+    def register(fn: Lowering) -> Lowering:
+        for t in targets:
+            LOWERINGS[t] = fn
+        return fn
+
+    return register
+
+
+def functional_variant(target: Any) -> Any:
+    """aten.foo_.overload -> aten.foo.overload, for an in-place op whose functional form is lowered."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    functional = getattr(packet, target._overloadname, None) if packet is not None else None
+    return functional if functional in LOWERINGS else None
+
+
+def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
+    """(lowering, in_place) for a call_function node, or None when there is none."""
+    if node.target in LOWERINGS:
+        return LOWERINGS[node.target], False
+    functional = functional_variant(node.target)
+    if functional is not None:
+        return LOWERINGS[functional], True
+    fn = NAMED_LOWERINGS.get(op_name(node))
+    return (fn, False) if fn is not None else None
+
+
+class NotLowerable(Exception):
+    """Raised by a lowering when this particular use of a supported op has no mapping."""
+
+
+def unsupported_error(nodes: list[tuple[fx.Node, str]]) -> UnsupportedOpError:
+    """One UnsupportedOpError listing each op (first occurrence), where it came from and why."""
+    lines, seen = [], set()
+    for node, why in nodes:
+        name = op_name(node)
+        if name in seen:
+            continue
+        seen.add(name)
+        where = module_path(node)
+        loc = source_location(node)
+        place = f"{where} at {loc}" if where else loc
+        lines.append(f"  {name} ({place}): {why}")
+    return UnsupportedOpError(
+        "the ONNX exporter cannot lower these ops:\n" + "\n".join(lines)
+        + f"\ntargets that can run them: {EAGER_TARGETS}; compile for that target, "
+        "or rewrite the model code at the line shown"
+    )
+
+
+class LoweringContext:
+    """What a lowering sees: the program, the builder and the values lowered so far."""
+
+    def __init__(self, program: Program, builder: GraphBuilder, contrib_ops: bool) -> None:
+        self.program = program
+        self.b = builder
+        self.contrib_ops = contrib_ops
+        self.values: dict[fx.Node, Any] = {}
+        self.cache: dict[Any, ir.Value] = {}  # values shared between lowerings (e.g. causal masks)
+
+    # --- arguments ------------------------------------------------------------------
+
+    def args(self, node: fx.Node) -> dict[str, Any]:
+        """The node's arguments by schema name, defaults filled in."""
+        pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
+                                  normalize_to_only_use_kwargs=True)
+        if pair is None:
+            raise NotLowerable("its arguments do not match the op schema")
+        return pair.kwargs
+
+    def v(self, arg: fx.Node) -> ir.Value:
+        """The ONNX value of an FX node (a weight becomes an initializer on first use)."""
+        if arg in self.values:
+            return self.values[arg]
+        if arg.op == "placeholder" and arg.name in self.program.params:
+            value = self.b.weight(arg.name, self.program.params[arg.name])
+            self.values[arg] = value
+            return value
+        raise KeyError(f"{arg.name} has not been lowered yet")
+
+    def param(self, arg: Any) -> torch.Tensor | None:
+        """The constant tensor behind arg when it is a weight/folded constant, else None."""
+        if isinstance(arg, fx.Node) and arg.op == "placeholder":
+            return self.program.params.get(arg.name)
+        return None
+
+    def val(self, arg: fx.Node) -> torch.Tensor:
+        return arg.meta["val"]
+
+    def dtype(self, arg: Any) -> torch.dtype:
+        if isinstance(arg, fx.Node):
+            return arg.meta["val"].dtype
+        if isinstance(arg, bool):
+            return torch.bool
+        if isinstance(arg, int):
+            return torch.int64
+        return torch.get_default_dtype()
+
+    def shape(self, arg: fx.Node) -> list[int]:
+        return [int(d) for d in arg.meta["val"].shape]
+
+    def tensor(self, arg: Any, dtype: torch.dtype) -> ir.Value:
+        """arg (an FX node or a python scalar) as an ONNX value of dtype."""
+        if isinstance(arg, fx.Node):
+            return self.b.cast(self.v(arg), self.dtype(arg), dtype)
+        return self.b.scalar(arg, dtype)
+
+    def result_dtype(self, a: Any, b: Any) -> torch.dtype:
+        """torch's type promotion of two operands (tensors keep their rank: 0-d ones are weak)."""
+        def probe(x):
+            if isinstance(x, fx.Node):
+                v = x.meta["val"]
+                return torch.empty(v.shape, dtype=v.dtype, device="meta")
+            return x
+        return torch.result_type(probe(a), probe(b))
+
+    def out_dtype(self, node: fx.Node) -> torch.dtype:
+        val = node.meta["val"]
+        return (val[0] if isinstance(val, (tuple, list)) else val).dtype
+
+
+def causal_mask_value(ctx: LoweringContext, s: int, l: int, offset: int) -> ir.Value:
+    """A bool [s, l] mask, True where key j <= query i + offset; built once per shape.
+
+    offset = l - s aligns it bottom-right (flashc.attention, a KV cache), 0 top-left
+    (torch's scaled_dot_product_attention). Emitted as Range/LessOrEqual rather than an
+    s x l initializer, so long sequences do not bloat the model file.
+    """
+    key = ("causal", s, l, offset)
+    if key not in ctx.cache:
+        b = ctx.b
+        i = b.op("Range", b.scalar(offset, torch.int64), b.scalar(s + offset, torch.int64), b.scalar(1, torch.int64))
+        j = b.op("Range", b.scalar(0, torch.int64), b.scalar(l, torch.int64), b.scalar(1, torch.int64))
+        ctx.cache[key] = b.op("LessOrEqual", b.reshape(j, [1, l]), b.reshape(i, [s, 1]))
+    return ctx.cache[key]
+
+
+def annotate(value: ir.Value, val: torch.Tensor) -> None:
+    """Record a value's dtype and static shape (from the FX node's fake tensor)."""
+    if isinstance(val, torch.Tensor):
+        if value.type is None:
+            value.type = ir.TensorType(onnx_dtype(val.dtype))
+        if value.shape is None:
+            value.shape = ir.Shape([int(d) for d in val.shape])
