@@ -1,0 +1,111 @@
+"""CPU benchmark (2 cores): eager PyTorch, torch.compile, ONNX Runtime on flashc's export,
+ONNX Runtime on torch.onnx.export of the unoptimized model, TVM, flashc cpu.
+
+    python bench/cpu_bench.py [--models llama-tiny smollm2-135m] [--seq 128]
+
+Prints one table; every row is timed in this process on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def wall_time(fn, warmup=2, iters=10) -> float:
+    """Median milliseconds of fn()."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def torch_onnx_baseline(model, ids, path: Path):
+    """The unoptimized model through torch.onnx.export, run by onnxruntime."""
+    import onnxruntime as ort
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids, use_cache=False).logits
+
+    torch.onnx.export(Logits(model), (ids,), str(path), dynamo=True, external_data=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda: torch.from_numpy(sess.run(None, {name: ids.numpy()})[0])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["llama-tiny", "smollm2-135m"])
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    import flashc
+    from flashc import zoo
+
+    torch.set_num_threads(2)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="flashc-bench-"))
+    for name in args.models:
+        model = zoo.build(name)
+        ids = zoo.example_inputs(name, 1, args.seq)[0]
+        with torch.no_grad():
+            ref = model(ids, use_cache=False).logits
+        variants = {"eager": lambda: model(ids, use_cache=False).logits}
+        t = time.perf_counter()
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(ids, use_cache=False)
+        variants["torch.compile"] = lambda: compiled(ids, use_cache=False).logits
+        compile_times = {"torch.compile": time.perf_counter() - t}
+        for target in ("cpu", "onnx-cpu", "tvm-cpu"):
+            t = time.perf_counter()
+            try:
+                cm = flashc.compile(model, target, ids, level=3)
+            except flashc.FlashcError as e:
+                print(f"{name} flashc {target}: skipped ({e})")
+                continue
+            compile_times[f"flashc {target}"] = time.perf_counter() - t
+            variants[f"flashc {target}"] = (lambda cm=cm: cm(ids).logits)
+        try:
+            t = time.perf_counter()
+            variants["torch.onnx.export + ORT (unoptimized)"] = torch_onnx_baseline(model, ids, tmp / f"{name}.onnx")
+            compile_times["torch.onnx.export + ORT (unoptimized)"] = time.perf_counter() - t
+        except Exception as e:  # the baseline exporter failing is a result worth printing, not a crash
+            print(f"{name} torch.onnx.export failed: {type(e).__name__}: {str(e)[:200]}")
+        for label, fn in variants.items():
+            with torch.no_grad():
+                err = rel_err(fn(), ref)
+            ms = wall_time(fn, iters=args.iters)
+            rows.append((name, label, ms, compile_times.get(label, 0.0), err))
+            print(f"{name:14s} {label:40s} {ms:9.2f} ms  err {err:.1e}", flush=True)
+    print(f"\nprefill of {args.seq} tokens, batch 1, fp32, {torch.get_num_threads()} threads\n")
+    print("| model | variant | ms | vs eager | compile s | rel. err vs eager |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, label, ms, cs, err in rows:
+        base = next(r[2] for r in rows if r[0] == name and r[1] == "eager")
+        print(f"| {name} | {label} | {ms:.2f} | {base / ms:.2f}x | {cs:.1f} | {err:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
