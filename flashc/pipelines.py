@@ -5,7 +5,7 @@ from __future__ import annotations
 from flashc.errors import FlashcError
 from flashc.passes.cleanup import Canonicalize, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants
 from flashc.passes.fusion import (
-    FUSE_ADD_RMS_NORM, FUSE_ATTENTION, FUSE_GEGLU, FUSE_GEMMA_RMS_NORM, FUSE_MOE, FUSE_RMS_NORM,
+    FUSE_ADD_RMS_NORM, FUSE_ATTENTION, FUSE_GEGLU, FUSE_MOE, FUSE_RMS_NORM,
     FUSE_ROTARY, FUSE_SWIGLU, Fuse,
 )
 from flashc.passes.merge import MergeProjections
@@ -28,7 +28,7 @@ def pipeline(level: int) -> list:
             # weights, and before FUSE_SWIGLU takes the silu(gate) * up of its experts.
             Fuse(FUSE_MOE, name="fuse_moe"),
             *cleanup(),
-            Fuse(FUSE_RMS_NORM, FUSE_GEMMA_RMS_NORM, FUSE_ROTARY, FUSE_SWIGLU, FUSE_GEGLU, FUSE_ATTENTION),
+            Fuse(FUSE_RMS_NORM, FUSE_ROTARY, FUSE_SWIGLU, FUSE_GEGLU, FUSE_ATTENTION),
             Fuse(FUSE_ADD_RMS_NORM, name="fuse_residual"),
             *cleanup(),
         ]

@@ -49,14 +49,15 @@ def test_fusion_counts_and_numerics(tiny_models, family):
     assert rel_err(got, ref) < 1e-5
 
 
-def test_fusion_bf16_llama():
+@pytest.mark.parametrize("family", ["llama-tiny", "gemma-tiny"])
+def test_fusion_bf16(family):
     from flashc import zoo
 
-    model = zoo.build("llama-tiny", dtype=torch.bfloat16)
-    program, _ = _optimize(model, fresh_ids("llama-tiny"))
+    model = zoo.build(family, dtype=torch.bfloat16)
+    program, _ = _optimize(model, fresh_ids(family))
     assert _count(program, "rms_norm") + _count(program, "add_rms_norm") == 5
     assert _count(program, "attention") == 2 and _count(program, "rotary") == 4
-    ids = fresh_ids("llama-tiny")
+    ids = fresh_ids(family)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         got = program(ids).logits
