@@ -31,13 +31,17 @@ def compile(
     source: ModelSource | None = None,
     keep_reference_weights: bool = False,
     options: dict[str, Any] | None = None,
+    accuracy_limit: int | None = 8,
 ) -> CompiledModel:
     """Compile `model` for `target`; returns a callable CompiledModel.
 
     example_inputs fix the input signature (shapes and dtypes). For Hugging Face models
     `use_cache=False` is passed unless example_kwargs say otherwise, so the captured
     graph is the pure forward pass. numeric_check compares every pass's output with
-    the graph before it on fresh random inputs.
+    the graph before it on fresh random inputs. When a pass that changes numerics ran
+    (one whose class sets `changes_numerics = True`, e.g. quantization) and the model
+    is a zoo model with real weights, the report carries its perplexity against the
+    float model (at most `accuracy_limit` windows per text).
     """
     if example_inputs is None:
         raise FlashcError("flashc.compile needs example_inputs (a tensor or tuple of tensors) "
@@ -61,7 +65,8 @@ def compile(
     program.meta["warnings"] = [warning] if warning else []
     timings["capture"] = time.perf_counter() - start
     t = time.perf_counter()
-    records = PassManager(pipeline(level), numeric_check=numeric_check, dump_dir=dump_dir).run(
+    passes = pipeline(level)
+    records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
         program, PassContext(prof, dict(options or {})))
     timings["passes"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -74,8 +79,24 @@ def compile(
     reference = None
     if keep_reference_weights:
         reference = {k: v.detach() for k, v in model.state_dict().items()}
-    return CompiledModel(program, target, prof, level, executable, records, fallbacks(program, backend), src,
-                         timings, reference)
+    compiled = CompiledModel(program, target, prof, level, executable, records, fallbacks(program, backend), src,
+                             timings, reference)
+    if any(getattr(p, "changes_numerics", False) for p in passes):
+        compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
+    return compiled
+
+
+def _accuracy_rows(compiled: CompiledModel, model: torch.nn.Module, source: ModelSource, limit: int | None):
+    """Perplexity of the compiled model vs the float model, for zoo models with real weights."""
+    from flashc import zoo
+    from flashc.accuracy import compiled_window, perplexity_rows
+
+    if source.kind != "zoo" or not zoo.get_entry(source.name).pretrained or source.signature != "prefill":
+        return [["accuracy", "not measured", "-", "no real-weight baseline for this model"]]
+    window = compiled_window(compiled)
+    rows = perplexity_rows(compiled, model, zoo.tokenizer(source.name), window=window, stride=window // 2,
+                           limit=limit)
+    return [r.cells() for r in rows]
 
 
 def _default_kwargs(model: torch.nn.Module) -> dict[str, Any]:
