@@ -10,7 +10,7 @@ from flashc.pass_manager import PassResult
 
 
 class _PerturbWeights:
-    """A stand-in for quantization: noise of 2% of each matrix's std."""
+    """A stand-in for quantization: noise of 10% of each matrix's std."""
 
     name = "perturb_weights"
     requires = ()
@@ -21,7 +21,7 @@ class _PerturbWeights:
         g = torch.Generator().manual_seed(0)
         for k, v in program.params.items():
             if v.is_floating_point() and v.dim() == 2:
-                program.params[k] = v + 0.02 * v.std() * torch.randn(v.shape, generator=g)
+                program.params[k] = v + 0.1 * v.std() * torch.randn(v.shape, generator=g)
         return PassResult(True, {"perturbed": 1})
 
 
@@ -35,7 +35,7 @@ def test_numerics_changing_pass_adds_accuracy_rows(monkeypatch):
                                               "perplexity (code, window 128, stride 64)"]
     for _, baseline, compiled, change in cm.accuracy:
         assert float(compiled) > float(baseline)  # noise makes the model worse...
-        assert 0.1 < float(change.rstrip("%")) < 50  # ...by a measurable, bounded amount
+        assert 1 < float(change.rstrip("%")) < 500  # ...by a measurable, bounded amount
     assert "accuracy vs the float model" in cm.report().render()
 
 
