@@ -27,7 +27,9 @@ COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor}
 SHAPE_LITERAL_OPS = {aten.view.default, aten.reshape.default, aten.expand.default, aten.slice.Tensor,
                      aten.arange.default, aten.histc.default, aten.floor_divide.default, aten.topk.default,
                      aten._unsafe_view.default, aten.repeat.default, aten.new_zeros.default,
-                     aten.split_with_sizes.default, aten.split.Tensor, aten.narrow.default}
+                     aten.split_with_sizes.default, aten.split.Tensor, aten.narrow.default,
+                     # expert-count bounds in transformers 5.17's MoE dispatch
+                     aten.ge.Scalar, aten.clamp_.default, aten.clamp.default}
 
 
 @dataclass
@@ -198,6 +200,9 @@ def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = No
             b = matcher.node(anchor, gn, {})
             if b is None:
                 continue
+            b = _match_side_effects(matcher, pgraph, b)
+            if b is None:
+                continue
             for extra in pouts[1:]:
                 key = ("__node__", extra.name)
                 if b is None or key not in b:
@@ -221,6 +226,29 @@ def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = No
             matches.append(m)
             claimed.update(covered)
     return matches
+
+
+def _match_side_effects(matcher: _Matcher, pgraph: fx.Graph, b: dict) -> dict | None:
+    """Match pattern nodes the output does not reach: in-place ops (clamp_, masked_fill_)
+    whose effect is on their argument. Each is looked for among the users of the graph
+    node its first argument matched."""
+    for pn in pgraph.nodes:
+        if pn.op != "call_function" or ("__node__", pn.name) in b:
+            continue
+        first = next((a for a in pn.args if isinstance(a, fx.Node)), None)
+        if first is None:
+            return None
+        target = b.get(first.name) if first.op == "placeholder" else b.get(("__node__", first.name))
+        if target is None:
+            return None
+        for candidate in list(target.users):
+            r = matcher.node(pn, candidate, b)
+            if r is not None:
+                b = r
+                break
+        else:
+            return None
+    return b
 
 
 def _self_contained(covered: list[fx.Node], outputs: list[fx.Node]) -> bool:

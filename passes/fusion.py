@@ -293,6 +293,17 @@ def _check_moe(m: Match) -> bool:
     topk = m.covered(aten.topk.default)
     if len(topk) != 1:
         return False
+    # expert-count literals (bins of the histogram, bounds of the expert index) must
+    # be this model's E: the pattern matched them as wildcards
+    for node in m.covered(aten.histc.default):
+        if node.args[1] != e or node.args[3] != e - 1:
+            return False
+    for node in m.covered(aten.ge.Scalar):
+        if node.args[1] != e:
+            return False
+    for node in m.covered(aten.clamp_.default) + m.covered(aten.clamp.default):
+        if node.args[2] != e - 1:
+            return False
     m.bindings["top_k"] = int(topk[0].args[1])
     m.bindings["shape"] = list(x.shape)
     return True

@@ -61,3 +61,33 @@ def test_swiglu_matches_both_orders_without_overlap():
     assert sum(op_name(x) == "flashc.swiglu" for x in p2.op_nodes()) == 2
     g, u = torch.randn(3, 5), torch.randn(3, 5)
     assert torch.allclose(p2(g, u), _Mlp()(g, u), atol=1e-6)
+
+
+def _clamped_pattern(x):
+    y = x * 2
+    y.clamp_(max=1.0)  # in place: the output does not reach this node through its args
+    return torch.relu(y)
+
+
+def _clamped_replacement(x):
+    return torch.ops.aten.relu.default(torch.ops.aten.clamp.default(torch.ops.aten.mul.Tensor(x, 2), None, 1.0))
+
+
+class _Clamped(torch.nn.Module):
+    def forward(self, x):
+        return _clamped_pattern(x) + 3
+
+
+def test_in_place_ops_inside_a_pattern_are_matched_and_removed():
+    from flashc.rewrite import RewriteRule
+
+    rule = RewriteRule("clamped", _clamped_pattern, _clamped_replacement,
+                       example_inputs=lambda dt: (torch.randn(4, 3, dtype=dt),), dtypes=(torch.float32,))
+    p = capture(_Clamped(), (torch.randn(4, 3),))
+    propagate_shapes(p)
+    assert any(op_name(n) == "aten.clamp_" for n in p.op_nodes())
+    assert apply_rule(rule, p.graph) == 1
+    p.recompile()
+    assert not any(op_name(n) == "aten.clamp_" for n in p.op_nodes())
+    x = torch.randn(4, 3)
+    assert torch.allclose(p(x), _Clamped()(x))
