@@ -1,0 +1,39 @@
+"""Shared bits of the TVM backend: importing TVM, dtype/shape helpers, artifact names."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from flashc.errors import FlashcError
+from flashc.ir import dtype_name
+
+INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
+ARTIFACT_FORMAT = 1
+LIBRARY, WEIGHTS, MANIFEST, TUNING_DIR = "model.so", "weights.safetensors", "model.json", "tuning"
+
+
+def import_tvm():
+    """Import TVM (compiler or runtime-only build); FlashcError with the install command if absent."""
+    try:
+        import tvm
+    except ImportError as e:
+        raise FlashcError(f"the TVM backend needs Apache TVM ({e}); install it: {INSTALL_TVM}") from None
+    return tvm
+
+
+def _tvm_dtype(dtype: torch.dtype) -> str:
+    return dtype_name(dtype)
+
+
+def _dtype(x) -> str:
+    return str(x.ty.dtype)
+
+
+def _shape(x) -> list[int]:
+    return [int(v) for v in x.ty.shape.values]
+
+
+def _log(msg: str) -> None:
+    print(f"[flashc.tvm] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,324 @@
+"""FX graph -> Relax: `main(*inputs, *weights)` built node by node with a BlockBuilder.
+
+ATen ops go through the per-node converters of TVM's torch.export frontend; flashc
+ops, aten.linear (weights in their stored layout) and the few ATen ops whose frontend
+converter is missing or wrong for these graphs are built here.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from flashc.backends.tvm.common import _dtype, _shape, _tvm_dtype, import_tvm
+from flashc.backends.tvm.relax_ops import FlashcOps
+from flashc.errors import FlashcError, UnsupportedOpError
+from flashc.ir import Program, dtype_name, module_path, op_name, source_location
+
+aten = torch.ops.aten
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """[.., out, in] -> [.., in, out]: what matmul reads for x @ W^T."""
+    return w.transpose(-1, -2)
+
+
+def _experts_in_columns(w: torch.Tensor) -> torch.Tensor:
+    """MoE gate_up [E, 2F, H] -> [H, E*2F]: one GEMM computes every expert's projection."""
+    return w.permute(2, 0, 1).reshape(w.shape[2], -1)
+
+
+def _experts_in_rows(w: torch.Tensor) -> torch.Tensor:
+    """MoE down [E, H, F] -> [E*F, H]: one GEMM projects and sums over experts."""
+    return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+
+# (op, argument position) -> the layout the weight is stored in (the transform runs
+# once at build time; an activation in that position gets the same transform in Relax).
+WEIGHT_LAYOUTS: dict[tuple[Any, int], tuple[str, Callable]] = {
+    (aten.linear.default, 1): ("T", _transposed),
+    (torch.ops.flashc.moe.default, 2): ("cols", _experts_in_columns),
+    (torch.ops.flashc.moe.default, 3): ("rows", _experts_in_rows),
+}
+
+
+def _relax_layout(layout: str, op, x, shape: list[int]):
+    """The Relax expression of a weight layout, for a non-weight value in a weight's position."""
+    if layout == "T":
+        nd = len(shape)
+        return op.permute_dims(x, list(range(nd - 2)) + [nd - 1, nd - 2])
+    if layout == "cols":
+        e, f2, h = shape
+        return op.reshape(op.permute_dims(x, [2, 0, 1]), [h, e * f2])
+    e, h, f = shape  # rows
+    return op.reshape(op.permute_dims(x, [0, 2, 1]), [e * f, h])
+
+
+def _flashc_converters() -> dict[Any, Callable]:
+    fl = torch.ops.flashc
+    return {
+        fl.rms_norm.default: lambda o, a: o.rms_norm(*a),
+        fl.add_rms_norm.default: lambda o, a: o.add_rms_norm(*a),
+        fl.rotary.default: lambda o, a: o.rotary(*a),
+        fl.swiglu.default: lambda o, a: o.swiglu(*a),
+        fl.geglu.default: lambda o, a: o.geglu(*a),
+        fl.attention.default: lambda o, a: o.attention(*a),
+        fl.moe.default: lambda o, a: o.moe(*a),
+    }
+
+
+@dataclass
+class Lowered:
+    """A Program as a Relax module plus the weights its `main` takes after the user inputs."""
+
+    module: Any  # tvm.IRModule
+    weights: dict[str, torch.Tensor]  # parameter name -> tensor, in call order
+    signature: dict[str, Any]
+
+
+class FxToRelax:
+    """Builds `main(*inputs, *weights)` from a Program's graph, node by node."""
+
+    def __init__(self, program: Program) -> None:
+        tvm = import_tvm()
+        from tvm import relax
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        self.tvm, self.R = tvm, relax
+        self.program = program
+        self.bb = relax.BlockBuilder()
+        self.env: dict[fx.Node, Any] = {}
+        self.frontend = ExportedProgramImporter()
+        self.frontend.env = self.env  # the frontend's converters read our values
+        self.frontend.block_builder = self.bb
+        self.ops = FlashcOps(self.bb, relax)
+        self.flashc = _flashc_converters()
+        self.own = self._own_converters()
+        self.weight_vars: dict[str, Any] = {}  # stored name -> relax.Var
+        self.weights: dict[str, torch.Tensor] = {}
+
+    # weights
+    def _weight(self, node: fx.Node, layout: tuple[str, Callable] | None):
+        """The Relax parameter for weight `node` stored in `layout` (made once per layout)."""
+        name = node.name + (f".{layout[0]}" if layout else "")
+        if name not in self.weight_vars:
+            value = self.program.params[node.name] if node.op == "placeholder" else self._attr(node)
+            value = value.detach()
+            if layout:
+                value = layout[1](value)
+            value = value.contiguous()
+            self.weights[name] = value
+            self.weight_vars[name] = self.R.Var(name, self.R.TensorType(list(value.shape), _tvm_dtype(value.dtype)))
+        return self.weight_vars[name]
+
+    def _attr(self, node: fx.Node) -> torch.Tensor:
+        value = self.program.graph_module
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def _is_weight(self, a) -> bool:
+        return isinstance(a, fx.Node) and (
+            (a.op == "placeholder" and a.name in self.program.params) or a.op == "get_attr")
+
+    def _arg(self, node: fx.Node, i: int, a):
+        """The Relax value of argument i of node; a weight comes in the layout node reads it in
+        (WEIGHT_LAYOUTS), stored so at build time; another value there is transformed per call."""
+        layout = WEIGHT_LAYOUTS.get((node.target, i))
+        if isinstance(a, fx.Node):
+            if self._is_weight(a):
+                return self._weight(a, layout)
+            value = self.env[a]
+            if layout is not None:
+                value = self.bb.emit(_relax_layout(layout[0], self.R.op, value, _shape(value)))
+            return value
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(node, i, x) for x in a)
+        return a
+
+    # ops
+    def _linear(self, node: fx.Node):
+        x = self.env[node.args[0]]
+        out = self.bb.emit(self.R.op.matmul(x, self._arg(node, 1, node.args[1])))
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias is not None:
+            out = self.bb.emit(self.R.op.add(out, self._arg(node, 2, bias)))
+        return out
+
+    def _flashc_op(self, node: fx.Node):
+        args = [self._arg(node, i, a) for i, a in enumerate(node.args)]
+        return self.flashc[node.target](self.ops, args)
+
+    def _diff(self, node: fx.Node):
+        """aten.diff (missing from TVM's frontend): x[1:] - x[:-1] along dim, n times."""
+        op = self.R.op
+        x = self._arg(node, 0, node.args[0])
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+        ends = [node.args[i] if len(node.args) > i else node.kwargs.get(k) for i, k in ((3, "prepend"), (4, "append"))]
+        if any(e is not None for e in ends):
+            parts = [self.env[ends[0]]] if ends[0] is not None else []
+            parts += [x] + ([self.env[ends[1]]] if ends[1] is not None else [])
+            x = self.bb.emit(op.concat(parts, axis=dim))
+        for _ in range(n):
+            size = _shape(x)[dim]
+            hi = self.bb.emit(op.strided_slice(x, axes=[dim], begin=[1], end=[size]))
+            lo = self.bb.emit(op.strided_slice(x, axes=[dim], begin=[0], end=[size - 1]))
+            x = self.bb.emit(op.not_equal(hi, lo) if _dtype(x) == "bool" else op.subtract(hi, lo))
+        return x
+
+    def _sdpa(self, node: fx.Node):
+        """aten.scaled_dot_product_attention through the attention emitter: the frontend's
+        refuses boolean masks. SDPA's causal mask is aligned top-left."""
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+        defaults = [None, None, None, None, 0.0, False, None, False]
+        a = dict(zip(names, defaults))
+        a.update(zip(names, node.args))
+        a.update(node.kwargs)
+        if a["dropout_p"]:
+            raise ValueError(f"dropout_p={a['dropout_p']} (training-mode attention)")
+        q, k, v = (self._arg(node, i, a[n]) for i, n in enumerate(names[:3]))
+        mask = self._arg(node, 3, a["attn_mask"]) if a["attn_mask"] is not None else None
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(_shape(q)[-1])
+        return self.ops.attention(q, k, v, mask, bool(a["is_causal"]), float(scale), causal_offset=0)
+
+    def _cumsum(self, node: fx.Node):
+        """aten.cumsum accumulating in torch's result dtype (int64 for bool/int inputs; the
+        frontend accumulates bools in bool, which LLVM cannot add)."""
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        x = self.ops.cast(self._arg(node, 0, node.args[0]), _tvm_dtype(node.meta["val"].dtype))
+        return self.bb.emit(self.R.op.cumsum(x, axis=dim))
+
+    def _getitem(self, node: fx.Node):
+        src, idx = node.args
+        value = self.env[src]
+        if isinstance(value, (tuple, list)):
+            return value[idx]
+        return self.bb.emit(self.R.TupleGetItem(value, idx))
+
+    def _own_converters(self) -> dict[Any, Callable]:
+        """Ops built here rather than by the frontend: flashc ops, linear (pre-transposed
+        weights) and the ATen ops whose frontend converter is missing or wrong for us."""
+        own = {t: self._flashc_op for t in self.flashc}
+        own.update({
+            aten.linear.default: self._linear,
+            operator.getitem: self._getitem,
+            aten.scaled_dot_product_attention.default: self._sdpa,
+            aten.cumsum.default: self._cumsum,
+            aten.diff.default: self._diff,
+            # a device move is a no-op inside one module; _check casts to the node's dtype
+            aten.to.device: lambda node: self._arg(node, 0, node.args[0]),
+        })
+        return own
+
+    def _convert(self, node: fx.Node):
+        target = node.target
+        if target in self.own:
+            return self.own[target](node)
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+            convert = self.frontend.convert_map.get(target.__name__)
+            if convert is not None:
+                for a in node.all_input_nodes:  # frontend converters read weights from env
+                    if self._is_weight(a):
+                        self.env[a] = self._weight(a, None)
+                return convert(node)
+        raise unsupported_op(node, "TVM")
+
+    def _check(self, node: fx.Node, value):
+        """Compare a lowered value with the node's fake tensor; cast dtypes, refuse shape drift."""
+        expected = node.meta.get("val")
+        if not isinstance(expected, torch.Tensor) or not isinstance(value, self.R.Expr):
+            return value
+        ty = value.ty
+        if not isinstance(ty, self.R.TensorType) or ty.shape is None:
+            return value
+        got = _shape(value)
+        if got != list(expected.shape):
+            raise FlashcError(f"TVM lowering of {op_name(node)} ({module_path(node)}) gave shape {got}, "
+                              f"expected {list(expected.shape)}; this is a flashc bug, use the eager target")
+        want = _tvm_dtype(expected.dtype)
+        return value if str(ty.dtype) == want else self.bb.emit(self.R.op.astype(value, want))
+
+    def lower(self) -> Lowered:
+        program, R = self.program, self.R
+        inputs = []
+        for spec, node in zip(program.inputs, program.input_nodes()):
+            var = R.Var(node.name, R.TensorType(list(spec.shape), _tvm_dtype(spec.dtype)))
+            self.env[node] = var
+            inputs.append(var)
+        with self.bb.function("main"):
+            with self.bb.dataflow():
+                outputs = None
+                for node in program.graph.nodes:
+                    if node.op == "call_function":
+                        try:
+                            self.env[node] = self._check(node, self._convert(node))
+                        except FlashcError:
+                            raise
+                        except Exception as e:  # a converter refusing its arguments
+                            raise unsupported_op(node, "TVM", f"{type(e).__name__}: {e}") from e
+                    elif node.op == "output":
+                        outputs = [self._arg(node, 0, a) for a in _flat(node.args[0])]
+                    elif node.op not in ("placeholder", "get_attr"):
+                        raise UnsupportedOpError(f"graph node kind {node.op!r} ({node.name}) has no TVM lowering")
+                result = self.bb.emit_output(R.Tuple(outputs))
+            self.bb.emit_func_output(result, params=inputs + list(self.weight_vars.values()))
+        mod = self.bb.get()
+        mod["main"] = mod["main"].with_attr("num_input", len(inputs))
+        return Lowered(mod, self.weights, self._signature(outputs))
+
+    def _signature(self, outputs) -> dict[str, Any]:
+        return {
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)}
+                       for s in self.program.inputs],
+            "outputs": [{"shape": _shape(o), "dtype": _dtype(o)} for o in outputs],
+            "weights": [{"name": n, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+                        for n, t in self.weights.items()],
+        }
+
+
+def _flat(x) -> list:
+    return [y for item in x for y in _flat(item)] if isinstance(x, (list, tuple)) else [x]
+
+
+def unsupported_op(node: fx.Node, backend: str, detail: str = "") -> UnsupportedOpError:
+    """UnsupportedOpError naming the op, its module and source line, and the way out."""
+    where = module_path(node)
+    msg = (f"{backend} backend has no lowering for {op_name(node)}"
+           + (f" in {where}" if where else "") + f" at {source_location(node)}")
+    if detail:
+        msg += f" ({detail.splitlines()[0][:300]})"
+    return UnsupportedOpError(msg + "; the eager target ('cpu' / 'eager') runs every op of the graph")
+
+
+def lower_to_relax(program: Program) -> Lowered:
+    """The Program as a Relax IRModule whose `main` takes (*inputs, *weights)."""
+    return FxToRelax(program).lower()
+
+
+def weight_transposes(mod, num_input: int | None = None) -> int:
+    """Count `permute_dims` calls applied directly to a weight (a parameter after num_input,
+    or a constant) in a Relax module's `main`: each one is a per-call transpose of a weight."""
+    tvm = import_tvm()
+    from tvm import relax
+
+    func = mod["main"]
+    if num_input is None:
+        num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
+    weights = list(func.params)[num_input:]
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.permute_dims":
+            arg = expr.args[0]
+            if isinstance(arg, tvm.ir.expr.Constant) or any(arg.same_as(w) for w in weights):
+                count += 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return count

@@ -1,0 +1,135 @@
+"""Running exported TVM artifacts; works with TVM's runtime library alone (never imports
+tvm.relax), which is all the GPU machine has. CUDA kernels ship as source in model.so
+and are compiled by NVRTC for the local GPU when the module loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, import_tvm
+from flashc.errors import ArtifactError, FlashcError, InputError
+from flashc.ir import dtype_name
+
+
+def _device(tvm, device: str):
+    if device == "cpu":
+        return tvm.cpu(0)
+    if device == "cuda":
+        _enable_cuda_runtime(tvm)
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise FlashcError("no CUDA device visible to TVM; run a CUDA artifact on a machine with an NVIDIA GPU")
+        return dev
+    raise FlashcError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+
+
+_CUDA_READY = False
+
+
+def _enable_cuda_runtime(tvm) -> None:
+    """Load TVM's CUDA runtime and compile kernels with NVRTC for the local GPU when modules load.
+
+    A runtime-only TVM does not load libtvm_runtime_cuda.so by itself, and the compiler's
+    own callback takes the arch from a target scope that does not exist at load time.
+    """
+    global _CUDA_READY
+    if _CUDA_READY:
+        return
+    import ctypes
+
+    import tvm_ffi
+
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if lib.exists():
+        try:
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise FlashcError(f"TVM's CUDA runtime ({lib.name}) does not load here ({e}); CUDA artifacts "
+                              "run on a machine with an NVIDIA driver") from None
+
+    def compile_cuda(code, *_):
+        from tvm.support import nvcc
+
+        arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+    _CUDA_READY = True
+
+
+def _to_tvm(tvm, t: torch.Tensor):
+    """A zero-copy TVM view of t (copied first if not contiguous or not 64-byte aligned)."""
+    if not t.is_contiguous() or t.data_ptr() % 64:
+        t = t.contiguous().clone()
+    return tvm.runtime.from_dlpack(t), t
+
+
+class TvmModel:
+    """A loaded TVM build: `model(*tensors) -> list[torch.Tensor]` on its device."""
+
+    def __init__(self, vm, weights: dict[str, torch.Tensor], signature: dict[str, Any], device: str) -> None:
+        import tvm
+
+        self.tvm, self.vm, self.signature, self.device = tvm, vm, signature, device
+        self.directory: Path | None = None  # the artifact it was loaded from, if any
+        self.main = vm["main"]
+        keep = [_to_tvm(tvm, w.to(device)) for w in weights.values()]
+        self._weights = [k[0] for k in keep]
+        self._weight_tensors = [k[1] for k in keep]  # keep the torch storage alive
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "TvmModel":
+        return load_tvm_artifact(directory, device)
+
+    def _check(self, args) -> None:
+        specs = self.signature["inputs"]
+        if len(args) != len(specs):
+            raise InputError(f"expected {len(specs)} input(s), got {len(args)}")
+        for spec, a in zip(specs, args):
+            if not isinstance(a, torch.Tensor) or list(a.shape) != spec["shape"] or dtype_name(a.dtype) != spec["dtype"]:
+                got = f"{dtype_name(a.dtype)}{list(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                raise InputError(f"input {spec['name']!r}: expected {spec['dtype']}{spec['shape']}, got {got}; "
+                                 "the TVM module was built for that shape: build again for a new one")
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        self._check(args)
+        inputs = [_to_tvm(self.tvm, a.to(self.device)) for a in args]
+        out = self.main(*[i[0] for i in inputs], *self._weights)
+        return [torch.from_dlpack(o) for o in out]
+
+
+def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmModel:
+    """Load an exported TVM artifact with only TVM's runtime (never imports tvm.relax)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise ArtifactError(f"{directory} is not a flashc TVM artifact (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{manifest_path}: artifact format {manifest.get('format')!r}, "
+                            f"this flashc reads {ARTIFACT_FORMAT}; rebuild it")
+    kind = manifest["target"]["kind"]
+    if (kind == "cuda") != (device == "cuda"):
+        raise ArtifactError(f"{directory} was built for {kind}; load it with device="
+                            f"{'cuda' if kind == 'cuda' else 'cpu'}")
+    tvm = import_tvm()
+    dev = _device(tvm, device)
+    lib = tvm.runtime.load_module(str(directory / manifest["library"]))
+    from tvm.runtime.vm import VirtualMachine
+
+    stored = load_file(str(directory / manifest["weights"]))
+    names = [w["name"] for w in manifest["signature"]["weights"]]
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise ArtifactError(f"{directory / manifest['weights']} lacks weight(s) {', '.join(missing[:5])}")
+    weights = {n: stored[n] for n in names}
+    model = TvmModel(VirtualMachine(lib, dev), weights, manifest["signature"], device)
+    model.directory = directory
+    return model
