@@ -133,9 +133,34 @@ class FoldConstants:
             param = program.add_param(f"c_{node.name}", value.contiguous().clone())
             node.replace_all_uses_with(param, delete_user_cb=lambda u: u not in constant)
             materialized += 1
+        merged = _merge_equal_constants(program)
         program.graph.eliminate_dead_code()
         dropped = program.drop_unused_params()
-        return PassResult(bool(materialized), {"constants_folded": materialized, "weights_dropped": dropped})
+        return PassResult(bool(materialized or merged),
+                          {"constants_folded": materialized, "constants_merged": merged, "weights_dropped": dropped})
+
+
+def _merge_equal_constants(program: Program) -> int:
+    """Point uses of equal folded constants (e.g. each layer's copy of the rotary
+    tables) at one of them. Only folded constants are compared: model weights that
+    are equal by accident stay separate parameters."""
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in program.param_nodes():
+        if node.name.startswith("c_") and node.users:
+            t = program.params[node.name]
+            groups.setdefault((t.shape, t.dtype, t.device), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        kept: list[fx.Node] = []
+        for node in nodes:
+            value = program.params[node.name]
+            same = next((k for k in kept if torch.equal(program.params[k.name], value)), None)
+            if same is None:
+                kept.append(node)
+            else:
+                node.replace_all_uses_with(same)
+                merged += 1
+    return merged
 
 
 class EliminateCommonSubexpressions:

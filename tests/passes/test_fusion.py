@@ -40,6 +40,8 @@ def test_fusion_counts_and_numerics(tiny_models, family):
     # no unfused attention or repeat_kv expand left behind
     ops = {op_name(n) for n in program.op_nodes()}
     assert "aten.scaled_dot_product_attention" not in ops and "aten.expand" not in ops
+    rotary = [n for n in program.op_nodes() if op_name(n) == "flashc.rotary"]
+    assert len({n.args[1] for n in rotary}) == 1 and len({n.args[2] for n in rotary}) == 1, "one cos/sin table"
     causal = [n for n in program.op_nodes() if op_name(n) == "flashc.attention"]
     assert all(n.args[3] is None and n.args[4] is True for n in causal), "causal mask should become is_causal"
     ids = fresh_ids(family)
