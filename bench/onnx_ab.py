@@ -1,0 +1,28 @@
+"""Interleaved A/B on the CPU: flashc ONNX exports (-O3 with and without contrib ops, -O2) vs
+torch.onnx.export of the unoptimized model, llama-tiny, 128 tokens. Rounds alternate between
+variants so machine noise hits all of them alike; prints median and min per call.
+
+    python bench/onnx_ab.py
+"""
+import sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import torch, time, statistics, flashc, tempfile
+from pathlib import Path
+from flashc import zoo
+from cpu_bench import torch_onnx_baseline
+torch.set_num_threads(2)
+m = zoo.build("llama-tiny"); ids = zoo.example_inputs("llama-tiny", 1, 128)[0]
+variants = {}
+for co in (True, False):
+    cm = flashc.compile(m, "onnx-cpu", ids, level=3, options={"contrib_ops": co})
+    variants[f"flashc onnx contrib={co}"] = (lambda cm=cm: cm.executable(ids))
+cm2 = flashc.compile(m, "onnx-cpu", ids, level=2)
+variants["flashc onnx -O2"] = lambda: cm2.executable(ids)
+variants["torch.onnx"] = torch_onnx_baseline(m, ids, Path(tempfile.mkdtemp()) / "m.onnx")
+res = {k: [] for k in variants}
+for _ in range(20):
+    for k, fn in variants.items():
+        for _ in range(3): fn()
+        t = time.perf_counter()
+        for _ in range(10): fn()
+        res[k].append((time.perf_counter() - t) / 10 * 1e3)
+for k, v in res.items(): print(f"{k:28s} median {statistics.median(v):.3f} ms  min {min(v):.3f}")
