@@ -146,8 +146,8 @@ def _merge_equal_constants(program: Program) -> int:
     are equal by accident stay separate parameters."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in program.param_nodes():
-        if node.name.startswith("c_") and node.users:
-            t = program.params[node.name]
+        t = program.params[node.name]
+        if node.name.startswith("c_") and node.users and t.device.type != "meta":  # meta: no values to compare
             groups.setdefault((t.shape, t.dtype, t.device), []).append(node)
     merged = 0
     for nodes in groups.values():
