@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from flashc.errors import FlashcError
-from flashc.ir import Program, op_name
+from flashc.ir import Program, op_name, written_in_place
 from flashc.profiles import HardwareProfile, detect
 
 INSTALL_TRITON = "pip install triton (CUDA builds of torch ship it)"
@@ -131,10 +131,8 @@ class CudaExecutable:
         self.use_cuda_graph = use_cuda_graph
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph
         # the writes land in the static copies and are copied back after each replay
-        from flashc.passes.cleanup import _written
-
         user = [n for n in graph.nodes if n.op == "placeholder"][len(self.weights):]
-        self.mutated_inputs = [i for i, n in enumerate(user) if _written(n)]
+        self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []

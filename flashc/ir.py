@@ -150,6 +150,13 @@ def _fake_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
+def written_in_place(node) -> bool:
+    """Whether an in-place op (a mutable schema, e.g. add_, index_copy_) reads node."""
+    if not isinstance(node, fx.Node):
+        return False
+    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
+
+
 def op_name(node: fx.Node) -> str:
     """A short readable name for a call_function target: 'aten.linear', 'flashc.rms_norm'."""
     t = node.target

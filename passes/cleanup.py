@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from flashc.ir import Program
+from flashc.ir import Program, written_in_place
 from flashc.pass_manager import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -35,19 +35,12 @@ def _is_identity(node: fx.Node) -> bool:
     same = src.dtype == out.dtype and src.shape == out.shape and src.device == out.device
     if node.target in _CASTS:
         # dropping a copy is only safe when nobody writes to either side of it
-        return same and not _written(node) and not _written(node.args[0])
+        return same and not written_in_place(node) and not written_in_place(node.args[0])
     if node.target in (aten.mul.Tensor, aten.div.Tensor) and node.args[1] == 1 and not isinstance(node.args[1], bool):
         return same
     if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.args[1] == 0 and not isinstance(node.args[1], bool):
         return same and node.kwargs.get("alpha", 1) == 1
     return False
-
-
-def _written(node) -> bool:
-    """Whether an in-place op (a mutable schema, e.g. add_, index_copy_) reads node."""
-    if not isinstance(node, fx.Node):
-        return False
-    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
 
 
 class Canonicalize:
