@@ -413,22 +413,27 @@ def _attn_fits(D: int, dtype: torch.dtype, profile: str):
     return fits
 
 
+def _check_kv_heads(fn: str, q, k, v, kv_names: str, length: str) -> None:
+    """k and v share one [B, Hkv, length, D] shape that fits q[B, Hq, ., D] with Hq % Hkv == 0."""
+    B, Hq, _, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: {kv_names} must have the same shape [B, Hkv, {length}, D], "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{fn}: {kv_names} must be [B={B}, Hkv, {length}, D={D}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{fn}: Hq ({Hq}) must be a multiple of Hkv ({Hkv}) for grouped-query attention")
+
+
 def _check_attention(q, k, v):
     fn = "attention"
     require_triton(fn)
     check_tensor(fn, "q", q, ndim=4)
     check_tensor(fn, "k", k, ndim=4)
     check_tensor(fn, "v", v, ndim=4)
-    B, Hq, S, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape [B, Hkv, L, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
-            f"attention: k/v must be [B={B}, Hkv, L, D={D}] to match q {tuple(q.shape)} [B, Hq, S, D], got {tuple(k.shape)}"
-        )
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv}) for grouped-query attention")
+    _check_kv_heads(fn, q, k, v, "k and v", "L")
     check_same_dtype(fn, [("q", q), ("k", k), ("v", v)])
     check_devices(fn, _attn_fwd_kernel, [("q", q), ("k", k), ("v", v)])
 
@@ -545,20 +550,10 @@ def _check_decode(q, k_cache, v_cache, seq_lens):
     check_tensor(fn, "k_cache", k_cache, ndim=4)
     check_tensor(fn, "v_cache", v_cache, ndim=4)
     check_tensor(fn, "seq_lens", seq_lens, ndim=1, dtypes=(torch.int32, torch.int64))
-    B, Hq, one, D = q.shape
+    B, _, one, _ = q.shape
     if one != 1:
         raise ValueError(f"decode_attention: q must be [B, Hq, 1, D] (one new token), got {tuple(q.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"decode_attention: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(
-            f"decode_attention: caches must be [B={B}, Hkv, Lmax, D={D}] to match q {tuple(q.shape)}, got {tuple(k_cache.shape)}"
-        )
-    Hkv = k_cache.shape[1]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"decode_attention: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    _check_kv_heads(fn, q, k_cache, v_cache, "k_cache and v_cache", "Lmax")
     if seq_lens.shape[0] != B:
         raise ValueError(f"decode_attention: seq_lens must have shape ({B},), got {tuple(seq_lens.shape)}")
     check_same_dtype(fn, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
