@@ -413,14 +413,14 @@ def _attn_fits(D: int, dtype: torch.dtype, profile: str):
     return fits
 
 
-def _check_kv_heads(fn: str, q, k, v, kv_names: str, length: str) -> None:
+def _check_kv_heads(fn: str, q, k, v, kv_names: str, kv_short: str, length: str) -> None:
     """k and v share one [B, Hkv, length, D] shape that fits q[B, Hq, ., D] with Hq % Hkv == 0."""
     B, Hq, _, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{fn}: {kv_names} must have the same shape [B, Hkv, {length}, D], "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{fn}: {kv_names} must be [B={B}, Hkv, {length}, D={D}] to match q {tuple(q.shape)}, "
+        raise ValueError(f"{fn}: {kv_short} must be [B={B}, Hkv, {length}, D={D}] to match q {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv:
@@ -433,7 +433,7 @@ def _check_attention(q, k, v):
     check_tensor(fn, "q", q, ndim=4)
     check_tensor(fn, "k", k, ndim=4)
     check_tensor(fn, "v", v, ndim=4)
-    _check_kv_heads(fn, q, k, v, "k and v", "L")
+    _check_kv_heads(fn, q, k, v, "k and v", "k/v", "L")
     check_same_dtype(fn, [("q", q), ("k", k), ("v", v)])
     check_devices(fn, _attn_fwd_kernel, [("q", q), ("k", k), ("v", v)])
 
@@ -553,7 +553,7 @@ def _check_decode(q, k_cache, v_cache, seq_lens):
     B, _, one, _ = q.shape
     if one != 1:
         raise ValueError(f"decode_attention: q must be [B, Hq, 1, D] (one new token), got {tuple(q.shape)}")
-    _check_kv_heads(fn, q, k_cache, v_cache, "k_cache and v_cache", "Lmax")
+    _check_kv_heads(fn, q, k_cache, v_cache, "k_cache and v_cache", "caches", "Lmax")
     if seq_lens.shape[0] != B:
         raise ValueError(f"decode_attention: seq_lens must have shape ({B},), got {tuple(seq_lens.shape)}")
     check_same_dtype(fn, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
