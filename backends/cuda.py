@@ -40,6 +40,12 @@ def _kernels() -> dict[str, Callable]:
             return torch.ops.flashc.attention.default(q, k, v, mask, is_causal, scale)
         return triton_attention.attention(q, k, v, is_causal, scale)
 
+    def decode_attention(q, k_cache, v_cache, cache_position, scale):
+        if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
+            return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
+        seq_lens = (cache_position + 1).expand(q.shape[0])
+        return triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, scale)
+
     return {
         "flashc.rms_norm": lambda x, w, eps: triton_norm.rms_norm(x, w, eps),
         "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.add_rms_norm(x, r, w, eps),
@@ -49,11 +55,12 @@ def _kernels() -> dict[str, Callable]:
                                                   if approximate == "tanh"
                                                   else torch.ops.flashc.geglu.default(g, u, approximate)),
         "flashc.attention": attention,
+        "flashc.decode_attention": decode_attention,
     }
 
 
 GENERATED = {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary", "flashc.swiglu", "flashc.geglu",
-             "flashc.attention"}
+             "flashc.attention", "flashc.decode_attention"}
 
 
 class CudaBackend:
@@ -129,8 +136,10 @@ class CudaExecutable:
             use_cuda_graph = False
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
-        # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph
-        # the writes land in the static copies and are copied back after each replay
+        # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
+        # GPU tensor passed at capture becomes the graph's own buffer (the cache stays
+        # resident: no copies while the caller passes the same tensor); other tensors are
+        # copied into the static buffer before a replay and back after it
         user = [n for n in graph.nodes if n.op == "placeholder"][len(self.weights):]
         self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -154,14 +163,18 @@ class CudaExecutable:
                 torch.cuda.synchronize()
                 return self.run_eager(*args)
         for static, a in zip(self._static_in, args):
-            static.copy_(a, non_blocking=True)
+            if a.data_ptr() != static.data_ptr():
+                static.copy_(a, non_blocking=True)
         self._graph.replay()
         for i in self.mutated_inputs:
-            args[i].copy_(self._static_in[i], non_blocking=True)
+            if args[i].data_ptr() != self._static_in[i].data_ptr():
+                args[i].copy_(self._static_in[i], non_blocking=True)
         return [o.clone() for o in self._static_out]
 
     def _capture(self, args) -> None:
-        self._static_in = [a.to("cuda").clone() for a in args]
+        resident = set(self.mutated_inputs)
+        self._static_in = [a if i in resident and a.is_cuda and a.is_contiguous() else a.to("cuda").clone()
+                           for i, a in enumerate(args)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():

@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from flashc.artifact import load_tensors, read_manifest, save_tensors, write_artifact
 from flashc.backends.base import Executable, Fallback
-from flashc.errors import ArtifactError
+from flashc.errors import ArtifactError, InputError
 from flashc.ir import InputSpec, Program, dtype_from_name, dtype_name, propagate_shapes
 from flashc.pass_manager import PassRecord
 from flashc.profiles import HardwareProfile, get_profile
@@ -51,6 +51,7 @@ class CompiledModel:
     timings: dict[str, float] = field(default_factory=dict)
     reference_weights: dict[str, torch.Tensor] | None = None  # the original model's, for `flashc run`
     accuracy: list | None = None  # evaluation results when a compile changed numerics
+    _kv_cache: list[torch.Tensor] | None = field(default=None, repr=False)  # generate()'s resident cache
 
     @property
     def inputs(self) -> list[InputSpec]:
@@ -58,9 +59,55 @@ class CompiledModel:
 
     def __call__(self, *args: torch.Tensor) -> Any:
         self.program.check_inputs(args)
+        self._check_positions(args)
         with torch.no_grad():
             flat = self.executable(*args)
         return self.program.unflatten(flat)
+
+    def _check_positions(self, args: tuple) -> None:
+        """A decode step's cache_position must index its static cache (never a wrong answer)."""
+        limits = self.program.meta.get("input_high") or {}
+        for spec, a in zip(self.inputs, args):
+            if spec.name in limits and a.numel():
+                low, high = int(a.min()), int(a.max())
+                if low < 0 or high >= limits[spec.name]:
+                    raise InputError(f"input {spec.name!r}: positions {low}..{high} are outside the static KV "
+                                     f"cache of {limits[spec.name]} slots this step was compiled for; "
+                                     "recompile with a larger cache_len")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled generation; see flashc.generate.
+
+        Needs a decode-step compile (`flashc.decode.DecodeStep`, or the CLI's
+        `--signature decode`). The KV cache is allocated once, where the executable
+        runs, and reused by later calls (each call overwrites what it reads).
+        """
+        from flashc.generate import generate
+
+        if self.program.meta.get("signature") != "decode":
+            raise InputError("generate needs a model compiled with the decode-step signature "
+                             "(flashc.decode.DecodeStep, or flashc compile --signature decode)")
+        specs = self.inputs
+        if input_ids.shape[0] != specs[0].shape[0]:
+            raise InputError(f"input_ids has batch {input_ids.shape[0]} but this step was compiled for batch "
+                             f"{specs[0].shape[0]}")
+        if self._kv_cache is None:
+            from flashc.targets import get_target
+
+            on_gpu = get_target(self.target).backend().name == "cuda" and torch.cuda.is_available()
+            device = "cuda" if on_gpu else "cpu"
+            self._kv_cache = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in specs[2:]]
+        step = self.executable
+
+        def run(ids: torch.Tensor, pos: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+            return step(ids, pos, *kv)[0]
+
+        with torch.no_grad():
+            return generate(run, input_ids.to(specs[0].dtype), max_new_tokens, self._kv_cache,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            eos_token_id=eos_token_id, progress=progress)
 
     def report(self) -> CompileReport:
         """What ran, what it changed, what fell back, and the cost model's estimate."""

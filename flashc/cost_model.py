@@ -72,7 +72,7 @@ def node_flops(node: fx.Node) -> float:
     if name in ("aten.matmul", "aten.bmm", "aten.mm"):
         a, b = ins[0], ins[1]
         return 2.0 * out[0].numel() * a.shape[-1]
-    if name in ("flashc.attention", "aten.scaled_dot_product_attention"):
+    if name in ("flashc.attention", "flashc.decode_attention", "aten.scaled_dot_product_attention"):
         q, k = ins[0], ins[1]
         b, h, s, d = q.shape
         l = k.shape[-2]

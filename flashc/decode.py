@@ -6,6 +6,11 @@
 and value into those tensors in place (index_copy_ at cache_position) and attends over
 the whole cache with a mask that hides positions after cache_position: the same
 graph serves every step, which is what CUDA graphs and static kernels need.
+
+The step hands the model its own position ids and mask (`flashc.ops.decode_mask`) and
+its own cache writes, so the traced graph does not depend on how a transformers
+release tracks cache lengths; the fusion pipeline turns that attention into
+`flashc.decode_attention`.
 """
 
 from __future__ import annotations
@@ -31,22 +36,43 @@ class DecodeStep(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *kv_cache: torch.Tensor):
         from transformers import StaticCache
 
+        from flashc.ops import decode_mask
+
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         if len(kv_cache) != 2 * len(cache.layers):
             raise CaptureError(f"decode step expects {2 * len(cache.layers)} cache tensors "
                                f"(k and v per layer), got {len(kv_cache)}")
+        window = getattr(self.config, "sliding_window", None)
+        if window is not None and window < self.max_cache_len:
+            raise CaptureError(f"the decode step keeps a full static cache: a sliding window of {window} "
+                               f"tokens is shorter than cache_len={self.max_cache_len}; use cache_len <= {window}")
         for i, layer in enumerate(cache.layers):
-            k, v = kv_cache[2 * i], kv_cache[2 * i + 1]
-            # hand the layer our tensors instead of letting it allocate its own, and
-            # write at cache_position (the layer would otherwise count from zero)
-            layer.keys, layer.values = k, v
-            layer.batch_size, layer.num_heads = k.shape[:2]
-            layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
-            layer.dtype, layer.device = k.dtype, k.device
-            layer.cumulative_length = cache_position[0].clone()
-            layer.is_initialized = True
-        out = self.model(input_ids=input_ids, cache_position=cache_position, past_key_values=cache, use_cache=True)
+            _bind_layer(layer, kv_cache[2 * i], kv_cache[2 * i + 1], cache_position)
+        # Position ids and the mask are given explicitly, so the model's own bookkeeping
+        # (which differs between transformers releases) plays no part in what is traced.
+        batch, steps = input_ids.shape
+        mask = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
+        position_ids = cache_position.unsqueeze(0).expand(batch, -1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         cache_position=cache_position, past_key_values=cache, use_cache=True)
         return out.logits
+
+
+def _bind_layer(layer, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> None:
+    """Point a StaticCache layer at our tensors and make its update write at cache_position."""
+    layer.keys, layer.values = k, v
+    layer.batch_size, layer.num_heads = k.shape[:2]
+    layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
+    layer.dtype, layer.device = k.dtype, k.device
+    layer.cumulative_length = cache_position[0].clone()
+    layer.is_initialized = True
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k.index_copy_(2, cache_position, key_states)
+        v.index_copy_(2, cache_position, value_states)
+        return k, v
+
+    layer.update = update
 
 
 def kv_cache_shape(model: torch.nn.Module, batch: int, max_cache_len: int) -> tuple[int, int, int, int]:

@@ -133,6 +133,36 @@ def _(q, k, v, mask, is_causal, scale):
     return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
 
 
+def decode_mask(cache_position: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """Boolean [S, cache_len] mask of a static KV cache: query s sees keys j <= cache_position[s]."""
+    keys = torch.arange(cache_len, device=cache_position.device)
+    return keys.unsqueeze(0) <= cache_position.unsqueeze(1)
+
+
+@torch.library.custom_op("flashc::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of new queries over a static KV cache that already holds their keys.
+
+    q[B, Hq, S, D], k_cache/v_cache[B, Hkv, L, D], cache_position[S] (int64): query s
+    sits at position cache_position[s] of every sequence in the batch and attends the
+    keys j <= cache_position[s]. This is `attention` with `decode_mask`, kept as its own
+    op so a backend can bound the work by the live length instead of reading a mask.
+    """
+    mask = decode_mask(cache_position, k_cache.shape[2])
+    return attention(q, k_cache, v_cache, mask, False, scale)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_position, scale):
+    return torch.empty(q.shape[:-1] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
+
+
 @torch.library.custom_op("flashc::moe", mutates_args=())
 def moe(
     x: torch.Tensor,
@@ -178,5 +208,6 @@ FLASHC_OPS = {
     "swiglu": torch.ops.flashc.swiglu.default,
     "geglu": torch.ops.flashc.geglu.default,
     "attention": torch.ops.flashc.attention.default,
+    "decode_attention": torch.ops.flashc.decode_attention.default,
     "moe": torch.ops.flashc.moe.default,
 }

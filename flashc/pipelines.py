@@ -8,6 +8,7 @@ from flashc.passes.fusion import (
     FUSE_ADD_RMS_NORM, FUSE_ATTENTION, FUSE_GEGLU, FUSE_MOE, FUSE_RMS_NORM,
     FUSE_ROTARY, FUSE_SWIGLU, Fuse,
 )
+from flashc.passes.decode_attention import DecodeAttention
 from flashc.passes.merge import MergeProjections
 
 
@@ -30,6 +31,7 @@ def pipeline(level: int) -> list:
             *cleanup(),
             Fuse(FUSE_RMS_NORM, FUSE_ROTARY, FUSE_SWIGLU, FUSE_GEGLU, FUSE_ATTENTION),
             Fuse(FUSE_ADD_RMS_NORM, name="fuse_residual"),
+            DecodeAttention(),
             *cleanup(),
         ]
     if level == 3:

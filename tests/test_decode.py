@@ -16,7 +16,7 @@ def test_decode_steps_match_full_forward(tiny_models, family):
     cm = flashc.compile(step, "cpu", decode_example_inputs(model, 1, 32), level=3)
     assert [s.name for s in cm.inputs][:3] == ["input_ids", "cache_position", "k_cache_0"]
     ops = [op_name(n) for n in cm.program.op_nodes()]
-    assert ops.count("flashc.attention") == 2 and ops.count("aten.index_copy_") == 4  # k and v per layer
+    assert ops.count("flashc.decode_attention") == 2 and ops.count("aten.index_copy_") == 4  # k and v per layer
     tokens = torch.randint(0, model.config.vocab_size, (1, 7))
     kv = empty_kv_cache(model, 1, 32)
     steps = [cm(tokens[:, t:t + 1], torch.tensor([t]), *kv) for t in range(tokens.shape[1])]

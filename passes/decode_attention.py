@@ -1,0 +1,139 @@
+"""Recognise attention over a static KV cache and give it its own op.
+
+A decode step (flashc.decode) attends over the whole static cache with a boolean mask
+computed from the `cache_position` input: key j is visible to the query at position p
+iff j <= p. As a mask it is just a tensor, so a kernel would read it and still visit
+every cache slot. `flashc.decode_attention(q, k, v, cache_position, scale)` says the
+same thing as a length, which a decode kernel (Flash-Decoding) uses to skip the dead
+part of the cache.
+
+Which masks qualify is decided by evaluating the mask's subgraph, not by its spelling:
+the mask must be a function of one integer input of shape [S] (the positions of the S
+new queries) and constants only, and for a set of probe positions it must equal
+`flashc.ops.decode_mask` broadcast to the attention's scores. Probing covers the first,
+last and middle slots and a few random ones; masks that are a function of position
+alone and agree there are the decode mask in every model we know of.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.fx as fx
+
+import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
+from flashc.ir import Program
+from flashc.ops import decode_mask
+from flashc.pass_manager import PassContext, PassResult
+
+flashc_ops = torch.ops.flashc
+
+_PROBES = 12
+
+
+class DecodeAttention:
+    """flashc.attention(q, k, v, <decode mask of pos>, False, s) -> flashc.decode_attention(q, k, v, pos, s)."""
+
+    name = "decode_attention"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        inputs = set(program.input_nodes())
+        verdicts: dict[fx.Node, fx.Node | None] = {}  # mask node -> position input, or None
+        rewritten = 0
+        for node in list(program.op_nodes()):
+            if node.target != flashc_ops.attention.default:
+                continue
+            q, k, v, mask, is_causal, scale = node.args
+            if mask is None or is_causal:
+                continue
+            if mask not in verdicts:
+                verdicts[mask] = _position_input(program, mask, inputs, q.meta["val"], k.meta["val"])
+            position = verdicts[mask]
+            if position is None:
+                continue
+            with program.graph.inserting_before(node):
+                new = program.graph.call_function(flashc_ops.decode_attention.default, (q, k, v, position, scale))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            rewritten += 1
+        if rewritten:
+            program.graph.eliminate_dead_code()
+        return PassResult(rewritten > 0, {"decode_attention": rewritten})
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """node and everything it depends on, in graph order."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _position_input(program: Program, mask: fx.Node, inputs: set[fx.Node],
+                    q: torch.Tensor, k: torch.Tensor) -> fx.Node | None:
+    """The input the mask is a decode mask of, or None when it is not one."""
+    nodes = _ancestors(mask)
+    sources = [n for n in nodes if n.op == "placeholder" and n.name not in program.params]
+    if len(sources) != 1 or sources[0] not in inputs or any(n.op == "get_attr" for n in nodes):
+        return None
+    pos = sources[0]
+    constants = {n: program.params[n.name] for n in nodes if n.op == "placeholder" and n is not pos}
+    if any(c.device.type == "meta" for c in constants.values()):
+        return None  # a shape-only model: nothing to evaluate
+    val = pos.meta.get("val")
+    b, hq, s, _ = q.shape
+    length = k.shape[2]
+    if val is None or val.dtype not in (torch.int32, torch.int64) or tuple(val.shape) != (s,) or length < s:
+        return None
+    if any(n.op == "call_function" and getattr(n.target, "_schema", None) is not None
+           and n.target._schema.is_mutable for n in nodes):
+        return None  # evaluating it would write somewhere
+    evaluate = _evaluator(nodes, pos, mask, constants)
+    rng = random.Random(0)
+    starts = {0, 1, length // 2, length - s} | {rng.randrange(length - s + 1) for _ in range(_PROBES)}
+    for start in sorted(p for p in starts if 0 <= p <= length - s):
+        positions = torch.arange(start, start + s, dtype=val.dtype)
+        try:
+            got = evaluate(positions)
+            want = decode_mask(positions, length).expand(b, hq, s, length)
+            got = torch.broadcast_to(got, want.shape)
+        except Exception:  # shapes that do not broadcast, ops that need a device: not our mask
+            return None
+        if got.dtype == torch.bool:
+            ok = torch.equal(got, want)
+        elif got.is_floating_point():  # additive: 0 where visible, very negative elsewhere
+            ok = bool(((got == 0) == want).all()) and bool((got[~want] < -1e4).all())
+        else:
+            ok = False
+        if not ok:
+            return None
+    return pos
+
+
+def _evaluator(nodes: list[fx.Node], pos: fx.Node, mask: fx.Node, constants: dict[fx.Node, torch.Tensor]):
+    """A function computing `mask` from the positions on the CPU, by running its nodes."""
+    def evaluate(positions: torch.Tensor) -> torch.Tensor:
+        env: dict[fx.Node, object] = {pos: positions}
+        env.update({n: c.cpu() for n, c in constants.items()})
+        for n in nodes:
+            if n in env:
+                continue
+            args = fx.node.map_aggregate(n.args, lambda a: env[a] if isinstance(a, fx.Node) else _on_cpu(a))
+            kwargs = fx.node.map_aggregate(n.kwargs, lambda a: env[a] if isinstance(a, fx.Node) else _on_cpu(a))
+            env[n] = n.target(*args, **kwargs)
+        return env[mask]
+
+    return evaluate
+
+
+def _on_cpu(x):
+    return torch.device("cpu") if isinstance(x, torch.device) else x
