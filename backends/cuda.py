@@ -31,7 +31,7 @@ INSTALL_TRITON = "pip install triton (CUDA builds of torch ship it)"
 def _kernels() -> dict[str, Callable]:
     """flashc op name -> launcher taking the op's arguments (imported on first use)."""
     try:
-        from flashc.codegen import triton_attention, triton_mlp, triton_norm, triton_rotary
+        from flashc.codegen import triton_attention, triton_mlp, triton_moe, triton_norm, triton_rotary
     except ImportError as e:
         raise FlashcError(f"the CUDA backend needs Triton ({e}); install it: {INSTALL_TRITON}") from None
 
@@ -43,7 +43,7 @@ def _kernels() -> dict[str, Callable]:
     def decode_attention(q, k_cache, v_cache, cache_position, scale):
         if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
             return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
-        seq_lens = (cache_position + 1).expand(q.shape[0])
+        seq_lens = (cache_position + 1).expand(q.shape[0]).contiguous()  # the kernel reads seq_lens[b]
         return triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, scale)
 
     return {
@@ -56,11 +56,13 @@ def _kernels() -> dict[str, Callable]:
                                                   else torch.ops.flashc.geglu.default(g, u, approximate)),
         "flashc.attention": attention,
         "flashc.decode_attention": decode_attention,
+        "flashc.moe": lambda x, logits, gate_up, down, top_k, normalize: triton_moe.moe(
+            x, logits, gate_up, down, top_k, normalize),
     }
 
 
 GENERATED = {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary", "flashc.swiglu", "flashc.geglu",
-             "flashc.attention", "flashc.decode_attention"}
+             "flashc.attention", "flashc.decode_attention", "flashc.moe"}
 
 
 class CudaBackend:

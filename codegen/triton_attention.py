@@ -574,6 +574,7 @@ def _decode_key(q, k_cache, max_len):
 
 
 def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, max_seq_len):
+    seq_lens = seq_lens.contiguous()  # the kernel reads seq_lens[b] at offset b (an expand has stride 0)
     B, Hq, _, D = q.shape
     Hkv, Lmax = k_cache.shape[1], k_cache.shape[2]
     if o.numel() == 0:

@@ -86,6 +86,9 @@ def _cfgs(*rows: dict) -> list[dict]:
 #                             num_warps, num_stages (software pipelining depth).
 #   decode_attention        : BLOCK_N keys per iteration, MIN_SPLIT_LEN = fewest keys a
 #                             split may own (Flash-Decoding), num_warps, num_stages.
+#   moe                     : grouped GEMM tile BLOCK_M (token, expert) pairs of one expert
+#                             x BLOCK_N output columns, BLOCK_K reduction step, num_warps,
+#                             num_stages; one config serves both expert GEMMs.
 # The order is the order of preference when nothing is tuned; launchers skip
 # candidates that don't fit the shape (e.g. shared memory at large head dims).
 _NORM_FAST = _cfgs(
@@ -144,6 +147,24 @@ _DECODE = _cfgs(
     {"BLOCK_N": 64, "MIN_SPLIT_LEN": 128, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 16, "MIN_SPLIT_LEN": 64, "num_warps": 2, "num_stages": 1},
 )
+# Decode (a handful of tokens) is bound by reading the routed experts' weights, so the
+# defaults keep BLOCK_M at the 16-row minimum of tl.dot and stream long BLOCK_K slabs
+# of weights through a deep pipeline; the larger BLOCK_M tiles are there for prefill.
+_MOE_HOPPER = _cfgs(
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+)
+_MOE_SMALL = _cfgs(
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+)
 
 TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
     "h100": {
@@ -153,6 +174,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "glu": _GLU,
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
+        "moe": _MOE_HOPPER,
     },
     "h200": {
         "rms_norm": _NORM_FAST,
@@ -161,6 +183,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "glu": _GLU,
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
+        "moe": _MOE_HOPPER,
     },
     "a100": {
         "rms_norm": _NORM_FAST,
@@ -169,6 +192,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "glu": _GLU,
         "attention": _ATTN_AMPERE,
         "decode_attention": _DECODE,
+        "moe": _MOE_SMALL,
     },
     "l4": {
         "rms_norm": _NORM_SMALL,
@@ -177,6 +201,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "glu": _GLU[1:] + _GLU[:1],
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
+        "moe": _MOE_SMALL,
     },
     "default": {
         "rms_norm": _NORM_SMALL,
@@ -185,6 +210,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "glu": _GLU[1:] + _GLU[:1],
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
+        "moe": _MOE_SMALL,
     },
 }
 

@@ -70,6 +70,9 @@ class RewriteRule:
     check: Callable[[Match], bool] | None = None
     any_shape_literals: bool = False
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # other spellings of a traced pattern (e.g. the code path a library takes on another
+    # device than the CPU the pattern is traced on), derived from the traced graph
+    variants: Callable[[fx.Graph], list[fx.Graph]] | None = None
     _graphs: dict = field(default_factory=dict, repr=False)
 
     def pattern_graphs(self) -> list[tuple[fx.Graph, list[str]]]:
@@ -78,10 +81,11 @@ class RewriteRule:
             seen = set()
             for dtype in self.dtypes:
                 graph, names = trace_pattern(self, dtype)
-                key = str(graph)
-                if key not in seen:
-                    seen.add(key)
-                    self._graphs[dtype] = (graph, names)
+                for i, g in enumerate([graph, *(self.variants(graph) if self.variants else [])]):
+                    key = str(g)
+                    if key not in seen:
+                        seen.add(key)
+                        self._graphs[(dtype, i)] = (g, names)
         return list(self._graphs.values())
 
 
@@ -176,6 +180,8 @@ class _Matcher:
             return self.args(tuple(pa), tuple(ga), b, target)
         if self.rule.any_shape_literals and target in SHAPE_LITERAL_OPS and type(pa) is int and type(ga) is int:
             return b
+        if isinstance(pa, torch.device) and isinstance(ga, torch.device):
+            return b  # patterns are traced on the CPU; a graph's ops name its own device
         if isinstance(pa, float) and isinstance(ga, float):
             return b if math.isclose(pa, ga, rel_tol=1e-12) else None
         return b if (type(pa) is type(ga) and pa == ga) else None

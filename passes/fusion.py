@@ -8,6 +8,7 @@ the five supported families write it), a replacement, and where needed a check.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
@@ -315,5 +316,20 @@ def _moe_examples(dt):
             _x(dt, d["experts"], 2 * d["ffn"], d["hidden"]), _x(dt, d["experts"], d["hidden"], d["ffn"]))
 
 
+def _moe_on_gpu(graph: fx.Graph) -> list[fx.Graph]:
+    """The block as traced on a GPU: transformers counts tokens per expert with histc of
+    float expert ids on the CPU (histc takes no integers there) and of int32 ids elsewhere."""
+    variant = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    changed = False
+    for n in graph.nodes:
+        env[n] = variant.node_copy(n, lambda a: env[a])
+        if (n.target == aten.to.dtype and n.args[1] == torch.float32
+                and any(u.target == aten.histc.default for u in n.users)):
+            env[n].args = (env[n].args[0], torch.int32, *env[n].args[2:])
+            changed = True
+    return [variant] if changed else []
+
+
 FUSE_MOE = RewriteRule("moe", mixtral_moe_pattern, mixtral_moe_replacement, example_inputs=_moe_examples,
-                       check=_check_moe, any_shape_literals=True)
+                       check=_check_moe, any_shape_literals=True, variants=_moe_on_gpu)

@@ -26,6 +26,7 @@ if not HAS_CUDA:
         "flashc.codegen.triton_rotary",
         "flashc.codegen.triton_mlp",
         "flashc.codegen.triton_attention",
+        "flashc.codegen.triton_moe",
     ):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

@@ -211,6 +211,17 @@ def test_decode_strided_cache_default_config_and_wrong_length_hint(device):
     assert rel_err(ta.decode_attention(q, kc, vc, lens, max_seq_len=40, config={"BLOCK_N": 16, "MIN_SPLIT_LEN": 16}), ref) < 1e-5
 
 
+def test_decode_broadcast_lengths(device):
+    """One length expanded over the batch (stride 0), as a decode step at a shared position passes it."""
+    seed("decode_expand")
+    B, Hq, Hkv, Lmax, D = 3, 4, 2, 64, 16
+    kc, vc = torch.randn(B, Hkv, Lmax, D, device=device), torch.randn(B, Hkv, Lmax, D, device=device)
+    q = torch.randn(B, Hq, 1, D, device=device)
+    lens = torch.tensor([37], device=device).expand(B)
+    ref = ta.reference_decode_attention(q.double(), kc.double(), vc.double(), lens)
+    assert rel_err(ta.decode_attention(q, kc, vc, lens), ref) < 1e-5
+
+
 def test_decode_lengths_beyond_cache_are_clamped(device):
     seed("clamp")
     q = torch.randn(2, 2, 1, 16, device=device)

@@ -76,3 +76,17 @@ def test_level_3_merges_projections(tiny_models):
     ids = fresh_ids("qwen2-tiny")
     with torch.no_grad():
         assert rel_err(program(ids).logits, model(ids, use_cache=False).logits) < 1e-5
+
+
+def test_moe_fuses_as_traced_off_the_cpu():
+    """On other devices than the CPU, transformers counts tokens per expert with histc of int32
+    ids and its ops name that device: the meta device takes the same path as a GPU."""
+    from collections import Counter
+
+    import flashc
+    from flashc import zoo
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = zoo.build("mixtral-tiny", device="meta", dtype=dtype)
+        cm = flashc.compile(model, "eager", (torch.zeros(1, 8, dtype=torch.long, device="meta"),), level=2)
+        assert Counter(op_name(n) for n in cm.program.op_nodes())["flashc.moe"] == 2

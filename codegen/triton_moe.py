@@ -1,0 +1,337 @@
+"""Top-k mixture of SwiGLU experts (Mixtral) as Triton grouped GEMMs, with a PyTorch reference.
+
+Semantics (``torch.ops.flashc.moe``)::
+
+    x[T, H], router_logits[T, E], gate_up[E, 2F, H] (rows [0, F) gate, [F, 2F) up), down[E, H, F]
+    probs = softmax(router_logits.float());  weights, experts = topk(probs, top_k)
+    if normalize: weights /= weights.sum(-1);  weights = weights.to(x.dtype)
+    out[t] = sum_k weights[t, k] * down[e] @ (silu(gate_up[e, :F] @ x[t]) * (gate_up[e, F:] @ x[t])),
+             e = experts[t, k]
+
+Only the routed experts' weights are read (the "fused MoE" scheme of vLLM / SGLang):
+
+1. Routing in PyTorch.  The ``P = T * top_k`` (token, expert) pairs, numbered
+   ``p = t * top_k + k``, are sorted by expert (stable, so the order is
+   deterministic) and each expert's group is padded to a multiple of ``BLOCK_M``
+   in a ``rows`` table (padding entries hold ``P``).  The table has a fixed size
+   ``num_blocks * BLOCK_M`` with ``num_blocks = min(P, P // BLOCK_M + E)``, an
+   upper bound of the padded length known from the shapes alone, and
+   ``block_expert[b]`` is the expert of block ``b`` (``E`` for unused blocks).
+   Everything is computed on the device with sort / searchsorted / cumsum /
+   scatter: no host synchronisation, so the whole function can be captured in a
+   CUDA graph.
+2. Kernel 1, program ``(block b, column tile n)``: the pairs of block ``b`` gather
+   their token rows of ``x`` and multiply them by the gate and up rows ``n`` of
+   ``gate_up[block_expert[b]]`` (two fp32 accumulators); the epilogue writes
+   ``h[p, n] = silu(gate) * up`` in ``x.dtype``.
+3. Kernel 2, same grid shape over ``H``: ``h[p] @ down[e]^T`` times the routing
+   weight of ``p``, written in fp32 to ``y[p, :]``.
+4. ``out = y.view(T, top_k, H).sum(1)`` (a fixed-order sum, deterministic, unlike
+   an atomic scatter-add), cast to ``x.dtype``.
+
+Unused blocks return before loading anything, and a block's weight tiles are
+those of its own expert, so each routed expert's weights are read once per
+``BLOCK_M`` pairs routed to it and unrouted experts are never read.  At decode
+(T of a few tokens) a block holds one or two real pairs; the padding rows are
+masked off and cost no memory traffic.  Products accumulate in fp32 (exact fp32
+products for fp32 inputs, no TF32); the output has ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import tuning
+from ._triton_common import (
+    HAS_TRITON,
+    FLOAT_DTYPES,
+    check_devices,
+    check_same_dtype,
+    check_tensor,
+    device_guard,
+    launch_opts,
+    next_pow2,
+    require_triton,
+    triton,
+    tl,
+)
+
+__all__ = ["moe", "tune_moe", "route", "reference_moe"]
+
+
+# ---------------------------------------------------------------------------
+# Routing and reference
+# ---------------------------------------------------------------------------
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
+    """``(weights[T, top_k] in dtype, experts[T, top_k] int64)``: top-k of the fp32 softmax, as flashc.moe routes."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(dtype), experts
+
+
+def reference_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+) -> torch.Tensor:
+    """Plain PyTorch MoE in ``x.dtype`` (float64 inputs give the tests' high-precision truth).
+
+    Each token's k-th expert weights are gathered and applied per token, so this
+    shares no code with the kernels' sort-and-pad scheme.
+    """
+    weights, experts = route(router_logits, top_k, normalize, x.dtype)
+    f = down.shape[-1]
+    out = torch.zeros_like(x)
+    for k in range(top_k):
+        e = experts[:, k]
+        gu = torch.einsum("th,tnh->tn", x, gate_up[e])
+        h = F.silu(gu[:, :f]) * gu[:, f:]
+        out = out + torch.einsum("tf,thf->th", h, down[e]) * weights[:, k, None]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _moe_gemm_kernel(
+        A, W, OUT, ROWS, BLOCK_EXPERT, ROUTE_W,
+        num_pairs, num_experts, N, K, a_row_div, up_offset,
+        stride_am, stride_ak,
+        stride_we, stride_wn, stride_wk,
+        stride_om, stride_on,
+        SWIGLU: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_NK: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Program (block b, column tile): OUT[p, cols] for the pairs p = ROWS[b*BLOCK_M:(b+1)*BLOCK_M].
+
+        The A row of pair p is p // a_row_div (x's token for the gate/up GEMM, h's
+        pair row for the down GEMM); W = weights of expert BLOCK_EXPERT[b], [N, K]
+        per expert.  SWIGLU: also multiply by the up rows (up_offset elements
+        further) and write silu(gate) * up; else scale by ROUTE_W[p].
+        """
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(BLOCK_EXPERT + pid_b)
+        if expert >= num_experts:  # past the last padded group: nothing to do, nothing read
+            return
+        pairs = tl.load(ROWS + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = pairs < num_pairs
+        a_rows = tl.where(row_ok, pairs // a_row_div, 0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        a_ptrs = A + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        # W tile loaded transposed, [BLOCK_K, BLOCK_N], so the product is a plain A @ W^T.
+        w_ptrs = W + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWIGLU:
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_NK:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w_mask = k_ok[:, None] & n_ok[None, :]
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            if SWIGLU:
+                if EVEN_NK:
+                    w_up = tl.load(w_ptrs + up_offset)
+                else:
+                    w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+                if IEEE:
+                    acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a, w_up, acc_up)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+
+        if SWIGLU:
+            # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows.
+            result = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0))) * acc_up
+        else:
+            route_w = tl.load(ROUTE_W + pairs, mask=row_ok, other=0.0).to(tl.float32)
+            result = acc * route_w[:, None]
+        out_ptrs = OUT + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, result.to(OUT.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    tuning.register_kernel_source("moe", _moe_gemm_kernel)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def _check_moe(x, router_logits, gate_up, down, top_k) -> None:
+    fn = "moe"
+    require_triton(fn)
+    check_tensor(fn, "x", x, ndim=2)
+    check_tensor(fn, "router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(fn, "gate_up", gate_up, ndim=3)
+    check_tensor(fn, "down", down, ndim=3)
+    T, H = x.shape
+    E = router_logits.shape[1]
+    Fd = down.shape[2]
+    if router_logits.shape[0] != T:
+        raise ValueError(f"{fn}: router_logits must be [T={T}, E], got {tuple(router_logits.shape)}")
+    if tuple(gate_up.shape) != (E, 2 * Fd, H):
+        raise ValueError(
+            f"{fn}: gate_up must be [E={E}, 2F={2 * Fd}, H={H}] (E from router_logits, F from down), "
+            f"got {tuple(gate_up.shape)}"
+        )
+    if tuple(down.shape) != (E, H, Fd):
+        raise ValueError(f"{fn}: down must be [E={E}, H={H}, F], got {tuple(down.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"{fn}: top_k must be an int in [1, E={E}], got {top_k!r}")
+    check_same_dtype(fn, [("x", x), ("gate_up", gate_up), ("down", down)])
+    check_devices(fn, _moe_gemm_kernel, [("x", x), ("router_logits", router_logits), ("gate_up", gate_up), ("down", down)])
+
+
+def _moe_key(x, E: int, Fd: int, top_k: int) -> dict:
+    T, H = x.shape
+    return {"T": T, "E": E, "H": H, "F": Fd, "top_k": top_k, "dtype": str(x.dtype).replace("torch.", "")}
+
+
+def _moe_fits(dtype: torch.dtype, profile: str):
+    """Config filter: shared memory of the pipelined gate/up GEMM, an A tile and two W tiles per stage.
+
+    An upper bound: Triton's cp.async pipeline keeps ``num_stages - 1`` buffers.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    smem = tuning.hardware(profile)["smem_per_block"]
+
+    def fits(cfg: dict) -> bool:
+        bm, bn, bk = cfg.get("BLOCK_M", 16), cfg.get("BLOCK_N", 64), cfg.get("BLOCK_K", 64)
+        stages = max(1, cfg.get("num_stages", 2))
+        return stages * (bm * bk + 2 * bk * bn) * elem <= smem
+
+    return fits
+
+
+def _sort_pairs(experts: torch.Tensor, num_experts: int, block_m: int):
+    """The padded pair table: ``(rows[num_blocks * block_m] int32, block_expert[num_blocks] int32)``.
+
+    ``rows`` lists the pairs ``p = t * top_k + k`` grouped by expert, each group
+    padded with ``P`` to a multiple of ``block_m``; ``block_expert[b]`` is the
+    expert of block ``b``, ``num_experts`` past the last group.  Device ops only.
+    """
+    flat = experts.reshape(-1)
+    P = flat.numel()
+    dev = flat.device
+    num_blocks = min(P, P // block_m + num_experts)
+    sorted_experts, order = torch.sort(flat, stable=True)
+    starts = torch.searchsorted(sorted_experts, torch.arange(num_experts + 1, device=dev, dtype=flat.dtype))
+    counts = starts[1:] - starts[:-1]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_ends = torch.cumsum(padded, 0)
+    rank = torch.arange(P, device=dev) - starts[sorted_experts]
+    dest = (padded_ends - padded)[sorted_experts] + rank
+    rows = torch.full((num_blocks * block_m,), P, dtype=torch.int32, device=dev)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(num_blocks, device=dev, dtype=padded_ends.dtype) * block_m
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True, out_int32=True)
+    return rows, block_expert
+
+
+def _launch_gemm(a, w, out, rows, block_expert, route_w, num_pairs, num_experts, a_row_div, swiglu, config):
+    """One grouped GEMM: out[p] = epilogue(a[p // a_row_div] @ w[expert]^T) for the pairs of the table."""
+    n = out.shape[1]
+    k = a.shape[1]
+    block_m = int(config["BLOCK_M"])
+    block_n = min(int(config["BLOCK_N"]), max(16, next_pow2(n)))
+    block_k = min(int(config["BLOCK_K"]), max(16, next_pow2(k)))
+    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    _moe_gemm_kernel[grid](
+        a, w, out, rows, block_expert, route_w,
+        num_pairs, num_experts, n, k, a_row_div, n * w.stride(1) if swiglu else 0,
+        a.stride(0), a.stride(1),
+        *w.stride(),
+        out.stride(0), out.stride(1),
+        SWIGLU=swiglu,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_NK=n % block_n == 0 and k % block_k == 0,
+        IEEE=a.dtype == torch.float32,
+        **launch_opts(config),
+    )
+
+
+def _launch_moe(x, router_logits, gate_up, down, top_k, normalize, config) -> torch.Tensor:
+    T, H = x.shape
+    E, Fd = gate_up.shape[0], down.shape[2]
+    if T == 0 or H == 0 or Fd == 0:
+        return torch.zeros_like(x)
+    if config is None:
+        profile = tuning.detect_profile(x.device)
+        config = tuning.get_config("moe", _moe_key(x, E, Fd, top_k), profile, _moe_fits(x.dtype, profile))
+    if int(config["BLOCK_M"]) < 16 or min(int(config["BLOCK_N"]), int(config["BLOCK_K"])) < 16:
+        raise ValueError(f"moe: BLOCK_M, BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got config {config}")
+    weights, experts = route(router_logits, top_k, normalize, x.dtype)
+    P = T * top_k
+    rows, block_expert = _sort_pairs(experts, E, int(config["BLOCK_M"]))
+    h = torch.empty((P, Fd), dtype=x.dtype, device=x.device)
+    y = torch.empty((P, H), dtype=torch.float32, device=x.device)
+    route_w = weights.reshape(-1).contiguous()
+    with device_guard(x.device):
+        _launch_gemm(x, gate_up, h, rows, block_expert, route_w, P, E, top_k, True, config)
+        _launch_gemm(h, down, y, rows, block_expert, route_w, P, E, 1, False, config)
+    return y.view(T, top_k, H).sum(1).to(x.dtype)
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``torch.ops.flashc.moe`` with grouped Triton GEMMs over the routed experts only; see the module docstring.
+
+    ``x[T, H]``, ``router_logits[T, E]`` (any float dtype), ``gate_up[E, 2F, H]``
+    (gate rows first), ``down[E, H, F]``; x and the weights share one dtype,
+    any strides.  Returns a new ``[T, H]`` tensor of ``x.dtype``.  No host
+    synchronisation (CUDA-graph capturable).  ``config`` overrides the launch
+    config (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``).
+    """
+    _check_moe(x, router_logits, gate_up, down, top_k)
+    return _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), config)
+
+
+def tune_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+) -> dict:
+    """Autotune (and cache) the MoE kernels on these example inputs; returns the winning config."""
+    _check_moe(x, router_logits, gate_up, down, top_k)
+    profile = tuning.detect_profile(x.device)
+    fits = _moe_fits(x.dtype, profile)
+    cands = [c for c in tuning.candidates("moe", profile) if fits(c)] or tuning.candidates("moe", profile)
+    key = _moe_key(x, gate_up.shape[0], down.shape[2], top_k)
+    return tuning.autotune(
+        "moe", key, cands, lambda cfg: _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), cfg), profile
+    )
