@@ -3,8 +3,11 @@ rest, and the whole forward replayed as one CUDA graph.
 
 Lowering copies the optimized graph, moves weights to the GPU and points each flashc
 op that has a generated kernel (flashc.codegen) at it; matmuls stay on cuBLAS through
-torch. With static input shapes the forward is captured once into a CUDA graph, so a
-call costs one graph launch instead of a hundred-odd kernel launches.
+torch. The first call autotunes each generated kernel on the shapes it meets (results
+cached on disk and saved in the artifact), then, with static input shapes, captures the
+forward into a CUDA graph, so a call costs one graph launch instead of a hundred-odd
+kernel launches. Inputs the graph writes in place (a decode step's KV cache) stay
+resident: the graph works on the caller's tensors directly.
 
 Ahead-of-time use: on a machine without a GPU, `lower` records what would be lowered
 and the artifact saves normally; running it there raises a clear error, and `flashc.load`
@@ -14,6 +17,7 @@ on a GPU machine lowers it then.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -43,21 +47,53 @@ def _kernels() -> dict[str, Callable]:
     def decode_attention(q, k_cache, v_cache, cache_position, scale):
         if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
             return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
-        seq_lens = (cache_position + 1).expand(q.shape[0]).contiguous()  # the kernel reads seq_lens[b]
-        return triton_attention.decode_attention(q, k_cache, v_cache, seq_lens, scale)
+        # key j is visible iff j <= position: length = position + 1, the same for every sequence
+        return triton_attention.decode_attention(q, k_cache, v_cache, cache_position.expand(q.shape[0]), scale,
+                                                 len_offset=1)
 
     return {
         "flashc.rms_norm": lambda x, w, eps: triton_norm.rms_norm(x, w, eps),
         "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.add_rms_norm(x, r, w, eps),
         "flashc.rotary": lambda x, c, s: triton_rotary.rotary(x, c, s),
-        "flashc.swiglu": lambda g, u: triton_mlp.swiglu(g.contiguous(), u.contiguous()),
-        "flashc.geglu": lambda g, u, approximate: (triton_mlp.geglu(g.contiguous(), u.contiguous())
+        # the GLU kernel reads rows with any row stride: the halves of a merged gate|up
+        # projection go in as they are, without copies
+        "flashc.swiglu": lambda g, u: triton_mlp.swiglu(g, u),
+        "flashc.geglu": lambda g, u, approximate: (triton_mlp.geglu(g, u)
                                                   if approximate == "tanh"
                                                   else torch.ops.flashc.geglu.default(g, u, approximate)),
         "flashc.attention": attention,
         "flashc.decode_attention": decode_attention,
         "flashc.moe": lambda x, logits, gate_up, down, top_k, normalize: triton_moe.moe(
             x, logits, gate_up, down, top_k, normalize),
+    }
+
+
+def _tuners() -> dict[str, Callable]:
+    """flashc op name -> autotuner taking the op's arguments (results cached on disk by codegen.tuning)."""
+    from flashc.codegen import triton_attention, triton_mlp, triton_moe, triton_norm, triton_rotary
+
+    def glu(act):
+        return lambda g, u, *rest: triton_mlp.tune_glu(torch.cat([g, u], -1), act)
+
+    def attention(q, k, v, mask, is_causal, scale):
+        if mask is None:
+            triton_attention.tune_attention(q, k, v, is_causal, scale)
+
+    def decode_attention(q, k_cache, v_cache, cache_position, scale):
+        if q.shape[2] == 1:
+            lens = (cache_position + 1).expand(q.shape[0])
+            triton_attention.tune_decode_attention(q, k_cache, v_cache, lens, scale)
+
+    return {
+        "flashc.rms_norm": lambda x, w, eps: triton_norm.tune_rms_norm(x, w, eps),
+        "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.tune_rms_norm(x, w, eps, residual=r),
+        "flashc.rotary": lambda x, c, s: triton_rotary.tune_rotary(x, c, s),
+        "flashc.swiglu": glu("silu"),
+        "flashc.geglu": lambda g, u, approximate: (triton_mlp.tune_glu(torch.cat([g, u], -1), "gelu_tanh")
+                                                   if approximate == "tanh" else None),
+        "flashc.attention": attention,
+        "flashc.decode_attention": decode_attention,
+        "flashc.moe": lambda *args: triton_moe.tune_moe(*args),
     }
 
 
@@ -79,11 +115,13 @@ class CudaBackend:
                                   "save it and run it with flashc.load on a machine with an NVIDIA GPU")
 
             return no_gpu
+        _check_memory(program)
         local = detect()
         if local.name != profile.name:
             warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
                           "kernels are tuned for the local device", stacklevel=3)
-        return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True))
+        return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True),
+                              tune=options.get("tune", True))
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -107,6 +145,24 @@ class CudaBackend:
         return self.lower(program, get_profile(program.meta.get("profile", "h100")), {})
 
 
+def _check_memory(program: Program) -> None:
+    """Refuse early, with the estimate, when the model cannot fit the GPU's free memory."""
+    weights = sum(t.numel() * t.element_size() for t in program.params.values() if t.device.type != "cuda")
+    inputs = sum(math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size() for s in program.inputs)
+    largest = 0
+    for node in program.op_nodes():
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            largest = max(largest, val.numel() * val.element_size())
+    need = weights + 2 * inputs + 4 * largest  # inputs and their static copies; a few live activations
+    free, total = torch.cuda.mem_get_info()
+    if need > free:
+        raise FlashcError(f"not enough GPU memory: this model needs about {need / 2**30:.1f} GiB "
+                          f"(weights {weights / 2**30:.1f} GiB, inputs {inputs / 2**30:.2f} GiB, largest activation "
+                          f"{largest / 2**30:.2f} GiB) but {free / 2**30:.1f} of {total / 2**30:.1f} GiB are free; "
+                          "use a smaller batch or sequence length, fewer layers, or a GPU with more memory")
+
+
 def _to_cuda_args(x):
     if isinstance(x, torch.device) and x.type == "cpu":
         return torch.device("cuda")
@@ -116,9 +172,10 @@ def _to_cuda_args(x):
 class CudaExecutable:
     """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
 
-    def __init__(self, program: Program, use_cuda_graph: bool = True) -> None:
+    def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True) -> None:
         kernels = _kernels()
         graph = copy.deepcopy(program.graph)
+        self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
@@ -127,6 +184,7 @@ class CudaExecutable:
             name = op_name(node)
             if name in kernels:
                 node.target = kernels[name]
+                self._ops[node.name] = name
         self.module = fx.GraphModule(torch.nn.Module(), graph)
         foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function"
                           and n.target not in kernels.values()
@@ -138,6 +196,7 @@ class CudaExecutable:
             use_cuda_graph = False
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
+        self.tune = tune  # autotune the generated kernels on the first call's shapes
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
         # GPU tensor passed at capture becomes the graph's own buffer (the cache stays
         # resident: no copies while the caller passes the same tensor); other tensors are
@@ -152,7 +211,40 @@ class CudaExecutable:
         out = self.module(*self.weights, *[a.to("cuda", non_blocking=True) for a in args])
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
+    def autotune(self, *args: torch.Tensor) -> int:
+        """Run the graph once, tuning each generated kernel on the shapes it meets; returns
+        how many kernels were tuned. Results land in codegen.tuning's on-disk cache (and an
+        artifact's payload), so a later compile or load of the same shapes does not tune."""
+        tuners = _tuners()
+        ops = self._ops
+        tuned = 0
+
+        class Tuning(fx.Interpreter):
+            def call_function(self, target, a, kw):
+                nonlocal tuned
+                op = ops.get(self._node_name)
+                if op in tuners:
+                    tuners[op](*a, **kw)
+                    tuned += 1
+                return super().call_function(target, a, kw)
+
+            def run_node(self, n):
+                self._node_name = n.name
+                return super().run_node(n)
+
+        with torch.no_grad():
+            Tuning(self.module).run(*self.weights, *[a.to("cuda") for a in args])
+        torch.cuda.synchronize()
+        return tuned
+
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if self.tune:
+            self.tune = False
+            try:
+                self.autotune(*[a.clone() if i in self.mutated_inputs else a for i, a in enumerate(args)])
+            except Exception as e:  # untuned kernels are slower, not wrong: keep going
+                warnings.warn(f"kernel autotuning failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "running with default configs", stacklevel=2)
         if not self.use_cuda_graph:
             return self.run_eager(*args)
         if self._graph is None:

@@ -275,6 +275,7 @@ if HAS_TRITON:
     @triton.jit
     def _decode_split_kernel(
         Q, K, V, SEQ_LENS, MID_O, MID_LSE,
+        s_len, len_offset,
         sq_b, sq_h, sq_d,
         sk_b, sk_h, sk_l, sk_d,
         sv_b, sv_h, sv_l, sv_d,
@@ -297,7 +298,7 @@ if HAS_TRITON:
         split = tl.program_id(1)
         b = pid_bk // Hkv
         kvh = pid_bk % Hkv
-        seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+        seq_len = tl.load(SEQ_LENS + b * s_len).to(tl.int32) + len_offset
         seq_len = tl.minimum(tl.maximum(seq_len, 0), Lmax)
         start = split * split_len
         end = tl.where(split == NUM_SPLITS - 1, seq_len, tl.minimum(start + split_len, seq_len))
@@ -573,8 +574,7 @@ def _decode_key(q, k_cache, max_len):
     }
 
 
-def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, max_seq_len):
-    seq_lens = seq_lens.contiguous()  # the kernel reads seq_lens[b] at offset b (an expand has stride 0)
+def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, max_seq_len, len_offset=0):
     B, Hq, _, D = q.shape
     Hkv, Lmax = k_cache.shape[1], k_cache.shape[2]
     if o.numel() == 0:
@@ -606,6 +606,7 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
     with device_guard(q.device):
         _decode_split_kernel[(B * Hkv, ns)](
             q, k_cache, v_cache, seq_lens, mid_o, mid_lse,
+            seq_lens.stride(0), int(len_offset),
             q.stride(0), q.stride(1), q.stride(3),
             *k_cache.stride(), *v_cache.stride(),
             Hq, Hkv, G, Lmax, D, split_len, ns,
@@ -637,12 +638,15 @@ def decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    len_offset: int = 0,
 ) -> torch.Tensor:
     """Flash-Decoding attention of one new query per sequence over a KV cache; see the module docstring.
 
     ``q[B, Hq, 1, D]``, ``k_cache, v_cache[B, Hkv, Lmax, D]`` (any strides),
     ``seq_lens[B]`` int32/int64 on the same device: keys ``j < seq_lens[b]`` are
-    attended (lengths are clamped to ``[0, Lmax]``; a length of 0 gives 0).
+    attended (lengths are clamped to ``[0, Lmax]``; a length of 0 gives 0).  ``seq_lens``
+    may have any stride (0: one length for the whole batch); ``len_offset`` is added
+    to every length, so a decode step passes its cache position with offset 1.
 
     ``num_splits`` forces the KV split count (default: :func:`decode_num_splits`
     from ``max_seq_len`` and the SM count).  ``max_seq_len`` is an optional host-side
@@ -658,7 +662,7 @@ def decode_attention(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
         check_out("decode_attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k_cache, v_cache))
-    _launch_decode(q, k_cache, v_cache, seq_lens, out, scale, config, num_splits, max_seq_len)
+    _launch_decode(q, k_cache, v_cache, seq_lens, out, scale, config, num_splits, max_seq_len, len_offset)
     return out
 
 

@@ -96,10 +96,11 @@ class PassManager:
             result = p.run(program, ctx)
             program.recompile()
             seconds = time.perf_counter() - start
-            held = (held & set(p.preserves)) | set(getattr(p, "establishes", ()))
-            if self.verify:
-                verify(program, expected, where=f"after pass {p.name}")
-                held.add("shapes")
+            if result.changed:  # a pass that changed nothing leaves every property as it was
+                held = (held & set(p.preserves)) | set(getattr(p, "establishes", ()))
+                if self.verify:
+                    verify(program, expected, where=f"after pass {p.name}")
+                    held.add("shapes")
             record = PassRecord(p.name, result.changed, dict(result.stats), seconds,
                                 nodes_before, len(program.graph.nodes))
             if before is not None and result.changed:

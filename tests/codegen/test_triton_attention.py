@@ -220,6 +220,8 @@ def test_decode_broadcast_lengths(device):
     lens = torch.tensor([37], device=device).expand(B)
     ref = ta.reference_decode_attention(q.double(), kc.double(), vc.double(), lens)
     assert rel_err(ta.decode_attention(q, kc, vc, lens), ref) < 1e-5
+    positions = torch.tensor([36], device=device).expand(B)  # a cache position: length = position + 1
+    assert rel_err(ta.decode_attention(q, kc, vc, positions, len_offset=1), ref) < 1e-5
 
 
 def test_decode_lengths_beyond_cache_are_clamped(device):
