@@ -96,8 +96,11 @@ class PassManager:
             result = p.run(program, ctx)
             program.recompile()
             seconds = time.perf_counter() - start
-            if result.changed:  # a pass that changed nothing leaves every property as it was
-                held = (held & set(p.preserves)) | set(getattr(p, "establishes", ()))
+            establishes = set(getattr(p, "establishes", ()))
+            if not result.changed:  # a pass that changed nothing leaves every property as it was
+                held |= establishes
+            else:
+                held = (held & set(p.preserves)) | establishes
                 if self.verify:
                     verify(program, expected, where=f"after pass {p.name}")
                     held.add("shapes")
