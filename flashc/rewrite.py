@@ -268,6 +268,27 @@ def _self_contained(covered: list[fx.Node], outputs: list[fx.Node]) -> bool:
     return True
 
 
+def _infer_shapes(first: fx.Node, stop: fx.Node) -> None:
+    """Give the nodes first..stop (exclusive) their meta['val'] by running their ops on the
+    fake values of their inputs, so later rules can read shapes without re-propagating the
+    whole graph. Nodes whose inputs have no value are left without one."""
+    from torch._guards import detect_fake_mode
+
+    node = first
+    while node is not stop:
+        inputs = [a.meta.get("val") for a in node.all_input_nodes]
+        mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+        if node.op == "call_function" and mode is not None and all(v is not None for v in inputs):
+            args = fx.node.map_arg(node.args, lambda a: a.meta["val"])
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: a.meta["val"])
+            try:
+                with mode:
+                    node.meta["val"] = node.target(*args, **kwargs)
+            except Exception:
+                node.meta.pop("val", None)
+        node = node.next
+
+
 def apply_rule(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> int:
     """Replace every match of rule in graph; returns the number of replacements.
 
@@ -285,8 +306,10 @@ def apply_rule(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None
             continue  # an input is defined after the first output: no safe insertion point
         tracer = fx.proxy.GraphAppendingTracer(graph)
         args = {k: (fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v) for k, v in m.bindings.items()}
+        before = point.prev
         with graph.inserting_before(point):
             result = rule.replacement(**args)
+        _infer_shapes(before.next, point)
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         for old, new in zip(m.outputs, results):
             new_node = new.node if isinstance(new, fx.Proxy) else new

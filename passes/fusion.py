@@ -231,7 +231,9 @@ class Fuse:
         for rule in self.rules:
             n = apply_rule(rule, program.graph, program.params)
             stats[rule.name] = stats.get(rule.name, 0) + n
-            if n:  # later rules read shapes of the nodes this one created
+            # later rules read shapes of the nodes this one created; apply_rule infers them
+            # locally and the whole graph is re-propagated only where that failed
+            if n and any(node.meta.get("val") is None for node in program.op_nodes()):
                 propagate_shapes(program)
         program.graph.eliminate_dead_code()
         program.drop_unused_params()
