@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,60 @@ class CudaBackend:
         return self.lower(program, get_profile(program.meta.get("profile", "h100")), {})
 
 
+def _kv_write(k, v, cos, sin, k_cache, v_cache, positions):
+    from flashc.codegen import triton_rotary
+
+    triton_rotary.rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
+    return k_cache, v_cache
+
+
+def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
+    """Fold a decode step's cache update into one launch; returns how many were folded.
+
+    ``index_copy_(kc, 2, pos, flashc.rotary(k, cos, sin))`` and the next
+    ``index_copy_(vc, 2, pos, v)`` at the same positions (three kernels) become
+    ``write(k, v, cos, sin, kc, vc, pos) -> (kc, vc)``, which rotates the keys and stores
+    keys and values straight into their cache rows (`rotary_kv_write`, one kernel).
+    Only where it is safe: the rotated keys feed nothing else, every input of the write
+    exists where the key write was, and nothing between the two writes reads vc.
+    """
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    copies = [n for n in nodes if n.op == "call_function" and n.target == torch.ops.aten.index_copy_.default]
+    rotary = torch.ops.flashc.rotary.default
+    done = 0
+    taken: set[fx.Node] = set()
+    for kn in copies:
+        kc, dim, pos, rot = kn.args
+        if (kn in taken or dim != 2 or not isinstance(rot, fx.Node) or rot.target != rotary
+                or len(rot.users) != 1):
+            continue
+        later = [m for m in copies if m not in taken and order[m] > order[kn] and m.args[1] == 2
+                 and m.args[2] is pos and not (isinstance(m.args[3], fx.Node) and m.args[3].target == rotary)]
+        if not later:
+            continue
+        vn = min(later, key=order.__getitem__)
+        vc, v = vn.args[0], vn.args[3]
+        k, cos, sin = rot.args
+        if any(isinstance(a, fx.Node) and order[a] >= order[kn] for a in (k, cos, sin, v, vc)):
+            continue
+        between = nodes[order[kn] + 1:order[vn]]
+        if any(vc in n.all_input_nodes for n in between):
+            continue
+        with graph.inserting_before(kn):
+            call = graph.call_function(write, (k, v, cos, sin, kc, vc, pos))
+            k_out = graph.call_function(operator.getitem, (call, 0))
+            v_out = graph.call_function(operator.getitem, (call, 1))
+        kn.replace_all_uses_with(k_out)
+        vn.replace_all_uses_with(v_out)
+        graph.erase_node(vn)
+        graph.erase_node(kn)
+        graph.erase_node(rot)
+        taken |= {kn, vn}
+        done += 1
+    return done
+
+
 def _check_memory(program: Program) -> None:
     """Refuse early, with the estimate, when the model cannot fit the GPU's free memory."""
     weights = sum(t.numel() * t.element_size() for t in program.params.values() if t.device.type != "cuda")
@@ -175,6 +230,13 @@ class CudaExecutable:
     def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True) -> None:
         kernels = _kernels()
         graph = copy.deepcopy(program.graph)
+        # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
+        # GPU tensor passed at capture becomes the graph's own buffer (the cache stays
+        # resident: no copies while the caller passes the same tensor); other tensors are
+        # copied into the static buffer before a replay and back after it
+        user = [n for n in graph.nodes if n.op == "placeholder"][len(program.params):]
+        self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
+        self.kv_writes_fused = fuse_kv_writes(graph, _kv_write)
         self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
         for node in graph.nodes:
             if node.op != "call_function":
@@ -186,8 +248,9 @@ class CudaExecutable:
                 node.target = kernels[name]
                 self._ops[node.name] = name
         self.module = fx.GraphModule(torch.nn.Module(), graph)
+        launchers = {*kernels.values(), _kv_write}
         foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function"
-                          and n.target not in kernels.values()
+                          and n.target not in launchers
                           and op_name(n).split(".")[0] not in ("aten", "flashc", "getitem")})
         if foreign and use_cuda_graph:
             # ops of other libraries may synchronise with the host (e.g. .tolist()), which
@@ -197,12 +260,6 @@ class CudaExecutable:
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
         self.tune = tune  # autotune the generated kernels on the first call's shapes
-        # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
-        # GPU tensor passed at capture becomes the graph's own buffer (the cache stays
-        # resident: no copies while the caller passes the same tensor); other tensors are
-        # copied into the static buffer before a replay and back after it
-        user = [n for n in graph.nodes if n.op == "placeholder"][len(self.weights):]
-        self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []

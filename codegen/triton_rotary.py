@@ -34,7 +34,8 @@ from ._triton_common import (
     tl,
 )
 
-__all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half"]
+__all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half", "rotary_kv_write",
+           "reference_rotary_kv_write"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,56 @@ if HAS_TRITON:
         tl.store(yb + d2 * sy_d, y2.to(Y.dtype.element_ty), mask=mask)
 
     tuning.register_kernel_source("rotary", _rotary_kernel)
+
+    @triton.jit
+    def _rotary_kv_write_kernel(
+        K, V, COS, SIN, KC, VC, POS,
+        H, S, L, D_HALF,
+        sk_b, sk_h, sk_s, sk_d,
+        sv_b, sv_h, sv_s, sv_d,
+        sc_b, sc_s, sc_d,
+        ss_b, ss_s, ss_d,
+        skc_b, skc_h, skc_l, skc_d,
+        svc_b, svc_h, svc_l, svc_d,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Program (b*H + h, s-block): rotate BLOCK_S new keys of one head and store them, and
+        their values, at rows POS[s] of the caches (rows outside [0, L) are skipped)."""
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok = offs_s < S
+        row = tl.load(POS + offs_s, mask=s_ok, other=-1).to(tl.int64)
+        load_mask = s_ok[:, None] & (offs_d < D_HALF)[None, :]
+        store_mask = load_mask & ((row >= 0) & (row < L))[:, None]
+        s64 = offs_s.to(tl.int64)[:, None]
+        r64 = row[:, None]
+        d1 = offs_d.to(tl.int64)[None, :]
+        d2 = d1 + D_HALF
+
+        kb = K + b * sk_b + h * sk_h + s64 * sk_s
+        x1 = tl.load(kb + d1 * sk_d, mask=load_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(kb + d2 * sk_d, mask=load_mask, other=0.0).to(tl.float32)
+        cb = COS + b * sc_b + s64 * sc_s
+        c1 = tl.load(cb + d1 * sc_d, mask=load_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cb + d2 * sc_d, mask=load_mask, other=0.0).to(tl.float32)
+        sb = SIN + b * ss_b + s64 * ss_s
+        s1 = tl.load(sb + d1 * ss_d, mask=load_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sb + d2 * ss_d, mask=load_mask, other=0.0).to(tl.float32)
+        kcb = KC + b * skc_b + h * skc_h + r64 * skc_l
+        tl.store(kcb + d1 * skc_d, (x1 * c1 - x2 * s1).to(KC.dtype.element_ty), mask=store_mask)
+        tl.store(kcb + d2 * skc_d, (x2 * c2 + x1 * s2).to(KC.dtype.element_ty), mask=store_mask)
+
+        vb = V + b * sv_b + h * sv_h + s64 * sv_s
+        vcb = VC + b * svc_b + h * svc_h + r64 * svc_l
+        v1 = tl.load(vb + d1 * sv_d, mask=load_mask, other=0.0)
+        v2 = tl.load(vb + d2 * sv_d, mask=load_mask, other=0.0)
+        tl.store(vcb + d1 * svc_d, v1.to(VC.dtype.element_ty), mask=store_mask)
+        tl.store(vcb + d2 * svc_d, v2.to(VC.dtype.element_ty), mask=store_mask)
 
 
 def _check(x, cos, sin):
@@ -167,6 +218,67 @@ def rotary(
         check_out("rotary", "out", out, x.shape, x.dtype, x.device, inputs=(x, cos, sin))
     _launch(x, cos, sin, out, config)
     return out
+
+
+def reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions) -> None:
+    """Plain PyTorch: k_cache[:, :, positions] = rope(k); v_cache[:, :, positions] = v."""
+    k_cache.index_copy_(2, positions, reference_rotary(k, cos, sin).to(k_cache.dtype))
+    v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+
+
+def rotary_kv_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> None:
+    """One kernel for a decode step's cache update: RoPE of the new keys ``k[B, H, S, D]``
+    written to ``k_cache[B, H, L, D]`` at rows ``positions[S]``, and the new values ``v`` to
+    ``v_cache`` at the same rows (what ``rotary`` + two ``index_copy_`` do in three).
+
+    Any strides; ``cos, sin[B or 1, S, D]``; rows outside ``[0, L)`` are not written.
+    """
+    fn = "rotary_kv_write"
+    _check(k, cos, sin)
+    check_tensor(fn, "v", v, ndim=4)
+    check_tensor(fn, "k_cache", k_cache, ndim=4)
+    check_tensor(fn, "v_cache", v_cache, ndim=4)
+    check_tensor(fn, "positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
+    B, H, S, D = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"{fn}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.shape[:2] != (B, H) or c.shape[3] != D:
+            raise ValueError(f"{fn}: {name} must be [{B}, {H}, L, {D}], got {tuple(c.shape)}")
+    if positions.shape[0] != S:
+        raise ValueError(f"{fn}: positions must have shape ({S},), got {tuple(positions.shape)}")
+    check_devices(fn, _rotary_kv_write_kernel, [("k", k), ("v", v), ("k_cache", k_cache),
+                                                ("v_cache", v_cache), ("positions", positions)])
+    if k.numel() == 0:
+        return
+    if config is None:
+        key = {"D": D, "S": S, "BH": B * H, "dtype": str(k.dtype).replace("torch.", "")}
+        config = tuning.get_config("rotary", key, tuning.detect_profile(k.device))
+    block_s = int(config.get("BLOCK_S", 16))
+    sc_b = cos.stride(0) if cos.shape[0] == B else 0
+    ss_b = sin.stride(0) if sin.shape[0] == B else 0
+    with device_guard(k.device):
+        _rotary_kv_write_kernel[(B * H, triton.cdiv(S, block_s))](
+            k, v, cos, sin, k_cache, v_cache, positions,
+            H, S, k_cache.shape[2], D // 2,
+            *k.stride(), *v.stride(),
+            sc_b, cos.stride(1), cos.stride(2),
+            ss_b, sin.stride(1), sin.stride(2),
+            *k_cache.stride(), *v_cache.stride(),
+            BLOCK_S=block_s,
+            BLOCK_D=next_pow2(D // 2),
+            **launch_opts(config),
+        )
 
 
 def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:

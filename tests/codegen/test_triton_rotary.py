@@ -86,3 +86,32 @@ def test_rotary_errors(device):
         tr.rotary(x[0], cos, cos)
     with pytest.raises(TypeError, match="cos must have the dtype of x"):
         tr.rotary(x, cos.half(), cos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("S", [1, 3])
+def test_rotary_kv_write_matches_reference(device, dtype, S):
+    """Rotated keys and values land at the given cache rows; other rows are untouched."""
+    seed("kv_write", dtype, S)
+    B, H, L, D = 2, 3, 11, 24
+    k = torch.randn(B, S, H, D).to(dtype).to(device).transpose(1, 2)  # a transposed projection, as in models
+    v = torch.randn(B, H, S, D).to(dtype).to(device)
+    cos, sin = make_cos_sin(1, S, D, dtype, device)
+    positions = torch.tensor([7, 2, 9][:S], device=device)
+    kc = torch.randn(B, H, L, D).to(dtype).to(device)
+    vc = torch.randn(B, H, L, D).to(dtype).to(device)
+    want_k, want_v = kc.double().clone(), vc.double().clone()
+    tr.reference_rotary_kv_write(k.double(), v.double(), cos.double(), sin.double(), want_k, want_v, positions)
+    tr.rotary_kv_write(k, v, cos, sin, kc, vc, positions)
+    assert rel_err(kc, want_k) < TOL[dtype] and rel_err(vc, want_v) < TOL[dtype]
+    rows = [r for r in range(L) if r not in positions.tolist()]
+    assert torch.equal(kc[:, :, rows].double(), want_k[:, :, rows].to(dtype).double())
+
+
+def test_rotary_kv_write_skips_rows_outside_the_cache(device):
+    k = torch.randn(1, 1, 1, 8, device=device)
+    cos, sin = make_cos_sin(1, 1, 8, torch.float32, device)
+    kc = torch.zeros(1, 1, 4, 8, device=device)
+    vc = torch.zeros(1, 1, 4, 8, device=device)
+    tr.rotary_kv_write(k, k, cos, sin, kc, vc, torch.tensor([4], device=device))
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
