@@ -12,9 +12,14 @@ the static shapes of the capture. Weights become initializers, stored as externa
 next to the model above ~1.5 GB. An op without a lowering raises UnsupportedOpError naming
 the op, its module and source line. `int4` holds the MatMulNBits layout for 4-bit weights.
 
-The model computes the captured shapes only (inputs are static-shaped; a decode step with
-past/present KV is a separate capture). ONNX Runtime's CPU provider runs fp32 and fp16
-exports; bf16 models export but its CPU kernels mostly lack bf16.
+The model computes the captured shapes only (inputs are static-shaped). An input the graph
+writes in place (a decode step's KV cache, flashc.decode) is also an output,
+`present.<input>`: the exported decode step takes past caches and returns present ones,
+with GroupQueryAttention writing the new token and attending over positions
+0..cache_position (`_fused`). `OnnxRuntimeModel` keeps flashc's in-place contract: it
+binds each present output to its input's own buffer where the model allows it (metadata
+`flashc.present_shares_input`), else copies it back. ONNX Runtime's CPU provider runs
+fp32 and fp16 exports; bf16 models export but its CPU kernels mostly lack bf16.
 
 Modules: `_builder` (onnx-ir graph building), `_lowering` (context, op table, errors),
 `_aten` / `_aten_layout` / `_fused` (the lowerings), `_export` (driver), `runtime` (ORT

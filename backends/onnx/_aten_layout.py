@@ -32,6 +32,16 @@ def _expand(ctx, node):
     return ctx.b.op("Expand", ctx.v(node.args[0]), ctx.b.ints(ctx.shape(node)))
 
 
+def _permuted(ctx, x, perm: list[int]):
+    """x with its dims permuted: a Reshape when only size-1 dims move (the memory order stays,
+    e.g. [B, 1, H, D] -> [B, H, 1, D] of a decode step's one token), else a Transpose."""
+    shape = ctx.shape(x)
+    moved = [p for p in perm if shape[p] != 1]
+    if moved == sorted(moved):
+        return ctx.b.reshape(ctx.v(x), [shape[p] for p in perm])
+    return ctx.b.transpose(ctx.v(x), perm)
+
+
 @lowers(aten.transpose.int)
 def _transpose(ctx, node):
     a = ctx.args(node)
@@ -39,20 +49,20 @@ def _transpose(ctx, node):
     perm = list(range(rank))
     d0, d1 = _dim(a["dim0"], rank), _dim(a["dim1"], rank)
     perm[d0], perm[d1] = perm[d1], perm[d0]
-    return ctx.b.transpose(ctx.v(a["input"]), perm)
+    return _permuted(ctx, a["input"], perm)
 
 
 @lowers(aten.permute.default)
 def _permute(ctx, node):
     a = ctx.args(node)
     rank = len(ctx.shape(a["input"]))
-    return ctx.b.transpose(ctx.v(a["input"]), [_dim(d, rank) for d in a["dims"]])
+    return _permuted(ctx, a["input"], [_dim(d, rank) for d in a["dims"]])
 
 
 @lowers(aten.t.default)
 def _t(ctx, node):
     x = node.args[0]
-    return ctx.b.transpose(ctx.v(x), [1, 0]) if len(ctx.shape(x)) == 2 else ctx.v(x)
+    return _permuted(ctx, x, [1, 0]) if len(ctx.shape(x)) == 2 else ctx.v(x)
 
 
 @lowers(aten.slice.Tensor)
@@ -205,6 +215,31 @@ def _histc(ctx, node):
     bin_ids = b.const(torch.arange(bins).reshape(1, bins), f32)
     hit = b.op("And", b.op("Equal", idx, bin_ids), inside)
     return b.op("ReduceSum", b.cast(hit, torch.bool, dt), b.ints([0]), keepdims=0)
+
+
+@lowers(aten.index_copy.default)
+def _index_copy(ctx, node):
+    """x.index_copy(dim, index, source): ScatterElements along dim, index broadcast to source's shape.
+
+    In place (index_copy_), it is a decode step's cache write: when the
+    GroupQueryAttention that reads the cache takes the write over, nothing is emitted
+    here (see `_fused.absorbed_cache_write`).
+    """
+    from ._fused import absorbed_cache_write
+
+    a = ctx.args(node)
+    x, index, source = a["input"], a["index"], a["source"]
+    if absorbed_cache_write(ctx, node):
+        return ctx.v(x)
+    shape, src_shape = ctx.shape(x), ctx.shape(source)
+    if len(src_shape) != len(shape):
+        raise NotLowerable("a scalar index with a source of lower rank")
+    dim = _dim(a["dim"], len(shape))
+    b = ctx.b
+    where = [1] * len(shape)
+    where[dim] = src_shape[dim]
+    indices = b.op("Expand", b.reshape(ctx.tensor(index, torch.int64), where), b.ints(src_shape))
+    return b.op("ScatterElements", ctx.v(x), indices, ctx.tensor(source, ctx.out_dtype(node)), axis=dim)
 
 
 @lowers(aten.index_put.default)

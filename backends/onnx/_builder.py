@@ -113,7 +113,11 @@ class GraphBuilder:
         return self.op("Cast", x, to=onnx_dtype(to_dtype))
 
     def reshape(self, x: ir.Value, shape: Sequence[int]) -> ir.Value:
+        """x in a static shape; a reshape of a Reshape's output reshapes that Reshape's input."""
         shape = [int(d) for d in shape]
+        producer = x.producer()
+        if producer is not None and producer.op_type == "Reshape" and producer.domain == "":
+            x = producer.inputs[0]
         return self.op("Reshape", x, self.ints(shape), allowzero=1 if 0 in shape else None)
 
     def slice(self, x: ir.Value, axis: int, start: int, end: int, step: int = 1) -> ir.Value:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
@@ -18,6 +19,7 @@ from . import DEFAULT_OPSET, _aten, _aten_layout, _fused  # noqa: F401  (importi
 from ._builder import GraphBuilder, onnx_dtype
 from ._lowering import (LOWERINGS, NAMED_LOWERINGS, LoweringContext, NotLowerable, annotate, find_lowering,
                         unsupported_error)
+from .runtime import PRESENT_PREFIX, SHARED_PRESENT_KEY
 
 MIN_OPSET = 20  # Gelu(approximate), ReduceMean/ReduceMax with axes as an input
 # Protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
@@ -40,24 +42,56 @@ _VIEW_OPS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "transpo
              "select", "expand", "narrow", "split", "chunk", "unbind", "alias", "flatten", "as_strided"}
 
 
+def _in_place(node) -> bool:
+    """Whether node is a call of an in-place op (a mutable schema: add_, index_copy_)."""
+    return isinstance(node, fx.Node) and isinstance(node.target, torch._ops.OpOverload) \
+        and node.target._schema.is_mutable
+
+
+def _written_root(node: fx.Node) -> fx.Node:
+    """The tensor an in-place op writes: its first argument, followed through chained in-place ops."""
+    target = node.args[0]
+    while _in_place(target):
+        target = target.args[0]
+    return target
+
+
 def _rebind_in_place(ctx: LoweringContext, node: fx.Node, result) -> None:
     """After x.foo_(...), later readers of x see the result (the graph is lowered in order).
 
-    Refused when x has views taken before the update: they would see it in PyTorch
-    but still hold the old value here.
+    x may itself be the result of an in-place op (an alias of its first argument): the
+    whole chain back to the tensor first written is rebound, so that an input written
+    in place ends with its final value. Refused when one of them has views taken
+    before the update: they would see it in PyTorch but still hold the old value here.
     """
-    target = node.args[0]
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for user in target.users:
-        if order[user] < order[node] and getattr(user.target, "__name__", "").split(".")[0] in _VIEW_OPS:
-            raise NotLowerable(f"in-place update of {target.name}, which has views ({user.name})")
-    ctx.values[target] = result
+    target = node.args[0]
+    while True:  # the chain _written_root follows
+        for user in target.users:
+            if order[user] < order[node] and getattr(user.target, "__name__", "").split(".")[0] in _VIEW_OPS:
+                raise NotLowerable(f"in-place update of {target.name}, which has views ({user.name})")
+        ctx.values[target] = result
+        if not _in_place(target):
+            return
+        target = target.args[0]
+
+
+def _written_inputs(program: Program) -> list[fx.Node]:
+    """The user inputs the graph writes in place, in input order (a decode step's caches).
+
+    Only inputs that an in-place op writes count, not every input one reads (the
+    source of a copy_ is read, not written).
+    """
+    roots = {_written_root(n) for n in program.op_nodes() if _in_place(n)}
+    return [n for n in program.input_nodes() if n in roots]
 
 
 def _live_nodes(program: Program) -> list[fx.Node]:
-    """The call_function nodes the outputs depend on, in graph order."""
+    """The call_function nodes the outputs and the in-place writes of inputs depend on, in graph order."""
     live: set[fx.Node] = set()
     stack = [n for n in pytree.tree_leaves(program.graph.output_node().args[0]) if isinstance(n, fx.Node)]
+    inputs = set(program.input_nodes())
+    stack += [n for n in program.op_nodes() if _in_place(n) and _written_root(n) in inputs]
     while stack:
         n = stack.pop()
         if n in live:
@@ -105,8 +139,10 @@ def build_model(program: Program, *, opset: int = DEFAULT_OPSET, contrib_ops: bo
         ctx.values[node] = value
         inputs.append(value)
     leaves = pytree.tree_leaves(program.graph.output_node().args[0])
+    written = _written_inputs(program)
     # reserved now, so that no intermediate value takes an output's name
     out_names = [b.unique(n) for n in _output_names(program, len(leaves))]
+    present_names = [b.unique(PRESENT_PREFIX + ctx.values[node].name) for node in written]
     problems = []
     for node in _live_nodes(program):
         b.at(node)
@@ -127,13 +163,47 @@ def build_model(program: Program, *, opset: int = DEFAULT_OPSET, contrib_ops: bo
     if problems:
         raise unsupported_error(problems)
     b.at(None)
-    outputs = _graph_outputs(ctx, leaves, out_names, inputs)
-    graph = ir.Graph(inputs, outputs, nodes=b.nodes, initializers=b.initializers,
+    outputs = _graph_outputs(ctx, leaves + written, out_names + present_names, inputs)
+    nodes, initializers = _needed(b, outputs)
+    input_values = dict(zip(program.input_nodes(), inputs))
+    shared = [input_values[node].name for node, present in zip(written, outputs[len(leaves):])
+              if _may_share_buffer(input_values[node], present, nodes)]
+    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers,
                      opset_imports=dict(b.domains), name="flashc")
     ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], ignore_unknown=True)
     model = ir.Model(graph, ir_version=max(ir_version, 10), producer_name="flashc")
     model.metadata_props["flashc.inputs"] = ", ".join(s.describe() for s in program.inputs)
+    if shared:
+        model.metadata_props[SHARED_PRESENT_KEY] = ",".join(shared)
     return model
+
+
+def _may_share_buffer(value: ir.Value, present: ir.Value, nodes: list[ir.Node]) -> bool:
+    """Whether present (the new value of the input value) may be written into value's buffer:
+    every node reading value writes present or feeds the node that does, so it has run
+    by then, whatever order ONNX Runtime picks (a decode step: GroupQueryAttention or
+    ScatterElements reads the cache and writes its present output)."""
+    writer = present.producer()
+    before, stack = set(), [writer]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in before:
+            continue
+        before.add(id(node))
+        stack.extend(i.producer() for i in node.inputs if i is not None)
+    return all(id(n) in before for n in nodes if any(i is value for i in n.inputs))
+
+
+def _needed(b: GraphBuilder, outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The nodes and initializers the outputs depend on; a lowering may leave values unread
+    (e.g. the cos/sin computation whose values RotaryEmbedding's tables replace)."""
+    needed = {id(v) for v in outputs}
+    nodes = []
+    for node in reversed(b.nodes):
+        if any(id(o) in needed for o in node.outputs):
+            nodes.append(node)
+            needed.update(id(i) for i in node.inputs if i is not None)
+    return nodes[::-1], [v for v in b.initializers if id(v) in needed]
 
 
 def _name_results(b: GraphBuilder, node: fx.Node, result, start: int) -> None:
@@ -150,7 +220,10 @@ def _name_results(b: GraphBuilder, node: fx.Node, result, start: int) -> None:
 
 
 def _graph_outputs(ctx: LoweringContext, leaves: list, names: list[str], inputs: list[ir.Value]) -> list[ir.Value]:
-    """The graph outputs, named; an Identity where a value is an input, a weight or repeated."""
+    """The graph outputs, named; an Identity where a value is an input, a weight or repeated.
+
+    leaves: the model's outputs, then the inputs written in place (their final values).
+    """
     if not all(isinstance(n, fx.Node) for n in leaves):
         raise FlashcError("the ONNX exporter needs every model output to be a tensor computed by the graph")
     outputs, used = [], set()

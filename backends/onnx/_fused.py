@@ -5,10 +5,17 @@ the same thing, standard ONNX ops otherwise.
 * add_rms_norm -> com.microsoft SkipSimplifiedLayerNormalization (outputs the sum too),
   when x, residual and weight share a dtype and x has the residual's shape.
 * rotary -> com.microsoft RotaryEmbedding (rotate-half, BNSH input), when cos/sin are
-  constants with one table for the batch whose two halves are equal (HF's layout).
+  constants with one table for the batch whose two halves are equal (HF's layout), or,
+  for a decode step's one token, functions of cache_position: the tables then hold them
+  evaluated at every cache slot, and cache_position is the position id.
 * attention -> com.microsoft GroupQueryAttention, for prefill: no mask, causal,
   S == L, fp32/fp16. Masked, non-causal or S != L attention uses standard ops
   (MatMul/Softmax, GQA by broadcasting, never repeating K/V).
+* decode_attention -> com.microsoft GroupQueryAttention with past/present KV, for one
+  new token (fp32/fp16) whose key and value are written into input caches right before
+  (index_copy_ at cache_position): the op writes them itself and attends only over the
+  live positions 0..cache_position. Otherwise standard ops with the mask
+  j <= cache_position[s] (Range/LessOrEqual) over the whole cache.
 * swiglu, geglu, moe -> standard ops (Sigmoid/Gelu; MoE as dense TopK-weighted experts).
 
 With contrib_ops=False every flashc op takes its standard-op form.
@@ -29,11 +36,13 @@ before rounding it. Both differ from flashc by at most an ulp or two of fp16.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ._builder import MS_DOMAIN
-from ._lowering import LoweringContext, causal_mask_value, lowers
+from ._lowering import LoweringContext, annotate, causal_mask_value, lowers
 
 flashc_ops = torch.ops.flashc
+aten = torch.ops.aten
 
 # --- RMSNorm -----------------------------------------------------------------------------
 
@@ -78,21 +87,94 @@ def _add_rms_norm(ctx, node):
 # --- Rotary embedding ---------------------------------------------------------------------
 
 
+def _half_table(t: torch.Tensor, d: int) -> torch.Tensor | None:
+    """t [B, S, D] as a RotaryEmbedding table [S, D/2], or None: every batch row must be the
+    same (the op takes one table and position ids) and both halves must repeat the
+    frequencies (the rotate-half layout)."""
+    if t.dim() != 3 or t.shape[2] != d or d % 2 or not torch.equal(t, t[:1].expand_as(t)):
+        return None
+    half = t[0, :, : d // 2]
+    return half if torch.equal(half, t[0, :, d // 2:]) else None
+
+
+def _position_tables(ctx: LoweringContext, cos, sin):
+    """(position input, cos table, sin table) when cos and sin [B, 1, D] are functions of one
+    position input [1] and weights, and the program bounds that input (a decode step's
+    cache_position: meta["input_high"]): both evaluated at every position 0..bound-1 and
+    stacked [B, bound, D]. None otherwise. Evaluated once per (cos, sin)."""
+    key = ("position_tables", cos, sin)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    ctx.cache[key] = None
+    seen, stack = set(), [cos, sin]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    nodes = [n for n in cos.graph.nodes if n in seen]
+    params = ctx.program.params
+    sources = [n for n in nodes if n.op == "placeholder" and n.name not in params]
+    if len(sources) != 1 or any(n.op not in ("placeholder", "call_function") for n in nodes):
+        return None
+    position = sources[0]
+    bound = (ctx.program.meta.get("input_high") or {}).get(position.name)
+    val = position.meta.get("val")
+    if bound is None or val is None or tuple(val.shape) != (1,) or val.dtype not in (torch.int32, torch.int64):
+        return None
+    if any(getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable for n in nodes):
+        return None
+    weights = {n: params[n.name] for n in nodes if n.op == "placeholder" and n is not position}
+    if any(w.device.type != "cpu" for w in weights.values()):
+        return None
+
+    def evaluate(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        env = dict(weights)
+        env[position] = torch.tensor([p], dtype=val.dtype)
+        for n in nodes:
+            if n not in env:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                env[n] = n.target(*args, **kwargs)
+        return env[cos], env[sin]
+
+    try:
+        rows = [evaluate(p) for p in range(bound)]
+    except Exception:  # an op that cannot run here on real tensors: keep the standard form
+        return None
+    ctx.cache[key] = (position, torch.cat([c for c, _ in rows], 1), torch.cat([s for _, s in rows], 1))
+    return ctx.cache[key]
+
+
 def _rotary_tables(ctx, cos, sin, x):
-    """(cos_cache, sin_cache) [S, D/2] for RotaryEmbedding, or None when the inputs do not fit."""
-    c, s = ctx.param(cos), ctx.param(sin)
-    if c is None or s is None or c.dtype != ctx.dtype(x) or s.dtype != c.dtype:
-        return None
+    """(position ids, cos_cache, sin_cache) for RotaryEmbedding, or None when the inputs do not fit.
+
+    cos/sin [B, S, D] are constants (positions 0..S-1), or, for one token, functions of a
+    bounded position input (`_position_tables`; the position ids are that input).
+    """
     xs = ctx.shape(x)
-    if len(xs) != 4 or c.dim() != 3 or c.shape != s.shape or c.shape[1] != xs[2] or c.shape[2] != xs[3]:
+    if len(xs) != 4 or ctx.dtype(cos) != ctx.dtype(x) or ctx.dtype(sin) != ctx.dtype(x):
         return None
-    d = xs[3]
-    if d % 2 or not (torch.equal(c, c[:1].expand_as(c)) and torch.equal(s, s[:1].expand_as(s))):
-        return None  # per-batch positions differ: the op takes one table and position ids
-    half_c, half_s = c[0, :, : d // 2], s[0, :, : d // 2]
-    if not (torch.equal(half_c, c[0, :, d // 2:]) and torch.equal(half_s, s[0, :, d // 2:])):
-        return None  # not the rotate-half layout (frequencies repeated over both halves)
-    return ctx.b.const(half_c, c.dtype), ctx.b.const(half_s, s.dtype)
+    batch, _, seq, d = xs
+    c, s, position = ctx.param(cos), ctx.param(sin), None
+    if c is None or s is None:
+        found = _position_tables(ctx, cos, sin) if seq == 1 else None
+        if found is None:
+            return None
+        position, c, s = found
+    elif c.shape[1] != seq:
+        return None
+    half_c, half_s = _half_table(c, d), _half_table(s, d)
+    if half_c is None or half_s is None:
+        return None
+    b = ctx.b
+    if position is None:
+        positions = b.const(torch.arange(seq).expand(batch, seq), torch.int64)
+    else:
+        key = ("position_ids", position, batch)
+        if key not in ctx.cache:
+            ctx.cache[key] = b.op("Expand", b.reshape(ctx.tensor(position, torch.int64), [1, 1]), b.ints([batch, 1]))
+        positions = ctx.cache[key]
+    return positions, b.const(half_c, c.dtype), b.const(half_s, s.dtype)
 
 
 @lowers(flashc_ops.rotary.default)
@@ -101,10 +183,9 @@ def _rotary(ctx, node):
     b = ctx.b
     out_dt = ctx.out_dtype(node)
     tables = _rotary_tables(ctx, cos, sin, x) if ctx.contrib_ops and out_dt == ctx.dtype(x) else None
-    batch, _, seq, d = ctx.shape(x)
+    d = ctx.shape(x)[3]
     if tables is not None:
-        positions = b.const(torch.arange(seq).expand(batch, seq), torch.int64)
-        return b.op("RotaryEmbedding", ctx.v(x), positions, *tables, domain=MS_DOMAIN, interleaved=0)
+        return b.op("RotaryEmbedding", ctx.v(x), *tables, domain=MS_DOMAIN, interleaved=0)
     xv = ctx.tensor(x, out_dt)
     cb, cs, cd = ctx.shape(cos)
     c = b.reshape(ctx.tensor(cos, out_dt), [cb, 1, cs, cd])
@@ -198,6 +279,96 @@ def _attention(ctx, node):
     mask_v = None if mask is None else (ctx.v(mask), ctx.dtype(mask), len(ctx.shape(mask)))
     causal = causal_mask_value(ctx, s, l, l - s) if is_causal else None
     return attention_standard(ctx, q, k, v, mask_v, causal, scale)
+
+
+# --- Decode attention (a static KV cache) ---------------------------------------------------
+
+
+def _decode_mask_value(ctx: LoweringContext, cache_position, length: int):
+    """A bool [S, L] mask, True where key j <= cache_position[s] (flashc.ops.decode_mask); built once."""
+    key = ("decode_mask", cache_position, length)
+    if key not in ctx.cache:
+        b = ctx.b
+        s = ctx.shape(cache_position)[0]
+        keys = b.op("Range", b.scalar(0, torch.int64), b.scalar(length, torch.int64), b.scalar(1, torch.int64))
+        positions = b.reshape(ctx.tensor(cache_position, torch.int64), [s, 1])
+        ctx.cache[key] = b.op("LessOrEqual", b.reshape(keys, [1, length]), positions)
+    return ctx.cache[key]
+
+
+def _cache_write(ctx: LoweringContext, arg, cache_position):
+    """arg when it is `cache.index_copy_(2, cache_position, new)` of one new token into an input
+    cache that nothing else reads, and whose result only this attention reads; else None."""
+    if not (isinstance(arg, fx.Node) and arg.target == aten.index_copy_.default and len(arg.users) == 1):
+        return None
+    cache, dim, index, new = arg.args
+    if index is not cache_position or dim not in (2, -2) or len(cache.users) != 1:
+        return None
+    if cache.op != "placeholder" or cache.name in ctx.program.params:
+        return None
+    if ctx.shape(new)[2] != 1 or ctx.dtype(new) != ctx.dtype(cache):
+        return None
+    return arg
+
+
+def _gqa_decode_writes(ctx: LoweringContext, node):
+    """(k write, v write), the cache writes a GroupQueryAttention performs in place of this
+    decode_attention and the index_copy_ nodes before it, or None when it does not fit."""
+    q, k, v, cache_position, _ = node.args
+    if not ctx.contrib_ops:
+        return None
+    qs, ks = ctx.shape(q), ctx.shape(k)
+    dtypes = {ctx.dtype(q), ctx.dtype(k), ctx.dtype(v)}
+    if (qs[2] != 1 or ctx.shape(cache_position) != [1] or len(dtypes) != 1
+            or not dtypes <= {torch.float32, torch.float16} or ks != ctx.shape(v) or qs[3] != ks[3]
+            or qs[1] % ks[1]):
+        return None
+    writes = (_cache_write(ctx, k, cache_position), _cache_write(ctx, v, cache_position))
+    if None in writes or writes[0].args[0] is writes[1].args[0]:
+        return None
+    return writes
+
+
+def absorbed_cache_write(ctx: LoweringContext, node) -> bool:
+    """Whether this index_copy_ is a cache write that the GroupQueryAttention reading it performs."""
+    users = list(node.users)
+    return (len(users) == 1 and users[0].target == flashc_ops.decode_attention.default
+            and node in (_gqa_decode_writes(ctx, users[0]) or ()))
+
+
+@lowers(flashc_ops.decode_attention.default)
+def _decode_attention(ctx, node):
+    """GroupQueryAttention over past/present caches when it fits, else standard ops with the decode mask.
+
+    GroupQueryAttention gets the new token's key and value and the input caches as
+    past_key/past_value; seqlens_k = cache_position (per sequence: the index of its
+    last key) and total_sequence_length = cache_position + 1. Its present outputs
+    become the caches' values from here on (the graph's `present.*` outputs). When
+    present and past share one buffer (the flashc runtime binds them so) it writes
+    the new token alone; given separate buffers, ORT's CPU kernel copies positions
+    0..cache_position into present and zeroes the slots after them.
+    """
+    q, k, v, cache_position, scale = node.args
+    writes = _gqa_decode_writes(ctx, node)
+    if writes is None:
+        mask = _decode_mask_value(ctx, cache_position, ctx.shape(k)[2])
+        return attention_standard(ctx, q, k, v, None, mask, scale)
+    b = ctx.b
+    bsz, hq, _, d = ctx.shape(q)
+    hkv = ctx.shape(k)[1]
+    (k_cache, _, _, k_new), (v_cache, _, _, v_new) = (w.args for w in writes)
+    position = b.cast(ctx.v(cache_position), ctx.dtype(cache_position), torch.int32)
+    seqlens_k = b.op("Expand", position, b.ints([bsz]))
+    total = b.reshape(b.op("Add", position, b.scalar(1, torch.int32)), [])
+    # [B, H, 1, D] -> [B, 1, H * D]: one token, so a reshape is the BNSH -> BSNH transpose
+    out, present_k, present_v = b.op(
+        "GroupQueryAttention", b.reshape(ctx.v(q), [bsz, 1, hq * d]), b.reshape(ctx.v(k_new), [bsz, 1, hkv * d]),
+        b.reshape(ctx.v(v_new), [bsz, 1, hkv * d]), ctx.v(k_cache), ctx.v(v_cache), seqlens_k, total,
+        domain=MS_DOMAIN, outputs=3, num_heads=hq, kv_num_heads=hkv, scale=float(scale))
+    for write, cache, present in ((writes[0], k_cache, present_k), (writes[1], v_cache, present_v)):
+        annotate(present, cache.meta["val"])
+        ctx.values[write] = ctx.values[cache] = present  # the cache after the write, for later readers
+    return b.reshape(out, [bsz, hq, 1, d])
 
 
 # --- Mixture of experts -----------------------------------------------------------------------

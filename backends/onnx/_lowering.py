@@ -97,7 +97,8 @@ class LoweringContext:
         self.b = builder
         self.contrib_ops = contrib_ops
         self.values: dict[fx.Node, Any] = {}
-        self.cache: dict[Any, ir.Value] = {}  # values shared between lowerings (e.g. causal masks)
+        # what lowerings share: values (causal masks, position ids) and derived constants (rotary tables)
+        self.cache: dict[Any, Any] = {}
 
     # --- arguments ------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The ONNX backend: export, onnx.checker, ONNX Runtime numerics, fused-kernel mapping, errors, int4."""
+"""The ONNX backend: export, onnx.checker, ONNX Runtime numerics, fused-kernel mapping, errors,
+the decode step (past/present KV), int4."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")
 
+import flashc  # noqa: E402
 from flashc.backends.onnx import OnnxRuntimeModel, export_onnx, lowers  # noqa: E402
 from flashc.backends.onnx.int4 import Int4Weight, quantize_int4  # noqa: E402
-from flashc.backends.onnx.runtime import resolve_providers  # noqa: E402
+from flashc.backends.onnx.runtime import SHARED_PRESENT_KEY, resolve_providers  # noqa: E402
 from flashc.capture import capture  # noqa: E402
+from flashc.decode import DecodeStep, decode_example_inputs  # noqa: E402
 from flashc.errors import FlashcError, InputError, UnsupportedOpError  # noqa: E402
 from flashc.pass_manager import PassContext, PassManager  # noqa: E402
 from flashc.pipelines import pipeline  # noqa: E402
@@ -221,6 +224,153 @@ def test_backend_lower_save_load(tiny_models, tmp_path):
     (tmp_path / "payload").mkdir()
     info = backend.save_payload(run, tmp_path / "payload")
     assert rel_err(backend.load_payload(program, tmp_path / "payload", info)(ids)[0], ref) < TOL
+
+
+# --- decode step: past/present KV caches ----------------------------------------------------------
+
+DECODE_FAMILIES = ["llama-tiny", "mixtral-tiny", "gemma-tiny", "qwen2-tiny"]
+CACHE_LEN = 16
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def decode_compiles(tiny_models):
+    """The onnx-cpu compile of DecodeStep(model, CACHE_LEN) at -O3, by (family, batch), made on first use."""
+    compiled = {}
+
+    def get(family: str, batch: int):
+        if (family, batch) not in compiled:
+            model = tiny_models[family]
+            compiled[family, batch] = flashc.compile(DecodeStep(model, CACHE_LEN), "onnx-cpu",
+                                                     decode_example_inputs(model, batch, CACHE_LEN), level=3)
+        return compiled[family, batch]
+
+    return get
+
+
+def _decode_against_eager(cm, model, family: str, kv: list[torch.Tensor]) -> None:
+    """STEPS steps of cm on kv: logits equal the full forward, the caches equal the eager step's
+    at 0..STEPS-1 and keep their earlier values after that."""
+    batch = cm.inputs[0].shape[0]
+    tokens = fresh_ids(family, batch=batch, seq_len=STEPS)
+    before = [t.clone() for t in kv]
+    ref_kv = [t.clone() for t in kv]
+    step = DecodeStep(model, CACHE_LEN)
+    logits = []
+    with torch.no_grad():
+        for t in range(STEPS):
+            ids, pos = tokens[:, t:t + 1], torch.tensor([t])
+            logits.append(cm(ids, pos, *kv))
+            step(ids, pos, *ref_kv)
+        full = model(tokens, use_cache=False).logits
+    assert rel_err(torch.cat(logits, 1), full) < TOL
+    for got, ref, old in zip(kv, ref_kv, before, strict=True):
+        assert rel_err(got[:, :, :STEPS], ref[:, :, :STEPS]) < TOL
+        assert torch.equal(got[:, :, STEPS:], old[:, :, STEPS:]), "a slot after the step's position was written"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
+def test_decode_steps_match_full_forward_and_update_caches_in_place(tiny_models, decode_compiles, family, batch):
+    """GroupQueryAttention takes each layer's cache write: past caches in, present caches out,
+    which the runtime binds to the caller's tensors. Caches start random: stale slots must stay put."""
+    cm = decode_compiles(family, batch)
+    path = cm.executable.path
+    onnx.checker.check_model(str(path))
+    caches = [s.name for s in cm.inputs[2:]]
+    assert cm.executable.output_names == ["output_0"] + [f"present.{name}" for name in caches]
+    ops = _op_counts(path)
+    assert ops["com.microsoft.GroupQueryAttention"] == 2
+    assert ops["com.microsoft.RotaryEmbedding"] == 4  # tables of every cache slot, cache_position as position id
+    proto = onnx.load(str(path), load_external_data=False)
+    readers = {name: [n.op_type for n in proto.graph.node if name in n.input] for name in caches}
+    assert readers == {name: ["GroupQueryAttention"] for name in caches}  # it writes them too
+    assert {p.key: p.value for p in proto.metadata_props}[SHARED_PRESENT_KEY] == ",".join(caches)
+    _decode_against_eager(cm, tiny_models[family], family, [torch.randn(s.shape) for s in cm.inputs[2:]])
+
+
+def test_decode_standard_ops_and_strided_caches(tiny_models):
+    """contrib_ops=False: ScatterElements cache writes and attention masked by cache_position over the
+    whole cache. Caches that are not contiguous are staged and copied back."""
+    model = tiny_models["qwen2-tiny"]
+    cm = flashc.compile(DecodeStep(model, CACHE_LEN), "onnx-cpu", decode_example_inputs(model, 2, CACHE_LEN),
+                        level=3, options={"contrib_ops": False})
+    onnx.checker.check_model(str(cm.executable.path))
+    ops = _op_counts(cm.executable.path)
+    assert ops["ScatterElements"] == 4 and ops["LessOrEqual"] == 1
+    assert not any(op.startswith("com.microsoft") for op in ops)
+    kv = [torch.randn(*s.shape[:3], 2 * s.shape[3])[..., ::2] for s in cm.inputs[2:]]
+    assert not kv[0].is_contiguous()
+    _decode_against_eager(cm, model, "qwen2-tiny", kv)
+
+
+def test_decode_unfused_level(tiny_models):
+    """-O0 keeps transformers' mask construction and sdpa; the cache writes lower to ScatterElements."""
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, CACHE_LEN), "onnx-cpu", decode_example_inputs(model, 1, CACHE_LEN),
+                        level=0)
+    assert _op_counts(cm.executable.path)["ScatterElements"] == 4
+    _decode_against_eager(cm, model, "llama-tiny", [torch.randn(s.shape) for s in cm.inputs[2:]])
+
+
+def test_decode_generate_matches_cpu_target(tiny_models, decode_compiles):
+    model = tiny_models["llama-tiny"]
+    cm = decode_compiles("llama-tiny", 2)
+    ref = flashc.compile(DecodeStep(model, CACHE_LEN), "cpu", decode_example_inputs(model, 2, CACHE_LEN), level=3)
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=5)
+    got = cm.generate(prompt, 8)
+    assert got.shape == (2, 13) and torch.equal(got, ref.generate(prompt, 8))
+    assert torch.equal(cm.generate(prompt, 8), got)  # the resident cache is reused: same answer
+
+
+def test_decode_artifact_round_trip(decode_compiles, tmp_path):
+    cm = decode_compiles("gemma-tiny", 1)
+    loaded = flashc.load(cm.save(tmp_path / "decode"))
+    assert loaded.program.meta["signature"] == "decode" and loaded.executable.in_place
+    kv = [torch.randn(s.shape) for s in cm.inputs[2:]]
+    kv_loaded = [t.clone() for t in kv]
+    tokens = fresh_ids("gemma-tiny", seq_len=3)
+    for t in range(3):
+        ids, pos = tokens[:, t:t + 1], torch.tensor([t])
+        assert torch.equal(cm(ids, pos, *kv), loaded(ids, pos, *kv_loaded))
+    assert all(torch.equal(a, b) for a, b in zip(kv, kv_loaded, strict=True))
+    assert torch.equal(loaded.generate(tokens, 4), cm.generate(tokens, 4))
+
+
+class RunningState(torch.nn.Module):
+    """Writes its inputs in place: a chain (mul_ then add_) read afterwards, and a write nothing reads."""
+
+    def forward(self, x, state, count):
+        state.mul_(0.5).add_(x)
+        count.add_(1)
+        return state.sum(-1)
+
+
+class ReadThenWrite(torch.nn.Module):
+    """Reads an input, then writes it: the write must not land in the input's buffer before the read."""
+
+    def forward(self, x, state, count):
+        before = state * 2
+        state.add_(x)
+        return before + state
+
+
+@pytest.mark.parametrize("module,shared", [(RunningState, "state,count"), (ReadThenWrite, None)])
+def test_inputs_written_in_place_become_present_outputs(module, shared, tmp_path):
+    x, state, count = torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3)
+    program = capture(module(), (x, state.clone(), count.clone()))
+    path = export_onnx(program, tmp_path / "state.onnx")
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}.get(SHARED_PRESENT_KEY) == shared
+    ort_model = OnnxRuntimeModel.load(path)
+    written = ["state", "count"] if module is RunningState else ["state"]
+    assert ort_model.output_names == ["output_0"] + [f"present.{name}" for name in written]
+    assert ort_model.result_names == ["output_0"]
+    ref_state, ref_count = state.clone(), count.clone()
+    for _ in range(2):  # the second call reuses the binding
+        got = ort_model(x, state, count)
+        ref = module()(x, ref_state, ref_count)
+    assert len(got) == 1 and torch.allclose(got[0], ref)
+    assert torch.allclose(state, ref_state) and torch.equal(count, ref_count)
 
 
 # --- int4 (MatMulNBits) ----------------------------------------------------------------------------
