@@ -18,9 +18,13 @@ call, the 6x slowdown of the frontend's `keep_params_as_input` path.
 Artifacts load with TVM's runtime alone (`load_tvm_artifact`), which is all the GPU
 machine has: CUDA kernels are carried as source and compiled by NVRTC when loaded.
 
+CPU builds get flashc's own default schedules (cpu_schedules: register-tiled parallel
+matmuls, vectorized elementwise kernels); TVM's CPU pipeline leaves every kernel a
+serial naive loop nest. CUDA builds get dlight's.
+
 Modules: common (TVM import, helpers), relax_ops (flashc ops in Relax), lower (FX ->
-Relax), build (pipeline, tuning, export), runtime (runtime-only loading), backend
-(flashc's Backend protocol).
+Relax), cpu_schedules (default CPU schedules), build (pipeline, tuning, export),
+runtime (runtime-only loading), backend (flashc's Backend protocol).
 """
 
 from flashc.backends.tvm.backend import TvmBackend, TvmExecutable

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from flashc.backends.tvm.common import LIBRARY, MANIFEST, TUNING_DIR, WEIGHTS, ARTIFACT_FORMAT, _log, import_tvm
+from flashc.backends.tvm.common import (
+    ARTIFACT_FORMAT, LIBRARY, MANIFEST, TUNING_DIR, WEIGHTS, _log, cpu_cores, import_tvm,
+)
 from flashc.backends.tvm.lower import lower_to_relax
 from flashc.backends.tvm.runtime import TvmModel, _device
 from flashc.errors import FlashcError
@@ -37,7 +39,7 @@ def make_target(target: str, arch: str | None = None) -> dict[str, Any]:
             from tvm.target import codegen
 
             arch = codegen.llvm_get_system_cpu()
-        return {"kind": "llvm", "mcpu": arch, "num-cores": _physical_cores()}
+        return {"kind": "llvm", "mcpu": arch, "num-cores": cpu_cores()}
     if target == "cuda":
         if arch is None:
             arch = _local_cuda_arch()
@@ -45,15 +47,6 @@ def make_target(target: str, arch: str | None = None) -> dict[str, Any]:
             raise FlashcError(f"CUDA arch must look like 'sm_90', got {arch!r}")
         return {"kind": "cuda", "arch": arch}
     raise FlashcError(f"unknown TVM target {target!r}; use one of {', '.join(TARGET_KINDS)}")
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def _local_cuda_arch() -> str:
@@ -82,34 +75,45 @@ def _fuse(tvm, mod, target):
         return tvm.transform.Sequential(passes)(mod)
 
 
-def _default_pipeline(tvm, target, database_dir: Path | None, applied: list[str] | None = None):
-    """TVM's default Relax pipeline for the target (dlight schedules on CUDA), with the
-    records of a MetaSchedule database applied to the fused functions first when given
-    (their names are appended to `applied`)."""
-    from tvm import relax
-
-    if database_dir is None:
-        return relax.get_default_pipeline(target)
+def _default_schedules(target) -> list:
+    """Passes scheduling the fused functions that no tuning record covers: dlight's GPU
+    rules on CUDA (as TVM's CUDA pipeline); on llvm flashc's CPU rules and exp as
+    vectorizable arithmetic (TVM's CPU pipeline schedules nothing; see cpu_schedules)."""
     from tvm.s_tir import dlight as dl
-    from tvm.s_tir import meta_schedule as ms
+
+    if target.kind.name == "cuda":
+        return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    from flashc.backends.tvm.cpu_schedules import polynomial_exp, schedule_rules
+
+    return [dl.ApplyDefaultSchedule(*schedule_rules()), polynomial_exp()]
+
+
+def _default_pipeline(tvm, target, database_dir: Path | None, applied: list[str] | None = None):
+    """TVM's Relax pipeline for the target, with the fused functions scheduled by the
+    records of a MetaSchedule database when given (their names are appended to
+    `applied`) and by the target's defaults (_default_schedules) otherwise."""
+    from tvm import relax
 
     P = _passes(target)
 
     @tvm.transform.module_pass(opt_level=0)
-    def tuned(mod, _ctx):
+    def pipeline(mod, _ctx):
         mod = _fuse(tvm, mod, target)
-        with target, ms.database.JSONDatabase(work_dir=str(database_dir)):
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            if applied is not None:
-                applied.extend(gv.name_hint for gv, f in mod.functions.items()
-                               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "tirx.is_scheduled" in f.attrs)
-            if target.kind.name == "cuda":  # functions without records get dlight's schedules
-                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-            mod = tvm.transform.Sequential(P.dataflow_lower_passes(target) + P.finalize_passes(target))(mod)
+        with target:
+            if database_dir is not None:
+                from tvm.s_tir import meta_schedule as ms
+
+                with ms.database.JSONDatabase(work_dir=str(database_dir)):
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+                if applied is not None:
+                    applied.extend(gv.name_hint for gv, f in mod.functions.items()
+                                   if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "tirx.is_scheduled" in f.attrs)
+            mod = tvm.transform.Sequential(_default_schedules(target) + P.dataflow_lower_passes(target)
+                                           + P.finalize_passes(target))(mod)
         return mod
 
-    return tuned
+    return pipeline
 
 
 def _ms_build(mod, target, _params):
@@ -225,8 +229,8 @@ def build_tvm(program: Program, target: str = "llvm", *, arch: str | None = None
     with that many trials in total; its database lives in work_dir/tuning (a temporary
     directory when work_dir is None) and is exported with the artifact.
     tuning_database applies the records of an earlier tuning (e.g. an artifact's
-    tuning/) without measuring again. With neither, TVM's default schedules are used
-    (dlight's on CUDA).
+    tuning/) without measuring again. Functions without a record get the default
+    schedules (_default_schedules): dlight's on CUDA, cpu_schedules' on llvm.
     """
     tvm = import_tvm()
     tgt_dict = make_target(target, arch)

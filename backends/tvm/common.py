@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -21,6 +22,19 @@ def import_tvm():
     except ImportError as e:
         raise FlashcError(f"the TVM backend needs Apache TVM ({e}); install it: {INSTALL_TVM}") from None
     return tvm
+
+
+def cpu_cores() -> int:
+    """Physical cores this process may run on: what a CPU build is scheduled and tuned for
+    and how many threads its kernels use."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    return max(1, min(physical, usable))
 
 
 def _tvm_dtype(dtype: torch.dtype) -> str:

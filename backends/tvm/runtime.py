@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, import_tvm
+from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, cpu_cores, import_tvm
 from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.ir import dtype_name
 
 
 def _device(tvm, device: str):
     if device == "cpu":
+        _use_all_cores()
         return tvm.cpu(0)
     if device == "cuda":
         _enable_cuda_runtime(tvm)
@@ -26,6 +27,40 @@ def _device(tvm, device: str):
             raise FlashcError("no CUDA device visible to TVM; run a CUDA artifact on a machine with an NVIDIA GPU")
         return dev
     raise FlashcError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+
+
+def _use_all_cores() -> None:
+    """Give TVM's thread pool one thread per physical core. Without TVM_NUM_THREADS (or
+    OMP_NUM_THREADS) it takes half the logical CPUs on x86, assuming two hyper-threads per
+    core: one thread on a 2-vCPU machine without SMT, half its speed. The pool reads the
+    variable when it starts, at the first parallel kernel of the process."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(cpu_cores())
+
+
+_LOADED_LIBRARIES: set[str] = set()
+
+
+def _load_runtime_library(tvm, name: str) -> None:
+    """Load tvm/lib/<name> into the process (RTLD_GLOBAL, once), if the wheel has it.
+
+    A runtime-only TVM (TVM_USE_RUNTIME_LIB=1, the GPU machine) loads libtvm_runtime.so
+    alone. CUDA support is in libtvm_runtime_cuda.so, and the contrib kernels that
+    lowered ops call are in libtvm_runtime_extra.so (tvm.contrib.sort.topk: MoE routing
+    on the CPU), which the compiler library brings along when it is loaded.
+    """
+    if name in _LOADED_LIBRARIES:
+        return
+    import ctypes
+
+    lib = Path(tvm.__file__).parent / "lib" / name
+    if lib.exists():
+        try:
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            hint = "; CUDA artifacts run on a machine with an NVIDIA driver" if "cuda" in name else ""
+            raise FlashcError(f"TVM's runtime library {name} does not load here ({e}){hint}") from None
+    _LOADED_LIBRARIES.add(name)
 
 
 _CUDA_READY = False
@@ -40,17 +75,9 @@ def _enable_cuda_runtime(tvm) -> None:
     global _CUDA_READY
     if _CUDA_READY:
         return
-    import ctypes
-
     import tvm_ffi
 
-    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
-    if lib.exists():
-        try:
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-        except OSError as e:
-            raise FlashcError(f"TVM's CUDA runtime ({lib.name}) does not load here ({e}); CUDA artifacts "
-                              "run on a machine with an NVIDIA driver") from None
+    _load_runtime_library(tvm, "libtvm_runtime_cuda.so")
 
     def compile_cuda(code, *_):
         from tvm.support import nvcc
@@ -121,6 +148,8 @@ def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmM
                             f"{'cuda' if kind == 'cuda' else 'cpu'}")
     tvm = import_tvm()
     dev = _device(tvm, device)
+    if tvm._RUNTIME_ONLY:
+        _load_runtime_library(tvm, "libtvm_runtime_extra.so")
     lib = tvm.runtime.load_module(str(directory / manifest["library"]))
     from tvm.runtime.vm import VirtualMachine
 
