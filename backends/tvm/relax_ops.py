@@ -92,11 +92,12 @@ class FlashcOps:
         scores = self.cast(self.emit(op.matmul(q3, kt)), "float32")  # [N, G*S, L]
         scores = self.emit(op.multiply(scores, self.const(scale, "float32")))
         if mask is not None:
+            if _dtype(mask) == "bool":
+                # an additive bias, made on the mask's own (small) shape: a boolean operand
+                # inside the fused scores/softmax kernel came out wrong on CUDA (2026-11-25)
+                mask = self.emit(op.where(mask, self.const(0.0, "float32"), self.const(float("-inf"), "float32")))
             m = self.emit(op.reshape(self.emit(op.broadcast_to(mask, [b, hq, s, l])), [n, g * s, l]))
-            if _dtype(m) == "bool":
-                scores = self.emit(op.where(m, scores, self.const(float("-inf"), "float32")))
-            else:
-                scores = self.emit(op.add(scores, self.cast(m, "float32")))
+            scores = self.emit(op.add(scores, self.cast(m, "float32")))
         if is_causal:
             offset = l - s if causal_offset is None else causal_offset
             allowed = np.arange(l)[None, :] <= np.arange(s)[:, None] + offset
