@@ -47,6 +47,17 @@ class TvmBackend:
         return op in self._aten
 
     def lower(self, program: Program, profile, options: dict[str, Any]):
+        if self.kind == "cuda":
+            from flashc.ir import op_name
+
+            unfused = [n for n in program.op_nodes() if op_name(n) == "aten.scaled_dot_product_attention"]
+            if unfused:
+                # seen 2026-11-25 on an H200: llama-tiny at -O0 gives NaN under tvm-cuda while
+                # the same module is right on llvm and fused attention is right on cuda
+                raise FlashcError(f"tvm-cuda gave wrong results (NaN) for graphs with unfused attention "
+                                  f"({unfused[0].name}: aten.scaled_dot_product_attention, as at -O0/-O1); "
+                                  "compile at -O2 or -O3, where it becomes flashc.attention, or use target "
+                                  "tvm-cpu or h100")
         arch = options.get("arch")
         if self.kind == "cuda" and arch is None and getattr(profile, "compute_capability", None):
             arch = "sm_{}{}".format(*profile.compute_capability)

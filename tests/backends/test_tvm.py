@@ -395,3 +395,14 @@ def test_backend_protocol_lower_save_load(programs, tmp_path):
     again = tmp_path / "again"
     backend.save_payload(loaded, again)  # a loaded artifact saves again (copied)
     assert (again / "tvm" / "model.so").exists()
+
+
+def test_tvm_cuda_refuses_unfused_attention():
+    """-O0 keeps transformers' SDPA, which tvm-cuda got wrong on the GPU: a clear error, not NaN."""
+    import flashc
+    from flashc import zoo
+    from flashc.errors import FlashcError
+
+    model = zoo.build("llama-tiny")
+    with pytest.raises(FlashcError, match="-O2 or -O3"):
+        flashc.compile(model, "tvm-cuda", zoo.example_inputs("llama-tiny", 1, 8), level=0)
