@@ -11,7 +11,7 @@ import torch
 
 from flashc.codegen import tuning
 
-KERNELS = ("rms_norm", "add_rms_norm", "rotary", "glu", "attention", "decode_attention")
+KERNELS = ("rms_norm", "add_rms_norm", "rotary", "glu", "attention", "decode_attention", "moe")
 SRC_A = "def kernel(x):\n    return x + 1\n"
 SRC_B = "def kernel(x):\n    return x + 2\n"
 CANDS = [{"BLOCK": 16, "num_warps": 2}, {"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}]
