@@ -116,7 +116,8 @@ def _capture_export(model, args, kwargs, names) -> Program:
             params[node.name] = state[spec.target].detach()
     gm.recompile()
     out_spec = ep.module_call_graph[0].signature.out_spec if ep.module_call_graph[0].signature else None
-    program = Program(gm, params, inputs, out_spec, {"capture": "torch.export (non-strict)"})
+    program = Program(gm, params, inputs, out_spec, {"capture": "torch.export (non-strict)",
+                                                     "input_device": _input_device(args)})
     return program
 
 
@@ -148,9 +149,14 @@ def _capture_fx(model, args, kwargs, names) -> Program:
     out = gm.graph.output_node()
     out.args = (tuple(pytree.tree_leaves(out.args[0])),)
     gm.recompile()
-    program = Program(gm, params, inputs, out_spec)
+    program = Program(gm, params, inputs, out_spec, {"input_device": _input_device(args)})
     propagate_shapes(program)
     return program
+
+
+def _input_device(inputs) -> str:
+    """Where the example inputs were (shape propagation of a meta-device model needs it)."""
+    return str(inputs[0].device) if inputs else "cpu"
 
 
 class _ModuleTracker:

@@ -205,8 +205,8 @@ def propagate_shapes(program: Program) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # user inputs live where the weights live (the signature records no device)
     device = next(iter(program.params.values())).device if program.params else torch.device("cpu")
-    if device.type == "meta":
-        device = torch.device("cpu")
+    if device.type == "meta":  # a shape-only model: its inputs were meta or CPU tensors at capture
+        device = torch.device("meta" if program.meta.get("input_device") == "meta" else "cpu")
     fakes = []
     for node in program.placeholders():
         if node.name in program.params:

@@ -38,3 +38,13 @@ def test_decode_cli_roundtrip(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "k_cache_0" in r.stdout and "rel. error" in r.stdout
+
+
+def test_decode_step_of_a_shape_only_model_compiles():
+    """A real-size model on the meta device (no weights): the decode step still captures and type-checks."""
+    from flashc import zoo
+
+    model = zoo.build("llama-3.2-1b", device="meta", dtype=torch.bfloat16, num_layers=2)
+    cm = flashc.compile(DecodeStep(model, 64), "eager", decode_example_inputs(model, 1, 64, device="meta"), level=3)
+    assert [s.name for s in cm.inputs][:2] == ["input_ids", "cache_position"]
+    assert cm.report().estimate.flops > 0
