@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashc.ops import moe_routing as route  # the op's routing: the kernel and the reference share it
+
 from . import tuning
 from ._triton_common import (
     HAS_TRITON,
@@ -63,15 +65,6 @@ __all__ = ["moe", "tune_moe", "route", "reference_moe"]
 # ---------------------------------------------------------------------------
 # Routing and reference
 # ---------------------------------------------------------------------------
-def route(router_logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
-    """``(weights[T, top_k] in dtype, experts[T, top_k] int64)``: top-k of the fp32 softmax, as flashc.moe routes."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights.to(dtype), experts
-
-
 def reference_moe(
     x: torch.Tensor,
     router_logits: torch.Tensor,

@@ -163,6 +163,16 @@ def _(q, k_cache, v_cache, cache_position, scale):
     return torch.empty(q.shape[:-1] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
 
 
+def moe_routing(router_logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype):
+    """(weights[T, top_k] in dtype, experts[T, top_k]): top-k of the fp32 softmax over experts,
+    renormalised over the k chosen when `normalize` -- how flashc.moe routes tokens."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(dtype), experts
+
+
 @torch.library.custom_op("flashc::moe", mutates_args=())
 def moe(
     x: torch.Tensor,
@@ -178,11 +188,7 @@ def moe(
     Routing weights are the softmax over experts (fp32) of the top-k logits,
     renormalised over the k chosen when `normalize`.
     """
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    weights = weights.to(x.dtype)
+    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
     out = torch.zeros_like(x)
     f = down.shape[-1]
     for e in range(gate_up.shape[0]):
