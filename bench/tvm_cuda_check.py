@@ -54,7 +54,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 import traceback
@@ -63,6 +62,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_bench import wall_time  # noqa: E402  (same folder)
+from gpu_bench import cuda_time  # noqa: E402
 
 SEQ = 16
 CPU_ARCH = "x86-64-v3"  # the cpu artifacts must run on the GPU machine's CPU, not only on znver4
@@ -263,34 +266,6 @@ def max_rel_err(outputs, references) -> float:
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} output(s), {len(references)} reference(s)")
     return max(rel_err(o, r) for o, r in zip(outputs, references))
-
-
-def cuda_time(fn, warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def wall_time(fn, warmup: int = 2, iters: int = 10) -> float:
-    """Median milliseconds of fn() by the wall clock (CPU variants)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def churn_cuda_allocator() -> None:
