@@ -54,6 +54,17 @@ def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 if HAS_TRITON:
 
     @triton.jit
+    def _rope_tile(xb, sx_d, cb, sc_d, sb, ss_d, d1, d2, mask):
+        """The two rotated halves (fp32) of a [BLOCK_S, D/2] tile: rows at xb, cos at cb, sin at sb."""
+        x1 = tl.load(xb + d1 * sx_d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xb + d2 * sx_d, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cb + d1 * sc_d, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cb + d2 * sc_d, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sb + d1 * ss_d, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sb + d2 * ss_d, mask=mask, other=0.0).to(tl.float32)
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    @triton.jit
     def _rotary_kernel(
         X, COS, SIN, Y,
         H, S, D_HALF,
@@ -81,23 +92,14 @@ if HAS_TRITON:
         d1 = offs_d.to(tl.int64)[None, :]
         d2 = d1 + D_HALF
 
-        xb = X + b * sx_b + h * sx_h + s64 * sx_s
-        x1 = tl.load(xb + d1 * sx_d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xb + d2 * sx_d, mask=mask, other=0.0).to(tl.float32)
-        cb = COS + b * sc_b + s64 * sc_s
-        c1 = tl.load(cb + d1 * sc_d, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cb + d2 * sc_d, mask=mask, other=0.0).to(tl.float32)
-        sb = SIN + b * ss_b + s64 * ss_s
-        s1 = tl.load(sb + d1 * ss_d, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sb + d2 * ss_d, mask=mask, other=0.0).to(tl.float32)
-
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+        y1, y2 = _rope_tile(X + b * sx_b + h * sx_h + s64 * sx_s, sx_d,
+                            COS + b * sc_b + s64 * sc_s, sc_d,
+                            SIN + b * ss_b + s64 * ss_s, ss_d, d1, d2, mask)
         yb = Y + b * sy_b + h * sy_h + s64 * sy_s
         tl.store(yb + d1 * sy_d, y1.to(Y.dtype.element_ty), mask=mask)
         tl.store(yb + d2 * sy_d, y2.to(Y.dtype.element_ty), mask=mask)
 
-    tuning.register_kernel_source("rotary", _rotary_kernel)
+    tuning.register_kernel_source("rotary", _rotary_kernel, _rope_tile)
 
     @triton.jit
     def _rotary_kv_write_kernel(
@@ -129,18 +131,12 @@ if HAS_TRITON:
         d1 = offs_d.to(tl.int64)[None, :]
         d2 = d1 + D_HALF
 
-        kb = K + b * sk_b + h * sk_h + s64 * sk_s
-        x1 = tl.load(kb + d1 * sk_d, mask=load_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(kb + d2 * sk_d, mask=load_mask, other=0.0).to(tl.float32)
-        cb = COS + b * sc_b + s64 * sc_s
-        c1 = tl.load(cb + d1 * sc_d, mask=load_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cb + d2 * sc_d, mask=load_mask, other=0.0).to(tl.float32)
-        sb = SIN + b * ss_b + s64 * ss_s
-        s1 = tl.load(sb + d1 * ss_d, mask=load_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sb + d2 * ss_d, mask=load_mask, other=0.0).to(tl.float32)
+        y1, y2 = _rope_tile(K + b * sk_b + h * sk_h + s64 * sk_s, sk_d,
+                            COS + b * sc_b + s64 * sc_s, sc_d,
+                            SIN + b * ss_b + s64 * ss_s, ss_d, d1, d2, load_mask)
         kcb = KC + b * skc_b + h * skc_h + r64 * skc_l
-        tl.store(kcb + d1 * skc_d, (x1 * c1 - x2 * s1).to(KC.dtype.element_ty), mask=store_mask)
-        tl.store(kcb + d2 * skc_d, (x2 * c2 + x1 * s2).to(KC.dtype.element_ty), mask=store_mask)
+        tl.store(kcb + d1 * skc_d, y1.to(KC.dtype.element_ty), mask=store_mask)
+        tl.store(kcb + d2 * skc_d, y2.to(KC.dtype.element_ty), mask=store_mask)
 
         vb = V + b * sv_b + h * sv_h + s64 * sv_s
         vcb = VC + b * svc_b + h * svc_h + r64 * svc_l
@@ -169,20 +165,27 @@ def _check(x, cos, sin):
     check_devices(fn, _rotary_kernel, [("x", x), ("cos", cos), ("sin", sin)])
 
 
+def _key(x: torch.Tensor) -> dict:
+    B, H, S, D = x.shape
+    return {"D": D, "S": S, "BH": B * H, "dtype": str(x.dtype).replace("torch.", "")}
+
+
+def _table_batch_strides(batch: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, int]:
+    """cos/sin strides over b: a batch-1 table broadcasts (stride 0)."""
+    return (cos.stride(0) if cos.shape[0] == batch else 0), (sin.stride(0) if sin.shape[0] == batch else 0)
+
+
 def _launch(x, cos, sin, y, config):
     B, H, S, D = x.shape
     if y.numel() == 0:
         return
     if config is None:
-        key = {"D": D, "S": S, "BH": B * H, "dtype": str(x.dtype).replace("torch.", "")}
-        config = tuning.get_config("rotary", key, tuning.detect_profile(x.device))
+        config = tuning.get_config("rotary", _key(x), tuning.detect_profile(x.device))
     block_s = int(config.get("BLOCK_S", 16))
     grid = (B * H, triton.cdiv(S, block_s))
     if grid[1] > 65535:
         raise ValueError(f"rotary: S={S} needs {grid[1]} programs on grid axis 1 (max 65535); use a larger BLOCK_S")
-    # A batch-1 cos/sin broadcasts: stride 0 over b.
-    sc_b = cos.stride(0) if cos.shape[0] == B else 0
-    ss_b = sin.stride(0) if sin.shape[0] == B else 0
+    sc_b, ss_b = _table_batch_strides(B, cos, sin)
     with device_guard(x.device):
         _rotary_kernel[grid](
             x, cos, sin, y,
@@ -262,11 +265,9 @@ def rotary_kv_write(
     if k.numel() == 0:
         return
     if config is None:
-        key = {"D": D, "S": S, "BH": B * H, "dtype": str(k.dtype).replace("torch.", "")}
-        config = tuning.get_config("rotary", key, tuning.detect_profile(k.device))
+        config = tuning.get_config("rotary", _key(k), tuning.detect_profile(k.device))
     block_s = int(config.get("BLOCK_S", 16))
-    sc_b = cos.stride(0) if cos.shape[0] == B else 0
-    ss_b = sin.stride(0) if sin.shape[0] == B else 0
+    sc_b, ss_b = _table_batch_strides(B, cos, sin)
     with device_guard(k.device):
         _rotary_kv_write_kernel[(B * H, triton.cdiv(S, block_s))](
             k, v, cos, sin, k_cache, v_cache, positions,
@@ -284,8 +285,6 @@ def rotary_kv_write(
 def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:
     """Autotune (and cache) the rotary kernel on these example inputs; returns the winning config."""
     _check(x, cos, sin)
-    B, H, S, D = x.shape
-    key = {"D": D, "S": S, "BH": B * H, "dtype": str(x.dtype).replace("torch.", "")}
     profile = tuning.detect_profile(x.device)
     y = torch.empty_like(x)
-    return tuning.autotune("rotary", key, tuning.candidates("rotary", profile), lambda cfg: _launch(x, cos, sin, y, cfg), profile)
+    return tuning.autotune("rotary", _key(x), tuning.candidates("rotary", profile), lambda cfg: _launch(x, cos, sin, y, cfg), profile)
