@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -155,6 +155,54 @@ def written_in_place(node) -> bool:
     if not isinstance(node, fx.Node):
         return False
     return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
+
+
+def upstream(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """The roots and every node they depend on."""
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def function_of_one_input(program: "Program", outputs: list[fx.Node]
+                          ) -> tuple[fx.Node, Callable[[torch.Tensor], list[torch.Tensor]]] | None:
+    """(input, evaluate) when `outputs` are computed from one user input and the weights by
+    ops without side effects: evaluate(value) runs those nodes on the CPU with the input set
+    to value and returns the outputs' values. None when they read several inputs or none,
+    write in place, or read weights that have no values (a meta-device model)."""
+    seen = upstream(outputs)
+    nodes = [n for n in program.graph.nodes if n in seen]
+    sources = [n for n in nodes if n.op == "placeholder" and n.name not in program.params]
+    if len(sources) != 1 or sources[0] not in program.input_nodes():
+        return None
+    if any(n.op not in ("placeholder", "call_function") for n in nodes):
+        return None
+    if any(getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable for n in nodes):
+        return None  # evaluating them would write somewhere
+    source = sources[0]
+    weights = {n: program.params[n.name] for n in nodes if n.op == "placeholder" and n is not source}
+    if any(w.device.type == "meta" for w in weights.values()):
+        return None
+
+    def on_cpu(a):
+        return torch.device("cpu") if isinstance(a, torch.device) else a
+
+    def evaluate(value: torch.Tensor) -> list[torch.Tensor]:
+        env: dict[fx.Node, Any] = {n: w.cpu() for n, w in weights.items()}
+        env[source] = value
+        for n in nodes:
+            if n not in env:
+                args, kwargs = fx.node.map_aggregate(
+                    (n.args, n.kwargs), lambda a: env[a] if isinstance(a, fx.Node) else on_cpu(a))
+                env[n] = n.target(*args, **kwargs)
+        return [env[o] for o in outputs]
+
+    return source, evaluate
 
 
 def op_name(node: fx.Node) -> str:

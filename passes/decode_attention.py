@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
-from flashc.ir import Program
+from flashc.ir import Program, function_of_one_input
 from flashc.ops import decode_mask
 from flashc.pass_manager import PassContext, PassResult
 
@@ -40,7 +40,6 @@ class DecodeAttention:
     preserves = ("canonical", "shapes")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        inputs = set(program.input_nodes())
         verdicts: dict[fx.Node, fx.Node | None] = {}  # mask node -> position input, or None
         rewritten = 0
         for node in list(program.op_nodes()):
@@ -50,7 +49,7 @@ class DecodeAttention:
             if mask is None or is_causal:
                 continue
             if mask not in verdicts:
-                verdicts[mask] = _position_input(program, mask, inputs, q.meta["val"], k.meta["val"])
+                verdicts[mask] = _position_input(program, mask, q.meta["val"], k.meta["val"])
             position = verdicts[mask]
             if position is None:
                 continue
@@ -65,45 +64,23 @@ class DecodeAttention:
         return PassResult(rewritten > 0, {"decode_attention": rewritten})
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    """node and everything it depends on, in graph order."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
-
-
-def _position_input(program: Program, mask: fx.Node, inputs: set[fx.Node],
-                    q: torch.Tensor, k: torch.Tensor) -> fx.Node | None:
+def _position_input(program: Program, mask: fx.Node, q: torch.Tensor, k: torch.Tensor) -> fx.Node | None:
     """The input the mask is a decode mask of, or None when it is not one."""
-    nodes = _ancestors(mask)
-    sources = [n for n in nodes if n.op == "placeholder" and n.name not in program.params]
-    if len(sources) != 1 or sources[0] not in inputs or any(n.op == "get_attr" for n in nodes):
+    found = function_of_one_input(program, [mask])
+    if found is None:
         return None
-    pos = sources[0]
-    constants = {n: program.params[n.name] for n in nodes if n.op == "placeholder" and n is not pos}
-    if any(c.device.type == "meta" for c in constants.values()):
-        return None  # a shape-only model: nothing to evaluate
+    pos, evaluate = found
     val = pos.meta.get("val")
     b, hq, s, _ = q.shape
     length = k.shape[2]
     if val is None or val.dtype not in (torch.int32, torch.int64) or tuple(val.shape) != (s,) or length < s:
         return None
-    if any(n.op == "call_function" and getattr(n.target, "_schema", None) is not None
-           and n.target._schema.is_mutable for n in nodes):
-        return None  # evaluating it would write somewhere
-    evaluate = _evaluator(nodes, pos, mask, constants)
     rng = random.Random(0)
     starts = {0, 1, length // 2, length - s} | {rng.randrange(length - s + 1) for _ in range(_PROBES)}
     for start in sorted(p for p in starts if 0 <= p <= length - s):
         positions = torch.arange(start, start + s, dtype=val.dtype)
         try:
-            got = evaluate(positions)
+            got, = evaluate(positions)
             want = decode_mask(positions, length).expand(b, hq, s, length)
             got = torch.broadcast_to(got, want.shape)
         except Exception:  # shapes that do not broadcast, ops that need a device: not our mask
@@ -117,23 +94,3 @@ def _position_input(program: Program, mask: fx.Node, inputs: set[fx.Node],
         if not ok:
             return None
     return pos
-
-
-def _evaluator(nodes: list[fx.Node], pos: fx.Node, mask: fx.Node, constants: dict[fx.Node, torch.Tensor]):
-    """A function computing `mask` from the positions on the CPU, by running its nodes."""
-    def evaluate(positions: torch.Tensor) -> torch.Tensor:
-        env: dict[fx.Node, object] = {pos: positions}
-        env.update({n: c.cpu() for n, c in constants.items()})
-        for n in nodes:
-            if n in env:
-                continue
-            args = fx.node.map_aggregate(n.args, lambda a: env[a] if isinstance(a, fx.Node) else _on_cpu(a))
-            kwargs = fx.node.map_aggregate(n.kwargs, lambda a: env[a] if isinstance(a, fx.Node) else _on_cpu(a))
-            env[n] = n.target(*args, **kwargs)
-        return env[mask]
-
-    return evaluate
-
-
-def _on_cpu(x):
-    return torch.device("cpu") if isinstance(x, torch.device) else x

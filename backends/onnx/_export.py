@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from flashc.errors import FlashcError
-from flashc.ir import Program
+from flashc.ir import Program, upstream
 
 from . import DEFAULT_OPSET, _aten, _aten_layout, _fused  # noqa: F401  (importing registers the lowerings)
 from ._builder import GraphBuilder, onnx_dtype
@@ -88,16 +88,10 @@ def _written_inputs(program: Program) -> list[fx.Node]:
 
 def _live_nodes(program: Program) -> list[fx.Node]:
     """The call_function nodes the outputs and the in-place writes of inputs depend on, in graph order."""
-    live: set[fx.Node] = set()
-    stack = [n for n in pytree.tree_leaves(program.graph.output_node().args[0]) if isinstance(n, fx.Node)]
+    roots = [n for n in pytree.tree_leaves(program.graph.output_node().args[0]) if isinstance(n, fx.Node)]
     inputs = set(program.input_nodes())
-    stack += [n for n in program.op_nodes() if _in_place(n) and _written_root(n) in inputs]
-    while stack:
-        n = stack.pop()
-        if n in live:
-            continue
-        live.add(n)
-        stack.extend(n.all_input_nodes)
+    roots += [n for n in program.op_nodes() if _in_place(n) and _written_root(n) in inputs]
+    live = upstream(roots)
     return [n for n in program.graph.nodes if n in live and n.op == "call_function"]
 
 

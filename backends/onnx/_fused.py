@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from flashc.ir import function_of_one_input
+
 from ._builder import MS_DOMAIN
 from ._lowering import LoweringContext, annotate, causal_mask_value, lowers
 
@@ -106,39 +108,16 @@ def _position_tables(ctx: LoweringContext, cos, sin):
     if key in ctx.cache:
         return ctx.cache[key]
     ctx.cache[key] = None
-    seen, stack = set(), [cos, sin]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    nodes = [n for n in cos.graph.nodes if n in seen]
-    params = ctx.program.params
-    sources = [n for n in nodes if n.op == "placeholder" and n.name not in params]
-    if len(sources) != 1 or any(n.op not in ("placeholder", "call_function") for n in nodes):
+    found = function_of_one_input(ctx.program, [cos, sin])
+    if found is None:
         return None
-    position = sources[0]
+    position, evaluate = found
     bound = (ctx.program.meta.get("input_high") or {}).get(position.name)
     val = position.meta.get("val")
     if bound is None or val is None or tuple(val.shape) != (1,) or val.dtype not in (torch.int32, torch.int64):
         return None
-    if any(getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable for n in nodes):
-        return None
-    weights = {n: params[n.name] for n in nodes if n.op == "placeholder" and n is not position}
-    if any(w.device.type != "cpu" for w in weights.values()):
-        return None
-
-    def evaluate(p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        env = dict(weights)
-        env[position] = torch.tensor([p], dtype=val.dtype)
-        for n in nodes:
-            if n not in env:
-                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-                env[n] = n.target(*args, **kwargs)
-        return env[cos], env[sin]
-
     try:
-        rows = [evaluate(p) for p in range(bound)]
+        rows = [evaluate(torch.tensor([p], dtype=val.dtype)) for p in range(bound)]
     except Exception:  # an op that cannot run here on real tensors: keep the standard form
         return None
     ctx.cache[key] = (position, torch.cat([c for c, _ in rows], 1), torch.cat([s for _, s in rows], 1))
