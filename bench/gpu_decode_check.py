@@ -12,19 +12,18 @@ the first failure.
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import rel_err as rel  # noqa: E402  (same folder)
+
 import flashc
 from flashc import zoo
 from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def check(name: str, dtype: torch.dtype, lines: list[str]) -> None:

@@ -69,7 +69,7 @@ class CompiledModel:
         limits = self.program.meta.get("input_high") or {}
         for spec, a in zip(self.inputs, args):
             if spec.name in limits and a.numel():
-                low, high = int(a.min()), int(a.max())
+                low, high = torch.stack(torch.aminmax(a)).tolist()  # one sync with the device
                 if low < 0 or high >= limits[spec.name]:
                     raise InputError(f"input {spec.name!r}: positions {low}..{high} are outside the static KV "
                                      f"cache of {limits[spec.name]} slots this step was compiled for; "
