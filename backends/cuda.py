@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from flashc.backends.cuda_rewrites import fuse_kv_writes, fuse_small_matmuls
 from flashc.errors import FlashcError
 from flashc.ir import Program, op_name, written_in_place
 from flashc.profiles import HardwareProfile, detect
@@ -71,7 +71,7 @@ def _kernels() -> dict[str, Callable]:
 
 def _tuners() -> dict[str, Callable]:
     """flashc op name -> autotuner taking the op's arguments (results cached on disk by codegen.tuning)."""
-    from flashc.codegen import triton_attention, triton_mlp, triton_moe, triton_norm, triton_rotary
+    from flashc.codegen import triton_attention, triton_gemv, triton_mlp, triton_moe, triton_norm, triton_rotary
 
     def glu(act):
         return lambda g, u, *rest: triton_mlp.tune_glu(torch.cat([g, u], -1), act)
@@ -95,6 +95,7 @@ def _tuners() -> dict[str, Callable]:
         "flashc.attention": attention,
         "flashc.decode_attention": decode_attention,
         "flashc.moe": lambda *args: triton_moe.tune_moe(*args),
+        "gemv": triton_gemv.tune_gemv,
     }
 
 
@@ -146,58 +147,19 @@ class CudaBackend:
         return self.lower(program, get_profile(program.meta.get("profile", "h100")), {})
 
 
-def _kv_write(k, v, cos, sin, k_cache, v_cache, positions):
+def _kv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
     from flashc.codegen import triton_rotary
 
-    triton_rotary.rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
-    return k_cache, v_cache
+    if q is None:
+        triton_rotary.rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
+        return None, k_cache, v_cache
+    return triton_rotary.rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions), k_cache, v_cache
 
 
-def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
-    """Fold a decode step's cache update into one launch; returns how many were folded.
+def _gemv(x, w, bias, norm_weight, eps, residual, glu):
+    from flashc.codegen import triton_gemv
 
-    ``index_copy_(kc, 2, pos, flashc.rotary(k, cos, sin))`` and the next
-    ``index_copy_(vc, 2, pos, v)`` at the same positions (three kernels) become
-    ``write(k, v, cos, sin, kc, vc, pos) -> (kc, vc)``, which rotates the keys and stores
-    keys and values straight into their cache rows (`rotary_kv_write`, one kernel).
-    Only where it is safe: the rotated keys feed nothing else, every input of the write
-    exists where the key write was, and nothing between the two writes reads vc.
-    """
-    nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    copies = [n for n in nodes if n.op == "call_function" and n.target == torch.ops.aten.index_copy_.default]
-    rotary = torch.ops.flashc.rotary.default
-    done = 0
-    taken: set[fx.Node] = set()
-    for kn in copies:
-        kc, dim, pos, rot = kn.args
-        if (kn in taken or dim != 2 or not isinstance(rot, fx.Node) or rot.target != rotary
-                or len(rot.users) != 1):
-            continue
-        later = [m for m in copies if m not in taken and order[m] > order[kn] and m.args[1] == 2
-                 and m.args[2] is pos and not (isinstance(m.args[3], fx.Node) and m.args[3].target == rotary)]
-        if not later:
-            continue
-        vn = min(later, key=order.__getitem__)
-        vc, v = vn.args[0], vn.args[3]
-        k, cos, sin = rot.args
-        if any(isinstance(a, fx.Node) and order[a] >= order[kn] for a in (k, cos, sin, v, vc)):
-            continue
-        between = nodes[order[kn] + 1:order[vn]]
-        if any(vc in n.all_input_nodes for n in between):
-            continue
-        with graph.inserting_before(kn):
-            call = graph.call_function(write, (k, v, cos, sin, kc, vc, pos))
-            k_out = graph.call_function(operator.getitem, (call, 0))
-            v_out = graph.call_function(operator.getitem, (call, 1))
-        kn.replace_all_uses_with(k_out)
-        vn.replace_all_uses_with(v_out)
-        graph.erase_node(vn)
-        graph.erase_node(kn)
-        graph.erase_node(rot)
-        taken |= {kn, vn}
-        done += 1
-    return done
+    return triton_gemv.gemv(x, w, bias, norm_weight, eps, residual, glu)
 
 
 def _check_memory(program: Program) -> None:
@@ -237,6 +199,7 @@ class CudaExecutable:
         user = [n for n in graph.nodes if n.op == "placeholder"][len(program.params):]
         self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
         self.kv_writes_fused = fuse_kv_writes(graph, _kv_write)
+        self.matmuls_fused = fuse_small_matmuls(graph, _gemv)
         self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
         for node in graph.nodes:
             if node.op != "call_function":
@@ -244,11 +207,13 @@ class CudaExecutable:
             node.args = fx.node.map_aggregate(node.args, _to_cuda_args)
             node.kwargs = fx.node.map_aggregate(node.kwargs, _to_cuda_args)
             name = op_name(node)
-            if name in kernels:
+            if node.target is _gemv:
+                self._ops[node.name] = "gemv"
+            elif name in kernels:
                 node.target = kernels[name]
                 self._ops[node.name] = name
         self.module = fx.GraphModule(torch.nn.Module(), graph)
-        launchers = {*kernels.values(), _kv_write}
+        launchers = {*kernels.values(), _kv_write, _gemv}
         foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function"
                           and n.target not in launchers
                           and op_name(n).split(".")[0] not in ("aten", "flashc", "getitem")})

@@ -35,7 +35,7 @@ from ._triton_common import (
 )
 
 __all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half", "rotary_kv_write",
-           "reference_rotary_kv_write"]
+           "reference_rotary_kv_write", "rotary_qkv_write", "reference_rotary_qkv_write"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +103,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotary_kv_write_kernel(
-        K, V, COS, SIN, KC, VC, POS,
-        H, S, L, D_HALF,
+        Q, QO, K, V, COS, SIN, KC, VC, POS,
+        HQ, H, S, L, D_HALF,
+        sq_b, sq_h, sq_s, sq_d,
+        sqo_b, sqo_h, sqo_s, sqo_d,
         sk_b, sk_h, sk_s, sk_d,
         sv_b, sv_h, sv_s, sv_d,
         sc_b, sc_s, sc_d,
@@ -114,36 +116,48 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Program (b*H + h, s-block): rotate BLOCK_S new keys of one head and store them, and
-        their values, at rows POS[s] of the caches (rows outside [0, L) are skipped)."""
+        """Program (b*(HQ+H) + j, s-block) handles BLOCK_S new tokens of one head row of batch b:
+        j < HQ rotates query head j into QO; otherwise it rotates key head j - HQ and stores it,
+        and its values, at rows POS[s] of the caches (rows outside [0, L) are skipped).
+        HQ = 0 is the keys-and-values-only launch."""
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        b = (pid_bh // (HQ + H)).to(tl.int64)
+        j = pid_bh % (HQ + H)
         offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         s_ok = offs_s < S
-        row = tl.load(POS + offs_s, mask=s_ok, other=-1).to(tl.int64)
         load_mask = s_ok[:, None] & (offs_d < D_HALF)[None, :]
-        store_mask = load_mask & ((row >= 0) & (row < L))[:, None]
         s64 = offs_s.to(tl.int64)[:, None]
-        r64 = row[:, None]
         d1 = offs_d.to(tl.int64)[None, :]
         d2 = d1 + D_HALF
+        cb = COS + b * sc_b + s64 * sc_s
+        sb = SIN + b * ss_b + s64 * ss_s
 
-        y1, y2 = _rope_tile(K + b * sk_b + h * sk_h + s64 * sk_s, sk_d,
-                            COS + b * sc_b + s64 * sc_s, sc_d,
-                            SIN + b * ss_b + s64 * ss_s, ss_d, d1, d2, load_mask)
-        kcb = KC + b * skc_b + h * skc_h + r64 * skc_l
-        tl.store(kcb + d1 * skc_d, y1.to(KC.dtype.element_ty), mask=store_mask)
-        tl.store(kcb + d2 * skc_d, y2.to(KC.dtype.element_ty), mask=store_mask)
+        if j < HQ:
+            hq = j.to(tl.int64)
+            y1, y2 = _rope_tile(Q + b * sq_b + hq * sq_h + s64 * sq_s, sq_d, cb, sc_d, sb, ss_d,
+                                d1, d2, load_mask)
+            qob = QO + b * sqo_b + hq * sqo_h + s64 * sqo_s
+            tl.store(qob + d1 * sqo_d, y1.to(QO.dtype.element_ty), mask=load_mask)
+            tl.store(qob + d2 * sqo_d, y2.to(QO.dtype.element_ty), mask=load_mask)
+        else:
+            h = (j - HQ).to(tl.int64)
+            row = tl.load(POS + offs_s, mask=s_ok, other=-1).to(tl.int64)
+            store_mask = load_mask & ((row >= 0) & (row < L))[:, None]
+            r64 = row[:, None]
+            y1, y2 = _rope_tile(K + b * sk_b + h * sk_h + s64 * sk_s, sk_d, cb, sc_d, sb, ss_d,
+                                d1, d2, load_mask)
+            kcb = KC + b * skc_b + h * skc_h + r64 * skc_l
+            tl.store(kcb + d1 * skc_d, y1.to(KC.dtype.element_ty), mask=store_mask)
+            tl.store(kcb + d2 * skc_d, y2.to(KC.dtype.element_ty), mask=store_mask)
 
-        vb = V + b * sv_b + h * sv_h + s64 * sv_s
-        vcb = VC + b * svc_b + h * svc_h + r64 * svc_l
-        v1 = tl.load(vb + d1 * sv_d, mask=load_mask, other=0.0)
-        v2 = tl.load(vb + d2 * sv_d, mask=load_mask, other=0.0)
-        tl.store(vcb + d1 * svc_d, v1.to(VC.dtype.element_ty), mask=store_mask)
-        tl.store(vcb + d2 * svc_d, v2.to(VC.dtype.element_ty), mask=store_mask)
+            vb = V + b * sv_b + h * sv_h + s64 * sv_s
+            vcb = VC + b * svc_b + h * svc_h + r64 * svc_l
+            v1 = tl.load(vb + d1 * sv_d, mask=load_mask, other=0.0)
+            v2 = tl.load(vb + d2 * sv_d, mask=load_mask, other=0.0)
+            tl.store(vcb + d1 * svc_d, v1.to(VC.dtype.element_ty), mask=store_mask)
+            tl.store(vcb + d2 * svc_d, v2.to(VC.dtype.element_ty), mask=store_mask)
 
 
 def _check(x, cos, sin):
@@ -165,9 +179,10 @@ def _check(x, cos, sin):
     check_devices(fn, _rotary_kernel, [("x", x), ("cos", cos), ("sin", sin)])
 
 
-def _key(x: torch.Tensor) -> dict:
+def _key(x: torch.Tensor, heads: int | None = None) -> dict:
+    """Tuning key of a launch over ``x[B, H, S, D]``; ``heads`` overrides the ``B*H`` head rows it covers."""
     B, H, S, D = x.shape
-    return {"D": D, "S": S, "BH": B * H, "dtype": str(x.dtype).replace("torch.", "")}
+    return {"D": D, "S": S, "BH": B * H if heads is None else heads, "dtype": str(x.dtype).replace("torch.", "")}
 
 
 def _table_batch_strides(batch: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, int]:
@@ -229,6 +244,56 @@ def reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions) -> No
     v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
 
 
+def reference_rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
+    """Plain PyTorch: ``reference_rotary_kv_write(...)``, and returns ``rope(q)``."""
+    reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
+    return reference_rotary(q, cos, sin)
+
+
+def _check_kv_write(fn, k, v, cos, sin, k_cache, v_cache, positions) -> None:
+    _check(k, cos, sin)
+    check_tensor(fn, "v", v, ndim=4)
+    check_tensor(fn, "k_cache", k_cache, ndim=4)
+    check_tensor(fn, "v_cache", v_cache, ndim=4)
+    check_tensor(fn, "positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
+    B, H, S, D = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"{fn}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.shape[:2] != (B, H) or c.shape[3] != D:
+            raise ValueError(f"{fn}: {name} must be [{B}, {H}, L, {D}], got {tuple(c.shape)}")
+    if positions.shape[0] != S:
+        raise ValueError(f"{fn}: positions must have shape ({S},), got {tuple(positions.shape)}")
+    check_devices(fn, _rotary_kv_write_kernel, [("k", k), ("v", v), ("k_cache", k_cache),
+                                                ("v_cache", v_cache), ("positions", positions)])
+
+
+def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, config) -> None:
+    """One launch over B*(Hq + H) head rows; ``q is None`` launches the B*H key/value rows only."""
+    B, H, S, D = k.shape
+    if k.numel() == 0:
+        return
+    HQ = 0 if q is None else q.shape[1]
+    if config is None:
+        config = tuning.get_config("rotary", _key(k, B * (HQ + H)), tuning.detect_profile(k.device))
+    block_s = int(config.get("BLOCK_S", 16))
+    if q is None:  # the q pointers are never dereferenced when HQ = 0
+        q = q_out = k
+    sc_b, ss_b = _table_batch_strides(B, cos, sin)
+    with device_guard(k.device):
+        _rotary_kv_write_kernel[(B * (HQ + H), triton.cdiv(S, block_s))](
+            q, q_out, k, v, cos, sin, k_cache, v_cache, positions,
+            HQ, H, S, k_cache.shape[2], D // 2,
+            *q.stride(), *q_out.stride(), *k.stride(), *v.stride(),
+            sc_b, cos.stride(1), cos.stride(2),
+            ss_b, sin.stride(1), sin.stride(2),
+            *k_cache.stride(), *v_cache.stride(),
+            BLOCK_S=block_s,
+            BLOCK_D=next_pow2(D // 2),
+            **launch_opts(config),
+        )
+
+
 def rotary_kv_write(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -246,40 +311,49 @@ def rotary_kv_write(
 
     Any strides; ``cos, sin[B or 1, S, D]``; rows outside ``[0, L)`` are not written.
     """
-    fn = "rotary_kv_write"
-    _check(k, cos, sin)
-    check_tensor(fn, "v", v, ndim=4)
-    check_tensor(fn, "k_cache", k_cache, ndim=4)
-    check_tensor(fn, "v_cache", v_cache, ndim=4)
-    check_tensor(fn, "positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
+    _check_kv_write("rotary_kv_write", k, v, cos, sin, k_cache, v_cache, positions)
+    _launch_kv_write(None, None, k, v, cos, sin, k_cache, v_cache, positions, config)
+
+
+def rotary_qkv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``rotary_kv_write(k, v, ...)`` that also returns RoPE of the new queries ``q[B, Hq, S, D]``,
+    all in one launch (what ``rotary(q)`` + ``rotary_kv_write`` do in two).
+
+    ``Hq`` is a multiple of ``H`` (grouped-query attention); ``q`` has ``k``'s dtype and any
+    strides.  Returns a new contiguous tensor of ``q``'s shape and dtype, or ``out`` (any
+    strides, not sharing memory with the inputs).
+    """
+    fn = "rotary_qkv_write"
+    _check_kv_write(fn, k, v, cos, sin, k_cache, v_cache, positions)
+    check_tensor(fn, "q", q, ndim=4)
     B, H, S, D = k.shape
-    if v.shape != k.shape:
-        raise ValueError(f"{fn}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.shape[:2] != (B, H) or c.shape[3] != D:
-            raise ValueError(f"{fn}: {name} must be [{B}, {H}, L, {D}], got {tuple(c.shape)}")
-    if positions.shape[0] != S:
-        raise ValueError(f"{fn}: positions must have shape ({S},), got {tuple(positions.shape)}")
-    check_devices(fn, _rotary_kv_write_kernel, [("k", k), ("v", v), ("k_cache", k_cache),
-                                                ("v_cache", v_cache), ("positions", positions)])
-    if k.numel() == 0:
-        return
-    if config is None:
-        config = tuning.get_config("rotary", _key(k), tuning.detect_profile(k.device))
-    block_s = int(config.get("BLOCK_S", 16))
-    sc_b, ss_b = _table_batch_strides(B, cos, sin)
-    with device_guard(k.device):
-        _rotary_kv_write_kernel[(B * H, triton.cdiv(S, block_s))](
-            k, v, cos, sin, k_cache, v_cache, positions,
-            H, S, k_cache.shape[2], D // 2,
-            *k.stride(), *v.stride(),
-            sc_b, cos.stride(1), cos.stride(2),
-            ss_b, sin.stride(1), sin.stride(2),
-            *k_cache.stride(), *v_cache.stride(),
-            BLOCK_S=block_s,
-            BLOCK_D=next_pow2(D // 2),
-            **launch_opts(config),
-        )
+    Hq = q.shape[1]
+    if (q.shape[0], q.shape[2], q.shape[3]) != (B, S, D):
+        raise ValueError(f"{fn}: q must be [{B}, Hq, {S}, {D}] to match k of shape {tuple(k.shape)}, "
+                         f"got {tuple(q.shape)}")
+    if H == 0 or Hq == 0 or Hq % H:
+        raise ValueError(f"{fn}: q's head count ({Hq}) must be a positive multiple of k's ({H})")
+    check_same_dtype(fn, [("k", k), ("q", q)])
+    check_devices(fn, _rotary_kv_write_kernel, [("k", k), ("q", q)])
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        check_out(fn, "out", out, q.shape, q.dtype, q.device,
+                  inputs=(q, k, v, cos, sin, k_cache, v_cache, positions))
+    _launch_kv_write(q, out, k, v, cos, sin, k_cache, v_cache, positions, config)
+    return out
 
 
 def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:

@@ -170,6 +170,28 @@ _MOE_SMALL = _cfgs(
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 )
 
+# Decode GEMV (codegen/triton_gemv): one row streams [BLOCK_N, BLOCK_K] weight tiles with
+# elementwise FMAs; several rows (padded to 16) use tl.dot. Narrow BLOCK_N keeps enough
+# programs in flight on 2048-wide outputs; the last candidate is the unfused library path
+# (cuBLAS), so the fused kernel is used only where it measured faster.
+_GEMV = _cfgs(
+    {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1},
+    {"library": True},
+)
+_GEMV_ROWS = _cfgs(
+    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"library": True},
+)
+
 TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
     "h100": {
         "rms_norm": _NORM_FAST,
@@ -179,6 +201,8 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
         "moe": _MOE_HOPPER,
+        "gemv": _GEMV,
+        "gemv_rows": _GEMV_ROWS,
     },
     "h200": {
         "rms_norm": _NORM_FAST,
@@ -188,6 +212,8 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
         "moe": _MOE_HOPPER,
+        "gemv": _GEMV,
+        "gemv_rows": _GEMV_ROWS,
     },
     "a100": {
         "rms_norm": _NORM_FAST,
@@ -197,6 +223,8 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_AMPERE,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "gemv": _GEMV,
+        "gemv_rows": _GEMV_ROWS,
     },
     "l4": {
         "rms_norm": _NORM_SMALL,
@@ -206,6 +234,8 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "gemv": _GEMV,
+        "gemv_rows": _GEMV_ROWS,
     },
     "default": {
         "rms_norm": _NORM_SMALL,
@@ -215,6 +245,8 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "gemv": _GEMV,
+        "gemv_rows": _GEMV_ROWS,
     },
 }
 

@@ -27,6 +27,7 @@ if not HAS_CUDA:
         "flashc.codegen.triton_mlp",
         "flashc.codegen.triton_attention",
         "flashc.codegen.triton_moe",
+        "flashc.codegen.triton_gemv",
     ):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

@@ -1,0 +1,210 @@
+"""Graph rewrites the CUDA backend applies to the lowered graph of a decode step.
+
+Each folds several ops into one launch of a generated kernel, where the graph's
+static shapes make it safe. They take the launcher as an argument, so the tests run
+them on the CPU with reference launchers and compare the numbers.
+
+* `fuse_kv_writes`: rotary of the new queries and keys plus the key and value cache
+  writes -> one `rotary_qkv_write` launch.
+* `fuse_small_matmuls`: matmuls of at most a few rows (decode) -> one `gemv` launch
+  each, with the RMSNorm before, the gated activation after a merged gate|up
+  projection, and the residual add after folded in.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from flashc.ir import op_name
+
+
+def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
+    """Fold a decode step's rotary embeddings and cache update into one launch; returns
+    how many were folded.
+
+    ``index_copy_(kc, 2, pos, flashc.rotary(k, cos, sin))`` and the next
+    ``index_copy_(vc, 2, pos, v)`` at the same positions (three kernels) become
+    ``write(q, k, v, cos, sin, kc, vc, pos) -> (rotary(q) or None, kc, vc)``, which
+    rotates the keys and stores keys and values straight into their cache rows
+    (`rotary_qkv_write`, one kernel). The queries' ``flashc.rotary(q, cos, sin)`` with
+    the same tables joins the launch when nothing reads it before the key write
+    (else ``q`` is None). Only where it is safe: the rotated keys feed nothing else,
+    every input of the write exists where the key write was, and nothing between the
+    two writes reads vc.
+    """
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    copies = [n for n in nodes if n.op == "call_function" and n.target == torch.ops.aten.index_copy_.default]
+    rotary = torch.ops.flashc.rotary.default
+    rotaries = [n for n in nodes if n.op == "call_function" and n.target == rotary]
+    done = 0
+    taken: set[fx.Node] = set()
+    for kn in copies:
+        kc, dim, pos, rot = kn.args
+        if (kn in taken or dim != 2 or not isinstance(rot, fx.Node) or rot.target != rotary
+                or len(rot.users) != 1):
+            continue
+        later = [m for m in copies if m not in taken and order[m] > order[kn] and m.args[1] == 2
+                 and m.args[2] is pos and not (isinstance(m.args[3], fx.Node) and m.args[3].target == rotary)]
+        if not later:
+            continue
+        vn = min(later, key=order.__getitem__)
+        vc, v = vn.args[0], vn.args[3]
+        k, cos, sin = rot.args
+        if any(isinstance(a, fx.Node) and order[a] >= order[kn] for a in (k, cos, sin, v, vc)):
+            continue
+        between = nodes[order[kn] + 1:order[vn]]
+        if any(vc in n.all_input_nodes for n in between):
+            continue
+        queries = [r for r in rotaries if r is not rot and r not in taken and r.args[1:] == (cos, sin)
+                   and order[r.args[0]] < order[kn] and all(order[u] > order[kn] for u in r.users)]
+        rq = max(queries, key=order.__getitem__) if queries else None
+        with graph.inserting_before(kn):
+            call = graph.call_function(write, (rq.args[0] if rq else None, k, v, cos, sin, kc, vc, pos))
+            if rq is not None:
+                rq.replace_all_uses_with(graph.call_function(operator.getitem, (call, 0)))
+            k_out = graph.call_function(operator.getitem, (call, 1))
+            v_out = graph.call_function(operator.getitem, (call, 2))
+        kn.replace_all_uses_with(k_out)
+        vn.replace_all_uses_with(v_out)
+        for n in (vn, kn, rot) + ((rq,) if rq else ()):
+            graph.erase_node(n)
+        taken |= {kn, vn, rq}
+        done += 1
+    return done
+
+
+GEMV_ROWS = 16  # codegen.triton_gemv.MAX_ROWS: matmuls of more rows stay on cuBLAS
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# argument positions of a gemv call: (x, w, bias, norm_weight, eps, residual, glu)
+_X, _NORM, _EPS, _RES, _GLU = 0, 3, 4, 5, 6
+
+
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _with(node: fx.Node, **changes) -> None:
+    args = list(node.args)
+    for name, value in changes.items():
+        args[{"x": _X, "norm": _NORM, "eps": _EPS, "residual": _RES, "glu": _GLU}[name]] = value
+    node.args = tuple(args)
+
+
+def _halves(gate: fx.Node, up: fx.Node) -> fx.Node | None:
+    """The tensor y when gate = y[..., :F] and up = y[..., F:2F] with 2F = y's last dim; else None."""
+    if op_name(gate) != "aten.slice" or op_name(up) != "aten.slice" or gate.args[0] is not up.args[0]:
+        return None
+    y = _val(gate.args[0])
+    if y is None:
+        return None
+    width = y.shape[-1]
+
+    def span(s):
+        if s.kwargs:
+            return None
+        _, dim, start, end, step = list(s.args) + [0, None, None, 1][len(s.args) - 1:]
+        if dim % y.dim() != y.dim() - 1 or step != 1:
+            return None
+        return start or 0, width if end is None else min(end, width)
+
+    if span(gate) != (0, width // 2) or span(up) != (width // 2, width) or width % 2:
+        return None
+    return gate.args[0]
+
+
+def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int = GEMV_ROWS) -> int:
+    """Rewrite decode-sized matmuls into ``gemv(x, w, bias, norm_weight, eps, residual, glu)``
+    calls; returns how many matmuls became one.
+
+    1. ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``.
+    2. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm``.
+    3. ``add_rms_norm(y, r, g, eps)`` where y is a gemv used only there -> y takes the
+       residual (its result is the new residual stream) and the normed users take the
+       norm as in 2 (a plain ``rms_norm`` remains for users that are not gemv calls).
+    4. ``swiglu``/``geglu(tanh)`` of the two halves of a gemv's output -> its ``glu``.
+    """
+    rms, add_rms = torch.ops.flashc.rms_norm.default, torch.ops.flashc.add_rms_norm.default
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        xv, wv = _val(x), _val(w)
+        if (xv is None or wv is None or wv.dim() != 2 or xv.dtype != wv.dtype or xv.dtype not in _FLOATS
+                or xv.shape[-1] == 0 or xv.numel() // xv.shape[-1] > max_rows):
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_function(gemv, (x, w, bias, None, 1e-6, None, None))
+        call.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        count += 1
+
+    def takes_norm(user: fx.Node, normed: fx.Node) -> bool:
+        return (user.target is gemv and user.args[_X] is normed and user.args[_NORM] is None
+                and normed not in user.args[1:])
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == rms:
+            x, g, eps = node.args
+            if node.users and all(takes_norm(u, node) for u in node.users):
+                for u in list(node.users):
+                    _with(u, x=x, norm=g, eps=eps)
+                graph.erase_node(node)
+        elif node.target == add_rms:
+            y, r, g, eps = node.args
+            if not (isinstance(y, fx.Node) and y.target is gemv and len(y.users) == 1 and y.args[_RES] is None
+                    and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
+                    and (not isinstance(r, fx.Node) or order[r] < order[y])):
+                continue
+            items = list(node.users)
+            if any(u.target is not operator.getitem for u in items):
+                continue
+            _with(y, residual=r)  # y now is the sum: the new residual stream
+            for item in items:
+                if item.args[1] == 1:
+                    item.replace_all_uses_with(y)
+                elif item.users and all(takes_norm(u, item) for u in item.users):
+                    for u in list(item.users):
+                        _with(u, x=y, norm=g, eps=eps)
+                else:
+                    with graph.inserting_before(item):
+                        normed = graph.call_function(rms, (y, g, eps))
+                    normed.meta["val"] = item.meta.get("val")
+                    item.replace_all_uses_with(normed)
+                graph.erase_node(item)
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        name = op_name(node)
+        if name == "flashc.swiglu":
+            act = "silu"
+        elif name == "flashc.geglu" and node.args[2] == "tanh":
+            act = "gelu_tanh"
+        else:
+            continue
+        gate, up = node.args[0], node.args[1]
+        if not (isinstance(gate, fx.Node) and isinstance(up, fx.Node)):
+            continue
+        y = _halves(gate, up)
+        if (y is None or y.target is not gemv or y.args[_RES] is not None or y.args[_GLU] is not None
+                or set(y.users) != {gate, up} or set(gate.users) != {node} or set(up.users) != {node}):
+            continue
+        _with(y, glu=act)
+        y.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(y)
+        for n in (node, gate, up):
+            graph.erase_node(n)
+    graph.lint()
+    return count

@@ -1,0 +1,318 @@
+"""Matrix-vector products for decode steps, with the neighbouring ops folded in.
+
+A decode step multiplies a handful of activation rows (``M`` = batch, at most
+``MAX_ROWS``) by every weight matrix of the model: the time is the time to read the
+weights once. One kernel streams the rows of ``W[N, K]`` and folds in what sits
+around the product in a transformer layer, so those ops cost no launch and no
+extra pass over memory:
+
+* **RMSNorm prologue** (``norm_weight``): ``y = rstd(x) * ((x * g) @ W^T)``. The
+  row statistics are summed in the same loop that streams ``x`` for the product,
+  and the scalar ``rstd`` is applied to the accumulator at the end;
+* **bias**, then a **gated activation** over the two halves of a merged
+  gate|up weight (``glu="silu"``: SwiGLU, ``"gelu_tanh"``: Gemma's GeGLU): the
+  program that computes gate columns ``n`` also computes up columns ``F + n``;
+* **residual add** (``residual``): ``y += r``, the transformer's skip connection.
+
+Semantics (``reference_gemv``, what the graph computed before fusion)::
+
+    h = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    y = h @ w.T + bias
+    y = act(y[..., :F]) * y[..., F:]          if glu
+    y = y + residual                          if residual is not None
+
+computed here in fp32 from ``x`` and ``w`` of one dtype (bf16, fp16, fp32), the
+result in that dtype. The kernel differs from the unfused graph only in rounding:
+the normalised activation is not rounded to the input dtype before the product.
+
+One row (``M == 1``) multiplies and accumulates elementwise ``[BLOCK_N,
+BLOCK_K]`` tiles and reduces once at the end; several rows pad to 16 and use
+``tl.dot`` (tensor cores; the padding costs nothing when memory is the limit).
+Autotuning includes the unfused library path (the norm kernel, cuBLAS, the
+activation kernel) as a candidate, so the fused kernel runs only where it measured
+faster.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import tuning
+from ._triton_common import (
+    HAS_TRITON,
+    check_devices,
+    check_tensor,
+    device_guard,
+    launch_opts,
+    require_triton,
+    triton,
+    tl,
+)
+
+__all__ = ["MAX_ROWS", "gemv", "tune_gemv", "reference_gemv"]
+
+MAX_ROWS = 16  # rows the kernel pads to for tl.dot; more rows is a GEMM, cuBLAS's job
+_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+LIBRARY = {"library": True}  # tuning candidate: the unfused ops (norm kernel, cuBLAS, activation)
+
+
+def reference_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None):
+    """The unfused ops, in PyTorch, in the input dtype (float64 inputs give a float64 truth)."""
+    h = x
+    if norm_weight is not None:
+        xf = x.double() if x.dtype == torch.float64 else x.float()
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * norm_weight.to(x.dtype)
+    y = F.linear(h, w, None if bias is None else bias.to(x.dtype))
+    if glu is not None:
+        g, u = y.chunk(2, dim=-1)
+        y = (F.silu(g) if glu == "silu" else F.gelu(g, approximate="tanh")) * u
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(
+        X, W, BIAS, G, R, Y,
+        M, N, K, up_offset,
+        stride_xm, stride_wn, stride_rm, stride_ym,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        ACT: tl.constexpr,
+        DOT: tl.constexpr,
+        IEEE: tl.constexpr,
+        EVEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X (last dims contiguous).
+
+        ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
+        the program accumulates both and writes act(gate) * up.
+        """
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        if DOT:  # W tiles loaded transposed, [BLOCK_K, BLOCK_N], for a plain x @ w
+            w_ptrs = W + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        else:
+            w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+        g_ptrs = G + offs_k
+        if DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:  # one row: elementwise products, reduced over K once after the loop
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+                if ACT != 0:
+                    w_up = tl.load(w_ptrs + up_offset)
+            else:
+                k_ok = offs_k < K - k0
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT:
+                    w_mask = k_ok[:, None] & n_ok[None, :]
+                else:
+                    w_mask = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                if ACT != 0:
+                    w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            if HAS_NORM:
+                xf = x.to(tl.float32)
+                sq += xf * xf
+                if EVEN:
+                    g = tl.load(g_ptrs).to(tl.float32)
+                else:
+                    g = tl.load(g_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
+                x = (xf * g[None, :]).to(W.dtype.element_ty)
+            if DOT:
+                if IEEE:
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                    if ACT != 0:
+                        acc_up = tl.dot(x, w_up, acc_up, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc)
+                    if ACT != 0:
+                        acc_up = tl.dot(x, w_up, acc_up)
+            else:
+                xf = x.to(tl.float32)
+                acc += w.to(tl.float32) * xf
+                if ACT != 0:
+                    acc_up += w_up.to(tl.float32) * xf
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+
+        if DOT:
+            out = acc
+            up = acc_up
+        else:
+            out = tl.sum(acc, axis=1)[None, :]
+            up = tl.sum(acc_up, axis=1)[None, :]
+        if HAS_NORM:
+            rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
+            out = out * rstd[:, None]
+            up = up * rstd[:, None]
+        if HAS_BIAS:
+            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if ACT != 0:
+                up += tl.load(BIAS + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
+            out = out / (1.0 + tl.exp(tl.minimum(-out, 80.0))) * up
+        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+            z = 1.5957691216057308 * (out + 0.044715 * out * out * out)
+            out = out / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
+
+    tuning.register_kernel_source("gemv", _gemv_kernel)
+    tuning.register_kernel_source("gemv_rows", _gemv_kernel)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def _rows(t: torch.Tensor, K: int) -> torch.Tensor:
+    return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, K)
+
+
+def _check(x, w, bias, norm_weight, residual, glu):
+    fn = "gemv"
+    require_triton(fn)
+    check_tensor(fn, "x", x, min_ndim=1)
+    check_tensor(fn, "w", w, ndim=2)
+    K = x.shape[-1]
+    if w.shape[1] != K:
+        raise ValueError(f"{fn}: w must be [N, {K}] to match x's last dim, got {tuple(w.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"{fn}: x ({x.dtype}) and w ({w.dtype}) must share a dtype")
+    if glu not in _ACTS:
+        raise ValueError(f"{fn}: glu must be one of {sorted(a for a in _ACTS if a)} or None, got {glu!r}")
+    if glu is not None and w.shape[0] % 2:
+        raise ValueError(f"{fn}: a gated activation needs w's rows to be gate|up halves, got {w.shape[0]} rows")
+    n_out = w.shape[0] // 2 if glu else w.shape[0]
+    M = x.numel() // K if K else 0
+    if M > MAX_ROWS:
+        raise ValueError(f"{fn}: x has {M} rows; the kernel is for at most {MAX_ROWS} (use a GEMM)")
+    tensors = [("x", x), ("w", w)]
+    if bias is not None:
+        check_tensor(fn, "bias", bias, ndim=1)
+        if bias.shape[0] != w.shape[0]:
+            raise ValueError(f"{fn}: bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
+        tensors.append(("bias", bias))
+    if norm_weight is not None:
+        check_tensor(fn, "norm_weight", norm_weight, ndim=1)
+        if norm_weight.shape[0] != K:
+            raise ValueError(f"{fn}: norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+        tensors.append(("norm_weight", norm_weight))
+    if residual is not None:
+        check_tensor(fn, "residual", residual)
+        if tuple(residual.shape) != (*x.shape[:-1], n_out):
+            raise ValueError(f"{fn}: residual must have shape {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}")
+        tensors.append(("residual", residual))
+    check_devices(fn, _gemv_kernel, tensors)
+    return M, n_out
+
+
+def _key(M, n_out, K, x, bias, norm_weight, residual, glu) -> dict:
+    return {"M": M, "N": n_out, "K": K, "dtype": str(x.dtype).replace("torch.", ""), "act": str(glu),
+            "norm": norm_weight is not None, "bias": bias is not None, "res": residual is not None}
+
+
+def _library(x, w, bias, norm_weight, eps, residual, glu):
+    """The unfused ops as a graph without this fusion runs them: norm kernel, cuBLAS, activation, add."""
+    from .triton_mlp import geglu, swiglu
+    from .triton_norm import rms_norm
+
+    h = x if norm_weight is None else rms_norm(x, norm_weight.to(x.dtype), eps)
+    y = F.linear(h, w, None if bias is None else bias.to(x.dtype))
+    if glu is not None:
+        g, u = y.chunk(2, dim=-1)
+        y = swiglu(g, u) if glu == "silu" else geglu(g, u)
+    return y if residual is None else y + residual
+
+
+def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
+    K = x.shape[-1]
+    if config is None:
+        name = "gemv" if M == 1 else "gemv_rows"
+        config = tuning.get_config(name, _key(M, n_out, K, x, bias, norm_weight, residual, glu),
+                                   tuning.detect_profile(x.device))
+    if config.get("library"):
+        return _library(x, w, bias, norm_weight, eps, residual, glu)
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    if M == 0 or n_out == 0:
+        return y
+    x2 = _rows(x, K)
+    w2 = w if w.stride(-1) == 1 else w.contiguous()
+    r2 = _rows(residual, n_out) if residual is not None else y.view(-1, n_out)
+    block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
+    dot = M > 1
+    if dot:
+        block_n = max(16, block_n)
+    with device_guard(x.device):
+        _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+            x2, w2, bias if bias is not None else w2, norm_weight if norm_weight is not None else w2, r2, y,
+            M, n_out, K, n_out * w2.stride(0),
+            x2.stride(0), w2.stride(0), r2.stride(0), n_out,
+            float(eps),
+            HAS_BIAS=bias is not None,
+            HAS_NORM=norm_weight is not None,
+            HAS_RES=residual is not None,
+            ACT=_ACTS[glu],
+            DOT=dot,
+            IEEE=x.dtype == torch.float32,
+            EVEN=n_out % block_n == 0 and K % block_k == 0,
+            BLOCK_M=MAX_ROWS if dot else 1,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            **launch_opts(config),
+        )
+    return y
+
+
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    glu: str | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x[..., K] @ w[N, K]^T`` for at most ``MAX_ROWS`` rows, with the folds of the module docstring.
+
+    Returns a new tensor ``[..., N]`` (``[..., N // 2]`` with ``glu``) of x's dtype.
+    ``config`` overrides the tuned one (``BLOCK_N``, ``BLOCK_K``, ``num_warps``,
+    ``num_stages``, or ``{"library": True}`` for the unfused ops).
+    """
+    M, n_out = _check(x, w, bias, norm_weight, residual, glu)
+    return _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config)
+
+
+def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None) -> dict:
+    """Time the kernel's candidate configs and the unfused library ops on these inputs; cache the winner."""
+    M, n_out = _check(x, w, bias, norm_weight, residual, glu)
+    name = "gemv" if M == 1 else "gemv_rows"
+    profile = tuning.detect_profile(x.device)
+    key = _key(M, n_out, x.shape[-1], x, bias, norm_weight, residual, glu)
+    return tuning.autotune(name, key, tuning.candidates(name, profile),
+                           lambda cfg: _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, cfg), profile)
