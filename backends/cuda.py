@@ -2,9 +2,12 @@
 rest, and the whole forward replayed as one CUDA graph.
 
 Lowering copies the optimized graph, moves weights to the GPU and points each flashc
-op that has a generated kernel (flashc.codegen) at it; matmuls stay on cuBLAS through
-torch. The first call autotunes each generated kernel on the shapes it meets (results
-cached on disk and saved in the artifact), then, with static input shapes, captures the
+op that has a generated kernel (flashc.codegen) at it. Decode-sized matmuls (a few
+rows) become fused GEMV kernels that also do the RMSNorm before them, the activation
+and the residual add after them (`cuda_rewrites`); larger matmuls stay on cuBLAS
+through torch. The first call autotunes each generated kernel on the shapes it meets,
+the GEMVs against the unfused cuBLAS path (results cached on disk and saved in the
+artifact), then, with static input shapes, captures the
 forward into a CUDA graph, so a call costs one graph launch instead of a hundred-odd
 kernel launches. Inputs the graph writes in place (a decode step's KV cache) stay
 resident: the graph works on the caller's tensors directly.

@@ -31,7 +31,11 @@ Decoding for long-context inference").  Stage 1: program ``(b, kv head, split)``
 computes, for *all* ``Hq // Hkv`` query heads of that KV group at once (so each K/V
 tile is read once, the GQA trick of FlashInfer / FlashAttention's decode path), a
 partial result normalised within the split plus its log-sum-exp.  Stage 2: a small
-kernel combines the splits with weights ``exp(lse_s - max lse)``.
+kernel combines the splits with weights ``exp(lse_s - max lse)``.  With the config key
+``FUSED_COMBINE`` the two stages are one launch: each split program takes a ticket from
+a per-(b, kv head) atomic counter after writing its partials, and the last one to
+arrive combines the group's splits (the "last block" reduction of CUDA's
+threadFenceReduction sample); with a single split the program writes the output itself.
 """
 
 from __future__ import annotations
@@ -273,18 +277,73 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _decode_combine(
+        MID_O, MID_LSE, O,
+        b64, kvh,
+        so_b, so_h, so_d,
+        Hq, GROUP, D, NUM_SPLITS,
+        BLOCK_G: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Fused stage 2: combine the NUM_SPLITS partials of the GROUP query heads of kv head kvh.
+
+        The weights of _decode_reduce_kernel, taken BLOCK_S splits at a time with a
+        running max (one chunk: the same arithmetic).  Partials written by other
+        programs are loaded with .cg (L2, never a possibly stale L1 line).
+        """
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < GROUP
+        heads = (kvh * GROUP + offs_g).to(tl.int64)
+        base = (b64 * Hq + heads) * NUM_SPLITS
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            row = base[:, None] + s0 + offs_s[None, :]  # [BLOCK_G, BLOCK_S]
+            gs_ok = g_ok[:, None] & (s0 + offs_s < NUM_SPLITS)[None, :]
+            lse = tl.load(MID_LSE + row, mask=gs_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(
+                MID_O + row[:, :, None] * D + offs_d[None, None, :],
+                mask=gs_ok[:, :, None] & d_ok[None, None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            m_new = tl.maximum(m_i, tl.max(lse, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            w = tl.exp2(lse - m_ref[:, None])
+            denom = denom * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+            m_i = m_new
+        out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+        tl.store(
+            O + b64 * so_b + heads[:, None] * so_h + offs_d[None, :] * so_d,
+            out.to(O.dtype.element_ty),
+            mask=g_ok[:, None] & d_ok[None, :],
+        )
+
+    @triton.jit
     def _decode_split_kernel(
-        Q, K, V, SEQ_LENS, MID_O, MID_LSE,
+        Q, K, V, SEQ_LENS, MID_O, MID_LSE, O, COUNTERS,
         s_len, len_offset,
         sq_b, sq_h, sq_d,
         sk_b, sk_h, sk_l, sk_d,
         sv_b, sv_h, sv_l, sv_d,
+        so_b, so_h, so_d,
         Hq, Hkv, GROUP, Lmax, D, split_len, NUM_SPLITS,
         qk_scale,
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
+        FUSED: tl.constexpr,
+        DIRECT: tl.constexpr,
+        COMBINE_G: tl.constexpr,
+        COMBINE_S: tl.constexpr,
     ):
         """Flash-Decoding stage 1: program (b*Hkv + kv head, split).
 
@@ -293,6 +352,11 @@ if HAS_TRITON:
         head, the split's softmax-normalised output and its log2-sum-exp (-inf for
         a split with no valid key).  The last split runs to seq_len whatever
         split_len is, so a too-small length hint never drops keys.
+
+        DIRECT (one split): write the output to O instead.  FUSED: then take a ticket
+        from COUNTERS[b*Hkv + kv head]; the program that draws the last one combines
+        the group's splits into O (_decode_combine, COMBINE_G x COMBINE_S x BLOCK_D
+        tiles) and resets the counter to 0 for the next launch.
         """
         pid_bk = tl.program_id(0)
         split = tl.program_id(1)
@@ -352,10 +416,31 @@ if HAS_TRITON:
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        row = (b64 * Hq + heads) * NUM_SPLITS + split  # [BLOCK_G] index into [B*Hq, NUM_SPLITS]
-        tl.store(MID_LSE + row, lse, mask=g_ok)
-        tl.store(MID_O + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+        if DIRECT:
+            tl.store(
+                O + b64 * so_b + heads[:, None] * so_h + offs_d[None, :] * so_d,
+                out.to(O.dtype.element_ty),
+                mask=g_ok[:, None] & d_ok[None, :],
+            )
+        else:
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+            row = (b64 * Hq + heads) * NUM_SPLITS + split  # [BLOCK_G] index into [B*Hq, NUM_SPLITS]
+            tl.store(MID_LSE + row, lse, mask=g_ok)
+            tl.store(MID_O + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+            if FUSED:
+                # The ticket is one thread's atomic, so the barrier first orders every
+                # thread's partial stores before it (CTA scope); the acq_rel atomic at
+                # GPU scope then releases them to, and acquires the other programs'
+                # stores for, whoever draws the last ticket -- the pattern of
+                # cooperative groups' grid sync.
+                tl.debug_barrier()
+                ticket = tl.atomic_add(COUNTERS + pid_bk, 1, sem="acq_rel")
+                if ticket == NUM_SPLITS - 1:
+                    _decode_combine(
+                        MID_O, MID_LSE, O, b64, kvh, so_b, so_h, so_d, Hq, GROUP, D, NUM_SPLITS,
+                        BLOCK_G=COMBINE_G, BLOCK_S=COMBINE_S, BLOCK_D=BLOCK_D,
+                    )
+                    tl.store(COUNTERS + pid_bk, 0)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -388,7 +473,7 @@ if HAS_TRITON:
         tl.store(O + b * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty), mask=d_ok)
 
     tuning.register_kernel_source("attention", _attn_fwd_kernel, _attn_tiles)
-    tuning.register_kernel_source("decode_attention", _decode_split_kernel, _decode_reduce_kernel)
+    tuning.register_kernel_source("decode_attention", _decode_split_kernel, _decode_combine, _decode_reduce_kernel)
 
 
 # ---------------------------------------------------------------------------
@@ -522,6 +607,31 @@ def _workspace(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """The fused combine's per-(b, kv head) int32 ticket counters: one zeroed buffer per device.
+
+    Every launch leaves them 0 (the last split resets its counter), so they are
+    neither zeroed per call nor inside a replayed CUDA graph; a launch aborted
+    midway would leave them dirty (not a concern in practice).  The buffer grows
+    to the largest ``n`` seen; an outgrown one is kept alive, as a captured graph
+    still points at it.  Launches sharing a device share the buffer, so they must
+    not run concurrently on different streams.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # zeros() would only be recorded, not run: eager calls would see garbage
+            raise RuntimeError("decode_attention: run the fused decode once before CUDA graph capture")
+        if buf is not None:
+            _OUTGROWN_COUNTERS.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(n, dtype=torch.int32, device=device)
+    return buf
+
+
 def decode_num_splits(
     batch: int, kv_heads: int, max_len: int, sm_count: int, block_n: int = 64, min_split_len: int = 256
 ) -> tuple[int, int]:
@@ -600,23 +710,41 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
     if ns > _MAX_GRID_YZ:
         raise ValueError(f"decode_attention: {ns} splits exceed the grid limit {_MAX_GRID_YZ}")
     G = Hq // Hkv
-    mid_o = _workspace((B * Hq, ns, D), q.device)
-    mid_lse = _workspace((B * Hq, ns), q.device)
+    fused = bool(config.get("FUSED_COMBINE", False))
+    direct = fused and ns == 1
+    if direct:  # the partial and counter pointers go unused
+        mid_o = mid_lse = counters = o
+    else:
+        mid_o = _workspace((B * Hq, ns, D), q.device)
+        mid_lse = _workspace((B * Hq, ns), q.device)
+        counters = _split_counters(B * Hkv, q.device) if fused else mid_lse  # unused unless fused
     block_d = max(16, next_pow2(D))
+    combine_g = combine_s = 1  # constexprs of the fused combine only: one specialisation otherwise
+    if fused and not direct:
+        # [G, splits, D] fp32 chunks of about 64 values a thread
+        combine_g = next_pow2(G)
+        combine_s = max(1, min(next_pow2(ns), 64 * 32 * int(config.get("num_warps", 4)) // (combine_g * block_d)))
     with device_guard(q.device):
         _decode_split_kernel[(B * Hkv, ns)](
-            q, k_cache, v_cache, seq_lens, mid_o, mid_lse,
+            q, k_cache, v_cache, seq_lens, mid_o, mid_lse, o, counters,
             seq_lens.stride(0), int(len_offset),
             q.stride(0), q.stride(1), q.stride(3),
             *k_cache.stride(), *v_cache.stride(),
+            o.stride(0), o.stride(1), o.stride(3),
             Hq, Hkv, G, Lmax, D, split_len, ns,
             float(scale) * _LOG2E,
             BLOCK_G=max(16, next_pow2(G)),
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             IEEE=q.dtype == torch.float32,
+            FUSED=fused and not direct,
+            DIRECT=direct,
+            COMBINE_G=combine_g,
+            COMBINE_S=combine_s,
             **launch_opts(config),
         )
+        if fused:
+            return
         _decode_reduce_kernel[(B * Hq,)](
             mid_o, mid_lse, o,
             o.stride(0), o.stride(1), o.stride(3),

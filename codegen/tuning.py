@@ -141,6 +141,14 @@ _ATTN_SMALL = _cfgs(
     {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
 )
 _DECODE = _cfgs(
+    # FUSED_COMBINE: one launch, the last split program of a (batch, kv head) pair combines
+    # the pair's splits (saves the ~2 us launch of the combine kernel; that program reads
+    # all G x splits partials, so longer splits are offered too).  Without it, two launches.
+    {"BLOCK_N": 64, "MIN_SPLIT_LEN": 64, "num_warps": 4, "num_stages": 2, "FUSED_COMBINE": True},
+    {"BLOCK_N": 64, "MIN_SPLIT_LEN": 256, "num_warps": 4, "num_stages": 2, "FUSED_COMBINE": True},
+    {"BLOCK_N": 32, "MIN_SPLIT_LEN": 64, "num_warps": 2, "num_stages": 2, "FUSED_COMBINE": True},
+    {"BLOCK_N": 128, "MIN_SPLIT_LEN": 512, "num_warps": 4, "num_stages": 3, "FUSED_COMBINE": True},
+    {"BLOCK_N": 64, "MIN_SPLIT_LEN": 128, "num_warps": 8, "num_stages": 3, "FUSED_COMBINE": True},
     # short splits first: at batch 1 a (batch, kv head) pair is one program per split, and a
     # split of one or two tiles keeps the latency of a step's attention to a load round trip
     {"BLOCK_N": 64, "MIN_SPLIT_LEN": 64, "num_warps": 4, "num_stages": 2},

@@ -235,6 +235,111 @@ def test_decode_lengths_beyond_cache_are_clamped(device):
     assert torch.equal(o[1], torch.zeros_like(o[1]))
 
 
+# One launch: the last split program of each (batch, kv head) combines.  Fresh random
+# inputs every run (no seed): the ticket logic must not depend on particular values.
+FUSED = {"BLOCK_N": 16, "MIN_SPLIT_LEN": 16, "num_warps": 2, "num_stages": 1, "FUSED_COMBINE": True}
+FUSED_CASES = [
+    (1, 8, 2, 70, 32),  # GQA 4, batch 1
+    (3, 2, 2, 70, 24),  # MHA, D not a power of 2
+    (3, 16, 2, 200, 128),  # GQA 8, D 128: the combine takes 4 splits at a time (num_warps 2)
+]
+
+
+def counters_are_zero() -> bool:
+    return all(not c.any() for c in ta._COUNTERS.values())
+
+
+@pytest.mark.parametrize("splits", [1, 3, 13, 40, None], ids=lambda s: f"splits={s}")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_decode_matches_reference(device, dtype, case, splits, monkeypatch):
+    B, Hq, Hkv, Lmax, D = case
+    q = torch.randn(B, Hq, 1, D).to(dtype).to(device)
+    kc = torch.randn(B, Hkv, Lmax, D).to(dtype).to(device)
+    vc = torch.randn(B, Hkv, Lmax, D).to(dtype).to(device)
+    lens = torch.randint(1, Lmax + 1, (B,))
+    lens[0] = Lmax
+    if B > 1:
+        lens[1] = 0
+    lens = lens.to(torch.int32).to(device)
+
+    real_ws = ta._workspace
+    monkeypatch.setattr(ta, "_workspace", lambda shape, dev: real_ws(shape, dev).fill_(float("nan")))
+    outs = []
+    for _ in range(2):  # the second call finds the counters reset by the first
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+        outs.append(ta.decode_attention(q, kc, vc, lens, num_splits=splits, out=out, config=FUSED))
+        assert counters_are_zero()
+    assert torch.equal(outs[0], outs[1]) and not torch.isnan(outs[0]).any()
+    ref = ta.reference_decode_attention(q.double(), kc.double(), vc.double(), lens)
+    assert rel_err(outs[0], ref) < TOL[dtype]
+    empty = lens == 0
+    assert torch.equal(outs[0][empty], torch.zeros_like(outs[0][empty]))
+    unfused = {k: v for k, v in FUSED.items() if k != "FUSED_COMBINE"}
+    two_launch = ta.decode_attention(q, kc, vc, lens, num_splits=splits, config=unfused)
+    assert torch.allclose(outs[0].float(), two_launch.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("splits", [1, 4], ids=lambda s: f"splits={s}")
+def test_fused_decode_offsets_strides_and_clamps(device, splits):
+    """len_offset, a stride-0 length, lengths past the cache and negative ones, as on the two-launch path."""
+    B, Hq, Hkv, Lmax, D = 3, 4, 2, 64, 16
+    q = torch.randn(B, Hq, 1, D, device=device)
+    kc, vc = torch.randn(B, Hkv, Lmax, D, device=device), torch.randn(B, Hkv, Lmax, D, device=device)
+    positions = torch.tensor([36], device=device).expand(B)
+    ref = ta.reference_decode_attention(q.double(), kc.double(), vc.double(), positions + 1)
+    o = ta.decode_attention(q, kc, vc, positions, len_offset=1, num_splits=splits, config=FUSED)
+    assert rel_err(o, ref) < 1e-5
+    lens = torch.tensor([90, -3, 0], dtype=torch.int64, device=device)
+    o = ta.decode_attention(q, kc, vc, lens, num_splits=splits, config=FUSED)
+    assert rel_err(o, ta.reference_decode_attention(q.double(), kc.double(), vc.double(), lens)) < 1e-5
+    assert torch.equal(o[1:], torch.zeros_like(o[1:]))
+    assert counters_are_zero()
+
+
+def test_fused_decode_counters_grow_per_device(device, monkeypatch):
+    monkeypatch.setattr(ta, "_COUNTERS", {})
+    monkeypatch.setattr(ta, "_OUTGROWN_COUNTERS", [])
+    for B, Hkv in [(1, 2), (1, 1), (3, 4)]:
+        q = torch.randn(B, 2 * Hkv, 1, 16, device=device)
+        kc = torch.randn(B, Hkv, 40, 16, device=device)
+        lens = torch.full((B,), 33, dtype=torch.int32, device=device)
+        o = ta.decode_attention(q, kc, kc, lens, num_splits=3, config=FUSED)
+        assert rel_err(o, ta.reference_decode_attention(q.double(), kc.double(), kc.double(), lens)) < 1e-5
+    (dev, buf), = ta._COUNTERS.items()
+    assert dev == q.device and buf.dtype == torch.int32 and buf.numel() == 12 and not buf.any()
+    assert [c.numel() for c in ta._OUTGROWN_COUNTERS] == [2]  # kept alive for graphs captured with it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fused_decode_replays_in_a_cuda_graph():
+    """Replays reuse the counters without re-zeroing them; many splits and replays stress the ticket ordering."""
+    B, Hq, Hkv, Lmax, D = 4, 32, 8, 4096, 128
+    dev = torch.device("cuda", torch.cuda.current_device())
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(B, Hkv, Lmax, D, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn(B, Hkv, Lmax, D, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor([4096, 1, 0, 2500], dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "FUSED_COMBINE": True}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and allocate the counters outside the capture
+        ta.decode_attention(q, kc, vc, lens, num_splits=64, out=out, config=cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ta.decode_attention(q, kc, vc, lens, num_splits=64, out=out, config=cfg)
+    for _ in range(20):
+        q.normal_()
+        lens.copy_(torch.randint(0, Lmax + 1, (B,), dtype=torch.int32, device=dev))
+        graph.replay()
+        ref = ta.reference_decode_attention(q.double(), kc.double(), vc.double(), lens)
+        assert rel_err(out, ref) < 1e-2
+    torch.cuda.synchronize()
+    assert counters_are_zero()
+
+
 @pytest.mark.parametrize(
     "B,Hkv,L,sm,bn,msl",
     [(1, 8, 4096, 132, 64, 256), (64, 8, 4096, 132, 64, 256), (1, 1, 100, 132, 64, 256), (2, 4, 32768, 108, 128, 512), (1, 1, 10**6, 132, 64, 256)],
