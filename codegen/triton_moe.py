@@ -10,16 +10,18 @@ Semantics (``torch.ops.flashc.moe``)::
 
 Only the routed experts' weights are read (the "fused MoE" scheme of vLLM / SGLang):
 
-1. Routing in PyTorch.  The ``P = T * top_k`` (token, expert) pairs, numbered
+1. Routing.  The ``P = T * top_k`` (token, expert) pairs, numbered
    ``p = t * top_k + k``, are sorted by expert (stable, so the order is
    deterministic) and each expert's group is padded to a multiple of ``BLOCK_M``
    in a ``rows`` table (padding entries hold ``P``).  The table has a fixed size
    ``num_blocks * BLOCK_M`` with ``num_blocks = min(P, P // BLOCK_M + E)``, an
    upper bound of the padded length known from the shapes alone, and
    ``block_expert[b]`` is the expert of block ``b`` (``E`` for unused blocks).
-   Everything is computed on the device with sort / searchsorted / cumsum /
-   scatter: no host synchronisation, so the whole function can be captured in a
-   CUDA graph.
+   At decode (``P`` and ``E`` at most 64) one single-program Triton kernel does
+   the softmax, top-k and table, as ~30 tiny PyTorch ops would cost more in
+   launches than in work; larger batches use sort / searchsorted / cumsum /
+   scatter.  Either way everything stays on the device: no host
+   synchronisation, so the whole function can be captured in a CUDA graph.
 2. Kernel 1, program ``(block b, column tile n)``: the pairs of block ``b`` gather
    their token rows of ``x`` and multiply them by the gate and up rows ``n`` of
    ``gate_up[block_expert[b]]`` (two fp32 accumulators); the epilogue writes
@@ -167,7 +169,79 @@ if HAS_TRITON:
         out_ptrs = OUT + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, result.to(OUT.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    tuning.register_kernel_source("moe", _moe_gemm_kernel)
+    @triton.jit
+    def _route_kernel(
+        LOGITS, ROUTE_W, ROWS, BLOCK_EXPERT,
+        num_pairs, num_experts, num_blocks, stride_lt, stride_le,
+        TOP_K: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
+        """One program: ``route`` + ``_sort_pairs`` for all P = T * TOP_K pairs.
+
+        Row p of every [BLOCK_P, ...] tile is pair p = t * TOP_K + k; it redoes
+        token t's top-k selection and keeps the k-th pick.  Selection ranks the fp32
+        logits (the softmax is monotone, so it is the probabilities' order without
+        their rounding), NaN highest like torch.topk, ties to the lowest expert.
+        Every ROWS entry is written once (pairs by scatter, padding by the block
+        tiles), so no barrier is needed.
+        """
+        p = tl.arange(0, BLOCK_P)
+        e = tl.arange(0, BLOCK_E)
+        p_ok = p < num_pairs
+        e_ok = e < num_experts
+        ptrs = LOGITS + (p // TOP_K)[:, None] * stride_lt + e[None, :] * stride_le
+        logits = tl.load(ptrs, mask=p_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        logits = tl.where(e_ok[None, :], logits, float("-inf"))
+        num = tl.exp(logits - tl.max(logits, 1)[:, None])
+        probs = num / tl.sum(num, 1)[:, None]
+
+        key = tl.where(logits != logits, float("inf"), logits)
+        taken = tl.broadcast_to(~e_ok[None, :], [BLOCK_P, BLOCK_E])
+        k = p % TOP_K
+        expert = tl.zeros([BLOCK_P], dtype=tl.int32)
+        weight = tl.zeros([BLOCK_P], dtype=tl.float32)
+        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for j in range(TOP_K):
+            best = tl.max(tl.where(taken, float("-inf"), key), 1)
+            pick = tl.min(tl.where(~taken & (key == best[:, None]), e[None, :], BLOCK_E), 1)
+            chosen = e[None, :] == pick[:, None]
+            w = tl.sum(tl.where(chosen, probs, 0.0), 1)
+            expert = tl.where(k == j, pick, expert)
+            weight = tl.where(k == j, w, weight)
+            total += w
+            taken |= chosen
+        if NORMALIZE:
+            weight = weight / total
+        tl.store(ROUTE_W + p, weight.to(ROUTE_W.dtype.element_ty), mask=p_ok)
+
+        # Pair table: groups in expert order, each padded to a multiple of BLOCK_M.
+        expert = tl.where(p_ok, expert, BLOCK_E)  # padding rows join no group
+        in_group = expert[:, None] == e[None, :]
+        counts = tl.sum(in_group.to(tl.int32), 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        starts = ends - padded
+        rank = tl.sum(((expert[:, None] == expert[None, :]) & (p[None, :] < p[:, None])).to(tl.int32), 1)
+        dest = tl.sum(tl.where(in_group, starts[None, :], 0), 1) + rank
+        tl.store(ROWS + dest, p, mask=p_ok)
+
+        b = tl.arange(0, BLOCK_B)
+        b_ok = b < num_blocks
+        block_expert = tl.sum(((ends[None, :] <= b[:, None] * BLOCK_M) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(BLOCK_EXPERT + b, block_expert, mask=b_ok)
+        of_block = block_expert[:, None] == e[None, :]
+        group_start = tl.sum(tl.where(of_block, starts[None, :], 0), 1)
+        group_count = tl.sum(tl.where(of_block, counts[None, :], 0), 1)
+        slots = b[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        is_pad = slots - group_start[:, None] >= group_count[:, None]
+        pad = tl.full([BLOCK_B, BLOCK_M], num_pairs, tl.int32)
+        tl.store(ROWS + slots, pad, mask=b_ok[:, None] & is_pad)
+
+    tuning.register_kernel_source("moe", _moe_gemm_kernel, _route_kernel)
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +293,11 @@ def _moe_fits(dtype: torch.dtype, profile: str):
     return fits
 
 
+def _num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Blocks of the pair table: every used block holds a pair, and at most one per expert is partial."""
+    return min(num_pairs, num_pairs // block_m + num_experts)
+
+
 def _sort_pairs(experts: torch.Tensor, num_experts: int, block_m: int):
     """The padded pair table: ``(rows[num_blocks * block_m] int32, block_expert[num_blocks] int32)``.
 
@@ -229,7 +308,7 @@ def _sort_pairs(experts: torch.Tensor, num_experts: int, block_m: int):
     flat = experts.reshape(-1)
     P = flat.numel()
     dev = flat.device
-    num_blocks = min(P, P // block_m + num_experts)
+    num_blocks = _num_blocks(P, num_experts, block_m)
     sorted_experts, order = torch.sort(flat, stable=True)
     starts = torch.searchsorted(sorted_experts, torch.arange(num_experts + 1, device=dev, dtype=flat.dtype))
     counts = starts[1:] - starts[:-1]
@@ -242,6 +321,52 @@ def _sort_pairs(experts: torch.Tensor, num_experts: int, block_m: int):
     block_starts = torch.arange(num_blocks, device=dev, dtype=padded_ends.dtype) * block_m
     block_expert = torch.searchsorted(padded_ends, block_starts, right=True, out_int32=True)
     return rows, block_expert
+
+
+# The routing kernel works in one program on [P, E] and [P, P] tiles (the stable
+# rank compares all pairs): up to 64 that is at most 4096 elements a tile, which
+# 8 warps hold in registers (sm_90: <= 196 registers a thread, no spills).  Larger
+# P (prefill) would spill, and there the ~30 PyTorch ops' launches are amortised
+# over many tokens anyway.
+_ROUTE_KERNEL_MAX = 64
+
+
+def _launch_route(router_logits, route_w, rows, block_expert, top_k, normalize, block_m):
+    """Fill the preallocated route_w, rows and block_expert from router_logits in one launch."""
+    P, E = route_w.numel(), router_logits.shape[1]
+    block_p, block_e = next_pow2(P), next_pow2(E)
+    _route_kernel[(1,)](
+        router_logits, route_w, rows, block_expert,
+        P, E, block_expert.numel(), router_logits.stride(0), router_logits.stride(1),
+        TOP_K=top_k,
+        NORMALIZE=normalize,
+        BLOCK_M=block_m,
+        BLOCK_P=block_p,
+        BLOCK_E=block_e,
+        BLOCK_B=next_pow2(block_expert.numel()),
+        # Small tiles fit one warp, whose reductions are shuffles only.
+        num_warps=min(8, max(1, block_p * max(block_p, block_e) // 512)),
+    )
+
+
+def _route_pairs(router_logits, top_k: int, normalize: bool, dtype: torch.dtype, block_m: int):
+    """``(route_w[P] in dtype, rows, block_expert)``: ``route``'s weights, flattened, and ``_sort_pairs``' table.
+
+    One Triton launch when P = T * top_k and E are at most ``_ROUTE_KERNEL_MAX``
+    (decode), PyTorch ops otherwise.
+    """
+    T, E = router_logits.shape
+    P = T * top_k
+    if P > _ROUTE_KERNEL_MAX or E > _ROUTE_KERNEL_MAX:
+        weights, experts = route(router_logits, top_k, normalize, dtype)
+        return (weights.reshape(-1).contiguous(), *_sort_pairs(experts, E, block_m))
+    num_blocks = _num_blocks(P, E, block_m)
+    dev = router_logits.device
+    route_w = torch.empty(P, dtype=dtype, device=dev)
+    rows = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    _launch_route(router_logits, route_w, rows, block_expert, top_k, normalize, block_m)
+    return route_w, rows, block_expert
 
 
 def _launch_gemm(a, w, out, rows, block_expert, route_w, num_pairs, num_experts, a_row_div, swiglu, config):
@@ -278,13 +403,11 @@ def _launch_moe(x, router_logits, gate_up, down, top_k, normalize, config) -> to
         config = tuning.get_config("moe", _moe_key(x, E, Fd, top_k), profile, _moe_fits(x.dtype, profile))
     if int(config["BLOCK_M"]) < 16 or min(int(config["BLOCK_N"]), int(config["BLOCK_K"])) < 16:
         raise ValueError(f"moe: BLOCK_M, BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got config {config}")
-    weights, experts = route(router_logits, top_k, normalize, x.dtype)
     P = T * top_k
-    rows, block_expert = _sort_pairs(experts, E, int(config["BLOCK_M"]))
     h = torch.empty((P, Fd), dtype=x.dtype, device=x.device)
     y = torch.empty((P, H), dtype=torch.float32, device=x.device)
-    route_w = weights.reshape(-1).contiguous()
     with device_guard(x.device):
+        route_w, rows, block_expert = _route_pairs(router_logits, top_k, normalize, x.dtype, int(config["BLOCK_M"]))
         _launch_gemm(x, gate_up, h, rows, block_expert, route_w, P, E, top_k, True, config)
         _launch_gemm(h, down, y, rows, block_expert, route_w, P, E, 1, False, config)
     return y.view(T, top_k, H).sum(1).to(x.dtype)

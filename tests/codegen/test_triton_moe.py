@@ -34,7 +34,8 @@ CASES = [
     (3, 4, 2, 40, 72, False),  # H, F not multiples of any block
     (8, 8, 1, 64, 96, False),
     (8, 8, 2, 40, 72, True),
-    (37, 4, 2, 64, 96, True),  # several BLOCK_M tiles per expert
+    (32, 8, 2, 40, 72, False),  # P = 64: the largest batch the routing kernel takes
+    (37, 4, 2, 64, 96, True),  # several BLOCK_M tiles per expert; P = 74: PyTorch routing
     (37, 8, 1, 40, 72, False),
 ]
 
@@ -123,23 +124,67 @@ def test_pair_table_groups_pairs_by_expert(block_m):
         assert torch.equal(tile[valid], tile[valid].sort().values)  # stable: pair order within an expert
 
 
-def test_host_code_has_no_data_dependent_ops(device, monkeypatch):
+def tie_free_logits(T, E, dtype, device, gen):
+    """Random logits, distinct within each token even in bf16 (gaps >= 0.25), so top-k has one answer."""
+    ranks = torch.stack([torch.randperm(E, generator=gen) for _ in range(T)]).float()
+    return (ranks * 0.5 + torch.rand(T, E, generator=gen) * 0.25 - E / 4).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("E", [4, 8])
+@pytest.mark.parametrize("T", [1, 2, 5, 16])
+def test_routing_kernel_matches_pytorch_routing(device, T, E, top_k, normalize, dtype):
+    """The one-launch routing equals route + _sort_pairs: the pair table exactly, the weights to rounding."""
+    assert T * top_k <= tm._ROUTE_KERNEL_MAX
+    block_m = 16
+    gen = torch.Generator()
+    msg = f"logits from torch.Generator().manual_seed({gen.seed()})"  # fresh inputs each run
+    logits = tie_free_logits(T, E, dtype, device, gen)
+    route_w, rows, block_expert = tm._route_pairs(logits, top_k, normalize, dtype, block_m)
+    weights, experts = tm.route(logits, top_k, normalize, dtype)
+    ref_rows, ref_block_expert = tm._sort_pairs(experts, E, block_m)
+    assert torch.equal(rows, ref_rows) and torch.equal(block_expert, ref_block_expert), msg
+    assert route_w.dtype == dtype
+    torch.testing.assert_close(route_w, weights.reshape(-1), msg=msg)
+
+
+def test_routing_kernel_breaks_ties_to_the_lowest_expert(device):
+    """Equal logits: each token picks experts 0..top_k-1; ranking is on the logits, so -inf ones still rank."""
+    T, E, top_k, block_m = 3, 8, 2, 16
+    logits = torch.zeros(T, E, device=device)
+    logits[2, :] = float("-inf")
+    logits[2, 5] = 1.0  # token 2: expert 5, then the lowest of the -inf ones
+    route_w, rows, block_expert = tm._route_pairs(logits, top_k, True, torch.float32, block_m)
+    P = T * top_k
+    pad = [P] * block_m
+    assert rows.tolist() == [0, 2, 5, *pad[3:], 1, 3, *pad[2:], 4, *pad[1:], *pad * 3]
+    assert block_expert.tolist() == [0, 1, 5, E, E, E]
+    torch.testing.assert_close(route_w[:4], torch.full((4,), 0.5, device=device))
+    torch.testing.assert_close(route_w[4:], torch.tensor([1.0, 0.0], device=device))
+
+
+@pytest.mark.parametrize("T", [5, 40], ids=["routing_kernel", "pytorch_routing"])
+def test_host_code_has_no_data_dependent_ops(device, monkeypatch, T):
     """moe's host code runs under FakeTensorMode, where .item(), nonzero or bincount would raise.
 
     So it never synchronises with the device and can be captured in a CUDA graph;
-    the two kernel launches take only shapes, strides and pointers.
+    the kernel launches take only shapes, strides and pointers.
     """
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     launches = []
+    monkeypatch.setattr(tm, "_launch_route", lambda *args: launches.append(args[1].shape))
     monkeypatch.setattr(tm, "_launch_gemm", lambda *args: launches.append(args[2].shape))
     with FakeTensorMode():
-        x, logits, gate_up, down = make_inputs(5, 8, 64, 96, torch.float16, device)
+        x, logits, gate_up, down = make_inputs(T, 8, 64, 96, torch.float16, device)
         y = tm.moe(x, logits, gate_up, down, 2, True)
         with pytest.raises(DataDependentOutputException):  # the mode does catch a sync
             logits.sum().item()
-    assert y.shape == (5, 64) and y.dtype == torch.float16
-    assert launches == [(10, 96), (10, 64)]
+    assert y.shape == (T, 64) and y.dtype == torch.float16
+    P = 2 * T
+    assert launches == ([(P,)] if P <= tm._ROUTE_KERNEL_MAX else []) + [(P, 96), (P, 64)]
 
 
 def test_moe_noncontiguous_inputs_and_determinism(device):
