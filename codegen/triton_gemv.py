@@ -25,9 +25,11 @@ computed here in fp32 from ``x`` and ``w`` of one dtype (bf16, fp16, fp32), the
 result in that dtype. The kernel differs from the unfused graph only in rounding:
 the normalised activation is not rounded to the input dtype before the product.
 
-One row (``M == 1``) multiplies and accumulates elementwise ``[BLOCK_N,
-BLOCK_K]`` tiles and reduces once at the end; several rows pad to 16 and use
-``tl.dot`` (tensor cores; the padding costs nothing when memory is the limit).
+Up to ``ELEMENTWISE_ROWS`` rows multiply and accumulate elementwise (``[rows,
+BLOCK_N, BLOCK_K]`` products in registers, reduced over K once at the end); ``DOT``
+configs pad the rows to 16 and use ``tl.dot`` instead (tensor cores). Tuning times
+every candidate as the step runs it, from a CUDA graph, with the weights cycled
+through enough copies to miss in L2.
 Autotuning includes the unfused library path (the norm kernel, cuBLAS, the
 activation kernel) as a candidate, so the fused kernel runs only where it measured
 faster.
@@ -45,6 +47,7 @@ from ._triton_common import (
     check_tensor,
     device_guard,
     launch_opts,
+    next_pow2,
     require_triton,
     triton,
     tl,
@@ -53,6 +56,7 @@ from ._triton_common import (
 __all__ = ["MAX_ROWS", "gemv", "tune_gemv", "reference_gemv"]
 
 MAX_ROWS = 16  # rows the kernel pads to for tl.dot; more rows is a GEMM, cuBLAS's job
+ELEMENTWISE_ROWS = 8  # the elementwise path keeps [rows, BLOCK_N, BLOCK_K] products in registers
 _ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
 LIBRARY = {"library": True}  # tuning candidate: the unfused ops (norm kernel, cuBLAS, activation)
 
@@ -111,9 +115,9 @@ if HAS_TRITON:
         if DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:  # one row: elementwise products, reduced over K once after the loop
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:  # elementwise products for every row, reduced over K once after the loop
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN:
@@ -149,10 +153,10 @@ if HAS_TRITON:
                     if ACT != 0:
                         acc_up = tl.dot(x, w_up, acc_up)
             else:
-                xf = x.to(tl.float32)
-                acc += w.to(tl.float32) * xf
+                xf = x.to(tl.float32)[:, None, :]
+                acc += w.to(tl.float32)[None, :, :] * xf
                 if ACT != 0:
-                    acc_up += w_up.to(tl.float32) * xf
+                    acc_up += w_up.to(tl.float32)[None, :, :] * xf
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
@@ -161,8 +165,8 @@ if HAS_TRITON:
             out = acc
             up = acc_up
         else:
-            out = tl.sum(acc, axis=1)[None, :]
-            up = tl.sum(acc_up, axis=1)[None, :]
+            out = tl.sum(acc, axis=2)
+            up = tl.sum(acc_up, axis=2)
         if HAS_NORM:
             rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
             out = out * rstd[:, None]
@@ -253,7 +257,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     if config is None:
         name = "gemv" if M == 1 else "gemv_rows"
         config = tuning.get_config(name, _key(M, n_out, K, x, bias, norm_weight, residual, glu),
-                                   tuning.detect_profile(x.device))
+                                   tuning.detect_profile(x.device), _fits(M))
     if config.get("library"):
         return _library(x, w, bias, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
@@ -263,9 +267,12 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     w2 = w if w.stride(-1) == 1 else w.contiguous()
     r2 = _rows(residual, n_out) if residual is not None else y.view(-1, n_out)
     block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
-    dot = M > 1
+    dot = bool(config.get("DOT"))
     if dot:
         block_n = max(16, block_n)
+    elif M > ELEMENTWISE_ROWS:
+        raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
+                         f"x has {M} (use a DOT config)")
     with device_guard(x.device):
         _gemv_kernel[(triton.cdiv(n_out, block_n),)](
             x2, w2, bias if bias is not None else w2, norm_weight if norm_weight is not None else w2, r2, y,
@@ -279,7 +286,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             DOT=dot,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % block_k == 0,
-            BLOCK_M=MAX_ROWS if dot else 1,
+            BLOCK_M=MAX_ROWS if dot else next_pow2(M),
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             **launch_opts(config),
@@ -308,11 +315,30 @@ def gemv(
     return _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config)
 
 
+def _fits(M: int):
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
+
+
+L2_SPILL_BYTES = 96 * 2**20  # more than the L2 of the GPUs flashc targets (50 MB on H100/H200)
+
+
 def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None) -> dict:
-    """Time the kernel's candidate configs and the unfused library ops on these inputs; cache the winner."""
+    """Time the kernel's candidate configs and the unfused library ops on these inputs; cache the winner.
+
+    Candidates run as a decode step runs them: back to back from a CUDA graph, each
+    call on the next of enough copies of ``w`` that the weights come from memory, not L2.
+    """
     M, n_out = _check(x, w, bias, norm_weight, residual, glu)
     name = "gemv" if M == 1 else "gemv_rows"
     profile = tuning.detect_profile(x.device)
     key = _key(M, n_out, x.shape[-1], x, bias, norm_weight, residual, glu)
-    return tuning.autotune(name, key, tuning.candidates(name, profile),
-                           lambda cfg: _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, cfg), profile)
+    copies = max(1, min(8, -(-L2_SPILL_BYTES // max(1, w.numel() * w.element_size()))))
+    weights = [w] + [w.clone() for _ in range(copies - 1)] if x.is_cuda else [w]
+    turn = [0]
+
+    def run(cfg):
+        turn[0] += 1
+        return _launch(x, weights[turn[0] % len(weights)], bias, norm_weight, eps, residual, glu, M, n_out, cfg)
+
+    return tuning.autotune(name, key, [c for c in tuning.candidates(name, profile) if _fits(M)(c)], run, profile,
+                           bench_fn=tuning.cuda_graph_bench if x.is_cuda and not tuning.interpreting() else None)

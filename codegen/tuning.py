@@ -44,6 +44,7 @@ __all__ = [
     "PROFILES",
     "CACHE_VERSION",
     "autotune",
+    "cuda_graph_bench",
     "cache_key",
     "cache_path",
     "candidates",
@@ -53,6 +54,7 @@ __all__ = [
     "get_config",
     "hardware",
     "import_tuning",
+    "interpreting",
     "kernel_source_hash",
     "register_kernel_source",
     "shape_bucket",
@@ -178,8 +180,8 @@ _MOE_SMALL = _cfgs(
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 )
 
-# Decode GEMV (codegen/triton_gemv): one row streams [BLOCK_N, BLOCK_K] weight tiles with
-# elementwise FMAs; several rows (padded to 16) use tl.dot. Narrow BLOCK_N keeps enough
+# Decode GEMV (codegen/triton_gemv): up to 8 rows stream [BLOCK_N, BLOCK_K] weight tiles with
+# elementwise FMAs; DOT configs pad the rows to 16 and use tl.dot. Narrow BLOCK_N keeps enough
 # programs in flight on 2048-wide outputs; the last candidate is the unfused library path
 # (cuBLAS), so the fused kernel is used only where it measured faster.
 _GEMV = _cfgs(
@@ -192,11 +194,11 @@ _GEMV = _cfgs(
     {"library": True},
 )
 _GEMV_ROWS = _cfgs(
-    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
-    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DOT": True},
     {"library": True},
 )
 
@@ -509,6 +511,44 @@ def _can_time_on_gpu() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _interpreting()
+
+
+def cuda_graph_bench(fn: Callable[[], Any], calls: int = 24, reps: int = 7) -> float:
+    """Median milliseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls.
+
+    How kernels of a captured decode step run: back to back, with no Python launch
+    overhead between them (which ``do_bench`` would count for a candidate that is
+    several launches, such as an unfused library path).
+    """
+    import torch
+
+    fn()  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 def _default_bench(fn: Callable[[], Any]) -> float:

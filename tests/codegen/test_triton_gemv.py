@@ -25,6 +25,7 @@ FOLDS = {
     "everything": {"norm": True, "bias": True, "glu": "silu", "residual": True},
 }
 SMALL = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2}
+DOT = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOT": True}
 
 
 def rel_err(out, ref) -> float:
@@ -51,13 +52,13 @@ def truth(x, w, kw):
     return tg.reference_gemv(x.double().cpu(), w.double().cpu(), **as64)
 
 
-@pytest.mark.parametrize("config", [None, SMALL], ids=["default", "small_tiles"])
-@pytest.mark.parametrize("lead,K,N", [((1,), 128, 64), ((1, 1), 100, 38), ((3, 1), 96, 64), ((16,), 70, 34)], ids=str)
+@pytest.mark.parametrize("config", [None, SMALL, DOT], ids=["default", "small_tiles", "dot"])
+@pytest.mark.parametrize("lead,K,N", [((1,), 128, 64), ((1, 1), 100, 38), ((3, 1), 96, 64), ((8,), 70, 34)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", sorted(FOLDS))
 def test_gemv_matches_float64_reference(device, fold, dtype, lead, K, N, config):
-    if INTERPRETED and dtype == torch.bfloat16 and lead[0] > 1:
-        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (several rows use tl.dot)")
+    if INTERPRETED and dtype == torch.bfloat16 and config == DOT:
+        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly")
     x, w, kw = make(device, dtype, lead, K, N, FOLDS[fold])
     out = tg.gemv(x, w, **kw, config=config)
     ref = truth(x, w, kw)
@@ -72,6 +73,11 @@ def test_library_candidate_computes_the_same(device, fold):
     library = tg.gemv(x, w, **kw, config={"library": True})
     assert rel_err(library.cpu(), truth(x, w, kw)) < 2e-5
     assert rel_err(fused.cpu(), library.cpu()) < 2e-5
+
+
+def test_sixteen_rows_take_a_dot_config_untuned(device):
+    x, w = torch.randn(16, 48, device=device), torch.randn(40, 48, device=device)
+    assert rel_err(tg.gemv(x, w).cpu(), truth(x, w, {})) < 2e-5
 
 
 def test_rows_of_a_strided_view(device):
@@ -90,13 +96,14 @@ def test_tuning_includes_the_library_path(device):
 
 @pytest.mark.parametrize("bad,match", [
     (lambda x, w: tg.gemv(torch.randn(17, 32, device=x.device), w), "at most 16"),
+    (lambda x, w: tg.gemv(torch.randn(9, 32, device=x.device), w, config=SMALL), "use a DOT config"),
     (lambda x, w: tg.gemv(x, torch.randn(8, 31, device=x.device)), "match x's last dim"),
     (lambda x, w: tg.gemv(x, w.half()), "share a dtype"),
     (lambda x, w: tg.gemv(x, torch.randn(7, 32, device=x.device), glu="silu"), "gate\\|up halves"),
     (lambda x, w: tg.gemv(x, w, glu="relu"), "glu must be"),
     (lambda x, w: tg.gemv(x, w, residual=torch.randn(2, 9, device=x.device)), "residual must have shape"),
     (lambda x, w: tg.gemv(x, w, norm_weight=torch.randn(31, device=x.device)), "norm_weight must be"),
-], ids=["rows", "K", "dtype", "glu_rows", "act", "residual", "norm"])
+], ids=["rows", "elementwise_rows", "K", "dtype", "glu_rows", "act", "residual", "norm"])
 def test_bad_input_names_what_is_wrong(device, bad, match):
     x, w = torch.randn(2, 32, device=device), torch.randn(8, 32, device=device)
     with pytest.raises((ValueError, TypeError), match=match):
