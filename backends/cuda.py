@@ -126,7 +126,7 @@ class CudaBackend:
             warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
                           "kernels are tuned for the local device", stacklevel=3)
         return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True),
-                              tune=options.get("tune", True))
+                              tune=options.get("tune", True), save_tuning_to=options.get("save_tuning_to"))
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -139,15 +139,17 @@ class CudaBackend:
         return {"tuning": "tuning.json"}
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
-        if info.get("tuning") and (directory / info["tuning"]).exists():
+        """Lower a loaded artifact; tuning it carries is used, tuning done at its first call is saved back."""
+        tuning_file = directory / info.get("tuning", "tuning.json")
+        if tuning_file.exists():
             import json
 
             from flashc.codegen.tuning import import_tuning
 
-            import_tuning(json.loads((directory / info["tuning"]).read_text()))
+            import_tuning(json.loads(tuning_file.read_text()))
         from flashc.profiles import get_profile
 
-        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {})
+        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {"save_tuning_to": tuning_file})
 
 
 def _kv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
@@ -163,6 +165,22 @@ def _gemv(x, w, bias, norm_weight, eps, residual, glu):
     from flashc.codegen import triton_gemv
 
     return triton_gemv.gemv(x, w, bias, norm_weight, eps, residual, glu)
+
+
+def _save_tuning(path: Path) -> None:
+    """Write the tuning results into an artifact (atomically), so its next load does not tune."""
+    import json
+    import os
+
+    from flashc.codegen.tuning import export_tuning
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(export_tuning(), sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not save kernel tuning into the artifact ({e}); the next load will tune again",
+                      stacklevel=3)
 
 
 def _check_memory(program: Program) -> None:
@@ -192,7 +210,8 @@ def _to_cuda_args(x):
 class CudaExecutable:
     """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
 
-    def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True) -> None:
+    def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True,
+                 save_tuning_to: Path | None = None) -> None:
         kernels = _kernels()
         graph = copy.deepcopy(program.graph)
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
@@ -228,6 +247,7 @@ class CudaExecutable:
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
         self.tune = tune  # autotune the generated kernels on the first call's shapes
+        self.save_tuning_to = save_tuning_to  # an artifact's tuning file: results of that tuning go back there
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []
@@ -270,6 +290,9 @@ class CudaExecutable:
             except Exception as e:  # untuned kernels are slower, not wrong: keep going
                 warnings.warn(f"kernel autotuning failed ({type(e).__name__}: {str(e)[:200]}); "
                               "running with default configs", stacklevel=2)
+            else:
+                if self.save_tuning_to is not None:
+                    _save_tuning(self.save_tuning_to)
         if not self.use_cuda_graph:
             return self.run_eager(*args)
         if self._graph is None:

@@ -53,6 +53,38 @@ def check(name: str, dtype: torch.dtype, lines: list[str]) -> None:
     print("\n".join(lines[-2:]), flush=True)
 
 
+def check_tuning_saved_back(lines: list[str]) -> None:
+    """An artifact saved without tuning results tunes at its first call and writes them into itself."""
+    import json
+    import os
+    import tempfile
+
+    from flashc.codegen import tuning
+
+    model = zoo.build("llama-tiny", dtype=torch.bfloat16, device="cuda")
+    inputs = decode_example_inputs(model, 2, 32, device="cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FLASHC_CACHE"] = f"{tmp}/cache_a"
+        tuning.clear_memory_cache()
+        cm = flashc.compile(DecodeStep(model, 32), "h100", inputs, level=3)
+        cm.save(f"{tmp}/art")
+        tuning_file = Path(tmp) / "art" / "payload" / "tuning.json"
+        tuning_file.write_text(json.dumps({"version": tuning.CACHE_VERSION, "entries": {}}))
+        os.environ["FLASHC_CACHE"] = f"{tmp}/cache_b"  # a machine that never tuned these kernels
+        tuning.clear_memory_cache()
+        loaded = flashc.load(f"{tmp}/art")
+        kv = empty_kv_cache(model, 2, 32, device="cuda")
+        tokens = torch.randint(0, model.config.vocab_size, (2, 1), device="cuda")
+        out = loaded(tokens, torch.tensor([0], device="cuda"), *kv)
+        saved = len(json.loads(tuning_file.read_text())["entries"])
+        kv_ref = empty_kv_cache(model, 2, 32, device="cuda")
+        with torch.no_grad():
+            ref = DecodeStep(model, 32)(tokens, torch.tensor([0], device="cuda"), *kv_ref)
+    lines.append(f"| llama-tiny | torch.bfloat16 | artifact tuned at first load: entries saved back "
+                 f"| {saved} (step vs eager {rel(out, ref):.1e}) |")
+    print(lines[-1], flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench_out")
@@ -66,6 +98,11 @@ def main() -> int:
         except Exception as e:
             traceback.print_exc()
             lines.append(f"| {name} | {dtype} | FAILED | {type(e).__name__}: {str(e)[:200]} |")
+    try:
+        check_tuning_saved_back(lines)
+    except Exception as e:
+        traceback.print_exc()
+        lines.append(f"| llama-tiny | torch.bfloat16 | artifact tuning saved back: FAILED | {type(e).__name__}: {e} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -332,6 +332,10 @@ def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=No
     name = "gemv" if M == 1 else "gemv_rows"
     profile = tuning.detect_profile(x.device)
     key = _key(M, n_out, x.shape[-1], x, bias, norm_weight, residual, glu)
+    cands = [c for c in tuning.candidates(name, profile) if _fits(M)(c)]
+    hit = tuning.cached_config(name, key, profile)
+    if hit is not None:  # no weight copies for a cache hit
+        return hit
     copies = max(1, min(8, -(-L2_SPILL_BYTES // max(1, w.numel() * w.element_size()))))
     weights = [w] + [w.clone() for _ in range(copies - 1)] if x.is_cuda else [w]
     turn = [0]
@@ -340,5 +344,5 @@ def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=No
         turn[0] += 1
         return _launch(x, weights[turn[0] % len(weights)], bias, norm_weight, eps, residual, glu, M, n_out, cfg)
 
-    return tuning.autotune(name, key, [c for c in tuning.candidates(name, profile) if _fits(M)(c)], run, profile,
+    return tuning.autotune(name, key, cands, run, profile,
                            bench_fn=tuning.cuda_graph_bench if x.is_cuda and not tuning.interpreting() else None)

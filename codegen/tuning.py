@@ -47,6 +47,7 @@ __all__ = [
     "cuda_graph_bench",
     "cache_key",
     "cache_path",
+    "cached_config",
     "candidates",
     "clear_memory_cache",
     "detect_profile",
@@ -658,6 +659,16 @@ def autotune(
         },
     )
     return dict(best_cfg)
+
+
+def cached_config(kernel_name: str, key: Mapping[str, Any], profile_name: str = "default") -> dict | None:
+    """The tuned config of ``kernel_name`` at ``key`` if the cache has one, else None."""
+    source_hash = _SOURCE_HASHES.get(kernel_name, "")
+    if not source_hash:
+        return None
+    with _lock:
+        hit = _entries(cache_path()).get(cache_key(profile_name, kernel_name, key, source_hash))
+    return dict(hit["config"]) if hit is not None else None
 
 
 def get_config(

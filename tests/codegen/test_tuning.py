@@ -183,6 +183,7 @@ def test_get_config_uses_tuned_result_for_registered_kernel():
     from flashc.codegen import triton_norm  # noqa: F401  (registers rms_norm's source)
 
     key = {"H": 256, "M": 64, "dtype": "float32"}
+    assert tuning.cached_config("rms_norm", key, "h100") is None
     default = tuning.get_config("rms_norm", key, "h100")
     assert default == tuning.candidates("rms_norm", "h100")[0]
     cands = tuning.candidates("rms_norm", "h100")
@@ -198,6 +199,8 @@ def test_get_config_uses_tuned_result_for_registered_kernel():
     best = tuning.autotune("rms_norm", key, cands, run_fn, "h100", bench_fn=bench)
     assert best == cands[-1]
     assert tuning.get_config("rms_norm", key, "h100") == cands[-1]
+    assert tuning.cached_config("rms_norm", key, "h100") == cands[-1]
+    assert tuning.cached_config("rms_norm", key, "a100") is None
     assert tuning.get_config("rms_norm", key, "a100") == tuning.candidates("rms_norm", "a100")[0]
     # a fits() that rejects the tuned config falls back to the first fitting candidate
     assert tuning.get_config("rms_norm", key, "h100", fits=lambda c: c != cands[-1]) == cands[0]
