@@ -126,7 +126,7 @@ class CudaBackend:
             warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
                           "kernels are tuned for the local device", stacklevel=3)
         return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True),
-                              tune=options.get("tune", True), save_tuning_to=options.get("save_tuning_to"))
+                              tune=options.get("tune", True), save_tuning=options.get("save_tuning"))
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -140,16 +140,26 @@ class CudaBackend:
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
         """Lower a loaded artifact; tuning it carries is used, tuning done at its first call is saved back."""
-        tuning_file = directory / info.get("tuning", "tuning.json")
-        if tuning_file.exists():
+        tuning_name = info.get("tuning", "tuning.json")
+        if (directory / tuning_name).exists():
             import json
 
             from flashc.codegen.tuning import import_tuning
 
-            import_tuning(json.loads(tuning_file.read_text()))
+            import_tuning(json.loads((directory / tuning_name).read_text()))
         from flashc.profiles import get_profile
 
-        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {"save_tuning_to": tuning_file})
+        def save_tuning(data: bytes) -> None:
+            import hashlib
+
+            from flashc.artifact import swap_file
+
+            name = f"tuning-{hashlib.sha256(data).hexdigest()[:12]}.json"
+            if name != tuning_name:
+                swap_file(directory.parent, f"{directory.name}/{tuning_name}", f"{directory.name}/{name}", data,
+                          lambda manifest: manifest.setdefault("payload", {}).update(tuning=name))
+
+        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {"save_tuning": save_tuning})
 
 
 def _kv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
@@ -167,17 +177,14 @@ def _gemv(x, w, bias, norm_weight, eps, residual, glu):
     return triton_gemv.gemv(x, w, bias, norm_weight, eps, residual, glu)
 
 
-def _save_tuning(path: Path) -> None:
-    """Write the tuning results into an artifact (atomically), so its next load does not tune."""
+def _save_tuning(save: Callable[[bytes], None]) -> None:
+    """Write the tuning results into the artifact the model came from, so its next load does not tune."""
     import json
-    import os
 
     from flashc.codegen.tuning import export_tuning
 
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(export_tuning(), sort_keys=True))
-        os.replace(tmp, path)
+        save(json.dumps(export_tuning(), sort_keys=True).encode())
     except OSError as e:
         warnings.warn(f"could not save kernel tuning into the artifact ({e}); the next load will tune again",
                       stacklevel=3)
@@ -211,7 +218,7 @@ class CudaExecutable:
     """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
 
     def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True,
-                 save_tuning_to: Path | None = None) -> None:
+                 save_tuning: Callable[[bytes], None] | None = None) -> None:
         kernels = _kernels()
         graph = copy.deepcopy(program.graph)
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
@@ -247,7 +254,7 @@ class CudaExecutable:
         self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
         self.use_cuda_graph = use_cuda_graph
         self.tune = tune  # autotune the generated kernels on the first call's shapes
-        self.save_tuning_to = save_tuning_to  # an artifact's tuning file: results of that tuning go back there
+        self.save_tuning = save_tuning  # an artifact's writer: the results of that tuning go back there
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []
@@ -291,8 +298,8 @@ class CudaExecutable:
                 warnings.warn(f"kernel autotuning failed ({type(e).__name__}: {str(e)[:200]}); "
                               "running with default configs", stacklevel=2)
             else:
-                if self.save_tuning_to is not None:
-                    _save_tuning(self.save_tuning_to)
+                if self.save_tuning is not None:
+                    _save_tuning(self.save_tuning)
         if not self.use_cuda_graph:
             return self.run_eager(*args)
         if self._graph is None:

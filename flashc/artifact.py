@@ -89,6 +89,39 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any],
     return path
 
 
+def swap_file(path: str | os.PathLike, old: str, new: str, data: bytes,
+              edit: Callable[[dict], None] | None = None) -> None:
+    """Replace file `old` of the artifact at `path` by `data` stored as `new`, crash-safe.
+
+    The new file is written first under its new name, then the manifest (checksums,
+    and whatever `edit` changes) is replaced atomically, then the old file goes: at
+    every moment the manifest names files that exist with the checksums it lists.
+    """
+    path = Path(path)
+    if old == new:
+        raise ValueError("swap_file needs a new name for the new content (the old file stays valid until the swap)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    target = path / new
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    files = {k: v for k, v in manifest["files"].items() if k != old}
+    files[new] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["files"] = files
+    if edit is not None:
+        edit(manifest)
+    mtmp = path / (MANIFEST + ".tmp")
+    with open(mtmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(mtmp, path / MANIFEST)
+    (path / old).unlink(missing_ok=True)
+
+
 def _fsync_dir(d: Path) -> None:
     for f in d.rglob("*"):
         if f.is_file():

@@ -115,3 +115,23 @@ def test_overwrite_replaces_whole_artifact(saved, tmp_path):
     cm.save(target)
     assert not (target / "stale.txt").exists()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]
+
+
+def test_swap_file_keeps_the_manifest_valid_at_every_step(tmp_path):
+    import json
+
+    from flashc.artifact import read_manifest, swap_file, write_artifact
+
+    def payload(d):
+        d.mkdir()
+        (d / "tuning.json").write_text('{"entries": {}}')
+
+    art = write_artifact(tmp_path / "art", {"payload": {"tuning": "tuning.json"}}, {"payload": payload})
+    data = json.dumps({"entries": {"k": {"config": {"BLOCK_N": 8}}}}).encode()
+    swap_file(art, "payload/tuning.json", "payload/tuning-new.json", data,
+              lambda m: m["payload"].update(tuning="tuning-new.json"))
+    manifest = read_manifest(art)  # verifies every checksum
+    assert manifest["payload"]["tuning"] == "tuning-new.json"
+    assert (art / "payload" / "tuning-new.json").read_bytes() == data
+    assert not (art / "payload" / "tuning.json").exists()
+    assert set(manifest["files"]) == {"payload/tuning-new.json"}
