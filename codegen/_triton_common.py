@@ -135,3 +135,27 @@ def device_guard(dev: torch.device):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+_PDL: dict = {}
+
+
+def pdl_enabled(dev: torch.device) -> bool:
+    """Whether kernels on ``dev`` launch with programmatic dependent launch (PDL).
+
+    With PDL a kernel may be launched while the previous one is still running; it
+    waits for that kernel's results (``gdc_wait``) before touching memory, so the launch
+    latency between the many small kernels of a decode step overlaps the previous
+    kernel's tail. Needs Hopper or newer and a Triton with grid dependency control;
+    ``FLASHC_PDL=0`` turns it off.
+    """
+    import os
+
+    if dev.type != "cuda" or os.environ.get("FLASHC_PDL", "1") == "0":
+        return False
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index not in _PDL:
+        cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+        _PDL[index] = (HAS_TRITON and hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+                       and torch.cuda.get_device_capability(index)[0] >= 9)
+    return _PDL[index]

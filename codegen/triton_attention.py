@@ -54,6 +54,7 @@ from ._triton_common import (
     device_guard,
     launch_opts,
     next_pow2,
+    pdl_enabled,
     require_triton,
     triton,
     tl,
@@ -344,6 +345,7 @@ if HAS_TRITON:
         DIRECT: tl.constexpr,
         COMBINE_G: tl.constexpr,
         COMBINE_S: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Flash-Decoding stage 1: program (b*Hkv + kv head, split).
 
@@ -358,6 +360,8 @@ if HAS_TRITON:
         the group's splits into O (_decode_combine, COMBINE_G x COMBINE_S x BLOCK_D
         tiles) and resets the counter to 0 for the next launch.
         """
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
         pid_bk = tl.program_id(0)
         split = tl.program_id(1)
         b = pid_bk // Hkv
@@ -741,7 +745,9 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
             DIRECT=direct,
             COMBINE_G=combine_g,
             COMBINE_S=combine_s,
+            PDL=pdl_enabled(q.device),
             **launch_opts(config),
+            **({"launch_pdl": True} if pdl_enabled(q.device) else {}),
         )
         if fused:
             return

@@ -48,6 +48,7 @@ from ._triton_common import (
     device_guard,
     launch_opts,
     next_pow2,
+    pdl_enabled,
     require_triton,
     triton,
     tl,
@@ -94,12 +95,15 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X (last dims contiguous).
 
         ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
         the program accumulates both and writes act(gate) * up.
         """
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,14 +111,11 @@ if HAS_TRITON:
         m_ok = offs_m < M
         n_ok = offs_n < N
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        if DOT:  # W tiles loaded transposed, [BLOCK_K, BLOCK_N], for a plain x @ w
-            w_ptrs = W + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
-        else:
-            w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
         g_ptrs = G + offs_k
-        if DOT:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if DOT:  # y^T = W x^T: the weight tile is the MMA's wide operand, the few rows its narrow one
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:  # elementwise products for every row, reduced over K once after the loop
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -128,10 +129,7 @@ if HAS_TRITON:
             else:
                 k_ok = offs_k < K - k0
                 x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT:
-                    w_mask = k_ok[:, None] & n_ok[None, :]
-                else:
-                    w_mask = n_ok[:, None] & k_ok[None, :]
+                w_mask = n_ok[:, None] & k_ok[None, :]
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0)
                 if ACT != 0:
                     w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
@@ -144,14 +142,15 @@ if HAS_TRITON:
                     g = tl.load(g_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
                 x = (xf * g[None, :]).to(W.dtype.element_ty)
             if DOT:
+                xt = tl.trans(x)
                 if IEEE:
-                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                    acc = tl.dot(w, xt, acc, input_precision="ieee")
                     if ACT != 0:
-                        acc_up = tl.dot(x, w_up, acc_up, input_precision="ieee")
+                        acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
                 else:
-                    acc = tl.dot(x, w, acc)
+                    acc = tl.dot(w, xt, acc)
                     if ACT != 0:
-                        acc_up = tl.dot(x, w_up, acc_up)
+                        acc_up = tl.dot(w_up, xt, acc_up)
             else:
                 xf = x.to(tl.float32)[:, None, :]
                 acc += w.to(tl.float32)[None, :, :] * xf
@@ -161,9 +160,11 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
 
+        if PDL:  # the weights are streamed: the next kernel may start its launch now
+            tl.extra.cuda.gdc_launch_dependents()
         if DOT:
-            out = acc
-            up = acc_up
+            out = tl.trans(acc)
+            up = tl.trans(acc_up)
         else:
             out = tl.sum(acc, axis=2)
             up = tl.sum(acc_up, axis=2)
@@ -267,6 +268,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     w2 = w if w.stride(-1) == 1 else w.contiguous()
     r2 = _rows(residual, n_out) if residual is not None else y.view(-1, n_out)
     block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
+    pdl = pdl_enabled(x.device)
     dot = bool(config.get("DOT"))
     if dot:
         block_n = max(16, block_n)
@@ -289,6 +291,8 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             BLOCK_M=MAX_ROWS if dot else next_pow2(M),
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
         )
     return y

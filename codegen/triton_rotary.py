@@ -29,6 +29,7 @@ from ._triton_common import (
     device_guard,
     launch_opts,
     next_pow2,
+    pdl_enabled,
     require_triton,
     triton,
     tl,
@@ -115,11 +116,14 @@ if HAS_TRITON:
         svc_b, svc_h, svc_l, svc_d,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (b*(HQ+H) + j, s-block) handles BLOCK_S new tokens of one head row of batch b:
         j < HQ rotates query head j into QO; otherwise it rotates key head j - HQ and stores it,
         and its values, at rows POS[s] of the caches (rows outside [0, L) are skipped).
         HQ = 0 is the keys-and-values-only launch."""
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = (pid_bh // (HQ + H)).to(tl.int64)
@@ -290,7 +294,9 @@ def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, conf
             *k_cache.stride(), *v_cache.stride(),
             BLOCK_S=block_s,
             BLOCK_D=next_pow2(D // 2),
+            PDL=pdl_enabled(k.device),
             **launch_opts(config),
+            **({"launch_pdl": True} if pdl_enabled(k.device) else {}),
         )
 
 

@@ -182,7 +182,8 @@ _MOE_SMALL = _cfgs(
 )
 
 # Decode GEMV (codegen/triton_gemv): up to 8 rows stream [BLOCK_N, BLOCK_K] weight tiles with
-# elementwise FMAs; DOT configs pad the rows to 16 and use tl.dot. Narrow BLOCK_N keeps enough
+# elementwise FMAs; DOT configs pad the rows to 16 and use tl.dot with the weight tile as the
+# wide operand (several rows: elementwise FMAs run out of issue slots). Narrow BLOCK_N keeps enough
 # programs in flight on 2048-wide outputs; the last candidate is the unfused library path
 # (cuBLAS), so the fused kernel is used only where it measured faster.
 _GEMV = _cfgs(
@@ -195,11 +196,12 @@ _GEMV = _cfgs(
     {"library": True},
 )
 _GEMV_ROWS = _cfgs(
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "DOT": True},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "DOT": True},
+    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "DOT": True},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "DOT": True},
+    {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DOT": True},
     {"library": True},
 )
 

@@ -57,8 +57,9 @@ def truth(x, w, kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", sorted(FOLDS))
 def test_gemv_matches_float64_reference(device, fold, dtype, lead, K, N, config):
-    if INTERPRETED and dtype == torch.bfloat16 and config == DOT:
-        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly")
+    rows = lead[0]
+    if INTERPRETED and dtype == torch.bfloat16 and (config == DOT or (config is None and rows > 1)):
+        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (DOT configs; the default for rows > 1)")
     x, w, kw = make(device, dtype, lead, K, N, FOLDS[fold])
     out = tg.gemv(x, w, **kw, config=config)
     ref = truth(x, w, kw)
