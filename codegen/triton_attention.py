@@ -814,4 +814,5 @@ def tune_decode_attention(q, k_cache, v_cache, seq_lens, scale: float | None = N
         tuning.candidates("decode_attention", profile),
         lambda cfg: _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, cfg, None, max_seq_len),
         profile,
+        bench_fn=tuning.graph_bench_for(q),
     )

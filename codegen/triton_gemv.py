@@ -349,4 +349,4 @@ def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=No
         return _launch(x, weights[turn[0] % len(weights)], bias, norm_weight, eps, residual, glu, M, n_out, cfg)
 
     return tuning.autotune(name, key, cands, run, profile,
-                           bench_fn=tuning.cuda_graph_bench if x.is_cuda and not tuning.interpreting() else None)
+                           bench_fn=tuning.graph_bench_for(x))

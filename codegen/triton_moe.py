@@ -449,5 +449,6 @@ def tune_moe(
     cands = [c for c in tuning.candidates("moe", profile) if fits(c)] or tuning.candidates("moe", profile)
     key = _moe_key(x, gate_up.shape[0], down.shape[2], top_k)
     return tuning.autotune(
-        "moe", key, cands, lambda cfg: _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), cfg), profile
+        "moe", key, cands, lambda cfg: _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), cfg), profile,
+        bench_fn=tuning.graph_bench_for(x),
     )

@@ -53,6 +53,7 @@ __all__ = [
     "detect_profile",
     "export_tuning",
     "get_config",
+    "graph_bench_for",
     "hardware",
     "import_tuning",
     "interpreting",
@@ -552,6 +553,15 @@ def cuda_graph_bench(fn: Callable[[], Any], calls: int = 24, reps: int = 7) -> f
         times.append(start.elapsed_time(end) / calls)
     del graph
     return sorted(times)[len(times) // 2]
+
+
+def graph_bench_for(t: Any) -> Callable[[Callable[[], Any]], float] | None:
+    """`cuda_graph_bench` for kernels on CUDA tensor ``t``; None (autotune's default) otherwise.
+
+    For the kernels of a decode step, which run from a CUDA graph: ``do_bench`` would
+    time a multi-launch candidate with its Python launch overhead.
+    """
+    return cuda_graph_bench if getattr(t, "is_cuda", False) and not _interpreting() else None
 
 
 def _default_bench(fn: Callable[[], Any]) -> float:

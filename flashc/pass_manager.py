@@ -68,18 +68,36 @@ NUMERIC_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3
 class PassManager:
     """Runs passes in order with verification, optional numeric checks, timing and dumps."""
 
-    def __init__(self, passes: list[Pass], verify: bool = True, numeric_check: bool = False,
+    def __init__(self, passes: list[Pass], verify: bool | str = True, numeric_check: bool = False,
                  dump_dir: str | os.PathLike | None = None) -> None:
+        """verify: "end" (or True) checks the graph's structure after every changed pass and its
+        shapes and output signature once at the end, replaying the pipeline with full checks
+        after each pass to name the culprit if that fails; "each" propagates shapes after every
+        changed pass (FLASHC_VERIFY=each); False checks nothing."""
         self.passes = list(passes)
+        if verify is True:
+            verify = os.environ.get("FLASHC_VERIFY", "end")
+        if verify not in (False, "end", "each"):
+            raise ValueError(f"verify must be 'end', 'each' or False, got {verify!r}")
         self.verify = verify
         self.numeric_check = numeric_check
         dump_dir = dump_dir or os.environ.get("FLASHC_DUMP")
         self.dump_dir = Path(dump_dir) if dump_dir else None
 
     def run(self, program: Program, ctx: PassContext) -> list[PassRecord]:
+        original = program.clone() if self.verify == "end" else None
+        try:
+            return self._run(program, ctx)
+        except VerificationError:
+            if original is not None:  # find the pass that broke the graph: replay with full checks
+                PassManager(self.passes, verify="each", numeric_check=self.numeric_check)._run(original, ctx)
+            raise
+
+    def _run(self, program: Program, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
         held: set[str] = {"shapes"}
-        propagate_shapes(program)
+        if any(n.meta.get("val") is None for n in program.op_nodes()):  # capture leaves them set
+            propagate_shapes(program)
         expected = output_signature(program)
         for index, p in enumerate(self.passes):
             missing = [r for r in p.requires if r not in held]
@@ -101,15 +119,19 @@ class PassManager:
                 held |= establishes
             else:
                 held = (held & set(p.preserves)) | establishes
-                if self.verify:
+                if self.verify == "each":
                     verify(program, expected, where=f"after pass {p.name}")
                     held.add("shapes")
+                elif self.verify == "end":
+                    verify(program, None, where=f"after pass {p.name}", shapes=False)
             record = PassRecord(p.name, result.changed, dict(result.stats), seconds,
                                 nodes_before, len(program.graph.nodes))
             if before is not None and result.changed:
                 record.max_error = numeric_difference(before, program, p.name)
             self._dump(program, index, p.name, "after")
             records.append(record)
+        if self.verify == "end":
+            verify(program, expected, where="after the pass pipeline")
         return records
 
     def _dump(self, program: Program, index: int, name: str, when: str) -> None:

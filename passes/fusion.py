@@ -218,7 +218,8 @@ class Fuse:
     """Apply rewrite rules in order; stats count replacements per rule name."""
 
     requires = ("canonical",)
-    preserves = ("canonical",)
+    # every node it inserts gets its shape (inferred locally, else by propagating the graph)
+    preserves = ("canonical", "shapes")
 
     def __init__(self, *rules: RewriteRule | list[RewriteRule], name: str = "fuse") -> None:
         self.rules: list[RewriteRule] = []
