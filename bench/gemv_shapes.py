@@ -14,6 +14,7 @@ written over the copy bandwidth measured in the same run. Writes OUT/gemv_shapes
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import measured_ceilings, rel_err  # noqa: E402  (same folder)
 
-from flashc.codegen import triton_gemv  # noqa: E402
+from flashc.codegen import triton_gemv, tuning  # noqa: E402
 
 MODELS = {"llama-3.2-1b": (2048, 3072, 8192), "llama-3-8b": (4096, 6144, 14336)}  # hidden, qkv rows, mlp
 VOCAB = 128256
@@ -37,28 +38,9 @@ def cases(hidden: int, qkv: int, mlp: int):
 
 
 def graph_time_us(calls) -> float:
-    """Microseconds per call of a CUDA graph replaying ``calls`` (a list of thunks) in order."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
+    """Microseconds per call of a CUDA graph replaying ``calls`` (a list of thunks) in turn."""
+    turn = itertools.cycle(calls)
+    return tuning.cuda_graph_bench(lambda: next(turn)(), calls=max(24, len(calls))) * 1e3
 
 
 def main() -> int:
