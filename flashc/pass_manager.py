@@ -96,7 +96,7 @@ class PassManager:
     def _run(self, program: Program, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
         held: set[str] = {"shapes"}
-        if any(n.meta.get("val") is None for n in program.op_nodes()):  # capture leaves them set
+        if any(n.meta.get("val") is None and n.users for n in program.op_nodes()):  # capture sets them
             propagate_shapes(program)
         expected = output_signature(program)
         for index, p in enumerate(self.passes):
@@ -112,7 +112,8 @@ class PassManager:
             nodes_before = len(program.graph.nodes)
             start = time.perf_counter()
             result = p.run(program, ctx)
-            program.recompile()
+            if result.changed:
+                program.recompile()
             seconds = time.perf_counter() - start
             establishes = set(getattr(p, "establishes", ()))
             if not result.changed:  # a pass that changed nothing leaves every property as it was
@@ -130,6 +131,7 @@ class PassManager:
                 record.max_error = numeric_difference(before, program, p.name)
             self._dump(program, index, p.name, "after")
             records.append(record)
+        program.recompile()  # cheap once; guards against a pass that changed the graph but said it did not
         if self.verify == "end":
             verify(program, expected, where="after the pass pipeline")
         return records
