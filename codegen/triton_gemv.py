@@ -27,10 +27,7 @@ the normalised activation is not rounded to the input dtype before the product.
 
 Up to ``ELEMENTWISE_ROWS`` rows multiply and accumulate elementwise (``[rows,
 BLOCK_N, BLOCK_K]`` products in registers, reduced over K once at the end); ``DOT``
-configs pad the rows to 16 and use ``tl.dot`` instead (tensor cores). On Hopper the
-kernel launches with programmatic dependent launch: it starts while the previous
-kernel drains, fetches its first weight tile, and only then waits for the activations
-(``gdc_wait``), so small GEMVs do not pay a full launch and DRAM round trip each. Tuning times
+configs pad the rows to 16 and use ``tl.dot`` instead (tensor cores). Tuning times
 every candidate as the step runs it, from a CUDA graph, with the weights cycled
 through enough copies to miss in L2.
 Autotuning includes the unfused library path (the norm kernel, cuBLAS, the
@@ -99,14 +96,13 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
-        EARLY_W: tl.constexpr,
     ):
         """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X (last dims contiguous).
 
         ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
         the program accumulates both and writes act(gate) * up.
         """
-        if PDL and not EARLY_W:  # launched before the previous kernel finished: wait for its results
+        if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -125,23 +121,18 @@ if HAS_TRITON:
             acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
             if EVEN:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 w = tl.load(w_ptrs)
                 if ACT != 0:
                     w_up = tl.load(w_ptrs + up_offset)
             else:
+                k_ok = offs_k < K - k0
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w_mask = n_ok[:, None] & k_ok[None, :]
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0)
                 if ACT != 0:
                     w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
-            if EARLY_W:  # the first weight tile is on its way: now wait for the previous kernel's x
-                if k0 == 0:
-                    tl.extra.cuda.gdc_wait()
-            if EVEN:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            else:
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NORM:
                 xf = x.to(tl.float32)
                 sq += xf * xf
@@ -301,9 +292,6 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             PDL=pdl,
-            # weights never change: with PDL an unpipelined loop fetches its first weight tile
-            # before waiting for the previous kernel (a pipelined one would prefetch x too early)
-            EARLY_W=pdl and not dot and int(config.get("num_stages", 1)) == 1,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
         )
