@@ -228,7 +228,9 @@ class CudaExecutable:
         user = [n for n in graph.nodes if n.op == "placeholder"][len(program.params):]
         self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
         self.kv_writes_fused = fuse_kv_writes(graph, _kv_write)
-        self.matmuls_fused = fuse_small_matmuls(graph, _gemv)
+        from flashc.codegen.triton_gemv import MAX_ROWS  # more rows stay on cuBLAS
+
+        self.matmuls_fused = fuse_small_matmuls(graph, _gemv, MAX_ROWS)
         self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
         for node in graph.nodes:
             if node.op != "call_function":

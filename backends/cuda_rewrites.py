@@ -78,7 +78,6 @@ def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
     return done
 
 
-GEMV_ROWS = 16  # codegen.triton_gemv.MAX_ROWS: matmuls of more rows stay on cuBLAS
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # argument positions of a gemv call: (x, w, bias, norm_weight, eps, residual, glu)
 _X, _NORM, _EPS, _RES, _GLU = 0, 3, 4, 5, 6
@@ -118,7 +117,7 @@ def _halves(gate: fx.Node, up: fx.Node) -> fx.Node | None:
     return gate.args[0]
 
 
-def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int = GEMV_ROWS) -> int:
+def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int) -> int:
     """Rewrite decode-sized matmuls into ``gemv(x, w, bias, norm_weight, eps, residual, glu)``
     calls; returns how many matmuls became one.
 

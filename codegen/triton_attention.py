@@ -728,6 +728,7 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
         # [G, splits, D] fp32 chunks of about 64 values a thread
         combine_g = next_pow2(G)
         combine_s = max(1, min(next_pow2(ns), 64 * 32 * int(config.get("num_warps", 4)) // (combine_g * block_d)))
+    pdl = pdl_enabled(q.device)
     with device_guard(q.device):
         _decode_split_kernel[(B * Hkv, ns)](
             q, k_cache, v_cache, seq_lens, mid_o, mid_lse, o, counters,
@@ -745,9 +746,9 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
             DIRECT=direct,
             COMBINE_G=combine_g,
             COMBINE_S=combine_s,
-            PDL=pdl_enabled(q.device),
+            PDL=pdl,
             **launch_opts(config),
-            **({"launch_pdl": True} if pdl_enabled(q.device) else {}),
+            **({"launch_pdl": True} if pdl else {}),
         )
         if fused:
             return

@@ -37,6 +37,8 @@ faster.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -235,9 +237,11 @@ def _check(x, w, bias, norm_weight, residual, glu):
     return M, n_out
 
 
-def _key(M, n_out, K, x, bias, norm_weight, residual, glu) -> dict:
-    return {"M": M, "N": n_out, "K": K, "dtype": str(x.dtype).replace("torch.", ""), "act": str(glu),
-            "norm": norm_weight is not None, "bias": bias is not None, "res": residual is not None}
+def _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu) -> tuple[str, dict]:
+    """(tuning kernel name, shape key): one row and several rows have separate candidate lists."""
+    return ("gemv" if M == 1 else "gemv_rows",
+            {"M": M, "N": n_out, "K": x.shape[-1], "dtype": str(x.dtype).replace("torch.", ""), "act": str(glu),
+             "norm": norm_weight is not None, "bias": bias is not None, "res": residual is not None})
 
 
 def _library(x, w, bias, norm_weight, eps, residual, glu):
@@ -256,9 +260,8 @@ def _library(x, w, bias, norm_weight, eps, residual, glu):
 def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     K = x.shape[-1]
     if config is None:
-        name = "gemv" if M == 1 else "gemv_rows"
-        config = tuning.get_config(name, _key(M, n_out, K, x, bias, norm_weight, residual, glu),
-                                   tuning.detect_profile(x.device), _fits(M))
+        name, key = _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu)
+        config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))
     if config.get("library"):
         return _library(x, w, bias, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
@@ -333,20 +336,17 @@ def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=No
     call on the next of enough copies of ``w`` that the weights come from memory, not L2.
     """
     M, n_out = _check(x, w, bias, norm_weight, residual, glu)
-    name = "gemv" if M == 1 else "gemv_rows"
+    name, key = _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu)
     profile = tuning.detect_profile(x.device)
-    key = _key(M, n_out, x.shape[-1], x, bias, norm_weight, residual, glu)
     cands = [c for c in tuning.candidates(name, profile) if _fits(M)(c)]
     hit = tuning.cached_config(name, key, profile)
     if hit is not None:  # no weight copies for a cache hit
         return hit
     copies = max(1, min(8, -(-L2_SPILL_BYTES // max(1, w.numel() * w.element_size()))))
-    weights = [w] + [w.clone() for _ in range(copies - 1)] if x.is_cuda else [w]
-    turn = [0]
+    weights = itertools.cycle([w] + [w.clone() for _ in range(copies - 1)] if x.is_cuda else [w])
 
     def run(cfg):
-        turn[0] += 1
-        return _launch(x, weights[turn[0] % len(weights)], bias, norm_weight, eps, residual, glu, M, n_out, cfg)
+        return _launch(x, next(weights), bias, norm_weight, eps, residual, glu, M, n_out, cfg)
 
     return tuning.autotune(name, key, cands, run, profile,
                            bench_fn=tuning.graph_bench_for(x))

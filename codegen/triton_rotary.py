@@ -284,6 +284,7 @@ def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, conf
     if q is None:  # the q pointers are never dereferenced when HQ = 0
         q = q_out = k
     sc_b, ss_b = _table_batch_strides(B, cos, sin)
+    pdl = pdl_enabled(k.device)
     with device_guard(k.device):
         _rotary_kv_write_kernel[(B * (HQ + H), triton.cdiv(S, block_s))](
             q, q_out, k, v, cos, sin, k_cache, v_cache, positions,
@@ -294,9 +295,9 @@ def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, conf
             *k_cache.stride(), *v_cache.stride(),
             BLOCK_S=block_s,
             BLOCK_D=next_pow2(D // 2),
-            PDL=pdl_enabled(k.device),
+            PDL=pdl,
             **launch_opts(config),
-            **({"launch_pdl": True} if pdl_enabled(k.device) else {}),
+            **({"launch_pdl": True} if pdl else {}),
         )
 
 

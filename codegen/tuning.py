@@ -56,7 +56,6 @@ __all__ = [
     "graph_bench_for",
     "hardware",
     "import_tuning",
-    "interpreting",
     "kernel_source_hash",
     "register_kernel_source",
     "shape_bucket",
@@ -517,11 +516,6 @@ def _can_time_on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def interpreting() -> bool:
-    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return _interpreting()
-
-
 def cuda_graph_bench(fn: Callable[[], Any], calls: int = 24, reps: int = 7) -> float:
     """Median milliseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls.
 
@@ -694,14 +688,12 @@ def get_config(
     Never times anything.  The cache lookup is memoised in-process (``fits`` is
     applied on every call); :func:`autotune` and :func:`import_tuning` clear the memo.
     """
-    source_hash = _SOURCE_HASHES.get(kernel_name, "")
-    path = cache_path()
-    memo_key = (path, profile_name, kernel_name, shape_bucket(key), source_hash)
+    memo_key = (cache_path(), profile_name, kernel_name, shape_bucket(key), _SOURCE_HASHES.get(kernel_name, ""))
     with _lock:
         memo = _resolved.get(memo_key)
-        if memo is None:
-            hit = _entries(path).get(cache_key(profile_name, kernel_name, key, source_hash)) if source_hash else None
-            memo = (dict(hit["config"]) if hit is not None else None, candidates(kernel_name, profile_name))
+    if memo is None:
+        memo = (cached_config(kernel_name, key, profile_name), candidates(kernel_name, profile_name))
+        with _lock:
             _resolved[memo_key] = memo
     tuned, cands = memo
     if tuned is not None and (fits is None or fits(dict(tuned))):

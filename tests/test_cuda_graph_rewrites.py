@@ -9,7 +9,7 @@ from flashc_testing import FAMILIES, rel_err
 
 import flashc
 from flashc.backends.cuda_rewrites import fuse_kv_writes, fuse_small_matmuls
-from flashc.codegen.triton_gemv import reference_gemv
+from flashc.codegen.triton_gemv import MAX_ROWS, reference_gemv
 from flashc.codegen.triton_rotary import reference_rotary, reference_rotary_kv_write
 from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
 from flashc.ir import op_name
@@ -51,7 +51,7 @@ def test_decode_matmuls_fold_their_norms_activations_and_residuals(tiny_models, 
     cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 2, 16), level=3)
     before = [op_name(n) for n in cm.program.graph.nodes if n.op == "call_function"]
     graph = copy.deepcopy(cm.program.graph)
-    assert fuse_small_matmuls(graph, reference_gemv_call) == before.count("aten.linear") > 0
+    assert fuse_small_matmuls(graph, reference_gemv_call, MAX_ROWS) == before.count("aten.linear") > 0
     calls = [n for n in graph.nodes if n.op == "call_function"]
     ops = [op_name(n) for n in calls]
     gemvs = [n for n in calls if n.target is reference_gemv_call]
