@@ -10,8 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flashc.aliasing import aliased_outputs
 from flashc.ir import Program
 from flashc.profiles import HardwareProfile
+
+
+def run_with_fresh_outputs(program: Program):
+    """program.run_flat, except that outputs holding a weight, the model's state or an
+    input (a folded constant returned as is, a copy that canonicalization removed) are
+    copied: a caller never holds storage that a later call overwrites."""
+    aliased = aliased_outputs(program.graph)
+    if not aliased:
+        return program.run_flat
+
+    def run(*args):
+        out = program.run_flat(*args)
+        for i in aliased:
+            out[i] = out[i].clone()
+        return out
+
+    return run
 
 
 class EagerBackend:
@@ -21,10 +39,10 @@ class EagerBackend:
         return op.startswith(("aten.", "flashc.")) or op == "getitem"
 
     def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]):
-        return program.run_flat
+        return run_with_fresh_outputs(program)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         return {}
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
-        return program.run_flat
+        return run_with_fresh_outputs(program)

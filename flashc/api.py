@@ -10,8 +10,8 @@ import torch
 from flashc.backends.base import fallbacks
 from flashc.capture import capture
 from flashc.compiled import CompiledModel, ModelSource
-from flashc.errors import FlashcError
-from flashc.ir import propagate_shapes
+from flashc.errors import FlashcError, VerificationError
+from flashc.ir import Program, propagate_shapes
 from flashc.pass_manager import PassContext, PassManager
 from flashc.pipelines import pipeline
 from flashc.profiles import HardwareProfile, get_profile
@@ -27,6 +27,7 @@ def compile(
     level: int = 2,
     profile: str | HardwareProfile | None = None,
     numeric_check: bool = False,
+    verify: bool = True,
     dump_dir: str | None = None,
     source: ModelSource | None = None,
     keep_reference_weights: bool = False,
@@ -38,7 +39,11 @@ def compile(
     example_inputs fix the input signature (shapes and dtypes). For Hugging Face models
     `use_cache=False` is passed unless example_kwargs say otherwise, so the captured
     graph is the pure forward pass. numeric_check compares every pass's output with
-    the graph before it on fresh random inputs. When a pass that changes numerics ran
+    the captured graph on fresh random inputs after every pass, over several calls.
+    verify (on by default) runs what the backend built against the captured program on
+    the example inputs (two calls, on copies of the inputs and of the model's state) and
+    refuses with VerificationError naming the first pass or the backend that diverged;
+    verify=False skips that check. When a pass that changes numerics ran
     (one whose class sets `changes_numerics = True`, e.g. quantization) and the model
     is a zoo model with real weights, the report carries its perplexity against the
     float model (at most `accuracy_limit` windows per text).
@@ -64,6 +69,7 @@ def compile(
     warning = program.meta.pop("capture_warning", None)
     program.meta["warnings"] = [warning] if warning else []
     timings["capture"] = time.perf_counter() - start
+    captured = program.clone() if verify else None
     t = time.perf_counter()
     passes = pipeline(level)
     records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
@@ -72,6 +78,16 @@ def compile(
     t = time.perf_counter()
     executable = backend.lower(program, prof, dict(options or {}))
     timings["lower"] = time.perf_counter() - t
+    # Checked here when it runs here. The CUDA backend is not: its first call captures the
+    # CUDA graph around the inputs it is given, and a check on copies would bind the graph
+    # to those copies (bench/gpu_decode_check.py checks it against eager on the GPU).
+    runs_here = prof.kind == "cpu" and backend.name != "cuda"
+    if captured is not None and runs_here:
+        t = time.perf_counter()
+        check_end_to_end(captured, program, executable, tuple(example_inputs), passes,
+                         PassContext(prof, dict(options or {})), target)
+        timings["verify"] = time.perf_counter() - t
+        del captured
     timings["total"] = time.perf_counter() - start
     if any(n.meta.get("val") is None for n in program.op_nodes()):
         propagate_shapes(program)
@@ -84,6 +100,31 @@ def compile(
     if any(getattr(p, "changes_numerics", False) for p in passes):
         compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
     return compiled
+
+
+def check_end_to_end(captured: Program, program: Program, executable, example_inputs: tuple, passes: list,
+                     ctx: PassContext, target: str) -> None:
+    """What the backend built against the captured program, on the example inputs, twice
+    (state carried between calls, on private copies). On a mismatch the pipeline is replayed
+    with a numeric check after every pass to name the pass that diverged; if none did, the
+    backend's lowering is named."""
+    from flashc.checking import compare, run_executable, run_program
+
+    tensors = [*captured.params.values(), *example_inputs]
+    if any(t.device.type == "meta" for t in tensors):
+        return  # a shape-only model: nothing to run
+    calls = [example_inputs, example_inputs]
+    _, why = compare(run_program(captured, calls), run_executable(executable, program, calls))
+    if why is None:
+        return
+    try:
+        PassManager(passes, numeric_check=True).run(captured.clone(), ctx)
+    except VerificationError as e:
+        raise VerificationError(f"the compiled model does not compute what the model computes on the example "
+                                f"inputs ({why}): {e}. Compile at a lower level, or report the model") from None
+    raise VerificationError(f"target {target!r} computes something else than the model on the example inputs "
+                            f"({why}); every pass checked out, so its lowering is at fault. Use target 'cpu', "
+                            "or compile with verify=False at your own risk")
 
 
 def _accuracy_rows(compiled: CompiledModel, model: torch.nn.Module, source: ModelSource, limit: int | None):

@@ -53,7 +53,7 @@ def capture(
             export_error = e
             export_where = tracker.failing_module()
     if export_error is None:
-        return program
+        return _own_state(program)
     with _module_tracker(model) as tracker:
         try:
             program = _capture_fx(model, example_inputs, kwargs, names)
@@ -65,6 +65,19 @@ def capture(
         f"torch.export failed ({type(export_error).__name__}: {str(export_error).splitlines()[0][:200]}); "
         "the fallback specialises data-dependent control flow on the example inputs"
     )
+    return _own_state(program)
+
+
+def _own_state(program: Program) -> Program:
+    """Give the program its own copy of the buffers its graph writes in place (a KV cache
+    held in the module, a step counter): the compiled model keeps and updates them as the
+    module's forward updates its own, and neither compiling nor calling it changes the
+    module. Weights that are only read stay shared with the module."""
+    from flashc.aliasing import written_placeholders
+
+    for node in written_placeholders(program.graph):
+        if node.name in program.params:
+            program.params[node.name] = program.params[node.name].clone()
     return program
 
 

@@ -192,9 +192,12 @@ _MISSING = object()
 
 def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> list[Match]:
     """All non-overlapping matches of rule in graph, in graph order."""
+    from flashc.aliasing import MutationInfo
+
     matches: list[Match] = []
     claimed: set[fx.Node] = set()
     sentinels = {v: k for k, v in rule.scalars.items()}
+    mutations = MutationInfo.of(graph)
     for pgraph, tensor_names in rule.pattern_graphs():
         pout = pgraph.output_node().args[0]
         pouts = list(pout) if isinstance(pout, (list, tuple)) else [pout]
@@ -218,6 +221,8 @@ def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = No
             covered = [v for k, v in b.items() if isinstance(k, tuple)]
             outputs = [b[("__node__", p.name)] for p in pouts]
             if set(covered) & claimed or not _self_contained(covered, outputs):
+                continue
+            if not _keeps_writes(mutations, covered, outputs, [v for k, v in b.items() if not isinstance(k, tuple)]):
                 continue
             # Pattern placeholders beyond its arguments are constants folded while
             # tracing it (e.g. an arange): they must meet constants in the graph too.
@@ -255,6 +260,29 @@ def _match_side_effects(matcher: _Matcher, pgraph: fx.Graph, b: dict) -> dict | 
         else:
             return None
     return b
+
+
+def _keeps_writes(mutations, covered: list[fx.Node], outputs: list[fx.Node], inputs: list) -> bool:
+    """Whether replacing the match keeps in-place semantics: the replacement reads its
+    inputs at one point, so no write to an input's storage may lie within the match; a
+    write inside the match must be to storage the match allocates (it disappears with
+    it); and an output that is a view of an input must not be written later (the write
+    would land in the replacement's fresh tensor instead of the input)."""
+    from flashc.aliasing import is_write, written_arguments
+
+    inside = set(covered)
+    first = min(covered, key=mutations.order.__getitem__)
+    last = max(covered, key=mutations.order.__getitem__)
+    for v in inputs:
+        if isinstance(v, fx.Node) and mutations.written_between(v, first, last):
+            return False
+    for n in covered:
+        if is_write(n) and any(mutations.root_of(a) not in inside for a in written_arguments(n)):
+            return False
+    for out in outputs:
+        if mutations.root_of(out) not in inside and mutations.is_written(out):
+            return False
+    return True
 
 
 def _self_contained(covered: list[fx.Node], outputs: list[fx.Node]) -> bool:

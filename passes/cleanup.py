@@ -3,16 +3,22 @@
 These run before fusion so that patterns see one spelling of each computation: no
 no-op casts or metadata asserts, weight-only subgraphs (casts, transposes, the causal
 mask, rotary tables) folded into constants.
+
+Each keeps the invariant of `flashc.aliasing`: nothing that reads, is, or is a view of
+storage the graph writes in place (a KV cache in a buffer, a scratch tensor filled by
+slice assignment, a copy that is then written) is folded, merged or dropped.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.fx as fx
 
-from flashc.ir import Program, written_in_place
+from flashc.aliasing import MutationInfo
+from flashc.ir import Program
 from flashc.pass_manager import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -28,19 +34,38 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def _is_identity(node: fx.Node) -> bool:
+def _is_identity(node: fx.Node, mutations: MutationInfo) -> bool:
     src, out = _val(node.args[0]) if node.args else None, _val(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
-    same = src.dtype == out.dtype and src.shape == out.shape and src.device == out.device
+    same = (src.dtype == out.dtype and src.shape == out.shape and src.device == out.device
+            and src.stride() == out.stride())
+    # A copy (clone, x*1, a cast to the same dtype) of storage that is written later, or
+    # that is itself written, keeps a value apart from its source: it must stay.
+    if not same or mutations.touches_written(node):
+        return False
     if node.target in _CASTS:
-        # dropping a copy is only safe when nobody writes to either side of it
-        return same and not written_in_place(node) and not written_in_place(node.args[0])
-    if node.target in (aten.mul.Tensor, aten.div.Tensor) and node.args[1] == 1 and not isinstance(node.args[1], bool):
-        return same
-    if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.args[1] == 0 and not isinstance(node.args[1], bool):
-        return same and node.kwargs.get("alpha", 1) == 1
+        return True
+    if node.target in (aten.mul.Tensor, aten.div.Tensor):
+        return _is_number(node.args[1]) and node.args[1] == 1
+    if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) == 1:
+        return _adds_nothing(node.args[1], subtract=node.target == aten.sub.Tensor, floating=src.is_floating_point())
     return False
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _adds_nothing(value, subtract: bool, floating: bool) -> bool:
+    """Whether x + value (x - value) is x for every x. In floating point -0.0 + 0 is +0.0,
+    so adding zero is an identity only as -0.0 (and subtracting only as +0.0)."""
+    if not _is_number(value) or value != 0:
+        return False
+    if not floating:
+        return True
+    negative_zero = isinstance(value, float) and math.copysign(1.0, value) < 0
+    return negative_zero != subtract
 
 
 class Canonicalize:
@@ -53,13 +78,14 @@ class Canonicalize:
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         removed_asserts = removed_identities = 0
+        mutations = MutationInfo.of(program.graph)  # identities removed keep roots: stays valid
         for node in list(program.graph.nodes):
             if node.op != "call_function":
                 continue
             if node.target in _METADATA_ASSERTS:
                 program.graph.erase_node(node)
                 removed_asserts += 1
-            elif _is_identity(node):
+            elif _is_identity(node, mutations):
                 node.replace_all_uses_with(node.args[0])
                 program.graph.erase_node(node)
                 removed_identities += 1
@@ -95,12 +121,15 @@ class FoldConstants:
     min_elements_to_limit = 1 << 16  # ...once it is larger than this
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        mutations = MutationInfo.of(program.graph)
+        # Weights the graph writes (state such as a KV cache in a buffer) are not constants.
         constant: dict[fx.Node, torch.Tensor | object] = {
-            n: program.params[n.name] for n in program.param_nodes()
+            n: program.params[n.name] for n in program.param_nodes() if not mutations.is_written(n)
         }
         folded_nodes: list[fx.Node] = []
         for node in program.graph.nodes:
-            if not _is_pure(node):
+            # nor is a value that is written later (a scratch tensor, `pos = arange(4); pos += 1`)
+            if not _is_pure(node) or mutations.touches_written(node):
                 continue
             inputs = node.all_input_nodes
             if any(i not in constant for i in inputs):
@@ -126,21 +155,22 @@ class FoldConstants:
             param = program.add_param(f"c_{node.name}", value.contiguous().clone())
             node.replace_all_uses_with(param, delete_user_cb=lambda u: u not in constant)
             materialized += 1
-        merged = _merge_equal_constants(program)
+        merged = _merge_equal_constants(program, MutationInfo.of(program.graph))
         program.graph.eliminate_dead_code()
         dropped = program.drop_unused_params()
         return PassResult(bool(materialized or merged),
                           {"constants_folded": materialized, "constants_merged": merged, "weights_dropped": dropped})
 
 
-def _merge_equal_constants(program: Program) -> int:
+def _merge_equal_constants(program: Program, mutations: MutationInfo) -> int:
     """Point uses of equal folded constants (e.g. each layer's copy of the rotary
-    tables) at one of them. Only folded constants are compared: model weights that
-    are equal by accident stay separate parameters."""
+    tables) at one of them. Only folded constants that nothing writes are compared:
+    model weights that are equal by accident stay separate parameters."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in program.param_nodes():
         t = program.params[node.name]
-        if node.name.startswith("c_") and node.users and t.device.type != "meta":  # meta: no values to compare
+        if (node.name.startswith("c_") and node.users and t.device.type != "meta"  # meta: no values to compare
+                and not mutations.is_written(node)):
             groups.setdefault((t.shape, t.dtype, t.device), []).append(node)
     merged = 0
     for nodes in groups.values():
@@ -166,8 +196,11 @@ class EliminateCommonSubexpressions:
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         seen: dict[tuple, fx.Node] = {}
         merged = 0
+        mutations = MutationInfo.of(program.graph)
         for node in list(program.graph.nodes):
-            if not _is_pure(node):
+            # two reads of written storage may see different values; two fresh tensors
+            # that are each written must stay two tensors
+            if not _is_pure(node) or mutations.touches_written(node):
                 continue
             try:
                 key = (node.target, _hashable(node.args), _hashable(node.kwargs))
@@ -184,13 +217,19 @@ class EliminateCommonSubexpressions:
 
 
 def _hashable(x):
+    """A key that is equal only for arguments that compute the same thing: True, 1 and
+    1.0 differ, and so do 0.0 and -0.0 (their reciprocals are infinities of both signs)."""
     if isinstance(x, (list, tuple)):
         return (type(x).__name__, tuple(_hashable(i) for i in x))
     if isinstance(x, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+        return ("dict", tuple(sorted((k, _hashable(v)) for k, v in x.items())))
     if isinstance(x, float):
-        return ("float", x)  # keep 1 and 1.0 apart
-    return x
+        return ("float", repr(x))  # repr tells -0.0 from 0.0 and keeps nan equal to nan
+    if isinstance(x, (bool, int)):
+        return (type(x).__name__, x)
+    if isinstance(x, fx.Node):
+        return ("node", x)
+    return (type(x).__name__, x)
 
 
 class EliminateDeadCode:

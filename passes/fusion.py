@@ -79,15 +79,31 @@ def rotary_replacement(x, cos, sin):
 
 
 def _check_rotary(m: Match) -> bool:
+    """The match is rope: the rotated half is cat(-x[..., d/2:], x[..., :d/2]) along the
+    last dim of x itself (slice bounds and dims matched as wildcards are checked here)."""
     x, cos = m.val("x"), m.val("cos")
     if x.dim() != 4 or cos.dim() != 4 or cos.shape[1] != 1 or m.val("sin").shape != cos.shape:
         return False
     d = x.shape[-1]
-    for node in m.covered(aten.slice.Tensor):
-        dim, start, end = node.args[1], node.args[2], node.args[3]
-        if dim not in (3, -1) or (start, min(end, d)) not in ((0, d // 2), (d // 2, d)):
+    if d % 2 or cos.shape[-1] != d:
+        return False
+    negs, cats = m.covered(aten.neg.default), m.covered(aten.cat.default)
+    slices = m.covered(aten.slice.Tensor)
+    if len(negs) != 1 or len(cats) != 1 or len(slices) != 2:
+        return False
+    cat = cats[0]
+    if (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) not in (3, -1):
+        return False
+    first, second = cat.args[0]
+    if first is not negs[0] or second not in slices or negs[0].args[0] not in slices:
+        return False
+    halves = {negs[0].args[0]: (d // 2, d), second: (0, d // 2)}
+    for node, (start, end) in halves.items():
+        dim, lo, hi = node.args[1], node.args[2], node.args[3]
+        step = node.args[4] if len(node.args) > 4 else 1
+        if node.args[0] is not m.bindings["x"] or dim not in (3, -1) or step != 1 or (lo, min(hi, d)) != (start, end):
             return False
-    return d % 2 == 0 and cos.shape[-1] == d
+    return True
 
 
 FUSE_ROTARY = RewriteRule(
@@ -174,7 +190,10 @@ def attention_replacement(q, k, v, scale, mask=None, is_causal=False):
 def _check_attention(m: Match) -> bool:
     """GQA shapes line up; a constant causal mask becomes the is_causal flag."""
     q, k, v = m.val("q"), m.val("k"), m.val("v")
-    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1] or k.shape != v.shape[:3] + k.shape[3:]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[1] % k.shape[1]:
+        return False
+    # flashc.attention takes one head size for queries, keys and values
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
         return False
     if "mask" in m.bindings:
         s, l = q.shape[2], k.shape[2]

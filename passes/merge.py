@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
+from flashc.aliasing import MutationInfo
 from flashc.ir import Program
 from flashc.pass_manager import PassContext, PassResult
 
@@ -28,19 +29,26 @@ class MergeProjections:
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        mutations = MutationInfo.of(program.graph)
         for node in program.op_nodes():
             if node.target != aten.linear.default or node.kwargs:
                 continue
             w = node.args[1]
             b = node.args[2] if len(node.args) > 2 else None
-            if not (isinstance(w, fx.Node) and w.name in program.params):
+            if not (isinstance(w, fx.Node) and w.name in program.params) or mutations.is_written(w):
                 continue
-            if b is not None and not (isinstance(b, fx.Node) and b.name in program.params):
+            if b is not None and not (isinstance(b, fx.Node) and b.name in program.params and
+                                      not mutations.is_written(b)):
                 continue
             groups[node.args[0]].append(node)
         stats = {"qkv": 0, "gate_up": 0, "other": 0}
         for x, linears in groups.items():
             if len(linears) < 2:
+                continue
+            # the merged matmul reads x where the first linear did: a write to x's storage
+            # between them would be lost for the later ones
+            first = min(linears, key=mutations.order.__getitem__)
+            if any(mutations.written_between(x, first, l) for l in linears):
                 continue
             has_bias = [len(l.args) > 2 and l.args[2] is not None for l in linears]
             if any(has_bias) and not all(has_bias):

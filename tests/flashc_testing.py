@@ -19,3 +19,35 @@ def fresh_ids(name: str, batch: int = 1, seq_len: int = 16, seed: int | None = N
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def assert_matches_eager(model, make_inputs, target="cpu", levels=(0, 1, 2, 3), calls=3, **compile_kwargs):
+    """Compile model at each level and call it `calls` times on fresh inputs next to an eager
+    copy: outputs (NaN/inf-aware), the caller's inputs after the call (in-place writes) and
+    outputs held from earlier calls must agree, and compiling must leave model unchanged."""
+    import copy
+
+    import flashc
+    from flashc.checking import tensor_difference
+    from torch.utils import _pytree as pytree
+
+    for level in levels:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        eager = copy.deepcopy(model)
+        cm = flashc.compile(model, target, make_inputs(), level=level, **compile_kwargs)
+        held = []
+        for call in range(calls):
+            args = make_inputs()
+            mine, theirs = [a.clone() for a in args], [a.clone() for a in args]
+            out = cm(*mine)
+            with torch.no_grad():
+                ref = eager(*theirs)
+            held.append((out, pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, ref)))
+            pairs = list(zip(pytree.tree_leaves(out), pytree.tree_leaves(ref))) + list(zip(mine, theirs))
+            for got, want in pairs:
+                _, why = tensor_difference(got, want)
+                assert why is None, f"level {level}, call {call + 1}: {why}"
+        for out, ref in held:  # a later call must not overwrite what an earlier one returned
+            for got, want in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
+                assert tensor_difference(got, want)[1] is None, f"level {level}: an output was overwritten"
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "compile changed the model"

@@ -90,3 +90,53 @@ def test_moe_fuses_as_traced_off_the_cpu():
         model = zoo.build("mixtral-tiny", device="meta", dtype=dtype)
         cm = flashc.compile(model, "eager", (torch.zeros(1, 8, dtype=torch.long, device="meta"),), level=2)
         assert Counter(op_name(n) for n in cm.program.op_nodes())["flashc.moe"] == 2
+
+
+# --- checks that check what they claim ---------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+import flashc  # noqa: E402
+
+
+class RopeLike(torch.nn.Module):
+    """rope when negate_second_half, else a look-alike that is not rope."""
+
+    def __init__(self, negate_second_half: bool):
+        super().__init__()
+        self.negate_second_half = negate_second_half
+
+    def forward(self, x, cos, sin):
+        h = x.shape[-1] // 2
+        if self.negate_second_half:
+            rotated = torch.cat((-x[..., h:], x[..., :h]), -1)
+        else:
+            rotated = torch.cat((-x[..., :h], x[..., h:]), -1)
+        return x * cos + rotated * sin
+
+
+def _fused(cm, rule):
+    return sum(r.stats.get(rule, 0) for r in cm.records)
+
+
+def test_rotary_fuses_only_rope():
+    args = (torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    for rope in (True, False):
+        model = RopeLike(rope)
+        cm = flashc.compile(model, "cpu", args, level=2)
+        assert _fused(cm, "rotary") == (1 if rope else 0)
+        fresh = (torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+        assert torch.allclose(cm(*fresh), model(*fresh), atol=1e-5)
+
+
+class Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_attention_with_another_value_head_size_is_not_fused():
+    make = lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16))  # noqa: E731
+    cm = flashc.compile(Attention(), "cpu", make(), level=2)
+    assert _fused(cm, "attention") == 0
+    args = make()
+    assert torch.allclose(cm(*args), Attention()(*args), atol=1e-5)
