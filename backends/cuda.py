@@ -332,6 +332,13 @@ class CudaExecutable:
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
                 self.run_eager(*self._static_in)
         torch.cuda.current_stream().wait_stream(stream)
+        from flashc.codegen.cuda_graphs import capture
+
+        # What the replays touch is owned here: weights, static inputs and outputs by this
+        # object, the KV cache by the caller, the atomic tickets by triton_attention, every
+        # temporary and the cuBLAS workspace by the graph's private pool (a workspace
+        # inherited from another capture, e.g. the tuner's, is freed under the graph by the
+        # next torch._C._cuda_clearCublasWorkspaces(): codegen/cuda_graphs.py)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.no_grad():
+        with capture(self._graph), torch.no_grad():
             self._static_out = self.run_eager(*self._static_in)

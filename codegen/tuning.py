@@ -525,6 +525,8 @@ def cuda_graph_bench(fn: Callable[[], Any], calls: int = 24, reps: int = 7) -> f
     """
     import torch
 
+    from .cuda_graphs import capture
+
     fn()  # compile outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -532,7 +534,9 @@ def cuda_graph_bench(fn: Callable[[], Any], calls: int = 24, reps: int = 7) -> f
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # the graph owns its cuBLAS workspace: a later graph must not inherit one from this
+    # throwaway graph's pool (codegen/cuda_graphs.py says why)
+    with capture(graph):
         for _ in range(calls):
             fn()
     graph.replay()
