@@ -10,7 +10,9 @@ graph serves every step, which is what CUDA graphs and static kernels need.
 The step hands the model its own position ids and mask (`flashc.ops.decode_mask`) and
 its own cache writes, so the traced graph does not depend on how a transformers
 release tracks cache lengths; the fusion pipeline turns that attention into
-`flashc.decode_attention`.
+`flashc.decode_attention`. transformers passes a ready-made 4-D mask to the attention
+unchanged, so the step gives it in the form the model's attention implementation reads
+(`MASK_FORMS`): SDPA takes it as boolean, eager and flex attention add it to the scores.
 """
 
 from __future__ import annotations
@@ -51,11 +53,47 @@ class DecodeStep(torch.nn.Module):
         # Position ids and the mask are given explicitly, so the model's own bookkeeping
         # (which differs between transformers releases) plays no part in what is traced.
         batch, steps = input_ids.shape
-        mask = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
+        visible = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
+        mask = attention_mask_for(self.model, visible)
         position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          cache_position=cache_position, past_key_values=cache, use_cache=True)
         return out.logits
+
+
+# How each attention implementation of transformers reads a ready-made 4-D mask, as its
+# mask builders in transformers.masking_utils make it: `sdpa_mask` is boolean (True where
+# visible); `eager_mask` is additive (0 where visible, the dtype's min elsewhere), and so is
+# a tensor given to flex attention (integrations/flex_attention.py adds it in `score_mod`).
+# Flash attention reads a 2-D padding mask, not a 4-D one: the step does not support it.
+MASK_FORMS = {"sdpa": "boolean", "eager": "additive", "flex_attention": "additive"}
+
+
+def attention_mask_for(model: torch.nn.Module, visible: torch.Tensor) -> torch.Tensor:
+    """The boolean mask `visible` in the form `model`'s attention implementation reads.
+
+    Additive masks are in the model's dtype, as transformers' `eager_mask` makes them: a
+    boolean mask added to the scores would shift the visible ones by 1 and hide nothing.
+    """
+    implementation = getattr(model.config, "_attn_implementation", None)
+    form = MASK_FORMS.get(implementation)
+    if form is None:
+        raise CaptureError(f"the decode step does not know the mask form of attention implementation "
+                           f"{implementation!r} ({type(model).__name__}); it supports {', '.join(MASK_FORMS)}: "
+                           f"load the model with attn_implementation=\"sdpa\" or call "
+                           f"model.set_attn_implementation(\"sdpa\")")
+    if form == "boolean":
+        return visible
+    dtype = _model_dtype(model)
+    return torch.where(visible, torch.zeros((), dtype=dtype, device=visible.device), torch.finfo(dtype).min)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's activations: that of its first floating-point weight."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 def _bind_layer(layer, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> None:

@@ -86,6 +86,10 @@ class Program:
                     f"got {dtype_name(arg.dtype)}{list(arg.shape)}; the model was compiled for "
                     "that shape: compile again with example inputs of the new shape"
                 )
+            if arg.device.type == "meta" and self.params and all(
+                    t.device.type != "meta" for t in self.params.values()):
+                raise InputError(f"input {spec.name!r} is on the meta device (shapes only, no values); "
+                                 "the compiled model computes on real tensors: pass one with values")
 
     def run_flat(self, *args: torch.Tensor) -> list[torch.Tensor]:
         """Run the graph on user inputs; returns the flat outputs."""

@@ -1,18 +1,21 @@
 """Recognise attention over a static KV cache and give it its own op.
 
-A decode step (flashc.decode) attends over the whole static cache with a boolean mask
-computed from the `cache_position` input: key j is visible to the query at position p
-iff j <= p. As a mask it is just a tensor, so a kernel would read it and still visit
-every cache slot. `flashc.decode_attention(q, k, v, cache_position, scale)` says the
-same thing as a length, which a decode kernel (Flash-Decoding) uses to skip the dead
-part of the cache.
+A decode step (flashc.decode) attends over the whole static cache with a mask computed
+from the `cache_position` input: key j is visible to the query at position p iff j <= p.
+The mask is boolean, or additive (0 where visible, the dtype's min or -inf elsewhere)
+where the model's attention adds it to the scores, as transformers' eager attention does.
+As a mask it is just a tensor, so a kernel would read it and still visit every cache
+slot. `flashc.decode_attention(q, k, v, cache_position, scale)` says the same thing as a
+length, which a decode kernel (Flash-Decoding) uses to skip the dead part of the cache.
 
 Which masks qualify is decided by evaluating the mask's subgraph, not by its spelling:
 the mask must be a function of one integer input of shape [S] (the positions of the S
 new queries) and constants only, and for a set of probe positions it must equal
-`flashc.ops.decode_mask` broadcast to the attention's scores. Probing covers the first,
-last and middle slots and a few random ones; masks that are a function of position
-alone and agree there are the decode mask in every model we know of.
+`flashc.ops.decode_mask` broadcast to the attention's scores; an additive mask must be 0
+exactly where that is True and below -1e4 elsewhere, so a boolean mask cast to 0/1 never
+qualifies. Probing covers the first, last and middle slots and a few random ones; masks
+that are a function of position alone and agree there are the decode mask in every
+model we know of.
 """
 
 from __future__ import annotations

@@ -45,6 +45,46 @@ def test_position_mask_becomes_decode_attention():
             assert rel_err(cm(q, k, v, p), ref) < 1e-5
 
 
+def _additive(visible, dtype=torch.float32):
+    """A boolean mask as transformers' eager_mask makes it additive: 0 where visible, the dtype's min elsewhere."""
+    return torch.where(visible, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
+def test_additive_position_mask_becomes_decode_attention():
+    def additive(pos, length):
+        return _additive(decode_mask(pos, length))[None, None]
+
+    def minus_inf(pos, length):  # the -inf spelling of the same mask
+        return torch.zeros(length).masked_fill(torch.arange(length) > pos[:, None], float("-inf"))[None, None]
+
+    for fn in (additive, minus_inf):
+        cm = flashc.compile(CacheAttention(fn), "cpu", _inputs(), level=2)
+        assert _ops(cm).count("flashc.decode_attention") == 1 and "flashc.attention" not in _ops(cm)
+        for pos in (0, 5, 11):
+            q, k, v, _ = _inputs()
+            p = torch.tensor([pos])
+            # in fp32: torch's SDPA misreads an fp32 mask given with fp64 q, k, v
+            assert rel_err(cm(q, k, v, p), CacheAttention(fn)(q, k, v, p)) < 1e-5
+
+
+def test_other_additive_masks_stay_attention():
+    def boolean_added(pos, length):  # a boolean mask cast to 0/1 and added: hides nothing
+        return decode_mask(pos, length).float()[None, None]
+
+    def shallow(pos, length):  # -1 where hidden only damps the hidden keys, it does not hide them
+        return _additive(decode_mask(pos, length)).clamp(min=-1.0)[None, None]
+
+    def shifted(pos, length):  # off by one, additive
+        return _additive(torch.arange(length) <= (pos + 1)[:, None])[None, None]
+
+    for fn in (boolean_added, shallow, shifted):
+        cm = flashc.compile(CacheAttention(fn), "cpu", _inputs(), level=2)
+        assert "flashc.decode_attention" not in _ops(cm) and _ops(cm).count("flashc.attention") == 1
+        q, k, v, _ = _inputs()
+        p = torch.tensor([6])
+        assert rel_err(cm(q, k, v, p), CacheAttention(fn)(q, k, v, p)) < 1e-5
+
+
 def test_other_masks_stay_attention():
     def shifted(pos, length):  # off by one: sees the key after the query too
         return (torch.arange(length) <= (pos + 1)[:, None])[None, None]
