@@ -125,22 +125,23 @@ class CompiledModel:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact directory atomically (see flashc.artifact)."""
+        """Write the artifact directory atomically (see flashc.artifact).
+
+        Replaces only an earlier flashc artifact or an empty directory at `path`;
+        anything else there, and any filesystem failure, is an ArtifactError.
+        """
         from flashc import __version__
+        from flashc.artifact import COMPILED_MODEL_MANIFEST
         from flashc.targets import get_target
 
         backend = get_target(self.target).backend()
-        out_spec = None
-        if self.program.out_spec is not None:
-            try:
-                out_spec = pytree.treespec_dumps(self.program.out_spec)
-            except Exception:  # a type without a registered serialized name: outputs load as a tuple
-                out_spec = None
+        out_spec, out_type = _dump_out_spec(self.program.out_spec)
         manifest = {
             "flashc_version": __version__, "torch_version": torch.__version__, "target": self.target,
             "profile": self.profile.name, "level": self.level,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)} for s in self.inputs],
-            "out_spec": out_spec, "source": asdict(self.source), "meta": _json_meta(self.program.meta),
+            "out_spec": out_spec, "out_type": out_type, "source": asdict(self.source),
+            "meta": _json_meta(self.program.meta),
             "pipeline": [asdict(r) for r in self.records],
             "fallbacks": [asdict(f) for f in self.fallbacks], "timings": self.timings,
             "estimate": self.report().estimate.summary(),
@@ -159,7 +160,23 @@ class CompiledModel:
         if self.reference_weights is not None:
             writers["reference.safetensors"] = lambda p: save_tensors(self.reference_weights, p)
         manifest["payload"] = payload
-        return write_artifact(path, manifest, writers)
+        return write_artifact(path, manifest, writers, schema=COMPILED_MODEL_MANIFEST)
+
+
+def _dump_out_spec(spec: pytree.TreeSpec | None) -> tuple[str | None, str | None]:
+    """The output structure as torch's pytree JSON, and the outermost output type's name."""
+    import warnings
+
+    from flashc.serialize import output_type_name
+
+    if spec is None:
+        return None, None
+    try:
+        return pytree.treespec_dumps(spec), output_type_name(spec)
+    except Exception as e:  # a type registered without a serialized name
+        warnings.warn(f"the output type {output_type_name(spec)} cannot be stored ({e}); the loaded artifact "
+                      "will return a flat tuple instead", stacklevel=3)
+        return None, output_type_name(spec)
 
 
 def _json_meta(meta: dict) -> dict:
@@ -177,46 +194,84 @@ def _json_meta(meta: dict) -> dict:
 
 
 def load(path: str | os.PathLike) -> CompiledModel:
-    """Load an artifact written by CompiledModel.save; checks checksums, never unpickles."""
-    from flashc.targets import get_target
+    """Load an artifact written by CompiledModel.save; checks checksums, never unpickles.
+
+    The manifest is checked field by field and the output type is rebuilt from what it
+    records (see flashc.serialize.output_spec_from_json); any problem is an ArtifactError
+    naming the file and the field.
+    """
+    from flashc.artifact import COMPILED_MODEL_MANIFEST, MANIFEST
 
     path = Path(path)
-    manifest = read_manifest(path)
+    mpath = path / MANIFEST
+    manifest = read_manifest(path, schema=COMPILED_MODEL_MANIFEST)
+    for name in ("graph.json", "weights.safetensors"):
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{mpath}: field 'files' does not list {name}; the artifact is incomplete: recompile")
     try:
         entries = json.loads((path / "graph.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path / 'graph.json'}: cannot read graph ({e})") from None
     gm = graph_from_json(entries)
     params = load_tensors(path / "weights.safetensors")
-    try:
-        inputs = [InputSpec(i["name"], tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in manifest["inputs"]]
-        source = ModelSource(**manifest["source"])
-        records = [PassRecord(**r) for r in manifest["pipeline"]]
-        fallbacks = [Fallback(**f) for f in manifest["fallbacks"]]
-        target, level = manifest["target"], manifest["level"]
-        profile = get_profile(manifest["profile"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path / 'manifest.json'}: missing or malformed field ({type(e).__name__}: {e})") from None
+    inputs = [InputSpec(i["name"], tuple(i["shape"]), _manifest_value(mpath, f"inputs[{n}].dtype", dtype_from_name,
+                                                                     i["dtype"]))
+              for n, i in enumerate(manifest["inputs"])]
+    source = ModelSource(**manifest["source"])
+    records = [PassRecord(**r) for r in manifest["pipeline"]]
+    fallbacks = [Fallback(**f) for f in manifest["fallbacks"]]
+    level = manifest["level"]
+    profile = _manifest_value(mpath, "profile", get_profile, manifest["profile"])
+    target = _manifest_value(mpath, "target", _get_target, manifest["target"])
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     expected = [p for p in placeholders if p in params] + [s.name for s in inputs]
     if placeholders != expected or set(params) - set(placeholders):
         raise ArtifactError(f"{path}: graph.json and weights.safetensors disagree on the graph's inputs")
-    out_spec = None
-    if manifest.get("out_spec"):
-        try:
-            out_spec = pytree.treespec_loads(manifest["out_spec"])
-        except Exception:
-            out_spec = None  # the output type is not importable here: return a flat tuple
+    out_spec = _load_out_spec(manifest, mpath)
     program = Program(gm, params, inputs, out_spec, dict(manifest.get("meta", {})))
     program.meta["profile"] = profile.name
     try:
         propagate_shapes(program)  # backends and reports read node shapes
     except Exception as e:
         raise ArtifactError(f"{path / 'graph.json'}: the stored graph does not type-check ({e})") from None
-    backend = get_target(target).backend()
-    executable = backend.load_payload(program, path / "payload", manifest.get("payload", {}))
+    try:
+        executable = target.backend().load_payload(program, path / "payload", manifest.get("payload", {}))
+    except OSError as e:
+        raise ArtifactError(f"{path / 'payload'}: cannot read the backend payload ({e}); recompile") from None
     reference = None
-    if (path / "reference.safetensors").exists():
+    if "reference.safetensors" in manifest["files"]:  # only a listed file has been checksummed
         reference = load_tensors(path / "reference.safetensors")
-    return CompiledModel(program, target, profile, level, executable, records, fallbacks, source,
+    return CompiledModel(program, manifest["target"], profile, level, executable, records, fallbacks, source,
                          dict(manifest.get("timings", {})), reference)
+
+
+def _get_target(name: str):
+    from flashc.targets import get_target
+
+    return get_target(name)
+
+
+def _manifest_value(mpath: Path, field: str, resolve, value):
+    """resolve(value), with a failure reported as the manifest field that holds the value."""
+    from flashc.errors import UnknownNameError
+
+    try:
+        return resolve(value)
+    except (UnknownNameError, ValueError) as e:
+        raise ArtifactError(f"{mpath}: field '{field}': {e}") from None
+
+
+def _load_out_spec(manifest: dict, mpath: Path) -> pytree.TreeSpec | None:
+    """The output structure the manifest records; None (outputs as a flat tuple) with a warning
+    when its type cannot be rebuilt here."""
+    import warnings
+
+    from flashc.serialize import output_spec_from_json
+
+    if manifest.get("out_spec"):
+        return output_spec_from_json(manifest["out_spec"], f"{mpath}: field 'out_spec'", stacklevel=4)
+    out_type = manifest.get("out_type")
+    if out_type and out_type not in ("builtins.tuple", "builtins.list"):
+        warnings.warn(f"{mpath}: the model returned {out_type}, which could not be stored; outputs load as a "
+                      "flat tuple", stacklevel=3)
+    return None

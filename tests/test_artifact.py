@@ -93,8 +93,22 @@ def test_newer_format_version(saved, tmp_path):
     m = json.loads((p / "manifest.json").read_text())
     m["format_version"] = 99
     (p / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="artifact format 99.*upgrade flashc or recompile"):
+    with pytest.raises(ArtifactError) as err:
         flashc.load(p)
+    assert str(err.value) == (f"{p / 'manifest.json'}: field 'format_version': artifact format 99 was written "
+                              f"by flashc {flashc.__version__}; this flashc reads format <= 1: "
+                              "upgrade flashc or recompile")
+
+
+def test_save_never_writes_a_manifest_load_would_refuse(tmp_path):
+    from flashc.artifact import COMPILED_MODEL_MANIFEST
+
+    with pytest.raises(ArtifactError) as err:
+        write_artifact(tmp_path / "art", {"level": "3"}, {"a.txt": lambda p: p.write_text("ok")},
+                       schema=COMPILED_MODEL_MANIFEST)
+    assert str(err.value) == (f"{tmp_path / 'art'}: flashc built an invalid manifest.json (field 'target' is "
+                              "missing); this is a flashc bug")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_write_leaves_nothing(tmp_path):
