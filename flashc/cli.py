@@ -1,11 +1,40 @@
-"""The flashc command line: targets, compile, run, inspect, eval, export."""
+"""The flashc command line: targets, compile, run, inspect, eval, export.
+
+Every failure the user can act on (a bad option, path or size, a model spec whose code
+fails) ends as one line on stderr, `flashc: error: ...`, with exit status 2. The user's
+own code (a path/to/file.py:factory spec) is loaded, called and run behind one boundary
+here, `_user_code`, so what it raises is reported at the user's file and line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from flashc.errors import FlashcError
+
+EXIT_ERROR = 2  # a usage error, a bad input, or a failure of the user's code
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in flashc itself
+
+EPILOG = """\
+MODEL is a zoo name (`flashc targets` lists targets; see flashc.zoo for models) or
+path/to/file.py:factory, a function taking no arguments that returns an nn.Module (a model
+with config.vocab_size gets random token ids) or (model, example_inputs).
+
+exit status: 0 success; 1 `run` found outputs that differ from the eager model;
+2 an error, printed as one line `flashc: error: ...` (errors in a factory file name its
+file and line); 70 an internal error: a bug in flashc, printed as one line with the path
+of a file holding its traceback.
+
+environment: FLASHC_DEBUG=1 lets every error raise with its full Python traceback
+(errors in your own factory code show your frames); FLASHC_DUMP=dir, FLASHC_VERIFY=each
+and FLASHC_PDL=0 are described in README.md.
+"""
 
 
 def _console():
@@ -42,12 +71,11 @@ def cmd_targets(args) -> int:
 
 def cmd_compile(args) -> int:
     import flashc
-    from flashc.models import resolve
 
-    model, inputs, source = resolve(args.model, args.dtype, args.batch, args.seq_len, args.seed,
-                                    signature=args.signature, cache_len=args.cache_len)
-    cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
-                        numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
+    model, inputs, source = _model_for_compile(args)
+    with _user_code(args.model, "capturing the model"):
+        cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
+                            numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
     print(cm.report().render())
     if args.output:
         path = cm.save(args.output)
@@ -59,22 +87,26 @@ def cmd_run(args) -> int:
     import torch
 
     import flashc
-    from flashc.models import build_model
     from flashc.pass_manager import random_inputs, relative_error
 
     cm = flashc.load(args.artifact)
     inputs = random_inputs(cm.program, seed=args.seed)
     ran = _time(lambda: cm.executable(*inputs), args.repeat)
-    model, _ = build_model(cm.source)
+    model, _ = _eager_model(cm.source)
     if cm.reference_weights is not None:
-        missing, unexpected = model.load_state_dict(cm.reference_weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(cm.reference_weights, strict=False)
+        except RuntimeError as e:  # shapes that differ: the source changed since the compile
+            raise FlashcError(f"{args.artifact}: its reference weights do not fit the model rebuilt from "
+                              f"{cm.source.name} ({_one_line(str(e))[:300]}); was it changed since the compile? "
+                              "Recompile") from e
         if unexpected:
-            raise flashc.FlashcError(f"{args.artifact}: reference weights do not fit the rebuilt model: {unexpected[:3]}")
+            raise FlashcError(f"{args.artifact}: reference weights do not fit the rebuilt model: {unexpected[:3]}")
     from flashc.decode import DecodeStep
 
     kwargs = {"use_cache": False} if hasattr(model, "config") and not isinstance(model, DecodeStep) else {}
     ref_inputs = [t.clone() for t in inputs]  # a decode step writes its KV cache in place
-    with torch.no_grad():
+    with _user_code(cm.source.name, "the eager model"), torch.no_grad():
         reference = model(*ref_inputs, **kwargs)
         eager = _time(lambda: model(*ref_inputs, **kwargs), args.repeat)
     got = cm.executable(*inputs)
@@ -185,21 +217,28 @@ def _truncate_table(t, limit):
 def _optimized_program_for_inspect(args):
     from flashc import zoo
     from flashc.capture import capture
+    from flashc.compiled import ModelSource
     from flashc.ir import dtype_from_name
-    from flashc.models import is_factory, resolve
+    from flashc.models import is_factory
     from flashc.pass_manager import PassContext, PassManager
     from flashc.pipelines import pipeline
     from flashc.profiles import get_profile
     from flashc.targets import get_target
 
     profile = get_profile(args.profile or get_target(args.target).profile)
-    if not is_factory(args.model) and not zoo.get_entry(args.model).tiny:
+    kind = "factory" if is_factory(args.model) else "zoo"
+    entry = None
+    if kind == "zoo":
+        entry = _zoo_entry(args.model, "a zoo name, path/to/file.py:factory or an artifact directory")
+    if entry is not None and not entry.tiny and not entry.pretrained:
         # real-size shapes: weights on the meta device, nothing allocated
         model = zoo.build(args.model, dtype=dtype_from_name(args.dtype), device="meta")
         inputs = zoo.example_inputs(args.model, args.batch, args.seq_len)
     else:
-        model, inputs, _ = resolve(args.model, args.dtype, args.batch, args.seq_len)
-    program = capture(model, inputs, {"use_cache": False} if hasattr(model, "config") else {})
+        model, inputs = _eager_model(ModelSource(kind, args.model, args.dtype, 0, args.batch, args.seq_len))
+    _check_positions(model, args.model, "--seq-len", args.seq_len)
+    with _user_code(args.model, "capturing the model"):
+        program = capture(model, inputs, {"use_cache": False} if hasattr(model, "config") else {})
     PassManager(pipeline(args.level)).run(program, PassContext(profile))
     return program, profile
 
@@ -219,6 +258,8 @@ def cmd_eval(args) -> int:
         window = compiled_window(candidate)
         baseline_name = args.baseline or name
     else:
+        _zoo_entry(args.model, "a zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6) "
+                               "or an artifact directory")
         name = args.model
         candidate = None
         window = args.window
@@ -235,8 +276,8 @@ def cmd_eval(args) -> int:
         from flashc.evaluation import embedding_agreement
 
         if is_artifact:
-            raise flashc.FlashcError("embedding evaluation runs on zoo encoders (minilm-l6); artifacts are "
-                                     "compiled for one static sequence length")
+            raise FlashcError("embedding evaluation runs on zoo encoders (minilm-l6); artifacts are "
+                              "compiled for one static sequence length")
         model, tok = pretrained.load_minilm()
         ref_model = zoo.build(baseline_name or name)
         res = embedding_agreement(lambda s: pretrained.minilm_embed(model, tok, s),
@@ -280,41 +321,321 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# Models named on the command line, and the boundary with the user's code. A
+# path/to/file.py:factory spec is imported, called and its model run inside `_user_code`:
+# an exception whose traceback passes through the user's file is the user's, reported at
+# its innermost line there; any other exception is flashc's own and is not disguised.
+
+# Zoo families that are encoders: no next-token logits, no KV cache, so no decode step.
+ENCODER_FAMILIES = frozenset({"bert"})
+
+
+def _model_for_compile(args):
+    """The model, example inputs and source that `flashc compile` options name, sizes checked."""
+    from flashc.compiled import ModelSource
+    from flashc.models import is_factory
+
+    decode = args.signature == "decode"
+    if decode and args.cache_len is None:
+        raise FlashcError("--signature decode needs --cache-len N, the length of its static KV cache")
+    if not decode and args.cache_len is not None:
+        raise FlashcError(f"--cache-len {args.cache_len}: only a --signature decode has a KV cache; "
+                          "add --signature decode or drop --cache-len")
+    kind = "factory" if is_factory(args.model) else "zoo"
+    if kind == "zoo":
+        entry = _zoo_entry(args.model, "a zoo name or path/to/file.py:factory")
+        if decode and entry.family in ENCODER_FAMILIES:
+            raise FlashcError(f"--signature decode: {args.model} is an encoder ({entry.family}), not a causal LM: "
+                              "it has no next-token logits and no KV cache; compile it with --signature prefill")
+    source = ModelSource(kind, args.model, args.dtype, args.seed, args.batch, args.seq_len, args.signature,
+                         args.cache_len or 0)
+    model, inputs = _eager_model(source)
+    if decode:
+        _check_positions(model, args.model, "--cache-len", args.cache_len)
+    else:
+        _check_positions(model, args.model, "--seq-len", args.seq_len)
+    return model, inputs, source
+
+
+def _eager_model(source):
+    """The eager model and example inputs a ModelSource names (a factory's behind `_user_code`)."""
+    from flashc.models import build_model
+
+    if source.kind == "factory":
+        return _factory_model(source)
+    return build_model(source)
+
+
+def _zoo_entry(spec: str, accepted: str):
+    """The zoo entry `spec` names; a path or a .py file without a factory gets its own message."""
+    from flashc import zoo
+    from flashc.models import is_factory
+
+    if spec in zoo.ZOO:
+        return zoo.ZOO[spec]
+    if is_factory(spec):
+        raise FlashcError(f"{spec}: a factory is not accepted here; MODEL is {accepted}")
+    if spec.endswith(".py"):
+        raise FlashcError(f"{spec}: name the factory function too: {spec}:FUNCTION (MODEL is {accepted})")
+    path = Path(spec)
+    if "/" in spec or os.sep in spec or path.exists():
+        what = "is a directory" if path.is_dir() else "is a file" if path.exists() else "no such file or directory"
+        raise FlashcError(f"{spec}: {what}; MODEL is {accepted}")
+    return zoo.get_entry(spec)  # an unknown name, with the closest known ones
+
+
+def _check_positions(model, spec: str, option: str, length: int) -> None:
+    """Refuse a sequence or cache longer than the model's position embeddings go."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise FlashcError(f"{option} {length}: {spec} has {limit} positions (config.max_position_embeddings); "
+                          f"use {option} {limit} or less")
+
+
+def _factory_model(source):
+    """What models.build_model makes of a factory source, with every failure of the user's
+    code, or of what it returned, as one FlashcError naming the file."""
+    import torch
+
+    from flashc.ir import dtype_from_name
+
+    model, inputs = _call_factory(source.name, source.seed)
+    with _user_code(source.name, f"{type(model).__name__}.to({source.dtype})"):
+        model = model.to(dtype_from_name(source.dtype)).eval()
+    if source.signature == "decode":
+        from flashc.decode import DecodeStep, decode_example_inputs
+
+        _require_causal_lm(model, source.name)
+        return DecodeStep(model, source.cache_len), decode_example_inputs(model, source.batch, source.cache_len)
+    if inputs is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not isinstance(vocab, int):
+            raise FlashcError(f"{source.name} returned a {type(model).__name__} without config.vocab_size, so "
+                              "flashc cannot make example token ids: return (model, example_inputs) from the factory")
+        g = torch.Generator().manual_seed(source.seed)
+        inputs = (torch.randint(0, vocab, (source.batch, source.seq_len), generator=g),)
+    return model, inputs
+
+
+def _call_factory(spec: str, seed: int):
+    """(model, example_inputs or None) from calling the factory of a file.py:factory spec."""
+    import inspect
+
+    import torch
+
+    factory = _load_factory(spec)
+    name = spec.rpartition(":")[2]
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None  # no signature to read (a builtin): the call itself will tell
+    try:
+        if signature is not None:
+            signature.bind()
+    except TypeError as e:
+        code = getattr(factory, "__code__", None)
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code else _factory_file(spec)
+        raise FlashcError(f"{where}: factory {name}{signature} needs arguments ({e}); flashc calls it with none: "
+                          "give its parameters defaults") from None
+    torch.manual_seed(seed)
+    with _user_code(spec, f"factory {name}()"):
+        made = factory()
+    return _split_factory_result(made, spec)
+
+
+def _split_factory_result(made, spec: str):
+    """(model, inputs or None) from what a factory returned; anything else is the user's error."""
+    import torch
+
+    if isinstance(made, torch.nn.Module):
+        return made, None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        inputs = made[1] if isinstance(made[1], tuple) else (made[1],)
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor):
+                raise FlashcError(f"{spec}: example input {i} is a {type(x).__name__}, not a tensor: return "
+                                  "(model, example_inputs) with a tensor or a tuple of tensors")
+        return made[0], inputs
+    if made is None:
+        got = "None (no return statement?)"
+    elif isinstance(made, tuple):
+        got = (f"a tuple of {len(made)} items" if len(made) != 2
+               else f"a tuple whose first item is a {type(made[0]).__name__}")
+    else:
+        got = f"a {type(made).__name__}"
+    raise FlashcError(f"{spec}: the factory returned {got}; it must return an nn.Module or (model, example_inputs)")
+
+
+def _require_causal_lm(model, spec: str) -> None:
+    """The decode step runs a transformers causal LM: its config sizes the KV cache, its head gives logits."""
+    from transformers import GenerationMixin
+
+    if isinstance(model, GenerationMixin) and getattr(model, "config", None) is not None:
+        return
+    raise FlashcError(f"--signature decode: {spec} returned a {type(model).__name__}, not a causal LM with a config "
+                      "(a transformers ...ForCausalLM): the decode step sizes its KV cache from the config and "
+                      "returns next-token logits; compile it with --signature prefill")
+
+
+def _factory_file(spec: str) -> Path:
+    return Path(spec.rpartition(":")[0])
+
+
+def _load_factory(spec: str):
+    """The factory a file.py:factory spec names; a file that fails to import is named with its line."""
+    from flashc.models import load_factory
+
+    file = _factory_file(spec)
+    try:
+        return load_factory(spec)
+    except FlashcError:
+        raise
+    except SyntaxError as e:  # IndentationError too
+        where = f"{e.filename}:{e.lineno}" if e.filename else str(file)
+        via = "" if e.filename and _same_file(e.filename, file) else f" (imported by {file})"
+        raise FlashcError(f"{where}: syntax error: {e.msg}{via}") from e
+    except ModuleNotFoundError as e:
+        raise FlashcError(f"{_where(e, file)}: no module named {e.name!r} (ModuleNotFoundError while importing "
+                          f"{file}): install it, or fix the import") from e
+    except (Exception, SystemExit) as e:
+        raise FlashcError(f"{_where(e, file)}: importing {file} raised {_exception_text(e)}") from e
+
+
+@contextlib.contextmanager
+def _user_code(spec: str, doing: str):
+    """Run code of the model `spec` names. For a file.py:factory spec, an exception that passed
+    through that file becomes a FlashcError naming its innermost line there; others propagate."""
+    from flashc.models import is_factory
+
+    try:
+        yield
+    except FlashcError:
+        raise
+    except (Exception, SystemExit) as e:
+        frame = _user_frame(e, _factory_file(spec)) if is_factory(spec) else None
+        if frame is None:
+            raise
+        raise FlashcError(f"{frame.filename}:{frame.lineno} in {frame.name}: {doing} raised "
+                          f"{_exception_text(e)}") from e
+
+
+def _user_frame(error: BaseException, file: Path) -> traceback.FrameSummary | None:
+    """The innermost frame of `error`'s traceback that runs code of `file`."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if _same_file(f.filename, file)]
+    return frames[-1] if frames else None
+
+
+def _where(error: BaseException, file: Path) -> str:
+    frame = _user_frame(error, file)
+    return f"{frame.filename}:{frame.lineno}" if frame else str(file)
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _exception_text(error: BaseException, limit: int = 500) -> str:
+    """'Type: message' on one line, the message cut at `limit` characters."""
+    text = _one_line(str(error))
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# ---------------------------------------------------------------------------------------
+# Options and the entry point.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `flashc: error: ...`, exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"flashc: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int, meaning: str):
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be {meaning}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1, "a positive integer")
+NON_NEGATIVE = _int_at_least(0, "0 or more")
+
+
+def _artifact_output(text: str) -> Path:
+    """An argparse type: a directory to write an artifact to, refused early if it cannot be."""
+    from flashc.artifact import is_artifact
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give the artifact directory to write")
+    path = Path(text)
+    try:
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path}: is a file, not an artifact directory; flashc will not "
+                                             "replace it: choose another path or remove the file yourself")
+        foreign = path.is_dir() and any(path.iterdir()) and not is_artifact(path)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if foreign:
+        raise argparse.ArgumentTypeError(f"{path}: exists and is not a flashc artifact; flashc will not replace "
+                                         "it: choose another path, or empty or remove the directory yourself")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashc", description="compile PyTorch LLMs for a target and hardware profile")
+    p = _Parser(prog="flashc", description="compile PyTorch LLMs for a target and hardware profile", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("targets", help="list targets and hardware profiles").set_defaults(func=cmd_targets)
 
     def model_args(sp):
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        sp.add_argument("--batch", type=int, default=1)
-        sp.add_argument("--seq-len", type=int, default=16)
+        sp.add_argument("--batch", type=POSITIVE, default=1)
+        sp.add_argument("--seq-len", type=POSITIVE, default=16,
+                        help="prefill length (at most the model's config.max_position_embeddings)")
         sp.add_argument("-O", dest="level", type=int, default=2, choices=[0, 1, 2, 3])
         sp.add_argument("--profile", default=None, help="hardware profile (default: the target's)")
 
-    c = sub.add_parser("compile", help="compile a zoo model or path/to/file.py:factory")
+    c = sub.add_parser("compile", help="compile a zoo model or path/to/file.py:factory", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model")
     c.add_argument("--target", default="cpu")
-    c.add_argument("-o", "--output", default=None, help="artifact directory to write")
+    c.add_argument("-o", "--output", type=_artifact_output, default=None, help="artifact directory to write")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--numeric-check", action="store_true", help="compare every pass with the graph before it")
     c.add_argument("--signature", choices=["prefill", "decode"], default="prefill",
-                   help="prefill: input_ids[batch, seq-len]; decode: one token with a static KV cache")
-    c.add_argument("--cache-len", type=int, default=0, help="static KV cache length of a decode signature")
+                   help="prefill: input_ids[batch, seq-len]; decode (causal LMs): one token with a static KV cache")
+    c.add_argument("--cache-len", type=POSITIVE, default=None,
+                   help="static KV cache length of a decode signature (at most the model's positions)")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run an artifact on random inputs and compare with its eager model")
     r.add_argument("artifact")
     r.add_argument("--seed", type=int, default=1)
-    r.add_argument("--repeat", type=int, default=10)
+    r.add_argument("--repeat", type=POSITIVE, default=10)
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="the IR as a table with FLOPs, bytes and estimated time")
     i.add_argument("model", help="zoo name, path/to/file.py:factory, or an artifact directory")
     i.add_argument("--target", default="cpu")
-    i.add_argument("--top", type=int, default=10)
-    i.add_argument("--limit", type=int, default=60, help="rows of the op table to print (0: all)")
+    i.add_argument("--top", type=NON_NEGATIVE, default=10)
+    i.add_argument("--limit", type=NON_NEGATIVE, default=60, help="rows of the op table to print (0: all)")
     i.add_argument("--all", action="store_true", help="also list view ops (no kernel)")
     model_args(i)
     i.set_defaults(func=cmd_inspect)
@@ -323,15 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6) or an artifact")
     e.add_argument("--metric", choices=["ppl", "embed"], default="ppl")
     e.add_argument("--baseline", default=None, help="zoo model to compare with (default for an artifact: its source)")
-    e.add_argument("--limit", type=int, default=None, help="at most this many windows per text")
-    e.add_argument("--window", type=int, default=256, help="perplexity window for zoo models (artifacts: their length)")
+    e.add_argument("--limit", type=POSITIVE, default=None, help="at most this many windows per text")
+    e.add_argument("--window", type=_int_at_least(2, "2 or more (the stride is half the window)"), default=256,
+                   help="perplexity window for zoo models (artifacts: their length)")
     e.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")
     x.add_argument("artifact")
     x.add_argument("--format", choices=sorted(EXPORT_TARGETS), required=True)
-    x.add_argument("-o", "--output", default=None, help="new artifact directory (default: ARTIFACT-FORMAT)")
+    x.add_argument("-o", "--output", type=_artifact_output, default=None,
+                   help="new artifact directory (default: ARTIFACT-FORMAT)")
     x.set_defaults(func=cmd_export)
     return p
 
@@ -340,17 +663,54 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
-    args = build_parser().parse_args(argv)
-    from flashc.errors import FlashcError
-
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    debug = os.environ.get("FLASHC_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except FlashcError as e:
-        print(f"flashc: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("flashc: interrupted", file=sys.stderr)
         return 130
+    except FlashcError as e:
+        if debug:
+            raise
+        print(f"flashc: error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if debug:
+            raise
+        if _out_of_memory(e):
+            print(f"flashc: error: out of memory ({_exception_text(e, 300)}): try a smaller --batch or --seq-len",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return _report_internal_error(e)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError))
+
+
+def _report_internal_error(error: BaseException) -> int:
+    """A bug in flashc: one line naming the exception and where it was raised; the traceback
+    goes to a file named in that line (or to stderr when no file can be written)."""
+    import tempfile
+
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    text = "".join(traceback.format_exception(error))
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="flashc-traceback-", suffix=".txt", delete=False) as f:
+            f.write(text)
+        kept = f"its traceback is in {f.name}"
+    except OSError:
+        sys.stderr.write(text)
+        kept = "its traceback is above"
+    print(f"flashc: internal error: {_exception_text(error)}{where}; this is a bug in flashc, please report "
+          f"it: {kept} (FLASHC_DEBUG=1 raises it)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
