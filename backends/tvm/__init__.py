@@ -22,9 +22,17 @@ CPU builds get flashc's own default schedules (cpu_schedules: register-tiled par
 matmuls, vectorized elementwise kernels); TVM's CPU pipeline leaves every kernel a
 serial naive loop nest. CUDA builds get dlight's.
 
+What the module computes is PyTorch's answer or a flashc error, never silently another:
+ATen ops whose frontend converter is wrong or missing are lowered by flashc (aten_ops:
+batch norm, slicing bounds, half-precision reductions, IEEE zeros), indices are
+normalized and checked on every call (indexing), in-place writes are carried where
+values can stand for them and refused elsewhere (in_place), and TIR passes keep
+bfloat16 rounding and NaN propagation (float_semantics).
+
 Modules: common (TVM import, helpers), relax_ops (flashc ops in Relax), lower (FX ->
-Relax), cpu_schedules (default CPU schedules), build (pipeline, tuning, export),
-runtime (runtime-only loading), backend (flashc's Backend protocol).
+Relax), aten_ops, indexing, in_place (what lower builds itself), cpu_schedules (default
+CPU schedules), float_semantics (TIR passes), build (pipeline, tuning, export), runtime
+(runtime-only loading), backend (flashc's Backend protocol).
 """
 
 from flashc.backends.tvm.backend import TvmBackend, TvmExecutable

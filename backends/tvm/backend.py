@@ -10,7 +10,7 @@ import torch
 
 from flashc.backends.tvm.build import TARGET_KINDS, TvmBuild, build_tvm
 from flashc.backends.tvm.common import import_tvm
-from flashc.backends.tvm.lower import _flashc_converters
+from flashc.backends.tvm.lower import _flashc_converters, own_aten_ops
 from flashc.backends.tvm.runtime import TvmModel, load_tvm_artifact
 from flashc.errors import FlashcError
 from flashc.ir import Program
@@ -42,7 +42,7 @@ class TvmBackend:
             from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
             frontend = {"aten." + k.split(".")[0] for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
-            own = {"aten.linear", "aten.diff", "aten.cumsum", "aten.to", "aten.scaled_dot_product_attention"}
+            own = {"aten.to", "aten.scaled_dot_product_attention"} | own_aten_ops()
             self._aten = frontend | own
         return op in self._aten
 

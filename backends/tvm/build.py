@@ -78,15 +78,19 @@ def _fuse(tvm, mod, target):
 def _default_schedules(target) -> list:
     """Passes scheduling the fused functions that no tuning record covers: dlight's GPU
     rules on CUDA (as TVM's CUDA pipeline); on llvm flashc's CPU rules and exp as
-    vectorizable arithmetic (TVM's CPU pipeline schedules nothing; see cpu_schedules)."""
+    vectorizable arithmetic (TVM's CPU pipeline schedules nothing; see cpu_schedules).
+    Then, on every function, floats keep PyTorch's semantics (float_semantics.py)."""
     from tvm.s_tir import dlight as dl
+
+    from flashc.backends.tvm.float_semantics import bfloat16_rounding, nan_propagating_min_max
 
     if target.kind.name == "cuda":
         return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback()), bfloat16_rounding()]
     from flashc.backends.tvm.cpu_schedules import polynomial_exp, schedule_rules
 
-    return [dl.ApplyDefaultSchedule(*schedule_rules()), polynomial_exp()]
+    return [dl.ApplyDefaultSchedule(*schedule_rules()), bfloat16_rounding(), nan_propagating_min_max(),
+            polynomial_exp()]
 
 
 def _default_pipeline(tvm, target, database_dir: Path | None, applied: list[str] | None = None):
@@ -220,6 +224,21 @@ def _replace_dir(new: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def build_failure(error: Exception) -> FlashcError:
+    """A FlashcError for a TVM build that failed: TVM's message, the fused functions it names
+    (fused_<op>_<op>...: which ops were being built) and the way out."""
+    import re
+
+    text = str(error).strip()
+    last = text.splitlines()[-1][:300] if text else type(error).__name__
+    functions = sorted(set(re.findall(r"\bfused_\w+", text)))
+    if not functions:
+        functions = sorted({name for name in re.findall(r"\b(?:R\.|relax\.)([a-z_][\w.]*)", text)})
+    where = f" in {', '.join(functions[:3])}" if functions else ""
+    return FlashcError(f"TVM failed to build the lowered model{where} ({type(error).__name__}: {last}); "
+                       "use target 'cpu', and report this with the model")
+
+
 def build_tvm(program: Program, target: str = "llvm", *, arch: str | None = None, tune_trials: int = 0,
               work_dir: str | os.PathLike | None = None,
               tuning_database: str | os.PathLike | None = None) -> TvmBuild:
@@ -255,7 +274,12 @@ def build_tvm(program: Program, target: str = "llvm", *, arch: str | None = None
     if database_dir is not None:
         tuning["database"] = TUNING_DIR
     applied: list[str] = []
-    executable = tvm.compile(lowered.module, tgt, relax_pipeline=_default_pipeline(tvm, tgt, database_dir, applied))
+    try:
+        executable = tvm.compile(lowered.module, tgt, relax_pipeline=_default_pipeline(tvm, tgt, database_dir, applied))
+    except FlashcError:
+        raise
+    except Exception as e:  # TVM refusing what flashc lowered: a flashc bug or an op TVM cannot build
+        raise build_failure(e) from e
     if database_dir is not None:
         tuning["tuned_functions"] = sorted(applied)
     return TvmBuild(executable, lowered.module, lowered.weights, lowered.signature, tgt_dict, tuning,

@@ -7,11 +7,12 @@ import sys
 
 import torch
 
-from flashc.errors import FlashcError
-from flashc.ir import dtype_name
+from flashc.errors import FlashcError, UnsupportedOpError
+from flashc.ir import dtype_name, module_path, op_name, source_location
 
 INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
-ARTIFACT_FORMAT = 1
+# 2: outputs may be Python values and `main` also returns index checks (indexing.py)
+ARTIFACT_FORMAT = 2
 LIBRARY, WEIGHTS, MANIFEST, TUNING_DIR = "model.so", "weights.safetensors", "model.json", "tuning"
 
 
@@ -51,3 +52,11 @@ def _shape(x) -> list[int]:
 
 def _log(msg: str) -> None:
     print(f"[flashc.tvm] {msg}", file=sys.stderr, flush=True)
+
+
+def refuse(node, why: str, fix: str = "use target 'cpu'") -> UnsupportedOpError:
+    """UnsupportedOpError for a node the TVM backend will not lower: the op, the node, its
+    module and source line, why, and what to do."""
+    where = module_path(node)
+    return UnsupportedOpError(f"TVM backend refuses {op_name(node)} (node {node.name})"
+                              + (f" in {where}" if where else "") + f" at {source_location(node)}: {why}; {fix}")

@@ -32,11 +32,12 @@ from __future__ import annotations
 import tvm_ffi
 from tvm import DataType, s_tir, tirx
 from tvm.ir import Op
-from tvm.ir.expr import Call
+from tvm.ir.expr import Call, TensorLoad
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
+from tvm.tirx import Div, FloorDiv, FloorMod, Mod
 from tvm.tirx.analysis import undefined_vars
 
 # Rows of a matmul tile, by SIMD register count: 8 rows x 2 vectors = 16 accumulators of
@@ -114,12 +115,46 @@ def exp_f32(x):
     return tirx.Select(tirx.isnan(x), x, out)
 
 
+def _schedulable(func, rule: CPUScheduleRule, target: Target) -> bool:
+    """Whether a rule may try func. Not when inlining could put a constant zero under a
+    division: TVM then fails to fold `c / 0` while it prints the schedule's next error
+    message, inside C++, and the process aborts (seen with `1 / (x * 0.0)`)."""
+    return isinstance(func, tirx.PrimFunc) and rule.is_target_available(target) and not _divides_by_zero(func)
+
+
+def _divides_by_zero(func) -> bool:
+    """Whether a division or modulo in func has a constant zero divisor or reads a buffer
+    that every store fills with the constant zero."""
+    stores: list[tuple] = []
+    divisors: list = []
+
+    def store(s):
+        stores.append((s.buffer, s.value))
+        return s
+
+    def divide(d):
+        divisors.append(d.b)
+        return d
+
+    rules = [(tirx.BufferStore, store)] + [(kind, divide) for kind in (Div, FloorDiv, FloorMod, Mod)]
+    tvm_ffi.structural_map(func, rules, order="post")
+
+    def zero(value) -> bool:
+        return isinstance(value, (tirx.IntImm, tirx.FloatImm)) and value.value == 0
+
+    def zero_buffer(buffer) -> bool:
+        values = [v for b, v in stores if b.same_as(buffer)]
+        return bool(values) and all(zero(v) for v in values)
+
+    return any(zero(d) or (isinstance(d, TensorLoad) and zero_buffer(d.source)) for d in divisors)
+
+
 class MatmulTiles(CPUScheduleRule):
     """Register-tiled, vectorized, parallel schedule for a function with one matmul-like
     reduction block C[s, i, j] += A[s, i, k] * B[s, k, j] and injective blocks around it."""
 
     def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not _schedulable(func, self, target):
             return None
         sch = s_tir.Schedule(func)
         blocks = normalize_prim_func(sch)
@@ -216,12 +251,17 @@ def matmul_axes(block) -> list[str] | None:
 
 
 def _indexing_vars(region) -> set:
-    """The variables indexing a buffer access of single elements (ValueError otherwise)."""
+    """The variables indexing a buffer access of single elements, each index one variable or
+    a constant (ValueError otherwise: a convolution's x[y + ry] is no matmul operand, and
+    tiling it as one left loops of unknown extent to unroll, which TVM refused to build)."""
     found: set = set()
     for r in region:
         if not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1):
             raise ValueError("not an elementwise access")
-        found |= set(undefined_vars(r.min))
+        names = undefined_vars(r.min)
+        if len(names) > 1 or (names and not isinstance(r.min, tirx.Var)):
+            raise ValueError("an index that is not one variable")
+        found |= set(names)
     return found
 
 
@@ -233,7 +273,7 @@ class RowReductions(CPUScheduleRule):
     dependent maxes or adds: a [3, 1536, 512] softmax took 2.4 ms there, 1.2 ms here."""
 
     def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not _schedulable(func, self, target):
             return None
         sch = s_tir.Schedule(func)
         blocks = normalize_prim_func(sch)
@@ -280,7 +320,11 @@ class RowReductions(CPUScheduleRule):
                 sch.vectorize(lane)
                 init = sch.decompose_reduction(block, reduce)
                 sch.vectorize(sch.get_loops(init)[-1])
-            elif _is_spatial(sch, block):
+            elif _is_spatial(sch, block) and len(sch.get_loops(block)) > 1:
+                # only loops inside the row: vectorizing the row loop itself (a block whose
+                # output has one value per row, as x.mean(-1)) would vectorize the loops
+                # of every block computed at it, reductions included, and gave every row
+                # the last row's result
                 _vectorize_innermost(sch, block, lanes)
 
 
@@ -289,7 +333,7 @@ class Elementwise(CPUScheduleRule):
     loops fused and parallel and its innermost loop vectorized."""
 
     def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not _schedulable(func, self, target):
             return None
         sch = s_tir.Schedule(func)
         blocks = normalize_prim_func(sch)

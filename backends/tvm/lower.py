@@ -1,14 +1,27 @@
 """FX graph -> Relax: `main(*inputs, *weights)` built node by node with a BlockBuilder.
 
 ATen ops go through the per-node converters of TVM's torch.export frontend; flashc
-ops, aten.linear (weights in their stored layout) and the few ATen ops whose frontend
-converter is missing or wrong for these graphs are built here.
+ops, aten.linear (weights in their stored layout) and the ATen ops whose frontend
+converter is missing or wrong for these graphs are built here (aten_ops.ATEN_OPS).
+
+What keeps the module's answers PyTorch's (each refused with a flashc error naming the
+op, the node and its source line when it cannot be kept):
+  * indices are normalized (x[..., -2] is the second last) and bounds-checked per call:
+    each indexing op also returns the min and max of its indices, which the runtime
+    compares with the valid range (indexing.py);
+  * in-place writes to tensors the graph allocates are carried as new values, the
+    written node rebound for every later read; writes to weights, buffers, user inputs
+    or through views are refused (in_place.py);
+  * outputs that are not tensors (None, numbers) are returned as they are.
+Any other exception from a converter becomes an UnsupportedOpError with the original
+as its __cause__.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +34,9 @@ from flashc.errors import FlashcError, UnsupportedOpError
 from flashc.ir import Program, dtype_name, module_path, op_name, source_location
 
 aten = torch.ops.aten
+
+# Python values a graph may return beside tensors; the runtime puts them back in place.
+CONSTANT_OUTPUTS = (type(None), bool, int, float, str)
 
 
 def _transposed(w: torch.Tensor) -> torch.Tensor:
@@ -72,6 +88,13 @@ def _flashc_converters() -> dict[Any, Callable]:
     }
 
 
+def own_aten_ops() -> set[str]:
+    """'aten.<name>' of the ATen ops lowered here rather than by TVM's frontend."""
+    from flashc.backends.tvm.aten_ops import ATEN_OPS
+
+    return {"aten." + t._schema.name.split("::")[-1] for t in ATEN_OPS} | {"aten.linear"}
+
+
 @dataclass
 class Lowered:
     """A Program as a Relax module plus the weights its `main` takes after the user inputs."""
@@ -89,6 +112,9 @@ class FxToRelax:
         from tvm import relax
         from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+        from flashc.backends.tvm.aten_ops import ATEN_OPS
+        from flashc.backends.tvm.in_place import InPlaceWrites
+
         self.tvm, self.R = tvm, relax
         self.program = program
         self.bb = relax.BlockBuilder()
@@ -98,9 +124,12 @@ class FxToRelax:
         self.frontend.block_builder = self.bb
         self.ops = FlashcOps(self.bb, relax)
         self.flashc = _flashc_converters()
+        self.aten = ATEN_OPS
         self.own = self._own_converters()
+        self.writes = InPlaceWrites(program)
         self.weight_vars: dict[str, Any] = {}  # stored name -> relax.Var
         self.weights: dict[str, torch.Tensor] = {}
+        self.checks: list[tuple[Any, dict[str, Any]]] = []  # (relax [min, max] of indices, what they index)
 
     # weights
     def _weight(self, node: fx.Node, layout: tuple[str, Callable] | None):
@@ -111,10 +140,22 @@ class FxToRelax:
             value = value.detach()
             if layout:
                 value = layout[1](value)
-            value = value.contiguous()
-            self.weights[name] = value
-            self.weight_vars[name] = self.R.Var(name, self.R.TensorType(list(value.shape), _tvm_dtype(value.dtype)))
+            self._add_weight(name, value)
         return self.weight_vars[name]
+
+    def _add_weight(self, name: str, value: torch.Tensor):
+        value = value.contiguous()
+        self.weights[name] = value
+        self.weight_vars[name] = self.R.Var(name, self.R.TensorType(list(value.shape), _tvm_dtype(value.dtype)))
+        return self.weight_vars[name]
+
+    def opaque_scalar(self, value: float, dtype: str):
+        """A 0-d tensor holding value that TVM cannot see through: a weight, not a constant.
+        TIR's simplifier treats floats as reals (x * 0 -> 0, x - x -> 0), which is wrong for
+        inf, NaN and the sign of zero; a value it only knows at run time is not folded."""
+        t = torch.tensor(value, dtype=getattr(torch, dtype))
+        name = f"flashc.scalar.{dtype}.{t.view(-1).view(torch.uint8).numpy().tobytes().hex()}"
+        return self.weight_vars[name] if name in self.weight_vars else self._add_weight(name, t)
 
     def _attr(self, node: fx.Node) -> torch.Tensor:
         value = self.program.graph_module
@@ -122,16 +163,19 @@ class FxToRelax:
             value = getattr(value, part)
         return value
 
-    def _is_weight(self, a) -> bool:
+    def is_weight(self, a) -> bool:
         return isinstance(a, fx.Node) and (
             (a.op == "placeholder" and a.name in self.program.params) or a.op == "get_attr")
+
+    def weight_value(self, a: fx.Node) -> torch.Tensor:
+        return self.program.params[a.name] if a.op == "placeholder" else self._attr(a)
 
     def _arg(self, node: fx.Node, i: int, a):
         """The Relax value of argument i of node; a weight comes in the layout node reads it in
         (WEIGHT_LAYOUTS), stored so at build time; another value there is transformed per call."""
         layout = WEIGHT_LAYOUTS.get((node.target, i))
         if isinstance(a, fx.Node):
-            if self._is_weight(a):
+            if self.is_weight(a):
                 return self._weight(a, layout)
             value = self.env[a]
             if layout is not None:
@@ -140,6 +184,28 @@ class FxToRelax:
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(node, i, x) for x in a)
         return a
+
+    def value(self, a):
+        """The Relax value of an argument (weights as stored, unchanged), or a Python value as it is."""
+        if isinstance(a, fx.Node):
+            return self._weight(a, None) if self.is_weight(a) else self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    @contextmanager
+    def substituted(self, values: dict[fx.Node, Any]):
+        """env with some nodes bound to other Relax values while a converter runs."""
+        saved = {n: self.env[n] for n in values if n in self.env}
+        self.env.update(values)
+        try:
+            yield
+        finally:
+            for n in values:
+                if n in saved:
+                    self.env[n] = saved[n]
+                else:
+                    self.env.pop(n, None)
 
     # ops
     def _linear(self, node: fx.Node):
@@ -153,24 +219,6 @@ class FxToRelax:
     def _flashc_op(self, node: fx.Node):
         args = [self._arg(node, i, a) for i, a in enumerate(node.args)]
         return self.flashc[node.target](self.ops, args)
-
-    def _diff(self, node: fx.Node):
-        """aten.diff (missing from TVM's frontend): x[1:] - x[:-1] along dim, n times."""
-        op = self.R.op
-        x = self._arg(node, 0, node.args[0])
-        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-        ends = [node.args[i] if len(node.args) > i else node.kwargs.get(k) for i, k in ((3, "prepend"), (4, "append"))]
-        if any(e is not None for e in ends):
-            parts = [self.env[ends[0]]] if ends[0] is not None else []
-            parts += [x] + ([self.env[ends[1]]] if ends[1] is not None else [])
-            x = self.bb.emit(op.concat(parts, axis=dim))
-        for _ in range(n):
-            size = _shape(x)[dim]
-            hi = self.bb.emit(op.strided_slice(x, axes=[dim], begin=[1], end=[size]))
-            lo = self.bb.emit(op.strided_slice(x, axes=[dim], begin=[0], end=[size - 1]))
-            x = self.bb.emit(op.not_equal(hi, lo) if _dtype(x) == "bool" else op.subtract(hi, lo))
-        return x
 
     def _sdpa(self, node: fx.Node):
         """aten.scaled_dot_product_attention through the attention emitter: the frontend's
@@ -187,13 +235,6 @@ class FxToRelax:
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(_shape(q)[-1])
         return self.ops.attention(q, k, v, mask, bool(a["is_causal"]), float(scale), causal_offset=0)
 
-    def _cumsum(self, node: fx.Node):
-        """aten.cumsum accumulating in torch's result dtype (int64 for bool/int inputs; the
-        frontend accumulates bools in bool, which LLVM cannot add)."""
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-        x = self.ops.cast(self._arg(node, 0, node.args[0]), _tvm_dtype(node.meta["val"].dtype))
-        return self.bb.emit(self.R.op.cumsum(x, axis=dim))
-
     def _getitem(self, node: fx.Node):
         src, idx = node.args
         value = self.env[src]
@@ -203,31 +244,40 @@ class FxToRelax:
 
     def _own_converters(self) -> dict[Any, Callable]:
         """Ops built here rather than by the frontend: flashc ops, linear (pre-transposed
-        weights) and the ATen ops whose frontend converter is missing or wrong for us."""
-        own = {t: self._flashc_op for t in self.flashc}
+        weights), SDPA and the ATen ops of aten_ops.ATEN_OPS."""
+        own: dict[Any, Callable] = {t: self._flashc_op for t in self.flashc}
+        own.update({t: (lambda node, f=f: f(self, node)) for t, f in self.aten.items()})
         own.update({
             aten.linear.default: self._linear,
             operator.getitem: self._getitem,
             aten.scaled_dot_product_attention.default: self._sdpa,
-            aten.cumsum.default: self._cumsum,
-            aten.diff.default: self._diff,
             # a device move is a no-op inside one module; _check casts to the node's dtype
             aten.to.device: lambda node: self._arg(node, 0, node.args[0]),
         })
         return own
 
-    def _convert(self, node: fx.Node):
+    def convert(self, node: fx.Node):
+        """The Relax value of node: by a converter of ours, else by the frontend's."""
+        if node.target in self.own:
+            return self.own[node.target](node)
+        return self.frontend_convert(node)
+
+    def frontend_convert(self, node: fx.Node):
+        """node through the converter of TVM's frontend, its indices normalized and clamped
+        (indexing.guarded_indices)."""
+        from flashc.backends.tvm.indexing import guarded_indices
+
         target = node.target
-        if target in self.own:
-            return self.own[target](node)
+        convert = None
         if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
             convert = self.frontend.convert_map.get(target.__name__)
-            if convert is not None:
-                for a in node.all_input_nodes:  # frontend converters read weights from env
-                    if self._is_weight(a):
-                        self.env[a] = self._weight(a, None)
-                return convert(node)
-        raise unsupported_op(node, "TVM")
+        if convert is None:
+            raise unsupported_op(node, "TVM")
+        for a in node.all_input_nodes:  # frontend converters read weights from env
+            if self.is_weight(a):
+                self.env[a] = self._weight(a, None)
+        with self.substituted(guarded_indices(self, node)):
+            return convert(node)
 
     def _check(self, node: fx.Node, value):
         """Compare a lowered value with the node's fake tensor; cast dtypes, refuse shape drift."""
@@ -239,44 +289,81 @@ class FxToRelax:
             return value
         got = _shape(value)
         if got != list(expected.shape):
-            raise FlashcError(f"TVM lowering of {op_name(node)} ({module_path(node)}) gave shape {got}, "
-                              f"expected {list(expected.shape)}; this is a flashc bug, use the eager target")
+            raise FlashcError(f"TVM lowering of {op_name(node)} (node {node.name}{_in(node)} at "
+                              f"{source_location(node)}) gave shape {got}, expected {list(expected.shape)}; "
+                              "this is a flashc bug, use target 'cpu'")
         want = _tvm_dtype(expected.dtype)
         return value if str(ty.dtype) == want else self.bb.emit(self.R.op.astype(value, want))
 
+    def _lower_node(self, node: fx.Node):
+        try:
+            if self.writes.is_write(node):
+                return self.writes.lower(self, node)
+            return self._check(node, self.convert(node))
+        except FlashcError:
+            raise
+        except Exception as e:  # a converter refusing its arguments, or TVM refusing what it built
+            raise unsupported_op(node, "TVM", f"{type(e).__name__}: {e}") from e
+
     def lower(self) -> Lowered:
+        try:
+            return self._lower()
+        except FlashcError:
+            raise
+        except Exception as e:  # assembling the module (outputs, the function's signature)
+            raise FlashcError(f"TVM lowering failed while assembling the module ({type(e).__name__}: "
+                              f"{str(e).strip()[:300]}); use target 'cpu', and report this") from e
+
+    def _lower(self) -> Lowered:
         program, R = self.program, self.R
         inputs = []
         for spec, node in zip(program.inputs, program.input_nodes()):
             var = R.Var(node.name, R.TensorType(list(spec.shape), _tvm_dtype(spec.dtype)))
             self.env[node] = var
             inputs.append(var)
+        self.writes.refuse_unsupported()  # before building anything: the first refused write
         with self.bb.function("main"):
             with self.bb.dataflow():
-                outputs = None
+                outputs, kinds = [], []
                 for node in program.graph.nodes:
                     if node.op == "call_function":
-                        try:
-                            self.env[node] = self._check(node, self._convert(node))
-                        except FlashcError:
-                            raise
-                        except Exception as e:  # a converter refusing its arguments
-                            raise unsupported_op(node, "TVM", f"{type(e).__name__}: {e}") from e
+                        self.env[node] = self._lower_node(node)
                     elif node.op == "output":
-                        outputs = [self._arg(node, 0, a) for a in _flat(node.args[0])]
+                        outputs, kinds = self._outputs(node)
                     elif node.op not in ("placeholder", "get_attr"):
                         raise UnsupportedOpError(f"graph node kind {node.op!r} ({node.name}) has no TVM lowering")
-                result = self.bb.emit_output(R.Tuple(outputs))
+                result = self.bb.emit_output(R.Tuple(outputs + [c for c, _ in self.checks]))
             self.bb.emit_func_output(result, params=inputs + list(self.weight_vars.values()))
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(inputs))
-        return Lowered(mod, self.weights, self._signature(outputs))
+        return Lowered(mod, self.weights, self._signature(outputs, kinds))
 
-    def _signature(self, outputs) -> dict[str, Any]:
+    def _outputs(self, node: fx.Node) -> tuple[list, list]:
+        """The tensor outputs as Relax values, and per flat output position its kind: the
+        index among the tensors, or {'constant': value} for a Python value returned as is."""
+        values, kinds = [], []
+        for i, a in enumerate(_flat(node.args[0])):
+            if isinstance(a, fx.Node):
+                value = self._arg(node, 0, a)
+                if not isinstance(getattr(value, "ty", None), self.R.TensorType):
+                    raise UnsupportedOpError(f"output {i} ({a.name}, {op_name(a)}) is not a tensor in the TVM "
+                                             "lowering; return tensors, or use target 'cpu'")
+                kinds.append(len(values))
+                values.append(value)
+            elif isinstance(a, CONSTANT_OUTPUTS):
+                kinds.append({"constant": a})
+            else:
+                raise UnsupportedOpError(f"output {i} is a {type(a).__name__} ({a!r:.80}), which a TVM module "
+                                         "cannot return; return tensors, None or numbers, or use target 'cpu'")
+        return values, kinds
+
+    def _signature(self, outputs, kinds) -> dict[str, Any]:
+        tensors = [{"shape": _shape(o), "dtype": _dtype(o)} for o in outputs]
         return {
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)}
                        for s in self.program.inputs],
-            "outputs": [{"shape": _shape(o), "dtype": _dtype(o)} for o in outputs],
+            "outputs": [tensors[k] if isinstance(k, int) else k for k in kinds],
+            "index_checks": [info for _, info in self.checks],
             "weights": [{"name": n, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                         for n, t in self.weights.items()],
         }
@@ -286,13 +373,17 @@ def _flat(x) -> list:
     return [y for item in x for y in _flat(item)] if isinstance(x, (list, tuple)) else [x]
 
 
-def unsupported_op(node: fx.Node, backend: str, detail: str = "") -> UnsupportedOpError:
-    """UnsupportedOpError naming the op, its module and source line, and the way out."""
+def _in(node: fx.Node) -> str:
     where = module_path(node)
-    msg = (f"{backend} backend has no lowering for {op_name(node)}"
-           + (f" in {where}" if where else "") + f" at {source_location(node)}")
+    return f" in {where}" if where else ""
+
+
+def unsupported_op(node: fx.Node, backend: str, detail: str = "") -> UnsupportedOpError:
+    """UnsupportedOpError naming the op, its node, module and source line, and the way out."""
+    verb = "cannot lower" if detail else "has no lowering for"
+    msg = f"{backend} backend {verb} {op_name(node)} (node {node.name}){_in(node)} at {source_location(node)}"
     if detail:
-        msg += f" ({detail.splitlines()[0][:300]})"
+        msg += f" ({detail.strip().splitlines()[0][:300] if detail.strip() else detail})"
     return UnsupportedOpError(msg + "; the eager target ('cpu' / 'eager') runs every op of the graph")
 
 

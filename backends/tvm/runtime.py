@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, cpu_cores, import_tvm
+from flashc.backends.tvm.indexing import out_of_range_message
 from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.ir import dtype_name
 
@@ -123,11 +124,26 @@ class TvmModel:
                 raise InputError(f"input {spec['name']!r}: expected {spec['dtype']}{spec['shape']}, got {got}; "
                                  "the TVM module was built for that shape: build again for a new one")
 
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, *args: torch.Tensor) -> list:
+        """The flat outputs: tensors, and the Python values (None, numbers) the graph returns
+        as they are. Raises InputError when indices were out of range (indexing.py)."""
         self._check(args)
         inputs = [_to_tvm(self.tvm, a.to(self.device)) for a in args]
-        out = self.main(*[i[0] for i in inputs], *self._weights)
-        return [torch.from_dlpack(o) for o in out]
+        try:
+            out = self.main(*[i[0] for i in inputs], *self._weights)
+        except Exception as e:  # a TVM runtime error (an assertion of the VM, a kernel failing)
+            last = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            raise FlashcError(f"the TVM module failed at run time ({last}); run the model with target 'cpu' "
+                              "and report this") from e
+        results = [torch.from_dlpack(o) for o in out]
+        kinds = self.signature["outputs"]
+        tensors = sum(1 for k in kinds if "constant" not in k)
+        for check, extremes in zip(self.signature.get("index_checks", []), results[tensors:]):
+            lo, hi = (int(v) for v in extremes.tolist())
+            if lo < check["low"] or hi >= check["high"]:
+                raise InputError(out_of_range_message(check, lo, hi))
+        produced = iter(results[:tensors])
+        return [k["constant"] if "constant" in k else next(produced) for k in kinds]
 
 
 def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmModel:
@@ -140,8 +156,10 @@ def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmM
         raise ArtifactError(f"{directory} is not a flashc TVM artifact (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != ARTIFACT_FORMAT:
+        why = (" (format 1 predates the fixes of reductions, indices and casts: its answers may be wrong)"
+               if manifest.get("format") == 1 else "")
         raise ArtifactError(f"{manifest_path}: artifact format {manifest.get('format')!r}, "
-                            f"this flashc reads {ARTIFACT_FORMAT}; rebuild it")
+                            f"this flashc reads {ARTIFACT_FORMAT}{why}; rebuild it")
     kind = manifest["target"]["kind"]
     if (kind == "cuda") != (device == "cuda"):
         raise ArtifactError(f"{directory} was built for {kind}; load it with device="

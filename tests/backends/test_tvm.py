@@ -213,10 +213,11 @@ def _scheduled_functions(program):
 
 
 def test_cpu_schedules_tile_every_matmul(programs):
-    """Every fused function of llama-tiny gets a schedule; matmuls a parallel, vectorized,
+    """Every fused function of llama-tiny gets a schedule but the bounds check of the token
+    ids (their min and max: a serial loop over 16 ids); matmuls a parallel, vectorized,
     register-tiled one (an accumulator in local scope)."""
     functions = _scheduled_functions(programs("llama-tiny", 3))
-    assert sorted(n for n, f in functions.items() if "tirx.is_scheduled" not in f.attrs) == []
+    assert sorted(n for n, f in functions.items() if "tirx.is_scheduled" not in f.attrs) == ["max", "min"]
     matmuls = {n: f.script() for n, f in functions.items() if "matmul" in n}
     assert len(matmuls) >= 5
     for name, text in matmuls.items():

@@ -1,0 +1,362 @@
+"""ATen ops lowered by flashc rather than by TVM's torch.export frontend: its converter is
+missing, or gives an answer other than PyTorch's for these graphs.
+
+Each entry of ATEN_OPS is `op -> lower(lowering, node)`, lowering being the FxToRelax
+that walks the graph (its `value`, `convert`, `bb`, `R`, `opaque_scalar`). What each
+one fixes:
+  * batch_norm: the frontend read `training` as the momentum and the momentum as eps,
+    and normalized with the batch's statistics (a ResNet-18 in eval mode was 79% off);
+  * narrow, slice, select: PyTorch's negative and out-of-range bounds (the frontend's
+    narrow ended at `length` rather than `start + length`); numpy_T: no converter;
+  * amax, amin, var, std, var_mean, layer_norm and group_norm without weight or bias:
+    no converter, or one that failed;
+  * reductions and softmax of float16 / bfloat16 accumulate in float32, as PyTorch;
+  * float `x * 0`, `x / 0`, `x - x`, `x == x`, `x != x`: TVM's simplifier folds these as
+    if floats were reals (x * 0 -> 0 whatever x is), so the zero becomes a value TVM
+    only knows at run time and the same-operand forms are written out for inf and NaN;
+  * cumsum and diff: the frontend accumulates bools in bool and has no diff;
+  * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from flashc.backends.tvm.common import _dtype, _shape, _tvm_dtype, refuse
+from flashc.backends.tvm.indexing import lower_index_put
+
+aten = torch.ops.aten
+HALF = ("float16", "bfloat16")
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _axes(dim, rank: int) -> list[int]:
+    """Reduction axes, normalized; None or [] is every axis (as PyTorch)."""
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return list(range(rank))
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    return sorted(d % rank if rank else 0 for d in dims)
+
+
+def _float32(lw, x):
+    return lw.bb.emit(lw.R.op.astype(x, "float32")) if _dtype(x) in HALF else x
+
+
+# --- reductions -----------------------------------------------------------------------
+
+def _extreme(reduce: str):
+    """amax / amin: NaN anywhere in the reduced elements gives NaN, as in PyTorch (TVM's
+    max/min keeps whichever operand its comparison picks)."""
+
+    def lower(lw, node):
+        op = lw.R.op
+        x = lw.value(node.args[0])
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        axes = _axes(_arg(node, 1, "dim", []), len(_shape(x)))
+        if not _shape(x):  # a 0-d tensor is its own extreme
+            return x
+        out = lw.bb.emit(getattr(op, reduce)(x, axis=axes, keepdims=keepdim))
+        if "float" not in _dtype(x):
+            return out
+        nan = lw.bb.emit(op.max(lw.bb.emit(op.astype(op.isnan(x), "int8")), axis=axes, keepdims=keepdim))
+        return lw.bb.emit(op.where(lw.bb.emit(op.astype(nan, "bool")), lw.R.const(float("nan"), _dtype(x)), out))
+
+    return lower
+
+
+def _variance(lw, node, correction_default: float):
+    """(variance, mean) of node.args[0] over its dims, in float32 for half inputs, divided by
+    max(0, n - correction) as PyTorch (inf or NaN when that is 0)."""
+    op = lw.R.op
+    x = _float32(lw, lw.value(node.args[0]))
+    overload = node.target._overloadname
+    keepdim = bool(node.kwargs.get("keepdim", _arg(node, 3, "keepdim", False) if overload == "dim" else False))
+    if overload == "dim":
+        unbiased = _arg(node, 2, "unbiased", True)
+        correction = 1.0 if unbiased else 0.0
+    else:
+        correction = node.kwargs.get("correction")
+        correction = correction_default if correction is None else float(correction)
+    axes = _axes(_arg(node, 1, "dim"), len(_shape(x)))
+    n = math.prod(_shape(x)[a] for a in axes) if _shape(x) else 1
+    mean = lw.bb.emit(op.mean(x, axis=axes, keepdims=keepdim))
+    biased = lw.bb.emit(op.variance(x, axis=axes, keepdims=keepdim))
+    divisor = max(0.0, n - correction)
+    if divisor > 0:
+        var = biased if divisor == n else lw.bb.emit(op.multiply(biased, lw.R.const(n / divisor, "float32")))
+    else:  # sum of squares / 0: inf, or NaN when they are all equal
+        squares = lw.bb.emit(op.multiply(biased, lw.R.const(float(n), "float32")))
+        var = lw.bb.emit(op.divide(squares, lw.opaque_scalar(0.0, "float32")))
+    return var, mean
+
+
+def _var(lw, node):
+    return _variance(lw, node, 1.0)[0]
+
+
+def _std(lw, node):
+    return lw.bb.emit(lw.R.op.sqrt(_variance(lw, node, 1.0)[0]))
+
+
+def _var_mean(lw, node):
+    return _variance(lw, node, 1.0)
+
+
+def _in_float32(lw, node):
+    """A frontend reduction or softmax whose first argument is float16/bfloat16, run in
+    float32 (PyTorch accumulates those in float32); _check casts the result back."""
+    x = node.args[0]
+    value = lw.value(x)
+    if _dtype(value) not in HALF or not isinstance(x, fx.Node):
+        return lw.frontend_convert(node)
+    with lw.substituted({x: _float32(lw, value)}):
+        return lw.frontend_convert(node)
+
+
+def _cumsum(lw, node):
+    """aten.cumsum accumulating in torch's result dtype (int64 for bool/int inputs; float32
+    for half inputs, as PyTorch does on the CPU)."""
+    dim = _arg(node, 1, "dim")
+    x = lw.value(node.args[0])
+    want = _tvm_dtype(node.meta["val"].dtype)
+    x = lw.ops.cast(x, "float32" if want in HALF else want)
+    return lw.bb.emit(lw.R.op.cumsum(x, axis=dim))
+
+
+def _diff(lw, node):
+    """aten.diff: x[1:] - x[:-1] along dim, n times."""
+    op = lw.R.op
+    x = lw.value(node.args[0])
+    n, dim = _arg(node, 1, "n", 1), _arg(node, 2, "dim", -1)
+    ends = [_arg(node, 3, "prepend"), _arg(node, 4, "append")]
+    if any(e is not None for e in ends):
+        parts = [lw.value(ends[0])] if ends[0] is not None else []
+        parts += [x] + ([lw.value(ends[1])] if ends[1] is not None else [])
+        x = lw.bb.emit(op.concat(parts, axis=dim))
+    for _ in range(n):
+        size = _shape(x)[dim]
+        hi = lw.bb.emit(op.strided_slice(x, axes=[dim], begin=[1], end=[size]))
+        lo = lw.bb.emit(op.strided_slice(x, axes=[dim], begin=[0], end=[size - 1]))
+        x = lw.bb.emit(op.not_equal(hi, lo) if _dtype(x) == "bool" else op.subtract(hi, lo))
+    return x
+
+
+# --- normalization --------------------------------------------------------------------
+
+def _per_channel(lw, v, rank: int):
+    """A [C] vector shaped [1, C, 1, ...] against an [N, C, ...] input, in float32."""
+    return lw.bb.emit(lw.R.op.reshape(_float32(lw, v), [1, _shape(v)[0]] + [1] * (rank - 2)))
+
+
+def _batch_norm(lw, node):
+    """aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
+    eps, cudnn_enabled): eval mode with the running statistics; training mode only
+    without them (it would update them in place)."""
+    op = lw.R.op
+    x = lw.value(node.args[0])
+    weight, bias, mean, var = (node.args[i] if len(node.args) > i else None for i in range(1, 5))
+    training, eps = bool(_arg(node, 5, "training", False)), float(_arg(node, 7, "eps", 1e-5))
+    rank = len(_shape(x))
+    xf = _float32(lw, x)
+    if training:
+        if mean is not None:
+            raise refuse(node, "batch norm in training mode updates its running statistics in place",
+                          "call model.eval() before compiling, or use target 'cpu'")
+        axes = [a for a in range(rank) if a != 1]
+        mean_v = lw.bb.emit(op.mean(xf, axis=axes, keepdims=True))
+        var_v = lw.bb.emit(op.variance(xf, axis=axes, keepdims=True))
+    else:
+        if mean is None or var is None:
+            raise refuse(node, "batch norm in eval mode without running statistics")
+        mean_v, var_v = _per_channel(lw, lw.value(mean), rank), _per_channel(lw, lw.value(var), rank)
+    inv = lw.bb.emit(op.rsqrt(lw.bb.emit(op.add(var_v, lw.R.const(eps, "float32")))))
+    out = lw.bb.emit(op.multiply(lw.bb.emit(op.subtract(xf, mean_v)), inv))
+    if weight is not None:
+        out = lw.bb.emit(op.multiply(out, _per_channel(lw, lw.value(weight), rank)))
+    if bias is not None:
+        out = lw.bb.emit(op.add(out, _per_channel(lw, lw.value(bias), rank)))
+    return out
+
+
+def _layer_norm(lw, node):
+    """aten.layer_norm(input, normalized_shape, weight=None, bias=None, eps, cudnn_enable),
+    in float32 for half inputs; a missing weight or bias is 1 or 0."""
+    import numpy as np
+
+    op = lw.R.op
+    x = _float32(lw, lw.value(node.args[0]))
+    shape = list(node.args[1])
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    eps = float(_arg(node, 4, "eps", 1e-5))
+    gamma = _float32(lw, lw.value(weight)) if weight is not None else lw.R.const(np.ones(shape, "float32"))
+    beta = _float32(lw, lw.value(bias)) if bias is not None else lw.R.const(np.zeros(shape, "float32"))
+    axes = list(range(-len(shape), 0))
+    return lw.bb.emit(op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
+
+
+def _group_norm(lw, node):
+    """aten.group_norm(input, num_groups, weight=None, bias=None, eps, cudnn_enabled) in
+    float32; the frontend's converter failed on a missing weight or bias."""
+    op = lw.R.op
+    x = _float32(lw, lw.value(node.args[0]))
+    groups = node.args[1]
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    eps = float(_arg(node, 4, "eps", 1e-5))
+    shape = _shape(x)
+    grouped = lw.bb.emit(op.reshape(x, [shape[0], groups, -1]))
+    mean = lw.bb.emit(op.mean(grouped, axis=[2], keepdims=True))
+    var = lw.bb.emit(op.variance(grouped, axis=[2], keepdims=True))
+    inv = lw.bb.emit(op.rsqrt(lw.bb.emit(op.add(var, lw.R.const(eps, "float32")))))
+    out = lw.bb.emit(op.reshape(lw.bb.emit(op.multiply(lw.bb.emit(op.subtract(grouped, mean)), inv)), shape))
+    if weight is not None:
+        out = lw.bb.emit(op.multiply(out, _per_channel(lw, lw.value(weight), len(shape))))
+    if bias is not None:
+        out = lw.bb.emit(op.add(out, _per_channel(lw, lw.value(bias), len(shape))))
+    return out
+
+
+# --- slicing with PyTorch's bounds -----------------------------------------------------
+
+def _slice_bounds(start, end, size: int) -> tuple[int, int]:
+    """PyTorch's slice bounds: None is the end, negative counts from the end, both clamped."""
+    start = 0 if start is None else start
+    end = size if end is None else end
+    start = start + size if start < 0 else start
+    end = end + size if end < 0 else end
+    start = min(max(start, 0), size)
+    return start, min(max(end, start), size)
+
+
+def _slice(lw, node):
+    x = lw.value(node.args[0])
+    dim = _arg(node, 1, "dim", 0)
+    start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
+    if any(isinstance(v, fx.Node) for v in (start, end, step)):
+        raise refuse(node, "a slice with bounds computed at run time")
+    size = _shape(x)[dim]
+    start, end = _slice_bounds(start, end, size)
+    if (start, end, step) == (0, size, 1):
+        return x
+    return lw.bb.emit(lw.R.op.strided_slice(x, axes=[dim], begin=[start], end=[end], strides=[step]))
+
+
+def _narrow(lw, node):
+    x = lw.value(node.args[0])
+    dim, start, length = node.args[1], node.args[2], node.args[3]
+    if isinstance(start, fx.Node) or isinstance(length, fx.Node):
+        raise refuse(node, "narrow with a start or length computed at run time")
+    size = _shape(x)[dim]
+    start = start + size if start < 0 else start
+    if not (0 <= start <= size and 0 <= length <= size - start):
+        raise refuse(node, f"narrow({start}, {length}) is outside dimension {dim} of size {size} (PyTorch "
+                            "raises here too)", "fix the model")
+    return lw.bb.emit(lw.R.op.strided_slice(x, axes=[dim], begin=[start], end=[start + length]))
+
+
+def _select(lw, node):
+    x = lw.value(node.args[0])
+    dim, index = node.args[1], node.args[2]
+    if isinstance(index, fx.Node):
+        raise refuse(node, "select with an index computed at run time")
+    size = _shape(x)[dim]
+    if not -size <= index < size:
+        raise refuse(node, f"index {index} is out of range for dimension {dim} of size {size} (PyTorch raises "
+                            "IndexError here)", "fix the model")
+    return lw.bb.emit(lw.R.op.take(x, lw.R.const(index % size, "int64"), axis=dim))
+
+
+def _numpy_t(lw, node):
+    """aten.numpy_T (x.T: every dim reversed; Falcon's fused QKV at -O0): no frontend converter."""
+    x = lw.value(node.args[0])
+    return lw.bb.emit(lw.R.op.permute_dims(x, list(reversed(range(len(_shape(x)))))))
+
+
+# --- arithmetic TVM would fold as if floats were reals -----------------------------------
+
+def _is_zero(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def _float_result(node) -> str | None:
+    val = node.meta.get("val")
+    return _tvm_dtype(val.dtype) if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
+
+
+def _by_zero(relax_op: str):
+    """mul / div by a scalar zero (x * 0.0, x / 0): the zero as a run-time value."""
+
+    def lower(lw, node):
+        dtype = _float_result(node)
+        a, b = node.args[0], node.args[1]
+        if dtype is None or not (_is_zero(b) or (relax_op == "multiply" and _is_zero(a))):
+            return lw.frontend_convert(node)
+        if node.target == aten.div.Tensor_mode or node.kwargs.get("rounding_mode") is not None:
+            return lw.frontend_convert(node)
+        tensor, zero = (a, b) if _is_zero(b) else (b, a)
+        x = lw.ops.cast(lw.value(tensor), dtype)
+        return lw.bb.emit(getattr(lw.R.op, relax_op)(x, lw.opaque_scalar(float(zero), dtype)))
+
+    return lower
+
+
+def _same_operands(kind: str):
+    """x - x, x == x, x != x of one float tensor: NaN - NaN and inf - inf are NaN, and NaN
+    is not equal to itself; TVM folds them to 0, True and False."""
+
+    def lower(lw, node):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        x = lw.value(a) if isinstance(a, fx.Node) else None
+        same = isinstance(a, fx.Node) and a is b and "float" in _dtype(x) and node.kwargs.get("alpha", 1) == 1
+        if not same:
+            return lw.frontend_convert(node)
+        op = lw.R.op
+        if kind == "sub":  # x * 0 + 0: +0 for finite x, NaN otherwise
+            zero = lw.opaque_scalar(0.0, _dtype(x))
+            return lw.bb.emit(op.add(lw.bb.emit(op.multiply(x, zero)), zero))
+        nan = lw.bb.emit(op.isnan(x))
+        return nan if kind == "ne" else lw.bb.emit(op.logical_not(nan))
+
+    return lower
+
+
+ATEN_OPS: dict[Any, Callable] = {
+    aten.amax.default: _extreme("max"),
+    aten.amin.default: _extreme("min"),
+    aten.var.dim: _var,
+    aten.var.correction: _var,
+    aten.std.dim: _std,
+    aten.std.correction: _std,
+    aten.var_mean.correction: _var_mean,
+    aten.var_mean.dim: _var_mean,
+    aten.sum.dim_IntList: _in_float32,
+    aten.mean.dim: _in_float32,
+    aten.mean.default: _in_float32,
+    aten.softmax.int: _in_float32,
+    aten._softmax.default: _in_float32,
+    aten.log_softmax.int: _in_float32,
+    aten._log_softmax.default: _in_float32,
+    aten.cumsum.default: _cumsum,
+    aten.diff.default: _diff,
+    aten.batch_norm.default: _batch_norm,
+    aten.layer_norm.default: _layer_norm,
+    aten.group_norm.default: _group_norm,
+    aten.slice.Tensor: _slice,
+    aten.narrow.default: _narrow,
+    aten.select.int: _select,
+    aten.numpy_T.default: _numpy_t,
+    aten.index_put.default: lower_index_put,
+    aten.mul.Tensor: _by_zero("multiply"),
+    aten.mul.Scalar: _by_zero("multiply"),
+    aten.div.Tensor: _by_zero("divide"),
+    aten.div.Scalar: _by_zero("divide"),
+    aten.sub.Tensor: _same_operands("sub"),
+    aten.eq.Tensor: _same_operands("eq"),
+    aten.ne.Tensor: _same_operands("ne"),
+}
