@@ -135,7 +135,9 @@ class TvmModel:
             last = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
             raise FlashcError(f"the TVM module failed at run time ({last}); run the model with target 'cpu' "
                               "and report this") from e
-        results = [torch.from_dlpack(o) for o in out]
+        # Copied out of TVM's memory: an output may be a constant of the module or an input
+        # passed through (x * 1 after simplification), which the caller must not write into.
+        results = [torch.from_dlpack(o).clone() for o in out]
         kinds = self.signature["outputs"]
         tensors = sum(1 for k in kinds if "constant" not in k)
         for check, extremes in zip(self.signature.get("index_checks", []), results[tensors:]):
