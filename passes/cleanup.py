@@ -50,7 +50,17 @@ def _is_identity(node: fx.Node, mutations: MutationInfo) -> bool:
         return _is_number(node.args[1]) and node.args[1] == 1
     if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) == 1:
         return _adds_nothing(node.args[1], subtract=node.target == aten.sub.Tensor, floating=src.is_floating_point())
+    if node.target == aten.dropout.default:
+        return _drops_nothing(node)
     return False
+
+
+def _drops_nothing(node: fx.Node) -> bool:
+    """Whether aten.dropout(x, p, train) is x: outside training (nn.Dropout of a model in eval
+    mode) or with p == 0 it zeroes nothing and scales by 1."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return train is False or (_is_number(p) and p == 0)
 
 
 def _is_number(value) -> bool:
@@ -69,7 +79,8 @@ def _adds_nothing(value, subtract: bool, floating: bool) -> bool:
 
 
 class Canonicalize:
-    """Remove metadata asserts and identity ops (same-dtype casts, x*1, x+0, aliases)."""
+    """Remove metadata asserts and identity ops (same-dtype casts, x*1, x+0, aliases, dropout
+    outside training or with p = 0)."""
 
     name = "canonicalize"
     requires = ("shapes",)

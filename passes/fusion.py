@@ -1,11 +1,16 @@
 """Pattern fusion: rewrite the ATen spelling of LLM building blocks into flashc ops.
 
 Each fusion is a pattern (the PyTorch code it matches, as the Hugging Face models of
-the five supported families write it), a replacement, and where needed a check.
-`Fuse(rules)` applies a list of them; the order of a list is the order they run in.
+the five supported families write it or as people write it by hand), a replacement, and
+where needed a check. Other spellings of the same computation (`x * x` for `x.pow(2)`,
+`k.transpose(2, 3)` for `k.transpose(-2, -1)`) are a rule's `variants`: small edits of its
+traced graph, listed next to it, that cost no tracing. `Fuse(rules)` applies a list of
+them; the order of a list is the order they run in.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -22,15 +27,63 @@ flashc_ops = torch.ops.flashc
 # Sentinels: distinctive values traced in place of scalars that a match binds.
 EPS = 0.00012345
 SCALE = 0.0987654
+SIZE = 0.0024681  # the normalized size in F.rms_norm(x, (size,), ...)
+N_REP = 0.0013579  # the repeat count in k.repeat_interleave(n_rep, dim=1)
+
+# A pattern without casts traces to the same graph in every dtype, and the matcher does
+# not compare dtypes: such rules are traced once.
+ANY_DTYPE = (torch.float32,)
 
 
 def _x(dtype, *shape):
     return torch.randn(*shape, dtype=dtype)
 
 
+# --- Spellings: edits of a traced pattern into another way of writing it ---------------
+# Each edit changes a copy of a pattern graph in place and says whether it found
+# something to change; `_spellings(*edits)` makes a rule's `variants`: every combination.
+
+def _spellings(*edits):
+    def variants(graph: fx.Graph) -> list[fx.Graph]:
+        graphs = [graph]
+        for edit in edits:
+            graphs += [g for g in (_edited(g, edit) for g in graphs) if g is not None]
+        return graphs[1:]
+    return variants
+
+
+def _edited(graph: fx.Graph, edit) -> fx.Graph | None:
+    copy, env = fx.Graph(), {}
+    for n in graph.nodes:
+        env[n] = copy.node_copy(n, lambda a: env[a])
+    return copy if edit(copy) else None
+
+
+def _nodes(graph: fx.Graph, target) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _val_shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
 # --- RMSNorm -------------------------------------------------------------------------
 
-def rms_norm_pattern(x, weight, eps):
+def rms_norm_pattern(x, weight, eps, size):
+    """Hugging Face's RMSNorm. `size` does not appear: only F.rms_norm's spelling binds it."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -40,12 +93,86 @@ def rms_norm_replacement(x, weight, eps):
     return flashc_ops.rms_norm.default(x, weight, eps)
 
 
+def _square_as_product(graph):  # x * x
+    pows = [n for n in _nodes(graph, aten.pow.Tensor_Scalar) if n.args[1] == 2]
+    for n in pows:
+        _replace(graph, n, aten.mul.Tensor, (n.args[0], n.args[0]))
+    return bool(pows)
+
+
+def _square_as_square(graph):  # torch.square(x)
+    pows = [n for n in _nodes(graph, aten.pow.Tensor_Scalar) if n.args[1] == 2]
+    for n in pows:
+        _replace(graph, n, aten.square.default, (n.args[0],))
+    return bool(pows)
+
+
+def _rsqrt_as_division(graph):  # x / torch.sqrt(var + eps)
+    changed = False
+    for r in _nodes(graph, aten.rsqrt.default):
+        for user in [u for u in r.users if u.target == aten.mul.Tensor]:
+            other = user.args[1] if user.args[0] is r else user.args[0]
+            with graph.inserting_before(user):
+                root = graph.call_function(aten.sqrt.default, r.args)
+            _replace(graph, user, aten.div.Tensor, (other, root))
+            changed = True
+        if not r.users:
+            graph.erase_node(r)
+    return changed
+
+
+def _cast_back_by_type_as(graph):  # h.type_as(x) for h.to(x.dtype), as Meta's Llama writes it
+    x = _placeholder(graph, "x")
+    casts = [n for n in _nodes(graph, aten.to.dtype) if n.args[0] is not x]
+    for n in casts:
+        _replace(graph, n, aten.type_as.default, (n.args[0], x))
+    return bool(casts)
+
+
+def _rms_norm_op_graphs() -> list[fx.Graph]:
+    """F.rms_norm(x, (size,), weight, eps) and nn.RMSNorm (eps given or left to torch): the
+    computation as torch's own op, with its normalized size bound to the SIZE sentinel."""
+    graphs = []
+    for with_eps in (True, False):
+        g = fx.Graph()
+        x, weight = g.placeholder("x"), g.placeholder("weight")
+        args = (x, [SIZE], weight, EPS) if with_eps else (x, [SIZE], weight)
+        g.output(g.call_function(aten.rms_norm.default, args))
+        graphs.append(g)
+    return graphs
+
+
+def _rms_norm_variants(graph: fx.Graph) -> list[fx.Graph]:
+    respelled = _spellings(_square_as_product, _square_as_square, _rsqrt_as_division, _cast_back_by_type_as)
+    return [*respelled(graph), *_rms_norm_op_graphs()]
+
+
+def _check_rms_norm(m: Match) -> bool:
+    """The weight is one scale per channel, [d] for x[..., d], as flashc.rms_norm's kernels
+    take it (a per-row or larger weight is another computation), and x is not float64
+    (flashc.rms_norm computes in float32). torch's op must normalize over the last dim only,
+    with a weight of x's dtype; its default eps is float32's epsilon."""
+    x, weight = m.val("x"), m.val("weight")
+    if x.dtype == torch.float64 or tuple(weight.shape) != (x.shape[-1],):
+        return False
+    if m.covered(aten.rms_norm.default):
+        if m.bindings.pop("size") != x.shape[-1] or weight.dtype != x.dtype:
+            return False
+        m.bindings.setdefault("eps", torch.finfo(torch.float32).eps)
+    return True
+
+
 # Traced in float32 the casts vanish, so this rule also takes Gemma's form, which
 # scales by a float32 (1 + w) before casting back: the match is the float32 core and
-# Gemma's cast stays outside it, so the numbers are Gemma's exactly.
+# Gemma's cast stays outside it, so the numbers are Gemma's exactly. The float32 graph
+# is also the hand-written form without casts, in any dtype (flashc.rms_norm then
+# normalizes in float32: more exact than the model, not less). In bfloat16 and float16
+# torch's own op scales by the weight before rounding, flashc.rms_norm after: the two
+# differ by at most one rounding of the output.
 FUSE_RMS_NORM = RewriteRule(
     "rms_norm", rms_norm_pattern, rms_norm_replacement,
-    example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 8)), scalars={"eps": EPS},
+    example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 8)), scalars={"eps": EPS, "size": SIZE},
+    check=_check_rms_norm, variants=_rms_norm_variants,
 )
 
 
@@ -62,11 +189,16 @@ def add_rms_norm_replacement(x, residual, weight, eps):
 FUSE_ADD_RMS_NORM = RewriteRule(
     "add_rms_norm", add_rms_norm_pattern, add_rms_norm_replacement,
     example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8), _x(dt, 8)), scalars={"eps": EPS},
-    check=lambda m: m.val("x").shape == m.val("residual").shape,
+    check=lambda m: m.val("x").shape == m.val("residual").shape, dtypes=ANY_DTYPE,
 )
 
 
 # --- Rotary embedding -------------------------------------------------------------------
+# flashc.rotary rotates the pairs (i, i + d/2) (rotate-half, as Hugging Face writes rope).
+# GPT-J's and Meta's interleaved pairs (2i, 2i + 1), x[..., ::2] and x[..., 1::2] stacked
+# and flattened or as complex numbers, are another permutation of the head dim: rotary
+# could take them only with x gathered into halves before and scattered back after,
+# so they are not fused.
 
 def rotary_pattern(x, cos, sin):
     half = x.shape[-1] // 2
@@ -109,11 +241,15 @@ def _check_rotary(m: Match) -> bool:
 FUSE_ROTARY = RewriteRule(
     "rotary", rotary_pattern, rotary_replacement,
     example_inputs=lambda dt: (_x(dt, 1, 2, 5, 8), _x(dt, 1, 1, 5, 8), _x(dt, 1, 1, 5, 8)),
-    check=_check_rotary, any_shape_literals=True,
+    check=_check_rotary, any_shape_literals=True, dtypes=ANY_DTYPE,
 )
 
 
 # --- Gated MLP activations ----------------------------------------------------------------
+
+def _same_shape(m: Match) -> bool:
+    return m.val("gate").shape == m.val("up").shape
+
 
 def swiglu_pattern(gate, up):
     return F.silu(gate) * up
@@ -123,10 +259,19 @@ def swiglu_replacement(gate, up):
     return flashc_ops.swiglu.default(gate, up)
 
 
+def _silu_as_sigmoid_product(graph):  # gate * torch.sigmoid(gate)
+    silus = _nodes(graph, aten.silu.default)
+    for n in silus:
+        with graph.inserting_before(n):
+            sigmoid = graph.call_function(aten.sigmoid.default, (n.args[0],))
+        _replace(graph, n, aten.mul.Tensor, (n.args[0], sigmoid))
+    return bool(silus)
+
+
 FUSE_SWIGLU = RewriteRule(
     "swiglu", swiglu_pattern, swiglu_replacement,
     example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
-    check=lambda m: m.val("gate").shape == m.val("up").shape,
+    check=_same_shape, dtypes=ANY_DTYPE, variants=_spellings(_silu_as_sigmoid_product),
 )
 
 
@@ -146,70 +291,342 @@ def geglu_replacement(gate, up):
     return flashc_ops.geglu.default(gate, up, "none")
 
 
+def geglu_tanh_written_pattern(gate, up):
+    """The tanh approximation written out, as GPT-2 (transformers' NewGELUActivation)."""
+    g = 0.5 * gate * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * torch.pow(gate, 3.0))))
+    return g * up
+
+
+def geglu_written_pattern(gate, up):
+    """The erf form written out, as BERT's gelu."""
+    return gate * 0.5 * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up
+
+
+def _literal_as_int(value: float):  # 1 + torch.tanh(...), gate ** 3: an int where the pattern has a float
+    def is_value(a):
+        return type(a) is float and a == value
+
+    def edit(graph):
+        nodes = [n for n in graph.nodes if n.op == "call_function" and any(is_value(a) for a in n.args)]
+        for n in nodes:
+            n.args = tuple(int(a) if is_value(a) else a for a in n.args)
+        return bool(nodes)
+    return edit
+
+
+def _division_by_sqrt2_as_product(graph):  # gate * (1 / math.sqrt(2)), gate * 0.7071067811865476
+    divs = [n for n in _nodes(graph, aten.div.Tensor) if n.args[1] == math.sqrt(2.0)]
+    for n in divs:
+        _replace(graph, n, aten.mul.Tensor, (n.args[0], 1 / math.sqrt(2.0)))
+    return bool(divs)
+
+
+def _geglu_rule(pattern, replacement, variants=None):
+    return RewriteRule("geglu", pattern, replacement, example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
+                       check=_same_shape, dtypes=ANY_DTYPE, variants=variants)
+
+
+# The written-out forms compute gelu in the model's dtype; flashc.geglu, as F.gelu, in
+# float32 for bfloat16 and float16: as exact as the model or more.
 FUSE_GEGLU = [
-    RewriteRule("geglu", geglu_tanh_pattern, geglu_tanh_replacement,
-                example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
-                check=lambda m: m.val("gate").shape == m.val("up").shape),
-    RewriteRule("geglu", geglu_pattern, geglu_replacement,
-                example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
-                check=lambda m: m.val("gate").shape == m.val("up").shape),
+    _geglu_rule(geglu_tanh_pattern, geglu_tanh_replacement),
+    _geglu_rule(geglu_pattern, geglu_replacement),
+    _geglu_rule(geglu_tanh_written_pattern, geglu_tanh_replacement,
+           variants=_spellings(_literal_as_int(1.0), _literal_as_int(3.0))),
+    _geglu_rule(geglu_written_pattern, geglu_replacement,
+           variants=_spellings(_literal_as_int(1.0), _division_by_sqrt2_as_product)),
 ]
 
 
 # --- Attention ------------------------------------------------------------------------------
+# First whole attentions become flashc.attention with K and V as the model gives them
+# (SDPA, and softmax(q @ k^T * scale + mask) @ v written out); then, where K and V were
+# repeated for grouped-query attention in the order flashc.attention reads them, the
+# repeats go (FUSE_ATTENTION runs the rules in this order).
 
-def _repeat_kv(x, n_rep):
-    b, h, s, d = x.shape
-    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def sdpa_gqa_mask_pattern(q, k, v, mask, scale):
-    n_rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep),
-                                          attn_mask=mask, scale=scale)
+SDPA = aten.scaled_dot_product_attention.default
 
 
 def sdpa_mask_pattern(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def sdpa_gqa_causal_pattern(q, k, v, scale):
-    n_rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep),
-                                          is_causal=True, scale=scale)
-
-
 def sdpa_causal_pattern(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def attention_replacement(q, k, v, scale, mask=None, is_causal=False):
-    return flashc_ops.attention.default(q, k, v, mask, is_causal, scale)
+def sdpa_pattern(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _check_attention(m: Match) -> bool:
-    """GQA shapes line up; a constant causal mask becomes the is_causal flag."""
+def attention_pattern(q, k, v, mask, scale):
+    """Attention written out with an additive mask (nanoGPT, Meta's Llama)."""
+    return torch.softmax(q @ k.transpose(-2, -1) * scale + mask, dim=-1) @ v
+
+
+def attention_masked_fill_pattern(q, k, v, mask, scale):
+    """Attention written out with a boolean mask that is True where attending."""
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def attention_unmasked_pattern(q, k, v, scale):
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+
+
+def attention_replacement(q, k, v, scale, mask=None, is_causal=False, mask_blocks=False, mask_shape=None):
+    if mask is not None and mask_shape is not None:
+        mask = aten.reshape.default(mask, mask_shape)  # flashc.attention reads a 4-D mask
+    if mask is not None and mask_blocks:
+        mask = aten.bitwise_not.default(mask)  # flashc.attention's boolean mask is True where attending
+    return flashc_ops.attention.default(q, k, v, mask, is_causal, float(scale))
+
+
+def _default_scale(graph):  # scale left to SDPA: 1/sqrt(head size)
+    nodes = [n for n in _nodes(graph, SDPA) if "scale" in n.kwargs]
+    for n in nodes:
+        n.kwargs = {k: v for k, v in n.kwargs.items() if k != "scale"}
+    return bool(nodes)
+
+
+def _grouped_query(graph):  # enable_gqa=True
+    nodes = _nodes(graph, SDPA)
+    for n in nodes:
+        n.kwargs = {**n.kwargs, "enable_gqa": True}
+    return bool(nodes)
+
+
+def _scaled_products(graph):
+    return [n for n in _nodes(graph, aten.mul.Tensor) if n.args[1] == SCALE]
+
+
+def _scale_as_division(graph):  # scores / math.sqrt(d)
+    muls = _scaled_products(graph)
+    for n in muls:
+        _replace(graph, n, aten.div.Tensor, n.args)
+    return bool(muls)
+
+
+def _unscaled(graph):  # q scaled before (q * scale) @ k^T, or no scale at all (T5)
+    muls = _scaled_products(graph)
+    for n in muls:
+        n.replace_all_uses_with(n.args[0])
+        graph.erase_node(n)
+    return bool(muls)
+
+
+def _transposed(*dims):  # k.transpose(2, 3), k.transpose(-1, -2)
+    def edit(graph):
+        nodes = [n for n in _nodes(graph, aten.transpose.int) if tuple(n.args[1:]) == (-2, -1)]
+        for n in nodes:
+            n.args = (n.args[0], *dims)
+        return bool(nodes)
+    return edit
+
+
+def _transposed_by_mT(graph):  # k.mT
+    nodes = [n for n in _nodes(graph, aten.transpose.int) if tuple(n.args[1:]) == (-2, -1)]
+    for n in nodes:
+        _replace(graph, n, aten.mT.default, (n.args[0],))
+    return bool(nodes)
+
+
+def _plain_softmaxes(graph):
+    return [n for n in _nodes(graph, aten.softmax.int) if len(n.args) == 2 and n.args[0].target != aten.to.dtype]
+
+
+def _softmax_in_float32(graph):  # F.softmax(scores.float(), dim=-1).type_as(q), as Meta's Llama
+    q = _placeholder(graph, "q")
+    nodes = _plain_softmaxes(graph)
+    for n in nodes:
+        with graph.inserting_before(n):
+            up = graph.call_function(aten.to.dtype, (n.args[0], torch.float32))
+        n.args = (up, *n.args[1:])
+        with graph.inserting_after(n):
+            back = graph.call_function(aten.type_as.default, (n, q))
+        n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+    return bool(nodes)
+
+
+def _softmax_to_float32(graph):  # softmax(scores, dim=-1, dtype=torch.float32), as Hugging Face's eager attention
+    nodes = _plain_softmaxes(graph)
+    for n in nodes:
+        n.args = (*n.args, torch.float32)
+    return bool(nodes)
+
+
+def _mask_of_masked(graph):  # masked_fill(mask == 0, -inf): any boolean, True where masked
+    nodes = _nodes(graph, aten.bitwise_not.default)
+    for n in nodes:
+        n.replace_all_uses_with(n.args[0])
+        graph.erase_node(n)
+    return bool(nodes)
+
+
+_WRITTEN_SPELLINGS = (_scale_as_division, _unscaled, _transposed(2, 3), _transposed(-1, -2), _transposed_by_mT,
+                      _softmax_in_float32, _softmax_to_float32)
+
+
+def _attention_shapes_fit(q, k, v) -> bool:
+    """What flashc.attention takes: 4-D q, k, v of one batch, Hq a multiple of Hkv and one
+    head size for queries, keys and values; not float64 (it computes scores in float32)."""
+    return (q.dim() == k.dim() == v.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
+            and q.shape[-1] == k.shape[-1] and q.shape[1] % k.shape[1] == 0 and q.dtype != torch.float64)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether `shape` broadcasts to `target` without growing it."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _is_causal_mask(value: torch.Tensor, blocks: bool, s: int, l: int) -> bool:
+    """Whether a constant mask is flashc's causal mask (aligned bottom-right): boolean (True
+    where attending, or where masked when `blocks`) or additive (0 and -inf)."""
+    if value.device.type == "meta" or tuple(value.shape[-2:]) != (s, l):
+        return False  # a meta-device model has no values to compare
+    causal = flashc.ops.causal_mask(s, l, value.device)
+    if value.dtype == torch.bool:
+        return bool(((~value if blocks else value) == causal).all())
+    if value.is_floating_point() and not blocks:
+        return bool((value == torch.where(causal, 0.0, float("-inf"))).all())
+    return False
+
+
+def _bind_mask(m: Match, blocks: bool) -> bool:
+    """The mask must broadcast to [B, Hq, S, L] without growing the scores; a constant
+    causal mask becomes is_causal; one of fewer dims is given leading 1s (flashc.attention
+    reads a 4-D mask, as broadcasting did)."""
+    q, k, mask = m.val("q"), m.val("k"), m.val("mask")
+    s, l = q.shape[2], k.shape[2]
+    if not _broadcasts_to(tuple(mask.shape), (q.shape[0], q.shape[1], s, l)):
+        return False
+    value = m.constant("mask")
+    if value is not None and _is_causal_mask(value, blocks, s, l):
+        m.bindings.update(mask=None, is_causal=True)
+        return True
+    if mask.dim() < 4:
+        m.bindings["mask_shape"] = [1] * (4 - mask.dim()) + list(mask.shape)
+    m.bindings["mask_blocks"] = blocks
+    return True
+
+
+def _check_sdpa(m: Match) -> bool:
+    """Shapes fit; no scale means SDPA's 1/sqrt(head size); torch's is_causal is aligned
+    top-left, the same as flashc's only when S == L; a mask is boolean or additive in
+    SDPA as in flashc.attention, with enable_gqa or not (both read KV head h // n)."""
     q, k, v = m.val("q"), m.val("k"), m.val("v")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[1] % k.shape[1]:
+    if not _attention_shapes_fit(q, k, v):
         return False
-    # flashc.attention takes one head size for queries, keys and values
-    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-        return False
-    if "mask" in m.bindings:
-        s, l = q.shape[2], k.shape[2]
-        mask = m.constant("mask")
-        if mask is not None and mask.device.type == "meta":
-            pass  # shapes only (a meta-device model): the mask's values cannot be checked
-        elif mask is not None and mask.dtype == torch.bool and mask.shape[-2:] == (s, l):
-            if bool((mask == flashc.ops.causal_mask(s, l, mask.device)).all()):
-                m.bindings["mask"] = None
-                m.bindings["is_causal"] = True
-        elif m.val("mask").dim() != 4:
+    (node,) = m.covered(SDPA)
+    m.bindings.setdefault("scale", 1.0 / math.sqrt(q.shape[-1]))
+    if len(node.args) > 5 and node.args[5] is True:
+        if q.shape[2] != k.shape[2]:
             return False
-    elif q.shape[2] != k.shape[2]:
-        return False  # torch's is_causal is top-left aligned: same as ours only when S == L
-    else:
         m.bindings["is_causal"] = True
+    return _bind_mask(m, blocks=False) if "mask" in m.bindings else True
+
+
+def _check_written_attention(m: Match) -> bool:
+    """Shapes fit; the transpose swaps k's last two dims; the scale is the product's factor,
+    the reciprocal of the divisor, or 1 without either; the softmax in float32 casts back
+    to q's dtype, which k and v share; an additive mask is a float (a boolean added adds
+    1), masked_fill's is boolean (masked where True, or attending where True under ~)."""
+    q, k, v = m.val("q"), m.val("k"), m.val("v")
+    if not _attention_shapes_fit(q, k, v):
+        return False
+    (transpose,) = m.covered(aten.transpose.int) + m.covered(aten.mT.default)
+    if transpose.args[0] is not m.bindings["k"]:
+        return False
+    if transpose.target == aten.transpose.int and {d % 4 for d in transpose.args[1:3]} != {2, 3}:
+        return False
+    scale = m.bindings.get("scale", 1.0)
+    if m.covered(aten.div.Tensor):
+        if scale == 0:
+            return False
+        scale = 1.0 / scale
+    m.bindings["scale"] = float(scale)
+    if m.covered(aten.type_as.default) and not q.dtype == k.dtype == v.dtype:
+        return False
+    if any(len(n.args) > 2 for n in m.covered(aten.softmax.int)) and q.dtype != torch.float32:
+        return False  # softmax to float32 without a cast back: float32 all through
+    if "mask" not in m.bindings:
+        return True
+    mask = m.val("mask")
+    if m.covered(aten.masked_fill.Scalar):
+        return mask.dtype == torch.bool and _bind_mask(m, blocks=not m.covered(aten.bitwise_not.default))
+    return mask.is_floating_point() and _bind_mask(m, blocks=False)
+
+
+# --- Attention: grouped-query repeats of K and V ---
+
+def _repeat_kv(x, n_rep):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def attention_repeat_kv_pattern(q, k, v, mask, scale):
+    """K and V repeated per query head as Hugging Face's repeat_kv does."""
+    n_rep = q.shape[1] // k.shape[1]
+    return flashc_ops.attention.default(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, False, scale)
+
+
+def attention_repeat_interleave_pattern(q, k, v, mask, scale, n_rep):
+    """K and V repeated by repeat_interleave (traced with n = 2; the N_REP variant takes any n)."""
+    n = q.shape[1] // k.shape[1]
+    return flashc_ops.attention.default(q, k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1),
+                                        mask, False, scale)
+
+
+def _without_mask(is_causal: bool):  # attention(..., None, is_causal, scale)
+    def edit(graph):
+        nodes = [n for n in _nodes(graph, flashc_ops.attention.default) if n.args[3] is not None]
+        for n in nodes:
+            n.args = (*n.args[:3], None, is_causal, *n.args[5:])
+        if nodes:
+            graph.erase_node(_placeholder(graph, "mask"))
+        return bool(nodes)
+    return edit
+
+
+def _heads_flattened(graph):  # .flatten(1, 2) for .reshape(b, h * n, s, d)
+    nodes = _nodes(graph, aten.reshape.default)
+    for n in nodes:
+        _replace(graph, n, aten.flatten.using_ints, (n.args[0], 1, 2))
+    return bool(nodes)
+
+
+def _any_repeat_count(graph):
+    nodes = _nodes(graph, aten.repeat_interleave.self_int)
+    for n in nodes:
+        n.args = (n.args[0], N_REP, *n.args[2:])
+    return bool(nodes)
+
+
+def _check_repeated_kv(m: Match) -> bool:
+    """K and V ([B, Hkv, L, D] each) are repeated n = Hq / Hkv times in repeat_interleave's
+    order: [B, Hkv, 1, L, D] expanded to [B, Hkv, n, L, D], then Hkv and n flattened (or
+    repeat_interleave(n, dim=1)), so query head h reads KV head h // n as in
+    flashc.attention. A tiled repeat (k.repeat(1, n, 1, 1), or the new dim before the
+    heads) gives the other order and no match."""
+    q, k, v = m.val("q"), m.val("k"), m.val("v")
+    if k.dim() != 4 or k.shape != v.shape or q.dim() != 4 or q.shape[1] % k.shape[1]:
+        return False
+    b, hkv, l, d = k.shape
+    n = q.shape[1] // hkv
+    if any(node.args[1] != 2 for node in m.covered(aten.unsqueeze.default)):
+        return False
+    if any(_val_shape(node) != (b, hkv, n, l, d) for node in m.covered(aten.expand.default)):
+        return False
+    repeated = (m.covered(aten.reshape.default) + m.covered(aten.flatten.using_ints)
+                + m.covered(aten.repeat_interleave.self_int))
+    if len(repeated) != 2 or any(_val_shape(node) != (b, hkv * n, l, d) for node in repeated):
+        return False
+    for node in m.covered(aten.repeat_interleave.self_int):
+        if node.args[1] != n or node.args[2] not in (1, -3) or node.kwargs.get("output_size") not in (None, hkv * n):
+            return False
+    (attention,) = m.covered(flashc_ops.attention.default)
+    m.bindings.pop("n_rep", None)
+    m.bindings.update(mask=m.bindings.get("mask"), is_causal=attention.args[4])
     return True
 
 
@@ -217,19 +634,38 @@ def _qkv_examples(dt, hq=4, hkv=2):
     return (_x(dt, 1, hq, 5, 8), _x(dt, 1, hkv, 5, 8), _x(dt, 1, hkv, 5, 8))
 
 
+def _mask_example():
+    return torch.ones(1, 1, 5, 5, dtype=torch.bool)
+
+
+def _attention_rule(pattern, examples, check, scalars=None, variants=None, name="attention", shape_literals=False):
+    return RewriteRule(name, pattern, attention_replacement, example_inputs=examples,
+                       scalars=scalars or {"scale": SCALE}, check=check, any_shape_literals=shape_literals,
+                       dtypes=ANY_DTYPE, variants=variants)
+
+
+_SDPA_SPELLINGS = _spellings(_default_scale, _grouped_query)
+_WITHOUT_MASK = (_without_mask(True), _without_mask(False))
+
 FUSE_ATTENTION = [
-    RewriteRule("attention", sdpa_gqa_mask_pattern, attention_replacement,
-                example_inputs=lambda dt: (*_qkv_examples(dt), torch.ones(1, 1, 5, 5, dtype=torch.bool)),
-                scalars={"scale": SCALE}, check=_check_attention, any_shape_literals=True),
-    RewriteRule("attention", sdpa_mask_pattern, attention_replacement,
-                example_inputs=lambda dt: (*_qkv_examples(dt, 2, 2), torch.ones(1, 1, 5, 5, dtype=torch.bool)),
-                scalars={"scale": SCALE}, check=_check_attention),
-    RewriteRule("attention", sdpa_gqa_causal_pattern, attention_replacement,
-                example_inputs=lambda dt: _qkv_examples(dt), scalars={"scale": SCALE},
-                check=_check_attention, any_shape_literals=True),
-    RewriteRule("attention", sdpa_causal_pattern, attention_replacement,
-                example_inputs=lambda dt: _qkv_examples(dt, 2, 2), scalars={"scale": SCALE},
-                check=_check_attention),
+    _attention_rule(sdpa_mask_pattern, lambda dt: (*_qkv_examples(dt, 2, 2), _mask_example()), _check_sdpa,
+                    variants=_SDPA_SPELLINGS),
+    _attention_rule(sdpa_causal_pattern, lambda dt: _qkv_examples(dt, 2, 2), _check_sdpa,
+                    variants=_SDPA_SPELLINGS),
+    _attention_rule(sdpa_pattern, lambda dt: _qkv_examples(dt, 2, 2), _check_sdpa, variants=_SDPA_SPELLINGS),
+    _attention_rule(attention_pattern, lambda dt: (*_qkv_examples(dt, 2, 2), _x(dt, 1, 1, 5, 5)),
+                    _check_written_attention, variants=_spellings(*_WRITTEN_SPELLINGS)),
+    _attention_rule(attention_masked_fill_pattern, lambda dt: (*_qkv_examples(dt, 2, 2), _mask_example()),
+                    _check_written_attention, variants=_spellings(_mask_of_masked, *_WRITTEN_SPELLINGS)),
+    _attention_rule(attention_unmasked_pattern, lambda dt: _qkv_examples(dt, 2, 2), _check_written_attention,
+                    variants=_spellings(*_WRITTEN_SPELLINGS)),
+    # then the grouped-query repeats of K and V
+    _attention_rule(attention_repeat_kv_pattern, lambda dt: (*_qkv_examples(dt), _mask_example()),
+                    _check_repeated_kv, name="attention_gqa", shape_literals=True,
+                    variants=_spellings(_heads_flattened, *_WITHOUT_MASK)),
+    _attention_rule(attention_repeat_interleave_pattern, lambda dt: (*_qkv_examples(dt), _mask_example()),
+                    _check_repeated_kv, scalars={"scale": SCALE, "n_rep": N_REP}, name="attention_gqa",
+                    variants=_spellings(_any_repeat_count, *_WITHOUT_MASK)),
 ]
 
 
