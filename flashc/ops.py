@@ -123,8 +123,12 @@ def attention(
             scores = scores + m.float()
     if is_causal:
         scores = scores.masked_fill(~causal_mask(s, l, q.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None and mask.dtype == torch.bool:
+        # a query that may attend to no key reads nothing: zeros, as scaled_dot_product_attention
+        # gives (an additive mask of -inf keeps softmax's NaN, as eager's written-out form does)
+        probs = probs.masked_fill(torch.isnan(probs), 0.0)
+    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))
     return out.reshape(b, hq, s, d)
 
 

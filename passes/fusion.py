@@ -374,11 +374,16 @@ def attention_unmasked_pattern(q, k, v, scale):
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
 
-def attention_replacement(q, k, v, scale, mask=None, is_causal=False, mask_blocks=False, mask_shape=None):
+def attention_replacement(q, k, v, scale, mask=None, is_causal=False, mask_blocks=False, mask_shape=None,
+                          nan_rows=False):
     if mask is not None and mask_shape is not None:
         mask = aten.reshape.default(mask, mask_shape)  # flashc.attention reads a 4-D mask
     if mask is not None and mask_blocks:
         mask = aten.bitwise_not.default(mask)  # flashc.attention's boolean mask is True where attending
+    if mask is not None and nan_rows:
+        # masked_fill(-inf) then softmax: a row with no visible key is NaN, which flashc.attention
+        # keeps for an additive mask (a boolean one gives zeros there, as SDPA does)
+        mask = aten.where.Scalar(mask, 0.0, float("-inf"))
     return flashc_ops.attention.default(q, k, v, mask, is_causal, float(scale))
 
 
@@ -553,6 +558,7 @@ def _check_written_attention(m: Match) -> bool:
         return True
     mask = m.val("mask")
     if m.covered(aten.masked_fill.Scalar):
+        m.bindings["nan_rows"] = True
         return mask.dtype == torch.bool and _bind_mask(m, blocks=not m.covered(aten.bitwise_not.default))
     return mask.is_floating_point() and _bind_mask(m, blocks=False)
 
