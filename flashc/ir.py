@@ -228,8 +228,10 @@ def source_location(node: fx.Node) -> str:
     lines = [l.strip() for l in trace.strip().splitlines() if l.strip().startswith("File ")]
     if not lines:
         return "<unknown>"
-    # 'File "x.py", line 12, in forward' -> 'x.py:12 in forward'
-    last = lines[-1]
+    # 'File "x.py", line 12, in forward' -> 'x.py:12 in forward'; the model's own line rather
+    # than torch's (an nn.Embedding's F.embedding call says little about where it is)
+    outside_torch = [l for l in lines if "/torch/" not in l]
+    last = (outside_torch or lines)[-1]
     try:
         path = last.split('"')[1]
         rest = last.split('"')[2]
