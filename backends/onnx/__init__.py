@@ -12,18 +12,24 @@ the static shapes of the capture. Weights become initializers, stored as externa
 next to the model above ~1.5 GB. An op without a lowering raises UnsupportedOpError naming
 the op, its module and source line. `int4` holds the MatMulNBits layout for 4-bit weights.
 
-The model computes the captured shapes only (inputs are static-shaped). An input the graph
-writes in place (a decode step's KV cache, flashc.decode) is also an output,
-`present.<input>`: the exported decode step takes past caches and returns present ones,
-with GroupQueryAttention writing the new token and attending over positions
+The model computes the captured shapes only (inputs are static-shaped). In-place writes
+keep PyTorch's semantics (`_in_place`): a write through a view is scattered back into the
+tensor it was taken of, reads after a write see it, and a written user input or
+weight/buffer is also an output, `present.<name>`; what cannot be carried exactly is
+refused. The exported decode step takes past caches and returns present ones, with
+GroupQueryAttention writing the new token and attending over positions
 0..cache_position (`_fused`). `OnnxRuntimeModel` keeps flashc's in-place contract: it
 binds each present output to its input's own buffer where the model allows it (metadata
-`flashc.present_shares_input`), else copies it back. ONNX Runtime's CPU provider runs
-fp32 and fp16 exports; bf16 models export but its CPU kernels mostly lack bf16.
+`flashc.present_shares_input`), else copies it back; written weights/buffers are inputs
+it feeds from the compiled model's state and updates (metadata `flashc.state`). For ONNX
+Runtime's CPU provider fp16/bf16 ops are computed in fp32 and rounded after each op, as
+PyTorch does (`_precision`): ORT would otherwise drop roundings (fp16) or refuse (bf16).
+Every failure is a FlashcError naming the op and the model code it came from.
 
 Modules: `_builder` (onnx-ir graph building), `_lowering` (context, op table, errors),
-`_aten` / `_aten_layout` / `_fused` (the lowerings), `_export` (driver), `runtime` (ORT
-session), `backend` (flashc's Backend protocol, for the onnx-* targets), `int4`.
+`_aten` / `_aten_layout` / `_fused` (the lowerings), `_in_place` (writes and aliasing),
+`_precision` (fp16/bf16 on the CPU), `_export` (driver), `runtime` (ORT session),
+`backend` (flashc's Backend protocol, for the onnx-* targets), `int4`.
 """
 
 from __future__ import annotations
@@ -52,14 +58,17 @@ def _export_module():
 
 
 def export_onnx(program: "Program", path: str | Path, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None, contrib_ops: bool = True) -> Path:
+                external_data: bool | None = None, contrib_ops: bool = True,
+                low_precision_in_fp32: bool = True) -> Path:
     """Export program as an ONNX model at path, checked with onnx.checker; returns the path.
 
     external_data: weights in `<file>.data` beside the model (None: when over ~1.5 GB).
     contrib_ops: use ONNX Runtime's fused kernels for flashc ops (False: standard ops only).
+    low_precision_in_fp32: fp16/bf16 ops computed in fp32 and rounded after each op, as
+    PyTorch does (ONNX Runtime's CPU provider; False for CUDA's native fp16 kernels).
     """
     return _export_module().export_onnx(program, path, opset=opset, external_data=external_data,
-                                        contrib_ops=contrib_ops)
+                                        contrib_ops=contrib_ops, low_precision_in_fp32=low_precision_in_fp32)
 
 
 def lowers(op: str) -> bool:

@@ -8,6 +8,7 @@ grouped_mm_fallback custom op) are here too, so -O0/-O1 Mixtral graphs export.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ._lowering import NAMED_LOWERINGS, NotLowerable, lowers
 
@@ -22,7 +23,7 @@ def _dim(d: int, rank: int) -> int:
 
 @lowers(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
         aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints,
-        aten.view_as.default, aten.reshape_as.default)
+        aten.view_as.default, aten.reshape_as.default, aten.unflatten.int)
 def _reshape(ctx, node):
     return ctx.b.reshape(ctx.v(node.args[0]), ctx.shape(node))
 
@@ -57,6 +58,12 @@ def _permute(ctx, node):
     a = ctx.args(node)
     rank = len(ctx.shape(a["input"]))
     return _permuted(ctx, a["input"], [_dim(d, rank) for d in a["dims"]])
+
+
+@lowers(aten.numpy_T.default)
+def _numpy_t(ctx, node):
+    x = node.args[0]
+    return _permuted(ctx, x, list(range(len(ctx.shape(x))))[::-1])
 
 
 @lowers(aten.t.default)
@@ -123,6 +130,41 @@ def _split(ctx, node):
     return parts
 
 
+@lowers(aten.stack.default)
+def _stack(ctx, node):
+    a = ctx.args(node)
+    rank = len(ctx.shape(node))
+    dim = _dim(a["dim"], rank)
+    dt = ctx.out_dtype(node)
+    parts = [ctx.b.reshape(ctx.tensor(t, dt), ctx.shape(t)[:dim] + [1] + ctx.shape(t)[dim:]) for t in a["tensors"]]
+    return ctx.b.op("Concat", *parts, axis=dim)
+
+
+@lowers(aten.flip.default)
+def _flip(ctx, node):
+    a = ctx.args(node)
+    x = ctx.v(a["input"])
+    shape = ctx.shape(a["input"])
+    for d in sorted({_dim(d, len(shape)) for d in a["dims"]}):
+        x = ctx.b.slice(x, d, shape[d] - 1, -shape[d] - 1, -1)
+    return x
+
+
+@lowers(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx, node):
+    """Each element along dim repeated `repeats` times in place: [.., n, ..] -> [.., n, r, ..] -> [.., n * r, ..]."""
+    a = ctx.args(node)
+    if a.get("dim") is None:
+        raise NotLowerable("repeat_interleave without dim (it flattens the tensor first)")
+    shape = ctx.shape(a["input"])
+    dim = _dim(a["dim"], len(shape))
+    r = int(a["repeats"])
+    b = ctx.b
+    x = b.reshape(ctx.v(a["input"]), shape[:dim + 1] + [1] + shape[dim + 1:])
+    x = b.op("Expand", x, b.ints(shape[:dim + 1] + [r] + shape[dim + 1:]))
+    return b.reshape(x, ctx.shape(node))
+
+
 @lowers(aten.repeat.default)
 def _repeat(ctx, node):
     a = ctx.args(node)
@@ -143,46 +185,103 @@ def _trilu(ctx, node):
 
 # --- indexing -------------------------------------------------------------------------------
 
+def _checked_index(ctx, index, size: int):
+    """index as int64, a negative entry replaced by `size`: these ops refuse negative indices in
+    PyTorch (IndexError) and wrap them in ONNX, so ONNX Runtime is made to refuse them too."""
+    b = ctx.b
+    i = ctx.tensor(index, torch.int64)
+    return b.op("Where", b.op("Less", i, b.scalar(0, torch.int64)), b.scalar(size, torch.int64), i)
+
+
 @lowers(aten.embedding.default)
 def _embedding(ctx, node):
     a = ctx.args(node)
-    return ctx.b.op("Gather", ctx.v(a["weight"]), ctx.v(a["indices"]), axis=0)
+    rows = ctx.shape(a["weight"])[0]
+    return ctx.b.op("Gather", ctx.v(a["weight"]), _checked_index(ctx, a["indices"], rows), axis=0)
 
 
 @lowers(aten.index_select.default)
 def _index_select(ctx, node):
     a = ctx.args(node)
-    rank = len(ctx.shape(a["input"]))
-    return ctx.b.op("Gather", ctx.v(a["input"]), ctx.v(a["index"]), axis=_dim(a["dim"], rank))
+    shape = ctx.shape(a["input"])
+    dim = _dim(a["dim"], len(shape))
+    return ctx.b.op("Gather", ctx.v(a["input"]), _checked_index(ctx, a["index"], shape[dim]), axis=dim)
 
 
 @lowers(aten.gather.default)
 def _gather(ctx, node):
     a = ctx.args(node)
-    rank = len(ctx.shape(a["input"]))
-    return ctx.b.op("GatherElements", ctx.v(a["input"]), ctx.v(a["index"]), axis=_dim(a["dim"], rank))
+    shape = ctx.shape(a["input"])
+    dim = _dim(a["dim"], len(shape))
+    return ctx.b.op("GatherElements", ctx.v(a["input"]), _checked_index(ctx, a["index"], shape[dim]), axis=dim)
+
+
+class _Indexing:
+    """x[indices] with integer index tensors anywhere (None: a whole dim), laid out for GatherND /
+    ScatterND: the indexed dims moved to the front (`perm`), their indices stacked (`where`).
+
+    PyTorch puts the broadcast index dims where the indexed dims were when those are adjacent
+    (x[:, i, j] is [B, *I, D]), first otherwise (x[i, :, j] is [*I, C]); GatherND gives them
+    first, so `to_torch` / `from_torch` move them between the two layouts.
+    """
+
+    def __init__(self, ctx, x, indices) -> None:
+        indices = list(indices)
+        while indices and indices[-1] is None:
+            indices.pop()
+        self.shape = ctx.shape(x)
+        self.used = [k for k, i in enumerate(indices) if i is not None]
+        if any(ctx.dtype(indices[k]) in (torch.bool, torch.uint8) for k in self.used):
+            raise NotLowerable("boolean-mask indexing has a data-dependent shape")
+        rest = [k for k in range(len(self.shape)) if k not in self.used]
+        self.perm = self.used + rest
+        self.bshape = list(torch.broadcast_shapes(*(ctx.val(indices[k]).shape for k in self.used)))
+        adjacent = self.used == list(range(self.used[0], self.used[-1] + 1))
+        self.before = self.used[0] if adjacent else 0  # dims of x that stay before the index dims
+        b = ctx.b
+        cols = [b.reshape(b.op("Expand", ctx.tensor(indices[k], torch.int64), b.ints(self.bshape)), self.bshape + [1])
+                for k in self.used]
+        self.where = b.op("Concat", *cols, axis=-1) if len(cols) > 1 else cols[0]
+
+    def moved(self, ctx, x):
+        """x with the indexed dims first."""
+        return ctx.b.transpose(x, self.perm) if self.perm != sorted(self.perm) else x
+
+    def back(self, ctx, x):
+        inverse = [self.perm.index(k) for k in range(len(self.perm))]
+        return ctx.b.transpose(x, inverse) if self.perm != sorted(self.perm) else x
+
+    def _order(self, rank: int) -> list[int]:
+        """GatherND's layout [*I, *rest] -> PyTorch's [*rest[:before], *I, *rest[before:]]."""
+        n = len(self.bshape)
+        return list(range(n, n + self.before)) + list(range(n)) + list(range(n + self.before, rank))
+
+    def to_torch(self, ctx, gathered, rank: int):
+        order = self._order(rank)
+        return ctx.b.transpose(gathered, order) if order != sorted(order) else gathered
+
+    def from_torch(self, ctx, values, rank: int):
+        order = self._order(rank)
+        inverse = [order.index(k) for k in range(rank)]
+        return ctx.b.transpose(values, inverse) if order != sorted(order) else values
+
+    def result_shape(self) -> list[int]:
+        rest = [self.shape[k] for k in self.perm[len(self.used):]]
+        return rest[:self.before] + self.bshape + rest[self.before:]
 
 
 @lowers(aten.index.Tensor)
 def _index(ctx, node):
-    """x[i0, i1, ...] with integer index tensors: Gather for one, GatherND for a leading run."""
+    """x[i0, :, i1, ...] with integer index tensors: Gather for one, GatherND over the indexed dims
+    moved first otherwise."""
     a = ctx.args(node)
     x, indices = a["input"], list(a["indices"])
-    while indices and indices[-1] is None:
-        indices.pop()
     used = [k for k, i in enumerate(indices) if i is not None]
-    if any(ctx.dtype(indices[k]) in (torch.bool, torch.uint8) for k in used):
-        raise NotLowerable("boolean-mask indexing has a data-dependent shape")
-    b = ctx.b
-    if len(used) == 1:
-        k = used[0]
-        return b.op("Gather", ctx.v(x), ctx.tensor(indices[k], torch.int64), axis=k)
-    if used != list(range(len(used))):
-        raise NotLowerable("index tensors separated by slices (x[i, :, j]) are not supported")
-    bshape = list(torch.broadcast_shapes(*(ctx.val(indices[k]).shape for k in used)))
-    cols = [b.reshape(b.op("Expand", ctx.tensor(indices[k], torch.int64), b.ints(bshape)), bshape + [1])
-            for k in used]
-    return b.op("GatherND", ctx.v(x), b.op("Concat", *cols, axis=-1))
+    if len(used) == 1 and ctx.dtype(indices[used[0]]) not in (torch.bool, torch.uint8):
+        return ctx.b.op("Gather", ctx.v(x), ctx.tensor(indices[used[0]], torch.int64), axis=used[0])
+    ix = _Indexing(ctx, x, indices)
+    gathered = ctx.b.op("GatherND", ix.moved(ctx, ctx.v(x)), ix.where)
+    return ix.to_torch(ctx, gathered, len(ctx.shape(node)))
 
 
 # --- routing ops of the unfused (-O0/-O1) Mixtral MoE -------------------------------------
@@ -238,28 +337,60 @@ def _index_copy(ctx, node):
     b = ctx.b
     where = [1] * len(shape)
     where[dim] = src_shape[dim]
-    indices = b.op("Expand", b.reshape(ctx.tensor(index, torch.int64), where), b.ints(src_shape))
+    indices = b.op("Expand", b.reshape(_checked_index(ctx, index, shape[dim]), where), b.ints(src_shape))
     return b.op("ScatterElements", ctx.v(x), indices, ctx.tensor(source, ctx.out_dtype(node)), axis=dim)
+
+
+@lowers(aten.index_fill.int_Scalar, aten.index_fill.int_Tensor)
+def _index_fill(ctx, node):
+    """x.index_fill(dim, index, value): ScatterElements of value along dim (a negative index wraps
+    and one out of range is an error, in both)."""
+    a = ctx.args(node)
+    shape = ctx.shape(a["input"])
+    dim = _dim(a["dim"], len(shape))
+    dt = ctx.out_dtype(node)
+    n = ctx.val(a["index"]).numel()
+    where, target = [1] * len(shape), list(shape)
+    where[dim] = target[dim] = n
+    b = ctx.b
+    index = b.op("Expand", b.reshape(ctx.tensor(a["index"], torch.int64), where), b.ints(target))
+    value = a["value"]
+    value = b.reshape(ctx.tensor(value, dt), []) if isinstance(value, fx.Node) else ctx.tensor(value, dt)
+    return b.op("ScatterElements", ctx.v(a["input"]), index, b.op("Expand", value, b.ints(target)), axis=dim)
 
 
 @lowers(aten.index_put.default)
 def _index_put(ctx, node):
-    """x[i0, i1, ...] = values (accumulate: +=) for a leading run of integer index tensors."""
+    """x[i0, :, i1, ...] = values (accumulate: +=): ScatterND over the indexed dims moved first;
+    x[mask] = value for a boolean mask over x's leading dims and one value: Where."""
     a = ctx.args(node)
-    indices = list(a["indices"])
-    while indices and indices[-1] is None:
-        indices.pop()
-    if not indices or any(i is None or ctx.dtype(i) in (torch.bool, torch.uint8) for i in indices):
-        raise NotLowerable("only a leading run of integer index tensors is supported")
+    x, values, indices = a["input"], a["values"], list(a["indices"])
     b = ctx.b
     dt = ctx.out_dtype(node)
-    shape = ctx.shape(a["input"])
-    bshape = list(torch.broadcast_shapes(*(ctx.val(i).shape for i in indices)))
-    cols = [b.reshape(b.op("Expand", ctx.tensor(i, torch.int64), b.ints(bshape)), bshape + [1]) for i in indices]
-    where = b.op("Concat", *cols, axis=-1) if len(cols) > 1 else cols[0]
-    updates = b.op("Expand", ctx.tensor(a["values"], dt), b.ints(bshape + shape[len(indices):]))
-    return b.op("ScatterND", ctx.v(a["input"]), where, updates,
-                reduction="add" if a["accumulate"] else None)
+    masks = [i for i in indices if i is not None and ctx.dtype(i) in (torch.bool, torch.uint8)]
+    if masks:
+        return _masked_put(ctx, x, indices, values, a["accumulate"], dt)
+    ix = _Indexing(ctx, x, indices)
+    target = ix.result_shape()
+    updates = ix.from_torch(ctx, b.op("Expand", ctx.tensor(values, dt), b.ints(target)), len(target))
+    scattered = b.op("ScatterND", ix.moved(ctx, ctx.v(x)), ix.where, updates,
+                     reduction="add" if a["accumulate"] else None)
+    return ix.back(ctx, scattered)
+
+
+def _masked_put(ctx, x, indices, values, accumulate: bool, dt):
+    """x[mask] = value (or += value) with one boolean mask over x's leading dims and one value."""
+    mask = indices[0]
+    shape = ctx.shape(x)
+    mshape = ctx.shape(mask) if len(indices) == 1 and mask is not None else None
+    one_value = not isinstance(values, fx.Node) or ctx.val(values).numel() == 1
+    if mshape is None or shape[:len(mshape)] != mshape or not one_value:
+        raise NotLowerable("boolean-mask assignment other than x[mask] = one value")
+    b = ctx.b
+    m = b.reshape(ctx.tensor(mask, torch.bool), mshape + [1] * (len(shape) - len(mshape)))
+    value = b.reshape(ctx.tensor(values, dt), []) if isinstance(values, fx.Node) else ctx.tensor(values, dt)
+    xv = ctx.v(x)
+    return b.op("Where", m, b.op("Add", xv, value) if accumulate else value, xv)
 
 
 def _grouped_mm(ctx, node):

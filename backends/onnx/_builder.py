@@ -61,6 +61,9 @@ class GraphBuilder:
         """
         if domain and domain not in self.domains:
             self.domains[domain] = 1
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:  # ORT's LayerNormalization crashes on a trailing "" input
+            inputs.pop()
         attributes = ir.convenience.convert_attributes({k: v for k, v in attrs.items() if v is not None})
         where = self._current
         self._count += 1
@@ -68,7 +71,7 @@ class GraphBuilder:
         meta = {}
         if where is not None:
             meta = {"flashc.module": module_path(where), "flashc.source": source_location(where)}
-        node = ir.Node(domain, op_type, list(inputs), attributes=attributes, num_outputs=outputs,
+        node = ir.Node(domain, op_type, inputs, attributes=attributes, num_outputs=outputs,
                        name=self.unique(base), metadata_props=meta)
         for i, out in enumerate(node.outputs):
             out.name = "" if i in omit else self.unique(f"{where.name if where is not None else 'v'}_{op_type.lower()}")
@@ -91,8 +94,10 @@ class GraphBuilder:
 
     def const(self, value: Any, dtype: torch.dtype) -> ir.Value:
         """A small constant (python scalar, list or tensor) of dtype; equal constants are shared."""
-        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        t = t.to(dtype).contiguous()
+        # a Python number straight to dtype (torch.tensor(0.1) would round it to float32 first)
+        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
+        # standard strides (a size-1 dim of a view may keep any stride, which .contiguous() accepts)
+        t = t.to(dtype).clone(memory_format=torch.contiguous_format)
         key = (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
         if key not in self._consts:
             self._consts[key] = self.weight("const", t)

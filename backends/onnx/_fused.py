@@ -38,13 +38,17 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashc.ir import function_of_one_input
+from flashc.ir import function_of_one_input, upstream
 
+from ._aten import silu
 from ._builder import MS_DOMAIN
 from ._lowering import LoweringContext, annotate, causal_mask_value, lowers
 
 flashc_ops = torch.ops.flashc
 aten = torch.ops.aten
+# ONNX Runtime's GroupQueryAttention refuses other head sizes at run time ("head_size must
+# be a multiple of 8"); those take the standard-op attention.
+GQA_HEAD_SIZE_MULTIPLE = 8
 
 # --- RMSNorm -----------------------------------------------------------------------------
 
@@ -64,11 +68,17 @@ def _rms_norm_standard(ctx: LoweringContext, x, x_dtype, w, w_dtype, eps, out_dt
     return b.op("Mul", b.cast(normed, x_dtype, out_dtype), b.cast(w, w_dtype, out_dtype))
 
 
+def _per_channel(ctx, w, x) -> bool:
+    """Whether the norm weight is one value per channel [D], the only shape the fused kernels take
+    (ORT's SkipSimplifiedLayerNormalization refuses a 2-D gamma at run time)."""
+    return ctx.shape(w) == ctx.shape(x)[-1:]
+
+
 @lowers(flashc_ops.rms_norm.default)
 def _rms_norm(ctx, node):
     x, w, eps = node.args
     xd, wd, od = ctx.dtype(x), ctx.dtype(w), ctx.out_dtype(node)
-    if ctx.contrib_ops and ctx.b.opset >= 23 and xd == wd == od:
+    if ctx.contrib_ops and ctx.b.opset >= 23 and xd == wd == od and _per_channel(ctx, w, x):
         return ctx.b.op("RMSNormalization", ctx.v(x), ctx.v(w), axis=-1, epsilon=float(eps), stash_type=1)
     return _rms_norm_standard(ctx, ctx.v(x), xd, ctx.v(w), wd, eps, od)
 
@@ -78,7 +88,7 @@ def _add_rms_norm(ctx, node):
     x, residual, w, eps = node.args
     normed_dt, sum_dt = (v.dtype for v in node.meta["val"])
     same = ctx.dtype(x) == ctx.dtype(residual) == ctx.dtype(w) == normed_dt == sum_dt
-    if ctx.contrib_ops and same and ctx.shape(x) == ctx.shape(residual):
+    if ctx.contrib_ops and same and ctx.shape(x) == ctx.shape(residual) and _per_channel(ctx, w, x):
         normed, _, _, total = ctx.b.op("SkipSimplifiedLayerNormalization", ctx.v(x), ctx.v(residual), ctx.v(w),
                                        domain=MS_DOMAIN, outputs=4, omit=(1, 2), epsilon=float(eps))
         return normed, total
@@ -108,6 +118,8 @@ def _position_tables(ctx: LoweringContext, cos, sin):
     if key in ctx.cache:
         return ctx.cache[key]
     ctx.cache[key] = None
+    if ctx.state & upstream([cos, sin]):  # they read state the graph writes: not a function of the input
+        return None
     found = function_of_one_input(ctx.program, [cos, sin])
     if found is None:
         return None
@@ -177,9 +189,10 @@ def _rotary(ctx, node):
 
 @lowers(flashc_ops.swiglu.default)
 def _swiglu(ctx, node):
+    """silu(gate) * up, each rounded to the dtype as the reference rounds it."""
     dt = ctx.out_dtype(node)
-    gate, up = (ctx.tensor(a, dt) for a in node.args)
-    return ctx.b.op("Mul", ctx.b.op("Mul", gate, ctx.b.op("Sigmoid", gate)), up)
+    gate, up = node.args
+    return ctx.b.op("Mul", silu(ctx, ctx.tensor(gate, dt), dt), ctx.tensor(up, dt))
 
 
 @lowers(flashc_ops.geglu.default)
@@ -192,8 +205,11 @@ def _geglu(ctx, node):
 # --- Attention --------------------------------------------------------------------------------
 
 
-def attention_standard(ctx: LoweringContext, q, k, v, mask, causal, scale: float):
+def attention_standard(ctx: LoweringContext, q, k, v, mask, causal, scale: float, safe_softmax: bool = False):
     """softmax(q k^T * scale + mask) v in standard ops, grouped-query heads without repeating K/V.
+
+    safe_softmax: a row with every key masked gets probabilities 0 (PyTorch's
+    scaled_dot_product_attention), instead of NaN (flashc.attention's reference).
 
     q [B, Hq, S, D] is viewed as [B, Hkv, G, S, D] and K/V as [B, Hkv, 1, L, D], so MatMul
     broadcasting shares each KV head across its G query heads. Scores and softmax are
@@ -224,7 +240,11 @@ def attention_standard(ctx: LoweringContext, q, k, v, mask, causal, scale: float
             scores = b.op("Add", scores, b.cast(m, m_dtype, torch.float32))
     if causal is not None:
         scores = b.op("Where", causal, scores, neg_inf)
-    probs = b.cast(b.op("Softmax", scores, axis=-1), torch.float32, ctx.dtype(v))
+    probs = b.op("Softmax", scores, axis=-1)
+    if safe_softmax and (mask is not None or causal is not None):
+        none_seen = b.op("Equal", b.op("ReduceMax", scores, b.ints([-1]), keepdims=1), neg_inf)
+        probs = b.op("Where", none_seen, b.scalar(0.0, torch.float32), probs)
+    probs = b.cast(probs, torch.float32, ctx.dtype(v))
     out = b.op("MatMul", probs, vv)
     return b.reshape(out, [bsz, hq, s, dv]) if g > 1 else out
 
@@ -234,7 +254,7 @@ def _gqa_fits(ctx, q, k, v, mask, is_causal) -> bool:
     dtypes = {ctx.dtype(q), ctx.dtype(k), ctx.dtype(v)}
     return (mask is None and is_causal and qs[2] == ks[2] and len(dtypes) == 1
             and dtypes <= {torch.float32, torch.float16} and qs[3] == ks[3] == vs[3]
-            and qs[1] % ks[1] == 0 and ks == vs)
+            and qs[3] % GQA_HEAD_SIZE_MULTIPLE == 0 and qs[1] % ks[1] == 0 and ks == vs)
 
 
 @lowers(flashc_ops.attention.default)
@@ -300,7 +320,7 @@ def _gqa_decode_writes(ctx: LoweringContext, node):
     dtypes = {ctx.dtype(q), ctx.dtype(k), ctx.dtype(v)}
     if (qs[2] != 1 or ctx.shape(cache_position) != [1] or len(dtypes) != 1
             or not dtypes <= {torch.float32, torch.float16} or ks != ctx.shape(v) or qs[3] != ks[3]
-            or qs[1] % ks[1]):
+            or qs[3] % GQA_HEAD_SIZE_MULTIPLE or qs[1] % ks[1]):
         return None
     writes = (_cache_write(ctx, k, cache_position), _cache_write(ctx, v, cache_position))
     if None in writes or writes[0].args[0] is writes[1].args[0]:

@@ -56,7 +56,11 @@ def functional_variant(target: Any) -> Any:
 
 
 def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
-    """(lowering, in_place) for a call_function node, or None when there is none."""
+    """(lowering, in_place) for a call_function node, or None when there is none.
+
+    An in-place op (add_) lowers through its functional form (add); `_in_place` writes the
+    result back into the storage it names.
+    """
     if node.target in LOWERINGS:
         return LOWERINGS[node.target], False
     functional = functional_variant(node.target)
@@ -70,18 +74,22 @@ class NotLowerable(Exception):
     """Raised by a lowering when this particular use of a supported op has no mapping."""
 
 
+def describe(node: fx.Node) -> str:
+    """'node <name> (<module> at <file:line in fn>)': where an FX node came from in the model code."""
+    where = module_path(node)
+    loc = source_location(node)
+    return f"node {node.name} ({where} at {loc})" if where else f"node {node.name} ({loc})"
+
+
 def unsupported_error(nodes: list[tuple[fx.Node, str]]) -> UnsupportedOpError:
-    """One UnsupportedOpError listing each op (first occurrence), where it came from and why."""
+    """One UnsupportedOpError listing each op (first occurrence per reason), where it came from and why."""
     lines, seen = [], set()
     for node, why in nodes:
         name = op_name(node)
-        if name in seen:
+        if (name, why) in seen:
             continue
-        seen.add(name)
-        where = module_path(node)
-        loc = source_location(node)
-        place = f"{where} at {loc}" if where else loc
-        lines.append(f"  {name} ({place}): {why}")
+        seen.add((name, why))
+        lines.append(f"  {name}, {describe(node)}: {why}")
     return UnsupportedOpError(
         "the ONNX exporter cannot lower these ops:\n" + "\n".join(lines)
         + f"\ntargets that can run them: {EAGER_TARGETS}; compile for that target, "
@@ -92,11 +100,15 @@ def unsupported_error(nodes: list[tuple[fx.Node, str]]) -> UnsupportedOpError:
 class LoweringContext:
     """What a lowering sees: the program, the builder and the values lowered so far."""
 
-    def __init__(self, program: Program, builder: GraphBuilder, contrib_ops: bool) -> None:
+    def __init__(self, program: Program, builder: GraphBuilder, contrib_ops: bool,
+                 low_precision_in_fp32: bool = False) -> None:
         self.program = program
         self.b = builder
         self.contrib_ops = contrib_ops
+        self.low_precision_in_fp32 = low_precision_in_fp32
         self.values: dict[fx.Node, Any] = {}
+        # weights/buffers the graph writes in place: graph inputs (the model's state), not constants
+        self.state: set[fx.Node] = set()
         # what lowerings share: values (causal masks, position ids) and derived constants (rotary tables)
         self.cache: dict[Any, Any] = {}
 
@@ -121,8 +133,9 @@ class LoweringContext:
         raise KeyError(f"{arg.name} has not been lowered yet")
 
     def param(self, arg: Any) -> torch.Tensor | None:
-        """The constant tensor behind arg when it is a weight/folded constant, else None."""
-        if isinstance(arg, fx.Node) and arg.op == "placeholder":
+        """The constant tensor behind arg when it is a weight/folded constant, else None
+        (a weight or buffer the graph writes is state, not a constant)."""
+        if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg not in self.state:
             return self.program.params.get(arg.name)
         return None
 
@@ -155,6 +168,13 @@ class LoweringContext:
                 return torch.empty(v.shape, dtype=v.dtype, device="meta")
             return x
         return torch.result_type(probe(a), probe(b))
+
+    def opmath(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a lowering of several ONNX ops computes in: fp32 for fp16/bf16 when those are
+        exported computed in fp32 (`_precision`), so the result is rounded once, as PyTorch's
+        kernels round it (silu, rsqrt, floor division, linear with a bias); else dtype."""
+        low = dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if low and self.low_precision_in_fp32 else dtype
 
     def out_dtype(self, node: fx.Node) -> torch.dtype:
         val = node.meta["val"]

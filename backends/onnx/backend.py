@@ -1,7 +1,9 @@
 """The ONNX backend in flashc's Backend protocol: lower = export + open an ORT session.
 
 Ready for the `onnx-cpu` / `onnx-cuda` targets (providers "cpu" / "cuda"): an artifact
-stores the exported model (and its external data) as its payload.
+stores the exported model (and its external data) as its payload. Weights/buffers the
+graph writes in place are the session's state: the program's own tensors
+(`program.params`), updated by every call as the eager model updates its buffers.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ class OnnxBackend:
 
     def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]) -> OnnxRuntimeModel:
         """Export into a private temporary directory, kept as long as the session lives."""
+        providers = options.get("providers", self.providers)
         tmp = tempfile.TemporaryDirectory(prefix="flashc-onnx-")
         path = export_onnx(program, Path(tmp.name) / MODEL_FILE, opset=options.get("opset", DEFAULT_OPSET),
-                           contrib_ops=options.get("contrib_ops", True))
-        model = OnnxRuntimeModel.load(path, providers=options.get("providers", self.providers),
-                                      threads=options.get("threads"))
+                           contrib_ops=options.get("contrib_ops", True),
+                           low_precision_in_fp32=not _uses_cuda(providers))
+        model = OnnxRuntimeModel.load(path, providers=providers, threads=options.get("threads"),
+                                      state=program.params)
         model.keepalive = tmp  # removed with the model
         return model
 
@@ -48,4 +52,12 @@ class OnnxBackend:
         return {"model": MODEL_FILE}
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]) -> OnnxRuntimeModel:
-        return OnnxRuntimeModel.load(directory / info.get("model", MODEL_FILE), providers=self.providers)
+        return OnnxRuntimeModel.load(directory / info.get("model", MODEL_FILE), providers=self.providers,
+                                     state=program.params)
+
+
+def _uses_cuda(providers) -> bool:
+    """Whether the session runs on CUDA, whose fp16 kernels round each op themselves; on the CPU
+    provider fp16/bf16 ops are exported computed in fp32 and rounded (`_precision`)."""
+    names = [providers] if isinstance(providers, str) else list(providers or [])
+    return any(n.lower() in ("cuda", "cudaexecutionprovider") for n in names)

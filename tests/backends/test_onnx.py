@@ -1,5 +1,6 @@
-"""The ONNX backend: export, onnx.checker, ONNX Runtime numerics, fused-kernel mapping, errors,
-the decode step (past/present KV), int4."""
+"""The ONNX backend: export, onnx.checker, ONNX Runtime numerics, fused-kernel mapping, PyTorch's
+semantics at the edges (NaN, signed zeros, division, indexing) against eager, errors, the decode
+step (past/present KV), int4. In-place writes: test_onnx_in_place; fp16/bf16: test_onnx_precision."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flashc_testing import FAMILIES, fresh_ids, rel_err
+from torch import nn
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")
 
 import flashc  # noqa: E402
-from flashc.backends.onnx import OnnxRuntimeModel, export_onnx, lowers  # noqa: E402
+from flashc.backends.onnx import OnnxRuntimeModel, _lowering, export_onnx, lowers  # noqa: E402
 from flashc.backends.onnx.int4 import Int4Weight, quantize_int4  # noqa: E402
 from flashc.backends.onnx.runtime import SHARED_PRESENT_KEY, resolve_providers  # noqa: E402
 from flashc.capture import capture  # noqa: E402
@@ -26,8 +28,10 @@ from flashc.errors import FlashcError, InputError, UnsupportedOpError  # noqa: E
 from flashc.pass_manager import PassContext, PassManager  # noqa: E402
 from flashc.pipelines import pipeline  # noqa: E402
 from flashc.profiles import PROFILES  # noqa: E402
+from test_onnx_in_place import check_against_eager, line_of  # noqa: E402
 
 TOL = 1e-4
+aten = torch.ops.aten
 # Fused kernels per 2-layer model at -O2/-O3: the first input norm stands alone, the
 # other four norms take the residual add; q and k of each layer are rotated.
 FUSED = {"RMSNormalization": 1, "com.microsoft.SkipSimplifiedLayerNormalization": 4,
@@ -168,6 +172,204 @@ def test_aten_op_semantics(tmp_path):
         assert torch.allclose(g, r, atol=1e-5, rtol=1e-5), f"output {i}: max diff {(g - r).abs().max()}"
 
 
+class Indexing(nn.Module):
+    """Advanced indexing with index tensors after a slice or apart (PyTorch moves the index dims
+    first only when they are apart), assignments through them and a boolean mask, and layout ops."""
+
+    def forward(self, x, i, j):
+        y = x.clone()
+        y[:, i, j] = 0.5
+        y[i, :, :, j] += x[i, :, :, j]
+        y[:, :, j] = y[:, :, j] * 2
+        y[y > 1] = -1.0
+        y.index_fill_(3, j.view(-1), 7.0)
+        return (x[:, i, j], x[i, :, j], x[:, :, i], y, x.flip(0, -1), torch.stack([x[0], x[1]], 1),
+                torch.outer(x[0, 0, 0], x[1, 1, 1]), x.repeat_interleave(2, dim=1), +x, x.square(),
+                (x > 0) ^ (y > 0), i ^ j)
+
+
+def _indexing_inputs():
+    return torch.randn(2, 3, 4, 5), torch.randint(0, 2, (2,)), torch.randint(-4, 4, (3, 1))
+
+
+def test_advanced_indexing_and_layout_ops():
+    check_against_eager(Indexing(), _indexing_inputs, 0, atol=0, rtol=0)
+
+
+class CacheWriteAtPosition(nn.Module):
+    """A KV cache written the way models spell it: cache[:, :, pos] = new (index_put_ after a slice)."""
+
+    def forward(self, new, cache, pos):
+        cache[:, :, pos] = new
+        return cache.sum(2)
+
+
+def test_cache_written_at_position_after_a_slice():
+    check_against_eager(CacheWriteAtPosition(), lambda: (torch.randn(2, 3, 1, 4), torch.randn(2, 3, 6, 4),
+                                                         torch.randint(0, 6, (1,))), 0)
+
+
+# --- PyTorch's semantics at the edges, against eager ------------------------------------------------
+
+class PerRowNormWeight(nn.Module):
+    """An RMSNorm look-alike whose weight is one value per row [S, 1]: not a per-channel gamma."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_row = nn.Parameter(torch.randn(5, 1))
+
+    def forward(self, x, r):
+        x = x + r
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w_row, x
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_norm_with_a_per_row_weight(level):
+    check_against_eager(PerRowNormWeight(), lambda: (torch.randn(2, 5, 8), torch.randn(2, 5, 8)), level)
+
+
+class SignedZeros(nn.Module):
+    """x + 0.0 turns -0.0 into +0.0: ONNX Runtime's NoopElimination drops the Add unless told not to."""
+
+    def forward(self, x):
+        return 1 / (x * 0 + 0.0), 1 / (x + 0.0)
+
+
+def test_adding_zero_keeps_ieee_signed_zeros():
+    def inputs():
+        x = torch.randn(3, 5)
+        x[0, :3] = torch.tensor([-0.0, 0.0, -2.0])
+        return (x,)
+
+    cm = check_against_eager(SignedZeros(), inputs, 0, atol=0, rtol=0)
+    x = inputs()[0]
+    assert torch.equal(cm(x)[0], torch.full((3, 5), float("inf")))
+
+class Division(nn.Module):
+    """PyTorch's floor division is Python's (1.0 // 0.1 == 9.0, not floor(1.0 / 0.1) == 10.0),
+    its remainder takes the divisor's sign from fmod, trunc keeps the sign of a zero."""
+
+    def forward(self, x, y):
+        return (x // y, torch.remainder(x, y), torch.div(x, y, rounding_mode="trunc"), x // 0.1, x % 0.1,
+                torch.div(x, 0.1, rounding_mode="trunc"))
+
+
+def _division_inputs(dtype=torch.float32):
+    x, y = torch.randn(64) * 5, torch.randn(64) * 2
+    x[:8] = torch.tensor([1.0, 0.3, -1.0, 0.0, -0.0, 7.0, -0.5, 2.0])
+    y[:8] = torch.tensor([0.1, 0.1, 0.1, 0.0, 3.0, -0.0, 3.0, float("inf")])
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floor_division_remainder_and_trunc_like_eager(dtype):
+    cm = check_against_eager(Division(), lambda: _division_inputs(dtype), 0, atol=0, rtol=0)
+    got = cm(*_division_inputs(dtype))
+    assert got[3][0] == 9.0 and torch.signbit(got[0][4]) and torch.signbit(got[2][6])
+
+
+class CausalAttention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("head_dim,gqa", [(12, 0), (16, 1)])
+def test_group_query_attention_only_for_head_sizes_it_runs(head_dim, gqa):
+    """ORT's GroupQueryAttention refuses a head size that is not a multiple of 8 at run time."""
+    cm = check_against_eager(CausalAttention(), lambda: tuple(torch.randn(1, 2, 5, head_dim) for _ in range(3)), 2)
+    assert _op_counts(cm.executable.path)["com.microsoft.GroupQueryAttention"] == gqa
+
+
+class NanAware(nn.Module):
+    """PyTorch's max/min/argmax/amax propagate NaN (and pick its first index); sign(NaN) is 0."""
+
+    def forward(self, x):
+        values, index = torch.max(x, -1)
+        low, low_index = torch.min(x, 0)
+        return (values, index, low, low_index, x.argmax(-1), x.argmin(), x.amax(-1), x.amin((0, 1)),
+                torch.sign(x))
+
+
+def _with_nans():
+    x = torch.randn(4, 6)
+    x[1, 2] = x[1, 4] = float("nan")
+    x[2, 0] = float("inf")
+    x[2, 5] = float("nan")
+    x[3, 3] = -0.0
+    return (x,)
+
+
+def test_nan_in_reductions_and_sign():
+    check_against_eager(NanAware(), _with_nans, 0, atol=0, rtol=0)
+
+
+class MaskedAttention(nn.Module):
+    def forward(self, q, k, v, mask, additive):
+        return (F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                F.scaled_dot_product_attention(q, k, v, attn_mask=additive))
+
+
+def _attention_inputs():
+    mask = torch.rand(4, 6) > 0.3
+    mask[1] = False  # a query that sees no key: PyTorch gives 0, a plain softmax NaN
+    additive = torch.zeros(4, 6)
+    additive[2] = float("-inf")
+    return torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), mask, additive
+
+
+def test_attention_rows_with_every_key_masked_are_zero_like_eager():
+    check_against_eager(MaskedAttention(), _attention_inputs, 0)
+
+
+class NormWithoutAffine(nn.Module):
+    """LayerNormalization without bias: an empty trailing input crashes ONNX Runtime (segfault)."""
+
+    def forward(self, x):
+        return F.layer_norm(x, (8,))
+
+
+def test_layer_norm_without_weight_and_bias():
+    check_against_eager(NormWithoutAffine(), lambda: (torch.randn(3, 8),), 0)
+
+
+class Gathers(nn.Module):
+    def forward(self, x, index):
+        return x.index_select(0, index), torch.gather(x, 1, index.view(1, -1).expand(3, -1))
+
+
+def test_negative_gather_indices_are_an_error_like_eager():
+    """index_select/gather refuse negative indices in PyTorch; ONNX's Gather would wrap them."""
+    x = torch.randn(3, 5)
+    cm = flashc.compile(Gathers(), target="onnx-cpu", example_inputs=(x, torch.tensor([0, 2])), level=0)
+    assert all(torch.equal(g, r) for g, r in zip(cm(x, torch.tensor([2, 1])), Gathers()(x, torch.tensor([2, 1]))))
+    with pytest.raises(IndexError):
+        Gathers()(x, torch.tensor([-1, 0]))
+    with pytest.raises(FlashcError, match="(?i)out of"):
+        cm(x, torch.tensor([-1, 0]))
+
+class Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_out_of_range_ids_are_an_error_like_eager(bad):
+    module = Lookup()
+    cm = flashc.compile(module, target="onnx-cpu", example_inputs=(torch.tensor([[1, 2]]),), level=0)
+    ids = torch.tensor([[3, bad]])
+    with pytest.raises(IndexError):
+        module(ids)
+    with pytest.raises(FlashcError) as err:
+        cm(ids)
+    msg = str(err.value)
+    assert "embedding" in msg and "from table at" in msg and "out of data bounds" in msg
+    assert err.value.__cause__ is not None
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 class SpectralMixer(torch.nn.Module):
@@ -209,6 +411,38 @@ def test_cuda_provider_needs_onnxruntime_gpu():
     assert resolve_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers(None, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+class Small(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+def test_a_failing_lowering_is_an_unsupported_op_error_with_its_cause(monkeypatch):
+    def broken(ctx, node):
+        return {}["missing"]
+
+    monkeypatch.setitem(_lowering.LOWERINGS, aten.relu.default, broken)
+    with pytest.raises(UnsupportedOpError) as err:
+        flashc.compile(Small(), target="onnx-cpu", example_inputs=(torch.randn(3),), level=0)
+    msg = str(err.value)
+    assert "aten.relu" in msg and "node relu" in msg and line_of(Small, "torch.relu") in msg
+    assert isinstance(err.value.__cause__, KeyError)
+
+
+class Float64Erf(nn.Module):
+    def forward(self, x):
+        return torch.erf(x)
+
+
+def test_an_op_onnx_runtime_cannot_load_is_an_unsupported_op_error():
+    """ONNX Runtime's CPU provider has no float64 Erf: refused at compile time, naming the node."""
+    with pytest.raises(UnsupportedOpError) as err:
+        flashc.compile(Float64Erf(), target="onnx-cpu", example_inputs=(torch.randn(4, dtype=torch.float64),),
+                       level=0)
+    msg = str(err.value)
+    assert "Erf node erf" in msg and line_of(Float64Erf, "torch.erf") in msg and "target cpu" in msg
+    assert err.value.__cause__ is not None
 
 
 def test_backend_lower_save_load(tiny_models, tmp_path):
