@@ -1,0 +1,721 @@
+"""A seeded generator of small nn.Modules for differential testing (see harness.py).
+
+Each family writes the Python source of one module (class `Model`) and of its inputs
+(`make_inputs(g)`, g a torch.Generator), with sizes, dtypes, constants and spellings drawn
+from `random.Random(seed)`. Keeping the case as source makes a failure a standalone
+repro: the runner writes it to a file and `run.py --replay FILE` runs it again.
+
+The family of a seed is `FAMILY_NAMES[seed % len(FAMILY_NAMES)]`, so a seed alone names
+a case. Families are the behaviours a compiler gets silently wrong: in-place writes
+and aliasing, constants that compare equal but are not (True/1, 0.0/-0.0, 2/2.0),
+casts, reductions, and the spellings (and look-alikes) of the patterns flashc fuses.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+HEADER = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
+
+# Constants far from 0 and exactly representable in fp16, so a literal never prints as -0.00.
+CONSTANTS = [0.5, -1.5, 2.0, 3.25, -0.75, 1.25, -2.5, 0.125, 4.0, -3.0]
+
+
+@dataclass
+class Case:
+    """One generated module: its family, seed, spelling variant and source."""
+
+    family: str
+    seed: int
+    variant: str
+    source: str
+    _namespace: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def _ns(self) -> dict[str, Any]:
+        if self._namespace is None:
+            ns: dict[str, Any] = {"__name__": f"fuzz_case_{self.seed}"}
+            exec(compile(self.source, f"<fuzz {self.family} seed {self.seed}>", "exec"), ns)
+            self._namespace = ns
+        return self._namespace
+
+    def build(self) -> torch.nn.Module:
+        """A fresh instance; its parameters and buffers depend only on the seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self._ns()["Model"]().eval()
+
+    def inputs(self, stream: int) -> tuple:
+        """Fresh inputs; stream 0 is the compile's example inputs, 1.. the calls."""
+        g = torch.Generator().manual_seed(self.seed * 1009 + stream)
+        args = self._ns()["make_inputs"](g)
+        return args if isinstance(args, tuple) else (args,)
+
+
+def _module(init: list[str], args: str, body: list[str], inputs: list[str], helpers: str = "") -> str:
+    """Source of class Model (init lines, forward(self, args) body) and make_inputs(g)."""
+    init_src = "\n".join(["super().__init__()", *init])
+    parts = [HEADER]
+    if helpers:
+        parts.append(textwrap.dedent(helpers).strip() + "\n")
+    parts.append("class Model(nn.Module):\n"
+                 "    def __init__(self):\n" + textwrap.indent(init_src, " " * 8) + "\n\n"
+                 f"    def forward(self, {args}):\n" + textwrap.indent("\n".join(body), " " * 8) + "\n")
+    parts.append("def make_inputs(g):\n" + textwrap.indent("\n".join(inputs), " " * 4) + "\n")
+    return "\n\n".join(parts)
+
+
+def _const(r: random.Random) -> str:
+    return repr(r.choice(CONSTANTS))
+
+
+def _randn(shape) -> str:
+    return f"torch.randn({', '.join(map(str, shape))}, generator=g)"
+
+
+def _sample(r: random.Random, n: int, k: int) -> list[int]:
+    return sorted(r.sample(range(n), k))
+
+
+# ---------------------------------------------------------------------------------------
+# A little program of in-place writes and reads on a float tensor `t` of shape [R, C]
+# (R >= 2, C >= 3), shared by the families that differ in where `t` comes from.
+
+def _write(r: random.Random, t: str, R: int, C: int, src: str | None) -> str:
+    i, j = r.randrange(R), r.randrange(C)
+    a = r.randrange(C - 1)
+    b = r.randint(a + 1, C)
+    c, c2 = _const(r), _const(r)
+    rows = _sample(r, R, r.randint(1, R))
+    cols = _sample(r, C, r.randint(1, min(C, 3)))
+    ops = [
+        f"{t}[:, {a}:{b}] = {c}",
+        f"{t}[{i}] = {c}",
+        f"{t}[{i}, {j}] = {c}",
+        f"{t}[{i}].masked_fill_({t}[{i}] > 0, {c})",
+        f"{t}[:, {j}].masked_fill_({t}[:, {j}] < 0, {c})",
+        f"{t}[:, {a}:{b}].add_({c})",
+        f"{t}.narrow(1, {a}, {b - a}).mul_({c})",
+        f"{t}.reshape(-1)[{a}::3].sub_({c})",
+        f"{t}.unsqueeze(0)[0, {i}].zero_()",
+        f"{t}.t()[{j}].fill_({c})",
+        f"{t}.add_({c})",
+        f"{t}.clamp_(min={c})",
+        f"{t}.index_put_((torch.tensor({rows}),), torch.tensor({c}), accumulate={r.choice([True, False])})",
+        f"{t}.index_fill_(1, torch.tensor({cols}), {c})",
+        f"{t}.masked_fill_({t} > {c}, {c2})",
+    ]
+    if src:
+        ops += [
+            f"{t}[:, {a}:{b}] = {src}[:, {a}:{b}]",
+            f"{t}.index_copy_(1, torch.tensor({cols}), {src}[:, :{len(cols)}])",
+            f"{t}[:, {a}:{b}].copy_({src}[:, {a}:{b}])",
+            f"{t}.t()[{j}].add_({src}[:, {j}])",
+            f"{t}.mul_({src})",
+            f"{t}[{i}] += {src}[{(i + 1) % R}]",
+        ]
+    return r.choice(ops)
+
+
+def _read(r: random.Random, t: str, k: int, R: int, C: int) -> tuple[str, str]:
+    """(line, output expression): a value read from t, some as views that see later writes."""
+    i, j = r.randrange(R), r.randrange(C)
+    c = _const(r)
+    name = f"r{k}"
+    line = r.choice([
+        f"{name} = {t}.sum(-1)",
+        f"{name} = {t}[:, {j}]",
+        f"{name} = {t}[:, {j}].clone()",
+        f"{name} = {t}.amax(-1)",
+        f"{name} = {t}[{i}]",
+        f"{name} = {t} * {c}",
+        f"{name} = {t}.t()",
+    ])
+    return line, f"{name} + 1"
+
+
+def _program(r: random.Random, t: str, R: int, C: int, src: str | None, steps: int) -> tuple[list[str], list[str]]:
+    """Lines that read and write t (at least one write), and output expressions."""
+    lines, outs = [], []
+    wrote = False
+    for k in range(steps):
+        if k == steps - 1 and not wrote or r.random() < 0.55:
+            lines.append(_write(r, t, R, C, src))
+            wrote = True
+        else:
+            line, out = _read(r, t, k, R, C)
+            lines.append(line)
+            outs.append(out)
+    return lines, [f"{t} * 2", *outs]
+
+
+def _ret(outs: list[str]) -> str:
+    return f"return {outs[0]}" if len(outs) == 1 else f"return ({', '.join(outs)})"
+
+
+# ---------------------------------------------------------------------------------------
+# Families. Each takes a Random and returns (variant, source).
+
+def inplace_input(r: random.Random) -> tuple[str, str]:
+    """In-place writes on the caller's inputs (slices, index_put_, index_copy_, views)."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    variant = r.choice(["program", "program_from_other", "index_copy_input_index", "index_put_input_index"])
+    inputs = [f"x = {_randn((R, C))}"]
+    if variant == "program":
+        lines, outs = _program(r, "x", R, C, None, r.randint(1, 4))
+        return variant, _module([], "x", [*lines, _ret(outs)], [*inputs, "return (x,)"])
+    if variant == "program_from_other":
+        lines, outs = _program(r, "x", R, C, "y", r.randint(1, 4))
+        inputs.append(f"y = {_randn((R, C))}")
+        body = [*lines, f"y.mul_({_const(r)})", _ret([*outs, "y + x"])]
+        return variant, _module([], "x, y", body, [*inputs, "return (x, y)"])
+    k = r.randint(1, R)
+    inputs += [f"idx = torch.randperm({R}, generator=g)[:{k}]", f"v = {_randn((k, C))}"]
+    if variant == "index_copy_input_index":
+        body = ["s = x.sum(-1)", "x.index_copy_(0, idx, v)", "return x + s[:, None], s"]
+    else:
+        acc = r.choice([True, False])
+        body = ["s = x.sum(-1)", f"x.index_put_((idx,), v, accumulate={acc})", "return x + s[:, None], s"]
+    return variant, _module([], "x, idx, v", body, [*inputs, "return (x, idx, v)"])
+
+
+def inplace_buffer(r: random.Random) -> tuple[str, str]:
+    """In-place writes on buffers (persistent or not), read before and after the write."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    persistent = r.choice([True, False])
+    variant = r.choice(["program", "ema", "counter"]) + ("" if persistent else "_nonpersistent")
+    init = [f"self.register_buffer('buf', torch.randn({R}, {C}), persistent={persistent})"]
+    inputs = [f"x = {_randn((R, C))}", "return (x,)"]
+    if variant.startswith("program"):
+        lines, outs = _program(r, "self.buf", R, C, "x", r.randint(1, 4))
+        body = ["y = self.buf * x", *lines, _ret(["y", *[o.replace("self.buf * 2", "self.buf * 2 + x")
+                                                          for o in outs]])]
+    elif variant.startswith("ema"):
+        m = r.choice([0.5, 0.9, 0.25])
+        body = ["before = self.buf.sum(-1)", f"self.buf.mul_({m}).add_(x, alpha={1 - m})",
+                "return self.buf.sum(-1) - before, x * self.buf"]
+    else:
+        init.append(f"self.register_buffer('steps', torch.zeros((), dtype=torch.int64), persistent={persistent})")
+        body = ["y = x * self.steps", "self.steps += 1", "self.buf[:, 0] = self.steps", "return y + self.buf"]
+    return variant, _module(init, "x", body, inputs)
+
+
+def kv_cache(r: random.Random) -> tuple[str, str]:
+    """A KV cache written at a position input, then attended over (decode step)."""
+    B, H, T, D = r.randint(1, 2), r.randint(1, 3), r.randint(3, 8), r.choice([2, 4, 8])
+    Dv = r.choice([D, D * 2])
+    write = r.choice(["index_assign", "index_copy", "index_put", "const_slice"])
+    where = r.choice(["buffer", "buffer", "input"])
+    attend = r.choice(["manual", "sdpa"])
+    variant = f"{where}_{write}_{attend}"
+    init: list[str] = []
+    if where == "buffer":
+        init = [f"self.register_buffer('k_cache', torch.zeros({B}, {H}, {T}, {D}))",
+                f"self.register_buffer('v_cache', torch.randn({B}, {H}, {T}, {Dv}), "
+                f"persistent={r.choice([True, False])})"]
+        kc, vc, args = "self.k_cache", "self.v_cache", "q, k, v, pos"
+    else:
+        kc, vc, args = "k_cache", "v_cache", "q, k, v, pos, k_cache, v_cache"
+    body = []
+    for cache, new in ((kc, "k"), (vc, "v")):
+        if write == "index_assign":
+            body.append(f"{cache}[:, :, pos] = {new}")
+        elif write == "index_copy":
+            body.append(f"{cache}.index_copy_(2, pos, {new})")
+        elif write == "index_put":
+            body.append(f"{cache}.index_put_((torch.arange({B})[:, None, None], torch.arange({H})[None, :, None], "
+                        f"pos[None, None, :]), {new})")
+        else:
+            p = r.randrange(T)
+            body.append(f"{cache}[:, :, {p}:{p + 1}] = {new}")
+    body.append(f"mask = (torch.arange({T}) <= pos)[None, :]")
+    if attend == "sdpa":
+        body.append(f"out = F.scaled_dot_product_attention(q, {kc}, {vc}, attn_mask=mask)")
+    else:
+        body += [f"s = q @ {kc}.transpose(-1, -2) * {D ** -0.5!r}",
+                 "s = s.masked_fill(~mask, float('-inf'))", f"out = s.softmax(-1) @ {vc}"]
+    outs = ["out"]
+    if r.random() < 0.3:
+        outs.append(f"{vc}[:, :, :2] * 1")
+    body.append(_ret(outs))
+    inputs = [f"q = {_randn((B, H, 1, D))}", f"k = {_randn((B, H, 1, D))}", f"v = {_randn((B, H, 1, Dv))}",
+              f"pos = torch.randint(0, {T}, (1,), generator=g)"]
+    ret = "return (q, k, v, pos)"
+    if where == "input":
+        inputs += [f"k_cache = {_randn((B, H, T, D))}", f"v_cache = {_randn((B, H, T, Dv))}"]
+        ret = "return (q, k, v, pos, k_cache, v_cache)"
+    return variant, _module(init, args, body, [*inputs, ret])
+
+
+def scratch(r: random.Random) -> tuple[str, str]:
+    """Tensors made in forward (zeros, full, arange) and then written in place."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    variant = r.choice(["program", "twin_constants", "arange", "twin_arange"])
+    inputs = [f"x = {_randn((R, C))}", "return (x,)"]
+    if variant == "program":
+        make = r.choice([f"torch.zeros({R}, {C})", f"torch.ones({R}, {C})", f"torch.full(({R}, {C}), {_const(r)})",
+                         f"torch.empty({R}, {C}).fill_({_const(r)})", f"x.new_zeros({R}, {C})", "torch.zeros_like(x)"])
+        lines, outs = _program(r, "t", R, C, "x", r.randint(1, 4))
+        body = [f"t = {make}", *lines, _ret([o if o != "t * 2" else "x + t" for o in outs])]
+    elif variant == "twin_constants":
+        make = r.choice(["torch.zeros({C})", "torch.ones({C})", "torch.full(({C},), 2.0)"]).format(C=C)
+        i, j = r.randrange(C), r.randrange(C)
+        body = [f"a = {make}", f"b = {make}", f"a[{i}] = {_const(r)}", f"b[{j}] += {_const(r)}",
+                "return x * a + b, a, b"]
+    elif variant == "arange":
+        n = r.randint(2, (C + 1) // 2)  # the largest index written below, 2n - 2, stays < C
+        op = r.choice(["pos += 1", "pos.mul_(2)", f"pos[0] = {n}", "pos.add_(1)"])
+        body = [f"pos = torch.arange({n})", op, f"return x[..., pos], x[..., :{n}] * pos"]
+    else:
+        body = [f"p = torch.arange({C})", f"q = torch.arange({C})", "q += 1", "return x * p + q, p, q"]
+    return variant, _module([], "x", body, inputs)
+
+
+COPIES = {  # spelling -> whether, for a contiguous float32 x, it makes a new tensor
+    "x.clone()": True, "x.contiguous()": False, "x.to(copy=True)": True, "x * 1": True, "x + 0": True,
+    "x.float()": False, "x.to(torch.float32)": False, "x.reshape(x.shape)": False, "x.detach()": False,
+    "x[:]": False, "x.t().contiguous().t()": True, "torch.clone(x)": True, "x.mul(1)": True, "x + 0.0": True,
+    "x - 0": True, "x / 1": True, "x.clone().detach()": True, "x.view_as(x)": False, "x * True": True,
+    "x.clone(memory_format=torch.contiguous_format)": True, "torch.positive(x)": False,
+}
+
+
+def copy_then_write(r: random.Random) -> tuple[str, str]:
+    """A copy (or an alias that looks like one) of the input, then written in place."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    spelling = r.choice(sorted(COPIES))
+    lines, outs = _program(r, "y", R, C, None, r.randint(1, 3))
+    body = [f"y = {spelling}", *lines, _ret([*outs, "x.sum(-1)"])]
+    return spelling, _module([], "x", body, [f"x = {_randn((R, C))}", "return (x,)"])
+
+
+def read_around_write(r: random.Random) -> tuple[str, str]:
+    """Reads before and after a write through a view of an intermediate (h = x*2; ...)."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    make = r.choice(["x * 2", f"x + {_const(r)}", "torch.tanh(x)", "x.exp()", "x.t().contiguous().t() * 3"])
+    j = r.randrange(C)
+    variant = r.choice(["sum_around", "program"])
+    if variant == "sum_around":
+        write = r.choice([f"h[:, {j}] = 0", f"h[:, {j}].zero_()", f"h.select(1, {j}).mul_(2)",
+                          f"h.narrow(1, {j}, 1).fill_(1.0)"])
+        body = [f"h = {make}", "a = h.sum(-1)", f"v = h[:, {j}]", write, "return a - h.sum(-1), v * 1.5"]
+    else:
+        lines, outs = _program(r, "h", R, C, "x", r.randint(2, 5))
+        body = [f"h = {make}", *lines, _ret(outs)]
+    return f"{variant}:{make}", _module([], "x", body, [f"x = {_randn((R, C))}", "return (x,)"])
+
+
+def cse_traps(r: random.Random) -> tuple[str, str]:
+    """Constants equal in Python but not as tensors: True/1, 0.0/-0.0, 2/2.0; unsafe identities."""
+    C = r.randint(4, 9)
+    variant = r.choice(["bool_vs_int", "zero_sign", "int_vs_float", "identities", "scalar_tensors"])
+    specials = [f"x = {_randn((3, C))}", "x[0, :4] = torch.tensor([-0.0, float('inf'), float('-inf'), float('nan')])",
+                "x[1, 0] = -0.0", "x[2, 1] = 0.0"]
+    if variant == "bool_vs_int":
+        body = [f"a = torch.full(({C},), True)", f"b = torch.full(({C},), 1)", "m = x > 0",
+                "return ~a, ~b, x + a, x + b, m ^ a, (m.long() + b).sum(-1)"]
+        return variant, _module([], "x", body, [*specials, "return (x,)"])
+    if variant == "zero_sign":
+        body = [f"p = torch.full(({C},), 0.0)", f"n = torch.full(({C},), -0.0)",
+                "return 1 / p, 1 / n, 1 / (x * 0 + 0.0), 1 / (x * 0 - 0.0), 1 / (x + 0.0), 1 / x, "
+                "1 / torch.where(x > 0, 0.0, -0.0)"]
+        return variant, _module([], "x", body, [*specials, "return (x,)"])
+    if variant == "int_vs_float":
+        body = ["return xi * 2, xi * 2.0, xi // 2, xi / 2, xi // 2.0, torch.full(xi.shape, 3), "
+                "torch.full(xi.shape, 3.0), xi + 1, xi + 1.0, xi.to(torch.int32) * 2, xi.to(torch.int32) * 2.0"]
+        return variant, _module([], "xi", body, [f"xi = torch.randint(-9, 10, (3, {C}), generator=g)", "return (xi,)"])
+    if variant == "scalar_tensors":
+        body = ["a = torch.tensor(1)", "b = torch.tensor(1.0)", "c = torch.tensor(True)",
+                "return xi + a, xi + b, xi + c, x * a, x * c, a, b, c"]
+        return variant, _module([], "x, xi", body, [*specials, f"xi = torch.randint(-9, 10, (3, {C}), generator=g)",
+                                                    "return (x, xi)"])
+    picks = r.sample(["x - x", "x * 0", "x / x", "x + 0.0", "x * 1", "(x + 1e8) - 1e8", "x * 2 / 2",
+                      "x ** 0", "torch.maximum(x, x)", "x.neg().neg()", "torch.exp(torch.log(x))",
+                      "x - 0.0", "1 / (1 / x)", "torch.minimum(x, x.new_tensor(float('inf')))", "(x * 3) / 3"], 5)
+    body = [_ret([f"1 / ({p})" if "0.0" in p else p for p in picks])]
+    return "identities", _module([], "x", body, [*specials, "return (x,)"])
+
+
+def dtype_casts(r: random.Random) -> tuple[str, str]:
+    """fp16/bf16/fp64 round trips, float<->int casts, bool masks and type promotion."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    c = _const(r)
+    pool = {
+        "x - x.half().float()": "round trip", "x - x.bfloat16().float()": "round trip", "x.half()": "cast",
+        "x.to(torch.bfloat16) * 2": "cast", "(x * 1e5).half()": "overflow", "(x * 10).long()": "trunc",
+        "(x * 10).to(torch.int32)": "trunc", "(x * 10).round().int()": "round", "x.floor().long()": "floor",
+        "(x * 10).clamp(-100, 100).to(torch.int8)": "int8", "xi.float() / 3": "int", "xi.half()": "int",
+        "x * (x > 0)": "mask", "(x > 0).float()": "mask", "(x > 0).sum(-1)": "mask", "(x > 0).long().cumsum(-1)": "mask",
+        f"torch.where(x > 0, x, {c})": "mask", "(x > 0) & (x < 1)": "mask", "~(x > 0)": "mask",
+        "(x > 0).to(x.dtype)": "mask", "(x > 0).any(-1)": "mask", "(x > 0).all(-1)": "mask",
+        f"x.masked_fill(x < 0, {c})": "mask", f"x.double() * {c}": "fp64", "x.double().sum(-1)": "fp64",
+        "xi + x": "promote", "x.half() + x": "promote", "xi.to(torch.int32) + 1.5": "promote",
+        "x.half() * 2.5": "promote", "(x > 0) + 1": "promote", "xi.to(torch.int32) + xi": "promote",
+        "x.half() + x.bfloat16()": "promote", "x.bfloat16().float().sum(-1)": "round trip",
+    }
+    picks = r.sample(sorted(pool), r.randint(2, 4))
+    body = [_ret(picks)]
+    inputs = [f"x = {_randn((R, C))}", f"xi = torch.randint(-50, 50, ({R}, {C}), generator=g)", "return (x, xi)"]
+    return "+".join(sorted({pool[p] for p in picks})), _module([], "x, xi", body, inputs)
+
+
+def reductions(r: random.Random) -> tuple[str, str]:
+    """Reductions over the last dims, sizes 1..70 (var of one element is NaN)."""
+    n = r.choice([1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 70, r.randint(1, 70)])
+    shape = r.choice([(2, n), (2, 3, n), (n,)])
+    kd = r.choice([True, False])
+    ops = [f"x.sum(-1, keepdim={kd})", f"x.mean(-1, keepdim={kd})", f"x.amax(-1, keepdim={kd})",
+           f"x.amin(-1, keepdim={kd})", "x.softmax(-1)", "torch.log_softmax(x, -1)", f"x.var(-1, keepdim={kd})",
+           "x.var(-1, correction=0)", "x.std(-1)", "torch.logsumexp(x, -1)", "x.norm(dim=-1)", "x.prod(-1)",
+           "x.argmax(-1)", "x.max(-1)", "x.cumsum(-1)", "x.float().softmax(-1).to(x.dtype)",
+           "xi.sum(-1)", "xi.amax(-1)", "xi.to(torch.int32).sum(-1)", "(x > 0).sum(-1)"]
+    if len(shape) > 1:
+        ops += [f"x.sum((-2, -1), keepdim={kd})", "x.mean((-2, -1))", "x.amax((-2, -1))", "x.var((-2, -1))"]
+    picks = r.sample(ops, r.randint(1, 3))
+    inputs = [f"x = {_randn(shape)}", f"xi = torch.randint(-100, 100, {shape}, generator=g)", "return (x, xi)"]
+    special = r.choice([None, None, None, "-inf", "inf", "nan"])  # a masked score, an overflow, a NaN
+    if special:
+        inputs.insert(1, f"x.view(-1)[{r.randrange(n)}] = float('{special}')")
+    variant = f"n={n}{':' + special if special else ''}:" + ",".join(p.split("(")[0] for p in picks)
+    return variant, _module([], "x, xi", [_ret(picks)], inputs)
+
+
+def integer_ops(r: random.Random) -> tuple[str, str]:
+    """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts."""
+    R, C = r.randint(2, 4), r.randint(3, 9)
+    dtype = r.choice(["torch.int64", "torch.int32"])
+    ops = ["a // b", "a % b", "torch.remainder(a, b)", "torch.fmod(a, b)", "torch.div(a, b, rounding_mode='trunc')",
+           "torch.div(a, b, rounding_mode='floor')", "a / b", "a & b", "a | b", "a ^ b", "a.abs() << 2", "a >> 1",
+           "a * b", "a - b", "a.abs()", "a.clamp(-5, 5)", "torch.maximum(a, b)", "a.sum(-1)", "a.cumsum(-1)",
+           "a == b", "a.neg()", "a // 3", "a % 3", "a ** 2", "torch.sign(a)", "a.max(-1).values", "a.float().mean(-1)",
+           "a // -3", "a % -3", "~a", "a + 2.5", "a * True"]
+    picks = r.sample(ops, r.randint(2, 5))
+    inputs = [f"a = torch.randint(-20, 21, ({R}, {C}), generator=g, dtype={dtype})",
+              f"b = torch.randint(1, 6, ({R}, {C}), generator=g, dtype={dtype})",
+              f"b = b * (torch.randint(0, 2, ({R}, {C}), generator=g, dtype={dtype}) * 2 - 1)", "return (a, b)"]
+    return dtype.split(".")[1], _module([], "a, b", [_ret(picks)], inputs)
+
+
+RMS_FORMS = {  # name -> expression of x (self.w, eps, D); "not_" names are look-alikes, not RMSNorm
+    "llama": "self.w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + {eps})).to(x.dtype)",
+    "gemma": "(x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + {eps}) "
+             "* (1.0 + self.w.float())).to(x.dtype)",
+    "div_sqrt": "x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + {eps}) * self.w",
+    "mul_self": "x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + {eps}) * self.w",
+    "functional": "F.rms_norm(x, ({D},), self.w, {eps})",
+    "sum_div": "x * ((x.square().sum(-1, keepdim=True) / {D}) + {eps}).rsqrt() * self.w",
+    "no_weight": "x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + {eps})",
+    "not_eps_outside": "x / (x.pow(2).mean(-1, keepdim=True).sqrt() + {eps}) * self.w",
+    "not_wrong_dim": "x * torch.rsqrt(x.pow(2).mean(-2, keepdim=True) + {eps}) * self.w",
+    "not_mean_abs": "x * torch.rsqrt(x.abs().mean(-1, keepdim=True) + {eps}) * self.w",
+    "not_sum_not_mean": "x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + {eps}) * self.w",
+    "not_centered": "(x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + {eps}) * self.w",
+    "not_weight_per_row": "x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + {eps}) * self.w_row",
+}
+
+
+def rms_norm(r: random.Random) -> tuple[str, str]:
+    """RMSNorm spelled several ways, next to look-alikes that must not become rms_norm."""
+    B, S, D = r.randint(1, 2), r.randint(2, 5), r.choice([2, 4, 8, 16, 32, 64, r.randint(2, 64)])
+    form = r.choice(sorted(RMS_FORMS))
+    expr = RMS_FORMS[form].format(eps=r.choice([1e-6, 1e-5, 1e-3]), D=D)
+    dtype = r.choice(["torch.float32", "torch.float32", "torch.float16", "torch.bfloat16"]) \
+        if form in ("llama", "gemma") else "torch.float32"
+    init = [f"self.w = nn.Parameter((1 + 0.1 * torch.randn({D})).to({dtype}))",
+            f"self.w_row = nn.Parameter(torch.randn({S}, 1).to({dtype}))"]
+    residual = r.choice([False, True])
+    if residual:
+        body = ["x = x + r", f"y = {expr}", "return y, x"]
+        args, ret = "x, r", "return (x, r)"
+    else:
+        body = [f"return {expr}"]
+        args, ret = "x", "return (x,)"
+    inputs = [f"x = torch.randn({B}, {S}, {D}, generator=g).to({dtype})",
+              f"r = torch.randn({B}, {S}, {D}, generator=g).to({dtype})", ret]
+    return f"{form}{'+residual' if residual else ''}:{dtype.split('.')[1]}", _module(init, args, body, inputs)
+
+
+ROTARY_HELPERS = '''
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_half_chunk(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], -1)
+
+
+def rotate_every_two(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def negate_first_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., :h], x[..., h:]), -1)
+
+
+def rotate_half_flipped(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, -x1), dim=-1)
+'''
+
+ROTARY_FORMS = {  # name -> expression of t (the rotated part), cos, sin; "not_rope" names are look-alikes
+    "half_cat": "t * cos + rotate_half(t) * sin",
+    "half_chunk": "(t * cos) + (rotate_half_chunk(t) * sin)",
+    "half_sin_first": "rotate_half(t) * sin + t * cos",
+    "interleaved": "t * cos + rotate_every_two(t) * sin",
+    "not_rope_negate_first": "t * cos + negate_first_half(t) * sin",
+    "not_rope_flipped": "t * cos + rotate_half_flipped(t) * sin",
+    "not_rope_roles_swapped": "t * sin + rotate_half(t) * cos",
+    "not_rope_cos_twice": "t * cos + rotate_half(t) * cos",
+}
+
+
+def rotary(r: random.Random) -> tuple[str, str]:
+    """Rotary embeddings (rotate-half, interleaved, partial) and rope look-alikes."""
+    B, H, S = r.randint(1, 2), r.randint(1, 3), r.randint(1, 6)
+    D = r.choice([4, 8, 16])
+    rd = r.choice([D, D // 2]) if D >= 8 else D
+    form = r.choice(sorted(ROTARY_FORMS))
+    source = r.choice(["arange", "positions", "inputs"])
+    init = [f"self.register_buffer('inv_freq', 1.0 / ({r.choice([100.0, 10000.0])} ** "
+            f"(torch.arange(0, {rd}, 2).float() / {rd})), persistent=False)"]
+    rep = "freqs.repeat_interleave(2, -1)" if form == "interleaved" else "torch.cat((freqs, freqs), dim=-1)"
+    body = []
+    args, inputs = "q, k", [f"q = {_randn((B, H, S, D))}", f"k = {_randn((B, H, S, D))}"]
+    if source == "arange":
+        body += [f"freqs = torch.outer(torch.arange({S}).float(), self.inv_freq)", f"emb = {rep}"]
+    elif source == "positions":
+        args += ", pos"
+        inputs.append(f"pos = torch.randint(0, 100, ({S},), generator=g)")
+        body += ["freqs = pos[:, None].float() * self.inv_freq[None, :]", f"emb = {rep}"]
+    if source == "inputs":
+        args += ", cos, sin"
+        inputs += [f"cos = torch.rand({S}, {rd}, generator=g) * 2 - 1", f"sin = torch.rand({S}, {rd}, generator=g) * 2 - 1"]
+        body += ["cos = cos[None, None]", "sin = sin.unsqueeze(0).unsqueeze(0)"]
+    else:
+        body += ["cos = emb.cos()[None, None]", "sin = emb.sin().unsqueeze(0).unsqueeze(0)"]
+    expr = ROTARY_FORMS[form]
+    outs = []
+    for name in ("q", "k"):
+        if rd == D:
+            body.append(f"{name}_out = {_sub(expr, name)}")
+        else:
+            body += [f"{name}_rot, {name}_pass = {name}[..., :{rd}], {name}[..., {rd}:]",
+                     f"{name}_out = torch.cat(({_sub(expr, name + '_rot')}, {name}_pass), dim=-1)"]
+        outs.append(f"{name}_out")
+    if r.random() < 0.4:
+        outs = ["q_out @ k_out.transpose(-1, -2)"]
+    body.append(_ret(outs))
+    return f"{form}:{source}:rd={rd}/{D}", _module(init, args, body, [*inputs, f"return ({args},)"],
+                                                   helpers=ROTARY_HELPERS)
+
+
+def _sub(expr: str, name: str) -> str:
+    """expr with the operand `t` replaced by name (t appears as a standalone token)."""
+    return re.sub(r"\bt\b", name, expr)
+
+
+def attention(r: random.Random) -> tuple[str, str]:
+    """SDPA and hand-written attention: masks (bool, additive, causal, off-by-one), GQA, Dv != D."""
+    B, Hkv, rep = r.randint(1, 2), r.randint(1, 2), r.choice([1, 2, 3])
+    Hq = Hkv * rep
+    D = r.choice([4, 8, 16])
+    Dv = r.choice([D, D, D // 2, D * 2])
+    projected = r.random() < 0.35
+    Sq = r.randint(1, 6)
+    Sk = Sq if projected or r.random() < 0.5 else r.randint(Sq, 8)
+    form = r.choice(["sdpa", "manual"])
+    gqa = "none" if rep == 1 else r.choice(["repeat_interleave", "expand", "tile"] +
+                                           (["enable_gqa"] if form == "sdpa" else []))
+    mask = r.choice(["none", "causal", "tril_top_left", "tril_bottom_right", "additive_causal", "additive_off_by_one",
+                     "sliding_window", "bool_input", "additive_input"])
+    init, body, inputs = [], [], []
+    if projected:
+        E = r.choice([8, 16])
+        bias = r.choice([True, False])
+        init = [f"self.q_proj = nn.Linear({E}, {Hq * D}, bias={bias})", f"self.k_proj = nn.Linear({E}, {Hkv * D}, bias={bias})",
+                f"self.v_proj = nn.Linear({E}, {Hkv * Dv}, bias={bias})", f"self.o_proj = nn.Linear({Hq * Dv}, {E}, bias=False)"]
+        body += [f"q = self.q_proj(x).view({B}, {Sq}, {Hq}, {D}).transpose(1, 2)",
+                 f"k = self.k_proj(x).view({B}, {Sq}, {Hkv}, {D}).transpose(1, 2)",
+                 f"v = self.v_proj(x).view({B}, {Sq}, {Hkv}, {Dv}).transpose(1, 2)"]
+        args, inputs = "x", [f"x = {_randn((B, Sq, E))}"]
+    else:
+        args = "q, k, v"
+        inputs = [f"q = {_randn((B, Hq, Sq, D))}", f"k = {_randn((B, Hkv, Sk, D))}", f"v = {_randn((B, Hkv, Sk, Dv))}"]
+    if gqa == "repeat_interleave":
+        body += [f"k = k.repeat_interleave({rep}, dim=1)", f"v = torch.repeat_interleave(v, {rep}, 1)"]
+    elif gqa == "expand":
+        body += [f"k = k[:, :, None].expand({B}, {Hkv}, {rep}, {Sk}, {D}).reshape({B}, {Hq}, {Sk}, {D})",
+                 f"v = v[:, :, None].expand({B}, {Hkv}, {rep}, {Sk}, {Dv}).reshape({B}, {Hq}, {Sk}, {Dv})"]
+    elif gqa == "tile":  # repeats whole groups: a different head mapping from repeat_kv
+        body += [f"k = k.repeat(1, {rep}, 1, 1)", f"v = v.repeat(1, {rep}, 1, 1)"]
+    off = Sk - Sq
+    is_causal = False
+    kind = "none"  # how the mask is applied: none, bool, additive
+    if mask == "causal":
+        if form == "sdpa":
+            is_causal = True  # SDPA aligns is_causal top-left when Sq != Sk
+        else:
+            body.append(f"m = torch.ones({Sq}, {Sk}, dtype=torch.bool).tril()")
+            kind = "bool"
+    elif mask == "tril_top_left":
+        body.append(f"m = torch.ones({Sq}, {Sk}, dtype=torch.bool).tril()")
+        kind = "bool"
+    elif mask == "tril_bottom_right":
+        body.append(f"m = torch.tril(torch.ones({Sq}, {Sk}, dtype=torch.bool), diagonal={off})")
+        kind = "bool"
+    elif mask == "additive_causal":
+        body.append(f"m = torch.full(({Sq}, {Sk}), float('-inf')).triu(1)")
+        kind = "additive"
+    elif mask == "additive_off_by_one":
+        body.append(f"m = torch.triu(torch.full(({Sq}, {Sk}), float('-inf')), diagonal=2)")
+        kind = "additive"
+    elif mask == "sliding_window":
+        w = r.randint(1, 3)
+        body += [f"i = torch.arange({Sq})[:, None] + {off}", f"j = torch.arange({Sk})[None, :]",
+                 f"m = (j <= i) & (j > i - {w})"]
+        kind = "bool"
+    elif mask == "bool_input":
+        args += ", m"
+        inputs += [f"m = torch.rand({B}, 1, {Sq}, {Sk}, generator=g) > 0.5", "m[..., 0] = True"]
+        kind = "bool"
+    elif mask == "additive_input":
+        args += ", m"
+        inputs.append(f"m = torch.randn({B}, {r.choice([1, Hq])}, {Sq}, {Sk}, generator=g)")
+        kind = "additive"
+    scale = r.choice([None, 0.5, D ** -0.5])
+    if form == "sdpa":
+        kw = [f"attn_mask=m" if kind != "none" else "", "is_causal=True" if is_causal else "",
+              f"scale={scale!r}" if scale is not None else "", "enable_gqa=True" if gqa == "enable_gqa" else ""]
+        body.append(f"out = F.scaled_dot_product_attention(q, k, v, {', '.join(a for a in kw if a)})")
+    else:
+        s = scale if scale is not None else D ** -0.5
+        body.append(f"s = (q @ k.transpose(-2, -1)) * {s!r}")
+        if kind == "bool":
+            body.append("s = s.masked_fill(~m, float('-inf'))")
+        elif kind == "additive":
+            body.append("s = s + m")
+        body.append(r.choice(["p = s.softmax(-1)", "p = torch.softmax(s.float(), dim=-1).to(q.dtype)"]))
+        body.append("out = p @ v")
+    if projected:
+        body.append(f"return self.o_proj(out.transpose(1, 2).reshape({B}, {Sq}, {Hq * Dv}))")
+    else:
+        body.append("return out")
+    variant = f"{form}:{gqa}:{mask}:Sq{Sq}Sk{Sk}:D{D}Dv{Dv}{':projected' if projected else ''}"
+    return variant, _module(init, args, body, [*inputs, f"return ({args},)"])
+
+
+SWIGLU_FORMS = {
+    "silu_mul": "F.silu(g) * u",
+    "sigmoid_spelled": "g * torch.sigmoid(g) * u",
+    "up_first": "u * F.silu(g)",
+    "not_glu_sigmoid": "torch.sigmoid(g) * u",
+    "not_gelu": "F.gelu(g) * u",
+    "not_gelu_tanh": "F.gelu(g, approximate='tanh') * u",
+    "not_silu_add": "F.silu(g) + u",
+    "not_silu_of_product": "F.silu(g * u)",
+    "not_quick_gelu": "g * torch.sigmoid(1.702 * g) * u",
+}
+
+
+def swiglu(r: random.Random) -> tuple[str, str]:
+    """SwiGLU MLPs (separate or fused gate/up) and GLU look-alikes (GeLU, sigmoid, add)."""
+    B, S, E, Fd = r.randint(1, 2), r.randint(1, 4), r.choice([4, 8, 16]), r.choice([8, 16, 24])
+    form = r.choice(sorted(SWIGLU_FORMS))
+    bias = r.choice([True, False])
+    fused = r.random() < 0.3
+    init = [f"self.down = nn.Linear({Fd}, {E}, bias={bias})"]
+    if fused:
+        init.append(f"self.gate_up = nn.Linear({E}, {2 * Fd}, bias={bias})")
+        body = ["g, u = self.gate_up(x).chunk(2, dim=-1)"]
+    else:
+        init += [f"self.gate = nn.Linear({E}, {Fd}, bias={bias})", f"self.up = nn.Linear({E}, {Fd}, bias={bias})"]
+        body = ["g = self.gate(x)", "u = self.up(x)"]
+    body.append(f"return self.down({SWIGLU_FORMS[form]})")
+    return f"{form}{':fused' if fused else ''}", _module(init, "x", body, [f"x = {_randn((B, S, E))}", "return (x,)"])
+
+
+def linear_around_write(r: random.Random) -> tuple[str, str]:
+    """Linears reading h before and after an in-place write to h (merging them is wrong)."""
+    B, E = r.randint(1, 3), r.choice([4, 8])
+    O1 = r.choice([4, 8])
+    O2 = r.choice([O1, O1, 6])
+    make = r.choice(["x * 2", "x + 0", "x", "x.clone()"])
+    j = r.randrange(E)
+    write = r.choice([f"h[:, {j}] = 0", "h.add_(1)", "h.relu_()", f"h[:, :{j + 1}].mul_(-1)",
+                      "h.copy_(h.flip(-1))"])
+    variant = r.choice(["two", "gate_up", "qkv"]) if O2 == O1 else "two"
+    bias = r.choice([True, False])
+    init = [f"self.a = nn.Linear({E}, {O1}, bias={bias})", f"self.b = nn.Linear({E}, {O2}, bias={bias})",
+            f"self.c = nn.Linear({E}, {O1}, bias={bias})"]
+    if variant == "two":
+        body = [f"h = {make}", "a = self.a(h)", write, "b = self.b(h)", "return a, b"]
+    elif variant == "gate_up":
+        body = [f"h = {make}", "a = self.a(h)", write, "b = self.b(h)", "return F.silu(a) * b"]
+    else:
+        body = [f"h = {make}", "q = self.a(h)", "k = self.b(h)", write, "v = self.c(h)", "return q * k, v"]
+    return f"{variant}:{make}:{write}", _module(init, "x", body, [f"x = {_randn((B, E))}", "return (x,)"])
+
+
+def aliasing_outputs(r: random.Random) -> tuple[str, str]:
+    """Outputs that are buffers, views of buffers or inputs; tuple, list and dict returns."""
+    R, C = r.randint(2, 4), r.randint(3, 6)
+    update = r.choice(["", "self.buf.mul_(0.5).add_(x)", "self.buf[0] = x[0]"])
+    returns = [
+        "self.buf", "(x + self.buf, self.buf)", "self.buf[1:]", "self.buf.t()", "{'out': x * 2, 'state': self.buf}",
+        "(self.buf, self.buf[0])", "x", "(x, x)", "(x * 2, (x, {'v': x.view(-1)}))", "[x + 1, self.buf]",
+        "(y, y)", "x[0]", "(self.w, x * self.w)", "{'b': y, 'a': x, 'c': [y + 1, self.buf]}", "(y, x, y.t())",
+    ]
+    ret = r.choice(returns)
+    init = [f"self.register_buffer('buf', torch.randn({R}, {C}), persistent={r.choice([True, False])})",
+            f"self.w = nn.Parameter(torch.randn({C}))"]
+    body = [l for l in [update, "y = x * 3", f"return {ret}"] if l]
+    return f"{ret}{' after ' + update if update else ''}", _module(init, "x", body,
+                                                                   [f"x = {_randn((R, C))}", "return (x,)"])
+
+
+FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "inplace_input": inplace_input,
+    "inplace_buffer": inplace_buffer,
+    "kv_cache": kv_cache,
+    "scratch": scratch,
+    "copy_then_write": copy_then_write,
+    "read_around_write": read_around_write,
+    "cse_traps": cse_traps,
+    "dtype_casts": dtype_casts,
+    "reductions": reductions,
+    "integer_ops": integer_ops,
+    "rms_norm": rms_norm,
+    "rotary": rotary,
+    "attention": attention,
+    "swiglu": swiglu,
+    "linear_around_write": linear_around_write,
+    "aliasing_outputs": aliasing_outputs,
+}
+FAMILY_NAMES = list(FAMILIES)
+
+
+def family_of(seed: int) -> str:
+    return FAMILY_NAMES[seed % len(FAMILY_NAMES)]
+
+
+def case_seeds(family: str, count: int, base: int = 0) -> list[int]:
+    """`count` seeds of `family` (seeds whose family_of is family), from base on."""
+    index = FAMILY_NAMES.index(family)
+    first = base + (index - base) % len(FAMILY_NAMES)
+    return [first + k * len(FAMILY_NAMES) for k in range(count)]
+
+
+def generate(seed: int) -> Case:
+    """The case of a seed: its family is family_of(seed), the rest drawn from Random(seed)."""
+    family = family_of(seed)
+    variant, source = FAMILIES[family](random.Random(seed))
+    return Case(family, seed, variant, source)
