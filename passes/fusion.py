@@ -667,10 +667,10 @@ FUSE_ATTENTION = [
                     variants=_spellings(*_WRITTEN_SPELLINGS)),
     # then the grouped-query repeats of K and V
     _attention_rule(attention_repeat_kv_pattern, lambda dt: (*_qkv_examples(dt), _mask_example()),
-                    _check_repeated_kv, name="attention_gqa", shape_literals=True,
+                    _check_repeated_kv, name="gqa_repeats_removed", shape_literals=True,
                     variants=_spellings(_heads_flattened, *_WITHOUT_MASK)),
     _attention_rule(attention_repeat_interleave_pattern, lambda dt: (*_qkv_examples(dt), _mask_example()),
-                    _check_repeated_kv, scalars={"scale": SCALE, "n_rep": N_REP}, name="attention_gqa",
+                    _check_repeated_kv, scalars={"scale": SCALE, "n_rep": N_REP}, name="gqa_repeats_removed",
                     variants=_spellings(_any_repeat_count, *_WITHOUT_MASK)),
 ]
 
