@@ -108,6 +108,7 @@ GENERATED = {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary", "flashc.
 
 class CudaBackend:
     name = "cuda"
+    options = ("cuda_graphs", "tune", "save_tuning")  # compile options it reads
 
     def lowers(self, op: str) -> bool:
         # ATen ops run as cuBLAS / PyTorch CUDA library kernels; flashc ops need a generated kernel

@@ -34,6 +34,7 @@ def run_with_fresh_outputs(program: Program):
 
 class EagerBackend:
     name = "eager"
+    options = ()  # compile options it reads: none
 
     def lowers(self, op: str) -> bool:
         return op.startswith(("aten.", "flashc.")) or op == "getitem"

@@ -56,6 +56,7 @@ def compile(
     tgt = get_target(target)
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
+    _check_options(options or {}, backend, target)
     kwargs = dict(example_kwargs) if example_kwargs is not None else _default_kwargs(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -103,6 +104,19 @@ def compile(
     if any(getattr(p, "changes_numerics", False) for p in passes):
         compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
     return compiled
+
+
+def _check_options(options: dict[str, Any], backend, target: str) -> None:
+    """An option the target's backend does not read is an error, not silently ignored."""
+    from flashc.errors import closest_names
+
+    known = tuple(getattr(backend, "options", ()))
+    for key in options:
+        if key not in known:
+            hint = closest_names(key, list(known))
+            raise FlashcError(f"target {target!r} has no option {key!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else "")
+                              + f" Its options: {', '.join(known) or 'none'}")
 
 
 def check_end_to_end(captured: Program, program: Program, executable, example_inputs: tuple, passes: list,

@@ -127,3 +127,19 @@ def test_cuda_target_compiles_ahead_of_time_without_gpu(tiny_models, tmp_path):
     cm.save(tmp_path / "h100")
     loaded = flashc.load(tmp_path / "h100")
     assert loaded.target == "h100" and loaded.report().fused()["attention"] == 2
+
+
+def test_unknown_or_misspelled_option_is_an_error():
+    import pytest
+
+    from flashc.errors import FlashcError
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(FlashcError, match=r"no option 'contrib_op'; did you mean 'contrib_ops'"):
+        flashc.compile(model, "onnx-cpu", torch.randn(2, 4), options={"contrib_op": False})
+    with pytest.raises(FlashcError, match=r"target 'cpu' has no option 'tune'.*none"):
+        flashc.compile(model, "cpu", torch.randn(2, 4), options={"tune": True})
+    cm = flashc.compile(model, "onnx-cpu", torch.randn(2, 4), options={"contrib_ops": False})
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.allclose(cm(x), model(x), atol=1e-6)

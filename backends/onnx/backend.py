@@ -24,6 +24,7 @@ MODEL_FILE = "model.onnx"
 
 class OnnxBackend:
     name = "onnx"
+    options = ("providers", "opset", "contrib_ops", "threads")  # compile options it reads
 
     def __init__(self, providers: str = "cpu") -> None:
         self.providers = providers

@@ -23,6 +23,8 @@ class TvmBackend:
     work_dir, tuning_database; see build_tvm.
     """
 
+    options = ("arch", "tune_trials", "work_dir", "tuning_database")  # compile options it reads
+
     def __init__(self, kind: str = "llvm") -> None:
         if kind not in TARGET_KINDS:
             raise FlashcError(f"unknown TVM target {kind!r}; use one of {', '.join(TARGET_KINDS)}")
