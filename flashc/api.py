@@ -73,8 +73,9 @@ def compile(
     captured = program.clone() if verify else None
     t = time.perf_counter()
     passes = pipeline(level)
+    ctx = PassContext(prof, dict(options or {}))
     records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
-        program, PassContext(prof, dict(options or {})))
+        program, ctx)
     timings["passes"] = time.perf_counter() - t
     t = time.perf_counter()
     executable = backend.lower(program, prof, dict(options or {}))
@@ -89,7 +90,7 @@ def compile(
         # rows instead; the backend is then checked against the optimized graph.
         exact = not any(getattr(p, "changes_numerics", False) for p in passes)
         check_end_to_end(captured if exact else program, program, executable, tuple(example_inputs),
-                         passes if exact else [], PassContext(prof, dict(options or {})), target)
+                         passes if exact else [], ctx, target)
         timings["verify"] = time.perf_counter() - t
         del captured
     timings["total"] = time.perf_counter() - start

@@ -125,13 +125,28 @@ def tensor_difference(got, ref) -> tuple[float, str | None]:
     return (err, None) if err <= tol else (err, f"relative error {err:.3g} > {tol:g}")
 
 
-def random_calls(program: Program, count: int, seed: int = 0) -> list[tuple]:
-    """Fresh random inputs of the program's signature for `count` calls (token ids within the
+def random_inputs(program: Program, seed: int | torch.Generator = 0) -> tuple[torch.Tensor, ...]:
+    """Fresh random inputs of the program's signature, on the CPU (token ids within the
     vocabulary, positions within the cache)."""
-    g = torch.Generator().manual_seed(seed)
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     vocab = program.meta.get("vocab_size")
-    highs = program.meta.get("input_high", {})
+    highs = program.meta.get("input_high", {})  # e.g. cache_position < max_cache_len
+    return tuple(spec.random(highs.get(spec.name, vocab), g) for spec in program.inputs)
+
+
+def random_calls(program: Program, count: int, seed: int = 0) -> list[tuple]:
+    """random_inputs for `count` calls, where the example inputs were."""
+    g = torch.Generator().manual_seed(seed)
     device = program.meta.get("input_device", "cpu")
     device = "cpu" if device == "meta" else device
-    return [tuple(spec.random(highs.get(spec.name, vocab), g).to(device) for spec in program.inputs)
-            for _ in range(count)]
+    return [tuple(t.to(device) for t in random_inputs(program, g)) for _ in range(count)]
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 (0 for exact integer matches); NaN never passes."""
+    if not ref.dtype.is_floating_point:
+        return 0.0 if torch.equal(got, ref) else float("inf")
+    r, g = ref.double(), got.double()
+    denom = r.norm().item() or 1.0
+    err = (g - r).norm().item() / denom
+    return err if err == err else float("inf")

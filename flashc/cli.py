@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
     import torch
 
     import flashc
-    from flashc.pass_manager import random_inputs, relative_error
+    from flashc.checking import random_inputs, relative_error
 
     cm = flashc.load(args.artifact)
     inputs = random_inputs(cm.program, seed=args.seed)

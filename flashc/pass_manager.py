@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from flashc.aliasing import check_writes_kept, write_signature
 from flashc.errors import VerificationError
 from flashc.ir import Program, output_signature, propagate_shapes, verify
@@ -172,21 +170,3 @@ class NumericCheck:
         if why is not None:
             raise VerificationError(f"{where} changed what the model computes: {why}")
         return error
-
-
-def random_inputs(program: Program, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Fresh random inputs of the program's signature (token ids within the vocabulary)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = program.meta.get("vocab_size")
-    highs = program.meta.get("input_high", {})  # e.g. cache_position < max_cache_len
-    return tuple(spec.random(highs.get(spec.name, vocab), g) for spec in program.inputs)
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| in float64 (0 for exact integer matches); NaN never passes."""
-    if not ref.dtype.is_floating_point:
-        return 0.0 if torch.equal(got, ref) else float("inf")
-    r, g = ref.double(), got.double()
-    denom = r.norm().item() or 1.0
-    err = (g - r).norm().item() / denom
-    return err if err == err else float("inf")

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from flashc.aliasing import MutationInfo, is_write, written_arguments
+
 aten = torch.ops.aten
 
 # Ops whose two tensor operands may appear in either order.
@@ -192,8 +194,6 @@ _MISSING = object()
 
 def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> list[Match]:
     """All non-overlapping matches of rule in graph, in graph order."""
-    from flashc.aliasing import MutationInfo
-
     matches: list[Match] = []
     claimed: set[fx.Node] = set()
     sentinels = {v: k for k, v in rule.scalars.items()}
@@ -268,8 +268,6 @@ def _keeps_writes(mutations, covered: list[fx.Node], outputs: list[fx.Node], inp
     write inside the match must be to storage the match allocates (it disappears with
     it); and an output that is a view of an input must not be written later (the write
     would land in the replacement's fresh tensor instead of the input)."""
-    from flashc.aliasing import is_write, written_arguments
-
     inside = set(covered)
     first = min(covered, key=mutations.order.__getitem__)
     last = max(covered, key=mutations.order.__getitem__)
