@@ -271,9 +271,10 @@ def test_cpu_schedules_keep_numerics_of_odd_tiles_and_epilogues(rows):
     assert rel_err(build_tvm(capture(model, (x,)), "llvm").load()(x)[0], ref) < TOL
 
 
-def test_cpu_schedules_make_a_matmul_10x_faster_than_tvms_default():
-    """The scheduled 128x256x512 matmul against TVM's unscheduled loops (about 100x apart
-    on the 2-core development machine; 10x leaves room for a noisy CI machine)."""
+def test_cpu_schedule_tiles_vectorizes_and_parallelizes_a_matmul_exactly():
+    """The 128x256x512 matmul under `MatmulTiles`: the schedule applies (parallel outer
+    loop, vector lanes, unrolled register tile) and the result matches numpy. Its speed
+    against TVM's plain loops is measured by bench/tvm_cpu_schedules.py, not here."""
     import numpy as np
     import tvm
     from tvm import te
@@ -285,15 +286,16 @@ def test_cpu_schedules_make_a_matmul_10x_faster_than_tvms_default():
     c = te.compute((128, 512), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
     func = te.create_prim_func([a, b, c])
     target = tvm.target.Target(flashc_tvm.make_target("llvm"))
-    args = [tvm.runtime.tensor(np.random.rand(*s).astype("float32")) for s in ((128, 256), (256, 512), (128, 512))]
-    best = {}
-    for label, mod in (("default", tvm.IRModule({"main": func})),
-                       ("scheduled", MatmulTiles().apply(func, target, False).mod)):
-        lib = tvm.compile(mod, target=target)
-        lib["main"](*args)
-        np.testing.assert_allclose(args[2].numpy(), args[0].numpy() @ args[1].numpy(), rtol=1e-4, atol=1e-4)
-        best[label] = min(lib.mod.time_evaluator("main", tvm.cpu(), number=3, repeat=5)(*args).results)
-    assert best["default"] / best["scheduled"] > 10
+    sch = MatmulTiles().apply(func, target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    rng = np.random.default_rng()
+    host = [rng.standard_normal(s).astype("float32") for s in ((128, 256), (256, 512), (128, 512))]
+    args = [tvm.runtime.tensor(x) for x in host]
+    tvm.compile(sch.mod, target=target)["main"](*args)
+    expected = host[0].astype("float64") @ host[1].astype("float64")
+    np.testing.assert_allclose(args[2].numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_row_reductions_reduce_a_vector_of_partial_results():
