@@ -1,58 +1,36 @@
-"""What a backend is: it lowers an optimized Program for one target.
+"""What a backend is: everything it declares, in one place.
 
-A backend lists the ops it lowers itself; every other op runs its reference
-implementation (PyTorch), and the compile report names those ops and where they
-came from in the model.
+    name         the backend's name ('cuda', 'onnx', 'tvm-cpu', ...)
+    Options      a frozen dataclass of the compile options it reads (flashc.options parses
+                 a user's dict into it: an unknown key or a wrong type is an error)
+    lowering     a flashc.lowering.LoweringTable: which ops it lowers and with what; every
+                 other op runs its PyTorch reference (reported as a fallback) or is refused
+    late_passes  (optional) passes of its own, run by the PassManager after the pipeline
+                 on the backend's copy of the program (verified, dumped, reported)
+    lower, save_payload, load_payload
+                 build what runs, and write / read it in an artifact's payload/ folder
+
+`flashc.lowering.lower` is the one path from an optimized program to an executable that
+`flashc.compile`, `flashc.load` and `flashc export` all take.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-import torch
-
-from flashc.ir import Program, module_path, op_name, source_location
+from flashc.ir import Program
+from flashc.lowering import Executable, LoweringTable
 from flashc.profiles import HardwareProfile
-
-Executable = Callable[..., list[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """An op the backend did not lower: it runs its PyTorch reference implementation."""
-
-    op: str
-    count: int
-    where: str  # first module path and source line
 
 
 class Backend(Protocol):
     name: str
+    Options: type
+    lowering: LoweringTable
 
-    def lowers(self, op: str) -> bool:
-        """Whether the backend generates code for op (e.g. 'flashc.rms_norm')."""
-
-    def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]) -> Executable: ...
+    def lower(self, program: Program, profile: HardwareProfile, options: Any) -> Executable: ...
 
     def save_payload(self, executable: Executable, directory: Path) -> dict[str, Any]: ...
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]) -> Executable: ...
-
-
-def fallbacks(program: Program, backend: Backend) -> list[Fallback]:
-    """Ops of program that backend leaves to the reference implementation, by op."""
-    seen: dict[str, list] = {}
-    for node in program.op_nodes():
-        name = op_name(node)
-        if backend.lowers(name):
-            continue
-        entry = seen.setdefault(name, [0, node])
-        entry[0] += 1
-    out = []
-    for name, (count, node) in seen.items():
-        where = module_path(node)
-        loc = source_location(node)
-        out.append(Fallback(name, count, f"{where} ({loc})" if where else loc))
-    return out

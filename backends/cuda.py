@@ -1,11 +1,12 @@
 """The CUDA backend: Triton kernels for flashc's fused ops, cuBLAS/PyTorch for the
 rest, and the whole forward replayed as one CUDA graph.
 
-Lowering copies the optimized graph, moves weights to the GPU and points each flashc
-op that has a generated kernel (flashc.codegen) at it. Decode-sized matmuls (a few
-rows) become fused GEMV kernels that also do the RMSNorm before them, the activation
-and the residual add after them (`cuda_rewrites`); larger matmuls stay on cuBLAS
-through torch. The first call autotunes each generated kernel on the shapes it meets,
+The backend's late passes (`cuda_rewrites`, run by the PassManager) turn decode-sized
+matmuls (a few rows) into `flashc.gemv` ops that also do the RMSNorm before them, the
+activation and the residual add after them, and a decode step's rotary + cache writes
+into one `flashc.rotary_kv_write`; larger matmuls stay on cuBLAS through torch. Lowering
+copies that graph, moves weights to the GPU and points each flashc op of the `KERNELS`
+table at its generated kernel (flashc.codegen). The first call autotunes each generated kernel on the shapes it meets,
 the GEMVs against the unfused cuBLAS path (results cached on disk and saved in the
 artifact), then, with static input shapes, captures the
 forward into a CUDA graph, so a call costs one graph launch instead of a hundred-odd
@@ -20,101 +21,130 @@ on a GPU machine lowers it then.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from flashc.backends.cuda_rewrites import fuse_kv_writes, fuse_small_matmuls
 from flashc.errors import FlashcError
-from flashc.ir import Program, op_name, written_in_place
+from flashc.aliasing import written_placeholders
+from flashc.ir import Program, op_name
+from flashc.lowering import LoweringTable
 from flashc.profiles import HardwareProfile, detect
 
 INSTALL_TRITON = "pip install triton (CUDA builds of torch ship it)"
 
 
-def _kernels() -> dict[str, Callable]:
-    """flashc op name -> launcher taking the op's arguments (imported on first use)."""
+@dataclass(frozen=True)
+class Kernel:
+    """How the CUDA backend runs one flashc op: a launcher taking the op's arguments, and an
+    autotuner taking the same arguments (None: nothing to tune), results cached on disk by
+    codegen.tuning. Both import their Triton module on first use."""
+
+    launch: Callable
+    tune: Callable | None = None
+
+
+def _codegen(name: str):
     try:
-        from flashc.codegen import triton_attention, triton_mlp, triton_moe, triton_norm, triton_rotary
+        return importlib.import_module(f"flashc.codegen.{name}")
     except ImportError as e:
         raise FlashcError(f"the CUDA backend needs Triton ({e}); install it: {INSTALL_TRITON}") from None
 
-    def attention(q, k, v, mask, is_causal, scale):
-        if mask is not None:  # the generated kernel handles causal/none; other masks use the reference
-            return torch.ops.flashc.attention.default(q, k, v, mask, is_causal, scale)
-        return triton_attention.attention(q, k, v, is_causal, scale)
 
-    def decode_attention(q, k_cache, v_cache, cache_position, scale):
-        if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
-            return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
-        # key j is visible iff j <= position: length = position + 1, the same for every sequence
-        return triton_attention.decode_attention(q, k_cache, v_cache, cache_position.expand(q.shape[0]), scale,
-                                                 len_offset=1)
-
-    return {
-        "flashc.rms_norm": lambda x, w, eps: triton_norm.rms_norm(x, w, eps),
-        "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.add_rms_norm(x, r, w, eps),
-        "flashc.rotary": lambda x, c, s: triton_rotary.rotary(x, c, s),
-        # the GLU kernel reads rows with any row stride: the halves of a merged gate|up
-        # projection go in as they are, without copies
-        "flashc.swiglu": lambda g, u: triton_mlp.swiglu(g, u),
-        "flashc.geglu": lambda g, u, approximate: (triton_mlp.geglu(g, u)
-                                                  if approximate == "tanh"
-                                                  else torch.ops.flashc.geglu.default(g, u, approximate)),
-        "flashc.attention": attention,
-        "flashc.decode_attention": decode_attention,
-        "flashc.moe": lambda x, logits, gate_up, down, top_k, normalize: triton_moe.moe(
-            x, logits, gate_up, down, top_k, normalize),
-    }
+def _attention(q, k, v, mask, is_causal, scale):
+    if mask is not None:  # the generated kernel handles causal/none; other masks use the reference
+        return torch.ops.flashc.attention.default(q, k, v, mask, is_causal, scale)
+    return _codegen("triton_attention").attention(q, k, v, is_causal, scale)
 
 
-def _tuners() -> dict[str, Callable]:
-    """flashc op name -> autotuner taking the op's arguments (results cached on disk by codegen.tuning)."""
-    from flashc.codegen import triton_attention, triton_gemv, triton_mlp, triton_moe, triton_norm, triton_rotary
-
-    def glu(act):
-        return lambda g, u, *rest: triton_mlp.tune_glu(torch.cat([g, u], -1), act)
-
-    def attention(q, k, v, mask, is_causal, scale):
-        if mask is None:
-            triton_attention.tune_attention(q, k, v, is_causal, scale)
-
-    def decode_attention(q, k_cache, v_cache, cache_position, scale):
-        if q.shape[2] == 1:
-            lens = (cache_position + 1).expand(q.shape[0])
-            triton_attention.tune_decode_attention(q, k_cache, v_cache, lens, scale)
-
-    return {
-        "flashc.rms_norm": lambda x, w, eps: triton_norm.tune_rms_norm(x, w, eps),
-        "flashc.add_rms_norm": lambda x, r, w, eps: triton_norm.tune_rms_norm(x, w, eps, residual=r),
-        "flashc.rotary": lambda x, c, s: triton_rotary.tune_rotary(x, c, s),
-        "flashc.swiglu": glu("silu"),
-        "flashc.geglu": lambda g, u, approximate: (triton_mlp.tune_glu(torch.cat([g, u], -1), "gelu_tanh")
-                                                   if approximate == "tanh" else None),
-        "flashc.attention": attention,
-        "flashc.decode_attention": decode_attention,
-        "flashc.moe": lambda *args: triton_moe.tune_moe(*args),
-        "gemv": triton_gemv.tune_gemv,
-    }
+def _tune_attention(q, k, v, mask, is_causal, scale):
+    if mask is None:
+        _codegen("triton_attention").tune_attention(q, k, v, is_causal, scale)
 
 
-GENERATED = {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary", "flashc.swiglu", "flashc.geglu",
-             "flashc.attention", "flashc.decode_attention", "flashc.moe"}
+def _decode_attention(q, k_cache, v_cache, cache_position, scale):
+    if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
+        return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
+    # key j is visible iff j <= position: length = position + 1, the same for every sequence
+    return _codegen("triton_attention").decode_attention(q, k_cache, v_cache, cache_position.expand(q.shape[0]),
+                                                         scale, len_offset=1)
+
+
+def _tune_decode_attention(q, k_cache, v_cache, cache_position, scale):
+    if q.shape[2] == 1:
+        lens = (cache_position + 1).expand(q.shape[0])
+        _codegen("triton_attention").tune_decode_attention(q, k_cache, v_cache, lens, scale)
+
+
+def _geglu(g, u, approximate):
+    if approximate == "tanh":
+        return _codegen("triton_mlp").geglu(g, u)
+    return torch.ops.flashc.geglu.default(g, u, approximate)
+
+
+def _tune_geglu(g, u, approximate):
+    if approximate == "tanh":
+        _codegen("triton_mlp").tune_glu(torch.cat([g, u], -1), "gelu_tanh")
+
+
+def _rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions):
+    _codegen("triton_rotary").rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
+
+
+def _rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
+    return _codegen("triton_rotary").rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
+
+
+# flashc op -> its generated kernel. ATen ops run as cuBLAS / PyTorch CUDA library kernels.
+KERNELS: dict[str, Kernel] = {
+    "flashc.rms_norm": Kernel(lambda x, w, eps: _codegen("triton_norm").rms_norm(x, w, eps),
+                              lambda x, w, eps: _codegen("triton_norm").tune_rms_norm(x, w, eps)),
+    "flashc.add_rms_norm": Kernel(lambda x, r, w, eps: _codegen("triton_norm").add_rms_norm(x, r, w, eps),
+                                  lambda x, r, w, eps: _codegen("triton_norm").tune_rms_norm(x, w, eps, residual=r)),
+    "flashc.rotary": Kernel(lambda x, c, s: _codegen("triton_rotary").rotary(x, c, s),
+                            lambda x, c, s: _codegen("triton_rotary").tune_rotary(x, c, s)),
+    # the GLU kernel reads rows with any row stride: the halves of a merged gate|up
+    # projection go in as they are, without copies
+    "flashc.swiglu": Kernel(lambda g, u: _codegen("triton_mlp").swiglu(g, u),
+                            lambda g, u: _codegen("triton_mlp").tune_glu(torch.cat([g, u], -1), "silu")),
+    "flashc.geglu": Kernel(_geglu, _tune_geglu),
+    "flashc.attention": Kernel(_attention, _tune_attention),
+    "flashc.decode_attention": Kernel(_decode_attention, _tune_decode_attention),
+    "flashc.moe": Kernel(lambda x, logits, gate_up, down, top_k, normalize: _codegen("triton_moe").moe(
+        x, logits, gate_up, down, top_k, normalize), lambda *args: _codegen("triton_moe").tune_moe(*args)),
+    # written by the late passes (backends/cuda_rewrites.py)
+    "flashc.gemv": Kernel(lambda *args: _codegen("triton_gemv").gemv(*args),
+                          lambda *args: _codegen("triton_gemv").tune_gemv(*args)),
+    "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
+    "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
+}
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    cuda_graphs: bool = True  # replay the forward as one CUDA graph (static input shapes)
+    tune: bool = True  # autotune each generated kernel on the first call's shapes
 
 
 class CudaBackend:
     name = "cuda"
-    options = ("cuda_graphs", "tune", "save_tuning")  # compile options it reads
+    Options = CudaOptions
+    lowering = LoweringTable("cuda", KERNELS, namespaces=frozenset({"aten"}))
 
-    def lowers(self, op: str) -> bool:
-        # ATen ops run as cuBLAS / PyTorch CUDA library kernels; flashc ops need a generated kernel
-        return op in GENERATED or op.startswith("aten.") or op == "getitem"
+    def late_passes(self, profile: HardwareProfile, options: CudaOptions) -> list:
+        from flashc.backends.cuda_rewrites import FuseKvWrites, FuseSmallMatmuls
 
-    def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]):
+        # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why)
+        return [FuseKvWrites(), FuseSmallMatmuls(_codegen("triton_gemv").MAX_ROWS)]
+
+    def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,
+              save_tuning: Callable[[bytes], None] | None = None):
         if not torch.cuda.is_available():
             def no_gpu(*args):
                 raise FlashcError(f"this model was compiled for {profile.name} on a machine without a GPU; "
@@ -126,8 +156,8 @@ class CudaBackend:
         if local.name != profile.name:
             warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
                           "kernels are tuned for the local device", stacklevel=3)
-        return CudaExecutable(program, use_cuda_graph=options.get("cuda_graphs", True),
-                              tune=options.get("tune", True), save_tuning=options.get("save_tuning"))
+        return CudaExecutable(program, use_cuda_graph=options.cuda_graphs, tune=options.tune,
+                              save_tuning=save_tuning)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -160,22 +190,7 @@ class CudaBackend:
                 swap_file(directory.parent, f"{directory.name}/{tuning_name}", f"{directory.name}/{name}", data,
                           lambda manifest: manifest.setdefault("payload", {}).update(tuning=name))
 
-        return self.lower(program, get_profile(program.meta.get("profile", "h100")), {"save_tuning": save_tuning})
-
-
-def _kv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
-    from flashc.codegen import triton_rotary
-
-    if q is None:
-        triton_rotary.rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
-        return None, k_cache, v_cache
-    return triton_rotary.rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions), k_cache, v_cache
-
-
-def _gemv(x, w, bias, norm_weight, eps, residual, glu):
-    from flashc.codegen import triton_gemv
-
-    return triton_gemv.gemv(x, w, bias, norm_weight, eps, residual, glu)
+        return self.lower(program, get_profile(program.meta.get("profile", "h100")), CudaOptions(), save_tuning)
 
 
 def _save_tuning(save: Callable[[bytes], None]) -> None:
@@ -220,18 +235,15 @@ class CudaExecutable:
 
     def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True,
                  save_tuning: Callable[[bytes], None] | None = None) -> None:
-        kernels = _kernels()
+        _codegen("triton_gemv")  # a clear error now if Triton is missing
         graph = copy.deepcopy(program.graph)
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
         # GPU tensor passed at capture becomes the graph's own buffer (the cache stays
         # resident: no copies while the caller passes the same tensor); other tensors are
         # copied into the static buffer before a replay and back after it
+        written = set(written_placeholders(graph))
         user = [n for n in graph.nodes if n.op == "placeholder"][len(program.params):]
-        self.mutated_inputs = [i for i, n in enumerate(user) if written_in_place(n)]
-        self.kv_writes_fused = fuse_kv_writes(graph, _kv_write)
-        from flashc.codegen.triton_gemv import MAX_ROWS  # more rows stay on cuBLAS
-
-        self.matmuls_fused = fuse_small_matmuls(graph, _gemv, MAX_ROWS)
+        self.mutated_inputs = [i for i, n in enumerate(user) if n in written]
         self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
         for node in graph.nodes:
             if node.op != "call_function":
@@ -239,15 +251,11 @@ class CudaExecutable:
             node.args = fx.node.map_aggregate(node.args, _to_cuda_args)
             node.kwargs = fx.node.map_aggregate(node.kwargs, _to_cuda_args)
             name = op_name(node)
-            if node.target is _gemv:
-                self._ops[node.name] = "gemv"
-            elif name in kernels:
-                node.target = kernels[name]
+            if name in KERNELS:
+                node.target = KERNELS[name].launch
                 self._ops[node.name] = name
         self.module = fx.GraphModule(torch.nn.Module(), graph)
-        launchers = {*kernels.values(), _kv_write, _gemv}
-        foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function"
-                          and n.target not in launchers
+        foreign = sorted({op_name(n) for n in graph.nodes if n.op == "call_function" and n.name not in self._ops
                           and op_name(n).split(".")[0] not in ("aten", "flashc", "getitem")})
         if foreign and use_cuda_graph:
             # ops of other libraries may synchronise with the host (e.g. .tolist()), which
@@ -270,7 +278,6 @@ class CudaExecutable:
         """Run the graph once, tuning each generated kernel on the shapes it meets; returns
         how many kernels were tuned. Results land in codegen.tuning's on-disk cache (and an
         artifact's payload), so a later compile or load of the same shapes does not tune."""
-        tuners = _tuners()
         ops = self._ops
         tuned = 0
 
@@ -278,8 +285,9 @@ class CudaExecutable:
             def call_function(self, target, a, kw):
                 nonlocal tuned
                 op = ops.get(self._node_name)
-                if op in tuners:
-                    tuners[op](*a, **kw)
+                tune = KERNELS[op].tune if op is not None else None
+                if tune is not None:
+                    tune(*a, **kw)
                     tuned += 1
                 return super().call_function(target, a, kw)
 

@@ -1,40 +1,75 @@
-"""Graph rewrites the CUDA backend applies to the lowered graph of a decode step.
+"""The CUDA backend's late passes: rewrites of a decode step's graph into ops that are one
+launch of a generated kernel each, where the graph's static shapes make it safe.
 
-Each folds several ops into one launch of a generated kernel, where the graph's
-static shapes make it safe. They take the launcher as an argument, so the tests run
-them on the CPU with reference launchers and compare the numbers.
+They run in the PassManager after the optimization pipeline (flashc.lowering), verified,
+dumped and reported like every pass, on the backend's copy of the program. The ops they
+write (`flashc.gemv`, `flashc.rotary_kv_write`, `flashc.rotary_qkv_write`, flashc/ops.py)
+have reference implementations, so the rewritten graph runs and is checked on the CPU.
 
-* `fuse_kv_writes`: rotary of the new queries and keys plus the key and value cache
-  writes -> one `rotary_qkv_write` launch.
-* `fuse_small_matmuls`: matmuls of at most a few rows (decode) -> one `gemv` launch
-  each, with the RMSNorm before, the gated activation after a merged gate|up
-  projection, and the residual add after folded in.
+* `FuseKvWrites`: rotary of the new queries and keys plus the key and value cache
+  writes -> one `rotary_qkv_write` (or `rotary_kv_write`).
+* `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each, with
+  the RMSNorm before, the gated activation after a merged gate|up projection, and the
+  residual add after folded in.
+
+Both keep shapes in meta["val"] and every in-place write in its order (the cache writes
+move into the fused op, whose schema declares them).
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable
-
 import torch
 import torch.fx as fx
 
-from flashc.ir import op_name
+from flashc.ir import Program, op_name
+from flashc.pass_manager import PassContext, PassResult
+
+GEMV = torch.ops.flashc.gemv.default
+KV_WRITE = torch.ops.flashc.rotary_kv_write.default
+QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
 
 
-def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
+class FuseKvWrites:
+    """Rotary + key and value cache writes of a decode step -> one flashc.rotary_(q)kv_write."""
+
+    name = "cuda_fuse_kv_writes"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        done = fuse_kv_writes(program.graph)
+        return PassResult(done > 0, {"kv_writes_fused": done})
+
+
+class FuseSmallMatmuls:
+    """Matmuls of at most `max_rows` rows -> flashc.gemv, norms, activations and residuals folded in."""
+
+    name = "cuda_fuse_small_matmuls"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        done = fuse_small_matmuls(program.graph, self.max_rows)
+        return PassResult(done > 0, {"matmuls_to_gemv": done})
+
+
+def fuse_kv_writes(graph: fx.Graph) -> int:
     """Fold a decode step's rotary embeddings and cache update into one launch; returns
     how many were folded.
 
     ``index_copy_(kc, 2, pos, flashc.rotary(k, cos, sin))`` and the next
     ``index_copy_(vc, 2, pos, v)`` at the same positions (three kernels) become
-    ``write(q, k, v, cos, sin, kc, vc, pos) -> (rotary(q) or None, kc, vc)``, which
-    rotates the keys and stores keys and values straight into their cache rows
-    (`rotary_qkv_write`, one kernel). The queries' ``flashc.rotary(q, cos, sin)`` with
-    the same tables joins the launch when nothing reads it before the key write
-    (else ``q`` is None). Only where it is safe: the rotated keys feed nothing else,
-    every input of the write exists where the key write was, and nothing between the
-    two writes reads vc.
+    ``flashc.rotary_kv_write(k, v, cos, sin, kc, vc, pos)``, which rotates the keys and
+    stores keys and values straight into their cache rows (one kernel); readers of the
+    writes' results read kc and vc. The queries' ``flashc.rotary(q, cos, sin)`` with the
+    same tables joins the launch (``flashc.rotary_qkv_write``, returning the rotated
+    queries) when nothing reads it before the key write. Only where it is safe: the
+    rotated keys feed nothing else, every input of the write exists where the key write
+    was, and nothing between the two writes reads vc.
     """
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -64,13 +99,14 @@ def fuse_kv_writes(graph: fx.Graph, write: Callable) -> int:
                    and order[r.args[0]] < order[kn] and all(order[u] > order[kn] for u in r.users)]
         rq = max(queries, key=order.__getitem__) if queries else None
         with graph.inserting_before(kn):
-            call = graph.call_function(write, (rq.args[0] if rq else None, k, v, cos, sin, kc, vc, pos))
             if rq is not None:
-                rq.replace_all_uses_with(graph.call_function(operator.getitem, (call, 0)))
-            k_out = graph.call_function(operator.getitem, (call, 1))
-            v_out = graph.call_function(operator.getitem, (call, 2))
-        kn.replace_all_uses_with(k_out)
-        vn.replace_all_uses_with(v_out)
+                call = graph.call_function(QKV_WRITE, (rq.args[0], k, v, cos, sin, kc, vc, pos))
+                call.meta["val"] = rq.meta.get("val")
+                rq.replace_all_uses_with(call)
+            else:
+                graph.call_function(KV_WRITE, (k, v, cos, sin, kc, vc, pos))
+        kn.replace_all_uses_with(kc)  # index_copy_ returns its destination
+        vn.replace_all_uses_with(vc)
         for n in (vn, kn, rot) + ((rq,) if rq else ()):
             graph.erase_node(n)
         taken |= {kn, vn, rq}
@@ -117,9 +153,9 @@ def _halves(gate: fx.Node, up: fx.Node) -> fx.Node | None:
     return gate.args[0]
 
 
-def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int) -> int:
-    """Rewrite decode-sized matmuls into ``gemv(x, w, bias, norm_weight, eps, residual, glu)``
-    calls; returns how many matmuls became one.
+def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
+    """Rewrite decode-sized matmuls into ``flashc.gemv(x, w, bias, norm_weight, eps, residual,
+    glu)`` calls; returns how many matmuls became one.
 
     1. ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``.
     2. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm``.
@@ -140,14 +176,14 @@ def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int) -> int:
                 or xv.shape[-1] == 0 or xv.numel() // xv.shape[-1] > max_rows):
             continue
         with graph.inserting_before(node):
-            call = graph.call_function(gemv, (x, w, bias, None, 1e-6, None, None))
+            call = graph.call_function(GEMV, (x, w, bias, None, 1e-6, None, None))
         call.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(call)
         graph.erase_node(node)
         count += 1
 
     def takes_norm(user: fx.Node, normed: fx.Node) -> bool:
-        return (user.target is gemv and user.args[_X] is normed and user.args[_NORM] is None
+        return (user.target is GEMV and user.args[_X] is normed and user.args[_NORM] is None
                 and normed not in user.args[1:])
 
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -162,7 +198,7 @@ def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int) -> int:
                 graph.erase_node(node)
         elif node.target == add_rms:
             y, r, g, eps = node.args
-            if not (isinstance(y, fx.Node) and y.target is gemv and len(y.users) == 1 and y.args[_RES] is None
+            if not (isinstance(y, fx.Node) and y.target is GEMV and len(y.users) == 1 and y.args[_RES] is None
                     and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
                     and (not isinstance(r, fx.Node) or order[r] < order[y])):
                 continue
@@ -197,7 +233,7 @@ def fuse_small_matmuls(graph: fx.Graph, gemv: Callable, max_rows: int) -> int:
         if not (isinstance(gate, fx.Node) and isinstance(up, fx.Node)):
             continue
         y = _halves(gate, up)
-        if (y is None or y.target is not gemv or y.args[_RES] is not None or y.args[_GLU] is not None
+        if (y is None or y.target is not GEMV or y.args[_RES] is not None or y.args[_GLU] is not None
                 or set(y.users) != {gate, up} or set(gate.users) != {node} or set(up.users) != {node}):
             continue
         _with(y, glu=act)

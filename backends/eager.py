@@ -12,6 +12,8 @@ from typing import Any
 
 from flashc.aliasing import aliased_outputs
 from flashc.ir import Program
+from flashc.lowering import LoweringTable
+from flashc.options import NoOptions
 from flashc.profiles import HardwareProfile
 
 
@@ -34,12 +36,11 @@ def run_with_fresh_outputs(program: Program):
 
 class EagerBackend:
     name = "eager"
-    options = ()  # compile options it reads: none
+    Options = NoOptions
+    # PyTorch runs every ATen op and every flashc op (by its reference implementation)
+    lowering = LoweringTable("eager", namespaces=frozenset({"aten", "flashc"}))
 
-    def lowers(self, op: str) -> bool:
-        return op.startswith(("aten.", "flashc.")) or op == "getitem"
-
-    def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]):
+    def lower(self, program: Program, profile: HardwareProfile, options: NoOptions):
         return run_with_fresh_outputs(program)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:

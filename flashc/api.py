@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from flashc.backends.base import fallbacks
+from flashc import lowering
 from flashc.capture import capture
 from flashc.compiled import CompiledModel, ModelSource
 from flashc.errors import FlashcError, VerificationError
 from flashc.ir import Program, propagate_shapes
+from flashc.options import parse_options
 from flashc.pass_manager import PassContext, PassManager
 from flashc.pipelines import pipeline
 from flashc.profiles import HardwareProfile, get_profile
@@ -56,7 +57,7 @@ def compile(
     tgt = get_target(target)
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
-    _check_options(options or {}, backend, target)
+    opts = parse_options(backend.Options, options, target)
     kwargs = dict(example_kwargs) if example_kwargs is not None else _default_kwargs(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -73,12 +74,14 @@ def compile(
     captured = program.clone() if verify else None
     t = time.perf_counter()
     passes = pipeline(level)
-    ctx = PassContext(prof, dict(options or {}))
+    ctx = PassContext(prof, opts)
     records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
         program, ctx)
     timings["passes"] = time.perf_counter() - t
     t = time.perf_counter()
-    executable = backend.lower(program, prof, dict(options or {}))
+    executable, backend_records, fallbacks = lowering.lower(backend, program, prof, opts,
+                                                            numeric_check=numeric_check, dump_dir=dump_dir)
+    records += backend_records
     timings["lower"] = time.perf_counter() - t
     # Checked here when it runs here. The CUDA backend is not: its first call captures the
     # CUDA graph around the inputs it is given, and a check on copies would bind the graph
@@ -100,24 +103,10 @@ def compile(
     reference = None
     if keep_reference_weights:
         reference = {k: v.detach() for k, v in model.state_dict().items()}
-    compiled = CompiledModel(program, target, prof, level, executable, records, fallbacks(program, backend), src,
-                             timings, reference)
+    compiled = CompiledModel(program, target, prof, level, executable, records, fallbacks, src, timings, reference)
     if any(getattr(p, "changes_numerics", False) for p in passes):
         compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
     return compiled
-
-
-def _check_options(options: dict[str, Any], backend, target: str) -> None:
-    """An option the target's backend does not read is an error, not silently ignored."""
-    from flashc.errors import closest_names
-
-    known = tuple(getattr(backend, "options", ()))
-    for key in options:
-        if key not in known:
-            hint = closest_names(key, list(known))
-            raise FlashcError(f"target {target!r} has no option {key!r}"
-                              + (f"; did you mean {hint[0]!r}?" if hint else "")
-                              + f" Its options: {', '.join(known) or 'none'}")
 
 
 def check_end_to_end(captured: Program, program: Program, executable, example_inputs: tuple, passes: list,

@@ -302,18 +302,19 @@ def cmd_export(args) -> int:
     import dataclasses
 
     import flashc
-    from flashc.backends.base import fallbacks
+    from flashc import lowering
     from flashc.targets import get_target
 
     cm = flashc.load(args.artifact)
     target = get_target(EXPORT_TARGETS[args.format])
     backend = target.backend()
+    profile = cm.profile if target.profile == "cpu" else flashc.get_profile(target.profile)
     t = time.perf_counter()
-    executable = backend.lower(cm.program, cm.profile if target.profile == "cpu" else flashc.get_profile(target.profile),
-                               {})
+    executable, records, fallbacks = lowering.lower(backend, cm.program, profile, backend.Options())
     timings = {**cm.timings, "export": time.perf_counter() - t}
-    exported = dataclasses.replace(cm, target=target.name, executable=executable,
-                                   fallbacks=fallbacks(cm.program, backend), timings=timings)
+    pipeline = [r for r in cm.records if r.stage == "pipeline"] + records  # the new backend's late passes
+    exported = dataclasses.replace(cm, target=target.name, executable=executable, records=pipeline,
+                                   fallbacks=fallbacks, timings=timings)
     out = Path(args.output or f"{str(args.artifact).rstrip('/')}-{args.format}")
     exported.save(out)
     payload = sorted(str(p.relative_to(out)) for p in (out / "payload").rglob("*") if p.is_file())

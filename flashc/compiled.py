@@ -13,9 +13,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from flashc.artifact import load_tensors, read_manifest, save_tensors, write_artifact
-from flashc.backends.base import Executable, Fallback
 from flashc.errors import ArtifactError, InputError
 from flashc.ir import InputSpec, Program, dtype_from_name, dtype_name, propagate_shapes
+from flashc.lowering import Executable, Fallback
 from flashc.pass_manager import PassRecord
 from flashc.profiles import HardwareProfile, get_profile
 from flashc.report import CompileReport
@@ -235,7 +235,9 @@ def load(path: str | os.PathLike) -> CompiledModel:
     except Exception as e:
         raise ArtifactError(f"{path / 'graph.json'}: the stored graph does not type-check ({e})") from None
     try:
-        executable = target.backend().load_payload(program, path / "payload", manifest.get("payload", {}))
+        from flashc import lowering
+
+        executable = lowering.load(target.backend(), program, profile, path / "payload", manifest.get("payload", {}))
     except OSError as e:
         raise ArtifactError(f"{path / 'payload'}: cannot read the backend payload ({e}); recompile") from None
     reference = None

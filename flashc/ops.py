@@ -221,3 +221,63 @@ FLASHC_OPS = {
     "decode_attention": torch.ops.flashc.decode_attention.default,
     "moe": torch.ops.flashc.moe.default,
 }
+
+
+# --- ops the CUDA backend's late passes rewrite into (backends/cuda_rewrites.py) -------------
+# Each one is a launch of one generated kernel on the GPU; here, the unfused ops it stands
+# for, in the order the graph ran them, so a rewritten graph computes what it computed.
+
+
+@torch.library.custom_op("flashc::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+         eps: float, residual: Optional[torch.Tensor], glu: Optional[str]) -> torch.Tensor:
+    """A decode-sized linear with what folds into it: RMSNorm of x before (norm_weight),
+    then either the residual added after or a gated activation ('silu' or 'gelu_tanh') of
+    the two halves of the output."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    y = F.linear(x, weight, bias)
+    if glu is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = swiglu(gate, up) if glu == "silu" else geglu(gate, up, "tanh")
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+@gemv.register_fake
+def _(x, weight, bias, norm_weight, eps, residual, glu):
+    dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_weight is not None else x.dtype
+    n = weight.shape[0] // 2 if glu is not None else weight.shape[0]
+    if residual is not None:
+        dtype = torch.promote_types(dtype, residual.dtype)
+    return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
+
+
+@torch.library.custom_op("flashc::rotary_kv_write", mutates_args=("k_cache", "v_cache"))
+def rotary_kv_write(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> None:
+    """A decode step's cache update: rotary of the new keys written to k_cache and the new
+    values to v_cache, at rows `positions` of dim 2."""
+    k_cache.index_copy_(2, positions, rotary(k, cos, sin))
+    v_cache.index_copy_(2, positions, v)
+
+
+@rotary_kv_write.register_fake
+def _(k, v, cos, sin, k_cache, v_cache, positions):
+    return None
+
+
+@torch.library.custom_op("flashc::rotary_qkv_write", mutates_args=("k_cache", "v_cache"))
+def rotary_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`rotary_kv_write`, and the rotary of the new queries with the same tables (returned)."""
+    k_cache.index_copy_(2, positions, rotary(k, cos, sin))
+    v_cache.index_copy_(2, positions, v)
+    return rotary(q, cos, sin)
+
+
+@rotary_qkv_write.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, positions):
+    return torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+

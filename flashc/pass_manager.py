@@ -57,6 +57,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     max_error: float | None = None
+    stage: str = "pipeline"  # or "backend": a backend's late pass (flashc.lowering)
 
 
 class PassManager:

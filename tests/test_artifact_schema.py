@@ -11,7 +11,7 @@ import torch
 
 import flashc
 from flashc.artifact import COMPILED_MODEL_MANIFEST, check_fields, read_manifest, sha256_file
-from flashc.backends.base import Fallback
+from flashc.lowering import Fallback
 from flashc.compiled import ModelSource
 from flashc.errors import ArtifactError
 from flashc.pass_manager import PassRecord

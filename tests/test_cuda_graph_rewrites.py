@@ -1,33 +1,36 @@
-"""The CUDA backend's graph rewrites, checked on the CPU with reference launchers."""
-
-import copy
+"""The CUDA backend's late passes, checked on the CPU: the ops they write run their
+reference implementations, against the graph before the passes and the codegen references."""
 
 import torch
 import pytest
-import torch.fx as fx
 from flashc_testing import FAMILIES, rel_err
 
 import flashc
-from flashc.backends.cuda_rewrites import fuse_kv_writes, fuse_small_matmuls
+from flashc.backends.cuda_rewrites import GEMV, FuseKvWrites, FuseSmallMatmuls
 from flashc.codegen.triton_gemv import MAX_ROWS, reference_gemv
 from flashc.codegen.triton_rotary import reference_rotary, reference_rotary_kv_write
 from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
 from flashc.ir import op_name
+from flashc.pass_manager import PassContext, PassManager
+from flashc.profiles import PROFILES
 
 
-def reference_write(q, k, v, cos, sin, k_cache, v_cache, positions):
-    reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
-    return (None if q is None else reference_rotary(q, cos, sin)), k_cache, v_cache
+def run_late_pass(program, late_pass):
+    """The program after one late pass, run and verified by the PassManager (with its numeric check)."""
+    lowered = program.clone()
+    records = PassManager([late_pass], numeric_check=True).run(lowered, PassContext(PROFILES["h100"]))
+    return lowered, records[0]
 
 
 def test_kv_writes_fold_into_one_call_and_keep_the_numbers(tiny_models):
     model = tiny_models["llama-tiny"]
     cm = flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 2, 16), level=3)
-    graph = copy.deepcopy(cm.program.graph)
-    assert fuse_kv_writes(graph, reference_write) == model.config.num_hidden_layers
-    ops = [op_name(n) for n in graph.nodes if n.op == "call_function"]
+    lowered, record = run_late_pass(cm.program, FuseKvWrites())
+    assert record.stats["kv_writes_fused"] == model.config.num_hidden_layers
+    ops = [op_name(n) for n in lowered.graph.nodes if n.op == "call_function"]
     assert "aten.index_copy_" not in ops and "flashc.rotary" not in ops  # queries rotate in the same launch
-    fused = fx.GraphModule(torch.nn.Module(), graph)
+    assert ops.count("flashc.rotary_qkv_write") == model.config.num_hidden_layers
+    fused = lowered.graph_module
     weights = [cm.program.params[n.name] for n in cm.program.param_nodes()]
     tokens = torch.randint(0, model.config.vocab_size, (2, 5))
     kv_ref, kv_new = empty_kv_cache(model, 2, 16), empty_kv_cache(model, 2, 16)
@@ -40,21 +43,47 @@ def test_kv_writes_fold_into_one_call_and_keep_the_numbers(tiny_models):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kv_new, kv_ref))
 
 
-def reference_gemv_call(x, w, bias, norm_weight, eps, residual, glu):
-    return reference_gemv(x, w, bias, norm_weight, eps, residual, glu)
+def test_the_kv_write_ops_match_the_kernel_references():
+    """flashc.rotary_(q)kv_write's reference against codegen's reference of the kernel, fresh inputs."""
+    b, h, s, d, length = 2, 3, 2, 8, 10
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64) for _ in range(3))
+    cos, sin = torch.randn(b, s, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    pos = torch.tensor([4, 7])
+    caches = [torch.randn(b, h, length, d, dtype=torch.float64) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    got_q = torch.ops.flashc.rotary_qkv_write(q, k, v, cos, sin, caches[0], caches[1], pos)
+    reference_rotary_kv_write(k, v, cos, sin, caches[2], caches[3], pos)
+    assert torch.allclose(got_q, reference_rotary(q, cos, sin), atol=1e-12)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    torch.ops.flashc.rotary_kv_write(k, v, cos, sin, caches[0], caches[1], pos + 1)
+    reference_rotary_kv_write(k, v, cos, sin, caches[2], caches[3], pos + 1)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("glu", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_gemv_op_matches_the_kernel_reference(glu, norm):
+    # float32: flashc.rms_norm normalises in fp32 (as the kernels do), whatever the input dtype
+    x = torch.randn(3, 16)
+    w = torch.randn(24, 16)
+    bias = torch.randn(24)
+    g = torch.randn(16) if norm else None
+    residual = torch.randn(3, 24) if glu is None else None
+    got = torch.ops.flashc.gemv(x, w, bias, g, 1e-6, residual, glu)
+    assert rel_err(got, reference_gemv(x, w, bias, g, 1e-6, residual, glu)) < 1e-6
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_decode_matmuls_fold_their_norms_activations_and_residuals(tiny_models, name):
     model = tiny_models[name]
     layers = model.config.num_hidden_layers
-    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 2, 16), level=3)
+    cm = flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 2, 16), level=3)
     before = [op_name(n) for n in cm.program.graph.nodes if n.op == "call_function"]
-    graph = copy.deepcopy(cm.program.graph)
-    assert fuse_small_matmuls(graph, reference_gemv_call, MAX_ROWS) == before.count("aten.linear") > 0
-    calls = [n for n in graph.nodes if n.op == "call_function"]
+    lowered, record = run_late_pass(cm.program, FuseSmallMatmuls(MAX_ROWS))
+    assert record.stats["matmuls_to_gemv"] == before.count("aten.linear") > 0
+    calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
     ops = [op_name(n) for n in calls]
-    gemvs = [n for n in calls if n.target is reference_gemv_call]
+    gemvs = [n for n in calls if n.target is GEMV]
     assert "aten.linear" not in ops
     if name != "mixtral-tiny":  # dense MLP: every norm, activation and residual add folds away
         assert not {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.swiglu", "flashc.geglu"} & set(ops)
@@ -63,8 +92,7 @@ def test_decode_matmuls_fold_their_norms_activations_and_residuals(tiny_models, 
     else:  # the router and the experts share the normed input: a norm stays for the experts
         assert ops.count("flashc.rms_norm") == layers
     weights = [cm.program.params[n.name] for n in cm.program.param_nodes()]
-    plain = fx.GraphModule(torch.nn.Module(), copy.deepcopy(cm.program.graph))
-    fused = fx.GraphModule(torch.nn.Module(), graph)
+    plain, fused = cm.program.graph_module, lowered.graph_module
     tokens = torch.randint(0, model.config.vocab_size, (2, 5))
     kv_ref, kv_new = empty_kv_cache(model, 2, 16), empty_kv_cache(model, 2, 16)
     for t in range(5):
@@ -73,3 +101,18 @@ def test_decode_matmuls_fold_their_norms_activations_and_residuals(tiny_models, 
         ref, got = (r[0] if isinstance(r, (tuple, list)) else r for r in (ref, got))
         assert rel_err(got, ref) < 1e-5
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(kv_new, kv_ref))
+
+
+def test_compile_runs_the_late_passes_and_reports_them_as_backend_passes(tiny_models):
+    """Compiling for h100 (here, without a GPU: the executable refuses to run) runs the CUDA
+    late passes in the PassManager; the report lists them as the backend's; the artifact keeps
+    the portable program (no flashc.gemv), which other targets still export."""
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 1, 16), level=3)
+    late = [r for r in cm.records if r.stage == "backend"]
+    assert [r.name for r in late] == ["cuda_fuse_kv_writes", "cuda_fuse_small_matmuls"]
+    assert late[0].stats["kv_writes_fused"] == model.config.num_hidden_layers
+    assert late[1].stats["matmuls_to_gemv"] > 0
+    assert all(r.stage == "pipeline" for r in cm.records[:-2])
+    assert "flashc.gemv" not in {op_name(n) for n in cm.program.op_nodes()}
+    assert "cuda_fuse_small_matmuls" in cm.report().render()

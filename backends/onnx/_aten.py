@@ -13,7 +13,11 @@ import torch
 import torch.fx as fx
 from onnx_ir.tensor_adapters import TorchTensor
 
-from ._lowering import LoweringContext, NotLowerable, causal_mask_value, lowers
+from ._lowering import LoweringContext, NotLowerable, causal_mask_value, lowerings_into
+
+# OpOverload -> lowering, for the ops this module lowers (joined in backends/onnx/table.py)
+LOWERINGS: dict = {}
+lowers = lowerings_into(LOWERINGS)
 
 aten = torch.ops.aten
 

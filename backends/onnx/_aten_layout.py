@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._lowering import NAMED_LOWERINGS, NotLowerable, lowers
+from ._lowering import NotLowerable, lowerings_into
+
+# OpOverload -> lowering, for the ops this module lowers (joined in backends/onnx/table.py)
+LOWERINGS: dict = {}
+lowers = lowerings_into(LOWERINGS)
 
 aten = torch.ops.aten
 
@@ -415,4 +419,6 @@ def _grouped_mm(ctx, node):
     return b.op("Where", covered, out, b.const(0, dt))
 
 
-NAMED_LOWERINGS["transformers.grouped_mm_fallback"] = _grouped_mm
+# ops of other libraries, by op name: their OpOverloads exist only once that library is
+# imported, so they are matched by name
+NAMED_LOWERINGS = {"transformers.grouped_mm_fallback": _grouped_mm}

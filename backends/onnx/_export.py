@@ -15,11 +15,11 @@ from torch.utils import _pytree as pytree
 from flashc.errors import FlashcError
 from flashc.ir import Program, upstream
 
-from . import DEFAULT_OPSET, _aten, _aten_layout, _fused  # noqa: F401  (importing registers the lowerings)
+from . import DEFAULT_OPSET
 from ._builder import GraphBuilder, onnx_dtype
 from ._in_place import Storage, is_write, lower_write
-from ._lowering import (LOWERINGS, NAMED_LOWERINGS, LoweringContext, NotLowerable, annotate, find_lowering,
-                        unsupported_error)
+from ._lowering import LoweringContext, NotLowerable, annotate, unsupported_error
+from .table import TABLE, find_lowering
 from ._precision import compute_low_precision_in_fp32
 from .runtime import PRESENT_PREFIX, SHARED_PRESENT_KEY, STATE_KEY
 
@@ -35,9 +35,7 @@ def lowerable(node: fx.Node) -> bool:
 
 def lowers_op(name: str) -> bool:
     """Whether an op, by op_name ('aten.linear', 'flashc.rms_norm', 'aten.div_'), has a lowering."""
-    names = {f"{t.namespace}.{t._schema.name.split('::')[-1]}" for t in LOWERINGS} | set(NAMED_LOWERINGS)
-    names.add("getitem")
-    return name in names or (name.startswith("aten.") and name.endswith("_") and name[:-1] in names)
+    return TABLE.lowers(name)
 
 
 def _lower_node(ctx: LoweringContext, storage: Storage, node: fx.Node):

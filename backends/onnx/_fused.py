@@ -42,7 +42,11 @@ from flashc.ir import function_of_one_input, upstream
 
 from ._aten import silu
 from ._builder import MS_DOMAIN
-from ._lowering import LoweringContext, annotate, causal_mask_value, lowers
+from ._lowering import LoweringContext, annotate, causal_mask_value, lowerings_into
+
+# OpOverload -> lowering, for the ops this module lowers (joined in backends/onnx/table.py)
+LOWERINGS: dict = {}
+lowers = lowerings_into(LOWERINGS)
 
 flashc_ops = torch.ops.flashc
 aten = torch.ops.aten

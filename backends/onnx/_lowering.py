@@ -17,57 +17,31 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from flashc.errors import UnsupportedOpError
-from flashc.ir import Program, module_path, op_name, source_location
+from flashc.lowering import unsupported_op_error
+from flashc.ir import Program, module_path, source_location
 
 from ._builder import GraphBuilder, onnx_dtype
 
 Lowering = Callable[["LoweringContext", fx.Node], Any]
 
-# op target (an OpOverload) -> lowering; filled by the modules that define lowerings
-LOWERINGS: dict[Any, Lowering] = {}
-# ops of other libraries, by op_name ('transformers.grouped_mm_fallback'): their
-# OpOverloads exist only once that library is imported, so they are matched by name
-NAMED_LOWERINGS: dict[str, Lowering] = {}
-
 EAGER_TARGETS = "cpu (eager)"
 
 
-def lowers(*targets: Any) -> Callable[[Lowering], Lowering]:
-    """Register the decorated function as the lowering of each target."""
+def lowerings_into(table: dict[Any, Lowering]) -> Callable[..., Callable[[Lowering], Lowering]]:
+    """A decorator `@lowers(target, ...)` that puts the decorated function into `table` (one
+    module's lowerings; backends/onnx/table.py joins the modules' tables into the backend's)."""
 
-    def register(fn: Lowering) -> Lowering:
-        for t in targets:
-            LOWERINGS[t] = fn
-        return fn
+    def lowers(*targets: Any) -> Callable[[Lowering], Lowering]:
+        def put(fn: Lowering) -> Lowering:
+            for t in targets:
+                if t in table:
+                    raise AssertionError(f"two ONNX lowerings for {t}")
+                table[t] = fn
+            return fn
 
-    return register
+        return put
 
-
-def functional_variant(target: Any) -> Any:
-    """aten.foo_.overload -> aten.foo.overload, for an in-place op whose functional form is lowered."""
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
-        return None
-    name = target._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
-        return None
-    packet = getattr(torch.ops.aten, name[:-1], None)
-    functional = getattr(packet, target._overloadname, None) if packet is not None else None
-    return functional if functional in LOWERINGS else None
-
-
-def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
-    """(lowering, in_place) for a call_function node, or None when there is none.
-
-    An in-place op (add_) lowers through its functional form (add); `_in_place` writes the
-    result back into the storage it names.
-    """
-    if node.target in LOWERINGS:
-        return LOWERINGS[node.target], False
-    functional = functional_variant(node.target)
-    if functional is not None:
-        return LOWERINGS[functional], True
-    fn = NAMED_LOWERINGS.get(op_name(node))
-    return (fn, False) if fn is not None else None
+    return lowers
 
 
 class NotLowerable(Exception):
@@ -83,18 +57,7 @@ def describe(node: fx.Node) -> str:
 
 def unsupported_error(nodes: list[tuple[fx.Node, str]]) -> UnsupportedOpError:
     """One UnsupportedOpError listing each op (first occurrence per reason), where it came from and why."""
-    lines, seen = [], set()
-    for node, why in nodes:
-        name = op_name(node)
-        if (name, why) in seen:
-            continue
-        seen.add((name, why))
-        lines.append(f"  {name}, {describe(node)}: {why}")
-    return UnsupportedOpError(
-        "the ONNX exporter cannot lower these ops:\n" + "\n".join(lines)
-        + f"\ntargets that can run them: {EAGER_TARGETS}; compile for that target, "
-        "or rewrite the model code at the line shown"
-    )
+    return unsupported_op_error("ONNX", nodes, EAGER_TARGETS)
 
 
 class LoweringContext:

@@ -10,36 +10,48 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flashc.ir import Program
+from flashc.lowering import LoweringTable
 from flashc.profiles import HardwareProfile
 
-from . import DEFAULT_OPSET, export_onnx, lowers
+from . import DEFAULT_OPSET, export_onnx
 from .runtime import OnnxRuntimeModel
 
 MODEL_FILE = "model.onnx"
 
 
+@dataclass(frozen=True)
+class OnnxOptions:
+    providers: str | list | tuple | None = None  # ONNX Runtime providers; None: the target's
+    opset: int = DEFAULT_OPSET
+    contrib_ops: bool = True  # ONNX Runtime's fused kernels for flashc ops (False: standard ops only)
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
+
+
 class OnnxBackend:
     name = "onnx"
-    options = ("providers", "opset", "contrib_ops", "threads")  # compile options it reads
+    Options = OnnxOptions
 
     def __init__(self, providers: str = "cpu") -> None:
         self.providers = providers
 
-    def lowers(self, op: str) -> bool:
-        return lowers(op)
+    @property
+    def lowering(self) -> LoweringTable:
+        from .table import TABLE  # imports onnx: only when asked
 
-    def lower(self, program: Program, profile: HardwareProfile, options: dict[str, Any]) -> OnnxRuntimeModel:
+        return TABLE
+
+    def lower(self, program: Program, profile: HardwareProfile, options: OnnxOptions) -> OnnxRuntimeModel:
         """Export into a private temporary directory, kept as long as the session lives."""
-        providers = options.get("providers", self.providers)
+        providers = options.providers or self.providers
         tmp = tempfile.TemporaryDirectory(prefix="flashc-onnx-")
-        path = export_onnx(program, Path(tmp.name) / MODEL_FILE, opset=options.get("opset", DEFAULT_OPSET),
-                           contrib_ops=options.get("contrib_ops", True),
-                           low_precision_in_fp32=not _uses_cuda(providers))
-        model = OnnxRuntimeModel.load(path, providers=providers, threads=options.get("threads"),
+        path = export_onnx(program, Path(tmp.name) / MODEL_FILE, opset=options.opset,
+                           contrib_ops=options.contrib_ops, low_precision_in_fp32=not _uses_cuda(providers))
+        model = OnnxRuntimeModel.load(path, providers=providers, threads=options.threads,
                                       state=program.params)
         model.keepalive = tmp  # removed with the model
         return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,21 @@ from flashc.backends.tvm.lower import _flashc_converters, own_aten_ops
 from flashc.backends.tvm.runtime import TvmModel, load_tvm_artifact
 from flashc.errors import FlashcError
 from flashc.ir import Program
+from flashc.lowering import LoweringTable
+
+
+@dataclass(frozen=True)
+class TvmOptions:
+    arch: str | None = None  # CUDA arch ('sm_90'); None: from the profile's compute capability
+    tune_trials: int = 0  # MetaSchedule trials (0: flashc's default schedules, no tuning)
+    work_dir: str | None = None  # MetaSchedule's working directory
+    tuning_database: str | None = None  # a MetaSchedule database to reuse
 
 
 class TvmBackend:
-    """flashc's Backend interface over build_tvm ('llvm' -> tvm-cpu, 'cuda' -> tvm-cuda).
+    """flashc's Backend interface over build_tvm ('llvm' -> tvm-cpu, 'cuda' -> tvm-cuda)."""
 
-    options: arch (CUDA, default from the profile's compute capability), tune_trials,
-    work_dir, tuning_database; see build_tvm.
-    """
-
-    options = ("arch", "tune_trials", "work_dir", "tuning_database")  # compile options it reads
+    Options = TvmOptions
 
     def __init__(self, kind: str = "llvm") -> None:
         if kind not in TARGET_KINDS:
@@ -31,24 +37,25 @@ class TvmBackend:
         self.kind = kind
         self.device = "cuda" if kind == "cuda" else "cpu"
         self.name = f"tvm-{self.device}"
-        self._aten: set[str] | None = None
+        self._table: LoweringTable | None = None
 
-    def lowers(self, op: str) -> bool:
-        """Whether op has a TVM lowering (flashc ops, the frontend's ATen ops, flashc's own)."""
-        if op == "getitem":
-            return True
-        if op.startswith("flashc."):
-            return op in {"flashc." + t._schema.name.split("::")[-1] for t in _flashc_converters()}
-        if self._aten is None:
+    @property
+    def lowering(self) -> LoweringTable:
+        """flashc ops by flashc's converters (lower.py), ATen ops by flashc's own lowerings
+        (aten_ops.py) or else by TVM's Relax frontend (its convert map, read once)."""
+        if self._table is None:
             import_tvm()
             from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-            frontend = {"aten." + k.split(".")[0] for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
-            own = {"aten.to", "aten.scaled_dot_product_attention"} | own_aten_ops()
-            self._aten = frontend | own
-        return op in self._aten
+            ops: dict[str, Any] = {"aten." + k.split(".")[0]: "relax frontend"
+                                   for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
+            ops["aten.to"] = ops["aten.scaled_dot_product_attention"] = "relax frontend"
+            ops.update({name: "flashc" for name in own_aten_ops()})
+            ops.update({"flashc." + t._schema.name.split("::")[-1]: fn for t, fn in _flashc_converters().items()})
+            self._table = LoweringTable(self.name, ops)
+        return self._table
 
-    def lower(self, program: Program, profile, options: dict[str, Any]):
+    def lower(self, program: Program, profile, options: TvmOptions):
         if self.kind == "cuda":
             from flashc.ir import op_name
 
@@ -60,11 +67,11 @@ class TvmBackend:
                                   f"({unfused[0].name}: aten.scaled_dot_product_attention, as at -O0/-O1); "
                                   "compile at -O2 or -O3, where it becomes flashc.attention, or use target "
                                   "tvm-cpu or h100")
-        arch = options.get("arch")
+        arch = options.arch
         if self.kind == "cuda" and arch is None and getattr(profile, "compute_capability", None):
             arch = "sm_{}{}".format(*profile.compute_capability)
-        build = build_tvm(program, self.kind, arch=arch, tune_trials=options.get("tune_trials", 0),
-                          work_dir=options.get("work_dir"), tuning_database=options.get("tuning_database"))
+        build = build_tvm(program, self.kind, arch=arch, tune_trials=options.tune_trials,
+                          work_dir=options.work_dir, tuning_database=options.tuning_database)
         return TvmExecutable(build, self.device)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from flashc.errors import FlashcError, UnsupportedOpError
-from flashc.ir import dtype_name, module_path, op_name, source_location
+from flashc.ir import dtype_name
 
 INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
 # 2: outputs may be Python values and `main` also returns index checks (indexing.py)
@@ -57,6 +57,6 @@ def _log(msg: str) -> None:
 def refuse(node, why: str, fix: str = "use target 'cpu'") -> UnsupportedOpError:
     """UnsupportedOpError for a node the TVM backend will not lower: the op, the node, its
     module and source line, why, and what to do."""
-    where = module_path(node)
-    return UnsupportedOpError(f"TVM backend refuses {op_name(node)} (node {node.name})"
-                              + (f" in {where}" if where else "") + f" at {source_location(node)}: {why}; {fix}")
+    from flashc.lowering import unsupported_op_error
+
+    return unsupported_op_error("TVM", [(node, f"{why}; {fix}")])

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from flashc.backends.tvm.common import _dtype, _shape, _tvm_dtype, import_tvm
 from flashc.backends.tvm.relax_ops import FlashcOps
+from flashc.lowering import unsupported_op_error
 from flashc.errors import FlashcError, UnsupportedOpError
 from flashc.ir import Program, dtype_name, module_path, op_name, source_location
 
@@ -380,11 +381,8 @@ def _in(node: fx.Node) -> str:
 
 def unsupported_op(node: fx.Node, backend: str, detail: str = "") -> UnsupportedOpError:
     """UnsupportedOpError naming the op, its node, module and source line, and the way out."""
-    verb = "cannot lower" if detail else "has no lowering for"
-    msg = f"{backend} backend {verb} {op_name(node)} (node {node.name}){_in(node)} at {source_location(node)}"
-    if detail:
-        msg += f" ({detail.strip().splitlines()[0][:300] if detail.strip() else detail})"
-    return UnsupportedOpError(msg + "; the eager target ('cpu' / 'eager') runs every op of the graph")
+    why = detail.strip().splitlines()[0][:300] if detail.strip() else "no lowering for this op"
+    return unsupported_op_error(backend, [(node, why)])
 
 
 def lower_to_relax(program: Program) -> Lowered:

@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_ir")
 
 import flashc  # noqa: E402
-from flashc.backends.onnx import OnnxRuntimeModel, _lowering, export_onnx, lowers  # noqa: E402
+from flashc.backends.onnx import OnnxRuntimeModel, export_onnx, lowers, table  # noqa: E402
 from flashc.backends.onnx.int4 import Int4Weight, quantize_int4  # noqa: E402
 from flashc.backends.onnx.runtime import SHARED_PRESENT_KEY, resolve_providers  # noqa: E402
 from flashc.capture import capture  # noqa: E402
@@ -422,7 +422,7 @@ def test_a_failing_lowering_is_an_unsupported_op_error_with_its_cause(monkeypatc
     def broken(ctx, node):
         return {}["missing"]
 
-    monkeypatch.setitem(_lowering.LOWERINGS, aten.relu.default, broken)
+    monkeypatch.setitem(table.LOWERINGS, aten.relu.default, broken)
     with pytest.raises(UnsupportedOpError) as err:
         flashc.compile(Small(), target="onnx-cpu", example_inputs=(torch.randn(3),), level=0)
     msg = str(err.value)
@@ -451,7 +451,7 @@ def test_backend_lower_save_load(tiny_models, tmp_path):
     model = tiny_models["qwen2-tiny"]
     program = _optimize(model, (fresh_ids("qwen2-tiny"),), 2)
     backend = OnnxBackend()
-    run = backend.lower(program, PROFILES["cpu"], {})
+    run = backend.lower(program, PROFILES["cpu"], backend.Options())
     ids = fresh_ids("qwen2-tiny")
     ref = program.run_flat(ids)[0]
     assert rel_err(run(ids)[0], ref) < TOL

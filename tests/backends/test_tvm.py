@@ -126,7 +126,7 @@ def test_unsupported_op_names_op_and_source_line():
     assert "aten.logcumsumexp" in msg
     assert f"test_tvm.py:{line}" in msg
     assert "eager" in msg
-    assert not TvmBackend().lowers("aten.logcumsumexp") and TvmBackend().lowers("flashc.moe")
+    assert not TvmBackend().lowering.lowers("aten.logcumsumexp") and TvmBackend().lowering.lowers("flashc.moe")
 
 
 def test_wrong_input_and_missing_tvm(programs, tmp_path, monkeypatch):
@@ -389,7 +389,7 @@ def test_metaschedule_tuning_of_a_small_linear(tmp_path):
 def test_backend_protocol_lower_save_load(programs, tmp_path):
     program = programs("gemma-tiny", 3)
     backend = TvmBackend("llvm")
-    executable = backend.lower(program, PROFILES["cpu"], {})
+    executable = backend.lower(program, PROFILES["cpu"], backend.Options())
     ids = fresh_ids("gemma-tiny")
     assert rel_err(executable(ids)[0], program.run_flat(ids)[0]) < TOL
     info = backend.save_payload(executable, tmp_path)

@@ -1,0 +1,69 @@
+"""The ONNX backend's lowering table: every op it lowers, from the three modules that hold
+lowerings (`_aten`: elementwise, reductions, matmuls; `_aten_layout`: views, indexing,
+scatter; `_fused`: flashc's ops onto ONNX Runtime's contrib ops or standard ops).
+
+Adding an op is one `@lowers(...)` function in one of those modules; this table is where
+the backend's coverage is read from (`OnnxBackend.lowering`, fallbacks, refusals).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from flashc.ir import op_name
+from flashc.lowering import LoweringTable
+
+from . import _aten, _aten_layout, _fused
+from ._lowering import Lowering
+
+# OpOverload -> lowering
+LOWERINGS: dict[Any, Lowering] = {**_aten.LOWERINGS, **_aten_layout.LOWERINGS, **_fused.LOWERINGS}
+assert len(LOWERINGS) == len(_aten.LOWERINGS) + len(_aten_layout.LOWERINGS) + len(_fused.LOWERINGS), \
+    "an op has lowerings in two modules"
+# ops of other libraries, by op name
+NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
+
+
+def functional_variant(target: Any) -> Any:
+    """aten.foo_.overload -> aten.foo.overload, for an in-place op whose functional form is lowered."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    functional = getattr(packet, target._overloadname, None) if packet is not None else None
+    return functional if functional in LOWERINGS else None
+
+
+def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
+    """(lowering, in_place) for a call_function node, or None when there is none.
+
+    An in-place op (add_) lowers through its functional form (add); `_in_place` writes the
+    result back into the storage it names.
+    """
+    if node.target in LOWERINGS:
+        return LOWERINGS[node.target], False
+    functional = functional_variant(node.target)
+    if functional is not None:
+        return LOWERINGS[functional], True
+    fn = NAMED_LOWERINGS.get(op_name(node))
+    return (fn, False) if fn is not None else None
+
+
+def _by_name() -> dict[str, Lowering]:
+    """The table by op name, as the rest of flashc names ops ('aten.add', 'aten.add_')."""
+    out: dict[str, Lowering] = {}
+    for target, fn in LOWERINGS.items():
+        name = f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+        out.setdefault(name, fn)
+        if target.namespace == "aten" and not name.split(".")[-1].startswith("_"):
+            out.setdefault(name + "_", fn)  # lowered through the functional form (`_in_place`)
+    out.update(NAMED_LOWERINGS)
+    return out
+
+
+TABLE = LoweringTable("onnx", _by_name())
