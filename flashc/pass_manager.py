@@ -1,9 +1,20 @@
-"""The pass manager: runs a visible list of passes over a Program.
+"""The pass manager: runs a visible list of passes over a Program, with instruments.
 
-After each pass it verifies the graph (lint, shape/dtype propagation, unchanged output
-signature), optionally compares the new graph's outputs with the previous graph's on
-fresh random inputs, records time and stats, and dumps the IR before and after each
-pass when `FLASHC_DUMP=dir` (or `dump_dir`) is set.
+The loop itself only runs passes in order and tracks the IR properties they need and keep
+(`requires`, `preserves`, `establishes`). Everything else is an instrument handed to it, as
+TVM's PassInstrument is: each sees the program before and after every pass.
+
+    StructureCheck  the graph's structure after every changed pass, its shapes and output
+                    signature at the end (or after every pass), and that every write to an
+                    input or the model's state is kept (flashc.aliasing)
+    NumericCheck    the new graph's outputs against the captured graph's on fresh random
+                    inputs, over several calls (flashc.checking)
+    IRDump          the IR before and after each pass, one file each, into a folder
+    Timing          seconds per pass, in its record
+
+`PassManager(passes, verify=..., numeric_check=..., dump_dir=...)` builds the usual set;
+FLASHC_VERIFY=each|end and FLASHC_DUMP=dir switch them from the environment (README).
+What every pass must keep true is written down in passes/README.md.
 """
 
 from __future__ import annotations
@@ -30,18 +41,22 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may read: the hardware profile and compile options."""
+    """What passes may read: the hardware profile and the target's compile options (its
+    backend's options dataclass, see flashc.options)."""
 
     profile: HardwareProfile
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
 
 
 class Pass(Protocol):
-    """A graph pass. `requires`/`preserves` name IR properties (e.g. 'canonical')."""
+    """A graph pass. `requires` names IR properties it needs, `preserves` those it keeps
+    when it changes the graph, `establishes` those it makes true (e.g. 'canonical',
+    'shapes'); passes/README.md lists the properties and what every pass keeps."""
 
     name: str
     requires: tuple[str, ...]
     preserves: tuple[str, ...]
+    establishes: tuple[str, ...]
 
     def run(self, program: Program, ctx: PassContext) -> PassResult: ...
 
@@ -60,24 +75,135 @@ class PassRecord:
     stage: str = "pipeline"  # or "backend": a backend's late pass (flashc.lowering)
 
 
+class Instrument:
+    """Something that watches the passes run; every hook does nothing unless overridden."""
+
+    def enter(self, program: Program) -> None:
+        """Before the first pass."""
+
+    def before(self, index: int, p: Pass, program: Program) -> None:
+        """Before pass `p` (the index-th) runs."""
+
+    def after(self, index: int, p: Pass, program: Program, result: PassResult, record: PassRecord) -> None:
+        """After `p` ran; may fill in `record` or raise VerificationError."""
+
+    def exit(self, program: Program) -> None:
+        """After the last pass."""
+
+
+class StructureCheck(Instrument):
+    """mode "end": the graph's structure (lint) after every changed pass, its shapes and
+    output signature once at the end; "each": shapes and output signature after every
+    changed pass too. Both: every write to an input or to the model's state is kept."""
+
+    def __init__(self, mode: str = "end") -> None:
+        if mode not in ("end", "each"):
+            raise ValueError(f"verify must be 'end', 'each' or False, got {mode!r}")
+        self.mode = mode
+
+    def enter(self, program: Program) -> None:
+        self.expected = output_signature(program)
+        self.writes = write_signature(program.graph)
+
+    def after(self, index, p, program, result, record) -> None:
+        if not result.changed:
+            return
+        where = f"after pass {p.name}"
+        if self.mode == "each":
+            verify(program, self.expected, where=where)
+        else:
+            verify(program, None, where=where, shapes=False)
+        writes = write_signature(program.graph)
+        check_writes_kept(self.writes, writes, where)
+        self.writes = writes
+
+    def exit(self, program: Program) -> None:
+        if self.mode == "end":
+            verify(program, self.expected, where="after the pass pipeline")
+
+
+class NumericCheck(Instrument):
+    """Compares each changed graph with the captured one on the same random inputs, over
+    several calls, on private copies of inputs and state (see flashc.checking). A pass that
+    changes numerics on purpose (`changes_numerics = True`, e.g. quantization) is measured by
+    accuracy instead; later passes are compared with its output."""
+
+    calls = 3
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def enter(self, program: Program) -> None:
+        from flashc.checking import random_calls, run_program
+
+        self.inputs = random_calls(program, self.calls, self.seed)
+        self.reference = run_program(program, self.inputs)
+
+    def after(self, index, p, program, result, record) -> None:
+        from flashc.checking import compare, run_program
+
+        if not result.changed:
+            return
+        if getattr(p, "changes_numerics", False):
+            self.reference = run_program(program, self.inputs)
+            return
+        error, why = compare(self.reference, run_program(program, self.inputs))
+        if why is not None:
+            raise VerificationError(f"pass {p.name} changed what the model computes: {why}")
+        record.max_error = error
+
+
+class IRDump(Instrument):
+    """The IR before and after each pass, as Python, in `directory` (NN_<pass>_before.py, ..._after.py)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def _write(self, program: Program, index: int, name: str, when: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"{index:02d}_{name}_{when}.py").write_text(program.graph_module.code)
+
+    def before(self, index, p, program) -> None:
+        self._write(program, index, p.name, "before")
+
+    def after(self, index, p, program, result, record) -> None:
+        self._write(program, index, p.name, "after")
+
+
+class Timing(Instrument):
+    """Seconds each pass took (its run and recompile), in its record."""
+
+    def before(self, index, p, program) -> None:
+        self.start = time.perf_counter()
+
+    def after(self, index, p, program, result, record) -> None:
+        record.seconds = time.perf_counter() - self.start
+
+
 class PassManager:
-    """Runs passes in order with verification, optional numeric checks, timing and dumps."""
+    """Runs passes in order, tracking the IR properties they need, under instruments."""
 
     def __init__(self, passes: list[Pass], verify: bool | str = True, numeric_check: bool = False,
-                 dump_dir: str | os.PathLike | None = None) -> None:
+                 dump_dir: str | os.PathLike | None = None, instruments: list[Instrument] | None = None) -> None:
         """verify: "end" (or True) checks the graph's structure after every changed pass and its
         shapes and output signature once at the end, replaying the pipeline with full checks
         after each pass to name the culprit if that fails; "each" propagates shapes after every
-        changed pass (FLASHC_VERIFY=each); False checks nothing."""
+        changed pass (FLASHC_VERIFY=each); False checks nothing. numeric_check adds a
+        NumericCheck, dump_dir (or FLASHC_DUMP) an IRDump; `instruments` are added after those."""
         self.passes = list(passes)
         if verify is True:
             verify = os.environ.get("FLASHC_VERIFY", "end")
-        if verify not in (False, "end", "each"):
-            raise ValueError(f"verify must be 'end', 'each' or False, got {verify!r}")
         self.verify = verify
-        self.numeric_check = numeric_check
+        self.instruments: list[Instrument] = [Timing()]
+        if verify is not False:
+            self.instruments.append(StructureCheck(verify))
+        if numeric_check:
+            self.instruments.append(NumericCheck())
         dump_dir = dump_dir or os.environ.get("FLASHC_DUMP")
-        self.dump_dir = Path(dump_dir) if dump_dir else None
+        if dump_dir:
+            self.instruments.append(IRDump(dump_dir))
+        self.instruments += list(instruments or [])
+        self.numeric_check = numeric_check
 
     def run(self, program: Program, ctx: PassContext) -> list[PassRecord]:
         original = program.clone() if self.verify == "end" else None
@@ -93,9 +219,8 @@ class PassManager:
         held: set[str] = {"shapes"}
         if any(n.meta.get("val") is None and n.users for n in program.op_nodes()):  # capture sets them
             propagate_shapes(program)
-        expected = output_signature(program)
-        writes = write_signature(program.graph)
-        checker = NumericCheck(program) if self.numeric_check else None
+        for instrument in self.instruments:
+            instrument.enter(program)
         for index, p in enumerate(self.passes):
             missing = [r for r in p.requires if r not in held]
             if "shapes" in missing:
@@ -104,70 +229,25 @@ class PassManager:
             if missing:
                 raise VerificationError(f"pass {p.name} requires {missing}, which no earlier pass established; "
                                         "fix the pipeline order")
-            self._dump(program, index, p.name, "before")
+            for instrument in reversed(self.instruments):  # nested: Timing, first, sees only the pass
+                instrument.before(index, p, program)
             nodes_before = len(program.graph.nodes)
-            start = time.perf_counter()
             result = p.run(program, ctx)
             if result.changed:
                 program.recompile()
-            seconds = time.perf_counter() - start
             establishes = set(getattr(p, "establishes", ()))
             if not result.changed:  # a pass that changed nothing leaves every property as it was
                 held |= establishes
             else:
                 held = (held & set(p.preserves)) | establishes
-                if self.verify == "each":
-                    verify(program, expected, where=f"after pass {p.name}")
-                    held.add("shapes")
-                elif self.verify == "end":
-                    verify(program, None, where=f"after pass {p.name}", shapes=False)
-                if self.verify:
-                    after = write_signature(program.graph)
-                    check_writes_kept(writes, after, f"after pass {p.name}")
-                    writes = after
-            record = PassRecord(p.name, result.changed, dict(result.stats), seconds,
-                                nodes_before, len(program.graph.nodes))
-            if checker is not None and result.changed:
-                if getattr(p, "changes_numerics", False):  # measured by accuracy, not checked
-                    checker.rebase(program)
-                else:
-                    record.max_error = checker.check(program, f"pass {p.name}")
-            self._dump(program, index, p.name, "after")
+                if isinstance(self.verify, str) and self.verify == "each":
+                    held.add("shapes")  # StructureCheck("each") propagated them
+            record = PassRecord(p.name, result.changed, dict(result.stats), 0.0, nodes_before,
+                                len(program.graph.nodes))
+            for instrument in self.instruments:
+                instrument.after(index, p, program, result, record)
             records.append(record)
         program.recompile()  # cheap once; guards against a pass that changed the graph but said it did not
-        if self.verify == "end":
-            verify(program, expected, where="after the pass pipeline")
+        for instrument in self.instruments:
+            instrument.exit(program)
         return records
-
-    def _dump(self, program: Program, index: int, name: str, when: str) -> None:
-        if self.dump_dir is None:
-            return
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        (self.dump_dir / f"{index:02d}_{name}_{when}.py").write_text(program.graph_module.code)
-
-
-class NumericCheck:
-    """Compares each changed graph with the captured one on the same random inputs, over
-    several calls, on private copies of inputs and state (see flashc.checking)."""
-
-    calls = 3
-
-    def __init__(self, program: Program, seed: int = 0) -> None:
-        from flashc.checking import random_calls, run_program
-
-        self.inputs = random_calls(program, self.calls, seed)
-        self.reference = run_program(program, self.inputs)
-
-    def rebase(self, program: Program) -> None:
-        """Compare later passes with this graph (after a pass that changes numerics on purpose)."""
-        from flashc.checking import run_program
-
-        self.reference = run_program(program, self.inputs)
-
-    def check(self, program: Program, where: str) -> float:
-        from flashc.checking import compare, run_program
-
-        error, why = compare(self.reference, run_program(program, self.inputs))
-        if why is not None:
-            raise VerificationError(f"{where} changed what the model computes: {why}")
-        return error

@@ -56,3 +56,54 @@ def test_a_sound_pipeline_keeps_the_numbers():
 def test_unknown_verification_mode_is_refused():
     with pytest.raises(ValueError, match="verify must be"):
         PassManager([], verify="sometimes")
+
+
+class DoubleTheOutput:
+    """Changes what the model computes: the numeric check must refuse it."""
+    name = "double_the_output"
+    requires = ()
+    preserves = ("shapes",)
+
+    def run(self, program, ctx):
+        out = program.graph.output_node()
+        outputs = out.args[0]
+        result = outputs[0]
+        with program.graph.inserting_before(out):
+            doubled = program.graph.call_function(torch.ops.aten.mul.Tensor, (result, 2.0))
+        doubled.meta = dict(result.meta)
+        out.args = ((doubled, *outputs[1:]),)
+        return PassResult(True)
+
+
+def test_instruments_see_every_pass_in_order_and_may_fill_records(tmp_path):
+    from flashc.pass_manager import Instrument
+
+    seen = []
+
+    class Log(Instrument):
+        def enter(self, program):
+            seen.append("enter")
+
+        def before(self, index, p, program):
+            seen.append(f"before {index} {p.name}")
+
+        def after(self, index, p, program, result, record):
+            seen.append(f"after {index} {p.name}")
+            record.stats["logged"] = 1
+
+        def exit(self, program):
+            seen.append("exit")
+
+    program = capture(Scale(), (torch.randn(32),))
+    records = PassManager([Harmless(), Harmless()], numeric_check=True, dump_dir=tmp_path,
+                          instruments=[Log()]).run(program, PassContext(PROFILES["cpu"]))
+    assert seen == ["enter", "before 0 harmless", "after 0 harmless", "before 1 harmless", "after 1 harmless", "exit"]
+    assert all(r.stats == {"logged": 1} and r.max_error == 0.0 and r.seconds >= 0 for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_harmless_after.py", "00_harmless_before.py",
+                                                         "01_harmless_after.py", "01_harmless_before.py"]
+
+
+def test_the_numeric_check_names_a_pass_that_changes_the_numbers():
+    program = capture(Scale(), (torch.randn(32),))
+    with pytest.raises(VerificationError, match="pass double_the_output changed what the model computes"):
+        PassManager([Harmless(), DoubleTheOutput()], numeric_check=True).run(program, PassContext(PROFILES["cpu"]))
