@@ -58,18 +58,9 @@ def compile(
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
     opts = parse_options(backend.Options, options, target)
-    kwargs = dict(example_kwargs) if example_kwargs is not None else _default_kwargs(model)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    program = capture(model, tuple(example_inputs), kwargs)
-    config = getattr(model, "config", None)
-    if getattr(config, "vocab_size", None):
-        program.meta["vocab_size"] = int(config.vocab_size)
-    if getattr(model, "max_cache_len", None):  # a DecodeStep: positions index the cache
-        program.meta["input_high"] = {"cache_position": int(model.max_cache_len)}
-        program.meta["signature"] = "decode"
-    warning = program.meta.pop("capture_warning", None)
-    program.meta["warnings"] = [warning] if warning else []
+    program = capture_program(model, example_inputs, example_kwargs)
     timings["capture"] = time.perf_counter() - start
     captured = program.clone() if verify else None
     t = time.perf_counter()
@@ -107,6 +98,37 @@ def compile(
     if any(getattr(p, "changes_numerics", False) for p in passes):
         compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
     return compiled
+
+
+def capture_program(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+                    example_kwargs: dict[str, Any] | None = None) -> Program:
+    """The model captured as flashc.compile captures it: with `use_cache=False` for Hugging
+    Face models (unless example_kwargs say otherwise) and what flashc knows of its inputs
+    (vocabulary size, a decode step's cache length) in the program's metadata."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_kwargs) if example_kwargs is not None else _default_kwargs(model)
+    program = capture(model, tuple(example_inputs), kwargs)
+    config = getattr(model, "config", None)
+    if getattr(config, "vocab_size", None):
+        program.meta["vocab_size"] = int(config.vocab_size)
+    if getattr(model, "max_cache_len", None):  # a DecodeStep: positions index the cache
+        program.meta["input_high"] = {"cache_position": int(model.max_cache_len)}
+        program.meta["signature"] = "decode"
+    warning = program.meta.pop("capture_warning", None)
+    program.meta["warnings"] = [warning] if warning else []
+    return program
+
+
+def optimize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, *,
+             example_kwargs: dict[str, Any] | None = None, level: int = 2,
+             profile: str | HardwareProfile = "cpu", numeric_check: bool = False) -> tuple[Program, list]:
+    """The optimized program flashc.compile lowers, without lowering it: capture, then the
+    level's pipeline (what `flashc inspect` shows). Returns (program, pass records)."""
+    prof = profile if isinstance(profile, HardwareProfile) else get_profile(profile)
+    program = capture_program(model, example_inputs, example_kwargs)
+    records = PassManager(pipeline(level), numeric_check=numeric_check).run(program, PassContext(prof))
+    return program, records
 
 
 def check_end_to_end(captured: Program, program: Program, executable, example_inputs: tuple, passes: list,

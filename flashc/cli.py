@@ -216,12 +216,10 @@ def _truncate_table(t, limit):
 
 def _optimized_program_for_inspect(args):
     from flashc import zoo
-    from flashc.capture import capture
+    from flashc.api import optimize
     from flashc.compiled import ModelSource
     from flashc.ir import dtype_from_name
     from flashc.models import is_factory
-    from flashc.pass_manager import PassContext, PassManager
-    from flashc.pipelines import pipeline
     from flashc.profiles import get_profile
     from flashc.targets import get_target
 
@@ -238,8 +236,7 @@ def _optimized_program_for_inspect(args):
         model, inputs = _eager_model(ModelSource(kind, args.model, args.dtype, 0, args.batch, args.seq_len))
     _check_positions(model, args.model, "--seq-len", args.seq_len)
     with _user_code(args.model, "capturing the model"):
-        program = capture(model, inputs, {"use_cache": False} if hasattr(model, "config") else {})
-    PassManager(pipeline(args.level)).run(program, PassContext(profile))
+        program, _ = optimize(model, inputs, level=args.level, profile=profile)
     return program, profile
 
 
