@@ -35,7 +35,7 @@ from flashc.errors import FlashcError
 from flashc.aliasing import written_placeholders
 from flashc.ir import Program, op_name
 from flashc.lowering import LoweringTable
-from flashc.profiles import HardwareProfile, detect
+from flashc.profiles import PROFILES, HardwareProfile, detect
 
 INSTALL_TRITON = "pip install triton (CUDA builds of torch ship it)"
 
@@ -152,12 +152,16 @@ class CudaBackend:
 
             return no_gpu
         _check_memory(program)
-        local = detect()
+        # The device is detected once, here (flashc.profiles: the one table). The compile's
+        # profile drives the passes and the cost model; kernels pick their configs for the
+        # GPU they run on, handed to them as a tuning profile (codegen.tuning.use_profile).
+        local = detect(torch.cuda.current_device())
         if local.name != profile.name:
             warnings.warn(f"compiling for profile {profile.name!r} but the local GPU is {local.name!r}; "
                           "kernels are tuned for the local device", stacklevel=3)
+        kernel_profile = local.name if local.name in PROFILES else "default"
         return CudaExecutable(program, use_cuda_graph=options.cuda_graphs, tune=options.tune,
-                              save_tuning=save_tuning)
+                              save_tuning=save_tuning, kernel_profile=kernel_profile)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -234,7 +238,8 @@ class CudaExecutable:
     """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
 
     def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True,
-                 save_tuning: Callable[[bytes], None] | None = None) -> None:
+                 save_tuning: Callable[[bytes], None] | None = None, kernel_profile: str = "default") -> None:
+        self.kernel_profile = kernel_profile  # the tuning tables the kernels read (codegen.tuning)
         _codegen("triton_gemv")  # a clear error now if Triton is missing
         graph = copy.deepcopy(program.graph)
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
@@ -271,7 +276,10 @@ class CudaExecutable:
         self._static_out: list[torch.Tensor] = []
 
     def run_eager(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        out = self.module(*self.weights, *[a.to("cuda", non_blocking=True) for a in args])
+        from flashc.codegen.tuning import use_profile
+
+        with use_profile(self.kernel_profile):
+            out = self.module(*self.weights, *[a.to("cuda", non_blocking=True) for a in args])
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def autotune(self, *args: torch.Tensor) -> int:
@@ -296,7 +304,10 @@ class CudaExecutable:
                 return super().run_node(n)
 
         with torch.no_grad():
-            Tuning(self.module).run(*self.weights, *[a.to("cuda") for a in args])
+            from flashc.codegen.tuning import use_profile
+
+            with use_profile(self.kernel_profile):
+                Tuning(self.module).run(*self.weights, *[a.to("cuda") for a in args])
         torch.cuda.synchronize()
         return tuned
 

@@ -28,6 +28,8 @@ passes its own ``bench_fn`` (the tests do, to exercise the cache on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -289,16 +291,33 @@ def candidates(kernel_name: str, profile_name: str = "default") -> list[dict]:
 # ---------------------------------------------------------------------------
 # Profile detection
 # ---------------------------------------------------------------------------
-_PROFILE_BY_NAME = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L4", "l4"))
 _profile_memo: dict[Any, str] = {}
+# The profile the CUDA backend runs its kernels for (set around its calls: `use_profile`).
+_active_profile: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashc_kernel_profile", default=None)
+
+
+@contextlib.contextmanager
+def use_profile(name: str):
+    """Kernels launched inside pick their configs from the tuning tables of profile `name`
+    (the CUDA backend hands its executable's profile down this way, instead of each kernel
+    detecting the device again)."""
+    token = _active_profile.set(name)
+    try:
+        yield
+    finally:
+        _active_profile.reset(token)
 
 
 def detect_profile(device: Any = None) -> str:
     """Name of the tuning profile for ``device`` (a torch device, index or None).
 
-    CPU tensors, no CUDA, or an unknown GPU give ``"default"``.  The result is
-    memoised per device because ``get_device_name`` is slow-ish.
+    Inside `use_profile(name)`, that name. Otherwise the device's built-in profile
+    (flashc.profiles.profile_name_for_gpu: the one detection table); CPU tensors, no CUDA,
+    or an unknown GPU give ``"default"``. Memoised per device (``get_device_name`` is slow-ish).
     """
+    active = _active_profile.get()
+    if active is not None:
+        return active
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency of flashc
@@ -314,13 +333,9 @@ def detect_profile(device: Any = None) -> str:
         device = torch.cuda.current_device()
     if device in _profile_memo:
         return _profile_memo[device]
-    name = torch.cuda.get_device_name(device)
-    profile = "default"
-    for needle, prof in _PROFILE_BY_NAME:
-        # "L4" must not match e.g. "L40": compare whole words.
-        if needle in name.replace("-", " ").split() or (needle != "L4" and needle in name):
-            profile = prof
-            break
+    from flashc.profiles import profile_name_for_gpu
+
+    profile = profile_name_for_gpu(torch.cuda.get_device_name(device)) or "default"
     _profile_memo[device] = profile
     return profile
 

@@ -119,14 +119,29 @@ def get_profile(name: str | HardwareProfile) -> HardwareProfile:
     return PROFILES[name]
 
 
-def detect() -> HardwareProfile:
+# The built-in profile of a GPU, by the name CUDA reports ("NVIDIA H100 80GB HBM3"): the one
+# table flashc detects hardware with (the profile of a compile, and the tuning tables of
+# codegen/tuning.py, which the CUDA backend hands the profile it runs on).
+GPU_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L4", "l4"))
+
+
+def profile_name_for_gpu(device_name: str) -> str | None:
+    """The built-in profile for a GPU's name, or None. "L4" must not match "L40S": names
+    are compared as whole words ("H100" also inside "H100-SXM5")."""
+    words = device_name.replace("-", " ").split()
+    for needle, name in GPU_NAMES:
+        if needle in words or (needle != "L4" and needle in device_name):
+            return name
+    return None
+
+
+def detect(device: int | None = None) -> HardwareProfile:
     """A profile for the local device: the matching built-in GPU profile, or the CPU's."""
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        lowered = props.name.lower()
-        for name in ("h200", "h100", "a100", "l4"):
-            if name in lowered:
-                return PROFILES[name]
+        props = torch.cuda.get_device_properties(device if device is not None else 0)
+        known = profile_name_for_gpu(props.name)
+        if known is not None:
+            return PROFILES[known]
         base = PROFILES["h100"] if props.major >= 9 else PROFILES["a100"]
         return HardwareProfile(
             name=f"detected:{props.name}", kind="gpu", peak_flops=base.peak_flops,

@@ -46,3 +46,14 @@ def test_decode_estimate_reads_all_weights_once():
     assert est.bytes == pytest.approx(weights, rel=0.02)
     floor = weights / PROFILES["h100"].memory_bandwidth
     assert floor < est.seconds < floor + est.kernels * PROFILES["h100"].kernel_overhead_s * 1.01
+
+
+@pytest.mark.parametrize("device_name, profile", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100-SXM5-80GB", "h100"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", None), ("NVIDIA L40", None),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_one_table_names_the_profile_of_a_gpu(device_name, profile):
+    from flashc.profiles import profile_name_for_gpu
+
+    assert profile_name_for_gpu(device_name) == profile

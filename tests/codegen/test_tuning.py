@@ -262,3 +262,14 @@ def test_modules_import_without_triton_and_launchers_say_why():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_the_backend_hands_its_profile_to_the_kernels():
+    """Inside use_profile, every kernel's lookup reads that profile, whatever the device; the
+    previous profile comes back after (nested too)."""
+    with tuning.use_profile("h200"):
+        assert tuning.detect_profile(torch.device("cpu")) == "h200"
+        with tuning.use_profile("l4"):
+            assert tuning.detect_profile(None) == "l4"
+        assert tuning.detect_profile(0) == "h200"
+    assert tuning.detect_profile("cpu") == "default"
