@@ -35,14 +35,10 @@ from ._triton_common import (
     tl,
 )
 
+from flashc.ops import rotate_half  # cat(-x[..., D//2:], x[..., :D//2]): the op's own, shared
+
 __all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half", "rotary_kv_write",
            "reference_rotary_kv_write", "rotary_qkv_write", "reference_rotary_qkv_write"]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``cat(-x[..., D//2:], x[..., :D//2])``."""
-    d = x.shape[-1] // 2
-    return torch.cat((-x[..., d:], x[..., :d]), dim=-1)
 
 
 def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
