@@ -77,7 +77,7 @@ def compile(
     # Checked here when it runs here. The CUDA backend is not: its first call captures the
     # CUDA graph around the inputs it is given, and a check on copies would bind the graph
     # to those copies (bench/gpu_decode_check.py checks it against eager on the GPU).
-    runs_here = prof.kind == "cpu" and backend.name != "cuda"
+    runs_here = prof.kind in ("cpu", "lpu") and backend.name != "cuda"  # lpu: the reference, on the CPU
     if captured is not None and runs_here:
         t = time.perf_counter()
         # A pass that changes numerics on purpose (quantization) is measured by the accuracy

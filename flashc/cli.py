@@ -77,6 +77,11 @@ def cmd_compile(args) -> int:
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
                             numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
     print(cm.report().render())
+    prediction = getattr(cm.executable, "prediction", None)  # a simulated target (lpu-v1) says what it predicts
+    if prediction is not None:
+        from flashc.backends.lpu.backend import render_prediction
+
+        print(render_prediction(prediction))
     if args.output:
         path = cm.save(args.output)
         print(f"artifact written to {path}")
@@ -654,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", type=_artifact_output, default=None,
                    help="new artifact directory (default: ARTIFACT-FORMAT)")
     x.set_defaults(func=cmd_export)
+    from flashc.backends.lpu.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
     return p
 
 

