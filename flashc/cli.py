@@ -161,6 +161,8 @@ def cmd_inspect(args) -> int:
     from flashc.profiles import get_profile
     from flashc.targets import get_target
 
+    if args.why_not:
+        return _inspect_why_not(args)
     if Path(args.model).is_dir():
         import flashc
 
@@ -204,6 +206,42 @@ def cmd_inspect(args) -> int:
     c.print(top)
     c.print(f"total: {human_seconds(est.seconds)} per forward, {est.flops / 1e9:.2f} GFLOP, "
             f"{human_bytes(est.bytes)} moved, {est.kernels} kernels")
+    return 0
+
+
+def _inspect_why_not(args) -> int:
+    """`flashc inspect MODEL --why-not OP`: every place the fusion OP could happen in the
+    model, and whether it did or why not, from the pipeline run up to the pass that fuses OP."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from flashc.ir import module_path
+    from flashc.pass_manager import PassContext
+    from flashc.pipelines import pipeline
+    from flashc.rewrite import fusion_owner, short_source, why_not
+
+    if Path(args.model).is_dir():
+        raise FlashcError(f"--why-not {args.why_not}: {args.model} is an artifact, whose graph is already optimized; "
+                          "give the zoo name or path/to/file.py:factory it was compiled from")
+    if args.level < 2:
+        raise FlashcError(f"--why-not {args.why_not}: -O{args.level} fuses nothing; fusions run at -O2 and -O3")
+    passes = pipeline(args.level)
+    fusion_owner(passes, args.why_not)  # an unknown name fails before the model is built
+    # captured only (-O0): why_not runs the pipeline itself, as far as the pass that fuses OP
+    program, profile = _optimized_program_for_inspect(argparse.Namespace(**{**vars(args), "level": 0}))
+    report = why_not(program, passes, PassContext(profile), args.why_not)
+    t = Table(title=f"why not {report.name}: {args.model} at -O{args.level}, pass {report.pass_name} "
+                    f"(fused {report.fused} of {len(report.candidates)} candidates)", title_justify="left")
+    for col in ("node", "module", "source", "pattern", "result"):
+        t.add_column(col)
+    for cand in report.candidates:
+        result = "[green]fused[/]" if cand.fused else escape(cand.reason)
+        t.add_row(cand.node.name, module_path(cand.node), short_source(cand.node), cand.pattern, result)
+    if args.limit and len(report.candidates) > args.limit:
+        t = _truncate_table(t, args.limit)
+    c = _console()
+    c.print(t)
+    c.print(f"{report.name}: fused {report.fused} of {len(report.candidates)} candidate places")
     return 0
 
 
@@ -640,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=NON_NEGATIVE, default=10)
     i.add_argument("--limit", type=NON_NEGATIVE, default=60, help="rows of the op table to print (0: all)")
     i.add_argument("--all", action="store_true", help="also list view ops (no kernel)")
+    i.add_argument("--why-not", metavar="OP", default=None,
+                   help="a fusion (rotary, attention, rms_norm, swiglu, moe, decode_attention, ...): where it could "
+                        "happen and why it did not")
     model_args(i)
     i.set_defaults(func=cmd_inspect)
 

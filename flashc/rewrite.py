@@ -1,25 +1,36 @@
 """Rewrite rules: a pattern written as the PyTorch code it matches, a replacement, a check.
 
-A pattern function is captured with the same `torch.export` path and cleanup passes as
-the model, for each dtype it may appear in, so it matches the model's graph op for op.
-Pattern arguments that are tensors match any node; those listed in `scalars` are
+A pattern function is captured with the same `torch.export` path as the model, for each
+dtype it may appear in, and cleaned up by the passes its rule names (`cleanup`: those
+the pipeline runs on the model before the rule), so it matches the model's graph op for
+op. Pattern arguments that are tensors match any node; those listed in `scalars` are
 traced with a distinctive sentinel value and bind whatever literal stands in that
 place in the model's graph (an epsilon, a scale). With `any_shape_literals`, the
 size lists of view/reshape/expand and other int literals that only follow from shapes
 match anything, and the check function validates what matters.
+
+A check returns True to accept a match, or a sentence saying why it refuses (False is
+still taken, as "check failed"). `explain_matches` says, for every place a rule could
+have matched, why it did not (`NoMatch`), as onnxscript's rewriter does; `why_not` runs a
+pipeline up to the pass that owns a fusion and reports its candidates, for
+`flashc inspect --why-not`. Matching without explanations takes the plain path.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from flashc.aliasing import MutationInfo, is_write, written_arguments
+from flashc.errors import UnknownNameError, unknown_name
+from flashc.ir import Program, module_path, op_name, propagate_shapes, source_location
+from flashc.pass_manager import PassContext, PassManager
 
 aten = torch.ops.aten
 
@@ -60,6 +71,22 @@ class Match:
         return [n for n in self.nodes if n.target == target]
 
 
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a rule did not match at one candidate place (a graph node of the op its pattern
+    ends in), in words that name the graph's nodes and where the model computes them."""
+
+    node: fx.Node
+    reason: str
+    # how far matching got, (stage, pattern ops matched): of several patterns that all
+    # failed at a node, the one that got furthest is the telling miss
+    progress: tuple[int, int] = field(default=(0, 0), compare=False)
+
+
+# Check functions: True accepts, a string refuses saying why, False refuses without a why.
+Check = Callable[[Match], "bool | str"]
+
+
 @dataclass
 class RewriteRule:
     """pattern(*args) is replaced by replacement(*args) where check(match) allows."""
@@ -69,12 +96,16 @@ class RewriteRule:
     replacement: Callable
     example_inputs: Callable[[torch.dtype], tuple]  # tensors for the pattern's tensor args
     scalars: dict[str, float] = field(default_factory=dict)  # scalar arg -> sentinel used in tracing
-    check: Callable[[Match], bool] | None = None
+    check: Check | None = None
     any_shape_literals: bool = False
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     # other spellings of a traced pattern (e.g. the code path a library takes on another
     # device than the CPU the pattern is traced on), derived from the traced graph
     variants: Callable[[fx.Graph], list[fx.Graph]] | None = None
+    # passes (`run(program, ctx)`) run on the traced pattern: the cleanup the pipeline runs on
+    # a model before this rule, so both meet in one spelling. The pass module that owns the
+    # rule names them; the core imports no pass.
+    cleanup: Sequence = ()
     _graphs: dict = field(default_factory=dict, repr=False)
 
     def pattern_graphs(self) -> list[tuple[fx.Graph, list[str]]]:
@@ -90,16 +121,23 @@ class RewriteRule:
                         self._graphs[(dtype, i)] = (g, names)
         return list(self._graphs.values())
 
+    def refusal(self, m: Match) -> str | None:
+        """Why `check` refuses m (None when it accepts)."""
+        if self.check is None:
+            return None
+        verdict = self.check(m)
+        if isinstance(verdict, str):  # a reason: a refusal, however truthy
+            return f"check failed: {verdict}"
+        if verdict:
+            return None
+        name = getattr(self.check, "__name__", "<lambda>")
+        return f"check failed ({name})" if name != "<lambda>" else f"check of rule {self.name} failed"
+
 
 def trace_pattern(rule: RewriteRule, dtype: torch.dtype) -> tuple[fx.Graph, list[str]]:
-    """Capture rule.pattern for one dtype and clean it up like a model graph."""
-    import inspect
-
+    """Capture rule.pattern for one dtype and clean it up with the rule's cleanup passes."""
     from flashc.capture import capture
-    from flashc.ir import propagate_shapes
-    from flashc.pass_manager import PassContext
     from flashc.profiles import PROFILES
-    from flashc.passes.cleanup import Canonicalize, EliminateDeadCode
 
     params = list(inspect.signature(rule.pattern).parameters)
     tensor_names = [p for p in params if p not in rule.scalars]
@@ -114,13 +152,39 @@ def trace_pattern(rule: RewriteRule, dtype: torch.dtype) -> tuple[fx.Graph, list
     program = capture(PatternModule(), tuple(example), input_names=tensor_names)
     ctx = PassContext(PROFILES["cpu"])
     propagate_shapes(program)
-    # No constant folding here: a pattern's arguments are its only inputs, and folding
-    # its internal constants (an arange) would turn them into wildcards.
-    for p in (Canonicalize(), EliminateDeadCode()):
+    for p in rule.cleanup:
         p.run(program, ctx)
         program.recompile()
         propagate_shapes(program)
     return program.graph, tensor_names
+
+
+def describe(node: fx.Node) -> str:
+    """A graph node as a user finds it in their model: 'node mul_12 (model.layers.0.self_attn,
+    modeling_llama.py:123)'; an input or weight by its name."""
+    if node.op == "placeholder":
+        return f"input {node.name}"
+    if node.op == "output":
+        return "the model's outputs"
+    where = [w for w in (module_path(node), short_source(node)) if w]
+    return f"node {node.name}" + (f" ({', '.join(where)})" if where else "")
+
+
+def short_source(node: fx.Node) -> str:
+    """'modeling_llama.py:123' from source_location's 'path/modeling_llama.py:123 in forward'
+    ('' when capture recorded none)."""
+    location = source_location(node)
+    if location == "<unknown>":
+        return ""
+    path, _, line = location.split(" in ")[0].rpartition(":")
+    return f"{Path(path).name}:{line}" if path else location
+
+
+def _value(v) -> str:
+    """A graph argument in a message: a node by name and op, a literal as written."""
+    if isinstance(v, fx.Node):
+        return f"input {v.name}" if v.op == "placeholder" else f"{v.name} ({op_name(v)})"
+    return repr(v)
 
 
 class _Matcher:
@@ -192,51 +256,187 @@ class _Matcher:
 _MISSING = object()
 
 
+class _ExplainingMatcher(_Matcher):
+    """A _Matcher that also keeps, in words, where matching failed: of all comparisons that
+    failed while trying one candidate, the one made with the most pattern ops matched is
+    the nearest miss (the first of equals: the pattern as written before its commuted
+    forms), and its reason is the one to show. Bound inputs do not count: they match
+    anything."""
+
+    def __init__(self, rule: RewriteRule, sentinels: dict[float, str]):
+        super().__init__(rule, sentinels)
+        self.start()
+
+    def start(self) -> None:
+        """Forget the failures of the previous candidate."""
+        self.depth, self.reason = -1, "the pattern does not match here"
+        self._at: list[fx.Node] = []  # the graph nodes whose arguments are being compared
+
+    def fail(self, b: dict, reason: Callable[[], str]) -> None:
+        depth = sum(isinstance(k, tuple) for k in b)  # pattern ops matched so far
+        if depth > self.depth:
+            self.depth, self.reason = depth, reason()
+
+    def node(self, pn: fx.Node, gn: Any, b: dict) -> dict | None:
+        if not b:  # the pattern's output against a new candidate
+            self.start()
+        self._at.append(gn)
+        try:
+            r = super().node(pn, gn, b)
+        finally:
+            self._at.pop()
+        if r is None:
+            self.fail(b, lambda: self._node_reason(pn, gn, b))
+        return r
+
+    def args(self, pargs, gargs, b, target) -> dict | None:
+        if len(pargs) != len(gargs):
+            self.fail(b, lambda: f"{self._where()}: {len(gargs)} argument(s) where the pattern's "
+                                 f"{self._at_op()} has {len(pargs)}")
+        return super().args(pargs, gargs, b, target)
+
+    def arg(self, pa, ga, b, target) -> dict | None:
+        r = super().arg(pa, ga, b, target)
+        if r is None and not isinstance(pa, (fx.Node, list, tuple)):
+            self.fail(b, lambda: self._literal_reason(pa, ga, b))
+        return r
+
+    def _where(self) -> str:
+        at = self._at[-1] if self._at else None
+        return describe(at) if isinstance(at, fx.Node) else "the graph"
+
+    def _at_op(self) -> str:  # the op whose arguments are being compared
+        at = self._at[-1] if self._at else None
+        return op_name(at) if isinstance(at, fx.Node) else "the pattern's op"
+
+    def _node_reason(self, pn: fx.Node, gn: Any, b: dict) -> str:
+        if pn.op == "placeholder":
+            if not isinstance(gn, fx.Node):
+                return f"{self._where()}: the pattern's input `{pn.name}` meets the literal {gn!r} here"
+            return (f"the pattern reads one value `{pn.name}` where the graph reads two: {_value(b[pn.name])} "
+                    f"and {_value(gn)}")
+        want = op_name(pn)
+        if not isinstance(gn, fx.Node):
+            return f"{self._where()}: pattern expects {want} here, found the literal {gn!r}"
+        if gn.op != "call_function":
+            return f"pattern expects {want} here, found {gn.name}, an input or weight of the model"
+        if gn.target != pn.target:
+            return f"{describe(gn)}: pattern expects {want} here, found {op_name(gn)}"
+        earlier = b.get(("__node__", pn.name))
+        if earlier is not None:
+            return (f"{describe(gn)}: the pattern computes this {want} once and reads it twice; "
+                    f"the graph computes it twice ({earlier.name} and {gn.name})")
+        if any(v is gn for k, v in b.items() if isinstance(k, tuple)):
+            return f"{describe(gn)}: would stand for two different {want} nodes of the pattern"
+        extra = sorted(set(gn.kwargs) - set(pn.kwargs))
+        if extra:
+            return f"{describe(gn)}: {want} with keyword argument(s) {', '.join(extra)}, which the pattern's has not"
+        return f"{describe(gn)}: the arguments of {want} differ from the pattern's"
+
+    def _literal_reason(self, pa, ga, b) -> str:
+        where = self._where()
+        if isinstance(pa, float) and pa in self.sentinels:
+            name = self.sentinels[pa]
+            if name in b:
+                return f"{where}: the pattern's scalar `{name}` is {b[name]!r} in one place and {ga!r} here"
+            return f"{where}: the pattern's scalar `{name}` meets {_value(ga)}, not a number"
+        return f"{where}: pattern expects {pa!r} as an argument of {self._at_op()}, found {_value(ga)}"
+
+
 def find_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> list[Match]:
     """All non-overlapping matches of rule in graph, in graph order."""
+    return [r for r in _search(rule, graph, constants, explain=False) if isinstance(r, Match)]
+
+
+def explain_matches(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None) -> list[Match | NoMatch]:
+    """For each candidate place of rule in graph (a node of the op its pattern ends in) that
+    no match covers, in graph order: the match there (the very matches find_matches
+    finds) or why there is none."""
+    return _search(rule, graph, constants, explain=True)
+
+
+# Stages of a match after its structure matched, in the order they are tried: a refusal
+# at a later stage is a nearer miss than one at an earlier stage or in the structure.
+_OUTPUTS, _OVERLAP, _ESCAPES, _WRITES, _CONSTANTS, _CHECK, _PLACE = range(1, 8)
+
+
+def _search(rule: RewriteRule, graph: fx.Graph, constants: dict | None, explain: bool) -> list[Match | NoMatch]:
+    """find_matches (the matches) and explain_matches (with the misses): one search, so both
+    find the same matches; the reasons are worded only when explaining."""
     matches: list[Match] = []
-    claimed: set[fx.Node] = set()
+    claimed: dict[fx.Node, Match] = {}  # graph node -> the match covering it
+    refused: dict[fx.Node, NoMatch] = {}  # candidate -> its nearest miss so far (explaining only)
     sentinels = {v: k for k, v in rule.scalars.items()}
     mutations = MutationInfo.of(graph)
     for pgraph, tensor_names in rule.pattern_graphs():
         pout = pgraph.output_node().args[0]
         pouts = list(pout) if isinstance(pout, (list, tuple)) else [pout]
         anchor = pouts[0]
-        matcher = _Matcher(rule, sentinels)
+        matcher = _ExplainingMatcher(rule, sentinels) if explain else _Matcher(rule, sentinels)
         for gn in list(graph.nodes):
             if gn in claimed or gn.op != "call_function" or gn.target != anchor.target:
                 continue
             b = matcher.node(anchor, gn, {})
-            if b is None:
+            if b is None:  # most candidates differ in structure: the plain path does nothing more
+                if explain:
+                    _keep_nearest(refused, NoMatch(gn, matcher.reason, (0, matcher.depth)))
                 continue
-            b = _match_side_effects(matcher, pgraph, b)
-            if b is None:
-                continue
-            for extra in pouts[1:]:
-                key = ("__node__", extra.name)
-                if b is None or key not in b:
-                    b = None
-            if b is None:
-                continue
-            covered = [v for k, v in b.items() if isinstance(k, tuple)]
-            outputs = [b[("__node__", p.name)] for p in pouts]
-            if set(covered) & claimed or not _self_contained(covered, outputs):
-                continue
-            if not _keeps_writes(mutations, covered, outputs, [v for k, v in b.items() if not isinstance(k, tuple)]):
-                continue
-            # Pattern placeholders beyond its arguments are constants folded while
-            # tracing it (e.g. an arange): they must meet constants in the graph too.
-            declared = set(tensor_names) | set(rule.scalars)
-            extra = [v for k, v in b.items() if not isinstance(k, tuple) and k not in declared]
-            if any(not (isinstance(v, fx.Node) and v.op == "placeholder") for v in extra):
-                continue
-            bindings = {k: v for k, v in b.items() if not isinstance(k, tuple) and k in declared}
-            m = Match(rule, covered, outputs, bindings, constants or {})
-            if rule.check is not None and not rule.check(m):
-                continue
-            matches.append(m)
-            claimed.update(covered)
-    return matches
+            found = _match_at(rule, matcher, pgraph, tensor_names, pouts, gn, b, claimed, mutations, constants)
+            if isinstance(found, Match):
+                matches.append(found)
+                claimed.update(dict.fromkeys(found.nodes, found))
+            elif explain:  # refused, or its in-place side effects not found (the matcher says where)
+                _keep_nearest(refused, found or NoMatch(gn, matcher.reason, (0, matcher.depth)))
+    if not explain:
+        return matches
+    # a node refused as the end of the pattern and then covered by a match (as one of its
+    # inner nodes, or by another spelling) is fused
+    outcomes = [miss for gn, miss in refused.items() if gn not in claimed] + matches
+    return sorted(outcomes, key=lambda o: mutations.order[o.node if isinstance(o, NoMatch) else o.outputs[0]])
+
+
+def _keep_nearest(refused: dict[fx.Node, NoMatch], miss: NoMatch) -> None:
+    held = refused.get(miss.node)
+    if held is None or miss.progress > held.progress:
+        refused[miss.node] = miss
+
+
+def _match_at(rule: RewriteRule, matcher: _Matcher, pgraph: fx.Graph, tensor_names: list[str], pouts: list[fx.Node],
+              gn: fx.Node, b: dict, claimed: dict, mutations: MutationInfo, constants: dict | None
+              ) -> Match | NoMatch | None:
+    """The match of one pattern graph whose output matched gn with bindings b; a NoMatch
+    when it is refused, None when the structure differs (the matcher knows where)."""
+    b = _match_side_effects(matcher, pgraph, b)
+    if b is None:
+        return None
+    for i, extra in enumerate(pouts[1:], 2):
+        if ("__node__", extra.name) not in b:
+            return NoMatch(gn, f"the pattern's output {i} ({op_name(extra)}) is not computed here", (_OUTPUTS, 0))
+    covered = [v for k, v in b.items() if isinstance(k, tuple)]
+    outputs = [b[("__node__", p.name)] for p in pouts]
+    overlap = next((n for n in covered if n in claimed), None)
+    if overlap is not None:
+        return NoMatch(gn, f"overlaps the match at {describe(claimed[overlap].outputs[0])} ({overlap.name} would "
+                           "be in both)", (_OVERLAP, 0))
+    why = _escapes(covered, outputs)
+    if why is not None:
+        return NoMatch(gn, why, (_ESCAPES, 0))
+    why = _write_conflict(mutations, covered, outputs, [v for k, v in b.items() if not isinstance(k, tuple)])
+    if why is not None:
+        return NoMatch(gn, why, (_WRITES, 0))
+    # Pattern placeholders beyond its arguments are constants folded while tracing it
+    # (e.g. an arange): they must meet constants in the graph too.
+    declared = set(tensor_names) | set(rule.scalars)
+    for k, v in b.items():
+        if not isinstance(k, tuple) and k not in declared and not (isinstance(v, fx.Node) and v.op == "placeholder"):
+            return NoMatch(gn, f"the pattern's constant `{k}` meets {_value(v)}, which is computed, not a constant",
+                           (_CONSTANTS, 0))
+    bindings = {k: v for k, v in b.items() if not isinstance(k, tuple) and k in declared}
+    m = Match(rule, covered, outputs, bindings, constants or {})
+    why = rule.refusal(m)
+    if why is not None:
+        return NoMatch(gn, why, (_CHECK, 0))
+    return m
 
 
 def _match_side_effects(matcher: _Matcher, pgraph: fx.Graph, b: dict) -> dict | None:
@@ -258,40 +458,55 @@ def _match_side_effects(matcher: _Matcher, pgraph: fx.Graph, b: dict) -> dict | 
                 b = r
                 break
         else:
+            if isinstance(matcher, _ExplainingMatcher):
+                matcher.fail(b, lambda: f"the pattern's in-place {op_name(pn)} on {_value(target)} is not "
+                                             "among the graph's uses of it")
             return None
     return b
 
 
-def _keeps_writes(mutations, covered: list[fx.Node], outputs: list[fx.Node], inputs: list) -> bool:
-    """Whether replacing the match keeps in-place semantics: the replacement reads its
-    inputs at one point, so no write to an input's storage may lie within the match; a
-    write inside the match must be to storage the match allocates (it disappears with
-    it); and an output that is a view of an input must not be written later (the write
-    would land in the replacement's fresh tensor instead of the input)."""
+def _write_conflict(mutations: MutationInfo, covered: list[fx.Node], outputs: list[fx.Node],
+                    inputs: list) -> str | None:
+    """Why replacing the match would not keep in-place semantics (None when it would): the
+    replacement reads its inputs at one point, so no write to an input's storage may lie
+    within the match; a write inside the match must be to storage the match allocates (it
+    disappears with it); and an output that is a view of an input must not be written
+    later (the write would land in the replacement's fresh tensor instead of the input)."""
     inside = set(covered)
     first = min(covered, key=mutations.order.__getitem__)
     last = max(covered, key=mutations.order.__getitem__)
     for v in inputs:
         if isinstance(v, fx.Node) and mutations.written_between(v, first, last):
-            return False
+            lo, hi = mutations.order[first], mutations.order[last]
+            write = next(w for w in mutations.writes[mutations.root_of(v)] if lo < mutations.order[w] < hi)
+            return (f"an in-place write to {mutations.root_of(v).name} ({describe(write)}, {op_name(write)}) lies "
+                    f"between the matched nodes {first.name} and {last.name}")
     for n in covered:
-        if is_write(n) and any(mutations.root_of(a) not in inside for a in written_arguments(n)):
-            return False
+        if not is_write(n):
+            continue
+        for a in written_arguments(n):
+            if mutations.root_of(a) not in inside:
+                return (f"the matched {describe(n)} writes in place into {mutations.root_of(a).name}, storage "
+                        "from outside the match")
     for out in outputs:
         if mutations.root_of(out) not in inside and mutations.is_written(out):
-            return False
-    return True
+            root = mutations.root_of(out)
+            return (f"the output {out.name} is a view of {root.name}, which {mutations.writes[root][-1].name} "
+                    "writes in place: a fused op would return a fresh tensor that write misses")
+    return None
 
 
-def _self_contained(covered: list[fx.Node], outputs: list[fx.Node]) -> bool:
-    """Interior nodes of a match must not be read from outside it."""
+def _escapes(covered: list[fx.Node], outputs: list[fx.Node]) -> str | None:
+    """Why the match is not self-contained: an interior node is read from outside it."""
     inside = set(covered)
     for n in covered:
         if n in outputs:
             continue
-        if any(u not in inside for u in n.users):
-            return False
-    return True
+        reader = next((u for u in n.users if u not in inside), None)
+        if reader is not None:
+            return (f"the pattern's intermediate {n.name} ({op_name(n)}) is also read outside the match, "
+                    f"by {describe(reader)}")
+    return None
 
 
 def _infer_shapes(first: fx.Node, stop: fx.Node) -> None:
@@ -320,21 +535,28 @@ def apply_rule(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None
 
     `check` may add derived bindings (e.g. is_causal) that the replacement takes.
     """
-    matches = find_matches(rule, graph, constants)
+    return sum(isinstance(o, Match) for o in replace_matches(graph, find_matches(rule, graph, constants)))
+
+
+def replace_matches(graph: fx.Graph, matches: list[Match]) -> list[Match | NoMatch]:
+    """Replace each match (found in graph, in graph order) by its rule's replacement; per
+    match, the match when replaced or a NoMatch saying why it could not be."""
     order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of earlier matches -> their replacements
-    done = 0
+    outcomes: list[Match | NoMatch] = []
     for m in matches:
         m.bindings = {k: replaced.get(v, v) if isinstance(v, fx.Node) else v for k, v in m.bindings.items()}
         point = min(m.outputs, key=order.__getitem__)
-        inputs = [v for v in m.bindings.values() if isinstance(v, fx.Node)]
-        if any(order[i] >= order[point] for i in inputs):
-            continue  # an input is defined after the first output: no safe insertion point
+        late = next((v for v in m.bindings.values() if isinstance(v, fx.Node) and order[v] >= order[point]), None)
+        if late is not None:  # no point of the graph where the replacement could read all its inputs
+            outcomes.append(NoMatch(m.outputs[0], f"no place for the replacement: its input {late.name} is "
+                                                  f"computed after the output {point.name}", (_PLACE, 0)))
+            continue
         tracer = fx.proxy.GraphAppendingTracer(graph)
         args = {k: (fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v) for k, v in m.bindings.items()}
         before = point.prev
         with graph.inserting_before(point):
-            result = rule.replacement(**args)
+            result = m.rule.replacement(**args)
         _infer_shapes(before.next, point)
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         for old, new in zip(m.outputs, results):
@@ -346,5 +568,86 @@ def apply_rule(rule: RewriteRule, graph: fx.Graph, constants: dict | None = None
         for n in sorted(m.nodes, key=order.__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
-        done += 1
-    return done
+        outcomes.append(m)
+    return outcomes
+
+
+# --- Why a fusion did not happen: candidates of one fusion over a pipeline --------------------
+# A pass that fuses says which fusions it can explain (`explains`, names) and explains one
+# (`explain(program, ctx, name)`): it runs as `run` does and returns its candidates.
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place where a fusion could happen and what became of it."""
+
+    node: fx.Node  # the graph node the fused op would replace (of the op the pattern ends in)
+    pattern: str  # the pattern tried there (the nearest miss when several were)
+    fused: bool
+    reason: str = ""  # why not, when not fused
+    progress: tuple[int, int] = field(default=(0, 0), compare=False)
+
+
+def candidates_of(rule: RewriteRule, outcomes: list[Match | NoMatch]) -> list[Candidate]:
+    """explain_matches's and replace_matches's outcomes for rule as candidates."""
+    pattern = getattr(rule.pattern, "__name__", rule.name)
+    return [Candidate(o.outputs[0], pattern, True) if isinstance(o, Match)
+            else Candidate(o.node, pattern, False, o.reason, o.progress) for o in outcomes]
+
+
+def nearest(candidates: list[Candidate]) -> list[Candidate]:
+    """One candidate per node, in first-seen order: the fusion if one pattern fused it, else
+    the pattern that got furthest before failing."""
+    best: dict[fx.Node, Candidate] = {}
+    for c in candidates:
+        held = best.get(c.node)
+        if held is None or (c.fused and not held.fused) or (not held.fused and c.progress > held.progress):
+            best[c.node] = c
+    return list(best.values())
+
+
+@dataclass
+class WhyNot:
+    """The candidates of one fusion in a model, each fused or with the reason it was not."""
+
+    name: str  # the fusion asked about, e.g. "rotary"
+    pass_name: str  # the pass of the pipeline that runs it
+    candidates: list[Candidate]
+
+    @property
+    def fused(self) -> int:
+        return sum(c.fused for c in self.candidates)
+
+    def __str__(self) -> str:
+        lines = [f"{self.name} (pass {self.pass_name}): fused {self.fused} of {len(self.candidates)} candidate(s)"]
+        lines += [f"  {describe(c.node)} [{c.pattern}]: " + ("fused" if c.fused else c.reason) for c in self.candidates]
+        return "\n".join(lines)
+
+
+def explained_names(passes: Sequence) -> list[str]:
+    """The fusions the passes can explain, in pipeline order."""
+    return list(dict.fromkeys(n for p in passes for n in getattr(p, "explains", ())))
+
+
+def fusion_owner(passes: Sequence, name: str) -> int:
+    """The index of the first pass that explains the fusion `name` ('rotary' or 'flashc.rotary');
+    UnknownNameError listing the known fusions when none does."""
+    name = name.removeprefix("flashc.")
+    for i, p in enumerate(passes):
+        if name in getattr(p, "explains", ()):
+            return i
+    known = explained_names(passes)
+    if not known:
+        raise UnknownNameError(f"unknown fusion {name!r}: this pipeline fuses nothing (fusions run at -O2 and -O3)")
+    raise unknown_name("fusion", name, known)
+
+
+def why_not(program: Program, passes: Sequence, ctx: PassContext, name: str) -> WhyNot:
+    """Why the fusion `name` ('rotary', 'attention', 'flashc.rotary', ...) did or did not
+    happen in program: runs `passes` (a pipeline) on it up to the first pass that explains
+    that fusion, then that pass, explaining it. The program is rewritten as far as that."""
+    index = fusion_owner(passes, name)
+    PassManager(list(passes[:index])).run(program, ctx)
+    owner = passes[index]
+    name = name.removeprefix("flashc.")
+    return WhyNot(name, owner.name, owner.explain(program, ctx, name))

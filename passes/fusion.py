@@ -6,6 +6,9 @@ where needed a check. Other spellings of the same computation (`x * x` for `x.po
 `k.transpose(2, 3)` for `k.transpose(-2, -1)`) are a rule's `variants`: small edits of its
 traced graph, listed next to it, that cost no tracing. `Fuse(rules)` applies a list of
 them; the order of a list is the order they run in.
+
+A check returns True or, when it refuses, a sentence saying why, which
+`flashc inspect --why-not` shows next to the node (`Fuse.explain`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import torch.nn.functional as F
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
 from flashc.ir import Program, propagate_shapes
 from flashc.pass_manager import PassContext, PassResult
-from flashc.rewrite import Match, RewriteRule, apply_rule
+from flashc.passes.cleanup import Canonicalize, EliminateDeadCode
+from flashc.rewrite import (
+    Candidate, Match, RewriteRule, apply_rule, candidates_of, explain_matches, nearest, replace_matches,
+)
 
 aten = torch.ops.aten
 flashc_ops = torch.ops.flashc
@@ -29,6 +35,17 @@ EPS = 0.00012345
 SCALE = 0.0987654
 SIZE = 0.0024681  # the normalized size in F.rms_norm(x, (size,), ...)
 N_REP = 0.0013579  # the repeat count in k.repeat_interleave(n_rep, dim=1)
+
+# Patterns are cleaned up as the pipeline cleans a model before fusion, so both meet in
+# one spelling. No constant folding: a pattern's arguments are its only inputs, and
+# folding its internal constants (an arange) would turn them into wildcards.
+PATTERN_CLEANUP = (Canonicalize(), EliminateDeadCode())
+
+
+def _rule(name, pattern, replacement, **fields) -> RewriteRule:
+    """A rule of this module: its pattern is traced and cleaned up with PATTERN_CLEANUP."""
+    return RewriteRule(name, pattern, replacement, cleanup=PATTERN_CLEANUP, **fields)
+
 
 # A pattern without casts traces to the same graph in every dtype, and the matcher does
 # not compare dtypes: such rules are traced once.
@@ -147,17 +164,22 @@ def _rms_norm_variants(graph: fx.Graph) -> list[fx.Graph]:
     return [*respelled(graph), *_rms_norm_op_graphs()]
 
 
-def _check_rms_norm(m: Match) -> bool:
+def _check_rms_norm(m: Match) -> bool | str:
     """The weight is one scale per channel, [d] for x[..., d], as flashc.rms_norm's kernels
     take it (a per-row or larger weight is another computation), and x is not float64
     (flashc.rms_norm computes in float32). torch's op must normalize over the last dim only,
     with a weight of x's dtype; its default eps is float32's epsilon."""
     x, weight = m.val("x"), m.val("weight")
-    if x.dtype == torch.float64 or tuple(weight.shape) != (x.shape[-1],):
-        return False
+    if x.dtype == torch.float64:
+        return "x is float64; flashc.rms_norm computes in float32"
+    if tuple(weight.shape) != (x.shape[-1],):
+        return f"the weight is {list(weight.shape)}, not one scale per channel of x [{x.shape[-1]}]"
     if m.covered(aten.rms_norm.default):
-        if m.bindings.pop("size") != x.shape[-1] or weight.dtype != x.dtype:
-            return False
+        size = m.bindings.pop("size")
+        if size != x.shape[-1]:
+            return f"torch's rms_norm normalizes over {size} elements, not over the last dim of x ({x.shape[-1]})"
+        if weight.dtype != x.dtype:
+            return f"the weight is {weight.dtype} and x {x.dtype}; flashc.rms_norm takes one dtype"
         m.bindings.setdefault("eps", torch.finfo(torch.float32).eps)
     return True
 
@@ -169,7 +191,7 @@ def _check_rms_norm(m: Match) -> bool:
 # normalizes in float32: more exact than the model, not less). In bfloat16 and float16
 # torch's own op scales by the weight before rounding, flashc.rms_norm after: the two
 # differ by at most one rounding of the output.
-FUSE_RMS_NORM = RewriteRule(
+FUSE_RMS_NORM = _rule(
     "rms_norm", rms_norm_pattern, rms_norm_replacement,
     example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 8)), scalars={"eps": EPS, "size": SIZE},
     check=_check_rms_norm, variants=_rms_norm_variants,
@@ -181,15 +203,23 @@ def add_rms_norm_pattern(x, residual, weight, eps):
     return flashc_ops.rms_norm.default(s, weight, eps), s
 
 
+def _check_add_rms_norm(m: Match) -> bool | str:
+    """x and the residual have one shape: flashc.add_rms_norm adds without broadcasting."""
+    x, residual = m.val("x"), m.val("residual")
+    if x.shape != residual.shape:
+        return f"x {list(x.shape)} and the residual {list(residual.shape)} differ in shape (the sum broadcasts)"
+    return True
+
+
 def add_rms_norm_replacement(x, residual, weight, eps):
     out = flashc_ops.add_rms_norm.default(x, residual, weight, eps)
     return out[0], out[1]
 
 
-FUSE_ADD_RMS_NORM = RewriteRule(
+FUSE_ADD_RMS_NORM = _rule(
     "add_rms_norm", add_rms_norm_pattern, add_rms_norm_replacement,
     example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8), _x(dt, 8)), scalars={"eps": EPS},
-    check=lambda m: m.val("x").shape == m.val("residual").shape, dtypes=ANY_DTYPE,
+    check=_check_add_rms_norm, dtypes=ANY_DTYPE,
 )
 
 
@@ -210,35 +240,53 @@ def rotary_replacement(x, cos, sin):
     return flashc_ops.rotary.default(x, aten.squeeze.dim(cos, 1), aten.squeeze.dim(sin, 1))
 
 
-def _check_rotary(m: Match) -> bool:
+def _check_rotary(m: Match) -> bool | str:
     """The match is rope: the rotated half is cat(-x[..., d/2:], x[..., :d/2]) along the
     last dim of x itself (slice bounds and dims matched as wildcards are checked here)."""
-    x, cos = m.val("x"), m.val("cos")
-    if x.dim() != 4 or cos.dim() != 4 or cos.shape[1] != 1 or m.val("sin").shape != cos.shape:
-        return False
+    x, cos, sin = m.val("x"), m.val("cos"), m.val("sin")
+    if x.dim() != 4:
+        return f"x is {x.dim()}-D; flashc.rotary takes [batch, heads, seq, head size]"
+    if cos.dim() != 4 or cos.shape[1] != 1 or sin.shape != cos.shape:
+        return (f"cos is {list(cos.shape)} and sin {list(sin.shape)}; flashc.rotary takes both as "
+                "[batch, 1, seq, head size]")
     d = x.shape[-1]
-    if d % 2 or cos.shape[-1] != d:
-        return False
+    if d % 2:
+        return f"the head size {d} is odd: it has no halves to rotate"
+    if cos.shape[-1] != d:
+        return f"cos covers {cos.shape[-1]} of the head's {d} channels (partial rotary is not fused)"
     negs, cats = m.covered(aten.neg.default), m.covered(aten.cat.default)
     slices = m.covered(aten.slice.Tensor)
     if len(negs) != 1 or len(cats) != 1 or len(slices) != 2:
-        return False
+        return (f"the rotated x takes {len(negs)} neg, {len(cats)} cat and {len(slices)} slice ops; "
+                "rotate-half takes one, one and two")
     cat = cats[0]
-    if (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) not in (3, -1):
-        return False
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if dim not in (3, -1):
+        return f"the halves are concatenated along dim {dim}, not the last"
     first, second = cat.args[0]
-    if first is not negs[0] or second not in slices or negs[0].args[0] not in slices:
-        return False
-    halves = {negs[0].args[0]: (d // 2, d), second: (0, d // 2)}
-    for node, (start, end) in halves.items():
+    if first is not negs[0]:
+        return "the negated half comes second in the cat; rotate-half puts it first"
+    if second not in slices or negs[0].args[0] not in slices:
+        return "the halves in the cat are not both slices of x"
+    halves = {negs[0].args[0]: (d // 2, d, "negated", "negates the second"),
+              second: (0, d // 2, "kept", "keeps the first")}
+    for node, (start, end, role, rope) in halves.items():
         dim, lo, hi = node.args[1], node.args[2], node.args[3]
         step = node.args[4] if len(node.args) > 4 else 1
-        if node.args[0] is not m.bindings["x"] or dim not in (3, -1) or step != 1 or (lo, min(hi, d)) != (start, end):
-            return False
+        if node.args[0] is not m.bindings["x"]:
+            return f"the {role} half {node.name} is a slice of {node.args[0].name}, not of x itself"
+        if dim not in (3, -1):
+            return f"the {role} half {node.name} slices dim {dim}, not the last"
+        if step != 1:
+            return (f"the {role} half takes channels {step} apart (interleaved pairs, as GPT-J's rope); "
+                    "rotate-half takes contiguous halves")
+        if (lo, min(hi, d)) != (start, end):
+            return (f"the {role} half is x[..., {lo}:{min(hi, d)}]; rotate-half {rope} half, "
+                    f"x[..., {start}:{end}]")
     return True
 
 
-FUSE_ROTARY = RewriteRule(
+FUSE_ROTARY = _rule(
     "rotary", rotary_pattern, rotary_replacement,
     example_inputs=lambda dt: (_x(dt, 1, 2, 5, 8), _x(dt, 1, 1, 5, 8), _x(dt, 1, 1, 5, 8)),
     check=_check_rotary, any_shape_literals=True, dtypes=ANY_DTYPE,
@@ -247,8 +295,11 @@ FUSE_ROTARY = RewriteRule(
 
 # --- Gated MLP activations ----------------------------------------------------------------
 
-def _same_shape(m: Match) -> bool:
-    return m.val("gate").shape == m.val("up").shape
+def _same_shape(m: Match) -> bool | str:
+    gate, up = m.val("gate"), m.val("up")
+    if gate.shape != up.shape:
+        return f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape (the product broadcasts)"
+    return True
 
 
 def swiglu_pattern(gate, up):
@@ -268,7 +319,7 @@ def _silu_as_sigmoid_product(graph):  # gate * torch.sigmoid(gate)
     return bool(silus)
 
 
-FUSE_SWIGLU = RewriteRule(
+FUSE_SWIGLU = _rule(
     "swiglu", swiglu_pattern, swiglu_replacement,
     example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
     check=_same_shape, dtypes=ANY_DTYPE, variants=_spellings(_silu_as_sigmoid_product),
@@ -322,8 +373,8 @@ def _division_by_sqrt2_as_product(graph):  # gate * (1 / math.sqrt(2)), gate * 0
 
 
 def _geglu_rule(pattern, replacement, variants=None):
-    return RewriteRule("geglu", pattern, replacement, example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
-                       check=_same_shape, dtypes=ANY_DTYPE, variants=variants)
+    return _rule("geglu", pattern, replacement, example_inputs=lambda dt: (_x(dt, 2, 3, 8), _x(dt, 2, 3, 8)),
+                 check=_same_shape, dtypes=ANY_DTYPE, variants=variants)
 
 
 # The written-out forms compute gelu in the model's dtype; flashc.geglu, as F.gelu, in
@@ -472,11 +523,22 @@ _WRITTEN_SPELLINGS = (_scale_as_division, _unscaled, _transposed(2, 3), _transpo
                       _softmax_in_float32, _softmax_to_float32)
 
 
-def _attention_shapes_fit(q, k, v) -> bool:
-    """What flashc.attention takes: 4-D q, k, v of one batch, Hq a multiple of Hkv and one
-    head size for queries, keys and values; not float64 (it computes scores in float32)."""
-    return (q.dim() == k.dim() == v.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
-            and q.shape[-1] == k.shape[-1] and q.shape[1] % k.shape[1] == 0 and q.dtype != torch.float64)
+def _attention_shapes_refusal(q, k, v) -> str | None:
+    """Why q, k, v are not what flashc.attention takes (None when they are): 4-D q, k, v of
+    one batch, Hq a multiple of Hkv and one head size for queries, keys and values; not
+    float64 (it computes scores in float32)."""
+    shapes = f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+    if not q.dim() == k.dim() == v.dim() == 4:
+        return f"{shapes}: flashc.attention takes 4-D [batch, heads, seq, head size]"
+    if k.shape != v.shape:
+        return f"{shapes}: k and v differ in shape (flashc.attention takes one head size for keys and values)"
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        return f"{shapes}: q and k differ in batch or head size"
+    if q.shape[1] % k.shape[1]:
+        return f"{shapes}: {q.shape[1]} query heads are no multiple of {k.shape[1]} KV heads"
+    if q.dtype == torch.float64:
+        return "q is float64; flashc.attention computes scores in float32"
+    return None
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -497,14 +559,14 @@ def _is_causal_mask(value: torch.Tensor, blocks: bool, s: int, l: int) -> bool:
     return False
 
 
-def _bind_mask(m: Match, blocks: bool) -> bool:
+def _bind_mask(m: Match, blocks: bool) -> bool | str:
     """The mask must broadcast to [B, Hq, S, L] without growing the scores; a constant
     causal mask becomes is_causal; one of fewer dims is given leading 1s (flashc.attention
     reads a 4-D mask, as broadcasting did)."""
     q, k, mask = m.val("q"), m.val("k"), m.val("mask")
     s, l = q.shape[2], k.shape[2]
     if not _broadcasts_to(tuple(mask.shape), (q.shape[0], q.shape[1], s, l)):
-        return False
+        return f"the mask {list(mask.shape)} does not broadcast to the scores {[q.shape[0], q.shape[1], s, l]}"
     value = m.constant("mask")
     if value is not None and _is_causal_mask(value, blocks, s, l):
         m.bindings.update(mask=None, is_causal=True)
@@ -515,52 +577,60 @@ def _bind_mask(m: Match, blocks: bool) -> bool:
     return True
 
 
-def _check_sdpa(m: Match) -> bool:
+def _check_sdpa(m: Match) -> bool | str:
     """Shapes fit; no scale means SDPA's 1/sqrt(head size); torch's is_causal is aligned
     top-left, the same as flashc's only when S == L; a mask is boolean or additive in
     SDPA as in flashc.attention, with enable_gqa or not (both read KV head h // n)."""
     q, k, v = m.val("q"), m.val("k"), m.val("v")
-    if not _attention_shapes_fit(q, k, v):
-        return False
+    why = _attention_shapes_refusal(q, k, v)
+    if why:
+        return why
     (node,) = m.covered(SDPA)
     m.bindings.setdefault("scale", 1.0 / math.sqrt(q.shape[-1]))
     if len(node.args) > 5 and node.args[5] is True:
         if q.shape[2] != k.shape[2]:
-            return False
+            return (f"is_causal with {q.shape[2]} queries over {k.shape[2]} keys: torch aligns its causal mask "
+                    "top-left, flashc bottom-right, the same only when the two are equal")
         m.bindings["is_causal"] = True
     return _bind_mask(m, blocks=False) if "mask" in m.bindings else True
 
 
-def _check_written_attention(m: Match) -> bool:
+def _check_written_attention(m: Match) -> bool | str:
     """Shapes fit; the transpose swaps k's last two dims; the scale is the product's factor,
     the reciprocal of the divisor, or 1 without either; the softmax in float32 casts back
     to q's dtype, which k and v share; an additive mask is a float (a boolean added adds
     1), masked_fill's is boolean (masked where True, or attending where True under ~)."""
     q, k, v = m.val("q"), m.val("k"), m.val("v")
-    if not _attention_shapes_fit(q, k, v):
-        return False
+    why = _attention_shapes_refusal(q, k, v)
+    if why:
+        return why
     (transpose,) = m.covered(aten.transpose.int) + m.covered(aten.mT.default)
     if transpose.args[0] is not m.bindings["k"]:
-        return False
+        return f"the transposed operand {transpose.args[0].name} is not k"
     if transpose.target == aten.transpose.int and {d % 4 for d in transpose.args[1:3]} != {2, 3}:
-        return False
+        return f"k is transposed in dims {list(transpose.args[1:3])}, not its last two"
     scale = m.bindings.get("scale", 1.0)
     if m.covered(aten.div.Tensor):
         if scale == 0:
-            return False
+            return "the scores are divided by 0"
         scale = 1.0 / scale
     m.bindings["scale"] = float(scale)
     if m.covered(aten.type_as.default) and not q.dtype == k.dtype == v.dtype:
-        return False
+        return f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}: the softmax casts back to q's dtype, not theirs"
     if any(len(n.args) > 2 for n in m.covered(aten.softmax.int)) and q.dtype != torch.float32:
-        return False  # softmax to float32 without a cast back: float32 all through
+        # softmax to float32 without a cast back: float32 all through
+        return f"the softmax computes in float32 and is not cast back to q's {q.dtype}"
     if "mask" not in m.bindings:
         return True
     mask = m.val("mask")
     if m.covered(aten.masked_fill.Scalar):
         m.bindings["nan_rows"] = True
-        return mask.dtype == torch.bool and _bind_mask(m, blocks=not m.covered(aten.bitwise_not.default))
-    return mask.is_floating_point() and _bind_mask(m, blocks=False)
+        if mask.dtype != torch.bool:
+            return f"masked_fill's mask is {mask.dtype}, not boolean"
+        return _bind_mask(m, blocks=not m.covered(aten.bitwise_not.default))
+    if not mask.is_floating_point():
+        return f"the mask added to the scores is {mask.dtype} (adding a boolean adds 1), not an additive float mask"
+    return _bind_mask(m, blocks=False)
 
 
 # --- Attention: grouped-query repeats of K and V ---
@@ -608,7 +678,7 @@ def _any_repeat_count(graph):
     return bool(nodes)
 
 
-def _check_repeated_kv(m: Match) -> bool:
+def _check_repeated_kv(m: Match) -> bool | str:
     """K and V ([B, Hkv, L, D] each) are repeated n = Hq / Hkv times in repeat_interleave's
     order: [B, Hkv, 1, L, D] expanded to [B, Hkv, n, L, D], then Hkv and n flattened (or
     repeat_interleave(n, dim=1)), so query head h reads KV head h // n as in
@@ -616,20 +686,25 @@ def _check_repeated_kv(m: Match) -> bool:
     heads) gives the other order and no match."""
     q, k, v = m.val("q"), m.val("k"), m.val("v")
     if k.dim() != 4 or k.shape != v.shape or q.dim() != 4 or q.shape[1] % k.shape[1]:
-        return False
+        return (f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: not 4-D, k and v differ, or the "
+                "query heads are no multiple of the KV heads")
     b, hkv, l, d = k.shape
     n = q.shape[1] // hkv
-    if any(node.args[1] != 2 for node in m.covered(aten.unsqueeze.default)):
-        return False
-    if any(_val_shape(node) != (b, hkv, n, l, d) for node in m.covered(aten.expand.default)):
-        return False
+    for node in m.covered(aten.unsqueeze.default):
+        if node.args[1] != 2:
+            return (f"{node.name} inserts the repeat dim at {node.args[1]}, not after the heads: that tiles the "
+                    "heads, where flashc.attention reads KV head h // n for query head h")
+    for node in m.covered(aten.expand.default):
+        if _val_shape(node) != (b, hkv, n, l, d):
+            return f"{node.name} expands to {list(_val_shape(node) or ())}, not {[b, hkv, n, l, d]}"
     repeated = (m.covered(aten.reshape.default) + m.covered(aten.flatten.using_ints)
                 + m.covered(aten.repeat_interleave.self_int))
     if len(repeated) != 2 or any(_val_shape(node) != (b, hkv * n, l, d) for node in repeated):
-        return False
+        shapes = [list(_val_shape(node) or ()) for node in repeated]
+        return f"K and V are repeated to {shapes}, not twice {[b, hkv * n, l, d]}"
     for node in m.covered(aten.repeat_interleave.self_int):
         if node.args[1] != n or node.args[2] not in (1, -3) or node.kwargs.get("output_size") not in (None, hkv * n):
-            return False
+            return f"{node.name} repeats {node.args[1]} times along dim {node.args[2]}; the heads need {n} along dim 1"
     (attention,) = m.covered(flashc_ops.attention.default)
     m.bindings.pop("n_rep", None)
     m.bindings.update(mask=m.bindings.get("mask"), is_causal=attention.args[4])
@@ -645,9 +720,9 @@ def _mask_example():
 
 
 def _attention_rule(pattern, examples, check, scalars=None, variants=None, name="attention", shape_literals=False):
-    return RewriteRule(name, pattern, attention_replacement, example_inputs=examples,
-                       scalars=scalars or {"scale": SCALE}, check=check, any_shape_literals=shape_literals,
-                       dtypes=ANY_DTYPE, variants=variants)
+    return _rule(name, pattern, attention_replacement, example_inputs=examples,
+                 scalars=scalars or {"scale": SCALE}, check=check, any_shape_literals=shape_literals,
+                 dtypes=ANY_DTYPE, variants=variants)
 
 
 _SDPA_SPELLINGS = _spellings(_default_scale, _grouped_query)
@@ -688,10 +763,35 @@ class Fuse:
             self.rules.extend(r if isinstance(r, list) else [r])
         self.name = name
 
+    @property
+    def explains(self) -> tuple[str, ...]:
+        """The rule names `explain` takes."""
+        return tuple(dict.fromkeys(rule.name for rule in self.rules))
+
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        return self._run(program)
+
+    def explain(self, program: Program, ctx: PassContext, name: str) -> list[Candidate]:
+        """Run the pass as `run` does and return the candidates of the rules called `name`,
+        each explained on the graph as it is when that rule runs (after the rules before it).
+        The ops that one of these rules put in place are not candidates of the next ones."""
+        found: list[Candidate] = []
+        self._run(program, name, found)
+        return nearest(found)
+
+    def _run(self, program: Program, explain: str | None = None, found: list | None = None) -> PassResult:
         stats: dict[str, int] = {}
+        places: set[fx.Node] | None = None  # the graph's nodes before the first rule explained
         for rule in self.rules:
-            n = apply_rule(rule, program.graph, program.params)
+            if rule.name == explain:
+                places = set(program.graph.nodes) if places is None else places
+                outcomes = explain_matches(rule, program.graph, program.params)
+                replaced = iter(replace_matches(program.graph, [o for o in outcomes if isinstance(o, Match)]))
+                outcomes = [next(replaced) if isinstance(o, Match) else o for o in outcomes]
+                found += [c for c in candidates_of(rule, outcomes) if c.node in places]
+                n = sum(isinstance(o, Match) for o in outcomes)
+            else:
+                n = apply_rule(rule, program.graph, program.params)
             stats[rule.name] = stats.get(rule.name, 0) + n
             # later rules read shapes of the nodes this one created; apply_rule infers them
             # locally and the whole graph is re-propagated only where that failed
@@ -750,31 +850,38 @@ def mixtral_moe_replacement(x, router_weight, gate_up, down, top_k, shape):
     return aten.reshape.default(out, shape)
 
 
-def _check_moe(m: Match) -> bool:
+def _check_moe(m: Match) -> bool | str:
     x, r, gu, dn = (m.val(n) for n in ("x", "router_weight", "gate_up", "down"))
     e, h = r.shape
     if x.shape[-1] != h or gu.shape[0] != e or gu.shape[2] != h or dn.shape[:2] != (e, h) or gu.shape[1] != 2 * dn.shape[2]:
-        return False
+        return (f"the weights (router {list(r.shape)}, gate_up {list(gu.shape)}, down {list(dn.shape)}) are not "
+                f"{e} experts' of a gated MLP over x {list(x.shape)}")
     topk = m.covered(aten.topk.default)
     if len(topk) != 1:
-        return False
+        return f"{len(topk)} top-k selections of experts, not one"
     # expert-count literals (bins of the histogram, bounds of the expert index) must
     # be this model's E: the pattern matched them as wildcards
     for node in m.covered(aten.histc.default):
         if node.args[1] != e or node.args[3] != e - 1:
-            return False
+            return f"{node.name} counts tokens in {node.args[1]} bins up to {node.args[3]}, for {e} experts"
     for node in m.covered(aten.ge.Scalar):
         if node.args[1] != e:
-            return False
+            return f"{node.name} compares expert ids with {node.args[1]}, for {e} experts"
     for node in m.covered(aten.clamp_.default) + m.covered(aten.clamp.default):
         if node.args[2] != e - 1:
-            return False
+            return f"{node.name} clamps expert ids to {node.args[2]}, for {e} experts"
     m.bindings["top_k"] = int(topk[0].args[1])
     m.bindings["shape"] = list(x.shape)
     return True
 
 
 def _moe_examples(dt):
+    # Called before the pattern is traced: import transformers' Mixtral code now. Imported
+    # for the first time inside torch.export's trace, the model output classes it defines
+    # (CausalLMOutputWithPast, ...) stay unknown to pytree, and every later capture of a
+    # transformers model in the process fails.
+    import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+
     d = _MOE_DIMS
     return (_x(dt, 1, 5, d["hidden"]), _x(dt, d["experts"], d["hidden"]),
             _x(dt, d["experts"], 2 * d["ffn"], d["hidden"]), _x(dt, d["experts"], d["hidden"], d["ffn"]))
@@ -795,5 +902,5 @@ def _moe_on_gpu(graph: fx.Graph) -> list[fx.Graph]:
     return [variant] if changed else []
 
 
-FUSE_MOE = RewriteRule("moe", mixtral_moe_pattern, mixtral_moe_replacement, example_inputs=_moe_examples,
-                       check=_check_moe, any_shape_literals=True, variants=_moe_on_gpu)
+FUSE_MOE = _rule("moe", mixtral_moe_pattern, mixtral_moe_replacement, example_inputs=_moe_examples,
+                 check=_check_moe, any_shape_literals=True, variants=_moe_on_gpu)

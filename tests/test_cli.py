@@ -103,3 +103,17 @@ def test_export_onnx_from_artifact(artifact, tmp_path):
     r = flashc("run", str(out), "--repeat", "2")
     assert r.returncode == 0, r.stderr
     assert "onnx-cpu" in r.stdout
+
+
+def test_inspect_why_not_lists_candidates_and_reasons():
+    r = flashc("inspect", "llama-tiny", "--why-not", "flashc.rotary")
+    assert r.returncode == 0, r.stderr
+    assert "why not rotary: llama-tiny at -O2, pass fuse" in r.stdout
+    assert "rotary: fused 4 of 8 candidate places" in r.stdout
+    # the residual adds are candidates too (an add ends the pattern), and say why they are not
+    # rope; the table wraps long reasons over lines, whose other cells are empty
+    text = " ".join(r.stdout.replace("│", " ").split())
+    assert "add_14 model.layers.1 modeling_llama.py:" in text
+    assert "pattern expects aten.mul here, found aten.add" in text
+    r = flashc("inspect", "llama-tiny", "--why-not", "rotery")
+    assert r.returncode == 2 and "did you mean 'rotary'" in r.stderr and "Known fusions: add_rms_norm" in r.stderr

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from flashc.capture import capture
 from flashc.ir import op_name, propagate_shapes
 from flashc.passes.fusion import FUSE_RMS_NORM, FUSE_SWIGLU
-from flashc.rewrite import apply_rule, find_matches
+from flashc.rewrite import Match, NoMatch, RewriteRule, apply_rule, explain_matches, find_matches
 
 
 class _Norm(torch.nn.Module):
@@ -91,3 +91,62 @@ def test_in_place_ops_inside_a_pattern_are_matched_and_removed():
     assert not any(op_name(n) == "aten.clamp_" for n in p.op_nodes())
     x = torch.randn(4, 3)
     assert torch.allclose(p(x), _Clamped()(x))
+
+
+# --- explaining: why a candidate did not match -------------------------------------------------
+
+def test_explaining_finds_the_same_matches():
+    p = _program(_Norm(3e-5), torch.randn(2, 3, 8))
+    found = find_matches(FUSE_RMS_NORM, p.graph)
+    explained = [o for o in explain_matches(FUSE_RMS_NORM, p.graph) if isinstance(o, Match)]
+    assert len(found) == 1 and [m.nodes for m in explained] == [m.nodes for m in found]
+    assert explained[0].bindings["eps"] == found[0].bindings["eps"] == 3e-5
+
+
+def test_an_escaping_intermediate_is_the_reason():
+    p = _program(_Norm(1e-6, leak=True), torch.randn(2, 3, 8))
+    outcomes = explain_matches(FUSE_RMS_NORM, p.graph)
+    assert not any(isinstance(o, Match) for o in outcomes)
+    reasons = [o.reason for o in outcomes if "outside the match" in o.reason]
+    assert len(reasons) == 1
+    assert reasons == ["the pattern's intermediate mean (aten.mean) is also read outside the match, by the "
+                       "model's outputs"]
+
+
+def _doubled_pattern(x):
+    return x * 2
+
+
+def _doubled_replacement(x):
+    return torch.ops.aten.add.Tensor(x, x)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def _refuses_with_a_reason(m):
+    return f"x has {m.val('x').dim()} dims"
+
+
+def _refuses(m):
+    return False
+
+
+def test_a_check_says_why_it_refuses():
+    p = _program(_Doubled(), torch.randn(4, 3))
+    for check, reason in ((_refuses_with_a_reason, "check failed: x has 2 dims"),
+                          (_refuses, "check failed (_refuses)"),
+                          (lambda m: False, "check of rule doubled failed")):
+        rule = RewriteRule("doubled", _doubled_pattern, _doubled_replacement, check=check,
+                           example_inputs=lambda dt: (torch.randn(4, 3, dtype=dt),), dtypes=(torch.float32,))
+        assert find_matches(rule, p.graph) == []  # a reason is a refusal, though a non-empty string is truthy
+        (outcome,) = explain_matches(rule, p.graph)
+        assert isinstance(outcome, NoMatch) and outcome.node.name == "mul" and outcome.reason == reason
+    accepting = RewriteRule("doubled", _doubled_pattern, _doubled_replacement, check=lambda m: True,
+                            example_inputs=lambda dt: (torch.randn(4, 3, dtype=dt),), dtypes=(torch.float32,))
+    assert apply_rule(accepting, p.graph) == 1
+    p.recompile()
+    x = torch.randn(4, 3)
+    assert torch.equal(p(x), x * 2)

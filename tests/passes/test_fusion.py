@@ -140,3 +140,30 @@ def test_attention_with_another_value_head_size_is_not_fused():
     assert _fused(cm, "attention") == 0
     args = make()
     assert torch.allclose(cm(*args), Attention()(*args), atol=1e-5)
+
+
+def test_models_capture_after_a_first_fusion_in_a_fresh_process():
+    """Tracing the MoE pattern imports transformers' Mixtral code; imported for the first time
+    inside torch.export's trace, its output classes stayed unknown to pytree and no
+    transformers model could be captured afterwards in that process."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+import flashc
+from flashc import zoo
+from flashc.ir import op_name
+
+class Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+flashc.compile(Scale(), "cpu", (torch.randn(3),), level=2)  # traces every pattern, the MoE one too
+model = zoo.build("llama-tiny")
+cm = flashc.compile(model, "cpu", (torch.randint(0, model.config.vocab_size, (1, 8)),), level=2)
+print(sum(op_name(n) == "flashc.rotary" for n in cm.program.op_nodes()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["4"]
