@@ -76,12 +76,17 @@ def cmd_compile(args) -> int:
     with _user_code(args.model, "capturing the model"):
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
                             numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
-    print(cm.report().render())
+    report = cm.report()
+    print(report.render())
     prediction = getattr(cm.executable, "prediction", None)  # a simulated target (lpu-v1) says what it predicts
     if prediction is not None:
         from flashc.backends.lpu.backend import render_prediction
 
         print(render_prediction(prediction))
+    if args.report_json:
+        from flashc.report import write_json
+
+        print(f"report written to {write_json(args.report_json, report.to_dict())}")
     if args.output:
         path = cm.save(args.output)
         print(f"artifact written to {path}")
@@ -125,15 +130,28 @@ def cmd_run(args) -> int:
     for col in ("output", "shape", "max abs error", "rel. error"):
         t.add_column(col)
     worst = 0.0
+    outputs = []
     for i, (g, r) in enumerate(zip(got, ref_flat)):
         err = relative_error(g, r)
         worst = max(worst, err)
-        t.add_row(str(i), str(list(g.shape)), f"{(g.double() - r.double()).abs().max().item():.3e}", f"{err:.3e}")
+        abs_err = (g.double() - r.double()).abs().max().item()
+        outputs.append({"output": i, "shape": list(g.shape), "max_abs_error": abs_err, "relative_error": err})
+        t.add_row(str(i), str(list(g.shape)), f"{abs_err:.3e}", f"{err:.3e}")
     c = _console()
     c.print(t)
     c.print(f"time per call (median of {args.repeat}): flashc {ran * 1e3:.3f} ms, eager model {eager * 1e3:.3f} ms")
     tol = 1e-3 if got[0].dtype == torch.float32 else 5e-2
-    if not worst <= tol:
+    passed = worst <= tol
+    if args.report_json:
+        from flashc.report import REPORT_SCHEMA, write_json
+
+        run = {"schema": REPORT_SCHEMA, "kind": "run", "artifact": str(args.artifact), "target": cm.target,
+               "inputs": [s.describe() for s in cm.inputs], "seed": args.seed, "outputs": outputs,
+               "tolerance": tol, "passed": passed,
+               "seconds_per_call": {"flashc": ran, "eager": eager}, "repeat": args.repeat,
+               "compile": cm.report().to_dict()}
+        c.print(f"report written to {write_json(args.report_json, run)}")
+    if not passed:
         c.print(f"[red]outputs differ from the eager model beyond {tol:g}[/]")
         return 1
     return 0
@@ -284,55 +302,130 @@ def _optimized_program_for_inspect(args):
 
 
 def cmd_eval(args) -> int:
+    """Accuracy of a zoo model or an artifact against a baseline, as a table or (--json) one
+    JSON object on stdout; with --json everything else goes to stderr."""
+    import json
+
+    if args.json:
+        with contextlib.redirect_stdout(sys.stderr):  # a library's stray print must not corrupt the JSON
+            evaluation = _evaluate(args)
+        print(json.dumps(evaluation.to_dict(), indent=2, allow_nan=False))
+        for note in evaluation.notes:
+            print(f"note: {note}", file=sys.stderr)
+        return 0
     from rich.table import Table
 
-    from flashc import zoo
-    from flashc.accuracy import AccuracyRow, compiled_window, perplexity_rows
-
-    is_artifact = Path(args.model).is_dir()
-    if is_artifact:
-        import flashc
-
-        candidate = flashc.load(args.model)
-        name = candidate.source.name
-        window = compiled_window(candidate)
-        baseline_name = args.baseline or name
-    else:
-        _zoo_entry(args.model, "a zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6) "
-                               "or an artifact directory")
-        name = args.model
-        candidate = None
-        window = args.window
-        baseline_name = args.baseline
-    c = _console()
-    if args.metric == "ppl":
-        tokenizer = zoo.tokenizer(name)
-        if candidate is None:
-            candidate = zoo.build(name)
-        baseline = zoo.build(baseline_name) if baseline_name else None
-        rows = perplexity_rows(candidate, baseline, tokenizer, args.texts, window, window // 2, args.limit)
-    else:
-        from flashc import pretrained
-        from flashc.evaluation import embedding_agreement
-
-        if is_artifact:
-            raise FlashcError("embedding evaluation runs on zoo encoders (minilm-l6); artifacts are "
-                              "compiled for one static sequence length")
-        model, tok = pretrained.load_minilm()
-        ref_model = zoo.build(baseline_name or name)
-        res = embedding_agreement(lambda s: pretrained.minilm_embed(model, tok, s),
-                                  lambda s: pretrained.minilm_embed(ref_model, tok, s))
-        rows = [AccuracyRow("mean cosine vs baseline", 1.0, res.mean_cosine),
-                AccuracyRow("min cosine vs baseline", 1.0, res.min_cosine),
-                AccuracyRow("spearman of neighbour rankings (mean)", 1.0, res.spearman_mean)]
-    t = Table(title=f"flashc eval {args.model}" + (f" (baseline {baseline_name})" if baseline_name else ""),
-              title_justify="left")
+    evaluation = _evaluate(args)
+    against = f"baseline {evaluation.baseline}" if evaluation.baseline else "no baseline"
+    t = Table(title=f"flashc eval {args.model}  ({_METRICS[evaluation.metric]}, {against})", title_justify="left")
     for col in ("metric", "baseline", "model", "change"):
         t.add_column(col)
-    for r in rows:
+    for r in evaluation.rows:
         t.add_row(*r.cells())
+    if evaluation.headline not in evaluation.rows:
+        t.add_section()
+        t.add_row(*evaluation.headline.cells())
+    c = _console()
     c.print(t)
+    for note in evaluation.notes:
+        c.print(f"note: {note}")
     return 0
+
+
+def _evaluate(args):
+    """The Evaluation `flashc eval` prints: what is compared with what, on which metric."""
+    from flashc import zoo
+    from flashc.accuracy import compiled_window, perplexity_evaluation
+
+    real = "a zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6)"
+    artifact = None
+    if Path(args.model).is_dir():
+        import flashc
+
+        artifact = flashc.load(args.model)
+        source = artifact.source.name if artifact.source.kind == "zoo" else None
+        baseline_name = args.baseline or source
+        if baseline_name is None:
+            raise FlashcError(f"{args.model}: compiled from {artifact.source.name} ({artifact.source.kind}), which "
+                              f"has no tokenizer or float model flashc knows: pass --baseline MODEL, {real} to "
+                              "compare with (its tokenizer is used too)")
+        tokenizer_name = source or baseline_name
+    else:
+        _zoo_entry(args.model, f"{real} or an artifact directory")
+        if args.baseline == args.model:
+            raise FlashcError(f"--baseline {args.baseline} is the model itself: it agrees with itself by construction; "
+                              f"compare an artifact compiled from it (flashc compile {args.model} -o DIR; "
+                              "flashc eval DIR) or another model")
+        baseline_name, tokenizer_name = args.baseline, args.model
+    metric = _eval_metric(args.metric, tokenizer_name, _zoo_entry(tokenizer_name, real).family)
+    if metric == "embed" and baseline_name is None:
+        raise FlashcError(f"{args.model}: embedding agreement compares two encoders, and a zoo model alone has "
+                          f"nothing to be compared with: evaluate an artifact compiled from it (flashc compile "
+                          f"{args.model} -o DIR; flashc eval DIR) or pass --baseline MODEL")
+    if metric == "embed" and args.limit is not None and args.limit < 7:
+        raise FlashcError(f"--limit {args.limit}: embedding agreement needs at least 7 sentences (it compares "
+                          "top-5 neighbours); use --limit 7 or more")
+    if baseline_name is not None:
+        base_entry = _zoo_entry(baseline_name, real)
+        if not base_entry.pretrained:
+            raise FlashcError(f"--baseline {baseline_name} has random weights; compare with {real}")
+        if (base_entry.family in ENCODER_FAMILIES) != (metric == "embed"):
+            raise FlashcError(f"--baseline {baseline_name} is {_kind_of(base_entry.family)}, and {args.model} "
+                              f"is scored by {_METRICS[metric]}: compare it with a model of its own kind")
+    if args.window is not None and (artifact is not None or metric == "embed"):
+        raise FlashcError(f"--window {args.window}: only a perplexity of a zoo model takes a window (an artifact's "
+                          "window is the sequence length it was compiled for); drop --window")
+    tokenizer = zoo.tokenizer(tokenizer_name)  # a model with random weights has none, and says so
+    if metric == "ppl":
+        window = compiled_window(artifact) if artifact is not None else args.window or 256
+        candidate = artifact if artifact is not None else zoo.build(args.model)
+        baseline = zoo.build(baseline_name) if baseline_name else None
+        return perplexity_evaluation(candidate, baseline, tokenizer, args.texts, window, window // 2, args.limit,
+                                     args.model, baseline_name)
+    return _embedding_evaluation(args, artifact, tokenizer, baseline_name)
+
+
+_METRICS = {"ppl": "perplexity", "embed": "embedding agreement"}
+
+
+def _kind_of(family: str) -> str:
+    return f"an encoder ({family})" if family in ENCODER_FAMILIES else f"a causal LM ({family})"
+
+
+def _eval_metric(requested: str, name: str, family: str) -> str:
+    """'embed' for an encoder, 'ppl' for a causal LM; an explicit --metric must fit the model."""
+    encoder = family in ENCODER_FAMILIES
+    metric = requested if requested != "auto" else "embed" if encoder else "ppl"
+    if encoder != (metric == "embed"):
+        fits = "embed" if encoder else "ppl"
+        raise FlashcError(f"--metric {requested}: {name} is {_kind_of(family)}, scored by {_METRICS[fits]}: "
+                          f"use --metric {fits} (or leave --metric out)")
+    return metric
+
+
+def _embedding_evaluation(args, artifact, tokenizer, baseline_name: str):
+    """An artifact at its static shape against the float baseline, or two zoo encoders at
+    the sentences' own lengths (the sentence-transformers pipeline, `minilm_embed`)."""
+    from flashc import zoo
+    from flashc.accuracy import embedding_evaluation, static_shape_embedders
+    from flashc.evaluation import load_eval_sentences
+    from flashc.pretrained import minilm_embed
+
+    sentences = load_eval_sentences()[:args.limit]
+    reference = zoo.build(baseline_name)
+    if artifact is not None:
+        embed, ref_embed, notes = static_shape_embedders(artifact, reference, tokenizer, sentences)
+    else:
+        model = zoo.build(args.model)
+
+        def embed(s):
+            return minilm_embed(model, tokenizer, s)
+
+        def ref_embed(s):
+            return minilm_embed(reference, tokenizer, s)
+
+        notes = []
+    return embedding_evaluation(embed, ref_embed, sentences, args.model, baseline_name, notes)
 
 
 EXPORT_TARGETS = {"onnx": "onnx-cpu", "onnx-cuda": "onnx-cuda", "tvm": "tvm-cpu", "tvm-cuda": "tvm-cuda"}
@@ -638,6 +731,21 @@ def _artifact_output(text: str) -> Path:
     return path
 
 
+def _report_output(text: str) -> Path:
+    """An argparse type: a JSON file to write a report to, refused before a long compile if it cannot be."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give the JSON file to write")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a directory; give a file name for the JSON report")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent}: no such directory for the JSON report; create it first")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{parent}: not writable; choose another place for the JSON report")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flashc", description="compile PyTorch LLMs for a target and hardware profile", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -663,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill: input_ids[batch, seq-len]; decode (causal LMs): one token with a static KV cache")
     c.add_argument("--cache-len", type=POSITIVE, default=None,
                    help="static KV cache length of a decode signature (at most the model's positions)")
+    c.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
+                   help="also write the compile report as JSON to FILE (replaced atomically)")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 
@@ -670,6 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--repeat", type=POSITIVE, default=10)
+    r.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
+                   help="also write the errors, times and the artifact's compile report as JSON to FILE")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="the IR as a table with FLOPs, bytes and estimated time")
@@ -686,12 +798,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy: perplexity (causal LMs) or embedding agreement (encoders)")
     e.add_argument("model", help="zoo model with real weights (smollm2-135m, mixtral-ref, minilm-l6) or an artifact")
-    e.add_argument("--metric", choices=["ppl", "embed"], default="ppl")
-    e.add_argument("--baseline", default=None, help="zoo model to compare with (default for an artifact: its source)")
-    e.add_argument("--limit", type=POSITIVE, default=None, help="at most this many windows per text")
-    e.add_argument("--window", type=_int_at_least(2, "2 or more (the stride is half the window)"), default=256,
-                   help="perplexity window for zoo models (artifacts: their length)")
+    e.add_argument("--metric", choices=["auto", "ppl", "embed"], default="auto",
+                   help="auto: embed for encoders (minilm-l6), ppl for causal LMs")
+    e.add_argument("--baseline", default=None,
+                   help="zoo model to compare with (default for an artifact: its float source model)")
+    e.add_argument("--limit", type=POSITIVE, default=None,
+                   help="ppl: at most this many windows per text; embed: the first N sentences (7 or more)")
+    e.add_argument("--window", type=_int_at_least(2, "2 or more (the stride is half the window)"), default=None,
+                   help="perplexity window of a zoo model (default 256; an artifact's is its sequence length)")
     e.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object (metric, model, baseline, relative_change, rows) and nothing else "
+                        "on stdout")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")

@@ -1,12 +1,22 @@
-"""The compile report: tables a person reads after a compile (rendered with rich)."""
+"""The compile report: tables a person reads after a compile (rendered with rich), and the
+same facts as data (`CompileReport.to_dict`, written by `flashc compile --report-json`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from flashc.cost_model import Estimate, human_bytes, human_seconds
 from flashc.profiles import HardwareProfile
+
+#: Version of the dict `CompileReport.to_dict` returns; raise it when a key changes meaning
+#: or goes away (adding a key does not).
+REPORT_SCHEMA = 1
 
 
 @dataclass
@@ -35,9 +45,27 @@ class CompileReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "target": self.target, "profile": self.profile.name, "level": self.level,
-                "fused": self.fused(), "estimate": self.estimate.summary(), "timings": self.timings,
-                "fallbacks": [f.__dict__ for f in self.fallbacks]}
+        """Everything the rendered report shows, as JSON-serializable data (see REPORT_SCHEMA).
+
+        `passes` has one row per pass record, in the order they ran, with its `stage`
+        ("pipeline": the level's passes). Times are seconds, sizes bytes; a non-finite
+        float (a NaN error) is written as the string "nan" or "inf", never as invalid JSON.
+        """
+        est = self.estimate
+        return json_safe({
+            "schema": REPORT_SCHEMA, "kind": "compile",
+            "model": self.model, "target": self.target, "profile": self.profile.name, "level": self.level,
+            "capture": self.capture, "warnings": list(self.warnings),
+            "passes": [_pass_row(r) for r in self.records],
+            "fusions": self.fused(),
+            "fallbacks": [asdict(f) for f in self.fallbacks],
+            "estimate": {**est.summary(), "bytes": est.bytes, "flops": est.flops,
+                         "top": [{"node": n.node, "op": n.op, "layer": n.layer, "shape": list(n.shape),
+                                  "dtype": n.dtype, "seconds": n.seconds, "bound": n.bound} for n in est.top(5)]},
+            "timings": dict(self.timings),
+            "weights": {"tensors": self.weights, "bytes": self.weight_bytes},
+            "accuracy": None if self.accuracy is None else [_accuracy_row(r) for r in self.accuracy],
+        })
 
     def render(self, width: int = 110) -> str:
         from rich.console import Console
@@ -62,6 +90,9 @@ class CompileReport:
         fused = {k: v for k, v in self.fused().items() if v}
         if fused:
             console.print("fused: " + ", ".join(f"{k} x{v}" for k, v in fused.items()))
+        for r in self.records:
+            if getattr(r, "details", None):
+                console.print(_details_table(r))
         if self.fallbacks:
             fb = Table(title="ops left to the reference implementation (PyTorch)", title_justify="left")
             for col in ("op", "count", "first seen at"):
@@ -85,12 +116,108 @@ class CompileReport:
             for col in ("metric", "baseline", "compiled", "change"):
                 acc.add_column(col)
             for row in self.accuracy:
-                acc.add_row(*[str(c) for c in row])
+                acc.add_row(*(row.cells() if hasattr(row, "cells") else [str(c) for c in row]))
             console.print(acc)
         return console.export_text()
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _details_table(record):
+    """A pass's per-item rows (e.g. each quantized layer: scheme, bits, bytes before and after)."""
+    from rich.table import Table
+
+    title = "quantization" if record.name.startswith("quantize") else record.name
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", overflow="fold")
+    for col in ("op", "scheme", "bytes", "rel. output error"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="fold")
+    before = after = 0
+    for d in record.details:
+        scheme = str(d.get("status", "-"))
+        if scheme == "quantized":
+            group = d.get("group_size")
+            scheme = (f"int{d.get('bits')} {d.get('method')} " + (f"g{group}" if group != "channel" else "per-ch")
+                      + (" sym" if d.get("symmetric") else ""))
+        elif scheme == "skipped":
+            scheme = "float (skipped)"
+        error = d.get("rel_error")
+        b, a = d.get("bytes_before"), d.get("bytes_after")
+        before += b or 0
+        after += a or 0
+        size = "-" if b is None else f"{human_bytes(b)} -> {human_bytes(a)}"
+        table.add_row(str(d.get("layer", "-")), str(d.get("op", "-")), scheme, size,
+                      "-" if error is None else f"{error:.2e}", str(d.get("note", "")))
+    table.add_row("all listed", "", "", f"{human_bytes(before)} -> {human_bytes(after)}", "", "")
+    return table
+
+
+def _pass_row(record) -> dict[str, Any]:
+    row = asdict(record)
+    row.setdefault("stage", "pipeline")  # records that do not say ran in the level's pipeline
+    return row
+
+
+def _accuracy_row(row) -> dict[str, Any]:
+    """An accuracy row as data: an AccuracyRow's own dict, or the four printed cells of one
+    (metric, baseline, compiled, change) with the numbers read back, rounded as printed."""
+    if hasattr(row, "to_dict"):
+        return row.to_dict()
+    metric, baseline, value, change = (str(c) for c in row)
+    percent = _number(change.removesuffix("%"))
+    return {"metric": metric, "baseline": _number(baseline), "model": _number(value),
+            "relative_change": None if percent is None else percent / 100, "cells": [metric, baseline, value, change]}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None  # "-" or a note ("not measured")
+
+
+def json_safe(value):
+    """`value` with tuples as lists and non-finite floats as strings ("nan", "inf"), so
+    json.dumps(..., allow_nan=False) accepts it; anything else JSON cannot hold is an error
+    here, not later."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"compile report: {type(value).__name__} {value!r} is not JSON data")
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write `data` as JSON to `path` atomically: a temporary file in the same directory,
+    flushed to disk, then renamed over `path`, so a reader never sees half a file.
+    Non-finite floats are written as strings (see `json_safe`)."""
+    from flashc.errors import FlashcError
+
+    path = Path(path)
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8") as f:
+            tmp = Path(f.name)
+            os.chmod(tmp, 0o644)  # a report is for reading; mkstemp's 0600 would hide it from others
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise FlashcError(f"{path}: cannot write the report ({e.strerror or e}); choose another path") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 class _Null:

@@ -1,5 +1,6 @@
 """The flashc command line, run as a user runs it (subprocess)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,16 +36,32 @@ def test_targets_lists_targets_and_profiles():
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "llama"
-    r = flashc("compile", "llama-tiny", "--target", "cpu", "-O", "3", "-o", str(out))
+    r = flashc("compile", "llama-tiny", "--target", "cpu", "-O", "3", "-o", str(out),
+               "--report-json", str(out.parent / "report.json"))
     assert r.returncode == 0, r.stderr
     assert "attention=2" in r.stdout and "qkv=2" in r.stdout and "artifact written" in r.stdout
     return out
 
 
-def test_run_compares_with_eager(artifact):
-    r = flashc("run", str(artifact), "--repeat", "2")
+def test_compile_writes_the_report_as_json(artifact):
+    report = json.loads((artifact.parent / "report.json").read_text())
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert (report["schema"], report["kind"], report["model"], report["target"], report["level"]) == \
+        (1, "compile", "llama-tiny", "cpu", 3)
+    assert [{k: v for k, v in p.items() if k != "stage"} for p in report["passes"]] == \
+        [{k: v for k, v in p.items() if k != "stage"} for p in manifest["pipeline"]]
+    assert report["fusions"]["attention"] == 2 and report["fusions"]["qkv"] == 2
+    assert report["estimate"]["kernels"] == manifest["estimate"]["kernels"]
+
+
+def test_run_compares_with_eager(artifact, tmp_path):
+    r = flashc("run", str(artifact), "--repeat", "2", "--report-json", str(tmp_path / "run.json"))
     assert r.returncode == 0, r.stderr
     assert "rel. error" in r.stdout and "time per call" in r.stdout
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["kind"] == "run" and run["passed"] is True and run["compile"]["model"] == "llama-tiny"
+    assert len(run["outputs"]) == 1 and run["outputs"][0]["relative_error"] < run["tolerance"] == 1e-3
+    assert f"{run['outputs'][0]['relative_error']:.3e}" in r.stdout
 
 
 def test_inspect_zoo_and_artifact(artifact):
@@ -95,6 +112,55 @@ def test_eval_random_weights_has_no_tokenizer():
     assert r.returncode == 2 and "no tokenizer" in r.stderr
 
 
+def _eval_json(*args):
+    r = flashc("eval", *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # the whole of stdout is one JSON object
+
+
+@pytest.fixture(scope="module")
+def minilm_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "minilm"
+    r = flashc("compile", "minilm-l6", "--batch", "4", "--seq-len", "12", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_eval_of_an_encoder_artifact_compares_it_with_the_float_model(minilm_artifact):
+    # no --metric: an encoder is scored by embedding agreement, against its float source model
+    got = _eval_json(str(minilm_artifact), "--limit", "30")
+    assert (got["metric"], got["model_name"], got["baseline_name"]) == ("embed", str(minilm_artifact), "minilm-l6")
+    assert got["figure"] == "mean cosine vs baseline" and got["baseline"] == 1.0
+    assert 0.999 < got["model"] <= 1 + 1e-9  # fp32, fused attention: the same numbers up to rounding
+    assert got["relative_change"] == pytest.approx(got["model"] / got["baseline"] - 1, abs=1e-15)
+    rows = {row["metric"]: row for row in got["rows"]}
+    assert rows["mean cosine vs baseline"]["model"] == got["model"] and rows["top-1 neighbour agreement"]["model"] > 0.9
+    assert all(row["sentences"] == 30 for row in got["rows"])
+    assert any("sentences are longer than the artifact's 12 tokens" in n for n in got["notes"])
+    assert any("takes no attention_mask" in n for n in got["notes"])
+
+
+def test_eval_of_an_encoder_alone_has_nothing_to_compare():
+    r = flashc("eval", "minilm-l6")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # refused before loading anything
+    assert "pass --baseline" in r.stderr and "flashc compile minilm-l6 -o DIR" in r.stderr and r.stdout == ""
+    r = flashc("eval", "minilm-l6", "--metric", "ppl")
+    assert r.returncode == 2 and "minilm-l6 is an encoder (bert)" in r.stderr and "--metric embed" in r.stderr
+
+
+def test_eval_of_a_causal_lm_artifact_json(tmp_path):
+    out = tmp_path / "mixtral"
+    r = flashc("compile", "mixtral-ref", "--seq-len", "32", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    got = _eval_json(str(out), "--limit", "2")
+    assert (got["metric"], got["baseline_name"]) == ("ppl", "mixtral-ref")
+    assert [row["text"] for row in got["rows"]] == ["prose", "code"]
+    assert got["figure"] == f"perplexity (prose+code, all {sum(row['tokens'] for row in got['rows'])} tokens)"
+    for row in [got, *got["rows"]]:
+        assert row["relative_change"] == pytest.approx(row["model"] / row["baseline"] - 1, rel=1e-9, abs=1e-15)
+        assert abs(row["relative_change"]) < 1e-4  # fp32 fusion only reorders sums
+
+
 def test_export_onnx_from_artifact(artifact, tmp_path):
     out = tmp_path / "onnx"
     r = flashc("export", str(artifact), "--format", "onnx", "-o", str(out))
@@ -103,6 +169,13 @@ def test_export_onnx_from_artifact(artifact, tmp_path):
     r = flashc("run", str(out), "--repeat", "2")
     assert r.returncode == 0, r.stderr
     assert "onnx-cpu" in r.stdout
+
+
+def test_report_json_path_is_checked_before_compiling(tmp_path):
+    r = flashc("compile", "llama-tiny", "--report-json", str(tmp_path))
+    assert r.returncode == 2 and f"{tmp_path}: is a directory" in r.stderr
+    r = flashc("run", "anything", "--report-json", str(tmp_path / "missing" / "run.json"))
+    assert r.returncode == 2 and f"{tmp_path / 'missing'}: no such directory" in r.stderr
 
 
 def test_inspect_why_not_lists_candidates_and_reasons():
