@@ -131,6 +131,18 @@ def optimize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | 
     return program, records
 
 
+def why_not(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, fusion: str, *,
+            example_kwargs: dict[str, Any] | None = None, level: int = 2, profile: str | HardwareProfile = "cpu"):
+    """Where the fusion `fusion` ('rotary', 'attention', 'rms_norm', 'flashc.swiglu', ...) could
+    happen in the model and, at each place, that it did or why not (flashc.rewrite.WhyNot;
+    print it, or read `.fused` and `.candidates`). `flashc inspect MODEL --why-not OP` prints the same."""
+    from flashc.rewrite import why_not as explain
+
+    prof = profile if isinstance(profile, HardwareProfile) else get_profile(profile)
+    program = capture_program(model, example_inputs, example_kwargs)
+    return explain(program, pipeline(level), PassContext(prof), fusion)
+
+
 def check_end_to_end(captured: Program, program: Program, executable, example_inputs: tuple, passes: list,
                      ctx: PassContext, target: str) -> None:
     """What the backend built against the captured program, on the example inputs, twice

@@ -143,3 +143,18 @@ def test_unknown_or_misspelled_option_is_an_error():
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.allclose(cm(x), model(x), atol=1e-6)
+
+
+def test_why_not_says_where_a_fusion_happened_and_why_not_elsewhere():
+    class NotRope(torch.nn.Module):
+        """x*cos + rotate_half(x)*sin with the wrong half negated: not rotary, must not fuse."""
+
+        def forward(self, x, cos, sin):
+            h = x.shape[-1] // 2
+            rotated = torch.cat((-x[..., :h], x[..., h:]), dim=-1)
+            return x * cos + rotated * sin
+
+    x, cos, sin = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    report = flashc.why_not(NotRope(), (x, cos, sin), "rotary")
+    assert report.fused == 0 and report.candidates
+    assert "negated half" in str(report)
