@@ -194,7 +194,7 @@ class CudaBackend:
                 swap_file(directory.parent, f"{directory.name}/{tuning_name}", f"{directory.name}/{name}", data,
                           lambda manifest: manifest.setdefault("payload", {}).update(tuning=name))
 
-        return self.lower(program, get_profile(program.meta.get("profile", "h100")), CudaOptions(), save_tuning)
+        return self.lower(program, get_profile(program.meta.profile or "h100"), CudaOptions(), save_tuning)
 
 
 def _save_tuning(save: Callable[[bytes], None]) -> None:

@@ -111,12 +111,10 @@ def capture_program(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     program = capture(model, tuple(example_inputs), kwargs)
     config = getattr(model, "config", None)
     if getattr(config, "vocab_size", None):
-        program.meta["vocab_size"] = int(config.vocab_size)
+        program.meta.vocab_size = int(config.vocab_size)
     if getattr(model, "max_cache_len", None):  # a DecodeStep: positions index the cache
-        program.meta["input_high"] = {"cache_position": int(model.max_cache_len)}
-        program.meta["signature"] = "decode"
-    warning = program.meta.pop("capture_warning", None)
-    program.meta["warnings"] = [warning] if warning else []
+        program.meta.input_high = {"cache_position": int(model.max_cache_len)}
+        program.meta.signature = "decode"
     return program
 
 

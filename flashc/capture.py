@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from flashc.errors import CaptureError
-from flashc.ir import InputSpec, Program, propagate_shapes
+from flashc.ir import InputSpec, Program, ProgramMeta, propagate_shapes
 
 
 def capture(
@@ -60,8 +60,8 @@ def capture(
         except Exception as fx_error:
             raise CaptureError(_capture_failure_message(model, export_error, export_where, fx_error,
                                                         tracker.failing_module())) from export_error
-    program.meta["capture"] = "torch.fx make_fx, real values (fallback)"
-    program.meta["capture_warning"] = (
+    program.meta.capture = "torch.fx make_fx, real values (fallback)"
+    program.meta.warnings.append(
         f"torch.export failed ({type(export_error).__name__}: {str(export_error).splitlines()[0][:200]}); "
         "the fallback specialises data-dependent control flow on the example inputs"
     )
@@ -129,8 +129,8 @@ def _capture_export(model, args, kwargs, names) -> Program:
             params[node.name] = state[spec.target].detach()
     gm.recompile()
     out_spec = ep.module_call_graph[0].signature.out_spec if ep.module_call_graph[0].signature else None
-    program = Program(gm, params, inputs, out_spec, {"capture": "torch.export (non-strict)",
-                                                     "input_device": _input_device(args)})
+    program = Program(gm, params, inputs, out_spec, ProgramMeta(capture="torch.export (non-strict)",
+                                                                input_device=_input_device(args)))
     return program
 
 
@@ -162,7 +162,7 @@ def _capture_fx(model, args, kwargs, names) -> Program:
     out = gm.graph.output_node()
     out.args = (tuple(pytree.tree_leaves(out.args[0])),)
     gm.recompile()
-    program = Program(gm, params, inputs, out_spec, {"input_device": _input_device(args)})
+    program = Program(gm, params, inputs, out_spec, ProgramMeta(input_device=_input_device(args)))
     propagate_shapes(program)
     return program
 

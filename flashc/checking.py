@@ -129,15 +129,15 @@ def random_inputs(program: Program, seed: int | torch.Generator = 0) -> tuple[to
     """Fresh random inputs of the program's signature, on the CPU (token ids within the
     vocabulary, positions within the cache)."""
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    vocab = program.meta.get("vocab_size")
-    highs = program.meta.get("input_high", {})  # e.g. cache_position < max_cache_len
+    vocab = program.meta.vocab_size
+    highs = program.meta.input_high  # e.g. cache_position < max_cache_len
     return tuple(spec.random(highs.get(spec.name, vocab), g) for spec in program.inputs)
 
 
 def random_calls(program: Program, count: int, seed: int = 0) -> list[tuple]:
     """random_inputs for `count` calls, where the example inputs were."""
     g = torch.Generator().manual_seed(seed)
-    device = program.meta.get("input_device", "cpu")
+    device = program.meta.input_device
     device = "cpu" if device == "meta" else device
     return [tuple(t.to(device) for t in random_inputs(program, g)) for _ in range(count)]
 

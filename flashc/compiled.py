@@ -13,8 +13,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from flashc.artifact import load_tensors, read_manifest, save_tensors, write_artifact
-from flashc.errors import ArtifactError, InputError
-from flashc.ir import InputSpec, Program, dtype_from_name, dtype_name, propagate_shapes
+from flashc.errors import ArtifactError, InputError, VerificationError
+from flashc.ir import InputSpec, Program, ProgramMeta, dtype_from_name, dtype_name, propagate_shapes
 from flashc.lowering import Executable, Fallback
 from flashc.pass_manager import PassRecord
 from flashc.profiles import HardwareProfile, get_profile
@@ -66,7 +66,7 @@ class CompiledModel:
 
     def _check_positions(self, args: tuple) -> None:
         """A decode step's cache_position must index its static cache (never a wrong answer)."""
-        limits = self.program.meta.get("input_high") or {}
+        limits = self.program.meta.input_high
         for spec, a in zip(self.inputs, args):
             if spec.name in limits and a.numel():
                 low, high = torch.stack(torch.aminmax(a)).tolist()  # one sync with the device
@@ -86,7 +86,7 @@ class CompiledModel:
         """
         from flashc.generate import generate
 
-        if self.program.meta.get("signature") != "decode":
+        if self.program.meta.signature != "decode":
             raise InputError("generate needs a model compiled with the decode-step signature "
                              "(flashc.decode.DecodeStep, or flashc compile --signature decode)")
         specs = self.inputs
@@ -117,7 +117,7 @@ class CompiledModel:
             propagate_shapes(self.program)
         return CompileReport(
             model=self.source.name, target=self.target, profile=self.profile, level=self.level,
-            capture=self.program.meta.get("capture", "?"), warnings=list(self.program.meta.get("warnings", [])),
+            capture=self.program.meta.capture or "?", warnings=list(self.program.meta.warnings),
             records=self.records, fallbacks=self.fallbacks, estimate=estimate(self.program, self.profile),
             timings=self.timings, weights=len(self.program.params),
             weight_bytes=sum(t.numel() * t.element_size() for t in self.program.params.values()),
@@ -141,7 +141,7 @@ class CompiledModel:
             "profile": self.profile.name, "level": self.level,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)} for s in self.inputs],
             "out_spec": out_spec, "out_type": out_type, "source": asdict(self.source),
-            "meta": _json_meta(self.program.meta),
+            "meta": self.program.meta.to_json(),
             "pipeline": [asdict(r) for r in self.records],
             "fallbacks": [asdict(f) for f in self.fallbacks], "timings": self.timings,
             "estimate": self.report().estimate.summary(),
@@ -179,20 +179,6 @@ def _dump_out_spec(spec: pytree.TreeSpec | None) -> tuple[str | None, str | None
         return None, output_type_name(spec)
 
 
-def _json_meta(meta: dict) -> dict:
-    """The JSON-representable part of a program's meta (signature facts, warnings)."""
-    import json
-
-    out = {}
-    for k, v in meta.items():
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[k] = v
-    return out
-
-
 def load(path: str | os.PathLike) -> CompiledModel:
     """Load an artifact written by CompiledModel.save; checks checksums, never unpickles.
 
@@ -228,8 +214,12 @@ def load(path: str | os.PathLike) -> CompiledModel:
     if placeholders != expected or set(params) - set(placeholders):
         raise ArtifactError(f"{path}: graph.json and weights.safetensors disagree on the graph's inputs")
     out_spec = _load_out_spec(manifest, mpath)
-    program = Program(gm, params, inputs, out_spec, dict(manifest.get("meta", {})))
-    program.meta["profile"] = profile.name
+    try:
+        meta = ProgramMeta.from_json(manifest.get("meta", {}), "meta")
+    except VerificationError as e:
+        raise ArtifactError(f"{mpath}: {e}") from None
+    meta.profile = profile.name
+    program = Program(gm, params, inputs, out_spec, meta)
     try:
         propagate_shapes(program)  # backends and reports read node shapes
     except Exception as e:

@@ -8,6 +8,7 @@ tuple that `out_spec` folds back into the model's own output structure.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -50,6 +51,55 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 @dataclass
+class ProgramMeta:
+    """What flashc knows of a program beyond its graph, typed; saved in an artifact's
+    manifest (`to_json`) and checked when one loads (`from_json`)."""
+
+    capture: str = ""  # how it was captured ("torch.export (non-strict)", or the fallback)
+    warnings: list[str] = field(default_factory=list)  # shown in the compile report
+    signature: str = "prefill"  # or "decode": one token with a static KV cache (flashc.decode)
+    vocab_size: int | None = None  # token-id inputs are drawn below it (checks, `flashc run`)
+    input_high: dict[str, int] = field(default_factory=dict)  # input name -> exclusive upper bound
+    input_device: str = "cpu"  # where the example inputs were ("meta": a shapes-only capture)
+    profile: str | None = None  # the hardware profile it was compiled for (set when an artifact loads)
+
+    SIGNATURES = ("prefill", "decode")
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"capture": self.capture, "warnings": list(self.warnings), "signature": self.signature,
+               "input_high": dict(self.input_high), "input_device": self.input_device}
+        if self.vocab_size is not None:
+            out["vocab_size"] = self.vocab_size
+        if self.profile is not None:
+            out["profile"] = self.profile
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "meta") -> "ProgramMeta":
+        """The metadata an artifact stored; a field of the wrong kind is a VerificationError
+        naming it. Older artifacts' `capture_warning` joins the warnings; unknown keys are
+        ignored (a newer flashc's additions)."""
+        warnings = [str(w) for w in data.get("warnings", [])]
+        if data.get("capture_warning"):
+            warnings.append(str(data["capture_warning"]))
+        meta = cls(capture=str(data.get("capture", "")), warnings=warnings,
+                   signature=data.get("signature", "prefill"), vocab_size=data.get("vocab_size"),
+                   input_high=dict(data.get("input_high") or {}), input_device=str(data.get("input_device", "cpu")),
+                   profile=data.get("profile"))
+        if meta.signature not in cls.SIGNATURES:
+            raise VerificationError(f"field '{where}.signature' is {meta.signature!r}; "
+                                    f"expected one of {', '.join(cls.SIGNATURES)}")
+        bounds = [("vocab_size", meta.vocab_size), *((f"input_high.{k}", v) for k, v in meta.input_high.items())]
+        for name, value in bounds:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise VerificationError(f"field '{where}.{name}' is {value!r}; expected a positive integer")
+        return meta
+
+    def copy(self) -> "ProgramMeta":
+        return dataclasses.replace(self, warnings=list(self.warnings), input_high=dict(self.input_high))
+
+
+@dataclass
 class Program:
     """A captured model: graph + named weights + input signature + output structure."""
 
@@ -57,7 +107,7 @@ class Program:
     params: dict[str, torch.Tensor]
     inputs: list[InputSpec]
     out_spec: pytree.TreeSpec | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ProgramMeta = field(default_factory=ProgramMeta)
 
     @property
     def graph(self) -> fx.Graph:
@@ -147,7 +197,7 @@ class Program:
         import copy
 
         gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph))
-        return Program(gm, dict(self.params), list(self.inputs), self.out_spec, dict(self.meta))
+        return Program(gm, dict(self.params), list(self.inputs), self.out_spec, self.meta.copy())
 
 
 def _fake_like(t: torch.Tensor) -> torch.Tensor:
@@ -260,7 +310,7 @@ def propagate_shapes(program: Program) -> None:
     # user inputs live where the weights live (the signature records no device)
     device = next(iter(program.params.values())).device if program.params else torch.device("cpu")
     if device.type == "meta":  # a shape-only model: its inputs were meta or CPU tensors at capture
-        device = torch.device("meta" if program.meta.get("input_device") == "meta" else "cpu")
+        device = torch.device("meta" if program.meta.input_device == "meta" else "cpu")
     fakes = []
     for node in program.placeholders():
         if node.name in program.params:

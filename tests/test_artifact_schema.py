@@ -70,6 +70,9 @@ DAMAGE = [
     (_set("files", []), "files", "must be an object"),
     (_set("out_spec", 5), "out_spec", "must be a string or null"),
     (_set("meta", "input_high", [1]), "meta.input_high", "must be an object"),
+    (_set("meta", "signature", "train"), "meta.signature", "expected one of prefill, decode"),
+    (_set("meta", "input_high", {"cache_position": 0}), "meta.input_high.cache_position", "a positive integer"),
+    (_set("meta", "vocab_size", -5), "meta.vocab_size", "a positive integer"),
     (_set("payload", {"model": 3}), 'payload["model"]', "must be a relative path"),
     (_set("timings", "total", "fast"), 'timings["total"]', "must be a number"),
     (_set("profile", "h999"), "profile", "unknown hardware profile 'h999'"),
@@ -194,3 +197,11 @@ def test_schema_follows_the_dataclasses(field, cls):
     assert set(record.fields) == {f.name for f in fields}
     with_defaults = {f.name for f in fields if f.default is not dataclasses.MISSING}
     assert record.optional == with_defaults
+
+
+def test_an_older_artifacts_capture_warning_becomes_a_warning(art):
+    """Artifacts written before ProgramMeta stored the fallback capture's warning on its own."""
+    _edit(art, _set("meta", "capture_warning", "torch.export failed (X); the fallback specialises"))
+    loaded = flashc.load(art)
+    assert loaded.program.meta.warnings[-1].startswith("torch.export failed (X)")
+    assert "torch.export failed (X)" in loaded.report().render()

@@ -70,11 +70,11 @@ class LpuBackend:
     def lower(self, program: Program, profile: HardwareProfile, options: LpuOptions) -> LpuExecutable:
         system = system_for(profile, options.system_profile)
         check_precision(options.precision)
-        work = extract_workload(program, program.meta.get("model", "model"))
+        work = extract_workload(program, "model")
         batch, tokens = (int(d) for d in program.inputs[0].shape)
         # a decode step (flashc.decode.DecodeStep) attends over its static cache, filled by a prompt as long
-        cache = (program.meta.get("input_high") or {}).get("cache_position")
-        length = int(cache) if program.meta.get("signature") == "decode" and cache else tokens
+        cache = program.meta.input_high.get("cache_position")
+        length = int(cache) if program.meta.signature == "decode" and cache else tokens
         sim = simulate(work, system, options.precision, batch=options.batch or batch,
                        context=options.context or length, prompt=options.prompt or length,
                        chips=options.chips, tp=options.tensor_parallel)

@@ -116,7 +116,7 @@ def _half_table(t: torch.Tensor, d: int) -> torch.Tensor | None:
 def _position_tables(ctx: LoweringContext, cos, sin):
     """(position input, cos table, sin table) when cos and sin [B, 1, D] are functions of one
     position input [1] and weights, and the program bounds that input (a decode step's
-    cache_position: meta["input_high"]): both evaluated at every position 0..bound-1 and
+    cache_position: meta.input_high): both evaluated at every position 0..bound-1 and
     stacked [B, bound, D]. None otherwise. Evaluated once per (cos, sin)."""
     key = ("position_tables", cos, sin)
     if key in ctx.cache:
@@ -128,7 +128,7 @@ def _position_tables(ctx: LoweringContext, cos, sin):
     if found is None:
         return None
     position, evaluate = found
-    bound = (ctx.program.meta.get("input_high") or {}).get(position.name)
+    bound = ctx.program.meta.input_high.get(position.name)
     val = position.meta.get("val")
     if bound is None or val is None or tuple(val.shape) != (1,) or val.dtype not in (torch.int32, torch.int64):
         return None

@@ -560,7 +560,7 @@ def test_decode_generate_matches_cpu_target(tiny_models, decode_compiles):
 def test_decode_artifact_round_trip(decode_compiles, tmp_path):
     cm = decode_compiles("gemma-tiny", 1)
     loaded = flashc.load(cm.save(tmp_path / "decode"))
-    assert loaded.program.meta["signature"] == "decode" and loaded.executable.in_place
+    assert loaded.program.meta.signature == "decode" and loaded.executable.in_place
     kv = [torch.randn(s.shape) for s in cm.inputs[2:]]
     kv_loaded = [t.clone() for t in kv]
     tokens = fresh_ids("gemma-tiny", seq_len=3)

@@ -22,7 +22,7 @@ EXPECTED = {
 
 def _optimize(model, ids, level=2):
     program = capture(model, (ids,), {"use_cache": False})
-    program.meta["vocab_size"] = model.config.vocab_size
+    program.meta.vocab_size = model.config.vocab_size
     records = PassManager(pipeline(level), numeric_check=True).run(program, PassContext(PROFILES["cpu"]))
     return program, records
 
