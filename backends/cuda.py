@@ -194,7 +194,10 @@ class CudaBackend:
                 swap_file(directory.parent, f"{directory.name}/{tuning_name}", f"{directory.name}/{name}", data,
                           lambda manifest: manifest.setdefault("payload", {}).update(tuning=name))
 
-        return self.lower(program, get_profile(program.meta.profile or "h100"), CudaOptions(), save_tuning)
+        if program.meta.profile is None:  # flashc.load sets it from the manifest
+            raise FlashcError("the CUDA backend loads a program with the profile it was compiled for; this one "
+                              "has none: load artifacts with flashc.load")
+        return self.lower(program, get_profile(program.meta.profile), CudaOptions(), save_tuning)
 
 
 def _save_tuning(save: Callable[[bytes], None]) -> None:
