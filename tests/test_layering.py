@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ["ir", "ops", "pass_manager", "rewrite", "profiles", "errors", "aliasing", "capture", "checking"]
+CORE = ["ir", "ops", "pass_manager", "rewrite", "profiles", "errors", "aliasing", "capture", "checking", "lowering",
+        "options", "serialize", "artifact", "cost_model"]
 PLUG_INS = ("flashc.passes", "flashc.backends", "flashc.codegen")
 
 
