@@ -36,11 +36,12 @@ def test_numerics_changing_pass_adds_accuracy_rows(monkeypatch):
     model = zoo.build("mixtral-ref")
     cm = flashc.compile(model, "cpu", torch.zeros(1, 128, dtype=torch.long), level=2,
                         source=ModelSource("zoo", "mixtral-ref", seq_len=128), accuracy_limit=2)
-    assert [row[0] for row in cm.accuracy] == ["perplexity (prose, window 128, stride 64)",
-                                              "perplexity (code, window 128, stride 64)"]
-    for _, baseline, compiled, change in cm.accuracy:
-        assert float(compiled) > float(baseline)  # noise makes the model worse...
-        assert 1 < float(change.rstrip("%")) < 500  # ...by a measurable, bounded amount
+    assert [row.metric for row in cm.accuracy] == ["perplexity (prose, window 128, stride 64)",
+                                                  "perplexity (code, window 128, stride 64)"]
+    for row in cm.accuracy:
+        assert row.value > row.baseline  # noise makes the model worse...
+        assert 0.01 < row.change < 5  # ...by a measurable, bounded amount
+    assert cm.report().to_dict()["accuracy"][0]["relative_change"] == cm.accuracy[0].change  # exact, not as printed
     assert "accuracy vs the float model" in cm.report().render()
 
 
