@@ -34,6 +34,8 @@ def compile(
     keep_reference_weights: bool = False,
     options: dict[str, Any] | None = None,
     accuracy_limit: int | None = 8,
+    quantize: Any = None,
+    calibration: Any = None,
 ) -> CompiledModel:
     """Compile `model` for `target`; returns a callable CompiledModel.
 
@@ -48,6 +50,9 @@ def compile(
     (one whose class sets `changes_numerics = True`, e.g. quantization) and the model
     is a zoo model with real weights, the report carries its perplexity against the
     float model (at most `accuracy_limit` windows per text).
+    quantize ("int4-gptq", "int4-awq", "int4-rtn", "int8-weight" or a QuantConfig) appends
+    weight-only quantization after the level's pipeline; calibration (None or "builtin":
+    flashc's calibration text, a text or .safetensors file, or token ids) feeds GPTQ/AWQ.
     """
     if example_inputs is None:
         raise FlashcError("flashc.compile needs example_inputs (a tensor or tuple of tensors) "
@@ -58,13 +63,14 @@ def compile(
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
     opts = parse_options(backend.Options, options, target)
+    quantizer = _quantize_pass(quantize, calibration, model, source)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     program = capture_program(model, example_inputs, example_kwargs)
     timings["capture"] = time.perf_counter() - start
     captured = program.clone() if verify else None
     t = time.perf_counter()
-    passes = pipeline(level)
+    passes = pipeline(level) + ([quantizer] if quantizer is not None else [])
     ctx = PassContext(prof, opts)
     records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
         program, ctx)
@@ -177,6 +183,17 @@ def _accuracy_rows(compiled: CompiledModel, model: torch.nn.Module, source: Mode
     rows = perplexity_rows(compiled, model, zoo.tokenizer(source.name), window=window, stride=window // 2,
                            limit=limit)
     return rows  # AccuracyRow: the report renders its cells and keeps its numbers exact in to_dict()
+
+
+def _quantize_pass(quantize, calibration, model: torch.nn.Module, source: ModelSource | None):
+    """The weight-quantization pass compile's `quantize` asks for (None when it asks none)."""
+    if quantize is None:
+        if calibration is not None:
+            raise FlashcError("calibration= is read by quantization only: add quantize=, e.g. 'int4-gptq'")
+        return None
+    from flashc.passes.quantize import QuantizeWeights
+
+    return QuantizeWeights.for_model(quantize, calibration, model, source)
 
 
 def _default_kwargs(model: torch.nn.Module) -> dict[str, Any]:

@@ -72,10 +72,12 @@ def cmd_targets(args) -> int:
 def cmd_compile(args) -> int:
     import flashc
 
+    _quantize_option(args)  # a bad scheme is refused before the model is built
     model, inputs, source = _model_for_compile(args)
     with _user_code(args.model, "capturing the model"):
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
-                            numeric_check=args.numeric_check, source=source, keep_reference_weights=True)
+                            numeric_check=args.numeric_check, source=source, keep_reference_weights=True,
+                            quantize=_quantize_option(args), calibration=args.calibration)
     report = cm.report()
     print(report.render())
     prediction = getattr(cm.executable, "prediction", None)  # a simulated target (lpu-v1) says what it predicts
@@ -91,6 +93,17 @@ def cmd_compile(args) -> int:
         path = cm.save(args.output)
         print(f"artifact written to {path}")
     return 0
+
+
+def _quantize_option(args):
+    """The QuantConfig that --quantize / --group-size name (None without --quantize)."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise FlashcError("--group-size applies to --quantize: add e.g. --quantize int4-gptq")
+        return None
+    from flashc.passes.quantize import QuantConfig
+
+    return QuantConfig.parse(args.quantize, args.group_size)
 
 
 def cmd_run(args) -> int:
@@ -773,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static KV cache length of a decode signature (at most the model's positions)")
     c.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
                    help="also write the compile report as JSON to FILE (replaced atomically)")
+    c.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only quantization: int4-gptq, int4-awq, int4-rtn, int8-weight (see QuantConfig)")
+    c.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="input columns sharing a scale (default: the scheme's)")
+    c.add_argument("--calibration", default=None, metavar="builtin|FILE",
+                   help="GPTQ/AWQ calibration data: flashc's built-in text (default), a text or .safetensors file")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 

@@ -281,3 +281,5 @@ def rotary_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 def _(q, k, v, cos, sin, k_cache, v_cache, positions):
     return torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
 
+
+from flashc import quantized_ops as _quantized_ops  # noqa: E402,F401  (registers flashc.linear_wq, flashc.moe_wq)

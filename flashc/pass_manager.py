@@ -37,6 +37,7 @@ class PassResult:
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    details: list[dict] = field(default_factory=list)  # per-item rows, e.g. each quantized layer
 
 
 @dataclass
@@ -73,6 +74,7 @@ class PassRecord:
     nodes_after: int
     max_error: float | None = None
     stage: str = "pipeline"  # or "backend": a backend's late pass (flashc.lowering)
+    details: list[dict] | None = None  # PassResult.details (JSON values), when the pass gave any
 
 
 class Instrument:
@@ -243,7 +245,7 @@ class PassManager:
                 if isinstance(self.verify, str) and self.verify == "each":
                     held.add("shapes")  # StructureCheck("each") propagated them
             record = PassRecord(p.name, result.changed, dict(result.stats), 0.0, nodes_before,
-                                len(program.graph.nodes))
+                                len(program.graph.nodes), details=[dict(d) for d in result.details] or None)
             for instrument in self.instruments:
                 instrument.after(index, p, program, result, record)
             records.append(record)

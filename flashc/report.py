@@ -135,7 +135,7 @@ def _details_table(record):
         table.add_column(col, no_wrap=True)
     table.add_column("note", overflow="fold")
     before = after = 0
-    for d in record.details:
+    for d in _merge_skipped(record.details):
         scheme = str(d.get("status", "-"))
         if scheme == "quantized":
             group = d.get("group_size")
@@ -152,6 +152,29 @@ def _details_table(record):
                       "-" if error is None else f"{error:.2e}", str(d.get("note", "")))
     table.add_row("all listed", "", "", f"{human_bytes(before)} -> {human_bytes(after)}", "", "")
     return table
+
+
+def _merge_skipped(details: list[dict]) -> list[dict]:
+    """Skipped items with the same note as one row ('model.layers.0.mlp.gate and 7 more')."""
+    merged: dict[tuple, dict] = {}
+    out = []
+    for d in details:
+        if d.get("status") != "skipped":
+            out.append(d)
+            continue
+        key = (d.get("op"), d.get("note"))
+        if key not in merged:
+            merged[key] = dict(d, count=1)
+            out.append(merged[key])
+        else:
+            m = merged[key]
+            m["count"] += 1
+            m["bytes_before"] = (m.get("bytes_before") or 0) + (d.get("bytes_before") or 0)
+            m["bytes_after"] = (m.get("bytes_after") or 0) + (d.get("bytes_after") or 0)
+    for m in merged.values():
+        if m["count"] > 1:
+            m["layer"] = f"{m['layer']} and {m['count'] - 1} more"
+    return out
 
 
 def _pass_row(record) -> dict[str, Any]:

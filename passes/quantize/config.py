@@ -1,0 +1,130 @@
+"""QuantConfig: what weight-only quantization does, parsed from a scheme name in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from flashc.errors import FlashcError, closest_names
+
+METHODS = ("rtn", "gptq", "awq")
+GROUP_SIZES = (32, 64, 128)
+
+# Scheme names accepted by QuantConfig.parse (each also takes -g32/-g64/-g128/-per-channel
+# and -sym/-asym suffixes), with what they mean.
+SCHEMES = {
+    "int4-rtn": "4-bit weights, round to nearest, groups of 128, asymmetric",
+    "int4-gptq": "4-bit weights, GPTQ (Hessian error compensation, act-order), groups of 128, asymmetric",
+    "int4-awq": "4-bit weights, AWQ (activation-aware scales and clipping), groups of 128, asymmetric",
+    "int8-weight": "8-bit weights, round to nearest, per output channel, symmetric",
+    "int8-rtn": "same as int8-weight",
+    "int8-gptq": "8-bit weights, GPTQ, per output channel, symmetric",
+    "int8-awq": "8-bit weights, AWQ, per output channel, symmetric",
+}
+
+# Schemes of flashc issue #14 that are not built yet: asking for one is an error, never RTN.
+NOT_IMPLEMENTED = {
+    "w8a8-smoothquant": "SmoothQuant W8A8 (int8 activations)",
+    "fp8": "FP8 (e4m3) weights and activations",
+    "aqlm-2bit": "AQLM additive quantization",
+    "quip-4bit": "QuIP incoherence processing",
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of linear layers (and MoE experts).
+
+    method: "rtn" (round to nearest), "gptq" (Frantar et al. 2022, arXiv:2210.17323) or
+    "awq" (Lin et al. 2023, arXiv:2306.00978). group_size: input columns that share a
+    scale (None: one scale per output channel). symmetric: zero point fixed at the grid's
+    midpoint (not stored) instead of one per group. act_order, damp, block_size: GPTQ's
+    column order by decreasing Hessian diagonal, dampening as a fraction of the mean
+    diagonal, and columns per lazy batch update. awq_grid / awq_clip: AWQ's number of
+    exponents alpha tried in [0, 1) and its weight-clipping search. lm_head: quantize the
+    output projection too (off, as GPTQ and AWQ leave it: it is the most sensitive layer,
+    and a head tied to the embedding keeps its float copy for the lookup anyway).
+    quantize_experts: quantize a fused MoE's experts (flashc.moe -> flashc.moe_wq).
+    calibration_tokens: at most this many calibration tokens are run;
+    min_calibration_tokens: fewer than this (or than the widest layer's input size) is an error.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    lm_head: bool = False
+    quantize_experts: bool = True
+    calibration_tokens: int = 16384
+    min_calibration_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FlashcError(f"QuantConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bits not in (4, 8):
+            raise FlashcError(f"QuantConfig.bits must be 4 or 8 (weight-only), got {self.bits!r}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise FlashcError(f"QuantConfig.group_size must be one of {', '.join(map(str, GROUP_SIZES))} or "
+                              f"None (per output channel), got {self.group_size!r}")
+        if not 0 < self.damp < 1:
+            raise FlashcError(f"QuantConfig.damp must be in (0, 1), got {self.damp!r}")
+        if self.block_size < 1 or self.awq_grid < 1:
+            raise FlashcError("QuantConfig.block_size and awq_grid must be positive")
+        if self.min_calibration_tokens < 1 or self.calibration_tokens < self.min_calibration_tokens:
+            raise FlashcError(f"QuantConfig.calibration_tokens ({self.calibration_tokens}) must be at least "
+                              f"min_calibration_tokens ({self.min_calibration_tokens}), which must be positive")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+    @property
+    def scheme(self) -> str:
+        """A readable name that parse() reads back: 'int4-gptq-g128', 'int8-rtn-per-channel-sym'."""
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits}-{self.method}-{group}-{'sym' if self.symmetric else 'asym'}"
+
+    @classmethod
+    def parse(cls, text: "str | QuantConfig", group_size: int | None = None) -> "QuantConfig":
+        """A config from a scheme name: 'int4-awq', 'int4-gptq', 'int4-rtn', 'int8-weight', with
+        optional suffixes '-g32' / '-g64' / '-g128' / '-per-channel' and '-sym' / '-asym'.
+        group_size (e.g. the CLI's --group-size) overrides the scheme's group size."""
+        if isinstance(text, QuantConfig):
+            return text if group_size is None else replace(text, group_size=group_size)
+        if not isinstance(text, str):
+            raise FlashcError(f"quantize must be a scheme name or a QuantConfig, got {type(text).__name__}")
+        name = text.strip().lower()
+        symmetric = None
+        suffix = re.search(r"-(sym|asym)$", name)
+        if suffix:
+            symmetric, name = suffix.group(1) == "sym", name[: suffix.start()]
+        group: int | None | str = "default"
+        suffix = re.search(r"-(g(\d+)|per-channel)$", name)
+        if suffix:
+            group = int(suffix.group(2)) if suffix.group(2) else None
+            name = name[: suffix.start()]
+        if name in NOT_IMPLEMENTED:
+            raise FlashcError(f"quantization scheme {text!r} ({NOT_IMPLEMENTED[name]}) is not implemented yet "
+                              f"(flashc issue #14); implemented: {', '.join(SCHEMES)}")
+        if name not in SCHEMES:
+            hint = closest_names(name, [*SCHEMES, *NOT_IMPLEMENTED])
+            raise FlashcError(f"unknown quantization scheme {text!r}"
+                              + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
+                              + f" Known schemes: {', '.join(SCHEMES)} (suffixes -g32/-g64/-g128/-per-channel, "
+                                f"-sym/-asym); not implemented yet: {', '.join(NOT_IMPLEMENTED)}")
+        bits = int(name[3])
+        method = name.split("-")[1]
+        method = "rtn" if method == "weight" else method
+        defaults = dict(group_size=128, symmetric=False) if bits == 4 else dict(group_size=None, symmetric=True)
+        if group != "default":
+            defaults["group_size"] = group
+        if group_size is not None:
+            defaults["group_size"] = group_size
+        if symmetric is not None:
+            defaults["symmetric"] = symmetric
+        return cls(method=method, bits=bits, **defaults)

@@ -1,0 +1,545 @@
+"""QuantizeWeights: linear layers (and fused MoE experts) become weight-only int4/int8 ops.
+
+Each `aten.linear` (and `mm` / `matmul` / `addmm` whose weight is a parameter, read
+directly or through a transpose) becomes `flashc.linear_wq`, and each `flashc.moe`
+becomes `flashc.moe_wq`, with packed codes, scales and zero points as new parameters
+(layout: flashc.quantized_ops). The float weight is removed when nothing else reads it;
+a weight that something else also reads (a head tied to the embedding) stays.
+
+Left in float, and listed in the report with the reason: the output head unless
+`QuantConfig.lm_head` (GPTQ and AWQ leave it too), MoE routers, layers whose input size
+is not a multiple of the group size, weights the graph writes in place, and MoE experts
+when `quantize_experts` is off.
+
+Invariants kept (flashc/aliasing.py): every write stays where it was (the new op is
+placed where the old one was and reads the same input); a weight the graph writes is
+never quantized; calibration runs on copies of the state the graph writes; the model's
+own tensors are never modified (scaled or quantized weights are new tensors). Shapes
+(`meta["val"]`) are kept: the new op has the old one's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from flashc.aliasing import MutationInfo
+from flashc.errors import FlashcError
+from flashc.ir import Program, module_path, op_name
+from flashc.pass_manager import PassContext, PassResult
+from flashc.passes.quantize.awq import awq_quantize, awq_search_scales
+from flashc.passes.quantize.calibration import (
+    CalibrationData, InputStatistics, LinearProbe, MoeProbe, calibration_calls, collect_statistics,
+)
+from flashc.passes.quantize.config import QuantConfig
+from flashc.passes.quantize.gptq import gptq_quantize
+from flashc.passes.quantize.grid import QuantizedWeight, output_error
+from flashc.passes.quantize.rtn import rtn_quantize
+
+aten = torch.ops.aten
+
+# Ops a value passes through unchanged in content (the head's logits are often reshaped or cast).
+_PASS_THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.slice", "aten.select", "aten.squeeze",
+                 "aten.unsqueeze", "aten.expand", "aten.contiguous", "aten.clone", "aten._to_copy", "aten.to",
+                 "aten.alias", "aten.detach", "getitem"}
+
+
+@dataclass
+class DenseLayer:
+    """A linear-like node whose weight is a parameter: y = x @ W^T (+ bias), W [N, K]."""
+
+    node: fx.Node
+    weight: fx.Node  # the parameter placeholder
+    transposed: bool  # the parameter is stored [K, N] (mm/matmul read it directly)
+    view: fx.Node | None  # a transpose between the parameter and the node
+    x_index: int  # where the input and the bias sit among the node's arguments (read from the node,
+    bias_index: int | None  # which stays current when an earlier rewrite replaces the input)
+    name: str
+
+    @property
+    def x(self) -> fx.Node:
+        return self.node.args[self.x_index]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return None if self.bias_index is None or self.bias_index >= len(self.node.args) else \
+            self.node.args[self.bias_index]
+
+    def float_weight(self, program: Program) -> torch.Tensor:
+        w = program.params[self.weight.name]
+        return w.t() if self.transposed else w
+
+
+@dataclass
+class MoeLayer:
+    """A flashc.moe node: gate_up [E, 2F, H] and down [E, H, F] parameters."""
+
+    node: fx.Node
+    gate_up: fx.Node
+    down: fx.Node
+    name: str
+
+
+@dataclass
+class Skipped:
+    name: str
+    op: str
+    reason: str
+    nbytes: int
+
+    def detail(self) -> dict:
+        return {"layer": self.name, "op": self.op, "status": "skipped", "bytes_before": self.nbytes,
+                "bytes_after": self.nbytes, "note": self.reason}
+
+
+class QuantizeWeights:
+    """Weight-only quantization (RTN, GPTQ or AWQ; int4 or int8) of linear layers and MoE experts."""
+
+    name = "quantize_weights"
+    requires = ("shapes",)
+    preserves = ("shapes", "canonical")
+    changes_numerics = True  # measured by the accuracy rows (flashc.compile), not by the numeric check
+
+    def __init__(self, config: QuantConfig | str, calibration: CalibrationData | None = None,
+                 progress: bool = True) -> None:
+        """config: a QuantConfig or a scheme name ('int4-gptq'); calibration: the data GPTQ and
+        AWQ calibrate on (flashc.passes.quantize.calibration.resolve_calibration builds it)."""
+        self.config = QuantConfig.parse(config)
+        if self.config.needs_calibration and calibration is None:
+            raise FlashcError(f"{self.config.method.upper()} needs calibration data: pass calibration='builtin' "
+                              "(flashc's built-in text), a text or .safetensors file, or token ids")
+        self.calibration = calibration
+        self.progress = progress
+
+    @classmethod
+    def for_model(cls, quantize, calibration, model: torch.nn.Module, source=None) -> "QuantizeWeights":
+        """The pass flashc.compile(quantize=..., calibration=...) appends: the scheme parsed, and
+        the calibration text tokenized with the model's tokenizer when flashc knows it (a zoo
+        model with real weights); a random-weight zoo model reads text as bytes."""
+        from flashc.passes.quantize.calibration import resolve_calibration
+
+        config = QuantConfig.parse(quantize)
+        if not config.needs_calibration:
+            if calibration is not None:
+                raise FlashcError(f"{config.scheme} rounds to nearest and reads no calibration data; drop "
+                                  "calibration=, or choose a gptq or awq scheme")
+            return cls(config)
+        tokenizer, vocab_size = None, None
+        if source is not None and source.kind == "zoo":
+            from flashc import zoo
+
+            entry = zoo.get_entry(source.name)
+            if entry.pretrained:
+                tokenizer = zoo.tokenizer(source.name)
+            else:
+                vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return cls(config, resolve_calibration(calibration, tokenizer, vocab_size))
+
+    # ------------------------------------------------------------------------------ plan
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        config = self.config
+        mutations = MutationInfo.of(program.graph)
+        dense, moes, skipped = self._plan(program, mutations)
+        details = [s.detail() for s in skipped]
+        if not dense and not moes:
+            return PassResult(False, {"skipped": len(skipped)}, details=details)
+        probes: dict[fx.Node, list] = {}
+        statistics: dict[fx.Node, object] = {}
+        groups = _input_groups(dense, mutations)
+        if config.needs_calibration:
+            self._calibrate(program, groups, moes, probes, statistics)
+        bytes_before = bytes_after = 0
+        work = [("dense", g) for g in groups] + [("moe", m) for m in moes]
+        for kind, item in tqdm(work, desc=f"quantizing ({config.method})", unit="layer",
+                               disable=not self.progress):
+            if kind == "dense":
+                rows = self._quantize_group(program, item, statistics.get(item[0].node))
+            else:
+                rows = [self._quantize_moe(program, item, statistics.get(item.node))]
+            for row in rows:
+                bytes_before += row["bytes_before"]
+                bytes_after += row["bytes_after"]
+            details += rows
+        if config.needs_calibration:
+            details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
+                        for w in self.calibration.warnings]
+        stats = {"layers": len(dense), "moe_layers": len(moes), "skipped": len(skipped),
+                 "bytes_before": bytes_before, "bytes_after": bytes_after}
+        return PassResult(True, stats, details=details)
+
+    def _plan(self, program: Program, mutations: MutationInfo
+              ) -> tuple[list[DenseLayer], list[MoeLayer], list[Skipped]]:
+        config = self.config
+        dense, moes, skipped = [], [], []
+        for node in list(program.op_nodes()):
+            if node.target is torch.ops.flashc.moe.default:
+                layer = _moe_layer(program, node)
+                if layer is None:
+                    continue
+                k_in = (program.params[layer.gate_up.name].shape[-1], program.params[layer.down.name].shape[-1])
+                nbytes = sum(_nbytes(program.params[p.name]) for p in (layer.gate_up, layer.down))
+                reason = None
+                if not config.quantize_experts:
+                    reason = "MoE experts kept in float (QuantConfig.quantize_experts=False)"
+                elif any(mutations.is_written(p) for p in (layer.gate_up, layer.down)):
+                    reason = "expert weights are written in place by the graph"
+                elif config.group_size and any(k % config.group_size for k in k_in):
+                    reason = f"input sizes {k_in} are not multiples of the group size {config.group_size}"
+                if reason:
+                    skipped.append(Skipped(layer.name, "moe experts", reason, nbytes))
+                else:
+                    moes.append(layer)
+                continue
+            layer = _dense_layer(program, node)
+            if layer is None:
+                continue
+            w = layer.float_weight(program)
+            n, k = w.shape
+            reason = None
+            if mutations.is_written(layer.weight):
+                reason = "weight is written in place by the graph"
+            elif _feeds_router(node):
+                reason = "MoE router: kept float (small; routing is sensitive)"
+            elif not config.lm_head and _is_output_head(node, layer.weight):
+                reason = "output head: kept float, as GPTQ and AWQ do (QuantConfig(lm_head=True) quantizes it)"
+            elif config.group_size and k % config.group_size:
+                reason = f"input size {k} is not a multiple of the group size {config.group_size}"
+            if reason:
+                skipped.append(Skipped(layer.name, _op_label(node), reason, _nbytes(w)))
+            else:
+                dense.append(layer)
+        return dense, moes, skipped
+
+    # ------------------------------------------------------------------------ calibration
+
+    def _calibrate(self, program: Program, groups: list[list[DenseLayer]], moes: list[MoeLayer],
+                   probes: dict, statistics: dict) -> None:
+        config = self.config
+        weights = [program.params[l.weight.name] for g in groups for l in g]
+        weights += [program.params[p.name] for m in moes for p in (m.gate_up, m.down)]
+        if any(w.device.type == "meta" for w in weights):
+            raise FlashcError(f"{config.method.upper()} calibrates on real weights, and this model is on the meta "
+                              "device (shapes only): quantize it with an rtn scheme (e.g. int4-rtn)")
+        device = weights[0].device
+        for group in groups:
+            stats = InputStatistics(group[0].float_weight(program).shape[1], device)
+            statistics[group[0].node] = stats
+            first = group[0].node
+            probes.setdefault(first, []).append(LinearProbe(stats, group[0].x_index))
+        for m in moes:
+            experts, _, h = program.params[m.gate_up.name].shape
+            f = program.params[m.down.name].shape[-1]
+            probe = MoeProbe([InputStatistics(h, device) for _ in range(experts)],
+                             [InputStatistics(f, device) for _ in range(experts)])
+            statistics[m.node] = probe
+            probes.setdefault(m.node, []).append(probe)
+        widest = max(w.shape[-1] for w in weights)
+        needed = max(config.min_calibration_tokens, widest)
+        calls = calibration_calls(program, self.calibration, config.calibration_tokens, device)
+        if calls.rows < needed:
+            raise FlashcError(
+                f"calibration data too small: {self.calibration.description} gives {calls.rows} {calls.unit} in "
+                f"{calls.count} calls of {calls.rows_per_call}; {config.method.upper()} needs at least {needed} "
+                f"(QuantConfig.min_calibration_tokens={config.min_calibration_tokens}, widest layer input "
+                f"{widest}): give more text or samples")
+        collect_statistics(program, probes, calls, progress=self.progress)
+
+    # ------------------------------------------------------------------------ quantizing
+
+    def _quantize(self, w: torch.Tensor, stats: InputStatistics | None,
+                  awq_scale: torch.Tensor | None) -> tuple[QuantizedWeight, torch.Tensor | None]:
+        """(quantized w [N, K], input scale 1/s or None) by the configured method."""
+        c = self.config
+        group = c.group_size or w.shape[-1]
+        if w.device.type == "meta":
+            return _meta_quantized(w, c), None
+        if c.method == "gptq":
+            return gptq_quantize(w, stats.hessian(), c.bits, group, c.symmetric, c.act_order, c.damp,
+                                 c.block_size, w.dtype), None
+        if c.method == "awq":
+            inverse = (1 / awq_scale).to(w.dtype)  # stored in the activation dtype: round first,
+            scale = 1 / inverse.float()  # then quantize with exactly the scale the op applies
+            q = awq_quantize(w, scale, stats.hessian(), c.bits, group, c.symmetric, c.awq_clip, c.awq_grid,
+                             w.dtype)
+            return q, inverse
+        return rtn_quantize(w, c.bits, group, c.symmetric, w.dtype), None
+
+    def _awq_scale(self, weights: list[torch.Tensor], stats: InputStatistics | None) -> torch.Tensor | None:
+        c = self.config
+        if c.method != "awq" or stats is None or weights[0].device.type == "meta":
+            return None
+        scale, _alpha = awq_search_scales(weights, stats.hessian(), stats.mean_abs(), c.bits,
+                                          c.group_size or weights[0].shape[-1], c.symmetric, c.awq_grid,
+                                          weights[0].dtype)
+        return scale
+
+    def _quantize_group(self, program: Program, group: list[DenseLayer], stats: InputStatistics | None
+                        ) -> list[dict]:
+        """Quantize the layers that read one input (they share AWQ's scales and the statistics)."""
+        weights = [layer.float_weight(program) for layer in group]
+        awq_scale = self._awq_scale(weights, stats)
+        rows = []
+        for layer, w in zip(group, weights):
+            q, input_scale = self._quantize(w, stats, awq_scale)
+            error = _relative_error(w, q, input_scale, stats)
+            tied = len(layer.weight.users) > 1 or (layer.view is not None and len(layer.view.users) > 1)
+            new = _rewrite_dense(program, layer, q, input_scale)
+            rows.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error,
+                                     "float weight kept: something else reads it (tied)" if tied else ""))
+        return rows
+
+    def _quantize_moe(self, program: Program, layer: MoeLayer, probe: MoeProbe | None) -> dict:
+        """Quantize every expert's gate_up and down; GPTQ solves a layer's experts together."""
+        c = self.config
+        parts: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
+        errors = []
+        weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        for key, w in weights.items():
+            stats = getattr(probe, key) if probe is not None else None
+            group = c.group_size or w.shape[-1]
+            input_scale = None
+            if w.device.type == "meta":
+                q = _meta_quantized(w, c)
+            elif c.method == "gptq":  # an expert no token reached has a zero Hessian: it is rounded
+                hessians = torch.stack([s.hessian() for s in stats])
+                q = gptq_quantize(w, hessians, c.bits, group, c.symmetric, c.act_order, c.damp, c.block_size,
+                                  w.dtype)
+            elif c.method == "awq":
+                experts = []
+                for e, s in enumerate(stats):
+                    scale = self._awq_scale([w[e]], s) if s.rows else torch.ones(w.shape[-1], device=w.device)
+                    experts.append(self._quantize(w[e], s, scale))
+                q = QuantizedWeight.stack([e for e, _ in experts])
+                input_scale = torch.stack([s for _, s in experts])
+            else:
+                q = rtn_quantize(w, c.bits, group, c.symmetric, w.dtype)
+            parts[key] = (q, input_scale)
+            if stats is not None:
+                errors += [_relative_error(w[e], q[e], None if input_scale is None else input_scale[e], s)
+                           for e, s in enumerate(stats)]
+        new = _rewrite_moe(program, layer, parts, c)
+        note = ""
+        if probe is not None:
+            routed = [s.rows for s in probe.gate_up]
+            note = f"tokens/expert {min(routed)}..{max(routed)}"
+            if min(routed) == 0:
+                note += f" ({routed.count(0)} unreached: rounded to nearest)"
+        known = [e for e in errors if e is not None]
+        return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
+                            max(known) if known else None, note + ("; error of the worst expert" if known else ""))
+
+    def _detail(self, name: str, op: str, before: int, new_params: list[torch.Tensor], error: float | None,
+                note: str) -> dict:
+        c = self.config
+        return {"layer": name, "op": op, "status": "quantized", "method": c.method, "bits": c.bits,
+                "group_size": c.group_size or "channel", "symmetric": c.symmetric, "bytes_before": before,
+                "bytes_after": sum(_nbytes(t) for t in new_params),
+                "rel_error": error, "note": note}
+
+
+# ---------------------------------------------------------------------------- matching
+
+
+def _param(program: Program, value) -> bool:
+    return isinstance(value, fx.Node) and value.op == "placeholder" and value.name in program.params
+
+
+def _transpose_of_param(program: Program, node) -> fx.Node | None:
+    """The 2-D parameter p when node is t(p), transpose(p, 0, 1) or permute(p, [1, 0])."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    p = node.args[0]
+    if not _param(program, p) or program.params[p.name].dim() != 2:
+        return None
+    if node.target is aten.t.default:
+        return p
+    if node.target is aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1}:
+        return p
+    if node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]:
+        return p
+    return None
+
+
+def _dense_layer(program: Program, node: fx.Node) -> DenseLayer | None:
+    """The layer node computes, when it is a linear-like op with a float parameter as weight."""
+    args = list(node.args)
+    if node.target is aten.linear.default and not node.kwargs:
+        x, w, bias = (args + [None])[:3]
+        if not _param(program, w):
+            return None
+        weight, view, transposed, x_index, bias_index = w, None, False, 0, 2
+    elif node.target in (aten.mm.default, aten.matmul.default, aten.addmm.default):
+        if node.target is aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(args) != 3:
+                return None
+            bias, x, b = args
+            x_index, bias_index = 1, 0
+        elif node.kwargs or len(args) != 2:
+            return None
+        else:
+            (x, b), bias = args, None
+            x_index, bias_index = 0, None
+        if _param(program, b) and program.params[b.name].dim() == 2:
+            weight, view, transposed = b, None, True
+        elif (p := _transpose_of_param(program, b)) is not None:
+            weight, view, transposed = p, b, False
+        else:
+            return None
+    else:
+        return None
+    w = program.params[weight.name]
+    xval = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if w.dim() != 2 or not w.is_floating_point() or xval is None or xval.dtype != w.dtype or xval.dim() < 1:
+        return None
+    n = w.shape[1] if transposed else w.shape[0]
+    if bias is not None:
+        bval = bias.meta.get("val") if isinstance(bias, fx.Node) else None
+        if bval is None or tuple(bval.shape) != (n,) or bval.dtype != w.dtype:
+            return None
+    return DenseLayer(node, weight, transposed, view, x_index, bias_index, module_path(node) or _param_label(weight))
+
+
+def _moe_layer(program: Program, node: fx.Node) -> MoeLayer | None:
+    gate_up, down = node.args[2], node.args[3]
+    if not (_param(program, gate_up) and _param(program, down)):
+        return None
+    if not (program.params[gate_up.name].is_floating_point() and program.params[down.name].is_floating_point()):
+        return None
+    return MoeLayer(node, gate_up, down, module_path(node) or _param_label(gate_up).removesuffix("_gate_up_proj"))
+
+
+def _param_label(placeholder: fx.Node) -> str:
+    """A layer's name from its weight's placeholder when capture kept no module path
+    ('p_model_layers_0_mlp_gate_weight' -> 'model_layers_0_mlp_gate')."""
+    return placeholder.name.removeprefix("p_").removesuffix("_weight")
+
+
+def _flows_to(node: fx.Node, accept) -> bool:
+    """Whether node's value reaches a user that `accept(user, value)` approves, through pass-through ops."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if accept(u, n):
+                return True
+            if u.op == "call_function" and op_name(u) in _PASS_THROUGH:
+                stack.append(u)
+    return False
+
+
+def _feeds_router(node: fx.Node) -> bool:
+    return _flows_to(node, lambda u, v: u.target is torch.ops.flashc.moe.default and u.args[1] is v)
+
+
+def _is_output_head(node: fx.Node, weight: fx.Node) -> bool:
+    """The model's output projection: its weight is tied to an embedding, or it is returned."""
+    if any(u.target is aten.embedding.default for u in weight.users):
+        return True
+    return _flows_to(node, lambda u, v: u.op == "output")
+
+
+def _input_groups(dense: list[DenseLayer], mutations: MutationInfo) -> list[list[DenseLayer]]:
+    """Layers grouped by the value they read (q/k/v, gate/up): one set of statistics each. A
+    write to that value's storage between two readers splits them (they read different data)."""
+    by_input: dict[fx.Node, list[list[DenseLayer]]] = {}
+    for layer in sorted(dense, key=lambda l: mutations.order[l.node]):
+        groups = by_input.setdefault(layer.x, [])
+        if groups and not mutations.written_between(layer.x, groups[-1][0].node, layer.node):
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    return [g for gs in by_input.values() for g in gs]
+
+
+def _op_label(node: fx.Node) -> str:
+    return op_name(node).removeprefix("aten.")
+
+
+# -------------------------------------------------------------------------- rewriting
+
+
+def _rewrite_dense(program: Program, layer: DenseLayer, q: QuantizedWeight,
+                   input_scale: torch.Tensor | None) -> list[torch.Tensor]:
+    """Replace layer.node by flashc.linear_wq; returns the new parameters."""
+    qweight, scales, zero_points = q.packed()
+    base = layer.weight.name
+    new = [qweight, scales] + [t for t in (zero_points, input_scale) if t is not None]
+    args = (layer.x, program.add_param(f"{base}_q{q.bits}", qweight), program.add_param(f"{base}_scales", scales),
+            None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points),
+            layer.bias, None if input_scale is None else program.add_param(f"{base}_input_scale", input_scale),
+            q.bits)
+    _replace(program, layer.node, torch.ops.flashc.linear_wq.default, args)
+    if layer.view is not None and not layer.view.users:
+        program.graph.erase_node(layer.view)
+    _drop_if_unused(program, layer.weight)
+    return new
+
+
+def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], config: QuantConfig
+                 ) -> list[torch.Tensor]:
+    """Replace a flashc.moe by flashc.moe_wq with the experts' packed weights ([E, ...] each)."""
+    node = layer.node
+    new, args = [], []
+    for key, placeholder in (("gate_up", layer.gate_up), ("down", layer.down)):
+        q, input_scale = parts[key]
+        qweight, scales, zero_points = q.packed()
+        base = placeholder.name
+        args += [program.add_param(f"{base}_q{config.bits}", qweight), program.add_param(f"{base}_scales", scales),
+                 None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points),
+                 None if input_scale is None else program.add_param(f"{base}_input_scale", input_scale)]
+        new += [t for t in (qweight, scales, zero_points, input_scale) if t is not None]
+    x, logits, _, _, top_k, normalize = node.args[:6]
+    _replace(program, node, torch.ops.flashc.moe_wq.default, (x, logits, *args, top_k, normalize, config.bits))
+    for placeholder in (layer.gate_up, layer.down):
+        _drop_if_unused(program, placeholder)
+    return new
+
+
+def _replace(program: Program, node: fx.Node, target, args: tuple) -> None:
+    graph = program.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _drop_if_unused(program: Program, placeholder: fx.Node) -> None:
+    if not placeholder.users:
+        program.graph.erase_node(placeholder)
+        del program.params[placeholder.name]
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _relative_error(w: torch.Tensor, q: QuantizedWeight, input_scale: torch.Tensor | None,
+                    stats: InputStatistics | None) -> float | None:
+    """sqrt(||(W_q - W) X^T||^2 / ||W X^T||^2) on the calibration inputs (None without them)."""
+    if stats is None or stats.rows == 0 or w.device.type == "meta":
+        return None
+    h = stats.hessian().float()
+    effective = q.dequantize() if input_scale is None else q.dequantize() * input_scale.float()
+    base = float(output_error(w.float(), h))
+    return (float(output_error(effective - w.float(), h)) / base) ** 0.5 if base > 0 else None
+
+
+def _meta_quantized(w: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    """Shapes only, for a model on the meta device (cost estimates of quantized real-size models)."""
+    group = config.group_size or w.shape[-1]
+    groups = (*w.shape[:-1], w.shape[-1] // group)
+    codes = torch.empty(w.shape, dtype=torch.uint8, device="meta")
+    zero_points = None if config.symmetric else torch.empty(groups, dtype=torch.uint8, device="meta")
+    return QuantizedWeight(codes, torch.empty(groups, dtype=w.dtype, device="meta"), zero_points, config.bits, group)
+
