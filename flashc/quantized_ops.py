@@ -1,0 +1,191 @@
+"""Weight-only quantized ops and the packed layout of their weights.
+
+`flashc.linear_wq` is a linear layer whose weight is stored as 4- or 8-bit codes with a
+scale (and optionally a zero point) per group of `group_size` input columns;
+`flashc.moe_wq` is `flashc.moe` with its stacked expert weights stored the same way.
+Both reference implementations dequantize and then compute in x's dtype: the numeric
+truth for the kernels that later read the packed bytes directly.
+
+The layout is ONNX Runtime's `com.microsoft.MatMulNBits` (see its contrib-op docs), so a
+later ONNX lowering emits one node with these tensors as initializers, unchanged. For a
+weight W[N, K] split along K into n_blocks = K / group_size blocks:
+
+* codes q[n, k] in 0 .. 2**bits - 1, W[n, k] = (q[n, k] - zp[n, blk]) * scale[n, blk]
+  with blk = k // group_size;
+* `qweight`: uint8 [N, n_blocks, group_size * bits / 8]; at 4 bits two codes a byte,
+  the even k in the low nibble; at 8 bits one code a byte;
+* `scales`: [N, n_blocks] in the activation dtype (MatMulNBits reads them flat);
+* `zero_points`: uint8, at 4 bits [N, ceil(n_blocks / 2)] packed like the codes (even
+  block in the low nibble), at 8 bits [N, n_blocks]; None means the midpoint
+  2**(bits - 1), i.e. a symmetric grid.
+
+Stacked MoE experts carry one more leading dimension [E, ...] on every tensor. K must
+be a multiple of group_size here (a layer that does not fit is left in float by the
+quantization pass); per-channel quantization is group_size = K.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from flashc.ops import moe_routing
+
+SUPPORTED_BITS = (4, 8)
+
+
+def default_zero_point(bits: int) -> int:
+    """The zero point a symmetric grid implies (MatMulNBits' default when none is given)."""
+    return 1 << (bits - 1)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"packed weights have {' or '.join(map(str, SUPPORTED_BITS))} bits, got {bits}")
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., C] in 0..15 -> [..., ceil(C / 2)] bytes: element 2j in the low nibble, 2j+1 high."""
+    if values.dtype != torch.uint8:
+        raise ValueError(f"4-bit values must be uint8, got {values.dtype}")
+    if values.shape[-1] % 2:
+        values = F.pad(values, (0, 1))
+    pairs = values.reshape(*values.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: [..., B] bytes -> [..., 2B] values."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes uint8 [..., N, K] -> qweight uint8 [..., N, K / group_size, group_size * bits / 8]."""
+    _check_bits(bits)
+    *lead, n, k = codes.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
+    has_values = codes.numel() and codes.device.type != "meta"  # a shape-only model has none to check
+    if codes.dtype != torch.uint8 or (has_values and int(codes.max()) >= 1 << bits):
+        raise ValueError(f"{bits}-bit codes must be uint8 below {1 << bits}")
+    blocks = codes.reshape(*lead, n, k // group_size, group_size)
+    return pack_nibbles(blocks) if bits == 4 else blocks.contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """qweight [..., N, n_blocks, bytes] -> codes uint8 [..., N, K]."""
+    _check_bits(bits)
+    codes = unpack_nibbles(qweight) if bits == 4 else qweight
+    return codes.reshape(*qweight.shape[:-2], -1)
+
+
+def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points uint8 [..., N, n_blocks] -> the stored form (nibble pairs at 4 bits)."""
+    _check_bits(bits)
+    if zero_points.dtype != torch.uint8:
+        raise ValueError(f"zero points must be uint8, got {zero_points.dtype}")
+    return pack_nibbles(zero_points) if bits == 4 else zero_points.contiguous()
+
+
+def unpack_zero_points(stored: torch.Tensor, bits: int, n_blocks: int) -> torch.Tensor:
+    """The stored zero points -> uint8 [..., N, n_blocks]."""
+    return unpack_nibbles(stored)[..., :n_blocks] if bits == 4 else stored
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+               bits: int) -> torch.Tensor:
+    """The float32 weight [..., N, K] that packed codes, scales and zero points stand for."""
+    codes = unpack_codes(qweight, bits)
+    n_blocks, group = qweight.shape[-2], codes.shape[-1] // qweight.shape[-2]
+    if zero_points is None:
+        zp = torch.full(scales.shape, default_zero_point(bits), dtype=torch.float32, device=scales.device)
+    else:
+        zp = unpack_zero_points(zero_points, bits, n_blocks).float()
+    blocks = codes.reshape(*codes.shape[:-1], n_blocks, group).float()
+    w = (blocks - zp.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.reshape(codes.shape)
+
+
+@torch.library.custom_op("flashc::linear_wq", mutates_args=())
+def linear_wq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    input_scale: Optional[torch.Tensor],
+    bits: int,
+) -> torch.Tensor:
+    """y = (x * input_scale) @ dequantize(qweight, scales, zero_points)^T + bias.
+
+    x[..., K]; qweight/scales/zero_points a [N, K] weight in the layout of this module;
+    input_scale [K] (or None) is AWQ's per-input-channel 1/s, whose s was folded into the
+    weight before rounding. The product is computed in x's dtype.
+    """
+    w = dequantize(qweight, scales, zero_points, bits).to(x.dtype)
+    if input_scale is not None:
+        x = x * input_scale
+    return F.linear(x, w, bias)
+
+
+@linear_wq.register_fake
+def _(x, qweight, scales, zero_points, bias, input_scale, bits):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("flashc::moe_wq", mutates_args=())
+def moe_wq(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up_qweight: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_zero_points: Optional[torch.Tensor],
+    gate_up_input_scale: Optional[torch.Tensor],
+    down_qweight: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_zero_points: Optional[torch.Tensor],
+    down_input_scale: Optional[torch.Tensor],
+    top_k: int,
+    normalize: bool,
+    bits: int,
+) -> torch.Tensor:
+    """flashc.moe with quantized experts: gate_up [E, 2F, H] and down [E, H, F] stored packed
+    (leading expert dimension on every tensor), input scales [E, H] / [E, F] or None.
+
+    Routing is flashc.moe's; each expert's weights are dequantized to x's dtype and only
+    the routed (token, expert) pairs are computed.
+    """
+    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
+    out = torch.zeros_like(x)
+    f = down_qweight.shape[-2] * (down_qweight.shape[-1] * 8 // bits)
+    for e in range(gate_up_qweight.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel() == 0:
+            continue
+        gate_up = dequantize(gate_up_qweight[e], gate_up_scales[e], _at(gate_up_zero_points, e), bits).to(x.dtype)
+        down = dequantize(down_qweight[e], down_scales[e], _at(down_zero_points, e), bits).to(x.dtype)
+        xe = x[token] if gate_up_input_scale is None else x[token] * gate_up_input_scale[e]
+        gu = xe @ gate_up.t()
+        h = F.silu(gu[:, :f]) * gu[:, f:]
+        if down_input_scale is not None:
+            h = h * down_input_scale[e]
+        out.index_add_(0, token, (h @ down.t()) * weights[token, slot, None])
+    return out
+
+
+def _at(t: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[e]
+
+
+@moe_wq.register_fake
+def _(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zero_points, gate_up_input_scale,
+      down_qweight, down_scales, down_zero_points, down_input_scale, top_k, normalize, bits):
+    return torch.empty_like(x)
+
+
+QUANTIZED_OPS = {
+    "linear_wq": torch.ops.flashc.linear_wq.default,
+    "moe_wq": torch.ops.flashc.moe_wq.default,
+}
