@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from flashc.errors import UnsupportedOpError
 from flashc.ir import Program, module_path, op_name, source_location
-from flashc.pass_manager import PassContext, PassManager, PassRecord
+from flashc.pass_manager import PassContext, PassManager
 from flashc.profiles import HardwareProfile
 
 
@@ -98,6 +98,21 @@ def late_passes(backend, profile: HardwareProfile, options: Any) -> list:
     return list(declared(profile, options)) if declared is not None else []
 
 
+def run_late_passes(backend, program: Program, profile: HardwareProfile, options: Any, *,
+                    numeric_check: bool = False, dump_dir: str | os.PathLike | None = None):
+    """(program after the backend's late passes, their records with stage "backend"): a copy
+    when there are any, so `program` stays portable; `program` itself when there are none."""
+    passes = late_passes(backend, profile, options)
+    if not passes:
+        return program, []
+    lowered = program.clone()
+    records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
+        lowered, PassContext(profile, options))
+    for r in records:
+        r.stage = "backend"
+    return lowered, records
+
+
 def lower(backend, program: Program, profile: HardwareProfile, options: Any, *,
           numeric_check: bool = False, dump_dir: str | os.PathLike | None = None):
     """Run the backend's late passes on a copy of program, then lower that copy.
@@ -106,15 +121,8 @@ def lower(backend, program: Program, profile: HardwareProfile, options: Any, *,
     portable (what artifacts keep and other targets export): a backend's late passes
     rewrite into ops only that backend runs fast, so an artifact re-runs them at load.
     """
-    passes = late_passes(backend, profile, options)
-    records: list[PassRecord] = []
-    lowered = program
-    if passes:
-        lowered = program.clone()
-        records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
-            lowered, PassContext(profile, options))
-        for r in records:
-            r.stage = "backend"
+    lowered, records = run_late_passes(backend, program, profile, options,
+                                       numeric_check=numeric_check, dump_dir=dump_dir)
     executable = backend.lower(lowered, profile, options)
     return executable, records, backend.lowering.fallbacks(lowered)
 
@@ -122,9 +130,5 @@ def lower(backend, program: Program, profile: HardwareProfile, options: Any, *,
 def load(backend, program: Program, profile: HardwareProfile, directory, info: dict[str, Any]):
     """What `lower` gives, rebuilt from an artifact's payload: the late passes run again on a
     copy of the stored (portable) program, then the backend reads its payload."""
-    passes = late_passes(backend, profile, backend.Options())
-    lowered = program
-    if passes:
-        lowered = program.clone()
-        PassManager(passes).run(lowered, PassContext(profile, backend.Options()))
+    lowered, _ = run_late_passes(backend, program, profile, backend.Options())
     return backend.load_payload(lowered, directory, info)

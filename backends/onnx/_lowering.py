@@ -18,7 +18,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from flashc.errors import UnsupportedOpError
 from flashc.lowering import unsupported_op_error
-from flashc.ir import Program, module_path, source_location
+from flashc.ir import Program
 
 from ._builder import GraphBuilder, onnx_dtype
 
@@ -46,13 +46,6 @@ def lowerings_into(table: dict[Any, Lowering]) -> Callable[..., Callable[[Loweri
 
 class NotLowerable(Exception):
     """Raised by a lowering when this particular use of a supported op has no mapping."""
-
-
-def describe(node: fx.Node) -> str:
-    """'node <name> (<module> at <file:line in fn>)': where an FX node came from in the model code."""
-    where = module_path(node)
-    loc = source_location(node)
-    return f"node {node.name} ({where} at {loc})" if where else f"node {node.name} ({loc})"
 
 
 def unsupported_error(nodes: list[tuple[fx.Node, str]]) -> UnsupportedOpError:
