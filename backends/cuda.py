@@ -93,6 +93,23 @@ def _tune_geglu(g, u, approximate):
         _codegen("triton_mlp").tune_glu(torch.cat([g, u], -1), "gelu_tanh")
 
 
+def _gemv_wq(x, qweight, bias, norm_weight, eps, residual, glu, scales, zero_points, input_scale, bits):
+    return _codegen("triton_gemv_wq").gemv_wq(x, qweight, scales, zero_points, bits, bias, input_scale,
+                                              norm_weight, eps, residual, glu)
+
+
+def _tune_gemv_wq(x, qweight, bias, norm_weight, eps, residual, glu, scales, zero_points, input_scale, bits):
+    _codegen("triton_gemv_wq").tune_gemv_wq(x, qweight, scales, zero_points, bits, bias, input_scale,
+                                            norm_weight, eps, residual, glu)
+
+
+def _tune_linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits):
+    """Decode-sized products are tuned (most become gemv_wq before this); prefill's are dequantize + cuBLAS."""
+    gemv_wq = _codegen("triton_gemv_wq")
+    if x.numel() // max(1, x.shape[-1]) <= gemv_wq.MAX_ROWS:
+        gemv_wq.tune_gemv_wq(x, qweight, scales, zero_points, bits, bias, input_scale)
+
+
 def _rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions):
     _codegen("triton_rotary").rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
 
@@ -121,6 +138,9 @@ KERNELS: dict[str, Kernel] = {
     # written by the late passes (backends/cuda_rewrites.py)
     "flashc.gemv": Kernel(lambda *args: _codegen("triton_gemv").gemv(*args),
                           lambda *args: _codegen("triton_gemv").tune_gemv(*args)),
+    "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
+    # weight-only quantized linears (passes/quantize) read their packed weights directly
+    "flashc.linear_wq": Kernel(lambda *args: _codegen("triton_gemv_wq").linear_wq(*args), _tune_linear_wq),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }

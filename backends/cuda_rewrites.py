@@ -8,9 +8,9 @@ have reference implementations, so the rewritten graph runs and is checked on th
 
 * `FuseKvWrites`: rotary of the new queries and keys plus the key and value cache
   writes -> one `rotary_qkv_write` (or `rotary_kv_write`).
-* `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each, with
-  the RMSNorm before, the gated activation after a merged gate|up projection, and the
-  residual add after folded in.
+* `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each (a
+  weight-only quantized `linear_wq` -> one `gemv_wq`), with the RMSNorm before, the gated
+  activation after a merged gate|up projection, and the residual add after folded in.
 
 Both keep shapes in meta["val"] and every in-place write in its order (the cache writes
 move into the fused op, whose schema declares them).
@@ -26,6 +26,9 @@ from flashc.ir import Program, op_name
 from flashc.pass_manager import PassContext, PassResult
 
 GEMV = torch.ops.flashc.gemv.default
+GEMV_WQ = torch.ops.flashc.gemv_wq.default  # gemv's first seven arguments, then the packed weight's
+GEMVS = (GEMV, GEMV_WQ)
+LINEAR_WQ = torch.ops.flashc.linear_wq.default
 KV_WRITE = torch.ops.flashc.rotary_kv_write.default
 QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
 
@@ -115,7 +118,7 @@ def fuse_kv_writes(graph: fx.Graph) -> int:
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# argument positions of a gemv call: (x, w, bias, norm_weight, eps, residual, glu)
+# argument positions of a gemv call: (x, w, bias, norm_weight, eps, residual, glu); gemv_wq's first seven
 _X, _NORM, _EPS, _RES, _GLU = 0, 3, 4, 5, 6
 
 
@@ -157,7 +160,9 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
     """Rewrite decode-sized matmuls into ``flashc.gemv(x, w, bias, norm_weight, eps, residual,
     glu)`` calls; returns how many matmuls became one.
 
-    1. ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``.
+    1. ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``;
+       ``flashc.linear_wq(x, q, s, z, b, a, bits)`` -> ``gemv_wq(x, q, b, ..., s, z, a, bits)``.
+       Steps 2-4 treat both alike.
     2. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm``.
     3. ``add_rms_norm(y, r, g, eps)`` where y is a gemv used only there -> y takes the
        residual (its result is the new residual stream) and the normed users take the
@@ -167,23 +172,32 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
     rms, add_rms = torch.ops.flashc.rms_norm.default, torch.ops.flashc.add_rms_norm.default
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default, LINEAR_WQ):
             continue
         x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         xv, wv = _val(x), _val(w)
-        if (xv is None or wv is None or wv.dim() != 2 or xv.dtype != wv.dtype or xv.dtype not in _FLOATS
-                or xv.shape[-1] == 0 or xv.numel() // xv.shape[-1] > max_rows):
+        if (xv is None or xv.dtype not in _FLOATS or xv.shape[-1] == 0
+                or xv.numel() // xv.shape[-1] > max_rows):
             continue
+        if node.target == LINEAR_WQ:
+            if node.kwargs:
+                continue
+            _, qweight, scales, zero_points, bias, input_scale, bits = node.args
+            target, args = GEMV_WQ, (x, qweight, bias, None, 1e-6, None, None, scales, zero_points, input_scale, bits)
+        else:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if wv is None or wv.dim() != 2 or xv.dtype != wv.dtype:
+                continue
+            target, args = GEMV, (x, w, bias, None, 1e-6, None, None)
         with graph.inserting_before(node):
-            call = graph.call_function(GEMV, (x, w, bias, None, 1e-6, None, None))
+            call = graph.call_function(target, args)
         call.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(call)
         graph.erase_node(node)
         count += 1
 
     def takes_norm(user: fx.Node, normed: fx.Node) -> bool:
-        return (user.target is GEMV and user.args[_X] is normed and user.args[_NORM] is None
+        return (user.target in GEMVS and user.args[_X] is normed and user.args[_NORM] is None
                 and normed not in user.args[1:])
 
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -198,7 +212,7 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
                 graph.erase_node(node)
         elif node.target == add_rms:
             y, r, g, eps = node.args
-            if not (isinstance(y, fx.Node) and y.target is GEMV and len(y.users) == 1 and y.args[_RES] is None
+            if not (isinstance(y, fx.Node) and y.target in GEMVS and len(y.users) == 1 and y.args[_RES] is None
                     and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
                     and (not isinstance(r, fx.Node) or order[r] < order[y])):
                 continue
@@ -233,7 +247,7 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
         if not (isinstance(gate, fx.Node) and isinstance(up, fx.Node)):
             continue
         y = _halves(gate, up)
-        if (y is None or y.target is not GEMV or y.args[_RES] is not None or y.args[_GLU] is not None
+        if (y is None or y.target not in GEMVS or y.args[_RES] is not None or y.args[_GLU] is not None
                 or set(y.users) != {gate, up} or set(gate.users) != {node} or set(up.users) != {node}):
             continue
         _with(y, glu=act)

@@ -71,6 +71,28 @@ def _prefill_flops(model, seq: int) -> float:
     return flops
 
 
+def _program_read_bytes(cm) -> float:
+    """Bytes of the compiled program's weights a step reads: every parameter once, but an
+    embedding table used only by aten.embedding is gathered (a few rows), not read."""
+    from flashc.ir import op_name
+
+    total = 0.0
+    for node in cm.program.param_nodes():
+        t = cm.program.params[node.name]
+        if node.users and all(op_name(u) == "aten.embedding" for u in node.users):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _quantized_variants() -> dict:
+    """--variants name -> (row label, compile's quantize=)."""
+    from flashc.passes.quantize import QuantConfig
+
+    return {"flashc-int4": ("int4-rtn", "int4-rtn"), "flashc-int8": ("int8-weight", "int8-weight"),
+            "flashc-int4-head": ("int4-rtn + lm_head", QuantConfig(method="rtn", bits=4, lm_head=True))}
+
+
 def profile_kernels(fn, out: Path, title: str, weight_bytes: float, bw: float, iters: int = 5) -> None:
     """Per-kernel GPU time of fn() (kernel by kernel, no CUDA graph), grouped by kernel name."""
     from collections import defaultdict
@@ -131,7 +153,7 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9
 
 
-def _measure(rec: Recorder, case: str, name: str, build, ref, floor_ms: float, tokens: int,
+def _measure(rec: Recorder, case: str, name: str, build, ref, floor_ms, tokens: int,
              warm_build=None) -> None:
     """Build a variant (timed: compile), check it against ref, time it, free it."""
     torch.cuda.empty_cache()
@@ -143,6 +165,8 @@ def _measure(rec: Recorder, case: str, name: str, build, ref, floor_ms: float, t
         fn()
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t
+        if callable(floor_ms):
+            floor_ms = floor_ms()
         err = rel_err(out, ref)
         ms = cuda_time(fn)
         peak = _peak_gb()
@@ -205,10 +229,13 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                 return lambda: c(*inputs)
             return build
 
-        def flashc_step():
-            cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile)
-            kept["cm"] = cm
-            return lambda: cm.executable(*inputs)[0]
+        def flashc_step(quantize=None):
+            def build():
+                cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile, quantize=quantize)
+                kept["cm"] = cm
+                kept["read"] = _program_read_bytes(cm)
+                return lambda: cm.executable(*inputs)[0]
+            return build
 
         with torch.no_grad():
             if "eager" in variants:
@@ -219,13 +246,27 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
             if "reduce-overhead" in variants:
                 _measure(rec, case, "torch.compile reduce-overhead", compiled("reduce-overhead"), ref, floor_ms, batch)
             if "flashc" in variants:
-                _measure(rec, case, "flashc h100 -O3", flashc_step, ref, floor_ms, batch,
-                         warm_build=flashc_step if batch == batches[0] else None)
+                _measure(rec, case, "flashc h100 -O3", flashc_step(), ref, floor_ms, batch,
+                         warm_build=flashc_step() if batch == batches[0] else None)
                 if "cm" in kept:
                     exe = kept.pop("cm").executable
                     profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {case}",
                                     weight_bytes, bw)
                     del exe
+            for variant, (label_q, scheme) in _quantized_variants().items():
+                if variant not in variants:
+                    continue
+                # the floor of a quantized step: its own packed weights (and scales), plus the KV cache
+                def q_floor_ms():  # known once the variant is built
+                    return (kept["read"] + kv_bytes) / bw * 1e3
+
+                _measure(rec, case, f"flashc h100 -O3 {label_q}", flashc_step(scheme), ref, q_floor_ms, batch)
+                if "cm" in kept:
+                    exe = kept.pop("cm").executable
+                    profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {label_q} {case}",
+                                    kept["read"], bw)
+                    del exe
+                kept.pop("read", None)
         del step, inputs, ref
         torch._dynamo.reset()
 
@@ -243,10 +284,12 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
             torch._dynamo.reset()
             return forward(torch.compile(model))
 
-        def flashc_prefill():
-            cm = flashc.compile(model, "h100", (ids,), level=3, profile=profile)
-            kept["cm"] = cm
-            return lambda: cm.executable(ids)[0]
+        def flashc_prefill(quantize=None):
+            def build():
+                cm = flashc.compile(model, "h100", (ids,), level=3, profile=profile, quantize=quantize)
+                kept["cm"] = cm
+                return lambda: cm.executable(ids)[0]
+            return build
 
         with torch.no_grad():
             if "eager" in variants:
@@ -254,10 +297,14 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
             if "compile" in variants:
                 _measure(rec, case, "torch.compile default", compiled_prefill, ref, floor_ms, prefill)
             if "flashc" in variants:
-                _measure(rec, case, "flashc h100 -O3", flashc_prefill, ref, floor_ms, prefill)
+                _measure(rec, case, "flashc h100 -O3", flashc_prefill(), ref, floor_ms, prefill)
                 if "cm" in kept:
                     exe = kept.pop("cm").executable
                     profile_kernels(lambda: exe.run_eager(ids), out, f"{label} flashc {case}", dense, bw)
+            for variant, (label_q, scheme) in _quantized_variants().items():
+                if variant in variants:  # prefill's matmuls: dequantize, then cuBLAS
+                    _measure(rec, case, f"flashc h100 -O3 {label_q}", flashc_prefill(scheme), ref, floor_ms, prefill)
+                    kept.pop("cm", None)
 
 
 def table(out: Path) -> str:
@@ -288,7 +335,9 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0: skip)")
-    p.add_argument("--variants", nargs="+", default=["eager", "compile", "reduce-overhead", "flashc"])
+    p.add_argument("--variants", nargs="+", default=["eager", "compile", "reduce-overhead", "flashc"],
+                   help="eager, compile, reduce-overhead, flashc, and the quantized flashc-int4 (int4-rtn, "
+                        "group 128), flashc-int4-head (the output head too) and flashc-int8 (int8-weight)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this model

@@ -182,6 +182,28 @@ _MOE_SMALL = _cfgs(
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 )
+# MoE with packed int4/int8 experts (codegen/triton_moe_wq): fields as moe's, BLOCK_K in codes,
+# plus DOT (dequantize to x's dtype and use tl.dot; else elementwise group sums, BLOCK_M <= 16)
+# and SPLIT_K (K splits of the down GEMM, summed in a fixed order). Decode reads the routed
+# experts' packed bytes once a pair: one pair a block (blocks of one expert run side by side,
+# so a second pair's read mostly hits L2), wide tiles for bytes in flight, and the down GEMM
+# (N = H = 4096 on Mixtral-8x7B, 3.5x narrower than gate|up) split in K for more programs.
+# Tokens beyond ELEMENTWISE_TOKENS take the DOT tiles, the tallest that an expert's pairs fill.
+_MOE_WQ_HOPPER = _cfgs(
+    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
+    {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
+    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "DOT": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "DOT": True},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DOT": True, "SPLIT_K": 2},
+)
+_MOE_WQ_SMALL = _cfgs(
+    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
+    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "DOT": True},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "DOT": True},
+)
 
 # Decode GEMV (codegen/triton_gemv): up to 8 rows stream [BLOCK_N, BLOCK_K] weight tiles with
 # elementwise FMAs; DOT configs pad the rows to 16 and use tl.dot with the weight tile as the
@@ -207,6 +229,39 @@ _GEMV_ROWS = _cfgs(
     {"library": True},
 )
 
+# Weight-only quantized decode GEMV (codegen/triton_gemv_wq): BLOCK_K codes a row per iteration
+# (1024 = 8 int4 groups of 128: a warp's 32 lanes x 4 words side by side along K), so a thread
+# holds BLOCK_N / num_warps rows of 4 words; more rows a thread share the activations' loads and
+# conversions (~2.9 SASS instructions a weight at 8 rows, 3.4 at 4: offline sm_90 compiles). An
+# int4 row is a quarter of a bf16 row's bytes, hence wider BLOCK_N than _GEMV; num_stages > 1
+# streams the words through shared memory (cp.async) that many iterations ahead. Narrow tiles
+# keep enough programs on 2048-wide outputs; the library path is the last candidate. Each
+# candidate is a ~1 s compile per fold combination, so the lists stay short.
+_GEMV_WQ = _cfgs(
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 64, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
+    {"library": True},
+)
+# Several rows: the elementwise path spends one FMA a row per weight and spills from 4 rows, so
+# the DOT configs (codes dequantized to x's dtype, tl.dot with the rows padded to 16: ~6-6.9 SASS
+# instructions a weight, offline sm_90 compiles) take over from 3 rows; BLOCK_N >= 64 for Hopper's
+# wgmma (16-32 rows a program compiled to mma.sync at 14-29 instructions a weight). The two
+# elementwise configs (5.3-5.8 at 2 rows) are timed for 2 rows only (triton_gemv_wq.tune_gemv_wq).
+_GEMV_WQ_ROWS = _cfgs(
+    {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "DOT": True},
+    {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "DOT": True},
+    {"BLOCK_N": 128, "BLOCK_K": 512, "num_warps": 8, "num_stages": 2, "DOT": True},
+    {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "DOT": True},
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2},
+    {"library": True},
+)
+
 TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
     "h100": {
         "rms_norm": _NORM_FAST,
@@ -216,8 +271,11 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
         "moe": _MOE_HOPPER,
+        "moe_wq": _MOE_WQ_HOPPER,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
+        "gemv_wq": _GEMV_WQ,
+        "gemv_wq_rows": _GEMV_WQ_ROWS,
     },
     "h200": {
         "rms_norm": _NORM_FAST,
@@ -227,8 +285,11 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_HOPPER,
         "decode_attention": _DECODE,
         "moe": _MOE_HOPPER,
+        "moe_wq": _MOE_WQ_HOPPER,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
+        "gemv_wq": _GEMV_WQ,
+        "gemv_wq_rows": _GEMV_WQ_ROWS,
     },
     "a100": {
         "rms_norm": _NORM_FAST,
@@ -238,8 +299,11 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_AMPERE,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "moe_wq": _MOE_WQ_SMALL,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
+        "gemv_wq": _GEMV_WQ,
+        "gemv_wq_rows": _GEMV_WQ_ROWS,
     },
     "l4": {
         "rms_norm": _NORM_SMALL,
@@ -249,8 +313,11 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "moe_wq": _MOE_WQ_SMALL,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
+        "gemv_wq": _GEMV_WQ,
+        "gemv_wq_rows": _GEMV_WQ_ROWS,
     },
     "default": {
         "rms_norm": _NORM_SMALL,
@@ -260,8 +327,11 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "attention": _ATTN_SMALL,
         "decode_attention": _DECODE,
         "moe": _MOE_SMALL,
+        "moe_wq": _MOE_WQ_SMALL,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
+        "gemv_wq": _GEMV_WQ,
+        "gemv_wq_rows": _GEMV_WQ_ROWS,
     },
 }
 

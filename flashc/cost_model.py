@@ -69,9 +69,9 @@ def node_flops(node: fx.Node) -> float:
     if name == "aten.linear":
         x, w = ins[0], ins[1]
         return 2.0 * x.numel() / x.shape[-1] * w.shape[0] * w.shape[1]
-    if name == "flashc.linear_wq":  # x[..., K] by a packed [N, K] weight (flashc/quantized_ops.py)
-        x, y = ins[0], out[0]
-        return 2.0 * y.numel() * x.shape[-1]
+    if name in ("flashc.linear_wq", "flashc.gemv_wq"):  # x[..., K] by a packed [N, K] weight (quantized_ops)
+        x, q = ins[0], ins[1]
+        return 2.0 * x.numel() / x.shape[-1] * q.shape[0] * x.shape[-1]
     if name == "flashc.gemv":  # a decode linear with its folds (flashc/ops.py)
         x, w = ins[0], ins[1]
         return 2.0 * x.numel() / x.shape[-1] * w.shape[0] * w.shape[1]

@@ -185,7 +185,52 @@ def _(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zero_points, ga
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("flashc::gemv_wq", mutates_args=())
+def gemv_wq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    residual: Optional[torch.Tensor],
+    glu: Optional[str],
+    scales: torch.Tensor,
+    zero_points: Optional[torch.Tensor],
+    input_scale: Optional[torch.Tensor],
+    bits: int,
+) -> torch.Tensor:
+    """`flashc.gemv` with a packed weight: a decode-sized `linear_wq` with what folds into it.
+
+    The first seven arguments are `flashc.gemv`'s (the CUDA backend's late pass folds norms,
+    activations and residuals into either op the same way); the packed weight's scales,
+    zero points, AWQ input scale and bit width follow. RMSNorm of x (norm_weight), then the
+    input scale, the product with the dequantized weight plus bias, then either a gated
+    activation ('silu' or 'gelu_tanh') of the two halves of the output or the residual add.
+    """
+    from flashc.ops import geglu, rms_norm, swiglu
+
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    y = linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits)
+    if glu is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = swiglu(gate, up) if glu == "silu" else geglu(gate, up, "tanh")
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+@gemv_wq.register_fake
+def _(x, qweight, bias, norm_weight, eps, residual, glu, scales, zero_points, input_scale, bits):
+    dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_weight is not None else x.dtype
+    n = qweight.shape[0] // 2 if glu is not None else qweight.shape[0]
+    if residual is not None:
+        dtype = torch.promote_types(dtype, residual.dtype)
+    return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
+
+
 QUANTIZED_OPS = {
     "linear_wq": torch.ops.flashc.linear_wq.default,
     "moe_wq": torch.ops.flashc.moe_wq.default,
+    "gemv_wq": torch.ops.flashc.gemv_wq.default,
 }

@@ -116,3 +116,69 @@ def test_compile_runs_the_late_passes_and_reports_them_as_backend_passes(tiny_mo
     assert all(r.stage == "pipeline" for r in cm.records[:-2])
     assert "flashc.gemv" not in {op_name(n) for n in cm.program.op_nodes()}
     assert "cuda_fuse_small_matmuls" in cm.report().render()
+
+
+@pytest.mark.parametrize("scheme", ["int4-rtn", "int8-weight"])
+def test_quantized_decode_matmuls_become_gemv_wq_with_the_same_folds(tiny_models, scheme):
+    """A weight-only quantized decode step: every flashc.linear_wq becomes flashc.gemv_wq and
+    the norms, activations and residual adds fold into it as into flashc.gemv; the rewritten
+    graph computes what the quantized graph computed."""
+    model = tiny_models["llama-tiny"]
+    layers = model.config.num_hidden_layers
+    cm = flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 2, 16), level=3,
+                        quantize=scheme)
+    before = [op_name(n) for n in cm.program.graph.nodes if n.op == "call_function"]
+    assert before.count("flashc.linear_wq") >= 4 * layers
+    lowered, record = run_late_pass(cm.program, FuseSmallMatmuls(MAX_ROWS))
+    assert record.stats["matmuls_to_gemv"] == before.count("aten.linear") + before.count("flashc.linear_wq")
+    calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
+    ops = [op_name(n) for n in calls]
+    quantized = [n for n in calls if op_name(n) == "flashc.gemv_wq"]
+    assert "flashc.linear_wq" not in ops and len(quantized) == before.count("flashc.linear_wq")
+    assert not {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.swiglu"} & set(ops)
+    assert sum(n.args[6] is not None for n in quantized) == layers  # merged gate|up, SwiGLU folded
+    assert sum(n.args[5] is not None for n in quantized) == 2 * layers  # o_proj and down_proj
+    weights = [cm.program.params[n.name] for n in cm.program.param_nodes()]
+    plain, fused = cm.program.graph_module, lowered.graph_module
+    tokens = torch.randint(0, model.config.vocab_size, (2, 5))
+    kv_ref, kv_new = empty_kv_cache(model, 2, 16), empty_kv_cache(model, 2, 16)
+    for t in range(5):
+        args = (tokens[:, t:t + 1], torch.tensor([t]))
+        ref, got = plain(*weights, *args, *kv_ref), fused(*weights, *args, *kv_new)
+        ref, got = (r[0] if isinstance(r, (tuple, list)) else r for r in (ref, got))
+        assert rel_err(got, ref) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(kv_new, kv_ref))
+
+
+@pytest.mark.parametrize("glu", [None, "silu"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_gemv_wq_op_is_linear_wq_with_the_folds(glu, norm):
+    from flashc.quantized_ops import pack_codes
+
+    n, k, group = 24, 64, 32
+    x = torch.randn(3, k)
+    qweight = pack_codes(torch.randint(0, 16, (n, k), dtype=torch.uint8), 4, group)
+    scales, input_scale = torch.rand(n, k // group) + 0.1, torch.rand(k) + 0.5
+    bias = torch.randn(n)
+    g = torch.randn(k) if norm else None
+    residual = torch.randn(3, n) if glu is None else None
+    got = torch.ops.flashc.gemv_wq(x, qweight, bias, g, 1e-6, residual, glu, scales, None, input_scale, 4)
+    h = x if g is None else torch.ops.flashc.rms_norm(x, g, 1e-6)
+    want = torch.ops.flashc.linear_wq(h, qweight, scales, None, bias, input_scale, 4)
+    if glu:
+        want = torch.ops.flashc.swiglu(*want.chunk(2, dim=-1))
+    if residual is not None:
+        want = want + residual
+    assert rel_err(got, want) < 1e-6
+
+
+def test_a_quantized_model_compiles_for_the_gpu_and_keeps_linear_wq_in_the_artifact(tiny_models):
+    """The CUDA lowering table has rows for the quantized ops (here, without a GPU, it records
+    them); the portable program keeps flashc.linear_wq, the late pass writes flashc.gemv_wq."""
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 1, 16), level=3,
+                        quantize="int4-rtn")
+    late = {r.name: r for r in cm.records if r.stage == "backend"}
+    assert late["cuda_fuse_small_matmuls"].stats["matmuls_to_gemv"] > 0
+    ops = {op_name(n) for n in cm.program.op_nodes()}
+    assert "flashc.linear_wq" in ops and "flashc.gemv_wq" not in ops

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The device calls of a session, as steps with their own time limits; logs land in $OUT.
+#   bash bench/gpu_session.sh verify   # cold-tuning fault check (without and with the fix), bf16 decode, soak
+#   bash bench/gpu_session.sh int4     # quantized GEMVs against bf16, int4/int8 decode end to end
+# (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
+set -u
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time user has
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  FLASHC_CACHE=$(mktemp -d) timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
+}
+case "${1:-verify}" in
+  verify)
+    step cold_unfixed 110 python3 bench/gpu_cold_tuning_crash.py --unfixed
+    step cold_fixed 110 python3 bench/gpu_cold_tuning_crash.py
+    step decode 230 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --variants eager flashc --out "$OUT" --timeout 110
+    step soak 100 python3 bench/gpu_decode_check.py --soak --rounds 8 --out "$OUT"
+    ;;
+  int4)
+    step gemv_wq_tests 110 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_triton_gemv_wq.py
+    step gemv_wq 150 python3 bench/gemv_wq_shapes.py --out "$OUT" --budget-s 125
+    step decode_q 260 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
+      --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 125
+    ;;
+  *) echo "unknown part $1 (verify, int4)"; exit 2 ;;
+esac

@@ -1,0 +1,645 @@
+"""Decode matrix-vector products that read 4- or 8-bit packed weights directly (MatMulNBits layout).
+
+The weight-only quantized twin of ``codegen/triton_gemv.py``: ``x[..., K]`` (at most
+``MAX_ROWS`` rows) times a weight ``W[N, K]`` stored as codes, a scale per group of
+``G`` input columns and optionally a zero point (``flashc/quantized_ops.py`` gives the
+layout and ``dequantize``, the numeric truth), with the same folds: RMSNorm prologue
+(``rstd`` applied at the end), AWQ's per-input-channel ``input_scale``, bias, a gated
+activation over merged gate|up halves, residual add. Semantics (``reference_gemv_wq``)::
+
+    h = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    h = h * input_scale                       if input_scale is not None
+    y = h @ dequantize(qweight, scales, zero_points, bits).T + bias
+    y = act(y[..., :F]) * y[..., F:]          if glu
+    y = y + residual                          if residual is not None
+
+At batch 1 an int4 weight is 4x fewer bytes than bf16, and an H200 then has about four
+instructions a weight to spend (128 FP32 lanes x 132 SMs x 1.98 GHz over 4.3 TB/s x 2
+weights a byte). Converting each code with ``I2F`` (16 a clock per SM: half the bytes'
+rate by itself) and dequantizing before the FMA would make the kernel compute-bound, so
+the elementwise path spends per weight one logic op and one FMA a row:
+
+* ``qweight`` is read as 32-bit words (8 codes at 4 bits, 4 at 8 bits). Code ``c`` of a
+  word is masked *in place*, ``word & (mask << e_c)`` (one ``LOP3``; codes above bit 19
+  are masked in the word shifted right by 16, one shift a word, so ``e_c + bits <= 20``
+  stays below float32's exponent), and the masked bits read as a float32 are the
+  subnormal ``q * 2**(e_c - 149)``: exact, with no convert instruction (FP32 FMAs take
+  subnormals at full rate; nothing here is compiled with flush-to-zero);
+* the matching activations are scaled by ``2**(X_EXP - e_c)`` once a program (shared by
+  its rows), so every product is ``q * x * 2**(X_EXP - 149)``, a normal float;
+* scale and zero point are applied once a group, in the group-sum form::
+
+      y[m, n] = sum_g s[n, g] * (2**(149 - X_EXP) * sum_{k in g} q[n, k] x[m, k] - zp[n, g] * sum_{k in g} x[m, k])
+
+  with the group sums of x shared by all rows of the program.
+
+Code c of all the words of a tile is one tensor in the words' own layout, multiplied with
+the activations ``x[k0 + 8 i + c]`` (loaded with stride 8): a ``[.., codes]`` dimension
+made Triton spread a word's codes over threads (10-13 SASS instructions a weight, against
+~3 now; offline sm_90 compiles of this kernel, not GPU timings).
+
+``DOT`` configs (9..16 rows, and tuning candidates from 2 rows) dequantize the codes to
+x's dtype instead (the code ORed into float32's 2**23, minus 2**23 + zp * 2**e_c, times
+s * 2**-e_c) and multiply with ``tl.dot``, one dot a code position, the rows padded to
+16. The unfused path (``dequantize_weight``, then the norm kernel, cuBLAS, the
+activation kernel, add) is a tuning candidate, ``{"library": True}``, as in triton_gemv.
+
+``linear_wq`` is the CUDA backend's ``flashc.linear_wq`` for any number of rows: this
+kernel for decode, ``dequantize_weight`` + cuBLAS for prefill.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from flashc.quantized_ops import SUPPORTED_BITS, dequantize
+
+from . import tuning
+from ._triton_common import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_devices,
+    check_tensor,
+    device_guard,
+    launch_opts,
+    next_pow2,
+    pdl_enabled,
+    require_triton,
+    triton,
+    tl,
+)
+from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, reference_gemv
+
+__all__ = ["MAX_ROWS", "gemv_wq", "tune_gemv_wq", "reference_gemv_wq", "dequantize_weight", "linear_wq"]
+
+_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+LIBRARY = {"library": True}  # tuning candidate: dequantize_weight, then the unfused ops with cuBLAS
+# The elementwise path takes up to ELEMENTWISE_ROWS rows, but costs one FMA a row per weight and
+# spilled registers from 4 rows in offline sm_90 compiles (8 rows: 4 KB of stack, ~40 SASS
+# instructions a weight against ~6.5 for a DOT config), so the tuner times it up to 2 rows only.
+TUNED_ELEMENTWISE_ROWS = 2
+# Activations are scaled by 2**(X_EXP - e_j) <= 2**88 before the product (see the module
+# docstring), so |x * norm_weight * input_scale| must stay below 2**40 (~1e12); products
+# of codes and activations are then normal floats down to |x| ~ 2**-65.
+X_EXP = 88
+DEQUANT_BLOCK = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # dequantize_weight's tile
+
+
+def reference_gemv_wq(x, qweight, scales, zero_points, bits, bias=None, input_scale=None, norm_weight=None,
+                      eps=1e-6, residual=None, glu=None):
+    """The unfused ops in PyTorch, in x's dtype (float64 inputs give a float64 truth).
+
+    ``input_scale`` multiplies the dequantized weight's columns, the same product as
+    ``(h * input_scale) @ W^T`` up to rounding.
+    """
+    w = dequantize(qweight, scales, zero_points, bits).to(x.dtype)
+    if input_scale is not None:
+        w = w * input_scale.to(x.dtype)
+    return reference_gemv(x, w, bias, norm_weight, eps, residual, glu)
+
+
+if HAS_TRITON:
+    _X_EXP = tl.constexpr(X_EXP)
+
+    @triton.jit
+    def _code_shift(c: tl.constexpr, BITS: tl.constexpr):
+        """e_c: the bit where code c of a word sits in `_masked_code` (codes past bit 19 move down 16)."""
+        if c * BITS + BITS > 20:
+            return c * BITS - 16
+        else:
+            return c * BITS
+
+    @triton.jit
+    def _masked_code(words, c: tl.constexpr, BITS: tl.constexpr):
+        """Code c of every word, ``q << e_c``: masked in place (the word shifted right by 16 first for
+        codes past bit 19, one shift a word shared by them), so it stays below float32's exponent."""
+        E: tl.constexpr = _code_shift(c, BITS)
+        return (words >> (c * BITS - E)) & (((1 << BITS) - 1) << E)
+
+    @triton.jit
+    def _code(words, c: tl.constexpr, BITS: tl.constexpr):
+        """Code c of every word read as a float32: the subnormal q * 2**(e_c - 149), exactly."""
+        return _masked_code(words, c, BITS).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _group_params(S, ZP, rows, blk, ok, n_blocks, zp_stride, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+        """Scales and zero points (float32) of the [rows, sub-blocks] tile's groups ``blk``."""
+        s = tl.load(S + rows[:, None] * n_blocks + blk[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            if BITS == 4:  # two blocks a byte, the even one in the low nibble
+                zb = tl.load(ZP + rows[:, None] * zp_stride + (blk // 2)[None, :], mask=ok, other=0).to(tl.int32)
+                zp = ((zb >> ((blk & 1) * 4)[None, :]) & 0xF).to(tl.float32)
+            else:
+                zp = tl.load(ZP + rows[:, None] * zp_stride + blk[None, :], mask=ok, other=0).to(tl.float32)
+        else:
+            zp = tl.zeros_like(s) + (1 << (BITS - 1))
+        return s, zp
+
+    @triton.jit
+    def _dequantized_code(words, c: tl.constexpr, s, zp, BITS: tl.constexpr):
+        """(q - zp) * s of code c, float32 [rows, sub-blocks, words]: the masked code ORed into
+        2**23 (float32 with a unit last mantissa bit), minus 2**23 + zp * 2**e_c, times s * 2**-e_c."""
+        E: tl.constexpr = _code_shift(c, BITS)
+        bits = _masked_code(words, c, BITS) | 0x4B000000
+        return (bits.to(tl.float32, bitcast=True) - (8388608.0 + zp * 2.0 ** E)[:, :, None]) \
+            * (s * 2.0 ** -E)[:, :, None]
+
+    @triton.jit
+    def _gemv_wq_kernel(
+        X, QW, S, ZP, BIAS, G, XS, R, Y,
+        M, N, K, n_blocks, zp_stride, row_words, up_row,
+        stride_xm, stride_rm, stride_ym,
+        eps,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        HAS_ZP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        HAS_XSCALE: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        ACT: tl.constexpr,
+        DOT: tl.constexpr,
+        IEEE: tl.constexpr,
+        EVEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SUB: tl.constexpr,
+        SUBS: tl.constexpr,
+        STAGES: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X.
+
+        QW is the packed weight as int32 words, ``row_words`` a row. An iteration reads a
+        [BLOCK_N, SUBS, WORDS] tile of words: SUBS sub-blocks of SUB codes a row (SUB
+        divides the group size: one scale a sub-block), word i holding codes
+        ``i * CODES + c`` of the iteration. Code c of all words is one [BLOCK_N, SUBS,
+        WORDS] tensor (`_code`), multiplied with the activations ``x[k0 + i * CODES + c]``
+        (strided loads, so every tensor of the loop keeps the words' layout). ACT != 0:
+        rows ``up_row`` further down are the up projection.
+        """
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
+        CODES: tl.constexpr = 32 // BITS  # codes a word
+        WORDS: tl.constexpr = SUB // CODES  # words a sub-block
+        BLOCK_K: tl.constexpr = SUB * SUBS
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_s = tl.arange(0, SUBS)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        up_rows = rows + up_row
+        word = offs_s[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [SUBS, WORDS]: word i of the iteration
+        w_ptrs = QW + rows[:, None, None] * row_words + word[None, :, :]
+        w_up_ptrs = QW + up_rows[:, None, None] * row_words + word[None, :, :]
+        if DOT:  # y^T = W x^T: the dequantized codes are the MMA's wide operand, the rows its narrow one
+            x_ptrs = X + offs_m[:, None] * stride_xm + tl.reshape(word, [SUBS * WORDS])[None, :] * CODES
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_M, SUBS * WORDS], dtype=tl.float32)
+        else:  # per row m: [BLOCK_N, SUBS, WORDS] sums of scaled products, reduced after the loop
+            x_ptrs = X + word * CODES
+            accs = (tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32),) * BLOCK_M
+            accs_up = accs
+            sqs = (tl.zeros([SUBS, WORDS], dtype=tl.float32),) * BLOCK_M
+        # STAGES > 1: the word loads run that many iterations ahead (cp.async into shared memory);
+        # without a tl.dot in the loop Triton pipelines only a loop that asks for it
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            blk = (k0 + offs_s * SUB) // GROUP
+            if EVEN:
+                s_ok = offs_s < SUBS
+                words = tl.load(w_ptrs)
+                if ACT != 0:
+                    words_up = tl.load(w_up_ptrs)
+            else:
+                s_ok = offs_s < (K - k0) // SUB
+                w_mask = n_ok[:, None, None] & s_ok[None, :, None]
+                words = tl.load(w_ptrs, mask=w_mask, other=0)
+                if ACT != 0:
+                    words_up = tl.load(w_up_ptrs, mask=w_mask, other=0)
+            p_ok = n_ok[:, None] & s_ok[None, :]
+            s, zp = _group_params(S, ZP, rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
+            if ACT != 0:
+                s_up, zp_up = _group_params(S, ZP, up_rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
+            if DOT:
+                x_mask = m_ok[:, None] & tl.reshape(s_ok[:, None] & (word >= 0), [SUBS * WORDS])[None, :]
+                for c in tl.static_range(CODES):
+                    x = tl.load(x_ptrs + c, mask=x_mask, other=0.0).to(tl.float32)  # [BLOCK_M, SUBS * WORDS]
+                    if HAS_NORM:
+                        sq += x * x
+                        f = tl.load(G + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
+                        x = x * tl.reshape(f, [SUBS * WORDS])[None, :]
+                    if HAS_XSCALE:
+                        f = tl.load(XS + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
+                        x = x * tl.reshape(f, [SUBS * WORDS])[None, :]
+                    xt = tl.trans(x.to(X.dtype.element_ty))
+                    w = tl.reshape(_dequantized_code(words, c, s, zp, BITS), [BLOCK_N, SUBS * WORDS])
+                    if IEEE:
+                        acc = tl.dot(w, xt, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(w.to(X.dtype.element_ty), xt, acc)
+                    if ACT != 0:
+                        w = tl.reshape(_dequantized_code(words_up, c, s_up, zp_up, BITS), [BLOCK_N, SUBS * WORDS])
+                        if IEEE:
+                            acc_up = tl.dot(w, xt, acc_up, input_precision="ieee")
+                        else:
+                            acc_up = tl.dot(w.to(X.dtype.element_ty), xt, acc_up)
+            else:
+                # the group-sum form: s * (2**(149 - X_EXP) * sum(q x 2**(X_EXP - 149)) - zp * sum(x))
+                a = (s * 2.0 ** (149 - _X_EXP))[:, :, None]
+                b = (s * zp)[:, :, None]
+                if ACT != 0:
+                    a_up = (s_up * 2.0 ** (149 - _X_EXP))[:, :, None]
+                    b_up = (s_up * zp_up)[:, :, None]
+                folds = ()  # norm_weight * input_scale of code c's columns
+                if HAS_NORM or HAS_XSCALE:
+                    for c in tl.static_range(CODES):
+                        f = tl.full([SUBS, WORDS], 1.0, tl.float32)
+                        if HAS_NORM:
+                            f = f * tl.load(G + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
+                        if HAS_XSCALE:
+                            f = f * tl.load(XS + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
+                        folds = folds + (f,)
+                new_accs = ()
+                new_accs_up = ()
+                new_sqs = ()
+                for m in tl.static_range(BLOCK_M):
+                    x_sum = tl.zeros([SUBS, WORDS], dtype=tl.float32)
+                    part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                    part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                    sq = sqs[m]
+                    x_ok = (s_ok & (offs_s * 0 + m < M))[:, None]  # (a tensor: the interpreter mishandles a scalar here)
+                    for c in tl.static_range(CODES):
+                        x = tl.load(x_ptrs + m * stride_xm + c, mask=x_ok, other=0.0).to(tl.float32)
+                        if HAS_NORM:
+                            sq += x * x
+                        if HAS_NORM or HAS_XSCALE:
+                            x = x * folds[c]
+                        x_sum += x
+                        xq = (x * 2.0 ** (_X_EXP - _code_shift(c, BITS)))[None, :, :]
+                        part += _code(words, c, BITS) * xq
+                        if ACT != 0:
+                            part_up += _code(words_up, c, BITS) * xq
+                    new_accs = new_accs + (accs[m] + part * a - b * x_sum[None, :, :],)
+                    if ACT != 0:
+                        new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum[None, :, :],)
+                    new_sqs = new_sqs + (sq,)
+                accs = new_accs
+                if ACT != 0:
+                    accs_up = new_accs_up
+                sqs = new_sqs
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // CODES
+            w_up_ptrs += BLOCK_K // CODES
+
+        if PDL:  # the weights are streamed: the next kernel may start its launch now
+            tl.extra.cuda.gdc_launch_dependents()
+        if DOT:
+            out = tl.trans(acc)
+            up = tl.trans(acc_up)
+            sq_rows = tl.sum(sq, axis=1)
+        else:  # gather the rows' sums into [BLOCK_M, BLOCK_N]
+            out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            sq_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                out = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs[m], axis=2), axis=1)[None, :], out)
+                if ACT != 0:
+                    up = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs_up[m], axis=2), axis=1)[None, :], up)
+                if HAS_NORM:
+                    sq_rows = tl.where(offs_m == m, tl.sum(tl.sum(sqs[m], axis=1), axis=0), sq_rows)
+        if HAS_NORM:
+            rstd = tl.math.rsqrt(sq_rows / K + eps)
+            out = out * rstd[:, None]
+            up = up * rstd[:, None]
+        if HAS_BIAS:
+            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if ACT != 0:
+                up += tl.load(BIAS + up_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
+            out = out / (1.0 + tl.exp(tl.minimum(-out, 80.0))) * up
+        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+            z = 1.5957691216057308 * (out + 0.044715 * out * out * out)
+            out = out / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        mask_out = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_out, other=0.0).to(tl.float32)
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask_out)
+
+    @triton.jit
+    def _dequantize_kernel(
+        QW, S, ZP, Y,
+        N, K, n_blocks, zp_stride, row_words,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        HAS_ZP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SUB: tl.constexpr,
+        SUBS: tl.constexpr,
+    ):
+        """Program (n, k): Y[n-tile, k-tile] = (q - zp) * s in float32, rounded once to Y's dtype."""
+        CODES: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = SUB // CODES
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * SUB * SUBS
+        offs_s = tl.arange(0, SUBS)
+        offs_w = tl.arange(0, WORDS)
+        j = tl.arange(0, CODES)
+        rows = offs_n.to(tl.int64)
+        s_ok = offs_s < (K - k0) // SUB
+        ok = (offs_n < N)[:, None] & s_ok[None, :]
+        words = tl.load(QW + rows[:, None, None] * row_words + k0 // CODES
+                        + offs_s[None, :, None] * WORDS + offs_w[None, None, :], mask=ok[:, :, None], other=0)
+        q = ((words[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        s, zp = _group_params(S, ZP, rows, (k0 + offs_s * SUB) // GROUP, ok, n_blocks, zp_stride, BITS, HAS_ZP)
+        w = (q - zp[:, :, None, None]) * s[:, :, None, None]
+        cols = k0 + offs_s[:, None, None] * SUB + offs_w[None, :, None] * CODES + j[None, None, :]
+        tl.store(Y + rows[:, None, None, None] * K + cols[None, :, :, :], w.to(Y.dtype.element_ty),
+                 mask=ok[:, :, None, None])
+
+    tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _code_shift, _masked_code, _code, _group_params,
+                                    _dequantized_code)
+    tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _code_shift, _masked_code, _code, _group_params,
+                                    _dequantized_code)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------
+def _packed_shape(fn, qweight, scales, zero_points, bits, K):
+    """(N, group size, n_blocks) of a packed weight, after checking it against x's K."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{fn}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    check_tensor(fn, "qweight", qweight, ndim=3, dtypes=(torch.uint8,))
+    N, n_blocks, group_bytes = qweight.shape
+    group = group_bytes * 8 // bits
+    if n_blocks * group != K:
+        raise ValueError(f"{fn}: qweight must be [N, K / group_size, group_size * {bits} / 8] with K = {K} "
+                         f"(x's last dim), got {tuple(qweight.shape)}: {n_blocks} groups of {group} codes")
+    if group & -group < 16:
+        raise ValueError(f"{fn}: the group size must be a multiple of 16 (MatMulNBits), got {group}")
+    check_tensor(fn, "scales", scales, ndim=2)
+    if tuple(scales.shape) != (N, n_blocks):
+        raise ValueError(f"{fn}: scales must be [{N}, {n_blocks}] (one per row and group), got {tuple(scales.shape)}")
+    if zero_points is not None:
+        check_tensor(fn, "zero_points", zero_points, ndim=2, dtypes=(torch.uint8,))
+        expect = (N, (n_blocks + 1) // 2 if bits == 4 else n_blocks)
+        if tuple(zero_points.shape) != expect:
+            raise ValueError(f"{fn}: {bits}-bit zero_points must be {list(expect)} (uint8"
+                             f"{', two blocks a byte' if bits == 4 else ''}), got {tuple(zero_points.shape)}")
+    return N, group, n_blocks
+
+
+def _check(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, residual, glu):
+    fn = "gemv_wq"
+    require_triton(fn)
+    check_tensor(fn, "x", x, min_ndim=1)
+    K = x.shape[-1]
+    N, group, n_blocks = _packed_shape(fn, qweight, scales, zero_points, bits, K)
+    if scales.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{fn}: scales must have x's dtype ({x.dtype}) or float32, got {scales.dtype}")
+    if glu not in _ACTS:
+        raise ValueError(f"{fn}: glu must be one of {sorted(a for a in _ACTS if a)} or None, got {glu!r}")
+    if glu is not None and N % 2:
+        raise ValueError(f"{fn}: a gated activation needs qweight's rows to be gate|up halves, got {N} rows")
+    n_out = N // 2 if glu else N
+    M = x.numel() // K if K else 0
+    if M > MAX_ROWS:
+        raise ValueError(f"{fn}: x has {M} rows; the kernel is for at most {MAX_ROWS} (use linear_wq: "
+                         "dequantize_weight and a GEMM)")
+    tensors = [("x", x), ("qweight", qweight), ("scales", scales)]
+    if zero_points is not None:
+        tensors.append(("zero_points", zero_points))
+    for name, t, length in (("bias", bias, N), ("input_scale", input_scale, K), ("norm_weight", norm_weight, K)):
+        if t is not None:
+            check_tensor(fn, name, t, ndim=1)
+            if t.shape[0] != length:
+                raise ValueError(f"{fn}: {name} must be [{length}], got {tuple(t.shape)}")
+            tensors.append((name, t))
+    if residual is not None:
+        check_tensor(fn, "residual", residual)
+        if tuple(residual.shape) != (*x.shape[:-1], n_out):
+            raise ValueError(f"{fn}: residual must have shape {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}")
+        tensors.append(("residual", residual))
+    check_devices(fn, _gemv_wq_kernel, tensors)
+    return M, n_out, group
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def _rows(t: torch.Tensor, K: int) -> torch.Tensor:
+    return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, K)
+
+
+def _words(qweight: torch.Tensor) -> torch.Tensor:
+    """The packed bytes as int32 words [N, K * bits / 32] (little-endian: byte 0 is bits 0..7)."""
+    q = qweight.contiguous()
+    return q.view(torch.int32).reshape(q.shape[0], -1)
+
+
+def _sub_block(block_k: int, group: int) -> tuple[int, int]:
+    """(SUB, SUBS): sub-blocks of one scale (SUB divides the group, a power of two) tiling BLOCK_K."""
+    sub = min(block_k, group & -group)
+    return sub, max(1, block_k // sub)
+
+
+def _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu):
+    """(tuning kernel name, shape key): one row and several rows have separate candidate lists."""
+    return ("gemv_wq" if M == 1 else "gemv_wq_rows",
+            {"M": M, "N": n_out, "K": x.shape[-1], "group": group, "bits": bits, "asym": zero_points is not None,
+             "dtype": str(x.dtype).replace("torch.", ""), "act": str(glu), "norm": norm_weight is not None,
+             "bias": bias is not None, "xscale": input_scale is not None, "res": residual is not None})
+
+
+def _fits(M: int):
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
+
+
+def _worth_timing(M: int):
+    """Candidates the tuner times: elementwise configs only up to TUNED_ELEMENTWISE_ROWS rows."""
+    return lambda cfg: _fits(M)(cfg) and bool(cfg.get("library") or cfg.get("DOT") or M <= TUNED_ELEMENTWISE_ROWS)
+
+
+def _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu):
+    """The unfused ops: dequantize_weight, norm kernel, cuBLAS, activation kernel, add."""
+    from .triton_mlp import geglu, swiglu
+    from .triton_norm import rms_norm
+
+    w = dequantize_weight(qweight, scales, zero_points, bits, x.dtype)
+    h = x if norm_weight is None else rms_norm(x, norm_weight.to(x.dtype), eps)
+    if input_scale is not None:
+        h = h * input_scale.to(x.dtype)
+    y = F.linear(h, w, None if bias is None else bias.to(x.dtype))
+    if glu is not None:
+        g, u = y.chunk(2, dim=-1)
+        y = swiglu(g, u) if glu == "silu" else geglu(g, u)
+    return y if residual is None else y + residual
+
+
+def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu,
+            M, n_out, group, config):
+    K = x.shape[-1]
+    if config is None:
+        name, key = _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu)
+        config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))
+    if config.get("library"):
+        return _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu)
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    if M == 0 or n_out == 0:
+        return y
+    x2 = _rows(x, K)
+    words = _words(qweight)
+    r2 = _rows(residual, n_out) if residual is not None else y.view(-1, n_out)
+    # the kernel indexes these densely (a no-op for the contiguous tensors a model holds)
+    scales, zero_points, bias, norm_weight, input_scale = (
+        None if t is None else t.contiguous() for t in (scales, zero_points, bias, norm_weight, input_scale))
+    block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
+    dot = bool(config.get("DOT"))
+    if dot:  # tl.dot needs 16 rows of the tile and 16 words a code position
+        block_n, block_k = max(16, block_n), max(block_k, 16 * 32 // bits)
+    elif M > ELEMENTWISE_ROWS:
+        raise ValueError(f"gemv_wq: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
+                         f"x has {M} (use a DOT config)")
+    sub, subs = _sub_block(block_k, group)
+    pdl = pdl_enabled(x.device)
+    n_blocks = qweight.shape[1]
+    with device_guard(x.device):
+        _gemv_wq_kernel[(triton.cdiv(n_out, block_n),)](
+            x2, words, scales, zero_points if zero_points is not None else qweight,
+            bias if bias is not None else x2, norm_weight if norm_weight is not None else x2,
+            input_scale if input_scale is not None else x2, r2, y,
+            M, n_out, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0, words.shape[1], n_out,
+            x2.stride(0), r2.stride(0), n_out,
+            float(eps),
+            BITS=bits,
+            GROUP=group,
+            HAS_ZP=zero_points is not None,
+            HAS_BIAS=bias is not None,
+            HAS_NORM=norm_weight is not None,
+            HAS_XSCALE=input_scale is not None,
+            HAS_RES=residual is not None,
+            ACT=_ACTS[glu],
+            DOT=dot,
+            IEEE=x.dtype == torch.float32,
+            EVEN=n_out % block_n == 0 and K % (sub * subs) == 0,
+            BLOCK_M=MAX_ROWS if dot else next_pow2(M),
+            BLOCK_N=block_n,
+            SUB=sub,
+            SUBS=subs,
+            STAGES=int(config.get("num_stages", 1)),
+            PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
+            **launch_opts(config),
+        )
+    return y
+
+
+def gemv_wq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    glu: str | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x[..., K] @ dequantize(qweight, scales, zero_points, bits)^T`` for at most ``MAX_ROWS`` rows,
+    with the folds of the module docstring.
+
+    Returns a new tensor ``[..., N]`` (``[..., N // 2]`` with ``glu``) of x's dtype.
+    ``config`` overrides the tuned one (``BLOCK_N``, ``BLOCK_K``, ``num_warps``,
+    ``num_stages``, ``DOT``, or ``{"library": True}`` for the unfused ops).
+    """
+    M, n_out, group = _check(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, residual, glu)
+    return _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu,
+                   M, n_out, group, config)
+
+
+def tune_gemv_wq(x, qweight, scales, zero_points, bits, bias=None, input_scale=None, norm_weight=None, eps=1e-6,
+                 residual=None, glu=None) -> dict:
+    """Time the kernel's candidate configs and the unfused library path on these inputs; cache the winner.
+
+    As ``triton_gemv.tune_gemv``: back to back from a CUDA graph, each call on the next
+    of enough copies of the packed weight that it comes from memory, not L2.
+    """
+    M, n_out, group = _check(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, residual, glu)
+    name, key = _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu)
+    profile = tuning.detect_profile(x.device)
+    cands = [c for c in tuning.candidates(name, profile) if _worth_timing(M)(c)]
+    hit = tuning.cached_config(name, key, profile)
+    if hit is not None:  # no weight copies for a cache hit
+        return hit
+    # an int4 matrix is a quarter of its bf16 bytes: up to 64 copies (not triton_gemv's 8), and a
+    # graph of as many calls, so that a 2 MB o_proj is read from memory as in a decode step
+    nbytes = qweight.numel() + scales.numel() * scales.element_size()
+    copies = max(1, min(64, -(-L2_SPILL_BYTES // max(1, nbytes))))
+    packed = itertools.cycle([(qweight, scales)] + [(qweight.clone(), scales.clone()) for _ in range(copies - 1)]
+                             if x.is_cuda else [(qweight, scales)])
+
+    def run(cfg):
+        q, s = next(packed)
+        return _launch(x, q, s, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu,
+                       M, n_out, group, cfg)
+
+    bench = tuning.graph_bench_for(x)
+    if bench is not None:
+        bench = functools.partial(bench, calls=max(24, copies))
+    return tuning.autotune(name, key, cands, run, profile, bench_fn=bench)
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` that packed codes stand for: ``quantized_ops.dequantize(...).to(dtype)``,
+    bit for bit, in one Triton kernel (CUDA tensors, or CPU tensors under Triton's interpreter)."""
+    fn = "dequantize_weight"
+    require_triton(fn)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 3:
+        raise ValueError(f"{fn}: qweight must be a uint8 tensor [N, K / group_size, group_size * bits / 8], "
+                         f"got {getattr(qweight, 'shape', type(qweight).__name__)}")
+    K = qweight.shape[1] * (qweight.shape[2] * 8 // bits) if bits in SUPPORTED_BITS else 0
+    N, group, n_blocks = _packed_shape(fn, qweight, scales, zero_points, bits, K)
+    tensors = [("qweight", qweight), ("scales", scales)] + ([("zero_points", zero_points)] if zero_points is not None else [])
+    check_devices(fn, _dequantize_kernel, tensors)
+    y = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    if y.numel() == 0:
+        return y
+    words = _words(qweight)
+    scales = scales.contiguous()
+    zero_points = None if zero_points is None else zero_points.contiguous()
+    block_n = DEQUANT_BLOCK["BLOCK_N"]
+    sub, subs = _sub_block(DEQUANT_BLOCK["BLOCK_K"], group)
+    with device_guard(qweight.device):
+        _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, sub * subs))](
+            words, scales, zero_points if zero_points is not None else qweight, y,
+            N, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0, words.shape[1],
+            BITS=bits, GROUP=group, HAS_ZP=zero_points is not None, BLOCK_N=block_n, SUB=sub, SUBS=subs,
+            num_warps=DEQUANT_BLOCK["num_warps"],
+        )
+    return y
+
+
+def linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits) -> torch.Tensor:
+    """``flashc.linear_wq`` for any number of rows: ``gemv_wq`` up to ``MAX_ROWS`` rows (decode),
+    else ``dequantize_weight`` and a cuBLAS GEMM (prefill), ``x * input_scale`` first."""
+    K = x.shape[-1]
+    if (x.numel() // K if K else 0) <= MAX_ROWS:
+        return gemv_wq(x, qweight, scales, zero_points, bits, bias, input_scale)
+    w = dequantize_weight(qweight, scales, zero_points, bits, x.dtype)
+    if input_scale is not None:
+        x = x * input_scale.to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
