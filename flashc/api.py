@@ -25,7 +25,7 @@ def compile(
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
     *,
     example_kwargs: dict[str, Any] | None = None,
-    level: int = 2,
+    level: int | None = None,
     profile: str | HardwareProfile | None = None,
     numeric_check: bool = False,
     verify: bool = True,
@@ -41,8 +41,10 @@ def compile(
 
     example_inputs fix the input signature (shapes and dtypes). For Hugging Face models
     `use_cache=False` is passed unless example_kwargs say otherwise, so the captured
-    graph is the pure forward pass. numeric_check compares every pass's output with
-    the captured graph on fresh random inputs after every pass, over several calls.
+    graph is the pure forward pass. level (0-3) defaults to the target's `default_level`,
+    the fastest level measured correct there (flashc.targets: -O3 on CUDA targets).
+    numeric_check compares every pass's output with the captured graph on fresh random
+    inputs after every pass, over several calls.
     verify (on by default) runs what the backend built against the captured program on
     the example inputs (two calls, on copies of the inputs and of the model's state) and
     refuses with VerificationError naming the first pass or the backend that diverged;
@@ -60,6 +62,7 @@ def compile(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     tgt = get_target(target)
+    level = tgt.default_level if level is None else level
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
     opts = parse_options(backend.Options, options, target)

@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch", type=POSITIVE, default=1)
         sp.add_argument("--seq-len", type=POSITIVE, default=16,
                         help="prefill length (at most the model's config.max_position_embeddings)")
-        sp.add_argument("-O", dest="level", type=int, default=2, choices=[0, 1, 2, 3])
+        sp.add_argument("-O", dest="level", type=int, default=None, choices=[0, 1, 2, 3],
+                        help="optimization level (default: the target's, -O3 on GPU targets, -O2 elsewhere)")
         sp.add_argument("--profile", default=None, help="hardware profile (default: the target's)")
 
     c = sub.add_parser("compile", help="compile a zoo model or path/to/file.py:factory", epilog=EPILOG,
@@ -853,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     debug = os.environ.get("FLASHC_DEBUG", "") not in ("", "0")
     try:
+        if getattr(args, "level", 0) is None:  # -O not given: the target's default level
+            from flashc.targets import get_target
+
+            args.level = get_target(getattr(args, "target", "cpu")).default_level
         return args.func(args)
     except KeyboardInterrupt:
         print("flashc: interrupted", file=sys.stderr)

@@ -158,3 +158,18 @@ def test_why_not_says_where_a_fusion_happened_and_why_not_elsewhere():
     report = flashc.why_not(NotRope(), (x, cos, sin), "rotary")
     assert report.fused == 0 and report.candidates
     assert "negated half" in str(report)
+
+
+def test_the_default_level_is_the_targets(tiny_models):
+    """compile without level= takes the target's default level (-O3 on CUDA targets, measured
+    fastest there; -O2 elsewhere); an explicit level wins."""
+    from flashc.targets import TARGETS
+
+    assert {n: t.default_level for n, t in TARGETS.items() if t.backend.__name__ == "_cuda"} == \
+        {"h100": 3, "h200": 3, "a100": 3, "l4": 3}
+    model = tiny_models["llama-tiny"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert flashc.compile(model, "cpu", (ids,)).level == 2
+    assert flashc.compile(model, "cpu", (ids,), level=3).level == 3
+    merged = flashc.compile(model, "h100", (ids,))  # no GPU here: lowered for later, passes ran
+    assert merged.level == 3 and any(r.name == "merge_projections" and r.changed for r in merged.records)
