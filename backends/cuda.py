@@ -141,6 +141,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
     # weight-only quantized linears (passes/quantize) read their packed weights directly
     "flashc.linear_wq": Kernel(lambda *args: _codegen("triton_gemv_wq").linear_wq(*args), _tune_linear_wq),
+    "flashc.moe_wq": Kernel(lambda *args: _codegen("triton_moe_wq").moe_wq(*args),
+                            lambda *args: _codegen("triton_moe_wq").tune_moe_wq(*args)),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }

@@ -28,5 +28,11 @@ case "${1:-verify}" in
     step decode_q 260 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 125
     ;;
+  int4-quick)  # what a short lease allows: the kernel's tests on the GPU, 8B shapes, the 8B decode step
+    step gemv_wq_tests 60 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gemv_wq.py"
+    step gemv_wq 60 python3 bench/gemv_wq_shapes.py --out "$OUT" --quick --models llama-3-8b --budget-s 40
+    step decode_q 125 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 0 \
+      --variants flashc flashc-int4 --out "$OUT" --timeout 120
+    ;;
   *) echo "unknown part $1 (verify, int4)"; exit 2 ;;
 esac

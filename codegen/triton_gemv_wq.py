@@ -106,18 +106,10 @@ if HAS_TRITON:
     _X_EXP = tl.constexpr(X_EXP)
 
     @triton.jit
-    def _code_shift(c: tl.constexpr, BITS: tl.constexpr):
-        """e_c: the bit where code c of a word sits in `_masked_code` (codes past bit 19 move down 16)."""
-        if c * BITS + BITS > 20:
-            return c * BITS - 16
-        else:
-            return c * BITS
-
-    @triton.jit
     def _masked_code(words, c: tl.constexpr, BITS: tl.constexpr):
         """Code c of every word, ``q << e_c``: masked in place (the word shifted right by 16 first for
         codes past bit 19, one shift a word shared by them), so it stays below float32's exponent."""
-        E: tl.constexpr = _code_shift(c, BITS)
+        E: tl.constexpr = c * BITS - 16 * (c * BITS + BITS > 20)  # e_c: codes past bit 19 move down 16
         return (words >> (c * BITS - E)) & (((1 << BITS) - 1) << E)
 
     @triton.jit
@@ -143,7 +135,7 @@ if HAS_TRITON:
     def _dequantized_code(words, c: tl.constexpr, s, zp, BITS: tl.constexpr):
         """(q - zp) * s of code c, float32 [rows, sub-blocks, words]: the masked code ORed into
         2**23 (float32 with a unit last mantissa bit), minus 2**23 + zp * 2**e_c, times s * 2**-e_c."""
-        E: tl.constexpr = _code_shift(c, BITS)
+        E: tl.constexpr = c * BITS - 16 * (c * BITS + BITS > 20)  # e_c: codes past bit 19 move down 16
         bits = _masked_code(words, c, BITS) | 0x4B000000
         return (bits.to(tl.float32, bitcast=True) - (8388608.0 + zp * 2.0 ** E)[:, :, None]) \
             * (s * 2.0 ** -E)[:, :, None]
@@ -282,7 +274,8 @@ if HAS_TRITON:
                         if HAS_NORM or HAS_XSCALE:
                             x = x * folds[c]
                         x_sum += x
-                        xq = (x * 2.0 ** (_X_EXP - _code_shift(c, BITS)))[None, :, :]
+                        # 2**(X_EXP - e_c), e_c as in _masked_code (a constexpr: no jit call in a loop)
+                        xq = (x * 2.0 ** (_X_EXP - c * BITS + 16 * (c * BITS + BITS > 20)))[None, :, :]
                         part += _code(words, c, BITS) * xq
                         if ACT != 0:
                             part_up += _code(words_up, c, BITS) * xq
@@ -363,9 +356,9 @@ if HAS_TRITON:
         tl.store(Y + rows[:, None, None, None] * K + cols[None, :, :, :], w.to(Y.dtype.element_ty),
                  mask=ok[:, :, None, None])
 
-    tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _code_shift, _masked_code, _code, _group_params,
+    tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _masked_code, _code, _group_params,
                                     _dequantized_code)
-    tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _code_shift, _masked_code, _code, _group_params,
+    tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _masked_code, _code, _group_params,
                                     _dequantized_code)
 
 

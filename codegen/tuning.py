@@ -183,24 +183,27 @@ _MOE_SMALL = _cfgs(
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 )
 # MoE with packed int4/int8 experts (codegen/triton_moe_wq): fields as moe's, BLOCK_K in codes,
-# plus DOT (dequantize to x's dtype and use tl.dot; else elementwise group sums, BLOCK_M <= 16)
-# and SPLIT_K (K splits of the down GEMM, summed in a fixed order). Decode reads the routed
-# experts' packed bytes once a pair: one pair a block (blocks of one expert run side by side,
-# so a second pair's read mostly hits L2), wide tiles for bytes in flight, and the down GEMM
-# (N = H = 4096 on Mixtral-8x7B, 3.5x narrower than gate|up) split in K for more programs.
-# Tokens beyond ELEMENTWISE_TOKENS take the DOT tiles, the tallest that an expert's pairs fill.
+# plus DOT (dequantize to x's dtype and use tl.dot; else elementwise, BLOCK_M <= 16) and SPLIT_K
+# (K splits of the down GEMM, summed in a fixed order). Decode: one pair a block (a second pair
+# of the same expert runs beside it and mostly reads L2); 64 weight rows of 4 warps give each
+# thread 4 rows a chunk of activations, ~3.6 SASS instructions a code for gate|up and ~4.4 for
+# down (int4, offline sm_90 compiles, 162 registers; num_stages 2: cp.async, 239 registers);
+# the down GEMM (N = H = 4096 on Mixtral-8x7B, 3.5x narrower than gate|up) is split in K for
+# programs enough. Elementwise tiles beyond 128 bytes a thread and stage are skipped (8-bit at
+# BLOCK_K 256 and num_stages 2 spills). Beyond ELEMENTWISE_TOKENS tokens: the DOT tiles, the
+# tallest that an expert's pairs fill.
 _MOE_WQ_HOPPER = _cfgs(
-    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
-    {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
-    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
+    {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "SPLIT_K": 4},
+    {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
+    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "SPLIT_K": 2},
+    {"BLOCK_M": 2, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "SPLIT_K": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DOT": True, "SPLIT_K": 2},
 )
 _MOE_WQ_SMALL = _cfgs(
-    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2},
-    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "SPLIT_K": 4},
+    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "SPLIT_K": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "DOT": True},
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "DOT": True},
 )
@@ -743,6 +746,11 @@ def autotune(
         raise RuntimeError(
             f"autotune({kernel_name!r}, {dict(key)}): every candidate failed:\n  " + "\n  ".join(errors)
         )
+    generated = [(t, c) for t, c in timings if not c.get("library")]
+    if generated and not any(math.isfinite(t) for t, _ in generated):
+        # the unfused library path still runs (correct, slower): say why the kernel could not
+        warnings.warn(f"flashc: every generated {kernel_name} kernel failed for {dict(key)}; the unfused "
+                      f"library path runs instead (slower). First error: {errors[0][:600]}", stacklevel=2)
     _store(
         path,
         {

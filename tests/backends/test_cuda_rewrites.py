@@ -182,3 +182,12 @@ def test_a_quantized_model_compiles_for_the_gpu_and_keeps_linear_wq_in_the_artif
     assert late["cuda_fuse_small_matmuls"].stats["matmuls_to_gemv"] > 0
     ops = {op_name(n) for n in cm.program.op_nodes()}
     assert "flashc.linear_wq" in ops and "flashc.gemv_wq" not in ops
+
+
+def test_quantized_experts_lower_for_the_gpu(tiny_models):
+    """flashc.moe_wq has a row in the CUDA lowering table (codegen/triton_moe_wq): a quantized
+    Mixtral compiles for the GPU target instead of being refused."""
+    model = tiny_models["mixtral-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 1, 16), level=3,
+                        quantize="int4-rtn")
+    assert {"flashc.moe_wq", "flashc.linear_wq"} <= {op_name(n) for n in cm.program.op_nodes()}

@@ -273,3 +273,21 @@ def test_the_backend_hands_its_profile_to_the_kernels():
             assert tuning.detect_profile(None) == "l4"
         assert tuning.detect_profile(0) == "h200"
     assert tuning.detect_profile("cpu") == "default"
+
+
+def test_a_kernel_that_never_compiles_is_said_not_hidden_behind_the_library_path():
+    """Every generated candidate failing (e.g. a Triton version that rejects the kernel) leaves the
+    library path as the winner: the result stays correct, and a warning gives the first error."""
+    cands = CANDS + [{"BLOCK": 128, "library": True}]
+    bench = FakeBench({16: 1.0, 32: 1.0, 64: 1.0, 128: 5.0}, fail_blocks=(16, 32, 64))
+    with pytest.warns(UserWarning, match="every generated my_kernel kernel failed.*out of resources"):
+        best = tuning.autotune("my_kernel", KEY, cands, bench.run_fn, "h100", kernel_source=SRC_A, bench_fn=bench)
+    assert best.get("library")
+    some_fail = FakeBench({16: 1.0, 32: 2.0, 64: 1.0, 128: 5.0}, fail_blocks=(16,))
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        best = tuning.autotune("my_kernel", {**KEY, "M": 7}, cands, some_fail.run_fn, "h100", kernel_source=SRC_A,
+                               bench_fn=some_fail)
+    assert best == CANDS[2]
