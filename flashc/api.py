@@ -36,6 +36,7 @@ def compile(
     accuracy_limit: int | None = 8,
     quantize: Any = None,
     calibration: Any = None,
+    prune: Any = None,
 ) -> CompiledModel:
     """Compile `model` for `target`; returns a callable CompiledModel.
 
@@ -55,6 +56,9 @@ def compile(
     quantize ("int4-gptq", "int4-awq", "int4-rtn", "int8-weight" or a QuantConfig) appends
     weight-only quantization after the level's pipeline; calibration (None or "builtin":
     flashc's calibration text, a text or .safetensors file, or token ids) feeds GPTQ/AWQ.
+    prune ("wanda-50%", "sparsegpt-50%", "magnitude-50%", "2:4", "wanda-2:4", "online-40%",
+    "ffn-25%" or a PruneConfig) appends pruning after the level's pipeline and before
+    quantization; calibration feeds it too (every method but magnitude).
     """
     if example_inputs is None:
         raise FlashcError("flashc.compile needs example_inputs (a tensor or tuple of tensors) "
@@ -66,14 +70,15 @@ def compile(
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
     opts = parse_options(backend.Options, options, target)
-    quantizer = _quantize_pass(quantize, calibration, model, source)
+    pruner = _prune_pass(prune, calibration, quantize, model, source)
+    quantizer = _quantize_pass(quantize, calibration, model, source, pruner)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     program = capture_program(model, example_inputs, example_kwargs)
     timings["capture"] = time.perf_counter() - start
     captured = program.clone() if verify else None
     t = time.perf_counter()
-    passes = pipeline(level) + ([quantizer] if quantizer is not None else [])
+    passes = pipeline(level) + [p for p in (pruner, quantizer) if p is not None]
     ctx = PassContext(prof, opts)
     records = PassManager(passes, numeric_check=numeric_check, dump_dir=dump_dir).run(
         program, ctx)
@@ -188,15 +193,29 @@ def _accuracy_rows(compiled: CompiledModel, model: torch.nn.Module, source: Mode
     return rows  # AccuracyRow: the report renders its cells and keeps its numbers exact in to_dict()
 
 
-def _quantize_pass(quantize, calibration, model: torch.nn.Module, source: ModelSource | None):
+def _quantize_pass(quantize, calibration, model: torch.nn.Module, source: ModelSource | None, pruner=None):
     """The weight-quantization pass compile's `quantize` asks for (None when it asks none)."""
     if quantize is None:
-        if calibration is not None:
-            raise FlashcError("calibration= is read by quantization only: add quantize=, e.g. 'int4-gptq'")
+        if calibration is not None and pruner is None:
+            raise FlashcError("calibration= is read by quantization and pruning only: add quantize=, e.g. "
+                              "'int4-gptq', or prune=, e.g. 'wanda-50%'")
         return None
-    from flashc.passes.quantize import QuantizeWeights
+    from flashc.passes.quantize import QuantConfig, QuantizeWeights
 
+    if pruner is not None and not QuantConfig.parse(quantize).needs_calibration:
+        calibration = None  # pruning reads it; a round-to-nearest scheme reads none
     return QuantizeWeights.for_model(quantize, calibration, model, source)
+
+
+def _prune_pass(prune, calibration, quantize, model: torch.nn.Module, source: ModelSource | None):
+    """The pruning pass compile's `prune` asks for (None when it asks none)."""
+    if prune is None:
+        return None
+    from flashc.passes import prune as pruning
+    from flashc.passes.quantize import QuantConfig
+
+    quantize_reads_it = quantize is not None and QuantConfig.parse(quantize).needs_calibration
+    return pruning.for_model(prune, calibration, model, source, quantize_reads_it=quantize_reads_it)
 
 
 def _default_kwargs(model: torch.nn.Module) -> dict[str, Any]:

@@ -72,12 +72,14 @@ def cmd_targets(args) -> int:
 def cmd_compile(args) -> int:
     import flashc
 
-    _quantize_option(args)  # a bad scheme is refused before the model is built
+    _quantize_option(args)  # a bad scheme or spec is refused before the model is built
+    _prune_option(args)
     model, inputs, source = _model_for_compile(args)
     with _user_code(args.model, "capturing the model"):
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
                             numeric_check=args.numeric_check, source=source, keep_reference_weights=True,
-                            quantize=_quantize_option(args), calibration=args.calibration)
+                            quantize=_quantize_option(args), calibration=args.calibration,
+                            prune=_prune_option(args))
     report = cm.report()
     print(report.render())
     prediction = getattr(cm.executable, "prediction", None)  # a simulated target (lpu-v1) says what it predicts
@@ -104,6 +106,15 @@ def _quantize_option(args):
     from flashc.passes.quantize import QuantConfig
 
     return QuantConfig.parse(args.quantize, args.group_size)
+
+
+def _prune_option(args):
+    """The PruneConfig that --prune names (None without it)."""
+    if args.prune is None:
+        return None
+    from flashc.passes.prune import PruneConfig
+
+    return PruneConfig.parse(args.prune)
 
 
 def cmd_run(args) -> int:
@@ -791,8 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only quantization: int4-gptq, int4-awq, int4-rtn, int8-weight (see QuantConfig)")
     c.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
                    help="input columns sharing a scale (default: the scheme's)")
+    c.add_argument("--prune", default=None, metavar="SPEC",
+                   help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
+                        "online-40%%, ffn-25%% (see PruneConfig)")
     c.add_argument("--calibration", default=None, metavar="builtin|FILE",
-                   help="GPTQ/AWQ calibration data: flashc's built-in text (default), a text or .safetensors file")
+                   help="calibration data of GPTQ/AWQ and pruning: flashc's built-in text (default), a text or "
+                        ".safetensors file")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 

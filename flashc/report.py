@@ -124,10 +124,15 @@ class CompileReport:
         return self.render()
 
 
+PRUNE_PASSES = ("prune_weights", "sparsify_activations", "prune_ffn_channels")
+
+
 def _details_table(record):
     """A pass's per-item rows (e.g. each quantized layer: scheme, bits, bytes before and after)."""
     from rich.table import Table
 
+    if record.name in PRUNE_PASSES:
+        return _prune_table(record)
     title = "quantization" if record.name.startswith("quantize") else record.name
     table = Table(title=title, title_justify="left")
     table.add_column("layer", overflow="fold")
@@ -154,6 +159,48 @@ def _details_table(record):
     return table
 
 
+def _prune_table(record):
+    """A pruning pass's rows: per layer (or per sparsified input) the pattern, the sparsity
+    reached and the parameters before and after (nonzero ones; for online sparsity the
+    weights a token reads through the input, at the sparsity measured on held-out rows)."""
+    from rich.table import Table
+
+    online = record.name == "sparsify_activations"
+    method = next((d["method"] for d in record.details if d.get("method")), None)
+    title = {"online": "online activations", "ffn": "ffn channels"}.get(method, method)
+    table = Table(title="pruning" + (f" ({title})" if title else ""), title_justify="left")
+    table.add_column("layer", overflow="fold", ratio=3)
+    table.add_column("pattern", overflow="fold", ratio=1)
+    for col in ("sparsity", "reads/token" if online else "nonzero params", "rel. error"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="fold", ratio=3)
+    before = after = 0
+    for d in _merge_skipped(record.details):
+        status = d.get("status")
+        pattern = {"skipped": "dense (skipped)", "dense": "dense", "warning": "-"}.get(status, d.get("pattern"))
+        b, a = d.get("params_before"), d.get("params_after")
+        before += b or 0
+        after += a or 0
+        sparsity = d.get("sparsity")
+        error = d.get("rel_error")
+        op = str(d.get("op", "linear"))
+        layer = str(d.get("layer", "-")) + ("" if op == "linear" else f" ({op})")
+        table.add_row(layer, pattern,
+                      "-" if sparsity is None else f"{sparsity:.1%}",
+                      "-" if b is None else f"{_count(b)} -> {_count(a)}",
+                      "-" if error is None else f"{error:.2e}", str(d.get("note", "")))
+    table.add_row("all listed", "", f"{1 - after / before:.1%}" if before else "-",
+                  f"{_count(before)} -> {_count(after)}", "", "")
+    return table
+
+
+def _count(n: float) -> str:
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def _merge_skipped(details: list[dict]) -> list[dict]:
     """Skipped items with the same note as one row ('model.layers.0.mlp.gate and 7 more')."""
     merged: dict[tuple, dict] = {}
@@ -169,8 +216,9 @@ def _merge_skipped(details: list[dict]) -> list[dict]:
         else:
             m = merged[key]
             m["count"] += 1
-            m["bytes_before"] = (m.get("bytes_before") or 0) + (d.get("bytes_before") or 0)
-            m["bytes_after"] = (m.get("bytes_after") or 0) + (d.get("bytes_after") or 0)
+            for total in ("bytes_before", "bytes_after", "params_before", "params_after"):
+                if total in d:
+                    m[total] = (m.get(total) or 0) + (d.get(total) or 0)
     for m in merged.values():
         if m["count"] > 1:
             m["layer"] = f"{m['layer']} and {m['count'] - 1} more"

@@ -146,6 +146,21 @@ def resolve_calibration(calibration: Any, tokenizer=None, vocab_size: int | None
                       f"got {type(calibration).__name__}")
 
 
+def calibration_for_model(calibration: Any, model: torch.nn.Module, source=None) -> CalibrationData:
+    """resolve_calibration with what flashc knows of the model: a zoo model with real weights
+    tokenizes text with its own tokenizer; a random-weight zoo model reads it as bytes (its
+    vocabulary size from its config); any other model needs token ids or tensors."""
+    tokenizer, vocab_size = None, None
+    if source is not None and source.kind == "zoo":
+        from flashc import zoo
+
+        if zoo.get_entry(source.name).pretrained:
+            tokenizer = zoo.tokenizer(source.name)
+        else:
+            vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return resolve_calibration(calibration, tokenizer, vocab_size)
+
+
 # --------------------------------------------------------------------------------- calls
 
 

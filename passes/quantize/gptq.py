@@ -57,7 +57,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     perm = torch.argsort(diag, dim=-1, descending=True) if act_order else columns
     weight = weight.gather(-1, perm.unsqueeze(1).expand(batch, n, k))
     h = h.gather(-1, perm.unsqueeze(1).expand(batch, k, k)).gather(-2, perm.unsqueeze(2).expand(batch, k, k))
-    upper = _inverse_hessian_cholesky(h, damp)
+    upper = inverse_hessian_cholesky(h, damp)
     group_of = (perm // group_size).unsqueeze(1).expand(batch, n, k)  # group of each permuted column
 
     # whole groups per block, so a group's grid is fitted on columns that are up to date
@@ -91,9 +91,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
                            None if symmetric else zero.to(torch.uint8).reshape(*lead, n, n_groups), bits, group_size)
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float, method: str = "GPTQ",
+                             instead: str = "the rtn method") -> torch.Tensor:
     """Upper Cholesky factors of (H + damp * mean(diag H) * I)^-1 for a batch of H [B, K, K]; the
-    dampening grows tenfold (up to three times) while an H is not numerically positive definite."""
+    dampening grows tenfold (up to three times) while an H is not numerically positive definite.
+    (SparseGPT shares it: `method` and `instead` name the caller and its fallback in the error.)"""
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)[:, None, None]
     for attempt in range(4):
@@ -103,6 +105,6 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if not info.any():
                 return upper
-    raise FlashcError(f"GPTQ: the calibration Hessian is not positive definite even with dampening "
+    raise FlashcError(f"{method}: the calibration Hessian is not positive definite even with dampening "
                       f"{damp * 1000:g} x its mean diagonal (non-finite activations?); use more calibration data "
-                      "or the rtn method")
+                      f"or {instead}")

@@ -119,7 +119,7 @@ class QuantizeWeights:
         """The pass flashc.compile(quantize=..., calibration=...) appends: the scheme parsed, and
         the calibration text tokenized with the model's tokenizer when flashc knows it (a zoo
         model with real weights); a random-weight zoo model reads text as bytes."""
-        from flashc.passes.quantize.calibration import resolve_calibration
+        from flashc.passes.quantize.calibration import calibration_for_model
 
         config = QuantConfig.parse(quantize)
         if not config.needs_calibration:
@@ -127,16 +127,7 @@ class QuantizeWeights:
                 raise FlashcError(f"{config.scheme} rounds to nearest and reads no calibration data; drop "
                                   "calibration=, or choose a gptq or awq scheme")
             return cls(config)
-        tokenizer, vocab_size = None, None
-        if source is not None and source.kind == "zoo":
-            from flashc import zoo
-
-            entry = zoo.get_entry(source.name)
-            if entry.pretrained:
-                tokenizer = zoo.tokenizer(source.name)
-            else:
-                vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-        return cls(config, resolve_calibration(calibration, tokenizer, vocab_size))
+        return cls(config, calibration_for_model(calibration, model, source))
 
     # ------------------------------------------------------------------------------ plan
 

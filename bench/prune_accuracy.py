@@ -1,0 +1,166 @@
+"""Accuracy of pruning (flashc.passes.prune) against the dense model: perplexity of mixtral-ref.
+
+    python bench/prune_accuracy.py [--specs wanda-50% 2:4 online-40% ...] [--limit N] [--window 256]
+        [--threads N] [--no-experts]
+
+Each pruned model is compiled by flashc.compile(..., prune=PruneConfig, calibration=the
+built-in calibration text) for the cpu target at -O2 and scored by flashc.evaluation:
+sliding-window perplexity on the committed evaluation texts (prose, code), as
+bench/quant_accuracy.py scores quantization. No recovery (distillation) is run.
+
+mixtral-ref's linear weights are mostly MoE experts (8 x 3 x 128 x 512 per layer against
+49k of attention), so the experts are pruned too (`PruneConfig(experts=True)`; the
+default leaves them dense) unless --no-experts. Columns:
+
+* sparsity: what the pass reports over what it pruned (offline: zeros among the pruned
+  layers' weights; online: the model-wide activation sparsity of the sparsified inputs,
+  measured on held-out calibration rows; ffn: FFN parameters removed);
+* weights read/token: the fraction of the linear weights a token reads that it no longer
+  needs (a nonzero weight times a surviving input), over every linear layer but the output
+  head (tied to the 49152 x 128 embedding, 64% of all per-token reads of this small model,
+  and left dense by every method). For online sparsity this is the fraction a sparse GEMV
+  could skip; for offline pruning the fraction a sparse kernel could skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+DEFAULT_SPECS = ("magnitude-50%", "wanda-50%", "sparsegpt-50%", "wanda-2:4", "2:4", "online-40%", "online-50%",
+                 "ffn-25%")
+MODEL = "mixtral-ref"
+
+
+def prune_record(cm):
+    return next((r for r in cm.records if r.name in ("prune_weights", "sparsify_activations",
+                                                      "prune_ffn_channels")), None)
+
+
+def weights_read_per_token(cm, record) -> float:
+    """Nonzero weights x surviving-input fraction a token reads through the linear layers and
+    MoE experts of cm's program (the output head excluded; see the module docstring)."""
+    program = cm.program
+    measured = {d["threshold_param"]: d["sparsity"] for d in (record.details if record else []) or []
+                if d.get("threshold_param")}
+    sparsify = torch.ops.flashc.sparsify.default
+
+    def kept_input(x) -> float:
+        return 1 - measured.get(x.args[1].name, 0.0) if getattr(x, "target", None) is sparsify else 1.0
+
+    total = 0.0
+    for node in program.op_nodes():
+        if node.target is torch.ops.aten.linear.default:
+            name = node.args[1].name
+            if "embed" in name or "lm_head" in name:
+                continue
+            total += int(torch.count_nonzero(program.params[name])) * kept_input(node.args[0])
+        elif node.target is torch.ops.flashc.moe.default:
+            gate_up, down = (program.params[node.args[i].name] for i in (2, 3))
+            share = node.args[4] / gate_up.shape[0]  # top_k of E experts per token
+            total += share * (int(torch.count_nonzero(gate_up)) * kept_input(node.args[0])
+                              + int(torch.count_nonzero(down)))
+    return total
+
+
+def rows_for(specs, limit: int | None, window: int, experts: bool) -> list[dict]:
+    import flashc
+    from flashc import zoo
+    from flashc.accuracy import logits_fn_of
+    from flashc.evaluation import load_eval_text, perplexity
+    from flashc.passes.prune import PruneConfig
+    from flashc.passes.quantize import CalibrationData
+
+    model = zoo.build(MODEL)
+    tokenizer = zoo.tokenizer(MODEL)
+    texts = {kind: torch.tensor(tokenizer(load_eval_text(kind))["input_ids"]) for kind in ("prose", "code")}
+    calibration = CalibrationData.builtin(tokenizer)
+    example = (texts["code"][:window].unsqueeze(0),)
+
+    def score(fn) -> dict[str, tuple[float, int]]:
+        out = {}
+        for kind, ids in texts.items():
+            r = perplexity(fn, ids, window, window // 2, limit, progress=False)
+            out[kind] = (r.nll, r.n_tokens)
+        return out
+
+    t = time.perf_counter()
+    dense_cm = flashc.compile(model, "cpu", example, level=2)
+    dense_reads = weights_read_per_token(dense_cm, None)
+    rows = [dict(spec="dense", pattern="-", sparsity=0.0, reads=0.0, nll=score(logits_fn_of(model)),
+                 seconds=time.perf_counter() - t)]
+    print(f"dense: {rows[0]['seconds']:.0f} s", flush=True)
+    for spec in specs:
+        t = time.perf_counter()
+        config = replace(PruneConfig.parse(spec), experts=experts)
+        cm = flashc.compile(model, "cpu", example, level=2, prune=config,
+                            calibration=calibration if config.needs_calibration else None)
+        compile_s = time.perf_counter() - t
+        record = prune_record(cm)
+        reads = 1 - weights_read_per_token(cm, record) / dense_reads
+        rows.append(dict(spec=config.spec, pattern=config.pattern, sparsity=record.stats.get("sparsity", 0.0),
+                         reads=reads, nll=score(logits_fn_of(cm)), seconds=time.perf_counter() - t,
+                         compile_seconds=compile_s))
+        print(f"{config.spec}: compile {compile_s:.0f} s, total {rows[-1]['seconds']:.0f} s", flush=True)
+    for r in rows:
+        r["ppl"] = {k: math.exp(v[0]) for k, v in r["nll"].items()}
+        tokens = sum(v[1] for v in r["nll"].values())
+        r["ppl"]["both"] = math.exp(sum(v[0] * v[1] for v in r["nll"].values()) / tokens)
+        r["change"] = {k: r["ppl"][k] / rows[0]["ppl"][k] - 1 for k in r["ppl"]}
+        r["tokens"] = {k: v[1] for k, v in r["nll"].items()}
+    return rows
+
+
+def print_table(rows: list[dict], limit, window, experts: bool) -> None:
+    tokens = rows[0]["tokens"]
+    print(f"\n{MODEL}: perplexity, window {window}, stride {window // 2}, "
+          f"{'all windows' if limit is None else f'first {limit} windows'} per text "
+          f"({tokens['prose']} prose / {tokens['code']} code tokens scored); MoE experts "
+          f"{'pruned' if experts else 'left dense'}")
+    print("| method | pattern | sparsity | weights read/token | ppl prose | change | ppl code | change | ppl both "
+          "| change | time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        p, c = r["ppl"], r["change"]
+        print(f"| {r['spec']} | {r['pattern']} | {100 * r['sparsity']:.1f}% | -{100 * r['reads']:.1f}% | "
+              f"{p['prose']:.3f} | {100 * c['prose']:+.2f}% | {p['code']:.3f} | {100 * c['code']:+.2f}% | "
+              f"{p['both']:.3f} | {100 * c['both']:+.2f}% | {r['seconds']:.0f} s |")
+
+
+def print_targets(rows: list[dict]) -> None:
+    print("\ntargets (flashc issue #15), perplexity of both texts together, without recovery:")
+    by = {r["spec"]: r for r in rows}
+    if "online-40%" in by:
+        c = by["online-40%"]["change"]["both"]
+        print(f"- online-40%: {100 * c:+.2f}% (at most +2% without training: {'pass' if c <= 0.02 else 'MISS'})")
+    for spec, bound in (("wanda-50%", 0.10), ("sparsegpt-2:4", 0.15)):
+        if spec in by:
+            c = by[spec]["change"]["both"]
+            print(f"- {spec}: {100 * c:+.2f}% (the target, at most +{100 * bound:.0f}%, is after recovery, which "
+                  f"is not built: {'already within' if c <= bound else 'not within yet'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
+    ap.add_argument("--limit", type=int, default=None, help="at most this many windows per text (default: all)")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--no-experts", action="store_true", help="leave the MoE experts dense (PruneConfig's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared 2-core machine 1 thread was 10-50x faster than 2)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = rows_for(args.specs, args.limit, args.window, not args.no_experts)
+    print_table(rows, args.limit, args.window, not args.no_experts)
+    print_targets(rows)
+
+
+if __name__ == "__main__":
+    main()

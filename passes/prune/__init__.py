@@ -1,0 +1,51 @@
+"""Pruning: offline (magnitude, Wanda, SparseGPT; unstructured or N:M), online activation
+sparsity (TEAL) and structured FFN channels, with calibration shared with quantization.
+
+    from flashc.passes.prune import PruneConfig, prune_pass
+    prune_pass(PruneConfig.parse("wanda-50%"), resolve_calibration("builtin", tokenizer))
+
+One module per idea: config (PruneConfig), masks, magnitude, wanda, sparsegpt, teal (the
+methods), layers (what the passes share), and the passes: weights (PruneWeights),
+activations (SparsifyActivations: flashc.sparsify nodes), ffn (PruneFfnChannels).
+"""
+
+from __future__ import annotations
+
+from flashc.errors import FlashcError
+from flashc.passes.prune.activations import SparsifyActivations
+from flashc.passes.prune.config import METHODS, NOT_IMPLEMENTED, SPECS, PruneConfig
+from flashc.passes.prune.ffn import PruneFfnChannels
+from flashc.passes.prune.weights import PruneWeights
+
+PASSES = {"magnitude": PruneWeights, "wanda": PruneWeights, "sparsegpt": PruneWeights,
+          "online": SparsifyActivations, "ffn": PruneFfnChannels}
+
+
+def prune_pass(config: "PruneConfig | str", calibration=None, progress: bool = True):
+    """The pass that does what config asks (calibration: CalibrationData, for every method
+    but magnitude)."""
+    config = PruneConfig.parse(config)
+    if config.needs_calibration and calibration is None:
+        raise FlashcError(f"pruning {config.spec} needs calibration data: pass calibration='builtin' (flashc's "
+                          "built-in text), a text or .safetensors file, or token ids")
+    return PASSES[config.method](config, calibration, progress)
+
+
+def for_model(prune, calibration, model, source=None, quantize_reads_it: bool = False):
+    """The pass flashc.compile(prune=..., calibration=...) runs: the spec parsed and the
+    calibration data resolved for the model (its tokenizer when flashc knows one).
+    quantize_reads_it: the same calibration= also feeds quantization, so a method that
+    reads none (magnitude) does not refuse it."""
+    from flashc.passes.quantize.calibration import calibration_for_model
+
+    config = PruneConfig.parse(prune)
+    if not config.needs_calibration:
+        if calibration is not None and not quantize_reads_it:
+            raise FlashcError(f"pruning {config.spec} reads no calibration data; drop calibration=, or choose "
+                              "wanda, sparsegpt, online or ffn")
+        return prune_pass(config)
+    return prune_pass(config, calibration_for_model(calibration, model, source))
+
+
+__all__ = ["METHODS", "NOT_IMPLEMENTED", "PASSES", "PruneConfig", "PruneFfnChannels", "PruneWeights", "SPECS",
+           "SparsifyActivations", "for_model", "prune_pass"]

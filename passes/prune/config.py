@@ -1,0 +1,172 @@
+"""PruneConfig: what pruning does, parsed from a spec ('wanda-50%', '2:4', 'online-40%') in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from flashc.errors import FlashcError, closest_names
+
+# offline: weights set to zero once (unstructured or N:M); online: activations zeroed per
+# token below a calibrated threshold; ffn: whole FFN channels removed (smaller weights)
+METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn")
+WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
+MAX_SPARSITY = 0.95
+
+# Specs accepted by PruneConfig.parse, with what they mean (X a percentage, N:M a pattern).
+SPECS = {
+    "magnitude-X%": "zero the X% smallest weights of each layer (no calibration)",
+    "wanda-X%": "zero the X% of each output row with the least |W| * ||x|| (Wanda)",
+    "sparsegpt-X%": "SparseGPT: Hessian-based mask and error compensation, X% of each layer",
+    "N:M": "at most N nonzero weights in every M inputs, by SparseGPT ('2:4')",
+    "wanda-N:M / magnitude-N:M / sparsegpt-N:M": "the N:M pattern by that method",
+    "online-X%": "activation sparsity (TEAL): inputs of linear layers zeroed below calibrated thresholds, "
+                 "X% model-wide",
+    "ffn-X%": "drop X% of the intermediate channels of every FFN (smaller dense weights)",
+}
+
+# Kinds of flashc issue #15 that are not built yet: asking for one is an error, never a fallback.
+NOT_IMPLEMENTED = {
+    "heads": "attention-head pruning (respecting grouped-query groups)",
+    "experts": "dropping or merging rarely routed MoE experts",
+    "dejavu": "a learned activation-sparsity predictor per MLP (Deja Vu)",
+}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Pruning of linear layers (and, when asked, MoE experts).
+
+    method: "magnitude" (per layer), "wanda" (Sun et al. 2023, arXiv:2306.11695: |W| times
+    the input's column norm, compared within each output row), "sparsegpt" (Frantar &
+    Alistarh 2023, arXiv:2301.00774: OBS mask selection with the calibration Hessian and
+    error compensation, blocked), "online" (TEAL, arXiv:2408.14690: each linear's input
+    zeroed below a magnitude threshold, per-layer sparsities allocated greedily under the
+    model-wide target) or "ffn" (structured: FFN intermediate channels of least Wanda-style
+    importance removed). sparsity: the fraction to remove (0-0.95); with n_m = (N, M), at
+    most N nonzeros in every M consecutive inputs of a row (sparsity 1 - N/M; NVIDIA's 2:4).
+    experts: prune fused MoE experts too (off: they are left dense and listed). lm_head:
+    prune the output projection too (off, as Wanda and SparseGPT leave it). damp,
+    block_size: SparseGPT's dampening (fraction of the mean Hessian diagonal) and columns per
+    lazy batch update. allocation_step: the sparsity increment of the online greedy
+    allocation; sample_rows: calibration rows kept per input for thresholds and errors.
+    calibration_tokens: at most this many calibration tokens are run;
+    min_calibration_tokens: fewer than this is an error.
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    n_m: tuple[int, int] | None = None
+    experts: bool = False
+    lm_head: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    allocation_step: float = 0.025
+    sample_rows: int = 2048
+    calibration_tokens: int = 16384
+    min_calibration_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FlashcError(f"PruneConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.n_m is not None:
+            if self.method not in WEIGHT_METHODS:
+                raise FlashcError(f"PruneConfig.n_m: N:M patterns apply to {', '.join(WEIGHT_METHODS)}, "
+                                  f"not {self.method!r}")
+            n, m = self.n_m
+            if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+                raise FlashcError(f"PruneConfig.n_m: an N:M pattern keeps N of every M weights with 0 < N < M, "
+                                  f"got {n}:{m}")
+            object.__setattr__(self, "sparsity", 1 - n / m)  # what the pattern removes
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity <= MAX_SPARSITY:
+            raise FlashcError(f"PruneConfig.sparsity must be within 0-{MAX_SPARSITY:.0%}, got "
+                              + (f"{self.sparsity:.4g} ({_percent(self.sparsity)})"
+                                 if isinstance(self.sparsity, (int, float)) else repr(self.sparsity))
+                              + (f" (the {self.n_m[0]}:{self.n_m[1]} pattern)" if self.n_m else ""))
+        if not 0 < self.damp < 1:
+            raise FlashcError(f"PruneConfig.damp must be in (0, 1), got {self.damp!r}")
+        if self.block_size < 1 or self.sample_rows < 2:
+            raise FlashcError("PruneConfig.block_size must be positive and sample_rows at least 2")
+        if not 0 < self.allocation_step <= MAX_SPARSITY:
+            raise FlashcError(f"PruneConfig.allocation_step must be in (0, {MAX_SPARSITY}], got "
+                              f"{self.allocation_step!r}")
+        if self.min_calibration_tokens < 1 or self.calibration_tokens < self.min_calibration_tokens:
+            raise FlashcError(f"PruneConfig.calibration_tokens ({self.calibration_tokens}) must be at least "
+                              f"min_calibration_tokens ({self.min_calibration_tokens}), which must be positive")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude"
+
+    @property
+    def pattern(self) -> str:
+        """'2:4', 'unstructured', 'online' (activations) or 'ffn channels'."""
+        if self.n_m is not None:
+            return f"{self.n_m[0]}:{self.n_m[1]}"
+        return {"online": "online", "ffn": "ffn channels"}.get(self.method, "unstructured")
+
+    @property
+    def spec(self) -> str:
+        """A readable name that parse() reads back: 'wanda-50%', 'sparsegpt-2:4', 'online-40%'."""
+        if self.n_m is not None:
+            return f"{self.method}-{self.n_m[0]}:{self.n_m[1]}"
+        return f"{self.method}-{_percent(self.sparsity)}"
+
+    @classmethod
+    def parse(cls, text: "str | PruneConfig") -> "PruneConfig":
+        """A config from a spec: 'magnitude-50%', 'wanda-50%', 'sparsegpt-50%', '2:4' (SparseGPT),
+        'wanda-2:4', 'online-40%', 'ffn-25%' (the % sign is optional)."""
+        if isinstance(text, PruneConfig):
+            return text
+        if not isinstance(text, str):
+            raise FlashcError(f"prune must be a spec such as 'wanda-50%' or a PruneConfig, got {type(text).__name__}")
+        name = text.strip().lower()
+        pattern = re.fullmatch(r"(?:([a-z]+)-)?(\d+):(\d+)", name)
+        if pattern:
+            method = pattern.group(1) or "sparsegpt"
+            _check_method(method, text)
+            if method not in WEIGHT_METHODS:
+                raise FlashcError(f"prune={text!r}: N:M patterns apply to {', '.join(WEIGHT_METHODS)} "
+                                  f"('wanda-2:4'), not {method}")
+            n, m = int(pattern.group(2)), int(pattern.group(3))
+            if not 0 < n < m:
+                raise FlashcError(f"prune={text!r}: an N:M pattern keeps N of every M weights, so 0 < N < M "
+                                  "(e.g. '2:4')")
+            return _checked(text, lambda: cls(method=method, n_m=(n, m)))
+        level = re.fullmatch(r"([a-z]+)-(\d+(?:\.\d+)?)(%?)", name)
+        if level:
+            method = level.group(1)
+            _check_method(method, text)
+            sparsity = float(level.group(2)) / 100
+            if not 0 <= sparsity <= MAX_SPARSITY:
+                raise FlashcError(f"prune={text!r}: the sparsity must be within 0-{MAX_SPARSITY:.0%}, got "
+                                  f"{level.group(2)}%")
+            return _checked(text, lambda: cls(method=method, sparsity=sparsity))
+        head = name.split("-")[0]
+        if head in NOT_IMPLEMENTED:
+            _check_method(head, text)
+        raise FlashcError(f"prune={text!r} is not a pruning spec; known specs: {', '.join(SPECS)} "
+                          f"(e.g. 'wanda-50%', '2:4', 'online-40%', 'ffn-25%')")
+
+
+def _check_method(method: str, text: str) -> None:
+    if method in NOT_IMPLEMENTED:
+        raise FlashcError(f"pruning {text!r} ({NOT_IMPLEMENTED[method]}) is not implemented yet (flashc issue "
+                          f"#15); implemented: {', '.join(METHODS)}")
+    if method not in METHODS:
+        hint = closest_names(method, [*METHODS, *NOT_IMPLEMENTED])
+        raise FlashcError(f"prune={text!r}: unknown pruning method {method!r}"
+                          + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
+                          + f" Known methods: {', '.join(METHODS)}; specs: {', '.join(SPECS)}")
+
+
+def _checked(text: str, build):
+    """The config, or the config's own error prefixed with the spec that asked for it."""
+    try:
+        return build()
+    except FlashcError as e:
+        raise FlashcError(f"prune={text!r}: {e}") from None
+
+
+def _percent(sparsity: float) -> str:
+    return f"{round(sparsity * 100, 4):g}%"

@@ -1,0 +1,122 @@
+"""TEAL: training-free activation sparsity, calibrated thresholds and a greedy allocation.
+
+Liu, Ponnusamy, Cai, Guo, Kim, Athiwaratkun, "Training-Free Activation Sparsity in Large
+Language Models", ICLR 2025 (arXiv:2408.14690). The input x of a linear layer is
+sparsified per token by magnitude, `flashc.sparsify(x, t)`, with t the quantile of |x| on
+calibration activations at the layer's sparsity. Sparsities differ per layer: starting
+from dense, the input whose output error grows least per unit of model-wide sparsity is
+raised by one step, until the model-wide sparsity (the mean of the per-input sparsities
+weighted by the weights a token reads through each input) reaches the target.
+
+Differences from TEAL's code (teal/greedyopt.py), chosen for a graph compiler:
+* the allocation is model-wide, one greedy run over every input, where TEAL gives every
+  transformer block the target and allocates within the block;
+* the error of a step is the relative output error of the layers reading the input,
+  ||(X - S(X)) W^T||^2 / ||X W^T||^2 on calibration rows (TEAL measures the block's
+  output), and steps are ranked by error per unit of weighted sparsity gained;
+* layers reading the same value (q/k/v, gate/up) share one threshold: one mask feeds a
+  merged GEMV (TEAL thresholds q, k, v separately on the same input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class ActivationSample:
+    """Every `stride`-th row an input gets during calibration, at most `limit` rows: a sample
+    spread over the whole run (the built-in text is prose, then code)."""
+
+    stride: int
+    limit: int
+    position: int = 0  # of the input among the node's arguments
+    rows: list[torch.Tensor] = field(default_factory=list)
+    seen: int = 0
+    kept: int = 0
+
+    def __call__(self, args: tuple) -> None:
+        x = args[self.position].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        first = (-self.seen) % self.stride
+        take = flat[first::self.stride][: self.limit - self.kept]
+        if take.shape[0]:
+            self.rows.append(take.float())
+            self.kept += take.shape[0]
+        self.seen += flat.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        """The sampled rows [R, K] (float32)."""
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, 0)
+
+
+def sparsity_levels(step: float, max_sparsity: float) -> torch.Tensor:
+    """0, step, 2 step, ... up to max_sparsity (float64)."""
+    return torch.arange(0, math.floor(max_sparsity / step + 1e-9) + 1, dtype=torch.float64) * step
+
+
+def thresholds_for(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Per level s, the threshold t that zeroes floor(s * numel) entries of rows under
+    `|x| > t` (the largest of those entries; 0 for s = 0, which zeroes only exact zeros)."""
+    magnitudes = rows.abs().flatten().sort().values
+    counts = torch.floor(levels * magnitudes.numel() + 1e-9).long()
+    picked = magnitudes[(counts - 1).clamp(min=0)]
+    return torch.where(counts > 0, picked, torch.zeros_like(picked)).double()
+
+
+def sparsified_fraction(rows: torch.Tensor, threshold: float) -> float:
+    """The fraction of entries that `sparsify(rows, threshold)` zeroes."""
+    return float((rows.abs() <= threshold).float().mean()) if rows.numel() else 0.0
+
+
+class ErrorCurve:
+    """e(i) = ||(X - S_t_i(X)) W^T||^2 / ||X W^T||^2 over calibration rows X, through the Gram
+    matrix G = sum W^T W of the layers reading X (so its cost is rows x K^2 per level, not per
+    layer); computed on demand and kept."""
+
+    def __init__(self, rows: torch.Tensor, gram: torch.Tensor, thresholds: torch.Tensor) -> None:
+        self.rows = rows.float()
+        self.gram = gram.float()
+        self.thresholds = thresholds
+        self.base = float(((self.rows @ self.gram) * self.rows).sum())
+        self.cache: dict[int, float] = {0: 0.0}
+
+    def __call__(self, level: int) -> float:
+        if level not in self.cache:
+            removed = self.rows * (self.rows.abs() <= float(self.thresholds[level]))
+            error = float(((removed @ self.gram) * removed).sum())
+            self.cache[level] = error / self.base if self.base > 0 else 0.0
+        return self.cache[level]
+
+
+def greedy_allocation(curves: list[Callable[[int], float]], weights: list[float], levels: torch.Tensor,
+                      target: float) -> list[int]:
+    """The level index of each input: from all dense, repeatedly raise by one level the input
+    whose error grows least per unit of model-wide sparsity gained, until the weighted mean
+    of the levels reaches target (or every input is at the last level)."""
+    total = float(sum(weights))
+    chosen = [0] * len(curves)
+    if total <= 0:
+        return chosen
+    last = len(levels) - 1
+
+    def reached() -> float:
+        return sum(w * float(levels[i]) for w, i in zip(weights, chosen)) / total
+
+    while reached() < target - 1e-9:
+        best, best_cost = None, math.inf
+        for i, curve in enumerate(curves):
+            if chosen[i] >= last or weights[i] <= 0:
+                continue
+            gain = weights[i] * float(levels[chosen[i] + 1] - levels[chosen[i]]) / total
+            cost = (curve(chosen[i] + 1) - curve(chosen[i])) / gain
+            if cost < best_cost:
+                best, best_cost = i, cost
+        if best is None:
+            break
+        chosen[best] += 1
+    return chosen

@@ -1,0 +1,60 @@
+"""PruneConfig: specs parsed in one place, read back from `spec`, and clear errors naming the option."""
+
+import pytest
+
+from flashc.errors import FlashcError
+from flashc.passes.prune import PruneConfig
+
+
+@pytest.mark.parametrize("text, method, sparsity, n_m", [
+    ("wanda-50%", "wanda", 0.5, None),
+    ("magnitude-50", "magnitude", 0.5, None),
+    ("SparseGPT-60%", "sparsegpt", 0.6, None),
+    ("2:4", "sparsegpt", 0.5, (2, 4)),
+    ("wanda-2:4", "wanda", 0.5, (2, 4)),
+    ("magnitude-4:8", "magnitude", 0.5, (4, 8)),
+    ("sparsegpt-1:4", "sparsegpt", 0.75, (1, 4)),
+    ("online-40%", "online", 0.4, None),
+    ("ffn-25%", "ffn", 0.25, None),
+    ("online-0%", "online", 0.0, None),
+    ("wanda-95%", "wanda", 0.95, None),
+])
+def test_parse_and_spec_round_trip(text, method, sparsity, n_m):
+    config = PruneConfig.parse(text)
+    assert (config.method, config.n_m) == (method, n_m)
+    assert config.sparsity == pytest.approx(sparsity)
+    assert PruneConfig.parse(config.spec) == config
+    assert PruneConfig.parse(config) is config
+    assert config.needs_calibration == (method != "magnitude")
+    assert config.pattern == ("2:4" if n_m == (2, 4) else config.pattern)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("wanda-96%", r"prune='wanda-96%': the sparsity must be within 0-95%, got 96%"),
+    ("online-100", r"within 0-95%"),
+    ("sparsegpt-1:32", r"sparsity must be within 0-95%.*the 1:32 pattern"),
+    ("4:4", r"keeps N of every M weights, so 0 < N < M"),
+    ("wanda-0:4", r"0 < N < M"),
+    ("online-2:4", r"N:M patterns apply to magnitude, wanda, sparsegpt"),
+    ("wandaa-50%", r"unknown pruning method 'wandaa'; did you mean 'wanda'"),
+    ("heads-25%", r"attention-head pruning .* not implemented yet \(flashc issue #15\)"),
+    ("experts-2", r"not implemented yet"),
+    ("half", r"not a pruning spec; known specs: magnitude-X%"),
+])
+def test_bad_specs_say_what_and_what_to_do(text, message):
+    with pytest.raises(FlashcError, match=message):
+        PruneConfig.parse(text)
+
+
+def test_config_fields_are_checked():
+    with pytest.raises(FlashcError, match=r"PruneConfig.sparsity must be within 0-95%, got -0.1"):
+        PruneConfig(sparsity=-0.1)
+    with pytest.raises(FlashcError, match="PruneConfig.method must be one of"):
+        PruneConfig(method="random")
+    with pytest.raises(FlashcError, match="N:M patterns apply to"):
+        PruneConfig(method="ffn", n_m=(2, 4))
+    with pytest.raises(FlashcError, match="calibration_tokens"):
+        PruneConfig(calibration_tokens=10)
+    with pytest.raises(FlashcError, match="prune must be a spec"):
+        PruneConfig.parse(0.5)
+    assert PruneConfig(method="wanda", n_m=(2, 4), sparsity=0.9).sparsity == 0.5  # the pattern decides

@@ -1,0 +1,61 @@
+"""TEAL's pieces: thresholds that hit the target on held-out activations, the error curve, the
+greedy allocation, and the calibration sample."""
+
+import pytest
+import torch
+
+from flashc.passes.prune.teal import (
+    ActivationSample, ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
+)
+
+
+def activations(rows: int, seed: int) -> torch.Tensor:
+    """Heavy-tailed, channel-scaled activations (Student-t, as LLM hidden states are)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.distributions.StudentT(torch.tensor(3.0)).sample((rows, 96))
+    return t * (torch.rand(96, generator=g) * 2 + 0.1)
+
+
+def test_thresholds_hit_the_target_on_held_out_activations():
+    torch.manual_seed(0)
+    fit, held = activations(2048, 0), activations(2048, 0)  # same channel scales, fresh tokens
+    levels = sparsity_levels(0.05, 0.95)
+    thresholds = thresholds_for(fit, levels)
+    assert len(levels) == 20 and levels[-1] == pytest.approx(0.95)
+    assert thresholds[0] == 0 and (thresholds.diff() >= 0).all()
+    for level, t in zip(levels.tolist(), thresholds.tolist()):
+        assert sparsified_fraction(fit, t) == pytest.approx(level, abs=1 / fit.numel())  # exact on the rows it saw
+        assert sparsified_fraction(held, t) == pytest.approx(level, abs=0.01)
+
+
+def test_error_curve_is_the_relative_output_error():
+    x = activations(256, 1)
+    w = torch.randn(40, 96)
+    levels = sparsity_levels(0.1, 0.9)
+    thresholds = thresholds_for(x, levels)
+    curve = ErrorCurve(x, w.t() @ w, thresholds)
+    for i in (0, 3, 9):
+        sparse = torch.where(x.abs() > thresholds[i], x, 0)
+        want = ((sparse - x) @ w.t()).norm() ** 2 / (x @ w.t()).norm() ** 2
+        assert curve(i) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_greedy_allocation_meets_the_target_and_prefers_cheap_inputs():
+    levels = sparsity_levels(0.05, 0.95)
+    cheap = lambda i: 0.1 * float(levels[i]) ** 2  # noqa: E731
+    dear = lambda i: 1.0 * float(levels[i]) ** 2  # noqa: E731
+    weights = [1.0, 1.0, 2.0]
+    chosen = greedy_allocation([cheap, dear, dear], weights, levels, 0.4)
+    reached = sum(w * float(levels[i]) for w, i in zip(weights, chosen)) / sum(weights)
+    assert 0.4 - 1e-9 <= reached < 0.4 + 0.05
+    assert levels[chosen[0]] > levels[chosen[1]]  # the cheap input takes more of the sparsity
+    assert chosen[2] > chosen[1]  # a step of the larger input buys twice the sparsity for the same error
+    assert greedy_allocation([cheap], [1.0], levels, 0.0) == [0]
+    assert greedy_allocation([cheap, dear], [1.0, 1.0], levels, 0.95) == [19, 19]
+
+
+def test_activation_sample_is_spread_over_the_run():
+    sample = ActivationSample(stride=3, limit=5)
+    for call in range(4):  # calls of 4 rows each: rows 0..15
+        sample((torch.arange(call * 4, call * 4 + 4).float().unsqueeze(1),))
+    assert sample.tensor().flatten().tolist() == [0, 3, 6, 9, 12]
