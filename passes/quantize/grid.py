@@ -63,8 +63,8 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dty
     [min, max], widened to include 0 so that 0 stays exact and no code range is lost to
     a one-signed group, maps onto 0 .. 2**bits - 1 (as GPTQ's quantizer). Symmetric:
     scale = max|w| / (2**(bits-1) - 1) around the midpoint code. `clip` (scalar or
-    [...]) shrinks the range first (AWQ's clipping search). Scales are rounded to
-    scale_dtype, the dtype they are stored in.
+    [...]) shrinks the range first (AWQ's clipping search). Scales are rounded up to
+    scale_dtype, the dtype they are stored in (so the grid still spans the group).
     """
     maxq = (1 << bits) - 1
     if symmetric:
@@ -75,7 +75,12 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dty
         lo = w.amin(-1).clamp(max=0) * clip
         hi = w.amax(-1).clamp(min=0) * clip
         scale = (hi - lo) / maxq
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # stored scales are rounded up, never down: a grid narrower than [min, max] would clamp the
+    # extreme weights by more than half a step
+    stored = scale.to(scale_dtype)
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    scale = stored.float()
     scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(scale_dtype).tiny))  # underflow
     if not symmetric:
         zero = (-lo / scale).round().clamp(0, maxq)

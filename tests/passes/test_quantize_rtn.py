@@ -33,12 +33,15 @@ def test_per_channel_int8_is_close():
 
 
 def test_scales_rounded_to_the_storage_dtype_before_rounding_weights():
-    """With bf16 scales the stored grid is the one the codes were chosen on: still half a step."""
-    w = torch.randn(8, 64)
-    q = rtn_quantize(w, 4, 32, False, scale_dtype=torch.bfloat16)
-    assert q.scales.dtype == torch.bfloat16
-    error = grouped((q.dequantize() - w).abs(), 32)
-    assert (error <= q.scales.float().unsqueeze(-1) / 2 * (1 + 1e-5)).all()
+    """With bf16 scales the stored grid is the one the codes were chosen on, rounded up so it
+    still spans each group: at most half a step, on many fresh groups (a scale rounded down
+    clamped the extremes by more, in some draws)."""
+    for symmetric in (False, True):
+        w = torch.randn(512, 64)
+        q = rtn_quantize(w, 4, 32, symmetric, scale_dtype=torch.bfloat16)
+        assert q.scales.dtype == torch.bfloat16
+        error = grouped((q.dequantize() - w).abs(), 32)
+        assert (error <= q.scales.float().unsqueeze(-1) / 2 * (1 + 1e-5)).all()
 
 
 def test_zero_groups_stay_zero():
