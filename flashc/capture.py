@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from flashc.errors import CaptureError

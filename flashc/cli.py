@@ -201,7 +201,6 @@ def cmd_inspect(args) -> int:
 
     from flashc.cost_model import estimate, human_bytes, human_seconds
     from flashc.profiles import get_profile
-    from flashc.targets import get_target
 
     if args.why_not:
         return _inspect_why_not(args)

@@ -9,7 +9,6 @@ hundred-odd kernels per token, so the per-kernel overhead is counted, not ignore
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
