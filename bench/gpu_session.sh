@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device calls of a session, as steps with their own time limits; logs land in $OUT.
 #   bash bench/gpu_session.sh verify   # cold-tuning fault check (without and with the fix), bf16 decode, soak
-#   bash bench/gpu_session.sh int4     # quantized GEMVs against bf16, int4/int8 decode end to end
+#   bash bench/gpu_session.sh int4     # quantized kernels' tests on the GPU, GEMVs against bf16, int4 decode
+#   bash bench/gpu_session.sh int4-moe # Mixtral with int4 experts against bf16
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -23,10 +24,15 @@ case "${1:-verify}" in
     step soak 100 python3 bench/gpu_decode_check.py --soak --rounds 8 --out "$OUT"
     ;;
   int4)
-    step gemv_wq_tests 110 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_triton_gemv_wq.py
+    # from /tmp: in the repository root, ./flashc would shadow the installed package (no flashc.passes)
+    step wq_tests 110 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gemv_wq.py $PWD/tests/codegen/test_triton_moe_wq.py"
     step gemv_wq 150 python3 bench/gemv_wq_shapes.py --out "$OUT" --budget-s 125
     step decode_q 260 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 125
+    ;;
+  int4-moe)  # Mixtral's routed int4 experts (codegen/triton_moe_wq), 4 of its 32 layers
+    step decode_moe 300 python3 bench/decode.py --models mixtral-8x7b:4 --batches 1 8 --prefill 0 \
+      --variants flashc flashc-int4 --out "$OUT" --timeout 290
     ;;
   int4-quick)  # what a short lease allows: the kernel's tests on the GPU, 8B shapes, the 8B decode step
     step gemv_wq_tests 60 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gemv_wq.py"
@@ -34,5 +40,5 @@ case "${1:-verify}" in
     step decode_q 125 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 --out "$OUT" --timeout 120
     ;;
-  *) echo "unknown part $1 (verify, int4)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe)"; exit 2 ;;
 esac
