@@ -71,9 +71,11 @@ def _prefill_flops(model, seq: int) -> float:
     return flops
 
 
-def _program_read_bytes(cm) -> float:
+def _program_read_bytes(cm, expert_fraction: float = 1.0) -> float:
     """Bytes of the compiled program's weights a step reads: every parameter once, but an
-    embedding table used only by aten.embedding is gathered (a few rows), not read."""
+    embedding table used only by aten.embedding is gathered (a few rows), not read, and
+    stacked expert weights (read by flashc.moe / moe_wq past the router logits) count for
+    the fraction of experts a step routes to."""
     from flashc.ir import op_name
 
     total = 0.0
@@ -81,7 +83,9 @@ def _program_read_bytes(cm) -> float:
         t = cm.program.params[node.name]
         if node.users and all(op_name(u) == "aten.embedding" for u in node.users):
             continue
-        total += t.numel() * t.element_size()
+        experts = node.users and all(op_name(u) in ("flashc.moe", "flashc.moe_wq") and node in u.args[2:]
+                                     for u in node.users)
+        total += t.numel() * t.element_size() * (expert_fraction if experts else 1.0)
     return total
 
 
@@ -233,7 +237,7 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
             def build():
                 cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile, quantize=quantize)
                 kept["cm"] = cm
-                kept["read"] = _program_read_bytes(cm)
+                kept["read"] = _program_read_bytes(cm, _active_expert_fraction(model.config, batch) or 1.0)
                 return lambda: cm.executable(*inputs)[0]
             return build
 
