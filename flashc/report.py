@@ -36,10 +36,11 @@ class CompileReport:
     accuracy: list | None = None
 
     def fused(self) -> dict[str, int]:
-        """Total replacements per rule/pattern across fusion passes."""
+        """Total replacements per rule/pattern across fusion passes (merges and the decode-attention
+        rewrite included)."""
         out: dict[str, int] = {}
         for r in self.records:
-            if r.name.startswith(("fuse", "merge")):
+            if r.name.startswith(("fuse", "merge")) or r.name == "decode_attention":
                 for k, v in r.stats.items():
                     out[k] = out.get(k, 0) + v
         return out

@@ -86,3 +86,14 @@ def test_write_json_refuses_what_json_cannot_hold(tmp_path):
     with pytest.raises(TypeError, match="not JSON data"):
         write_json(tmp_path / "r.json", {"a": torch.zeros(1)})
     assert not (tmp_path / "r.json").exists()
+
+
+def test_fused_counts_the_decode_attention_rewrite(tiny_models):
+    """report().fused() lists the decode-attention rewrite beside the fusions (it was left out,
+    so a decode step's report read as if the rewrite never applied)."""
+    import flashc
+    from flashc.decode import DecodeStep, decode_example_inputs
+
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 1, 16), level=2)
+    assert cm.report().fused()["decode_attention"] == model.config.num_hidden_layers
