@@ -23,7 +23,6 @@ Cases still waiting when --budget-s has passed are listed as skipped, not run.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -31,30 +30,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_shapes import MODELS, cases, graph_time_us  # noqa: E402  (the bf16 benchmark's shapes and timing)
 from gpu_bench import measured_ceilings, rel_err  # noqa: E402  (same folder)
 
 from flashc import quantized_ops  # noqa: E402
 from flashc.codegen import triton_gemv, triton_gemv_wq, tuning  # noqa: E402
 
-MODELS = {"llama-3.2-1b": (2048, 3072, 8192), "llama-3-8b": (4096, 6144, 14336)}  # hidden, qkv rows, mlp
-VOCAB = 128256
 QUANTS = {"int4": (4, False), "int4-asym": (4, True), "int8": (8, False)}  # name -> (bits, zero points)
 GROUP = 128
 SPILL_BYTES = 256 * 2**20  # weight copies cycled per timing: five times the H200's 50 MB L2
-
-
-def cases(hidden: int, qkv: int, mlp: int):
-    yield "qkv", dict(norm=True), qkv, hidden
-    yield "o_proj", dict(residual=True), hidden, hidden
-    yield "gate|up", dict(norm=True, glu="silu"), 2 * mlp, hidden
-    yield "down_proj", dict(residual=True), hidden, mlp
-    yield "lm_head", dict(norm=True), VOCAB, hidden
-
-
-def graph_time_us(calls) -> float:
-    """Microseconds per call of a CUDA graph replaying ``calls`` (a list of thunks) in turn."""
-    turn = itertools.cycle(calls)
-    return tuning.cuda_graph_bench(lambda: next(turn)(), calls=max(24, len(calls))) * 1e3
 
 
 def random_packed(N: int, K: int, bits: int, asym: bool):
