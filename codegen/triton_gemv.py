@@ -170,14 +170,25 @@ if HAS_TRITON:
         else:
             out = tl.sum(acc, axis=2)
             up = tl.sum(acc_up, axis=2)
+        gemv_epilogue(out, up, tl.sum(sq, axis=1), K, eps, BIAS, N, R, Y, offs_m, offs_n, m_ok, n_ok,
+                      stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
+
+    @triton.jit
+    def gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_bias, R, Y, offs_m, offs_n, m_ok, n_ok,
+                      stride_rm, stride_ym,
+                      HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+        """What follows the product in a decode GEMV (this module's and triton_gemv_wq's): out and up
+        are the [BLOCK_M, BLOCK_N] fp32 products of the gate (or only) rows and the up rows, sq_rows the
+        rows' sums of squares; applies rstd, the bias (the up rows' at BIAS + up_bias), the gated
+        activation, the residual, and stores Y."""
         if HAS_NORM:
-            rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
+            rstd = tl.math.rsqrt(sq_rows / K + eps)
             out = out * rstd[:, None]
             up = up * rstd[:, None]
         if HAS_BIAS:
             out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if ACT != 0:
-                up += tl.load(BIAS + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                up += tl.load(BIAS + up_bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
             out = out / (1.0 + tl.exp(tl.minimum(-out, 80.0))) * up
         elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
@@ -188,8 +199,8 @@ if HAS_TRITON:
             out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
 
-    tuning.register_kernel_source("gemv", _gemv_kernel)
-    tuning.register_kernel_source("gemv_rows", _gemv_kernel)
+    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue)
+    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue)
 
 
 # ---------------------------------------------------------------------------

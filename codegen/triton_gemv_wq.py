@@ -103,6 +103,8 @@ def reference_gemv_wq(x, qweight, scales, zero_points, bits, bias=None, input_sc
 
 
 if HAS_TRITON:
+    from .triton_gemv import gemv_epilogue  # the folds after the product, shared with the bf16 GEMV
+
     _X_EXP = tl.constexpr(X_EXP)
 
     @triton.jit
@@ -307,23 +309,8 @@ if HAS_TRITON:
                     up = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs_up[m], axis=2), axis=1)[None, :], up)
                 if HAS_NORM:
                     sq_rows = tl.where(offs_m == m, tl.sum(tl.sum(sqs[m], axis=1), axis=0), sq_rows)
-        if HAS_NORM:
-            rstd = tl.math.rsqrt(sq_rows / K + eps)
-            out = out * rstd[:, None]
-            up = up * rstd[:, None]
-        if HAS_BIAS:
-            out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if ACT != 0:
-                up += tl.load(BIAS + up_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
-            out = out / (1.0 + tl.exp(tl.minimum(-out, 80.0))) * up
-        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
-            z = 1.5957691216057308 * (out + 0.044715 * out * out * out)
-            out = out / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
-        mask_out = m_ok[:, None] & n_ok[None, :]
-        if HAS_RES:
-            out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_out, other=0.0).to(tl.float32)
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask_out)
+        gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_row, R, Y, offs_m, offs_n, m_ok, n_ok,
+                      stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
 
     @triton.jit
     def _dequantize_kernel(
@@ -357,9 +344,9 @@ if HAS_TRITON:
                  mask=ok[:, :, None, None])
 
     tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code)
+                                    _dequantized_code, gemv_epilogue)
     tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code)
+                                    _dequantized_code, gemv_epilogue)
 
 
 # ---------------------------------------------------------------------------
