@@ -133,6 +133,14 @@ COMPILED_MODEL_MANIFEST = Record(
 )
 
 
+# What GenerationModel.save adds: entry name -> its CompiledModel artifact's directory.
+GENERATION_MANIFEST = Record(
+    {**ARTIFACT_FIELDS, "kind": str, "entries": MapOf(RelPath()), "tokenizer": Nullable(str), "batch": int,
+     "cache_len": int},
+    optional=frozenset({"flashc_version", "torch_version", "created"}),
+)
+
+
 class _FieldError(Exception):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"field '{field}' {message}")

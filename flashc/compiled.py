@@ -178,16 +178,20 @@ def _dump_out_spec(spec: pytree.TreeSpec | None) -> tuple[str | None, str | None
         return None, output_type_name(spec)
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load an artifact written by CompiledModel.save; checks checksums, never unpickles.
+def load(path: str | os.PathLike):
+    """Load an artifact written by CompiledModel.save (or GenerationModel.save, which gives a
+    flashc.generation.GenerationModel); checks checksums, never unpickles.
 
     The manifest is checked field by field and the output type is rebuilt from what it
     records (see flashc.serialize.output_spec_from_json); any problem is an ArtifactError
     naming the file and the field.
     """
     from flashc.artifact import COMPILED_MODEL_MANIFEST, MANIFEST
+    from flashc.generation import is_generation_artifact, load_generation
 
     path = Path(path)
+    if is_generation_artifact(path):
+        return load_generation(path)
     mpath = path / MANIFEST
     manifest = read_manifest(path, schema=COMPILED_MODEL_MANIFEST)
     for name in ("graph.json", "weights.safetensors"):

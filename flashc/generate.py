@@ -1,95 +1,345 @@
-"""Token generation on a compiled decode step: greedy or sampled, with a resident KV cache.
+"""Token generation over compiled steps of a static KV cache: prefill, decode, speculation.
 
-`generate(step, input_ids, max_new_tokens, ...)` drives any callable with the decode-step
-signature of flashc.decode, `step(input_ids[B, 1], cache_position[1], *kv) -> logits`,
-usually `CompiledModel.generate`. The prompt is fed one token per step (the step graph is
-the only graph an artifact holds), then each new token is chosen from the last logits.
-Tokens stay on the step's device: nothing waits for the host between steps except the
-end-of-sequence check, which runs only when an `eos_token_id` is given.
+A *step* has the decode-step signature of flashc.decode,
+`step(input_ids[B, T], cache_position[T], *kv_cache) -> logits[B, T, V]`: it writes the keys
+and values of its T tokens into the cache at those positions and returns the logits of each.
+`Steps` holds the steps one model has, by T (the one-token decode step always; a prefill
+chunk and a verify step when flashc.generation compiled them), and feeds any number of
+tokens through them (`Steps.feed`).
+
+The loop (`generate_rounds`) keeps one invariant: the cache holds every token of the
+sequence but the last one emitted, the *pending* token, and each round feeds the pending
+token first. A plain round feeds it alone and samples one token; a speculative round feeds
+it with k drafted tokens in one call and keeps the drafts the target agrees with plus one
+token of its own (flashc.speculate). Rejected drafts need no rollback: their cache slots lie
+past the sequence and are overwritten before any query can see them (a query at position p
+sees slots <= p, and every slot < p holds a token fed earlier). For the same reason a
+chunk may be padded past the tokens it feeds, while the padding stays inside the cache.
+
+All sequences of a batch share positions (the compiled steps take one cache_position
+vector), so prompts have equal lengths and a speculative round advances every sequence by
+the fewest tokens any of them accepted (lossless: see flashc.speculate.accept).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from flashc.errors import InputError
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: argmax at temperature 0, else sampled.
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution a sampled token is drawn from, float32 [..., V], for temperature > 0.
 
-    top_k keeps the k most likely tokens, top_p the smallest set whose probability
-    reaches p (nucleus sampling); both apply before drawing.
+    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p
+    (nucleus sampling); both apply before normalizing.
     """
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(-1)
     scores = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise InputError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
         sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_scores, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_scores, -1) >= top_p  # keeps the token that crosses p
+        probs = torch.softmax(sorted_scores, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keeps the token that crosses p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, -1)
+    return torch.softmax(scores, -1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax at temperature 0, else sampled."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, max_new_tokens: int,
-             kv_cache: Sequence[torch.Tensor], *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-             progress: bool = False) -> torch.Tensor:
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: argmax at temperature 0, else drawn from sampling_probs."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of probs [..., V]."""
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+
+    def next(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1) if self.greedy else self.draw(self.probs(logits))
+
+
+Step = Callable[..., torch.Tensor]
+
+
+class Steps:
+    """The compiled steps of one model (by tokens per call) over its resident KV cache."""
+
+    def __init__(self, calls: dict[int, Step], kv_cache: Sequence[torch.Tensor]) -> None:
+        if 1 not in calls:
+            raise InputError("generation needs the one-token decode step")
+        self.calls = dict(sorted(calls.items()))
+        self.kv_cache = list(kv_cache)
+        self.seconds: dict[int, float] = {}  # tokens per call -> measured seconds a call (see time_calls)
+        self.time_calls = False
+
+    @property
+    def cache_len(self) -> int:
+        return self.kv_cache[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.kv_cache[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_cache[0].device
+
+    def plan(self, n: int, start: int) -> list[tuple[int, int]]:
+        """Calls that feed n tokens from position `start`: (tokens of the step, tokens fed).
+
+        Full calls of the largest step while they fit, then the tail in the fewest calls
+        (a step longer than the tail is padded if its padding stays inside the cache).
+        """
+        sizes = list(self.calls)
+        plan = []
+        while n > 0:
+            fits = [t for t in sizes if t >= n and start + t <= self.cache_len]
+            if fits:
+                plan.append((fits[0], n))
+                return plan
+            t = max(s for s in sizes if s <= n)
+            plan.append((t, t))
+            n, start = n - t, start + t
+        return plan
+
+    def feed(self, ids: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
+        """Write ids[B, n] into the cache at positions start..start+n-1; returns the logits of
+        the last token [B, V], or of every token [B, n, V] with all_logits."""
+        n = ids.shape[1]
+        if start + n > self.cache_len:
+            raise InputError(f"{start + n} tokens do not fit the static KV cache of {self.cache_len} positions")
+        outs, at = [], 0
+        for size, count in self.plan(n, start):
+            chunk = ids[:, at:at + count]
+            if size > count:  # padding past the sequence: overwritten before it is ever read
+                chunk = torch.cat([chunk, chunk[:, -1:].expand(-1, size - count)], 1)
+            positions = torch.arange(start + at, start + at + size, device=self.device)
+            logits = self._call(size, chunk, positions)
+            if all_logits:
+                outs.append(logits[:, :count])
+            elif at + count == n:
+                outs.append(logits[:, count - 1])
+            at += count
+        return torch.cat(outs, 1) if all_logits else outs[-1]
+
+    def _call(self, size: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.time_calls:
+            return self.calls[size](ids, positions, *self.kv_cache)
+        sync(self.device)
+        t = time.perf_counter()
+        out = self.calls[size](ids, positions, *self.kv_cache)
+        sync(self.device)
+        dt = time.perf_counter() - t
+        old = self.seconds.get(size)
+        self.seconds[size] = dt if old is None else 0.7 * old + 0.3 * dt
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GenerationStats:
+    """What one generate() call did and how long it took (seconds measured with the device
+    synchronized around the prefill and the whole call)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0  # per sequence
+    new_tokens: int = 0  # per sequence, the longest
+    prefill_s: float = 0.0  # the prompt through the cache and the first token chosen
+    total_s: float = 0.0
+    rounds: int = 0  # calls of the target after the prefill
+    speculative_rounds: int = 0
+    proposed: int = 0  # drafted tokens verified
+    accepted: int = 0  # drafted tokens kept
+    plain_step_s: float | None = None  # measured time of a one-token step, when one ran
+    verify_step_s: float | None = None  # measured time of the verify step, when one ran
+    draft_lengths: list[int] = field(default_factory=list)  # k chosen each round (0: plain)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per speculative round (accepted drafts + the target's own)."""
+        if not self.speculative_rounds:
+            return None
+        return (self.accepted + self.speculative_rounds) / self.speculative_rounds
+
+    @property
+    def decode_s(self) -> float:
+        return self.total_s - self.prefill_s
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """New tokens after the first, per second of decoding, per sequence."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
+
+    @property
+    def speedup_vs_plain(self) -> float | None:
+        """Decoding time plain steps would have taken (measured step time x tokens) over the
+        time taken; None unless a plain step ran in this call and was timed."""
+        if self.plain_step_s is None or self.new_tokens <= 1 or self.decode_s <= 0:
+            return None
+        return self.plain_step_s * (self.new_tokens - 1) / self.decode_s
+
+    def to_dict(self) -> dict:
+        keys = ("batch", "prompt_tokens", "new_tokens", "prefill_s", "total_s", "rounds", "speculative_rounds",
+                "proposed", "accepted", "plain_step_s", "verify_step_s", "acceptance_rate", "mean_accepted_length",
+                "tokens_per_s", "speedup_vs_plain")
+        return {k: getattr(self, k) for k in keys}
+
+
+def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, *,
+                    eos_token_id: int | None = None, speculator=None,
+                    stats: GenerationStats | None = None) -> Iterator[torch.Tensor]:
+    """Yields the new tokens of each round, [B, n] (n >= 1), until max_new_tokens or every
+    sequence has emitted eos_token_id (after which a sequence's tokens are eos_token_id).
+
+    speculator: None (plain decoding) or a flashc.speculate.Speculator.
+    """
+    batch, prompt_len = input_ids.shape
+    device = steps.device
+    ids = input_ids.to(device)
+    stats = stats if stats is not None else GenerationStats()
+    stats.batch, stats.prompt_tokens = batch, prompt_len
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    produced = 0
+
+    def emit(new: torch.Tensor) -> torch.Tensor:
+        nonlocal done, produced
+        new = new[:, :max_new_tokens - produced]
+        if eos_token_id is not None:
+            cols = []
+            for j in range(new.shape[1]):
+                col = torch.where(done, torch.full_like(new[:, j], eos_token_id), new[:, j])
+                done = done | (col == eos_token_id)
+                cols.append(col)
+            new = torch.stack(cols, 1)
+        produced += new.shape[1]
+        stats.new_tokens = produced
+        return new.to(input_ids.dtype)
+
+    start = time.perf_counter()
+    if max_new_tokens == 0:
+        return
+    logits = steps.feed(ids, 0)
+    pending = emit(sampling.next(logits)[:, None])
+    sync(device)
+    stats.prefill_s = time.perf_counter() - start
+    yield pending
+    tokens = torch.cat([ids.to(input_ids.dtype), pending], 1)
+    while produced < max_new_tokens and not (eos_token_id is not None and bool(done.all())):
+        length = tokens.shape[1]  # the pending token sits at length - 1
+        room = min(steps.cache_len - length, max_new_tokens - produced - 1)
+        plan = speculator.plan(tokens, room, sampling) if speculator is not None else None
+        stats.rounds += 1
+        if plan is None:
+            stats.draft_lengths.append(0)
+            t = time.perf_counter()
+            logits = steps.feed(tokens[:, -1:], length - 1)
+            new = emit(sampling.next(logits)[:, None])
+            if speculator is not None:
+                sync(device)
+                speculator.observe_plain(time.perf_counter() - t)
+        else:
+            new, accepted = speculator.verify(steps, tokens, plan, sampling)
+            new = emit(new)
+            stats.speculative_rounds += 1
+            stats.proposed += plan.k
+            stats.accepted += accepted
+            stats.draft_lengths.append(plan.k)
+        tokens = torch.cat([tokens, new], 1)
+        yield new
+    sync(device)
+    stats.total_s = time.perf_counter() - start
+    if speculator is not None:
+        stats.plain_step_s, stats.verify_step_s = speculator.timing.plain, speculator.timing.verify
+
+
+def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,
+             kv_cache: Sequence[torch.Tensor] | None = None, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | None = None, progress: bool = False, speculator=None,
+             on_tokens: Callable[[torch.Tensor], None] | None = None,
+             stats: GenerationStats | None = None) -> torch.Tensor:
     """input_ids[B, P] -> [B, P + n] with n <= max_new_tokens new tokens.
 
-    kv_cache: the step's cache tensors, zeroed or not (positions >= P are overwritten
-    before they are read). Stops early once every sequence has produced eos_token_id.
+    step: a one-token decode step (with its kv_cache) or a Steps. The prompt goes through
+    the largest steps there are (one token a call when there is only the decode step).
+    on_tokens(new[B, n]) is called after every round with the tokens it produced.
+    Stops early once every sequence has produced eos_token_id.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise InputError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    cache_len = kv_cache[0].shape[2]
+    check_sampling(temperature, top_k, top_p)
+    steps = step if isinstance(step, Steps) else Steps({1: step}, kv_cache)
     prompt_len = input_ids.shape[1]
-    if prompt_len + max_new_tokens > cache_len:
+    if prompt_len + max_new_tokens > steps.cache_len:
         raise InputError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens does not fit the static "
-                         f"KV cache of {cache_len} positions; compile with a larger cache_len "
+                         f"KV cache of {steps.cache_len} positions; compile with a larger cache_len "
                          f"(flashc compile ... --signature decode --cache-len N)")
-    device = kv_cache[0].device
-    ids = input_ids.to(device)
+    if input_ids.shape[0] != steps.batch:
+        raise InputError(f"input_ids has batch {input_ids.shape[0]} but the KV cache holds {steps.batch} sequences")
     generator = None
     if seed is not None and temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    positions = torch.arange(cache_len, device=device)
-    out = [ids]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    logits = None
-    steps = range(prompt_len + max_new_tokens - 1)
+        generator = torch.Generator(device=steps.device).manual_seed(seed)
+    sampling = Sampling(temperature, top_k, top_p, generator)
+    out = [input_ids.to(steps.device)]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="generate", unit="tok")
-    token = ids[:, :1]
-    for t in steps:
-        logits = step(token, positions[t:t + 1], *kv_cache)
-        if t + 1 < prompt_len:
-            token = ids[:, t + 1:t + 2]
-            continue
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        token = nxt[:, None].to(ids.dtype)
-        out.append(token)
-        if eos_token_id is not None and bool(done.all()):
-            break
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
+    for new in generate_rounds(steps, input_ids, max_new_tokens, sampling, eos_token_id=eos_token_id,
+                               speculator=speculator, stats=stats):
+        out.append(new)
+        if on_tokens is not None:
+            on_tokens(new)
+        if bar is not None:
+            bar.update(new.shape[1])
+    if bar is not None:
+        bar.close()
     return torch.cat(out, 1)

@@ -1,0 +1,406 @@
+"""A causal LM compiled for generation: several entry points over one resident KV cache.
+
+    gm = flashc.generation.compile_generation(model, "cpu", cache_len=512)
+    gm.generate(prompt_ids, max_new_tokens=64)                     # prefill, then decode
+    gm.generate(prompt_ids, 64, speculate="ngram")                 # prompt lookup
+    gm.generate(prompt_ids, 64, speculate=draft_gm)                # a smaller compiled model drafts
+    gm.generate("Once upon a time", 64)                            # text, with the model's tokenizer
+    gm.save("out/gen"); flashc.load("out/gen")
+
+Entries, each a CompiledModel of `flashc.decode.DecodeStep` at a fixed number of tokens:
+`decode` (one token), `prefill` (a chunk of the prompt a call) and `verify` (the pending
+token and k drafts, for speculation). They are compiled from the same model with the same
+passes and share the KV cache tensors at run time; each keeps its own copy of the weights
+(in memory and on disk: see the closing notes of the generation issue).
+
+The artifact is a directory with a manifest naming the entries and one CompiledModel
+artifact per entry below it; a decode-step artifact of one entry loads as a
+CompiledModel and still generates (one prompt token a step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from flashc.compiled import CompiledModel, ModelSource
+from flashc.errors import ArtifactError, FlashcError, InputError
+from flashc.generate import GenerationStats, Sampling, Steps, check_sampling, generate, generate_rounds
+
+ENTRIES = ("decode", "prefill", "verify")
+GENERATION_KIND = "generation"
+
+
+def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len: int, batch: int = 1,
+                       prefill_chunk: int | None = 64, draft_len: int | None = 4, source: ModelSource | None = None,
+                       tokenizer: str | None = None, progress: bool = False, **compile_kwargs: Any) -> "GenerationModel":
+    """Compile a Hugging Face causal LM's decode step at 1, prefill_chunk and draft_len + 1 tokens.
+
+    cache_len: positions of the static KV cache (prompt + new tokens must fit). prefill_chunk:
+    prompt tokens a prefill call writes (None: no prefill entry, the prompt goes a token a step,
+    or through the verify step). draft_len: the most drafts a speculative round verifies
+    (None: no verify entry, no speculation). tokenizer: the zoo model whose tokenizer the model
+    uses, for text in and out. compile_kwargs go to flashc.compile for every entry (level,
+    profile, quantize, calibration, prune, verify, ...).
+    """
+    from flashc.api import compile as compile_model
+    from flashc.decode import DecodeStep, empty_kv_cache
+
+    if cache_len < 1:
+        raise InputError(f"cache_len must be >= 1, got {cache_len}")
+    sizes = {"decode": 1}
+    if prefill_chunk is not None:
+        if not 2 <= prefill_chunk <= cache_len:
+            raise InputError(f"prefill_chunk must be in 2..cache_len ({cache_len}), got {prefill_chunk}")
+        sizes["prefill"] = prefill_chunk
+    if draft_len is not None:
+        if not 1 <= draft_len < cache_len:
+            raise InputError(f"draft_len must be in 1..{cache_len - 1} (cache_len - 1), got {draft_len}")
+        sizes["verify"] = draft_len + 1
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and cache_len > limit:
+        raise InputError(f"cache_len {cache_len}: the model has {limit} positions (config.max_position_embeddings)")
+    step = DecodeStep(model, cache_len)
+    base = source or ModelSource("module", type(model).__name__)
+    entries = {}
+    items = list(sizes.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="compile entries", unit="entry")
+    for name, tokens in items:
+        example = (torch.zeros(batch, tokens, dtype=torch.long), torch.arange(tokens),
+                   *empty_kv_cache(model, batch, cache_len))
+        src = ModelSource(base.kind, base.name, base.dtype, base.seed, batch, tokens, "decode", cache_len)
+        entries[name] = compile_model(step, target, example, source=src, **compile_kwargs)
+    return GenerationModel(entries, tokenizer=tokenizer)
+
+
+class GenerationModel:
+    """Compiled entry points of one causal LM and the KV cache they share; see the module docstring."""
+
+    def __init__(self, entries: dict[str, CompiledModel], tokenizer: str | None = None) -> None:
+        unknown = set(entries) - set(ENTRIES)
+        if "decode" not in entries or unknown:
+            raise InputError(f"a generation model has entries {', '.join(ENTRIES)} with decode among them; "
+                             f"got {', '.join(entries)}")
+        decode = entries["decode"]
+        for name, cm in entries.items():
+            if cm.program.meta.signature != "decode":
+                raise InputError(f"entry {name!r} was not compiled from a decode step (flashc.decode.DecodeStep)")
+            if [(s.shape, s.dtype) for s in cm.inputs[2:]] != [(s.shape, s.dtype) for s in decode.inputs[2:]]:
+                raise InputError(f"entry {name!r} has another KV cache than the decode entry: compile every entry "
+                                 "from the same model, batch and cache_len")
+            if cm.target != decode.target:
+                raise InputError(f"entry {name!r} is compiled for target {cm.target!r}, decode for {decode.target!r}")
+        self.entries = dict(entries)
+        self.tokenizer_name = tokenizer
+        self._tokenizer = None
+        self._steps: Steps | None = None
+
+    @classmethod
+    def from_decode(cls, cm: CompiledModel) -> "GenerationModel":
+        """A one-entry generation model over a decode-step CompiledModel (an older artifact)."""
+        return cls({"decode": cm})
+
+    # -- shape of what was compiled ---------------------------------------------------
+
+    @property
+    def decode(self) -> CompiledModel:
+        return self.entries["decode"]
+
+    @property
+    def batch(self) -> int:
+        return self.decode.inputs[0].shape[0]
+
+    @property
+    def cache_len(self) -> int:
+        return self.decode.inputs[2].shape[2]
+
+    @property
+    def vocab_size(self) -> int:
+        size = self.decode.program.meta.vocab_size
+        if not size:
+            raise InputError("the decode entry does not record its vocabulary size (config.vocab_size)")
+        return int(size)
+
+    @property
+    def draft_len(self) -> int | None:
+        """The most drafts a speculative round verifies (None: no verify entry)."""
+        verify = self.entries.get("verify")
+        return verify.inputs[0].shape[1] - 1 if verify is not None else None
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        prefill = self.entries.get("prefill")
+        return prefill.inputs[0].shape[1] if prefill is not None else None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the zoo model named at compile time (None without one)."""
+        if self._tokenizer is None and self.tokenizer_name is not None:
+            from flashc import zoo
+
+            self._tokenizer = zoo.tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def steps(self) -> Steps:
+        """The entries as a Steps over the resident KV cache (allocated on first use, where the
+        entries run)."""
+        if self._steps is None:
+            from flashc.targets import get_target
+
+            on_gpu = get_target(self.decode.target).backend().name == "cuda" and torch.cuda.is_available()
+            device = "cuda" if on_gpu else "cpu"
+            cache = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.decode.inputs[2:]]
+            calls = {cm.inputs[0].shape[1]: _step_call(cm) for cm in self.entries.values()}
+            self._steps = Steps(calls, cache)
+        return self._steps
+
+    # -- generation -------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
+                 speculate: "str | GenerationModel | None" = None, draft_len: int | None = None,
+                 adaptive: bool = True, on_tokens: Callable[[torch.Tensor], None] | None = None,
+                 progress: bool = False, return_stats: bool = False):
+        """Generate after `prompt`: token ids [B, P] (or [P] for one sequence), a list of 1-D id
+        tensors of one length, or text (a string or a list of strings) when the model has a
+        tokenizer. Returns what it was given, each prompt followed by its new tokens (ids, or
+        text for text); with return_stats, (that, GenerationStats).
+
+        Greedy at temperature 0, else sampled (top_k, top_p; seed for a reproducible draw).
+        eos_token_id: a sequence stops there (its later tokens are eos); text prompts default to
+        the tokenizer's. speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
+        GenerationModel with the same tokenizer (a smaller model drafts); speculation needs
+        the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
+        picks the draft length each round from measured acceptance and step times, and plain
+        steps where speculation would be slower. Greedy output is token for token that of
+        plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
+        on_tokens(new[B, n]) is called after every round.
+        """
+        ids, as_text, one_dim = self._prompt_ids(prompt)
+        if as_text and eos_token_id is None:
+            eos_token_id = self.tokenizer.eos_token_id
+        speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
+        stats = GenerationStats()
+        with torch.no_grad():
+            out = generate(self.steps(), ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, eos_token_id=eos_token_id, progress=progress, speculator=speculator,
+                           on_tokens=on_tokens, stats=stats)
+        out = out.cpu()
+        if as_text:
+            result = [self._decode_text(row, eos_token_id) for row in out]
+            result = result[0] if isinstance(prompt, str) else result
+        elif isinstance(prompt, (list, tuple)):
+            result = list(out)
+        else:
+            result = out[0] if one_dim else out
+        return (result, stats) if return_stats else result
+
+    def stream(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
+               speculate: "str | GenerationModel | None" = None, draft_len: int | None = None,
+               adaptive: bool = True) -> Iterator:
+        """Like generate, one item per round as it is produced: the new text of a one-string
+        prompt, else the new token ids [B, n]."""
+        ids, as_text, _ = self._prompt_ids(prompt)
+        if as_text and eos_token_id is None:
+            eos_token_id = self.tokenizer.eos_token_id
+        check_sampling(temperature, top_k, top_p)
+        if ids.shape[1] + max_new_tokens > self.cache_len:
+            raise InputError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens does not fit the "
+                             f"static KV cache of {self.cache_len} positions; compile with a larger cache_len")
+        speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
+        steps = self.steps()
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=steps.device).manual_seed(seed)
+        sampling = Sampling(temperature, top_k, top_p, generator)
+        text_so_far, new_ids = "", []
+        with torch.no_grad():
+            for new in generate_rounds(steps, ids, max_new_tokens, sampling, eos_token_id=eos_token_id,
+                                       speculator=speculator):
+                if not (as_text and isinstance(prompt, str)):
+                    yield new.cpu()
+                    continue
+                new_ids += new[0].tolist()
+                text = self._decode_text(torch.tensor(new_ids), eos_token_id)
+                if text != text_so_far:  # a piece of a multi-byte character waits for the rest
+                    yield text[len(text_so_far):] if text.startswith(text_so_far) else text
+                    text_so_far = text
+
+    def _decode_text(self, row: torch.Tensor, eos_token_id: int | None) -> str:
+        ids = row.tolist()
+        if eos_token_id is not None and eos_token_id in ids:
+            ids = ids[:ids.index(eos_token_id) + 1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _prompt_ids(self, prompt) -> tuple[torch.Tensor, bool, bool]:
+        """(ids [B, P], whether the prompt was text, whether it was one 1-D tensor)."""
+        as_text = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                              and all(isinstance(p, str) for p in prompt))
+        one_dim = False
+        if as_text:
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs the model's tokenizer: this model was compiled without one "
+                                 "(compile a zoo model with real weights, or pass token ids)")
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            rows = [torch.tensor(self.tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
+        elif isinstance(prompt, torch.Tensor):
+            one_dim = prompt.dim() == 1
+            rows = [prompt] if one_dim else list(prompt)
+            if prompt.dim() not in (1, 2):
+                raise InputError(f"prompt ids must be [prompt_len] or [batch, prompt_len], got {tuple(prompt.shape)}")
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in prompt):
+            rows = list(prompt)
+            if any(r.dim() != 1 for r in rows):
+                raise InputError("a list of prompts holds 1-D token id tensors, one per sequence")
+        else:
+            raise InputError(f"prompt must be token ids (a tensor or a list of 1-D tensors) or text, "
+                             f"got {type(prompt).__name__}")
+        if len(rows) != self.batch:
+            raise InputError(f"{len(rows)} prompt(s), but this model was compiled for batch {self.batch}")
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise InputError(f"prompts of different lengths ({', '.join(map(str, lengths))} tokens): the compiled "
+                             "steps share one position vector across the batch, so prompts must have one length "
+                             "(generate them in separate calls, or compile batch 1)")
+        if lengths[0] < 1:
+            raise InputError("a prompt needs at least one token")
+        ids = torch.stack([r.long() for r in rows])
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise InputError(f"prompt token ids must be in 0..{self.vocab_size - 1} (the vocabulary), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        return ids, bool(as_text), one_dim
+
+    def _speculator(self, speculate, draft_len: int | None, adaptive: bool, temperature: float,
+                    top_k: int | None, top_p: float | None):
+        from flashc.speculate import ModelDrafter, NgramDrafter, Speculator
+
+        if speculate is None:
+            if draft_len is not None:
+                raise InputError("draft_len applies to speculation: add speculate='ngram' or a draft model")
+            return None
+        check_sampling(temperature, top_k, top_p)
+        if self.draft_len is None:
+            raise InputError(f"speculate={_spec_name(speculate)}: this model has no verify entry; compile it with "
+                             "flashc.generation.compile_generation(..., draft_len=K) or `flashc compile "
+                             "--signature generate --draft-len K`")
+        k = self.draft_len if draft_len is None else draft_len
+        if not 1 <= k <= self.draft_len:
+            raise InputError(f"draft_len must be in 1..{self.draft_len} (the verify entry checks {self.draft_len} "
+                             f"drafts), got {k}")
+        if isinstance(speculate, str) and speculate.startswith("draft:"):
+            from flashc.compiled import load
+
+            speculate = load(speculate[len("draft:"):])
+            speculate = speculate if isinstance(speculate, GenerationModel) else GenerationModel.from_decode(speculate)
+        if isinstance(speculate, GenerationModel):
+            drafter = ModelDrafter(speculate.steps(), self._check_drafter(speculate))
+        elif speculate == "ngram":
+            drafter = NgramDrafter()
+        else:
+            raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'draft:ARTIFACT' and a "
+                             "GenerationModel (a smaller model with the same tokenizer)")
+        return Speculator(drafter, k, adaptive=adaptive)
+
+    def _check_drafter(self, draft: "GenerationModel") -> int:
+        """The target's vocabulary size, once the drafter is known to share its tokenizer."""
+        if draft is self:
+            raise InputError("the draft model is the target itself: it would draft nothing faster")
+        if draft.batch != self.batch:
+            raise InputError(f"the draft model was compiled for batch {draft.batch}, the target for {self.batch}")
+        if draft.cache_len < self.cache_len:
+            raise InputError(f"the draft model's KV cache ({draft.cache_len} positions) is shorter than the "
+                             f"target's ({self.cache_len}); compile the drafter with cache_len >= {self.cache_len}")
+        mine, theirs = self.tokenizer_name, draft.tokenizer_name
+        if (mine is None) != (theirs is None):
+            raise InputError("the draft model and the target must share a tokenizer: one was compiled with a "
+                             f"tokenizer ({mine or theirs}), the other without")
+        if mine is not None and mine != theirs and self.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise InputError(f"the draft model's tokenizer ({theirs}) is not the target's ({mine}): drafts would "
+                             "be other tokens")
+        if draft.vocab_size != self.vocab_size:
+            if mine is None:
+                raise InputError(f"the draft model has {draft.vocab_size} tokens, the target {self.vocab_size}, and "
+                                 "neither has a tokenizer that says they are the same tokens")
+            used = len(self.tokenizer)
+            if used > min(draft.vocab_size, self.vocab_size):
+                raise InputError(f"the tokenizer has {used} tokens but the draft model's vocabulary has "
+                                 f"{draft.vocab_size} and the target's {self.vocab_size}")
+            warnings.warn(f"the draft model's vocabulary has {draft.vocab_size} rows and the target's "
+                          f"{self.vocab_size}: they differ only in padding rows past the tokenizer's {used} tokens, "
+                          "which are never drafted", stacklevel=4)
+        return self.vocab_size
+
+    # -- reports and artifacts --------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line per entry: tokens per call, target, level, kernels' estimate."""
+        lines = [f"generation model: batch {self.batch}, KV cache {self.cache_len} positions, target "
+                 f"{self.decode.target}, tokenizer {self.tokenizer_name or '-'}"]
+        for name, cm in self.entries.items():
+            est = cm.report().estimate
+            lines.append(f"  {name:8s} {cm.inputs[0].shape[1]:5d} tokens a call, -O{cm.level}, "
+                         f"{est.kernels} kernels, estimated {est.seconds * 1e3:.3f} ms on {cm.profile.name}")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the entries under one artifact directory, atomically (flashc.artifact)."""
+        from flashc.artifact import GENERATION_MANIFEST, write_artifact
+
+        manifest = {"kind": GENERATION_KIND, "entries": {name: name for name in self.entries},
+                    "tokenizer": self.tokenizer_name, "batch": self.batch, "cache_len": self.cache_len}
+        writers = {name: (lambda p, cm=cm: cm.save(p)) for name, cm in self.entries.items()}
+        return write_artifact(path, manifest, writers, schema=GENERATION_MANIFEST)
+
+
+def _step_call(cm: CompiledModel):
+    """The entry's executable as a step: (ids, positions, *kv) -> logits [B, T, V]."""
+    executable = cm.executable
+
+    def call(ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        return executable(ids, positions, *kv)[0]
+
+    return call
+
+
+def _spec_name(speculate) -> str:
+    return repr(speculate) if isinstance(speculate, str) else type(speculate).__name__
+
+
+def is_generation_artifact(path: str | os.PathLike) -> bool:
+    """Whether the artifact at path is a generation model's (by its manifest's kind)."""
+    from flashc.artifact import MANIFEST
+
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == GENERATION_KIND
+
+
+def load_generation(path: str | os.PathLike) -> GenerationModel:
+    """Load what GenerationModel.save wrote (checksums checked, nothing unpickled)."""
+    from flashc.artifact import GENERATION_MANIFEST, MANIFEST, read_manifest
+    from flashc.compiled import load
+
+    path = Path(path)
+    manifest = read_manifest(path, schema=GENERATION_MANIFEST)
+    entries = {}
+    for name, sub in manifest["entries"].items():
+        if name not in ENTRIES:
+            raise ArtifactError(f"{path / MANIFEST}: field 'entries': unknown entry {name!r} (known: "
+                                f"{', '.join(ENTRIES)})")
+        entries[name] = load(path / sub)
+    try:
+        return GenerationModel(entries, tokenizer=manifest.get("tokenizer"))
+    except FlashcError as e:
+        raise ArtifactError(f"{path}: the entries do not form one generation model ({e}); recompile") from None
+

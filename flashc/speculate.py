@@ -1,0 +1,271 @@
+"""Speculative decoding: draft tokens cheaply, check them in one call of the target, keep
+exactly what the target itself would have produced.
+
+A round (flashc.generate.generate_rounds) feeds the pending token and k drafted tokens to
+the target's verify step, which returns the target's logits at all k + 1 positions;
+`accept` keeps the drafts the target agrees with and adds one token of the target's own,
+so a round emits between 1 and k + 1 tokens for one call of the target.
+
+Drafters (`propose(tokens, k, sampling) -> Plan | None`):
+- `NgramDrafter`: prompt lookup. The continuation of the latest earlier occurrence of the
+  sequence's last n tokens (n = 3, 2, 1), from an index updated as tokens arrive. No model.
+- `ModelDrafter`: a smaller compiled model with the same tokenizer, run autoregressively
+  on its own KV cache (k one-token steps), which it brings up to date lazily.
+
+`Speculator` picks k each round from the measured acceptance and the measured times of a
+plain step, a verify step and a draft step, and turns speculation off (k = 0, a plain step)
+while it would be slower, probing again now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flashc.errors import InputError
+from flashc.generate import Sampling, Steps, sync
+
+
+@dataclass
+class Plan:
+    """k drafted tokens per sequence and, for sampled drafts, the distributions they came from."""
+
+    drafts: torch.Tensor  # [B, k]
+    q: torch.Tensor | None = None  # [B, k, V]; None: drafts were chosen deterministically
+
+    @property
+    def k(self) -> int:
+        return self.drafts.shape[1]
+
+
+def accept(logits: torch.Tensor, plan: Plan, sampling: Sampling) -> tuple[torch.Tensor, int]:
+    """Given the target's logits [B, k + 1, V] at the pending token and each draft, the tokens
+    to emit [B, n + 1] and n, the drafts kept (the same n for every sequence).
+
+    Greedy: a draft is kept while it equals the target's argmax; the last token is the argmax
+    after the kept drafts, so the output is token for token plain greedy decoding.
+    Sampled (speculative sampling, Leviathan et al. 2023): draft i is kept with probability
+    min(1, p_i(d) / q_i(d)) and the first rejected one is replaced by a draw from the residual
+    max(p_i - q_i, 0), renormalized; after k kept drafts a bonus token is drawn from p_k. Each
+    emitted token is then distributed as the target's p given the tokens before it. With a
+    batch, every sequence emits the same number of tokens, n + 1, n being the fewest drafts any
+    sequence kept: each emits what it would alone up to position n (its kept drafts, then at n
+    its draft if it kept it, else its residual draw) and stops there. Whether a sequence
+    emits a token at position i depends on the others (independent of it) and on its own tests
+    before i, exactly as alone, so each emitted token keeps the target's distribution
+    (tests/test_generation.py checks it with a chi-square test, batch 1 and 4). Drawing from
+    p_n for a sequence that kept draft n would not: it mixes residual and p by the outcome of
+    that sequence's own test at n.
+    """
+    drafts, k = plan.drafts, plan.k
+    if sampling.greedy:
+        target = logits.argmax(-1)
+        kept = (drafts == target[:, :k]).int().cumprod(-1).sum(-1)
+        n = int(kept.min())
+        return torch.cat([drafts[:, :n], target[:, n:n + 1]], 1), n
+    p = sampling.probs(logits)
+    p_drafts = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    q_drafts = plan.q.gather(-1, drafts[..., None]).squeeze(-1) if plan.q is not None else torch.ones_like(p_drafts)
+    u = torch.rand(p_drafts.shape, generator=sampling.generator, device=p.device)
+    kept = (u * q_drafts < p_drafts).int().cumprod(-1).sum(-1)
+    n = int(kept.min())
+    if n == k:  # every sequence kept every draft: a bonus token from p_k
+        final = sampling.draw(p[:, k])
+    else:  # a sequence that refused draft n draws from the residual there; one that kept it keeps it
+        q_n = plan.q[:, n] if plan.q is not None else torch.nn.functional.one_hot(drafts[:, n], p.shape[-1]).float()
+        residual = (p[:, n] - q_n).clamp_min(0)
+        total = residual.sum(-1, keepdim=True)
+        residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p[:, n])
+        final = torch.where(kept > n, drafts[:, n], sampling.draw(residual))
+    return torch.cat([drafts[:, :n], final[:, None]], 1), n
+
+
+class NgramDrafter:
+    """Prompt lookup: propose what followed the latest earlier occurrence of the last n tokens."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3) -> None:
+        if max_ngram < 1:
+            raise InputError(f"ngram: max_ngram must be >= 1, got {max_ngram}")
+        self.max_ngram = max_ngram
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[list[int]] = []  # host copy of every sequence
+        self.index: list[dict[tuple[int, ...], int]] = []  # per sequence: n-gram -> end of latest occurrence
+
+    def _update(self, tokens: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows = [[] for _ in range(tokens.shape[0])]
+            self.index = [{} for _ in range(tokens.shape[0])]
+        have = len(self.rows[0])
+        for row, index, new in zip(self.rows, self.index, tokens[:, have:].tolist()):
+            for tok in new:
+                row.append(tok)
+                end = len(row) - 1  # a gram ending here has its continuation row[end]
+                for n in range(1, self.max_ngram + 1):
+                    if end - n >= 0:
+                        index[tuple(row[end - n:end])] = end
+
+    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan | None:
+        self._update(tokens)
+        found = []
+        for row, index in zip(self.rows, self.index):
+            for n in range(self.max_ngram, 0, -1):
+                end = index.get(tuple(row[-n:])) if len(row) > n else None
+                if end is not None:
+                    found.append(row[end:end + k])
+                    break
+            else:
+                return None  # one sequence without a match would keep nothing for all
+        k = min(len(f) for f in found)
+        drafts = torch.tensor([f[:k] for f in found], dtype=tokens.dtype, device=tokens.device)
+        return Plan(drafts)
+
+    def accepted(self, length: int, n: int) -> None:
+        pass
+
+
+class ModelDrafter:
+    """A smaller model's compiled steps, with its own KV cache, drafting k tokens a round."""
+
+    name = "draft"
+
+    def __init__(self, steps: Steps, vocab_size: int) -> None:
+        self.steps = steps
+        self.vocab_size = vocab_size  # the target's: draft logits are cut or padded to it
+        self.fed = 0  # positions of the draft's cache that hold the sequence
+
+    def reset(self) -> None:
+        self.fed = 0
+
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        v = logits.shape[-1]
+        if v > self.vocab_size:  # padding rows past the shared vocabulary: never proposed
+            return logits[..., :self.vocab_size]
+        if v < self.vocab_size:
+            return torch.nn.functional.pad(logits, (0, self.vocab_size - v), value=float("-inf"))
+        return logits
+
+    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan:
+        length = tokens.shape[1]
+        if length + k - 1 > self.steps.cache_len:
+            raise InputError(f"the draft model's KV cache of {self.steps.cache_len} positions is shorter than the "
+                             f"sequence ({length + k - 1} tokens); compile the drafter with a cache_len at least "
+                             "the target's")
+        logits = self._fit(self.steps.feed(tokens[:, self.fed:], self.fed))
+        self.fed = length
+        drafts, qs = [], []
+        for i in range(k):
+            if sampling.greedy:
+                d = logits.argmax(-1)
+            else:
+                q = sampling.probs(logits)
+                d = sampling.draw(q)
+                qs.append(q)
+            drafts.append(d)
+            if i + 1 < k:
+                logits = self._fit(self.steps.feed(d[:, None].to(tokens.dtype), self.fed))
+                self.fed += 1
+        return Plan(torch.stack(drafts, 1).to(tokens.dtype), torch.stack(qs, 1) if qs else None)
+
+    def accepted(self, length: int, n: int) -> None:
+        """The round that began at `length` kept n drafts: the draft's cache holds the sequence
+        up to position length + n - 1 at most (later slots hold rejected drafts)."""
+        self.fed = min(self.fed, length + n)
+
+
+@dataclass
+class Timing:
+    """Measured seconds (moving averages): a plain round, a verify round, one draft step."""
+
+    plain: float | None = None
+    verify: float | None = None
+    draft: float = 0.0
+
+    @staticmethod
+    def mix(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+
+class Speculator:
+    """Chooses each round's draft length and runs the round; see the module docstring.
+
+    max_draft: the most drafts a round verifies (the verify step's tokens - 1).
+    adaptive: choose k in 0..max_draft by expected tokens per second (k = 0 is a plain step);
+    else always max_draft (when the drafter has that many).
+    """
+
+    PROBE_EVERY = 16  # plain rounds between two speculative probes while speculation is off
+
+    def __init__(self, drafter, max_draft: int, adaptive: bool = True) -> None:
+        if max_draft < 1:
+            raise InputError(f"speculation needs a draft length >= 1, got {max_draft}")
+        self.drafter = drafter
+        self.max_draft = max_draft
+        self.adaptive = adaptive
+        self.reset()
+
+    def reset(self) -> None:
+        self.timing = Timing()
+        self.kept, self.refused = 1.0, 1.0  # decayed counts: drafts kept, rounds ending in a rejection
+        self.idle = 0
+        self.drafter.reset()
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft is kept, given the ones before it were."""
+        return self.kept / (self.kept + self.refused)
+
+    def choose(self, limit: int) -> int:
+        if not self.adaptive:
+            return limit
+        t = self.timing
+        if t.plain is None:
+            return 0  # time a plain step first
+        if t.verify is None:
+            return limit
+        a = self.acceptance
+        best, best_rate = 0, 1.0 / t.plain
+        for k in range(1, limit + 1):
+            expected = sum(a ** i for i in range(k + 1))  # tokens a round of k drafts emits
+            rate = expected / (t.verify + k * t.draft)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0:
+            self.idle += 1
+            if self.idle >= self.PROBE_EVERY:  # conditions change (a passage to copy, a lower temperature)
+                self.idle = 0
+                return limit
+        return best
+
+    def plan(self, tokens: torch.Tensor, room: int, sampling: Sampling) -> Plan | None:
+        k = self.choose(min(self.max_draft, room))
+        if k < 1:
+            return None
+        start = time.perf_counter()
+        plan = self.drafter.propose(tokens, k, sampling)
+        if plan is not None and isinstance(self.drafter, ModelDrafter):
+            sync(tokens.device)
+            self.timing.draft = Timing.mix(self.timing.draft or None, (time.perf_counter() - start) / plan.k)
+        return plan
+
+    def observe_plain(self, seconds: float) -> None:
+        self.timing.plain = Timing.mix(self.timing.plain, seconds)
+
+    def verify(self, steps: Steps, tokens: torch.Tensor, plan: Plan, sampling: Sampling) -> tuple[torch.Tensor, int]:
+        """One call of the target over the pending token and the drafts; returns the tokens to
+        emit [B, n + 1] and n, the drafts kept."""
+        length = tokens.shape[1]
+        start = time.perf_counter()
+        ids = torch.cat([tokens[:, -1:], plan.drafts], 1)
+        logits = steps.feed(ids, length - 1, all_logits=True)
+        new, n = accept(logits, plan, sampling)  # reads n on the host: the device is done
+        self.timing.verify = Timing.mix(self.timing.verify, time.perf_counter() - start)
+        self.kept = 0.9 * self.kept + n
+        self.refused = 0.9 * self.refused + (1 if n < plan.k else 0)
+        self.drafter.accepted(length, n)
+        return new, n

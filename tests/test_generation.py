@@ -1,0 +1,310 @@
+"""GenerationModel: prefill/decode/verify entries over one KV cache, speculation, artifacts.
+
+Greedy output is compared with an eager full-forward argmax loop on fresh random prompts;
+speculative sampling is checked against the target's exact next-token distributions with a
+chi-square test on a model small enough to enumerate them.
+"""
+
+import math
+
+import pytest
+import torch
+from flashc_testing import fresh_ids
+from test_generate import greedy_reference
+
+import flashc
+from flashc import zoo
+from flashc.errors import InputError
+from flashc.generate import Sampling, Steps
+from flashc.generation import GenerationModel, compile_generation
+from flashc.speculate import NgramDrafter, Plan, Speculator, accept
+
+
+@pytest.fixture(scope="module")
+def target():
+    model = zoo.build("llama-tiny", seed=0)
+    return model, compile_generation(model, "cpu", cache_len=64, batch=2, prefill_chunk=8, draft_len=4, level=3)
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    return compile_generation(zoo.build("llama-tiny", seed=1), "cpu", cache_len=64, batch=2, prefill_chunk=8,
+                              draft_len=None, level=2)
+
+
+def repetitive(batch: int, period: int, times: int) -> torch.Tensor:
+    """Prompts that repeat themselves, so prompt lookup finds continuations."""
+    return fresh_ids("llama-tiny", batch=batch, seq_len=period).repeat(1, times)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 7, 8, 13, 21])
+def test_prefill_then_decode_is_greedy_decoding(target, prompt_len):
+    model, gm = target
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=prompt_len)
+    out, stats = gm.generate(prompt, 10, return_stats=True)
+    assert torch.equal(out, greedy_reference(model, prompt, 10))
+    assert stats.new_tokens == 10 and stats.rounds == 9 and stats.prompt_tokens == prompt_len
+
+
+def test_speculation_is_lossless_under_greedy(target, drafter):
+    model, gm = target
+    for speculate in ("ngram", drafter):
+        for adaptive in (True, False):
+            prompt = repetitive(2, 5, 3)
+            want = greedy_reference(model, prompt, 24)
+            got, stats = gm.generate(prompt, 24, speculate=speculate, adaptive=adaptive, return_stats=True)
+            assert torch.equal(got, want), (speculate, adaptive)
+            assert stats.new_tokens == 24
+            if not adaptive:
+                assert stats.speculative_rounds > 0
+
+
+def test_a_perfect_drafter_is_accepted_whole(target):
+    model, gm = target
+    twin = GenerationModel(gm.entries)  # the same weights with their own cache: every draft is right
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=6)
+    got, stats = gm.generate(prompt, 21, speculate=twin, adaptive=False, return_stats=True)
+    assert torch.equal(got, greedy_reference(model, prompt, 21))
+    assert stats.acceptance_rate == 1.0 and stats.mean_accepted_length == 5.0
+    assert stats.rounds == 4  # 1 token from the prefill, then 4 rounds of 5
+
+
+def test_eos_stops_each_sequence(target):
+    model, gm = target
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=5)
+    free = gm.generate(prompt, 12)
+    eos = int(free[0, 5 + 3])  # the first sequence's fourth new token
+    got = gm.generate(prompt, 12, eos_token_id=eos, speculate="ngram")
+    row = got[0, 5:].tolist()
+    first = row.index(eos)
+    assert all(t == eos for t in row[first:]) and first <= 3
+    other = free[1, 5:].tolist()
+    if eos not in other:
+        assert got[1, 5:5 + len(row)].tolist() == other[:len(row)]
+
+
+def test_stream_and_callback_give_the_rounds(target):
+    _, gm = target
+    prompt = repetitive(2, 4, 3)
+    seen = []
+    out = gm.generate(prompt, 15, speculate="ngram", on_tokens=seen.append)
+    assert torch.equal(torch.cat([prompt, *seen], 1), out)
+    streamed = list(gm.stream(prompt, 15, speculate="ngram"))
+    assert torch.equal(torch.cat([prompt, *streamed], 1), out)
+
+
+def test_prompt_forms(target):
+    model, gm = target
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=6)
+    want = greedy_reference(model, prompt, 5)
+    as_list = gm.generate([prompt[0], prompt[1]], 5)
+    assert isinstance(as_list, list) and all(torch.equal(a, b) for a, b in zip(as_list, want))
+
+
+def test_artifact_round_trip_and_old_decode_artifacts(target, tmp_path):
+    model, gm = target
+    gm.save(tmp_path / "gen")
+    loaded = flashc.load(tmp_path / "gen")
+    assert isinstance(loaded, GenerationModel) and set(loaded.entries) == {"decode", "prefill", "verify"}
+    prompt = repetitive(2, 5, 2)
+    want = greedy_reference(model, prompt, 9)
+    assert torch.equal(loaded.generate(prompt, 9, speculate="ngram"), want)
+    gm.entries["decode"].save(tmp_path / "decode")  # a single decode-step artifact, as before
+    old = flashc.load(tmp_path / "decode")
+    assert isinstance(old, flashc.CompiledModel)
+    assert torch.equal(old.generate(prompt, 9), want)
+    assert torch.equal(GenerationModel.from_decode(old).generate(prompt, 9), want)
+
+
+def test_corrupt_generation_artifact_is_refused(target, tmp_path):
+    _, gm = target
+    path = gm.save(tmp_path / "gen")
+    weights = path / "verify" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(flashc.ArtifactError, match="verify/weights.safetensors"):
+        flashc.load(path)
+
+
+def test_bad_input_is_refused_with_the_option_named(target, drafter):
+    model, gm = target
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=6)
+    with pytest.raises(InputError, match="different lengths"):
+        gm.generate([prompt[0], prompt[1, :4]], 3)
+    with pytest.raises(InputError, match="batch 2"):
+        gm.generate(prompt[:1], 3)
+    with pytest.raises(InputError, match="does not fit the static KV cache of 64"):
+        gm.generate(prompt, 60)
+    with pytest.raises(InputError, match="draft_len must be in 1..4"):
+        gm.generate(prompt, 3, speculate="ngram", draft_len=5)
+    with pytest.raises(InputError, match="known are 'ngram'"):
+        gm.generate(prompt, 3, speculate="medusa")
+    with pytest.raises(InputError, match="no verify entry"):
+        drafter.generate(prompt, 3, speculate="ngram")
+    with pytest.raises(InputError, match="draft_len applies to speculation"):
+        gm.generate(prompt, 3, draft_len=2)
+    with pytest.raises(InputError, match="tokenizer"):
+        gm.generate("hello", 3)
+    with pytest.raises(InputError, match="vocabulary"):
+        gm.generate(torch.full((2, 3), 512), 3)
+    with pytest.raises(InputError, match="temperature"):
+        gm.generate(prompt, 3, temperature=-1.0, speculate="ngram")
+    other = compile_generation(zoo.build("llama-tiny", seed=2), "cpu", cache_len=64, batch=1, prefill_chunk=None,
+                               draft_len=None, level=1)
+    with pytest.raises(InputError, match="compiled for batch 1, the target for 2"):
+        gm.generate(prompt, 3, speculate=other)
+    short = compile_generation(zoo.build("llama-tiny", seed=2), "cpu", cache_len=32, batch=2, prefill_chunk=None,
+                               draft_len=None, level=1)
+    with pytest.raises(InputError, match="shorter than the target's"):
+        gm.generate(prompt, 3, speculate=short)
+    with pytest.raises(InputError, match="prefill_chunk"):
+        compile_generation(model, "cpu", cache_len=16, prefill_chunk=32)
+
+
+def test_plan_uses_the_fewest_calls_and_pads_only_inside_the_cache():
+    steps = Steps({1: None, 5: None, 8: None}, [torch.zeros(1, 1, 20, 2)])
+    assert steps.plan(19, 0) == [(8, 8), (8, 8), (1, 1), (1, 1), (1, 1)]  # a padded 5 would reach 20
+    assert steps.plan(12, 0) == [(8, 8), (5, 4)]
+    assert steps.plan(4, 0) == [(5, 4)]
+    assert steps.plan(3, 17) == [(1, 1), (1, 1), (1, 1)]  # a padded call would run past position 19
+    assert steps.plan(4, 15) == [(5, 4)]
+
+
+def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
+    spec = Speculator(NgramDrafter(), max_draft=4)
+    assert spec.choose(4) == 0  # nothing measured: time a plain step first
+    spec.observe_plain(1.0)
+    assert spec.choose(4) == 4  # then a verify round
+    spec.timing.verify = 1.2
+    spec.kept, spec.refused = 9.0, 1.0  # drafts usually kept: speculate fully
+    assert spec.choose(4) == 4
+    spec.kept, spec.refused = 0.1, 5.0  # drafts almost never kept: a verify costs more than it gives
+    assert [spec.choose(4) for _ in range(Speculator.PROBE_EVERY - 1)] == [0] * (Speculator.PROBE_EVERY - 1)
+    assert spec.choose(4) == 4  # a probe now and then
+    spec.timing.draft, spec.kept, spec.refused = 0.5, 3.0, 1.0  # a costly drafter: a shorter draft pays more
+    assert 0 < spec.choose(4) < 4
+
+
+def test_greedy_acceptance_keeps_the_common_prefix():
+    logits = torch.full((2, 4, 10), -5.0)
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 7, 8]])
+    logits.scatter_(-1, target[..., None], 5.0)
+    new, n = accept(logits, Plan(torch.tensor([[1, 2, 3], [1, 2, 3]])), Sampling())
+    assert n == 2 and new.tolist() == [[1, 2, 3], [1, 2, 7]]
+
+
+# -- speculative sampling keeps the target's distribution --------------------------------
+
+
+def _tiny_lm(seed: int, vocab: int = 6):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # distributions far from uniform, and far from the drafter's
+    return model
+
+
+def _exact_pair_distribution(model, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """P(x2, x3) of the second and third new tokens under the model, summed over the first."""
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)
+        firsts = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        p2 = torch.softmax(model(firsts).logits[:, -1].double() / temperature, -1)  # [x1, x2]
+        both = torch.cat([firsts.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(vocab)[:, None]], 1)
+        p3 = torch.softmax(model(both).logits[:, -1].double() / temperature, -1).view(vocab, vocab, vocab)
+    return torch.einsum("a,ab,abc->bc", p1, p2, p3)
+
+
+def _chi_square_z(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """The chi-square statistic as a standard normal deviate (Wilson-Hilferty), cells pooled
+    until each expects at least 5."""
+    order = torch.argsort(expected)
+    e, c = expected[order].tolist(), counts[order].tolist()
+    cells, acc_e, acc_c = [], 0.0, 0.0
+    for ei, ci in zip(e, c):
+        acc_e, acc_c = acc_e + ei, acc_c + ci
+        if acc_e >= 5:
+            cells.append((acc_e, acc_c))
+            acc_e, acc_c = 0.0, 0.0
+    if acc_e:
+        last_e, last_c = cells.pop()
+        cells.append((last_e + acc_e, last_c + acc_c))
+    stat = sum((cj - ej) ** 2 / ej for ej, cj in cells)
+    df = len(cells) - 1
+    return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+
+
+@pytest.mark.parametrize("drafter_kind, batch, calls", [("model", 8, 250), ("ngram", 2, 800)])
+def test_speculative_sampling_keeps_the_target_distribution(drafter_kind, batch, calls):
+    vocab, temperature = 6, 1.0
+    model = _tiny_lm(0, vocab)
+    gm = compile_generation(model, "cpu", cache_len=16, batch=batch, prefill_chunk=None, draft_len=3, level=1)
+    prompt = torch.tensor([1, 4, 2, 1, 4])  # the prompt repeats itself: prompt lookup drafts
+    if drafter_kind == "model":
+        import copy
+
+        near = copy.deepcopy(model)  # a drafter close to the target but not equal: flatter, so often refused
+        with torch.no_grad():
+            near.lm_head.weight.mul_(0.5)
+        speculate = compile_generation(near, "cpu", cache_len=16, batch=batch, prefill_chunk=None, draft_len=None,
+                                       level=1)
+    else:
+        speculate = "ngram"
+    exact = _exact_pair_distribution(model, prompt, temperature).flatten()
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    proposed = accepted = 0
+    for seed in range(calls):
+        out, stats = gm.generate(prompt.expand(batch, -1), 3, temperature=temperature, seed=seed,
+                                 speculate=speculate, adaptive=False, return_stats=True)
+        pairs = out[:, -2] * vocab + out[:, -1]
+        counts += torch.bincount(pairs, minlength=vocab * vocab).double()
+        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    assert proposed > 0 and 0 < accepted < proposed  # drafts were both kept and refused
+    z = _chi_square_z(counts, exact * counts.sum())
+    assert z < 3.3, f"speculative sampling's output departs from the target's distribution (z = {z:.2f})"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("deterministic_drafts", [False, True])
+def test_acceptance_rule_emits_the_target_distribution(batch, deterministic_drafts):
+    """accept() alone, on fixed target (p) and draft (q) distributions per position: every
+    emitted token at position i must be distributed as p_i, whatever the drafts and however
+    many tokens the other sequences of the batch kept."""
+    vocab, k = 5, 2
+    g = torch.Generator().manual_seed(0)
+    p_logits = torch.randn(k + 1, vocab, generator=g) * 2
+    q = torch.softmax(torch.randn(k, vocab, generator=g) * 2, -1)
+    sampling = Sampling(temperature=1.0, generator=g)
+    counts = torch.zeros(k + 1, vocab, dtype=torch.float64)
+    for _ in range(4000 // batch):
+        if deterministic_drafts:  # prompt lookup: drafts fixed in advance (here the likeliest), q one-hot
+            drafts = p_logits[:k].argmax(-1).expand(batch, -1)
+            plan = Plan(drafts)
+        else:
+            drafts = torch.multinomial(q, batch, replacement=True, generator=g).T
+            plan = Plan(drafts, q.expand(batch, -1, -1))
+        new, _ = accept(p_logits.expand(batch, -1, -1), plan, sampling)
+        for i in range(new.shape[1]):
+            counts[i] += torch.bincount(new[:, i], minlength=vocab).double()
+    p = torch.softmax(p_logits.double(), -1)
+    for i in range(k + 1):
+        if counts[i].sum() >= 200:
+            z = _chi_square_z(counts[i], p[i] * counts[i].sum())
+            assert z < 3.3, f"position {i}: emitted tokens depart from the target's distribution (z = {z:.2f})"
+    assert counts[0].sum() == 4000 // batch * batch and counts[1].sum() > 0
+
+
+def test_the_chi_square_check_can_fail():
+    """The same statistic rejects samples drawn from the drafter's distribution instead."""
+    vocab = 6
+    target, other = _tiny_lm(0, vocab), _tiny_lm(1, vocab)
+    prompt = torch.tensor([1, 4, 2, 1, 4])
+    exact = _exact_pair_distribution(target, prompt, 1.0).flatten()
+    wrong = _exact_pair_distribution(other, prompt, 1.0).flatten()
+    counts = torch.bincount(torch.multinomial(wrong.float(), 2000, replacement=True, generator=torch.Generator()
+                                              .manual_seed(0)), minlength=vocab * vocab).double()
+    assert _chi_square_z(counts, exact * counts.sum()) > 3.3
