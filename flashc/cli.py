@@ -1,4 +1,4 @@
-"""The flashc command line: targets, compile, run, inspect, eval, export.
+"""The flashc command line: targets, compile, run, generate, inspect, eval, export.
 
 Every failure the user can act on (a bad option, path or size, a model spec whose code
 fails) ends as one line on stderr, `flashc: error: ...`, with exit status 2. The user's
@@ -74,6 +74,9 @@ def cmd_compile(args) -> int:
 
     _quantize_option(args)  # a bad scheme or spec is refused before the model is built
     _prune_option(args)
+    if args.signature == "generate":
+        return _compile_generation(args)
+    _generation_options_unused(args)
     model, inputs, source = _model_for_compile(args)
     with _user_code(args.model, "capturing the model"):
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
@@ -95,6 +98,139 @@ def cmd_compile(args) -> int:
         path = cm.save(args.output)
         print(f"artifact written to {path}")
     return 0
+
+
+def _compile_generation(args) -> int:
+    """`flashc compile MODEL --signature generate`: decode, prefill and verify entries."""
+    from flashc.generation import compile_generation
+
+    model, source, tokenizer = _model_for_generation(args)
+    with _user_code(args.model, "capturing the model"):
+        gm = compile_generation(model, args.target, cache_len=args.cache_len, batch=args.batch,
+                                prefill_chunk=_entry_size(args.prefill_chunk, min(64, args.cache_len), 2),
+                                draft_len=_entry_size(args.draft_len, min(4, args.cache_len - 1), 1),
+                                source=source, tokenizer=tokenizer, progress=True, level=args.level,
+                                profile=args.profile, numeric_check=args.numeric_check,
+                                quantize=_quantize_option(args), calibration=args.calibration,
+                                prune=_prune_option(args))
+    print(gm.decode.report().render())
+    print(gm.describe())
+    if args.report_json:
+        from flashc.report import write_json
+
+        entries = {name: cm.report().to_dict() for name, cm in gm.entries.items()}
+        print(f"report written to {write_json(args.report_json, {'kind': 'generation', 'entries': entries})}")
+    if args.output:
+        print(f"artifact written to {gm.save(args.output)}")
+    return 0
+
+
+def _entry_size(given: int | None, default: int, least: int) -> int | None:
+    """An entry's tokens a call: the option's value (0: no such entry), else the default if it
+    is at least `least`."""
+    if given is not None:
+        return given or None
+    return default if default >= least else None
+
+
+def _generation_options_unused(args) -> None:
+    for option, value in (("--prefill-chunk", args.prefill_chunk), ("--draft-len", args.draft_len)):
+        if value is not None:
+            raise FlashcError(f"{option} applies to --signature generate (the entries it compiles); add "
+                              "--signature generate --cache-len N or drop it")
+
+
+def _model_for_generation(args):
+    """The causal LM, its source and tokenizer name for a --signature generate compile."""
+    from flashc.compiled import ModelSource
+    from flashc.models import is_factory
+
+    if args.cache_len is None:
+        raise FlashcError("--signature generate needs --cache-len N, the length of its static KV cache "
+                          "(prompt + new tokens)")
+    kind = "factory" if is_factory(args.model) else "zoo"
+    tokenizer = None
+    if kind == "zoo":
+        entry = _zoo_entry(args.model, "a zoo name or path/to/file.py:factory")
+        if entry.family in ENCODER_FAMILIES:
+            raise FlashcError(f"--signature generate: {args.model} is an encoder ({entry.family}), not a causal "
+                              "LM: it generates nothing; compile it with --signature prefill")
+        tokenizer = args.model if entry.pretrained else None
+    source = ModelSource(kind, args.model, args.dtype, args.seed, args.batch, args.seq_len, "prefill", 0)
+    model, _ = _eager_model(source)
+    if kind == "factory":
+        _require_causal_lm(model, args.model)
+    _check_positions(model, args.model, "--cache-len", args.cache_len)
+    return model, source, tokenizer  # a model with random weights has no tokenizer: ids in, ids out
+
+
+def cmd_generate(args) -> int:
+    """`flashc generate ARTIFACT`: generate after a prompt, print the output and the stats."""
+    import json
+
+    import torch
+
+    import flashc
+    from flashc.generation import GenerationModel
+
+    loaded = flashc.load(args.artifact)
+    if isinstance(loaded, flashc.CompiledModel):
+        if loaded.program.meta.signature != "decode":
+            raise FlashcError(f"{args.artifact}: compiled with the prefill signature; generate needs "
+                              "--signature generate (or decode)")
+        loaded = GenerationModel.from_decode(loaded)
+    gm = loaded
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise FlashcError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if args.prompt is not None:
+        prompt = args.prompt if gm.batch == 1 else [args.prompt] * gm.batch
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise FlashcError(f"--prompt-ids {args.prompt_ids!r}: token ids separated by commas, e.g. 1,2,3") from None
+        prompt = torch.tensor([ids] * gm.batch)
+    result, stats = gm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, speculate=args.speculate,
+                                draft_len=args.draft_len, return_stats=True)
+    if args.json:
+        ids = result.tolist() if isinstance(result, torch.Tensor) else None
+        print(json.dumps({"output": None if ids is not None else result, "ids": ids, "stats": stats.to_dict()}))
+        return 0
+    c = _console()
+    if isinstance(result, torch.Tensor):
+        for row in result.tolist():
+            c.print(",".join(map(str, row)))
+    else:
+        for text in (result if isinstance(result, list) else [result]):
+            c.print(text, markup=False, highlight=False)
+    c.print(_generation_stats_table(stats))
+    return 0
+
+
+def _generation_stats_table(stats):
+    from rich.table import Table
+
+    t = Table(title="generation", title_justify="left")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+
+    def fmt(v, unit=""):
+        return "-" if v is None else f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+    rows = [("batch x prompt tokens", f"{stats.batch} x {stats.prompt_tokens}"), ("new tokens", fmt(stats.new_tokens)),
+            ("time to first token", fmt(stats.prefill_s * 1e3, " ms")),
+            ("decode tokens/s (per sequence)", fmt(stats.tokens_per_s)),
+            ("rounds (speculative)", f"{stats.rounds} ({stats.speculative_rounds})"),
+            ("drafts kept / verified", f"{stats.accepted} / {stats.proposed}"),
+            ("acceptance rate", fmt(stats.acceptance_rate)),
+            ("tokens per speculative round", fmt(stats.mean_accepted_length)),
+            ("plain step (measured)", fmt(None if stats.plain_step_s is None else stats.plain_step_s * 1e3, " ms")),
+            ("verify step (measured)", fmt(None if stats.verify_step_s is None else stats.verify_step_s * 1e3, " ms")),
+            ("speedup vs plain steps", fmt(stats.speedup_vs_plain, "x"))]
+    for name, value in rows:
+        t.add_row(name, value)
+    return t
 
 
 def _quantize_option(args):
@@ -791,10 +927,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=_artifact_output, default=None, help="artifact directory to write")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--numeric-check", action="store_true", help="compare every pass with the graph before it")
-    c.add_argument("--signature", choices=["prefill", "decode"], default="prefill",
-                   help="prefill: input_ids[batch, seq-len]; decode (causal LMs): one token with a static KV cache")
+    c.add_argument("--signature", choices=["prefill", "decode", "generate"], default="prefill",
+                   help="prefill: input_ids[batch, seq-len]; decode (causal LMs): one token with a static KV cache; "
+                        "generate: decode, prefill and verify entries over one KV cache (flashc generate)")
     c.add_argument("--cache-len", type=POSITIVE, default=None,
-                   help="static KV cache length of a decode signature (at most the model's positions)")
+                   help="static KV cache length of a decode or generate signature (at most the model's positions)")
+    c.add_argument("--prefill-chunk", type=NON_NEGATIVE, default=None,
+                   help="generate: prompt tokens a prefill call writes (default 64; 0: no prefill entry)")
+    c.add_argument("--draft-len", type=NON_NEGATIVE, default=None,
+                   help="generate: the most drafted tokens a speculative round verifies (default 4; 0: no verify "
+                        "entry)")
     c.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
                    help="also write the compile report as JSON to FILE (replaced atomically)")
     c.add_argument("--quantize", default=None, metavar="SCHEME",
@@ -845,6 +987,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (metric, model, baseline, relative_change, rows) and nothing else "
                         "on stdout")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate after a prompt with a --signature generate (or decode) artifact")
+    g.add_argument("artifact")
+    g.add_argument("--prompt", default=None, help="text (the artifact needs a tokenizer: a zoo model with real weights)")
+    g.add_argument("--prompt-ids", default=None, metavar="IDS", help="token ids separated by commas")
+    g.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=POSITIVE, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--speculate", default=None, metavar="ngram|draft:ARTIFACT",
+                   help="speculative decoding: prompt lookup, or a smaller compiled model with the same tokenizer")
+    g.add_argument("--draft-len", type=POSITIVE, default=None, help="the most drafts a round (default: the artifact's)")
+    g.add_argument("--json", action="store_true", help="print one JSON object (output, ids, stats)")
+    g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")
     x.add_argument("artifact")

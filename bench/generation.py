@@ -1,0 +1,260 @@
+"""Generation runtime benchmark: time to first token, and speculative decoding against plain.
+
+    python bench/generation.py --target cpu --out /tmp/gen            # smollm2-135m on the CPU
+    python bench/generation.py --target cuda --out $OUT               # on the GPU machine
+
+Two parts, each a table printed and appended to OUT/generation.md (rows to generation.jsonl):
+
+* ttft: a prompt of --ttft-tokens tokens on --ttft-model (random weights: speed only).
+  flashc's generate() with the prefill entry (chunks of --chunk tokens) against the same
+  artifact's decode entry fed a token a step (the runtime before the prefill entry), and the
+  floor the issue names: one call of a prefill-signature compile of exactly those tokens
+  plus one decode step, all measured in this run.
+* speculate: smollm2-135m (real weights, the 4-bit GGUF dequantized), greedy, batch 1 unless
+  --batch. Prompts that answer from a given passage (repeat or continue a paragraph of
+  flashc's evaluation prose, which prompt lookup can copy from) and open-ended ones (a
+  sentence to continue). Variants: flashc plain decoding, flashc ngram (adaptive and fixed
+  draft length), flashc draft:mixtral-ref (flashc's 19M MoE, same tokenizer; trained on
+  Python, so a weak drafter for prose), and Hugging Face generate() on the eager model with
+  and without prompt_lookup_num_tokens. Every flashc greedy output is checked token for token
+  against flashc's plain output; the HF rows say whether HF's output matched it too.
+  --temperature adds sampled rows (adaptive ngram at that temperature, seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, device: str, repeat: int) -> float:
+    fn()  # warm up (first call: CUDA graph capture, tuning)
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _write(out: Path, title: str, header: list[str], rows: list[list], notes: list[str]) -> None:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += [""] + [f"- {n}" for n in notes] + [""]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generation.md", "a") as f:
+        f.write(text + "\n")
+    with open(out / "generation.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps({"table": title, **dict(zip(header, r))}) + "\n")
+
+
+def bench_ttft(args, device: str) -> None:
+    import flashc
+    from flashc import zoo
+    from flashc.generate import Steps, generate
+    from flashc.generation import compile_generation
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = zoo.build(args.ttft_model, dtype=dtype, device="cpu", seed=0)
+    n = args.ttft_tokens
+    cache_len = n + 16
+    t = time.perf_counter()
+    gm = compile_generation(model, args.target, cache_len=cache_len, batch=1, prefill_chunk=args.chunk,
+                            draft_len=None, progress=True)
+    compile_s = time.perf_counter() - t
+    prefill = flashc.compile(model, args.target, (torch.zeros(1, n, dtype=torch.long),))
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    on = prompt.to(device)
+    one_prefill = _median_time(lambda: prefill(on), device, args.repeat)
+    steps = gm.steps()
+    pos = torch.tensor([n], device=device)
+    tok = on[:, :1]
+    one_decode = _median_time(lambda: steps.calls[1](tok, pos, *steps.kv_cache), device, args.repeat)
+    chunked = _median_time(lambda: gm.generate(prompt, 1), device, args.repeat)
+    one_step = Steps({1: steps.calls[1]}, steps.kv_cache)  # the decode entry alone, on the same cache
+    stepwise = _median_time(lambda: generate(one_step, prompt, 1), device, max(1, args.repeat // 5))
+    floor = one_prefill + one_decode
+    rows = [
+        ["one prefill call + one decode step (floor)", f"{floor * 1e3:.2f}", "1.00"],
+        [f"flashc generate(): prefill entry, chunks of {args.chunk}", f"{chunked * 1e3:.2f}", f"{chunked / floor:.2f}"],
+        ["flashc generate(): decode entry only (a token a step)", f"{stepwise * 1e3:.2f}", f"{stepwise / floor:.2f}"],
+    ]
+    _write(Path(args.out), f"time to first token, {args.ttft_model}, {n}-token prompt, {args.target} ({_device_name(device)})",
+           ["variant", "ms", "x floor"], rows,
+           [f"one prefill call {one_prefill * 1e3:.2f} ms, one decode step {one_decode * 1e3:.3f} ms; median of "
+            f"{args.repeat}; entries compiled in {compile_s:.1f} s", "target: within 1.2x of the floor"])
+
+
+def _passage_prompts(tokenizer, count: int, words: int) -> tuple[list[str], list[str]]:
+    """(prompts answering from a given passage, open-ended prompts), from flashc's eval prose."""
+    text = (REPO / "flashc" / "data" / "eval" / "prose.txt").read_text()
+    paragraphs = [p.strip().replace("\n", " ") for p in text.split("\n\n") if len(p.split()) >= words]
+    passage, open_ended = [], []
+    for i, para in enumerate(paragraphs[:count]):
+        para = " ".join(para.split()[:words])
+        ask = ("Repeat the following text exactly, word for word." if i % 2 == 0
+               else "Here is a text. Continue it by repeating its first sentences, unchanged.")
+        passage.append(_chat(tokenizer, f"{ask}\n\n{para}"))
+        first = para.split(". ")[0]
+        open_ended.append(_chat(tokenizer, f"Write a short story that begins: {first}."))
+    return passage, open_ended
+
+
+def _chat(tokenizer, text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def bench_speculate(args, device: str) -> None:
+    from flashc import pretrained
+    from flashc.generation import compile_generation
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = pretrained.load_smollm2(dtype)
+    batch, k, cache_len = args.batch, args.draft_len, args.cache_len
+    gm = compile_generation(model, args.target, cache_len=cache_len, batch=batch, prefill_chunk=args.chunk,
+                            draft_len=k, tokenizer="smollm2-135m", progress=True)
+    drafters = {}
+    if not args.no_draft_model:
+        draft_model, _ = pretrained.load_mixtral_ref(dtype=dtype)
+        drafters["draft:mixtral-ref"] = compile_generation(draft_model, args.target, cache_len=cache_len,
+                                                           batch=batch, prefill_chunk=args.chunk, draft_len=None,
+                                                           tokenizer="mixtral-ref", progress=True)
+    passage, open_ended = _passage_prompts(tokenizer, args.prompts, args.passage_words)
+    hf_model = model.to(device)
+    rows = []
+    for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
+        variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
+                    ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
+        variants += [(f"flashc {name}", {"speculate": d}) for name, d in drafters.items()]
+        totals = {name: [0.0, 0, 0, 0, True] for name, _ in variants}  # seconds, tokens, kept, drafted, identical
+        hf = {"HF generate (eager)": {}, f"HF generate prompt_lookup_num_tokens={k}": {"prompt_lookup_num_tokens": k}}
+        hf_totals = {name: [0.0, 0, True] for name in hf}
+        for text in prompts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]] * batch)
+            if ids.shape[1] + args.new_tokens > cache_len:
+                ids = ids[:, -(cache_len - args.new_tokens):]
+            plain = None
+            for name, kw in variants:
+                gm.generate(ids, 4, **kw)  # warm up this path
+                _sync(device)
+                out, st = gm.generate(ids, args.new_tokens, return_stats=True, **kw)
+                tot = totals[name]
+                tot[0] += st.total_s - st.prefill_s
+                tot[1] += st.new_tokens - 1
+                tot[2] += st.accepted
+                tot[3] += st.proposed
+                if plain is None:
+                    plain = out
+                tot[4] &= bool(torch.equal(out, plain))
+            for name, kw in hf.items():
+                with torch.no_grad():
+                    hf_ids = ids.to(device)
+                    hf_model.generate(hf_ids, max_new_tokens=4, do_sample=False, **kw)
+                    _sync(device)
+                    t = time.perf_counter()
+                    first = hf_model.generate(hf_ids, max_new_tokens=1, do_sample=False, **kw)
+                    _sync(device)
+                    t_first = time.perf_counter() - t
+                    t = time.perf_counter()
+                    out = hf_model.generate(hf_ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                            min_new_tokens=args.new_tokens, **kw)
+                    _sync(device)
+                    elapsed = time.perf_counter() - t - t_first  # decode time, as for flashc's rows
+                del first
+                tot = hf_totals[name]
+                tot[0] += elapsed
+                tot[1] += out.shape[1] - ids.shape[1] - 1
+                tot[2] &= bool(torch.equal(out.cpu()[:, :plain.shape[1]], plain))
+        base = totals["flashc plain"][1] / totals["flashc plain"][0]
+        for name, (secs, toks, kept, drafted, same) in totals.items():
+            rate = toks / secs
+            rows.append([kind, name, f"{rate:.1f}", f"{rate / base:.2f}",
+                         f"{kept / drafted:.2f}" if drafted else "-", "yes" if same else "NO"])
+        for name, (secs, toks, same) in hf_totals.items():
+            rate = toks / secs
+            rows.append([kind, name, f"{rate:.1f}", f"{rate / base:.2f}", "-", "yes" if same else "no (fp order)"])
+    if args.temperature > 0:
+        for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
+            res = {}
+            for name, kw in (("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"})):
+                secs = toks = 0
+                for i, text in enumerate(prompts):
+                    ids = torch.tensor([tokenizer(text)["input_ids"]] * batch)[:, -(cache_len - args.new_tokens):]
+                    _, st = gm.generate(ids, args.new_tokens, temperature=args.temperature, seed=i,
+                                        return_stats=True, **kw)
+                    secs += st.total_s - st.prefill_s
+                    toks += st.new_tokens - 1
+                res[name] = toks / secs
+            for name, rate in res.items():
+                rows.append([f"{kind}, T={args.temperature}", name, f"{rate:.1f}",
+                             f"{rate / res['flashc plain']:.2f}", "-", "sampled"])
+    _write(Path(args.out), f"speculative decoding, smollm2-135m, batch {batch}, {args.new_tokens} new tokens, "
+           f"{args.target} ({_device_name(device)})", ["prompts", "variant", "tokens/s", "x flashc plain",
+                                                       "drafts kept", "output = flashc plain"], rows,
+           [f"{len(passage)} passage and {len(open_ended)} open-ended prompts ({args.passage_words}-word paragraphs "
+            "of flashc/data/eval/prose.txt, SmolLM2's chat template); decode time only (after the first token); "
+            f"verify entry: {k} drafts; weights: SmolLM2-135M-Instruct dequantized from its 4-bit GGUF",
+            "HF rows: transformers generate() on the same eager model (its own cache and attention); "
+            "`output = flashc plain` compares token ids"])
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--parts", nargs="+", default=["ttft", "speculate"], choices=["ttft", "speculate"])
+    ap.add_argument("--ttft-model", default=None, help="default: llama-3.2-1b on cuda, smollm2-135m shapes on cpu")
+    ap.add_argument("--ttft-tokens", type=int, default=None, help="default: 1000 on cuda, 256 on cpu")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 256 on cuda, 64 on cpu)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--draft-len", type=int, default=5)
+    ap.add_argument("--cache-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--passage-words", type=int, default=90)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--no-draft-model", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if args.target == "cuda" else "cpu"
+    args.ttft_model = args.ttft_model or ("llama-3.2-1b" if device == "cuda" else "smollm2-135m")
+    args.ttft_tokens = args.ttft_tokens or (1000 if device == "cuda" else 256)
+    args.chunk = args.chunk or (256 if device == "cuda" else 64)
+    if "ttft" in args.parts:
+        bench_ttft(args, device)
+    if "speculate" in args.parts:
+        bench_speculate(args, device)
+
+
+if __name__ == "__main__":
+    main()
