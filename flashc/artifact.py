@@ -126,9 +126,10 @@ COMPILED_MODEL_MANIFEST = Record(
         "estimate": Record({"profile": str, "seconds": Number, "gflops": Number, "gbytes": Number, "kernels": int},
                            open=True),
         "payload": MapOf(RelPath("payload")),  # backend payload files, relative to payload/
+        "external_weights": ListOf(str),  # weights another artifact holds (a generation artifact's decode entry)
     },
     optional=frozenset({"flashc_version", "torch_version", "created", "out_spec", "out_type", "meta", "timings",
-                        "estimate", "payload"}),
+                        "estimate", "payload", "external_weights"}),
     open=True,
 )
 

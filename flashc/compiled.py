@@ -123,11 +123,14 @@ class CompiledModel:
             accuracy=self.accuracy,
         )
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, weights_elsewhere: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the artifact directory atomically (see flashc.artifact).
 
         Replaces only an earlier flashc artifact or an empty directory at `path`;
         anything else there, and any filesystem failure, is an ArtifactError.
+        weights_elsewhere: weights another artifact stores (a generation artifact's decode
+        entry): those equal to it by name, shape, dtype and value are not written, and the
+        manifest lists them under `external_weights` for `load(..., external_weights=)`.
         """
         from flashc import __version__
         from flashc.artifact import COMPILED_MODEL_MANIFEST
@@ -146,6 +149,9 @@ class CompiledModel:
             "estimate": self.report().estimate.summary(),
         }
         payload: dict[str, Any] = {}
+        stored, external = _split_weights(self.program.params, weights_elsewhere or {})
+        if external:
+            manifest["external_weights"] = external
 
         def write_payload(d: Path) -> None:
             d.mkdir()
@@ -153,13 +159,26 @@ class CompiledModel:
 
         writers = {
             "graph.json": lambda p: p.write_text(json.dumps(graph_to_json(self.program.graph))),
-            "weights.safetensors": lambda p: save_tensors(self.program.params, p),
+            "weights.safetensors": lambda p: save_tensors(stored, p),
             "payload": write_payload,
         }
         if self.reference_weights is not None:
             writers["reference.safetensors"] = lambda p: save_tensors(self.reference_weights, p)
         manifest["payload"] = payload
         return write_artifact(path, manifest, writers, schema=COMPILED_MODEL_MANIFEST)
+
+
+def _split_weights(params: dict[str, torch.Tensor], elsewhere: dict[str, torch.Tensor]):
+    """(weights to write here, sorted names of those `elsewhere` holds unchanged)."""
+    stored, external = {}, []
+    for name, t in params.items():
+        other = elsewhere.get(name)
+        if other is not None and (other is t or (other.shape == t.shape and other.dtype == t.dtype
+                                                 and torch.equal(other.cpu(), t.cpu()))):
+            external.append(name)
+        else:
+            stored[name] = t
+    return stored, sorted(external)
 
 
 def _dump_out_spec(spec: pytree.TreeSpec | None) -> tuple[str | None, str | None]:
@@ -178,9 +197,10 @@ def _dump_out_spec(spec: pytree.TreeSpec | None) -> tuple[str | None, str | None
         return None, output_type_name(spec)
 
 
-def load(path: str | os.PathLike):
+def load(path: str | os.PathLike, *, external_weights: dict[str, torch.Tensor] | None = None):
     """Load an artifact written by CompiledModel.save (or GenerationModel.save, which gives a
-    flashc.generation.GenerationModel); checks checksums, never unpickles.
+    flashc.generation.GenerationModel); checks checksums, never unpickles. external_weights:
+    the weights an entry of a generation artifact shares with its decode entry.
 
     The manifest is checked field by field and the output type is rebuilt from what it
     records (see flashc.serialize.output_spec_from_json); any problem is an ArtifactError
@@ -203,6 +223,13 @@ def load(path: str | os.PathLike):
         raise ArtifactError(f"{path / 'graph.json'}: cannot read graph ({e})") from None
     gm = graph_from_json(entries)
     params = load_tensors(path / "weights.safetensors")
+    wanted = manifest.get("external_weights", [])
+    if wanted:
+        missing = [n for n in wanted if n not in (external_weights or {})]
+        if missing:
+            raise ArtifactError(f"{mpath}: {len(missing)} weights ({', '.join(missing[:3])}...) live in the artifact "
+                                "this one is part of (a generation artifact's decode entry): load that artifact")
+        params.update({n: external_weights[n] for n in wanted})
     inputs = [InputSpec(i["name"], tuple(i["shape"]), _manifest_value(mpath, f"inputs[{n}].dtype", dtype_from_name,
                                                                      i["dtype"]))
               for n, i in enumerate(manifest["inputs"])]

@@ -10,8 +10,9 @@
 Entries, each a CompiledModel of `flashc.decode.DecodeStep` at a fixed number of tokens:
 `decode` (one token), `prefill` (a chunk of the prompt a call) and `verify` (the pending
 token and k drafts, for speculation). They are compiled from the same model with the same
-passes and share the KV cache tensors at run time; each keeps its own copy of the weights
-(in memory and on disk: see the closing notes of the generation issue).
+passes and share the KV cache tensors at run time; weights equal across entries are held
+once in memory (for the backends that run the program's weights: cpu, eager) and stored
+once on disk (the decode entry's; the others list them as `external_weights`).
 
 The artifact is a directory with a manifest naming the entries and one CompiledModel
 artifact per entry below it; a decode-step artifact of one entry loads as a
@@ -78,7 +79,30 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
                    *empty_kv_cache(model, batch, cache_len))
         src = ModelSource(base.kind, base.name, base.dtype, base.seed, batch, tokens, "decode", cache_len)
         entries[name] = compile_model(step, target, example, source=src, **compile_kwargs)
+    share_weights(entries)
     return GenerationModel(entries, tokenizer=tokenizer)
+
+
+def share_weights(entries: dict[str, CompiledModel]) -> int:
+    """Let every entry hold the decode entry's tensor for a weight equal to it (by name, shape,
+    dtype and value), so the entries keep one copy in memory; returns how many were shared.
+
+    Backends that run the program's own weights (cpu, eager: flashc.ir.Program.run_flat) then
+    read the shared tensors; a backend holding device copies of its own (the CUDA target)
+    still keeps one set per entry: see the generation issue's closing notes.
+    """
+    donor = entries["decode"].program.params
+    shared = 0
+    for name, cm in entries.items():
+        if name == "decode":
+            continue
+        params = cm.program.params
+        for key, t in params.items():
+            d = donor.get(key)
+            if d is not None and d is not t and d.shape == t.shape and d.dtype == t.dtype and torch.equal(d, t):
+                params[key] = d
+                shared += 1
+    return shared
 
 
 class GenerationModel:
@@ -357,7 +381,9 @@ class GenerationModel:
 
         manifest = {"kind": GENERATION_KIND, "entries": {name: name for name in self.entries},
                     "tokenizer": self.tokenizer_name, "batch": self.batch, "cache_len": self.cache_len}
-        writers = {name: (lambda p, cm=cm: cm.save(p)) for name, cm in self.entries.items()}
+        shared = self.decode.program.params
+        writers = {name: (lambda p, cm=cm: cm.save(p, weights_elsewhere=None if cm is self.decode else shared))
+                   for name, cm in self.entries.items()}
         return write_artifact(path, manifest, writers, schema=GENERATION_MANIFEST)
 
 
@@ -393,12 +419,15 @@ def load_generation(path: str | os.PathLike) -> GenerationModel:
 
     path = Path(path)
     manifest = read_manifest(path, schema=GENERATION_MANIFEST)
-    entries = {}
+    unknown = set(manifest["entries"]) - set(ENTRIES)
+    if unknown or "decode" not in manifest["entries"]:
+        raise ArtifactError(f"{path / MANIFEST}: field 'entries' must name decode and any of {', '.join(ENTRIES)}, "
+                            f"found {', '.join(manifest['entries'])}")
+    decode = load(path / manifest["entries"]["decode"])
+    entries = {"decode": decode}
     for name, sub in manifest["entries"].items():
-        if name not in ENTRIES:
-            raise ArtifactError(f"{path / MANIFEST}: field 'entries': unknown entry {name!r} (known: "
-                                f"{', '.join(ENTRIES)})")
-        entries[name] = load(path / sub)
+        if name != "decode":  # weights equal to the decode entry's are stored (and held) once
+            entries[name] = load(path / sub, external_weights=decode.program.params)
     try:
         return GenerationModel(entries, tokenizer=manifest.get("tokenizer"))
     except FlashcError as e:

@@ -308,3 +308,18 @@ def test_the_chi_square_check_can_fail():
     counts = torch.bincount(torch.multinomial(wrong.float(), 2000, replacement=True, generator=torch.Generator()
                                               .manual_seed(0)), minlength=vocab * vocab).double()
     assert _chi_square_z(counts, exact * counts.sum()) > 3.3
+
+
+def test_entries_hold_and_store_shared_weights_once(target, tmp_path):
+    _, gm = target
+    decode, prefill = gm.entries["decode"].program.params, gm.entries["prefill"].program.params
+    common = set(decode) & set(prefill)
+    assert common and all(prefill[n] is decode[n] for n in common)
+    path = gm.save(tmp_path / "gen")
+    size = {name: (path / name / "weights.safetensors").stat().st_size for name in gm.entries}
+    assert size["prefill"] < size["decode"] / 10 and size["verify"] < size["decode"] / 10
+    loaded = flashc.load(path)
+    assert all(loaded.entries["verify"].program.params[n] is loaded.entries["decode"].program.params[n]
+               for n in set(decode) & set(gm.entries["verify"].program.params))
+    with pytest.raises(flashc.ArtifactError, match="live in the artifact this one is part of"):
+        flashc.load(path / "prefill")
