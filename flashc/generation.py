@@ -37,15 +37,22 @@ ENTRIES = ("decode", "prefill", "verify")
 GENERATION_KIND = "generation"
 
 
+DEFAULT_PREFILL_CHUNK = 256  # tokens a prefill call writes: a 1,000-token prompt in 4 calls
+DEFAULT_DRAFT_LEN = 4
+
+
 def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len: int, batch: int = 1,
-                       prefill_chunk: int | None = 64, draft_len: int | None = 4, source: ModelSource | None = None,
-                       tokenizer: str | None = None, progress: bool = False, **compile_kwargs: Any) -> "GenerationModel":
+                       prefill_chunk: int | None | str = "auto", draft_len: int | None | str = "auto",
+                       source: ModelSource | None = None,
+                       tokenizer: str | None = None, progress: bool = False,
+                       **compile_kwargs: Any) -> "GenerationModel":
     """Compile a Hugging Face causal LM's decode step at 1, prefill_chunk and draft_len + 1 tokens.
 
     cache_len: positions of the static KV cache (prompt + new tokens must fit). prefill_chunk:
-    prompt tokens a prefill call writes (None: no prefill entry, the prompt goes a token a step,
-    or through the verify step). draft_len: the most drafts a speculative round verifies
-    (None: no verify entry, no speculation). tokenizer: the zoo model whose tokenizer the model
+    prompt tokens a prefill call writes ("auto": DEFAULT_PREFILL_CHUNK or cache_len if shorter;
+    None: no prefill entry, the prompt goes through the other entries). draft_len: the most
+    drafts a speculative round verifies ("auto": DEFAULT_DRAFT_LEN or cache_len - 1 if fewer;
+    None: no verify entry, no speculation). tokenizer: the zoo model whose tokenizer the model
     uses, for text in and out. compile_kwargs go to flashc.compile for every entry (level,
     profile, quantize, calibration, prune, verify, ...).
     """
@@ -54,6 +61,10 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
 
     if cache_len < 1:
         raise InputError(f"cache_len must be >= 1, got {cache_len}")
+    if prefill_chunk == "auto":
+        prefill_chunk = min(DEFAULT_PREFILL_CHUNK, cache_len) if cache_len >= 2 else None
+    if draft_len == "auto":
+        draft_len = min(DEFAULT_DRAFT_LEN, cache_len - 1) or None
     sizes = {"decode": 1}
     if prefill_chunk is not None:
         if not 2 <= prefill_chunk <= cache_len:

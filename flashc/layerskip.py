@@ -101,7 +101,8 @@ def _shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def compile_layerskip(model: torch.nn.Module, target: str = "cpu", *, exit_layer: int, cache_len: int,
-                      batch: int = 1, prefill_chunk: int | None = 64, **compile_kwargs: Any) -> GenerationModel:
+                      batch: int = 1, prefill_chunk: int | None | str = "auto",
+                      **compile_kwargs: Any) -> GenerationModel:
     """Compile the model's first exit_layer layers (+ final norm and LM head) as a draft
     GenerationModel for `target_gm.generate(..., speculate=draft)`.
 
@@ -215,7 +216,7 @@ def default_exit_layers(num_layers: int) -> list[int]:
 
 def choose_exit_layer(model: torch.nn.Module, target: str, prompts, *, candidates: Sequence[int] | None = None,
                       cache_len: int, batch: int, max_new_tokens: int = 32, target_gm: GenerationModel | None = None,
-                      prefill_chunk: int | None = 64, draft_len: int = 4, progress: bool = True,
+                      prefill_chunk: int | None | str = "auto", draft_len: int | str = "auto", progress: bool = True,
                       **compile_kwargs: Any) -> ExitLayerChoice:
     """Compile a draft at each candidate exit, generate greedily over the calibration prompts
     with it (speculate=draft, adaptive=False: draft_len drafts every round), and pick the exit

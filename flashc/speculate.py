@@ -14,7 +14,9 @@ Drafters (`propose(tokens, k, sampling) -> Plan | None`):
 
 `Speculator` picks k each round from the measured acceptance and the measured times of a
 plain step, a verify step and a draft step, and turns speculation off (k = 0, a plain step)
-while it would be slower, probing again now and then.
+while it would be slower, probing again now and then. Acceptance is estimated per class of
+the drafter's evidence (prompt lookup: how long an n-gram matched), since a 3-gram match in a
+passage being copied is kept far more often than a 1-gram match in free text.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Plan:
 
     drafts: torch.Tensor  # [B, k]
     q: torch.Tensor | None = None  # [B, k, V]; None: drafts were chosen deterministically
+    evidence: int = 0  # the drafter's class of confidence (ngram: the n-gram length matched); acceptance
+    # is estimated per class
 
     @property
     def k(self) -> int:
@@ -86,6 +90,7 @@ class NgramDrafter:
     """Prompt lookup: propose what followed the latest earlier occurrence of the last n tokens."""
 
     name = "ngram"
+    cheap = True  # proposing costs nothing next to a step: propose first, then choose how many to verify
 
     def __init__(self, max_ngram: int = 3) -> None:
         if max_ngram < 1:
@@ -112,18 +117,19 @@ class NgramDrafter:
 
     def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan | None:
         self._update(tokens)
-        found = []
+        found, matched = [], []
         for row, index in zip(self.rows, self.index):
             for n in range(self.max_ngram, 0, -1):
                 end = index.get(tuple(row[-n:])) if len(row) > n else None
                 if end is not None:
                     found.append(row[end:end + k])
+                    matched.append(n)
                     break
             else:
                 return None  # one sequence without a match would keep nothing for all
         k = min(len(f) for f in found)
         drafts = torch.tensor([f[:k] for f in found], dtype=tokens.dtype, device=tokens.device)
-        return Plan(drafts)
+        return Plan(drafts, evidence=min(matched))
 
     def accepted(self, length: int, n: int) -> None:
         pass
@@ -133,6 +139,7 @@ class ModelDrafter:
     """A smaller model's compiled steps, with its own KV cache, drafting k tokens a round."""
 
     name = "draft"
+    cheap = False  # k steps of the draft model: choose k first
 
     def __init__(self, steps: Steps, vocab_size: int) -> None:
         self.steps = steps
@@ -211,16 +218,16 @@ class Speculator:
 
     def reset(self) -> None:
         self.timing = Timing()
-        self.kept, self.refused = 1.0, 1.0  # decayed counts: drafts kept, rounds ending in a rejection
+        self.counts: dict[int, list[float]] = {}  # evidence -> decayed [drafts kept, rounds ending in a rejection]
         self.idle = 0
         self.drafter.reset()
 
-    @property
-    def acceptance(self) -> float:
-        """Estimated chance that a draft is kept, given the ones before it were."""
-        return self.kept / (self.kept + self.refused)
+    def acceptance(self, evidence: int = 0) -> float:
+        """Estimated chance that a draft of this class is kept, given the ones before it were."""
+        kept, refused = self.counts.get(evidence, (1.0, 1.0))
+        return kept / (kept + refused)
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, evidence: int = 0) -> int:
         if not self.adaptive:
             return limit
         t = self.timing
@@ -228,7 +235,7 @@ class Speculator:
             return 0  # time a plain step first
         if t.verify is None:
             return limit
-        a = self.acceptance
+        a = self.acceptance(evidence)
         best, best_rate = 0, 1.0 / t.plain
         for k in range(1, limit + 1):
             expected = sum(a ** i for i in range(k + 1))  # tokens a round of k drafts emits
@@ -243,7 +250,18 @@ class Speculator:
         return best
 
     def plan(self, tokens: torch.Tensor, room: int, sampling: Sampling) -> Plan | None:
-        k = self.choose(min(self.max_draft, room))
+        limit = min(self.max_draft, room)
+        if limit < 1:
+            return None
+        if self.drafter.cheap:  # see what the drafter has, then decide how much of it to verify
+            plan = self.drafter.propose(tokens, limit, sampling)
+            if plan is None:
+                return None
+            k = self.choose(plan.k, plan.evidence)
+            if k < 1:
+                return None
+            return Plan(plan.drafts[:, :k], None if plan.q is None else plan.q[:, :k], plan.evidence)
+        k = self.choose(limit)
         if k < 1:
             return None
         start = time.perf_counter()
@@ -265,7 +283,8 @@ class Speculator:
         logits = steps.feed(ids, length - 1, all_logits=True)
         new, n = accept(logits, plan, sampling)  # reads n on the host: the device is done
         self.timing.verify = Timing.mix(self.timing.verify, time.perf_counter() - start)
-        self.kept = 0.9 * self.kept + n
-        self.refused = 0.9 * self.refused + (1 if n < plan.k else 0)
+        counts = self.counts.setdefault(plan.evidence, [1.0, 1.0])
+        counts[0] = 0.9 * counts[0] + n
+        counts[1] = 0.9 * counts[1] + (1 if n < plan.k else 0)
         self.drafter.accepted(length, n)
         return new, n

@@ -93,3 +93,10 @@ def test_compile_hf_model(runs):
     assert "flashc compile report" in out and "fused: " in out
     compiled, reloaded = map(float, re.search(rf"compiled {NUMBER}, reloaded artifact {NUMBER}", out).groups())
     assert compiled <= 1e-4 and reloaded <= 1e-4
+
+
+def test_speculative_generation(runs):
+    out = output_of(runs, "speculative_generation")
+    rows = dict(re.findall(r"^(plain|ngram|layerskip \(1st layer\))\s+(yes|NO)\s", out, re.MULTILINE))
+    assert rows == {"plain": "yes", "ngram": "yes", "layerskip (1st layer)": "yes"}
+    assert "output identical: True" in out

@@ -175,12 +175,14 @@ def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
     spec.observe_plain(1.0)
     assert spec.choose(4) == 4  # then a verify round
     spec.timing.verify = 1.2
-    spec.kept, spec.refused = 9.0, 1.0  # drafts usually kept: speculate fully
+    spec.counts[0] = [9.0, 1.0]  # drafts usually kept: speculate fully
     assert spec.choose(4) == 4
-    spec.kept, spec.refused = 0.1, 5.0  # drafts almost never kept: a verify costs more than it gives
+    spec.counts[0] = [0.1, 5.0]  # drafts almost never kept: a verify costs more than it gives
     assert [spec.choose(4) for _ in range(Speculator.PROBE_EVERY - 1)] == [0] * (Speculator.PROBE_EVERY - 1)
     assert spec.choose(4) == 4  # a probe now and then
-    spec.timing.draft, spec.kept, spec.refused = 0.5, 3.0, 1.0  # a costly drafter: a shorter draft pays more
+    spec.counts[3] = [9.0, 1.0]  # ...while 3-gram matches are usually kept
+    assert spec.choose(4, evidence=3) == 4 and spec.choose(4, evidence=0) == 0
+    spec.timing.draft, spec.counts[0] = 0.5, [3.0, 1.0]  # a costly drafter: a shorter draft pays more
     assert 0 < spec.choose(4) < 4
 
 
