@@ -325,3 +325,26 @@ def test_entries_hold_and_store_shared_weights_once(target, tmp_path):
                for n in set(decode) & set(gm.entries["verify"].program.params))
     with pytest.raises(flashc.ArtifactError, match="live in the artifact this one is part of"):
         flashc.load(path / "prefill")
+
+
+def test_text_in_text_out_and_streamed_text():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = zoo.tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()  # random weights, SmolLM2's vocabulary: text in, text out
+    gm = compile_generation(model, "cpu", cache_len=48, prefill_chunk=16, draft_len=3, tokenizer="smollm2-135m",
+                            level=1)
+    prompt = "The quick brown fox"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    want = greedy_reference(model, ids, 12)[0]
+    eos = tokenizer.eos_token_id
+    if eos in want[ids.shape[1]:].tolist():
+        want = want[:ids.shape[1] + want[ids.shape[1]:].tolist().index(eos) + 1]
+    text = gm.generate(prompt, 12, speculate="ngram")
+    assert text == tokenizer.decode(want.tolist(), skip_special_tokens=True) and text.startswith(prompt)
+    pieces = list(gm.stream(prompt, 12))
+    assert "".join(pieces) == tokenizer.decode(want[ids.shape[1]:].tolist(), skip_special_tokens=True)
+    assert gm.generate([prompt], 12) == [text]
