@@ -16,9 +16,10 @@ Two parts, each a table printed and appended to OUT/generation.md (rows to gener
   sentence to continue). Variants: flashc plain decoding, flashc ngram (adaptive and fixed
   draft length), flashc draft:mixtral-ref (flashc's 19M MoE, same tokenizer; trained on
   Python, so a weak drafter for prose), flashc layerskip:E for each --layerskip exit E (the
-  target's first E layers draft), and Hugging Face generate() on the eager model with
-  and without prompt_lookup_num_tokens. Every flashc greedy output is checked token for token
-  against flashc's plain output; the HF rows say whether HF's output matched it too.
+  target's first E layers draft), and Hugging Face generate() on the eager model, plain and
+  (batch 1) with prompt_lookup_num_tokens and with assistant_model=mixtral-ref. Every flashc
+  greedy output is checked token for token against flashc's plain output; the HF rows say
+  whether HF's output matched it too.
   --temperature adds sampled rows (adaptive ngram at that temperature, seeded).
 """
 
@@ -141,9 +142,10 @@ def bench_speculate(args, device: str) -> None:
     batch, k, cache_len = args.batch, args.draft_len, args.cache_len
     gm = compile_generation(model, args.target, cache_len=cache_len, batch=batch, prefill_chunk=args.chunk,
                             draft_len=k, tokenizer="smollm2-135m", progress=True)
-    drafters = {}
+    drafters, draft_eager = {}, None
     if not args.no_draft_model:
         draft_model, _ = pretrained.load_mixtral_ref(dtype=dtype)
+        draft_eager = draft_model
         drafters["draft:mixtral-ref"] = compile_generation(draft_model, args.target, cache_len=cache_len,
                                                            batch=batch, prefill_chunk=args.chunk, draft_len=None,
                                                            tokenizer="mixtral-ref", progress=True)
@@ -155,13 +157,19 @@ def bench_speculate(args, device: str) -> None:
                                                                prefill_chunk=args.chunk, tokenizer="smollm2-135m")
     passage, open_ended = _passage_prompts(tokenizer, args.prompts, args.passage_words)
     hf_model = model.to(device)
+    if draft_eager is not None:
+        draft_eager = draft_eager.to(device)
     rows = []
     for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
         variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
                     ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
         variants += [(f"flashc {name}", {"speculate": d}) for name, d in drafters.items()]
         totals = {name: [0.0, 0, 0, 0, True] for name, _ in variants}  # seconds, tokens, kept, drafted, identical
-        hf = {"HF generate (eager)": {}, f"HF generate prompt_lookup_num_tokens={k}": {"prompt_lookup_num_tokens": k}}
+        hf = {"HF generate (eager)": {}}
+        if batch == 1:  # transformers' assisted generation takes one sequence
+            hf[f"HF generate prompt_lookup_num_tokens={k}"] = {"prompt_lookup_num_tokens": k}
+            if draft_eager is not None:
+                hf["HF generate assistant_model=mixtral-ref"] = {"assistant_model": draft_eager}
         hf_totals = {name: [0.0, 0, True] for name in hf}
         for text in prompts:
             ids = torch.tensor([tokenizer(text)["input_ids"]] * batch)

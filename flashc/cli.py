@@ -202,33 +202,10 @@ def cmd_generate(args) -> int:
     else:
         for text in (result if isinstance(result, list) else [result]):
             c.print(text, markup=False, highlight=False)
-    c.print(_generation_stats_table(stats))
+    from flashc.generate import stats_table
+
+    c.print(stats_table(stats))
     return 0
-
-
-def _generation_stats_table(stats):
-    from rich.table import Table
-
-    t = Table(title="generation", title_justify="left")
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-
-    def fmt(v, unit=""):
-        return "-" if v is None else f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}"
-
-    rows = [("batch x prompt tokens", f"{stats.batch} x {stats.prompt_tokens}"), ("new tokens", fmt(stats.new_tokens)),
-            ("time to first token", fmt(stats.prefill_s * 1e3, " ms")),
-            ("decode tokens/s (per sequence)", fmt(stats.tokens_per_s)),
-            ("rounds (speculative)", f"{stats.rounds} ({stats.speculative_rounds})"),
-            ("drafts kept / verified", f"{stats.accepted} / {stats.proposed}"),
-            ("acceptance rate", fmt(stats.acceptance_rate)),
-            ("tokens per speculative round", fmt(stats.mean_accepted_length)),
-            ("plain step (measured)", fmt(None if stats.plain_step_s is None else stats.plain_step_s * 1e3, " ms")),
-            ("verify step (measured)", fmt(None if stats.verify_step_s is None else stats.verify_step_s * 1e3, " ms")),
-            ("speedup vs plain steps", fmt(stats.speedup_vs_plain, "x"))]
-    for name, value in rows:
-        t.add_row(name, value)
-    return t
 
 
 def _quantize_option(args):

@@ -137,6 +137,7 @@ class GenerationModel:
         self.tokenizer_name = tokenizer
         self._tokenizer = None
         self._steps: Steps | None = None
+        self.last_stats: GenerationStats | None = None  # what the last generate() call did (report())
 
     @classmethod
     def from_decode(cls, cm: CompiledModel) -> "GenerationModel":
@@ -228,6 +229,7 @@ class GenerationModel:
             out = generate(self.steps(), ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_token_id=eos_token_id, progress=progress, speculator=speculator,
                            on_tokens=on_tokens, stats=stats)
+        self.last_stats = stats
         out = out.cpu()
         if as_text:
             result = [self._decode_text(row, eos_token_id) for row in out]
@@ -375,6 +377,22 @@ class GenerationModel:
         return self.vocab_size
 
     # -- reports and artifacts --------------------------------------------------------
+
+    def report(self) -> str:
+        """The entries (describe()) and, after a generate() call, what it measured: time to
+        first token, tokens/s, acceptance, tokens per speculative round, speedup over plain steps."""
+        text = self.describe()
+        if self.last_stats is not None:
+            import io
+
+            from rich.console import Console
+
+            from flashc.generate import stats_table
+
+            console = Console(record=True, width=100, file=io.StringIO(), color_system=None)
+            console.print(stats_table(self.last_stats))
+            text += "\n" + console.export_text().rstrip("\n")
+        return text
 
     def describe(self) -> str:
         """One line per entry: tokens per call, target, level, kernels' estimate."""

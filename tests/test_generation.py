@@ -67,6 +67,8 @@ def test_a_perfect_drafter_is_accepted_whole(target):
     assert torch.equal(got, greedy_reference(model, prompt, 21))
     assert stats.acceptance_rate == 1.0 and stats.mean_accepted_length == 5.0
     assert stats.rounds == 4  # 1 token from the prefill, then 4 rounds of 5
+    report = gm.report()
+    assert "verify" in report and "acceptance rate" in report and "1.000" in report
 
 
 def test_eos_stops_each_sequence(target):
