@@ -108,6 +108,7 @@ def _compile_generation(args) -> int:
     with _user_code(args.model, "capturing the model"):
         gm = compile_generation(model, args.target, cache_len=args.cache_len, batch=args.batch,
                                 prefill_chunk=_entry_size(args.prefill_chunk), draft_len=_entry_size(args.draft_len),
+                                ragged=args.ragged,
                                 source=source, tokenizer=tokenizer, progress=True, level=args.level,
                                 profile=args.profile, numeric_check=args.numeric_check,
                                 quantize=_quantize_option(args), calibration=args.calibration,
@@ -132,7 +133,8 @@ def _entry_size(given: int | None) -> int | str | None:
 
 
 def _generation_options_unused(args) -> None:
-    for option, value in (("--prefill-chunk", args.prefill_chunk), ("--draft-len", args.draft_len)):
+    for option, value in (("--prefill-chunk", args.prefill_chunk), ("--draft-len", args.draft_len),
+                          ("--ragged", args.ragged or None)):
         if value is not None:
             raise FlashcError(f"{option} applies to --signature generate (the entries it compiles); add "
                               "--signature generate --cache-len N or drop it")
@@ -184,21 +186,23 @@ def cmd_generate(args) -> int:
         prompt = args.prompt if gm.batch == 1 else [args.prompt] * gm.batch
     else:
         try:
-            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.prompt_ids.split(";")]
         except ValueError:
-            raise FlashcError(f"--prompt-ids {args.prompt_ids!r}: token ids separated by commas, e.g. 1,2,3") from None
-        prompt = torch.tensor([ids] * gm.batch)
+            raise FlashcError(f"--prompt-ids {args.prompt_ids!r}: token ids separated by commas, e.g. 1,2,3 (sequences "
+                              "separated by ';')") from None
+        rows = rows * gm.batch if len(rows) == 1 else rows
+        prompt = [torch.tensor(r) for r in rows]
     result, stats = gm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, speculate=args.speculate,
                                 draft_len=args.draft_len, return_stats=True)
     if args.json:
-        ids = result.tolist() if isinstance(result, torch.Tensor) else None
+        ids = [r.tolist() for r in result] if isinstance(result, list) and isinstance(result[0], torch.Tensor) else None
         print(json.dumps({"output": None if ids is not None else result, "ids": ids, "stats": stats.to_dict()}))
         return 0
     c = _console()
-    if isinstance(result, torch.Tensor):
-        for row in result.tolist():
-            c.print(",".join(map(str, row)))
+    if isinstance(result, list) and result and isinstance(result[0], torch.Tensor):
+        for row in result:
+            c.print(",".join(map(str, row.tolist())))
     else:
         for text in (result if isinstance(result, list) else [result]):
             c.print(text, markup=False, highlight=False)
@@ -910,6 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefill-chunk", type=NON_NEGATIVE, default=None,
                    help="generate: prompt tokens a prefill call writes (default 256, at most the cache; 0: no prefill "
                         "entry)")
+    c.add_argument("--ragged", action="store_true",
+                   help="generate: a position per sequence, so a batch holds prompts of different lengths")
     c.add_argument("--draft-len", type=NON_NEGATIVE, default=None,
                    help="generate: the most drafted tokens a speculative round verifies (default 4; 0: no verify "
                         "entry)")
@@ -968,7 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("artifact")
     g.add_argument("--prompt", default=None,
                    help="text (the artifact needs a tokenizer: a zoo model with real weights)")
-    g.add_argument("--prompt-ids", default=None, metavar="IDS", help="token ids separated by commas")
+    g.add_argument("--prompt-ids", default=None, metavar="IDS",
+                   help="token ids separated by commas; sequences of a batch separated by ';' (one is repeated)")
     g.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=POSITIVE, default=None)

@@ -1,8 +1,10 @@
 """The decode-step signature: one token in, logits out, a static KV cache passed as inputs.
 
 `DecodeStep` wraps a Hugging Face causal LM so that its forward takes
-`(input_ids[B, 1], cache_position[1], k_0, v_0, k_1, v_1, ...)` with each cache tensor
-`[B, kv_heads, max_cache_len, head_dim]`. The captured graph writes the new token's key
+`(input_ids[B, T], cache_position[T], k_0, v_0, k_1, v_1, ...)` with each cache tensor
+`[B, kv_heads, max_cache_len, head_dim]` (T = 1 for decoding; more for a prefill chunk or a
+verify step). cache_position may also be [B, T], a position per sequence: sequences of one
+batch then have their own lengths, and each writes its keys and values at its own slots. The captured graph writes the new token's key
 and value into those tensors in place (index_copy_ at cache_position) and attends over
 the whole cache with a mask that hides positions after cache_position: the same
 graph serves every step, which is what CUDA graphs and static kernels need.
@@ -53,9 +55,14 @@ class DecodeStep(torch.nn.Module):
         # Position ids and the mask are given explicitly, so the model's own bookkeeping
         # (which differs between transformers releases) plays no part in what is traced.
         batch, steps = input_ids.shape
-        visible = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
+        if cache_position.dim() == 2:  # a position per sequence and token: sequences of different lengths
+            keys = torch.arange(self.max_cache_len, device=cache_position.device)
+            visible = (keys <= cache_position.unsqueeze(-1)).unsqueeze(1)
+            position_ids = cache_position
+        else:
+            visible = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
+            position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         mask = attention_mask_for(self.model, visible)
-        position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          cache_position=cache_position, past_key_values=cache, use_cache=True)
         return out.logits
@@ -102,12 +109,17 @@ def _bind_layer(layer, k: torch.Tensor, v: torch.Tensor, cache_position: torch.T
     layer.batch_size, layer.num_heads = k.shape[:2]
     layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
     layer.dtype, layer.device = k.dtype, k.device
-    layer.cumulative_length = cache_position[0].clone()
+    layer.cumulative_length = cache_position.reshape(-1)[0].clone()
     layer.is_initialized = True
 
     def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        k.index_copy_(2, cache_position, key_states)
-        v.index_copy_(2, cache_position, value_states)
+        if cache_position.dim() == 2:  # [B, T]: each sequence writes at its own positions
+            where = cache_position[:, None, :, None]
+            k.scatter_(2, where.expand(-1, k.shape[1], -1, k.shape[3]), key_states)
+            v.scatter_(2, where.expand(-1, v.shape[1], -1, v.shape[3]), value_states)
+        else:
+            k.index_copy_(2, cache_position, key_states)
+            v.index_copy_(2, cache_position, value_states)
         return k, v
 
     layer.update = update
@@ -127,9 +139,14 @@ def empty_kv_cache(model: torch.nn.Module, batch: int, max_cache_len: int, devic
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * model.config.num_hidden_layers)]
 
 
-def decode_example_inputs(model: torch.nn.Module, batch: int, max_cache_len: int, device=None) -> tuple:
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
+def decode_example_inputs(model: torch.nn.Module, batch: int, max_cache_len: int, device=None, tokens: int = 1,
+                          per_sequence: bool = False) -> tuple:
+    """Example inputs of a step feeding `tokens` tokens per sequence; per_sequence gives each
+    sequence its own positions (cache_position [batch, tokens]), else one vector [tokens]."""
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    pos = torch.arange(tokens, device=device)
+    if per_sequence:
+        pos = pos.expand(batch, -1).contiguous()
     return (ids, pos, *empty_kv_cache(model, batch, max_cache_len, device))
 
 

@@ -43,9 +43,8 @@ DEFAULT_DRAFT_LEN = 4
 
 def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len: int, batch: int = 1,
                        prefill_chunk: int | None | str = "auto", draft_len: int | None | str = "auto",
-                       source: ModelSource | None = None,
-                       tokenizer: str | None = None, progress: bool = False,
-                       **compile_kwargs: Any) -> "GenerationModel":
+                       source: ModelSource | None = None, tokenizer: str | None = None, ragged: bool = False,
+                       progress: bool = False, **compile_kwargs: Any) -> "GenerationModel":
     """Compile a Hugging Face causal LM's decode step at 1, prefill_chunk and draft_len + 1 tokens.
 
     cache_len: positions of the static KV cache (prompt + new tokens must fit). prefill_chunk:
@@ -53,11 +52,13 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     None: no prefill entry, the prompt goes through the other entries). draft_len: the most
     drafts a speculative round verifies ("auto": DEFAULT_DRAFT_LEN or cache_len - 1 if fewer;
     None: no verify entry, no speculation). tokenizer: the zoo model whose tokenizer the model
-    uses, for text in and out. compile_kwargs go to flashc.compile for every entry (level,
+    uses, for text in and out. ragged: a position per sequence (cache_position [batch, T]), so a
+    batch holds prompts of different lengths and each sequence keeps its own drafts
+    (flashc.ragged). compile_kwargs go to flashc.compile for every entry (level,
     profile, quantize, calibration, prune, verify, ...).
     """
     from flashc.api import compile as compile_model
-    from flashc.decode import DecodeStep, empty_kv_cache
+    from flashc.decode import DecodeStep, decode_example_inputs
 
     if cache_len < 1:
         raise InputError(f"cache_len must be >= 1, got {cache_len}")
@@ -86,8 +87,7 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
 
         items = tqdm(items, desc="compile entries", unit="entry")
     for name, tokens in items:
-        example = (torch.zeros(batch, tokens, dtype=torch.long), torch.arange(tokens),
-                   *empty_kv_cache(model, batch, cache_len))
+        example = decode_example_inputs(model, batch, cache_len, tokens=tokens, per_sequence=ragged)
         src = ModelSource(base.kind, base.name, base.dtype, base.seed, batch, tokens, "decode", cache_len)
         entries[name] = compile_model(step, target, example, source=src, **compile_kwargs)
     share_weights(entries)
@@ -149,6 +149,11 @@ class GenerationModel:
     @property
     def decode(self) -> CompiledModel:
         return self.entries["decode"]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether each sequence has its own positions (prompts of different lengths)."""
+        return len(self.decode.inputs[1].shape) == 2
 
     @property
     def batch(self) -> int:
@@ -220,25 +225,71 @@ class GenerationModel:
         plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
         on_tokens(new[B, n]) is called after every round.
         """
-        ids, as_text, one_dim = self._prompt_ids(prompt)
+        rows, as_text, one_dim = self._prompt_rows(prompt)
         if as_text and eos_token_id is None:
             eos_token_id = self.tokenizer.eos_token_id
         speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
         stats = GenerationStats()
         with torch.no_grad():
-            out = generate(self.steps(), ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, eos_token_id=eos_token_id, progress=progress, speculator=speculator,
-                           on_tokens=on_tokens, stats=stats)
+            if self.ragged:
+                out_rows = self._generate_ragged(rows, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                                 speculator, on_tokens, progress, stats)
+            else:
+                out = generate(self.steps(), self._stack(rows), max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, progress=progress,
+                               speculator=speculator, on_tokens=on_tokens, stats=stats)
+                out_rows = list(out.cpu())
         self.last_stats = stats
-        out = out.cpu()
         if as_text:
-            result = [self._decode_text(row, eos_token_id) for row in out]
+            result = [self._decode_text(row, eos_token_id) for row in out_rows]
             result = result[0] if isinstance(prompt, str) else result
         elif isinstance(prompt, (list, tuple)):
-            result = list(out)
+            result = out_rows
         else:
+            width = max(len(r) for r in out_rows)  # rows that stopped at eos are filled with it
+            fill = eos_token_id if eos_token_id is not None else 0
+            out = torch.stack([torch.cat([r, r.new_full((width - len(r),), fill)]) for r in out_rows])
             result = out[0] if one_dim else out
         return (result, stats) if return_stats else result
+
+    def _generate_ragged(self, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, speculator,
+                         on_tokens, progress, stats) -> list[torch.Tensor]:
+        from flashc.ragged import generate_ragged
+
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        steps = self.steps()
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=steps.device).manual_seed(seed)
+        new = [[] for _ in rows]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
+        for news in generate_ragged(steps, rows, max_new_tokens, Sampling(temperature, top_k, top_p, generator),
+                                    eos_token_id=eos_token_id, speculator=speculator, stats=stats):
+            for acc, n in zip(new, news):
+                acc += n
+            if on_tokens is not None:
+                on_tokens(news)
+            if bar is not None:
+                bar.n = max(len(n) for n in new)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        return [torch.cat([r, torch.tensor(n, dtype=r.dtype)]) for r, n in zip(rows, new)]
+
+    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise InputError(f"prompts of different lengths ({', '.join(map(str, lengths))} tokens): this model's "
+                             "steps share one position vector across the batch; compile it with "
+                             "compile_generation(..., ragged=True) (a position per sequence), or pass prompts of one "
+                             "length")
+        return torch.stack(rows)
 
     def stream(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
@@ -246,7 +297,11 @@ class GenerationModel:
                adaptive: bool = True) -> Iterator:
         """Like generate, one item per round as it is produced: the new text of a one-string
         prompt, else the new token ids [B, n]."""
-        ids, as_text, _ = self._prompt_ids(prompt)
+        rows, as_text, _ = self._prompt_rows(prompt)
+        if self.ragged:
+            raise InputError("stream() takes the shared-position entries; with ragged=True use generate(..., "
+                             "on_tokens=callback), which gets each round's new tokens per sequence")
+        ids = self._stack(rows)
         if as_text and eos_token_id is None:
             eos_token_id = self.tokenizer.eos_token_id
         check_sampling(temperature, top_k, top_p)
@@ -278,8 +333,8 @@ class GenerationModel:
             ids = ids[:ids.index(eos_token_id) + 1]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _prompt_ids(self, prompt) -> tuple[torch.Tensor, bool, bool]:
-        """(ids [B, P], whether the prompt was text, whether it was one 1-D tensor)."""
+    def _prompt_rows(self, prompt) -> tuple[list[torch.Tensor], bool, bool]:
+        """(one 1-D id tensor per sequence, whether the prompt was text, whether it was one 1-D tensor)."""
         as_text = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                               and all(isinstance(p, str) for p in prompt))
         one_dim = False
@@ -303,18 +358,14 @@ class GenerationModel:
                              f"got {type(prompt).__name__}")
         if len(rows) != self.batch:
             raise InputError(f"{len(rows)} prompt(s), but this model was compiled for batch {self.batch}")
-        lengths = sorted({len(r) for r in rows})
-        if len(lengths) > 1:
-            raise InputError(f"prompts of different lengths ({', '.join(map(str, lengths))} tokens): the compiled "
-                             "steps share one position vector across the batch, so prompts must have one length "
-                             "(generate them in separate calls, or compile batch 1)")
-        if lengths[0] < 1:
+        if min(len(r) for r in rows) < 1:
             raise InputError("a prompt needs at least one token")
-        ids = torch.stack([r.long() for r in rows])
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
+        rows = [r.long().cpu() for r in rows]
+        low, high = min(int(r.min()) for r in rows), max(int(r.max()) for r in rows)
+        if low < 0 or high >= self.vocab_size:
             raise InputError(f"prompt token ids must be in 0..{self.vocab_size - 1} (the vocabulary), got "
-                             f"{int(ids.min())}..{int(ids.max())}")
-        return ids, bool(as_text), one_dim
+                             f"{low}..{high}")
+        return rows, bool(as_text), one_dim
 
     def _speculator(self, speculate, draft_len: int | None, adaptive: bool, temperature: float,
                     top_k: int | None, top_p: float | None):

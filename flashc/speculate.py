@@ -102,31 +102,42 @@ class NgramDrafter:
         self.rows: list[list[int]] = []  # host copy of every sequence
         self.index: list[dict[tuple[int, ...], int]] = []  # per sequence: n-gram -> end of latest occurrence
 
-    def _update(self, tokens: torch.Tensor) -> None:
-        if not self.rows:
-            self.rows = [[] for _ in range(tokens.shape[0])]
-            self.index = [{} for _ in range(tokens.shape[0])]
-        have = len(self.rows[0])
-        for row, index, new in zip(self.rows, self.index, tokens[:, have:].tolist()):
-            for tok in new:
-                row.append(tok)
-                end = len(row) - 1  # a gram ending here has its continuation row[end]
-                for n in range(1, self.max_ngram + 1):
-                    if end - n >= 0:
-                        index[tuple(row[end - n:end])] = end
+    def _extend(self, i: int, new: list[int]) -> None:
+        """Append sequence i's new tokens to its host copy and its n-gram index."""
+        while len(self.rows) <= i:
+            self.rows.append([])
+            self.index.append({})
+        row, index = self.rows[i], self.index[i]
+        for tok in new:
+            row.append(tok)
+            end = len(row) - 1  # a gram ending here has its continuation row[end]
+            for n in range(1, self.max_ngram + 1):
+                if end - n >= 0:
+                    index[tuple(row[end - n:end])] = end
+
+    def lookup(self, i: int, sequence: list[int], k: int) -> tuple[list[int], int] | None:
+        """Sequence i's (up to k drafts, n-gram length matched), or None without a match; the
+        sequence only grows between calls."""
+        have = len(self.rows[i]) if i < len(self.rows) else 0
+        self._extend(i, sequence[have:])
+        row, index = self.rows[i], self.index[i]
+        for n in range(self.max_ngram, 0, -1):
+            end = index.get(tuple(row[-n:])) if len(row) > n else None
+            if end is not None:
+                return row[end:end + k], n
+        return None
 
     def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan | None:
-        self._update(tokens)
+        have = len(self.rows[0]) if self.rows else 0
         found, matched = [], []
-        for row, index in zip(self.rows, self.index):
-            for n in range(self.max_ngram, 0, -1):
-                end = index.get(tuple(row[-n:])) if len(row) > n else None
-                if end is not None:
-                    found.append(row[end:end + k])
-                    matched.append(n)
-                    break
-            else:
+        for i, new in enumerate(tokens[:, have:].tolist()):
+            self._extend(i, new)
+        for i, row in enumerate(self.rows[:tokens.shape[0]]):
+            match = self.lookup(i, row, k)
+            if match is None:
                 return None  # one sequence without a match would keep nothing for all
+            found.append(match[0])
+            matched.append(match[1])
         k = min(len(f) for f in found)
         drafts = torch.tensor([f[:k] for f in found], dtype=tokens.dtype, device=tokens.device)
         return Plan(drafts, evidence=min(matched))
@@ -220,6 +231,7 @@ class Speculator:
         self.timing = Timing()
         self.counts: dict[int, list[float]] = {}  # evidence -> decayed [drafts kept, rounds ending in a rejection]
         self.idle = 0
+        self.last_evidence = 0
         self.drafter.reset()
 
     def acceptance(self, evidence: int = 0) -> float:
@@ -282,9 +294,17 @@ class Speculator:
         ids = torch.cat([tokens[:, -1:], plan.drafts], 1)
         logits = steps.feed(ids, length - 1, all_logits=True)
         new, n = accept(logits, plan, sampling)  # reads n on the host: the device is done
-        self.timing.verify = Timing.mix(self.timing.verify, time.perf_counter() - start)
-        counts = self.counts.setdefault(plan.evidence, [1.0, 1.0])
-        counts[0] = 0.9 * counts[0] + n
-        counts[1] = 0.9 * counts[1] + (1 if n < plan.k else 0)
+        self.observe_verify(time.perf_counter() - start)
+        self.observe_row(plan.k, n, plan.evidence)
         self.drafter.accepted(length, n)
         return new, n
+
+    def observe_row(self, drafted: int, kept: int, evidence: int) -> None:
+        """A sequence verified `drafted` drafts of this evidence and kept `kept`."""
+        if drafted:
+            counts = self.counts.setdefault(evidence, [1.0, 1.0])
+            counts[0] = 0.9 * counts[0] + kept
+            counts[1] = 0.9 * counts[1] + (1 if kept < drafted else 0)
+
+    def observe_verify(self, seconds: float) -> None:
+        self.timing.verify = Timing.mix(self.timing.verify, seconds)

@@ -51,3 +51,14 @@ def test_compile_generation_options_are_checked(capsys):
     assert "--signature generate" in capsys.readouterr().err
     assert main(["compile", "minilm-l6", "--signature", "generate", "--cache-len", "16"]) == 2
     assert "encoder" in capsys.readouterr().err
+
+
+def test_ragged_artifact_takes_prompts_of_different_lengths(tmp_path, capsys):
+    out = tmp_path / "ragged"
+    assert main(["compile", "llama-tiny", "--signature", "generate", "--cache-len", "32", "--batch", "2",
+                 "--ragged", "--prefill-chunk", "4", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3;4,5,6,7,8,9", "--max-new-tokens", "5", "--json"]) == 0
+    ids = json.loads(capsys.readouterr().out)["ids"]
+    model = zoo.build("llama-tiny", seed=0)
+    assert ids == [greedy_reference(model, torch.tensor([p]), 5)[0].tolist() for p in ([1, 2, 3], [4, 5, 6, 7, 8, 9])]

@@ -350,3 +350,66 @@ def test_text_in_text_out_and_streamed_text():
     pieces = list(gm.stream(prompt, 12))
     assert "".join(pieces) == tokenizer.decode(want[ids.shape[1]:].tolist(), skip_special_tokens=True)
     assert gm.generate([prompt], 12) == [text]
+
+
+# -- a position per sequence: prompts of different lengths ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ragged_target():
+    model = zoo.build("llama-tiny", seed=0)
+    return model, compile_generation(model, "cpu", cache_len=64, batch=3, prefill_chunk=8, draft_len=4, ragged=True,
+                                     level=3)
+
+
+def test_prompts_of_different_lengths_each_decode_as_alone(ragged_target):
+    model, gm = ragged_target
+    assert gm.ragged
+    prompts = [fresh_ids("llama-tiny", seq_len=n)[0] for n in (3, 11, 20)]
+    for speculate in (None, "ngram"):
+        out, stats = gm.generate(prompts, 14, speculate=speculate, adaptive=False, return_stats=True)
+        for got, prompt in zip(out, prompts):
+            assert torch.equal(got, greedy_reference(model, prompt[None], 14)[0]), speculate
+
+
+def test_each_sequence_keeps_its_own_drafts(ragged_target):
+    model, gm = ragged_target
+    prompts = [repetitive(1, 4, 4)[0], fresh_ids("llama-tiny", seq_len=7)[0], repetitive(1, 6, 2)[0]]
+    out, stats = gm.generate(prompts, 20, speculate="ngram", adaptive=False, return_stats=True)
+    for got, prompt in zip(out, prompts):
+        assert torch.equal(got, greedy_reference(model, prompt[None], 20)[0])
+    assert stats.speculative_rounds > 0 and stats.rounds < 19  # some sequence took several tokens a round
+
+
+def test_ragged_sequences_stop_at_their_own_end_token(ragged_target):
+    _, gm = ragged_target
+    prompts = [fresh_ids("llama-tiny", seq_len=n)[0] for n in (5, 9, 2)]
+    free = gm.generate(prompts, 10)
+    eos = int(free[1][9 + 2])  # the second sequence's third new token
+    got = gm.generate(prompts, 10, eos_token_id=eos)
+    for g, f, p in zip(got, free, prompts):
+        new = f[len(p):].tolist()
+        want = new[:new.index(eos) + 1] if eos in new else new
+        assert g[len(p):].tolist() == want
+    with pytest.raises(InputError, match="speculate with speculate='ngram' only"):
+        gm.generate(prompts, 3, speculate=GenerationModel(gm.entries))
+
+
+def test_one_sequence_acceptance_rule_keeps_the_target_distribution():
+    from flashc.ragged import _accept_row
+
+    vocab, k = 5, 2
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(k + 1, vocab, generator=g) * 2
+    drafts = logits[:k].argmax(-1).tolist()
+    sampling = Sampling(temperature=1.0, generator=g)
+    counts = torch.zeros(k + 1, vocab, dtype=torch.float64)
+    for _ in range(4000):
+        _, new = _accept_row(logits, drafts, sampling)
+        for i, t in enumerate(new):
+            counts[i, t] += 1
+    p = torch.softmax(logits.double(), -1)
+    for i in range(k + 1):
+        if counts[i].sum() >= 200:
+            assert _chi_square_z(counts[i], p[i] * counts[i].sum()) < 3.3, i
+    assert counts[1].sum() > 200
