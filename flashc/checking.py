@@ -131,7 +131,22 @@ def random_inputs(program: Program, seed: int | torch.Generator = 0) -> tuple[to
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     vocab = program.meta.vocab_size
     highs = program.meta.input_high  # e.g. cache_position < max_cache_len
-    return tuple(spec.random(highs.get(spec.name, vocab), g) for spec in program.inputs)
+    return tuple(_distinct_positions(spec, highs[spec.name], g) if spec.name in highs else spec.random(vocab, g)
+                 for spec in program.inputs)
+
+
+def _distinct_positions(spec, high: int, g: torch.Generator) -> torch.Tensor:
+    """Random positions below `high`, distinct along the last dimension (the tokens one call
+    writes into a cache: a repeated position would make the write's result depend on order)."""
+    shape = tuple(spec.shape)
+    tokens = shape[-1] if shape else 1
+    if tokens > high:
+        return spec.random(high, g)
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    drawn = [torch.randperm(high, generator=g)[:tokens] for _ in range(rows)]
+    return torch.stack(drawn).reshape(shape).to(spec.dtype)
 
 
 def random_calls(program: Program, count: int, seed: int = 0) -> list[tuple]:

@@ -413,3 +413,12 @@ def test_one_sequence_acceptance_rule_keeps_the_target_distribution():
         if counts[i].sum() >= 200:
             assert _chi_square_z(counts[i], p[i] * counts[i].sum()) < 3.3, i
     assert counts[1].sum() > 200
+
+
+def test_random_positions_of_a_multi_token_step_are_distinct(target):
+    from flashc.checking import random_inputs
+
+    _, gm = target
+    for seed in range(10):
+        positions = random_inputs(gm.entries["verify"].program, seed)[1]
+        assert len(set(positions.tolist())) == positions.numel() and int(positions.max()) < gm.cache_len
