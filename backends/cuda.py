@@ -292,13 +292,31 @@ class CudaExecutable:
             # a CUDA graph cannot hold: run those graphs kernel by kernel instead
             warnings.warn(f"CUDA graphs disabled: the graph calls {', '.join(foreign)}", stacklevel=3)
             use_cuda_graph = False
-        self.weights = [program.params[n.name].to("cuda") for n in program.param_nodes()]
+        self.weight_names = [n.name for n in program.param_nodes()]
+        self.weights = [program.params[name].to("cuda") for name in self.weight_names]
         self.use_cuda_graph = use_cuda_graph
         self.tune = tune  # autotune the generated kernels on the first call's shapes
         self.save_tuning = save_tuning  # an artifact's writer: the results of that tuning go back there
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: list[torch.Tensor] = []
+
+    def share_weights_from(self, other: "CudaExecutable") -> int:
+        """Hold `other`'s device tensor for every weight equal to it by name, shape, dtype, layout
+        and value, freeing this executable's copy (a generation model's entries: one set of
+        weights on the GPU). Before the first call only: a captured CUDA graph has the
+        addresses of its weights baked in. Returns how many were shared."""
+        if self._graph is not None:
+            raise RuntimeError("share_weights_from: this executable has captured its CUDA graph already")
+        theirs = dict(zip(other.weight_names, other.weights))
+        shared = 0
+        for i, (name, mine) in enumerate(zip(self.weight_names, self.weights)):
+            t = theirs.get(name)
+            if (t is not None and t is not mine and t.shape == mine.shape and t.dtype == mine.dtype
+                    and t.stride() == mine.stride() and torch.equal(t, mine)):
+                self.weights[i] = t
+                shared += 1
+        return shared
 
     def run_eager(self, *args: torch.Tensor) -> list[torch.Tensor]:
         from flashc.codegen.tuning import use_profile

@@ -99,8 +99,8 @@ def share_weights(entries: dict[str, CompiledModel]) -> int:
     dtype and value), so the entries keep one copy in memory; returns how many were shared.
 
     Backends that run the program's own weights (cpu, eager: flashc.ir.Program.run_flat) then
-    read the shared tensors; a backend holding device copies of its own (the CUDA target)
-    still keeps one set per entry: see the generation issue's closing notes.
+    read the shared tensors; an executable holding device copies of its own shares them when
+    it has `share_weights_from(donor_executable)` (the CUDA target: one set on the GPU).
     """
     donor = entries["decode"].program.params
     shared = 0
@@ -113,6 +113,9 @@ def share_weights(entries: dict[str, CompiledModel]) -> int:
             if d is not None and d is not t and d.shape == t.shape and d.dtype == t.dtype and torch.equal(d, t):
                 params[key] = d
                 shared += 1
+        share_device = getattr(cm.executable, "share_weights_from", None)
+        if share_device is not None:
+            shared += share_device(entries["decode"].executable)
     return shared
 
 

@@ -422,3 +422,23 @@ def test_random_positions_of_a_multi_token_step_are_distinct(target):
     for seed in range(10):
         positions = random_inputs(gm.entries["verify"].program, seed)[1]
         assert len(set(positions.tolist())) == positions.numel() and int(positions.max()) < gm.cache_len
+
+
+def test_cuda_executables_of_the_entries_share_equal_weights():
+    """CudaExecutable.share_weights_from's matching, on CPU tensors (no GPU here): equal weights
+    by name are shared, a weight that a backend pass changed is kept, a captured graph refuses."""
+    from flashc.backends.cuda import CudaExecutable
+
+    def executable(weights):
+        e = object.__new__(CudaExecutable)
+        e.weight_names, e.weights, e._graph = list(weights), list(weights.values()), None
+        return e
+
+    a, b, c = torch.randn(4, 3), torch.randn(3), torch.randn(2, 2)
+    donor = executable({"w1": a, "w2": b, "w3": c})
+    entry = executable({"w1": a.clone(), "w2": b + 1, "w3": c.t().contiguous().t(), "w4": torch.randn(5)})
+    assert entry.share_weights_from(donor) == 1
+    assert entry.weights[0] is a and entry.weights[1] is not b and entry.weights[2] is not c
+    entry._graph = object()
+    with pytest.raises(RuntimeError, match="captured"):
+        entry.share_weights_from(donor)
