@@ -2,7 +2,7 @@
 ONNX Runtime on torch.onnx.export of the unoptimized model, TVM, flashc cpu.
 
     python bench/cpu_bench.py [--models llama-tiny smollm2-135m] [--seq 128]
-    python bench/cpu_bench.py --decode [--cache-len 256 --context 128]
+    python bench/cpu_bench.py --decode [--cache-len 256 --context 128] [--quantize int4-rtn int8-weight]
 
 Prints one table; every row is timed in this process on the same inputs. --decode times
 one decode step (flashc.decode.DecodeStep, batch 1: one token at position --context of a
@@ -61,7 +61,7 @@ def torch_onnx_baseline(model, ids, path: Path):
     return lambda: torch.from_numpy(sess.run(None, {name: ids.numpy()})[0])
 
 
-def decode_rows(name: str, cache_len: int, context: int, iters: int) -> list[tuple]:
+def decode_rows(name: str, cache_len: int, context: int, iters: int, quantize: list[str] = ()) -> list[tuple]:
     """(model, variant, ms per step, compile s, rel. err vs eager) for one decode step of a zoo model."""
     import flashc
     from flashc import zoo
@@ -82,10 +82,12 @@ def decode_rows(name: str, cache_len: int, context: int, iters: int) -> list[tup
     caches["eager DecodeStep"] = [x.clone() for x in inputs]
     variants = {"eager DecodeStep": lambda: step(*caches["eager DecodeStep"])}
     compile_times = {}
-    for label, target, options in (("flashc cpu", "cpu", {}), ("flashc onnx-cpu", "onnx-cpu", {}),
-                                   ("flashc onnx-cpu, contrib_ops=False", "onnx-cpu", {"contrib_ops": False})):
+    plans = [("flashc cpu", "cpu", {}, None), ("flashc onnx-cpu", "onnx-cpu", {}, None),
+             ("flashc onnx-cpu, contrib_ops=False", "onnx-cpu", {"contrib_ops": False}, None)]
+    plans += [(f"flashc onnx-cpu --quantize {q}", "onnx-cpu", {}, q) for q in quantize]
+    for label, target, options, scheme in plans:
         t = time.perf_counter()
-        cm = flashc.compile(step, target, example, level=3, options=options)
+        cm = flashc.compile(step, target, example, level=3, options=options, quantize=scheme)
         compile_times[label] = time.perf_counter() - t
         caches[label] = [x.clone() for x in inputs]
         variants[label] = lambda cm=cm, args=caches[label]: cm.executable(*args)[0]
@@ -101,7 +103,8 @@ def decode_rows(name: str, cache_len: int, context: int, iters: int) -> list[tup
 
 def decode_main(args) -> int:
     torch.set_num_threads(2)
-    rows = [r for name in args.models for r in decode_rows(name, args.cache_len, args.context, args.iters)]
+    rows = [r for name in args.models
+            for r in decode_rows(name, args.cache_len, args.context, args.iters, args.quantize)]
     print(f"\ndecode step, batch 1, token at position {args.context} of a {args.cache_len}-slot KV cache, fp32, "
           f"{torch.get_num_threads()} threads\n")
     print("| model | variant | ms/step | vs eager | compile s | rel. err vs eager |")
@@ -123,6 +126,9 @@ def main() -> int:
     p.add_argument("--decode", action="store_true", help="time a decode step instead of the prefill")
     p.add_argument("--cache-len", type=int, default=256)
     p.add_argument("--context", type=int, default=128)
+    p.add_argument("--quantize", nargs="*", default=[], metavar="SCHEME",
+                   help="--decode: also onnx-cpu rows quantized with these schemes (int4-rtn, int8-weight; "
+                        "MatMulNBits), whose error vs eager includes the quantization's")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="prefill rows to build and time (default all; eager, the reference, always runs)")
     args = p.parse_args()

@@ -10,7 +10,9 @@ com.microsoft SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAtten
 the table and precision notes are in `_fused`) and to standard ops otherwise. Shapes are
 the static shapes of the capture. Weights become initializers, stored as external data
 next to the model above ~1.5 GB. An op without a lowering raises UnsupportedOpError naming
-the op, its module and source line. `int4` holds the MatMulNBits layout for 4-bit weights.
+the op, its module and source line. Weight-only quantized linears (`flashc.linear_wq`, int4
+and int8) lower to com.microsoft MatMulNBits with their packed weights as initializers
+(`_quantized`; `int4` holds the layout); quantized MoE experts (`flashc.moe_wq`) are refused.
 
 The model computes the captured shapes only (inputs are static-shaped). In-place writes
 keep PyTorch's semantics (`_in_place`): a write through a view is scattered back into the
@@ -27,7 +29,7 @@ PyTorch does (`_precision`): ORT would otherwise drop roundings (fp16) or refuse
 Every failure is a FlashcError naming the op and the model code it came from.
 
 Modules: `_builder` (onnx-ir graph building), `_lowering` (context, op table, errors),
-`_aten` / `_aten_layout` / `_fused` (the lowerings), `_in_place` (writes and aliasing),
+`_aten` / `_aten_layout` / `_fused` / `_quantized` (the lowerings), `_in_place` (writes and aliasing),
 `_precision` (fp16/bf16 on the CPU), `_export` (driver), `runtime` (ORT session),
 `backend` (flashc's Backend protocol, for the onnx-* targets), `int4`.
 """

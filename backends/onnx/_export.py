@@ -19,7 +19,7 @@ from . import DEFAULT_OPSET
 from ._builder import GraphBuilder, onnx_dtype
 from ._in_place import Storage, is_write, lower_write
 from ._lowering import LoweringContext, NotLowerable, annotate, unsupported_error
-from .table import TABLE, find_lowering
+from .table import TABLE, find_lowering, why_not_lowered
 from ._precision import compute_low_precision_in_fp32
 from .runtime import PRESENT_PREFIX, SHARED_PRESENT_KEY, STATE_KEY
 
@@ -71,7 +71,7 @@ def _plan(program: Program) -> tuple[Storage, list[fx.Node]]:
     if storage.problems:
         raise unsupported_error(storage.problems)
     live = _live_nodes(program, storage)
-    missing = [(n, "no ONNX lowering") for n in live if not lowerable(n)]
+    missing = [(n, why_not_lowered(n)) for n in live if not lowerable(n)]
     if missing:
         raise unsupported_error(missing)
     return storage, live

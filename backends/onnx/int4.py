@@ -1,11 +1,11 @@
 """4-bit block-quantized weights in ONNX Runtime's MatMulNBits layout.
 
-flashc has no quantized graphs yet. This module fixes the ONNX side of the plan:
+`flashc.linear_wq` (flashc/quantized_ops.py, written by passes/quantize) keeps its
+weights in this layout at 4 and 8 bits, so `_quantized` lowers it to one `matmul_nbits`
+node with the tensors as initializers and nothing repacked. `Int4Weight` and
+`quantize_int4` are this module's own 4-bit packing, the reference the layout is tested
+against.
 
-* A future `flashc.linear_w4(x, packed, scales, zero_points, in_features, block_size)`
-  op (y = x @ dequant(W)^T, W [N, K]) keeps its weights in the Program as the three
-  tensors of an `Int4Weight`, already in this layout, so lowering it is one
-  `matmul_nbits_node` call with the tensors as initializers and nothing repacked.
 * The layout (com.microsoft.MatMulNBits, bits=4): W is split along K into blocks of
   `block_size` (a power of two >= 16); each block has a scale (x's dtype) and a 4-bit
   zero point; W[n, k] = (q[n, k] - zp[n, k // bs]) * scale[n, k // bs] with q in 0..15.
@@ -133,16 +133,27 @@ def matmul_nbits_node(b, x, weight: Int4Weight, name: str, bias=None, accuracy_l
     dtype. accuracy_level 0 computes in x's dtype; 4 lets ORT quantize x to int8
     (faster on CPU, less exact).
     """
+    packed = b.weight(f"{name}_q4", weight.packed)
+    scales = b.weight(f"{name}_scales", weight.scales.reshape(-1))
+    zp = b.weight(f"{name}_zp", weight.zero_points.reshape(-1)) if weight.zero_points is not None else None
+    return matmul_nbits(b, x, packed, scales, zp, bias, k=weight.in_features, n=weight.out_features, bits=4,
+                        block_size=weight.block_size, accuracy_level=accuracy_level)
+
+
+def matmul_nbits(b, x, packed, scales, zero_points, bias, *, k: int, n: int, bits: int, block_size: int,
+                 accuracy_level: int = 0):
+    """One com.microsoft.MatMulNBits node over onnx-ir values already in its layout; returns y [..., N].
+
+    packed uint8 [N, n_blocks, block_size * bits / 8]; scales [N * n_blocks] in x's dtype;
+    zero_points None (the midpoint 2**(bits - 1)) or uint8 [N * ceil(n_blocks * bits / 8)]
+    (nibble pairs at 4 bits, one byte a block at 8); bias None or [N] in x's dtype.
+    """
     import onnx_ir as ir
 
     from ._builder import MS_DOMAIN
 
-    n, k = weight.out_features, weight.in_features
-    packed = b.weight(f"{name}_q4", weight.packed)
-    scales = b.weight(f"{name}_scales", weight.scales.reshape(-1))
-    zp = b.weight(f"{name}_zp", weight.zero_points.reshape(-1)) if weight.zero_points is not None else None
-    y = b.op("MatMulNBits", x, packed, scales, zp, None, bias, domain=MS_DOMAIN, K=k, N=n, bits=4,
-             block_size=weight.block_size, accuracy_level=accuracy_level)
+    y = b.op("MatMulNBits", x, packed, scales, zero_points, None, bias, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+             block_size=block_size, accuracy_level=accuracy_level)
     y.dtype = scales.dtype
     if x.shape is not None:
         y.shape = ir.Shape([*x.shape[:-1], n])

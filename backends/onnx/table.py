@@ -1,6 +1,7 @@
-"""The ONNX backend's lowering table: every op it lowers, from the three modules that hold
+"""The ONNX backend's lowering table: every op it lowers, from the four modules that hold
 lowerings (`_aten`: elementwise, reductions, matmuls; `_aten_layout`: views, indexing,
-scatter; `_fused`: flashc's ops onto ONNX Runtime's contrib ops or standard ops).
+scatter; `_fused`: flashc's ops onto ONNX Runtime's contrib ops or standard ops;
+`_quantized`: weight-only quantized linears onto MatMulNBits).
 
 Adding an op is one `@lowers(...)` function in one of those modules; this table is where
 the backend's coverage is read from (`OnnxBackend.lowering`, fallbacks, refusals).
@@ -16,13 +17,15 @@ import torch.fx as fx
 from flashc.ir import op_name
 from flashc.lowering import LoweringTable
 
-from . import _aten, _aten_layout, _fused
+from . import _aten, _aten_layout, _fused, _quantized
 from ._lowering import Lowering
 
 # OpOverload -> lowering
-LOWERINGS: dict[Any, Lowering] = {**_aten.LOWERINGS, **_aten_layout.LOWERINGS, **_fused.LOWERINGS}
-assert len(LOWERINGS) == len(_aten.LOWERINGS) + len(_aten_layout.LOWERINGS) + len(_fused.LOWERINGS), \
-    "an op has lowerings in two modules"
+_MODULES = (_aten, _aten_layout, _fused, _quantized)
+LOWERINGS: dict[Any, Lowering] = {k: v for m in _MODULES for k, v in m.LOWERINGS.items()}
+assert len(LOWERINGS) == sum(len(m.LOWERINGS) for m in _MODULES), "an op has lowerings in two modules"
+# ops known and deliberately not lowered -> why, and what to do (the refusal's reason)
+REFUSED: dict[Any, str] = dict(_quantized.REFUSED)
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
 
@@ -52,6 +55,11 @@ def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
         return LOWERINGS[functional], True
     fn = NAMED_LOWERINGS.get(op_name(node))
     return (fn, False) if fn is not None else None
+
+
+def why_not_lowered(node: fx.Node) -> str:
+    """The reason an op without a lowering gives in the refusal."""
+    return REFUSED.get(node.target, "no ONNX lowering")
 
 
 def _by_name() -> dict[str, Lowering]:

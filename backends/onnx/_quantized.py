@@ -1,0 +1,111 @@
+"""Lowerings of flashc's weight-only quantized ops (flashc/quantized_ops.py).
+
+* linear_wq -> com.microsoft MatMulNBits (bits 4 or 8, block_size = the group size,
+  K = in_features, N = out_features), the packed weight, scales and zero points as
+  initializers in the layout the quantization pass wrote (ORT's own: nothing is
+  repacked; scales and zero points are only viewed flat), after `x * input_scale` (a
+  Mul) when AWQ left one. It fits when x is fp32/fp16 and the group size is a power of
+  two >= 16 (ORT's kernels take no other block size; per-channel int8 of a K that is
+  not one of those takes the standard form).
+* Otherwise, and with contrib_ops=False, standard ops dequantize the weight as the
+  reference does (codes minus zero point, times scale, in fp32; then x's dtype) and
+  MatMul: the same numbers, without the memory saving.
+
+flashc.moe_wq (quantized MoE experts) is not lowered: `REFUSED` says why and what to do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashc.quantized_ops import default_zero_point
+
+from ._lowering import LoweringContext, lowerings_into
+from .int4 import matmul_nbits
+
+# OpOverload -> lowering, for the ops this module lowers (joined in backends/onnx/table.py)
+LOWERINGS: dict = {}
+lowers = lowerings_into(LOWERINGS)
+
+flashc_ops = torch.ops.flashc
+
+# ops this backend knows and does not lower, with what to do instead (the refusal names it)
+REFUSED = {
+    flashc_ops.moe_wq.default: (
+        "quantized MoE experts (flashc.moe_wq) are not lowered to ONNX yet (flashc.linear_wq is, as "
+        "com.microsoft MatMulNBits); quantize with QuantConfig(quantize_experts=False) to keep the experts "
+        "in float, or compile for cpu"),
+}
+
+# dtypes ORT's CPU MatMulNBits kernels take for x and the scales
+MATMUL_NBITS_DTYPES = (torch.float32, torch.float16)
+
+
+def _matmul_nbits_fits(ctx: LoweringContext, x_dtype, scales_dtype, block_size: int) -> bool:
+    return (ctx.contrib_ops and x_dtype in MATMUL_NBITS_DTYPES and scales_dtype == x_dtype
+            and block_size >= 16 and not block_size & (block_size - 1))
+
+
+def _flat(ctx: LoweringContext, arg):
+    """A [N, M] weight as the [N * M] value MatMulNBits reads: a flat view of the constant when it
+    is one (no Reshape in the graph), else a Reshape."""
+    t = ctx.param(arg)
+    if t is None:
+        return ctx.b.reshape(ctx.v(arg), [-1])
+    key = ("flat", arg)
+    if key not in ctx.cache:
+        ctx.cache[key] = ctx.b.weight(f"{arg.name}_flat", t.reshape(-1))
+    return ctx.cache[key]
+
+
+@lowers(flashc_ops.linear_wq.default)
+def _linear_wq(ctx, node):
+    """(x * input_scale) @ dequantize(qweight, scales, zero_points)^T + bias."""
+    a = ctx.args(node)
+    x, qweight, scales, zp, bias, input_scale, bits = (
+        a["x"], a["qweight"], a["scales"], a["zero_points"], a["bias"], a["input_scale"], a["bits"])
+    b = ctx.b
+    dt = ctx.out_dtype(node)
+    n, n_blocks, blob = ctx.shape(qweight)
+    group = blob * 8 // bits
+    k = n_blocks * group
+    xv = ctx.tensor(x, dt)
+    if input_scale is not None:
+        xv = b.op("Mul", xv, ctx.tensor(input_scale, dt))
+    bias_v = None if bias is None else ctx.tensor(bias, dt)
+    if _matmul_nbits_fits(ctx, dt, ctx.dtype(scales), group):
+        return matmul_nbits(b, xv, ctx.v(qweight), _flat(ctx, scales), None if zp is None else _flat(ctx, zp),
+                            bias_v, k=k, n=n, bits=bits, block_size=group)
+    w = _dequantize_standard(ctx, qweight, scales, zp, bits, n, n_blocks, group)  # fp32 [N, K]
+    y = b.op("MatMul", xv, b.cast(b.transpose(w, [1, 0]), torch.float32, dt))
+    return y if bias_v is None else b.op("Add", y, bias_v)
+
+
+def _unpack_nibbles(ctx: LoweringContext, packed, shape: list[int]):
+    """uint8 [..., B] bytes -> [..., 2B] values, the even element from the low nibble."""
+    b = ctx.b
+    low = b.op("BitwiseAnd", packed, b.scalar(0x0F, torch.uint8))
+    high = b.op("BitShift", packed, b.scalar(4, torch.uint8), direction="RIGHT")
+    axis = len(shape)
+    pairs = b.op("Concat", b.op("Unsqueeze", low, b.ints([axis])), b.op("Unsqueeze", high, b.ints([axis])), axis=axis)
+    return b.reshape(pairs, [*shape[:-1], 2 * shape[-1]])
+
+
+def _dequantize_standard(ctx: LoweringContext, qweight, scales, zp, bits: int, n: int, n_blocks: int, group: int):
+    """The fp32 weight [N, K] in standard ops, computed as flashc.quantized_ops.dequantize."""
+    b = ctx.b
+    codes = ctx.v(qweight)  # [N, n_blocks, group * bits / 8]
+    if bits == 4:
+        codes = _unpack_nibbles(ctx, codes, [n, n_blocks, group // 2])
+    codes = b.cast(codes, torch.uint8, torch.float32)
+    if zp is None:
+        zero = b.scalar(float(default_zero_point(bits)), torch.float32)
+    else:
+        zero = ctx.v(zp)  # [N, ceil(n_blocks / 2)] at 4 bits, [N, n_blocks] at 8
+        if bits == 4:
+            stored = ctx.shape(zp)[-1]
+            zero = b.slice(_unpack_nibbles(ctx, zero, [n, stored]), 1, 0, n_blocks)
+        zero = b.reshape(b.cast(zero, torch.uint8, torch.float32), [n, n_blocks, 1])
+    scale = b.reshape(ctx.tensor(scales, torch.float32), [n, n_blocks, 1])
+    w = b.op("Mul", b.op("Sub", codes, zero), scale)
+    return b.reshape(w, [n, n_blocks * group])
