@@ -981,8 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--speculate", default=None, metavar="ngram|draft:ARTIFACT",
-                   help="speculative decoding: prompt lookup, or a smaller compiled model with the same tokenizer")
+    g.add_argument("--speculate", default=None, metavar="ngram|draft:ARTIFACT|layerskip:E",
+                   help="speculative decoding: prompt lookup, a smaller compiled model with the same tokenizer, or "
+                        "the model's own first E layers (compiled on first use from the artifact's source model)")
     g.add_argument("--draft-len", type=POSITIVE, default=None, help="the most drafts a round (default: the artifact's)")
     g.add_argument("--json", action="store_true", help="print one JSON object (output, ids, stats)")
     g.set_defaults(func=cmd_generate)

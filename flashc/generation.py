@@ -141,6 +141,7 @@ class GenerationModel:
         self._tokenizer = None
         self._steps: Steps | None = None
         self.last_stats: GenerationStats | None = None  # what the last generate() call did (report())
+        self._drafts: dict[str, GenerationModel] = {}  # drafts compiled on demand ('layerskip:E')
 
     @classmethod
     def from_decode(cls, cm: CompiledModel) -> "GenerationModel":
@@ -392,14 +393,44 @@ class GenerationModel:
 
             speculate = load(speculate[len("draft:"):])
             speculate = speculate if isinstance(speculate, GenerationModel) else GenerationModel.from_decode(speculate)
+        elif isinstance(speculate, str) and speculate.startswith("layerskip:"):
+            speculate = self._layerskip_draft(speculate)
         if isinstance(speculate, GenerationModel):
             drafter = ModelDrafter(speculate.steps(), self._check_drafter(speculate))
         elif speculate == "ngram":
             drafter = NgramDrafter()
         else:
-            raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'draft:ARTIFACT' and a "
-                             "GenerationModel (a smaller model with the same tokenizer)")
+            raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'draft:ARTIFACT', "
+                             "'layerskip:E' (the model's first E layers) and a GenerationModel (a smaller model "
+                             "with the same tokenizer)")
         return Speculator(drafter, k, adaptive=adaptive)
+
+    def _layerskip_draft(self, spec: str) -> "GenerationModel":
+        """speculate='layerskip:E': the model's first E layers as a draft, compiled once from the
+        model the entries' source names (a zoo model or a factory file) and kept."""
+        from flashc.layerskip import compile_layerskip
+        from flashc.models import build_model
+
+        try:
+            exit_layer = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"speculate={spec!r}: layerskip:E takes the exit layer E, e.g. 'layerskip:8'") from None
+        cached = self._drafts.get(spec)
+        if cached is not None:
+            return cached
+        src = self.decode.source
+        if src.kind not in ("zoo", "factory"):
+            raise InputError(f"speculate={spec!r}: this model was compiled from an in-memory module, which flashc "
+                             "cannot rebuild; draft with flashc.layerskip.compile_layerskip(model, ...) and pass it "
+                             "as speculate=")
+        model, _ = build_model(ModelSource(src.kind, src.name, src.dtype, src.seed, self.batch, src.seq_len))
+        if self.decode.reference_weights is not None:  # the weights compiled, when they were kept
+            model.load_state_dict(self.decode.reference_weights, strict=False)
+        draft = compile_layerskip(model, self.decode.target, exit_layer=exit_layer, cache_len=self.cache_len,
+                                  batch=self.batch, prefill_chunk=self.prefill_chunk, level=self.decode.level,
+                                  profile=self.decode.profile, tokenizer=self.tokenizer_name)
+        self._drafts[spec] = draft
+        return draft
 
     def _check_drafter(self, draft: "GenerationModel") -> int:
         """The target's vocabulary size, once the drafter is known to share its tokenizer."""

@@ -62,3 +62,16 @@ def test_ragged_artifact_takes_prompts_of_different_lengths(tmp_path, capsys):
     ids = json.loads(capsys.readouterr().out)["ids"]
     model = zoo.build("llama-tiny", seed=0)
     assert ids == [greedy_reference(model, torch.tensor([p]), 5)[0].tolist() for p in ([1, 2, 3], [4, 5, 6, 7, 8, 9])]
+
+
+def test_layerskip_from_the_command_line_is_plain_greedy(artifact, capsys):
+    prompt = [7, 8, 9, 10, 7, 8, 9]
+    assert main(["generate", str(artifact), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "10",
+                 "--speculate", "layerskip:1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    want = greedy_reference(zoo.build("llama-tiny", seed=0), torch.tensor([prompt]), 10)
+    assert result["ids"] == want.tolist()
+    assert main(["generate", str(artifact), "--prompt-ids", "1,2", "--speculate", "layerskip:x"]) == 2
+    assert "layerskip:E takes the exit layer" in capsys.readouterr().err
+    assert main(["generate", str(artifact), "--prompt-ids", "1,2", "--speculate", "layerskip:2"]) == 2
+    assert "exit_layer must be in 1..1" in capsys.readouterr().err

@@ -140,6 +140,8 @@ def test_bad_input_is_refused_with_the_option_named(target, drafter):
         gm.generate(prompt, 3, speculate="ngram", draft_len=5)
     with pytest.raises(InputError, match="known are 'ngram'"):
         gm.generate(prompt, 3, speculate="medusa")
+    with pytest.raises(InputError, match="in-memory module"):
+        gm.generate(prompt, 3, speculate="layerskip:1")
     with pytest.raises(InputError, match="no verify entry"):
         drafter.generate(prompt, 3, speculate="ngram")
     with pytest.raises(InputError, match="draft_len applies to speculation"):
