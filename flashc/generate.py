@@ -106,8 +106,6 @@ class Steps:
             raise InputError("generation needs the one-token decode step")
         self.calls = dict(sorted(calls.items()))
         self.kv_cache = list(kv_cache)
-        self.seconds: dict[int, float] = {}  # tokens per call -> measured seconds a call (see time_calls)
-        self.time_calls = False
 
     @property
     def cache_len(self) -> int:
@@ -151,25 +149,13 @@ class Steps:
             if size > count:  # padding past the sequence: overwritten before it is ever read
                 chunk = torch.cat([chunk, chunk[:, -1:].expand(-1, size - count)], 1)
             positions = torch.arange(start + at, start + at + size, device=self.device)
-            logits = self._call(size, chunk, positions)
+            logits = self.calls[size](chunk, positions, *self.kv_cache)
             if all_logits:
                 outs.append(logits[:, :count])
             elif at + count == n:
                 outs.append(logits[:, count - 1])
             at += count
         return torch.cat(outs, 1) if all_logits else outs[-1]
-
-    def _call(self, size: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if not self.time_calls:
-            return self.calls[size](ids, positions, *self.kv_cache)
-        sync(self.device)
-        t = time.perf_counter()
-        out = self.calls[size](ids, positions, *self.kv_cache)
-        sync(self.device)
-        dt = time.perf_counter() - t
-        old = self.seconds.get(size)
-        self.seconds[size] = dt if old is None else 0.7 * old + 0.3 * dt
-        return out
 
 
 def sync(device: torch.device) -> None:
