@@ -79,6 +79,16 @@ class Sampling:
     top_p: float | None = None
     generator: torch.Generator | None = None
 
+    @classmethod
+    def make(cls, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+             device: torch.device) -> "Sampling":
+        """Checked options; a generator seeded on `device` when sampling with a seed."""
+        check_sampling(temperature, top_k, top_p)
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        return cls(temperature, top_k, top_p, generator)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -326,7 +336,6 @@ def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,
         raise InputError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
     steps = step if isinstance(step, Steps) else Steps({1: step}, kv_cache)
     prompt_len = input_ids.shape[1]
     if prompt_len + max_new_tokens > steps.cache_len:
@@ -335,10 +344,7 @@ def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,
                          f"(flashc compile ... --signature decode --cache-len N)")
     if input_ids.shape[0] != steps.batch:
         raise InputError(f"input_ids has batch {input_ids.shape[0]} but the KV cache holds {steps.batch} sequences")
-    generator = None
-    if seed is not None and temperature > 0:
-        generator = torch.Generator(device=steps.device).manual_seed(seed)
-    sampling = Sampling(temperature, top_k, top_p, generator)
+    sampling = Sampling.make(temperature, top_k, top_p, seed, steps.device)
     out = [input_ids.to(steps.device)]
     bar = None
     if progress:

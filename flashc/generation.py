@@ -262,18 +262,15 @@ class GenerationModel:
 
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p)
         steps = self.steps()
-        generator = None
-        if seed is not None and temperature > 0:
-            generator = torch.Generator(device=steps.device).manual_seed(seed)
+        sampling = Sampling.make(temperature, top_k, top_p, seed, steps.device)
         new = [[] for _ in rows]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
-        for news in generate_ragged(steps, rows, max_new_tokens, Sampling(temperature, top_k, top_p, generator),
+        for news in generate_ragged(steps, rows, max_new_tokens, sampling,
                                     eos_token_id=eos_token_id, speculator=speculator, stats=stats):
             for acc, n in zip(new, news):
                 acc += n
@@ -308,16 +305,12 @@ class GenerationModel:
         ids = self._stack(rows)
         if as_text and eos_token_id is None:
             eos_token_id = self.tokenizer.eos_token_id
-        check_sampling(temperature, top_k, top_p)
         if ids.shape[1] + max_new_tokens > self.cache_len:
             raise InputError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens does not fit the "
                              f"static KV cache of {self.cache_len} positions; compile with a larger cache_len")
         speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
         steps = self.steps()
-        generator = None
-        if seed is not None and temperature > 0:
-            generator = torch.Generator(device=steps.device).manual_seed(seed)
-        sampling = Sampling(temperature, top_k, top_p, generator)
+        sampling = Sampling.make(temperature, top_k, top_p, seed, steps.device)
         text_so_far, new_ids = "", []
         with torch.no_grad():
             for new in generate_rounds(steps, ids, max_new_tokens, sampling, eos_token_id=eos_token_id,

@@ -293,30 +293,27 @@ def choose_exit_layer(model: torch.nn.Module, target: str, prompts, *, candidate
 @dataclass
 class _Measured:
     """Totals over the calibration prompts: decoding seconds, new tokens after each first
-    one (per sequence), and what speculation proposed and kept."""
+    one (per sequence), and what speculation proposed and kept (summed into a
+    GenerationStats, whose acceptance_rate and mean_accepted_length read them)."""
 
     decode_s: float = 0.0
     tokens: int = 0
-    speculative_rounds: int = 0
-    proposed: int = 0
-    accepted: int = 0
+    speculation: GenerationStats = field(default_factory=GenerationStats)
 
     def add(self, stats: GenerationStats) -> None:
         self.decode_s += stats.decode_s
         self.tokens += max(stats.new_tokens - 1, 0)  # the first new token comes from the prefill
-        self.speculative_rounds += stats.speculative_rounds
-        self.proposed += stats.proposed
-        self.accepted += stats.accepted
+        self.speculation.speculative_rounds += stats.speculative_rounds
+        self.speculation.proposed += stats.proposed
+        self.speculation.accepted += stats.accepted
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.accepted / self.proposed if self.proposed else None
+        return self.speculation.acceptance_rate
 
     @property
     def mean_accepted_length(self) -> float | None:
-        if not self.speculative_rounds:
-            return None
-        return (self.accepted + self.speculative_rounds) / self.speculative_rounds
+        return self.speculation.mean_accepted_length
 
     @property
     def seconds_per_token(self) -> float:
