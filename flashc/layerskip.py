@@ -198,7 +198,7 @@ class ExitLayerChoice:
                           _fmt(r.mean_accepted_length, "{:.2f}"), f"{r.seconds_per_token * 1e3:.3f}",
                           f"{r.tokens_per_s:.1f}", f"{self.speedup(r):.2f}x", human_seconds(r.compile_s))
         console.print(table)
-        console.print(self.verdict())
+        console.print(self.verdict(), soft_wrap=True)  # one line, however long: a reader greps it
         return console.export_text().rstrip("\n")
 
     def __str__(self) -> str:
