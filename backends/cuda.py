@@ -143,6 +143,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.linear_wq": Kernel(lambda *args: _codegen("triton_gemv_wq").linear_wq(*args), _tune_linear_wq),
     "flashc.moe_wq": Kernel(lambda *args: _codegen("triton_moe_wq").moe_wq(*args),
                             lambda *args: _codegen("triton_moe_wq").tune_moe_wq(*args)),
+    # the attention-to-SSM rewrite's layers (passes/ssm): a recurrent step at T = 1, chunked scan above
+    "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }

@@ -37,6 +37,7 @@ def compile(
     quantize: Any = None,
     calibration: Any = None,
     prune: Any = None,
+    ssm: Any = None,
 ) -> CompiledModel:
     """Compile `model` for `target`; returns a callable CompiledModel.
 
@@ -66,6 +67,11 @@ def compile(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     tgt = get_target(target)
+    original, rewrite = model, None
+    if ssm is not None:  # a model-level rewrite: the rest of the pipeline compiles the new model
+        rewrite = _ssm_rewrite(ssm, calibration, model, source)
+        model, example_inputs = _with_rewritten(model, rewrite.model, example_inputs)
+        calibration = None if quantize is None and prune is None else calibration
     level = tgt.default_level if level is None else level
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
@@ -109,8 +115,11 @@ def compile(
     if keep_reference_weights:
         reference = {k: v.detach() for k, v in model.state_dict().items()}
     compiled = CompiledModel(program, target, prof, level, executable, records, fallbacks, src, timings, reference)
-    if any(getattr(p, "changes_numerics", False) for p in passes):
-        compiled.accuracy = _accuracy_rows(compiled, model, src, accuracy_limit)
+    if rewrite is not None:
+        compiled.rewrites = {"attention -> SSM": rewrite.rows()}
+        timings["ssm rewrite"] = rewrite.seconds
+    if rewrite is not None or any(getattr(p, "changes_numerics", False) for p in passes):
+        compiled.accuracy = _accuracy_rows(compiled, original, src, accuracy_limit)
     return compiled
 
 
@@ -191,6 +200,38 @@ def _accuracy_rows(compiled: CompiledModel, model: torch.nn.Module, source: Mode
     rows = perplexity_rows(compiled, model, zoo.tokenizer(source.name), window=window, stride=window // 2,
                            limit=limit)
     return rows  # AccuracyRow: the report renders its cells and keeps its numbers exact in to_dict()
+
+
+def _ssm_rewrite(ssm, calibration, model: torch.nn.Module, source: ModelSource | None):
+    """The attention-to-SSM rewrite compile's `ssm` asks for, trained on the calibration text."""
+    from flashc.passes.quantize.calibration import calibration_for_model
+    from flashc.passes.ssm import SSMConfig, attention_sites, rewrite
+
+    from flashc.decode import DecodeStep
+
+    config = SSMConfig.parse(ssm)
+    if isinstance(model, DecodeStep):  # the rewrite trains the language model inside the step
+        model = model.model
+    attention_sites(model)  # an unknown attention is refused before the calibration text is read
+    data = calibration_for_model(calibration, model, source)
+    if data.tokens is None:
+        raise FlashcError("the attention-to-SSM rewrite trains on a token stream: give calibration text or token "
+                          f"ids, not per-input tensors ({data.description})")
+    return rewrite(model, config, data.tokens, checkpoint_dir=config.checkpoint_dir, plot=config.plot)
+
+
+def _with_rewritten(model: torch.nn.Module, rewritten: torch.nn.Module, example_inputs: tuple):
+    """(the model to capture, its example inputs) once a rewrite replaced the language model:
+    a decode step is rebuilt around it, with example caches of the new layout (a state per
+    state-space layer instead of its k and v) for the same batch, tokens and positions."""
+    from flashc.decode import DecodeStep, decode_example_inputs
+
+    if not isinstance(model, DecodeStep):
+        return rewritten, example_inputs
+    ids, pos = example_inputs[0], example_inputs[1]
+    fresh = decode_example_inputs(rewritten, ids.shape[0], model.max_cache_len, device=ids.device,
+                                  tokens=ids.shape[1], per_sequence=pos.dim() == 2)
+    return DecodeStep(rewritten, model.max_cache_len), (ids, pos, *fresh[2:])
 
 
 def _quantize_pass(quantize, calibration, model: torch.nn.Module, source: ModelSource | None, pruner=None):

@@ -50,6 +50,7 @@ class CompiledModel:
     timings: dict[str, float] = field(default_factory=dict)
     reference_weights: dict[str, torch.Tensor] | None = None  # the original model's, for `flashc run`
     accuracy: list | None = None  # evaluation results when a compile changed numerics
+    rewrites: dict[str, list[list[str]]] | None = None  # model-level rewrites (attention -> SSM): table rows
     _kv_cache: list[torch.Tensor] | None = field(default=None, repr=False)  # generate()'s resident cache
 
     @property
@@ -83,7 +84,7 @@ class CompiledModel:
         `--signature decode`). The KV cache is allocated once, where the executable
         runs, and reused by later calls (each call overwrites what it reads).
         """
-        from flashc.generate import generate
+        from flashc.generate import Steps, generate
 
         if self.program.meta.signature != "decode":
             raise InputError("generate needs a model compiled with the decode-step signature "
@@ -103,8 +104,11 @@ class CompiledModel:
         def run(ids: torch.Tensor, pos: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
             return step(ids, pos, *kv)[0]
 
+        high = self.program.meta.input_high.get("cache_position")
+        steps = Steps({1: run}, self._kv_cache, cache_len=int(high) if high else None,
+                      stateful=any(s.name.startswith("ssm_state_") for s in specs[2:]))
         with torch.no_grad():
-            return generate(run, input_ids.to(specs[0].dtype), max_new_tokens, self._kv_cache,
+            return generate(steps, input_ids.to(specs[0].dtype), max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             eos_token_id=eos_token_id, progress=progress)
 
@@ -120,7 +124,7 @@ class CompiledModel:
             records=self.records, fallbacks=self.fallbacks, estimate=estimate(self.program, self.profile),
             timings=self.timings, weights=len(self.program.params),
             weight_bytes=sum(t.numel() * t.element_size() for t in self.program.params.values()),
-            accuracy=self.accuracy,
+            accuracy=self.accuracy, rewrites=self.rewrites,
         )
 
     def save(self, path: str | os.PathLike, *, weights_elsewhere: dict[str, torch.Tensor] | None = None) -> Path:

@@ -43,15 +43,21 @@ class DecodeStep(torch.nn.Module):
         from flashc.ops import decode_mask
 
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
-        if len(kv_cache) != 2 * len(cache.layers):
-            raise CaptureError(f"decode step expects {2 * len(cache.layers)} cache tensors "
-                               f"(k and v per layer), got {len(kv_cache)}")
+        states = state_layers(self.model)
+        want = sum(1 if i in states else 2 for i in range(len(cache.layers)))
+        if len(kv_cache) != want:
+            raise CaptureError(f"decode step expects {want} cache tensors (k and v per attention layer, one state "
+                               f"per state-space layer), got {len(kv_cache)}")
         window = getattr(self.config, "sliding_window", None)
         if window is not None and window < self.max_cache_len:
             raise CaptureError(f"the decode step keeps a full static cache: a sliding window of {window} "
                                f"tokens is shorter than cache_len={self.max_cache_len}; use cache_len <= {window}")
+        tensors = iter(kv_cache)
         for i, layer in enumerate(cache.layers):
-            _bind_layer(layer, kv_cache[2 * i], kv_cache[2 * i + 1], cache_position)
+            if i in states:  # a state-space layer reads and writes its state; its cache layer stays unused
+                states[i].bind_state(next(tensors), cache_position)
+            else:
+                _bind_layer(layer, next(tensors), next(tensors), cache_position)
         # Position ids and the mask are given explicitly, so the model's own bookkeeping
         # (which differs between transformers releases) plays no part in what is traced.
         batch, steps = input_ids.shape
@@ -63,8 +69,12 @@ class DecodeStep(torch.nn.Module):
             visible = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         mask = attention_mask_for(self.model, visible)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         cache_position=cache_position, past_key_values=cache, use_cache=True)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             cache_position=cache_position, past_key_values=cache, use_cache=True)
+        finally:
+            for layer in states.values():
+                layer.bind_state(None)
         return out.logits
 
 
@@ -132,11 +142,27 @@ def kv_cache_shape(model: torch.nn.Module, batch: int, max_cache_len: int) -> tu
     return (batch, heads, max_cache_len, head_dim)
 
 
+def state_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The model's state-space layers (the attention-to-SSM rewrite's) by layer index: these
+    carry a fixed-size state [B, H, d, d] instead of a KV cache."""
+    from flashc.passes.ssm.layer import SSMAttention
+
+    return {m.layer_index: m for m in model.modules() if isinstance(m, SSMAttention)}
+
+
 def empty_kv_cache(model: torch.nn.Module, batch: int, max_cache_len: int, device=None) -> list[torch.Tensor]:
-    """Zeroed k/v tensors for every layer, in the model's dtype."""
+    """Zeroed cache tensors, layer by layer: k and v in the model's dtype for an attention
+    layer, the fp32 state for a state-space layer."""
     dtype = next(model.parameters()).dtype
     shape = kv_cache_shape(model, batch, max_cache_len)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * model.config.num_hidden_layers)]
+    states = state_layers(model)
+    out = []
+    for i in range(model.config.num_hidden_layers):
+        if i in states:
+            out.append(torch.zeros(states[i].state_shape(batch), dtype=torch.float32, device=device))
+        else:
+            out += [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+    return out
 
 
 def decode_example_inputs(model: torch.nn.Module, batch: int, max_cache_len: int, device=None, tokens: int = 1,
@@ -152,6 +178,7 @@ def decode_example_inputs(model: torch.nn.Module, batch: int, max_cache_len: int
 
 def decode_input_names(model: torch.nn.Module) -> list[str]:
     names = ["input_ids", "cache_position"]
+    states = state_layers(model)
     for i in range(model.config.num_hidden_layers):
-        names += [f"k_cache_{i}", f"v_cache_{i}"]
+        names += [f"ssm_state_{i}"] if i in states else [f"k_cache_{i}", f"v_cache_{i}"]
     return names

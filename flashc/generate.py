@@ -109,17 +109,24 @@ Step = Callable[..., torch.Tensor]
 
 
 class Steps:
-    """The compiled steps of one model (by tokens per call) over its resident KV cache."""
+    """The compiled steps of one model (by tokens per call) over its resident KV cache.
 
-    def __init__(self, calls: dict[int, Step], kv_cache: Sequence[torch.Tensor]) -> None:
+    stateful: the cache holds recurrent states (state-space layers of the attention-to-SSM
+    rewrite), which every token fed changes for good: no call is then padded past the
+    sequence, and cache_len (positions) must be given, the states having none."""
+
+    def __init__(self, calls: dict[int, Step], kv_cache: Sequence[torch.Tensor], cache_len: int | None = None,
+                 stateful: bool = False) -> None:
         if 1 not in calls:
             raise InputError("generation needs the one-token decode step")
         self.calls = dict(sorted(calls.items()))
         self.kv_cache = list(kv_cache)
+        self.stateful = stateful
+        self._cache_len = cache_len
 
     @property
     def cache_len(self) -> int:
-        return self.kv_cache[0].shape[2]
+        return self._cache_len if self._cache_len is not None else self.kv_cache[0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -133,12 +140,13 @@ class Steps:
         """Calls that feed n tokens from position `start`: (tokens of the step, tokens fed).
 
         Full calls of the largest step while they fit, then the tail in the fewest calls
-        (a step longer than the tail is padded if its padding stays inside the cache).
+        (a step longer than the tail is padded if its padding stays inside the cache and
+        the cache holds no recurrent state).
         """
         sizes = list(self.calls)
         plan = []
         while n > 0:
-            fits = [t for t in sizes if t >= n and start + t <= self.cache_len]
+            fits = [t for t in sizes if (t == n or t > n and not self.stateful) and start + t <= self.cache_len]
             if fits:
                 plan.append((fits[0], n))
                 return plan

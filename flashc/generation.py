@@ -58,7 +58,7 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     profile, quantize, calibration, prune, verify, ...).
     """
     from flashc.api import compile as compile_model
-    from flashc.decode import DecodeStep, decode_example_inputs
+    from flashc.decode import DecodeStep, decode_example_inputs, state_layers
 
     if cache_len < 1:
         raise InputError(f"cache_len must be >= 1, got {cache_len}")
@@ -78,6 +78,18 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and cache_len > limit:
         raise InputError(f"cache_len {cache_len}: the model has {limit} positions (config.max_position_embeddings)")
+    rewrite = None
+    if compile_kwargs.get("ssm") is not None:  # rewrite once; every entry compiles the new model
+        from flashc.api import _ssm_rewrite
+
+        rewrite = _ssm_rewrite(compile_kwargs.pop("ssm"), compile_kwargs.get("calibration"), model, source)
+        model = rewrite.model
+        if compile_kwargs.get("quantize") is None and compile_kwargs.get("prune") is None:
+            compile_kwargs.pop("calibration", None)
+    compile_kwargs.pop("ssm", None)
+    if ragged and state_layers(model):
+        raise InputError("ragged=True: this model has state-space layers, and ragged batches feed padding through "
+                         "the steps that would change their states; compile it without ragged")
     step = DecodeStep(model, cache_len)
     base = source or ModelSource("module", type(model).__name__)
     entries = {}
@@ -91,6 +103,8 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
         src = ModelSource(base.kind, base.name, base.dtype, base.seed, batch, tokens, "decode", cache_len)
         entries[name] = compile_model(step, target, example, source=src, **compile_kwargs)
     share_weights(entries)
+    if rewrite is not None:
+        entries["decode"].rewrites = {"attention -> SSM": rewrite.rows()}
     return GenerationModel(entries, tokenizer=tokenizer)
 
 
@@ -165,7 +179,13 @@ class GenerationModel:
 
     @property
     def cache_len(self) -> int:
-        return self.decode.inputs[2].shape[2]
+        high = self.decode.program.meta.input_high.get("cache_position")
+        return int(high) if high else self.decode.inputs[2].shape[2]
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the model carries recurrent states (state-space layers) beside or instead of a KV cache."""
+        return any(s.name.startswith("ssm_state_") for s in self.decode.inputs[2:])
 
     @property
     def vocab_size(self) -> int:
@@ -204,7 +224,7 @@ class GenerationModel:
             device = "cuda" if on_gpu else "cpu"
             cache = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.decode.inputs[2:]]
             calls = {cm.inputs[0].shape[1]: _step_call(cm) for cm in self.entries.values()}
-            self._steps = Steps(calls, cache)
+            self._steps = Steps(calls, cache, cache_len=self.cache_len, stateful=self.stateful)
         return self._steps
 
     # -- generation -------------------------------------------------------------------
@@ -372,6 +392,10 @@ class GenerationModel:
             if draft_len is not None:
                 raise InputError("draft_len applies to speculation: add speculate='ngram' or a draft model")
             return None
+        if self.stateful:
+            raise InputError(f"speculate={speculate!r}: this model has state-space layers (attention -> SSM), whose "
+                             "state a rejected draft would leave changed; flashc does not roll recurrent states "
+                             "back yet, so it decodes such models without speculation (drop speculate=)")
         check_sampling(temperature, top_k, top_p)
         if self.draft_len is None:
             raise InputError(f"speculate={_spec_name(speculate)}: this model has no verify entry; compile it with "

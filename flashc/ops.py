@@ -284,3 +284,4 @@ def _(q, k, v, cos, sin, k_cache, v_cache, positions):
 
 from flashc import quantized_ops as _quantized_ops  # noqa: E402,F401  (registers flashc.linear_wq, flashc.moe_wq)
 from flashc import sparse_ops as _sparse_ops  # noqa: E402,F401  (registers flashc.sparsify)
+from flashc import ssm_ops as _ssm_ops  # noqa: E402,F401  (registers flashc.ssm_scan)

@@ -34,6 +34,7 @@ class CompileReport:
     weights: int
     weight_bytes: int
     accuracy: list | None = None
+    rewrites: dict[str, list[list[str]]] | None = None  # model-level rewrites, a table each
 
     def fused(self) -> dict[str, int]:
         """Total replacements per rule/pattern across fusion passes (merges and the decode-attention
@@ -66,6 +67,7 @@ class CompileReport:
             "timings": dict(self.timings),
             "weights": {"tensors": self.weights, "bytes": self.weight_bytes},
             "accuracy": None if self.accuracy is None else [_accuracy_row(r) for r in self.accuracy],
+            "rewrites": {k: [list(r) for r in rows] for k, rows in (self.rewrites or {}).items()},
         })
 
     def render(self, width: int = 110) -> str:
@@ -112,6 +114,13 @@ class CompileReport:
         for n in est.top(5):
             top.add_row(n.op, n.layer, str(list(n.shape)), human_seconds(n.seconds), n.bound)
         console.print(top)
+        for title, rows in (self.rewrites or {}).items():
+            rw = Table(title=title, title_justify="left")
+            rw.add_column("what")
+            rw.add_column("value")
+            for row in rows:
+                rw.add_row(*row)
+            console.print(rw)
         if self.accuracy:
             acc = Table(title="accuracy vs the float model", title_justify="left")
             for col in ("metric", "baseline", "compiled", "change"):

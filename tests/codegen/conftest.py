@@ -28,6 +28,7 @@ if not HAS_CUDA:
         "flashc.codegen.triton_attention",
         "flashc.codegen.triton_moe",
         "flashc.codegen.triton_gemv",
+        "flashc.codegen.triton_ssm",
     ):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

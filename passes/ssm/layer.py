@@ -1,0 +1,108 @@
+"""The state-space layer that takes an attention layer's place.
+
+`SSMAttention` is a drop-in for a decoder layer's self-attention module: it keeps the
+attention's q/k/v/o projections (and q/k norms, where the model has them) and reads them as a
+Mamba-2 layer reads its C, B, x and output projections, as Mamba-in-the-Llama (Wang et al.,
+NeurIPS 2024, arXiv:2408.15237) initializes its layers from attention:
+
+    q = C(x), k = B(x) / sqrt(d), v = x-projection(x)     per head, grouped-query heads repeated
+    g = -exp(A_log) * softplus(dt(x) + dt_bias)         log decay per head and token (new weights)
+    h_t = exp(g_t) h_{t-1} + k_t^T v_t,  y_t = q_t h_t   flashc.ssm_scan
+    out = o_proj(rms_norm_per_head(y) * norm_weight)
+
+Without rotary and softmax the layer starts near, not at, the attention it replaces; the
+distillation (`flashc.passes.ssm.distill`) closes the gap. dt starts at zero weight with a
+bias that spreads the heads' memory over about 10 to 1,000 tokens (decay 0.9 to 0.999), as
+Mamba initializes its time steps.
+
+State: a plain forward starts every sequence from a zero state (the `forward` signature).
+A decode step binds a state tensor per layer (`bind_state`): the layer then starts from it
+(from zero where the position is 0: a new sequence) and writes the state after its tokens
+back into it, as attention writes its KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashc.ssm_ops import ssm_chunked
+
+DT_RANGE = (1e-3, 1e-1)  # initial softplus(dt) across heads: decay exp(-dt) from 0.999 to 0.905
+NORM_EPS = 1e-6
+
+
+class SSMAttention(nn.Module):
+    """Mamba-2-style state-space mixing in place of self-attention (see the module doc)."""
+
+    def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int, layer_index: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        self.q_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.layer_index = layer_index
+        hidden = self.q_proj.in_features
+        weight = self.q_proj.weight
+        self.dt_proj = nn.Linear(hidden, heads, bias=True, device=weight.device, dtype=weight.dtype)
+        dt = torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), heads))
+        with torch.no_grad():
+            self.dt_proj.weight.zero_()
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.A_log = nn.Parameter(torch.zeros(heads, device=weight.device, dtype=torch.float32))
+        self.norm_weight = nn.Parameter(torch.ones(heads * head_dim, device=weight.device, dtype=weight.dtype))
+        self._state: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    def state_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The recurrent state a decode step carries for this layer: [B, H, d, d], fp32."""
+        return (batch, self.heads, self.head_dim, self.head_dim)
+
+    def bind_state(self, state: torch.Tensor | None, cache_position: torch.Tensor | None = None) -> None:
+        """Read and write `state` in the next forward (None: stateless, zero start)."""
+        self._state, self._positions = state, cache_position
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        b, t, _ = hidden_states.shape
+        h, d = self.heads, self.head_dim
+        q = self.q_proj(hidden_states).view(b, t, h, d)
+        k = self.k_proj(hidden_states).view(b, t, self.kv_heads, d)
+        v = self.v_proj(hidden_states).view(b, t, self.kv_heads, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.kv_heads != h:
+            k = k.repeat_interleave(h // self.kv_heads, dim=2)
+            v = v.repeat_interleave(h // self.kv_heads, dim=2)
+        q, k, v = q.transpose(1, 2), (k * d ** -0.5).transpose(1, 2), v.transpose(1, 2)
+        dt = F.softplus(self.dt_proj(hidden_states).float())  # [B, T, H]
+        log_decay = (-torch.exp(self.A_log) * dt).transpose(1, 2)  # [B, H, T]
+        y = self._scan(q, k, v, log_decay)  # [B, H, T, d]
+        yf = y.float()
+        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+        y = yf.to(hidden_states.dtype).transpose(1, 2).reshape(b, t, h * d) * self.norm_weight
+        return self.o_proj(y), None
+
+    def _scan(self, q, k, v, log_decay):
+        if self._state is None:
+            start = torch.zeros(q.shape[0], self.heads, self.head_dim, v.shape[-1], dtype=torch.float32,
+                                device=q.device)
+            if torch.is_grad_enabled():  # training (distillation): the differentiable reference
+                return ssm_chunked(q, k, v, log_decay, start)[0]
+            return torch.ops.flashc.ssm_scan(q, k, v, log_decay, start)[0]
+        state, pos = self._state, self._positions
+        # A sequence starting at position 0 starts from a zero state (the cache's old contents
+        # belong to the previous sequence, as stale KV entries past the position do).
+        first = pos[..., 0] if pos.dim() == 2 else pos[0].expand(state.shape[0])
+        start = state * (first > 0).to(state.dtype).view(-1, 1, 1, 1)
+        y, new_state = torch.ops.flashc.ssm_scan(q, k, v, log_decay, start)
+        state.copy_(new_state)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_index}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
