@@ -122,7 +122,7 @@ def run_case(case: str, models: dict, bw: float, out: Path, rows: list) -> None:
             if "floor_ms" in row:
                 row["x_floor"] = ms / row["floor_ms"]
             times[name] = ms
-            del cm
+            cm = run = None  # free the compiled variant before the next one
         except Exception as e:  # a failed variant costs its row, not the run
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]

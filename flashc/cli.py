@@ -74,6 +74,7 @@ def cmd_compile(args) -> int:
 
     _quantize_option(args)  # a bad scheme or spec is refused before the model is built
     _prune_option(args)
+    _ssm_option(args)
     if args.signature == "generate":
         return _compile_generation(args)
     _generation_options_unused(args)
@@ -82,7 +83,7 @@ def cmd_compile(args) -> int:
         cm = flashc.compile(model, args.target, inputs, level=args.level, profile=args.profile,
                             numeric_check=args.numeric_check, source=source, keep_reference_weights=True,
                             quantize=_quantize_option(args), calibration=args.calibration,
-                            prune=_prune_option(args))
+                            prune=_prune_option(args), ssm=_ssm_option(args))
     report = cm.report()
     print(report.render())
     prediction = getattr(cm.executable, "prediction", None)  # a simulated target (lpu-v1) says what it predicts
@@ -112,7 +113,7 @@ def _compile_generation(args) -> int:
                                 source=source, tokenizer=tokenizer, progress=True, level=args.level,
                                 profile=args.profile, numeric_check=args.numeric_check,
                                 quantize=_quantize_option(args), calibration=args.calibration,
-                                prune=_prune_option(args))
+                                prune=_prune_option(args), ssm=_ssm_option(args))
     print(gm.decode.report().render())
     print(gm.describe())
     if args.report_json:
@@ -221,6 +222,35 @@ def _quantize_option(args):
     from flashc.passes.quantize import QuantConfig
 
     return QuantConfig.parse(args.quantize, args.group_size)
+
+
+def _ssm_option(args):
+    """The SSMConfig that --ssm and its training options name (None without --ssm)."""
+    extras = {"--ssm-keep-attention": args.ssm_keep_attention, "--align-steps": args.align_steps,
+              "--distill-steps": args.distill_steps, "--ssm-checkpoint": args.ssm_checkpoint,
+              "--ssm-plot": args.ssm_plot}
+    if args.ssm is None:
+        given = [k for k, v in extras.items() if v is not None]
+        if given:
+            raise FlashcError(f"{', '.join(given)} apply to --ssm: add e.g. --ssm all")
+        return None
+    import dataclasses
+
+    from flashc.passes.ssm import SSMConfig
+
+    config = SSMConfig.parse(args.ssm)
+    changes = {}
+    if args.ssm_keep_attention is not None:
+        changes["keep_attention"] = args.ssm_keep_attention
+    if args.align_steps is not None:
+        changes["align"] = dataclasses.replace(config.align, steps=args.align_steps)
+    if args.distill_steps is not None:
+        changes["distill"] = dataclasses.replace(config.distill, steps=args.distill_steps)
+    if args.ssm_checkpoint is not None:
+        changes["checkpoint_dir"] = args.ssm_checkpoint
+    if args.ssm_plot is not None:
+        changes["plot"] = args.ssm_plot
+    return dataclasses.replace(config, **changes)
 
 
 def _prune_option(args):
@@ -929,8 +959,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
                         "online-40%%, ffn-25%% (see PruneConfig)")
     c.add_argument("--calibration", default=None, metavar="builtin|FILE",
-                   help="calibration data of GPTQ/AWQ and pruning: flashc's built-in text (default), a text or "
-                        ".safetensors file")
+                   help="calibration data of GPTQ/AWQ, pruning and --ssm's training: flashc's built-in text "
+                        "(default), a text or .safetensors file")
+    c.add_argument("--ssm", default=None, metavar="all|auto|1,3,5",
+                   help="replace attention layers with a state-space layer (Mamba-2 style) and distil it on the "
+                        "calibration text: all, auto (measured, within a perplexity budget) or layer indices")
+    c.add_argument("--ssm-keep-attention", type=NON_NEGATIVE, default=None, metavar="K",
+                   help="--ssm all/auto: keep the K attention layers whose replacement hurts most")
+    c.add_argument("--align-steps", type=NON_NEGATIVE, default=None,
+                   help="--ssm: steps aligning each new layer with its attention (default 100; 0 skips)")
+    c.add_argument("--distill-steps", type=NON_NEGATIVE, default=None,
+                   help="--ssm: steps of end-to-end logit distillation (default 200; 0 skips)")
+    c.add_argument("--ssm-checkpoint", default=None, metavar="DIR",
+                   help="--ssm: training checkpoints here; the same command again resumes")
+    c.add_argument("--ssm-plot", default=None, metavar="FILE.png", help="--ssm: save the loss curves as a PNG")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 

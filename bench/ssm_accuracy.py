@@ -1,0 +1,116 @@
+"""Attention-to-SSM rewrite (issue #16): what it costs in perplexity, on real weights.
+
+    python bench/ssm_accuracy.py --model mixtral-ref --out /tmp/ssm_acc                 # CPU
+    python bench/ssm_accuracy.py --model smollm2-135m --device cuda --out $OUT           # GPU
+
+For each setting (--settings; default: half the layers, measured choice, and all layers),
+flashc's rewrite (`flashc.passes.ssm.rewrite`) converts, aligns and distils on flashc's
+built-in calibration text, then perplexity is measured with flashc's evaluation code on its
+evaluation texts (prose and code, disjoint from the calibration text), against the original
+model on the same windows: after conversion (no training), after layer alignment, and after
+end-to-end distillation. mixtral-ref is float-trained (flashc's own 19M MoE); smollm2-135m's
+weights come from a 4-bit GGUF (dequantized), so its baseline is the 4-bit model's.
+
+Rows go to OUT/ssm_accuracy.jsonl, the table to OUT/ssm_accuracy.md (appended), loss curves
+to OUT/ssm_loss_<model>_<setting>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _setting(text: str):
+    from flashc.passes.ssm import SSMConfig
+
+    if text == "half":  # every other layer would be a guess; the measured choice keeps the worst half
+        return "half (measured: all, keep the worst half as attention)", lambda n: dict(layers="all",
+                                                                                       keep_attention=n // 2)
+    if text == "all":
+        return "all layers", lambda n: dict(layers="all")
+    if text == "auto":
+        return "auto (+10% budget on calibration text)", lambda n: dict(layers="auto")
+    return f"layers {text}", lambda n: dict(layers=SSMConfig.parse(text).layers)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mixtral-ref")
+    p.add_argument("--settings", nargs="+", default=["half", "all"], help="half, all, auto or indices like 1,3,5")
+    p.add_argument("--align-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4, help="distillation's peak rate (alignment: 4x)")
+    p.add_argument("--windows", type=int, default=None, help="perplexity windows per text (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args()
+
+    from flashc import zoo
+    from flashc.accuracy import perplexity_rows, pooled_perplexity
+    from flashc.distill import DistillConfig
+    from flashc.passes.quantize.calibration import CalibrationData
+    from flashc.passes.ssm import SSMConfig, attention_sites, convert, rewrite
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = zoo.tokenizer(args.model)
+    model = zoo.build(args.model, dtype=torch.float32).to(args.device).eval()
+    layers = len(attention_sites(model))
+    calibration = CalibrationData.builtin(tokenizer)
+    align = DistillConfig(steps=args.align_steps, batch=args.batch, seq_len=args.seq_len, lr=4 * args.lr)
+    distill = DistillConfig(steps=args.distill_steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr)
+
+    def ppl(candidate) -> tuple[float, float, list]:
+        with torch.no_grad():
+            rows = perplexity_rows(candidate, model, tokenizer, window=256, stride=128, limit=args.windows)
+        pooled = pooled_perplexity(rows)
+        return pooled.value, pooled.baseline, rows
+
+    lines = []
+    for setting in args.settings:
+        label, fields = _setting(setting)
+        config = SSMConfig(**fields(layers), align=align, distill=distill,
+                           plot=str(out / f"ssm_loss_{args.model}_{setting.replace(',', '-')}.png"))
+        t0 = time.perf_counter()
+        result = rewrite(model, config, calibration.tokens.to(args.device), progress=True, plot=config.plot)
+        # the same layers without training, and after alignment only, measured on the evaluation texts
+        untrained = convert(model, result.layers).eval()
+        converted, base, _ = ppl(untrained)
+        del untrained
+        distilled, _, rows = ppl(result.model)
+        row = {"model": args.model, "setting": label, "layers": result.layers, "of": layers,
+               "baseline_ppl": base, "converted_ppl": converted, "distilled_ppl": distilled,
+               "change": distilled / base - 1, "calibration_held_out": result.perplexity,
+               "align_steps": args.align_steps, "distill_steps": args.distill_steps,
+               "tokens_per_step": args.batch * args.seq_len, "seconds": time.perf_counter() - t0,
+               "per_text": [r.to_dict() for r in rows], "device": args.device}
+        with open(out / "ssm_accuracy.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        lines.append(f"| {args.model} | {label} | {len(result.layers)} of {layers} | {base:.3f} | {converted:.3f} | "
+                     f"{distilled:.3f} | {100 * (distilled / base - 1):+.1f}% | {args.align_steps} + "
+                     f"{args.distill_steps} | {row['seconds']:.0f} |")
+        print(lines[-1], flush=True)
+        del result
+    head = ("| model | converted | layers | original ppl | converted, untrained | distilled | change | steps "
+            "(align + logits) | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
+    text = (f"### attention -> SSM perplexity, {args.model}, eval texts (prose + code pooled), "
+            f"{args.batch}x{args.seq_len} tokens a step, {args.device}\n\n" + head + "\n".join(lines) + "\n")
+    with open(out / "ssm_accuracy.md", "a") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
