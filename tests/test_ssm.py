@@ -273,3 +273,22 @@ def test_compile_decode_step_with_ssm_rebuilds_its_cache_inputs():
     assert [s.name for s in cm.inputs][2:] == ["ssm_state_0", "k_cache_1", "v_cache_1"]
     out = cm.generate(torch.randint(0, 500, (1, 5)), 4)
     assert out.shape == (1, 9)
+
+
+def test_hybrid_generation_artifact_round_trips(tmp_path):
+    from flashc.generation import compile_generation
+
+    model = zoo.build("llama-tiny", seed=0, num_layers=3)
+    hybrid = convert(model, [0, 2]).eval()
+    gm = compile_generation(hybrid, "cpu", cache_len=48, prefill_chunk=16, draft_len=2)
+    gm.save(tmp_path / "a")
+    loaded = flashc.load(tmp_path / "a")
+    assert loaded.stateful and loaded.cache_len == 48
+    prompt = torch.randint(0, model.config.vocab_size, (1, 19))
+    assert torch.equal(gm.generate(prompt, 8), loaded.generate(prompt, 8))
+
+
+def test_backends_without_the_op_refuse_it_by_name():
+    hybrid = convert(zoo.build("llama-tiny", seed=0), [0]).eval()
+    with pytest.raises(flashc.UnsupportedOpError, match="flashc.ssm_scan"):
+        flashc.compile(hybrid, "onnx-cpu", torch.zeros(1, 8, dtype=torch.long))
