@@ -37,6 +37,7 @@ def compile(
     quantize: Any = None,
     calibration: Any = None,
     prune: Any = None,
+    recover: Any = None,
     ssm: Any = None,
 ) -> CompiledModel:
     """Compile `model` for `target`; returns a callable CompiledModel.
@@ -59,7 +60,12 @@ def compile(
     flashc's calibration text, a text or .safetensors file, or token ids) feeds GPTQ/AWQ.
     prune ("wanda-50%", "sparsegpt-50%", "magnitude-50%", "2:4", "wanda-2:4", "online-40%",
     "ffn-25%" or a PruneConfig) appends pruning after the level's pipeline and before
-    quantization; calibration feeds it too (every method but magnitude).
+    quantization; calibration feeds it too (every method but magnitude). recover (a
+    flashc.distill.DistillConfig) then distils the pruned weights against the unpruned model
+    on the calibration text (weight pruning methods).
+    ssm ("all", "auto", "1,3,5", a list of layer indices, a dict or a flashc.passes.ssm.SSMConfig)
+    first replaces those attention layers of the model with state-space layers and distils
+    them on the calibration text (passes/ssm); the rest of the pipeline compiles the result.
     """
     if example_inputs is None:
         raise FlashcError("flashc.compile needs example_inputs (a tensor or tuple of tensors) "
@@ -76,6 +82,8 @@ def compile(
     prof = get_profile(profile or tgt.profile)
     backend = tgt.backend()
     opts = parse_options(backend.Options, options, target)
+    if recover is not None:
+        prune = _with_recovery(prune, recover)
     pruner = _prune_pass(prune, calibration, quantize, model, source)
     quantizer = _quantize_pass(quantize, calibration, model, source, pruner)
     timings: dict[str, float] = {}
@@ -246,6 +254,18 @@ def _quantize_pass(quantize, calibration, model: torch.nn.Module, source: ModelS
     if pruner is not None and not QuantConfig.parse(quantize).needs_calibration:
         calibration = None  # pruning reads it; a round-to-nearest scheme reads none
     return QuantizeWeights.for_model(quantize, calibration, model, source)
+
+
+def _with_recovery(prune, recover):
+    """The PruneConfig of prune= with recover= (a flashc.distill.DistillConfig) in it."""
+    import dataclasses
+
+    from flashc.passes.prune import PruneConfig
+
+    if prune is None:
+        raise FlashcError("recover= distils a pruned model back towards the original: add prune=, e.g. "
+                          "'wanda-50%'")
+    return dataclasses.replace(PruneConfig.parse(prune), recover=recover)
 
 
 def _prune_pass(prune, calibration, quantize, model: torch.nn.Module, source: ModelSource | None):

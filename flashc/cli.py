@@ -254,7 +254,19 @@ def _ssm_option(args):
 
 
 def _prune_option(args):
-    """The PruneConfig that --prune names (None without it)."""
+    """The PruneConfig that --prune (and --recover-steps) name (None without --prune)."""
+    if args.recover_steps is not None:
+        if args.prune is None:
+            raise FlashcError("--recover-steps distils a pruned model: add --prune, e.g. --prune wanda-50%")
+        import dataclasses
+
+        from flashc.distill import DistillConfig
+        from flashc.passes.prune import PruneConfig
+
+        return dataclasses.replace(PruneConfig.parse(args.prune), recover=DistillConfig(steps=args.recover_steps),
+                                   recover_plot=args.recover_plot)
+    if args.recover_plot is not None:
+        raise FlashcError("--recover-plot applies to --recover-steps")
     if args.prune is None:
         return None
     from flashc.passes.prune import PruneConfig
@@ -958,6 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", default=None, metavar="SPEC",
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
                         "online-40%%, ffn-25%% (see PruneConfig)")
+    c.add_argument("--recover-steps", type=POSITIVE, default=None, metavar="N",
+                   help="after --prune (magnitude, wanda, sparsegpt): N steps distilling the pruned weights "
+                        "against the unpruned model on the calibration text")
+    c.add_argument("--recover-plot", default=None, metavar="FILE.png", help="--recover-steps: the loss curve")
     c.add_argument("--calibration", default=None, metavar="builtin|FILE",
                    help="calibration data of GPTQ/AWQ, pruning and --ssm's training: flashc's built-in text "
                         "(default), a text or .safetensors file")

@@ -140,6 +140,35 @@ def layer_alignment_loss(teacher: torch.nn.Module, pairs: list[tuple[torch.nn.Mo
     return loss
 
 
+def program_forward(program, weights: dict[str, torch.Tensor] | None = None) -> Callable:
+    """A differentiable forward of a flashc Program (a captured, optimized graph): fn(*inputs)
+    runs its graph with `weights` in place of the params of the same names, and flashc's own
+    ops (fused norms, attention, MoE, ...) through their reference implementations, which
+    autograd differentiates. Used to train weights a pass rewrote (pruning's recovery)."""
+    import torch.fx as fx
+    from torch._library.custom_ops import OPDEFS  # flashc ops by qualified name (torch.library.custom_op)
+
+    weights = weights or {}
+
+    class Differentiable(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if isinstance(target, torch._ops.OpOverload) and target.namespace == "flashc":
+                opdef = OPDEFS.get(f"flashc::{target._opname}")
+                if opdef is None:
+                    raise FlashcError(f"training through flashc.{target._opname}: the op has no reference to "
+                                      "differentiate")
+                return opdef._init_fn(*args, **kwargs)
+            return super().call_function(target, args, kwargs)
+
+    runner = Differentiable(program.graph_module)
+
+    def run(*inputs):
+        args = [weights.get(n.name, program.params[n.name]) for n in program.param_nodes()]
+        out = runner.run(*args, *inputs)
+        return program.unflatten(list(out) if isinstance(out, (tuple, list)) else [out])
+    return run
+
+
 def train(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: dict[str, torch.nn.Parameter],
           tokens: torch.Tensor, config: DistillConfig, stage: str, device=None,
           checkpoint_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,

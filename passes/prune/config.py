@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from flashc.errors import FlashcError, closest_names
 
@@ -51,7 +52,9 @@ class PruneConfig:
     lazy batch update. allocation_step: the sparsity increment of the online greedy
     allocation; sample_rows: calibration rows kept per input for thresholds and errors.
     calibration_tokens: at most this many calibration tokens are run;
-    min_calibration_tokens: fewer than this is an error.
+    min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
+    to distil the pruned weights against the unpruned model on the calibration text afterwards
+    (weight methods; `passes/prune/recover.py`), recover_plot: a PNG path for its loss curve.
     """
 
     method: str = "wanda"
@@ -65,8 +68,19 @@ class PruneConfig:
     sample_rows: int = 2048
     calibration_tokens: int = 16384
     min_calibration_tokens: int = 1024
+    recover: Any = None  # flashc.distill.DistillConfig
+    recover_plot: str | None = None
 
     def __post_init__(self) -> None:
+        if self.recover is not None:
+            from flashc.distill import DistillConfig
+
+            if not isinstance(self.recover, DistillConfig):
+                raise FlashcError(f"PruneConfig.recover takes a flashc.distill.DistillConfig, got "
+                                  f"{type(self.recover).__name__}")
+            if self.method not in WEIGHT_METHODS:
+                raise FlashcError(f"recovery distillation is built for weight pruning ({', '.join(WEIGHT_METHODS)}); "
+                                  f"{self.method!r} pruning has none yet: drop recover=")
         if self.method not in METHODS:
             raise FlashcError(f"PruneConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.n_m is not None:
@@ -96,7 +110,7 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude"
+        return self.method != "magnitude" or self.recover is not None
 
     @property
     def pattern(self) -> str:

@@ -59,6 +59,7 @@ class PruneWeights:
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
+        teacher = program.clone() if config.recover is not None else None  # the unpruned graph and weights
         mutations = MutationInfo.of(program.graph)
         dense, moes, skipped = self._plan(program, mutations)
         details = [s.detail() for s in skipped]
@@ -66,7 +67,7 @@ class PruneWeights:
             return PassResult(False, {"skipped": len(skipped)}, details=details)
         groups = input_groups(dense, mutations)
         statistics: dict[fx.Node, object] = {}
-        if config.needs_calibration:
+        if config.method != "magnitude":  # the weights' input statistics (recovery reads the text itself)
             self._calibrate(program, groups, moes, statistics)
         else:
             real_weights(program, [layer.float_weight(program) for layer in dense]
@@ -81,6 +82,13 @@ class PruneWeights:
         if config.needs_calibration:
             details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
                         for w in self.calibration.warnings]
+        if teacher is not None:
+            from flashc.passes.prune.recover import recover
+
+            pruned = [n for n in program.params if n not in teacher.params]
+            recovered, _ = recover(program, teacher, pruned, config.recover, self.calibration, self.progress,
+                                   config.recover_plot)
+            details += recovered
         numel = sum(r["numel"] for r in rows)
         after = sum(r["params_after"] for r in rows)
         stats = {"layers": len(dense), "moe_layers": len(moes), "skipped": len(skipped),
