@@ -393,9 +393,14 @@ class CudaExecutable:
                            for i, a in enumerate(args)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        # Warm up (Triton compiles, cuBLAS initializes outside the capture) on copies of the
+        # inputs the graph writes: a write that is not idempotent (a recurrent state, a counter
+        # in a buffer) must happen once per call, not once per warm-up run as well
+        warm = [a.clone() if i in resident else a for i, a in enumerate(self._static_in)]
         with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.run_eager(*self._static_in)
+            for _ in range(2):
+                self.run_eager(*warm)
+        del warm
         torch.cuda.current_stream().wait_stream(stream)
         from flashc.codegen.cuda_graphs import capture
 

@@ -41,3 +41,29 @@ def test_an_ahead_of_time_compile_saves_loads_and_refuses_to_run_here(tmp_path, 
                                                                        "cuda_fuse_small_matmuls"]
     with pytest.raises(FlashcError, match="without a GPU"):
         loaded(*example)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the CUDA target")
+
+
+class _Accumulator(torch.nn.Module):
+    """A step that is not idempotent: it adds into its state (as a recurrent layer does)."""
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        state.mul_(0.5).add_(x)
+        return state * 2
+
+
+@needs_gpu
+def test_a_state_written_in_place_is_updated_once_per_call():
+    import flashc
+
+    x = torch.randn(4, 64, device="cuda")
+    state = torch.randn(4, 64, device="cuda")
+    ref_state = state.clone()
+    cm = flashc.compile(_Accumulator(), "h100", (x, state.clone()), verify=False)
+    for _ in range(3):  # the first call tunes, warms up and captures: still one update
+        out = cm(x, state)
+        ref = _Accumulator()(x, ref_state)
+        torch.testing.assert_close(state, ref_state)
+        torch.testing.assert_close(out if isinstance(out, torch.Tensor) else out[0], ref)
