@@ -174,6 +174,8 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
         result.perplexity["distilled"] = measure(student)
     for p in student.parameters():
         p.requires_grad_(False)
+    for layer in ssm_layers(student):  # training is over: the norm's weight goes into o_proj
+        layer.fold_norm_weight()
     if plot and result.training:
         result.loss_plot = str(plot_losses(result.training, plot, f"attention -> SSM, layers {layers}"))
     result.model = student.to(dtype).eval()

@@ -85,8 +85,19 @@ class SSMAttention(nn.Module):
         y = self._scan(q, k, v, log_decay)  # [B, H, T, d]
         yf = y.float()
         yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-        y = yf.to(hidden_states.dtype).transpose(1, 2).reshape(b, t, h * d) * self.norm_weight
+        y = yf.to(hidden_states.dtype).transpose(1, 2).reshape(b, t, h * d)
+        if self.norm_weight is not None:
+            y = y * self.norm_weight
         return self.o_proj(y), None
+
+    @torch.no_grad()
+    def fold_norm_weight(self) -> None:
+        """Fold the output norm's weight into o_proj's columns (o_proj(y * w) = (W diag(w)) y): one
+        multiply less a token, once training is over."""
+        if self.norm_weight is None:
+            return
+        self.o_proj.weight.mul_(self.norm_weight.to(self.o_proj.weight.dtype)[None, :])
+        self.norm_weight = None
 
     def _scan(self, q, k, v, log_decay):
         if self._state is None:
