@@ -145,6 +145,8 @@ KERNELS: dict[str, Kernel] = {
                             lambda *args: _codegen("triton_moe_wq").tune_moe_wq(*args)),
     # the attention-to-SSM rewrite's layers (passes/ssm): a recurrent step at T = 1, chunked scan above
     "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
+    "flashc.ssm_mix": Kernel(lambda q, k, v, dt, a_log, state, heads, kv_heads, eps: _codegen(
+        "triton_ssm").ssm_mix_triton(q, k, v, dt, a_log, state, heads, kv_heads, eps)),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }

@@ -26,6 +26,13 @@ i.e. four matmuls on tensor cores (``q k^T``, ``scores v``, ``q h``, ``k^T v``) 
 ``C`` rank-1 updates of the state. Every exponent is <= 0 (``g <= 0``), so nothing overflows.
 Exponentials are ``exp2`` of ``log2(e)``-scaled decays (one MUFU op each).
 
+**Mixing** (``ssm_mix_triton``, the op ``flashc.ssm_mix``: a layer's grouped heads, k scaling,
+decay from dt and per-head output RMSNorm around the scan). T = 1: one kernel,
+``_ssm_mix_step_kernel``, one program per (b, h) with the whole ``[d, d]`` state tile, since the
+norm needs all of a head's y; a decode step is launch-bound, so one launch replaces about fifteen.
+T > 1: torch ops make the decay and the scaled k, the chunked kernel reads the grouped k and v
+heads unrepeated (``GROUP``), torch normalizes y.
+
 Precision: fp32 accumulation everywhere. fp32 inputs multiply in exact fp32
 (``input_precision="ieee"``), fp16 inputs in TF32 (fp16's mantissa, fp32's range, so a large
 state cannot overflow), bf16 inputs in bf16 with the fp32 scores and state rounded to bf16 as
@@ -37,6 +44,8 @@ the operands to bf16 and multiply in fp32: the same products, as bf16 x bf16 is 
 from __future__ import annotations
 
 import torch
+
+from flashc.ssm_ops import check_mix, head_rms_norm, mix_inputs  # the op's semantics, shared with its reference
 
 from ._triton_common import (
     HAS_TRITON,
@@ -53,7 +62,7 @@ from ._triton_common import (
     tl,
 )
 
-__all__ = ["ssm_scan_triton", "DECODE_CONFIG", "PREFILL_CONFIGS"]
+__all__ = ["ssm_scan_triton", "ssm_mix_triton", "DECODE_CONFIG", "PREFILL_CONFIGS", "MIX_DECODE_CONFIGS"]
 
 _MAX_K = 256  # the state tile [BLOCK_K, BLOCK_V] lives in registers; 128 is the largest head dim in use
 
@@ -70,6 +79,12 @@ PREFILL_CONFIGS = {
     128: {"BLOCK_T": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
     256: {"BLOCK_T": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 2},
 }
+# ssm_mix's decode step, by BLOCK (next pow2 of d): one program holds the whole [d, d] fp32 state tile
+# (the output norm needs all of a head's y). The fewest warps that Triton 3.6 compiles for sm_90
+# without register spills (cuobjdump -res-usage: d = 64 at 4 warps takes ~210 registers, at 8 ~100;
+# d = 128 spills at 8 and 16 warps, takes 64 registers at 32). Not yet timed on a GPU.
+MIX_DECODE_CONFIGS = {16: {"num_warps": 2}, 32: {"num_warps": 4}, 64: {"num_warps": 8}, 128: {"num_warps": 32}}
+_MAX_MIX_D = 128
 
 
 # ---------------------------------------------------------------------------
@@ -143,7 +158,7 @@ if HAS_TRITON:
         ss_b, ss_h, ss_k, ss_v,
         sy_b, sy_h, sy_t, sy_v,
         so_b, so_h, so_k, so_v,
-        H, T, DK, DV,
+        H, T, DK, DV, GROUP,
         BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr,
@@ -157,6 +172,7 @@ if HAS_TRITON:
         Per chunk (ssm_chunked's form): G = cumsum(g); y = (q k^T * exp(G_t - G_s), s <= t) v
         + exp(G) (q h); h = exp(G_C) h + (k exp(G_C - G))^T v. Tokens past T load as zeros
         (g = 0 keeps G flat there, k = 0 adds nothing to the state) and are not stored.
+        Head h reads k and v at head h // GROUP (grouped kv heads, unrepeated).
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
@@ -176,8 +192,9 @@ if HAS_TRITON:
             other=0.0,
         ).to(tl.float32)
         Q_base = Q + b * sq_b + hd * sq_h
-        K_base = K + b * sk_b + hd * sk_h
-        V_base = V + b * sv_b + hd * sv_h
+        kv = hd // GROUP
+        K_base = K + b * sk_b + kv * sk_h
+        V_base = V + b * sv_b + kv * sv_h
         G_base = G + b * sg_b + hd * sg_h
         Y_base = Y + b * sy_b + hd * sy_h
         zero_tt = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
@@ -216,8 +233,59 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
 
+    @triton.jit
+    def _ssm_mix_step_kernel(
+        Q, K, V, DT, A_LOG, S_IN, Y, S_OUT,
+        sq_b, sq_n,
+        sk_b, sk_n,
+        sv_b, sv_n,
+        sdt_b, sdt_h,
+        sa,
+        ss_b, ss_h, ss_k, ss_v,
+        sy_b, sy_n,
+        so_b, so_h, so_k, so_v,
+        H, D, GROUP, k_scale, eps,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """``flashc.ssm_mix``'s decode step, program b * H + h, the whole [d, d] state tile:
+        g = -exp(A_log) softplus(dt); h = exp(g) h + (k d^-0.5)^T v at kv head h // GROUP;
+        y = rms_norm(q h) over d. q, k, v are [B, 1, heads * d] rows (last-dim stride sq_n ...)."""
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
+        pid = tl.program_id(0)
+        b = (pid // H).to(tl.int64)
+        hd = (pid % H).to(tl.int64)
+        kv = hd // GROUP
+        offs = tl.arange(0, BLOCK)
+        ok = offs < D
+        tile_ok = ok[:, None] & ok[None, :]
+
+        state = tl.load(
+            S_IN + b * ss_b + hd * ss_h + offs[:, None] * ss_k + offs[None, :] * ss_v, mask=tile_ok, other=0.0
+        ).to(tl.float32)
+        q = tl.load(Q + b * sq_b + (hd * D + offs) * sq_n, mask=ok, other=0.0).to(tl.float32)
+        k = tl.load(K + b * sk_b + (kv * D + offs) * sk_n, mask=ok, other=0.0)
+        v = tl.load(V + b * sv_b + (kv * D + offs) * sv_n, mask=ok, other=0.0).to(tl.float32)
+        dt = tl.load(DT + b * sdt_b + hd * sdt_h).to(tl.float32)
+        a_log = tl.load(A_LOG + hd * sa).to(tl.float32)
+        if PDL:  # every input is loaded: the next kernel may start its launch now
+            tl.extra.cuda.gdc_launch_dependents()
+
+        # k d^-0.5 rounded to k's dtype, as the op scales k before the scan.
+        k = (k.to(tl.float32) * k_scale).to(K.dtype.element_ty).to(tl.float32)
+        softplus = tl.maximum(dt, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt)))  # no overflow for large dt
+        g = -tl.exp(a_log) * softplus
+        state = state * tl.exp2(g * 1.4426950408889634) + k[:, None] * v[None, :]  # exp(g) = 2^(g log2 e)
+        y = tl.sum(q[:, None] * state, 0)
+        y = y.to(V.dtype.element_ty).to(tl.float32)  # the scan's output is in v's dtype, then normalized in fp32
+        y = y * tl.rsqrt(tl.sum(y * y, 0) / D + eps)  # lanes past D are 0: they add nothing
+        tl.store(Y + b * sy_b + (hd * D + offs) * sy_n, y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(S_OUT + b * so_b + hd * so_h + offs[:, None] * so_k + offs[None, :] * so_v, state, mask=tile_ok)
+
+
 # ---------------------------------------------------------------------------
-# Launcher
+# Launchers
 # ---------------------------------------------------------------------------
 def _check_scan(q, k, v, log_decay, state) -> None:
     fn = "ssm_scan_triton"
@@ -282,7 +350,8 @@ def _launch_step(q, k, v, log_decay, state, y, new_state, config):
         )
 
 
-def _launch_chunked(q, k, v, log_decay, state, y, new_state, config):
+def _launch_chunked(q, k, v, log_decay, state, y, new_state, config, group: int = 1):
+    """The chunked kernel; k and v may hold H // group heads, head h reading head h // group."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     block_k = max(16, next_pow2(DK))
@@ -299,7 +368,7 @@ def _launch_chunked(q, k, v, log_decay, state, y, new_state, config):
             q, k, v, log_decay, state, y, new_state,
             *q.stride(), *k.stride(), *v.stride(), *log_decay.stride(), *state.stride(), *y.stride(),
             *new_state.stride(),
-            H, T, DK, DV,
+            H, T, DK, DV, group,
             BLOCK_T=block_t,
             BLOCK_K=block_k,
             BLOCK_V=block_v,
@@ -349,3 +418,81 @@ def ssm_scan_triton(
     else:
         _launch_chunked(q, k, v, log_decay, state, y, state_out, config)
     return y, state_out
+
+
+def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d, eps, config):
+    block = max(16, next_pow2(d))
+    config = {**MIX_DECODE_CONFIGS[block], **(config or {})}
+    pdl = pdl_enabled(q.device)
+    with device_guard(q.device):
+        _ssm_mix_step_kernel[(q.shape[0] * heads,)](
+            q, k, v, dt, A_log, state, y, new_state,
+            q.stride(0), q.stride(2),
+            k.stride(0), k.stride(2),
+            v.stride(0), v.stride(2),
+            dt.stride(0), dt.stride(2),
+            A_log.stride(0),
+            *state.stride(),
+            y.stride(0), y.stride(2),
+            *new_state.stride(),
+            heads, d, heads // kv_heads, d ** -0.5, float(eps),
+            BLOCK=block,
+            PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
+            **launch_opts(config),
+        )
+
+
+def ssm_mix_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dt: torch.Tensor,
+    A_log: torch.Tensor,
+    state: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+    *,
+    state_out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flashc.ssm_mix`` on Triton: ``(y[B, T, heads * d] in q's dtype, new_state[B, heads, d, d] fp32)``.
+
+    ``q[B, T, heads * d]``, ``k, v[B, T, kv_heads * d]`` (rows may be strided, e.g. slices of a
+    merged projection), ``dt[B, T, heads]`` before softplus, ``A_log[heads]``, ``state[B, heads, d, d]``.
+    T = 1: one kernel (``_ssm_mix_step_kernel``, d <= 128) does the whole step. T > 1: the scan's
+    inputs from torch ops (``mix_inputs``, k and v unrepeated), the chunked kernel reading grouped
+    heads, the per-head norm in torch (prefill is not launch-bound). ``state_out`` may be
+    ``state`` (in place). ``config`` overrides the launch config (``MIX_DECODE_CONFIGS``,
+    ``PREFILL_CONFIGS``).
+    """
+    fn = "ssm_mix_triton"
+    require_triton(fn)
+    named = [("q", q), ("k", k), ("v", v), ("dt", dt), ("A_log", A_log), ("state", state)]
+    for name, t in named:
+        check_tensor(fn, name, t)
+    d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads)
+    check_devices(fn, _ssm_mix_step_kernel, named)
+    B, T = q.shape[:2]
+    if state_out is None:
+        state_out = torch.empty((B, heads, d, d), dtype=torch.float32, device=q.device)
+    else:
+        check_out(fn, "state_out", state_out, (B, heads, d, d), torch.float32, q.device, inputs=(q, k, v, dt, A_log))
+    if B * heads * d == 0 or T == 0:
+        if state_out is not state:
+            state_out.copy_(state)
+        return torch.empty((B, T, heads * d), dtype=q.dtype, device=q.device), state_out
+    if T == 1:
+        if d > _MAX_MIX_D:
+            raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
+                             "holds in one program")
+        y = torch.empty((B, 1, heads * d), dtype=q.dtype, device=q.device)
+        _launch_mix_step(q, k, v, dt, A_log, state, y, state_out, heads, kv_heads, d, eps, config)
+        return y, state_out
+    if d > _MAX_K:
+        raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_K}, the largest state tile the kernels hold in registers")
+    qh, kh, vh, log_decay = mix_inputs(q, k, v, dt, A_log, heads, kv_heads)
+    y_heads = torch.empty((B, T, heads, d), dtype=v.dtype, device=q.device)  # the scan's y, in v's dtype
+    _launch_chunked(qh, kh, vh, log_decay, state, y_heads.transpose(1, 2), state_out, config, heads // kv_heads)
+    return head_rms_norm(y_heads, eps, q.dtype).view(B, T, heads * d), state_out

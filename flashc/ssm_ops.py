@@ -12,11 +12,16 @@ tokens, computed chunk by chunk: `ssm_chunked`, the form a parallel kernel takes
 decode step (T = 1: the recurrence itself, constant memory whatever the context). The
 functions below are the numeric truth, differentiable (distillation trains through
 `ssm_chunked`), and the reference every backend's kernel is checked against.
+
+`ssm_mix(q, k, v, dt, A_log, state, heads, kv_heads, eps)` is the layer's whole mixing around
+the scan (grouped heads, k scaling, the decay from dt, the per-head output RMSNorm) as one op,
+so a decode step, launch-bound with a dozen small kernels per layer, can run it as one.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 64  # tokens per chunk of the reference's chunked form
 
@@ -93,4 +98,84 @@ def _(q, k, v, log_decay, state):
             torch.empty(b, h, dk, v.shape[-1], dtype=torch.float32, device=v.device))
 
 
-SSM_OPS = {"ssm_scan": torch.ops.flashc.ssm_scan.default}
+def check_mix(fn: str, q, k, v, dt, A_log, state, heads: int, kv_heads: int) -> int:
+    """Raise ValueError naming `fn` unless the arguments fit `ssm_mix`; return the head dim d."""
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"{fn}: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    for name, t in (("q", q), ("k", k), ("v", v), ("dt", dt)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be [B, T, N], got shape {tuple(t.shape)}")
+    b, t, n = q.shape
+    if n % heads:
+        raise ValueError(f"{fn}: q's last dim {n} is not divisible by heads = {heads}")
+    d = n // heads
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (b, t, kv_heads * d):
+            raise ValueError(f"{fn}: {name} must be [B, T, kv_heads * d] = {(b, t, kv_heads * d)} (d = {d}: q's last "
+                             f"dim / heads), got {tuple(x.shape)}")
+    if dt.shape != (b, t, heads):
+        raise ValueError(f"{fn}: dt must be [B, T, heads] = {(b, t, heads)}, got {tuple(dt.shape)}")
+    if A_log.shape != (heads,):
+        raise ValueError(f"{fn}: A_log must be [heads] = {(heads,)}, got {tuple(A_log.shape)}")
+    if state.shape != (b, heads, d, d):
+        raise ValueError(f"{fn}: state must be [B, heads, d, d] = {(b, heads, d, d)}, got {tuple(state.shape)}")
+    return d
+
+
+def mix_inputs(q, k, v, dt, A_log, heads: int, kv_heads: int):
+    """The scan's inputs from the projections, as `passes/ssm/layer.py` computes them:
+    (q [B, heads, T, d], k and v [B, kv_heads, T, d], log_decay [B, heads, T] fp32), views of
+    [B, T, ...] tensors. k is scaled by d^-0.5 in its own dtype; log_decay = -exp(A_log) *
+    softplus(dt) in fp32. k and v stay grouped: head h reads kv head h // (heads // kv_heads)."""
+    d = q.shape[-1] // heads
+    qh = q.unflatten(-1, (heads, d))  # splitting the last dim is a view whatever q's row stride
+    kh = k.unflatten(-1, (kv_heads, d)) * d ** -0.5
+    vh = v.unflatten(-1, (kv_heads, d))
+    log_decay = -torch.exp(A_log.float()) * F.softplus(dt.float())
+    return qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), log_decay.transpose(1, 2)
+
+
+def head_rms_norm(y: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm (no weight) over the last dim in fp32, cast to `dtype`: the layer's per-head output norm."""
+    yf = y.float()
+    return (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def ssm_mix_reference(q, k, v, dt, A_log, state, heads: int, kv_heads: int, eps: float):
+    """`ssm_mix` in plain torch (differentiable): `mix_inputs`, k and v repeated to `heads`, the scan
+    (y in v's dtype, as the layer's scan returns it), then `head_rms_norm` of each head's y."""
+    d = check_mix("ssm_mix", q, k, v, dt, A_log, state, heads, kv_heads)
+    qh, kh, vh, log_decay = mix_inputs(q, k, v, dt, A_log, heads, kv_heads)
+    if kv_heads != heads:
+        kh = kh.repeat_interleave(heads // kv_heads, dim=1)
+        vh = vh.repeat_interleave(heads // kv_heads, dim=1)
+    scan = ssm_recurrent if q.shape[1] == 1 else ssm_chunked
+    y, new_state = scan(qh, kh, vh, log_decay, state)
+    b, t = q.shape[:2]
+    return head_rms_norm(y, eps, q.dtype).transpose(1, 2).reshape(b, t, heads * d), new_state
+
+
+@torch.library.custom_op("flashc::ssm_mix", mutates_args=())
+def ssm_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
+            state: torch.Tensor, heads: int, kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SSM layer's whole mixing, projections to output norm: (y[B, T, heads * d] in q's dtype, state fp32).
+
+    q: [B, T, heads * d]; k, v: [B, T, kv_heads * d]; dt: [B, T, heads], the dt projection's
+    output before softplus; A_log: [heads]; state: [B, heads, d, d]. What `passes/ssm/layer.py`
+    computes between its projections (and q/k norms) and its output norm weight, as one op so
+    a backend can run a decode step's dozen small kernels (repeat, scale, softplus, exp, norm,
+    casts) as one. Reference: `ssm_mix_reference`."""
+    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, state, heads, kv_heads, eps)
+    if new_state is state:  # T = 0 hands back an fp32 state itself; an op's output may not alias an input
+        new_state = new_state.clone()
+    return y, new_state
+
+
+@ssm_mix.register_fake
+def _(q, k, v, dt, A_log, state, heads, kv_heads, eps):
+    d = q.shape[-1] // heads
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[0], heads, d, d, dtype=torch.float32, device=q.device))
+
+
+SSM_OPS = {"ssm_scan": torch.ops.flashc.ssm_scan.default, "ssm_mix": torch.ops.flashc.ssm_mix.default}

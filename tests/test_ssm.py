@@ -256,7 +256,7 @@ def test_compile_with_ssm_reports_the_rewrite():
                         source=ModelSource("zoo", "llama-tiny"))
     text = cm.report().render()
     assert "attention -> SSM" in text and "1 of 2: [1]" in text
-    assert "ssm_scan" in " ".join(str(n.target) for n in cm.program.op_nodes())
+    assert "ssm_mix" in " ".join(str(n.target) for n in cm.program.op_nodes())
     assert cm.report().to_dict()["rewrites"]["attention -> SSM"][0][0] == "converted layers"
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     assert torch.isfinite(cm(ids)[0] if isinstance(cm(ids), tuple) else cm(ids).logits).all()
@@ -290,5 +290,5 @@ def test_hybrid_generation_artifact_round_trips(tmp_path):
 
 def test_backends_without_the_op_refuse_it_by_name():
     hybrid = convert(zoo.build("llama-tiny", seed=0), [0]).eval()
-    with pytest.raises(flashc.UnsupportedOpError, match="flashc.ssm_scan"):
+    with pytest.raises(flashc.UnsupportedOpError, match="flashc.ssm_mix"):
         flashc.compile(hybrid, "onnx-cpu", torch.zeros(1, 8, dtype=torch.long))

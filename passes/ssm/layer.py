@@ -7,8 +7,9 @@ NeurIPS 2024, arXiv:2408.15237) initializes its layers from attention:
 
     q = C(x), k = B(x) / sqrt(d), v = x-projection(x)     per head, grouped-query heads repeated
     g = -exp(A_log) * softplus(dt(x) + dt_bias)         log decay per head and token (new weights)
-    h_t = exp(g_t) h_{t-1} + k_t^T v_t,  y_t = q_t h_t   flashc.ssm_scan
+    h_t = exp(g_t) h_{t-1} + k_t^T v_t,  y_t = q_t h_t   (flashc.ssm_scan's recurrence)
     out = o_proj(rms_norm_per_head(y) * norm_weight)
+    (everything between the projections and norm_weight is one op, flashc.ssm_mix)
 
 Without rotary and softmax the layer starts near, not at, the attention it replaces; the
 distillation (`flashc.passes.ssm.distill`) closes the gap. dt starts at zero weight with a
@@ -27,9 +28,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from flashc.ssm_ops import ssm_chunked
+from flashc.ssm_ops import ssm_mix_reference
 
 DT_RANGE = (1e-3, 1e-1)  # initial softplus(dt) across heads: decay exp(-dt) from 0.999 to 0.905
 NORM_EPS = 1e-6
@@ -69,26 +69,33 @@ class SSMAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         b, t, _ = hidden_states.shape
         h, d = self.heads, self.head_dim
-        q = self.q_proj(hidden_states).view(b, t, h, d)
-        k = self.k_proj(hidden_states).view(b, t, self.kv_heads, d)
-        v = self.v_proj(hidden_states).view(b, t, self.kv_heads, d)
+        q = self.q_proj(hidden_states)
+        k = self.k_proj(hidden_states)
+        v = self.v_proj(hidden_states)
         if self.q_norm is not None:
-            q = self.q_norm(q)
+            q = self.q_norm(q.view(b, t, h, d)).reshape(b, t, h * d)
         if self.k_norm is not None:
-            k = self.k_norm(k)
-        if self.kv_heads != h:
-            k = k.repeat_interleave(h // self.kv_heads, dim=2)
-            v = v.repeat_interleave(h // self.kv_heads, dim=2)
-        q, k, v = q.transpose(1, 2), (k * d ** -0.5).transpose(1, 2), v.transpose(1, 2)
-        dt = F.softplus(self.dt_proj(hidden_states).float())  # [B, T, H]
-        log_decay = (-torch.exp(self.A_log) * dt).transpose(1, 2)  # [B, H, T]
-        y = self._scan(q, k, v, log_decay)  # [B, H, T, d]
-        yf = y.float()
-        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-        y = yf.to(hidden_states.dtype).transpose(1, 2).reshape(b, t, h * d)
+            k = self.k_norm(k.view(b, t, self.kv_heads, d)).reshape(b, t, self.kv_heads * d)
+        dt = self.dt_proj(hidden_states)  # [B, T, H], before softplus
+        state = self._start_state(b, hidden_states.device)
+        # flashc.ssm_mix: grouped heads, decay, the scan and the per-head norm, one op (one kernel
+        # a decode step on the CUDA target); training differentiates its reference
+        mix = ssm_mix_reference if torch.is_grad_enabled() else torch.ops.flashc.ssm_mix
+        y, new_state = mix(q, k, v, dt, self.A_log, state, h, self.kv_heads, NORM_EPS)
+        if self._state is not None:
+            self._state.copy_(new_state)
         if self.norm_weight is not None:
             y = y * self.norm_weight
         return self.o_proj(y), None
+
+    def _start_state(self, batch: int, device) -> torch.Tensor:
+        if self._state is None:  # a plain forward: every sequence from a zero state
+            return torch.zeros(batch, self.heads, self.head_dim, self.head_dim, dtype=torch.float32, device=device)
+        state, pos = self._state, self._positions
+        # A sequence starting at position 0 starts from a zero state (the cache's old contents
+        # belong to the previous sequence, as stale KV entries past the position do).
+        first = pos[..., 0] if pos.dim() == 2 else pos[0].expand(state.shape[0])
+        return state * (first > 0).to(state.dtype).view(-1, 1, 1, 1)
 
     @torch.no_grad()
     def fold_norm_weight(self) -> None:
@@ -98,22 +105,6 @@ class SSMAttention(nn.Module):
             return
         self.o_proj.weight.mul_(self.norm_weight.to(self.o_proj.weight.dtype)[None, :])
         self.norm_weight = None
-
-    def _scan(self, q, k, v, log_decay):
-        if self._state is None:
-            start = torch.zeros(q.shape[0], self.heads, self.head_dim, v.shape[-1], dtype=torch.float32,
-                                device=q.device)
-            if torch.is_grad_enabled():  # training (distillation): the differentiable reference
-                return ssm_chunked(q, k, v, log_decay, start)[0]
-            return torch.ops.flashc.ssm_scan(q, k, v, log_decay, start)[0]
-        state, pos = self._state, self._positions
-        # A sequence starting at position 0 starts from a zero state (the cache's old contents
-        # belong to the previous sequence, as stale KV entries past the position do).
-        first = pos[..., 0] if pos.dim() == 2 else pos[0].expand(state.shape[0])
-        start = state * (first > 0).to(state.dtype).view(-1, 1, 1, 1)
-        y, new_state = torch.ops.flashc.ssm_scan(q, k, v, log_decay, start)
-        state.copy_(new_state)
-        return y
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"

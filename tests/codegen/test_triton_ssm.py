@@ -1,4 +1,5 @@
-"""flashc.codegen.triton_ssm: the decode-step and chunked-prefill kernels of ssm_scan vs the recurrence."""
+"""flashc.codegen.triton_ssm: the decode-step and chunked-prefill kernels of ssm_scan vs the recurrence,
+and ssm_mix_triton (the fused mixing of an SSM layer) vs the op's reference."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's kernels need it")
 
 from flashc.codegen import triton_ssm as ts  # noqa: E402
+import flashc.ops  # noqa: E402,F401  (registers flashc.ssm_mix, the reference of ssm_mix_triton)
 from flashc.ssm_ops import ssm_recurrent  # noqa: E402
 
 # Relative (norm-wise) error bounds. bf16: the kernel rounds scores and state to bf16 as matmul
@@ -139,3 +141,77 @@ def test_errors(device):
         ts.ssm_scan_triton(q, k, v, log_decay, state, config={"BLOCK_T": 8})
     with pytest.raises(ValueError, match="BLOCK_V must be a power of 2"):
         ts.ssm_scan_triton(q[:, :, :1], k[:, :, :1], v[:, :, :1], log_decay[:, :, :1], state, config={"BLOCK_V": 24})
+
+
+# ---------------------------------------------------------------------------- ssm_mix
+
+
+def mix_inputs(B, T, heads, kv_heads, d, dtype, device, seed=0):
+    """Fresh random ssm_mix inputs: q, k and v slices of one merged [B, T, N] projection (strided
+    rows), dt around -2 (decays from fast to slow), a non-zero fp32 state."""
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_kv = heads * d, kv_heads * d
+    qkv = torch.randn(B, T, n_q + 2 * n_kv, generator=g)
+    qkv[..., :n_q] *= d**-0.5
+    qkv = qkv.to(dtype).to(device)
+    q, k, v = qkv[..., :n_q], qkv[..., n_q:n_q + n_kv].contiguous(), qkv[..., n_q + n_kv:]  # k contiguous
+    dt = (torch.randn(B, T, heads, generator=g) - 2).to(dtype).to(device)
+    A_log = (0.5 * torch.randn(heads, generator=g)).to(device)
+    state = (0.5 * torch.randn(B, heads, d, d, generator=g)).to(device)
+    return q, k, v, dt, A_log, state
+
+
+def mix_reference(q, k, v, dt, A_log, state, heads, kv_heads, eps=1e-6):
+    return torch.ops.flashc.ssm_mix(q, k, v, dt, A_log, state, heads, kv_heads, eps)
+
+
+# (heads, kv_heads, d): grouped heads at d = 32, one kv head per head at d = 64
+MIX_SHAPES = [(4, 2, 32), (3, 3, 64)]
+
+
+@pytest.mark.parametrize("shape", MIX_SHAPES, ids=lambda s: "H{}KV{}d{}".format(*s))
+@pytest.mark.parametrize("T", [1, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mix_matches_reference(device, dtype, T, shape):
+    """T = 1: the one-kernel decode step; T = 70: the chunked kernel over grouped heads, a partial chunk."""
+    heads, kv_heads, d = shape
+    q, k, v, dt, A_log, state = mix_inputs(2, T, heads, kv_heads, d, dtype, device)
+    assert q.stride(1) > heads * d and v.stride(1) > kv_heads * d  # slices of the merged projection's rows
+    y, new_state = ts.ssm_mix_triton(q, k, v, dt, A_log, state, heads, kv_heads, 1e-6)
+    y_ref, state_ref = mix_reference(q, k, v, dt, A_log, state, heads, kv_heads)
+    assert y.shape == (2, T, heads * d) and y.dtype == dtype
+    assert new_state.shape == (2, heads, d, d) and new_state.dtype == torch.float32
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(new_state, state_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mix_decode_continues_prefill_in_place(device, dtype):
+    """A prefill then two decode steps, the state updated in place (state_out=state), equal the op
+    over all tokens at once; A_log in the model dtype."""
+    T, steps, heads, kv_heads, d = 40, 2, 4, 1, 32
+    q, k, v, dt, A_log, state = mix_inputs(1, T + steps, heads, kv_heads, d, dtype, device, seed=1)
+    A_log = A_log.to(dtype)
+    y_ref, state_ref = mix_reference(q, k, v, dt, A_log, state, heads, kv_heads)
+    s = state.clone()
+    ys = []
+    for step in (slice(0, T), *(slice(t, t + 1) for t in range(T, T + steps))):
+        y, s_out = ts.ssm_mix_triton(q[:, step], k[:, step], v[:, step], dt[:, step], A_log, s, heads, kv_heads,
+                                     1e-6, state_out=s)
+        assert s_out is s
+        ys.append(y)
+    assert rel_err(torch.cat(ys, 1), y_ref) < TOL[dtype]
+    assert rel_err(s, state_ref) < TOL[dtype]
+
+
+def test_mix_errors(device):
+    q, k, v, dt, A_log, state = mix_inputs(1, 1, 4, 2, 16, torch.float32, device)
+    with pytest.raises(ValueError, match=r"ssm_mix_triton: heads \(4\) must be a positive multiple of kv_heads"):
+        ts.ssm_mix_triton(q, k, v, dt, A_log, state, 4, 3, 1e-6)
+    with pytest.raises(ValueError, match=r"ssm_mix_triton: state must be \[B, heads, d, d\]"):
+        ts.ssm_mix_triton(q, k, v, dt, A_log, state[..., :8], 4, 2, 1e-6)
+    with pytest.raises(TypeError, match="state_out must have dtype torch.float32"):
+        ts.ssm_mix_triton(q, k, v, dt, A_log, state, 4, 2, 1e-6, state_out=state.bfloat16())
+    big = mix_inputs(1, 1, 1, 1, 160, torch.float32, device)
+    with pytest.raises(ValueError, match="head dim 160 exceeds 128"):
+        ts.ssm_mix_triton(*big, 1, 1, 1e-6)
