@@ -114,8 +114,8 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
             plot: str | None = None) -> SSMResult:
     """Convert the layers config asks for and distil them on `tokens` (calibration token ids,
     1-D); perplexity before and after on `eval_tokens` (default: the calibration tail, held
-    out of training). The input model is not changed; the result's model is float32 on
-    the input's device, in eval mode, cast back to the input's dtype."""
+    out of training). The input model is not changed. Training runs in float32 on the
+    input's device; the result's model is in eval mode, in the input's dtype."""
     config = SSMConfig.parse(config)
     if tokens is None:
         raise FlashcError("the attention-to-SSM rewrite trains the new layers on calibration text: pass "
