@@ -100,3 +100,12 @@ def test_speculative_generation(runs):
     rows = dict(re.findall(r"^(plain|ngram|layerskip \(1st layer\))\s+(yes|NO)\s", out, re.MULTILINE))
     assert rows == {"plain": "yes", "ngram": "yes", "layerskip (1st layer)": "yes"}
     assert "output identical: True" in out
+
+
+def test_attention_to_ssm(runs):
+    out = output_of(runs, "attention_to_ssm")
+    assert re.search(r"^converted layers\s+4 of 8", out, re.MULTILINE)
+    original, hybrid = map(float, re.search(rf"original {NUMBER}, 4 of 8 layers as SSM {NUMBER}", out).groups())
+    assert hybrid < 3 * original
+    assert "4 SSM states, 4 KV caches" in out
+    assert "generation identical to the full forward: True" in out

@@ -81,6 +81,7 @@ class SSMResult:
     model: torch.nn.Module
     layers: list[int]
     total_layers: int
+    candidates: int = 0  # layers converted and aligned before a measured choice kept `layers`
     perplexity: dict[str, float] = field(default_factory=dict)  # original / converted / distilled
     training: list[TrainResult] = field(default_factory=list)
     choice: list[dict] = field(default_factory=list)  # "auto": per-layer measured damage
@@ -92,12 +93,14 @@ class SSMResult:
     def rows(self) -> list[list[str]]:
         """The report's table: what was converted and what it cost."""
         rows = [["converted layers", f"{len(self.layers)} of {self.total_layers}: {self.layers}"]]
+        labels = {"converted": "converted, untrained" + (f" (all {self.candidates} candidates)"
+                                                         if self.candidates != len(self.layers) else "")}
         for key in ("original", "converted", "aligned", "distilled"):
             if key in self.perplexity:
                 ppl = self.perplexity[key]
                 base = self.perplexity.get("original")
                 change = "" if key == "original" or not base else f" ({(ppl / base - 1) * 100:+.1f}%)"
-                rows.append([f"perplexity, {key}", f"{ppl:.3f}{change}"])
+                rows.append([f"perplexity, {labels.get(key, key)}", f"{ppl:.3f}{change}"])
         for r in self.training:
             rows.append([f"distill {r.stage}", f"{len(r.losses)} steps, loss {r.first_loss:.4g} -> "
                          f"{r.last_loss:.4g}, {r.seconds:.0f} s" + (f" (resumed at {r.resumed_from})"
@@ -142,6 +145,7 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
         raise FlashcError(f"ssm: keep_attention={config.keep_attention} keeps every one of the model's "
                           f"{len(candidates)} attention layers: nothing to convert")
     student = convert(teacher, candidates)
+    result.candidates = len(candidates)
     match_output_scale(teacher, sites, student, candidates, tokens[: 4 * config.align.seq_len])
     result.perplexity["converted"] = measure(student)
     fingerprint = _fingerprint(model, candidates)
