@@ -296,16 +296,10 @@ def _resume(ckpt: Path, stamp: dict, params, opt, sched) -> list[float]:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param/{n}"])
-    state = {}
-    for p in params.values():
-        opt.state[p]  # noqa: B018  (creates the entry)
-    names = {n: p for n, p in params.items()}
-    for key, value in tensors.items():
+    for key, value in tensors.items():  # AdamW's moments and step count, per parameter
         if key.startswith("adam/"):
             name, slot = key[5:].rsplit("/", 1)
-            state.setdefault(names[name], {})[slot] = value.to(names[name].device)
-    for p, s in state.items():
-        opt.state[p] = s
+            opt.state[params[name]][slot] = value.to(params[name].device)
     sched.load_state_dict(meta["scheduler"])
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate the interrupted run had reached
         group["lr"] = lr
