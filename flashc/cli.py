@@ -264,9 +264,9 @@ def _prune_option(args):
         from flashc.passes.prune import PruneConfig
 
         return dataclasses.replace(PruneConfig.parse(args.prune), recover=DistillConfig(steps=args.recover_steps),
-                                   recover_plot=args.recover_plot)
-    if args.recover_plot is not None:
-        raise FlashcError("--recover-plot applies to --recover-steps")
+                                   recover_plot=args.recover_plot, recover_checkpoint=args.recover_checkpoint)
+    if args.recover_plot is not None or args.recover_checkpoint is not None:
+        raise FlashcError("--recover-plot and --recover-checkpoint apply to --recover-steps")
     if args.prune is None:
         return None
     from flashc.passes.prune import PruneConfig
@@ -974,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after --prune (magnitude, wanda, sparsegpt): N steps distilling the pruned weights "
                         "against the unpruned model on the calibration text")
     c.add_argument("--recover-plot", default=None, metavar="FILE.png", help="--recover-steps: the loss curve")
+    c.add_argument("--recover-checkpoint", default=None, metavar="DIR",
+                   help="--recover-steps: checkpoints here; the same command again resumes")
     c.add_argument("--calibration", default=None, metavar="builtin|FILE",
                    help="calibration data of GPTQ/AWQ, pruning and --ssm's training: flashc's built-in text "
                         "(default), a text or .safetensors file")

@@ -19,7 +19,7 @@ SRC = ModelSource("zoo", "llama-tiny")
 
 def _compile(prune, recover=None, level=2):
     model = zoo.build("llama-tiny", seed=0)
-    reads_text = recover is not None or not prune.startswith("magnitude")
+    reads_text = recover is not None or PruneConfig.parse(prune).needs_calibration
     return flashc.compile(model, "cpu", torch.zeros(1, 32, dtype=torch.long), level=level, prune=prune,
                           recover=recover, calibration="builtin" if reads_text else None, source=SRC)
 
@@ -92,3 +92,20 @@ def test_recovery_needs_weight_pruning_and_a_prefill_program():
     with pytest.raises(FlashcError, match="recover a prefill-signature compile"):
         flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 1, 16), prune="magnitude-50%",
                        recover=DistillConfig(steps=1), calibration="builtin", source=SRC)
+
+
+def test_recovery_resumes_from_its_checkpoint_and_refuses_another_pruning(tmp_path):
+    import dataclasses
+
+    def config(spec, steps):
+        return dataclasses.replace(PruneConfig.parse(spec), recover=DistillConfig(steps=steps, checkpoint_every=2),
+                                   recover_checkpoint=str(tmp_path))
+
+    whole = _compile(config("magnitude-50%", 4))
+    assert (tmp_path / "recover" / "checkpoint.json").exists()
+    again = _compile(config("magnitude-50%", 4))  # finished run: resumed at its end, same weights
+    assert "resumed at step 4" in _recovery_note(again)
+    for name, w in _pruned(whole).items():
+        torch.testing.assert_close(_pruned(again)[name], w)
+    with pytest.raises(FlashcError, match="from another run"):
+        _compile(config("magnitude-60%", 4))

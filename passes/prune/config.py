@@ -54,7 +54,8 @@ class PruneConfig:
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
     to distil the pruned weights against the unpruned model on the calibration text afterwards
-    (weight methods; `passes/prune/recover.py`), recover_plot: a PNG path for its loss curve.
+    (weight methods; `passes/prune/recover.py`), recover_plot: a PNG path for its loss curve,
+    recover_checkpoint: a directory for its checkpoints (the same compile again resumes there).
     """
 
     method: str = "wanda"
@@ -70,6 +71,7 @@ class PruneConfig:
     min_calibration_tokens: int = 1024
     recover: Any = None  # flashc.distill.DistillConfig
     recover_plot: str | None = None
+    recover_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.recover is not None:

@@ -26,9 +26,10 @@ from flashc.passes.quantize.calibration import DEFAULT_INPUTS, CalibrationData
 
 
 def recover(program: Program, teacher: Program, names: list[str], config: DistillConfig,
-            calibration: CalibrationData | None, progress: bool = True, plot: str | None = None
-            ) -> tuple[list[dict], TrainResult]:
-    """Train program.params[names] (pruned weights) against teacher; returns report rows and the run."""
+            calibration: CalibrationData | None, progress: bool = True, plot: str | None = None,
+            checkpoint_dir: str | None = None, spec: str = "") -> tuple[list[dict], TrainResult]:
+    """Train program.params[names] (pruned weights) against teacher; returns report rows and the run.
+    checkpoint_dir: checkpoints of the training, resumed by a rerun of the same pruning of the same model."""
     ids_spec, fill = _token_input(program)
     if calibration is None or calibration.tokens is None:
         raise FlashcError("pruning recovery distils on calibration text: pass calibration='builtin', a text file "
@@ -56,8 +57,10 @@ def recover(program: Program, teacher: Program, names: list[str], config: Distil
     with torch.no_grad():
         before = {"original": _perplexity(teacher_fn, eval_tokens, batch, seq, device),
                   "pruned": _perplexity(student_fn, eval_tokens, batch, seq, device)}
+    fingerprint = {"pruning": spec, "weights": _checksum(teacher, names), "calibration": calibration.description}
     result = train(logit_kl_loss(student_fn, teacher_fn, config.temperature), masters, train_tokens, config,
-                   "recover", device=device, progress=progress)
+                   "recover", device=device, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+                   progress=progress)
     with torch.no_grad():
         for n, p in masters.items():
             program.params[n] = (p * masks[n]).to(dtype[n])
@@ -66,10 +69,24 @@ def recover(program: Program, teacher: Program, names: list[str], config: Distil
              "note": f"{config.steps} steps of {batch}x{seq} calibration tokens, logit KL "
                      f"{result.first_loss:.4g} -> {result.last_loss:.4g}; held-out perplexity: original "
                      f"{before['original']:.3f}, pruned {before['pruned']:.3f}, recovered {after:.3f}"}]
+    if result.resumed_from:
+        rows[0]["note"] += f" (resumed at step {result.resumed_from} from {checkpoint_dir})"
     if plot:
         path = plot_losses([result], plot, "pruning recovery (logit KL)")
         rows.append({"layer": "-", "op": "recovery", "status": "loss curve", "note": str(path)})
     return rows, result
+
+
+def _checksum(teacher: Program, pruned: list[str]) -> str:
+    """A cheap identity of the unpruned model: a strided sum of every weight (a checkpoint of
+    another model is refused)."""
+    total = 0.0
+    with torch.no_grad():
+        for name in sorted(teacher.params):
+            t = teacher.params[name]
+            if t.is_floating_point() and t.numel():
+                total += float(t.detach().flatten()[:: max(1, t.numel() // 1024)].float().sum())
+    return f"{len(teacher.params)}:{len(pruned)}:{total:.6e}"
 
 
 def _token_input(program: Program):

@@ -87,7 +87,7 @@ class PruneWeights:
 
             pruned = [n for n in program.params if n not in teacher.params]
             recovered, _ = recover(program, teacher, pruned, config.recover, self.calibration, self.progress,
-                                   config.recover_plot)
+                                   config.recover_plot, config.recover_checkpoint, config.spec)
             details += recovered
         numel = sum(r["numel"] for r in rows)
         after = sum(r["params_after"] for r in rows)
