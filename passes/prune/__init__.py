@@ -5,7 +5,8 @@ sparsity (TEAL) and structured FFN channels, with calibration shared with quanti
     prune_pass(PruneConfig.parse("wanda-50%"), resolve_calibration("builtin", tokenizer))
 
 One module per idea: config (PruneConfig), masks, magnitude, wanda, sparsegpt, teal (the
-methods), layers (what the passes share), and the passes: weights (PruneWeights),
+methods), layers (what the passes share), recover (distillation of the pruned weights against
+the unpruned program, flashc.distill's loop), and the passes: weights (PruneWeights),
 activations (SparsifyActivations: flashc.sparsify nodes), ffn (PruneFfnChannels).
 """
 
