@@ -86,9 +86,10 @@ def ssm_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch
     """(y[B, H, T, V] in v's dtype, state after the last step [B, H, K, V] fp32).
 
     q, k: [B, H, T, K]; v: [B, H, T, V]; log_decay: [B, H, T], each <= 0; state: [B, H, K, V]."""
-    if q.shape[2] == 1:
-        return ssm_recurrent(q, k, v, log_decay, state)
-    return ssm_chunked(q, k, v, log_decay, state)
+    y, new_state = (ssm_recurrent if q.shape[2] == 1 else ssm_chunked)(q, k, v, log_decay, state)
+    if new_state is state:  # T = 0 hands back an fp32 state itself; an op's output may not alias an input
+        new_state = new_state.clone()
+    return y, new_state
 
 
 @ssm_scan.register_fake
