@@ -46,7 +46,7 @@ def ssm_recurrent(q, k, v, log_decay, state):
         h = torch.exp(log_decay[:, :, t].float())[..., None, None] * h + \
             k[:, :, t].float().unsqueeze(-1) * v[:, :, t].float().unsqueeze(-2)
         ys.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t].float(), h))
-    y = torch.stack(ys, dim=2) if ys else v.float()[:, :, :0]
+    y = torch.stack(ys, dim=2) if ys else v.new_empty(*v.shape[:2], 0, v.shape[-1], dtype=torch.float32)
     return y.to(v.dtype), h
 
 
@@ -76,7 +76,7 @@ def ssm_chunked(q, k, v, log_decay, state, chunk: int = CHUNK):
         ys.append(y)
         last = gc[..., -1:]  # [B, H, 1]
         s = torch.exp(last).unsqueeze(-1) * s + (kc * torch.exp(last - gc).unsqueeze(-1)).transpose(-1, -2) @ vc
-    y = torch.cat(ys, dim=2) if ys else v[:, :, :0]
+    y = torch.cat(ys, dim=2) if ys else v.new_empty(*v.shape[:2], 0, v.shape[-1])
     return y.to(out_dtype), s
 
 

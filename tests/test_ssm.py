@@ -292,3 +292,9 @@ def test_backends_without_the_op_refuse_it_by_name():
     hybrid = convert(zoo.build("llama-tiny", seed=0), [0]).eval()
     with pytest.raises(flashc.UnsupportedOpError, match="flashc.ssm_mix"):
         flashc.compile(hybrid, "onnx-cpu", torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_a_zero_length_scan_returns_fresh_tensors():
+    q, k, v, g, s = (a.float() for a in _inputs(t=0))
+    y, h = torch.ops.flashc.ssm_scan(q, k, v, g, s)
+    assert y.shape == (2, 3, 0, 5) and h is not s and torch.equal(h, s)
