@@ -140,6 +140,20 @@ def layer_alignment_loss(teacher: torch.nn.Module, pairs: list[tuple[torch.nn.Mo
     return loss
 
 
+def weights_checksum(tensors) -> str:
+    """A cheap identity of a set of weights for checkpoint fingerprints: their count, elements
+    and a strided sum of each (a checkpoint of other weights is refused, not resumed)."""
+    count = elements = 0
+    total = 0.0
+    with torch.no_grad():
+        for t in tensors:
+            if t.is_floating_point() and t.numel():
+                count += 1
+                elements += t.numel()
+                total += float(t.detach().flatten()[:: max(1, t.numel() // 1024)].float().sum())
+    return f"{count} tensors, {elements} elements, sum {total:.6e}"
+
+
 def program_forward(program, weights: dict[str, torch.Tensor] | None = None) -> Callable:
     """A differentiable forward of a flashc Program (a captured, optimized graph): fn(*inputs)
     runs its graph with `weights` in place of the params of the same names, and flashc's own

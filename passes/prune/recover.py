@@ -19,7 +19,9 @@ import dataclasses
 
 import torch
 
-from flashc.distill import DistillConfig, TrainResult, logit_kl_loss, plot_losses, program_forward, train
+from flashc.distill import (
+    DistillConfig, TrainResult, logit_kl_loss, plot_losses, program_forward, train, weights_checksum,
+)
 from flashc.errors import FlashcError
 from flashc.ir import Program
 from flashc.passes.quantize.calibration import DEFAULT_INPUTS, CalibrationData
@@ -57,7 +59,8 @@ def recover(program: Program, teacher: Program, names: list[str], config: Distil
     with torch.no_grad():
         before = {"original": _perplexity(teacher_fn, eval_tokens, batch, seq, device),
                   "pruned": _perplexity(student_fn, eval_tokens, batch, seq, device)}
-    fingerprint = {"pruning": spec, "weights": _checksum(teacher, names), "calibration": calibration.description}
+    fingerprint = {"pruning": spec, "weights": weights_checksum(teacher.params[n] for n in sorted(teacher.params)),
+                   "pruned": len(names), "calibration": calibration.description}
     result = train(logit_kl_loss(student_fn, teacher_fn, config.temperature), masters, train_tokens, config,
                    "recover", device=device, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
                    progress=progress)
@@ -75,18 +78,6 @@ def recover(program: Program, teacher: Program, names: list[str], config: Distil
         path = plot_losses([result], plot, "pruning recovery (logit KL)")
         rows.append({"layer": "-", "op": "recovery", "status": "loss curve", "note": str(path)})
     return rows, result
-
-
-def _checksum(teacher: Program, pruned: list[str]) -> str:
-    """A cheap identity of the unpruned model: a strided sum of every weight (a checkpoint of
-    another model is refused)."""
-    total = 0.0
-    with torch.no_grad():
-        for name in sorted(teacher.params):
-            t = teacher.params[name]
-            if t.is_floating_point() and t.numel():
-                total += float(t.detach().flatten()[:: max(1, t.numel() // 1024)].float().sum())
-    return f"{len(teacher.params)}:{len(pruned)}:{total:.6e}"
 
 
 def _token_input(program: Program):

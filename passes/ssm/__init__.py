@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from flashc.distill import DistillConfig, TrainResult, layer_alignment_loss, logit_kl_loss, plot_losses, train
+from flashc.distill import (
+    DistillConfig, TrainResult, layer_alignment_loss, logit_kl_loss, plot_losses, train, weights_checksum,
+)
 from flashc.errors import FlashcError
 from flashc.passes.ssm.convert import attention_sites, convert, ssm_layers
 from flashc.passes.ssm.layer import SSMAttention
@@ -238,14 +240,8 @@ def _ssm_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def _fingerprint(model: torch.nn.Module, layers: list[int]) -> dict:
-    """What identifies a rewrite for its checkpoints: the model's class, parameter count, a
-    checksum of its weights, and the converted layers."""
-    total, checksum = 0, 0.0
-    with torch.no_grad():
-        for p in model.parameters():
-            total += p.numel()
-            checksum += float(p.detach().float().flatten()[:: max(1, p.numel() // 1024)].sum())
-    return {"model": type(model).__name__, "parameters": total, "weights": f"{checksum:.6e}", "layers": layers}
+    """What identifies a rewrite for its checkpoints: the model's class and weights, and the converted layers."""
+    return {"model": type(model).__name__, "weights": weights_checksum(model.parameters()), "layers": layers}
 
 
 def _perplexity(model: torch.nn.Module, tokens: torch.Tensor, window: int) -> float:
