@@ -1,4 +1,4 @@
-"""Weight-only quantized ops and the packed layout of their weights.
+"""Quantized ops: weight-only (int4/int8, packed) and weight-and-activation (W8A8, FP8).
 
 `flashc.linear_wq` is a linear layer whose weight is stored as 4- or 8-bit codes with a
 scale (and optionally a zero point) per group of `group_size` input columns;
@@ -229,8 +229,100 @@ def _(x, qweight, bias, norm_weight, eps, residual, glu, scales, zero_points, in
     return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
 
 
+# --------------------------------------------------------------------- weights and activations
+# W8A8 (SmoothQuant) and FP8: the weight is stored quantized per output row (or per tensor),
+# and each call quantizes its input per token (a scale per row of x, from that row's largest
+# magnitude), so the product runs on int8 or fp8 tensor cores. The references below are the
+# numeric truth: the int8 product is exact (integers in float64), the fp8 product is an fp32
+# sum of exactly representable fp8 values; kernels differ from them only in summation order.
+
+INT8_MAX = 127.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def row_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """One scale per row of x [M, K] (fp32 [M, 1]): the row's largest magnitude over qmax; a
+    row of zeros gets 1 (its codes are all 0 whatever the scale)."""
+    amax = x.abs().amax(-1, keepdim=True).float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes [M, K], fp32 scales [M, 1]): symmetric, per row, round to nearest."""
+    scale = row_scales(x, INT8_MAX)
+    return (x.float() / scale).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def quantize_rows_fp8(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 values [M, K], fp32 scales [M, 1] or [1, 1]): scaled so the row's (or,
+    per_token=False, the whole tensor's) largest magnitude lands on fp8's largest value (448)."""
+    scale = row_scales(x, FP8_MAX) if per_token else row_scales(x.reshape(1, -1), FP8_MAX)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def _rows(x: torch.Tensor, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] as rows [M, K], times the smoothing input scale in x's dtype (as applied before)."""
+    if input_scale is not None:
+        x = x * input_scale
+    return x.reshape(-1, x.shape[-1])
+
+
+def _finish(acc: torch.Tensor, x_scale: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+            x: torch.Tensor) -> torch.Tensor:
+    y = acc * x_scale * w_scales.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+@torch.library.custom_op("flashc::linear_w8a8", mutates_args=())
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """SmoothQuant's W8A8 linear: y = dequant(int8(x * input_scale) @ qweight^T) + bias.
+
+    x[..., K] (any float dtype); qweight int8 [N, K] (symmetric, codes -127..127); w_scales
+    fp32 [N] (a scale per output row); input_scale [K] or None: SmoothQuant's 1/s per input
+    channel (s was multiplied into the weight's columns before rounding). The input is
+    quantized per token: codes round(x / s_row) with s_row = max|x_row| / 127. The result is
+    in x's dtype, from an fp32 epilogue over the exact integer product.
+    """
+    rows = _rows(x, input_scale)
+    xq, x_scale = quantize_rows_int8(rows)
+    acc = (xq.double() @ qweight.double().t()).float()  # exact: integers far below 2**53
+    return _finish(acc, x_scale, w_scales, bias, x)
+
+
+@linear_w8a8.register_fake
+def _(x, qweight, w_scales, bias, input_scale):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("flashc::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+               input_scale: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
+    """An FP8 (e4m3) linear: y = (fp8(x) @ qweight^T) * x_scale * w_scales + bias.
+
+    qweight float8_e4m3fn [N, K]; w_scales fp32 [N] (per output row) or [1] (per tensor);
+    input_scale as linear_w8a8's (None for plain FP8). The input is scaled to fp8's range
+    per token (per_token) or over the whole tensor, dynamically on every call. Products of
+    fp8 values are summed in fp32; the result is in x's dtype.
+    """
+    rows = _rows(x, input_scale)
+    xq, x_scale = quantize_rows_fp8(rows, per_token)
+    acc = xq.float() @ qweight.float().t()
+    return _finish(acc, x_scale, w_scales, bias, x)
+
+
+@linear_fp8.register_fake
+def _(x, qweight, w_scales, bias, input_scale, per_token):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 QUANTIZED_OPS = {
     "linear_wq": torch.ops.flashc.linear_wq.default,
     "moe_wq": torch.ops.flashc.moe_wq.default,
     "gemv_wq": torch.ops.flashc.gemv_wq.default,
+    "linear_w8a8": torch.ops.flashc.linear_w8a8.default,
+    "linear_fp8": torch.ops.flashc.linear_fp8.default,
 }

@@ -152,7 +152,9 @@ def _details_table(record):
     before = after = 0
     for d in _merge_skipped(record.details):
         scheme = str(d.get("status", "-"))
-        if scheme == "quantized":
+        if scheme == "quantized" and d.get("scheme"):  # weights and activations: 'w8a8-smoothquant', 'fp8'
+            scheme = str(d["scheme"])
+        elif scheme == "quantized":
             group = d.get("group_size")
             scheme = (f"int{d.get('bits')} {d.get('method')} " + (f"g{group}" if group != "channel" else "per-ch")
                       + (" sym" if d.get("symmetric") else ""))

@@ -34,9 +34,9 @@ from flashc.passes.prune.layers import (
     op_label, real_weights,
 )
 from flashc.passes.prune.teal import (
-    ActivationSample, ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
+    ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
 )
-from flashc.passes.quantize.calibration import CalibrationData, collect_statistics
+from flashc.passes.quantize.calibration import ActivationSample, CalibrationData, collect_statistics
 
 SPARSIFY = torch.ops.flashc.sparsify.default
 

@@ -21,37 +21,10 @@ Differences from TEAL's code (teal/greedyopt.py), chosen for a graph compiler:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-
-@dataclass
-class ActivationSample:
-    """Every `stride`-th row an input gets during calibration, at most `limit` rows: a sample
-    spread over the whole run (the built-in text is prose, then code)."""
-
-    stride: int
-    limit: int
-    position: int = 0  # of the input among the node's arguments
-    rows: list[torch.Tensor] = field(default_factory=list)
-    seen: int = 0
-    kept: int = 0
-
-    def __call__(self, args: tuple) -> None:
-        x = args[self.position].detach()
-        flat = x.reshape(-1, x.shape[-1])
-        first = (-self.seen) % self.stride
-        take = flat[first::self.stride][: self.limit - self.kept]
-        if take.shape[0]:
-            self.rows.append(take.float())
-            self.kept += take.shape[0]
-        self.seen += flat.shape[0]
-
-    def tensor(self) -> torch.Tensor:
-        """The sampled rows [R, K] (float32)."""
-        return torch.cat(self.rows) if self.rows else torch.zeros(0, 0)
 
 
 def sparsity_levels(step: float, max_sparsity: float) -> torch.Tensor:

@@ -284,11 +284,13 @@ def _decode_calls(program: Program, data: CalibrationData, max_rows: int, device
 
 
 class InputStatistics:
-    """Sums over the rows x [K] a layer read: x^T x (fp32) and |x| (fp64), and their count."""
+    """Sums over the rows x [K] a layer read: x^T x (fp32) and |x| (fp64), the largest |x| per
+    channel, and their count."""
 
     def __init__(self, k: int, device) -> None:
         self.sum_xxt = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.sum_abs = torch.zeros(k, dtype=torch.float64, device=device)
+        self.amax = torch.zeros(k, dtype=torch.float32, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -298,6 +300,8 @@ class InputStatistics:
                               "on the calibration data, or quantize with the rtn method")
         self.sum_xxt.addmm_(rows.t(), rows)
         self.sum_abs += rows.abs().sum(0, dtype=torch.float64)
+        if rows.shape[0]:
+            torch.maximum(self.amax, rows.abs().amax(0), out=self.amax)
         self.rows += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -306,6 +310,33 @@ class InputStatistics:
 
     def mean_abs(self) -> torch.Tensor:
         return self.sum_abs / max(self.rows, 1)
+
+
+@dataclass
+class ActivationSample:
+    """Every `stride`-th row an input gets during calibration, at most `limit` rows: a sample
+    spread over the whole run (the built-in text is prose, then code)."""
+
+    stride: int
+    limit: int
+    position: int = 0  # of the input among the node's arguments
+    rows: list[torch.Tensor] = field(default_factory=list)
+    seen: int = 0
+    kept: int = 0
+
+    def __call__(self, args: tuple) -> None:
+        x = args[self.position].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        first = (-self.seen) % self.stride
+        take = flat[first::self.stride][: self.limit - self.kept]
+        if take.shape[0]:
+            self.rows.append(take.float())
+            self.kept += take.shape[0]
+        self.seen += flat.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        """The sampled rows [R, K] (float32)."""
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, 0)
 
 
 @dataclass

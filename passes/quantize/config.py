@@ -1,4 +1,4 @@
-"""QuantConfig: what weight-only quantization does, parsed from a scheme name in one place."""
+"""QuantConfig: what quantization does, parsed from a scheme name in one place."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass, replace
 
 from flashc.errors import FlashcError, closest_names
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "fp8")
+WEIGHT_ONLY = ("rtn", "gptq", "awq")
+ACTIVATIONS = ("smoothquant", "fp8")  # the input is quantized too, per token, on every call
 GROUP_SIZES = (32, 64, 128)
 
 # Scheme names accepted by QuantConfig.parse (each also takes -g32/-g64/-g128/-per-channel
@@ -20,12 +22,15 @@ SCHEMES = {
     "int8-rtn": "same as int8-weight",
     "int8-gptq": "8-bit weights, GPTQ, per output channel, symmetric",
     "int8-awq": "8-bit weights, AWQ, per output channel, symmetric",
+    "w8a8-smoothquant": "int8 weights (per output channel) and int8 activations (per token, dynamic), "
+                        "outliers migrated into the weights with a calibrated strength (SmoothQuant)",
+    "w8a8": "int8 weights (per output channel) and int8 activations (per token, dynamic), no smoothing",
+    "fp8": "FP8 e4m3 weights (a scale per output channel) and activations (a scale per token, dynamic)",
+    "fp8-tensor": "FP8 e4m3 weights and activations with one scale per tensor (activations: per call)",
 }
 
 # Schemes of flashc issue #14 that are not built yet: asking for one is an error, never RTN.
 NOT_IMPLEMENTED = {
-    "w8a8-smoothquant": "SmoothQuant W8A8 (int8 activations)",
-    "fp8": "FP8 (e4m3) weights and activations",
     "aqlm-2bit": "AQLM additive quantization",
     "quip-4bit": "QuIP incoherence processing",
 }
@@ -33,7 +38,7 @@ NOT_IMPLEMENTED = {
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of linear layers (and MoE experts).
+    """Quantization of linear layers (and MoE experts): weight-only, or weights and activations.
 
     method: "rtn" (round to nearest), "gptq" (Frantar et al. 2022, arXiv:2210.17323) or
     "awq" (Lin et al. 2023, arXiv:2306.00978). group_size: input columns that share a
@@ -45,6 +50,11 @@ class QuantConfig:
     output projection too (off, as GPTQ and AWQ leave it: it is the most sensitive layer,
     and a head tied to the embedding keeps its float copy for the lookup anyway).
     quantize_experts: quantize a fused MoE's experts (flashc.moe -> flashc.moe_wq).
+    Weights and activations (flashc.linear_w8a8 / flashc.linear_fp8, 8 bits, per output
+    channel, symmetric): "smoothquant" (Xiao et al. 2023, arXiv:2211.10438; smooth=False is
+    plain W8A8; alpha: the migration strength, None to search it on the calibration data) and
+    "fp8" (e4m3; granularity "row": a scale per output channel and per token, "tensor": one
+    each). MoE experts stay in float with these (listed in the report).
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this (or than the widest layer's input size) is an error.
     """
@@ -62,10 +72,25 @@ class QuantConfig:
     quantize_experts: bool = True
     calibration_tokens: int = 16384
     min_calibration_tokens: int = 1024
+    smooth: bool = True
+    alpha: float | None = None
+    granularity: str = "row"
+    sample_rows: int = 1024
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise FlashcError(f"QuantConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method in ACTIVATIONS:
+            if self.bits != 8 or self.group_size is not None or not self.symmetric:
+                raise FlashcError(f"{self.method} quantizes to 8 bits, symmetric, a scale per output channel: "
+                                  f"got bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}")
+            if self.alpha is not None and not 0 <= self.alpha <= 1:
+                raise FlashcError(f"QuantConfig.alpha (SmoothQuant's migration strength) must be in [0, 1], "
+                                  f"got {self.alpha!r}")
+            if self.granularity not in ("row", "tensor"):
+                raise FlashcError(f"QuantConfig.granularity must be 'row' or 'tensor', got {self.granularity!r}")
+            if self.sample_rows < 16:
+                raise FlashcError(f"QuantConfig.sample_rows must be at least 16, got {self.sample_rows}")
         if self.bits not in (4, 8):
             raise FlashcError(f"QuantConfig.bits must be 4 or 8 (weight-only), got {self.bits!r}")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -81,11 +106,20 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method in ("gptq", "awq") or (self.method == "smoothquant" and self.smooth)
+
+    @property
+    def activations(self) -> bool:
+        """Whether the layer's input is quantized too (W8A8, FP8), not only its weight."""
+        return self.method in ACTIVATIONS
 
     @property
     def scheme(self) -> str:
-        """A readable name that parse() reads back: 'int4-gptq-g128', 'int8-rtn-per-channel-sym'."""
+        """A readable name that parse() reads back: 'int4-gptq-g128', 'int8-rtn-per-channel-sym', 'fp8'."""
+        if self.method == "smoothquant":
+            return "w8a8-smoothquant" if self.smooth else "w8a8"
+        if self.method == "fp8":
+            return "fp8" if self.granularity == "row" else "fp8-tensor"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"int{self.bits}-{self.method}-{group}-{'sym' if self.symmetric else 'asym'}"
 
@@ -108,6 +142,15 @@ class QuantConfig:
         if suffix:
             group = int(suffix.group(2)) if suffix.group(2) else None
             name = name[: suffix.start()]
+        if name in ("w8a8-smoothquant", "w8a8", "fp8", "fp8-tensor"):
+            if group != "default" or group_size is not None or symmetric is False:
+                raise FlashcError(f"quantization scheme {text!r}: {name} takes no group size or -asym suffix "
+                                  "(weights: a scale per output channel, symmetric; activations: per token)")
+            if name.startswith("w8a8"):
+                return cls(method="smoothquant", bits=8, group_size=None, symmetric=True,
+                           smooth=name == "w8a8-smoothquant")
+            return cls(method="fp8", bits=8, group_size=None, symmetric=True,
+                       granularity="tensor" if name == "fp8-tensor" else "row")
         if name in NOT_IMPLEMENTED:
             raise FlashcError(f"quantization scheme {text!r} ({NOT_IMPLEMENTED[name]}) is not implemented yet "
                               f"(flashc issue #14); implemented: {', '.join(SCHEMES)}")

@@ -1,9 +1,11 @@
-"""QuantizeWeights: linear layers (and fused MoE experts) become weight-only int4/int8 ops.
+"""QuantizeWeights: linear layers (and fused MoE experts) become quantized ops.
 
 Each `aten.linear` (and `mm` / `matmul` / `addmm` whose weight is a parameter, read
-directly or through a transpose) becomes `flashc.linear_wq`, and each `flashc.moe`
-becomes `flashc.moe_wq`, with packed codes, scales and zero points as new parameters
-(layout: flashc.quantized_ops). The float weight is removed when nothing else reads it;
+directly or through a transpose) becomes `flashc.linear_wq` (weight-only int4/int8), and
+each `flashc.moe` becomes `flashc.moe_wq`, with packed codes, scales and zero points as new
+parameters (layout: flashc.quantized_ops). With a weights-and-activations scheme the
+linear becomes `flashc.linear_w8a8` (SmoothQuant) or `flashc.linear_fp8` instead, its
+input quantized per token on every call; MoE experts then stay in float (listed). The float weight is removed when nothing else reads it;
 a weight that something else also reads (a head tied to the embedding) stays.
 
 Left in float, and listed in the report with the reason: the output head unless
@@ -32,12 +34,14 @@ from flashc.ir import Program, module_path, op_name
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.quantize.awq import awq_quantize, awq_search_scales
 from flashc.passes.quantize.calibration import (
-    CalibrationData, InputStatistics, LinearProbe, MoeProbe, calibration_calls, collect_statistics,
+    ActivationSample, CalibrationData, InputStatistics, LinearProbe, MoeProbe, calibration_calls, collect_statistics,
 )
 from flashc.passes.quantize.config import QuantConfig
+from flashc.passes.quantize.fp8 import quantize_weight_fp8
 from flashc.passes.quantize.gptq import gptq_quantize
 from flashc.passes.quantize.grid import QuantizedWeight, output_error
 from flashc.passes.quantize.rtn import rtn_quantize
+from flashc.passes.quantize.smoothquant import quantize_weight_int8, smoothquant, w8a8_error
 
 aten = torch.ops.aten
 
@@ -96,7 +100,8 @@ class Skipped:
 
 
 class QuantizeWeights:
-    """Weight-only quantization (RTN, GPTQ or AWQ; int4 or int8) of linear layers and MoE experts."""
+    """Quantization of linear layers and MoE experts: weight-only (RTN, GPTQ or AWQ; int4 or
+    int8), or weights and activations (SmoothQuant W8A8, FP8; linear layers only)."""
 
     name = "quantize_weights"
     requires = ("shapes",)
@@ -133,6 +138,9 @@ class QuantizeWeights:
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
+        if config.method == "fp8" and ctx.profile.kind != "cpu" and "fp8" not in ctx.profile.features:
+            raise FlashcError(f"{config.scheme}: the {ctx.profile.name} profile has no FP8 tensor cores (FP8 runs on "
+                              "h100, h200, l4); choose w8a8-smoothquant or int8-weight, or another profile")
         mutations = MutationInfo.of(program.graph)
         dense, moes, skipped = self._plan(program, mutations)
         details = [s.detail() for s in skipped]
@@ -140,6 +148,7 @@ class QuantizeWeights:
             return PassResult(False, {"skipped": len(skipped)}, details=details)
         probes: dict[fx.Node, list] = {}
         statistics: dict[fx.Node, object] = {}
+        self.samples: dict[fx.Node, ActivationSample] = {}
         groups = _input_groups(dense, mutations)
         if config.needs_calibration:
             self._calibrate(program, groups, moes, probes, statistics)
@@ -174,7 +183,10 @@ class QuantizeWeights:
                 k_in = (program.params[layer.gate_up.name].shape[-1], program.params[layer.down.name].shape[-1])
                 nbytes = sum(_nbytes(program.params[p.name]) for p in (layer.gate_up, layer.down))
                 reason = None
-                if not config.quantize_experts:
+                if config.activations:
+                    reason = (f"MoE experts kept in float: {config.scheme} is built for linear layers (weight-only "
+                              "schemes quantize experts)")
+                elif not config.quantize_experts:
                     reason = "MoE experts kept in float (QuantConfig.quantize_experts=False)"
                 elif any(mutations.is_written(p) for p in (layer.gate_up, layer.down)):
                     reason = "expert weights are written in place by the graph"
@@ -221,6 +233,8 @@ class QuantizeWeights:
             statistics[group[0].node] = stats
             first = group[0].node
             probes.setdefault(first, []).append(LinearProbe(stats, group[0].x_index))
+            if config.activations:
+                self.samples[first] = ActivationSample(1, config.sample_rows, group[0].x_index)
         for m in moes:
             experts, _, h = program.params[m.gate_up.name].shape
             f = program.params[m.down.name].shape[-1]
@@ -231,6 +245,9 @@ class QuantizeWeights:
         widest = max(w.shape[-1] for w in weights)
         needed = max(config.min_calibration_tokens, widest)
         calls = calibration_calls(program, self.calibration, config.calibration_tokens, device)
+        for node, sample in self.samples.items():  # every stride-th row: spread over the whole run
+            sample.stride = max(1, -(-calls.rows // config.sample_rows))
+            probes.setdefault(node, []).append(sample)
         if calls.rows < needed:
             raise FlashcError(
                 f"calibration data too small: {self.calibration.description} gives {calls.rows} {calls.unit} in "
@@ -271,6 +288,8 @@ class QuantizeWeights:
     def _quantize_group(self, program: Program, group: list[DenseLayer], stats: InputStatistics | None
                         ) -> list[dict]:
         """Quantize the layers that read one input (they share AWQ's scales and the statistics)."""
+        if self.config.activations:
+            return self._quantize_group_activations(program, group, stats)
         weights = [layer.float_weight(program) for layer in group]
         awq_scale = self._awq_scale(weights, stats)
         rows = []
@@ -282,6 +301,39 @@ class QuantizeWeights:
             rows.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error,
                                      "float weight kept: something else reads it (tied)" if tied else ""))
         return rows
+
+    def _quantize_group_activations(self, program: Program, group: list[DenseLayer],
+                                    stats: InputStatistics | None) -> list[dict]:
+        """W8A8 (one smoothing for the group, searched on the sampled rows) or FP8, per layer."""
+        c = self.config
+        weights = [layer.float_weight(program) for layer in group]
+        sample = self.samples.get(group[0].node)
+        rows = sample.tensor() if sample is not None else torch.zeros(0, weights[0].shape[1])
+        note, input_scale = "", None
+        if weights[0].device.type == "meta":
+            quantized = [(torch.empty(w.shape, dtype=torch.int8 if c.method == "smoothquant" else torch.float8_e4m3fn,
+                                      device="meta"),
+                          torch.empty(w.shape[0] if c.granularity == "row" or c.method == "smoothquant" else 1,
+                                      device="meta")) for w in weights]
+        elif c.method == "smoothquant":
+            if c.smooth:
+                quantized, input_scale, alpha, _ = smoothquant(weights, rows, stats.amax, c.alpha)
+                note = f"alpha {alpha}" if alpha is not None else "no smoothing measured best"
+            else:
+                quantized = [quantize_weight_int8(w) for w in weights]
+        else:
+            quantized = [quantize_weight_fp8(w, c.granularity) for w in weights]
+        rows_out = []
+        for layer, w, q in zip(group, weights, quantized):
+            error = None
+            if rows.numel() and c.method == "smoothquant":
+                error = w8a8_error(rows, [w], input_scale, [q])
+            tied = len(layer.weight.users) > 1 or (layer.view is not None and len(layer.view.users) > 1)
+            new = _rewrite_activations(program, layer, c, q, input_scale)
+            rows_out.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error,
+                                         "; ".join(t for t in (note, "float weight kept: something else reads it "
+                                                               "(tied)" if tied else "") if t)))
+        return rows_out
 
     def _quantize_moe(self, program: Program, layer: MoeLayer, probe: MoeProbe | None) -> dict:
         """Quantize every expert's gate_up and down; GPTQ solves a layer's experts together."""
@@ -329,7 +381,7 @@ class QuantizeWeights:
         return {"layer": name, "op": op, "status": "quantized", "method": c.method, "bits": c.bits,
                 "group_size": c.group_size or "channel", "symmetric": c.symmetric, "bytes_before": before,
                 "bytes_after": sum(_nbytes(t) for t in new_params),
-                "rel_error": error, "note": note}
+                "rel_error": error, "note": note, **({"scheme": c.scheme} if c.activations else {})}
 
 
 # ---------------------------------------------------------------------------- matching
@@ -471,6 +523,25 @@ def _rewrite_dense(program: Program, layer: DenseLayer, q: QuantizedWeight,
         program.graph.erase_node(layer.view)
     _drop_if_unused(program, layer.weight)
     return new
+
+
+def _rewrite_activations(program: Program, layer: DenseLayer, config: QuantConfig,
+                         quantized: tuple[torch.Tensor, torch.Tensor], input_scale: torch.Tensor | None
+                         ) -> list[torch.Tensor]:
+    """Replace layer.node by flashc.linear_w8a8 or flashc.linear_fp8; returns the new parameters."""
+    qweight, scales = quantized
+    base = layer.weight.name
+    kind = "w8a8" if config.method == "smoothquant" else "fp8"
+    args = (layer.x, program.add_param(f"{base}_{kind}", qweight), program.add_param(f"{base}_{kind}_scales", scales),
+            layer.bias, None if input_scale is None else program.add_param(f"{base}_smooth", input_scale))
+    if config.method == "smoothquant":
+        _replace(program, layer.node, torch.ops.flashc.linear_w8a8.default, args)
+    else:
+        _replace(program, layer.node, torch.ops.flashc.linear_fp8.default, (*args, config.granularity == "row"))
+    if layer.view is not None and not layer.view.users:
+        program.graph.erase_node(layer.view)
+    _drop_if_unused(program, layer.weight)
+    return [t for t in (qweight, scales, input_scale) if t is not None]
 
 
 def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], config: QuantConfig

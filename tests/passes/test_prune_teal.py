@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from flashc.passes.prune.teal import (
-    ActivationSample, ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
+    ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
 )
+from flashc.passes.quantize.calibration import ActivationSample
 
 
 def activations(rows: int, seed: int) -> torch.Tensor:

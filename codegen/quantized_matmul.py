@@ -1,0 +1,77 @@
+"""W8A8 and FP8 linears on tensor cores: the input quantized per token, then one library GEMM.
+
+`flashc.linear_w8a8` runs as `torch._int_mm` (cuBLASLt int8 x int8 -> int32) and
+`flashc.linear_fp8` as `torch._scaled_mm` (fp8 x fp8 with the scales applied in the GEMM's
+epilogue where the layout allows). Both libraries want the weight column-major, which is
+the op's [N, K] row-major weight read transposed: no copy. Their shape rules (cuBLASLt:
+int8 needs more than 16 rows; fp8 needs rows and inner size multiples of 16) are met by
+padding the rows with zeros, which quantize to zeros and are dropped after.
+
+Semantics are the ops' (flashc/quantized_ops.py): the int8 product is exact, so this path
+equals the reference up to the fp32 epilogue's rounding; the fp8 product is summed in
+fp32 in another order than the reference's. Shapes the libraries cannot take (inner or
+output size not a multiple of 16) run the reference, which computes the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from flashc.quantized_ops import (
+    _finish, _rows, linear_fp8 as reference_fp8, linear_w8a8 as reference_w8a8, quantize_rows_fp8,
+    quantize_rows_int8,
+)
+
+__all__ = ["linear_w8a8", "linear_fp8", "fits"]
+
+ALIGN = 16  # rows, inner and output sizes the fp8 GEMM takes; int8 also needs more than 16 rows
+
+
+def fits(k: int, n: int) -> bool:
+    """Whether the library GEMMs take a [*, k] x [k, n] product (else the reference runs)."""
+    return k % ALIGN == 0 and n % ALIGN == 0
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else F.pad(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+                                              (0, 0, 0, rows - t.shape[0])).view(t.dtype)
+
+
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    n, k = qweight.shape
+    if not fits(k, n):
+        return reference_w8a8(x, qweight, w_scales, bias, input_scale)
+    rows = _rows(x, input_scale)
+    xq, x_scale = quantize_rows_int8(rows)
+    m = xq.shape[0]
+    padded = max(m, ALIGN + 1)  # cuBLASLt's int8 GEMM takes more than 16 rows
+    padded += (-padded) % 8
+    acc = torch._int_mm(_pad_rows(xq, padded), qweight.t())[:m]
+    return _finish(acc.float(), x_scale, w_scales, bias, x)
+
+
+def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+               input_scale: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
+    n, k = qweight.shape
+    if not fits(k, n):
+        return reference_fp8(x, qweight, w_scales, bias, input_scale, per_token)
+    rows = _rows(x, input_scale)
+    xq, x_scale = quantize_rows_fp8(rows, per_token)
+    m = xq.shape[0]
+    padded = m + (-m) % ALIGN
+    xq = _pad_rows(xq, padded)
+    row_wise = per_token and w_scales.numel() == n
+    if x.dtype == torch.bfloat16 and row_wise:  # scales in the GEMM's epilogue (row-wise needs a bf16 output)
+        scale_a = _pad_rows(x_scale, padded) if padded != m else x_scale
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a.contiguous(),
+                             scale_b=w_scales.float().reshape(1, n).contiguous(), out_dtype=torch.bfloat16)[:m]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], n)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    acc = torch._scaled_mm(xq, qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:m]
+    return _finish(acc, x_scale, w_scales, bias, x)
