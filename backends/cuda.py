@@ -146,6 +146,7 @@ KERNELS: dict[str, Kernel] = {
     # weights and activations quantized (passes/quantize: SmoothQuant W8A8, FP8): int8 / fp8 library GEMMs
     "flashc.linear_w8a8": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8(*args)),
     "flashc.linear_fp8": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8(*args)),
+    "flashc.moe_a8": Kernel(lambda *args: _codegen("quantized_matmul").moe_a8(*args)),
     # the attention-to-SSM rewrite's layers (passes/ssm): a recurrent step at T = 1, chunked scan above
     "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
     "flashc.ssm_mix": Kernel(lambda q, k, v, dt, a_log, state, heads, kv_heads, eps: _codegen(

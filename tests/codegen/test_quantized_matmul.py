@@ -68,3 +68,22 @@ def test_fp8_launcher_equals_reference(rows, dtype, granularity):
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     # and it is the fp8 model of the float product: close, not equal
     assert rel(out, x.float() @ w.to(DEVICE).t() + bias.float()) < 0.1
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_launcher_equals_the_routed_reference(fp8):
+    """The CUDA path runs every expert on every token and keeps the routed rows: same numbers."""
+    g = torch.Generator().manual_seed(5 + fp8)
+    t, h, f, e = 9, 32, 48, 4
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    logits = torch.randn(t, e, generator=g).to(DEVICE)
+    quantize = (lambda w: quantize_weight_fp8(w)) if fp8 else quantize_weight_int8  # noqa: E731
+    gate_up = [quantize(torch.randn(2 * f, h, generator=g)) for _ in range(e)]
+    down = [quantize(torch.randn(h, f, generator=g)) for _ in range(e)]
+    stack = lambda parts, i: torch.stack([p[i] for p in parts]).to(DEVICE)  # noqa: E731
+    smooth = (torch.rand(e, h, generator=g) + 0.5).to(DEVICE)
+    args = (x, logits, stack(gate_up, 0), stack(gate_up, 1), smooth, stack(down, 0), stack(down, 1), None, 2, True,
+            fp8, True)
+    out = qm.moe_a8(*args)
+    ref = torch.ops.flashc.moe_a8.default(*args)
+    assert rel(out, ref) < 1e-5

@@ -128,14 +128,27 @@ def test_artifacts_keep_int8_and_fp8_weights(tmp_path, tiny_models):
         assert scheme in loaded.report().render(width=160)
 
 
-def test_moe_experts_stay_float_and_are_listed(tiny_models):
+@pytest.mark.parametrize("scheme", ["w8a8-smoothquant", "fp8"])
+def test_moe_experts_are_quantized_and_close_to_the_float_model(tiny_models, scheme):
     model = tiny_models["mixtral-tiny"]
     program = capture(model, zoo.example_inputs("mixtral-tiny", seq_len=16), {"use_cache": False})
     PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    record = PassManager([QuantizeWeights(small("fp8"), progress=False)]).run(program, PassContext(get_profile("cpu")))[0]
-    notes = [d["note"] for d in record.details if d["op"] == "moe experts"]
-    assert len(notes) == 2 and all("kept in float" in n for n in notes)
-    assert any(n.target is torch.ops.flashc.moe.default for n in program.op_nodes())
+    config = small(scheme)
+    calibration = CalibrationData.from_tensors(torch.randint(0, 512, (1024,))) if config.needs_calibration else None
+    record = PassManager([QuantizeWeights(config, calibration, progress=False)]).run(
+        program, PassContext(get_profile("cpu")))[0]
+    moes = [n for n in program.op_nodes() if n.target is torch.ops.flashc.moe_a8.default]
+    assert len(moes) == record.stats["moe_layers"] == 2
+    assert not any(n.target is torch.ops.flashc.moe.default for n in program.op_nodes())
+    rows = [d for d in record.details if d["op"] == "moe experts"]
+    assert all(d["status"] == "quantized" and d["bytes_after"] < d["bytes_before"] / 3.5 for d in rows)
+    if scheme == "w8a8-smoothquant":
+        assert all("alpha" in d["note"] or "no smoothing" in d["note"] for d in rows)
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.double()
+        out = program(ids).logits.double()
+    assert float((out - ref).norm() / ref.norm()) < (0.05 if scheme.startswith("w8a8") else 0.15)
 
 
 def test_bad_input():
