@@ -139,6 +139,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.gemv": Kernel(lambda *args: _codegen("triton_gemv").gemv(*args),
                           lambda *args: _codegen("triton_gemv").tune_gemv(*args)),
     "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
+    "flashc.sparse_gemv": Kernel(lambda *args: _codegen("triton_sparse_gemv").sparse_gemv(*args),
+                                 lambda *args: _codegen("triton_sparse_gemv").tune_sparse_gemv(*args)),
     # weight-only quantized linears (passes/quantize) read their packed weights directly
     "flashc.linear_wq": Kernel(lambda *args: _codegen("triton_gemv_wq").linear_wq(*args), _tune_linear_wq),
     "flashc.moe_wq": Kernel(lambda *args: _codegen("triton_moe_wq").moe_wq(*args),
@@ -168,10 +170,12 @@ class CudaBackend:
     lowering = LoweringTable("cuda", KERNELS, namespaces=frozenset({"aten"}))
 
     def late_passes(self, profile: HardwareProfile, options: CudaOptions) -> list:
-        from flashc.backends.cuda_rewrites import FuseKvWrites, FuseSmallMatmuls
+        from flashc.backends.cuda_rewrites import FuseKvWrites, FuseSmallMatmuls, FuseSparseMatmuls
 
-        # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why)
-        return [FuseKvWrites(), FuseSmallMatmuls(_codegen("triton_gemv").MAX_ROWS)]
+        # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why);
+        # sparsified inputs' linears become sparse GEMVs before the rest become dense ones
+        max_rows = _codegen("triton_gemv").MAX_ROWS
+        return [FuseKvWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows)]
 
     def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,
               save_tuning: Callable[[bytes], None] | None = None):

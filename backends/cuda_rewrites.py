@@ -8,11 +8,15 @@ have reference implementations, so the rewritten graph runs and is checked on th
 
 * `FuseKvWrites`: rotary of the new queries and keys plus the key and value cache
   writes -> one `rotary_qkv_write` (or `rotary_kv_write`).
+* `FuseSparseMatmuls`: a linear of at most a few rows whose input is `flashc.sparsify`d
+  (online activation sparsity) -> one `sparse_gemv` reading a transposed copy of the
+  weight, stored in the program, that skips the weight rows of the zeroed inputs. It runs
+  before `FuseSmallMatmuls`, which would make the linear a dense `gemv`.
 * `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each (a
   weight-only quantized `linear_wq` -> one `gemv_wq`), with the RMSNorm before, the gated
   activation after a merged gate|up projection, and the residual add after folded in.
 
-Both keep shapes in meta["val"] and every in-place write in its order (the cache writes
+All keep shapes in meta["val"] and every in-place write in its order (the cache writes
 move into the fused op, whose schema declares them).
 """
 
@@ -22,6 +26,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from flashc.aliasing import MutationInfo
 from flashc.ir import Program, op_name
 from flashc.pass_manager import PassContext, PassResult
 
@@ -31,6 +36,8 @@ GEMVS = (GEMV, GEMV_WQ)
 LINEAR_WQ = torch.ops.flashc.linear_wq.default
 KV_WRITE = torch.ops.flashc.rotary_kv_write.default
 QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
+SPARSIFY = torch.ops.flashc.sparsify.default
+SPARSE_GEMV = torch.ops.flashc.sparse_gemv.default
 
 
 class FuseKvWrites:
@@ -58,6 +65,23 @@ class FuseSmallMatmuls:
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         done = fuse_small_matmuls(program.graph, self.max_rows)
         return PassResult(done > 0, {"matmuls_to_gemv": done})
+
+
+class FuseSparseMatmuls:
+    """linear(sparsify(x, t), w, b) of at most `max_rows` rows -> flashc.sparse_gemv(x, t, w_t, b)."""
+
+    name = "cuda_fuse_sparse_matmuls"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        done, skipped = fuse_sparse_matmuls(program, self.max_rows)
+        details = [{"layer": node, "op": "aten.linear", "status": "dense", "note": why} for node, why in skipped]
+        return PassResult(done > 0, {"matmuls_to_sparse_gemv": done, "sparse_kept_dense": len(skipped)},
+                          details=details)
 
 
 def fuse_kv_writes(graph: fx.Graph) -> int:
@@ -257,3 +281,77 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
             graph.erase_node(n)
     graph.lint()
     return count
+
+
+def _sparse_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max_rows: int) -> str | None:
+    """Why linear(sparsify(x, t), w, b) at node cannot become a sparse_gemv (None: it can)."""
+    sparse = node.args[0]
+    x, t = sparse.args
+    w = node.args[1]
+    xv, wv, tv = _val(x), _val(w), _val(t)
+    if node.kwargs or xv is None or wv is None or tv is None:
+        return "no shapes recorded, or keyword arguments"
+    if xv.dtype not in _FLOATS or wv.dim() != 2 or wv.dtype != xv.dtype or xv.shape[-1] == 0:
+        return f"input {xv.dtype} and weight {wv.dtype}{list(wv.shape)}: the kernel takes a 2-d weight of x's dtype"
+    if xv.numel() // xv.shape[-1] > max_rows:
+        return f"{xv.numel() // xv.shape[-1]} rows: more than {max_rows}, a GEMM (cuBLAS) reads the weight once anyway"
+    if not (tv.dim() == 0 or tuple(tv.shape) in ((xv.shape[-1],), (1,))) or not tv.dtype.is_floating_point:
+        return f"threshold {tv.dtype}{list(tv.shape)}: the kernel takes a 0-d or per-feature float threshold"
+    if w.op != "placeholder" or w.name not in program.params:
+        return "the weight is computed in the graph, not a stored weight"
+    if info.is_written(w):
+        return "the graph writes the weight in place: a transposed copy would go stale"
+    if any(info.written_between(v, sparse, node) for v in (x, t, sparse)):
+        return "the input, threshold or sparsified value is written between the sparsify and the linear"
+    weight = program.params[w.name]
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        return "the weight holds inf or nan: a skipped row would not give the reference's 0 * inf = nan"
+    return None
+
+
+def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tuple[str, str]]]:
+    """Rewrite ``aten.linear(flashc.sparsify(x, t), w, b)`` with at most ``max_rows`` rows into
+    ``flashc.sparse_gemv(x, t, w_t, b)``; returns (how many, [(linear node, why not)] for the rest).
+
+    ``w_t`` is a new weight of the program, ``w`` transposed to [K, N] once here (each
+    weight once, however many linears read it), so the kernel skips a zeroed input's
+    contiguous row; ``w`` itself is dropped when nothing else reads it, so the GPU holds
+    the same bytes. A weight that other ops also read (say an embedding tied to a sparsified
+    head) is kept as well: its transposed copy then costs its size again in memory.
+    Left as they are: weights the graph writes in place (the copy would go stale), computed
+    weights, weights holding inf or nan (a skipped row would drop a 0 * inf = nan that the
+    reference computes), an input or threshold written between the sparsify and the
+    linear, and more rows than ``max_rows``. The sparsify stays while other nodes read it.
+    Keeps shapes (the new call has the linear's meta["val"]) and every in-place write.
+    """
+    graph = program.graph
+    info = MutationInfo.of(graph)
+    transposed: dict[fx.Node, fx.Node] = {}
+    skipped: list[tuple[str, str]] = []
+    count = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or node.target != torch.ops.aten.linear.default
+                or not isinstance(node.args[0], fx.Node) or node.args[0].target != SPARSIFY):
+            continue
+        why = _sparse_skip_reason(program, info, node, max_rows)
+        if why is not None:
+            skipped.append((node.name, why))
+            continue
+        sparse, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if w not in transposed:
+            transposed[w] = program.add_param(f"{w.name}_t", program.params[w.name].t().contiguous())
+        with graph.inserting_before(node):
+            call = graph.call_function(SPARSE_GEMV, (*sparse.args, transposed[w], bias))
+        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        if not sparse.users:
+            graph.erase_node(sparse)
+        count += 1
+    for w in transposed:
+        if not w.users:
+            graph.erase_node(w)
+            del program.params[w.name]
+    graph.lint()
+    return count, skipped

@@ -7,11 +7,18 @@ pass (flashc.passes.prune.activations) inserts it before a linear layer with a t
 calibrated so that a chosen fraction of the entries is zero; a sparse GEMV then reads only
 the weight columns whose input survives. The reference below is the numeric truth; it
 computes the dense product's input, so on its own it saves nothing.
+
+`flashc.sparse_gemv(x, threshold, weight_t, bias)` is that saving: `linear(sparsify(x,
+threshold), weight_t.T, bias)` with the weight stored transposed, [K, N], so the weights
+one input feature multiplies are one contiguous row, skipped whole when the feature is
+zeroed. The CUDA backend's late pass writes it for decode-sized products
+(backends/cuda_rewrites.py) and runs it as a Triton kernel (codegen/triton_sparse_gemv.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.library.custom_op("flashc::sparsify", mutates_args=())
@@ -29,4 +36,22 @@ def _(x, threshold):
     return torch.empty_like(x)
 
 
-SPARSE_OPS = {"sparsify": torch.ops.flashc.sparsify.default}
+@torch.library.custom_op("flashc::sparse_gemv", mutates_args=())
+def sparse_gemv(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """linear(sparsify(x, threshold), weight_t.T, bias): x [..., K], weight_t [K, N] -> [..., N].
+
+    threshold as for `sparsify` (0-d, or [K]). With finite weights this is the sum over the
+    kept input features only, which is what the kernel computes; a zeroed feature whose weight
+    row holds inf or nan gives nan here (0 * inf), so the late pass rewrites finite weights only.
+    """
+    kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.linear(kept, weight_t.t(), bias)
+
+
+@sparse_gemv.register_fake
+def _(x, threshold, weight_t, bias):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+SPARSE_OPS = {"sparsify": torch.ops.flashc.sparsify.default, "sparse_gemv": torch.ops.flashc.sparse_gemv.default}

@@ -1,0 +1,383 @@
+"""Decode matrix-vector products that skip the weights of zeroed activations (TEAL's sparse GEMV).
+
+Online activation sparsity (passes/prune/activations.py) puts ``flashc.sparsify(x, t)``
+before a linear layer: the inputs whose magnitude is at most ``t`` become zero. A decode
+step's time is the time to read the weights, so the product gains only if it does not read
+the weights those zeros multiply. ``flashc.sparse_gemv(x, t, w_t, bias)`` takes the weight
+stored transposed, ``w_t[K, N]`` (Liu et al., "Training-Free Activation Sparsity in Large
+Language Models", arXiv:2408.14690, sec. 4.3): the N weights of one input feature are one
+contiguous row, so a zeroed feature is a whole row this kernel does not load. Semantics
+(``reference_sparse_gemv``, the numeric truth; ``flashc.sparse_gemv``'s reference)::
+
+    y = linear(where(|x| > t, x, 0), w_t.T, bias)        t: 0-d, or one per input feature [K]
+
+computed in fp32 from ``x`` and ``w_t`` of one dtype (bf16, fp16, fp32), the result in that
+dtype. With finite weights the kernel differs from it only in the order of the fp32 sums
+(a skipped row adds nothing; the reference adds 0 * w, which is 0 unless w is inf or nan).
+
+The kernel, for ``M`` rows (at most ``MAX_ROWS``; leading dimensions are flattened):
+
+* programs split K (``SPLIT_K`` ranges) as well as N (``BLOCK_N`` columns): at batch 1 the N
+  blocks alone are too few programs to keep the memory system busy on 2048-wide outputs;
+* a program loads its ``[BLOCK_M, BLOCK_K]`` chunk of x, computes the keep mask
+  ``|x| > t`` (in fp32, exactly as torch compares: see ``_kernel_threshold``), and loads
+  the ``[BLOCK_K, BLOCK_N]`` tile of ``w_t`` predicated on "some row keeps this feature":
+  a predicated-off lane issues no memory request, so the bytes read scale with the
+  fraction of features kept (by any of the M rows);
+* the rows' products are fp32: elementwise FMAs into ``[BLOCK_M, BLOCK_K, BLOCK_N]``,
+  reduced over K once after the loop (up to ``ELEMENTWISE_ROWS`` rows), or ``tl.dot`` with
+  the rows padded to 16 (``DOT`` configs, IEEE fp32 for fp32 inputs);
+* the K ranges are combined by a second, tiny kernel: each split writes its fp32 partial
+  sums ``[SPLIT_K, M, N]``, and ``_sum_splits_kernel`` adds them in split order, adds the
+  bias once and casts. Not fp32 atomics into a zeroed buffer (TEAL's choice): those need a
+  memset and the cast as launches too, and their order of additions changes from run to
+  run; the partials (``SPLIT_K * M * N * 4`` bytes, 128 KiB for a 2048-wide output at
+  batch 1 with 16 splits, against 8 MiB of bf16 weights) stay in L2, and the result is the
+  same on every call. ``SPLIT_K == 1`` writes the output directly, bias and cast included.
+
+Autotuning (``tune_sparse_gemv``) times the candidates of ``TUNING_SPACE`` and the library
+path (sparsify in PyTorch, then cuBLAS on the dense product: ``{"library": True}``) from a
+CUDA graph on the first call's real activations, so the kernel runs only where it measured
+faster. The key is the shape, not the sparsity (a launch cannot know it without a sync):
+the activations of the tuning call stand for the model's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import tuning
+from ._triton_common import (
+    HAS_TRITON,
+    check_devices,
+    check_tensor,
+    device_guard,
+    launch_opts,
+    next_pow2,
+    pdl_enabled,
+    require_triton,
+    triton,
+    tl,
+)
+from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS
+
+__all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv", "sparse_gemv", "tune_sparse_gemv"]
+
+LIBRARY = {"library": True}  # tuning candidate: sparsify in PyTorch, then cuBLAS on the dense product
+DOT_ROWS = 16  # DOT configs pad the rows to tl.dot's smallest M
+
+# Candidates, in order of preference when nothing is tuned (the first that fits is the default).
+# One row: BLOCK_N * 2 bytes (bf16) is the contiguous run one kept feature costs a program, and
+# 256-512 columns (512 B - 1 KiB) keep those runs long enough for full 128-byte lines while
+# N / BLOCK_N * SPLIT_K gives ~128-1024 programs on the 2048-16384-wide outputs of 1B-8B models
+# (132 SMs on H100/H200). Several rows: tl.dot on [16, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, and
+# one elementwise config for 2-8 rows. Untimed on a GPU so far: bench/sparse_gemv_shapes.py
+# times them; the tuner picks per shape, and the library path wins where none is faster.
+_ONE_ROW = [
+    {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 16, "num_warps": 4},
+    {"BLOCK_N": 512, "BLOCK_K": 8, "SPLIT_K": 16, "num_warps": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 16, "num_warps": 4},
+    {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 8},
+    {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 1, "num_warps": 4},
+    LIBRARY,
+]
+_ROWS = [
+    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4, "DOT": True},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4, "DOT": True},
+    {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 16, "num_warps": 4, "DOT": True},
+    {"BLOCK_N": 128, "BLOCK_K": 8, "SPLIT_K": 16, "num_warps": 4},
+    LIBRARY,
+]
+# per tuning profile (codegen.tuning's names); a profile not listed uses "default"
+TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
+    "default": {"sparse_gemv": _ONE_ROW, "sparse_gemv_rows": _ROWS},
+}
+
+
+def candidates(kernel_name: str, profile_name: str = "default") -> list[dict]:
+    """Candidate configs of ``kernel_name`` ("sparse_gemv": one row, "sparse_gemv_rows") for a profile (copies)."""
+    space = TUNING_SPACE.get(profile_name, TUNING_SPACE["default"])
+    return [dict(c) for c in space[kernel_name]]
+
+
+def reference_sparse_gemv(x, threshold, weight_t, bias=None):
+    """linear(sparsify(x, threshold), weight_t.T, bias) in PyTorch, in the inputs' dtype (float64: a float64 truth)."""
+    kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.linear(kept, weight_t.t(), bias)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        X, T, W, BIAS, P, Y,
+        M, N, K, k_per_split,
+        stride_xm, stride_wk,
+        PER_FEATURE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ONE_SPLIT: tl.constexpr,
+        DOT: tl.constexpr,
+        IEEE: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """Program (n, s): the products of columns n*BLOCK_N.. with the features of K range s, for all rows.
+
+        ONE_SPLIT: adds the bias and stores Y [M, N] in Y's dtype; else stores the fp32
+        partial sums at P[s, :M, n*BLOCK_N..] for _sum_splits_kernel.
+        """
+        if PDL:  # launched before the previous kernel finished: wait for its results
+            tl.extra.cuda.gdc_wait()
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        if not PER_FEATURE:
+            t = tl.load(T).to(tl.float32)
+        if DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:  # elementwise products for every row, reduced over K once after the loop
+            acc3 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_end
+            x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if PER_FEATURE:
+                t = tl.load(T + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            # padding lanes are never kept (x there is 0, but a negative threshold keeps zeros)
+            keep = (tl.abs(x.to(tl.float32)) > t) & m_ok[:, None] & k_ok[None, :]
+            x = tl.where(keep, x, tl.zeros_like(x))
+            # a weight row is read when some row keeps its feature; predicated-off lanes issue no load
+            row_used = tl.max(keep.to(tl.int32), axis=0) > 0
+            w_ptrs = W + kk.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+            if EVEN_N:  # a mask constant along N: the loads of a row stay vectorized
+                w = tl.load(w_ptrs, mask=row_used[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=row_used[:, None] & n_ok[None, :], other=0.0)
+            if DOT:
+                if IEEE:
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc)
+            else:
+                acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+
+        if PDL:  # the weights are streamed: the next kernel may start its launch now
+            tl.extra.cuda.gdc_launch_dependents()
+        if not DOT:
+            acc = tl.sum(acc3, axis=1)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if ONE_SPLIT:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+        else:
+            part = P + pid_k.to(tl.int64) * M * N
+            tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _sum_splits_kernel(P, BIAS, Y, MN, N, splits,
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Y.flat[i] = sum over s of P[s].flat[i] (in split order) + bias[i % N], in Y's dtype."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, splits):
+            acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
+
+    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _sum_splits_kernel)
+    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _sum_splits_kernel)
+
+SUM_BLOCK = 1024  # outputs a program of _sum_splits_kernel adds up
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def _check(x, threshold, weight_t, bias) -> int:
+    """Validate the arguments; returns M, the number of rows."""
+    fn = "sparse_gemv"
+    require_triton(fn)
+    check_tensor(fn, "x", x, min_ndim=1)
+    check_tensor(fn, "weight_t", weight_t, ndim=2)
+    K = x.shape[-1]
+    if weight_t.shape[0] != K:
+        raise ValueError(f"{fn}: weight_t must be [{K}, N] (the weight transposed) to match x's last dim, "
+                         f"got {tuple(weight_t.shape)}")
+    if x.dtype != weight_t.dtype:
+        raise TypeError(f"{fn}: x ({x.dtype}) and weight_t ({weight_t.dtype}) must share a dtype")
+    if not isinstance(threshold, torch.Tensor) or not threshold.dtype.is_floating_point:
+        raise TypeError(f"{fn}: threshold must be a floating-point tensor, got "
+                        f"{threshold.dtype if isinstance(threshold, torch.Tensor) else type(threshold).__name__}")
+    if not (threshold.dim() == 0 or tuple(threshold.shape) in ((K,), (1,))):
+        raise ValueError(f"{fn}: threshold must be 0-d or one per input feature [{K}], got {tuple(threshold.shape)}")
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
+    if M > MAX_ROWS:
+        raise ValueError(f"{fn}: x has {M} rows; the kernel is for at most {MAX_ROWS} (use sparsify and a GEMM)")
+    tensors = [("x", x), ("threshold", threshold), ("weight_t", weight_t)]
+    if bias is not None:
+        check_tensor(fn, "bias", bias, ndim=1)
+        if bias.shape[0] != weight_t.shape[1] or bias.dtype != x.dtype:
+            raise ValueError(f"{fn}: bias must be [{weight_t.shape[1]}] of x's dtype {x.dtype}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+        tensors.append(("bias", bias))
+    check_devices(fn, _sparse_gemv_kernel, tensors)
+    return M
+
+
+def _kernel_threshold(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The threshold the kernel compares |x| with in fp32, giving exactly torch's ``x.abs() > threshold``.
+
+    torch compares in ``result_type(x, threshold)``: a 0-d float32 threshold with bf16 x is
+    first rounded to bf16. Thresholds already of that dtype (what the pruning pass writes) go
+    in as they are, converted in the kernel (bf16/fp16 -> fp32 is exact). A float64 one is
+    rounded towards -inf to fp32: for an fp32-representable |x|, |x| > t exactly when
+    |x| > that rounding. Other cases cost one small conversion on the device.
+    """
+    compare = torch.result_type(x, threshold)
+    t = threshold if threshold.dtype == compare else threshold.to(compare)
+    if compare == torch.float64:
+        t32 = t.to(torch.float32)
+        t = torch.where(t32.double() > t, torch.nextafter(t32, torch.full_like(t32, -float("inf"))), t32)
+    return t.reshape(-1) if t.dim() else t.reshape(1)
+
+
+def _tuning_entry(M, x, threshold, weight_t, bias) -> tuple[str, dict]:
+    """(tuning kernel name, shape key): one row and several rows have separate candidate lists."""
+    return ("sparse_gemv" if M == 1 else "sparse_gemv_rows",
+            {"M": M, "N": weight_t.shape[1], "K": weight_t.shape[0], "dtype": str(x.dtype).replace("torch.", ""),
+             "bias": bias is not None, "per_feature": threshold.numel() > 1})
+
+
+def _fits(M: int):
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
+
+
+def _config(M, x, threshold, weight_t, bias) -> dict:
+    """The tuned config if the cache has one, else the first candidate that fits (never times anything)."""
+    name, key = _tuning_entry(M, x, threshold, weight_t, bias)
+    profile = tuning.detect_profile(x.device)
+    hit = tuning.cached_config(name, key, profile)
+    if hit is not None and _fits(M)(hit):
+        return hit
+    return next(c for c in candidates(name, profile) if _fits(M)(c))
+
+
+def _library(x, threshold, weight_t, bias):
+    """Sparsify in PyTorch, then the dense product on cuBLAS (weight_t.T is a transposed view: no copy)."""
+    return reference_sparse_gemv(x, threshold, weight_t, bias)
+
+
+def _launch(x, threshold, weight_t, bias, M, config):
+    K, N = weight_t.shape
+    if config is None:
+        config = _config(M, x, threshold, weight_t, bias)
+    if config.get("library"):
+        return _library(x, threshold, weight_t, bias)
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:  # an empty sum: the bias alone
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    x2 = (x if x.stride(-1) == 1 else x.contiguous()).reshape(-1, K)
+    w2 = weight_t if weight_t.stride(-1) == 1 else weight_t.contiguous()
+    t = _kernel_threshold(x, threshold)
+    t = t if t.is_contiguous() else t.contiguous()
+    block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
+    dot = bool(config.get("DOT"))
+    if dot:
+        block_n, block_k = max(16, block_n), max(16, block_k)
+    elif M > ELEMENTWISE_ROWS:
+        raise ValueError(f"sparse_gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} "
+                         f"rows; x has {M} (use a DOT config)")
+    blocks = triton.cdiv(K, block_k)
+    per_split = triton.cdiv(blocks, max(1, min(int(config.get("SPLIT_K", 1)), blocks))) * block_k
+    splits = triton.cdiv(K, per_split)  # no split is left empty
+    partials = y if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+    out = y.view(M, N)
+    pdl = pdl_enabled(x.device)
+    pdl_launch = {"launch_pdl": True} if pdl else {}
+    with device_guard(x.device):
+        _sparse_gemv_kernel[(triton.cdiv(N, block_n), splits)](
+            x2, t, w2, bias if bias is not None else w2, partials, out,
+            M, N, K, per_split,
+            x2.stride(0), w2.stride(0),
+            PER_FEATURE=t.numel() > 1,
+            HAS_BIAS=bias is not None,
+            ONE_SPLIT=splits == 1,
+            DOT=dot,
+            IEEE=x.dtype == torch.float32,
+            EVEN_N=N % block_n == 0,
+            BLOCK_M=DOT_ROWS if dot else next_pow2(M),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            PDL=pdl,
+            **pdl_launch,
+            **launch_opts(config),
+        )
+        if splits > 1:
+            _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
+                partials, bias if bias is not None else w2, out, M * N, N, splits,
+                HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4, **pdl_launch)
+    return y
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``linear(sparsify(x, threshold), weight_t.T, bias)`` for at most ``MAX_ROWS`` rows of ``x[..., K]``.
+
+    ``weight_t`` is the weight transposed, ``[K, N]``; ``threshold`` 0-d or ``[K]``. Returns
+    a new tensor ``[..., N]`` of x's dtype. ``config`` overrides the tuned one (``BLOCK_N``,
+    ``BLOCK_K``, ``SPLIT_K``, ``DOT``, ``num_warps``, or ``{"library": True}``).
+    """
+    M = _check(x, threshold, weight_t, bias)
+    return _launch(x, threshold, weight_t, bias, M, config)
+
+
+def tune_sparse_gemv(x, threshold, weight_t, bias=None) -> dict:
+    """Time the kernel's candidate configs and the library path on these inputs; cache the winner.
+
+    Candidates run as a decode step runs them: back to back from a CUDA graph, each call on
+    the next of enough copies of ``weight_t`` that the weights come from memory, not L2. The
+    activations given are the ones timed: their sparsity decides the winner.
+    """
+    M = _check(x, threshold, weight_t, bias)
+    name, key = _tuning_entry(M, x, threshold, weight_t, bias)
+    profile = tuning.detect_profile(x.device)
+    hit = tuning.cached_config(name, key, profile)
+    if hit is not None:  # no weight copies for a cache hit
+        return hit
+    cands = [c for c in candidates(name, profile) if _fits(M)(c)]
+    copies = max(1, min(8, -(-L2_SPILL_BYTES // max(1, weight_t.numel() * weight_t.element_size()))))
+    weights = itertools.cycle([weight_t] + [weight_t.clone() for _ in range(copies - 1)] if x.is_cuda else [weight_t])
+
+    def run(cfg):
+        return _launch(x, threshold, next(weights), bias, M, cfg)
+
+    return tuning.autotune(name, key, cands, run, profile, bench_fn=tuning.graph_bench_for(x))

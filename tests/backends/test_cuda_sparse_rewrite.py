@@ -1,0 +1,178 @@
+"""The CUDA backend's sparse late pass (backends/cuda_rewrites.py: FuseSparseMatmuls), checked on the CPU:
+an online-pruned decode step's linear(sparsify(x, t), w, b) become flashc.sparse_gemv on a stored transposed
+weight, and the rewritten graph (the op's reference runs here) computes what the pruned graph computed."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flashc_testing import rel_err
+
+import flashc
+from flashc.backends.cuda import CudaBackend
+from flashc.backends.cuda_rewrites import SPARSE_GEMV, SPARSIFY, FuseSparseMatmuls, fuse_sparse_matmuls
+from flashc.capture import capture
+from flashc.codegen.triton_gemv import MAX_ROWS
+from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
+from flashc.ir import op_name
+from flashc.pass_manager import PassContext, PassManager
+from flashc.passes.prune import PruneConfig
+from flashc.profiles import PROFILES
+
+LINEAR = torch.ops.aten.linear.default
+# a calibration budget that keeps the compile to seconds (tests/passes/test_prune_activations.py)
+PRUNE = replace(PruneConfig.parse("online-40%"), min_calibration_tokens=256, calibration_tokens=512,
+                sample_rows=256, allocation_step=0.05)
+
+
+@pytest.fixture(scope="module")
+def pruned_decode(tiny_models):
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "cpu", decode_example_inputs(model, 2, 16), level=3, prune=PRUNE,
+                        calibration=torch.randint(0, model.config.vocab_size, (1024,),
+                                                  generator=torch.Generator().manual_seed(0)))
+    return model, cm.program
+
+
+def run_late_passes(program, *passes):
+    lowered = program.clone()
+    records = PassManager(list(passes), numeric_check=True).run(lowered, PassContext(PROFILES["h100"]))
+    return lowered, records
+
+
+def decode_outputs(model, program, steps=4, seed=0):
+    """Logits of `steps` decode steps from a fresh cache, on fresh random tokens; and the final cache."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (2, steps), generator=g)
+    cache = empty_kv_cache(model, 2, 16)
+    logits = []
+    for t in range(steps):
+        out = program.run_flat(tokens[:, t:t + 1], torch.tensor([t]), *cache)
+        logits.append(out[0])
+    return torch.stack(logits), cache
+
+
+def sparsified_linears(program):
+    return [n for n in program.op_nodes() if n.target is LINEAR and n.args[0].target is SPARSIFY]
+
+
+def test_pruned_decode_linears_become_sparse_gemv_and_keep_the_numbers(pruned_decode):
+    model, program = pruned_decode
+    linears = sparsified_linears(program)
+    assert len(linears) == 4 * model.config.num_hidden_layers  # qkv, o, gate|up, down per layer
+    lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
+    assert record.stats["matmuls_to_sparse_gemv"] == len(linears) and record.stats["sparse_kept_dense"] == 0
+    calls = [n for n in lowered.op_nodes() if n.target is SPARSE_GEMV]
+    ops = [op_name(n) for n in lowered.op_nodes()]
+    assert len(calls) == len(linears) and "flashc.sparsify" not in ops
+    assert ops.count("aten.linear") == 1  # the lm_head, left dense by the pruning pass
+    for call, linear in zip(calls, linears):
+        w = program.params[linear.args[1].name]
+        w_t = lowered.params[call.args[2].name]
+        assert torch.equal(w_t, w.t()) and w_t.is_contiguous()  # stored transposed, not a view
+        assert linear.args[1].name not in lowered.params  # nothing else read it: no second copy
+        assert call.args[0] is not None and call.args[1].name == linear.args[0].args[1].name
+    assert all(n in program.params for n in (linear.args[1].name for linear in linears))  # the portable program
+    want, cache_want = decode_outputs(model, program)
+    got, cache_got = decode_outputs(model, lowered)
+    assert rel_err(got, want) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(cache_got, cache_want))
+    dense_model, _ = decode_outputs(model, flashc.compile(DecodeStep(model, 16), "cpu",
+                                                          decode_example_inputs(model, 2, 16), level=3).program)
+    assert rel_err(got, dense_model) > 1e-3  # the sparsity is real: the comparison can fail
+
+
+def test_the_backends_late_passes_run_sparse_first_and_the_rest_become_gemv(pruned_decode):
+    """In the CUDA backend's order: the sparsified linears are sparse_gemv, the lm_head a dense gemv."""
+    model, program = pruned_decode
+    passes = CudaBackend().late_passes(PROFILES["h100"], None)
+    assert [p.name for p in passes] == ["cuda_fuse_kv_writes", "cuda_fuse_sparse_matmuls", "cuda_fuse_small_matmuls"]
+    lowered, records = run_late_passes(program, *passes)
+    stats = {r.name: r.stats for r in records}
+    assert stats["cuda_fuse_sparse_matmuls"]["matmuls_to_sparse_gemv"] == 4 * model.config.num_hidden_layers
+    assert stats["cuda_fuse_small_matmuls"]["matmuls_to_gemv"] == 1
+    ops = [op_name(n) for n in lowered.op_nodes()]
+    assert "aten.linear" not in ops and ops.count("flashc.gemv") == 1
+    want, _ = decode_outputs(model, program, seed=1)
+    got, _ = decode_outputs(model, lowered, seed=1)
+    assert rel_err(got, want) < 1e-5
+
+
+class WritesItsWeight(torch.nn.Module):
+    """linear(sparsify(x)) whose weight buffer the forward then scales in place; a second, plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(12, 16))
+        self.register_buffer("w2", torch.randn(12, 16))
+        self.register_buffer("t", torch.tensor(0.5))
+
+    def forward(self, x):
+        y = F.linear(torch.ops.flashc.sparsify(x, self.t), self.w)
+        self.w.mul_(0.5)
+        return y + F.linear(torch.ops.flashc.sparsify(x, self.t), self.w2)
+
+
+def test_a_weight_written_in_place_is_not_rewritten():
+    program = capture(WritesItsWeight(), (torch.randn(2, 16),))
+    assert len(sparsified_linears(program)) == 2
+    lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
+    assert record.stats == {"matmuls_to_sparse_gemv": 1, "sparse_kept_dense": 1}
+    assert "writes the weight in place" in record.details[0]["note"]
+    kept = sparsified_linears(lowered)
+    assert len(kept) == 1 and kept[0].args[1].name.endswith("w")
+    # the rewritten program still scales w each call: both see the same weights call after call
+    x = torch.randn(2, 16)
+    ref_program = program.clone()
+    ref_program.params = {k: v.clone() for k, v in program.params.items()}
+    lowered.params = {k: v.clone() for k, v in lowered.params.items()}
+    for _ in range(3):
+        assert rel_err(lowered.run_flat(x)[0], ref_program.run_flat(x)[0]) < 1e-6
+
+
+class SharedWeight(torch.nn.Module):
+    """One weight read by a sparsified linear and by a dense one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(12, 16))
+        self.register_buffer("t", torch.tensor(0.5))
+
+    def forward(self, x):
+        return F.linear(torch.ops.flashc.sparsify(x, self.t), self.w) + F.linear(x, self.w)
+
+
+def test_a_weight_other_ops_read_is_kept_next_to_its_transposed_copy():
+    program = capture(SharedWeight(), (torch.randn(3, 16),))
+    lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
+    assert record.stats["matmuls_to_sparse_gemv"] == 1
+    (call,) = [n for n in lowered.op_nodes() if n.target is SPARSE_GEMV]
+    (w_name,) = [n for n in program.params if program.params[n].shape == (12, 16)]
+    assert w_name in lowered.params and torch.equal(lowered.params[call.args[2].name], program.params[w_name].t())
+    x = torch.randn(3, 16)
+    assert rel_err(lowered.run_flat(x)[0], program.run_flat(x)[0]) < 1e-6
+
+
+def test_too_many_rows_and_non_finite_weights_stay_dense():
+    program = capture(SharedWeight(), (torch.randn(MAX_ROWS + 1, 16),))
+    copy = program.clone()
+    assert fuse_sparse_matmuls(copy, MAX_ROWS)[0] == 0  # a prefill's rows: cuBLAS reads the weight once anyway
+    small = capture(SharedWeight(), (torch.randn(2, 16),))
+    (w_name,) = [n for n in small.params if small.params[n].shape == (12, 16)]
+    small.params[w_name] = small.params[w_name].clone()
+    small.params[w_name][3, 5] = float("inf")
+    done, skipped = fuse_sparse_matmuls(small, MAX_ROWS)
+    assert done == 0 and "inf or nan" in skipped[0][1]
+
+
+def test_compiling_for_the_gpu_reports_the_sparse_pass(tiny_models):
+    """Compiling for h100 here (no GPU: the executable refuses to run) runs the sparse late pass; the
+    artifact's portable program keeps sparsify + linear."""
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 1, 16), level=3, prune=PRUNE,
+                        calibration=torch.randint(0, model.config.vocab_size, (1024,)))
+    late = {r.name: r for r in cm.records if r.stage == "backend"}
+    assert late["cuda_fuse_sparse_matmuls"].stats["matmuls_to_sparse_gemv"] == 4 * model.config.num_hidden_layers
+    ops = {op_name(n) for n in cm.program.op_nodes()}
+    assert "flashc.sparsify" in ops and "flashc.sparse_gemv" not in ops
