@@ -126,6 +126,8 @@ KERNELS: dict[str, Kernel] = {
                                   lambda x, r, w, eps: _codegen("triton_norm").tune_rms_norm(x, w, eps, residual=r)),
     "flashc.rotary": Kernel(lambda x, c, s: _codegen("triton_rotary").rotary(x, c, s),
                             lambda x, c, s: _codegen("triton_rotary").tune_rotary(x, c, s)),
+    "flashc.rotary_interleaved": Kernel(lambda x, c, s: _codegen("triton_rotary").rotary(x, c, s, interleaved=True),
+                                        lambda x, c, s: _codegen("triton_rotary").tune_rotary(x, c, s, True)),
     # the GLU kernel reads rows with any row stride: the halves of a merged gate|up
     # projection go in as they are, without copies
     "flashc.swiglu": Kernel(lambda g, u: _codegen("triton_mlp").swiglu(g, u),

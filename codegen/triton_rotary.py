@@ -1,9 +1,13 @@
-"""Rotary position embedding (RoPE, "rotate-half" layout) as a Triton kernel, with a PyTorch reference.
+"""Rotary position embedding (RoPE) as a Triton kernel, with a PyTorch reference.
 
 Semantics (HF ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``)::
 
     y = x * cos[:, None] + rotate_half(x) * sin[:, None]
     rotate_half(x) = cat(-x[..., D//2:], x[..., :D//2])
+
+or, with ``interleaved=True`` (``flashc.rotary_interleaved``: GPT-J's and Meta's pairs
+``(2i, 2i + 1)``), ``rotate_pairs(x)`` in place of ``rotate_half(x)``: the kernel is the same
+with the two register tiles loaded from the even and odd channels instead of the halves.
 
 for ``x[B, H, S, D]`` and ``cos, sin[B, S, D]`` (a leading dim of 1 broadcasts
 over the batch).  ``x`` may be any strided view -- typically the transpose of a
@@ -35,24 +39,27 @@ from ._triton_common import (
     tl,
 )
 
-from flashc.ops import rotate_half  # cat(-x[..., D//2:], x[..., :D//2]): the op's own, shared
+from flashc.ops import rotate_half, rotate_pairs  # the ops' own, shared
 
-__all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half", "rotary_kv_write",
+__all__ = ["rotary", "tune_rotary", "reference_rotary", "rotate_half", "rotate_pairs", "rotary_kv_write",
            "reference_rotary_kv_write", "rotary_qkv_write", "reference_rotary_qkv_write"]
 
 
-def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch RoPE: ``x * cos[:, None] + rotate_half(x) * sin[:, None]``."""
+def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Plain PyTorch RoPE: ``x * cos[:, None] + rotate_half(x) * sin[:, None]`` (``rotate_pairs``
+    when ``interleaved``)."""
     c = cos.unsqueeze(1)
     s = sin.unsqueeze(1)
-    return x * c + rotate_half(x) * s
+    return x * c + (rotate_pairs(x) if interleaved else rotate_half(x)) * s
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _rope_tile(xb, sx_d, cb, sc_d, sb, ss_d, d1, d2, mask):
-        """The two rotated halves (fp32) of a [BLOCK_S, D/2] tile: rows at xb, cos at cb, sin at sb."""
+        """The rotated channels d1 and d2 (fp32) of a [BLOCK_S, D/2] tile of pairs (d1[j], d2[j]):
+        rows at xb, cos at cb, sin at sb. y[d1] = x[d1] cos[d1] - x[d2] sin[d1], y[d2] = x[d2] cos[d2]
+        + x[d1] sin[d2], for the halves (d2 = d1 + D/2) and for interleaved pairs (d2 = d1 + 1) alike."""
         x1 = tl.load(xb + d1 * sx_d, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xb + d2 * sx_d, mask=mask, other=0.0).to(tl.float32)
         c1 = tl.load(cb + d1 * sc_d, mask=mask, other=0.0).to(tl.float32)
@@ -71,12 +78,14 @@ if HAS_TRITON:
         sy_b, sy_h, sy_s, sy_d,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
     ):
         """Program (b*H + h, s-block) rotates BLOCK_S positions of one head.
 
-        The two halves of D are loaded as separate tiles, so rotate_half is just
-        a swap of the two register tiles (no gather).  cos/sin are re-read per
-        head; they are tiny and stay in L2.
+        The two channels of every pair (the halves of D, or with INTERLEAVED the
+        even and odd channels) are loaded as separate tiles, so the rotation is
+        just a swap of the two register tiles (no gather).  cos/sin are re-read
+        per head; they are tiny and stay in L2.
         """
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -86,8 +95,12 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_s < S)[:, None] & (offs_d < D_HALF)[None, :]
         s64 = offs_s.to(tl.int64)[:, None]
-        d1 = offs_d.to(tl.int64)[None, :]
-        d2 = d1 + D_HALF
+        if INTERLEAVED:
+            d1 = 2 * offs_d.to(tl.int64)[None, :]
+            d2 = d1 + 1
+        else:
+            d1 = offs_d.to(tl.int64)[None, :]
+            d2 = d1 + D_HALF
 
         y1, y2 = _rope_tile(X + b * sx_b + h * sx_h + s64 * sx_s, sx_d,
                             COS + b * sc_b + s64 * sc_s, sc_d,
@@ -160,29 +173,30 @@ if HAS_TRITON:
             tl.store(vcb + d2 * svc_d, v2.to(VC.dtype.element_ty), mask=store_mask)
 
 
-def _check(x, cos, sin):
-    fn = "rotary"
+def _check(x, cos, sin, fn="rotary"):
     require_triton(fn)
     check_tensor(fn, "x", x, ndim=4)
     check_tensor(fn, "cos", cos, ndim=3)
     check_tensor(fn, "sin", sin, ndim=3)
     B, H, S, D = x.shape
     if D % 2:
-        raise ValueError(f"rotary: head dim D must be even for rotate_half, got x of shape {tuple(x.shape)}")
+        raise ValueError(f"{fn}: head dim D must be even (pairs of channels), got x of shape {tuple(x.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S, D):
             raise ValueError(
-                f"rotary: {name} must have shape ({B}, {S}, {D}) (or (1, {S}, {D})) for x of shape "
+                f"{fn}: {name} must have shape ({B}, {S}, {D}) (or (1, {S}, {D})) for x of shape "
                 f"{tuple(x.shape)} [B, H, S, D], got {tuple(t.shape)}"
             )
     check_same_dtype(fn, [("x", x), ("cos", cos), ("sin", sin)])
     check_devices(fn, _rotary_kernel, [("x", x), ("cos", cos), ("sin", sin)])
 
 
-def _key(x: torch.Tensor, heads: int | None = None) -> dict:
-    """Tuning key of a launch over ``x[B, H, S, D]``; ``heads`` overrides the ``B*H`` head rows it covers."""
+def _key(x: torch.Tensor, heads: int | None = None, interleaved: bool = False) -> dict:
+    """Tuning key of a launch over ``x[B, H, S, D]``; ``heads`` overrides the ``B*H`` head rows it covers.
+    Interleaved pairs (strided loads) are tuned apart from the halves; the halves' key is unchanged."""
     B, H, S, D = x.shape
-    return {"D": D, "S": S, "BH": B * H if heads is None else heads, "dtype": str(x.dtype).replace("torch.", "")}
+    key = {"D": D, "S": S, "BH": B * H if heads is None else heads, "dtype": str(x.dtype).replace("torch.", "")}
+    return {**key, "pairs": "interleaved"} if interleaved else key
 
 
 def _table_batch_strides(batch: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, int]:
@@ -190,12 +204,12 @@ def _table_batch_strides(batch: int, cos: torch.Tensor, sin: torch.Tensor) -> tu
     return (cos.stride(0) if cos.shape[0] == batch else 0), (sin.stride(0) if sin.shape[0] == batch else 0)
 
 
-def _launch(x, cos, sin, y, config):
+def _launch(x, cos, sin, y, config, interleaved=False):
     B, H, S, D = x.shape
     if y.numel() == 0:
         return
     if config is None:
-        config = tuning.get_config("rotary", _key(x), tuning.detect_profile(x.device))
+        config = tuning.get_config("rotary", _key(x, interleaved=interleaved), tuning.detect_profile(x.device))
     block_s = int(config.get("BLOCK_S", 16))
     grid = (B * H, triton.cdiv(S, block_s))
     if grid[1] > 65535:
@@ -211,6 +225,7 @@ def _launch(x, cos, sin, y, config):
             *y.stride(),
             BLOCK_S=block_s,
             BLOCK_D=next_pow2(D // 2),
+            INTERLEAVED=interleaved,
             **launch_opts(config),
         )
 
@@ -220,21 +235,25 @@ def rotary(
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
+    interleaved: bool = False,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Apply RoPE to ``x[B, H, S, D]`` (any strides) with ``cos, sin[B or 1, S, D]``.
 
+    Rotates the pairs ``(i, i + D/2)`` (``flashc.rotary``), or with ``interleaved`` the pairs
+    ``(2i, 2i + 1)`` with tables in the pairs' order (``flashc.rotary_interleaved``).
     Returns a new tensor with ``x``'s shape, dtype and (when ``x`` is dense)
     memory layout, or ``out`` (any strides, not sharing memory with the inputs).
     ``config`` overrides the launch config (``BLOCK_S``, ``num_warps``).
     """
-    _check(x, cos, sin)
+    fn = "rotary_interleaved" if interleaved else "rotary"
+    _check(x, cos, sin, fn)
     if out is None:
         out = torch.empty_like(x)  # preserve_format: keeps x's strides when x is dense
     else:
-        check_out("rotary", "out", out, x.shape, x.dtype, x.device, inputs=(x, cos, sin))
-    _launch(x, cos, sin, out, config)
+        check_out(fn, "out", out, x.shape, x.dtype, x.device, inputs=(x, cos, sin))
+    _launch(x, cos, sin, out, config, interleaved)
     return out
 
 
@@ -359,9 +378,10 @@ def rotary_qkv_write(
     return out
 
 
-def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:
+def tune_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> dict:
     """Autotune (and cache) the rotary kernel on these example inputs; returns the winning config."""
-    _check(x, cos, sin)
+    _check(x, cos, sin, "rotary_interleaved" if interleaved else "rotary")
     profile = tuning.detect_profile(x.device)
     y = torch.empty_like(x)
-    return tuning.autotune("rotary", _key(x), tuning.candidates("rotary", profile), lambda cfg: _launch(x, cos, sin, y, cfg), profile)
+    return tuning.autotune("rotary", _key(x, interleaved=interleaved), tuning.candidates("rotary", profile),
+                           lambda cfg: _launch(x, cos, sin, y, cfg, interleaved), profile)

@@ -51,16 +51,48 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotary_out(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """The output of a rotary op: x's shape, and x's memory layout when x is dense (the kernels
+    keep it), so rope on a transposed view (x [B, S, H, D] seen as [B, H, S, D]) transposed
+    back is as contiguous as x was."""
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+
+
 @torch.library.custom_op("flashc::rotary", mutates_args=())
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (rotate-half form) of x[B, H, S, D] with cos/sin[B, S, D]."""
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * c + rotate_half(x) * s
+    return torch.add(x * c, rotate_half(x) * s, out=_rotary_out(x, cos))
 
 
 @rotary.register_fake
 def _(x, cos, sin):
-    return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    return _rotary_out(x, cos)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x[2i], x[2i + 1]) -> (-x[2i + 1], x[2i]) along the last dim: rotate_half for interleaved pairs."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+@torch.library.custom_op("flashc::rotary_interleaved", mutates_args=())
+def rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of the pairs (2i, 2i + 1) (GPT-J's and Meta's Llama's form) of
+    x[B, H, S, D], with cos/sin[B, S, D] in the pairs' order:
+
+        out[2i]     = x[2i]     * cos[2i]     - x[2i + 1] * sin[2i]
+        out[2i + 1] = x[2i + 1] * cos[2i + 1] + x[2i]     * sin[2i + 1]
+
+    (`rotary` with `rotate_pairs` for rotate_half; a model's tables hold each pair's angle twice,
+    cos[2i] == cos[2i + 1]). A separate op rather than a mode of `rotary`, so that graphs calling
+    flashc.rotary (saved artifacts, the CUDA backend's kv-write folding) keep their meaning."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.add(x * c, rotate_pairs(x) * s, out=_rotary_out(x, cos))
+
+
+@rotary_interleaved.register_fake
+def _(x, cos, sin):
+    return _rotary_out(x, cos)
 
 
 @torch.library.custom_op("flashc::swiglu", mutates_args=())
@@ -215,6 +247,7 @@ FLASHC_OPS = {
     "rms_norm": torch.ops.flashc.rms_norm.default,
     "add_rms_norm": torch.ops.flashc.add_rms_norm.default,
     "rotary": torch.ops.flashc.rotary.default,
+    "rotary_interleaved": torch.ops.flashc.rotary_interleaved.default,
     "swiglu": torch.ops.flashc.swiglu.default,
     "geglu": torch.ops.flashc.geglu.default,
     "attention": torch.ops.flashc.attention.default,

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
-from flashc.ir import Program, propagate_shapes
+from flashc.ir import Program, op_name, propagate_shapes
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.cleanup import Canonicalize, EliminateDeadCode
 from flashc.rewrite import (
@@ -224,11 +224,89 @@ FUSE_ADD_RMS_NORM = _rule(
 
 
 # --- Rotary embedding -------------------------------------------------------------------
-# flashc.rotary rotates the pairs (i, i + d/2) (rotate-half, as Hugging Face writes rope).
-# GPT-J's and Meta's interleaved pairs (2i, 2i + 1), x[..., ::2] and x[..., 1::2] stacked
-# and flattened or as complex numbers, are another permutation of the head dim: rotary
-# could take them only with x gathered into halves before and scattered back after,
-# so they are not fused.
+# Two ops take rope. flashc.rotary rotates the pairs (i, i + d/2) (rotate-half, as Hugging
+# Face writes it); flashc.rotary_interleaved the pairs (2i, 2i + 1), as GPT-J's
+# rotate_every_two, Meta's Llama (complex numbers) and hand-written models (x[..., ::2] and
+# x[..., 1::2] rotated, stacked and flattened) do. Both take x [B, H, S, D] and cos/sin
+# [B or 1, S, D] entry for entry with x's channels, so the replacement reshapes the tables
+# the model had: a form with one angle per pair (tables [..., D/2], or complex) has each
+# entry repeated for both channels of its pair, a complex table is split into its real
+# (cos) and imaginary (sin) parts. Rope on x [B, S, H, D] (Meta's code ropes before it
+# moves the heads forward) runs on x transposed and is transposed back: exact. Partial
+# rotary (rope on x[..., :r], the rest passed on by a cat, as Phi and GPT-NeoX write it)
+# needs no rule of its own: x binds to the slice x[..., :r] and the cat stays.
+
+STACK_DIM = 0.0036912  # the dim the rotated pairs are stacked along (-1 or 4)
+FLATTEN_START = 0.0048123  # flatten(start, end) of the stacked pairs: (-2 or 3, -1 or 4)
+FLATTEN_END = 0.0059874
+
+# how a step of reshaping a rope table is spelled in the replacement
+_TABLE_STEPS = {"squeeze": aten.squeeze.dim, "reshape": aten.reshape.default, "expand": aten.expand.default}
+
+
+def _rope_layout(m: Match, x_shape, tables: dict[str, tuple], width: int, pairs: bool) -> bool | str:
+    """Bind how the tables become [B or 1, S, D] and which dim of x is the positions'.
+
+    Each table broadcasts against x [B, A1, A2, `width`] (x's pairs' shape when `pairs`:
+    one angle per pair) without growing it, and holds one row per position shared by the
+    heads: constant along dim 1 of x ([B, H, S, D], the op's layout) or else along dim 2
+    ([B, S, H, D]: x is transposed around the op). Binds seq_dim and, per table, the steps
+    (`_TABLE_STEPS`) that reshape it."""
+    b, a1, a2 = x_shape[:3]
+    padded = {}
+    for name, shape in tables.items():
+        if len(shape) > 4:
+            return f"{name} is {len(shape)}-D; rope tables broadcast against a 4-D x"
+        p = (1,) * (4 - len(shape)) + tuple(shape)
+        if any(t not in (1, n) for t, n in zip(p, (b, a1, a2, width))):
+            return f"{name} {list(shape)} does not broadcast to {[b, a1, a2, width]} without growing it"
+        padded[name] = p
+    if all(p[1] == 1 for p in padded.values()):
+        seq_dim = 2
+    elif all(p[2] == 1 for p in padded.values()):
+        seq_dim = 1
+    else:
+        shapes = ", ".join(f"{n} {list(s)}" for n, s in tables.items())
+        return (f"the tables ({shapes}) vary along both dims 1 and 2 of x {list(x_shape)}: flashc's rope takes "
+                "one row per position, shared by the heads")
+    positions, heads_dim = x_shape[seq_dim], 3 - seq_dim
+    for name, shape in tables.items():
+        tb, ts, tw = padded[name][0], padded[name][seq_dim], padded[name][3]
+        if pairs:  # each angle for both channels of its pair: [b, s, w, 1] -> [b, s, w, 2] -> [b, s, 2w]
+            steps = [("reshape", [tb, ts, tw, 1]), ("expand", [tb, positions, width, 2]),
+                     ("reshape", [tb, positions, 2 * width])]
+        else:
+            steps = ([("squeeze", heads_dim)] if len(shape) == 4
+                     else [("reshape", [tb, ts, tw])] if tuple(shape) != (tb, ts, tw) else [])
+            if (ts, tw) != (positions, width):
+                steps.append(("expand", [tb, positions, width]))
+        m.bindings[f"{name}_steps"] = steps
+    m.bindings["seq_dim"] = seq_dim
+    return True
+
+
+def _tables_refusal(m: Match) -> str | None:
+    """Why cos and sin cannot be one op's tables (None when they can): the op's result takes
+    x's and cos's dtype, the form's x's, cos's and sin's."""
+    cos, sin = m.val("cos"), m.val("sin")
+    if cos.dtype != sin.dtype:
+        return f"cos is {cos.dtype} and sin {sin.dtype}; flashc's rope takes both tables in one dtype"
+    return None
+
+
+def _rope_table(t, steps):
+    for step, arg in steps:
+        t = _TABLE_STEPS[step](t, arg)
+    return t
+
+
+def _rope_call(op, x, cos, sin, seq_dim, cos_steps, sin_steps):
+    """op(x, cos, sin) on x [B, H, S, D], for x in the layout the match found (seq_dim)."""
+    if seq_dim == 1:
+        x = aten.transpose.int(x, 1, 2)
+    out = op(x, _rope_table(cos, cos_steps), _rope_table(sin, sin_steps))
+    return aten.transpose.int(out, 1, 2) if seq_dim == 1 else out
+
 
 def rotary_pattern(x, cos, sin):
     half = x.shape[-1] // 2
@@ -236,24 +314,20 @@ def rotary_pattern(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def rotary_replacement(x, cos, sin):
-    return flashc_ops.rotary.default(x, aten.squeeze.dim(cos, 1), aten.squeeze.dim(sin, 1))
+def rotary_replacement(x, cos, sin, seq_dim, cos_steps, sin_steps):
+    return _rope_call(flashc_ops.rotary.default, x, cos, sin, seq_dim, cos_steps, sin_steps)
 
 
 def _check_rotary(m: Match) -> bool | str:
     """The match is rope: the rotated half is cat(-x[..., d/2:], x[..., :d/2]) along the
-    last dim of x itself (slice bounds and dims matched as wildcards are checked here)."""
+    last dim of x itself (slice bounds and dims matched as wildcards are checked here); cos
+    and sin hold one row per position (`_rope_layout`) in one dtype."""
     x, cos, sin = m.val("x"), m.val("cos"), m.val("sin")
     if x.dim() != 4:
         return f"x is {x.dim()}-D; flashc.rotary takes [batch, heads, seq, head size]"
-    if cos.dim() != 4 or cos.shape[1] != 1 or sin.shape != cos.shape:
-        return (f"cos is {list(cos.shape)} and sin {list(sin.shape)}; flashc.rotary takes both as "
-                "[batch, 1, seq, head size]")
     d = x.shape[-1]
     if d % 2:
         return f"the head size {d} is odd: it has no halves to rotate"
-    if cos.shape[-1] != d:
-        return f"cos covers {cos.shape[-1]} of the head's {d} channels (partial rotary is not fused)"
     negs, cats = m.covered(aten.neg.default), m.covered(aten.cat.default)
     slices = m.covered(aten.slice.Tensor)
     if len(negs) != 1 or len(cats) != 1 or len(slices) != 2:
@@ -278,19 +352,213 @@ def _check_rotary(m: Match) -> bool | str:
         if dim not in (3, -1):
             return f"the {role} half {node.name} slices dim {dim}, not the last"
         if step != 1:
-            return (f"the {role} half takes channels {step} apart (interleaved pairs, as GPT-J's rope); "
+            return (f"the {role} half takes channels {step} apart (interleaved pairs take "
+                    "x[..., ::2] and x[..., 1::2] rotated by stack and flatten, as GPT-J); "
                     "rotate-half takes contiguous halves")
         if (lo, min(hi, d)) != (start, end):
             return (f"the {role} half is x[..., {lo}:{min(hi, d)}]; rotate-half {rope} half, "
                     f"x[..., {start}:{end}]")
-    return True
+    tables = {"cos": tuple(cos.shape), "sin": tuple(sin.shape)}
+    return _tables_refusal(m) or _rope_layout(m, x.shape, tables, d, pairs=False)
 
 
-FUSE_ROTARY = _rule(
-    "rotary", rotary_pattern, rotary_replacement,
-    example_inputs=lambda dt: (_x(dt, 1, 2, 5, 8), _x(dt, 1, 1, 5, 8), _x(dt, 1, 1, 5, 8)),
-    check=_check_rotary, any_shape_literals=True, dtypes=ANY_DTYPE,
-)
+# --- Rotary embedding on interleaved pairs ---
+
+def rotary_pairs_pattern(x, cos, sin, stack_dim, flatten_start, flatten_end):
+    """Pairs (2i, 2i + 1) rotated by one angle each (cos/sin [..., D/2]) and put back in
+    place by stack and flatten, as a hand-written Llama does."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def rotary_every_two_pattern(x, cos, sin, stack_dim, flatten_start, flatten_end):
+    """GPT-J's rotate_every_two with tables in the pairs' order (each angle repeated, [..., D])."""
+    rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def rotary_complex_pattern(x, freqs, flatten_start, flatten_end):
+    """Meta's Llama: the pairs as complex numbers times freqs_cis (complex, one per pair).
+    Its x.float() and .type_as(x) stay outside the match: the op computes in float32 as it
+    did."""
+    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(3)
+
+
+def rotary_interleaved_replacement(x, cos, sin, seq_dim, cos_steps, sin_steps):
+    return _rope_call(flashc_ops.rotary_interleaved.default, x, cos, sin, seq_dim, cos_steps, sin_steps)
+
+
+def rotary_complex_replacement(x, freqs, seq_dim, cos_steps, sin_steps):
+    parts = aten.view_as_real.default(freqs)  # [..., D/2, 2]: (cos, sin) of each pair's angle
+    cos, sin = aten.select.int(parts, -1, 0), aten.select.int(parts, -1, 1)
+    return rotary_interleaved_replacement(x, cos, sin, seq_dim, cos_steps, sin_steps)
+
+
+def _stack_dim_any(graph):  # torch.stack(..., dim=4)
+    nodes = _nodes(graph, aten.stack.default)
+    for n in nodes:
+        n.args = (n.args[0], STACK_DIM)
+    return bool(nodes)
+
+
+def _flatten_from_any(graph):  # .flatten(3)
+    nodes = _nodes(graph, aten.flatten.using_ints)
+    for n in nodes:
+        n.args = (n.args[0], FLATTEN_START)
+    return bool(nodes)
+
+
+def _flatten_any(graph):  # .flatten(3, 4)
+    nodes = _nodes(graph, aten.flatten.using_ints)
+    for n in nodes:
+        n.args = (n.args[0], FLATTEN_START, FLATTEN_END)
+    return bool(nodes)
+
+
+def _flatten_as(target):  # .reshape(x.shape), .view(b, h, s, d): the check compares shapes
+    def edit(graph):
+        nodes = _nodes(graph, aten.flatten.using_ints)
+        for n in nodes:
+            _replace(graph, n, target, (n.args[0], [1, 1, 1, 1]))
+        return bool(nodes)
+    return edit
+
+
+def _slices_of_step_one(graph):  # x[..., :d/2], x[..., d/2:]: halves, which the check refuses saying so
+    nodes = [n for n in _nodes(graph, aten.slice.Tensor) if len(n.args) == 5]
+    for n in nodes:
+        n.args = n.args[:4]
+    return bool(nodes)
+
+
+def _pairs_as_view(graph):  # x.view(*x.shape[:-1], -1, 2)
+    nodes = [n for n in _nodes(graph, aten.reshape.default) if n.args[0].op == "placeholder"]
+    for n in nodes:
+        _replace(graph, n, aten.view.default, n.args)
+    return bool(nodes)
+
+
+_FLATTEN_SPELLINGS = (_flatten_from_any, _flatten_any, _flatten_as(aten.reshape.default),
+                      _flatten_as(aten.view.default))
+
+
+def _slice_refusal(m: Match, node: fx.Node, start: int, role: str) -> str | None:
+    """Why `node` is not x[..., start::2], the channels `role` of every pair (None when it is)."""
+    d = m.val("x").shape[-1]
+    if node.target != aten.slice.Tensor or node.args[0] is not m.bindings["x"]:
+        return f"{role} ({node.name}, {op_name(node)}) is not a slice of x itself"
+    dim, lo, hi = node.args[1], node.args[2], node.args[3]
+    step = node.args[4] if len(node.args) > 4 else 1
+    if dim not in (3, -1):
+        return f"{role} ({node.name}) slices dim {dim}, not the last"
+    if (lo, step) != (start, 2) or (_val_shape(node) or (0,))[-1] != d // 2:
+        written = f"x[..., {lo}:{hi if hi < d else ''}{f':{step}' if step != 1 else ''}]"
+        return f"{role} is {written}; rope on interleaved pairs takes x[..., {start}::2]"
+    return None
+
+
+def _pairs_put_back_refusal(m: Match, stacked: bool = True) -> str | None:
+    """Why the pairs are not put back in place (None when they are): stacked along the last
+    dim, then that dim and the one before flattened (or x's shape restored by a reshape)."""
+    stack_dim, start, end = (m.bindings.pop(k, None) for k in ("stack_dim", "flatten_start", "flatten_end"))
+    if stacked and stack_dim not in (None, -1, 4):
+        return (f"the rotated pairs are stacked along dim {stack_dim}, not the last: flatten then "
+                "interleaves other channels")
+    if start not in (None, 3, -2) or end not in (None, 4, -1):
+        return f"flatten({start}, {end}) of the [B, H, S, D/2, 2] pairs; rope flattens the last two dims, 3 and 4"
+    x = m.val("x")
+    for n in m.nodes:
+        if (n.target in (aten.reshape.default, aten.view.default) and isinstance(n.args[0], fx.Node)
+                and n.args[0].target in (aten.stack.default, aten.view_as_real.default)
+                and _val_shape(n) != tuple(x.shape)):
+            return f"the pairs are reshaped to {list(_val_shape(n) or ())}, not to x's {list(x.shape)}"
+    return None
+
+
+def _pairs_refusal(m: Match) -> str | None:
+    x = m.val("x")
+    if x.dim() != 4:
+        return f"x is {x.dim()}-D; flashc.rotary_interleaved takes [batch, heads, seq, head size] (or seq, heads)"
+    if x.shape[-1] % 2:
+        return f"the head size {x.shape[-1]} is odd: it has no pairs to rotate"
+    return None
+
+
+def _check_rotary_pairs(m: Match) -> bool | str:
+    """x1 = x[..., 0::2] and x2 = x[..., 1::2] (the first is the one multiplied by cos in the
+    first stacked element), put back in place; cos/sin one angle per pair."""
+    why = _pairs_refusal(m) or _pairs_put_back_refusal(m)
+    if why:
+        return why
+    (sub,) = m.covered(aten.sub.Tensor)
+    cos, sin = m.bindings["cos"], m.bindings["sin"]
+    first, second = sub.args
+    x1 = first.args[0] if first.args[1] is cos else first.args[1]
+    x2 = second.args[0] if second.args[1] is sin else second.args[1]
+    why = (_slice_refusal(m, x1, 0, "x1 (times cos, first in the stack)")
+           or _slice_refusal(m, x2, 1, "x2 (times sin, subtracted)") or _tables_refusal(m))
+    if why:
+        return why
+    x = m.val("x")
+    tables = {"cos": tuple(m.val("cos").shape), "sin": tuple(m.val("sin").shape)}
+    return _rope_layout(m, x.shape, tables, x.shape[-1] // 2, pairs=True)
+
+
+def _check_rotary_every_two(m: Match) -> bool | str:
+    """The rotated x is stack(-x[..., 1::2], x[..., 0::2]) put back in place; cos/sin have an
+    entry per channel of x."""
+    why = _pairs_refusal(m) or _pairs_put_back_refusal(m)
+    if why:
+        return why
+    (stack,) = m.covered(aten.stack.default)
+    negated, kept = stack.args[0]
+    why = (_slice_refusal(m, negated.args[0], 1, "the negated element")
+           or _slice_refusal(m, kept, 0, "the element kept") or _tables_refusal(m))
+    if why:
+        return why
+    x = m.val("x")
+    tables = {"cos": tuple(m.val("cos").shape), "sin": tuple(m.val("sin").shape)}
+    return _rope_layout(m, x.shape, tables, x.shape[-1], pairs=False)
+
+
+def _check_rotary_complex(m: Match) -> bool | str:
+    """x's channels viewed as [..., D/2, 2] (pairs 2i, 2i + 1), times a complex table, put back
+    by flattening; the table's real parts are the cos, its imaginary parts the sin."""
+    why = _pairs_refusal(m) or _pairs_put_back_refusal(m, stacked=False)
+    if why:
+        return why
+    x, freqs = m.val("x"), m.val("freqs")
+    (complex_pairs,) = m.covered(aten.view_as_complex.default)
+    pairs = complex_pairs.args[0]
+    if _val_shape(pairs) != (*x.shape[:-1], x.shape[-1] // 2, 2):
+        return f"x is viewed as {list(_val_shape(pairs) or ())}, not as pairs {[*x.shape[:-1], x.shape[-1] // 2, 2]}"
+    if not freqs.is_complex():
+        return f"the pairs are multiplied by a {freqs.dtype} tensor, not by complex numbers (a rotation)"
+    shape = tuple(freqs.shape)
+    return _rope_layout(m, x.shape, {"cos": shape, "sin": shape}, x.shape[-1] // 2, pairs=True)
+
+
+def _rope_examples(width):
+    return lambda dt: (_x(dt, 1, 2, 5, 8), _x(dt, 1, 1, 5, width), _x(dt, 1, 1, 5, width))
+
+
+_PAIR_SCALARS = {"stack_dim": STACK_DIM, "flatten_start": FLATTEN_START, "flatten_end": FLATTEN_END}
+
+FUSE_ROTARY = [
+    _rule("rotary", rotary_pattern, rotary_replacement, example_inputs=_rope_examples(8),
+          check=_check_rotary, any_shape_literals=True, dtypes=ANY_DTYPE),
+    _rule("rotary", rotary_pairs_pattern, rotary_interleaved_replacement, example_inputs=_rope_examples(4),
+          scalars=_PAIR_SCALARS, check=_check_rotary_pairs, any_shape_literals=True, dtypes=ANY_DTYPE,
+          variants=_spellings(_stack_dim_any, *_FLATTEN_SPELLINGS, _slices_of_step_one)),
+    _rule("rotary", rotary_every_two_pattern, rotary_interleaved_replacement, example_inputs=_rope_examples(8),
+          scalars=_PAIR_SCALARS, check=_check_rotary_every_two, any_shape_literals=True, dtypes=ANY_DTYPE,
+          variants=_spellings(_stack_dim_any, *_FLATTEN_SPELLINGS)),
+    _rule("rotary", rotary_complex_pattern, rotary_complex_replacement,
+          example_inputs=lambda dt: (_x(dt, 1, 5, 2, 8), torch.randn(1, 5, 1, 4, dtype=torch.complex64)),
+          scalars={"flatten_start": FLATTEN_START, "flatten_end": FLATTEN_END}, check=_check_rotary_complex,
+          any_shape_literals=True, dtypes=ANY_DTYPE, variants=_spellings(_pairs_as_view, *_FLATTEN_SPELLINGS)),
+]
 
 
 # --- Gated MLP activations ----------------------------------------------------------------
@@ -782,12 +1050,14 @@ class Fuse:
     def _run(self, program: Program, explain: str | None = None, found: list | None = None) -> PassResult:
         stats: dict[str, int] = {}
         places: set[fx.Node] | None = None  # the graph's nodes before the first rule explained
+        covered: set[fx.Node] = set()  # nodes a rule explained fused (replaced)
         for rule in self.rules:
             if rule.name == explain:
                 places = set(program.graph.nodes) if places is None else places
                 outcomes = explain_matches(rule, program.graph, program.params)
                 replaced = iter(replace_matches(program.graph, [o for o in outcomes if isinstance(o, Match)]))
                 outcomes = [next(replaced) if isinstance(o, Match) else o for o in outcomes]
+                covered.update(n for o in outcomes if isinstance(o, Match) for n in o.nodes)
                 found += [c for c in candidates_of(rule, outcomes) if c.node in places]
                 n = sum(isinstance(o, Match) for o in outcomes)
             else:
@@ -799,6 +1069,8 @@ class Fuse:
                 propagate_shapes(program)
         program.graph.eliminate_dead_code()
         program.drop_unused_params()
+        if found is not None:  # a place one form's rule refused inside another form's match is no miss
+            found[:] = [c for c in found if c.fused or c.node not in covered]
         return PassResult(any(stats.values()), stats)
 
 

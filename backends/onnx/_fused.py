@@ -8,6 +8,8 @@ the same thing, standard ONNX ops otherwise.
   constants with one table for the batch whose two halves are equal (HF's layout), or,
   for a decode step's one token, functions of cache_position: the tables then hold them
   evaluated at every cache slot, and cache_position is the position id.
+* rotary_interleaved -> the same with interleaved=1 (pairs 2i, 2i + 1), when both
+  entries of every pair of the tables are equal (one angle per pair).
 * attention -> com.microsoft GroupQueryAttention, for prefill: no mask, causal,
   S == L, fp32/fp16. Masked, non-causal or S != L attention uses standard ops
   (MatMul/Softmax, GQA by broadcasting, never repeating K/V).
@@ -103,14 +105,15 @@ def _add_rms_norm(ctx, node):
 # --- Rotary embedding ---------------------------------------------------------------------
 
 
-def _half_table(t: torch.Tensor, d: int) -> torch.Tensor | None:
+def _half_table(t: torch.Tensor, d: int, interleaved: bool = False) -> torch.Tensor | None:
     """t [B, S, D] as a RotaryEmbedding table [S, D/2], or None: every batch row must be the
-    same (the op takes one table and position ids) and both halves must repeat the
-    frequencies (the rotate-half layout)."""
+    same (the op takes one table and position ids) and both channels of every pair must
+    have the same entry: both halves repeat the frequencies (the rotate-half layout), or
+    with `interleaved` channels 2i and 2i + 1 do."""
     if t.dim() != 3 or t.shape[2] != d or d % 2 or not torch.equal(t, t[:1].expand_as(t)):
         return None
-    half = t[0, :, : d // 2]
-    return half if torch.equal(half, t[0, :, d // 2:]) else None
+    first, second = (t[0, :, 0::2], t[0, :, 1::2]) if interleaved else (t[0, :, : d // 2], t[0, :, d // 2:])
+    return first if torch.equal(first, second) else None
 
 
 def _position_tables(ctx: LoweringContext, cos, sin):
@@ -140,7 +143,7 @@ def _position_tables(ctx: LoweringContext, cos, sin):
     return ctx.cache[key]
 
 
-def _rotary_tables(ctx, cos, sin, x):
+def _rotary_tables(ctx, cos, sin, x, interleaved=False):
     """(position ids, cos_cache, sin_cache) for RotaryEmbedding, or None when the inputs do not fit.
 
     cos/sin [B, S, D] are constants (positions 0..S-1), or, for one token, functions of a
@@ -158,7 +161,7 @@ def _rotary_tables(ctx, cos, sin, x):
         position, c, s = found
     elif c.shape[1] != seq:
         return None
-    half_c, half_s = _half_table(c, d), _half_table(s, d)
+    half_c, half_s = _half_table(c, d, interleaved), _half_table(s, d, interleaved)
     if half_c is None or half_s is None:
         return None
     b = ctx.b
@@ -172,21 +175,42 @@ def _rotary_tables(ctx, cos, sin, x):
     return positions, b.const(half_c, c.dtype), b.const(half_s, s.dtype)
 
 
-@lowers(flashc_ops.rotary.default)
-def _rotary(ctx, node):
+def _rotate_pairs(b, xv, shape):
+    """flashc.ops.rotate_pairs in standard ops: x [B, H, S, D] as pairs [B, H, S, D/2, 2],
+    (-odd, even) concatenated along the pairs' dim, back to [B, H, S, D]."""
+    *lead, d = shape
+    pairs = b.reshape(xv, [*lead, d // 2, 2])
+    swapped = b.op("Concat", b.op("Neg", b.slice(pairs, 4, 1, 2)), b.slice(pairs, 4, 0, 1), axis=4)
+    return b.reshape(swapped, [*lead, d])
+
+
+def _lower_rotary(ctx, node, interleaved: bool):
     x, cos, sin = node.args
     b = ctx.b
     out_dt = ctx.out_dtype(node)
-    tables = _rotary_tables(ctx, cos, sin, x) if ctx.contrib_ops and out_dt == ctx.dtype(x) else None
+    tables = _rotary_tables(ctx, cos, sin, x, interleaved) if ctx.contrib_ops and out_dt == ctx.dtype(x) else None
     d = ctx.shape(x)[3]
     if tables is not None:
-        return b.op("RotaryEmbedding", ctx.v(x), *tables, domain=MS_DOMAIN, interleaved=0)
+        return b.op("RotaryEmbedding", ctx.v(x), *tables, domain=MS_DOMAIN, interleaved=int(interleaved))
     xv = ctx.tensor(x, out_dt)
     cb, cs, cd = ctx.shape(cos)
     c = b.reshape(ctx.tensor(cos, out_dt), [cb, 1, cs, cd])
     s = b.reshape(ctx.tensor(sin, out_dt), [cb, 1, cs, cd])
-    rotated = b.op("Concat", b.op("Neg", b.slice(xv, 3, d // 2, d)), b.slice(xv, 3, 0, d // 2), axis=3)
+    if interleaved:
+        rotated = _rotate_pairs(b, xv, ctx.shape(x))
+    else:
+        rotated = b.op("Concat", b.op("Neg", b.slice(xv, 3, d // 2, d)), b.slice(xv, 3, 0, d // 2), axis=3)
     return b.op("Add", b.op("Mul", xv, c), b.op("Mul", rotated, s))
+
+
+@lowers(flashc_ops.rotary.default)
+def _rotary(ctx, node):
+    return _lower_rotary(ctx, node, interleaved=False)
+
+
+@lowers(flashc_ops.rotary_interleaved.default)
+def _rotary_interleaved(ctx, node):
+    return _lower_rotary(ctx, node, interleaved=True)
 
 
 # --- Gated activations ------------------------------------------------------------------------

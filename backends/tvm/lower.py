@@ -82,6 +82,7 @@ def _flashc_converters() -> dict[Any, Callable]:
         fl.rms_norm.default: lambda o, a: o.rms_norm(*a),
         fl.add_rms_norm.default: lambda o, a: o.add_rms_norm(*a),
         fl.rotary.default: lambda o, a: o.rotary(*a),
+        fl.rotary_interleaved.default: lambda o, a: o.rotary_interleaved(*a),
         fl.swiglu.default: lambda o, a: o.swiglu(*a),
         fl.geglu.default: lambda o, a: o.geglu(*a),
         fl.attention.default: lambda o, a: o.attention(*a),

@@ -47,7 +47,7 @@ class FlashcOps:
         s = self.emit(self.R.op.add(self.cast(x, sdt), self.cast(residual, sdt)))
         return self.rms_norm(s, weight, eps), s
 
-    def rotary(self, x, cos, sin):
+    def rotary(self, x, cos, sin, interleaved: bool = False):
         op = self.R.op
         out = self.promote(x, cos)
         d = _shape(x)[-1]
@@ -55,10 +55,20 @@ class FlashcOps:
         c = self.cast(self.emit(op.expand_dims(cos, 1)), out)
         s = self.cast(self.emit(op.expand_dims(sin, 1)), out)
         xo = self.cast(x, out)
-        lo = self.emit(op.strided_slice(xo, axes=[3], begin=[0], end=[half]))
-        hi = self.emit(op.strided_slice(xo, axes=[3], begin=[half], end=[d]))
-        rotated = self.emit(op.concat([self.emit(op.negative(hi)), lo], axis=3))
+        if interleaved:  # rotate_pairs: x as pairs [B, H, S, D/2, 2], (-odd, even), back to [B, H, S, D]
+            pairs = self.emit(op.reshape(xo, [*_shape(x)[:-1], half, 2]))
+            even = self.emit(op.strided_slice(pairs, axes=[4], begin=[0], end=[1]))
+            odd = self.emit(op.strided_slice(pairs, axes=[4], begin=[1], end=[2]))
+            swapped = self.emit(op.concat([self.emit(op.negative(odd)), even], axis=4))
+            rotated = self.emit(op.reshape(swapped, _shape(x)))
+        else:
+            lo = self.emit(op.strided_slice(xo, axes=[3], begin=[0], end=[half]))
+            hi = self.emit(op.strided_slice(xo, axes=[3], begin=[half], end=[d]))
+            rotated = self.emit(op.concat([self.emit(op.negative(hi)), lo], axis=3))
         return self.emit(op.add(self.emit(op.multiply(xo, c)), self.emit(op.multiply(rotated, s))))
+
+    def rotary_interleaved(self, x, cos, sin):
+        return self.rotary(x, cos, sin, interleaved=True)
 
     def gated(self, act: Callable, gate, up):
         out = self.promote(gate, up)

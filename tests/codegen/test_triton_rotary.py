@@ -77,6 +77,47 @@ def test_rotary_is_a_rotation(device):
     assert not torch.allclose(y, x)
 
 
+def make_pair_tables(batch, S, D, dtype, device):
+    """Real RoPE tables in the interleaved pairs' order: each pair's angle twice, [batch, S, D]."""
+    cos, sin = make_cos_sin(batch, S, D, torch.float64, "cpu")
+    order = lambda t: t[..., : D // 2].repeat_interleave(2, dim=-1)  # noqa: E731
+    return order(cos).to(dtype).to(device), order(sin).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd_transposed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_interleaved_matches_reference(device, dtype, shape, layout):
+    """flashc.rotary_interleaved's kernel: pairs (2i, 2i + 1), against the op's float64 reference."""
+    seed("interleaved", dtype, shape, layout)
+    B, H, S, D = shape
+    if layout == "bhsd":
+        x = torch.randn(B, H, S, D).to(dtype).to(device)
+    else:
+        x = torch.randn(B, S, H, D).to(dtype).to(device).transpose(1, 2)
+    cos, sin = make_pair_tables(B, S, D, dtype, device)
+    y = tr.rotary(x, cos, sin, interleaved=True, config={"BLOCK_S": 4, "num_warps": 2} if S > 4 else None)
+    assert y.shape == x.shape and y.dtype == dtype and y.stride() == x.stride()
+    ref = torch.ops.flashc.rotary_interleaved(x.double().cpu(), cos.double().cpu(), sin.double().cpu())
+    assert rel_err(y.cpu(), ref) < TOL[dtype]
+    assert rel_err(tr.reference_rotary(x.double(), cos.double(), sin.double(), interleaved=True).cpu(), ref) < 1e-12
+
+
+def test_rotary_interleaved_general_tables_differ_from_rotate_half(device):
+    """Tables whose two entries of a pair differ (the op's general formula) into a strided NaN-filled
+    out; the same inputs through the rotate-half layout give another answer."""
+    seed("interleaved-general")
+    B, H, S, D = 2, 3, 9, 12
+    x = torch.randn(B, H, S, D, device=device)
+    cos, sin = torch.randn(1, S, D, device=device), torch.randn(1, S, D, device=device)
+    out = torch.full((B, S, H, D), float("nan"), device=device).transpose(1, 2)
+    y = tr.rotary(x, cos, sin, interleaved=True, out=out)
+    assert y is out and not torch.isnan(y).any()
+    want = tr.reference_rotary(x.double(), cos.double(), sin.double(), interleaved=True)
+    assert rel_err(y, want) < 1e-5
+    assert rel_err(tr.rotary(x, cos, sin), want) > 0.1
+
+
 def test_rotary_errors(device):
     x = torch.randn(1, 2, 4, 8, device=device)
     cos = torch.randn(1, 4, 8, device=device)
@@ -88,6 +129,8 @@ def test_rotary_errors(device):
         tr.rotary(x[0], cos, cos)
     with pytest.raises(TypeError, match="cos must have the dtype of x"):
         tr.rotary(x, cos.half(), cos)
+    with pytest.raises(ValueError, match="rotary_interleaved: head dim D must be even"):
+        tr.rotary(torch.randn(1, 2, 4, 7, device=device), cos[..., :7], cos[..., :7], interleaved=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

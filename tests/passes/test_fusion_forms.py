@@ -472,17 +472,17 @@ def test_eval_dropout_is_removed_and_training_dropout_kept():
 
 class InterleavedRope(nn.Module):
     """GPT-J's rotate_every_two: pairs (2i, 2i+1), which flashc.rotary (pairs i, i + d/2)
-    does not express."""
+    does not express and flashc.rotary_interleaved does (more forms: test_fusion_rotary.py)."""
 
     def forward(self, x, cos, sin):
         rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
         return x * cos + rotated * sin
 
 
-def test_interleaved_rotary_is_not_fused():
+def test_interleaved_rotary_fuses_into_its_own_op():
     make = lambda: (torch.randn(B, H, S, D), torch.randn(B, 1, S, D), torch.randn(B, 1, S, D))  # noqa: E731
     _, ops = _compile(InterleavedRope(), make)
-    assert not ops["flashc.rotary"]
+    assert not ops["flashc.rotary"] and ops["flashc.rotary_interleaved"] == 1 and not ops["aten.stack"]
 
 
 # --- Gated MLPs ------------------------------------------------------------------------------
