@@ -100,6 +100,16 @@ def _quantized_variants() -> dict:
             "flashc-w8a8": ("w8a8", "w8a8"), "flashc-fp8": ("fp8", "fp8")}
 
 
+def _pruned_variants() -> dict:
+    """--variants name -> (row label, compile's prune=): online activation sparsity (TEAL thresholds
+    calibrated on flashc's built-in text read as bytes: random weights, so only the speed means anything)."""
+    from flashc.passes.prune import PruneConfig
+
+    return {f"flashc-online{p}": (f"online-{p}%", PruneConfig(method="online", sparsity=p / 100,
+                                                           calibration_tokens=512, min_calibration_tokens=256))
+            for p in (40, 50)}
+
+
 def profile_kernels(fn, out: Path, title: str, weight_bytes: float, bw: float, iters: int = 5) -> None:
     """Per-kernel GPU time of fn() (kernel by kernel, no CUDA graph), grouped by kernel name."""
     from collections import defaultdict
@@ -236,9 +246,10 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                 return lambda: c(*inputs)
             return build
 
-        def flashc_step(quantize=None):
+        def flashc_step(quantize=None, prune=None):
             def build():
-                cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile, quantize=quantize)
+                cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile, quantize=quantize,
+                                    prune=prune, calibration="builtin" if prune is not None else None)
                 kept["cm"] = cm
                 kept["read"] = _program_read_bytes(cm, _active_expert_fraction(model.config, batch) or 1.0)
                 return lambda: cm.executable(*inputs)[0]
@@ -274,6 +285,11 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                                     kept["read"], bw)
                     del exe
                 kept.pop("read", None)
+            for variant, (label_p, spec) in _pruned_variants().items():
+                if variant in variants:  # the floor stays the dense one: what is read depends on the token
+                    _measure(rec, case, f"flashc h100 -O3 {label_p}", flashc_step(prune=spec), ref, floor_ms, batch)
+                    kept.pop("cm", None)
+                    kept.pop("read", None)
         del step, inputs, ref
         torch._dynamo.reset()
 
@@ -345,7 +361,8 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "reduce-overhead", "flashc"],
                    help="eager, compile, reduce-overhead, flashc, and the quantized flashc-int4 (int4-rtn, "
                         "group 128), flashc-int4-head (the output head too), flashc-int8 (int8-weight), flashc-w8a8 "
-                        "(int8 weights and activations) and flashc-fp8 (e4m3 weights and activations)")
+                        "(int8 weights and activations), flashc-fp8 (e4m3 weights and activations), flashc-online40 / "
+                        "flashc-online50 (online activation sparsity, sparse GEMVs)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this model

