@@ -110,12 +110,13 @@ def _tune_linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits):
         gemv_wq.tune_gemv_wq(x, qweight, scales, zero_points, bits, bias, input_scale)
 
 
-def _rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions):
-    _codegen("triton_rotary").rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
+def _rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions, interleaved=False):
+    _codegen("triton_rotary").rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions, interleaved=interleaved)
 
 
-def _rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions):
-    return _codegen("triton_rotary").rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
+def _rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions, interleaved=False):
+    return _codegen("triton_rotary").rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions,
+                                                      interleaved=interleaved)
 
 
 # flashc op -> its generated kernel. ATen ops run as cuBLAS / PyTorch CUDA library kernels.

@@ -84,58 +84,121 @@ class FuseSparseMatmuls:
                           details=details)
 
 
+ROPES = {torch.ops.flashc.rotary.default: False, torch.ops.flashc.rotary_interleaved.default: True}  # -> interleaved
+_SQUEEZING_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _row_write(node: fx.Node) -> tuple[fx.Node, fx.Node, object, str] | None:
+    """(cache, positions, value, kind) when node writes rows `positions` of dim 2 of a 4-D cache:
+    ``index_copy_(c, 2, pos, value)`` (kind "copy") or the slice assignment ``c[:, :, pos] = value``,
+    ``index_put_(c, [None, None, pos], value)`` (kind "put"). The value is returned as the
+    [B, H, S, D] tensor the write stores: for a put whose value is a view dropping leading
+    size-1 dims of such a tensor (which index_put_ broadcasts back), that tensor."""
+    if node.op != "call_function":
+        return None
+    if node.target == torch.ops.aten.index_copy_.default:
+        cache, dim, pos, value = node.args
+        return (cache, pos, value, "copy") if dim == 2 else None
+    if node.target != torch.ops.aten.index_put_.default:
+        return None
+    cache, indices, value = node.args[:3]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    if accumulate or len(indices) != 3 or indices[0] is not None or indices[1] is not None:
+        return None
+    pos, cv = indices[2], _val(cache)
+    pv = _val(pos)
+    if cv is None or cv.dim() != 4 or pv is None or pv.dim() != 1 or pv.dtype not in (torch.int32, torch.int64):
+        return None
+    slot = (cv.shape[0], cv.shape[1], pv.shape[0], cv.shape[3])
+    vv = _val(value)
+    if vv is None:
+        return None
+    if tuple(vv.shape) == slot:
+        return cache, pos, value, "put"
+    lead = len(slot) - vv.dim()
+    if (isinstance(value, fx.Node) and value.target in _SQUEEZING_VIEWS and len(value.users) == 1 and lead > 0
+            and all(d == 1 for d in slot[:lead]) and tuple(vv.shape) == slot[lead:]
+            and _val(value.args[0]) is not None and tuple(_val(value.args[0]).shape) == slot):
+        return cache, pos, value.args[0], "put"
+    return None
+
+
 def fuse_kv_writes(graph: fx.Graph) -> int:
     """Fold a decode step's rotary embeddings and cache update into one launch; returns
     how many were folded.
 
-    ``index_copy_(kc, 2, pos, flashc.rotary(k, cos, sin))`` and the next
-    ``index_copy_(vc, 2, pos, v)`` at the same positions (three kernels) become
-    ``flashc.rotary_kv_write(k, v, cos, sin, kc, vc, pos)``, which rotates the keys and
-    stores keys and values straight into their cache rows (one kernel); readers of the
-    writes' results read kc and vc. The queries' ``flashc.rotary(q, cos, sin)`` with the
-    same tables joins the launch (``flashc.rotary_qkv_write``, returning the rotated
-    queries) when nothing reads it before the key write. Only where it is safe: the
-    rotated keys feed nothing else, every input of the write exists where the key write
-    was, and nothing between the two writes reads vc.
+    A write of ``flashc.rotary(k, cos, sin)`` (or ``flashc.rotary_interleaved``) into rows
+    ``pos`` of the key cache kc and the next write of ``v`` into the same rows of vc (three
+    kernels) become ``flashc.rotary_kv_write(k, v, cos, sin, kc, vc, pos, interleaved)``,
+    which rotates the keys and stores keys and values straight into their cache rows (one
+    kernel); readers of the writes' results read kc and vc. Writes are ``index_copy_`` along
+    dim 2 (Hugging Face's static cache) or slice assignments ``kc[:, :, pos] = k``
+    (``index_put_``, hand-written caches); a put's negative positions count from the end, as
+    index_put_ does, so they are wrapped first (one small op per step, shared by the layers).
+    The queries' rotary of the same kind with the same tables joins the launch
+    (``flashc.rotary_qkv_write``, returning the rotated queries) when nothing reads it before
+    the key write. Only where it is safe: both writes of one kind, the rotated keys feed
+    nothing else, every input of the write exists where the key write was, and nothing
+    between the two writes reads vc.
     """
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    copies = [n for n in nodes if n.op == "call_function" and n.target == torch.ops.aten.index_copy_.default]
-    rotary = torch.ops.flashc.rotary.default
-    rotaries = [n for n in nodes if n.op == "call_function" and n.target == rotary]
+    writes = {n: w for n in nodes if (w := _row_write(n)) is not None}
+    rotaries = [n for n in nodes if n.op == "call_function" and n.target in ROPES]
+    wrapped: dict[tuple[fx.Node, int], fx.Node] = {}
     done = 0
     taken: set[fx.Node] = set()
-    for kn in copies:
-        kc, dim, pos, rot = kn.args
-        if (kn in taken or dim != 2 or not isinstance(rot, fx.Node) or rot.target != rotary
-                or len(rot.users) != 1):
+    for kn, (kc, pos, rot, kind) in list(writes.items()):
+        if kn in taken or not isinstance(rot, fx.Node) or rot.target not in ROPES:
             continue
-        later = [m for m in copies if m not in taken and order[m] > order[kn] and m.args[1] == 2
-                 and m.args[2] is pos and not (isinstance(m.args[3], fx.Node) and m.args[3].target == rotary)]
+        key_value = kn.args[2] if kind == "put" else kn.args[3]
+        if len(rot.users) != 1 or (key_value is not rot and set(key_value.users) != {kn}):
+            continue
+        later = [m for m, (_, p, value, k2) in writes.items() if m not in taken and order[m] > order[kn]
+                 and p is pos and k2 == kind and not (isinstance(value, fx.Node) and value.target in ROPES)]
         if not later:
             continue
         vn = min(later, key=order.__getitem__)
-        vc, v = vn.args[0], vn.args[3]
+        vc, _, v, _ = writes[vn]
         k, cos, sin = rot.args
         if any(isinstance(a, fx.Node) and order[a] >= order[kn] for a in (k, cos, sin, v, vc)):
             continue
         between = nodes[order[kn] + 1:order[vn]]
         if any(vc in n.all_input_nodes for n in between):
             continue
-        queries = [r for r in rotaries if r is not rot and r not in taken and r.args[1:] == (cos, sin)
-                   and order[r.args[0]] < order[kn] and all(order[u] > order[kn] for u in r.users)]
+        queries = [r for r in rotaries if r is not rot and r not in taken and r.target == rot.target
+                   and r.args[1:] == (cos, sin) and order[r.args[0]] < order[kn]
+                   and all(order[u] > order[kn] for u in r.users)]
         rq = max(queries, key=order.__getitem__) if queries else None
+        interleaved = ROPES[rot.target]
+        rows = pos
+        if kind == "put":  # index_put_ counts negative positions from the end; the kernel takes rows
+            length = _val(kc).shape[2]
+            if (pos, length) not in wrapped:
+                with graph.inserting_before(kn):
+                    negative = graph.call_function(torch.ops.aten.lt.Scalar, (pos, 0))
+                    shifted = graph.call_function(torch.ops.aten.add.Tensor, (pos, length))
+                    rows = graph.call_function(torch.ops.aten.where.self, (negative, shifted, pos))
+                pv = _val(pos)
+                negative.meta["val"] = torch.empty(pv.shape, dtype=torch.bool, device=pv.device)
+                shifted.meta["val"] = rows.meta["val"] = torch.empty_like(pv)
+                wrapped[(pos, length)] = rows
+            rows = wrapped[(pos, length)]
         with graph.inserting_before(kn):
             if rq is not None:
-                call = graph.call_function(QKV_WRITE, (rq.args[0], k, v, cos, sin, kc, vc, pos))
+                call = graph.call_function(QKV_WRITE, (rq.args[0], k, v, cos, sin, kc, vc, rows, interleaved))
                 call.meta["val"] = rq.meta.get("val")
                 rq.replace_all_uses_with(call)
             else:
-                graph.call_function(KV_WRITE, (k, v, cos, sin, kc, vc, pos))
-        kn.replace_all_uses_with(kc)  # index_copy_ returns its destination
+                graph.call_function(KV_WRITE, (k, v, cos, sin, kc, vc, rows, interleaved))
+        kn.replace_all_uses_with(kc)  # index_copy_ and index_put_ return their destination
         vn.replace_all_uses_with(vc)
-        for n in (vn, kn, rot) + ((rq,) if rq else ()):
+        dead = [vn, kn] + ([key_value] if key_value is not rot else []) + [rot] + ([rq] if rq else [])
+        value_view = vn.args[2] if kind == "put" else None
+        for n in dead:
             graph.erase_node(n)
+        if value_view is not None and value_view is not v and not value_view.users:
+            graph.erase_node(value_view)
         taken |= {kn, vn, rq}
         done += 1
     return done

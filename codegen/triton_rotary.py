@@ -126,6 +126,7 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PDL: tl.constexpr,
+        INTERLEAVED: tl.constexpr = False,
     ):
         """Program (b*(HQ+H) + j, s-block) handles BLOCK_S new tokens of one head row of batch b:
         j < HQ rotates query head j into QO; otherwise it rotates key head j - HQ and stores it,
@@ -142,8 +143,12 @@ if HAS_TRITON:
         s_ok = offs_s < S
         load_mask = s_ok[:, None] & (offs_d < D_HALF)[None, :]
         s64 = offs_s.to(tl.int64)[:, None]
-        d1 = offs_d.to(tl.int64)[None, :]
-        d2 = d1 + D_HALF
+        if INTERLEAVED:  # pairs (2i, 2i + 1)
+            d1 = 2 * offs_d.to(tl.int64)[None, :]
+            d2 = d1 + 1
+        else:  # halves (i, i + D/2)
+            d1 = offs_d.to(tl.int64)[None, :]
+            d2 = d1 + D_HALF
         cb = COS + b * sc_b + s64 * sc_s
         sb = SIN + b * ss_b + s64 * ss_s
 
@@ -257,16 +262,17 @@ def rotary(
     return out
 
 
-def reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions) -> None:
+def reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions, interleaved: bool = False) -> None:
     """Plain PyTorch: k_cache[:, :, positions] = rope(k); v_cache[:, :, positions] = v."""
-    k_cache.index_copy_(2, positions, reference_rotary(k, cos, sin).to(k_cache.dtype))
+    k_cache.index_copy_(2, positions, reference_rotary(k, cos, sin, interleaved).to(k_cache.dtype))
     v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
 
 
-def reference_rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions) -> torch.Tensor:
+def reference_rotary_qkv_write(q, k, v, cos, sin, k_cache, v_cache, positions,
+                               interleaved: bool = False) -> torch.Tensor:
     """Plain PyTorch: ``reference_rotary_kv_write(...)``, and returns ``rope(q)``."""
-    reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions)
-    return reference_rotary(q, cos, sin)
+    reference_rotary_kv_write(k, v, cos, sin, k_cache, v_cache, positions, interleaved)
+    return reference_rotary(q, cos, sin, interleaved)
 
 
 def _check_kv_write(fn, k, v, cos, sin, k_cache, v_cache, positions) -> None:
@@ -287,14 +293,14 @@ def _check_kv_write(fn, k, v, cos, sin, k_cache, v_cache, positions) -> None:
                                                 ("v_cache", v_cache), ("positions", positions)])
 
 
-def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, config) -> None:
+def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, config, interleaved=False) -> None:
     """One launch over B*(Hq + H) head rows; ``q is None`` launches the B*H key/value rows only."""
     B, H, S, D = k.shape
     if k.numel() == 0:
         return
     HQ = 0 if q is None else q.shape[1]
     if config is None:
-        config = tuning.get_config("rotary", _key(k, B * (HQ + H)), tuning.detect_profile(k.device))
+        config = tuning.get_config("rotary", _key(k, B * (HQ + H), interleaved), tuning.detect_profile(k.device))
     block_s = int(config.get("BLOCK_S", 16))
     if q is None:  # the q pointers are never dereferenced when HQ = 0
         q = q_out = k
@@ -311,6 +317,7 @@ def _launch_kv_write(q, q_out, k, v, cos, sin, k_cache, v_cache, positions, conf
             BLOCK_S=block_s,
             BLOCK_D=next_pow2(D // 2),
             PDL=pdl,
+            INTERLEAVED=interleaved,
             **launch_opts(config),
             **({"launch_pdl": True} if pdl else {}),
         )
@@ -325,6 +332,7 @@ def rotary_kv_write(
     v_cache: torch.Tensor,
     positions: torch.Tensor,
     *,
+    interleaved: bool = False,
     config: dict | None = None,
 ) -> None:
     """One kernel for a decode step's cache update: RoPE of the new keys ``k[B, H, S, D]``
@@ -332,9 +340,10 @@ def rotary_kv_write(
     ``v_cache`` at the same rows (what ``rotary`` + two ``index_copy_`` do in three).
 
     Any strides; ``cos, sin[B or 1, S, D]``; rows outside ``[0, L)`` are not written.
+    ``interleaved``: RoPE on the pairs (2i, 2i + 1) (``rotary_interleaved``), tables in pair order.
     """
     _check_kv_write("rotary_kv_write", k, v, cos, sin, k_cache, v_cache, positions)
-    _launch_kv_write(None, None, k, v, cos, sin, k_cache, v_cache, positions, config)
+    _launch_kv_write(None, None, k, v, cos, sin, k_cache, v_cache, positions, config, interleaved)
 
 
 def rotary_qkv_write(
@@ -348,6 +357,7 @@ def rotary_qkv_write(
     positions: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    interleaved: bool = False,
     config: dict | None = None,
 ) -> torch.Tensor:
     """``rotary_kv_write(k, v, ...)`` that also returns RoPE of the new queries ``q[B, Hq, S, D]``,
@@ -374,7 +384,7 @@ def rotary_qkv_write(
     else:
         check_out(fn, "out", out, q.shape, q.dtype, q.device,
                   inputs=(q, k, v, cos, sin, k_cache, v_cache, positions))
-    _launch_kv_write(q, out, k, v, cos, sin, k_cache, v_cache, positions, config)
+    _launch_kv_write(q, out, k, v, cos, sin, k_cache, v_cache, positions, config, interleaved)
     return out
 
 

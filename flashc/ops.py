@@ -287,31 +287,38 @@ def _(x, weight, bias, norm_weight, eps, residual, glu):
     return torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return rotary_interleaved(x, cos, sin) if interleaved else rotary(x, cos, sin)
+
+
 @torch.library.custom_op("flashc::rotary_kv_write", mutates_args=("k_cache", "v_cache"))
 def rotary_kv_write(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> None:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                    interleaved: bool = False) -> None:
     """A decode step's cache update: rotary of the new keys written to k_cache and the new
-    values to v_cache, at rows `positions` of dim 2."""
-    k_cache.index_copy_(2, positions, rotary(k, cos, sin))
+    values to v_cache, at rows `positions` of dim 2 (`interleaved`: the pairs' rotary,
+    flashc.rotary_interleaved, instead of rotate-half)."""
+    k_cache.index_copy_(2, positions, _rope(k, cos, sin, interleaved))
     v_cache.index_copy_(2, positions, v)
 
 
 @rotary_kv_write.register_fake
-def _(k, v, cos, sin, k_cache, v_cache, positions):
+def _(k, v, cos, sin, k_cache, v_cache, positions, interleaved=False):
     return None
 
 
 @torch.library.custom_op("flashc::rotary_qkv_write", mutates_args=("k_cache", "v_cache"))
 def rotary_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     interleaved: bool = False) -> torch.Tensor:
     """`rotary_kv_write`, and the rotary of the new queries with the same tables (returned)."""
-    k_cache.index_copy_(2, positions, rotary(k, cos, sin))
+    k_cache.index_copy_(2, positions, _rope(k, cos, sin, interleaved))
     v_cache.index_copy_(2, positions, v)
-    return rotary(q, cos, sin)
+    return _rope(q, cos, sin, interleaved)
 
 
 @rotary_qkv_write.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, positions):
+def _(q, k, v, cos, sin, k_cache, v_cache, positions, interleaved=False):
     return torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
 
 

@@ -123,40 +123,56 @@ def test_tvm_runs_the_interleaved_form_as_eager():
 
 
 class CacheWrite(nn.Module):
-    """A decode step's rope and cache writes (index_copy_ at the positions), then attention."""
+    """A decode step's rope and cache writes at the positions, then attention: index_copy_ (HF's
+    static cache) or slice assignment (index_put_, a hand-written cache)."""
 
-    def __init__(self, rope):
+    def __init__(self, rope, slices=False):
         super().__init__()
-        self.rope = rope
+        self.rope, self.slices = rope, slices
 
     def forward(self, q, k, v, cos, sin, pos, k_cache, v_cache):
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
+        if self.slices:
+            k_cache[:, :, pos] = k
+            v_cache[:, :, pos] = v
+        else:
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
         return F.scaled_dot_product_attention(q, k_cache, v_cache)
 
 
-@pytest.mark.parametrize("rope,folded", [(rope_halves, 1), (rope_pairs, 0)], ids=["rotate-half", "interleaved"])
-def test_cuda_kv_write_folding_leaves_the_interleaved_op_alone(rope, folded):
+@pytest.mark.parametrize("slices", [False, True], ids=["index_copy", "slice-assignment"])
+@pytest.mark.parametrize("rope,interleaved", [(rope_halves, False), (rope_pairs, True)],
+                         ids=["rotate-half", "interleaved"])
+def test_cuda_kv_write_folding_keeps_each_rotary_kind(rope, interleaved, slices):
+    """Both kinds of rope fold into one rotary_qkv_write that carries the kind, and the fold gives
+    the graph's own numbers, caches included, for positions counted from either end."""
     L = 7
 
-    def make():
+    def make(position):
         return (torch.randn(1, H, 1, D), torch.randn(1, H, 1, D), torch.randn(1, H, 1, D),
-                torch.randn(1, D // 2), torch.randn(1, D // 2), torch.tensor([3]),
+                torch.randn(1, D // 2), torch.randn(1, D // 2), torch.tensor([position]),
                 torch.randn(1, H, L, D), torch.randn(1, H, L, D))
 
-    program = capture(CacheWrite(rope), make())
+    program = capture(CacheWrite(rope, slices), make(3))
     PassManager(pipeline(3)).run(program, PassContext(PROFILES["cpu"]))
-    op = "flashc.rotary" if folded else "flashc.rotary_interleaved"
+    op = "flashc.rotary_interleaved" if interleaved else "flashc.rotary"
     assert [op_name(n) for n in program.op_nodes()].count(op) == 2
     lowered = program.clone()
     # numeric_check: the rewritten graph is run against the one before on the example inputs
     (record,) = PassManager([FuseKvWrites()], numeric_check=True).run(lowered, PassContext(PROFILES["h100"]))
-    assert record.stats["kv_writes_fused"] == folded
+    assert record.stats["kv_writes_fused"] == 1
     ops = collections.Counter(op_name(n) for n in lowered.op_nodes())
-    assert ops["flashc.rotary_qkv_write"] == folded and ops[op] == 2 * (1 - folded)
-    args = make()
-    caches = [t.clone() for t in args[-2:]]
-    want = CacheWrite(rope)(*args[:-2], *caches)
-    got = lowered.run_flat(*args)
-    assert rel_err(got[0], want) < 1e-6
+    assert ops["flashc.rotary_qkv_write"] == 1 and ops[op] == 0
+    assert ops["aten.index_put_"] == ops["aten.index_copy_"] == 0
+    (call,) = [n for n in lowered.op_nodes() if op_name(n) == "flashc.rotary_qkv_write"]
+    assert call.args[-1] is interleaved
+    # a negative position counts from the end for a slice assignment (the fold wraps it)
+    for position in (3, 0, L - 1) + ((-2,) if slices else ()):
+        args = make(position)
+        caches = [t.clone() for t in args[-2:]]
+        want = CacheWrite(rope, slices)(*args[:-2], *caches)
+        mine = [t.clone() for t in args[-2:]]
+        got = lowered.run_flat(*args[:-2], *mine)
+        assert rel_err(got[0], want) < 1e-6
+        assert all(torch.equal(a, b) for a, b in zip(mine, caches))

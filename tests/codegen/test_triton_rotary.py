@@ -133,11 +133,12 @@ def test_rotary_errors(device):
         tr.rotary(torch.randn(1, 2, 4, 7, device=device), cos[..., :7], cos[..., :7], interleaved=True)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("S", [1, 3])
-def test_rotary_kv_write_matches_reference(device, dtype, S):
+def test_rotary_kv_write_matches_reference(device, dtype, S, interleaved):
     """Rotated keys and values land at the given cache rows; other rows are untouched."""
-    seed("kv_write", dtype, S)
+    seed("kv_write", dtype, S, interleaved)
     B, H, L, D = 2, 3, 11, 24
     k = torch.randn(B, S, H, D).to(dtype).to(device).transpose(1, 2)  # a transposed projection, as in models
     v = torch.randn(B, H, S, D).to(dtype).to(device)
@@ -146,8 +147,9 @@ def test_rotary_kv_write_matches_reference(device, dtype, S):
     kc = torch.randn(B, H, L, D).to(dtype).to(device)
     vc = torch.randn(B, H, L, D).to(dtype).to(device)
     want_k, want_v = kc.double().clone(), vc.double().clone()
-    tr.reference_rotary_kv_write(k.double(), v.double(), cos.double(), sin.double(), want_k, want_v, positions)
-    tr.rotary_kv_write(k, v, cos, sin, kc, vc, positions)
+    tr.reference_rotary_kv_write(k.double(), v.double(), cos.double(), sin.double(), want_k, want_v, positions,
+                                 interleaved)
+    tr.rotary_kv_write(k, v, cos, sin, kc, vc, positions, interleaved=interleaved)
     assert rel_err(kc, want_k) < TOL[dtype] and rel_err(vc, want_v) < TOL[dtype]
     rows = [r for r in range(L) if r not in positions.tolist()]
     assert torch.equal(kc[:, :, rows].double(), want_k[:, :, rows].to(dtype).double())
@@ -211,6 +213,14 @@ def test_rotary_qkv_write_matches_reference(device, dtype, B, S, G, cos_batch):
     kc2, vc2 = kc0.clone(), vc0.clone()
     tr.rotary_kv_write(k, v, cos, sin, kc2, vc2, positions)
     assert torch.equal(y, tr.rotary(q, cos, sin)) and torch.equal(kc, kc2) and torch.equal(vc, vc2), s
+    # the interleaved pairs: the same launch with the other pairing, as rotary_interleaved + the writes
+    kc3, vc3 = kc0.clone(), vc0.clone()
+    y3 = tr.rotary_qkv_write(q, k, v, cos, sin, kc3, vc3, positions, interleaved=True)
+    want_k3, want_v3 = kc0.double(), vc0.double()
+    want_q3 = tr.reference_rotary_qkv_write(q.double(), k.double(), v.double(), cos.double(), sin.double(),
+                                            want_k3, want_v3, positions, True)
+    assert rel_err(y3, want_q3) < TOL[dtype] and rel_err(kc3, want_k3) < TOL[dtype], s
+    assert torch.equal(vc3, vc), s
 
 
 def test_rotary_qkv_write_into_strided_out_with_many_s_blocks(device):
