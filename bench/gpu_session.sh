@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device calls of a session, as steps with their own time limits; logs land in $OUT.
 #   bash bench/gpu_session.sh verify   # cold-tuning fault check (without and with the fix), bf16 decode, soak
+#   bash bench/gpu_session.sh soundness # the CUDA tests, soak (3 rounds), compute-sanitizer memcheck, decode speed
 #   bash bench/gpu_session.sh int4     # quantized kernels' tests on the GPU, GEMVs against bf16, int4 decode
 #   bash bench/gpu_session.sh int4-moe # Mixtral with int4 experts against bf16
 #   bash bench/gpu_session.sh generation # time to first token (llama-3.2-1b, 1000 tokens); speculation
@@ -27,6 +28,19 @@ case "${1:-verify}" in
     step cold_fixed 110 python3 bench/gpu_cold_tuning_crash.py
     step decode 230 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --variants eager flashc --out "$OUT" --timeout 110
     step soak 100 python3 bench/gpu_decode_check.py --soak --rounds 8 --out "$OUT"
+    ;;
+  soundness)  # issue "Soundness" done-when on the GPU: the CUDA tests, soak to its end, compute-sanitizer, speed
+    step cuda_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/backends/test_cuda.py"
+    step soak 170 python3 bench/gpu_decode_check.py --soak --rounds 3 --out "$OUT"
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    if [ -n "$cs" ]; then
+      step sanitizer 130 "$cs" --tool memcheck --print-limit 20 --error-exitcode 9 \
+        python3 bench/gpu_cold_tuning_crash.py --layers 2 --generates 2 --new-tokens 16 --calls 5
+    else
+      echo "[sanitizer] compute-sanitizer is not on this machine's PATH" | tee -a "$OUT/steps.txt"
+    fi
+    step decode 200 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 8 --prefill 0 \
+      --variants flashc --out "$OUT" --timeout 95
     ;;
   int4)
     # from /tmp: in the repository root, ./flashc would shadow the installed package (no flashc.passes)
@@ -66,5 +80,5 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness)"; exit 2 ;;
 esac
