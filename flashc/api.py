@@ -111,7 +111,9 @@ def compile(
         # A pass that changes numerics on purpose (quantization) is measured by the accuracy
         # rows instead; the backend is then checked against the optimized graph.
         exact = not any(getattr(p, "changes_numerics", False) for p in passes)
-        check_end_to_end(captured if exact else program, program, executable, tuple(example_inputs),
+        tensor_kwargs = {k: v for k, v in (example_kwargs or {}).items() if isinstance(v, torch.Tensor)}
+        check_end_to_end(captured if exact else program, program, executable,
+                         program.bind(tuple(example_inputs), tensor_kwargs),
                          passes if exact else [], ctx, target)
         timings["verify"] = time.perf_counter() - t
         del captured

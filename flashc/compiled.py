@@ -57,7 +57,10 @@ class CompiledModel:
     def inputs(self) -> list[InputSpec]:
         return self.program.inputs
 
-    def __call__(self, *args: torch.Tensor) -> Any:
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        """Run the compiled model on tensors of the compiled shapes, positionally or by input
+        name as the model is called (`cm(input_ids, attention_mask=mask)`, `cm(**batch)`)."""
+        args = self.program.bind(args, kwargs)
         self.program.check_inputs(args)
         self._check_positions(args)
         with torch.no_grad():

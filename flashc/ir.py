@@ -122,6 +122,36 @@ class Program:
     def input_nodes(self) -> list[fx.Node]:
         return [n for n in self.placeholders() if n.name not in self.params]
 
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """The positional inputs of a call made as a Hugging Face model is called: leading
+        positional tensors, the rest by input name (`cm(input_ids=..., attention_mask=...)`,
+        `cm(**tokenizer(...))`). An `attention_mask` of all ones that the graph does not take
+        is dropped (the model was captured without one, which means the same); any other
+        name the graph does not take is an error naming the inputs it does."""
+        if not kwargs:
+            return tuple(args)
+        names = [s.name for s in self.inputs]
+        bound: dict[str, Any] = dict(zip(names, args))
+        if len(args) > len(names):
+            raise InputError(f"expected at most {len(names)} input(s) ({', '.join(names)}), got {len(args)}")
+        for name, value in kwargs.items():
+            if name in bound:
+                raise InputError(f"input {name!r} is given twice (by position and by name)")
+            if name not in names:
+                if name == "attention_mask" and isinstance(value, torch.Tensor) and bool((value == 1).all()):
+                    continue  # what the captured graph assumed: nothing masked
+                raise InputError(f"this model takes no input {name!r}; its inputs are {', '.join(names)}"
+                                 + (" (it was compiled without an attention mask: compile with example_kwargs="
+                                    "{'attention_mask': ...} to pass one)" if name == "attention_mask" else "")
+                                 + ("; arguments that are not tensors were fixed at compile time (example_kwargs)"
+                                    if not isinstance(value, torch.Tensor) else ""))
+            bound[name] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(repr(m) for m in missing)}; the model takes "
+                             f"{', '.join(names)}")
+        return tuple(bound[n] for n in names)
+
     def check_inputs(self, args: tuple) -> None:
         """Raise InputError naming the input when args do not match the signature."""
         if len(args) != len(self.inputs):
