@@ -15,7 +15,8 @@ one fixes:
     if floats were reals (x * 0 -> 0 whatever x is), so the zero becomes a value TVM
     only knows at run time and the same-operand forms are written out for inf and NaN;
   * cumsum and diff: the frontend accumulates bools in bool and has no diff;
-  * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py.
+  * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
+  * where with a Python number on one side: no converter.
 """
 
 from __future__ import annotations
@@ -326,7 +327,19 @@ def _same_operands(kind: str):
     return lower
 
 
+def _where_scalar(lw, node):
+    """where with a Python number on one side (T5 masks with where(mask, x, finfo.min)): the
+    number as a tensor of the other side's dtype, as PyTorch promotes it; inf and NaN kept."""
+    cond, a, b = (node.args + (None,) * 3)[:3]
+    other = a if isinstance(a, fx.Node) else b
+    dtype = _dtype(lw.value(other))
+    a, b = (lw.value(v) if isinstance(v, fx.Node) else lw.opaque_scalar(float(v), dtype) for v in (a, b))
+    return lw.bb.emit(lw.R.op.where(lw.value(cond), a, b))
+
+
 ATEN_OPS: dict[Any, Callable] = {
+    aten.where.ScalarOther: _where_scalar,
+    aten.where.ScalarSelf: _where_scalar,
     aten.amax.default: _extreme("max"),
     aten.amin.default: _extreme("min"),
     aten.var.dim: _var,
