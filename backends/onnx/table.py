@@ -1,6 +1,7 @@
-"""The ONNX backend's lowering table: every op it lowers, from the four modules that hold
+"""The ONNX backend's lowering table: every op it lowers, from the five modules that hold
 lowerings (`_aten`: elementwise, reductions, matmuls; `_aten_layout`: views, indexing,
-scatter; `_fused`: flashc's ops onto ONNX Runtime's contrib ops or standard ops;
+scatter; `_aten_vision`: convolution, batch norm, pooling; `_fused`: flashc's ops onto
+ONNX Runtime's contrib ops or standard ops;
 `_quantized`: weight-only quantized linears onto MatMulNBits).
 
 Adding an op is one `@lowers(...)` function in one of those modules; this table is where
@@ -17,11 +18,11 @@ import torch.fx as fx
 from flashc.ir import op_name
 from flashc.lowering import LoweringTable
 
-from . import _aten, _aten_layout, _fused, _quantized
+from . import _aten, _aten_layout, _aten_vision, _fused, _quantized
 from ._lowering import Lowering
 
 # OpOverload -> lowering
-_MODULES = (_aten, _aten_layout, _fused, _quantized)
+_MODULES = (_aten, _aten_layout, _aten_vision, _fused, _quantized)
 LOWERINGS: dict[Any, Lowering] = {k: v for m in _MODULES for k, v in m.LOWERINGS.items()}
 assert len(LOWERINGS) == sum(len(m.LOWERINGS) for m in _MODULES), "an op has lowerings in two modules"
 # ops known and deliberately not lowered -> why, and what to do (the refusal's reason)

@@ -1,0 +1,123 @@
+"""Lowerings of ATen's convolution, normalization and pooling ops to standard ONNX, so models
+beyond decoders (ResNet, ViT's patch embedding) compile for onnx-cpu.
+
+Each follows PyTorch's semantics where ONNX's default differs:
+* conv: PyTorch pads symmetrically with `padding` per side ("same" pads the extra element at
+  the end, as ONNX's SAME_UPPER; only for stride 1, as PyTorch allows it); groups and
+  dilation map one to one. Transposed convolution is not lowered (refused by name).
+* batch_norm in eval mode (running statistics) -> BatchNormalization; with training=True
+  (batch statistics) it is refused: export the model in eval mode.
+* max_pool: PyTorch pads with -inf (ONNX's MaxPool too) and `ceil_mode` maps one to one;
+  dilation too.
+* avg_pool: `count_include_pad` and `ceil_mode` map one to one; divisor_override is refused.
+* adaptive_avg_pool: an output of 1 per spatial dim is GlobalAveragePool; an output that
+  divides the input evenly is AveragePool with kernel = stride = input / output (the windows
+  PyTorch's adaptive pooling uses then); other sizes (overlapping windows) are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._lowering import NotLowerable, lowerings_into
+
+# OpOverload -> lowering, for the ops this module lowers (joined in backends/onnx/table.py)
+LOWERINGS: dict = {}
+lowers = lowerings_into(LOWERINGS)
+
+aten = torch.ops.aten
+
+
+def _tuple(value, n: int) -> list[int]:
+    """PyTorch's int-or-list arguments (kernel_size=3, stride=[2, 2]) as a list of n ints."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in (value * n if len(value) == 1 else value)]
+    return [int(value)] * n
+
+
+@lowers(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+        aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+def _conv(ctx, node):
+    a = ctx.args(node)
+    spatial = len(ctx.shape(a["input"])) - 2
+    stride, dilation = _tuple(a["stride"], spatial), _tuple(a["dilation"], spatial)
+    padding = a["padding"]
+    attrs = dict(strides=stride, dilations=dilation, group=int(a["groups"]))
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise NotLowerable("padding='same' with a stride other than 1 (PyTorch refuses it too)")
+        attrs["auto_pad"] = "SAME_UPPER"
+    elif padding == "valid":
+        attrs["pads"] = [0] * (2 * spatial)
+    else:
+        pads = _tuple(padding, spatial)
+        attrs["pads"] = pads + pads
+    inputs = [ctx.v(a["input"]), ctx.v(a["weight"])] + ([ctx.v(a["bias"])] if a["bias"] is not None else [])
+    return ctx.b.op("Conv", *inputs, **attrs)
+
+
+@lowers(aten.convolution.default)
+def _convolution(ctx, node):
+    a = ctx.args(node)
+    if a["transposed"]:
+        raise NotLowerable("transposed convolution (ConvTranspose) is not lowered yet")
+    spatial = len(ctx.shape(a["input"])) - 2
+    pads = _tuple(a["padding"], spatial)
+    inputs = [ctx.v(a["input"]), ctx.v(a["weight"])] + ([ctx.v(a["bias"])] if a["bias"] is not None else [])
+    return ctx.b.op("Conv", *inputs, strides=_tuple(a["stride"], spatial), dilations=_tuple(a["dilation"], spatial),
+                    pads=pads + pads, group=int(a["groups"]))
+
+
+@lowers(aten.batch_norm.default)
+def _batch_norm(ctx, node):
+    a = ctx.args(node)
+    if a["training"]:
+        raise NotLowerable("batch_norm with batch statistics (training=True); export the model in eval mode")
+    if a["running_mean"] is None or a["running_var"] is None:
+        raise NotLowerable("batch_norm without running statistics")
+    x = a["input"]
+    channels = ctx.shape(x)[1]
+    dt = ctx.dtype(x)
+    scale = ctx.v(a["weight"]) if a["weight"] is not None else ctx.b.const(torch.ones(channels), dt)
+    bias = ctx.v(a["bias"]) if a["bias"] is not None else ctx.b.const(torch.zeros(channels), dt)
+    return ctx.b.op("BatchNormalization", ctx.v(x), scale, bias, ctx.v(a["running_mean"]), ctx.v(a["running_var"]),
+                    epsilon=float(a["eps"]))
+
+
+@lowers(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default)
+def _max_pool(ctx, node):
+    a = ctx.args(node)
+    spatial = len(ctx.shape(a["input"])) - 2
+    kernel = _tuple(a["kernel_size"], spatial)
+    stride = _tuple(a["stride"], spatial) if a["stride"] not in (None, []) else kernel
+    pads = _tuple(a["padding"], spatial)
+    return ctx.b.op("MaxPool", ctx.v(a["input"]), kernel_shape=kernel, strides=stride, pads=pads + pads,
+                    dilations=_tuple(a["dilation"], spatial), ceil_mode=int(bool(a["ceil_mode"])))
+
+
+@lowers(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+def _avg_pool(ctx, node):
+    a = ctx.args(node)
+    if a.get("divisor_override") is not None:
+        raise NotLowerable("avg_pool with divisor_override")
+    spatial = len(ctx.shape(a["input"])) - 2
+    kernel = _tuple(a["kernel_size"], spatial)
+    stride = _tuple(a["stride"], spatial) if a["stride"] not in (None, []) else kernel
+    pads = _tuple(a["padding"], spatial)
+    return ctx.b.op("AveragePool", ctx.v(a["input"]), kernel_shape=kernel, strides=stride, pads=pads + pads,
+                    ceil_mode=int(bool(a["ceil_mode"])), count_include_pad=int(bool(a["count_include_pad"])))
+
+
+@lowers(aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default)
+def _adaptive_avg_pool(ctx, node):
+    a = ctx.args(node)
+    n = len(_tuple(a["output_size"], 1)) if isinstance(a["output_size"], (list, tuple)) else 1
+    in_sizes, out_sizes = ctx.shape(a["input"])[-n:], ctx.shape(node)[-n:]
+    x = ctx.v(a["input"])
+    if all(o == 1 for o in out_sizes):
+        return ctx.b.op("GlobalAveragePool", x)
+    if any(o == 0 or i % o for i, o in zip(in_sizes, out_sizes)):
+        raise NotLowerable(f"adaptive average pooling from {in_sizes} to {out_sizes}: the windows overlap "
+                           "(only sizes that divide the input are lowered)")
+    kernel = [i // o for i, o in zip(in_sizes, out_sizes)]
+    return ctx.b.op("AveragePool", x, kernel_shape=kernel, strides=kernel)
