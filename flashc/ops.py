@@ -62,7 +62,8 @@ def _rotary_out(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (rotate-half form) of x[B, H, S, D] with cos/sin[B, S, D]."""
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.add(x * c, rotate_half(x) * s, out=_rotary_out(x, cos))
+    # copied into x's layout, not written with out= (which autograd refuses: distillation trains through it)
+    return _rotary_out(x, cos).copy_(x * c + rotate_half(x) * s)
 
 
 @rotary.register_fake
@@ -87,7 +88,7 @@ def rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     cos[2i] == cos[2i + 1]). A separate op rather than a mode of `rotary`, so that graphs calling
     flashc.rotary (saved artifacts, the CUDA backend's kv-write folding) keep their meaning."""
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.add(x * c, rotate_pairs(x) * s, out=_rotary_out(x, cos))
+    return _rotary_out(x, cos).copy_(x * c + rotate_pairs(x) * s)  # as rotary: no out= (autograd)
 
 
 @rotary_interleaved.register_fake

@@ -65,7 +65,10 @@ def test_fp8_launcher_equals_reference(rows, dtype, granularity):
         raise
     ref = FP8(x, q, scales, bias, None, per_token)
     assert out.shape == ref.shape and out.dtype == dtype
-    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # Hopper's fp8 tensor cores sum with fewer bits than fp32 (4-8e-5 measured on an H100): the
+    # reference's fp32 sum is met to that, not to fp32's rounding
+    fp32_tol = 3e-4 if DEVICE == "cuda" else 1e-5
+    assert rel(out, ref) < (fp32_tol if dtype == torch.float32 else 1e-2)
     # and it is the fp8 model of the float product: close, not equal
     assert rel(out, x.float() @ w.to(DEVICE).t() + bias.float()) < 0.1
 
@@ -86,4 +89,7 @@ def test_moe_launcher_equals_the_routed_reference(fp8):
             fp8, True)
     out = qm.moe_a8(*args)
     ref = torch.ops.flashc.moe_a8.default(*args)
-    assert rel(out, ref) < 1e-5
+    # on a GPU the fp8 GEMM's sum differs slightly (see above), and the SwiGLU activation is rounded
+    # to fp8 again before the down projection, where a tiny difference can move a value one fp8
+    # step (6%): 3.5e-3 measured on an H100
+    assert rel(out, ref) < (1e-2 if fp8 and DEVICE == "cuda" else 1e-5)
