@@ -35,7 +35,7 @@ case "${1:-verify}" in
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ -n "$cs" ]; then
       step sanitizer 130 "$cs" --tool memcheck --print-limit 20 --error-exitcode 9 \
-        python3 bench/gpu_cold_tuning_crash.py --layers 2 --generates 2 --new-tokens 16 --calls 5
+        python3 bench/gpu_cold_tuning_crash.py --layers 2 --generates 2 --new-tokens 16 --calls 5 --no-hf
     else
       echo "[sanitizer] compute-sanitizer is not on this machine's PATH" | tee -a "$OUT/steps.txt"
     fi
