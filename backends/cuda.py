@@ -152,6 +152,10 @@ KERNELS: dict[str, Kernel] = {
     "flashc.linear_w8a8": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8(*args)),
     "flashc.linear_fp8": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8(*args)),
     "flashc.moe_a8": Kernel(lambda *args: _codegen("quantized_matmul").moe_a8(*args)),
+    # AQLM (passes/quantize/aqlm.py): codes and codebooks read directly for decode, dequantized for prefill
+    "flashc.linear_aqlm": Kernel(lambda *args: _codegen("aqlm_gemv").linear_aqlm(*args)),
+    # QuIP (passes/quantize/quip.py): the randomized Hadamard rotations around a linear_wq
+    "flashc.hadamard": Kernel(lambda x, signs: _codegen("hadamard").hadamard(x, signs)),
     # the attention-to-SSM rewrite's layers (passes/ssm): a recurrent step at T = 1, chunked scan above
     "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
     "flashc.ssm_mix": Kernel(lambda q, k, v, dt, a_log, state, heads, kv_heads, eps: _codegen(

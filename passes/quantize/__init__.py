@@ -4,7 +4,8 @@
     QuantizeWeights(QuantConfig.parse("int4-gptq"), resolve_calibration("builtin", tokenizer))
 
 One module per idea: config (QuantConfig), grid (scales, zero points, codes), rtn, gptq,
-awq (the methods), calibration (data and the statistics run), weights (the pass).
+awq, quip (the methods; quip: Hadamard rotations around GPTQ), aqlm (2-bit additive
+quantization with learned codebooks), calibration (data and the statistics run), weights (the pass).
 """
 
 from flashc.passes.quantize.calibration import CalibrationData, resolve_calibration

@@ -5,8 +5,12 @@ directly or through a transpose) becomes `flashc.linear_wq` (weight-only int4/in
 each `flashc.moe` becomes `flashc.moe_wq`, with packed codes, scales and zero points as new
 parameters (layout: flashc.quantized_ops). With a weights-and-activations scheme the
 linear becomes `flashc.linear_w8a8` (SmoothQuant) or `flashc.linear_fp8` instead, its
-input quantized per token on every call, and each `flashc.moe` becomes `flashc.moe_a8`. The float weight is removed when nothing else reads it;
-a weight that something else also reads (a head tied to the embedding) stays.
+input quantized per token on every call, and each `flashc.moe` becomes `flashc.moe_a8`.
+With QuIP (`quip-4bit`) each layer becomes `flashc.hadamard` (of its input, shared by the layers
+reading it) -> `flashc.linear_wq` on the rotated weight -> `flashc.hadamard` * signs (+ bias), and
+a `flashc.moe` is wrapped alike (passes/quantize/quip.py); sizes without a Hadamard matrix are
+skipped. The float weight is removed when nothing else reads it; a weight that something
+else also reads (a head tied to the embedding) stays.
 
 Left in float, and listed in the report with the reason: the output head unless
 `QuantConfig.lm_head` (GPTQ and AWQ leave it too), MoE routers, layers whose input size
@@ -32,6 +36,7 @@ from flashc.aliasing import MutationInfo
 from flashc.errors import FlashcError
 from flashc.ir import Program, module_path, op_name
 from flashc.pass_manager import PassContext, PassResult
+from flashc.passes.quantize.aqlm import AqlmWeight, aqlm_quantize
 from flashc.passes.quantize.awq import awq_quantize, awq_search_scales
 from flashc.passes.quantize.calibration import (
     ActivationSample, CalibrationData, InputStatistics, LinearProbe, MoeProbe, calibration_calls, collect_statistics,
@@ -40,10 +45,15 @@ from flashc.passes.quantize.config import QuantConfig
 from flashc.passes.quantize.fp8 import quantize_weight_fp8
 from flashc.passes.quantize.gptq import gptq_quantize
 from flashc.passes.quantize.grid import QuantizedWeight, output_error
+from flashc.passes.quantize.quip import (
+    QuipWeight, quip_quantize, quip_relative_error, random_signs, rotation_skip_reason,
+)
 from flashc.passes.quantize.rtn import rtn_quantize
 from flashc.passes.quantize.smoothquant import quantize_weight_int8, smoothquant, w8a8_error
 
 aten = torch.ops.aten
+HADAMARD = torch.ops.flashc.hadamard.default  # flashc/hadamard_ops.py (QuIP's rotations)
+LINEAR_WQ = torch.ops.flashc.linear_wq.default
 
 # Ops a value passes through unchanged in content (the head's logits are often reshaped or cast).
 _PASS_THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.slice", "aten.select", "aten.squeeze",
@@ -189,6 +199,8 @@ class QuantizeWeights:
                     reason = "expert weights are written in place by the graph"
                 elif not config.activations and config.group_size and any(k % config.group_size for k in k_in):
                     reason = f"input sizes {k_in} are not multiples of the group size {config.group_size}"
+                elif config.method == "quip" and (why := rotation_skip_reason(k_in[0], k_in[0])):
+                    reason = why  # gate_up's input side and down's output side: the hidden size
                 if reason:
                     skipped.append(Skipped(layer.name, "moe experts", reason, nbytes))
                 else:
@@ -208,6 +220,8 @@ class QuantizeWeights:
                 reason = "output head: kept float, as GPTQ and AWQ do (QuantConfig(lm_head=True) quantizes it)"
             elif config.group_size and k % config.group_size:
                 reason = f"input size {k} is not a multiple of the group size {config.group_size}"
+            elif config.method == "quip" and (why := rotation_skip_reason(n, k)):
+                reason = why
             if reason:
                 skipped.append(Skipped(layer.name, _op_label(node), reason, _nbytes(w)))
             else:
@@ -295,6 +309,10 @@ class QuantizeWeights:
         """Quantize the layers that read one input (they share AWQ's scales and the statistics)."""
         if self.config.activations:
             return self._quantize_group_activations(program, group, stats)
+        if self.config.method == "aqlm":
+            return self._quantize_group_aqlm(program, group, stats)
+        if self.config.method == "quip":
+            return self._quantize_group_quip(program, group, stats)
         weights = [layer.float_weight(program) for layer in group]
         awq_scale = self._awq_scale(weights, stats)
         rows = []
@@ -345,6 +363,10 @@ class QuantizeWeights:
         c = self.config
         if c.activations:
             return self._quantize_moe_activations(program, layer, probe)
+        if c.method == "aqlm":
+            return self._quantize_moe_aqlm(program, layer, probe)
+        if c.method == "quip":
+            return self._quantize_moe_quip(program, layer, probe)
         parts: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
         errors = []
         weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
@@ -426,13 +448,104 @@ class QuantizeWeights:
         return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
                             max(errors) if errors else None, note + ("; error of the worst expert" if errors else ""))
 
+    def _quantize_group_quip(self, program: Program, group: list[DenseLayer], stats: InputStatistics
+                             ) -> list[dict]:
+        """QuIP (passes/quantize/quip.py): the group's input rotated once (shared signs), each weight
+        rotated on both sides and quantized by GPTQ on the rotated Hessian, its output rotation undone."""
+        c = self.config
+        weights = [layer.float_weight(program) for layer in group]
+        w0 = weights[0]
+        hessian = stats.hessian()
+        s_in = random_signs(w0.shape[1], f"{group[0].name}:input", w0.dtype, w0.device)
+        quantized = [quip_quantize(w, hessian, s_in, random_signs(w.shape[0], f"{layer.name}:output", w.dtype,
+                                                                  w.device),
+                                   c.bits, c.group_size or w.shape[1], c.symmetric, c.damp, c.block_size, w.dtype)
+                     for layer, w in zip(group, weights)]
+        errors = [quip_relative_error(w, q, hessian) if stats.rows else None for w, q in zip(weights, quantized)]
+        labels = [_op_label(layer.node) for layer in group]
+        ties = [len(layer.weight.users) > 1 or (layer.view is not None and len(layer.view.users) > 1)
+                for layer in group]
+        new = _rewrite_quip(program, group, quantized)
+        shared = f"input rotation shared by {len(group)} layers" if len(group) > 1 else "input rotation"
+        return [self._detail(layer.name, label, _nbytes(w), params, error,
+                             "; ".join([f"rotated on both sides ({shared})"]
+                                       + (["float weight kept: something else reads it (tied)"] if tied else [])))
+                for layer, label, w, params, error, tied in zip(group, labels, weights, new, errors, ties)]
+
+    def _quantize_moe_quip(self, program: Program, layer: MoeLayer, probe: MoeProbe) -> dict:
+        """QuIP for fused experts: gate_up rotated on its input side (one transform of the layer's input
+        for all experts), down on its output side (one transform of the summed output); GPTQ on each
+        expert's (rotated) Hessian. An expert's inside (the gated activation) stays unrotated."""
+        c = self.config
+        gate_up, down = program.params[layer.gate_up.name], program.params[layer.down.name]
+        hidden = gate_up.shape[-1]
+        s_in = random_signs(hidden, f"{layer.name}:input", gate_up.dtype, gate_up.device)
+        s_out = random_signs(hidden, f"{layer.name}:output", down.dtype, down.device)
+        hessians = {"gate_up": torch.stack([s.hessian() for s in probe.gate_up]),
+                    "down": torch.stack([s.hessian() for s in probe.down])}
+        parts = {"gate_up": quip_quantize(gate_up, hessians["gate_up"], s_in, None, c.bits, c.group_size or hidden,
+                                          c.symmetric, c.damp, c.block_size, gate_up.dtype),
+                 "down": quip_quantize(down, hessians["down"], None, s_out, c.bits, c.group_size or down.shape[-1],
+                                       c.symmetric, c.damp, c.block_size, down.dtype)}
+        errors = []
+        for key, w in (("gate_up", gate_up), ("down", down)):
+            part, stats = parts[key], getattr(probe, key)
+            errors += [quip_relative_error(w[e], QuipWeight(part.q[e], part.input_signs, part.output_signs),
+                                           hessians[key][e]) for e, s in enumerate(stats) if s.rows]
+        new = _rewrite_moe_quip(program, layer, parts, c)
+        routed = [s.rows for s in probe.gate_up]
+        note = f"tokens/expert {min(routed)}..{max(routed)}; Hadamard-rotated: gate_up input side, down output side"
+        known = [e for e in errors if e is not None]
+        return self._detail(layer.name, "moe experts", _nbytes(gate_up) + _nbytes(down), new,
+                            max(known) if known else None, note + ("; error of the worst expert" if known else ""))
+
+    def _aqlm(self, w: torch.Tensor, hessian: torch.Tensor):
+        c = self.config
+        return aqlm_quantize(w, hessian, c.aqlm_codebooks, c.group_size, c.aqlm_rounds, c.damp, storage_dtype=w.dtype)
+
+    def _quantize_group_aqlm(self, program: Program, group: list[DenseLayer], stats: InputStatistics) -> list[dict]:
+        """AQLM (passes/quantize/aqlm.py): each layer's codes, codebooks and row scales fitted to its
+        own weight under the group's calibration Hessian."""
+        rows = []
+        for layer in group:
+            w = layer.float_weight(program)
+            fit = self._aqlm(w, stats.hessian())
+            error = _aqlm_relative_error(w, fit.weight, stats)
+            tied = len(layer.weight.users) > 1 or (layer.view is not None and len(layer.view.users) > 1)
+            new = _rewrite_aqlm(program, layer, fit.weight)
+            notes = [f"fit error {fit.errors[0]:.3f} (k-means) -> {fit.errors[-1]:.3f}"]
+            rows.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error, "; ".join(
+                notes + (["float weight kept: something else reads it (tied)"] if tied else []))))
+        return rows
+
+    def _quantize_moe_aqlm(self, program: Program, layer: MoeLayer, probe: MoeProbe) -> dict:
+        """AQLM experts (flashc.moe_aqlm): each expert's gate_up and down with codebooks of its own,
+        fitted under its own Hessian (all experts of a layer solved together); an expert no
+        calibration token reached is fitted to plain squared error."""
+        weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        parts, errors = {}, []
+        for key, w in weights.items():
+            stats = getattr(probe, key)
+            fit = self._aqlm(w, torch.stack([s.hessian() for s in stats]))
+            parts[key] = fit.weight
+            errors += [_aqlm_relative_error(w[e], fit.weight[e], s) for e, s in enumerate(stats)]
+        new = _rewrite_moe_aqlm(program, layer, parts)
+        routed = [s.rows for s in probe.gate_up]
+        note = f"tokens/expert {min(routed)}..{max(routed)}"
+        if min(routed) == 0:
+            note += f" ({routed.count(0)} unreached: fitted to plain squared error)"
+        known = [e for e in errors if e is not None]
+        return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
+                            max(known) if known else None, note + ("; error of the worst expert" if known else ""))
+
     def _detail(self, name: str, op: str, before: int, new_params: list[torch.Tensor], error: float | None,
                 note: str) -> dict:
         c = self.config
         return {"layer": name, "op": op, "status": "quantized", "method": c.method, "bits": c.bits,
                 "group_size": c.group_size or "channel", "symmetric": c.symmetric, "bytes_before": before,
                 "bytes_after": sum(_nbytes(t) for t in new_params),
-                "rel_error": error, "note": note, **({"scheme": c.scheme} if c.activations else {})}
+                "rel_error": error, "note": note,
+                **({"scheme": c.scheme} if c.activations or c.method in ("quip", "aqlm") else {})}
 
 
 # ---------------------------------------------------------------------------- matching
@@ -634,6 +747,110 @@ def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], con
     return new
 
 
+def _rewrite_quip(program: Program, group: list[DenseLayer], quantized: list[QuipWeight]
+                  ) -> list[list[torch.Tensor]]:
+    """Replace the layers of one input group by ``hadamard(x, s_in)`` (one node, shared) ->
+    ``linear_wq`` on the rotated weight -> ``hadamard(z, None) * s_out`` (+ bias, after the
+    rotation is undone); returns each layer's new parameters (the first one also holds s_in)."""
+    graph = program.graph
+    first = group[0]
+    x = first.x
+    signs_in = quantized[0].input_signs
+    with graph.inserting_before(first.node):
+        rotated = graph.call_function(HADAMARD, (x, program.add_param(f"{first.weight.name}_quip_input_signs",
+                                                                      signs_in)))
+    _copy_meta(rotated, first.node, x.meta.get("val"))
+    new = []
+    for i, (layer, q) in enumerate(zip(group, quantized)):
+        qweight, scales, zero_points = q.q.packed()
+        base, node, bias = layer.weight.name, layer.node, layer.bias
+        args = (rotated, program.add_param(f"{base}_q{q.q.bits}", qweight),
+                program.add_param(f"{base}_scales", scales),
+                None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points),
+                None, None, q.q.bits)
+        signs_out = program.add_param(f"{base}_quip_output_signs", q.output_signs)
+        with graph.inserting_before(node):
+            written = [graph.call_function(LINEAR_WQ, args)]
+            written.append(graph.call_function(HADAMARD, (written[-1], None)))
+            written.append(graph.call_function(aten.mul.Tensor, (written[-1], signs_out)))
+            if bias is not None:
+                written.append(graph.call_function(aten.add.Tensor, (written[-1], bias)))
+        for n in written:  # each has the layer's output shape and dtype
+            _copy_meta(n, node, node.meta.get("val"))
+        out = written[-1]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        if layer.view is not None and not layer.view.users:
+            graph.erase_node(layer.view)
+        _drop_if_unused(program, layer.weight)
+        new.append([t for t in (qweight, scales, zero_points, q.output_signs) if t is not None]
+                   + ([signs_in] if i == 0 else []))
+    return new
+
+
+def _rewrite_moe_quip(program: Program, layer: MoeLayer, parts: dict[str, QuipWeight], config: QuantConfig
+                      ) -> list[torch.Tensor]:
+    """flashc.moe -> ``hadamard(x, s_in)`` -> flashc.moe_wq (gate_up rotated on its input side, down
+    on its output side) -> ``hadamard(y, None) * s_out``; returns the new parameters."""
+    graph, node = program.graph, layer.node
+    x = node.args[0]
+    s_in, s_out = parts["gate_up"].input_signs, parts["down"].output_signs
+    with graph.inserting_before(node):
+        rotated = graph.call_function(HADAMARD, (x, program.add_param(f"{layer.gate_up.name}_quip_input_signs",
+                                                                      s_in)))
+    _copy_meta(rotated, node, x.meta.get("val"))
+    node.args = (rotated, *node.args[1:])
+    new = _rewrite_moe(program, layer, {key: (part.q, None) for key, part in parts.items()}, config)
+    (moe,) = rotated.users
+    signs_out = program.add_param(f"{layer.down.name}_quip_output_signs", s_out)
+    with graph.inserting_after(moe):
+        back = graph.call_function(HADAMARD, (moe, None))
+    with graph.inserting_after(back):
+        out = graph.call_function(aten.mul.Tensor, (back, signs_out))
+    moe.replace_all_uses_with(out, delete_user_cb=lambda user: user is not back)
+    for n in (back, out):
+        _copy_meta(n, moe, moe.meta.get("val"))
+    return new + [s_in, s_out]
+
+
+def _copy_meta(new: fx.Node, old: fx.Node, val) -> None:
+    """A node written in old's place: old's source location, and the value (shape, dtype) given."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    if val is not None:
+        new.meta["val"] = val
+
+
+def _rewrite_aqlm(program: Program, layer: DenseLayer, q: AqlmWeight) -> list[torch.Tensor]:
+    """Replace layer.node by flashc.linear_aqlm (layout: flashc/codebook_ops.py); returns the new parameters."""
+    base = layer.weight.name
+    new = [q.codes.contiguous(), q.codebooks.contiguous(), q.scales.contiguous()]
+    args = (layer.x, *(program.add_param(f"{base}_aqlm_{part}", t) for part, t in zip(_AQLM_PARTS, new)), layer.bias)
+    _replace(program, layer.node, torch.ops.flashc.linear_aqlm.default, args)
+    if layer.view is not None and not layer.view.users:
+        program.graph.erase_node(layer.view)
+    _drop_if_unused(program, layer.weight)
+    return new
+
+
+def _rewrite_moe_aqlm(program: Program, layer: MoeLayer, parts: dict[str, AqlmWeight]) -> list[torch.Tensor]:
+    """Replace a flashc.moe by flashc.moe_aqlm with the experts' codes, codebooks and scales ([E, ...] each)."""
+    node = layer.node
+    new, args = [], []
+    for key, placeholder in (("gate_up", layer.gate_up), ("down", layer.down)):
+        q = parts[key]
+        tensors = [q.codes.contiguous(), q.codebooks.contiguous(), q.scales.contiguous()]
+        args += [program.add_param(f"{placeholder.name}_aqlm_{part}", t) for part, t in zip(_AQLM_PARTS, tensors)]
+        new += tensors
+    x, logits, _, _, top_k, normalize = node.args[:6]
+    _replace(program, node, torch.ops.flashc.moe_aqlm.default, (x, logits, *args, top_k, normalize))
+    for placeholder in (layer.gate_up, layer.down):
+        _drop_if_unused(program, placeholder)
+    return new
+
+
+_AQLM_PARTS = ("codes", "codebooks", "scales")
+
+
 def _replace(program: Program, node: fx.Node, target, args: tuple) -> None:
     graph = program.graph
     with graph.inserting_before(node):
@@ -665,6 +882,15 @@ def _relative_error(w: torch.Tensor, q: QuantizedWeight, input_scale: torch.Tens
     effective = q.dequantize() if input_scale is None else q.dequantize() * input_scale.float()
     base = float(output_error(w.float(), h))
     return (float(output_error(effective - w.float(), h)) / base) ** 0.5 if base > 0 else None
+
+
+def _aqlm_relative_error(w: torch.Tensor, q: AqlmWeight, stats: InputStatistics) -> float | None:
+    """sqrt(||(W_hat - W) X^T||^2 / ||W X^T||^2) on the calibration inputs (None without them)."""
+    if stats.rows == 0:
+        return None
+    h = stats.hessian()
+    base = float(output_error(w.double(), h))
+    return (float(output_error(q.dequantize() - w.double(), h)) / base) ** 0.5 if base > 0 else None
 
 
 def _meta_quantized(w: torch.Tensor, config: QuantConfig) -> QuantizedWeight:

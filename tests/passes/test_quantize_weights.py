@@ -236,8 +236,6 @@ def test_compile_errors(tiny_models):
         flashc.compile(model, "cpu", ids, quantize="int4-rtn", calibration="builtin")
     with pytest.raises(FlashcError, match="pass token ids"):  # an in-memory model: flashc knows no tokenizer
         flashc.compile(model, "cpu", ids, quantize="int4-gptq")
-    with pytest.raises(FlashcError, match="not implemented yet"):
-        flashc.compile(model, "cpu", ids, quantize="aqlm-2bit")
     with pytest.raises(FlashcError, match=r"gives 496 tokens .* needs at least 1024"):
         flashc.compile(model, "cpu", ids, quantize="int4-awq", calibration=torch.randint(0, 512, (500,)))
 
@@ -251,8 +249,8 @@ def test_cli(capsys, tmp_path):
     assert (tmp_path / "art" / "weights.safetensors").is_file()
     assert cli.main(["compile", "llama-tiny", "--group-size", "64"]) == 2
     assert "--group-size applies to --quantize" in capsys.readouterr().err
-    assert cli.main(["compile", "llama-tiny", "--quantize", "quip-4bit"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert cli.main(["compile", "llama-tiny", "--quantize", "quip-2bit"]) == 2
+    assert "unknown quantization scheme 'quip-2bit'" in capsys.readouterr().err
 
 
 def test_report_table_merges_skipped_layers():
