@@ -59,10 +59,11 @@ def compile(
     weight-only quantization after the level's pipeline; calibration (None or "builtin":
     flashc's calibration text, a text or .safetensors file, or token ids) feeds GPTQ/AWQ.
     prune ("wanda-50%", "sparsegpt-50%", "magnitude-50%", "2:4", "wanda-2:4", "online-40%",
-    "ffn-25%" or a PruneConfig) appends pruning after the level's pipeline and before
-    quantization; calibration feeds it too (every method but magnitude). recover (a
+    "ffn-25%", "experts-2", "heads-25%" or a PruneConfig) appends pruning after the level's
+    pipeline and before quantization (heads: a rewrite of a copy of the model before capture,
+    passes/prune/heads.py); calibration feeds it too (every method but magnitude). recover (a
     flashc.distill.DistillConfig) then distils the pruned weights against the unpruned model
-    on the calibration text (weight pruning methods).
+    on the calibration text (weight pruning methods and experts).
     ssm ("all", "auto", "1,3,5", a list of layer indices, a dict or a flashc.passes.ssm.SSMConfig)
     first replaces those attention layers of the model with state-space layers and distils
     them on the calibration text (passes/ssm); the rest of the pipeline compiles the result.
@@ -74,6 +75,8 @@ def compile(
         example_inputs = (example_inputs,)
     tgt = get_target(target)
     original, rewrite = model, None
+    if ssm is not None and _prunes_heads(prune):  # refused before either trains or calibrates
+        raise FlashcError("prune='heads-...' and ssm= both rewrite the attention layers; use one of them")
     if ssm is not None:  # a model-level rewrite: the rest of the pipeline compiles the new model
         rewrite = _ssm_rewrite(ssm, calibration, model, source)
         model, example_inputs = _with_rewritten(model, rewrite.model, example_inputs)
@@ -84,6 +87,11 @@ def compile(
     opts = parse_options(backend.Options, options, target)
     if recover is not None:
         prune = _with_recovery(prune, recover)
+    heads = None
+    if _prunes_heads(prune):  # a model-level rewrite too: head counts are literal sizes in a captured graph
+        heads = _heads_rewrite(prune, calibration, model, source)
+        model, example_inputs = _with_rewritten(model, heads.model, example_inputs)
+        prune, calibration = None, None if quantize is None else calibration
     pruner = _prune_pass(prune, calibration, quantize, model, source)
     quantizer = _quantize_pass(quantize, calibration, model, source, pruner)
     timings: dict[str, float] = {}
@@ -128,7 +136,10 @@ def compile(
     if rewrite is not None:
         compiled.rewrites = {"attention -> SSM": rewrite.rows()}
         timings["ssm rewrite"] = rewrite.seconds
-    if rewrite is not None or any(getattr(p, "changes_numerics", False) for p in passes):
+    if heads is not None:
+        compiled.rewrites = {**(compiled.rewrites or {}), f"pruning ({heads.config.spec})": heads.rows()}
+        timings["prune heads"] = heads.seconds
+    if rewrite is not None or heads is not None or any(getattr(p, "changes_numerics", False) for p in passes):
         compiled.accuracy = _accuracy_rows(compiled, original, src, accuracy_limit)
     return compiled
 
@@ -268,6 +279,26 @@ def _with_recovery(prune, recover):
         raise FlashcError("recover= distils a pruned model back towards the original: add prune=, e.g. "
                           "'wanda-50%'")
     return dataclasses.replace(PruneConfig.parse(prune), recover=recover)
+
+
+def _prunes_heads(prune) -> bool:
+    """Whether prune= asks for attention-head pruning (a rewrite of the model before capture)."""
+    if prune is None:
+        return False
+    from flashc.passes.prune import MODEL_REWRITES, PruneConfig
+
+    return PruneConfig.parse(prune).method in MODEL_REWRITES
+
+
+def _heads_rewrite(prune, calibration, model: torch.nn.Module, source: ModelSource | None):
+    """The head pruning compile's `prune` asks for, on a copy of the model (of the language model
+    inside a decode step), scored on the calibration text."""
+    from flashc.decode import DecodeStep
+    from flashc.passes.prune import heads_for_model
+
+    if isinstance(model, DecodeStep):
+        model = model.model
+    return heads_for_model(prune, calibration, model, source)
 
 
 def _prune_pass(prune, calibration, quantize, model: torch.nn.Module, source: ModelSource | None):

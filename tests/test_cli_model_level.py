@@ -33,7 +33,7 @@ def test_model_level_options_are_checked_before_work():
     r = flashc("compile", "llama-tiny", "--recover-steps", "3")
     assert r.returncode != 0 and "add --prune" in r.stderr
     r = flashc("compile", "llama-tiny", "--prune", "online-40%", "--recover-steps", "3")
-    assert r.returncode != 0 and "built for weight pruning" in r.stderr
+    assert r.returncode != 0 and "recovery distillation is built for" in r.stderr
 
 
 def test_recover_steps_reports_the_recovery():

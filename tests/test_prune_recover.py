@@ -82,7 +82,7 @@ def test_recovery_needs_weight_pruning_and_a_prefill_program():
     with pytest.raises(FlashcError, match="recover= distils a pruned model"):
         flashc.compile(zoo.build("llama-tiny"), "cpu", torch.zeros(1, 8, dtype=torch.long),
                        recover=DistillConfig(steps=1))
-    with pytest.raises(FlashcError, match="built for weight pruning"):
+    with pytest.raises(FlashcError, match="recovery distillation is built for"):
         PruneConfig(method="online", sparsity=0.4, recover=DistillConfig(steps=1))
     with pytest.raises(FlashcError, match="takes a flashc.distill.DistillConfig"):
         PruneConfig(method="wanda", recover={"steps": 3})

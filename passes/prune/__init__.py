@@ -1,5 +1,6 @@
 """Pruning: offline (magnitude, Wanda, SparseGPT; unstructured or N:M), online activation
-sparsity (TEAL) and structured FFN channels, with calibration shared with quantization.
+sparsity (TEAL) and structured pruning (FFN channels, attention heads, MoE experts), with
+calibration shared with quantization.
 
     from flashc.passes.prune import PruneConfig, prune_pass
     prune_pass(PruneConfig.parse("wanda-50%"), resolve_calibration("builtin", tokenizer))
@@ -7,7 +8,10 @@ sparsity (TEAL) and structured FFN channels, with calibration shared with quanti
 One module per idea: config (PruneConfig), masks, magnitude, wanda, sparsegpt, teal (the
 methods), layers (what the passes share), recover (distillation of the pruned weights against
 the unpruned program, flashc.distill's loop), and the passes: weights (PruneWeights),
-activations (SparsifyActivations: flashc.sparsify nodes), ffn (PruneFfnChannels).
+activations (SparsifyActivations: flashc.sparsify nodes), ffn (PruneFfnChannels), experts
+(PruneExperts). Attention heads are pruned on the model before capture (heads:
+prune_heads, which flashc.compile runs where it runs model-level rewrites), because a head
+count is baked into a captured graph's view sizes.
 """
 
 from __future__ import annotations
@@ -15,17 +19,23 @@ from __future__ import annotations
 from flashc.errors import FlashcError
 from flashc.passes.prune.activations import SparsifyActivations
 from flashc.passes.prune.config import METHODS, NOT_IMPLEMENTED, SPECS, PruneConfig
+from flashc.passes.prune.experts import PruneExperts
 from flashc.passes.prune.ffn import PruneFfnChannels
+from flashc.passes.prune.heads import HeadsResult, prune_heads
 from flashc.passes.prune.weights import PruneWeights
 
 PASSES = {"magnitude": PruneWeights, "wanda": PruneWeights, "sparsegpt": PruneWeights,
-          "online": SparsifyActivations, "ffn": PruneFfnChannels}
+          "online": SparsifyActivations, "ffn": PruneFfnChannels, "experts": PruneExperts}
+MODEL_REWRITES = ("heads",)  # methods that rewrite the nn.Module before capture (no graph pass)
 
 
 def prune_pass(config: "PruneConfig | str", calibration=None, progress: bool = True):
     """The pass that does what config asks (calibration: CalibrationData, for every method
     but magnitude)."""
     config = PruneConfig.parse(config)
+    if config.method in MODEL_REWRITES:
+        raise FlashcError(f"pruning {config.spec} rewrites the model before capture, not a graph: call "
+                          "flashc.passes.prune.prune_heads(model, config, calibration), or flashc.compile(prune=...)")
     if config.needs_calibration and calibration is None:
         raise FlashcError(f"pruning {config.spec} needs calibration data: pass calibration='builtin' (flashc's "
                           "built-in text), a text or .safetensors file, or token ids")
@@ -48,5 +58,18 @@ def for_model(prune, calibration, model, source=None, quantize_reads_it: bool = 
     return prune_pass(config, calibration_for_model(calibration, model, source))
 
 
-__all__ = ["METHODS", "NOT_IMPLEMENTED", "PASSES", "PruneConfig", "PruneFfnChannels", "PruneWeights", "SPECS",
-           "SparsifyActivations", "for_model", "prune_pass"]
+def heads_for_model(prune, calibration, model, source=None) -> HeadsResult:
+    """The head pruning flashc.compile(prune='heads-X%', calibration=...) runs on the model
+    before capture: calibration resolved for the model as for_model resolves it."""
+    from flashc.passes.quantize.calibration import calibration_for_model
+
+    config = PruneConfig.parse(prune)
+    if calibration is None:
+        raise FlashcError(f"pruning {config.spec} needs calibration data: pass calibration='builtin' (flashc's "
+                          "built-in text), a text file or token ids")
+    return prune_heads(model, config, calibration_for_model(calibration, model, source))
+
+
+__all__ = ["METHODS", "MODEL_REWRITES", "NOT_IMPLEMENTED", "PASSES", "HeadsResult", "PruneConfig", "PruneExperts",
+           "PruneFfnChannels", "PruneWeights", "SPECS", "SparsifyActivations", "for_model", "heads_for_model",
+           "prune_heads", "prune_pass"]

@@ -9,9 +9,11 @@ from typing import Any
 from flashc.errors import FlashcError, closest_names
 
 # offline: weights set to zero once (unstructured or N:M); online: activations zeroed per
-# token below a calibrated threshold; ffn: whole FFN channels removed (smaller weights)
-METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn")
+# token below a calibrated threshold; ffn, heads, experts: whole FFN channels, query heads or
+# MoE experts removed (smaller dense weights)
+METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn", "heads", "experts")
 WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
+RECOVERABLE = (*WEIGHT_METHODS, "experts")  # passes that distil their new weights (recover.py)
 MAX_SPARSITY = 0.95
 
 # Specs accepted by PruneConfig.parse, with what they mean (X a percentage, N:M a pattern).
@@ -24,29 +26,35 @@ SPECS = {
     "online-X%": "activation sparsity (TEAL): inputs of linear layers zeroed below calibrated thresholds, "
                  "X% model-wide",
     "ffn-X%": "drop X% of the intermediate channels of every FFN (smaller dense weights)",
+    "heads-X%": "drop X% of the query heads, the same number in every grouped-query group of a layer (key/value "
+                "heads and the KV cache stay; without GQA whole heads go, k/v and the cache too)",
+    "experts-N / experts-X%": "drop the N (or X%) least routed experts of every MoE layer",
 }
 
 # Kinds of flashc issue #15 that are not built yet: asking for one is an error, never a fallback.
 NOT_IMPLEMENTED = {
-    "heads": "attention-head pruning (respecting grouped-query groups)",
-    "experts": "dropping or merging rarely routed MoE experts",
     "dejavu": "a learned activation-sparsity predictor per MLP (Deja Vu)",
 }
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Pruning of linear layers (and, when asked, MoE experts).
+    """Pruning of linear layers (and, when asked, MoE experts), attention heads or whole experts.
 
     method: "magnitude" (per layer), "wanda" (Sun et al. 2023, arXiv:2306.11695: |W| times
     the input's column norm, compared within each output row), "sparsegpt" (Frantar &
     Alistarh 2023, arXiv:2301.00774: OBS mask selection with the calibration Hessian and
     error compensation, blocked), "online" (TEAL, arXiv:2408.14690: each linear's input
     zeroed below a magnitude threshold, per-layer sparsities allocated greedily under the
-    model-wide target) or "ffn" (structured: FFN intermediate channels of least Wanda-style
-    importance removed). sparsity: the fraction to remove (0-0.95); with n_m = (N, M), at
+    model-wide target), "ffn" (structured: FFN intermediate channels of least Wanda-style
+    importance removed), "heads" (query heads of least Wanda-style importance on o_proj's input
+    removed before capture, `passes/prune/heads.py`) or "experts" (the MoE experts that
+    received the least routing weight on the calibration text removed, with their router
+    rows, `passes/prune/experts.py`). sparsity: the fraction to remove (0-0.95); with n_m = (N, M), at
     most N nonzeros in every M consecutive inputs of a row (sparsity 1 - N/M; NVIDIA's 2:4).
-    experts: prune fused MoE experts too (off: they are left dense and listed). lm_head:
+    count: for "experts", the number of experts removed from every MoE layer ('experts-2';
+    sparsity is then unused and 0); None: the fraction `sparsity` of each layer's experts
+    ('experts-25%'). experts: prune fused MoE experts too (off: they are left dense and listed). lm_head:
     prune the output projection too (off, as Wanda and SparseGPT leave it). damp,
     block_size: SparseGPT's dampening (fraction of the mean Hessian diagonal) and columns per
     lazy batch update. allocation_step: the sparsity increment of the online greedy
@@ -54,13 +62,14 @@ class PruneConfig:
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
     to distil the pruned weights against the unpruned model on the calibration text afterwards
-    (weight methods; `passes/prune/recover.py`), recover_plot: a PNG path for its loss curve,
+    (weight methods and experts; `passes/prune/recover.py`), recover_plot: a PNG path for its loss curve,
     recover_checkpoint: a directory for its checkpoints (the same compile again resumes there).
     """
 
     method: str = "wanda"
     sparsity: float = 0.5
     n_m: tuple[int, int] | None = None
+    count: int | None = None
     experts: bool = False
     lm_head: bool = False
     damp: float = 0.01
@@ -80,8 +89,12 @@ class PruneConfig:
             if not isinstance(self.recover, DistillConfig):
                 raise FlashcError(f"PruneConfig.recover takes a flashc.distill.DistillConfig, got "
                                   f"{type(self.recover).__name__}")
-            if self.method not in WEIGHT_METHODS:
-                raise FlashcError(f"recovery distillation is built for weight pruning ({', '.join(WEIGHT_METHODS)}); "
+            if self.method == "heads":
+                raise FlashcError("recovery distillation is not built for head pruning: heads are removed from the "
+                                  "model before capture, and recovery distils a pruned program against its own "
+                                  "unpruned graph; drop recover=")
+            if self.method not in RECOVERABLE:
+                raise FlashcError(f"recovery distillation is built for {', '.join(RECOVERABLE)} pruning; "
                                   f"{self.method!r} pruning has none yet: drop recover=")
         if self.method not in METHODS:
             raise FlashcError(f"PruneConfig.method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -94,6 +107,14 @@ class PruneConfig:
                 raise FlashcError(f"PruneConfig.n_m: an N:M pattern keeps N of every M weights with 0 < N < M, "
                                   f"got {n}:{m}")
             object.__setattr__(self, "sparsity", 1 - n / m)  # what the pattern removes
+        if self.count is not None:
+            if self.method != "experts":
+                raise FlashcError(f"PruneConfig.count (experts removed per MoE layer) applies to 'experts', not "
+                                  f"{self.method!r}")
+            if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 0:
+                raise FlashcError(f"PruneConfig.count: the number of experts to remove per MoE layer must be an "
+                                  f"integer >= 0, got {self.count!r}")
+            object.__setattr__(self, "sparsity", 0.0)  # the count decides; each layer's share is in the report
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity <= MAX_SPARSITY:
             raise FlashcError(f"PruneConfig.sparsity must be within 0-{MAX_SPARSITY:.0%}, got "
                               + (f"{self.sparsity:.4g} ({_percent(self.sparsity)})"
@@ -116,14 +137,17 @@ class PruneConfig:
 
     @property
     def pattern(self) -> str:
-        """'2:4', 'unstructured', 'online' (activations) or 'ffn channels'."""
+        """'2:4', 'unstructured', 'online' (activations), 'ffn channels', 'attention heads' or 'experts'."""
         if self.n_m is not None:
             return f"{self.n_m[0]}:{self.n_m[1]}"
-        return {"online": "online", "ffn": "ffn channels"}.get(self.method, "unstructured")
+        return {"online": "online", "ffn": "ffn channels", "heads": "attention heads",
+                "experts": "experts"}.get(self.method, "unstructured")
 
     @property
     def spec(self) -> str:
-        """A readable name that parse() reads back: 'wanda-50%', 'sparsegpt-2:4', 'online-40%'."""
+        """A readable name that parse() reads back: 'wanda-50%', 'sparsegpt-2:4', 'online-40%', 'experts-2'."""
+        if self.count is not None:
+            return f"{self.method}-{self.count}"
         if self.n_m is not None:
             return f"{self.method}-{self.n_m[0]}:{self.n_m[1]}"
         return f"{self.method}-{_percent(self.sparsity)}"
@@ -131,7 +155,8 @@ class PruneConfig:
     @classmethod
     def parse(cls, text: "str | PruneConfig") -> "PruneConfig":
         """A config from a spec: 'magnitude-50%', 'wanda-50%', 'sparsegpt-50%', '2:4' (SparseGPT),
-        'wanda-2:4', 'online-40%', 'ffn-25%' (the % sign is optional)."""
+        'wanda-2:4', 'online-40%', 'ffn-25%', 'heads-25%' (the % sign is optional), 'experts-2' (a count
+        of experts per MoE layer: without %) or 'experts-25%'."""
         if isinstance(text, PruneConfig):
             return text
         if not isinstance(text, str):
@@ -153,6 +178,12 @@ class PruneConfig:
         if level:
             method = level.group(1)
             _check_method(method, text)
+            if method == "experts" and not level.group(3):  # experts-N: a count, not a percentage
+                if "." in level.group(2):
+                    raise FlashcError(f"prune={text!r}: experts-N removes N whole experts per MoE layer, so N is an "
+                                      "integer ('experts-2'); for a share of each layer's experts write "
+                                      "'experts-25%'")
+                return _checked(text, lambda: cls(method=method, count=int(level.group(2))))
             sparsity = float(level.group(2)) / 100
             if not 0 <= sparsity <= MAX_SPARSITY:
                 raise FlashcError(f"prune={text!r}: the sparsity must be within 0-{MAX_SPARSITY:.0%}, got "
@@ -162,7 +193,7 @@ class PruneConfig:
         if head in NOT_IMPLEMENTED:
             _check_method(head, text)
         raise FlashcError(f"prune={text!r} is not a pruning spec; known specs: {', '.join(SPECS)} "
-                          f"(e.g. 'wanda-50%', '2:4', 'online-40%', 'ffn-25%')")
+                          f"(e.g. 'wanda-50%', '2:4', 'online-40%', 'ffn-25%', 'heads-25%', 'experts-2')")
 
 
 def _check_method(method: str, text: str) -> None:

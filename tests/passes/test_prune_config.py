@@ -18,6 +18,10 @@ from flashc.passes.prune import PruneConfig
     ("ffn-25%", "ffn", 0.25, None),
     ("online-0%", "online", 0.0, None),
     ("wanda-95%", "wanda", 0.95, None),
+    ("heads-25%", "heads", 0.25, None),
+    ("Heads-50", "heads", 0.5, None),
+    ("heads-0%", "heads", 0.0, None),
+    ("experts-25%", "experts", 0.25, None),
 ])
 def test_parse_and_spec_round_trip(text, method, sparsity, n_m):
     config = PruneConfig.parse(text)
@@ -37,8 +41,11 @@ def test_parse_and_spec_round_trip(text, method, sparsity, n_m):
     ("wanda-0:4", r"0 < N < M"),
     ("online-2:4", r"N:M patterns apply to magnitude, wanda, sparsegpt"),
     ("wandaa-50%", r"unknown pruning method 'wandaa'; did you mean 'wanda'"),
-    ("heads-25%", r"attention-head pruning .* not implemented yet \(flashc issue #15\)"),
-    ("experts-2", r"not implemented yet"),
+    ("dejavu-50%", r"learned activation-sparsity predictor .* not implemented yet \(flashc issue #15\)"),
+    ("heads-100%", r"prune='heads-100%': the sparsity must be within 0-95%, got 100%"),
+    ("experts-2.5", r"N is an integer \('experts-2'\); for a share of each layer's experts write 'experts-25%'"),
+    ("experts-2:4", r"N:M patterns apply to magnitude, wanda, sparsegpt"),
+    ("head-25%", r"unknown pruning method 'head'; did you mean 'heads'"),
     ("half", r"not a pruning spec; known specs: magnitude-X%"),
 ])
 def test_bad_specs_say_what_and_what_to_do(text, message):
@@ -58,3 +65,25 @@ def test_config_fields_are_checked():
     with pytest.raises(FlashcError, match="prune must be a spec"):
         PruneConfig.parse(0.5)
     assert PruneConfig(method="wanda", n_m=(2, 4), sparsity=0.9).sparsity == 0.5  # the pattern decides
+
+
+@pytest.mark.parametrize("text, count", [("experts-2", 2), ("experts-0", 0), ("EXPERTS-7", 7)])
+def test_experts_count_round_trip(text, count):
+    config = PruneConfig.parse(text)
+    assert (config.method, config.count, config.sparsity) == ("experts", count, 0.0)
+    assert config.spec == text.lower() and PruneConfig.parse(config.spec) == config
+    assert config.needs_calibration and config.pattern == "experts"
+
+
+def test_count_and_recovery_are_checked():
+    from flashc.distill import DistillConfig
+
+    with pytest.raises(FlashcError, match=r"PruneConfig.count \(experts removed per MoE layer\) applies to 'experts'"):
+        PruneConfig(method="wanda", count=2)
+    with pytest.raises(FlashcError, match=r"must be an integer >= 0, got -1"):
+        PruneConfig(method="experts", count=-1)
+    with pytest.raises(FlashcError, match="recovery distillation is not built for head pruning"):
+        PruneConfig(method="heads", sparsity=0.25, recover=DistillConfig(steps=1))
+    with pytest.raises(FlashcError, match=r"recovery distillation is built for magnitude, wanda, sparsegpt, experts"):
+        PruneConfig(method="ffn", recover=DistillConfig(steps=1))
+    assert PruneConfig(method="experts", count=1, recover=DistillConfig(steps=1)).recover.steps == 1
