@@ -380,7 +380,9 @@ def test_each_sequence_keeps_its_own_drafts(ragged_target):
     out, stats = gm.generate(prompts, 20, speculate="ngram", adaptive=False, return_stats=True)
     for got, prompt in zip(out, prompts):
         assert torch.equal(got, greedy_reference(model, prompt[None], 20)[0])
-    assert stats.speculative_rounds > 0 and stats.rounds < 19  # some sequence took several tokens a round
+    # some sequence took several tokens a round (the round count is set by the random prompt, which may
+    # draft nothing: only the kept drafts say so)
+    assert stats.speculative_rounds > 0 and stats.accepted > 0
 
 
 def test_ragged_sequences_stop_at_their_own_end_token(ragged_target):

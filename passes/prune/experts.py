@@ -106,12 +106,9 @@ class PruneExperts:
         details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
                     for w in self.calibration.warnings]
         if teacher is not None:
-            from flashc.passes.prune.recover import recover
+            from flashc.passes.prune.recover import recover_pruned
 
-            pruned = [n for n in program.params if n not in teacher.params]
-            recovered, _ = recover(program, teacher, pruned, config.recover, self.calibration, self.progress,
-                                   config.recover_plot, config.recover_checkpoint, config.spec)
-            details += recovered
+            details += recover_pruned(program, teacher, config, self.calibration, self.progress)
         before = sum(r["params_before"] for r in rows)
         after = sum(r["params_after"] for r in rows)
         stats = {"moe_layers": len(layers), "skipped": len(skipped),

@@ -48,6 +48,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from flashc.errors import FlashcError
+from flashc.passes.decoder_layers import decoder_layers
 from flashc.passes.prune.config import PruneConfig
 from flashc.passes.prune.masks import pruned_count
 from flashc.passes.quantize.calibration import CalibrationData
@@ -124,7 +125,7 @@ class HeadsResult:
 def head_sites(model: nn.Module) -> list[HeadSite]:
     """The model's attention layers in order, each checked to be one whose heads flashc can
     prune (Hugging Face's Llama-family form); anything else is refused naming the layer."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "heads")
     sites = []
     for index, (path, layer) in enumerate(layers):
         attention = getattr(layer, "self_attn", None)
@@ -387,17 +388,3 @@ def _window(model: nn.Module) -> int:
 
 def _nbytes(linear: nn.Linear) -> int:
     return sum(p.numel() * p.element_size() for p in linear.parameters())
-
-
-def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The ModuleList of decoder layers: the longest ModuleList whose items have self_attn."""
-    best: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and all(
-                hasattr(m, "self_attn") for m in module):
-            best = [(f"{path}.{i}", m) for i, m in enumerate(module)]
-    if not best:
-        raise FlashcError(f"heads: found no decoder layers in {type(model).__name__} (a ModuleList of layers each "
-                          "with a self_attn module, as Llama, Mistral, Mixtral, Qwen and Gemma have): flashc does "
-                          "not know where this model's attention is")
-    return best

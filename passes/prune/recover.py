@@ -27,6 +27,19 @@ from flashc.ir import Program
 from flashc.passes.quantize.calibration import DEFAULT_INPUTS, CalibrationData
 
 
+def recover_pruned(program: Program, teacher: Program, config, calibration: CalibrationData | None,
+                   progress: bool = True) -> list[dict]:
+    """What a pruning pass run with `PruneConfig.recover` ends with: the weights the pass replaced
+    (those of program not in teacher, the unpruned copy) distilled against teacher; report rows."""
+    from flashc.passes.prune.config import PruneConfig
+
+    assert isinstance(config, PruneConfig) and config.recover is not None
+    pruned = [n for n in program.params if n not in teacher.params]
+    rows, _ = recover(program, teacher, pruned, config.recover, calibration, progress, config.recover_plot,
+                      config.recover_checkpoint, config.spec)
+    return rows
+
+
 def recover(program: Program, teacher: Program, names: list[str], config: DistillConfig,
             calibration: CalibrationData | None, progress: bool = True, plot: str | None = None,
             checkpoint_dir: str | None = None, spec: str = "") -> tuple[list[dict], TrainResult]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from flashc.errors import FlashcError
+from flashc.passes.decoder_layers import decoder_layers
 from flashc.passes.ssm.layer import SSMAttention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -40,7 +41,7 @@ class AttentionSite:
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The model's self-attention layers in order, each checked to be convertible."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "ssm")
     config = getattr(model, "config", None)
     sites = []
     for index, (path, layer) in enumerate(layers):
@@ -97,20 +98,6 @@ def convert(model: nn.Module, layers: list[int]) -> nn.Module:
 def ssm_layers(model: nn.Module) -> list[SSMAttention]:
     """The model's converted layers, in order."""
     return [m for m in model.modules() if isinstance(m, SSMAttention)]
-
-
-def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The ModuleList of decoder layers: the longest ModuleList whose items have self_attn."""
-    best: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and all(
-                hasattr(m, "self_attn") for m in module):
-            best = [(f"{path}.{i}", m) for i, m in enumerate(module)]
-    if not best:
-        raise FlashcError(f"ssm: found no decoder layers in {type(model).__name__} (a ModuleList of layers each "
-                          "with a self_attn module, as Llama, Mistral, Mixtral, Qwen and Gemma have): the rewrite "
-                          "does not know where this model's attention is")
-    return best
 
 
 def _int(value) -> int | None:
