@@ -60,7 +60,8 @@ def _lpu():
 
 TARGETS: dict[str, Target] = {
     "eager": Target("eager", _eager, "cpu", "optimized graph run by PyTorch; the numeric reference"),
-    "cpu": Target("cpu", _eager, "cpu", "PyTorch on the CPU with flashc's fused graph"),
+    "cpu": Target("cpu", _eager, "cpu", "PyTorch on the CPU with flashc's fused graph: the reference CPU target, "
+                  "about eager's speed (onnx-cpu is the fast CPU path)"),
     "h100": Target("h100", _cuda, "h100", "NVIDIA H100: Triton kernels + CUDA graphs",
                    "first kernels: fused ops + CUDA graph", default_level=3),
     "h200": Target("h200", _cuda, "h200", "NVIDIA H200: Triton kernels + CUDA graphs",
