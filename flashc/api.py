@@ -159,7 +159,23 @@ def capture_program(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     if getattr(model, "max_cache_len", None):  # a DecodeStep: positions index the cache
         program.meta.input_high = {"cache_position": int(model.max_cache_len)}
         program.meta.signature = "decode"
+        _end_token(getattr(model, "model", model), program.meta)
     return program
+
+
+def _end_token(model: torch.nn.Module, meta) -> None:
+    """The end token generate() stops at by default: the model's generation config's (Hugging Face
+    stops there too); with several, the first, and the compile report says so."""
+    generation_config = getattr(model, "generation_config", None)
+    eos = (generation_config.eos_token_id if generation_config is not None
+           else getattr(getattr(model, "config", None), "eos_token_id", None))
+    if isinstance(eos, (list, tuple)):
+        if len(eos) > 1:
+            meta.warnings.append(f"the model's generation config lists {len(eos)} end tokens {list(eos)}; "
+                                 f"generate() stops at the first ({eos[0]}) unless given eos_token_id=")
+        eos = eos[0] if eos else None
+    if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
+        meta.eos_token_id = eos
 
 
 def optimize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, *,

@@ -78,16 +78,24 @@ class CompiledModel:
                                      f"cache of {limits[spec.name]} slots this step was compiled for; "
                                      "recompile with a larger cache_len")
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None, progress: bool = False) -> torch.Tensor:
+                 eos_token_id: int | None = None, ignore_eos: bool = False, progress: bool = False) -> torch.Tensor:
         """Greedy (temperature 0) or sampled generation; see flashc.generate.
 
         Needs a decode-step compile (`flashc.decode.DecodeStep`, or the CLI's
         `--signature decode`). The KV cache is allocated once, where the executable
         runs, and reused by later calls (each call overwrites what it reads).
+        input_ids: ids [B, P], or a tokenizer's output (`tokenizer(text, return_tensors="pt")`:
+        its input_ids; an attention_mask with padding is refused, use compile_generation's ragged
+        batches). A sequence stops at eos_token_id, by default the model's end token (its
+        generation config's, as Hugging Face's generate); ignore_eos generates max_new_tokens.
         """
         from flashc.generate import Steps, generate
+
+        input_ids = prompt_ids(input_ids)
+        if eos_token_id is None and not ignore_eos:
+            eos_token_id = self.program.meta.eos_token_id
 
         if self.program.meta.signature != "decode":
             raise InputError("generate needs a model compiled with the decode-step signature "
@@ -304,3 +312,22 @@ def _load_out_spec(manifest: dict, mpath: Path) -> pytree.TreeSpec | None:
         warnings.warn(f"{mpath}: the model returned {out_type}, which could not be stored; outputs load as a "
                       "flat tuple", stacklevel=3)
     return None
+
+
+def prompt_ids(prompt):
+    """Token ids from what a user hands generate(): ids themselves, or a tokenizer's output (a
+    mapping with input_ids, and an attention_mask that must mark no padding: padded batches
+    are prompts of different lengths, which compile_generation(..., ragged=True) takes as a list)."""
+    from collections.abc import Mapping
+
+    if not isinstance(prompt, Mapping):
+        return prompt
+    if "input_ids" not in prompt:
+        raise InputError(f"a mapping prompt needs 'input_ids' (a tokenizer's output); got keys {sorted(prompt)}")
+    mask = prompt.get("attention_mask")
+    ids = prompt["input_ids"]
+    if mask is not None and not bool((torch.as_tensor(mask) == 1).all()):
+        raise InputError("the tokenizer's attention_mask marks padding: prompts of different lengths go to a "
+                         "ragged generation model (flashc.compile_generation(..., ragged=True)) as a list of "
+                         "1-D id tensors, one per prompt")
+    return torch.as_tensor(ids)

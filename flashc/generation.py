@@ -21,6 +21,8 @@ CompiledModel and still generates (one prompt token a step).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import json
 import os
 import warnings
@@ -233,15 +235,17 @@ class GenerationModel:
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  speculate: "str | GenerationModel | None" = None, draft_len: int | None = None,
                  adaptive: bool = True, on_tokens: Callable[[torch.Tensor], None] | None = None,
-                 progress: bool = False, return_stats: bool = False):
+                 progress: bool = False, return_stats: bool = False, ignore_eos: bool = False):
         """Generate after `prompt`: token ids [B, P] (or [P] for one sequence), a list of 1-D id
         tensors of one length, or text (a string or a list of strings) when the model has a
         tokenizer. Returns what it was given, each prompt followed by its new tokens (ids, or
         text for text); with return_stats, (that, GenerationStats).
 
         Greedy at temperature 0, else sampled (top_k, top_p; seed for a reproducible draw).
-        eos_token_id: a sequence stops there (its later tokens are eos); text prompts default to
-        the tokenizer's. speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
+        eos_token_id: a sequence stops there (its later tokens are eos); by default the model's end
+        token (its generation config's, as Hugging Face's generate), or for text the tokenizer's;
+        ignore_eos generates max_new_tokens. A tokenizer's output (input_ids and attention_mask)
+        is taken too: a padded batch becomes one prompt per row (ragged models). speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
         GenerationModel with the same tokenizer (a smaller model drafts); speculation needs
         the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
         picks the draft length each round from measured acceptance and step times, and plain
@@ -250,8 +254,8 @@ class GenerationModel:
         on_tokens(new[B, n]) is called after every round.
         """
         rows, as_text, one_dim = self._prompt_rows(prompt)
-        if as_text and eos_token_id is None:
-            eos_token_id = self.tokenizer.eos_token_id
+        if eos_token_id is None and not ignore_eos:
+            eos_token_id = self.tokenizer.eos_token_id if as_text else self.decode.program.meta.eos_token_id
         speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
         stats = GenerationStats()
         with torch.no_grad():
@@ -361,6 +365,15 @@ class GenerationModel:
                                  "(compile a zoo model with real weights, or pass token ids)")
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             rows = [torch.tensor(self.tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
+        elif isinstance(prompt, Mapping):  # a tokenizer's output: one row per sequence, padding dropped
+            if "input_ids" not in prompt:
+                raise InputError(f"a mapping prompt needs 'input_ids' (a tokenizer's output); got keys {sorted(prompt)}")
+            ids = torch.as_tensor(prompt["input_ids"])
+            ids = ids[None] if ids.dim() == 1 else ids
+            mask = prompt.get("attention_mask")
+            keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).reshape(
+                ids.shape).bool()
+            rows = [row[k] for row, k in zip(ids, keep)]
         elif isinstance(prompt, torch.Tensor):
             one_dim = prompt.dim() == 1
             rows = [prompt] if one_dim else list(prompt)

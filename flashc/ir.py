@@ -62,6 +62,7 @@ class ProgramMeta:
     input_high: dict[str, int] = field(default_factory=dict)  # input name -> exclusive upper bound
     input_device: str = "cpu"  # where the example inputs were ("meta": a shapes-only capture)
     profile: str | None = None  # the hardware profile it was compiled for (set when an artifact loads)
+    eos_token_id: int | None = None  # the model's end token (its generation config): where generate() stops
 
     SIGNATURES = ("prefill", "decode")
 
@@ -72,6 +73,8 @@ class ProgramMeta:
             out["vocab_size"] = self.vocab_size
         if self.profile is not None:
             out["profile"] = self.profile
+        if self.eos_token_id is not None:
+            out["eos_token_id"] = self.eos_token_id
         return out
 
     @classmethod
@@ -85,7 +88,7 @@ class ProgramMeta:
         meta = cls(capture=str(data.get("capture", "")), warnings=warnings,
                    signature=data.get("signature", "prefill"), vocab_size=data.get("vocab_size"),
                    input_high=dict(data.get("input_high") or {}), input_device=str(data.get("input_device", "cpu")),
-                   profile=data.get("profile"))
+                   profile=data.get("profile"), eos_token_id=data.get("eos_token_id"))
         if meta.signature not in cls.SIGNATURES:
             raise VerificationError(f"field '{where}.signature' is {meta.signature!r}; "
                                     f"expected one of {', '.join(cls.SIGNATURES)}")
@@ -93,6 +96,9 @@ class ProgramMeta:
         for name, value in bounds:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise VerificationError(f"field '{where}.{name}' is {value!r}; expected a positive integer")
+        eos = meta.eos_token_id
+        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+            raise VerificationError(f"field '{where}.eos_token_id' is {eos!r}; expected a token id (an integer >= 0)")
         return meta
 
     def copy(self) -> "ProgramMeta":

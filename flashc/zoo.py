@@ -93,6 +93,9 @@ def build(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", se
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    # random weights: no token means "end", so generation runs to max_new_tokens (the family's
+    # default end token would stop it wherever a random model happens to emit that id)
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 

@@ -67,6 +67,7 @@ def _eager_model(family: str) -> torch.nn.Module:
     else:
         model = LlamaForCausalLM(LlamaConfig(**sizes))
     assert model.config._attn_implementation == "eager"
+    model.generation_config.eos_token_id = None  # random weights: compared over the full length
     return model.eval()
 
 

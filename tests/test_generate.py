@@ -5,6 +5,7 @@ import torch
 from flashc_testing import fresh_ids
 
 import flashc
+from flashc import zoo
 from flashc.decode import DecodeStep, decode_example_inputs
 from flashc.errors import InputError
 from flashc.generate import sample_next
@@ -71,3 +72,31 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p(tiny_models):
             assert ahead < 0.5  # the token was needed to reach p
     with pytest.raises(InputError, match="temperature"):
         sample_next(logits, -1.0)
+
+
+def test_generate_stops_at_the_models_end_token_and_takes_a_tokenizers_output():
+    """The end token comes from the model's generation config, as Hugging Face's generate stops there;
+    ignore_eos generates every token; a tokenizer's output (input_ids + attention_mask) is a prompt."""
+    import copy
+
+    model = copy.deepcopy(zoo.build("llama-tiny", seed=3))
+    ids = torch.randint(0, 512, (1, 5))
+    want = greedy_reference(model, ids, 10)[0, 5:].tolist()
+    eos = next(t for i, t in enumerate(want) if i >= 2 and t not in want[:i])  # first appears at step >= 2
+    stop = want.index(eos)
+    model.generation_config.eos_token_id = eos
+    cm = flashc.compile(DecodeStep(model, 24), "cpu", decode_example_inputs(model, 1, 24), level=2)
+    assert cm.program.meta.eos_token_id == eos
+    got = cm.generate(ids, 10)[0, 5:].tolist()
+    assert got == want[:stop + 1]  # stopped at the end token (every sequence has: the output ends there)
+    assert cm.generate(ids, 10, ignore_eos=True)[0, 5:].tolist() == want
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert cm.generate(batch, 10, ignore_eos=True)[0, 5:].tolist() == want
+    padded = {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1, 1]])}
+    with pytest.raises(InputError, match="ragged"):
+        cm.generate(padded, 10)
+    # the end token survives saving and loading
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert flashc.load(cm.save(d)).program.meta.eos_token_id == eos

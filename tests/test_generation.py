@@ -208,6 +208,7 @@ def _tiny_lm(seed: int, vocab: int = 6):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: compared over the full length
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # distributions far from uniform, and far from the drafter's
     return model

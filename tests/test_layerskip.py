@@ -29,7 +29,9 @@ def deep_llama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: compared over the full length
+    return model
 
 
 def with_identity_layers(model, start: int):
