@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from flashc.ops import moe_routing
+from flashc.ops import routed_experts
 
 
 def decode_aqlm(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -74,19 +74,15 @@ def moe_aqlm(
     """flashc.moe with AQLM experts: gate_up [E, 2F, H] as codes [E, 2F, H/g, M], codebooks
     [E, M, 256, g], scales [E, 2F]; down [E, H, F] likewise. Routing is flashc.moe's; each
     expert's weights are decoded in x's dtype and only the routed (token, expert) pairs computed."""
-    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
-    out = torch.zeros_like(x)
     f = down_codes.shape[-2] * down_codebooks.shape[-1]
-    for e in range(gate_up_codes.shape[0]):
-        token, slot = torch.where(experts == e)
-        if token.numel() == 0:
-            continue
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
         gate_up = decode_aqlm(gate_up_codes[e], gate_up_codebooks[e], gate_up_scales[e], x.dtype)
         down = decode_aqlm(down_codes[e], down_codebooks[e], down_scales[e], x.dtype)
-        gu = x[token] @ gate_up.t()
-        h = F.silu(gu[:, :f]) * gu[:, f:]
-        out.index_add_(0, token, (h @ down.t()) * weights[token, slot, None])
-    return out
+        gu = rows @ gate_up.t()
+        return (F.silu(gu[:, :f]) * gu[:, f:]) @ down.t()
+
+    return routed_experts(x, router_logits, gate_up_codes.shape[0], top_k, normalize, expert)
 
 
 @moe_aqlm.register_fake

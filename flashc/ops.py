@@ -9,7 +9,7 @@ and leaves the rest to the reference implementation.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -225,16 +225,28 @@ def moe(
     Routing weights are the softmax over experts (fp32) of the top-k logits,
     renormalised over the k chosen when `normalize`.
     """
+    f = down.shape[-1]
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gu = rows @ gate_up[e].t()
+        return (F.silu(gu[:, :f]) * gu[:, f:]) @ down[e].t()
+
+    return routed_experts(x, router_logits, gate_up.shape[0], top_k, normalize, expert)
+
+
+def routed_experts(x: torch.Tensor, router_logits: torch.Tensor, n_experts: int, top_k: int, normalize: bool,
+                   expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """flashc.moe's routing and combination around `expert(e, rows)`, expert e's output for the
+    rows x[token] routed to it: only routed (token, expert) pairs are computed, and each token's
+    outputs are added in expert order, weighted as moe_routing weighs them. The references of
+    flashc.moe and of its quantized forms (moe_wq, moe_a8, moe_aqlm) differ only in `expert`."""
     weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
     out = torch.zeros_like(x)
-    f = down.shape[-1]
-    for e in range(gate_up.shape[0]):
+    for e in range(n_experts):
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
-        gu = x[token] @ gate_up[e].t()
-        h = F.silu(gu[:, :f]) * gu[:, f:]
-        out.index_add_(0, token, (h @ down[e].t()) * weights[token, slot, None])
+        out.index_add_(0, token, expert(e, x[token]) * weights[token, slot, None])
     return out
 
 

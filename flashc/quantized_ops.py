@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from flashc.ops import moe_routing
+from flashc.ops import routed_experts
 
 SUPPORTED_BITS = (4, 8)
 
@@ -157,22 +157,19 @@ def moe_wq(
     Routing is flashc.moe's; each expert's weights are dequantized to x's dtype and only
     the routed (token, expert) pairs are computed.
     """
-    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
-    out = torch.zeros_like(x)
     f = down_qweight.shape[-2] * (down_qweight.shape[-1] * 8 // bits)
-    for e in range(gate_up_qweight.shape[0]):
-        token, slot = torch.where(experts == e)
-        if token.numel() == 0:
-            continue
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
         gate_up = dequantize(gate_up_qweight[e], gate_up_scales[e], _at(gate_up_zero_points, e), bits).to(x.dtype)
         down = dequantize(down_qweight[e], down_scales[e], _at(down_zero_points, e), bits).to(x.dtype)
-        xe = x[token] if gate_up_input_scale is None else x[token] * gate_up_input_scale[e]
+        xe = rows if gate_up_input_scale is None else rows * gate_up_input_scale[e]
         gu = xe @ gate_up.t()
         h = F.silu(gu[:, :f]) * gu[:, f:]
         if down_input_scale is not None:
             h = h * down_input_scale[e]
-        out.index_add_(0, token, (h @ down.t()) * weights[token, slot, None])
-    return out
+        return h @ down.t()
+
+    return routed_experts(x, router_logits, gate_up_qweight.shape[0], top_k, normalize, expert)
 
 
 def _at(t: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
@@ -349,19 +346,14 @@ def moe_a8(
     (per output row; [E, 1] per tensor), input scales [E, H] / [E, F] or None (SmoothQuant).
     Routing is flashc.moe's.
     """
-    weights, experts = moe_routing(router_logits, top_k, normalize, x.dtype)
-    out = torch.zeros_like(x)
     f = down_qweight.shape[-1]
-    for e in range(gate_up_qweight.shape[0]):
-        token, slot = torch.where(experts == e)
-        if token.numel() == 0:
-            continue
-        gu = linear_a8(x[token], gate_up_qweight[e], gate_up_scales[e], None, _at(gate_up_input_scale, e), fp8,
-                       per_token)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gu = linear_a8(rows, gate_up_qweight[e], gate_up_scales[e], None, _at(gate_up_input_scale, e), fp8, per_token)
         h = F.silu(gu[:, :f]) * gu[:, f:]
-        y = linear_a8(h, down_qweight[e], down_scales[e], None, _at(down_input_scale, e), fp8, per_token)
-        out.index_add_(0, token, y * weights[token, slot, None])
-    return out
+        return linear_a8(h, down_qweight[e], down_scales[e], None, _at(down_input_scale, e), fp8, per_token)
+
+    return routed_experts(x, router_logits, gate_up_qweight.shape[0], top_k, normalize, expert)
 
 
 @moe_a8.register_fake
