@@ -51,3 +51,18 @@ def assert_matches_eager(model, make_inputs, target="cpu", levels=(0, 1, 2, 3), 
             for got, want in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
                 assert tensor_difference(got, want)[1] is None, f"level {level}: an output was overwritten"
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "compile changed the model"
+
+
+def optimized_program(model, name: str, seq_len: int, level: int = 2):
+    """A zoo model captured as flashc.compile captures it (a prefill without a cache, the zoo's
+    example inputs of `seq_len` tokens) and run through `level`'s pipeline for the cpu profile:
+    the graph the model-level passes (quantization, pruning) start from."""
+    from flashc import zoo
+    from flashc.capture import capture
+    from flashc.pass_manager import PassContext, PassManager
+    from flashc.pipelines import pipeline
+    from flashc.profiles import get_profile
+
+    program = capture(model, zoo.example_inputs(name, seq_len=seq_len), {"use_cache": False})
+    PassManager(pipeline(level)).run(program, PassContext(get_profile("cpu")))
+    return program

@@ -17,7 +17,7 @@ from flashc.passes.prune import PruneConfig, SparsifyActivations
 from flashc.passes.quantize import CalibrationData
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
-from flashc_testing import fresh_ids, rel_err
+from flashc_testing import fresh_ids, optimized_program, rel_err
 
 SPARSIFY = torch.ops.flashc.sparsify.default
 
@@ -53,9 +53,7 @@ def test_sparsify_op_matches_its_reference():
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=64), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=64)
 
 
 def hand_sparsified(model, program):

@@ -20,7 +20,7 @@ from flashc.passes.prune import PruneConfig, PruneWeights
 from flashc.passes.quantize import CalibrationData
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
-from flashc_testing import fresh_ids, rel_err
+from flashc_testing import fresh_ids, optimized_program, rel_err
 
 LINEAR = torch.ops.aten.linear.default
 MOE = torch.ops.flashc.moe.default
@@ -43,9 +43,7 @@ def prune(program, config, calibration=None):
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=64), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=64)
 
 
 @pytest.mark.parametrize("spec", ["magnitude-50%", "wanda-50%", "sparsegpt-60%", "wanda-2:4", "2:4"])

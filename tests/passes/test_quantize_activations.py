@@ -7,6 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from flashc_testing import optimized_program
+
 import flashc
 from flashc import cli, zoo
 from flashc.capture import capture
@@ -86,9 +88,7 @@ def test_smoothing_lowers_the_error_on_outlier_channels_and_never_raises_it():
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=16), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=16)
 
 
 @pytest.mark.parametrize("scheme,op", [("w8a8-smoothquant", W8A8), ("w8a8", W8A8), ("fp8", FP8),

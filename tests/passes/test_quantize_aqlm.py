@@ -23,7 +23,7 @@ from flashc.passes.quantize.aqlm import aqlm_quantize
 from flashc.passes.quantize.grid import output_error, quantize_with_grid
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
-from flashc_testing import fresh_ids, rel_err
+from flashc_testing import fresh_ids, optimized_program, rel_err
 
 LINEAR_AQLM = torch.ops.flashc.linear_aqlm.default
 MOE_AQLM = torch.ops.flashc.moe_aqlm.default
@@ -110,9 +110,7 @@ def test_unreached_experts_get_plain_squared_error():
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=16), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=16)
 
 
 def test_llama_matches_float64_decoded_model(llama):

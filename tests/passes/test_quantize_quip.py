@@ -28,7 +28,7 @@ from flashc.passes.quantize.rtn import rtn_quantize
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
 from flashc.quantized_ops import dequantize, unpack_codes, unpack_zero_points
-from flashc_testing import fresh_ids, rel_err
+from flashc_testing import fresh_ids, optimized_program, rel_err
 
 HADAMARD = torch.ops.flashc.hadamard.default
 LINEAR_WQ = torch.ops.flashc.linear_wq.default
@@ -112,9 +112,7 @@ def test_output_error_below_rtn_on_outliers(seed):
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=16), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=16)
 
 
 def test_llama_matches_float64_effective_weights(llama):

@@ -20,7 +20,7 @@ from flashc.passes.quantize import CalibrationData, QuantConfig, QuantizeWeights
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
 from flashc.quantized_ops import dequantize
-from flashc_testing import fresh_ids, rel_err
+from flashc_testing import fresh_ids, optimized_program, rel_err
 
 LINEAR_WQ = torch.ops.flashc.linear_wq.default
 MOE_WQ = torch.ops.flashc.moe_wq.default
@@ -61,9 +61,7 @@ def effective_experts(program, node) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def llama(tiny_models):
     model = tiny_models["llama-tiny"]
-    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=16), {"use_cache": False})
-    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    return model, program
+    return model, optimized_program(model, "llama-tiny", seq_len=16)
 
 
 @pytest.mark.parametrize("config", [small("int4-rtn-g64"), small("int4-gptq"), small("int4-awq-g32"),
