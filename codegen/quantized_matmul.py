@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from flashc.ops import moe_routing
 from flashc.quantized_ops import (
-    _finish, _rows, linear_fp8 as reference_fp8, linear_w8a8 as reference_w8a8, quantize_rows_fp8,
+    _at, _finish, _rows, linear_fp8 as reference_fp8, linear_w8a8 as reference_w8a8, quantize_rows_fp8,
     quantize_rows_int8,
 )
 
@@ -67,8 +67,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
     xq = _pad_rows(xq, padded)
     row_wise = per_token and w_scales.numel() == n
     if x.dtype == torch.bfloat16 and row_wise:  # scales in the GEMM's epilogue (row-wise needs a bf16 output)
-        scale_a = _pad_rows(x_scale, padded) if padded != m else x_scale
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a.contiguous(),
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=_pad_rows(x_scale, padded).contiguous(),
                              scale_b=w_scales.float().reshape(1, n).contiguous(), out_dtype=torch.bfloat16)[:m]
         if bias is not None:
             y = y + bias
@@ -96,10 +95,9 @@ def moe_a8(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_input_scal
     extra = (per_token,) if fp8 else ()
     out = torch.zeros_like(x)
     for e in range(n_experts):
-        at = (lambda t: None if t is None else t[e])  # noqa: E731
-        gu = linear(x, gate_up_qweight[e], gate_up_scales[e], None, at(gate_up_input_scale), *extra)
+        gu = linear(x, gate_up_qweight[e], gate_up_scales[e], None, _at(gate_up_input_scale, e), *extra)
         h = F.silu(gu[:, :f]) * gu[:, f:]
-        y = linear(h, down_qweight[e], down_scales[e], None, at(down_input_scale), *extra)
+        y = linear(h, down_qweight[e], down_scales[e], None, _at(down_input_scale, e), *extra)
         # where, not a product: an unrouted row's output may be inf, and 0 * inf is NaN
         out += torch.where(chosen[:, e:e + 1], y * routed[:, e:e + 1], torch.zeros((), dtype=x.dtype, device=x.device))
     return out

@@ -334,10 +334,7 @@ class QuantizeWeights:
         rows = sample.tensor() if sample is not None else torch.zeros(0, weights[0].shape[1])
         note, input_scale = "", None
         if weights[0].device.type == "meta":
-            quantized = [(torch.empty(w.shape, dtype=torch.int8 if c.method == "smoothquant" else torch.float8_e4m3fn,
-                                      device="meta"),
-                          torch.empty(w.shape[0] if c.granularity == "row" or c.method == "smoothquant" else 1,
-                                      device="meta")) for w in weights]
+            quantized = [_meta_activation_weight(w, c) for w in weights]
         elif c.method == "smoothquant":
             if c.smooth:
                 quantized, input_scale, alpha, _ = smoothquant(weights, rows, stats.amax, c.alpha)
@@ -418,10 +415,7 @@ class QuantizeWeights:
             for e in range(w.shape[0]):
                 inverse = None
                 if w.device.type == "meta":
-                    q = (torch.empty(w.shape[1:], dtype=torch.int8 if c.method == "smoothquant" else torch.float8_e4m3fn,
-                                     device="meta"),
-                         torch.empty(w.shape[1] if c.granularity == "row" or c.method == "smoothquant" else 1,
-                                     device="meta"))
+                    q = _meta_activation_weight(w[e], c)
                 elif c.method == "fp8":
                     q = quantize_weight_fp8(w[e], c.granularity)
                 elif c.smooth and stats is not None and stats[e].rows:
@@ -901,3 +895,11 @@ def _meta_quantized(w: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     zero_points = None if config.symmetric else torch.empty(groups, dtype=torch.uint8, device="meta")
     return QuantizedWeight(codes, torch.empty(groups, dtype=w.dtype, device="meta"), zero_points, config.bits, group)
 
+
+
+def _meta_activation_weight(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes only, as _meta_quantized: a W8A8 / FP8 weight [N, K] and its scales ([N], or [1] per tensor)."""
+    per_row = config.method == "smoothquant" or config.granularity == "row"
+    dtype = torch.int8 if config.method == "smoothquant" else torch.float8_e4m3fn
+    return (torch.empty(w.shape, dtype=dtype, device="meta"),
+            torch.empty(w.shape[0] if per_row else 1, device="meta"))
