@@ -314,20 +314,32 @@ def _load_out_spec(manifest: dict, mpath: Path) -> pytree.TreeSpec | None:
     return None
 
 
-def prompt_ids(prompt):
-    """Token ids from what a user hands generate(): ids themselves, or a tokenizer's output (a
-    mapping with input_ids, and an attention_mask that must mark no padding: padded batches
-    are prompts of different lengths, which compile_generation(..., ragged=True) takes as a list)."""
+def tokenizer_output(prompt) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(input_ids [B, P], kept [B, P] bool: the attention_mask, all True without one) when prompt is a
+    tokenizer's output (a mapping with input_ids), else None."""
     from collections.abc import Mapping
 
     if not isinstance(prompt, Mapping):
-        return prompt
+        return None
     if "input_ids" not in prompt:
         raise InputError(f"a mapping prompt needs 'input_ids' (a tokenizer's output); got keys {sorted(prompt)}")
+    ids = torch.as_tensor(prompt["input_ids"])
+    ids = ids[None] if ids.dim() == 1 else ids
     mask = prompt.get("attention_mask")
-    ids = prompt["input_ids"]
-    if mask is not None and not bool((torch.as_tensor(mask) == 1).all()):
+    kept = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).reshape(ids.shape).bool()
+    return ids, kept
+
+
+def prompt_ids(prompt):
+    """Token ids from what a user hands generate(): ids themselves, or a tokenizer's output whose
+    attention_mask marks no padding (padded batches are prompts of different lengths, which
+    compile_generation(..., ragged=True) takes as a list)."""
+    given = tokenizer_output(prompt)
+    if given is None:
+        return prompt
+    ids, kept = given
+    if not bool(kept.all()):
         raise InputError("the tokenizer's attention_mask marks padding: prompts of different lengths go to a "
                          "ragged generation model (flashc.compile_generation(..., ragged=True)) as a list of "
                          "1-D id tensors, one per prompt")
-    return torch.as_tensor(ids)
+    return ids

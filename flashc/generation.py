@@ -21,17 +21,16 @@ CompiledModel and still generates (one prompt token a step).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from flashc.compiled import CompiledModel, ModelSource
+from flashc.compiled import CompiledModel, ModelSource, tokenizer_output
 from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.generate import GenerationStats, Sampling, Steps, check_sampling, generate, generate_rounds
 
@@ -245,7 +244,8 @@ class GenerationModel:
         eos_token_id: a sequence stops there (its later tokens are eos); by default the model's end
         token (its generation config's, as Hugging Face's generate), or for text the tokenizer's;
         ignore_eos generates max_new_tokens. A tokenizer's output (input_ids and attention_mask)
-        is taken too: a padded batch becomes one prompt per row (ragged models). speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
+        is taken too: each row's unpadded tokens are one prompt (a padded batch needs a ragged model),
+        returned as a list like a list of prompts. speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
         GenerationModel with the same tokenizer (a smaller model drafts); speculation needs
         the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
         picks the draft length each round from measured acceptance and step times, and plain
@@ -271,7 +271,7 @@ class GenerationModel:
         if as_text:
             result = [self._decode_text(row, eos_token_id) for row in out_rows]
             result = result[0] if isinstance(prompt, str) else result
-        elif isinstance(prompt, (list, tuple)):
+        elif isinstance(prompt, (list, tuple, Mapping)):  # a tokenizer's output: its rows without the padding
             result = out_rows
         else:
             width = max(len(r) for r in out_rows)  # rows that stopped at eos are filled with it
@@ -365,15 +365,8 @@ class GenerationModel:
                                  "(compile a zoo model with real weights, or pass token ids)")
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             rows = [torch.tensor(self.tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
-        elif isinstance(prompt, Mapping):  # a tokenizer's output: one row per sequence, padding dropped
-            if "input_ids" not in prompt:
-                raise InputError(f"a mapping prompt needs 'input_ids' (a tokenizer's output); got keys {sorted(prompt)}")
-            ids = torch.as_tensor(prompt["input_ids"])
-            ids = ids[None] if ids.dim() == 1 else ids
-            mask = prompt.get("attention_mask")
-            keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).reshape(
-                ids.shape).bool()
-            rows = [row[k] for row, k in zip(ids, keep)]
+        elif (given := tokenizer_output(prompt)) is not None:  # one row per sequence, padding dropped
+            rows = [row[kept] for row, kept in zip(*given)]
         elif isinstance(prompt, torch.Tensor):
             one_dim = prompt.dim() == 1
             rows = [prompt] if one_dim else list(prompt)

@@ -386,6 +386,19 @@ def test_each_sequence_keeps_its_own_drafts(ragged_target):
     assert stats.speculative_rounds > 0 and stats.accepted > 0
 
 
+def test_a_padded_tokenizer_output_is_one_prompt_per_row(ragged_target):
+    """input_ids with an attention_mask marking left padding: each row's kept tokens are its prompt."""
+    _, gm = ragged_target
+    prompts = [fresh_ids("llama-tiny", seq_len=n)[0] for n in (3, 7, 5)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 7 - len(p):], mask[i, 7 - len(p):] = p, 1
+    got = gm.generate({"input_ids": ids, "attention_mask": mask}, 6)
+    for g, w in zip(got, gm.generate(prompts, 6)):
+        assert torch.equal(g, w)
+
+
 def test_ragged_sequences_stop_at_their_own_end_token(ragged_target):
     _, gm = ragged_target
     prompts = [fresh_ids("llama-tiny", seq_len=n)[0] for n in (5, 9, 2)]
