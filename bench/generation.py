@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def _sync(device: str) -> None:
@@ -95,6 +94,8 @@ def bench_ttft(args, device: str) -> None:
     one_step = Steps({1: steps.calls[1]}, steps.kv_cache)  # the decode entry alone, on the same cache
     stepwise = _median_time(lambda: generate(one_step, prompt, 1), device, max(1, args.repeat // 5))
     floor = one_prefill + one_decode
+    if device == "cuda":
+        _profile(lambda: gm.generate(prompt, 1), Path(args.out) / "ttft_profile.md")
     rows = [
         ["one prefill call + one decode step (floor)", f"{floor * 1e3:.2f}", "1.00"],
         [f"flashc generate(): prefill entry, chunks of {args.chunk}", f"{chunked * 1e3:.2f}", f"{chunked / floor:.2f}"],
@@ -105,6 +106,20 @@ def bench_ttft(args, device: str) -> None:
            ["variant", "ms", "x floor"], rows,
            [f"one prefill call {one_prefill * 1e3:.2f} ms, one decode step {one_decode * 1e3:.3f} ms; median of "
             f"{args.repeat}; entries compiled in {compile_s:.1f} s", "target: within 1.2x of the floor"])
+
+
+def _profile(fn, path: Path) -> None:
+    """Where a call's time goes: the CUDA kernels and the CPU operators, top 25 each by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    path.write_text("### by CUDA time\n\n" + table.table(sort_by="cuda_time_total", row_limit=25)
+                    + "\n\n### by CPU time\n\n" + table.table(sort_by="cpu_time_total", row_limit=25) + "\n")
 
 
 def _passage_prompts(tokenizer, count: int, words: int) -> tuple[list[str], list[str]]:

@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh ssm      # attention-to-SSM: kernels' and CUDA tests, speed against attention
 #   bash bench/gpu_session.sh sparse   # online sparsity: sparse GEMV tests and shapes, 1B/8B decode against dense
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
+#   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
+#   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -41,6 +43,20 @@ case "${1:-verify}" in
     fi
     step decode 200 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 8 --prefill 0 \
       --variants flashc --out "$OUT" --timeout 95
+    ;;
+  sanitize)  # issue "Soundness" done-when: the soak clean under compute-sanitizer (tiny models: it is slow)
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    [ -n "$cs" ] || { echo "[sanitize] compute-sanitizer is not on this machine's PATH" | tee -a "$OUT/steps.txt"; exit 1; }
+    step sanitizer_repro 150 "$cs" --tool memcheck --print-limit 20 --error-exitcode 9 \
+      python3 bench/gpu_cold_tuning_crash.py --layers 2 --generates 2 --new-tokens 16 --calls 5 --no-hf
+    step sanitizer_soak 200 "$cs" --tool memcheck --print-limit 20 --error-exitcode 9 \
+      python3 bench/gpu_decode_check.py --soak --rounds 1 --no-soak-hf \
+      --soak-models llama-tiny:bfloat16 mixtral-tiny:bfloat16 gemma-tiny:bfloat16 --out "$OUT"
+    ;;
+  handwritten)  # each variant in its own child process (--timeout seconds each)
+    shift
+    step handwritten 560 python3 bench/handwritten_decode.py --out "$OUT" --timeout 110 \
+      ${1:+--variants "$@"}
     ;;
   int4)
     # from /tmp: in the repository root, ./flashc would shadow the installed package (no flashc.passes)
@@ -80,5 +96,5 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten)"; exit 2 ;;
 esac

@@ -14,7 +14,8 @@ it with k drafted tokens in one call and keeps the drafts the target agrees with
 token of its own (flashc.speculate). Rejected drafts need no rollback: their cache slots lie
 past the sequence and are overwritten before any query can see them (a query at position p
 sees slots <= p, and every slot < p holds a token fed earlier). For the same reason a
-chunk may be padded past the tokens it feeds, while the padding stays inside the cache.
+chunk may be padded past the tokens it feeds, while the padding stays inside the cache, and
+a prompt's last chunk may start early, feeding again tokens the chunk before it wrote.
 
 All sequences of a batch share positions (the compiled steps take one cache_position
 vector), so prompts have equal lengths and a speculative round advances every sequence by
@@ -136,23 +137,32 @@ class Steps:
     def device(self) -> torch.device:
         return self.kv_cache[0].device
 
-    def plan(self, n: int, start: int) -> list[tuple[int, int]]:
-        """Calls that feed n tokens from position `start`: (tokens of the step, tokens fed).
+    def plan(self, n: int, start: int) -> list[tuple[int, int, int]]:
+        """Calls that feed n tokens from position `start`: (tokens of the step, new tokens it
+        feeds, tokens it feeds again before them).
 
-        Full calls of the largest step while they fit, then the tail in the fewest calls
-        (a step longer than the tail is padded if its padding stays inside the cache and
-        the cache holds no recurrent state).
+        Full calls of the largest step while they fit, then the tail in the fewest calls: a
+        step longer than the tail is padded past it if the padding stays inside the cache, or
+        else starts early and feeds again tokens this feed wrote just before (same tokens at
+        the same positions: the same keys and values). Neither when the cache holds a
+        recurrent state, which every token fed changes for good.
         """
         sizes = list(self.calls)
-        plan = []
+        plan: list[tuple[int, int, int]] = []
+        fed = 0
         while n > 0:
-            fits = [t for t in sizes if (t == n or t > n and not self.stateful) and start + t <= self.cache_len]
-            if fits:
-                plan.append((fits[0], n))
+            exact_or_padded = [t for t in sizes if (t == n or t > n and not self.stateful)
+                               and start + t <= self.cache_len]
+            if exact_or_padded:
+                plan.append((exact_or_padded[0], n, 0))
+                return plan
+            refeeding = [t for t in sizes if n < t <= n + fed and not self.stateful]
+            if refeeding:
+                plan.append((refeeding[0], n, refeeding[0] - n))
                 return plan
             t = max(s for s in sizes if s <= n)
-            plan.append((t, t))
-            n, start = n - t, start + t
+            plan.append((t, t, 0))
+            n, start, fed = n - t, start + t, fed + t
         return plan
 
     def feed(self, ids: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
@@ -162,16 +172,17 @@ class Steps:
         if start + n > self.cache_len:
             raise InputError(f"{start + n} tokens do not fit the static KV cache of {self.cache_len} positions")
         outs, at = [], 0
-        for size, count in self.plan(n, start):
-            chunk = ids[:, at:at + count]
-            if size > count:  # padding past the sequence: overwritten before it is ever read
-                chunk = torch.cat([chunk, chunk[:, -1:].expand(-1, size - count)], 1)
-            positions = torch.arange(start + at, start + at + size, device=self.device)
+        for size, count, back in self.plan(n, start):
+            chunk = ids[:, at - back:at + count]
+            if size > back + count:  # padding past the sequence: overwritten before it is ever read
+                chunk = torch.cat([chunk, chunk[:, -1:].expand(-1, size - back - count)], 1)
+            first = start + at - back
+            positions = torch.arange(first, first + size, device=self.device)
             logits = self.calls[size](chunk, positions, *self.kv_cache)
             if all_logits:
-                outs.append(logits[:, :count])
+                outs.append(logits[:, back:back + count])
             elif at + count == n:
-                outs.append(logits[:, count - 1])
+                outs.append(logits[:, back + count - 1])
             at += count
         return torch.cat(outs, 1) if all_logits else outs[-1]
 

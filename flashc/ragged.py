@@ -37,38 +37,47 @@ def feed_rows(steps: Steps, rows: list[list[int]], starts: list[int], *, all_log
     at = 0
     while at < longest:
         left = longest - at
-        size = _call_size(steps, [s + at for s, r, f in zip(starts, rows, finished) if not f], left)
+        size = _call_size(steps, [s for s, f in zip(starts, finished) if not f], at, left)
         ids = torch.zeros(batch, size, dtype=torch.long)
         pos = torch.zeros(batch, size, dtype=torch.long)
+        new_at = [0] * batch  # where row b's first new token sits in the call
         for b, (row, start) in enumerate(zip(rows, starts)):
-            chunk = row[at:at + size]
+            first = start + min(at, len(row))  # a row with no tokens left: padding right after its end
+            if first + size > cache_len:
+                # a live row's last call starts early and feeds its own tokens again (same tokens,
+                # same positions: same keys and values); a finished row's slots are never read again
+                first = cache_len - size
+            lo = first - start
+            chunk = row[lo:lo + size] if lo >= 0 else []
             fill = chunk[-1] if chunk else (row[-1] if row else 0)
             ids[b] = torch.tensor(chunk + [fill] * (size - len(chunk)))
-            first = start + at if chunk else start + len(row)  # padding only: right after the row's end
-            if finished[b] or first + size > cache_len:
-                first = min(first, cache_len - size)  # a finished row's slots are never read again
             pos[b] = torch.arange(first, first + size)
+            new_at[b] = start + at - first
         logits = steps.calls[size](ids.to(steps.device), pos.to(steps.device), *steps.kv_cache)
         for b, row in enumerate(rows):
-            count = max(0, min(size, len(row) - at))
+            count, off = max(0, min(size, len(row) - at)), new_at[b]
             if count and all_logits:
-                out[b].append(logits[b, :count])
+                out[b].append(logits[b, off:off + count])
             elif count and at + count == len(row):
-                out[b] = logits[b, count - 1]
+                out[b] = logits[b, off + count - 1]
         at += size
     return [torch.cat(o) if all_logits and o else (None if all_logits else o) for o in out]
 
 
-def _call_size(steps: Steps, starts: list[int], left: int) -> int:
-    """The step that feeds the most of `left` tokens in one call with every live row's slots
-    inside the cache: the smallest step covering them all if one fits, else the largest that
-    fits."""
-    limit = steps.cache_len - max(starts) if starts else steps.cache_len
+def _call_size(steps: Steps, starts: list[int], at: int, left: int) -> int:
+    """The step that feeds the most of `left` tokens (from offset `at` of rows starting at the
+    live rows' `starts`) in one call: the smallest covering them all whose slots stay inside the
+    cache, if need be by starting early over the rows' own tokens of this feed (a row may slide
+    back to its start), else the largest that fits from offset `at`."""
+    covering_limit = steps.cache_len - max(starts) if starts else steps.cache_len
+    covering = [t for t in steps.calls if left <= t <= covering_limit]
+    if covering:
+        return min(covering)
+    limit = steps.cache_len - max(starts) - at if starts else steps.cache_len
     fitting = [t for t in steps.calls if t <= limit]
     if not fitting:
         raise InputError(f"a sequence reached the end of the static KV cache ({steps.cache_len} positions)")
-    covering = [t for t in fitting if t >= left]
-    return min(covering) if covering else max(fitting)
+    return max(fitting)
 
 
 def generate_ragged(steps: Steps, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Sampling, *,

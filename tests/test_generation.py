@@ -166,11 +166,31 @@ def test_bad_input_is_refused_with_the_option_named(target, drafter):
 
 def test_plan_uses_the_fewest_calls_and_pads_only_inside_the_cache():
     steps = Steps({1: None, 5: None, 8: None}, [torch.zeros(1, 1, 20, 2)])
-    assert steps.plan(19, 0) == [(8, 8), (8, 8), (1, 1), (1, 1), (1, 1)]  # a padded 5 would reach 20
-    assert steps.plan(12, 0) == [(8, 8), (5, 4)]
-    assert steps.plan(4, 0) == [(5, 4)]
-    assert steps.plan(3, 17) == [(1, 1), (1, 1), (1, 1)]  # a padded call would run past position 19
-    assert steps.plan(4, 15) == [(5, 4)]
+    # (step size, new tokens, tokens fed again): a padded 5 would reach 20, so it starts 2 early
+    assert steps.plan(19, 0) == [(8, 8, 0), (8, 8, 0), (5, 3, 2)]
+    assert steps.plan(12, 0) == [(8, 8, 0), (5, 4, 0)]
+    assert steps.plan(4, 0) == [(5, 4, 0)]
+    # a padded call would run past position 19, and this feed wrote nothing before it to feed again
+    assert steps.plan(3, 17) == [(1, 1, 0), (1, 1, 0), (1, 1, 0)]
+    assert steps.plan(4, 15) == [(5, 4, 0)]
+    stateful = Steps({1: None, 5: None, 8: None}, [torch.zeros(1, 1, 20, 2)], stateful=True)
+    assert stateful.plan(19, 0) == [(8, 8, 0), (8, 8, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)]
+
+
+def test_a_prompt_tail_past_the_padding_room_is_one_call_that_feeds_tokens_again():
+    """A 1,000-token prompt in chunks of 512 with a cache of 1,016 positions: the 488-token
+    tail cannot be padded to 512 inside the cache, so it starts 24 tokens early (it was fed
+    a token a step: 488 decode calls)."""
+    model = zoo.build("llama-tiny", seed=0)
+    gm = compile_generation(model, "cpu", cache_len=20, batch=1, prefill_chunk=8, draft_len=None, level=3)
+    steps = gm.steps()
+    assert steps.plan(19, 0) == [(8, 8, 0), (8, 8, 0), (8, 3, 5)]
+    x = fresh_ids("llama-tiny", batch=1, seq_len=19)
+    with torch.no_grad():
+        ref = model(x).logits
+    torch.testing.assert_close(steps.feed(x, 0, all_logits=True), ref, rtol=1e-4, atol=1e-4)
+    prompt = x[:, :17]
+    assert torch.equal(gm.generate(prompt, 3), greedy_reference(model, prompt, 3))
 
 
 def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
@@ -373,6 +393,30 @@ def test_prompts_of_different_lengths_each_decode_as_alone(ragged_target):
         out, stats = gm.generate(prompts, 14, speculate=speculate, adaptive=False, return_stats=True)
         for got, prompt in zip(out, prompts):
             assert torch.equal(got, greedy_reference(model, prompt[None], 14)[0]), speculate
+
+
+def test_ragged_prompt_tails_past_the_padding_room_feed_their_own_tokens_again():
+    """Cache of 20, chunks of 8: a 19-token prompt's 3-token tail cannot be padded to 8 inside
+    the cache, so its last call starts 5 tokens early; the 10-token prompt beside it too."""
+    model = zoo.build("llama-tiny", seed=0)
+    gm = compile_generation(model, "cpu", cache_len=20, batch=2, prefill_chunk=8, draft_len=None, ragged=True,
+                            level=3)
+    from flashc.ragged import feed_rows
+    x = fresh_ids("llama-tiny", batch=1, seq_len=19)[0]
+    rows = [x.tolist(), x[:10].tolist()]
+    calls = []
+    steps = gm.steps()
+    steps.calls = {t: (lambda f, t=t: lambda *a: calls.append(t) or f(*a))(f) for t, f in steps.calls.items()}
+    logits = feed_rows(steps, rows, [0, 0], all_logits=True)
+    assert calls == [8, 8, 8]
+    with torch.no_grad():
+        ref = model(x[None]).logits[0]
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], ref[:10], rtol=1e-4, atol=1e-4)
+    prompts = [x[:17], x[:9]]
+    out = gm.generate(prompts, 3)
+    for got, prompt in zip(out, prompts):
+        assert torch.equal(got, greedy_reference(model, prompt[None], 3)[0])
 
 
 def test_each_sequence_keeps_its_own_drafts(ragged_target):

@@ -147,7 +147,7 @@ def test_decode_steps_match_the_full_forward_and_generate_matches_eager():
     assert gm.stateful
     steps = gm.steps()
     x = torch.randint(0, model.config.vocab_size, (2, 37))  # 2 chunks + a tail fed without padding
-    assert all(size == count for size, count in steps.plan(37, 0))
+    assert all(size == count and back == 0 for size, count, back in steps.plan(37, 0))
     logits = steps.feed(x, 0, all_logits=True)
     with torch.no_grad():
         ref = model(x).logits
