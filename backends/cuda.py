@@ -68,8 +68,17 @@ def _tune_attention(q, k, v, mask, is_causal, scale):
         _codegen("triton_attention").tune_attention(q, k, v, is_causal, scale)
 
 
+def _chunk_fits(q, k_cache, v_cache, cache_position) -> bool:
+    """Whether several new queries run the prefill kernel with per-query key bounds (a prompt
+    chunk, a verify step); else the reference, which computes the same numbers."""
+    return (q.shape[-1] == k_cache.shape[-1] == v_cache.shape[-1] and cache_position.dim() in (1, 2)
+            and cache_position.shape[-1] == q.shape[2])
+
+
 def _decode_attention(q, k_cache, v_cache, cache_position, scale):
-    if q.shape[2] != 1:  # several new queries per step: the reference handles the mask
+    if q.shape[2] != 1:  # several new queries per step: query i sees keys j <= cache_position[i]
+        if _chunk_fits(q, k_cache, v_cache, cache_position):
+            return _codegen("triton_attention").chunk_attention(q, k_cache, v_cache, cache_position, scale)
         return torch.ops.flashc.decode_attention.default(q, k_cache, v_cache, cache_position, scale)
     # key j is visible iff j <= position: length = position + 1, the same for every sequence
     return _codegen("triton_attention").decode_attention(q, k_cache, v_cache, cache_position.expand(q.shape[0]),
@@ -80,6 +89,8 @@ def _tune_decode_attention(q, k_cache, v_cache, cache_position, scale):
     if q.shape[2] == 1:
         lens = (cache_position + 1).expand(q.shape[0])
         _codegen("triton_attention").tune_decode_attention(q, k_cache, v_cache, lens, scale)
+    elif _chunk_fits(q, k_cache, v_cache, cache_position):
+        _codegen("triton_attention").tune_attention(q, k_cache, v_cache, True, scale, positions=cache_position)
 
 
 def _geglu(g, u, approximate):

@@ -23,6 +23,12 @@ exponentials are ``exp2`` (one MUFU op).  As in FA-2 sec. 3.1, key tiles entirel
 below the causal diagonal skip the mask, so only the diagonal tiles pay for it, and
 tiles entirely above it are never visited.
 
+Chunk -- :func:`chunk_attention` ``(q[B, Hq, S, D], k_cache[B, Hkv, Lmax, D], v_cache,
+positions[S] or [B, S], scale)``: the prefill kernel over a static KV cache, query ``i``
+seeing the slots ``j <= positions[b, i]`` (a prompt chunk or a speculative verify step,
+whose own keys are already in the cache).  Each query tile loads its positions and bounds
+its key loop by them on the GPU, so one CUDA graph serves every position.
+
 Decode -- :func:`decode_attention` ``(q[B, Hq, 1, D], k_cache[B, Hkv, Lmax, D],
 v_cache, seq_lens[B], scale)``: keys ``j < seq_lens[b]`` are valid.  With one query
 per head there is too little work per (batch, head) to fill the GPU, so the KV length
@@ -63,10 +69,12 @@ from ._triton_common import (
 __all__ = [
     "attention",
     "decode_attention",
+    "chunk_attention",
     "tune_attention",
     "tune_decode_attention",
     "reference_attention",
     "reference_decode_attention",
+    "reference_chunk_attention",
     "decode_num_splits",
 ]
 
@@ -143,7 +151,7 @@ if HAS_TRITON:
     def _attn_tiles(
         acc, l_i, m_i, q,
         K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-        offs_m, offs_d, lo, hi, L, D, qk_scale, causal_shift,
+        qpos, offs_d, lo, hi, L, D, qk_scale,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -153,7 +161,8 @@ if HAS_TRITON:
         """Online-softmax update over key tiles [lo, hi) (FlashAttention-2, Alg. 1 inner loop).
 
         MASKED=False is only used for tiles where every key is < L and visible to
-        every query of the tile, so it skips the mask and the -inf guards.
+        every query of the tile, so it skips the mask and the -inf guards. With CAUSAL,
+        key j is visible to query row r iff j <= qpos[r].
         """
         offs_n0 = tl.arange(0, BLOCK_N)
         d_ok = offs_d < D
@@ -178,7 +187,7 @@ if HAS_TRITON:
             if MASKED:
                 visible = n_ok[None, :]
                 if CAUSAL:
-                    visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                    visible = visible & (offs_n[None, :] <= qpos[:, None])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -210,9 +219,11 @@ if HAS_TRITON:
         sk_b, sk_h, sk_l, sk_d,
         sv_b, sv_h, sv_l, sv_d,
         so_b, so_h, so_s, so_d,
+        P, sp_b, sp_s,
         Hq, GROUP, S, L, D,
         qk_scale,
         CAUSAL: tl.constexpr,
+        HAS_POS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -221,7 +232,7 @@ if HAS_TRITON:
     ):
         """Program (query tile, b*Hq + h): O[b, h, tile] = softmax(Q K^T * scale) V for kv head h // GROUP."""
         pid_m = tl.program_id(0)
-        if CAUSAL:
+        if CAUSAL or HAS_POS:
             # Causal tiles near the end of the sequence have the most keys: start them first
             # so the long ones don't form the tail of the schedule.
             pid_m = tl.num_programs(0) - 1 - pid_m
@@ -248,7 +259,17 @@ if HAS_TRITON:
 
         full_L = (L // BLOCK_N) * BLOCK_N  # key tiles with no out-of-range key
         causal_shift = L - S  # bottom-right alignment: key j visible to query i iff j <= i + L - S
-        if CAUSAL:
+        if HAS_POS:
+            # Query i sits at position P[b, i] of a static cache and sees keys j <= P[b, i]
+            # (the CUDA graph replays one launch whatever the positions: bounds come from memory).
+            m_ok = offs_m < S
+            qpos = tl.load(P + b * sp_b + offs_m.to(tl.int64) * sp_s, mask=m_ok, other=-1).to(tl.int32)
+            lowest = tl.min(tl.where(m_ok, qpos, L), 0)
+            full_hi = tl.minimum(((tl.maximum(lowest, -1) + 1) // BLOCK_N) * BLOCK_N, full_L)
+            hi = tl.minimum(tl.max(qpos, 0) + 1, L)
+            hi = tl.maximum(hi, full_hi)
+        elif CAUSAL:
+            qpos = offs_m + causal_shift
             # Keys < m0 + shift + 1 are visible to every query of the tile.
             free = tl.maximum(m0 + causal_shift + 1, 0)
             full_hi = tl.minimum((free // BLOCK_N) * BLOCK_N, full_L)
@@ -256,17 +277,18 @@ if HAS_TRITON:
             hi = tl.minimum(tl.minimum(m0 + BLOCK_M, S) + causal_shift, L)
             hi = tl.maximum(hi, full_hi)
         else:
+            qpos = offs_m
             full_hi = full_L
             hi = L
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
-            offs_m, offs_d, 0, full_hi, L, D, qk_scale, causal_shift,
-            MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
+            qpos, offs_d, 0, full_hi, L, D, qk_scale,
+            MASKED=False, CAUSAL=CAUSAL or HAS_POS, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
         )
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, K_base, V_base, sk_l, sk_d, sv_l, sv_d,
-            offs_m, offs_d, full_hi, hi, L, D, qk_scale, causal_shift,
-            MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
+            qpos, offs_d, full_hi, hi, L, D, qk_scale,
+            MASKED=True, CAUSAL=CAUSAL or HAS_POS, BLOCK_N=BLOCK_N, IEEE=IEEE, EVEN_D=EVEN_D,
         )
         # Rows that saw no key have l = 0 and acc = 0: output 0.
         l_div = tl.where(l_i == 0.0, 1.0, l_i)
@@ -528,28 +550,44 @@ def _check_attention(q, k, v):
     check_devices(fn, _attn_fwd_kernel, [("q", q), ("k", k), ("v", v)])
 
 
-def _launch_attention(q, k, v, o, is_causal, scale, config):
+def _attention_key(q, k, is_causal, positions) -> dict:
+    B, Hq, S, D = q.shape
+    key = {"S": S, "L": k.shape[2], "D": D, "Hq": Hq, "Hkv": k.shape[1], "causal": bool(is_causal),
+           "dtype": _dtype_key(q)}
+    if positions is not None:
+        key["positions"] = True
+    return key
+
+
+def _launch_attention(q, k, v, o, is_causal, scale, config, positions=None):
     B, Hq, S, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     if o.numel() == 0:
         return
     profile = tuning.detect_profile(q.device)
     if config is None:
-        key = {"S": S, "L": L, "D": D, "Hq": Hq, "Hkv": Hkv, "causal": bool(is_causal), "dtype": _dtype_key(q)}
-        config = tuning.get_config("attention", key, profile, _attn_fits(D, q.dtype, profile))
+        config = tuning.get_config("attention", _attention_key(q, k, is_causal, positions), profile,
+                                   _attn_fits(D, q.dtype, profile))
     block_m, block_n = int(config["BLOCK_M"]), int(config["BLOCK_N"])
     if min(block_m, block_n) < 16:
         raise ValueError(f"attention: BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got config {config}")
     grid = (triton.cdiv(S, block_m), B * Hq)
     if grid[1] > _MAX_GRID_YZ:
         raise ValueError(f"attention: B*Hq = {grid[1]} exceeds the grid limit {_MAX_GRID_YZ}; split the batch")
+    if positions is None:
+        pos, pos_strides = q, (0, 0)  # unread (HAS_POS=False)
+    else:
+        pos = positions if positions.dim() == 2 else positions[None, :]
+        pos_strides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
     with device_guard(q.device):
         _attn_fwd_kernel[grid](
             q, k, v, o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            pos, *pos_strides,
             Hq, Hq // Hkv, S, L, D,
             float(scale) * _LOG2E,
-            CAUSAL=bool(is_causal),
+            CAUSAL=bool(is_causal) and positions is None,
+            HAS_POS=positions is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=max(16, next_pow2(D)),
@@ -589,18 +627,76 @@ def attention(
     return out
 
 
-def tune_attention(q, k, v, is_causal: bool = False, scale: float | None = None) -> dict:
+def tune_attention(q, k, v, is_causal: bool = False, scale: float | None = None, positions=None) -> dict:
     """Autotune (and cache) the prefill kernel on these example inputs; returns the winning config."""
     _check_attention(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    B, Hq, S, D = q.shape
-    key = {"S": S, "L": k.shape[2], "D": D, "Hq": Hq, "Hkv": k.shape[1], "causal": bool(is_causal), "dtype": _dtype_key(q)}
+    key = _attention_key(q, k, is_causal, positions)
     profile = tuning.detect_profile(q.device)
-    fits = _attn_fits(D, q.dtype, profile)
+    fits = _attn_fits(q.shape[-1], q.dtype, profile)
     cands = [c for c in tuning.candidates("attention", profile) if fits(c)] or tuning.candidates("attention", profile)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return tuning.autotune("attention", key, cands, lambda cfg: _launch_attention(q, k, v, o, is_causal, scale, cfg), profile)
+    return tuning.autotune("attention", key, cands,
+                           lambda cfg: _launch_attention(q, k, v, o, is_causal, scale, cfg, positions), profile)
+
+
+def _check_positions(fn: str, q: torch.Tensor, positions: torch.Tensor) -> None:
+    B, _, S, _ = q.shape
+    if positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device:
+        raise ValueError(f"{fn}: positions must be int32/int64 on {q.device}, got {positions.dtype} on "
+                         f"{positions.device}")
+    if tuple(positions.shape) not in ((S,), (B, S), (1, S)):
+        raise ValueError(f"{fn}: positions must have shape ({S},) or ({B}, {S}) for q {tuple(q.shape)}, "
+                         f"got {tuple(positions.shape)}")
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Several new queries against a static KV cache: the prefill kernel with query ``i`` of
+    batch row ``b`` seeing the cache slots ``j <= positions[b, i]`` (``positions[S]`` or
+    ``[B, S]``, any values: the slots of the chunk itself are written before this runs).
+
+    What ``flashc.decode_attention`` computes for a prompt chunk or a verify step; the key
+    bounds are read from ``positions`` on the GPU, so one CUDA graph serves every position.
+    """
+    _check_attention(q, k_cache, v_cache)
+    _check_positions("chunk_attention", q, positions)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        check_out("chunk_attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k_cache, v_cache))
+    _launch_attention(q, k_cache, v_cache, out, True, scale, config, positions)
+    return out
+
+
+def reference_chunk_attention(q, k_cache, v_cache, positions, scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch :func:`chunk_attention` (fp32 math; rows that see no slot give 0)."""
+    B, Hq, S, D = q.shape
+    L = k_cache.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    acc = _acc_dtype(q)
+    group = Hq // k_cache.shape[1]
+    kf = k_cache.to(acc).repeat_interleave(group, dim=1)
+    vf = v_cache.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # [B, Hq, S, L]
+    pos = positions.to(torch.int64).reshape(-1, S)
+    visible = torch.arange(L, device=q.device)[None, None, :] <= pos[:, :, None]  # [B or 1, S, L]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(visible.any(-1)[:, None, :, None], probs, torch.zeros((), dtype=acc, device=q.device))
+    return torch.matmul(probs, vf).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -124,6 +124,46 @@ def test_attention_gqa_equals_repeated_kv(device):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+# (B, Hq, Hkv, S, L, D): a chunk of S new queries over a static cache of L slots
+CHUNK_CASES = [
+    (1, 4, 2, 16, 40, 32),  # GQA 2, a prompt chunk in the middle of the cache
+    (2, 2, 1, 5, 37, 24),  # a verify step, D not a power of 2
+    (1, 8, 2, 33, 70, 64),  # several query and key tiles
+]
+
+
+@pytest.mark.parametrize("config", [SMALL, UNEVEN], ids=["16x16", "32x16"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_attention_sees_the_slots_up_to_each_position(device, dtype, case, config):
+    B, Hq, Hkv, S, L, D = case
+    seed("chunk", dtype, case)
+    q, k, v = qkv(B, Hq, Hkv, S, L, D, dtype, device)
+    start = L - S - 3
+    positions = torch.arange(start, start + S, device=device)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+    o = ta.chunk_attention(q, k, v, positions, out=out, config=config)
+    assert o is out and not torch.isnan(o).any()
+    ref = ta.reference_chunk_attention(q.double(), k.double(), v.double(), positions)
+    assert rel_err(o, ref) < TOL[dtype]
+    # the reference is attention over the live prefix with the bottom-right causal mask
+    live = start + S
+    prefix = ta.reference_attention(q.double(), k[:, :, :live].double(), v[:, :, :live].double(), True)
+    assert torch.allclose(ref, prefix)
+    # a position per sequence, not contiguous, some past each other: the bound is per query
+    per_row = torch.stack([torch.randperm(L, device=device)[:S] for _ in range(B)])
+    o = ta.chunk_attention(q, k, v, per_row, config=config)
+    assert rel_err(o, ta.reference_chunk_attention(q.double(), k.double(), v.double(), per_row)) < TOL[dtype]
+
+
+def test_chunk_attention_errors(device):
+    q, k, v = qkv(1, 2, 2, 4, 10, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        ta.chunk_attention(q, k, v, torch.arange(3, device=device))
+    with pytest.raises(ValueError, match="int32/int64"):
+        ta.chunk_attention(q, k, v, torch.arange(4, device=device).float())
+
+
 def test_attention_errors(device):
     q = torch.randn(1, 6, 4, 16, device=device)
     k = torch.randn(1, 4, 5, 16, device=device)
