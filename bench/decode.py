@@ -105,9 +105,12 @@ def _pruned_variants() -> dict:
     calibrated on flashc's built-in text read as bytes: random weights, so only the speed means anything)."""
     from flashc.passes.prune import PruneConfig
 
-    return {f"flashc-online{p}": (f"online-{p}%", PruneConfig(method="online", sparsity=p / 100,
-                                                           calibration_tokens=512, min_calibration_tokens=256))
-            for p in (40, 50)}
+    variants = {f"flashc-online{p}": (f"online-{p}%", PruneConfig(method="online", sparsity=p / 100,
+                                                               calibration_tokens=512, min_calibration_tokens=256))
+                for p in (40, 50)}
+    # 2:4 by magnitude (no calibration: only the speed of the 2:4 matmuls means anything here)
+    variants["flashc-2:4"] = ("magnitude-2:4", "magnitude-2:4")
+    return variants
 
 
 def profile_kernels(fn, out: Path, title: str, weight_bytes: float, bw: float, iters: int = 5) -> None:
@@ -307,9 +310,9 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
             torch._dynamo.reset()
             return forward(torch.compile(model))
 
-        def flashc_prefill(quantize=None):
+        def flashc_prefill(quantize=None, prune=None):
             def build():
-                cm = flashc.compile(model, "h100", (ids,), level=3, profile=profile, quantize=quantize)
+                cm = flashc.compile(model, "h100", (ids,), level=3, profile=profile, quantize=quantize, prune=prune)
                 kept["cm"] = cm
                 return lambda: cm.executable(ids)[0]
             return build
@@ -330,6 +333,10 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                     if "cm" in kept:
                         exe = kept.pop("cm").executable
                         profile_kernels(lambda: exe.run_eager(ids), out, f"{label} flashc {label_q} {case}", dense, bw)
+            if "flashc-2:4" in variants:  # 2:4 weights: the sparse tensor cores where they measure faster
+                label_p, spec = _pruned_variants()["flashc-2:4"]
+                _measure(rec, case, f"flashc h100 -O3 {label_p}", flashc_prefill(prune=spec), ref, floor_ms, prefill)
+                kept.pop("cm", None)
 
 
 def table(out: Path) -> str:
@@ -364,7 +371,8 @@ def main() -> int:
                    help="eager, compile, reduce-overhead, flashc, and the quantized flashc-int4 (int4-rtn, "
                         "group 128), flashc-int4-head (the output head too), flashc-int8 (int8-weight), flashc-w8a8 "
                         "(int8 weights and activations), flashc-fp8 (e4m3 weights and activations), flashc-online40 / "
-                        "flashc-online50 (online activation sparsity, sparse GEMVs)")
+                        "flashc-online50 (online activation sparsity, sparse GEMVs), flashc-2:4 (magnitude 2:4 "
+                        "weights: the sparse tensor cores for prefill where they measure faster)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this model

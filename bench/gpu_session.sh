@@ -11,6 +11,9 @@
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 #   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
+#   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
+#                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
+#   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -58,6 +61,17 @@ case "${1:-verify}" in
     step handwritten 560 python3 bench/handwritten_decode.py --out "$OUT" --timeout 110 \
       ${1:+--variants "$@"}
     ;;
+  prefill)  # one call: what session 10 built without a GPU, measured against bf16 in the same process
+    step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py"
+    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    (cd /tmp && step ttft 120 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
+    step sparse24 60 python3 bench/sparse24_shapes.py --out "$OUT"
+    step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
+      --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
+    ;;
+  ssm-profile)
+    step ssm_profile 300 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --profile
+    ;;
   int4)
     # from /tmp: in the repository root, ./flashc would shadow the installed package (no flashc.passes)
     step wq_tests 110 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gemv_wq.py $PWD/tests/codegen/test_triton_moe_wq.py"
@@ -96,5 +110,5 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, ssm-profile)"; exit 2 ;;
 esac

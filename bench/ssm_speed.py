@@ -52,6 +52,7 @@ def _parse(case: str) -> tuple[str, int, int]:
 
 
 DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (target cpu, timings meaningless)
+PROFILE = False  # --profile
 
 
 def _time(fn) -> float:
@@ -122,6 +123,12 @@ def run_case(case: str, models: dict, bw: float, out: Path, rows: list) -> None:
             if "floor_ms" in row:
                 row["x_floor"] = ms / row["floor_ms"]
             times[name] = ms
+            if PROFILE and kind == "decode" and DEVICE == "cuda":  # where the step's time goes, kernel by kernel
+                from decode import profile_kernels  # bench/decode.py
+
+                exe = cm.executable
+                profile_kernels(lambda: exe.run_eager(*inputs), out, f"{case} {name}", weight_bytes, bw)
+                exe = None
             cm = run = None  # free the compiled variant before the next one
         except Exception as e:  # a failed variant costs its row, not the run
             traceback.print_exc()
@@ -161,9 +168,10 @@ def main() -> int:
                    help=f"decode-bB-Nk or prefill-Nk (default: {' '.join(CASES)})")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the script")
+    p.add_argument("--profile", action="store_true", help="decode cases: a kernel profile per variant (kernels.md)")
     args = p.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, PROFILE
+    DEVICE, PROFILE = args.device, args.profile
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bw = measured_ceilings()[0] if DEVICE == "cuda" else 20e9
