@@ -11,6 +11,12 @@ Semantics are the ops' (flashc/quantized_ops.py): the int8 product is exact, so 
 equals the reference up to the fp32 epilogue's rounding; the fp8 product is summed in
 fp32 in another order than the reference's. Shapes the libraries cannot take (inner or
 output size not a multiple of 16) run the reference, which computes the same numbers.
+
+On CUDA the per-token quantization of the input and the int32 (or fp32) epilogue run as one
+Triton kernel each (codegen/quantize_rows.py, equal to the references bit for bit) instead of
+a PyTorch kernel per elementwise step (in a kernel profile of bench/decode.py's W8A8 prefill on an
+H100 those steps took longer than the int8 GEMM). Elsewhere, and for dtypes the kernels do not
+take, the references run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from flashc.quantized_ops import (
     _at, _finish, _rows, linear_fp8 as reference_fp8, linear_w8a8 as reference_w8a8, quantize_rows_fp8,
     quantize_rows_int8,
 )
+
+from ._triton_common import FLOAT_DTYPES, HAS_TRITON
+from .quantize_rows import dequantize_int32, quantize_rows
 
 __all__ = ["linear_w8a8", "linear_fp8", "moe_a8", "fits"]
 
@@ -41,18 +50,40 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
                                               (0, 0, 0, rows - t.shape[0])).view(t.dtype)
 
 
+def _fused(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the fused kernels of codegen/quantize_rows.py run: CUDA tensors of fp32, fp16 or bf16."""
+    present = [t for t in tensors if t is not None]
+    return HAS_TRITON and present[0].is_cuda and all(t.dtype in FLOAT_DTYPES for t in present)
+
+
+def _quantized_input(x: torch.Tensor, input_scale: Optional[torch.Tensor], kind: str,
+                     per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (times the smoothing input_scale) -> (codes [M, K], fp32 scales), as the ops quantize it."""
+    if _fused(x, input_scale):
+        return quantize_rows(x.reshape(-1, x.shape[-1]), kind, input_scale, per_token)
+    rows = _rows(x, input_scale)
+    return quantize_rows_int8(rows) if kind == "int8" else quantize_rows_fp8(rows, per_token)
+
+
+def _dequantized(acc: torch.Tensor, x_scale: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                 x: torch.Tensor) -> torch.Tensor:
+    """The ops' epilogue (`_finish`) of an [M, N] int32 or fp32 accumulator, shaped as x's rows."""
+    if _fused(x, w_scales, bias):
+        return dequantize_int32(acc, x_scale, w_scales, bias, x.dtype).reshape(*x.shape[:-1], -1)
+    return _finish(acc.float(), x_scale, w_scales, bias, x)
+
+
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
                 input_scale: Optional[torch.Tensor]) -> torch.Tensor:
     n, k = qweight.shape
     if not fits(k, n):
         return reference_w8a8(x, qweight, w_scales, bias, input_scale)
-    rows = _rows(x, input_scale)
-    xq, x_scale = quantize_rows_int8(rows)
+    xq, x_scale = _quantized_input(x, input_scale, "int8")
     m = xq.shape[0]
     padded = max(m, ALIGN + 1)  # cuBLASLt's int8 GEMM takes more than 16 rows
     padded += (-padded) % 8
     acc = torch._int_mm(_pad_rows(xq, padded), qweight.t())[:m]
-    return _finish(acc.float(), x_scale, w_scales, bias, x)
+    return _dequantized(acc, x_scale, w_scales, bias, x)
 
 
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
@@ -60,8 +91,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
     n, k = qweight.shape
     if not fits(k, n):
         return reference_fp8(x, qweight, w_scales, bias, input_scale, per_token)
-    rows = _rows(x, input_scale)
-    xq, x_scale = quantize_rows_fp8(rows, per_token)
+    xq, x_scale = _quantized_input(x, input_scale, "fp8", per_token)
     m = xq.shape[0]
     padded = m + (-m) % ALIGN
     xq = _pad_rows(xq, padded)
@@ -74,7 +104,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
         return y.reshape(*x.shape[:-1], n)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     acc = torch._scaled_mm(xq, qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:m]
-    return _finish(acc, x_scale, w_scales, bias, x)
+    return _dequantized(acc, x_scale, w_scales, bias, x)
 
 
 def moe_a8(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_input_scale, down_qweight, down_scales,
