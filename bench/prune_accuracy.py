@@ -6,7 +6,7 @@
 Each pruned model is compiled by flashc.compile(..., prune=PruneConfig, calibration=the
 built-in calibration text) for the cpu target at -O2 and scored by flashc.evaluation:
 sliding-window perplexity on the committed evaluation texts (prose, code), as
-bench/quant_accuracy.py scores quantization. With --recover-steps N, each weight-pruning spec
+bench/quant_accuracy.py scores quantization. With --recover-steps N, each spec with recovery (weights, FFN channels, experts)
 gets a second row: the same pruning followed by N steps of recovery distillation
 (`recover=DistillConfig(steps=N)`: the pruned weights trained against the unpruned model on
 the calibration text, one window of --window tokens a step).
@@ -109,13 +109,13 @@ def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps
                  seconds=time.perf_counter() - t)]
     print(f"dense: {rows[0]['seconds']:.0f} s", flush=True)
     from flashc.distill import DistillConfig
-    from flashc.passes.prune.config import WEIGHT_METHODS
+    from flashc.passes.prune.config import RECOVERABLE
 
     runs = []
     for spec in specs:
         config = replace(PruneConfig.parse(spec), experts=experts)
         runs.append((config.spec, config))
-        if recover_steps and config.method in WEIGHT_METHODS:
+        if recover_steps and config.method in RECOVERABLE:
             runs.append((f"{config.spec} + recovery ({recover_steps} steps)",
                          replace(config, recover=DistillConfig(steps=recover_steps, lr=3e-4))))
     for label, config in runs:
@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--no-experts", action="store_true", help="leave the MoE experts dense (PruneConfig's default)")
     ap.add_argument("--recover-steps", type=int, default=None,
-                    help="also run each weight-pruning spec with N steps of recovery distillation")
+                    help="also run each spec with recovery (weights, ffn, experts) with N steps of recovery distillation")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared 2-core machine 1 thread was 10-50x faster than 2)")
     args = ap.parse_args()

@@ -972,7 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
                         "online-40%%, ffn-25%%, heads-25%%, experts-2 (see PruneConfig)")
     c.add_argument("--recover-steps", type=POSITIVE, default=None, metavar="N",
-                   help="after --prune (magnitude, wanda, sparsegpt, experts): N steps distilling the pruned weights "
+                   help="after --prune (magnitude, wanda, sparsegpt, ffn, experts): N steps distilling the pruned weights "
                         "against the unpruned model on the calibration text")
     c.add_argument("--recover-plot", default=None, metavar="FILE.png", help="--recover-steps: the loss curve")
     c.add_argument("--recover-checkpoint", default=None, metavar="DIR",

@@ -13,7 +13,7 @@ from flashc.errors import FlashcError, closest_names
 # MoE experts removed (smaller dense weights)
 METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn", "heads", "experts")
 WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
-RECOVERABLE = (*WEIGHT_METHODS, "experts")  # passes that distil their new weights (recover.py)
+RECOVERABLE = (*WEIGHT_METHODS, "ffn", "experts")  # passes that distil their new weights (recover.py)
 MAX_SPARSITY = 0.95
 
 # Specs accepted by PruneConfig.parse, with what they mean (X a percentage, N:M a pattern).

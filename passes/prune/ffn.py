@@ -79,6 +79,7 @@ class PruneFfnChannels:
         self.progress = progress
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        teacher = program.clone() if self.config.recover is not None else None  # the unpruned graph and weights
         mutations = MutationInfo.of(program.graph)
         ffns, skipped = self._plan(program, mutations)
         details = [s.detail() for s in skipped]
@@ -96,6 +97,10 @@ class PruneFfnChannels:
         details += rows
         details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
                     for w in self.calibration.warnings]
+        if teacher is not None:  # the narrower weights distilled against the unpruned program
+            from flashc.passes.prune.recover import recover_pruned
+
+            details += recover_pruned(program, teacher, self.config, self.calibration, self.progress)
         before = sum(r["params_before"] for r in rows)
         after = sum(r["params_after"] for r in rows)
         stats = {"ffns": len(ffns), "skipped": len(skipped), "params_before": before, "params_after": after,

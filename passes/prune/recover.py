@@ -1,6 +1,7 @@
 """Recovery after pruning: the pruned program distilled against the program before pruning.
 
-The pruned weights (the new parameters the pruning pass wrote) are trained with flashc's one
+The pruned weights (the new parameters the pruning pass wrote: masked copies for unstructured
+and N:M pruning, narrower matrices for FFN channels, fewer experts) are trained with flashc's one
 training loop (`flashc.distill.train`) on the calibration text: the loss is the KL divergence
 of the pruned program's next-token distribution from the unpruned one's, both run as the
 optimized graphs they are (`flashc.distill.program_forward`). Pruned weights stay zero (their

@@ -84,6 +84,8 @@ def test_count_and_recovery_are_checked():
         PruneConfig(method="experts", count=-1)
     with pytest.raises(FlashcError, match="recovery distillation is not built for head pruning"):
         PruneConfig(method="heads", sparsity=0.25, recover=DistillConfig(steps=1))
-    with pytest.raises(FlashcError, match=r"recovery distillation is built for magnitude, wanda, sparsegpt, experts"):
-        PruneConfig(method="ffn", recover=DistillConfig(steps=1))
+    with pytest.raises(FlashcError, match=r"recovery distillation is built for magnitude, wanda, sparsegpt, ffn, "
+                                          r"experts"):
+        PruneConfig(method="online", sparsity=0.4, recover=DistillConfig(steps=1))
+    assert PruneConfig(method="ffn", sparsity=0.25, recover=DistillConfig(steps=1)).recover.steps == 1
     assert PruneConfig(method="experts", count=1, recover=DistillConfig(steps=1)).recover.steps == 1

@@ -157,3 +157,23 @@ def test_compile_and_artifact_keep_the_smaller_weights(tiny_models, tmp_path):
     assert loaded.program.params["p_model_layers_0_mlp_down_proj_weight_pruned"].shape == (128, 192)
     ids = fresh_ids("llama-tiny", seq_len=64)
     assert torch.equal(loaded(ids).logits, cm(ids).logits)
+
+
+def test_recovery_trains_the_narrower_weights_and_reports_perplexity(tiny_models):
+    """ffn-X% with recover=: the kept channels are distilled against the unpruned program."""
+    from flashc.distill import DistillConfig
+
+    model = tiny_models["llama-tiny"]
+    program = capture(model, zoo.example_inputs("llama-tiny", seq_len=32), {"use_cache": False})
+    PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
+    original = {n: p.clone() for n, p in program.params.items()}
+    record = prune(program, small(recover=DistillConfig(steps=3, lr=1e-3)), tokens(2048))
+    rows = [d for d in record.details if d.get("op") == "recovery"]
+    assert rows and any("held-out perplexity" in d["note"] for d in rows)
+    down = program.params["p_model_layers_0_mlp_down_proj_weight_pruned"]
+    assert down.shape == (128, 192)
+    # trained: no longer the kept columns of the original weight
+    assert not (down.t().unsqueeze(1) == original["p_model_layers_0_mlp_down_proj_weight"].t().unsqueeze(0)).all(
+        -1).any(1).all()
+    ids = fresh_ids("llama-tiny", seq_len=32)
+    assert torch.isfinite(program(ids).logits).all()
