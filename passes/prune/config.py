@@ -47,8 +47,9 @@ class PruneConfig:
     error compensation, blocked), "online" (TEAL, arXiv:2408.14690: each linear's input
     zeroed below a magnitude threshold, per-layer sparsities allocated greedily under the
     model-wide target), "ffn" (structured: FFN intermediate channels of least Wanda-style
-    importance removed), "heads" (query heads of least Wanda-style importance on o_proj's input
-    removed before capture, `passes/prune/heads.py`) or "experts" (the MoE experts that
+    importance removed), "heads" (query heads removed before capture, `passes/prune/heads.py`:
+    the layers that lose them chosen by measured damage, each layer's removal alone against the
+    unpruned logits; inside a layer, the heads of least Wanda-style importance on o_proj's input) or "experts" (the MoE experts that
     received the least routing weight on the calibration text removed, with their router
     rows, `passes/prune/experts.py`). sparsity: the fraction to remove (0-0.95); with n_m = (N, M), at
     most N nonzeros in every M consecutive inputs of a row (sparsity 1 - N/M; NVIDIA's 2:4).

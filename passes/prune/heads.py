@@ -21,10 +21,17 @@ with x o_proj's input (the attention's per-head outputs) over the calibration te
 * With grouped-query attention (kv heads < q heads) only QUERY heads go, the same number
   in every group of a layer, so key/value heads, `repeat_kv` and the KV cache (a user's
   cache layout) stay as they are. heads-X% removes floor(X * layers * group size) query
-  heads per group position over the model: every layer loses floor(X * group size) per
-  group, and the remaining ones go, one per group, to the layers whose next heads matter
-  least (each layer's scores as shares of its total, so layers compare). A group keeps at
-  least one query head.
+  heads per group position over the model, in units of "one more query head from every
+  group of one layer" (within a group, the heads of least score go first). How many units
+  each layer gives is MEASURED, not read from the scores: every candidate (layer i losing
+  k heads per group, that layer alone) is applied to the model (o_proj's input zeroed on
+  those heads' channels, which is exactly what removing them computes) and its damage, the
+  mean KL divergence of the logits from the unpruned model's over the first DAMAGE_TOKENS
+  calibration tokens, recorded; units then go greedily to the layer whose next unit adds
+  the least measured damage. Scores alone misallocate: they compare heads within a layer,
+  but their shares of a layer's total say nothing about how much that layer matters to the
+  output (on mixtral-ref the shares were all near 0.4-0.5 and picked other layers than the
+  least damaging ones, bench/RESULTS.md, session 9). A group keeps at least one query head.
 * Without GQA (as many kv heads as q heads) a query head is its own group: dropping it
   drops its key and value heads too, so the KV cache shrinks. That is done only when every
   layer drops the same number (floor(X * heads)), with the model's config updated
@@ -55,6 +62,11 @@ from flashc.passes.quantize.calibration import CalibrationData
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 WINDOW = 256  # calibration tokens per window (shorter when the model has fewer positions)
+# Calibration tokens each candidate removal's damage is measured on, run BATCH windows at a
+# time (a batch's logits are held four times over, as log-probabilities, probabilities and their
+# differences: 2 x 255 x 49152 floats each on mixtral-ref, 100 MB).
+DAMAGE_TOKENS = 2048
+BATCH = 2
 
 
 @dataclass
@@ -108,7 +120,8 @@ class HeadsResult:
                   else f"kv heads {r['kv_heads_before']} -> {r['kv_heads_after']}")
             rows.append([r["layer"], f"{r['heads_before']} -> {r['heads_after']} query heads ({kv}), dropped "
                          f"{r['dropped'] or 'none'}, importance removed {r['importance_removed']:.1%}, "
-                         f"q/k/v/o {human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}"])
+                         f"q/k/v/o {human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}"
+                         + _damage_text(r.get("damage", []))])
         before = sum(r["bytes_before"] for r in self.layers)
         after = sum(r["bytes_after"] for r in self.layers)
         cache = ("KV cache unchanged" if all(r["kv_heads_before"] == r["kv_heads_after"] for r in self.layers)
@@ -213,15 +226,80 @@ def prune_heads(model: nn.Module, config: PruneConfig | str, calibration: Calibr
     pruned = copy.deepcopy(model)
     sites = head_sites(pruned)
     scores, described = head_scores(pruned, sites, calibration.tokens, config, progress)
-    keep = _kept_heads(sites, scores, plan)
-    result = HeadsResult(pruned, config, calibration=f"{calibration.description}: {described}",
+    order = _order(sites, scores)
+    damage, measured = {}, ""
+    if plan.choice:  # the layers could give their heads in more than one way: measure each candidate
+        candidates = {(i, k): _dropped(order[i], k) for i in range(len(sites)) for k in range(1, sites[0].group)}
+        damage, measured = measure_damage(pruned, sites, candidates, calibration.tokens, config, progress)
+    per_layer = _allocate(plan, len(sites), sites[0].group, damage)
+    result = HeadsResult(pruned, config, calibration=f"{calibration.description}: {described}" + measured,
                          warnings=list(calibration.warnings))
-    for site, score, heads in zip(sites, scores, keep):
-        result.layers.append(_rewrite(site, score, heads))
+    for i, (site, score) in enumerate(zip(sites, scores)):
+        dropped = set(_dropped(order[i], per_layer[i]))
+        row = _rewrite(site, score, [h for h in range(site.heads) if h not in dropped])
+        row["damage"] = [{"per_group": k, **damage[i, k]} for k in range(1, site.group) if (i, k) in damage]
+        result.layers.append(row)
     result.config_note = _update_config(pruned, sites)
     _check_runs(pruned, sites, calibration.tokens)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def measure_damage(model: nn.Module, sites: list[HeadSite], candidates: dict[tuple[int, int], list[int]],
+                   tokens: torch.Tensor, config: PruneConfig, progress: bool = True
+                   ) -> tuple[dict[tuple[int, int], dict], str]:
+    """What each candidate removal does to the model, that layer alone: candidates maps
+    (layer, heads per group) to the query heads that layer would lose. Each is applied by
+    zeroing o_proj's input on those heads' channels (what the removal computes) and scored on
+    the first DAMAGE_TOKENS calibration tokens against the unpruned model: "kl", the mean
+    KL(unpruned || pruned) of the next-token distributions, and "loss_increase", the relative
+    increase of the next-token loss (with "heads", the candidate's). Returns them and a
+    description for the report."""
+    window = _window(model)
+    tokens = tokens.reshape(-1)[: min(config.calibration_tokens, DAMAGE_TOKENS)]
+    count = max(1, tokens.numel() // window)
+    window = min(window, tokens.numel())
+    device = next(model.parameters()).device
+    batches = tokens[: count * window].reshape(count, window).to(device).split(BATCH)
+    keys = sorted(candidates)
+    masks = {}
+    for i, k in keys:
+        d = sites[i].head_dim
+        mask = torch.ones(sites[i].attention.o_proj.in_features, device=device)
+        for h in candidates[i, k]:
+            mask[h * d:(h + 1) * d] = 0
+        masks[i, k] = mask
+    kl = dict.fromkeys(keys, 0.0)
+    loss = dict.fromkeys([None, *keys], 0.0)
+    positions = 0
+    bar = tqdm(total=len(batches) * (len(keys) + 1), desc="heads: damage per layer", unit="run",
+               disable=not progress)
+    with torch.no_grad(), bar:
+        for ids in batches:
+            reference = torch.log_softmax(_logits(model, ids)[:, :-1].float(), -1)
+            probs = reference.exp().flatten()
+            targets = ids[:, 1:].unsqueeze(-1)
+            loss[None] -= float(reference.gather(-1, targets).sum())
+            bar.update()
+            for i, k in keys:
+                handle = sites[i].attention.o_proj.register_forward_pre_hook(
+                    lambda module, args, mask=masks[i, k]: (args[0] * mask.to(args[0].dtype),))
+                try:
+                    logp = torch.log_softmax(_logits(model, ids)[:, :-1].float(), -1)
+                finally:
+                    handle.remove()
+                # KL(p || q) = sum p (log p - log q), as one dot product: the difference of the two sums
+                # (p log p - p log q) cancels to a few digits in float32 when the removal does little
+                kl[i, k] += float(torch.dot(probs, (reference - logp).flatten()))
+                loss[i, k] -= float(logp.gather(-1, targets).sum())
+                bar.update()
+            positions += targets.numel()
+    damage = {key: {"heads": candidates[key], "kl": kl[key] / positions, "loss_increase": loss[key] / loss[None] - 1}
+              for key in keys}
+    described = (f"; damage of each of {len(keys)} candidate removals (one layer alone) measured on "
+                 f"{count * window} tokens in {count} windows of {window}: KL of the logits from the unpruned "
+                 "model's")
+    return damage, described
 
 
 # ---------------------------------------------------------------------------- choice
@@ -229,14 +307,14 @@ def prune_heads(model: nn.Module, config: PruneConfig | str, calibration: Calibr
 
 @dataclass
 class _Plan:
-    per_group: int  # query heads every group of every layer loses (GQA), or heads per layer (no GQA)
-    extra: int  # layers that lose one more query head per group (GQA only)
+    units: int  # GQA: query heads per group position removed over all layers; no GQA: heads every layer loses
+    choice: bool  # whether the units can be spread over the layers in more than one way (measured if so)
 
 
 def _plan(sites: list[HeadSite], config: PruneConfig) -> _Plan:
     site = sites[0]
     layers, group = len(sites), site.group
-    if group == 1:  # no GQA: a query head is its own key/value group
+    if group == 1:  # no GQA: a query head is its own key/value group, and every layer keeps the same count
         drop = pruned_count(config.sparsity, site.heads)
         if config.sparsity > 0 and drop == 0:
             raise FlashcError(f"pruning {config.spec}: {site.heads} heads per layer (no grouped-query attention, "
@@ -244,39 +322,49 @@ def _plan(sites: list[HeadSite], config: PruneConfig) -> _Plan:
                               f"to none; the smallest step is heads-{100 / site.heads:.4g}%")
         if drop >= site.heads:
             raise FlashcError(f"pruning {config.spec} would remove every head of each layer; keep at least one")
-        return _Plan(drop, 0)
+        return _Plan(drop, choice=False)
     total = pruned_count(config.sparsity, layers * group)  # query heads per group position, over all layers
-    base, extra = divmod(total, layers)
     if config.sparsity > 0 and total == 0:
         raise FlashcError(f"pruning {config.spec}: {layers} layers with groups of {group} query heads per key/value "
                           f"head; {config.sparsity:.0%} of them rounds to no head (heads are removed one per group "
                           f"of a layer at a time); the smallest step is heads-{100 / (layers * group):.4g}%")
-    if base + (extra > 0) >= group:
+    if total > layers * (group - 1):
         raise FlashcError(f"pruning {config.spec} would remove every query head of a group of {group} (each "
                           f"key/value head keeps at least one query head): ask for at most "
                           f"heads-{100 * (group - 1) / group:.4g}%")
-    return _Plan(base, extra)
+    return _Plan(total, choice=0 < total < layers * (group - 1))
 
 
-def _kept_heads(sites: list[HeadSite], scores: list[torch.Tensor], plan: _Plan) -> list[list[int]]:
-    """The query heads each layer keeps (ascending)."""
+def _order(sites: list[HeadSite], scores: list[torch.Tensor]) -> list[list[list[int]]]:
+    """Per layer, per group (without GQA: one group of all heads), its query heads by ascending score."""
     site = sites[0]
-    if site.group == 1:
-        return [sorted(_by_score(score)[plan.per_group:]) for score in scores]
-    # per layer, per group: heads by ascending score; a layer's next unit is the next head of every group
-    order = [[_by_score(s, range(g * site.group, (g + 1) * site.group)) for g in range(site.kv_heads)]
-             for s in scores]
-    if plan.extra:
-        share = [s / s.sum() if s.sum() > 0 else torch.zeros_like(s) for s in scores]
-        cost = [sum(float(share[i][groups[plan.per_group]]) for groups in order[i]) for i in range(len(sites))]
-        extra = set(sorted(range(len(sites)), key=lambda i: (cost[i], i))[: plan.extra])
-    else:
-        extra = set()
-    keep = []
-    for i, groups in enumerate(order):
-        drop = plan.per_group + (i in extra)
-        keep.append(sorted(h for g in groups for h in g[drop:]))
-    return keep
+    size = site.heads if site.group == 1 else site.group
+    return [[_by_score(s, range(g * size, (g + 1) * size)) for g in range(site.heads // size)] for s in scores]
+
+
+def _dropped(groups: list[list[int]], count: int) -> list[int]:
+    """The heads a layer loses when `count` go from each of its groups (least score first)."""
+    return sorted(h for g in groups for h in g[:count])
+
+
+def _allocate(plan: _Plan, layers: int, group: int, damage: dict[tuple[int, int], dict]) -> list[int]:
+    """Heads each layer loses per group. Without GQA, plan.units everywhere; with it, plan.units
+    units given one at a time to the layer whose next unit adds the least measured damage (KL
+    with k+1 heads per group gone minus with k; ties to the earlier layer); with no choice to
+    make (none or all units), the same count everywhere."""
+    if group == 1:
+        return [plan.units] * layers
+    if not plan.choice:
+        return [plan.units // layers] * layers
+    taken = [0] * layers
+
+    def added(i: int) -> float:
+        return damage[i, taken[i] + 1]["kl"] - (damage[i, taken[i]]["kl"] if taken[i] else 0.0)
+
+    for _ in range(plan.units):
+        i = min((i for i in range(layers) if taken[i] < group - 1), key=lambda i: (added(i), i))
+        taken[i] += 1
+    return taken
 
 
 def _by_score(score: torch.Tensor, heads=None) -> list[int]:
@@ -369,6 +457,20 @@ def _check_runs(model: nn.Module, sites: list[HeadSite], tokens: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _damage_text(damage: list[dict]) -> str:
+    """A report row's measured damage: KL and loss increase per heads-per-group removed."""
+    if not damage:
+        return ""
+    runs = "; ".join(f"{d['per_group']} per group ({d['heads']}): KL {d['kl']:.4g}, loss {d['loss_increase']:+.2%}"
+                     for d in damage)
+    return f"; damage measured with this layer alone pruned: {runs}"
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = _run(model, ids)
+    return out.logits if hasattr(out, "logits") else out
 
 
 def _run(model: nn.Module, ids: torch.Tensor):

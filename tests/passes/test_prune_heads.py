@@ -1,6 +1,7 @@
 """Attention-head pruning: the pruned model computes what the model with those query heads
 (and, without GQA, their key/value heads) removed by hand computes, the least important heads
-go first, dropping none changes nothing, the KV cache keeps its layout under GQA, a decode
+go first, the layers that lose heads are the least damaging by measurement (not by score
+shares), dropping none changes nothing, the KV cache keeps its layout under GQA, a decode
 step compiles and generates, and what cannot be pruned is refused naming the layer."""
 
 import copy
@@ -15,6 +16,7 @@ from flashc import zoo
 from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
 from flashc.errors import FlashcError
 from flashc.passes.prune import PruneConfig, prune_heads
+from flashc.passes.prune.heads import _allocate, _Plan, head_scores, head_sites
 from flashc.passes.quantize import CalibrationData
 
 SEQ = 32
@@ -103,9 +105,80 @@ def test_heads_with_no_output_go_first(tiny_models):
     # heads-25% of 2 layers x groups of 2: one layer loses one head per group, the one whose heads matter least
     quarter = prune_heads(model, small("heads-25%"), calibration(), progress=False)
     assert [r["dropped"] for r in quarter.layers] == [[0, 3], []]
+    assert quarter.layers[0]["damage"] == [{"per_group": 1, "heads": [0, 3], "kl": 0.0, "loss_increase": 0.0}]
+    assert quarter.layers[1]["damage"][0]["kl"] > 0
     assert quarter.config_note.startswith("config.num_attention_heads left at 4")
     assert quarter.model.model.layers[1].self_attn.num_key_value_groups == 2
     assert quarter.model.model.layers[0].self_attn.num_key_value_groups == 1
+
+
+def test_layers_are_chosen_by_measured_damage_not_score_shares(tiny_models):
+    model = copy.deepcopy(tiny_models["llama-tiny"])
+    d = model.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(0.01)  # layer 0 barely writes to the residual
+        o = model.model.layers[1].self_attn.o_proj.weight  # layer 1 writes a lot, heads 1 and 3 least of it
+        o[:, d:2 * d].mul_(0.25)
+        o[:, 3 * d:].mul_(0.25)
+        o.mul_(10)
+    config = small("heads-25%")
+    sites = head_sites(model)
+    scores, _ = head_scores(model, sites, token_ids(), config, progress=False)
+    lowest_share = [sum(float(min(s[2 * g:2 * g + 2])) for g in range(2)) / float(s.sum()) for s in scores]
+    assert lowest_share[1] < 0.6 * lowest_share[0]  # by score shares layer 1 would lose its heads
+    result = prune_heads(model, config, calibration(), progress=False)
+    kl = [r["damage"][0]["kl"] for r in result.layers]
+    assert kl[0] < 0.01 * kl[1]  # measured, layer 0 is the one to prune
+    assert [r["dropped"] for r in result.layers][1] == [] and len(result.layers[0]["dropped"]) == 2
+    assert "damage measured with this layer alone pruned: 1 per group" in result.rows()[0][1]
+
+
+def kl_and_loss(reference, model, ids: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(reference || model) of the next-token distributions, in float64, and the
+    relative increase of the next-token loss."""
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids, use_cache=False).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(model(ids, use_cache=False).logits[:, :-1].double(), -1)
+    targets = ids[:, 1:].unsqueeze(-1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    return kl, float(q.gather(-1, targets).sum() / p.gather(-1, targets).sum()) - 1
+
+
+def test_the_least_damaging_layers_go_and_damage_is_what_removal_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # layers of clearly different weight in the output
+        for layer, scale in zip(model.model.layers, (1.0, 0.2, 3.0, 0.5)):
+            layer.self_attn.o_proj.weight.mul_(scale)
+    result = prune_heads(model, small("heads-25%"), calibration(), progress=False)  # 2 of 4 layers lose 1 per group
+    kl = [r["damage"][0]["kl"] for r in result.layers]
+    least = sorted(sorted(range(4), key=lambda i: kl[i])[:2])
+    assert [i for i, r in enumerate(result.layers) if r["dropped"]] == least
+    # each measurement is what removing that candidate's heads from that layer alone computes, on the first
+    # calibration windows (512 tokens: 4 windows of the model's 128 positions)
+    ids = token_ids()[:512].reshape(4, 128)
+    for i, r in enumerate(result.layers):
+        damage = r["damage"][0]
+        alone = by_hand(model, [damage["heads"] if j == i else [] for j in range(4)])
+        want_kl, want_loss = kl_and_loss(model, alone, ids)
+        assert damage["kl"] == pytest.approx(want_kl, rel=1e-3)
+        assert damage["loss_increase"] == pytest.approx(want_loss, rel=1e-3, abs=1e-6)
+        assert len(damage["heads"]) == 2 and {h // 2 for h in damage["heads"]} == {0, 1}
+        if r["dropped"]:
+            assert r["dropped"] == damage["heads"]
+
+
+def test_units_go_to_the_least_added_damage():
+    # groups of 4: a layer can lose 1-3 heads per group; what a unit costs is the damage it adds
+    damage = {(0, 1): 0.10, (0, 2): 0.15, (0, 3): 1.0, (1, 1): 0.12, (1, 2): 0.5, (1, 3): 0.6}
+    damage = {k: {"kl": v} for k, v in damage.items()}
+    taken = [_allocate(_Plan(units, choice=True), 2, 4, damage) for units in (1, 2, 3, 4, 5)]
+    assert taken == [[1, 0], [2, 0], [2, 1], [2, 2], [2, 3]]
+    assert _allocate(_Plan(6, choice=False), 2, 4, {}) == [3, 3]
 
 
 def test_decode_step_keeps_the_cache_layout_and_generates(tiny_models):
