@@ -4,7 +4,9 @@ rest, and the whole forward replayed as one CUDA graph.
 The backend's late passes (`cuda_rewrites`, run by the PassManager) turn decode-sized
 matmuls (a few rows) into `flashc.gemv` ops that also do the RMSNorm before them, the
 activation and the residual add after them, and a decode step's rotary + cache writes
-into one `flashc.rotary_kv_write`; larger matmuls stay on cuBLAS through torch. Lowering
+into one `flashc.rotary_kv_write`; larger matmuls stay on cuBLAS through torch, except those
+with 2:4-pruned weights (`cuda_semi_structured`: `flashc.linear_24`, on the sparse tensor cores
+where tuning measured them faster). Lowering
 copies that graph, moves weights to the GPU and points each flashc op of the `KERNELS`
 table at its generated kernel (flashc.codegen). The first call autotunes each generated kernel on the shapes it meets,
 the GEMVs against the unfused cuBLAS path (results cached on disk and saved in the
@@ -155,12 +157,17 @@ KERNELS: dict[str, Kernel] = {
     "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
     "flashc.sparse_gemv": Kernel(lambda *args: _codegen("triton_sparse_gemv").sparse_gemv(*args),
                                  lambda *args: _codegen("triton_sparse_gemv").tune_sparse_gemv(*args)),
+    # 2:4-pruned prefill linears (backends/cuda_semi_structured.py): sparse tensor cores where measured faster
+    "flashc.linear_24": Kernel(lambda *args: _codegen("semi_structured").linear_24(*args),
+                               lambda *args: _codegen("semi_structured").tune_linear_24(*args)),
     # weight-only quantized linears (passes/quantize) read their packed weights directly
     "flashc.linear_wq": Kernel(lambda *args: _codegen("triton_gemv_wq").linear_wq(*args), _tune_linear_wq),
     "flashc.moe_wq": Kernel(lambda *args: _codegen("triton_moe_wq").moe_wq(*args),
                             lambda *args: _codegen("triton_moe_wq").tune_moe_wq(*args)),
-    # weights and activations quantized (passes/quantize: SmoothQuant W8A8, FP8): int8 / fp8 library GEMMs
-    "flashc.linear_w8a8": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8(*args)),
+    # weights and activations quantized (passes/quantize: SmoothQuant W8A8, FP8): int8 / fp8 library GEMMs;
+    # prefill's W8A8 products on the fused int8 GEMM (codegen/int8_matmul.py) where tuning measured it faster
+    "flashc.linear_w8a8": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8(*args),
+                                 lambda *args: _codegen("quantized_matmul").tune_linear_w8a8(*args)),
     "flashc.linear_fp8": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8(*args)),
     "flashc.moe_a8": Kernel(lambda *args: _codegen("quantized_matmul").moe_a8(*args)),
     # AQLM (passes/quantize/aqlm.py): codes and codebooks read directly for decode, dequantized for prefill
@@ -189,11 +196,14 @@ class CudaBackend:
 
     def late_passes(self, profile: HardwareProfile, options: CudaOptions) -> list:
         from flashc.backends.cuda_rewrites import FuseKvWrites, FuseSmallMatmuls, FuseSparseMatmuls
+        from flashc.backends.cuda_semi_structured import FuseSemiStructuredMatmuls
 
         # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why);
-        # sparsified inputs' linears become sparse GEMVs before the rest become dense ones
+        # sparsified inputs' linears become sparse GEMVs before the rest become dense ones; of the
+        # larger ones, those with 2:4-pruned weights may run on the sparse tensor cores
         max_rows = _codegen("triton_gemv").MAX_ROWS
-        return [FuseKvWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows)]
+        return [FuseKvWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows),
+                FuseSemiStructuredMatmuls(max_rows)]
 
     def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,
               save_tuning: Callable[[bytes], None] | None = None):

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ["ir", "ops", "pass_manager", "rewrite", "profiles", "errors", "aliasing", "capture", "checking", "lowering",
-        "options", "serialize", "artifact", "cost_model", "quantized_ops", "sparse_ops"]
+        "options", "serialize", "artifact", "cost_model", "quantized_ops", "sparse_ops",
+        "semi_structured_ops"]
 PLUG_INS = ("flashc.passes", "flashc.backends", "flashc.codegen")
 
 
