@@ -16,7 +16,9 @@ On CUDA the per-token quantization of the input and the int32 (or fp32) epilogue
 Triton kernel each (codegen/quantize_rows.py, equal to the references bit for bit) instead of
 a PyTorch kernel per elementwise step (in a kernel profile of bench/decode.py's W8A8 prefill on an
 H100 those steps took longer than the int8 GEMM). Elsewhere, and for dtypes the kernels do not
-take, the references run.
+take, the references run. From `int8_matmul.MIN_ROWS` rows (prefill) the W8A8 product runs what
+tuning measured fastest for the shape (codegen/int8_matmul.py): a Triton int8 GEMM with the
+epilogue fused, or the library GEMM and the epilogue kernel; both equal the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from flashc.quantized_ops import (
     quantize_rows_int8,
 )
 
+from . import int8_matmul as int8
 from ._triton_common import FLOAT_DTYPES, HAS_TRITON
 from .quantize_rows import dequantize_int32, quantize_rows
 
-__all__ = ["linear_w8a8", "linear_fp8", "moe_a8", "fits"]
+__all__ = ["linear_w8a8", "tune_linear_w8a8", "linear_fp8", "moe_a8", "fits"]
 
 ALIGN = 16  # rows, inner and output sizes the fp8 GEMM takes; int8 also needs more than 16 rows
 
@@ -73,17 +76,37 @@ def _dequantized(acc: torch.Tensor, x_scale: torch.Tensor, w_scales: torch.Tenso
     return _finish(acc.float(), x_scale, w_scales, bias, x)
 
 
+def _int8_fused(x: torch.Tensor, m: int, w_scales: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the product goes to codegen/int8_matmul.py (its tuned choice: the fused GEMM or the
+    library path): prefill-sized inputs the fused kernels take. Decode-sized ones stay on the library."""
+    return m >= int8.MIN_ROWS and _fused(x, w_scales, bias)
+
+
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
                 input_scale: Optional[torch.Tensor]) -> torch.Tensor:
     n, k = qweight.shape
     if not fits(k, n):
         return reference_w8a8(x, qweight, w_scales, bias, input_scale)
     xq, x_scale = _quantized_input(x, input_scale, "int8")
-    m = xq.shape[0]
-    padded = max(m, ALIGN + 1)  # cuBLASLt's int8 GEMM takes more than 16 rows
-    padded += (-padded) % 8
-    acc = torch._int_mm(_pad_rows(xq, padded), qweight.t())[:m]
+    if _int8_fused(x, xq.shape[0], w_scales, bias):
+        return int8.int8_matmul(xq, qweight, x_scale, w_scales, bias, x.dtype).reshape(*x.shape[:-1], n)
+    acc = int8.int_mm(xq, qweight)  # cuBLASLt: rows padded to more than 16, a multiple of 8
     return _dequantized(acc, x_scale, w_scales, bias, x)
+
+
+def tune_linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                     input_scale: Optional[torch.Tensor]) -> Optional[dict]:
+    """The CUDA backend's tuning step for flashc.linear_w8a8 (before any CUDA graph is captured):
+    on inputs `linear_w8a8` sends to codegen/int8_matmul.py, measure its tiles against the library
+    path on these inputs' codes and cache the fastest. Returns that choice, or None where the
+    shape takes no tuned path (decode-sized inputs, the reference's shapes)."""
+    n, k = qweight.shape
+    if not fits(k, n):
+        return None
+    xq, x_scale = _quantized_input(x, input_scale, "int8")
+    if not _int8_fused(x, xq.shape[0], w_scales, bias):
+        return None
+    return int8.tune_int8_matmul(xq, qweight, x_scale, w_scales, bias, x.dtype)
 
 
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],

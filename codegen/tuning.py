@@ -265,6 +265,40 @@ _GEMV_WQ_ROWS = _cfgs(
     {"library": True},
 )
 
+# Prefill W8A8 GEMM with its epilogue fused (codegen/int8_matmul): BLOCK_M x BLOCK_N output tiles,
+# BLOCK_K int8 codes (bytes) a step, GROUP_M row tiles sharing weight tiles in L2. K-steps of 128
+# bytes fill a 128-byte shared-memory swizzle row. Offline compiles (Triton 3.9): every Hopper tile
+# below is an s8 wgmma loop with no spills (115-204 registers, 64-144 KiB of shared memory); on
+# sm_80/89 (mma.sync) 128-row tiles of 4 warps, or of 8 warps 256 wide, spill 0.5 KiB a thread,
+# so those lists leave them out. The library path (torch._int_mm, then the dequantize kernel) comes
+# first: a shape nobody measured runs what ran before this kernel; a tile that does not fit the
+# profile's shared memory is skipped (int8_matmul._fits).
+_INT8_MM_HOPPER = _cfgs(
+    {"library": True},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+)
+_INT8_MM_AMPERE = _cfgs(
+    {"library": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+)
+_INT8_MM_SMALL = _cfgs(
+    {"library": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+)
+
 TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
     "h100": {
         "rms_norm": _NORM_FAST,
@@ -279,6 +313,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "gemv_rows": _GEMV_ROWS,
         "gemv_wq": _GEMV_WQ,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
+        "int8_matmul": _INT8_MM_HOPPER,
     },
     "h200": {
         "rms_norm": _NORM_FAST,
@@ -293,6 +328,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "gemv_rows": _GEMV_ROWS,
         "gemv_wq": _GEMV_WQ,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
+        "int8_matmul": _INT8_MM_HOPPER,
     },
     "a100": {
         "rms_norm": _NORM_FAST,
@@ -307,6 +343,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "gemv_rows": _GEMV_ROWS,
         "gemv_wq": _GEMV_WQ,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
+        "int8_matmul": _INT8_MM_AMPERE,
     },
     "l4": {
         "rms_norm": _NORM_SMALL,
@@ -321,6 +358,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "gemv_rows": _GEMV_ROWS,
         "gemv_wq": _GEMV_WQ,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
+        "int8_matmul": _INT8_MM_SMALL,
     },
     "default": {
         "rms_norm": _NORM_SMALL,
@@ -335,6 +373,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "gemv_rows": _GEMV_ROWS,
         "gemv_wq": _GEMV_WQ,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
+        "int8_matmul": _INT8_MM_SMALL,
     },
 }
 
