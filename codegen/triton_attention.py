@@ -123,23 +123,11 @@ def reference_decode_attention(
 ) -> torch.Tensor:
     """Plain PyTorch single-query attention over the first ``seq_lens[b]`` cache entries of each batch row.
 
-    A row with ``seq_lens[b] == 0`` gives 0.  Lengths are clamped to ``[0, Lmax]``.
+    A row with ``seq_lens[b] == 0`` gives 0.  Lengths are clamped to ``[0, Lmax]``.  The query of
+    row ``b`` sits at position ``seq_lens[b] - 1``: :func:`reference_chunk_attention` with one query.
     """
-    B, Hq, _, D = q.shape
-    Lmax = k_cache.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    acc = _acc_dtype(q)
-    group = Hq // k_cache.shape[1]
-    kf = k_cache.to(acc).repeat_interleave(group, dim=1)
-    vf = v_cache.to(acc).repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # [B, Hq, 1, Lmax]
-    lens = seq_lens.to(torch.int64).clamp(0, Lmax).to(q.device)
-    valid = torch.arange(Lmax, device=q.device)[None, :] < lens[:, None]  # [B, Lmax]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(valid.any(-1)[:, None, None, None], probs, torch.zeros((), dtype=acc, device=q.device))
-    return torch.matmul(probs, vf).to(q.dtype)
+    lens = seq_lens.to(torch.int64).clamp(0, k_cache.shape[2]).to(q.device)
+    return reference_chunk_attention(q, k_cache, v_cache, (lens - 1)[:, None], scale)
 
 
 # ---------------------------------------------------------------------------
