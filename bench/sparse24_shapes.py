@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import cuda_time  # noqa: E402  (same folder)
 
 HIDDEN, QKV, MLP = 4096, 6144, 14336  # llama-3-8b
 SHAPES = [("qkv", QKV, HIDDEN), ("o_proj", HIDDEN, HIDDEN), ("gate|up", 2 * MLP, HIDDEN), ("down_proj", HIDDEN, MLP)]
@@ -44,19 +47,8 @@ def parse_args(argv=None):
 
 
 def event_us(fn, warmup: int, iters: int) -> float:
-    """Median microseconds of fn() between two CUDA events, over iters calls after warmup."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median microseconds of fn() between two CUDA events (bench/gpu_bench.py's timer)."""
+    return cuda_time(fn, warmup, iters) * 1e3
 
 
 def prune_2_4(w: torch.Tensor) -> torch.Tensor:
