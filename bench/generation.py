@@ -16,7 +16,9 @@ Two parts, each a table printed and appended to OUT/generation.md (rows to gener
   sentence to continue). Variants: flashc plain decoding, flashc ngram (adaptive and fixed
   draft length), flashc draft:mixtral-ref (flashc's 19M MoE, same tokenizer; trained on
   Python, so a weak drafter for prose), flashc layerskip:E for each --layerskip exit E (the
-  target's first E layers draft), and Hugging Face generate() on the eager model, plain and
+  target's first E layers draft), flashc head (adaptive and fixed) with --head DIR (a draft
+  head from `flashc train-draft smollm2-135m -o DIR`, flashc.draft_head), and Hugging Face
+  generate() on the eager model, plain and
   (batch 1) with prompt_lookup_num_tokens and with assistant_model=mixtral-ref. Every flashc
   greedy output is checked token for token against flashc's plain output; the HF rows say
   whether HF's output matched it too.
@@ -155,8 +157,13 @@ def bench_speculate(args, device: str) -> None:
         print(f"speculate: skipped, smollm2-135m's weights are not here ({e})", flush=True)
         return
     batch, k, cache_len = args.batch, args.draft_len, args.cache_len
+    head = None
+    if args.head is not None:  # a draft head from `flashc train-draft smollm2-135m -o DIR`: the entries then
+        from flashc.draft_head import load_draft_head  # return hidden states too (for every row, plain included)
+
+        head = load_draft_head(args.head)
     gm = compile_generation(model, args.target, cache_len=cache_len, batch=batch, prefill_chunk=args.chunk,
-                            draft_len=k, tokenizer="smollm2-135m", progress=True)
+                            draft_len=k, tokenizer="smollm2-135m", progress=True, draft_head=head)
     drafters, draft_eager = {}, None
     if not args.no_draft_model:
         draft_model, _ = pretrained.load_mixtral_ref(dtype=dtype)
@@ -179,6 +186,9 @@ def bench_speculate(args, device: str) -> None:
         variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
                     ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
         variants += [(f"flashc {name}", {"speculate": d}) for name, d in drafters.items()]
+        if head is not None:
+            variants += [("flashc head (adaptive)", {"speculate": "head"}),
+                         ("flashc head (k fixed)", {"speculate": "head", "adaptive": False})]
         totals = {name: [0.0, 0, 0, 0, True] for name, _ in variants}  # seconds, tokens, kept, drafted, identical
         hf = {"HF generate (eager)": {}}
         if batch == 1:  # transformers' assisted generation takes one sequence
@@ -280,6 +290,8 @@ def main() -> None:
     ap.add_argument("--passage-words", type=int, default=90)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--no-draft-model", action="store_true")
+    ap.add_argument("--head", default=None, metavar="DIR",
+                    help="speculate: add rows drafting with this draft head (flashc train-draft smollm2-135m -o DIR)")
     ap.add_argument("--layerskip", type=int, nargs="*", default=[],
                     help="exit layers to try as self-speculation drafts (smollm2-135m has 30 layers)")
     args = ap.parse_args()

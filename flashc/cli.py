@@ -1,4 +1,4 @@
-"""The flashc command line: targets, compile, run, generate, inspect, eval, export.
+"""The flashc command line: targets, compile, run, generate, train-draft, inspect, eval, export.
 
 Every failure the user can act on (a bad option, path or size, a model spec whose code
 fails) ends as one line on stderr, `flashc: error: ...`, with exit status 2. The user's
@@ -105,6 +105,14 @@ def _compile_generation(args) -> int:
     """`flashc compile MODEL --signature generate`: decode, prefill and verify entries."""
     from flashc.generation import compile_generation
 
+    head = None
+    if args.draft_head is not None:
+        from flashc.draft_head import load_draft_head
+
+        if not Path(args.draft_head).is_dir():
+            raise FlashcError(f"--draft-head {args.draft_head}: no such directory; train a head with `flashc "
+                              f"train-draft {args.model} -o {args.draft_head}`")
+        head = load_draft_head(args.draft_head)  # a bad head directory fails before the compile
     model, source, tokenizer = _model_for_generation(args)
     with _user_code(args.model, "capturing the model"):
         gm = compile_generation(model, args.target, cache_len=args.cache_len, batch=args.batch,
@@ -113,7 +121,7 @@ def _compile_generation(args) -> int:
                                 source=source, tokenizer=tokenizer, progress=True, level=args.level,
                                 profile=args.profile, numeric_check=args.numeric_check,
                                 quantize=_quantize_option(args), calibration=args.calibration,
-                                prune=_prune_option(args), ssm=_ssm_option(args))
+                                prune=_prune_option(args), ssm=_ssm_option(args), draft_head=head)
     print(gm.decode.report().render())
     print(gm.describe())
     if args.report_json:
@@ -135,7 +143,7 @@ def _entry_size(given: int | None) -> int | str | None:
 
 def _generation_options_unused(args) -> None:
     for option, value in (("--prefill-chunk", args.prefill_chunk), ("--draft-len", args.draft_len),
-                          ("--ragged", args.ragged or None)):
+                          ("--ragged", args.ragged or None), ("--draft-head", args.draft_head)):
         if value is not None:
             raise FlashcError(f"{option} applies to --signature generate (the entries it compiles); add "
                               "--signature generate --cache-len N or drop it")
@@ -163,6 +171,37 @@ def _model_for_generation(args):
         _require_causal_lm(model, args.model)
     _check_positions(model, args.model, "--cache-len", args.cache_len)
     return model, source, tokenizer  # a model with random weights has no tokenizer: ids in, ids out
+
+
+def cmd_train_draft(args) -> int:
+    """`flashc train-draft MODEL -o HEAD_DIR`: train a draft head (flashc.draft_head) on the
+    calibration text, print its held-out agreement with the model, save it."""
+    from flashc.compiled import ModelSource
+    from flashc.draft_head import train_draft_head
+    from flashc.models import is_factory
+    from flashc.passes.quantize.calibration import calibration_for_model
+
+    kind = "factory" if is_factory(args.model) else "zoo"
+    if kind == "zoo":
+        entry = _zoo_entry(args.model, "a zoo name or path/to/file.py:factory")
+        if entry.family in ENCODER_FAMILIES:
+            raise FlashcError(f"train-draft: {args.model} is an encoder ({entry.family}), not a causal LM: it drafts "
+                              "nothing")
+    source = ModelSource(kind, args.model, args.dtype, args.seed, 1, 16, "prefill", 0)
+    model, _ = _eager_model(source)
+    _require_causal_lm(model, args.model)
+    data = calibration_for_model(args.calibration, model, source)
+    if data.tokens is None:
+        raise FlashcError(f"train-draft: --calibration {args.calibration}: give text or token ids, not "
+                          f"{data.description}")
+    print(f"calibration: {data.description}")
+    with _user_code(args.model, "running the model"):
+        head = train_draft_head(model, data.tokens, steps=args.steps, lr=args.lr, context=args.context,
+                                checkpoint_dir=args.checkpoint, seed=args.seed)
+    print(head.training_report.summary())
+    print(f"draft head written to {head.save(args.output)}; use it with `flashc compile {args.model} --signature "
+          f"generate --cache-len N --draft-head {args.output}` and `flashc generate DIR --speculate head`")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -889,6 +928,16 @@ def _int_at_least(low: int, meaning: str):
 
 
 POSITIVE = _int_at_least(1, "a positive integer")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return value
 NON_NEGATIVE = _int_at_least(0, "0 or more")
 
 
@@ -962,6 +1011,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draft-len", type=NON_NEGATIVE, default=None,
                    help="generate: the most drafted tokens a speculative round verifies (default 4; 0: no verify "
                         "entry)")
+    c.add_argument("--draft-head", default=None, metavar="HEAD_DIR",
+                   help="generate: a draft head from `flashc train-draft`, saved with the artifact, for "
+                        "`flashc generate --speculate head`")
     c.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
                    help="also write the compile report as JSON to FILE (replaced atomically)")
     c.add_argument("--quantize", default=None, metavar="SCHEME",
@@ -1042,12 +1094,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--speculate", default=None, metavar="ngram|draft:ARTIFACT|layerskip:E",
-                   help="speculative decoding: prompt lookup, a smaller compiled model with the same tokenizer, or "
-                        "the model's own first E layers (compiled on first use from the artifact's source model)")
+    g.add_argument("--speculate", default=None, metavar="ngram|head|draft:ARTIFACT|layerskip:E",
+                   help="speculative decoding: prompt lookup, the artifact's draft head (compiled with --draft-head), "
+                        "a smaller compiled model with the same tokenizer, or the model's own first E layers "
+                        "(compiled on first use from the artifact's source model)")
     g.add_argument("--draft-len", type=POSITIVE, default=None, help="the most drafts a round (default: the artifact's)")
     g.add_argument("--json", action="store_true", help="print one JSON object (output, ids, stats)")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train-draft", help="train a draft head on the model's last hidden state (--speculate head)")
+    t.add_argument("model", help="zoo name (a causal LM) or path/to/file.py:factory")
+    t.add_argument("-o", "--output", type=_artifact_output, required=True, metavar="HEAD_DIR",
+                   help="directory to write the head to")
+    t.add_argument("--steps", type=POSITIVE, default=300, help="training steps (default 300)")
+    t.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW's peak learning rate (default 3e-3)")
+    t.add_argument("--context", type=_int_at_least(16, "16 or more"), default=256,
+                   help="tokens per forward of the model when collecting its hidden states (default 256)")
+    t.add_argument("--calibration", default=None, metavar="builtin|FILE",
+                   help="training text: flashc's built-in text (default), a text or .safetensors file of token ids")
+    t.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="training checkpoints here; the same command again resumes")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.set_defaults(func=cmd_train_draft)
 
     x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")
     x.add_argument("artifact")

@@ -15,6 +15,10 @@ release tracks cache lengths; the fusion pipeline turns that attention into
 `flashc.decode_attention`. transformers passes a ready-made 4-D mask to the attention
 unchanged, so the step gives it in the form the model's attention implementation reads
 (`MASK_FORMS`): SDPA takes it as boolean, eager and flex attention add it to the scores.
+
+With hidden=True the step also returns the model's last hidden state [B, T, H], what its
+output embedding (the LM head) reads, for drafters that work on the target's features
+(flashc.draft_head).
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from flashc.errors import CaptureError
 
 
 class DecodeStep(torch.nn.Module):
-    """model(input_ids, cache_position, *kv_cache) -> logits, updating kv_cache in place."""
+    """model(input_ids, cache_position, *kv_cache) -> logits, updating kv_cache in place;
+    with hidden=True -> (logits, last_hidden), last_hidden [B, T, H] being the LM head's input."""
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, hidden: bool = False) -> None:
         super().__init__()
         self.model = model
         self.max_cache_len = max_cache_len
         self.config = model.config
+        self.hidden = hidden
 
     def input_names(self) -> list[str]:
         """Names of the flat inputs, for the compiled model's signature."""
@@ -69,13 +75,29 @@ class DecodeStep(torch.nn.Module):
             visible = decode_mask(cache_position, self.max_cache_len)[None, None].expand(batch, 1, steps, -1)
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         mask = attention_mask_for(self.model, visible)
+        seen: list[torch.Tensor] = []
+        hook = None
+        if self.hidden:  # the head's own input, whatever the model calls it (hidden_states[-1] is not
+            # the normed state in every family): lm_head(last_hidden) is then the logits by construction
+            head = self.model.get_output_embeddings()
+            if head is None:
+                raise CaptureError(f"hidden=True: {type(self.model).__name__} has no output embeddings "
+                                   "(get_output_embeddings() is None), so there is no LM head input to return")
+            hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         try:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              cache_position=cache_position, past_key_values=cache, use_cache=True)
         finally:
             for layer in states.values():
                 layer.bind_state(None)
-        return out.logits
+            if hook is not None:
+                hook.remove()
+        if not self.hidden:
+            return out.logits
+        if len(seen) != 1 or seen[0].shape[:2] != input_ids.shape:
+            raise CaptureError(f"hidden=True: the LM head of {type(self.model).__name__} ran {len(seen)} time(s) "
+                               "or not on every token; the step returns one hidden state per token fed")
+        return out.logits, seen[0]
 
 
 # How each attention implementation of transformers reads a ready-made 4-D mask, as its

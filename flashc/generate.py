@@ -114,7 +114,10 @@ class Steps:
 
     stateful: the cache holds recurrent states (state-space layers of the attention-to-SSM
     rewrite), which every token fed changes for good: no call is then padded past the
-    sequence, and cache_len (positions) must be given, the states having none."""
+    sequence, and cache_len (positions) must be given, the states having none.
+
+    last_hidden, last_positions: the last call's hidden states [B, T, H] (the LM head's input)
+    and the positions it fed [T], when its entry returns them (flashc.draft_head reads them)."""
 
     def __init__(self, calls: dict[int, Step], kv_cache: Sequence[torch.Tensor], cache_len: int | None = None,
                  stateful: bool = False) -> None:
@@ -124,6 +127,8 @@ class Steps:
         self.kv_cache = list(kv_cache)
         self.stateful = stateful
         self._cache_len = cache_len
+        self.last_hidden: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None
 
     @property
     def cache_len(self) -> int:

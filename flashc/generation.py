@@ -4,6 +4,7 @@
     gm.generate(prompt_ids, max_new_tokens=64)                     # prefill, then decode
     gm.generate(prompt_ids, 64, speculate="ngram")                 # prompt lookup
     gm.generate(prompt_ids, 64, speculate=draft_gm)                # a smaller compiled model drafts
+    gm.generate(prompt_ids, 64, speculate="head")                  # compiled with draft_head= (flashc.draft_head)
     gm.generate("Once upon a time", 64)                            # text, with the model's tokenizer
     gm.save("out/gen"); flashc.load("out/gen")
 
@@ -35,6 +36,7 @@ from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.generate import GenerationStats, Sampling, Steps, check_sampling, generate, generate_rounds
 
 ENTRIES = ("decode", "prefill", "verify")
+DRAFT_HEAD_DIR = "draft_head"  # a generation artifact's draft head (flashc.draft_head), when it has one
 GENERATION_KIND = "generation"
 
 
@@ -45,7 +47,7 @@ DEFAULT_DRAFT_LEN = 4
 def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len: int, batch: int = 1,
                        prefill_chunk: int | None | str = "auto", draft_len: int | None | str = "auto",
                        source: ModelSource | None = None, tokenizer: str | None = None, ragged: bool = False,
-                       progress: bool = False, **compile_kwargs: Any) -> "GenerationModel":
+                       progress: bool = False, draft_head=None, **compile_kwargs: Any) -> "GenerationModel":
     """Compile a Hugging Face causal LM's decode step at 1, prefill_chunk and draft_len + 1 tokens.
 
     cache_len: positions of the static KV cache (prompt + new tokens must fit). prefill_chunk:
@@ -55,7 +57,9 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     None: no verify entry, no speculation). tokenizer: the zoo model whose tokenizer the model
     uses, for text in and out. ragged: a position per sequence (cache_position [batch, T]), so a
     batch holds prompts of different lengths and each sequence keeps its own drafts
-    (flashc.ragged). compile_kwargs go to flashc.compile for every entry (level,
+    (flashc.ragged). draft_head: a flashc.draft_head.DraftHead for this model: the entries then
+    return their hidden states too, and generate(..., speculate="head") drafts with it; it is
+    saved with the model. compile_kwargs go to flashc.compile for every entry (level,
     profile, quantize, calibration, prune, verify, ...).
     """
     from flashc.api import compile as compile_model
@@ -91,7 +95,14 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     if ragged and state_layers(model):
         raise InputError("ragged=True: this model has state-space layers, and ragged batches feed padding through "
                          "the steps that would change their states; compile it without ragged")
-    step = DecodeStep(model, cache_len)
+    if draft_head is not None:
+        from flashc.draft_head import check_head_fits
+
+        if ragged:
+            raise InputError("draft_head: ragged batches (a position per sequence) do not draft with a head yet; "
+                             "compile without ragged=True, or without draft_head")
+        check_head_fits(draft_head, model)
+    step = DecodeStep(model, cache_len, hidden=draft_head is not None)
     base = source or ModelSource("module", type(model).__name__)
     entries = {}
     items = list(sizes.items())
@@ -106,7 +117,7 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     share_weights(entries)
     if rewrite is not None:
         entries["decode"].rewrites = {"attention -> SSM": rewrite.rows()}
-    return GenerationModel(entries, tokenizer=tokenizer)
+    return GenerationModel(entries, tokenizer=tokenizer, draft_head=draft_head)
 
 
 def share_weights(entries: dict[str, CompiledModel]) -> int:
@@ -137,7 +148,7 @@ def share_weights(entries: dict[str, CompiledModel]) -> int:
 class GenerationModel:
     """Compiled entry points of one causal LM and the KV cache they share; see the module docstring."""
 
-    def __init__(self, entries: dict[str, CompiledModel], tokenizer: str | None = None) -> None:
+    def __init__(self, entries: dict[str, CompiledModel], tokenizer: str | None = None, draft_head=None) -> None:
         unknown = set(entries) - set(ENTRIES)
         if "decode" not in entries or unknown:
             raise InputError(f"a generation model has entries {', '.join(ENTRIES)} with decode among them; "
@@ -157,6 +168,9 @@ class GenerationModel:
         self._steps: Steps | None = None
         self.last_stats: GenerationStats | None = None  # what the last generate() call did (report())
         self._drafts: dict[str, GenerationModel] = {}  # drafts compiled on demand ('layerskip:E')
+        self.draft_head = None  # a flashc.draft_head.DraftHead bound to the decode entry's weights
+        if draft_head is not None:
+            self.attach_draft_head(draft_head)
 
     @classmethod
     def from_decode(cls, cm: CompiledModel) -> "GenerationModel":
@@ -224,9 +238,32 @@ class GenerationModel:
             on_gpu = get_target(self.decode.target).backend().name == "cuda" and torch.cuda.is_available()
             device = "cuda" if on_gpu else "cpu"
             cache = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.decode.inputs[2:]]
-            calls = {cm.inputs[0].shape[1]: _step_call(cm) for cm in self.entries.values()}
-            self._steps = Steps(calls, cache, cache_len=self.cache_len, stateful=self.stateful)
+            steps = None
+
+            def record(hidden: torch.Tensor, positions: torch.Tensor) -> None:
+                steps.last_hidden, steps.last_positions = hidden, positions
+
+            calls = {cm.inputs[0].shape[1]: _step_call(cm, record) for cm in self.entries.values()}
+            steps = self._steps = Steps(calls, cache, cache_len=self.cache_len, stateful=self.stateful)
         return self._steps
+
+    @property
+    def returns_hidden(self) -> bool:
+        """Whether every entry returns its hidden states beside the logits (what a draft head reads)."""
+        return all(_returns_hidden(cm) for cm in self.entries.values())
+
+    def attach_draft_head(self, head) -> None:
+        """Use `head` (a flashc.draft_head.DraftHead) for speculate="head": bound to the decode
+        entry's embedding and LM head, where the entries run. The entries must return their
+        hidden states (compile_generation(..., draft_head=...) compiles them so)."""
+        if not self.returns_hidden:
+            raise InputError("draft head: this model's entries do not return hidden states; compile it with "
+                             "compile_generation(..., draft_head=head) or `flashc compile ... --signature generate "
+                             "--draft-head DIR`")
+        if head.config.vocab_size != self.vocab_size:
+            raise InputError(f"draft head: made for {head.config.vocab_size} tokens, this model has {self.vocab_size}")
+        device = self.steps().device if self._steps is not None else _entry_device(self.decode)
+        self.draft_head = head.bind_program(self.decode.program, device)
 
     # -- generation -------------------------------------------------------------------
 
@@ -245,7 +282,8 @@ class GenerationModel:
         token (its generation config's, as Hugging Face's generate), or for text the tokenizer's;
         ignore_eos generates max_new_tokens. A tokenizer's output (input_ids and attention_mask)
         is taken too: each row's unpadded tokens are one prompt (a padded batch needs a ragged model),
-        returned as a list like a list of prompts. speculate: None, "ngram" (prompt lookup), "draft:ARTIFACT" or a
+        returned as a list like a list of prompts. speculate: None, "ngram" (prompt lookup), "head" (the
+        draft head compiled in: compile_generation(..., draft_head=)), "draft:ARTIFACT" or a
         GenerationModel with the same tokenizer (a smaller model drafts); speculation needs
         the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
         picks the draft length each round from measured acceptance and step times, and plain
@@ -422,10 +460,21 @@ class GenerationModel:
             drafter = ModelDrafter(speculate.steps(), self._check_drafter(speculate))
         elif speculate == "ngram":
             drafter = NgramDrafter()
+        elif speculate == "head":
+            from flashc.draft_head import HeadDrafter
+
+            if self.draft_head is None:
+                raise InputError("speculate='head': this model has no draft head; train one with `flashc train-draft "
+                                 "MODEL -o HEAD_DIR` (or flashc.draft_head.train_draft_head) and compile with "
+                                 "`--draft-head HEAD_DIR` (compile_generation(..., draft_head=head))")
+            if self.ragged:
+                raise InputError("speculate='head': ragged batches (a position per sequence) do not draft with a "
+                                 "head yet; use speculate='ngram' or a model compiled without ragged=True")
+            drafter = HeadDrafter(self.draft_head, self.steps())
         else:
-            raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'draft:ARTIFACT', "
-                             "'layerskip:E' (the model's first E layers) and a GenerationModel (a smaller model "
-                             "with the same tokenizer)")
+            raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'head' (the model's "
+                             "draft head), 'draft:ARTIFACT', 'layerskip:E' (the model's first E layers) and a "
+                             "GenerationModel (a smaller model with the same tokenizer)")
         return Speculator(drafter, k, adaptive=adaptive)
 
     def _layerskip_draft(self, spec: str) -> "GenerationModel":
@@ -510,6 +559,11 @@ class GenerationModel:
             est = cm.report().estimate
             lines.append(f"  {name:8s} {cm.inputs[0].shape[1]:5d} tokens a call, -O{cm.level}, "
                          f"{est.kernels} kernels, estimated {est.seconds * 1e3:.3f} ms on {cm.profile.name}")
+        if self.draft_head is not None:
+            c = self.draft_head.config
+            own = sum(p.numel() for p in self.draft_head.parameters())
+            lines.append(f"  draft head: {own / 1e6:.2f} M weights of its own (hidden {c.hidden_size}, width "
+                         f"{c.intermediate_size}), trained {c.trained_steps} steps; speculate='head'")
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -521,17 +575,38 @@ class GenerationModel:
         shared = self.decode.program.params
         writers = {name: (lambda p, cm=cm: cm.save(p, weights_elsewhere=None if cm is self.decode else shared))
                    for name, cm in self.entries.items()}
+        if self.draft_head is not None:  # its own small artifact inside, listed (and checksummed) with the files
+            writers[DRAFT_HEAD_DIR] = self.draft_head.save
         return write_artifact(path, manifest, writers, schema=GENERATION_MANIFEST)
 
 
-def _step_call(cm: CompiledModel):
-    """The entry's executable as a step: (ids, positions, *kv) -> logits [B, T, V]."""
+def _step_call(cm: CompiledModel, record: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
+    """The entry's executable as a step: (ids, positions, *kv) -> logits [B, T, V]. An entry
+    that returns its hidden states too hands them and the positions to record(hidden, positions)."""
     executable = cm.executable
+    if record is None or not _returns_hidden(cm):
+        def call(ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+            return executable(ids, positions, *kv)[0]
+        return call
 
-    def call(ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        return executable(ids, positions, *kv)[0]
+    def call_recording(ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        out = executable(ids, positions, *kv)
+        record(out[1], positions)
+        return out[0]
 
-    return call
+    return call_recording
+
+
+def _returns_hidden(cm: CompiledModel) -> bool:
+    """Whether the entry was compiled from DecodeStep(hidden=True): (logits, hidden) out."""
+    spec = cm.program.out_spec
+    return spec is not None and spec.num_leaves == 2
+
+
+def _entry_device(cm: CompiledModel) -> str:
+    from flashc.targets import get_target
+
+    return "cuda" if get_target(cm.target).backend().name == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def _spec_name(speculate) -> str:
@@ -565,8 +640,13 @@ def load_generation(path: str | os.PathLike) -> GenerationModel:
     for name, sub in manifest["entries"].items():
         if name != "decode":  # weights equal to the decode entry's are stored (and held) once
             entries[name] = load(path / sub, external_weights=decode.program.params)
+    head = None
+    if f"{DRAFT_HEAD_DIR}/{MANIFEST}" in manifest["files"]:
+        from flashc.draft_head import load_draft_head
+
+        head = load_draft_head(path / DRAFT_HEAD_DIR)
     try:
-        return GenerationModel(entries, tokenizer=manifest.get("tokenizer"))
+        return GenerationModel(entries, tokenizer=manifest.get("tokenizer"), draft_head=head)
     except FlashcError as e:
         raise ArtifactError(f"{path}: the entries do not form one generation model ({e}); recompile") from None
 

@@ -11,6 +11,7 @@ Drafters (`propose(tokens, k, sampling) -> Plan | None`):
   sequence's last n tokens (n = 3, 2, 1), from an index updated as tokens arrive. No model.
 - `ModelDrafter`: a smaller compiled model with the same tokenizer, run autoregressively
   on its own KV cache (k one-token steps), which it brings up to date lazily.
+- `flashc.draft_head.HeadDrafter`: a small head on the target's own last hidden state (EAGLE-style).
 
 `Speculator` picks k each round from the measured acceptance and the measured times of a
 plain step, a verify step and a draft step, and turns speculation off (k = 0, a plain step)
@@ -278,7 +279,7 @@ class Speculator:
             return None
         start = time.perf_counter()
         plan = self.drafter.propose(tokens, k, sampling)
-        if plan is not None and isinstance(self.drafter, ModelDrafter):
+        if plan is not None and not self.drafter.cheap:  # a drafter that runs a model (draft model or head)
             sync(tokens.device)
             self.timing.draft = Timing.mix(self.timing.draft or None, (time.perf_counter() - start) / plan.k)
         return plan
