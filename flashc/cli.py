@@ -195,9 +195,17 @@ def cmd_train_draft(args) -> int:
         raise FlashcError(f"train-draft: --calibration {args.calibration}: give text or token ids, not "
                           f"{data.description}")
     print(f"calibration: {data.description}")
+    if args.new_tokens is not None and not args.self_distill:
+        raise FlashcError("train-draft: --new-tokens applies to --self-distill N (the length of the model's answers)")
+    tokenizer = None
+    if args.self_distill and kind == "zoo" and entry.pretrained:
+        from flashc import zoo
+
+        tokenizer = zoo.tokenizer(args.model)  # paragraphs of the text, and the chat template if it has one
     with _user_code(args.model, "running the model"):
         head = train_draft_head(model, data.tokens, steps=args.steps, lr=args.lr, context=args.context,
-                                checkpoint_dir=args.checkpoint, seed=args.seed)
+                                checkpoint_dir=args.checkpoint, seed=args.seed, self_distill=args.self_distill,
+                                new_tokens=args.new_tokens or 128, tokenizer=tokenizer)
     print(head.training_report.summary())
     print(f"draft head written to {head.save(args.output)}; use it with `flashc compile {args.model} --signature "
           f"generate --cache-len N --draft-head {args.output}` and `flashc generate DIR --speculate head`")
@@ -1114,6 +1122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training text: flashc's built-in text (default), a text or .safetensors file of token ids")
     t.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="training checkpoints here; the same command again resumes")
+    t.add_argument("--self-distill", type=POSITIVE, default=0, metavar="N",
+                   help="train on the model's own greedy answers to N prompts made from the training text (chat "
+                        "messages when the model's tokenizer has a chat template; the last 10%% held out) instead "
+                        "of on the text itself")
+    t.add_argument("--new-tokens", type=POSITIVE, default=None, metavar="M",
+                   help="--self-distill: the most tokens the model answers each prompt with (default 128)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t.set_defaults(func=cmd_train_draft)

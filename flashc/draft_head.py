@@ -1,6 +1,7 @@
 """A small draft head on the target's last hidden state (EAGLE-style speculation, issue #18).
 
     head = flashc.draft_head.train_draft_head(model, tokens, steps=300)   # minutes on a CPU
+    head = train_draft_head(model, tokens, self_distill=64, tokenizer=tok)  # on its own answers
     gm = compile_generation(model, "cpu", cache_len=512, draft_head=head)
     gm.generate(prompt_ids, 64, speculate="head")
     gm.save("out/gen")                                                   # the head goes with it
@@ -27,11 +28,20 @@ hidden states, then trains the head through flashc.distill.train on windows of t
 divergence of the target's next-token distribution to the head's, plus a smooth-L1 regression
 of the predicted feature (EAGLE's two losses), with the head also fed its own predictions
 for `unroll` steps, as drafts 2..k are made at generation time.
+
+With `self_distill=N` the head trains on the target's own answers instead (as EAGLE-2 and
+HASS do): N prompts made from paragraphs of the text (user messages of a chat model, asking
+to continue, summarize, explain or start a story from them), the target's greedy answers to
+them (eager generate, batched), and its hidden states over prompt + answer. A head trained on
+the text itself learns the text's distribution, and drafts poorly what a chat model answers
+(bench/RESULTS.md, session 10). `continuation_agreement` measures exactly that: the first
+draft's agreement with the target on the target's own continuation of a prompt.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,12 +357,12 @@ def lm_head_input(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
 
 @dataclass
 class TargetFeatures:
-    """The target's hidden states over a token stream, computed `context` tokens a forward:
-    features[i] belongs to tokens[i]; position i has seen the tokens since its window began."""
+    """The target's hidden states over a token stream cut into segments, one forward each:
+    features[i] belongs to tokens[i] and has seen the tokens of its segment before it."""
 
     tokens: torch.Tensor  # [N]
     features: torch.Tensor  # [N, H] float32
-    context: int
+    segments: torch.Tensor  # [N] int64: which forward position i was computed in
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -377,26 +387,192 @@ def target_features(model: torch.nn.Module, tokens: torch.Tensor, context: int =
         ids = windows[i:i + batch].to(device)
         logits, hidden = lm_head_input(model, ids)
         if i == 0:
-            again = head(hidden)
-            if not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
-                raise UnsupportedOpError(f"draft head: {type(model).__name__}'s logits are not its LM head applied to "
-                                         "the head's input (a softcap or scale after the head?); the draft head "
-                                         "cannot reproduce them")
+            _check_logits_are_lm_head(model, head, logits, hidden)
         feats.append(hidden.float().reshape(-1, hidden.shape[-1]).cpu())
-    return TargetFeatures(tokens[:n].clone(), torch.cat(feats), context)
+    return TargetFeatures(tokens[:n].clone(), torch.cat(feats), torch.arange(n) // context)
+
+
+def _check_logits_are_lm_head(model, head, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    again = head(hidden)
+    if not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
+        raise UnsupportedOpError(f"draft head: {type(model).__name__}'s logits are not its LM head applied to the "
+                                 "head's input (a softcap or scale after the head?); the draft head cannot reproduce "
+                                 "them")
+
+
+@torch.no_grad()
+def sequence_features(model: torch.nn.Module, sequences: list[torch.Tensor], progress: bool = True) -> TargetFeatures:
+    """The target's hidden states over each sequence [T_i] alone, one forward each (no padding,
+    so every position sees exactly its own sequence), as one stream with a segment a sequence."""
+    from tqdm.auto import tqdm
+
+    if not sequences:
+        raise InputError("draft head: no sequences to collect the target's hidden states over")
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    feats = []
+    for i, seq in enumerate(tqdm(sequences, desc="target features", unit="seq", disable=not progress)):
+        logits, hidden = lm_head_input(model, seq.view(1, -1).to(device))
+        if i == 0:
+            _check_logits_are_lm_head(model, head, logits, hidden)
+        feats.append(hidden[0].float().cpu())
+    segments = torch.cat([torch.full((seq.numel(),), i, dtype=torch.long) for i, seq in enumerate(sequences)])
+    return TargetFeatures(torch.cat([seq.long() for seq in sequences]), torch.cat(feats), segments)
+
+
+# -- self-distillation: the target's own answers -----------------------------------------
+
+# What the user asks about a calibration paragraph in a chat prompt; varied, since a chat model
+# answers "continue" and "summarize" in different registers and the head should see both.
+# Code (the built-in text is half Python source) gets questions about code, kept formatted.
+SELF_DISTILL_INSTRUCTIONS = (
+    "Continue this text:\n\n{}",
+    "Summarize the following in a few sentences:\n\n{}",
+    "Explain what this means, simply:\n\n{}",
+    "Write a short story that begins: {}",
+)
+SELF_DISTILL_CODE_INSTRUCTIONS = (
+    "Explain what this code does:\n\n```python\n{}\n```",
+    "Continue this code:\n\n```python\n{}\n```",
+)
+SNIPPET_TOKENS = 64  # a paragraph-sized prompt when the text has no tokenizer to find paragraphs with
+
+
+@dataclass
+class OwnAnswers:
+    """Prompts and the target's greedy answers to them (padding and anything after the end of
+    sequence token stripped): the sequences that self-distillation trains the head on."""
+
+    prompts: list[torch.Tensor]  # [P_i] int64
+    answers: list[torch.Tensor]  # [A_i] int64, the model's own tokens
+    seconds: float = 0.0
+
+    def sequences(self) -> list[torch.Tensor]:
+        return [torch.cat([p, a]) for p, a in zip(self.prompts, self.answers)]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(a.numel() for a in self.answers)
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer, text: str) -> torch.Tensor:
+    """text as the user's message in the tokenizer's chat template, ready for the answer."""
+    wrapped = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
+    return torch.tensor(tokenizer(wrapped, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def self_distill_prompts(tokens: torch.Tensor, count: int, tokenizer=None, chat: bool = False) -> list[torch.Tensor]:
+    """`count` prompts from a calibration stream, spread evenly over it (the built-in text is
+    prose, then code). With a tokenizer: its paragraphs (blank-line separated, 20 to 200
+    words), as plain text or, with chat, as a user message asking one of
+    SELF_DISTILL_INSTRUCTIONS (SELF_DISTILL_CODE_INSTRUCTIONS for code) in turn; without:
+    token windows of SNIPPET_TOKENS / 2 to SNIPPET_TOKENS (paragraphs vary in length too)."""
+    if count < 1:
+        raise InputError(f"draft head: self-distillation needs at least one prompt, got {count}")
+    if chat and tokenizer is None:
+        raise InputError("draft head: chat prompts need the model's tokenizer (pass tokenizer=...), or chat=False")
+    if tokenizer is None:
+        n = tokens.numel()
+        if n < SNIPPET_TOKENS:
+            raise InputError(f"draft head: {n} calibration tokens, fewer than one prompt of {SNIPPET_TOKENS}")
+        starts = torch.linspace(0, n - SNIPPET_TOKENS, count).long().tolist()
+        half = SNIPPET_TOKENS // 2
+        return [tokens[s:s + half + (i * 7) % (half + 1)].clone() for i, s in enumerate(starts)]
+    text = tokenizer.decode(tokens.tolist())
+    paragraphs = [p.strip("\n") for p in text.split("\n\n") if 20 <= len(p.split()) <= 200]
+    if not paragraphs:
+        raise InputError("draft head: the calibration text has no paragraph of 20 to 200 words (blank-line "
+                         "separated) to prompt the model with; give prose, or train without self-distillation")
+    picks = torch.linspace(0, len(paragraphs) - 1, count).round().long().tolist()
+    prompts = []
+    for i, k in enumerate(picks):  # more prompts than paragraphs: the same paragraph, another instruction
+        if chat:
+            para = paragraphs[k]
+            if _looks_like_code(para):
+                ask = SELF_DISTILL_CODE_INSTRUCTIONS[i % len(SELF_DISTILL_CODE_INSTRUCTIONS)]
+            else:  # prose: its hard line wraps undone, as a user would paste it
+                ask, para = SELF_DISTILL_INSTRUCTIONS[i % len(SELF_DISTILL_INSTRUCTIONS)], " ".join(para.split())
+            prompts.append(chat_prompt(tokenizer, ask.format(para)))
+        else:
+            prompts.append(torch.tensor(tokenizer(paragraphs[k], add_special_tokens=False)["input_ids"]))
+    return prompts
+
+
+def _looks_like_code(paragraph: str) -> bool:
+    return any(_CODE_LINE.search(line) for line in paragraph.splitlines())
+
+
+# A line of Python, not of prose (licence text is indented and wraps lines starting "if" or "from").
+_CODE_LINE = re.compile(r"^\s*(def |class |return\b|raise |yield\b|import |from \S+ import |[#@]|\"\"\"|\'\'\')"
+                        r"|self\.|\s=\s|^\s*(if|elif|else|for|while|with|try|except|finally)\b.*:\s*$")
+
+
+def _end_of_sequence_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+@torch.no_grad()
+def generate_own_answers(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, batch: int = 8,
+                         progress: bool = True) -> OwnAnswers:
+    """The target's greedy answers (at most new_tokens each, up to and including its end of
+    sequence token) to prompts: eager Hugging Face generate, batched with left padding and an
+    attention mask; the padding is stripped from what comes back."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    if new_tokens < 1:
+        raise InputError(f"draft head: new_tokens must be >= 1, got {new_tokens}")
+    if not hasattr(model, "generate"):
+        raise InputError(f"draft head: self-distillation generates with the target's Hugging Face generate(), "
+                         f"which {type(model).__name__} has not")
+    device = next(model.parameters()).device
+    eos = _end_of_sequence_ids(model)
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = pad if pad is not None else min(eos, default=0)
+    start = time.perf_counter()
+    answers: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(prompts), batch), desc="own answers", unit="batch", disable=not progress):
+            chunk = prompts[i:i + batch]
+            width = max(p.numel() for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, p in enumerate(chunk):
+                ids[row, width - p.numel():], mask[row, width - p.numel():] = p, 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                                 min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+            for row in out[:, width:].cpu():
+                # after a row's end of sequence token, generate pads it: cut right after the first one
+                ends = [j for j, t in enumerate(row.tolist()) if t in eos]
+                answers.append(row[:ends[0] + 1] if ends else row)
+    finally:
+        model.train(was_training)
+    return OwnAnswers([p.long() for p in prompts], answers, time.perf_counter() - start)
 
 
 def draft_head_loss(head: DraftHead, data: TargetFeatures, feature_weight: float = 1.0, unroll: int = 2):
     """loss(idx) for flashc.distill.train over windows of stream positions idx [B, T]: per
     unrolled step j (fed the true features at j = 0, its own predictions after), the KL
     divergence of the target's next-token distribution to the head's plus feature_weight x
-    the smooth-L1 error of the predicted feature. Pairs that cross a context window of the
-    features (where the target restarted) are left out."""
+    the smooth-L1 error of the predicted feature. Pairs that cross segments of the features
+    (where the target restarted) are left out."""
     def loss(idx: torch.Tensor) -> torch.Tensor:
         device = head.up.weight.device
         ids = data.tokens[idx].to(device)
         feats = data.features[idx].to(device)
-        window = (idx // data.context).to(device)
+        window = data.segments[idx].to(device)
         f = feats[:, :-1]
         total = 0.0
         for j in range(unroll):
@@ -419,12 +595,13 @@ def draft_head_loss(head: DraftHead, data: TargetFeatures, feature_weight: float
 
 
 @torch.no_grad()
-def draft_agreement(head: DraftHead, data: TargetFeatures, max_tokens: int = 4096) -> float:
+def draft_agreement(head: DraftHead, data: TargetFeatures, max_tokens: int = 4096,
+                    positions: torch.Tensor | None = None) -> float:
     """How often the head's first draft (argmax) is the target's own next token (its argmax),
-    over the stream's positions (within windows), at most max_tokens of them."""
-    n = len(data)
-    pos = torch.arange(n - 1)
-    pos = pos[(pos // data.context) == ((pos + 1) // data.context)][:max_tokens]
+    over the stream's positions (within segments; default all), at most max_tokens of them."""
+    pos = positions if positions is not None else torch.arange(len(data) - 1)
+    pos = pos[(pos + 1 < len(data))]
+    pos = pos[data.segments[pos] == data.segments[(pos + 1)]][:max_tokens]
     device = head.up.weight.device
     hits = 0
     for chunk in pos.split(512):
@@ -434,10 +611,33 @@ def draft_agreement(head: DraftHead, data: TargetFeatures, max_tokens: int = 409
     return hits / max(1, pos.numel())
 
 
+def continuation_agreement(model: torch.nn.Module, head: DraftHead, prompt: str | torch.Tensor, new_tokens: int = 64,
+                           tokenizer=None, chat: bool | None = None) -> float:
+    """Teacher-forced agreement of the head's first draft with the target on the target's own
+    greedy continuation of prompt: the rate that matters for speculation, where the head drafts
+    what the model is about to answer. prompt: text (a user message when the tokenizer has a
+    chat template and chat is not False) or token ids [T]. Positions scored: from the last
+    prompt token on (its draft is the answer's second token) to the end of the answer."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InputError("draft head: a text prompt needs the model's tokenizer (tokenizer=...), or give ids")
+        chat = _has_chat_template(tokenizer) if chat is None else chat
+        prompt = chat_prompt(tokenizer, prompt) if chat else torch.tensor(
+            tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt = torch.as_tensor(prompt).reshape(-1).long()
+    check_head_fits(head, model)
+    own = generate_own_answers(model, [prompt], new_tokens, progress=False)
+    data = sequence_features(model, own.sequences(), progress=False)
+    head.bind(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
+              getattr(model.get_output_embeddings(), "bias", None))
+    return draft_agreement(head, data, positions=torch.arange(prompt.numel() - 1, len(data)))
+
+
 @dataclass
 class HeadTraining:
     """What train_draft_head did: the loss curve and the held-out top-1 agreement of the
-    first draft with the target, before and after."""
+    first draft with the target, before and after; with self-distillation, the target's own
+    answers it trained on (`own_answers`, the held-out ones included, last)."""
 
     result: Any  # flashc.distill.TrainResult
     agreement_before: float
@@ -445,26 +645,40 @@ class HeadTraining:
     train_tokens: int
     held_out_tokens: int
     seconds_features: float
+    own_answers: OwnAnswers | None = None
+    held_out_sequences: int = 0
 
     def summary(self) -> str:
-        r = self.result
+        r, own = self.result, self.own_answers
+        data = "" if own is None else (
+            f"; trained on the model's own answers to {len(own.answers)} prompts ({own.answer_tokens} answer tokens, "
+            f"{own.seconds:.0f} s of generation; the last {self.held_out_sequences} held out)")
         return (f"draft head: {len(r.losses)} steps on {self.train_tokens} tokens in {r.seconds:.0f} s (+ "
                 f"{self.seconds_features:.0f} s of target features), loss {r.first_loss:.3f} -> {r.last_loss:.3f}; "
                 f"held-out top-1 agreement of draft 1 with the target {self.agreement_before:.1%} -> "
-                f"{self.agreement_after:.1%} ({self.held_out_tokens} tokens)")
+                f"{self.agreement_after:.1%} ({self.held_out_tokens} tokens){data}")
 
 
 def train_draft_head(model: torch.nn.Module, calibration_tokens: torch.Tensor, *, steps: int = 300,
                      lr: float = 3e-3, batch: int = 8, seq_len: int = 64, context: int = DEFAULT_CONTEXT,
                      intermediate_size: int | None = None, feature_weight: float = 1.0, unroll: int = 2,
                      head: DraftHead | None = None, progress: bool = True,
-                     checkpoint_dir: str | os.PathLike | None = None, seed: int = 0) -> DraftHead:
+                     checkpoint_dir: str | os.PathLike | None = None, seed: int = 0,
+                     self_distill: int = 0, new_tokens: int = 128, tokenizer=None,
+                     chat: bool | None = None) -> DraftHead:
     """Train a draft head for `model` (a Hugging Face causal LM, run eagerly) on a token stream.
 
     The last HELD_OUT of the tokens are kept out to measure the head; head.training_report (a
     HeadTraining) holds the losses and that held-out agreement. steps x batch windows of
     seq_len positions (flashc.distill.train: AdamW at lr, warm-up, cosine decay, progress bar,
     checkpoints in checkpoint_dir that a rerun resumes). A head given is trained further.
+
+    self_distill = N > 0 trains on the model's own answers instead (EAGLE-2 / HASS style: a head
+    trained on the calibration text learns that text's distribution, and drafts poorly for the
+    model's answers, bench/RESULTS.md session 10): N prompts from the calibration text
+    (self_distill_prompts; chat, default: the tokenizer has a chat template, makes them user
+    messages), new_tokens greedy tokens answered to each (generate_own_answers), and the head
+    trained on prompt + answer, the last HELD_OUT of the sequences (at least one) held out.
     """
     import time
 
@@ -477,23 +691,42 @@ def train_draft_head(model: torch.nn.Module, calibration_tokens: torch.Tensor, *
                          f"{int(tokens.min())}..{int(tokens.max())}")
     if unroll < 1:
         raise InputError(f"draft head: unroll must be >= 1, got {unroll}")
+    if self_distill < 0 or self_distill == 1:
+        raise InputError(f"draft head: self_distill must be 0 (train on the text) or at least 2 prompts (one is held "
+                         f"out), got {self_distill}")
+    chat = _has_chat_template(tokenizer) if chat is None else chat
     head = head if head is not None else DraftHead.for_model(model, intermediate_size, seed=seed)
     check_head_fits(head, model)
     head.bind(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
               getattr(model.get_output_embeddings(), "bias", None))
-    held = max(context, int(tokens.numel() * HELD_OUT) // context * context)
-    if tokens.numel() - held < 2 * context:
-        raise InputError(f"draft head: {tokens.numel()} calibration tokens; training needs at least {3 * context} "
-                         f"(windows of {context}, {held} held out): give more text or a shorter context")
+    own, held_sequences = None, 0
+    if self_distill:
+        prompts = self_distill_prompts(tokens, self_distill, tokenizer, chat)  # bad input fails before generating
+    else:
+        held = max(context, int(tokens.numel() * HELD_OUT) // context * context)
+        if tokens.numel() - held < 2 * context:
+            raise InputError(f"draft head: {tokens.numel()} calibration tokens; training needs at least "
+                             f"{3 * context} (windows of {context}, {held} held out): give more text or a shorter "
+                             "context")
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        train_data = target_features(model, tokens[:-held], context, progress=progress)
-        test_data = target_features(model, tokens[-held:], context, progress=progress)
+        if self_distill:
+            own = generate_own_answers(model, prompts, new_tokens, progress=progress)
+            start = time.perf_counter()
+            sequences = own.sequences()
+            held_sequences = max(1, int(len(sequences) * HELD_OUT))
+            train_data = sequence_features(model, sequences[:-held_sequences], progress=progress)
+            test_data = sequence_features(model, sequences[-held_sequences:], progress=progress)
+        else:
+            train_data = target_features(model, tokens[:-held], context, progress=progress)
+            test_data = target_features(model, tokens[-held:], context, progress=progress)
     finally:
         model.train(was_training)
     seconds_features = time.perf_counter() - start
+    if len(train_data) < 2:
+        raise InputError(f"draft head: {len(train_data)} training token(s); give more or longer prompts")
     before = draft_agreement(head, test_data)
     config = DistillConfig(steps=steps, batch=batch, seq_len=min(seq_len, len(train_data) - 1), lr=lr,
                            warmup=max(1, min(20, steps // 10)), seed=seed)
@@ -501,11 +734,14 @@ def train_draft_head(model: torch.nn.Module, calibration_tokens: torch.Tensor, *
     fingerprint = {"head": asdict(head.config) | {"trained_steps": 0}, "model": weights_checksum(model.parameters()),
                    "tokens": int(tokens.numel()), "feature_weight": feature_weight, "unroll": unroll,
                    "context": context}
+    if self_distill:  # the data differ: a checkpoint of another run must not be resumed
+        fingerprint |= {"self_distill": self_distill, "new_tokens": new_tokens, "chat": bool(chat)}
     result = train(draft_head_loss(head, train_data, feature_weight, unroll), params,
                    torch.arange(len(train_data)), config, "draft-head", checkpoint_dir=checkpoint_dir,
                    fingerprint=fingerprint, progress=progress)
     after = draft_agreement(head, test_data)
     trained = HeadConfig(**{**asdict(head.config), "trained_steps": head.config.trained_steps + len(result.losses)})
     head.config = trained
-    head.training_report = HeadTraining(result, before, after, len(train_data), len(test_data), seconds_features)
+    head.training_report = HeadTraining(result, before, after, len(train_data), len(test_data), seconds_features,
+                                        own, held_sequences)
     return head

@@ -189,3 +189,81 @@ def test_cli_trains_compiles_with_and_generates_with_a_head(model, tmp_path, cap
         assert main(args) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def self_distilled(model, text_tokens):
+    return train_draft_head(model, text_tokens, steps=40, context=128, self_distill=12, new_tokens=20, chat=False,
+                            progress=False)
+
+
+def test_self_distillation_trains_on_the_models_own_greedy_answers(model, self_distilled):
+    report = self_distilled.training_report
+    own = report.own_answers
+    assert len(own.prompts) == 12 and report.held_out_sequences == 1
+    assert len({p.numel() for p in own.prompts}) > 1  # prompts of several lengths: batches were left-padded
+    sequences = own.sequences()
+    for i in (0, 5, 11):  # padded, generated in a batch: the same tokens as the model's own generate, alone
+        alone = model.generate(own.prompts[i][None], max_new_tokens=20, do_sample=False, pad_token_id=0)[0]
+        assert torch.equal(sequences[i], alone), i
+        assert own.answers[i].numel() > 0
+    # every position of prompt + answer has a feature, and nothing else (no padding)
+    assert report.train_tokens + report.held_out_tokens == sum(s.numel() for s in sequences)
+    assert report.held_out_tokens == sequences[-1].numel()
+    assert report.result.last_loss < 0.5 * report.result.first_loss
+    assert report.agreement_after > report.agreement_before + 0.1
+    assert "own answers to 12 prompts" in report.summary()
+
+
+def test_continuation_agreement_scores_the_models_own_answer(model, self_distilled):
+    from flashc.draft_head import continuation_agreement
+
+    prompt = fresh_ids("llama-tiny", batch=1, seq_len=9)[0]
+    got = continuation_agreement(model, self_distilled, prompt, new_tokens=16)
+    seq = model.generate(prompt[None], max_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model(seq, output_hidden_states=True, use_cache=False)
+        f = out.hidden_states[-1][0]  # the LM head's input (after the final norm)
+        drafted = self_distilled.logits(self_distilled(f[:-1], seq[0, 1:])).argmax(-1)
+        own = out.logits[0, 1:].argmax(-1)
+    hits = (drafted == own)[8:]  # from the last prompt token on
+    assert got == pytest.approx(hits.float().mean().item())
+    with pytest.raises(InputError, match="tokenizer"):
+        continuation_agreement(model, self_distilled, "text", 4)
+
+
+def test_cli_self_distill_options(tmp_path, capsys):
+    from flashc.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(CalibrationData.__doc__ * 10)
+    assert main(["train-draft", "llama-tiny", "--steps", "3", "--calibration", str(text), "--self-distill", "4",
+                 "--new-tokens", "6", "-o", str(tmp_path / "head")]) == 0
+    assert "own answers to 4 prompts" in capsys.readouterr().out
+    assert load_draft_head(tmp_path / "head").config.trained_steps == 3
+    for args, message in ((["--self-distill", "0"], "a positive integer"), (["--self-distill", "x"], "integer"),
+                          (["--self-distill", "4", "--new-tokens", "-2"], "a positive integer"),
+                          (["--new-tokens", "8"], "--new-tokens applies to --self-distill"),
+                          (["--self-distill", "1"], "at least 2 prompts")):
+        assert main(["train-draft", "llama-tiny", "--calibration", str(text), *args, "-o", str(tmp_path / "h2")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_self_distill_prompts_are_chat_messages_about_paragraphs():
+    from flashc.draft_head import SELF_DISTILL_CODE_INSTRUCTIONS, SELF_DISTILL_INSTRUCTIONS, self_distill_prompts
+
+    tokenizer = zoo.tokenizer("smollm2-135m")
+    tokens = CalibrationData.builtin(tokenizer).tokens  # prose, then Python source
+    chat = [tokenizer.decode(p.tolist()) for p in self_distill_prompts(tokens, 12, tokenizer, chat=True)]
+    asks = [a.split("{}")[0] for a in SELF_DISTILL_INSTRUCTIONS + SELF_DISTILL_CODE_INSTRUCTIONS]
+    for text in chat:
+        assert text.count("<|im_start|>user") == 1 and text.endswith("<|im_start|>assistant\n"), text
+        assert sum(ask in text for ask in asks) == 1, text
+    # the text is prose (147 paragraphs), then Python source (178): code questions only about code
+    assert not any("```python" in text for text in chat[:5]) and sum("```python" in text for text in chat[6:]) >= 4
+    plain = [tokenizer.decode(p.tolist()) for p in self_distill_prompts(tokens, 12, tokenizer, chat=False)]
+    assert all("<|im_start|>" not in text and 20 <= len(text.split()) <= 200 for text in plain)
+    assert plain[0].split()[:5] == chat[0].split("\n\n")[1].split()[:5]  # the same paragraph, without the message
+    with pytest.raises(InputError, match="tokenizer"):
+        self_distill_prompts(tokens, 4, None, chat=True)
