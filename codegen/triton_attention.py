@@ -605,13 +605,18 @@ def attention(
     fp32 inputs use exact fp32 products (no TF32) so fp32 stays fp32-accurate.
     """
     _check_attention(q, k, v)
+    return _attend("attention", q, k, v, is_causal, scale, out, config, None)
+
+
+def _attend(fn, q, k, v, is_causal, scale, out, config, positions) -> torch.Tensor:
+    """The checked inputs' launch, for attention and chunk_attention: the default scale, the output."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
-        check_out("attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k, v))
-    _launch_attention(q, k, v, out, is_causal, scale, config)
+        check_out(fn, "out", out, q.shape, q.dtype, q.device, inputs=(q, k, v))
+    _launch_attention(q, k, v, out, is_causal, scale, config, positions)
     return out
 
 
@@ -658,14 +663,7 @@ def chunk_attention(
     """
     _check_attention(q, k_cache, v_cache)
     _check_positions("chunk_attention", q, positions)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        check_out("chunk_attention", "out", out, q.shape, q.dtype, q.device, inputs=(q, k_cache, v_cache))
-    _launch_attention(q, k_cache, v_cache, out, True, scale, config, positions)
-    return out
+    return _attend("chunk_attention", q, k_cache, v_cache, True, scale, out, config, positions)
 
 
 def reference_chunk_attention(q, k_cache, v_cache, positions, scale: float | None = None) -> torch.Tensor:

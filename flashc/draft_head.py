@@ -326,14 +326,10 @@ class HeadDrafter:
         drafts, qs = [], []
         for _ in range(k):
             f = self.head(f, token)
-            logits = self.head.logits(f)
-            if sampling.greedy:
-                token = logits.argmax(-1)
-            else:
-                q = sampling.probs(logits)
-                token = sampling.draw(q)
-                qs.append(q)
+            token, q = sampling.draft(self.head.logits(f))
             drafts.append(token)
+            if q is not None:
+                qs.append(q)
         return Plan(torch.stack(drafts, 1).to(tokens.dtype), torch.stack(qs, 1) if qs else None)
 
 

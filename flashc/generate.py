@@ -105,6 +105,14 @@ class Sampling:
     def next(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1) if self.greedy else self.draw(self.probs(logits))
 
+    def draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A drafter's token from its logits and the distribution it was drawn from (None when
+        greedy), which speculative sampling's acceptance rule needs (flashc.speculate.accept)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        q = self.probs(logits)
+        return self.draw(q), q
+
 
 Step = Callable[..., torch.Tensor]
 

@@ -179,13 +179,10 @@ class ModelDrafter:
         self.fed = length
         drafts, qs = [], []
         for i in range(k):
-            if sampling.greedy:
-                d = logits.argmax(-1)
-            else:
-                q = sampling.probs(logits)
-                d = sampling.draw(q)
-                qs.append(q)
+            d, q = sampling.draft(logits)
             drafts.append(d)
+            if q is not None:
+                qs.append(q)
             if i + 1 < k:
                 logits = self._fit(self.steps.feed(d[:, None].to(tokens.dtype), self.fed))
                 self.fed += 1
