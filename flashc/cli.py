@@ -205,7 +205,7 @@ def cmd_train_draft(args) -> int:
     with _user_code(args.model, "running the model"):
         head = train_draft_head(model, data.tokens, steps=args.steps, lr=args.lr, context=args.context,
                                 checkpoint_dir=args.checkpoint, seed=args.seed, self_distill=args.self_distill,
-                                new_tokens=args.new_tokens or 128, tokenizer=tokenizer)
+                                new_tokens=args.new_tokens or 128, tokenizer=tokenizer, unroll=args.unroll)
     print(head.training_report.summary())
     print(f"draft head written to {head.save(args.output)}; use it with `flashc compile {args.model} --signature "
           f"generate --cache-len N --draft-head {args.output}` and `flashc generate DIR --speculate head`")
@@ -1128,6 +1128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of on the text itself")
     t.add_argument("--new-tokens", type=POSITIVE, default=None, metavar="M",
                    help="--self-distill: the most tokens the model answers each prompt with (default 128)")
+    t.add_argument("--unroll", type=POSITIVE, default=2, metavar="K",
+                   help="steps the head is trained to draft on its own predictions (default 2; the draft length "
+                        "generation uses, e.g. 4, trains drafts 2..K too)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t.set_defaults(func=cmd_train_draft)

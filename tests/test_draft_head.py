@@ -267,3 +267,22 @@ def test_self_distill_prompts_are_chat_messages_about_paragraphs():
     assert plain[0].split()[:5] == chat[0].split("\n\n")[1].split()[:5]  # the same paragraph, without the message
     with pytest.raises(InputError, match="tokenizer"):
         self_distill_prompts(tokens, 4, None, chat=True)
+
+
+def test_cli_passes_the_unroll_length_to_training(tmp_path, monkeypatch):
+    """`train-draft --unroll K` trains drafts 1..K on the head's own predictions (default 2)."""
+    import flashc.draft_head as draft_head
+    from flashc.cli import main
+
+    seen = []
+
+    def record(model, tokens, **kwargs):
+        seen.append(kwargs["unroll"])
+        raise InputError("stop here")
+
+    monkeypatch.setattr(draft_head, "train_draft_head", record)
+    text = tmp_path / "text.txt"
+    text.write_text(CalibrationData.__doc__ * 40)
+    for extra in ([], ["--unroll", "4"]):
+        assert main(["train-draft", "llama-tiny", "--calibration", str(text), *extra, "-o", str(tmp_path / "h")]) == 2
+    assert seen == [2, 4]
