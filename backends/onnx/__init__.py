@@ -7,7 +7,10 @@
 ATen ops lower to the standard ONNX opset (default 23, at least 20); flashc's fused ops
 lower to ONNX Runtime's fused kernels where they compute the same thing (RMSNormalization,
 com.microsoft SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention;
-the table and precision notes are in `_fused`) and to standard ops otherwise. Shapes are
+the table and precision notes are in `_fused`) and to standard ops otherwise. ATen ops
+without a flashc lowering go through onnxscript's torch library, the converter torch.onnx
+uses (`_torchlib`; optional: without onnxscript they are refused, saying what to install);
+`backend.via_torchlib` counts them. Shapes are
 the static shapes of the capture. Weights become initializers, stored as external data
 next to the model above ~1.5 GB. An op without a lowering raises UnsupportedOpError naming
 the op, its module and source line. Weight-only quantized linears (`flashc.linear_wq`, int4
@@ -29,7 +32,8 @@ PyTorch does (`_precision`): ORT would otherwise drop roundings (fp16) or refuse
 Every failure is a FlashcError naming the op and the model code it came from.
 
 Modules: `_builder` (onnx-ir graph building), `_lowering` (context, op table, errors),
-`_aten` / `_aten_layout` / `_fused` / `_quantized` (the lowerings), `_in_place` (writes and aliasing),
+`_aten` / `_aten_layout` / `_aten_vision` / `_fused` / `_quantized` (the lowerings), `_torchlib`
+(every other ATen op, through onnxscript), `table` (which lowering an op gets), `_in_place` (writes and aliasing),
 `_precision` (fp16/bf16 on the CPU), `_export` (driver), `runtime` (ORT session),
 `backend` (flashc's Backend protocol, for the onnx-* targets), `int4`.
 """

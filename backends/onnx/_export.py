@@ -19,7 +19,8 @@ from . import DEFAULT_OPSET
 from ._builder import GraphBuilder, onnx_dtype
 from ._in_place import Storage, is_write, lower_write
 from ._lowering import LoweringContext, NotLowerable, annotate, unsupported_error
-from .table import TABLE, find_lowering, why_not_lowered
+from ._torchlib import VIA_TORCHLIB_KEY, describe
+from .table import find_lowering, full_table, why_not_lowered
 from ._precision import compute_low_precision_in_fp32
 from .runtime import PRESENT_PREFIX, SHARED_PRESENT_KEY, STATE_KEY
 
@@ -34,8 +35,9 @@ def lowerable(node: fx.Node) -> bool:
 
 
 def lowers_op(name: str) -> bool:
-    """Whether an op, by op_name ('aten.linear', 'flashc.rms_norm', 'aten.div_'), has a lowering."""
-    return TABLE.lowers(name)
+    """Whether an op, by op_name ('aten.linear', 'flashc.rms_norm', 'aten.div_'), has a lowering
+    (flashc's own or, for ATen ops, onnxscript's torchlib)."""
+    return full_table().lowers(name)
 
 
 def _lower_node(ctx: LoweringContext, storage: Storage, node: fx.Node):
@@ -168,6 +170,8 @@ def build_model(program: Program, *, opset: int = DEFAULT_OPSET, contrib_ops: bo
         model.metadata_props[SHARED_PRESENT_KEY] = ",".join(shared)
     if state:
         model.metadata_props[STATE_KEY] = ",".join(input_values[node].name for node in state)
+    if ctx.via_torchlib:
+        model.metadata_props[VIA_TORCHLIB_KEY] = describe(ctx.via_torchlib)
     return model
 
 

@@ -9,6 +9,7 @@ constant and no Shape/Gather arithmetic is emitted.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 import onnx_ir as ir
@@ -44,6 +45,18 @@ def lowerings_into(table: dict[Any, Lowering]) -> Callable[..., Callable[[Loweri
     return lowers
 
 
+def functional_form(target: Any) -> Any:
+    """aten.foo_.overload -> aten.foo.overload for an in-place ATen op (one that writes its first
+    argument), else None; `_in_place` lowers the write through the functional form."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
 class NotLowerable(Exception):
     """Raised by a lowering when this particular use of a supported op has no mapping."""
 
@@ -67,6 +80,8 @@ class LoweringContext:
         self.state: set[fx.Node] = set()
         # what lowerings share: values (causal masks, position ids) and derived constants (rotary tables)
         self.cache: dict[Any, Any] = {}
+        # ATen ops lowered through onnxscript's torchlib (`_torchlib`), by op name, for the report
+        self.via_torchlib: Counter[str] = Counter()
 
     # --- arguments ------------------------------------------------------------------
 

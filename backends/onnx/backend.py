@@ -4,6 +4,7 @@ Ready for the `onnx-cpu` / `onnx-cuda` targets (providers "cpu" / "cuda"): an ar
 stores the exported model (and its external data) as its payload. Weights/buffers the
 graph writes in place are the session's state: the program's own tensors
 (`program.params`), updated by every call as the eager model updates its buffers.
+`via_torchlib(executable)` counts the ATen ops lowered through onnxscript's torchlib.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class OnnxBackend:
 
     @property
     def lowering(self) -> LoweringTable:
-        from .table import TABLE  # imports onnx: only when asked
+        from .table import full_table  # imports onnx (and onnxscript's torchlib): only when asked
 
-        return TABLE
+        return full_table()
 
     def lower(self, program: Program, profile: HardwareProfile, options: OnnxOptions) -> OnnxRuntimeModel:
         """Export into a private temporary directory, kept as long as the session lives."""
@@ -67,6 +68,15 @@ class OnnxBackend:
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]) -> OnnxRuntimeModel:
         return OnnxRuntimeModel.load(directory / info.get("model", MODEL_FILE), providers=self.providers,
                                      state=program.params)
+
+
+def via_torchlib(executable: OnnxRuntimeModel) -> dict[str, int]:
+    """The ATen ops the exported model lowers through onnxscript's torchlib, with their counts
+    ({'aten.roll': 2}); flashc's own lowerings cover the rest (read from the model's metadata,
+    so a loaded artifact answers too)."""
+    from ._torchlib import VIA_TORCHLIB_KEY, parse
+
+    return parse(executable.session.get_modelmeta().custom_metadata_map.get(VIA_TORCHLIB_KEY, ""))
 
 
 def _uses_cuda(providers) -> bool:

@@ -2,7 +2,9 @@
 lowerings (`_aten`: elementwise, reductions, matmuls; `_aten_layout`: views, indexing,
 scatter; `_aten_vision`: convolution, batch norm, pooling; `_fused`: flashc's ops onto
 ONNX Runtime's contrib ops or standard ops;
-`_quantized`: weight-only quantized linears onto MatMulNBits).
+`_quantized`: weight-only quantized linears onto MatMulNBits). Every other ATen op goes
+through onnxscript's torch library, as torch.onnx lowers it (`_torchlib`, when onnxscript
+is installed); flashc's own lowering wins wherever there is one.
 
 Adding an op is one `@lowers(...)` function in one of those modules; this table is where
 the backend's coverage is read from (`OnnxBackend.lowering`, fallbacks, refusals).
@@ -10,16 +12,16 @@ the backend's coverage is read from (`OnnxBackend.lowering`, fallbacks, refusals
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from flashc.ir import op_name
 from flashc.lowering import LoweringTable
 
-from . import _aten, _aten_layout, _aten_vision, _fused, _quantized
-from ._lowering import Lowering
+from . import _aten, _aten_layout, _aten_vision, _fused, _quantized, _torchlib
+from ._lowering import Lowering, functional_form
 
 # OpOverload -> lowering
 _MODULES = (_aten, _aten_layout, _aten_vision, _fused, _quantized)
@@ -33,21 +35,16 @@ NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
 
 def functional_variant(target: Any) -> Any:
     """aten.foo_.overload -> aten.foo.overload, for an in-place op whose functional form is lowered."""
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
-        return None
-    name = target._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
-        return None
-    packet = getattr(torch.ops.aten, name[:-1], None)
-    functional = getattr(packet, target._overloadname, None) if packet is not None else None
+    functional = functional_form(target)
     return functional if functional in LOWERINGS else None
 
 
 def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
     """(lowering, in_place) for a call_function node, or None when there is none.
 
-    An in-place op (add_) lowers through its functional form (add); `_in_place` writes the
-    result back into the storage it names.
+    flashc's own lowerings first; then onnxscript's torchlib for the ATen ops they leave
+    (`_torchlib`). An in-place op (add_) lowers through its functional form (add);
+    `_in_place` writes the result back into the storage it names.
     """
     if node.target in LOWERINGS:
         return LOWERINGS[node.target], False
@@ -55,12 +52,18 @@ def find_lowering(node: fx.Node) -> tuple[Lowering, bool] | None:
     if functional is not None:
         return LOWERINGS[functional], True
     fn = NAMED_LOWERINGS.get(op_name(node))
-    return (fn, False) if fn is not None else None
+    if fn is not None:
+        return fn, False
+    if node.target not in REFUSED and _torchlib.covers(node.target):
+        return _torchlib.lower_with_torchlib, node.target._schema.is_mutable
+    return None
 
 
 def why_not_lowered(node: fx.Node) -> str:
     """The reason an op without a lowering gives in the refusal."""
-    return REFUSED.get(node.target, "no ONNX lowering")
+    if node.target in REFUSED:
+        return REFUSED[node.target]
+    return _torchlib.why_not(node.target)
 
 
 def _by_name() -> dict[str, Lowering]:
@@ -76,3 +79,11 @@ def _by_name() -> dict[str, Lowering]:
 
 
 TABLE = LoweringTable("onnx", _by_name())
+"""flashc's own lowerings (what `lowers()` and the tests of flashc's coverage read)."""
+
+
+@functools.lru_cache(maxsize=1)
+def full_table() -> LoweringTable:
+    """flashc's lowerings, then the ATen ops onnxscript's torchlib lowers (when installed):
+    everything the exporter lowers, so that the compile report lists no fallback for them."""
+    return LoweringTable("onnx", {**_torchlib.covered_op_names(), **_by_name()})
