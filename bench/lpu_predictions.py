@@ -7,7 +7,12 @@ bench/RESULTS.md and from public sources, each with where it comes from). Models
 flashc's own zoo shapes, captured on the meta device and optimized at -O3, as
 `flashc simulate` does.
 
-    python bench/lpu_predictions.py [--out DIR]
+    python bench/lpu_predictions.py [--out DIR] [--operators TABLE.json ...]
+
+GPU prefill rows take their matmul and attention times from a measured operator table
+(bench/gpu_op_rates.py) when one applies: backends/lpu/data/<profile>_operators.json when
+present, or the files given with --operators (each applies to the profile it names). The
+calibration table says, per row, where its prefill operator times came from.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashc.backends.lpu.hardware import get_system
+from flashc.backends.lpu.hardware import get_system, with_changes
+from flashc.backends.lpu.operators import load_operator_table
 from flashc.backends.lpu.simulate import simulate
 from flashc.backends.lpu.workload import capture_workload
 
@@ -71,25 +77,59 @@ def _pct(pred: float, meas: float) -> str:
     return f"{100 * (pred - meas) / meas:+.1f}%"
 
 
-def calibration(workloads) -> list[str]:
-    lines = ["| model | profile | case | measured ms | predicted ms | error | within 10% | measured in |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def operator_tables(paths: list[str]) -> dict[str, str]:
+    """profile name -> operator table file, for the files given (each names its profile)."""
+    from flashc.errors import InputError
+    from flashc.profiles import profile_name_for_gpu
+
+    out = {}
+    for path in paths:
+        table = load_operator_table(path)
+        profile = table.profile or profile_name_for_gpu(table.device) or ""
+        if profile not in ("a100", "h100", "h200"):
+            raise InputError(f"{path}: device {table.device!r} (profile {profile!r}) is none of the GPU profiles "
+                             "a100, h100, h200")
+        out[profile] = path
+    return out
+
+
+def operator_column(p) -> str:
+    """Where a prediction's prefill matmul and attention times came from."""
+    s = p.operator_sources
+    if not s:
+        return "no table: peak rates"
+    return f"{s['measured']} measured, {s['scaled']} scaled, {s['roofline']} peak rate"
+
+
+def calibration(workloads, tables: dict[str, str] | None = None) -> list[str]:
+    tables = tables or {}
+    lines = ["| model | profile | case | measured ms | predicted ms | error | within 10% | prefill matmul/attention "
+             "times | peak-rate prediction ms | measured in |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in MEASURED:
         prof = get_system(m.profile)
-        if m.case == "decode":
+        if m.profile in tables:
+            prof = with_changes(prof, operators=tables[m.profile])
+        if m.case == "decode":  # decode never reads an operator table
             pred = simulate(workloads[m.model], prof, "bf16", batch=m.batch, context=m.context, prompt=16)
             ms = pred.prediction.decode_ms
             case = f"decode b{m.batch} ctx{m.context}"
+            where, peak = "- (decode: GEMV fit)", "-"
         else:
             pred = simulate(workloads[m.model], prof, "bf16", batch=1, context=m.context, prompt=m.context)
             ms = pred.prediction.ttft_s * 1e3
             case = f"prefill {m.context}"
+            where, peak = operator_column(pred.prediction), "-"
+            if prof.operators:  # the same row at the profile's rates alone, to show what the table changed
+                bare = simulate(workloads[m.model], with_changes(prof, operators=""), "bf16", batch=1,
+                                context=m.context, prompt=m.context)
+                peak = f"{bare.prediction.ttft_s * 1e3:.3f}"
         if m.ms is None:
-            lines.append(f"| {m.model} | {m.profile} | {case} | - | {ms:.3f} | - | - | {m.source} |")
+            lines.append(f"| {m.model} | {m.profile} | {case} | - | {ms:.3f} | - | - | {where} | {peak} | {m.source} |")
             continue
         ok = "yes" if abs(ms - m.ms) <= 0.10 * m.ms else "no"
         lines.append(f"| {m.model} | {m.profile} | {case} | {m.ms:.3f} | {ms:.3f} | {_pct(ms, m.ms)} | {ok} | "
-                     f"{m.source} |")
+                     f"{where} | {peak} | {m.source} |")
     return lines
 
 
@@ -157,7 +197,11 @@ def stream_what_if(workloads) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for lpu_predictions.md")
+    parser.add_argument("--operators", nargs="+", default=[], metavar="TABLE.json",
+                        help="measured operator tables (bench/gpu_op_rates.py), each for the GPU profile it names "
+                             "(default: backends/lpu/data/<profile>_operators.json when present)")
     args = parser.parse_args(argv)
+    tables = operator_tables(args.operators)
     from rich.console import Console
 
     console = Console(file=sys.stderr)
@@ -169,8 +213,13 @@ def main(argv=None) -> int:
         console.print(f"captured {name}: {len(workloads[name].ops)} ops, "
                       f"{workloads[name].parameters / 1e9:.2f} B parameters, {time.perf_counter() - t:.1f} s")
     out = ["## Calibration: h100 / h200 profiles against recorded runs (bf16, -O3)", ""]
+    for name in ("h100", "h200"):
+        path = tables.get(name) or get_system(name).operators
+        out.append(f"- {name} prefill operators: " + (load_operator_table(path).describe() if path
+                                                     else "no measured table (every op at the peak rates)"))
+    out.append("")
     with console.status("calibration"):
-        out += calibration(workloads)
+        out += calibration(workloads, tables)
     out += ["", "## Published LPU points (batch 1; 550 prompt tokens, decode at 625 tokens of context)", ""]
     with console.status("LPU points"):
         lines, keep = lpu_points(workloads)

@@ -2,7 +2,7 @@
 
     flashc simulate MODEL --profile P [--batch B] [--context C] [--prompt N]
         [--quantize int8|int4|fp8|bf16] [--json] [--sweep chips=...|sram=...|link-bw=...]
-        [--plot FILE]
+        [--plot FILE] [--operators TABLE.json]
 
 `flashc/cli.py` wires it in with `add_simulate_parser(subparsers)`; `cmd_simulate(args)`
 runs it. A sweep varies one thing (a chip budget, the memory per chip, the bandwidth of a
@@ -110,6 +110,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--sweep", default=None, help="chips=A,B,..|sram=...|link-bw=... (or FIRST:LAST:STEP)")
     s.add_argument("--plot", default=None, help="PNG: the sweep, or the per-chip timeline of one decode step")
+    s.add_argument("--operators", default=None, metavar="TABLE.json",
+                   help="a GPU's measured operator table (bench/gpu_op_rates.py): prefill matmul and attention "
+                        "times from it (default for a built-in GPU profile: backends/lpu/data/<profile>_operators."
+                        "json when present)")
     s.set_defaults(func=cmd_simulate)
     return s
 
@@ -129,6 +133,8 @@ def cmd_simulate(args) -> int:
     from flashc.backends.lpu.simulate import simulate
 
     profile = get_system(args.profile)
+    if getattr(args, "operators", None):
+        profile = with_changes(profile, operators=args.operators)
     sweep = parse_sweep(args.sweep, profile.max_chips) if args.sweep else None
     if args.chips is not None and args.chips > profile.max_chips:
         raise InputError(f"--chips {args.chips}: {profile.name} systems have at most {profile.max_chips} chips")

@@ -4,7 +4,9 @@ A matrix operation streams its weights (or, for attention, the KV cache) into th
 matrix units and pushes its rows of activations through them: it takes the longer of the
 two, plus the chip's fixed latency per matrix operation. Vector operations are bound by
 the chip's vector ALUs (an LPU) or by moving their operands through memory (a GPU
-kernel). Each formula is written out so that a test can redo it by hand.
+kernel). Each formula is written out so that a test can redo it by hand. On a GPU profile
+with a measured operator table (`operators.py`), a prefill's matmuls and attention take
+the table's times instead.
 
 Sizes are per chip: a tensor-parallel shard (`Shard`) divides what the op holds and does.
 """
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from flashc.backends.lpu.hardware import SystemProfile
+from flashc.backends.lpu.operators import Lookup, operator_table
 from flashc.backends.lpu.workload import ACTIVATION_BYTES, PRECISIONS, Op
 
 # Decode matmuls run as flashc's fused GEMV (RMSNorm before, residual add / GLU after folded
@@ -102,8 +105,16 @@ class Cost:
     seconds: float
     streamed_bytes: float  # weights / KV cache into the matrix units (or bytes a GPU kernel moves)
     flops: float
-    bound: str  # what bounds the rest of its time: "weights", "compute", "vector", "memory"
+    bound: str  # what bounds the rest of its time: "weights", "compute", "vector", "memory" ("measured": a table time)
     latency: float = 0.0  # fixed part of `seconds` (an LPU matrix plane's fill, its vector latency)
+    # "roofline" (the profile's rates), or from the operator table: "measured" (the exact
+    # shape) or "scaled" (the nearest shape); a table time includes the kernel's launch and tail
+    source: str = "roofline"
+
+    @property
+    def pays_launch(self) -> bool:
+        """Whether a GPU kernel of this cost adds the profile's per-kernel latency."""
+        return self.source == "roofline"
 
 
 def weight_bytes(op: Op, precision: str, shard: Shard) -> float:
@@ -159,7 +170,8 @@ def op_cost(op: Op, phase: Phase, shard: Shard, profile: SystemProfile, precisio
         flops = 2.0 * phase.rows * k * n * frac
         # a GPU kernel also reads its input rows and writes its output rows through HBM
         act = 0.0 if lpu else phase.rows * (k + n) * ACTIVATION_BYTES
-        return _matrix(profile, weights + act, flops, compute, 1)
+        cost = _matrix(profile, weights + act, flops, compute, 1)
+        return _from_table(cost, profile, phase, lambda table: _table_matmul(table, op, phase, shard))
     if op.kind == "attention":
         heads, kv = shard.heads(op.heads), shard.kv_heads(op.kv_heads)
         keys = phase.keys()
@@ -173,7 +185,8 @@ def op_cost(op: Op, phase: Phase, shard: Shard, profile: SystemProfile, precisio
             return Cost("matrix", mm.seconds + softmax, kv_cache, flops, mm.bound, mm.latency)
         qo = 2.0 * phase.rows * heads * op.head_dim * ACTIVATION_BYTES
         writes = 2.0 * phase.rows * kv * op.head_dim * ACTIVATION_BYTES  # new keys/values into the cache
-        return _matrix(profile, kv_cache + qo + writes, flops, "bfloat16", 0)
+        cost = _matrix(profile, kv_cache + qo + writes, flops, "bfloat16", 0)
+        return _from_table(cost, profile, phase, lambda table: _table_attention(table, heads, kv, op, phase))
     if op.kind == "moe":
         experts = op.experts * frac
         expert_bytes = 3.0 * op.k * op.ffn * per_weight
@@ -208,6 +221,37 @@ def _matrix(profile: SystemProfile, streamed: float, flops: float, dtype: str, d
     latency = profile.matrix_latency_s * dependent_steps if profile.kind == "lpu" else 0.0
     bound = "weights" if t_stream >= t_compute else "compute"
     return Cost("matrix", max(t_stream, t_compute) + latency, streamed, flops, bound, latency)
+
+
+def _from_table(cost: Cost, profile: SystemProfile, phase: Phase, lookup) -> Cost:
+    """`cost` with its time from the profile's operator table, for a GPU prefill op the table
+    has (or a shape near it); otherwise `cost` as the rates give it. Decode never reads the table."""
+    if profile.kind != "gpu" or phase.name != "prefill" or not profile.operators:
+        return cost
+    found: Lookup | None = lookup(operator_table(profile))
+    if found is None:
+        return cost
+    return Cost(cost.unit, found.seconds, cost.streamed_bytes, cost.flops, "measured", 0.0, found.source)
+
+
+def matmul_shape(op: Op, shard: Shard) -> tuple[float, float]:
+    """(K, N) of a matmul's shard on one chip: a row split divides K, columns and parts divide N."""
+    if shard.mode == "row" and shard.ways > 1:
+        return op.k / shard.ways, op.n / shard.parts
+    return float(op.k), op.n * shard.fraction()
+
+
+def _table_matmul(table, op: Op, phase: Phase, shard: Shard) -> Lookup | None:
+    k, n = matmul_shape(op, shard)
+    if k != int(k) or n != int(n):
+        return None
+    return table.matmul_time(phase.rows, int(k), int(n))
+
+
+def _table_attention(table, heads: float, kv: float, op: Op, phase: Phase) -> Lookup | None:
+    if heads != int(heads) or kv != int(kv):
+        return None
+    return table.attention_time(int(heads), int(kv), op.head_dim, phase.sequences, phase.queries, phase.prefix)
 
 
 def gpu_kernel_starts(ops: list[Op], rows: int) -> list[bool]:

@@ -13,7 +13,8 @@ same validation (`profile_from_dict`), which names the field it refuses.
 GPU profiles take the datasheet figures of `flashc.profiles.PROFILES` (memory size, peak
 FLOP/s, the per-kernel overhead) and add what a simulator needs beyond a roofline: the
 bandwidth and matmul rate measured on the lent machines (bench/RESULTS.md), NVLink, and
-the launch cost a CUDA-graph replay with programmatic dependent launch (PDL) leaves.
+the launch cost a CUDA-graph replay with programmatic dependent launch (PDL) leaves, and
+(field `operators`) the prefill operator times measured on the GPU when a table exists.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from flashc.backends.lpu.operators import builtin_table_path, load_operator_table
 from flashc.errors import InputError, unknown_name
 
 MiB = 2**20
@@ -55,6 +57,9 @@ class SystemProfile:
     static_schedule: bool  # every weight streams for every token: no data-dependent skipping (MoE experts)
     description: str = ""
     sources: Mapping[str, str] = field(default_factory=dict)
+    # a GPU's measured operator table (JSON, backends/lpu/operators.py): prefill matmul and
+    # attention times come from it; "" for none (every op from the rates above)
+    operators: str = ""
 
     def cycles(self, seconds: float) -> int:
         """Whole cycles a duration takes (a partly used cycle counts)."""
@@ -104,7 +109,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str = "profile") -> System
         hint = closest_names(unknown[0], sorted(known))
         raise InputError(f"{where}: unknown field {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + f"; fields: {', '.join(sorted(known))}")
-    required = [f.name for f in fields(SystemProfile) if f.name not in ("description", "sources")]
+    required = [f.name for f in fields(SystemProfile) if f.name not in ("description", "sources", "operators")]
     for name in required:
         if name not in data:
             raise InputError(f"{where}: field {name!r} is missing")
@@ -134,8 +139,16 @@ def profile_from_dict(data: Mapping[str, Any], where: str = "profile") -> System
     sources = data.get("sources", {})
     if not isinstance(sources, Mapping):
         raise InputError(f"{where}: field 'sources' must be an object of field -> text")
+    operators = data.get("operators", "")
+    if not isinstance(operators, str):
+        raise InputError(f"{where}: field 'operators' must be the path of an operator table (JSON), got {operators!r}")
+    if operators:
+        if lpu:
+            raise InputError(f"{where}: field 'operators': a measured operator table times GPU kernels; "
+                             f"{data['name']} is an lpu profile")
+        load_operator_table(operators)  # a bad table is refused here, naming its file and field
     return SystemProfile(**{**data, "matrix_ops": dict(ops), "sources": dict(sources),
-                            "description": str(data.get("description", ""))})
+                            "description": str(data.get("description", "")), "operators": operators})
 
 
 def _check_number(value: Any, what: str, low: float, zero_ok: bool) -> None:
@@ -276,6 +289,7 @@ def gpu_profile_dict(name: str) -> dict[str, Any]:
     mm_fraction, mm_source = extra["matrix_fraction"]
     overhead = base.kernel_overhead_s - (_PDL_HIDDEN_S if extra["pdl"] else 0.0)
     ops = {k: v * mm_fraction for k, v in base.peak_flops.items() if k in _GPU_DTYPES}
+    table = builtin_table_path(name)
     return {
         "name": name, "kind": "gpu", "description": f"NVIDIA {name.upper()} ({base.source})",
         "clock_hz": extra["clock_hz"][0],
@@ -294,6 +308,7 @@ def gpu_profile_dict(name: str) -> dict[str, Any]:
         "hops_between_nodes": 1,
         "max_chips": 8,
         "static_schedule": False,
+        "operators": str(table) if table.exists() else "",
         "sources": {
             "memory_bytes": f"flashc.profiles['{name}'].memory_bytes ({base.source})",
             "weight_bandwidth": bw_source,
@@ -310,6 +325,9 @@ def gpu_profile_dict(name: str) -> dict[str, Any]:
             "chips_per_node": "an HGX/DGX node: 8 GPUs on NVSwitch",
             "max_chips": "the simulator models tensor parallelism inside one NVLink node only",
             "static_schedule": "kernels read only the routed experts' weights (flashc's MoE kernel)",
+            "operators": (f"prefill matmuls and attention timed alone on the GPU by bench/gpu_op_rates.py "
+                          f"(backends/lpu/data/{table.name})" if table.exists()
+                          else f"none: no backends/lpu/data/{table.name} yet; prefill runs at matrix_ops"),
         },
     }
 

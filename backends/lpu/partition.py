@@ -231,10 +231,12 @@ def _stage_weights(items: list[Item]) -> float:
 
 def item_times(items: list[Item], phase: Phase, profile: SystemProfile, precision: str) -> list[float]:
     """Per-chip seconds of each item for one micro-batch, with its collectives and (GPU) launches."""
-    times = [op_cost(it.op, phase, it.shard, profile, precision).seconds for it in items]
-    if profile.kind == "gpu":
+    costs = [op_cost(it.op, phase, it.shard, profile, precision) for it in items]
+    times = [c.seconds for c in costs]
+    if profile.kind == "gpu":  # a kernel timed from the operator table has its launch in its time
         starts = gpu_kernel_starts([it.op for it in items], phase.rows)
-        times = [t + (profile.vector_latency_s if s else 0.0) for t, s in zip(times, starts)]
+        times = [t + (profile.vector_latency_s if s and c.pays_launch else 0.0)
+                 for t, s, c in zip(times, starts, costs)]
     for i, it in enumerate(items):
         if it.allreduce or it.gather:
             nbytes = activation_bytes(it.op, phase, Shard("all", 1)) * (it.shard.ways - 1) / it.shard.ways

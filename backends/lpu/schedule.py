@@ -198,7 +198,7 @@ def build_schedule(plan: Plan, phases: list[Phase]) -> Schedule:
             if it.gather and len(stage.chips) > 1:
                 inputs = _all_gather(b, plan, it, phase, mb, inputs)
             cost = op_cost(it.op, phase, it.shard, plan.profile, plan.precision)
-            launch = plan.profile.vector_latency_s if gpu and starts[i] else 0.0
+            launch = plan.profile.vector_latency_s if gpu and starts[i] and cost.pays_launch else 0.0
             seconds = cost.seconds + launch
             fixed = min(b.cycles(cost.latency + launch), b.cycles(seconds))
             unit = "stream" if gpu else cost.unit

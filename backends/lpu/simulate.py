@@ -14,6 +14,9 @@ stage counts from a fixed ladder above the fewest, up to the budget; for every c
 on the way it schedules the plan that an estimate from stage times ranks best so far, and
 keeps the fastest schedule. The plans scheduled for a smaller budget are all scheduled for
 a larger one, so more chips never predict a slower plan.
+
+On a GPU profile with a measured operator table (`operators.py`) the prefill's matmuls and
+attention take the table's times; `Prediction.operator_sources` and a note say how many did.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from flashc.backends.lpu.costs import decode_phase, prefill_phase
+from flashc.backends.lpu.costs import decode_phase, op_cost, prefill_phase
 from flashc.backends.lpu.hardware import SystemProfile
+from flashc.backends.lpu.operators import operator_table
 from flashc.backends.lpu.partition import (Plan, activation_buffer, item_times, partition, required_bytes,
                                            tp_choices)
 from flashc.backends.lpu.schedule import Schedule, build_schedule
@@ -67,6 +71,9 @@ class Prediction:
     max_memory_per_chip: float
     memory_per_chip: float
     notes: list[str] = field(default_factory=list)
+    # prefill matmul and attention kernels (per chip, over the prompt's chunks) by where their
+    # time came from: "measured" / "scaled" (the GPU's operator table) or "roofline" (the rates)
+    operator_sources: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +142,8 @@ def simulate(workload: Workload, profile: SystemProfile, precision: str = "bf16"
     metrics = _decode_metrics(plan, one, m)
     shown = min(m, 4)  # the artifact's schedule shows a few micro-batches in flight
     decode = one if shown == 1 else build_schedule(plan, [decode_phase(plan.microbatch, context)] * shown)
-    chunks, ttft, prefill = _prefill(plan, prompt, build_prefill)
+    chunks, ttft, prefill, phases = _prefill(plan, prompt, build_prefill)
+    sources = _operator_sources(plan, phases)
     period = metrics["period"]
     need = required_bytes(workload, precision, batch, context)
     prediction = Prediction(
@@ -147,7 +155,7 @@ def simulate(workload: Workload, profile: SystemProfile, precision: str = "bf16"
         tokens_per_s_per_user=1.0 / period, tokens_per_s=batch / period, utilization=metrics["utilization"],
         bottleneck=metrics["bottleneck"], weight_bytes=need["weights"], kv_cache_bytes=need["kv_cache"],
         max_memory_per_chip=max(s.memory_bytes for s in plan.stages), memory_per_chip=profile.memory_bytes,
-        notes=list(workload.notes))
+        notes=list(workload.notes) + _operator_notes(profile, sources), operator_sources=sources)
     return Simulation(plan, decode, prefill, prediction)
 
 
@@ -231,8 +239,14 @@ def _decode_metrics(plan: Plan, one: Schedule, microbatches: int) -> dict:
             "bottleneck": bottleneck}
 
 
-def _prefill(plan: Plan, prompt: int, build: bool) -> tuple[int, float, Schedule | None]:
-    """(chunks, time to first token in seconds, schedule) for one prompt of `prompt` tokens."""
+def _prefill(plan: Plan, prompt: int, build: bool) -> tuple[int, float, Schedule | None, list]:
+    """(chunks, time to first token in seconds, schedule, the chunks' phases) for one prompt of
+    `prompt` tokens.
+
+    With an operator table, chunkings whose matmuls and attention the table times (exactly or
+    scaled) come first: a chunking it cannot time falls back to the peak rates, which would
+    look faster only because they are not measured.
+    """
     best = None
     for count in PREFILL_CHUNKS:
         if count > prompt:
@@ -243,17 +257,40 @@ def _prefill(plan: Plan, prompt: int, build: bool) -> tuple[int, float, Schedule
         if not _chunk_fits(plan, phases[0]):
             continue
         estimate = _stage_recurrence(plan, phases)
-        if best is None or estimate < best[1]:
-            best = (len(phases), estimate, phases)
+        untimed = _operator_sources(plan, phases).get("roofline", 0) > 0
+        if best is None or (untimed, estimate) < (best[3], best[1]):
+            best = (len(phases), estimate, phases, untimed)
     if best is None:
         raise InputError(f"{plan.workload.model}: a prompt of {prompt} tokens does not fit the activation memory "
                          f"left on the chips of this plan, even in {PREFILL_CHUNKS[-1]} chunks; use a shorter "
                          "prompt or more chips")
-    count, estimate, phases = best
+    count, estimate, phases, _ = best
     if not build or len(plan.items) * plan.tp * len(phases) * 3 > MAX_PREFILL_TASKS:
-        return count, estimate, None
+        return count, estimate, None, phases
     schedule = build_schedule(plan, phases)
-    return count, schedule.makespan / plan.profile.clock_hz, schedule
+    return count, schedule.makespan / plan.profile.clock_hz, schedule, phases
+
+
+def _operator_sources(plan: Plan, phases) -> dict[str, int]:
+    """Where the prefill's matmul and attention times come from, counted per item and chunk
+    (empty for a profile without an operator table)."""
+    if not plan.profile.operators:
+        return {}
+    counts = {"measured": 0, "scaled": 0, "roofline": 0}
+    for phase in phases:
+        for it in plan.items:
+            if it.op.kind in ("matmul", "attention"):
+                counts[op_cost(it.op, phase, it.shard, plan.profile, plan.precision).source] += 1
+    return counts
+
+
+def _operator_notes(profile: SystemProfile, sources: dict[str, int]) -> list[str]:
+    if not sources:
+        return []
+    table = operator_table(profile)
+    return [f"prefill matmuls and attention: {sources['measured']} timed from the measured operator table "
+            f"{table.describe()}, {sources['scaled']} scaled by FLOPs from its nearest shape, "
+            f"{sources['roofline']} at the profile's peak rates (no shape close enough); decode does not use it"]
 
 
 def _chunk_fits(plan: Plan, phase) -> bool:
