@@ -178,6 +178,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
     "flashc.ssm_mix": Kernel(lambda q, k, v, dt, a_log, state, heads, kv_heads, eps: _codegen(
         "triton_ssm").ssm_mix_triton(q, k, v, dt, a_log, state, heads, kv_heads, eps)),
+    "flashc.gla_mix": Kernel(lambda q, k, v, gate, state, heads, kv_heads, tau, eps: _codegen(
+        "triton_gla").gla_mix_triton(q, k, v, gate, state, heads, kv_heads, tau, eps)),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }

@@ -2,6 +2,7 @@
 
     python bench/ssm_accuracy.py --model mixtral-ref --out /tmp/ssm_acc                 # CPU
     python bench/ssm_accuracy.py --model smollm2-135m --device cuda --out $OUT           # GPU
+    python bench/ssm_accuracy.py --model mixtral-ref --kind gla --out /tmp/ssm_acc      # gated linear attention
 
 For each setting (--settings; default: half the layers, measured choice, and all layers),
 flashc's rewrite (`flashc.passes.ssm.rewrite`) converts, aligns and distils on flashc's
@@ -12,7 +13,8 @@ end-to-end distillation. mixtral-ref is float-trained (flashc's own 19M MoE); sm
 weights come from a 4-bit GGUF (dequantized), so its baseline is the 4-bit model's.
 
 Rows go to OUT/ssm_accuracy.jsonl, the table to OUT/ssm_accuracy.md (appended), loss curves
-to OUT/ssm_loss_<model>_<setting>.png.
+to OUT/ssm_loss_<model>_<kind>_<setting>.png. --kind picks the new layers' kind: mamba2
+(Mamba-2, the default) or gla (gated linear attention).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4, help="distillation's peak rate (alignment: 4x)")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per text (default: all)")
+    p.add_argument("--kind", default="mamba2", help="the new layers' kind: mamba2 or gla (SSMConfig.kind)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
@@ -80,16 +83,16 @@ def main() -> int:
     lines = []
     for setting in args.settings:
         label, fields = _setting(setting)
-        config = SSMConfig(**fields(layers), align=align, distill=distill,
-                           plot=str(out / f"ssm_loss_{args.model}_{setting.replace(',', '-')}.png"))
+        config = SSMConfig(**fields(layers), kind=args.kind, align=align, distill=distill,
+                           plot=str(out / f"ssm_loss_{args.model}_{args.kind}_{setting.replace(',', '-')}.png"))
         t0 = time.perf_counter()
         result = rewrite(model, config, calibration.tokens.to(args.device), progress=True, plot=config.plot)
         # the same layers without training, and after alignment only, measured on the evaluation texts
-        untrained = convert(model, result.layers).eval()
+        untrained = convert(model, result.layers, args.kind).eval()
         converted, base, _ = ppl(untrained)
         del untrained
         distilled, _, rows = ppl(result.model)
-        row = {"model": args.model, "setting": label, "layers": result.layers, "of": layers,
+        row = {"model": args.model, "kind": args.kind, "setting": label, "layers": result.layers, "of": layers,
                "baseline_ppl": base, "converted_ppl": converted, "distilled_ppl": distilled,
                "change": distilled / base - 1, "calibration_held_out": result.perplexity,
                "align_steps": args.align_steps, "distill_steps": args.distill_steps,
@@ -97,13 +100,13 @@ def main() -> int:
                "per_text": [r.to_dict() for r in rows], "device": args.device}
         with open(out / "ssm_accuracy.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        lines.append(f"| {args.model} | {label} | {len(result.layers)} of {layers} | {base:.3f} | {converted:.3f} | "
-                     f"{distilled:.3f} | {100 * (distilled / base - 1):+.1f}% | {args.align_steps} + "
+        lines.append(f"| {args.model} | {args.kind} | {label} | {len(result.layers)} of {layers} | {base:.3f} | "
+                     f"{converted:.3f} | {distilled:.3f} | {100 * (distilled / base - 1):+.1f}% | {args.align_steps} + "
                      f"{args.distill_steps} | {row['seconds']:.0f} |")
         print(lines[-1], flush=True)
         del result
-    head = ("| model | converted | layers | original ppl | converted, untrained | distilled | change | steps "
-            "(align + logits) | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | kind | converted | layers | original ppl | converted, untrained | distilled | change | steps "
+            "(align + logits) | seconds |\n|---|---|---|---|---|---|---|---|---|---|\n")
     text = (f"### attention -> SSM perplexity, {args.model}, eval texts (prose + code pooled), "
             f"{args.batch}x{args.seq_len} tokens a step, {args.device}\n\n" + head + "\n".join(lines) + "\n")
     with open(out / "ssm_accuracy.md", "a") as f:

@@ -3,6 +3,7 @@ every attention layer replaced by flashc's state-space layer.
 
     python bench/ssm_speed.py --out $OUT                       # llama-3.2-1b shapes, bf16, random weights
     python bench/ssm_speed.py --out $OUT --cases decode-b16-8k prefill-32k
+    python bench/ssm_speed.py --out $OUT --kind mamba2 gla     # both layer kinds against attention
 
 Speed only: random weights, the converted model untrained (training changes weights, not
 shapes or kernels). Both variants are compiled by flashc for the GPU at -O3 with a cold tuning
@@ -63,14 +64,18 @@ def _time(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def _variants(model_name: str, layers: int | None):
+def _variants(model_name: str, layers: int | None, kinds: list[str]):
     from flashc import zoo
     from flashc.passes.ssm import attention_sites, convert
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = zoo.build(model_name, dtype=dtype, device=DEVICE, num_layers=layers)
-    ssm = convert(model, list(range(len(attention_sites(model))))).to(dtype)
-    return {"attention": model, "ssm (all layers)": ssm}
+    every = list(range(len(attention_sites(model))))
+    variants = {"attention": model}
+    for kind in kinds:
+        name = "ssm (all layers)" if kind == "mamba2" else f"{kind} (all layers)"
+        variants[name] = convert(model, every, kind).to(dtype)
+    return variants
 
 
 def _cache_bytes(inputs) -> int:
@@ -168,6 +173,8 @@ def main() -> int:
                    help=f"decode-bB-Nk or prefill-Nk (default: {' '.join(CASES)})")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the script")
+    p.add_argument("--kind", nargs="+", default=["mamba2"], choices=["mamba2", "gla"],
+                   help="the state-space layer kind(s) to time against attention (default: mamba2)")
     p.add_argument("--profile", action="store_true", help="decode cases: a kernel profile per variant (kernels.md)")
     args = p.parse_args()
     global DEVICE, PROFILE
@@ -176,7 +183,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     bw = measured_ceilings()[0] if DEVICE == "cuda" else 20e9
     print(f"{_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
-    models = _variants(args.model, args.layers)
+    models = _variants(args.model, args.layers, args.kind)
     rows: list = []
     for case in args.cases:
         run_case(case, models, bw, out, rows)

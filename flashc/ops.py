@@ -340,4 +340,4 @@ from flashc import sparse_ops as _sparse_ops  # noqa: E402,F401  (registers flas
 from flashc import semi_structured_ops as _semi_structured_ops  # noqa: E402,F401  (registers flashc.linear_24)
 from flashc import codebook_ops as _codebook_ops  # noqa: E402,F401  (registers flashc.linear_aqlm)
 from flashc import hadamard_ops as _hadamard_ops  # noqa: E402,F401  (registers flashc.hadamard)
-from flashc import ssm_ops as _ssm_ops  # noqa: E402,F401  (registers flashc.ssm_scan)
+from flashc import ssm_ops as _ssm_ops  # noqa: E402,F401  (registers flashc.ssm_scan, ssm_mix, gla_mix)

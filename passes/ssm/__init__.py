@@ -3,10 +3,11 @@
     from flashc.passes.ssm import SSMConfig, rewrite
     result = rewrite(model, SSMConfig.parse("all"), calibration_tokens)   # result.model, result.rows()
 
-One module per idea: layer (SSMAttention, the new layer), convert (finding attention layers
-and swapping them), choose ("auto": which layers to convert, measured), and this module,
-which runs the rewrite: convert, align each new layer with the attention it replaces, then
-distil end to end (`flashc.distill`, the codebase's one training loop), and measure.
+One module per idea: layer (SSMAttention, the new layer), gla (GLAAttention, its gated linear
+attention kind), convert (finding attention layers and swapping them), choose ("auto": which
+layers to convert, measured), and this module, which runs the rewrite: convert, align each
+new layer with the attention it replaces, then distil end to end (`flashc.distill`, the
+codebase's one training loop), and measure.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from flashc.distill import (
     DistillConfig, TrainResult, layer_alignment_loss, logit_kl_loss, plot_losses, train, weights_checksum,
 )
 from flashc.errors import FlashcError
-from flashc.passes.ssm.convert import attention_sites, convert, ssm_layers
+from flashc.passes.ssm.convert import LAYER_KINDS, attention_sites, convert, ssm_layers
+from flashc.passes.ssm.gla import GLAAttention
 from flashc.passes.ssm.layer import SSMAttention
 
 
@@ -35,7 +37,9 @@ class SSMConfig:
     ppl_budget: for "auto", the largest perplexity increase allowed on held-out calibration
     text (0.10 = +10%) after layer alignment; align and distill: the two training stages
     (steps=0 skips one); checkpoint_dir: where training checkpoints go (a rerun with the
-    same model and settings resumes there); plot: a PNG path for the loss curves."""
+    same model and settings resumes there); plot: a PNG path for the loss curves; kind: the
+    new layers' kind, "mamba2" (SSMAttention, a scalar decay per head) or "gla" (GLAAttention,
+    gated linear attention: a decay per key dimension)."""
 
     layers: Any = "all"
     keep_attention: int = 0
@@ -44,36 +48,56 @@ class SSMConfig:
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(steps=200, lr=3e-4))
     checkpoint_dir: str | None = None
     plot: str | None = None
+    kind: str = "mamba2"
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise FlashcError(f"ssm: kind={self.kind!r} is not a state-space layer kind; known: "
+                              f"{', '.join(LAYER_KINDS)}")
 
     @classmethod
     def parse(cls, spec: Any) -> "SSMConfig":
         """From what compile's ssm= and the CLI's --ssm take: "all", "auto", "1,3,5", a list of
-        indices, a dict with the fields above, or an SSMConfig."""
+        indices, a dict with the fields above, or an SSMConfig. A string may end in ":<kind>"
+        for the layer kind ("all:gla", "1,3:mamba2"); without one the kind is "mamba2"."""
         if isinstance(spec, SSMConfig):
             return spec
         if isinstance(spec, dict):
             unknown = set(spec) - {"layers", "keep_attention", "ppl_budget", "align", "distill", "checkpoint_dir",
-                                   "plot"}
+                                   "plot", "kind"}
             if unknown:
                 raise FlashcError(f"ssm={spec!r}: unknown key(s) {sorted(unknown)}; known: layers, keep_attention, "
-                                  "ppl_budget, align, distill, checkpoint_dir, plot")
+                                  "ppl_budget, align, distill, checkpoint_dir, plot, kind")
             fields = dict(spec)
             for stage in ("align", "distill"):
                 if isinstance(fields.get(stage), dict):
                     fields[stage] = DistillConfig(**fields[stage])
+            if isinstance(fields.get("layers"), str) and ":" in fields["layers"]:
+                raise FlashcError(f"ssm={spec!r}: give the kind as the dict's 'kind' key, not in 'layers' "
+                                  f"({fields['layers']!r})")
             return cls(**{**fields, "layers": cls.parse(fields.get("layers", "all")).layers})
         if isinstance(spec, str):
-            text = spec.strip().lower()
+            text, kind = spec.strip().lower(), "mamba2"
+            if ":" in text:
+                text, kind = (part.strip() for part in text.rsplit(":", 1))
+                if kind not in LAYER_KINDS:
+                    raise FlashcError(f"ssm={spec!r}: {kind!r} is not a state-space layer kind; known: "
+                                      f"{', '.join(LAYER_KINDS)} (e.g. 'all:gla')")
             if text in ("all", "auto"):
-                return cls(layers=text)
+                return cls(layers=text, kind=kind)
             try:
-                return cls(layers=sorted({int(x) for x in text.split(",") if x.strip()}))
+                return cls(layers=sorted({int(x) for x in text.split(",") if x.strip()}), kind=kind)
             except ValueError:
                 raise FlashcError(f"ssm={spec!r} is not a layer choice: give 'all', 'auto' or layer indices like "
-                                  "'1,3,5'") from None
+                                  "'1,3,5', optionally with a layer kind ('all:gla')") from None
         if isinstance(spec, (list, tuple)) and all(isinstance(i, int) for i in spec):
             return cls(layers=sorted(set(spec)))
-        raise FlashcError(f"ssm= takes 'all', 'auto', layer indices ('1,3,5' or a list) or a dict, got {spec!r}")
+        raise FlashcError(f"ssm= takes 'all', 'auto', layer indices ('1,3,5' or a list), each optionally with "
+                          f"':<kind>' ('all:gla'), or a dict, got {spec!r}")
+
+
+LAYER_DESCRIPTIONS = {"mamba2": "mamba2 (Mamba-2: a decay per head)",
+                      "gla": "gla (gated linear attention: a decay per key dimension)"}
 
 
 @dataclass
@@ -83,6 +107,7 @@ class SSMResult:
     model: torch.nn.Module
     layers: list[int]
     total_layers: int
+    kind: str = "mamba2"  # the new layers' kind (SSMConfig.kind)
     candidates: int = 0  # layers converted and aligned before a measured choice kept `layers`
     perplexity: dict[str, float] = field(default_factory=dict)  # original / converted / distilled
     training: list[TrainResult] = field(default_factory=list)
@@ -94,7 +119,8 @@ class SSMResult:
 
     def rows(self) -> list[list[str]]:
         """The report's table: what was converted and what it cost."""
-        rows = [["converted layers", f"{len(self.layers)} of {self.total_layers}: {self.layers}"]]
+        rows = [["converted layers", f"{len(self.layers)} of {self.total_layers}: {self.layers}"],
+                ["state-space layer", LAYER_DESCRIPTIONS.get(self.kind, self.kind)]]
         labels = {"converted": "converted, untrained" + (f" (all {self.candidates} candidates)"
                                                          if self.candidates != len(self.layers) else "")}
         for key in ("original", "converted", "aligned", "distilled"):
@@ -138,7 +164,7 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
         tokens, eval_tokens = tokens[:-held], tokens[-held:]
     window = min(256, eval_tokens.numel() - 1)
     measure = lambda m=teacher: _perplexity(m, eval_tokens, window)  # noqa: E731
-    result = SSMResult(model, [], len(sites))
+    result = SSMResult(model, [], len(sites), config.kind)
     result.perplexity["original"] = measure()
 
     measured = config.layers == "auto" or config.keep_attention > 0
@@ -146,7 +172,7 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
     if config.keep_attention >= len(candidates) and config.layers in ("all", "auto"):
         raise FlashcError(f"ssm: keep_attention={config.keep_attention} keeps every one of the model's "
                           f"{len(candidates)} attention layers: nothing to convert")
-    student = convert(teacher, candidates)
+    student = convert(teacher, candidates, config.kind)
     result.candidates = len(candidates)
     match_output_scale(teacher, sites, student, candidates, tokens[: 4 * config.align.seq_len])
     result.perplexity["converted"] = measure(student)
@@ -260,4 +286,5 @@ def _memory(sites, layers: list[int], dtype: torch.dtype) -> tuple[int, int]:
     return state, kv
 
 
-__all__ = ["SSMAttention", "SSMConfig", "SSMResult", "attention_sites", "convert", "rewrite", "ssm_layers"]
+__all__ = ["GLAAttention", "LAYER_KINDS", "SSMAttention", "SSMConfig", "SSMResult", "attention_sites", "convert",
+           "rewrite", "ssm_layers"]

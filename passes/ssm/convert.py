@@ -17,9 +17,12 @@ import torch.nn as nn
 
 from flashc.errors import FlashcError
 from flashc.passes.decoder_layers import decoder_layers
+from flashc.passes.ssm.gla import GLAAttention
 from flashc.passes.ssm.layer import SSMAttention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The state-space layer kinds the rewrite builds, by SSMConfig.kind: the first is the default.
+LAYER_KINDS = {"mamba2": SSMAttention, "gla": GLAAttention}
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,13 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     return sites
 
 
-def convert(model: nn.Module, layers: list[int]) -> nn.Module:
-    """A copy of model with the attention of each listed layer replaced by an SSMAttention
-    built from it (the input model is left as it was)."""
+def convert(model: nn.Module, layers: list[int], kind: str = "mamba2") -> nn.Module:
+    """A copy of model with the attention of each listed layer replaced by a state-space layer
+    of `kind` (LAYER_KINDS: "mamba2", SSMAttention; "gla", GLAAttention) built from it (the
+    input model is left as it was)."""
+    if kind not in LAYER_KINDS:
+        raise FlashcError(f"ssm: unknown layer kind {kind!r}; known: {', '.join(LAYER_KINDS)}")
+    layer_class = LAYER_KINDS[kind]
     sites = attention_sites(model)
     bad = [i for i in layers if not 0 <= i < len(sites)]
     if bad:
@@ -90,13 +97,13 @@ def convert(model: nn.Module, layers: list[int]) -> nn.Module:
     student = copy.deepcopy(model)
     for site in attention_sites(student):
         if site.index in layers:
-            setattr(site.parent, site.name, SSMAttention(site.module, site.heads, site.kv_heads, site.head_dim,
-                                                         site.index))
+            setattr(site.parent, site.name, layer_class(site.module, site.heads, site.kv_heads, site.head_dim,
+                                                        site.index))
     return student
 
 
 def ssm_layers(model: nn.Module) -> list[SSMAttention]:
-    """The model's converted layers, in order."""
+    """The model's converted layers (every kind), in order."""
     return [m for m in model.modules() if isinstance(m, SSMAttention)]
 
 

@@ -20,6 +20,9 @@ State: a plain forward starts every sequence from a zero state (the `forward` si
 A decode step binds a state tensor per layer (`bind_state`): the layer then starts from it
 (from zero where the position is 0: a new sequence) and writes the state after its tokens
 back into it, as attention writes its KV cache.
+
+`GLAAttention` (passes/ssm/gla.py) is the other kind: gated linear attention, a decay per key
+dimension, on the same projections, norm and state.
 """
 
 from __future__ import annotations
@@ -35,8 +38,20 @@ DT_RANGE = (1e-3, 1e-1)  # initial softplus(dt) across heads: decay exp(-dt) fro
 NORM_EPS = 1e-6
 
 
+def initial_decay_rates(heads: int) -> torch.Tensor:
+    """Per head, the initial -log(decay) a token: log-spaced across DT_RANGE (memories of about
+    1,000 down to 10 tokens), as Mamba initializes dt (Gu & Dao, arXiv:2312.00752)."""
+    return torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), heads))
+
+
 class SSMAttention(nn.Module):
-    """Mamba-2-style state-space mixing in place of self-attention (see the module doc)."""
+    """Mamba-2-style state-space mixing in place of self-attention (see the module doc).
+
+    The base of every state-space layer kind (`kind`): a kind changes only its decay's new
+    weights (`init_decay`) and its mixing op (`mix`); projections, norms, the state's shape and
+    its binding for decode steps are shared, so generation and the backends treat all alike."""
+
+    kind = "mamba2"
 
     def __init__(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int, layer_index: int) -> None:
         super().__init__()
@@ -46,17 +61,30 @@ class SSMAttention(nn.Module):
         self.k_norm = getattr(attention, "k_norm", None)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.layer_index = layer_index
-        hidden = self.q_proj.in_features
         weight = self.q_proj.weight
-        self.dt_proj = nn.Linear(hidden, heads, bias=True, device=weight.device, dtype=weight.dtype)
-        dt = torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), heads))
-        with torch.no_grad():
-            self.dt_proj.weight.zero_()
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.A_log = nn.Parameter(torch.zeros(heads, device=weight.device, dtype=torch.float32))
+        self.init_decay(self.q_proj.in_features, weight.device, weight.dtype)
         self.norm_weight = nn.Parameter(torch.ones(heads * head_dim, device=weight.device, dtype=weight.dtype))
         self._state: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+
+    def init_decay(self, hidden: int, device, dtype) -> None:
+        """The decay's new weights: dt_proj at zero weight, its bias spreading the heads' memory
+        over about 10 to 1,000 tokens (softplus(dt) across DT_RANGE), and A_log = 0."""
+        self.dt_proj = nn.Linear(hidden, self.heads, bias=True, device=device, dtype=dtype)
+        with torch.no_grad():
+            dt = initial_decay_rates(self.heads)
+            self.dt_proj.weight.zero_()
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.A_log = nn.Parameter(torch.zeros(self.heads, device=device, dtype=torch.float32))
+
+    def mix(self, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized y [B, T, heads * d], the state after the tokens): flashc.ssm_mix's grouped
+        heads, decay, scan and per-head norm, one op (one kernel a decode step on the CUDA
+        target); training differentiates its reference."""
+        dt = self.dt_proj(hidden_states)  # [B, T, H], before softplus
+        mix = ssm_mix_reference if torch.is_grad_enabled() else torch.ops.flashc.ssm_mix
+        return mix(q, k, v, dt, self.A_log, state, self.heads, self.kv_heads, NORM_EPS)
 
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """The recurrent state a decode step carries for this layer: [B, H, d, d], fp32."""
@@ -76,12 +104,7 @@ class SSMAttention(nn.Module):
             q = self.q_norm(q.view(b, t, h, d)).reshape(b, t, h * d)
         if self.k_norm is not None:
             k = self.k_norm(k.view(b, t, self.kv_heads, d)).reshape(b, t, self.kv_heads * d)
-        dt = self.dt_proj(hidden_states)  # [B, T, H], before softplus
-        state = self._start_state(b, hidden_states.device)
-        # flashc.ssm_mix: grouped heads, decay, the scan and the per-head norm, one op (one kernel
-        # a decode step on the CUDA target); training differentiates its reference
-        mix = ssm_mix_reference if torch.is_grad_enabled() else torch.ops.flashc.ssm_mix
-        y, new_state = mix(q, k, v, dt, self.A_log, state, h, self.kv_heads, NORM_EPS)
+        y, new_state = self.mix(hidden_states, q, k, v, self._start_state(b, hidden_states.device))
         if self._state is not None:
             self._state.copy_(new_state)
         if self.norm_weight is not None:
@@ -107,4 +130,5 @@ class SSMAttention(nn.Module):
         self.norm_weight = None
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_index}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
+        return (f"kind={self.kind}, layer={self.layer_index}, heads={self.heads}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}")

@@ -29,6 +29,7 @@ if not HAS_CUDA:
         "flashc.codegen.triton_moe",
         "flashc.codegen.triton_gemv",
         "flashc.codegen.triton_ssm",
+        "flashc.codegen.triton_gla",
         "flashc.codegen.triton_sparse_gemv",
     ):
         if _name in sys.modules:
