@@ -76,7 +76,8 @@ case "${1:-verify}" in
     step sparse24 60 python3 bench/sparse24_shapes.py --out "$OUT"
     ;;
   ssm-profile)
-    step ssm_profile 300 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --profile
+    step gla_tests 90 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gla.py"
+    step ssm_profile 330 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --kind mamba2 gla --profile
     ;;
   int4)
     # from /tmp: in the repository root, ./flashc would shadow the installed package (no flashc.passes)
@@ -113,7 +114,7 @@ case "${1:-verify}" in
       --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 145
     ;;
   ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
-    step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/backends/test_cuda.py"
+    step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
   *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, oprates, ssm-profile)"; exit 2 ;;
