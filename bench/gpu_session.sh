@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
 #   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
 #                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
+#   bash bench/gpu_session.sh essentials # one call: new kernels' tests, TTFT, operator table, 1B and 8B (W8A8/FP8) prefill
 #   bash bench/gpu_session.sh oprates  # operator table for the lpu simulator's GPU prefill, 1B prefill, 2:4 shapes
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -69,6 +70,16 @@ case "${1:-verify}" in
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
     ;;
+  essentials)  # what one call of a lease short on device time measures first (prefill, oprates, in 580 s)
+    step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py"
+    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    (cd /tmp && step ttft 100 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
+    step op_rates 110 python3 bench/gpu_op_rates.py --out "$OUT" --prompts 2048
+    step prefill_1b 60 python3 bench/decode.py --models llama-3.2-1b --batches --prefill 2048 \
+      --variants flashc --out "$OUT" --timeout 55
+    step prefill_q 230 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
+      --variants flashc flashc-w8a8 flashc-fp8 --out "$OUT" --timeout 225
+    ;;
   oprates)  # the lpu simulator's operator table (issue #17) and the prefills it is checked against, same lease
     step op_rates 150 python3 bench/gpu_op_rates.py --out "$OUT"
     step prefill_1b 120 python3 bench/decode.py --models llama-3.2-1b --batches --prefill 2048 \
@@ -117,5 +128,5 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, oprates, ssm-profile)"; exit 2 ;;
+  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
 esac
