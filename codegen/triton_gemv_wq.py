@@ -1,4 +1,4 @@
-"""Decode matrix-vector products that read 4- or 8-bit packed weights directly (MatMulNBits layout).
+"""Decode matrix-vector products that read 2-, 4- or 8-bit packed weights directly (MatMulNBits layout).
 
 The weight-only quantized twin of ``codegen/triton_gemv.py``: ``x[..., K]`` (at most
 ``MAX_ROWS`` rows) times a weight ``W[N, K]`` stored as codes, a scale per group of
@@ -19,7 +19,7 @@ weights a byte). Converting each code with ``I2F`` (16 a clock per SM: half the 
 rate by itself) and dequantizing before the FMA would make the kernel compute-bound, so
 the elementwise path spends per weight one logic op and one FMA a row:
 
-* ``qweight`` is read as 32-bit words (8 codes at 4 bits, 4 at 8 bits). Code ``c`` of a
+* ``qweight`` is read as 32-bit words (16 codes at 2 bits, 8 at 4 bits, 4 at 8 bits). Code ``c`` of a
   word is masked *in place*, ``word & (mask << e_c)`` (one ``LOP3``; codes above bit 19
   are masked in the word shifted right by 16, one shift a word, so ``e_c + bits <= 20``
   stays below float32's exponent), and the masked bits read as a float32 are the
@@ -56,7 +56,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from flashc.quantized_ops import SUPPORTED_BITS, dequantize
+from flashc.quantized_ops import SUPPORTED_BITS, dequantize, packed_zero_point_columns
 
 from . import tuning
 from ._triton_common import (
@@ -124,9 +124,10 @@ if HAS_TRITON:
         """Scales and zero points (float32) of the [rows, sub-blocks] tile's groups ``blk``."""
         s = tl.load(S + rows[:, None] * n_blocks + blk[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_ZP:
-            if BITS == 4:  # two blocks a byte, the even one in the low nibble
-                zb = tl.load(ZP + rows[:, None] * zp_stride + (blk // 2)[None, :], mask=ok, other=0).to(tl.int32)
-                zp = ((zb >> ((blk & 1) * 4)[None, :]) & 0xF).to(tl.float32)
+            if BITS < 8:  # 8 / BITS blocks a byte, the first in the lowest bits
+                PER: tl.constexpr = 8 // BITS
+                zb = tl.load(ZP + rows[:, None] * zp_stride + (blk // PER)[None, :], mask=ok, other=0).to(tl.int32)
+                zp = ((zb >> ((blk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
             else:
                 zp = tl.load(ZP + rows[:, None] * zp_stride + blk[None, :], mask=ok, other=0).to(tl.float32)
         else:
@@ -369,10 +370,10 @@ def _packed_shape(fn, qweight, scales, zero_points, bits, K):
         raise ValueError(f"{fn}: scales must be [{N}, {n_blocks}] (one per row and group), got {tuple(scales.shape)}")
     if zero_points is not None:
         check_tensor(fn, "zero_points", zero_points, ndim=2, dtypes=(torch.uint8,))
-        expect = (N, (n_blocks + 1) // 2 if bits == 4 else n_blocks)
+        expect = (N, packed_zero_point_columns(n_blocks, bits))
         if tuple(zero_points.shape) != expect:
             raise ValueError(f"{fn}: {bits}-bit zero_points must be {list(expect)} (uint8"
-                             f"{', two blocks a byte' if bits == 4 else ''}), got {tuple(zero_points.shape)}")
+                             f"{f', {8 // bits} blocks a byte' if bits < 8 else ''}), got {tuple(zero_points.shape)}")
     return N, group, n_blocks
 
 

@@ -48,6 +48,7 @@ import itertools
 
 import torch
 
+from flashc.errors import UnsupportedOpError
 from flashc.quantized_ops import SUPPORTED_BITS, moe_wq as _moe_wq_op
 
 from . import tuning
@@ -77,6 +78,7 @@ _ELEMENTWISE_MAX_M = 16  # the elementwise path keeps a [BLOCK_N, NV, VW] accumu
 # as subnormals (c * 2**(e_j - 149)) are normal floats: exact for |x * input_scale| in [2**-65, 2**40).
 X_EXP = 88
 _CHUNK_WORDS = 4  # the elementwise path's chunk: one 128-bit load a thread, summed in the thread's FMAs
+KERNEL_BITS = (4, 8)  # bit widths the kernels read (2-bit experts: flashc.moe_wq's reference only)
 
 
 def reference_moe_wq(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zero_points, gate_up_input_scale,
@@ -435,7 +437,12 @@ def _check_moe_wq(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zer
     fn = _FN
     require_triton(fn)
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"{fn}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise ValueError(f"{fn}: bits must be one of {KERNEL_BITS}, got {bits!r}")
+    if bits not in KERNEL_BITS:
+        raise UnsupportedOpError(
+            f"{fn}: {bits}-bit experts have no kernel here (the dot path reads nibble or byte codes: "
+            f"{' and '.join(map(str, KERNEL_BITS))} bits); quantize the experts to 4 or 8 bits (a mixed budget: "
+            "QuantConfig(candidate_bits=(4, 8)), or quantize_experts=False), or compile for cpu")
     check_tensor(fn, "x", x, ndim=2)
     check_tensor(fn, "router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(fn, "gate_up_qweight", gate_up_qweight, ndim=4, dtypes=(torch.uint8,))

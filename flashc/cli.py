@@ -261,14 +261,16 @@ def cmd_generate(args) -> int:
 
 
 def _quantize_option(args):
-    """The QuantConfig that --quantize / --group-size name (None without --quantize)."""
+    """The QuantConfig that --quantize / --group-size / --budget-bits name (None without --quantize)."""
+    budget = getattr(args, "budget_bits", None)
     if args.quantize is None:
-        if args.group_size is not None:
-            raise FlashcError("--group-size applies to --quantize: add e.g. --quantize int4-gptq")
+        if args.group_size is not None or budget is not None:
+            raise FlashcError(f"--{'group-size' if args.group_size is not None else 'budget-bits'} applies to "
+                              "--quantize: add e.g. --quantize int4-gptq")
         return None
     from flashc.passes.quantize import QuantConfig
 
-    return QuantConfig.parse(args.quantize, args.group_size)
+    return QuantConfig.parse(args.quantize, args.group_size).with_budget(budget)
 
 
 def _ssm_option(args):
@@ -1028,6 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only quantization: int4-gptq, int4-awq, int4-rtn, int8-weight (see QuantConfig)")
     c.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
                    help="input columns sharing a scale (default: the scheme's)")
+    c.add_argument("--budget-bits", type=float, default=None, metavar="BITS",
+                   help="mixed precision: 2, 4 or 8 bits per layer by measured sensitivity, at most BITS stored "
+                        "bits a weight on average (with --quantize int4-gptq / int4-rtn, or --quantize mixed-3.5)")
     c.add_argument("--prune", default=None, metavar="SPEC",
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
                         "online-40%%, ffn-25%%, heads-25%%, experts-2 (see PruneConfig)")
@@ -1040,9 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default=None, metavar="builtin|FILE",
                    help="calibration data of GPTQ/AWQ, pruning and --ssm's training: flashc's built-in text "
                         "(default), a text or .safetensors file")
-    c.add_argument("--ssm", default=None, metavar="all|auto|1,3,5",
+    c.add_argument("--ssm", default=None, metavar="all|auto|1,3,5[:gla]",
                    help="replace attention layers with a state-space layer (Mamba-2 style) and distil it on the "
-                        "calibration text: all, auto (measured, within a perplexity budget) or layer indices")
+                        "calibration text: all, auto (measured, within a perplexity budget) or layer indices; "
+                        "':gla' (e.g. all:gla) makes the layers gated linear attention instead")
     c.add_argument("--ssm-keep-attention", type=NON_NEGATIVE, default=None, metavar="K",
                    help="--ssm all/auto: keep the K attention layers whose replacement hurts most")
     c.add_argument("--align-steps", type=NON_NEGATIVE, default=None,

@@ -1,8 +1,9 @@
 """Quantized ops: weight-only (int4/int8, packed) and weight-and-activation (W8A8, FP8).
 
-`flashc.linear_wq` is a linear layer whose weight is stored as 4- or 8-bit codes with a
+`flashc.linear_wq` is a linear layer whose weight is stored as 2-, 4- or 8-bit codes with a
 scale (and optionally a zero point) per group of `group_size` input columns;
-`flashc.moe_wq` is `flashc.moe` with its stacked expert weights stored the same way.
+`flashc.moe_wq` is `flashc.moe` with its stacked expert weights stored the same way, and
+`flashc.moe_wq_mixed` the same with a width per expert (a list of tensors, one an expert).
 Both reference implementations dequantize and then compute in x's dtype: the numeric
 truth for the kernels that later read the packed bytes directly.
 
@@ -12,12 +13,13 @@ weight W[N, K] split along K into n_blocks = K / group_size blocks:
 
 * codes q[n, k] in 0 .. 2**bits - 1, W[n, k] = (q[n, k] - zp[n, blk]) * scale[n, blk]
   with blk = k // group_size;
-* `qweight`: uint8 [N, n_blocks, group_size * bits / 8]; at 4 bits two codes a byte,
-  the even k in the low nibble; at 8 bits one code a byte;
+* `qweight`: uint8 [N, n_blocks, group_size * bits / 8]; below 8 bits 8 / bits codes a
+  byte, the first in the lowest bits (at 4 bits the even k in the low nibble; at 2 bits
+  k = 4j in bits 0-1, ..., 4j + 3 in bits 6-7); at 8 bits one code a byte;
 * `scales`: [N, n_blocks] in the activation dtype (MatMulNBits reads them flat);
-* `zero_points`: uint8, at 4 bits [N, ceil(n_blocks / 2)] packed like the codes (even
-  block in the low nibble), at 8 bits [N, n_blocks]; None means the midpoint
-  2**(bits - 1), i.e. a symmetric grid.
+* `zero_points`: uint8, below 8 bits [N, ceil(n_blocks * bits / 8)] packed like the codes
+  (at 4 bits the even block in the low nibble), at 8 bits [N, n_blocks]; None means the
+  midpoint 2**(bits - 1), i.e. a symmetric grid.
 
 Stacked MoE experts carry one more leading dimension [E, ...] on every tensor. K must
 be a multiple of group_size here (a layer that does not fit is left in float by the
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from flashc.ops import routed_experts
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 4, 8)
 
 
 def default_zero_point(bits: int) -> int:
@@ -43,22 +45,40 @@ def default_zero_point(bits: int) -> int:
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"packed weights have {' or '.join(map(str, SUPPORTED_BITS))} bits, got {bits}")
+        raise ValueError(f"packed weights have {', '.join(map(str, SUPPORTED_BITS[:-1]))} or {SUPPORTED_BITS[-1]} "
+                         f"bits, got {bits}")
+
+
+def pack_subbyte(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., C] below 2**bits (bits 2 or 4) -> [..., ceil(C * bits / 8)] bytes, 8 / bits values
+    a byte: element p*j + i in bits i*bits .. (i+1)*bits - 1 (p = 8 / bits; MatMulNBits' order)."""
+    if values.dtype != torch.uint8:
+        raise ValueError(f"{bits}-bit values must be uint8, got {values.dtype}")
+    per_byte = 8 // bits
+    if values.shape[-1] % per_byte:
+        values = F.pad(values, (0, per_byte - values.shape[-1] % per_byte))
+    groups = values.reshape(*values.shape[:-1], -1, per_byte)
+    packed = groups[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= groups[..., i] << (i * bits)
+    return packed
+
+
+def unpack_subbyte(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_subbyte: [..., B] bytes -> [..., B * 8 / bits] values."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(8 // bits)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """uint8 [..., C] in 0..15 -> [..., ceil(C / 2)] bytes: element 2j in the low nibble, 2j+1 high."""
-    if values.dtype != torch.uint8:
-        raise ValueError(f"4-bit values must be uint8, got {values.dtype}")
-    if values.shape[-1] % 2:
-        values = F.pad(values, (0, 1))
-    pairs = values.reshape(*values.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    return pack_subbyte(values, 4)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_nibbles: [..., B] bytes -> [..., 2B] values."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+    return unpack_subbyte(packed, 4)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -67,31 +87,38 @@ def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     *lead, n, k = codes.shape
     if k % group_size:
         raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
+    if group_size * bits % 8:
+        raise ValueError(f"a group of {group_size} {bits}-bit codes is not a whole number of bytes")
     has_values = codes.numel() and codes.device.type != "meta"  # a shape-only model has none to check
     if codes.dtype != torch.uint8 or (has_values and int(codes.max()) >= 1 << bits):
         raise ValueError(f"{bits}-bit codes must be uint8 below {1 << bits}")
     blocks = codes.reshape(*lead, n, k // group_size, group_size)
-    return pack_nibbles(blocks) if bits == 4 else blocks.contiguous()
+    return blocks.contiguous() if bits == 8 else pack_subbyte(blocks, bits)
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """qweight [..., N, n_blocks, bytes] -> codes uint8 [..., N, K]."""
     _check_bits(bits)
-    codes = unpack_nibbles(qweight) if bits == 4 else qweight
+    codes = qweight if bits == 8 else unpack_subbyte(qweight, bits)
     return codes.reshape(*qweight.shape[:-2], -1)
 
 
 def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points uint8 [..., N, n_blocks] -> the stored form (nibble pairs at 4 bits)."""
+    """Zero points uint8 [..., N, n_blocks] -> the stored form (8 / bits a byte below 8 bits)."""
     _check_bits(bits)
     if zero_points.dtype != torch.uint8:
         raise ValueError(f"zero points must be uint8, got {zero_points.dtype}")
-    return pack_nibbles(zero_points) if bits == 4 else zero_points.contiguous()
+    return zero_points.contiguous() if bits == 8 else pack_subbyte(zero_points, bits)
 
 
 def unpack_zero_points(stored: torch.Tensor, bits: int, n_blocks: int) -> torch.Tensor:
     """The stored zero points -> uint8 [..., N, n_blocks]."""
-    return unpack_nibbles(stored)[..., :n_blocks] if bits == 4 else stored
+    return stored if bits == 8 else unpack_subbyte(stored, bits)[..., :n_blocks]
+
+
+def packed_zero_point_columns(n_blocks: int, bits: int) -> int:
+    """Bytes per row of stored zero points for n_blocks groups."""
+    return n_blocks if bits == 8 else -(-n_blocks * bits // 8)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
@@ -179,6 +206,39 @@ def _at(t: Optional[torch.Tensor], e: int) -> Optional[torch.Tensor]:
 @moe_wq.register_fake
 def _(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zero_points, gate_up_input_scale,
       down_qweight, down_scales, down_zero_points, down_input_scale, top_k, normalize, bits):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("flashc::moe_wq_mixed", mutates_args=())
+def moe_wq_mixed(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up_qweights: list[torch.Tensor],
+    gate_up_scales: list[torch.Tensor],
+    gate_up_zero_points: list[Optional[torch.Tensor]],
+    down_qweights: list[torch.Tensor],
+    down_scales: list[torch.Tensor],
+    down_zero_points: list[Optional[torch.Tensor]],
+    top_k: int,
+    normalize: bool,
+    bits: list[int],
+) -> torch.Tensor:
+    """flashc.moe_wq with a bit width per expert (a mixed-precision budget, passes/quantize/mixed.py):
+    expert e's gate_up [2F, H] and down [H, F] packed at bits[e], one tensor a list entry each
+    (the layout of this module; a zero point entry None: symmetric; no input scales). Routing is flashc.moe's."""
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate_up = dequantize(gate_up_qweights[e], gate_up_scales[e], _at(gate_up_zero_points, e), bits[e])
+        down = dequantize(down_qweights[e], down_scales[e], _at(down_zero_points, e), bits[e])
+        gu = rows @ gate_up.to(x.dtype).t()
+        f = gu.shape[-1] // 2
+        return (F.silu(gu[:, :f]) * gu[:, f:]) @ down.to(x.dtype).t()
+
+    return routed_experts(x, router_logits, len(gate_up_qweights), top_k, normalize, expert)
+
+
+@moe_wq_mixed.register_fake
+def _(x, router_logits, gate_up_qweights, gate_up_scales, gate_up_zero_points, down_qweights, down_scales,
+      down_zero_points, top_k, normalize, bits):
     return torch.empty_like(x)
 
 
@@ -365,6 +425,7 @@ def _(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_input_scale, do
 QUANTIZED_OPS = {
     "linear_wq": torch.ops.flashc.linear_wq.default,
     "moe_wq": torch.ops.flashc.moe_wq.default,
+    "moe_wq_mixed": torch.ops.flashc.moe_wq_mixed.default,
     "gemv_wq": torch.ops.flashc.gemv_wq.default,
     "linear_w8a8": torch.ops.flashc.linear_w8a8.default,
     "linear_fp8": torch.ops.flashc.linear_fp8.default,

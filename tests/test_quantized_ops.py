@@ -29,7 +29,7 @@ def reference_weight(codes, scales, zp, bits, group):
     return (codes.double() - per_k(zpf)) * per_k(scales)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("lead", [(), (3,)])
 def test_pack_round_trip(bits, lead):
     codes, scales, zp, qweight, zp_packed = random_packed(6, 64, bits, 32, lead=lead)
@@ -37,7 +37,7 @@ def test_pack_round_trip(bits, lead):
     assert qweight.shape == (*lead, 6, 2, 32 * bits // 8)
     assert torch.equal(qops.unpack_codes(qweight, bits), codes)
     assert torch.equal(qops.unpack_zero_points(zp_packed, bits, 2), zp)
-    # odd number of blocks: the zero points' last byte is half used
+    # 3 blocks: the zero points' last byte is partly used
     zp3 = random_codes((5, 3), bits, 7)
     assert torch.equal(qops.unpack_zero_points(qops.pack_zero_points(zp3, bits), bits, 3), zp3)
 
@@ -66,11 +66,11 @@ def test_pack_refuses_bad_codes():
         qops.pack_codes(torch.full((2, 32), 16, dtype=torch.uint8), 4, 32)
     with pytest.raises(ValueError, match="not a multiple"):
         qops.pack_codes(torch.zeros(2, 48, dtype=torch.uint8), 4, 32)
-    with pytest.raises(ValueError, match="4 or 8"):
+    with pytest.raises(ValueError, match="2, 4 or 8"):
         qops.pack_codes(torch.zeros(2, 32, dtype=torch.uint8), 3, 32)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_linear_wq_matches_float64(bits, with_extras):
     codes, scales, zp, qweight, zp_packed = random_packed(24, 64, bits, 32)
@@ -108,7 +108,7 @@ def test_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_moe_wq_is_moe_of_the_dequantized_experts(bits):
     e, h, f, t = 4, 64, 32, 9
     gc, gs, gzp, gq, gz = random_packed(2 * f, h, bits, 32, lead=(e,))

@@ -1,6 +1,6 @@
 """Lowerings of flashc's weight-only quantized ops (flashc/quantized_ops.py).
 
-* linear_wq -> com.microsoft MatMulNBits (bits 4 or 8, block_size = the group size,
+* linear_wq -> com.microsoft MatMulNBits (bits 2, 4 or 8, block_size = the group size,
   K = in_features, N = out_features), the packed weight, scales and zero points as
   initializers in the layout the quantization pass wrote (ORT's own: nothing is
   repacked; scales and zero points are only viewed flat), after `x * input_scale` (a
@@ -11,7 +11,8 @@
   reference does (codes minus zero point, times scale, in fp32; then x's dtype) and
   MatMul: the same numbers, without the memory saving.
 
-flashc.moe_wq (quantized MoE experts) is not lowered: `REFUSED` says why and what to do.
+flashc.moe_wq and flashc.moe_wq_mixed (quantized MoE experts) are not lowered: `REFUSED` says why and
+what to do.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ REFUSED = {
         "quantized MoE experts (flashc.moe_wq) are not lowered to ONNX yet (flashc.linear_wq is, as "
         "com.microsoft MatMulNBits); quantize with QuantConfig(quantize_experts=False) to keep the experts "
         "in float, or compile for cpu"),
+    flashc_ops.moe_wq_mixed.default: (
+        "MoE experts quantized at a width each (flashc.moe_wq_mixed, a mixed-precision budget) are not lowered to "
+        "ONNX; quantize with QuantConfig(quantize_experts=False) to keep the experts in float, or compile for cpu"),
 }
 
 # dtypes ORT's CPU MatMulNBits kernels take for x and the scales
@@ -81,30 +85,33 @@ def _linear_wq(ctx, node):
     return y if bias_v is None else b.op("Add", y, bias_v)
 
 
-def _unpack_nibbles(ctx: LoweringContext, packed, shape: list[int]):
-    """uint8 [..., B] bytes -> [..., 2B] values, the even element from the low nibble."""
+def _unpack_subbyte(ctx: LoweringContext, packed, shape: list[int], bits: int):
+    """uint8 [..., B] bytes -> [..., B * 8 / bits] values (bits 2 or 4), the first of a byte from its
+    lowest bits (flashc.quantized_ops.unpack_subbyte)."""
     b = ctx.b
-    low = b.op("BitwiseAnd", packed, b.scalar(0x0F, torch.uint8))
-    high = b.op("BitShift", packed, b.scalar(4, torch.uint8), direction="RIGHT")
     axis = len(shape)
-    pairs = b.op("Concat", b.op("Unsqueeze", low, b.ints([axis])), b.op("Unsqueeze", high, b.ints([axis])), axis=axis)
-    return b.reshape(pairs, [*shape[:-1], 2 * shape[-1]])
+    parts = []
+    for i in range(8 // bits):
+        shifted = packed if i == 0 else b.op("BitShift", packed, b.scalar(i * bits, torch.uint8), direction="RIGHT")
+        part = b.op("BitwiseAnd", shifted, b.scalar((1 << bits) - 1, torch.uint8))
+        parts.append(b.op("Unsqueeze", part, b.ints([axis])))
+    return b.reshape(b.op("Concat", *parts, axis=axis), [*shape[:-1], 8 // bits * shape[-1]])
 
 
 def _dequantize_standard(ctx: LoweringContext, qweight, scales, zp, bits: int, n: int, n_blocks: int, group: int):
     """The fp32 weight [N, K] in standard ops, computed as flashc.quantized_ops.dequantize."""
     b = ctx.b
     codes = ctx.v(qweight)  # [N, n_blocks, group * bits / 8]
-    if bits == 4:
-        codes = _unpack_nibbles(ctx, codes, [n, n_blocks, group // 2])
+    if bits < 8:
+        codes = _unpack_subbyte(ctx, codes, [n, n_blocks, group * bits // 8], bits)
     codes = b.cast(codes, torch.uint8, torch.float32)
     if zp is None:
         zero = b.scalar(float(default_zero_point(bits)), torch.float32)
     else:
-        zero = ctx.v(zp)  # [N, ceil(n_blocks / 2)] at 4 bits, [N, n_blocks] at 8
-        if bits == 4:
+        zero = ctx.v(zp)  # [N, ceil(n_blocks * bits / 8)] below 8 bits, [N, n_blocks] at 8
+        if bits < 8:
             stored = ctx.shape(zp)[-1]
-            zero = b.slice(_unpack_nibbles(ctx, zero, [n, stored]), 1, 0, n_blocks)
+            zero = b.slice(_unpack_subbyte(ctx, zero, [n, stored], bits), 1, 0, n_blocks)
         zero = b.reshape(b.cast(zero, torch.uint8, torch.float32), [n, n_blocks, 1])
     scale = b.reshape(ctx.tensor(scales, torch.float32), [n, n_blocks, 1])
     w = b.op("Mul", b.op("Sub", codes, zero), scale)

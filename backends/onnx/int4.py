@@ -146,7 +146,7 @@ def matmul_nbits(b, x, packed, scales, zero_points, bias, *, k: int, n: int, bit
 
     packed uint8 [N, n_blocks, block_size * bits / 8]; scales [N * n_blocks] in x's dtype;
     zero_points None (the midpoint 2**(bits - 1)) or uint8 [N * ceil(n_blocks * bits / 8)]
-    (nibble pairs at 4 bits, one byte a block at 8); bias None or [N] in x's dtype.
+    (8 / bits blocks a byte below 8 bits, one byte a block at 8); bias None or [N] in x's dtype.
     """
     import onnx_ir as ir
 

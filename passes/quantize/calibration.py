@@ -13,6 +13,7 @@ input shape; a decode-step program is fed one position at a time over a fresh ca
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -211,6 +212,21 @@ def calibration_calls(program: Program, data: CalibrationData, max_rows: int,
             yield (ids, *extra)
 
     return CalibrationCalls(count, per_call, make, f"tokens (windows of {seq})")
+
+
+def split_calls(calls: CalibrationCalls, rows: int) -> tuple[CalibrationCalls, CalibrationCalls]:
+    """(fit, held out): the last calls holding about `rows` rows held out (at least one call, and
+    at least one left to fit on). A decode step's calls are positions of windows over a cache,
+    so its held-out part is whole windows only when they are given: here the first calls are
+    shared instead (held-out = fit's start), which the caller reports."""
+    held = max(1, min(calls.count - 1, -(-rows // max(calls.rows_per_call, 1))))
+    if calls.count < 2 or calls.unit.startswith("tokens (decode"):
+        first = CalibrationCalls(min(calls.count, held), calls.rows_per_call,
+                                 lambda: itertools.islice(calls.make(), held), calls.unit)
+        return calls, first
+    fit = calls.count - held
+    return (CalibrationCalls(fit, calls.rows_per_call, lambda: itertools.islice(calls.make(), fit), calls.unit),
+            CalibrationCalls(held, calls.rows_per_call, lambda: itertools.islice(calls.make(), fit, None), calls.unit))
 
 
 def _tensor_calls(specs: list[InputSpec], data: CalibrationData, max_rows: int, device) -> CalibrationCalls:

@@ -11,6 +11,9 @@ METHODS = ("rtn", "gptq", "awq", "quip", "aqlm", "smoothquant", "fp8")
 WEIGHT_ONLY = ("rtn", "gptq", "awq", "quip", "aqlm")
 ACTIVATIONS = ("smoothquant", "fp8")  # the input is quantized too, per token, on every call
 GROUP_SIZES = (32, 64, 128)
+CANDIDATE_BITS = (2, 4, 8)  # widths a mixed-precision budget chooses from (flashc.quantized_ops packs them)
+MIXED_METHODS = ("rtn", "gptq")  # the methods a budget quantizes each layer with (passes/quantize/mixed.py)
+SCALE_BITS = 16  # a scale stored in fp16/bf16, the dtype of the weights a budget is usually set for
 AQLM_GROUP_SIZES = (4, 8, 16)  # AQLM: weights a codeword (passes/quantize/aqlm.py)
 
 # Scheme names accepted by QuantConfig.parse (each also takes -g32/-g64/-g128/-per-channel
@@ -32,6 +35,9 @@ SCHEMES = {
     "w8a8": "int8 weights (per output channel) and int8 activations (per token, dynamic), no smoothing",
     "fp8": "FP8 e4m3 weights (a scale per output channel) and activations (a scale per token, dynamic)",
     "fp8-tensor": "FP8 e4m3 weights and activations with one scale per tensor (activations: per call)",
+    "mixed-3.5": "2-, 4- or 8-bit weights chosen per layer by measured sensitivity so that the quantized layers "
+                 "average at most 3.5 stored bits a weight (scales and zero points counted), GPTQ, groups of 128, "
+                 "asymmetric; any budget: 'mixed-<bits>' ('mixed-3', 'mixed-4.5-rtn'; passes/quantize/mixed.py)",
 }
 
 # Schemes of flashc issue #14 that are not built yet: asking for one is an error, never RTN.
@@ -63,6 +69,11 @@ class QuantConfig:
     "fp8" (e4m3; granularity "row": a scale per output channel and per token, "tensor": one
     each); MoE experts become flashc.moe_a8 (each expert smoothed on the rows routed to it).
     sample_rows: calibration rows kept per input (per expert) for SmoothQuant's search.
+    budget_bits: mixed precision (passes/quantize/mixed.py): each quantized layer (each MoE layer's
+    experts together) gets one of candidate_bits, chosen from its measured sensitivity so that the
+    stored bits a weight (codes, scales and zero points) averaged over the quantized layers' weights
+    stay within this budget; `bits` is then unused. method "rtn" or "gptq" quantizes each layer at
+    its width; sensitivity_tokens: held-out calibration tokens the sensitivities are measured on.
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this (or than the widest layer's input size) is an error.
     """
@@ -86,6 +97,9 @@ class QuantConfig:
     sample_rows: int = 1024
     aqlm_codebooks: int = 2
     aqlm_rounds: int = 4
+    budget_bits: float | None = None
+    candidate_bits: tuple[int, ...] = CANDIDATE_BITS
+    sensitivity_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,6 +115,8 @@ class QuantConfig:
                 raise FlashcError(f"QuantConfig.granularity must be 'row' or 'tensor', got {self.granularity!r}")
             if self.sample_rows < 16:
                 raise FlashcError(f"QuantConfig.sample_rows must be at least 16, got {self.sample_rows}")
+        if self.budget_bits is not None:
+            self._check_budget()
         if self.method == "aqlm":
             self._check_aqlm()
         elif self.bits not in (4, 8):
@@ -132,8 +148,57 @@ class QuantConfig:
         if self.aqlm_rounds < 0:
             raise FlashcError(f"QuantConfig.aqlm_rounds must be at least 0, got {self.aqlm_rounds}")
 
+    def _check_budget(self) -> None:
+        """A budget chooses among at least two of CANDIDATE_BITS, with rtn or gptq, and lies between
+        the cost of every layer at the narrowest candidate and at the widest (scales of SCALE_BITS)."""
+        if isinstance(self.budget_bits, bool) or not isinstance(self.budget_bits, (int, float)):
+            raise FlashcError(f"QuantConfig.budget_bits must be a number of bits a weight, got {self.budget_bits!r}")
+        if self.method not in MIXED_METHODS:
+            budget = f"mixed-{self.budget_bits:g}"
+            raise FlashcError(f"a bit budget quantizes each layer with {' or '.join(MIXED_METHODS)}, got method "
+                              f"{self.method!r}: use '{budget}-gptq' or '{budget}-rtn'")
+        widths = self.candidate_bits
+        if (not isinstance(widths, tuple) or len(widths) < 2 or len(set(widths)) != len(widths)
+                or any(b not in CANDIDATE_BITS for b in widths) or list(widths) != sorted(widths)):
+            raise FlashcError(f"QuantConfig.candidate_bits must be two or more of {CANDIDATE_BITS} in increasing "
+                              f"order (a tuple), got {widths!r}")
+        lo, hi = self.stored_bits(widths[0]), self.stored_bits(widths[-1])
+        if not lo <= self.budget_bits <= hi:
+            raise FlashcError(f"QuantConfig.budget_bits={self.budget_bits:g} is outside what candidate_bits {widths} "
+                              f"store with {self._group_label()}: {lo:.3f} (every layer at {widths[0]} bits) to "
+                              f"{hi:.3f} (every layer at {widths[-1]} bits), counting {SCALE_BITS}-bit scales"
+                              + ("" if self.symmetric else " and zero points"))
+        if self.sensitivity_tokens < 16:
+            raise FlashcError(f"QuantConfig.sensitivity_tokens must be at least 16, got {self.sensitivity_tokens}")
+
+    def stored_bits(self, bits: int, scale_bits: int = SCALE_BITS, k: int | None = None) -> float:
+        """Bits stored a weight at this width: the code plus its group's scale (and zero point when
+        asymmetric) shared by group_size weights (per output channel: by k, 0 when k is unknown)."""
+        group = self.group_size or k
+        return bits + ((scale_bits + (0 if self.symmetric else bits)) / group if group else 0.0)
+
+    def _group_label(self) -> str:
+        return f"groups of {self.group_size}" if self.group_size else "a scale per output channel"
+
+    def with_budget(self, budget_bits: float | None) -> "QuantConfig":
+        """This config with a bit budget (the CLI's --budget-bits next to --quantize): its method,
+        group size and symmetry kept, the width of each layer chosen under the budget."""
+        if budget_bits is None:
+            return self
+        if self.method not in MIXED_METHODS:
+            raise FlashcError(f"a bit budget applies to a weight-only rtn or gptq scheme (e.g. int4-gptq or "
+                              f"mixed-{budget_bits:g}), not {self.scheme}")
+        return replace(self, budget_bits=float(budget_bits))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether each layer's width is chosen under budget_bits (passes/quantize/mixed.py)."""
+        return self.budget_bits is not None
+
     @property
     def needs_calibration(self) -> bool:
+        if self.mixed:  # sensitivities are measured on calibration data, whatever the method
+            return True
         return self.method in ("gptq", "awq", "quip", "aqlm") or (self.method == "smoothquant" and self.smooth)
 
     @property
@@ -155,6 +220,9 @@ class QuantConfig:
             return "aqlm-2bit" if (self.aqlm_codebooks, self.group_size) == (2, 8) else \
                 f"aqlm-{self.aqlm_codebooks}x8-g{self.group_size}"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
+        if self.mixed:
+            cands = "" if self.candidate_bits == CANDIDATE_BITS else f"-b{''.join(map(str, self.candidate_bits))}"
+            return f"mixed-{self.budget_bits:g}{cands}-{self.method}-{group}-{'sym' if self.symmetric else 'asym'}"
         return f"int{self.bits}-{self.method}-{group}-{'sym' if self.symmetric else 'asym'}"
 
     @classmethod
@@ -196,6 +264,8 @@ class QuantConfig:
                            smooth=name == "w8a8-smoothquant")
             return cls(method="fp8", bits=8, group_size=None, symmetric=True,
                        granularity="tensor" if name == "fp8-tensor" else "row")
+        if name.startswith("mixed"):
+            return cls._parse_mixed(text, name, group, group_size, symmetric)
         if name == "quip-4bit":  # incoherence replaces act-order (passes/quantize/quip.py)
             group = 128 if group == "default" else group
             return cls(method="quip", bits=4, act_order=False, group_size=group if group_size is None else group_size,
@@ -221,3 +291,24 @@ class QuantConfig:
         if symmetric is not None:
             defaults["symmetric"] = symmetric
         return cls(method=method, bits=bits, **defaults)
+
+    @classmethod
+    def _parse_mixed(cls, text: str, name: str, group, group_size: int | None, symmetric: bool | None
+                     ) -> "QuantConfig":
+        """'mixed-<budget>[-b<candidates>][-gptq|-rtn]' (suffixes already taken off): GPTQ, groups of
+        128, asymmetric unless the suffixes say otherwise; '-b248' names the candidate widths."""
+        m = re.fullmatch(r"mixed-(\d+(?:\.\d+)?)(?:-b([248]+))?(?:-(gptq|rtn))?", name)
+        if not m:
+            raise FlashcError(f"quantization scheme {text!r}: a mixed-precision scheme is 'mixed-<bits a weight>' "
+                              "with optional '-b<widths>' (e.g. -b24), '-gptq' or '-rtn', '-g<size>' / "
+                              "'-per-channel' and '-sym' / '-asym' (e.g. 'mixed-3.5', 'mixed-3.5-rtn-g64')")
+        fields = dict(method=m.group(3) or "gptq", budget_bits=float(m.group(1)), group_size=128, symmetric=False)
+        if m.group(2):
+            fields["candidate_bits"] = tuple(int(c) for c in m.group(2))
+        if group != "default":
+            fields["group_size"] = group
+        if group_size is not None:
+            fields["group_size"] = group_size
+        if symmetric is not None:
+            fields["symmetric"] = symmetric
+        return cls(**fields)

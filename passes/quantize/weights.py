@@ -12,6 +12,11 @@ a `flashc.moe` is wrapped alike (passes/quantize/quip.py); sizes without a Hadam
 skipped. The float weight is removed when nothing else reads it; a weight that something
 else also reads (a head tied to the embedding) stays.
 
+With a bit budget (`QuantConfig.budget_bits`, scheme 'mixed-3.5') each layer, and each MoE
+layer's experts together, is quantized at the width passes/quantize/mixed.py chooses from
+measured sensitivities; the report's rows give each layer's width and sensitivities, its
+totals the achieved bits a weight against the budget.
+
 Left in float, and listed in the report with the reason: the output head unless
 `QuantConfig.lm_head` (GPTQ and AWQ leave it too), MoE routers, layers whose input size
 is not a multiple of the group size, weights the graph writes in place, and MoE experts
@@ -40,11 +45,13 @@ from flashc.passes.quantize.aqlm import AqlmWeight, aqlm_quantize
 from flashc.passes.quantize.awq import awq_quantize, awq_search_scales
 from flashc.passes.quantize.calibration import (
     ActivationSample, CalibrationData, InputStatistics, LinearProbe, MoeProbe, calibration_calls, collect_statistics,
+    split_calls,
 )
 from flashc.passes.quantize.config import QuantConfig
 from flashc.passes.quantize.fp8 import quantize_weight_fp8
 from flashc.passes.quantize.gptq import gptq_quantize
 from flashc.passes.quantize.grid import QuantizedWeight, output_error
+from flashc.passes.quantize.mixed import Candidate, LayerChoice, LossProbe, choose_bits, measure_factors
 from flashc.passes.quantize.quip import (
     QuipWeight, quip_quantize, quip_relative_error, random_signs, rotation_skip_reason,
 )
@@ -124,7 +131,8 @@ class QuantizeWeights:
         AWQ calibrate on (flashc.passes.quantize.calibration.resolve_calibration builds it)."""
         self.config = QuantConfig.parse(config)
         if self.config.needs_calibration and calibration is None:
-            raise FlashcError(f"{self.config.method.upper()} needs calibration data: pass calibration='builtin' "
+            what = "a bit budget (mixed precision)" if self.config.mixed else self.config.method.upper()
+            raise FlashcError(f"{what} needs calibration data: pass calibration='builtin' "
                               "(flashc's built-in text), a text or .safetensors file, or token ids")
         self.calibration = calibration
         self.progress = progress
@@ -160,8 +168,10 @@ class QuantizeWeights:
         statistics: dict[fx.Node, object] = {}
         self.samples: dict[fx.Node, ActivationSample] = {}
         groups = _input_groups(dense, mutations)
+        self.choices: dict[fx.Node, LayerChoice] = {}
         if config.needs_calibration:
             self._calibrate(program, groups, moes, probes, statistics)
+        mixed_stats = self._choose_bits(program, groups, moes, statistics) if config.mixed else {}
         bytes_before = bytes_after = 0
         work = [("dense", g) for g in groups] + [("moe", m) for m in moes]
         for kind, item in tqdm(work, desc=f"quantizing ({config.method})", unit="layer",
@@ -177,8 +187,12 @@ class QuantizeWeights:
         if config.needs_calibration:
             details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
                         for w in self.calibration.warnings]
+        if config.mixed and program.meta.signature == "decode":
+            details.append({"layer": "-", "op": "calibration", "status": "warning",
+                            "note": "a decode step's sensitivities are measured on the first calibration windows, "
+                                    "which the statistics also read (no held-out windows)"})
         stats = {"layers": len(dense), "moe_layers": len(moes), "skipped": len(skipped),
-                 "bytes_before": bytes_before, "bytes_after": bytes_after}
+                 "bytes_before": bytes_before, "bytes_after": bytes_after, **mixed_stats}
         return PassResult(True, stats, details=details)
 
     def _plan(self, program: Program, mutations: MutationInfo
@@ -236,7 +250,8 @@ class QuantizeWeights:
         weights = [program.params[l.weight.name] for g in groups for l in g]
         weights += [program.params[p.name] for m in moes for p in (m.gate_up, m.down)]
         if any(w.device.type == "meta" for w in weights):
-            raise FlashcError(f"{config.method.upper()} calibrates on real weights, and this model is on the meta "
+            what = "mixed precision" if config.mixed else config.method.upper()
+            raise FlashcError(f"{what} calibrates on real weights, and this model is on the meta "
                               "device (shapes only): quantize it with an rtn scheme (e.g. int4-rtn)")
         device = weights[0].device
         for group in groups:
@@ -258,7 +273,12 @@ class QuantizeWeights:
             probes.setdefault(m.node, []).append(probe)
         widest = max(w.shape[-1] for w in weights)
         needed = max(config.min_calibration_tokens, widest)
-        calls = calibration_calls(program, self.calibration, config.calibration_tokens, device)
+        if config.mixed:  # sensitivities are measured on tokens held out from the statistics
+            calls, self.held_out = split_calls(calibration_calls(
+                program, self.calibration, config.calibration_tokens + config.sensitivity_tokens, device),
+                config.sensitivity_tokens)
+        else:
+            calls = calibration_calls(program, self.calibration, config.calibration_tokens, device)
         for node, sample in self.samples.items():  # every stride-th row: spread over the whole run
             sample.stride = max(1, -(-calls.rows // config.sample_rows))
             probes.setdefault(node, []).append(sample)
@@ -278,14 +298,17 @@ class QuantizeWeights:
     # ------------------------------------------------------------------------ quantizing
 
     def _quantize(self, w: torch.Tensor, stats: InputStatistics | None,
-                  awq_scale: torch.Tensor | None) -> tuple[QuantizedWeight, torch.Tensor | None]:
-        """(quantized w [N, K], input scale 1/s or None) by the configured method."""
+                  awq_scale: torch.Tensor | None, bits: int | None = None
+                  ) -> tuple[QuantizedWeight, torch.Tensor | None]:
+        """(quantized w [N, K], input scale 1/s or None) by the configured method, at `bits` (default
+        the config's)."""
         c = self.config
+        bits = bits or c.bits
         group = c.group_size or w.shape[-1]
         if w.device.type == "meta":
             return _meta_quantized(w, c), None
         if c.method == "gptq":
-            return gptq_quantize(w, stats.hessian(), c.bits, group, c.symmetric, c.act_order, c.damp,
+            return gptq_quantize(w, stats.hessian(), bits, group, c.symmetric, c.act_order, c.damp,
                                  c.block_size, w.dtype), None
         if c.method == "awq":
             inverse = (1 / awq_scale).to(w.dtype)  # stored in the activation dtype: round first,
@@ -293,7 +316,79 @@ class QuantizeWeights:
             q = awq_quantize(w, scale, stats.hessian(), c.bits, group, c.symmetric, c.awq_clip, c.awq_grid,
                              w.dtype)
             return q, inverse
-        return rtn_quantize(w, c.bits, group, c.symmetric, w.dtype), None
+        return rtn_quantize(w, bits, group, c.symmetric, w.dtype), None
+
+    def _quantize_experts(self, w: torch.Tensor, stats: list[InputStatistics], bits: int) -> QuantizedWeight:
+        """Stacked experts [E, N, K] by GPTQ (solved together, each under its own Hessian) or RTN."""
+        c = self.config
+        group = c.group_size or w.shape[-1]
+        if c.method == "gptq":  # an expert no token reached has a zero Hessian: it is rounded
+            hessians = torch.stack([s.hessian() for s in stats])
+            return gptq_quantize(w, hessians, bits, group, c.symmetric, c.act_order, c.damp, c.block_size, w.dtype)
+        return rtn_quantize(w, bits, group, c.symmetric, w.dtype)
+
+    # ---------------------------------------------------------------------- mixed precision
+
+    def _choose_bits(self, program: Program, groups: list[list[DenseLayer]], moes: list[MoeLayer],
+                     statistics: dict) -> dict:
+        """Quantize every layer at every candidate width, measure the sensitivities and choose the
+        widths under the budget (passes/quantize/mixed.py); returns the report's totals."""
+        c = self.config
+        units = []
+        work = [("dense", layer, g[0].node) for g in groups for layer in g] + [("moe", m, m.node) for m in moes]
+        for kind, layer, key in tqdm(work, desc=f"mixed precision: {len(c.candidate_bits)} widths ({c.method})",
+                                     unit="layer", disable=not self.progress):
+            if kind == "dense":
+                members, variant = self._dense_candidates(program, layer, statistics[key])
+            else:
+                members, variant = self._moe_candidates(program, layer, statistics[key])
+            self.choices[layer.node] = members
+            units.append((members, variant))
+        probe = LossProbe(program, list(self.held_out.make()))
+        measure_factors(units, probe, self.progress)
+        achieved, _ = choose_bits([m for members, _ in units for m in members], c.budget_bits)
+        return {"budget_bits": c.budget_bits, "achieved_bits": round(achieved, 4),
+                "sensitivity_tokens": sum(r.shape[0] for r in probe.reference)}
+
+    def _dense_candidates(self, program: Program, layer: DenseLayer, stats: InputStatistics):
+        w = layer.float_weight(program)
+        h = stats.hessian()
+        candidates = []
+        for bits in self.config.candidate_bits:
+            q, _ = self._quantize(w, stats, None, bits)
+            error = float(output_error(q.dequantize().double() - w.double(), h))
+            candidates.append(Candidate(bits, 8 * sum(_nbytes(t) for t in q.packed() if t is not None), error, q))
+
+        def variant(quantized: list[QuantizedWeight]) -> dict[str, torch.Tensor]:
+            deq = quantized[0].dequantize().to(w.dtype)
+            return {layer.weight.name: deq.t().contiguous() if layer.transposed else deq}
+
+        return [LayerChoice(layer.name, w.numel(), candidates)], variant
+
+    def _moe_candidates(self, program: Program, layer: MoeLayer, probe: MoeProbe):
+        """Each expert's candidates: its gate_up and down at each width (GPTQ solves a width's experts
+        together), its error weighted by its share of the routed calibration tokens."""
+        weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        routed = [s.rows for s in probe.gate_up]
+        total = max(1, sum(routed))
+        experts = len(routed)
+        candidates: list[list[Candidate]] = [[] for _ in range(experts)]
+        for bits in self.config.candidate_bits:
+            stacked = {key: self._quantize_experts(w, getattr(probe, key), bits) for key, w in weights.items()}
+            for e in range(experts):
+                parts = {key: q[e] for key, q in stacked.items()}
+                error = sum(float(output_error(parts[key].dequantize().double() - w[e].double(),
+                                               getattr(probe, key)[e].hessian())) for key, w in weights.items())
+                stored = 8 * sum(_nbytes(t) for q in parts.values() for t in q.packed() if t is not None)
+                candidates[e].append(Candidate(bits, stored, routed[e] / total * error, parts))
+        size = sum(w[0].numel() for w in weights.values())
+        members = [LayerChoice(f"{layer.name}.{e}", size, candidates[e]) for e in range(experts)]
+
+        def variant(quantized: list[dict]) -> dict[str, torch.Tensor]:
+            return {p.name: torch.stack([q[key].dequantize() for q in quantized]).to(weights[key].dtype)
+                    for key, p in (("gate_up", layer.gate_up), ("down", layer.down))}
+
+        return members, variant
 
     def _awq_scale(self, weights: list[torch.Tensor], stats: InputStatistics | None) -> torch.Tensor | None:
         c = self.config
@@ -317,12 +412,18 @@ class QuantizeWeights:
         awq_scale = self._awq_scale(weights, stats)
         rows = []
         for layer, w in zip(group, weights):
-            q, input_scale = self._quantize(w, stats, awq_scale)
+            choice = self.choices[layer.node][0] if layer.node in self.choices else None
+            if choice is not None:
+                q, input_scale = choice.choice.quantized, None
+            else:
+                q, input_scale = self._quantize(w, stats, awq_scale)
             error = _relative_error(w, q, input_scale, stats)
             tied = len(layer.weight.users) > 1 or (layer.view is not None and len(layer.view.users) > 1)
             new = _rewrite_dense(program, layer, q, input_scale)
-            rows.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error,
-                                     "float weight kept: something else reads it (tied)" if tied else ""))
+            notes = [choice.note()] if choice is not None else []
+            notes += ["float weight kept: something else reads it (tied)"] if tied else []
+            rows.append(self._detail(layer.name, _op_label(layer.node), _nbytes(w), new, error, "; ".join(notes),
+                                     choice))
         return rows
 
     def _quantize_group_activations(self, program: Program, group: list[DenseLayer],
@@ -367,16 +468,18 @@ class QuantizeWeights:
         parts: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
         errors = []
         weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        chosen = self.choices.get(layer.node)  # each expert's width under a bit budget
+        if chosen is not None and len({m.choice.bits for m in chosen}) > 1:
+            return self._quantize_moe_mixed(program, layer, probe, chosen)
         for key, w in weights.items():
             stats = getattr(probe, key) if probe is not None else None
-            group = c.group_size or w.shape[-1]
             input_scale = None
-            if w.device.type == "meta":
+            if chosen is not None:
+                q = QuantizedWeight.stack([m.choice.quantized[key] for m in chosen])
+            elif w.device.type == "meta":
                 q = _meta_quantized(w, c)
-            elif c.method == "gptq":  # an expert no token reached has a zero Hessian: it is rounded
-                hessians = torch.stack([s.hessian() for s in stats])
-                q = gptq_quantize(w, hessians, c.bits, group, c.symmetric, c.act_order, c.damp, c.block_size,
-                                  w.dtype)
+            elif c.method == "gptq":
+                q = self._quantize_experts(w, stats, c.bits)
             elif c.method == "awq":
                 experts = []
                 for e, s in enumerate(stats):
@@ -385,7 +488,7 @@ class QuantizeWeights:
                 q = QuantizedWeight.stack([e for e, _ in experts])
                 input_scale = torch.stack([s for _, s in experts])
             else:
-                q = rtn_quantize(w, c.bits, group, c.symmetric, w.dtype)
+                q = rtn_quantize(w, c.bits, c.group_size or w.shape[-1], c.symmetric, w.dtype)
             parts[key] = (q, input_scale)
             if stats is not None:
                 errors += [_relative_error(w[e], q[e], None if input_scale is None else input_scale[e], s)
@@ -398,8 +501,26 @@ class QuantizeWeights:
             if min(routed) == 0:
                 note += f" ({routed.count(0)} unreached: rounded to nearest)"
         known = [e for e in errors if e is not None]
+        note += "; error of the worst expert" if known else ""
+        if chosen is not None:
+            note += f"; {_experts_note(chosen)}"
         return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
-                            max(known) if known else None, note + ("; error of the worst expert" if known else ""))
+                            max(known) if known else None, note, chosen)
+
+    def _quantize_moe_mixed(self, program: Program, layer: MoeLayer, probe: MoeProbe,
+                            experts: list[LayerChoice]) -> dict:
+        """Experts at different widths: flashc.moe_wq_mixed, one packed tensor an expert."""
+        weights = {"gate_up": program.params[layer.gate_up.name], "down": program.params[layer.down.name]}
+        errors = [_relative_error(weights[key][e], m.choice.quantized[key], None, getattr(probe, key)[e])
+                  for e, m in enumerate(experts) for key in weights]
+        new = _rewrite_moe_mixed(program, layer, [m.choice for m in experts])
+        routed = [s.rows for s in probe.gate_up]
+        known = [e for e in errors if e is not None]
+        note = f"tokens/expert {min(routed)}..{max(routed)}; error of the worst expert; {_experts_note(experts)}"
+        return self._detail(layer.name, "moe experts", sum(_nbytes(w) for w in weights.values()), new,
+                            max(known) if known else None, note, experts)
+
+
 
     def _quantize_moe_activations(self, program: Program, layer: MoeLayer, probe: MoeProbe | None) -> dict:
         """W8A8 or FP8 experts (flashc.moe_a8): each expert's gate_up and down quantized alone, its
@@ -533,13 +654,26 @@ class QuantizeWeights:
                             max(known) if known else None, note + ("; error of the worst expert" if known else ""))
 
     def _detail(self, name: str, op: str, before: int, new_params: list[torch.Tensor], error: float | None,
-                note: str) -> dict:
+                note: str, members: LayerChoice | list[LayerChoice] | None = None) -> dict:
+        """A quantized layer's report row; with a bit budget, its chosen width (a MoE layer's: the
+        experts' mean) and its sensitivity (summed over experts)."""
         c = self.config
+        mixed = {}
+        if members is not None:
+            members = members if isinstance(members, list) else [members]
+            widths = sorted({m.choice.bits for m in members})
+            weights = sum(m.weights for m in members)
+            mean = sum(m.choice.bits * m.weights for m in members) / weights
+            bits = widths[0] if len(widths) == 1 else round(mean, 3)
+            label = f"int{bits}" if len(widths) == 1 else f"int{'/'.join(map(str, widths))}"
+            mixed = {"bits": bits, "sensitivity": sum(m.sensitivity(m.chosen) for m in members),
+                     "scheme": f"{label}-{c.method}-{f'g{c.group_size}' if c.group_size else 'per-channel'}-"
+                               f"{'sym' if c.symmetric else 'asym'} (mixed-{c.budget_bits:g})"}
         return {"layer": name, "op": op, "status": "quantized", "method": c.method, "bits": c.bits,
                 "group_size": c.group_size or "channel", "symmetric": c.symmetric, "bytes_before": before,
                 "bytes_after": sum(_nbytes(t) for t in new_params),
                 "rel_error": error, "note": note,
-                **({"scheme": c.scheme} if c.activations or c.method in ("quip", "aqlm") else {})}
+                **({"scheme": c.scheme} if c.activations or c.method in ("quip", "aqlm") else {}), **mixed}
 
 
 # ---------------------------------------------------------------------------- matching
@@ -730,15 +864,47 @@ def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], con
         q, input_scale = parts[key]
         qweight, scales, zero_points = q.packed()
         base = placeholder.name
-        args += [program.add_param(f"{base}_q{config.bits}", qweight), program.add_param(f"{base}_scales", scales),
+        args += [program.add_param(f"{base}_q{q.bits}", qweight), program.add_param(f"{base}_scales", scales),
                  None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points),
                  None if input_scale is None else program.add_param(f"{base}_input_scale", input_scale)]
         new += [t for t in (qweight, scales, zero_points, input_scale) if t is not None]
     x, logits, _, _, top_k, normalize = node.args[:6]
-    _replace(program, node, torch.ops.flashc.moe_wq.default, (x, logits, *args, top_k, normalize, config.bits))
+    _replace(program, node, torch.ops.flashc.moe_wq.default,
+             (x, logits, *args, top_k, normalize, parts["gate_up"][0].bits))
     for placeholder in (layer.gate_up, layer.down):
         _drop_if_unused(program, placeholder)
     return new
+
+
+def _rewrite_moe_mixed(program: Program, layer: MoeLayer, chosen: list) -> list[torch.Tensor]:
+    """Replace a flashc.moe by flashc.moe_wq_mixed: each expert's packed weights at its own width
+    (`chosen[e].quantized` holds its gate_up and down QuantizedWeight)."""
+    node = layer.node
+    new, args = [], []
+    for key, placeholder in (("gate_up", layer.gate_up), ("down", layer.down)):
+        lists = ([], [], [])
+        for e, candidate in enumerate(chosen):
+            qweight, scales, zero_points = candidate.quantized[key].packed()
+            base = f"{placeholder.name}_e{e}"
+            lists[0].append(program.add_param(f"{base}_q{candidate.bits}", qweight))
+            lists[1].append(program.add_param(f"{base}_scales", scales))
+            lists[2].append(None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points))
+            new += [t for t in (qweight, scales, zero_points) if t is not None]
+        args += list(lists)
+    x, logits, _, _, top_k, normalize = node.args[:6]
+    _replace(program, node, torch.ops.flashc.moe_wq_mixed.default,
+             (x, logits, *args, top_k, normalize, [c.bits for c in chosen]))
+    for placeholder in (layer.gate_up, layer.down):
+        _drop_if_unused(program, placeholder)
+    return new
+
+
+def _experts_note(experts: list) -> str:
+    """The experts' chosen widths and sensitivities, in expert order, for the report."""
+    widths = " ".join(str(m.choice.bits) for m in experts)
+    sens = sum(m.sensitivity(m.chosen) for m in experts)
+    return (f"experts' bits {widths}; sensitivity (KL, experts weighted by routed tokens) {sens:.3g} "
+            f"(all at {experts[0].candidates[0].bits} bits: {experts[0].kl:.3g})")
 
 
 def _rewrite_quip(program: Program, group: list[DenseLayer], quantized: list[QuipWeight]

@@ -1,4 +1,4 @@
-"""flashc.codegen.triton_gemv_wq: decode GEMVs that read int4/int8 packed weights, with folded
+"""flashc.codegen.triton_gemv_wq: decode GEMVs that read int2/int4/int8 packed weights, with folded
 norm / input scale / bias / GLU / residual, against a float64 reference of the unfused ops on fresh
 random codes, scales and zero points."""
 
@@ -68,7 +68,8 @@ def truth(x, w, kw):
 
 
 @pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
-@pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False)], ids=str)
+@pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False),
+                                             (2, 16, True), (2, 64, False)], ids=str)
 @pytest.mark.parametrize("lead,K,N", [((1,), 160, 37), ((3, 1), 192, 24), ((8,), 128, 33), ((16,), 128, 16)], ids=str)
 def test_codes_groups_and_rows_match_float64(device, lead, K, N, bits, group, asym, config):
     if K % group:
@@ -90,6 +91,13 @@ def test_folds_match_float64(device, fold, dtype):
     ref = truth(x, w, kw)
     assert out.shape == ref.shape and out.dtype == dtype
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
+def test_two_bit_codes_with_every_fold(device, config):
+    """16 codes a word: codes past bit 19 take the shifted word, zero points are 4 blocks a byte."""
+    x, w, kw = make(device, torch.float32, (2,), 224, 38, FOLDS["everything"], group=32, bits=2, asym=True)
+    assert rel_err(gw.gemv_wq(x, *w, **kw, config=config).cpu(), truth(x, w, kw)) < 2e-5
 
 
 @pytest.mark.parametrize("fold", ["plain", "everything"])
@@ -177,7 +185,8 @@ def test_tuning_includes_the_library_path(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("bits,group,asym", [(4, 32, True), (4, 64, False), (8, 32, True), (8, 96, False)], ids=str)
+@pytest.mark.parametrize("bits,group,asym", [(4, 32, True), (4, 64, False), (8, 32, True), (8, 96, False),
+                                             (2, 32, True), (2, 16, False)], ids=str)
 def test_dequantize_weight_is_exact(device, bits, group, asym, dtype):
     # (bfloat16 is left out here: the CPU interpreter rounds float32 -> bfloat16 by truncation)
     qweight, scales, zp = packed(device, 19, 192, group, bits, asym, dtype)
