@@ -349,6 +349,8 @@ def capture_workload(name: str, level: int = 3, dtype: torch.dtype = torch.bfloa
             keep = min(total, layers_to_capture) if total else None
             model = zoo.build(name, dtype=dtype, device="meta", num_layers=keep)
         inputs = zoo.example_inputs(name, 1, CAPTURE_TOKENS)
+        if not entry.pretrained:  # inputs where the weights are: torch 2.11's export refuses meta weights + cpu ids
+            inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     program = capture(model, inputs, kwargs)
     PassManager(pipeline(level)).run(program, PassContext(get_profile("h100")))
