@@ -164,13 +164,19 @@ def ssm_mix_reference(q, k, v, dt, A_log, state, heads: int, kv_heads: int, eps:
     (y in v's dtype, as the layer's scan returns it), then `head_rms_norm` of each head's y."""
     d = check_mix("ssm_mix", q, k, v, dt, A_log, state, heads, kv_heads)
     qh, kh, vh, log_decay = mix_inputs(q, k, v, dt, A_log, heads, kv_heads)
+    return _scan_heads(q.dtype, qh, kh, vh, log_decay, state, heads, kv_heads, d, eps, ssm_recurrent, ssm_chunked)
+
+
+def _scan_heads(dtype, qh, kh, vh, log_w, state, heads: int, kv_heads: int, d: int, eps: float, recurrent, chunked):
+    """A mix reference's shared tail: k and v repeated to `heads`, the scan (`recurrent` for one
+    token, else `chunked`), then `head_rms_norm` of each head's y, as [B, T, heads * d] in `dtype`."""
     if kv_heads != heads:
         kh = kh.repeat_interleave(heads // kv_heads, dim=1)
         vh = vh.repeat_interleave(heads // kv_heads, dim=1)
-    scan = ssm_recurrent if q.shape[1] == 1 else ssm_chunked
-    y, new_state = scan(qh, kh, vh, log_decay, state)
-    b, t = q.shape[:2]
-    return head_rms_norm(y, eps, q.dtype).transpose(1, 2).reshape(b, t, heads * d), new_state
+    scan = recurrent if qh.shape[2] == 1 else chunked
+    y, new_state = scan(qh, kh, vh, log_w, state)
+    b, t = qh.shape[0], qh.shape[2]
+    return head_rms_norm(y, eps, dtype).transpose(1, 2).reshape(b, t, heads * d), new_state
 
 
 @torch.library.custom_op("flashc::ssm_mix", mutates_args=())
@@ -313,13 +319,7 @@ def gla_mix_reference(q, k, v, gate, state, heads: int, kv_heads: int, tau: floa
     scan (y in v's dtype), then `head_rms_norm` of each head's y."""
     d = check_gla_mix("gla_mix", q, k, v, gate, state, heads, kv_heads, tau)
     qh, kh, vh, log_alpha = gla_inputs(q, k, v, gate, heads, kv_heads, tau)
-    if kv_heads != heads:
-        kh = kh.repeat_interleave(heads // kv_heads, dim=1)
-        vh = vh.repeat_interleave(heads // kv_heads, dim=1)
-    scan = gla_recurrent if q.shape[1] == 1 else gla_chunked
-    y, new_state = scan(qh, kh, vh, log_alpha, state)
-    b, t = q.shape[:2]
-    return head_rms_norm(y, eps, q.dtype).transpose(1, 2).reshape(b, t, heads * d), new_state
+    return _scan_heads(q.dtype, qh, kh, vh, log_alpha, state, heads, kv_heads, d, eps, gla_recurrent, gla_chunked)
 
 
 @torch.library.custom_op("flashc::gla_mix", mutates_args=())
