@@ -169,6 +169,12 @@ KERNELS: dict[str, Kernel] = {
     "flashc.linear_w8a8": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8(*args),
                                  lambda *args: _codegen("quantized_matmul").tune_linear_w8a8(*args)),
     "flashc.linear_fp8": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8(*args)),
+    # their inputs quantized by the norm or GLU producing them (late pass FuseQuantizedInputs)
+    "flashc.rms_norm_quant": Kernel(lambda *args: _codegen("norm_quant").rms_norm_quant(*args)),
+    "flashc.add_rms_norm_quant": Kernel(lambda *args: _codegen("norm_quant").add_rms_norm_quant(*args)),
+    "flashc.glu_quant": Kernel(lambda *args: _codegen("norm_quant").glu_quant(*args)),
+    "flashc.linear_w8a8_q": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8_q(*args)),
+    "flashc.linear_fp8_q": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8_q(*args)),
     "flashc.moe_a8": Kernel(lambda *args: _codegen("quantized_matmul").moe_a8(*args)),
     # AQLM (passes/quantize/aqlm.py): codes and codebooks read directly for decode, dequantized for prefill
     "flashc.linear_aqlm": Kernel(lambda *args: _codegen("aqlm_gemv").linear_aqlm(*args)),
@@ -197,15 +203,17 @@ class CudaBackend:
     lowering = LoweringTable("cuda", KERNELS, namespaces=frozenset({"aten"}))
 
     def late_passes(self, profile: HardwareProfile, options: CudaOptions) -> list:
-        from flashc.backends.cuda_rewrites import FuseKvWrites, FuseSmallMatmuls, FuseSparseMatmuls
+        from flashc.backends.cuda_rewrites import (FuseKvWrites, FuseQuantizedInputs, FuseSmallMatmuls,
+                                                   FuseSparseMatmuls)
         from flashc.backends.cuda_semi_structured import FuseSemiStructuredMatmuls
 
         # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why);
         # sparsified inputs' linears become sparse GEMVs before the rest become dense ones; of the
         # larger ones, those with 2:4-pruned weights may run on the sparse tensor cores
         max_rows = _codegen("triton_gemv").MAX_ROWS
+        # last: W8A8 / FP8 linears' inputs quantized by the norms and GLUs producing them
         return [FuseKvWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows),
-                FuseSemiStructuredMatmuls(max_rows)]
+                FuseSemiStructuredMatmuls(max_rows), FuseQuantizedInputs(_codegen("norm_quant").MAX_K)]
 
     def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,
               save_tuning: Callable[[bytes], None] | None = None):

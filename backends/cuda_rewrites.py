@@ -15,6 +15,9 @@ have reference implementations, so the rewritten graph runs and is checked on th
 * `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each (a
   weight-only quantized `linear_wq` -> one `gemv_wq`), with the RMSNorm before, the gated
   activation after a merged gate|up projection, and the residual add after folded in.
+* `FuseQuantizedInputs`: the RMSNorm, residual add + RMSNorm or gated activation whose output
+  only W8A8 / FP8 linears read -> one op that writes their input's codes and row scales
+  (flashc/quantized_input_ops.py), the linears -> `linear_w8a8_q` / `linear_fp8_q` on them.
 
 All keep shapes in meta["val"] and every in-place write in its order (the cache writes
 move into the fused op, whose schema declares them).
@@ -65,6 +68,23 @@ class FuseSmallMatmuls:
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         done = fuse_small_matmuls(program.graph, self.max_rows)
         return PassResult(done > 0, {"matmuls_to_gemv": done})
+
+
+class FuseQuantizedInputs:
+    """Producers of W8A8 / FP8 linears' inputs -> ops writing the codes and scales the linears read."""
+
+    name = "cuda_fuse_quantized_inputs"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def __init__(self, max_k: int) -> None:
+        self.max_k = max_k
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        producers, linears, kept = fuse_quantized_inputs(program.graph, self.max_k)
+        details = [{"layer": node, "op": op, "status": "unfused", "note": why} for node, op, why in kept]
+        return PassResult(producers > 0, {"inputs_quantized_in_producer": producers, "linears_on_codes": linears,
+                                          "quantized_inputs_kept_separate": len(kept)}, details=details)
 
 
 class FuseSparseMatmuls:
@@ -418,3 +438,165 @@ def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tupl
             del program.params[w.name]
     graph.lint()
     return count, skipped
+
+
+# ----------------------------------------------------------------- quantized inputs in their producers
+LINEAR_W8A8 = torch.ops.flashc.linear_w8a8.default  # (x, qweight, w_scales, bias, input_scale)
+LINEAR_FP8 = torch.ops.flashc.linear_fp8.default  # (x, qweight, w_scales, bias, input_scale, per_token)
+ON_CODES = {LINEAR_W8A8: torch.ops.flashc.linear_w8a8_q.default, LINEAR_FP8: torch.ops.flashc.linear_fp8_q.default}
+RMS_NORM, ADD_RMS_NORM = torch.ops.flashc.rms_norm.default, torch.ops.flashc.add_rms_norm.default
+SWIGLU, GEGLU = torch.ops.flashc.swiglu.default, torch.ops.flashc.geglu.default
+RMS_NORM_QUANT = torch.ops.flashc.rms_norm_quant.default
+ADD_RMS_NORM_QUANT = torch.ops.flashc.add_rms_norm_quant.default
+GLU_QUANT = torch.ops.flashc.glu_quant.default
+_GELU_ACTS = {"tanh": "gelu_tanh", "none": "gelu"}
+
+
+def _input_quantization(node: fx.Node) -> tuple[str, object, bool] | None:
+    """(kind, input_scale, per_token) of a W8A8 / FP8 linear: how it quantizes its input; else None."""
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target == LINEAR_W8A8 and len(node.args) == 5:
+        return "int8", node.args[4], True
+    if node.target == LINEAR_FP8 and len(node.args) == 6:
+        return "fp8", node.args[4], node.args[5]
+    return None
+
+
+def _produced(node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """(output, sum item) of a producer the pass fuses into: the node itself for rms_norm and a GLU,
+    add_rms_norm's normed item (and its sum item, or None) when only those two items read it."""
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target in (RMS_NORM, SWIGLU) or (node.target == GEGLU and len(node.args) == 3
+                                             and node.args[2] in _GELU_ACTS):
+        return node, None
+    if node.target != ADD_RMS_NORM or any(u.target is not operator.getitem for u in node.users):
+        return None
+    items = {u.args[1]: u for u in node.users}
+    if len(items) != len(node.users) or 0 not in items:
+        return None
+    return items[0], items.get(1)
+
+
+def _describe(node: fx.Node) -> str:
+    return f"{node.name} ({op_name(node)})"
+
+
+def _quant_skip_reason(info: MutationInfo, producer: fx.Node, out: fx.Node, max_k: int) -> str | None:
+    """Why the producer's output cannot be quantized where it is produced (None: it can)."""
+    other = next((u for u in out.users if _input_quantization(u) is None or u.args[0] is not out
+                  or out in u.args[1:]), None)
+    if other is not None:
+        return f"its output is also read by {_describe(other)}, which needs it unquantized"
+    scales = [_input_quantization(u)[1] for u in out.users]
+    if any(s is not None and not isinstance(s, fx.Node) for s in scales):
+        return "an input scale is not a value of the graph"
+    ways = {_input_quantization(u) for u in out.users}
+    if len(ways) != 1:
+        return "its linears quantize it differently (int8 and fp8, other input scales, or per token and per tensor)"
+    (_, scale, _), = ways
+    val = _val(out)
+    if val is None or val.dtype not in _FLOATS or val.dim() == 0:
+        return "no float output shape recorded"
+    k = val.shape[-1]
+    if not 0 < k <= max_k:
+        return f"rows of {k} elements: the kernel holds rows of at most {max_k}"
+    if isinstance(scale, fx.Node):
+        sv = _val(scale)
+        if sv is None or tuple(sv.shape) != (k,) or sv.dtype not in _FLOATS:
+            return "the input scale is not a float vector of the rows' length"
+        if info.order[scale] > info.order[producer]:
+            return "the input scale is computed after the producer"
+    for linear in out.users:
+        if info.written_between(out, producer, linear) or info.written_between(scale, producer, linear):
+            return f"the output or the input scale is written in place before {_describe(linear)} reads it"
+    return None
+
+
+def _infer_val(node: fx.Node) -> None:
+    """node.meta['val'] from its op's fake kernel on its inputs' fake values (left unset without them)."""
+    from torch._guards import detect_fake_mode
+
+    if node.target is operator.getitem:
+        source = node.args[0].meta.get("val")
+        if isinstance(source, (tuple, list)):
+            node.meta["val"] = source[node.args[1]]
+        return
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None or any(v is None for v in vals):
+        return
+    with mode:
+        node.meta["val"] = node.target(*fx.node.map_arg(node.args, lambda a: a.meta["val"]))
+
+
+def fuse_quantized_inputs(graph: fx.Graph, max_k: int) -> tuple[int, int, list[tuple[str, str, str]]]:
+    """Quantize W8A8 / FP8 linears' inputs in the kernels that produce them; returns (producers
+    fused, linears rewritten, [(producer, op, why not)] for producers some such linear reads but
+    that stay as they are).
+
+    A producer is ``flashc.rms_norm``, ``flashc.add_rms_norm`` (its normed item) or
+    ``flashc.swiglu`` / ``flashc.geglu``. When every reader of its output is a
+    ``flashc.linear_w8a8`` / ``linear_fp8`` taking it as input, all quantizing it alike (kind,
+    input scale node, per_token), the producer becomes ``flashc.rms_norm_quant`` /
+    ``add_rms_norm_quant`` / ``glu_quant`` writing (codes, row scales) (and the sum, the next
+    residual stream), and each linear ``flashc.linear_w8a8_q`` / ``linear_fp8_q`` on them: the
+    same numbers (the ops' references are the unfused composition), one pass over the
+    activations fewer. Left as they are: outputs another op reads, mixed quantizations, rows
+    longer than ``max_k``, input scales computed after the producer, and outputs or input
+    scales written in place between the producer and a linear (the scale is read earlier now).
+    Keeps shapes (new nodes get meta["val"] from the ops' fake kernels) and every in-place write.
+    """
+    info = MutationInfo.of(graph)
+    producers = linears = 0
+    kept: list[tuple[str, str, str]] = []
+    for node in list(graph.nodes):
+        produced = _produced(node)
+        if produced is None:
+            continue
+        out, sum_item = produced
+        if not any(_input_quantization(u) is not None and u.args[0] is out for u in out.users):
+            continue  # nothing quantizes this output: not a candidate
+        why = _quant_skip_reason(info, node, out, max_k)
+        if why is not None:
+            kept.append((node.name, op_name(node), why))
+            continue
+        kind, scale, per_token = _input_quantization(next(iter(out.users)))
+        if node.target == RMS_NORM:
+            target, args = RMS_NORM_QUANT, (*node.args, scale, kind, per_token)
+        elif node.target == ADD_RMS_NORM:
+            target, args = ADD_RMS_NORM_QUANT, (*node.args, scale, kind, per_token)
+        else:
+            act = "silu" if node.target == SWIGLU else _GELU_ACTS[node.args[2]]
+            target, args = GLU_QUANT, (node.args[0], node.args[1], act, scale, kind, per_token)
+        first = 1 if target == ADD_RMS_NORM_QUANT else 0  # add_rms_norm_quant returns the sum first
+        with graph.inserting_before(node):
+            call = graph.call_function(target, args)
+            items = [graph.call_function(operator.getitem, (call, i)) for i in range(first + 2)]
+        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        for n in (call, *items):
+            _infer_val(n)
+        codes, scales = items[first:]
+        out_dtype = _val(out).dtype
+        for linear in list(out.users):
+            _, qweight, w_scales, bias = linear.args[:4]
+            with graph.inserting_before(linear):
+                on_codes = graph.call_function(ON_CODES[linear.target], (codes, scales, qweight, w_scales, bias,
+                                                                         out_dtype))
+            on_codes.meta.update({k: v for k, v in linear.meta.items()
+                                  if k in ("stack_trace", "nn_module_stack", "val")})
+            linear.replace_all_uses_with(on_codes)
+            graph.erase_node(linear)
+            linears += 1
+        if sum_item is not None:
+            sum_item.replace_all_uses_with(items[0])
+            graph.erase_node(sum_item)
+        elif first:  # nothing reads add_rms_norm's sum
+            graph.erase_node(items[0])
+        if out is not node:
+            graph.erase_node(out)
+        graph.erase_node(node)
+        producers += 1
+    graph.lint()
+    return producers, linears, kept

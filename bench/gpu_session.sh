@@ -64,14 +64,14 @@ case "${1:-verify}" in
       ${1:+--variants "$@"}
     ;;
   prefill)  # one call: what session 10 built without a GPU, measured against bf16 in the same process
-    step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py"
+    step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
     (cd /tmp && step ttft 120 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
     ;;
   essentials)  # what one call of a lease short on device time measures first (prefill, oprates, in 580 s)
-    step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py"
+    step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
     (cd /tmp && step ttft 100 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
     step op_rates 110 python3 bench/gpu_op_rates.py --out "$OUT" --prompts 2048

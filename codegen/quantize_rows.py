@@ -129,13 +129,23 @@ if HAS_TRITON:
         for off in range(0, K, BLOCK_K):
             cols = off + cols0
             v, mask = _load_rows(X, S, rows, row_ok, cols, K, stride_xm, stride_xk, HAS_SMOOTH, ROUND)
-            t = tl.div_rn(v, scale[:, None])
-            c = tl.minimum(tl.maximum(t, -qmax), qmax)
-            if FP8:
-                code = _e4m3_bits(tl.where(t == t, c, t)).to(tl.uint8)
-            else:  # NaN codes are 0, as PyTorch's float -> int8 cast gives on CPU and GPU
-                code = tl.where(t == t, tl.minimum(tl.maximum(_round_half_even(t), -qmax), qmax), 0.0).to(tl.int8)
-            tl.store(Q + rows[:, None] * stride_qm + cols[None, :], code, mask=mask)
+            tl.store(Q + rows[:, None] * stride_qm + cols[None, :], _codes(v, scale, qmax, FP8), mask=mask)
+
+    @triton.jit
+    def _codes(v, scale, qmax, FP8: tl.constexpr):
+        """Rows v [BLOCK_M, BLOCK_K] divided by their scales [BLOCK_M] -> int8 codes, or e4m3 bits as uint8."""
+        t = tl.div_rn(v, scale[:, None])
+        c = tl.minimum(tl.maximum(t, -qmax), qmax)
+        if FP8:
+            code = _e4m3_bits(tl.where(t == t, c, t)).to(tl.uint8)
+        else:  # NaN codes are 0, as PyTorch's float -> int8 cast gives on CPU and GPU
+            code = tl.where(t == t, tl.minimum(tl.maximum(_round_half_even(t), -qmax), qmax), 0.0).to(tl.int8)
+        return code
+
+    @triton.jit
+    def _row_scale(row_amax, row_nan, qmax):
+        """row_scales: amax / qmax, or 1 where amax > 0 fails (all zeros, or NaN)."""
+        return tl.where((row_amax > 0.0) & (~row_nan), tl.div_rn(row_amax, qmax), 1.0)
 
     @triton.jit
     def _quantize_rows_kernel(
@@ -169,8 +179,8 @@ if HAS_TRITON:
             row_nan = tl.max(nan, axis=1) > 0
             if MODE == 1:
                 tl.store(AMAX + rows, tl.where(row_nan, float("nan"), row_amax), mask=row_ok)
-            else:  # row_scales: amax / qmax, or 1 where amax > 0 fails (all zeros, or NaN)
-                scale = tl.where((row_amax > 0.0) & (~row_nan), tl.div_rn(row_amax, qmax), 1.0)
+            else:
+                scale = _row_scale(row_amax, row_nan, qmax)
                 tl.store(SCALE + rows, scale, mask=row_ok)
         else:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SCALE)

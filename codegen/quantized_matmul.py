@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from flashc.ops import moe_routing
+from flashc.quantized_input_ops import linear_fp8_q as reference_fp8_q, linear_w8a8_q as reference_w8a8_q
 from flashc.quantized_ops import (
     _at, _finish, _rows, linear_fp8 as reference_fp8, linear_w8a8 as reference_w8a8, quantize_rows_fp8,
     quantize_rows_int8,
@@ -38,7 +39,7 @@ from . import int8_matmul as int8
 from ._triton_common import FLOAT_DTYPES, HAS_TRITON
 from .quantize_rows import dequantize_int32, quantize_rows
 
-__all__ = ["linear_w8a8", "tune_linear_w8a8", "linear_fp8", "moe_a8", "fits"]
+__all__ = ["linear_w8a8", "linear_w8a8_q", "tune_linear_w8a8", "linear_fp8", "linear_fp8_q", "moe_a8", "fits"]
 
 ALIGN = 16  # rows, inner and output sizes the fp8 GEMM takes; int8 also needs more than 16 rows
 
@@ -70,7 +71,8 @@ def _quantized_input(x: torch.Tensor, input_scale: Optional[torch.Tensor], kind:
 
 def _dequantized(acc: torch.Tensor, x_scale: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
                  x: torch.Tensor) -> torch.Tensor:
-    """The ops' epilogue (`_finish`) of an [M, N] int32 or fp32 accumulator, shaped as x's rows."""
+    """The ops' epilogue (`_finish`) of an [M, N] int32 or fp32 accumulator, shaped as x's rows (x: the
+    unquantized input, or a stand-in of its shape and dtype)."""
     if _fused(x, w_scales, bias):
         return dequantize_int32(acc, x_scale, w_scales, bias, x.dtype).reshape(*x.shape[:-1], -1)
     return _finish(acc.float(), x_scale, w_scales, bias, x)
@@ -82,16 +84,38 @@ def _int8_fused(x: torch.Tensor, m: int, w_scales: torch.Tensor, bias: Optional[
     return m >= int8.MIN_ROWS and _fused(x, w_scales, bias)
 
 
+def _like_input(codes: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """A stand-in for a pre-quantized linear's unquantized input: its shape, dtype and device, no data."""
+    return torch.empty((), dtype=out_dtype, device=codes.device).expand(codes.shape)
+
+
+def _w8a8_product(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                  bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """int8 codes [M, K] and their row scales times the int8 weight, through linear_w8a8's epilogue,
+    shaped and typed as x's rows (x only gives the shape, dtype and device)."""
+    n = qweight.shape[0]
+    if _int8_fused(x, xq.shape[0], w_scales, bias):
+        return int8.int8_matmul(xq, qweight, x_scale, w_scales, bias, x.dtype).reshape(*x.shape[:-1], n)
+    acc = int8.int_mm(xq, qweight)  # cuBLASLt: rows padded to more than 16, a multiple of 8
+    return _dequantized(acc, x_scale, w_scales, bias, x)
+
+
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
                 input_scale: Optional[torch.Tensor]) -> torch.Tensor:
     n, k = qweight.shape
     if not fits(k, n):
         return reference_w8a8(x, qweight, w_scales, bias, input_scale)
     xq, x_scale = _quantized_input(x, input_scale, "int8")
-    if _int8_fused(x, xq.shape[0], w_scales, bias):
-        return int8.int8_matmul(xq, qweight, x_scale, w_scales, bias, x.dtype).reshape(*x.shape[:-1], n)
-    acc = int8.int_mm(xq, qweight)  # cuBLASLt: rows padded to more than 16, a multiple of 8
-    return _dequantized(acc, x_scale, w_scales, bias, x)
+    return _w8a8_product(xq, x_scale, qweight, w_scales, bias, x)
+
+
+def linear_w8a8_q(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """flashc.linear_w8a8_q: linear_w8a8's product on codes a producer quantized (codegen/norm_quant.py)."""
+    n, k = qweight.shape
+    if not fits(k, n):
+        return reference_w8a8_q(codes, row_scales, qweight, w_scales, bias, out_dtype)
+    return _w8a8_product(codes.reshape(-1, k), row_scales, qweight, w_scales, bias, _like_input(codes, out_dtype))
 
 
 def tune_linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
@@ -115,6 +139,25 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
     if not fits(k, n):
         return reference_fp8(x, qweight, w_scales, bias, input_scale, per_token)
     xq, x_scale = _quantized_input(x, input_scale, "fp8", per_token)
+    return _fp8_product(xq, x_scale, qweight, w_scales, bias, x, per_token)
+
+
+def linear_fp8_q(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """flashc.linear_fp8_q: linear_fp8's product on codes a producer quantized (codegen/norm_quant.py)."""
+    n, k = qweight.shape
+    if not fits(k, n):
+        return reference_fp8_q(codes, row_scales, qweight, w_scales, bias, out_dtype)
+    rows = codes.reshape(-1, k)
+    per_token = row_scales.numel() == rows.shape[0]  # one row: per token and per tensor read the same
+    return _fp8_product(rows, row_scales, qweight, w_scales, bias, _like_input(codes, out_dtype), per_token)
+
+
+def _fp8_product(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                 bias: Optional[torch.Tensor], x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """e4m3 codes [M, K] and their scales ([M, 1] per token, [1, 1] per tensor) times the e4m3 weight,
+    through linear_fp8's epilogue, shaped and typed as x's rows (x only gives shape, dtype, device)."""
+    n = qweight.shape[0]
     m = xq.shape[0]
     padded = m + (-m) % ALIGN
     xq = _pad_rows(xq, padded)

@@ -40,7 +40,8 @@ def test_an_ahead_of_time_compile_saves_loads_and_refuses_to_run_here(tmp_path, 
     assert [r.name for r in loaded.records if r.stage == "backend"] == ["cuda_fuse_kv_writes",
                                                                        "cuda_fuse_sparse_matmuls",
                                                                        "cuda_fuse_small_matmuls",
-                                                                       "cuda_semi_structured_matmuls"]
+                                                                       "cuda_semi_structured_matmuls",
+                                                                       "cuda_fuse_quantized_inputs"]
     with pytest.raises(FlashcError, match="without a GPU"):
         loaded(*example)
 

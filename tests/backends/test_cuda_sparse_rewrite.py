@@ -88,7 +88,7 @@ def test_the_backends_late_passes_run_sparse_first_and_the_rest_become_gemv(prun
     model, program = pruned_decode
     passes = CudaBackend().late_passes(PROFILES["h100"], None)
     assert [p.name for p in passes] == ["cuda_fuse_kv_writes", "cuda_fuse_sparse_matmuls", "cuda_fuse_small_matmuls",
-                                        "cuda_semi_structured_matmuls"]
+                                        "cuda_semi_structured_matmuls", "cuda_fuse_quantized_inputs"]
     lowered, records = run_late_passes(program, *passes)
     stats = {r.name: r.stats for r in records}
     assert stats["cuda_fuse_sparse_matmuls"]["matmuls_to_sparse_gemv"] == 4 * model.config.num_hidden_layers
