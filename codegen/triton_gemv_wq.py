@@ -1,4 +1,4 @@
-"""Decode matrix-vector products that read 2-, 4- or 8-bit packed weights directly (MatMulNBits layout).
+"""Decode matrix-vector products that read 2-, 3-, 4- or 8-bit packed weights directly (MatMulNBits layout).
 
 The weight-only quantized twin of ``codegen/triton_gemv.py``: ``x[..., K]`` (at most
 ``MAX_ROWS`` rows) times a weight ``W[N, K]`` stored as codes, a scale per group of
@@ -32,6 +32,11 @@ the elementwise path spends per weight one logic op and one FMA a row:
       y[m, n] = sum_g s[n, g] * (2**(149 - X_EXP) * sum_{k in g} q[n, k] x[m, k] - zp[n, g] * sum_{k in g} x[m, k])
 
   with the group sums of x shared by all rows of the program.
+
+At 3 bits the unit is three words, 32 codes: code c of a unit starts at bit 3c of the
+96, in word (3c) // 32; codes 10 and 21 straddle two words and are joined from both
+(shifted down to bit 0, e_c = 0), the others are masked in place as above. A 3-bit group
+is then a multiple of 32 codes (whole units).
 
 Code c of all the words of a tile is one tensor in the words' own layout, multiplied with
 the activations ``x[k0 + 8 i + c]`` (loaded with stride 8): a ``[.., codes]`` dimension
@@ -108,23 +113,65 @@ if HAS_TRITON:
     _X_EXP = tl.constexpr(X_EXP)
 
     @triton.jit
-    def _masked_code(words, c: tl.constexpr, BITS: tl.constexpr):
-        """Code c of every word, ``q << e_c``: masked in place (the word shifted right by 16 first for
-        codes past bit 19, one shift a word shared by them), so it stays below float32's exponent."""
-        E: tl.constexpr = c * BITS - 16 * (c * BITS + BITS > 20)  # e_c: codes past bit 19 move down 16
-        return (words >> (c * BITS - E)) & (((1 << BITS) - 1) << E)
+    def _masked_code(words, words_b, words_c, c: tl.constexpr, BITS: tl.constexpr):
+        """Code c of every unit, ``q << e_c``: masked in place (the word shifted right by 16 first for
+        codes past bit 19, one shift a word shared by them), so it stays below float32's exponent.
+
+        A unit is one word (words_b, words_c unused) below 3 bits' width; at 3 bits the three words
+        words, words_b, words_c (32 codes), and a code across two words is joined at bit 0."""
+        P: tl.constexpr = c * BITS % 32  # the code's first bit in its word
+        E: tl.constexpr = (P - 16 * (P + BITS > 20)) * (P + BITS <= 32)  # e_c (0 for a straddling code)
+        W: tl.constexpr = c * BITS // 32
+        if W == 0:
+            word = words
+            nxt = words_b
+        elif W == 1:
+            word = words_b
+            nxt = words_c
+        else:
+            word = words_c
+            nxt = words_c
+        if P + BITS <= 32:
+            code = (word >> (P - E)) & (((1 << BITS) - 1) << E)
+        else:  # low 32 - P bits from this word (an arithmetic shift: masked), the rest from the next
+            code = ((word >> P) & ((1 << (32 - P)) - 1)) | ((nxt << (32 - P)) & ((1 << BITS) - 1))
+        return code
 
     @triton.jit
-    def _code(words, c: tl.constexpr, BITS: tl.constexpr):
-        """Code c of every word read as a float32: the subnormal q * 2**(e_c - 149), exactly."""
-        return _masked_code(words, c, BITS).to(tl.float32, bitcast=True)
+    def _load_units(ptrs, mask, BITS: tl.constexpr, EVEN: tl.constexpr):
+        """A tile of units: (word, second word, third word), the last two read at 3 bits only."""
+        if EVEN:
+            words = tl.load(ptrs)
+        else:
+            words = tl.load(ptrs, mask=mask, other=0)
+        words_b = words
+        words_c = words
+        if BITS == 3:
+            if EVEN:
+                words_b = tl.load(ptrs + 1)
+                words_c = tl.load(ptrs + 2)
+            else:
+                words_b = tl.load(ptrs + 1, mask=mask, other=0)
+                words_c = tl.load(ptrs + 2, mask=mask, other=0)
+        return words, words_b, words_c
+
+    @triton.jit
+    def _code(words, words_b, words_c, c: tl.constexpr, BITS: tl.constexpr):
+        """Code c of every unit read as a float32: the subnormal q * 2**(e_c - 149), exactly."""
+        return _masked_code(words, words_b, words_c, c, BITS).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _group_params(S, ZP, rows, blk, ok, n_blocks, zp_stride, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
         """Scales and zero points (float32) of the [rows, sub-blocks] tile's groups ``blk``."""
         s = tl.load(S + rows[:, None] * n_blocks + blk[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_ZP:
-            if BITS < 8:  # 8 / BITS blocks a byte, the first in the lowest bits
+            if BITS == 3:  # a bitstream a row, block j at bit 3j: two bytes hold it
+                bit = blk * 3
+                z_ok = ok & ((bit // 8 + 1) < zp_stride)[None, :]
+                z0 = tl.load(ZP + rows[:, None] * zp_stride + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
+                z1 = tl.load(ZP + rows[:, None] * zp_stride + (bit // 8 + 1)[None, :], mask=z_ok, other=0).to(tl.int32)
+                zp = (((z0 | (z1 << 8)) >> (bit % 8)[None, :]) & 7).to(tl.float32)
+            elif BITS < 8:  # 8 / BITS blocks a byte, the first in the lowest bits
                 PER: tl.constexpr = 8 // BITS
                 zb = tl.load(ZP + rows[:, None] * zp_stride + (blk // PER)[None, :], mask=ok, other=0).to(tl.int32)
                 zp = ((zb >> ((blk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
@@ -135,11 +182,12 @@ if HAS_TRITON:
         return s, zp
 
     @triton.jit
-    def _dequantized_code(words, c: tl.constexpr, s, zp, BITS: tl.constexpr):
-        """(q - zp) * s of code c, float32 [rows, sub-blocks, words]: the masked code ORed into
+    def _dequantized_code(words, words_b, words_c, c: tl.constexpr, s, zp, BITS: tl.constexpr):
+        """(q - zp) * s of code c, float32 [rows, sub-blocks, units]: the masked code ORed into
         2**23 (float32 with a unit last mantissa bit), minus 2**23 + zp * 2**e_c, times s * 2**-e_c."""
-        E: tl.constexpr = c * BITS - 16 * (c * BITS + BITS > 20)  # e_c: codes past bit 19 move down 16
-        bits = _masked_code(words, c, BITS) | 0x4B000000
+        P: tl.constexpr = c * BITS % 32
+        E: tl.constexpr = (P - 16 * (P + BITS > 20)) * (P + BITS <= 32)  # e_c, as in _masked_code
+        bits = _masked_code(words, words_b, words_c, c, BITS) | 0x4B000000
         return (bits.to(tl.float32, bitcast=True) - (8388608.0 + zp * 2.0 ** E)[:, :, None]) \
             * (s * 2.0 ** -E)[:, :, None]
 
@@ -179,8 +227,9 @@ if HAS_TRITON:
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
-        CODES: tl.constexpr = 32 // BITS  # codes a word
-        WORDS: tl.constexpr = SUB // CODES  # words a sub-block
+        UNIT: tl.constexpr = 3 if BITS == 3 else 1  # words a unit of codes
+        CODES: tl.constexpr = 32 * UNIT // BITS  # codes a unit
+        WORDS: tl.constexpr = SUB // CODES  # units a sub-block
         BLOCK_K: tl.constexpr = SUB * SUBS
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -191,8 +240,8 @@ if HAS_TRITON:
         rows = offs_n.to(tl.int64)
         up_rows = rows + up_row
         word = offs_s[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [SUBS, WORDS]: word i of the iteration
-        w_ptrs = QW + rows[:, None, None] * row_words + word[None, :, :]
-        w_up_ptrs = QW + up_rows[:, None, None] * row_words + word[None, :, :]
+        w_ptrs = QW + rows[:, None, None] * row_words + word[None, :, :] * UNIT
+        w_up_ptrs = QW + up_rows[:, None, None] * row_words + word[None, :, :] * UNIT
         if DOT:  # y^T = W x^T: the dequantized codes are the MMA's wide operand, the rows its narrow one
             x_ptrs = X + offs_m[:, None] * stride_xm + tl.reshape(word, [SUBS * WORDS])[None, :] * CODES
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -209,15 +258,12 @@ if HAS_TRITON:
             blk = (k0 + offs_s * SUB) // GROUP
             if EVEN:
                 s_ok = offs_s < SUBS
-                words = tl.load(w_ptrs)
-                if ACT != 0:
-                    words_up = tl.load(w_up_ptrs)
             else:
                 s_ok = offs_s < (K - k0) // SUB
-                w_mask = n_ok[:, None, None] & s_ok[None, :, None]
-                words = tl.load(w_ptrs, mask=w_mask, other=0)
-                if ACT != 0:
-                    words_up = tl.load(w_up_ptrs, mask=w_mask, other=0)
+            w_mask = n_ok[:, None, None] & s_ok[None, :, None]
+            words, words_b, words_c = _load_units(w_ptrs, w_mask, BITS, EVEN)
+            if ACT != 0:
+                words_up, words_up_b, words_up_c = _load_units(w_up_ptrs, w_mask, BITS, EVEN)
             p_ok = n_ok[:, None] & s_ok[None, :]
             s, zp = _group_params(S, ZP, rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
             if ACT != 0:
@@ -234,13 +280,14 @@ if HAS_TRITON:
                         f = tl.load(XS + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
                         x = x * tl.reshape(f, [SUBS * WORDS])[None, :]
                     xt = tl.trans(x.to(X.dtype.element_ty))
-                    w = tl.reshape(_dequantized_code(words, c, s, zp, BITS), [BLOCK_N, SUBS * WORDS])
+                    w = tl.reshape(_dequantized_code(words, words_b, words_c, c, s, zp, BITS), [BLOCK_N, SUBS * WORDS])
                     if IEEE:
                         acc = tl.dot(w, xt, acc, input_precision="ieee")
                     else:
                         acc = tl.dot(w.to(X.dtype.element_ty), xt, acc)
                     if ACT != 0:
-                        w = tl.reshape(_dequantized_code(words_up, c, s_up, zp_up, BITS), [BLOCK_N, SUBS * WORDS])
+                        w = tl.reshape(_dequantized_code(words_up, words_up_b, words_up_c, c, s_up, zp_up, BITS),
+                                       [BLOCK_N, SUBS * WORDS])
                         if IEEE:
                             acc_up = tl.dot(w, xt, acc_up, input_precision="ieee")
                         else:
@@ -278,10 +325,11 @@ if HAS_TRITON:
                             x = x * folds[c]
                         x_sum += x
                         # 2**(X_EXP - e_c), e_c as in _masked_code (a constexpr: no jit call in a loop)
-                        xq = (x * 2.0 ** (_X_EXP - c * BITS + 16 * (c * BITS + BITS > 20)))[None, :, :]
-                        part += _code(words, c, BITS) * xq
+                        xq = (x * 2.0 ** (_X_EXP - (c * BITS % 32 - 16 * (c * BITS % 32 + BITS > 20))
+                                          * (c * BITS % 32 + BITS <= 32)))[None, :, :]
+                        part += _code(words, words_b, words_c, c, BITS) * xq
                         if ACT != 0:
-                            part_up += _code(words_up, c, BITS) * xq
+                            part_up += _code(words_up, words_up_b, words_up_c, c, BITS) * xq
                     new_accs = new_accs + (accs[m] + part * a - b * x_sum[None, :, :],)
                     if ACT != 0:
                         new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum[None, :, :],)
@@ -291,8 +339,8 @@ if HAS_TRITON:
                     accs_up = new_accs_up
                 sqs = new_sqs
             x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K // CODES
-            w_up_ptrs += BLOCK_K // CODES
+            w_ptrs += BLOCK_K // CODES * UNIT
+            w_up_ptrs += BLOCK_K // CODES * UNIT
 
         if PDL:  # the weights are streamed: the next kernel may start its launch now
             tl.extra.cuda.gdc_launch_dependents()
@@ -325,7 +373,8 @@ if HAS_TRITON:
         SUBS: tl.constexpr,
     ):
         """Program (n, k): Y[n-tile, k-tile] = (q - zp) * s in float32, rounded once to Y's dtype."""
-        CODES: tl.constexpr = 32 // BITS
+        UNIT: tl.constexpr = 3 if BITS == 3 else 1  # words a unit of codes, as in _gemv_wq_kernel
+        CODES: tl.constexpr = 32 * UNIT // BITS
         WORDS: tl.constexpr = SUB // CODES
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * SUB * SUBS
@@ -335,9 +384,19 @@ if HAS_TRITON:
         rows = offs_n.to(tl.int64)
         s_ok = offs_s < (K - k0) // SUB
         ok = (offs_n < N)[:, None] & s_ok[None, :]
-        words = tl.load(QW + rows[:, None, None] * row_words + k0 // CODES
-                        + offs_s[None, :, None] * WORDS + offs_w[None, None, :], mask=ok[:, :, None], other=0)
-        q = ((words[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        unit = QW + rows[:, None, None] * row_words + (k0 // CODES + offs_s[None, :, None] * WORDS
+                                                       + offs_w[None, None, :]) * UNIT
+        if BITS == 3:  # code j at bit 3j of its unit: its word, and the next for the two that straddle
+            at = (j * 3 // 32)[None, None, None, :]
+            shift = (j * 3 % 32)[None, None, None, :]
+            lo = tl.load(unit[:, :, :, None] + at, mask=ok[:, :, None, None], other=0)
+            hi = tl.load(unit[:, :, :, None] + at + 1, mask=ok[:, :, None, None] & (shift > 29), other=0)
+            # (hi is 0 where nothing straddles; the low part's mask drops the arithmetic shift's sign bits)
+            q = ((lo >> shift) & (7 >> tl.maximum(shift - 29, 0))) | ((hi << ((32 - shift) & 31)) & 7)
+            q = q.to(tl.float32)
+        else:
+            words = tl.load(unit, mask=ok[:, :, None], other=0)
+            q = ((words[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
         s, zp = _group_params(S, ZP, rows, (k0 + offs_s * SUB) // GROUP, ok, n_blocks, zp_stride, BITS, HAS_ZP)
         w = (q - zp[:, :, None, None]) * s[:, :, None, None]
         cols = k0 + offs_s[:, None, None] * SUB + offs_w[None, :, None] * CODES + j[None, None, :]
@@ -365,6 +424,9 @@ def _packed_shape(fn, qweight, scales, zero_points, bits, K):
                          f"(x's last dim), got {tuple(qweight.shape)}: {n_blocks} groups of {group} codes")
     if group & -group < 16:
         raise ValueError(f"{fn}: the group size must be a multiple of 16 (MatMulNBits), got {group}")
+    if bits == 3 and group % 32:
+        raise ValueError(f"{fn}: a 3-bit group must be a multiple of 32 codes (three whole 32-bit words), got "
+                         f"{group}; use group_size 32, 64 or 128, or compile for cpu")
     check_tensor(fn, "scales", scales, ndim=2)
     if tuple(scales.shape) != (N, n_blocks):
         raise ValueError(f"{fn}: scales must be [{N}, {n_blocks}] (one per row and group), got {tuple(scales.shape)}")
@@ -425,6 +487,11 @@ def _words(qweight: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int32).reshape(q.shape[0], -1)
 
 
+def _codes_per_unit(bits: int) -> int:
+    """Codes the kernels read as one unit: a 32-bit word, or three at 3 bits (32 codes, 96 bits)."""
+    return 32 if bits == 3 else 32 // bits
+
+
 def _sub_block(block_k: int, group: int) -> tuple[int, int]:
     """(SUB, SUBS): sub-blocks of one scale (SUB divides the group, a power of two) tiling BLOCK_K."""
     sub = min(block_k, group & -group)
@@ -483,11 +550,13 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
         None if t is None else t.contiguous() for t in (scales, zero_points, bias, norm_weight, input_scale))
     block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
     dot = bool(config.get("DOT"))
-    if dot:  # tl.dot needs 16 rows of the tile and 16 words a code position
-        block_n, block_k = max(16, block_n), max(block_k, 16 * 32 // bits)
+    if dot:  # tl.dot needs 16 rows of the tile and 16 units a code position
+        block_n, block_k = max(16, block_n), max(block_k, 16 * _codes_per_unit(bits))
     elif M > ELEMENTWISE_ROWS:
         raise ValueError(f"gemv_wq: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
+    else:  # a sub-block is at least one unit of codes
+        block_k = max(block_k, _codes_per_unit(bits))
     sub, subs = _sub_block(block_k, group)
     pdl = pdl_enabled(x.device)
     n_blocks = qweight.shape[1]

@@ -49,7 +49,7 @@ import itertools
 import torch
 
 from flashc.errors import UnsupportedOpError
-from flashc.quantized_ops import SUPPORTED_BITS, moe_wq as _moe_wq_op
+from flashc.quantized_ops import SUPPORTED_BITS, moe_wq as _moe_wq_op, packed_zero_point_columns
 
 from . import tuning
 from ._triton_common import (
@@ -78,7 +78,7 @@ _ELEMENTWISE_MAX_M = 16  # the elementwise path keeps a [BLOCK_N, NV, VW] accumu
 # as subnormals (c * 2**(e_j - 149)) are normal floats: exact for |x * input_scale| in [2**-65, 2**40).
 X_EXP = 88
 _CHUNK_WORDS = 4  # the elementwise path's chunk: one 128-bit load a thread, summed in the thread's FMAs
-KERNEL_BITS = (4, 8)  # bit widths the kernels read (2-bit experts: flashc.moe_wq's reference only)
+KERNEL_BITS = (4, 8)  # bit widths the kernels read (2- and 3-bit experts: flashc.moe_wq's reference only)
 
 
 def reference_moe_wq(x, router_logits, gate_up_qweight, gate_up_scales, gate_up_zero_points, gate_up_input_scale,
@@ -418,7 +418,7 @@ def _check_packed(name: str, qweight, scales, zero_points, input_scale, E: int, 
         raise ValueError(f"{fn}: {name}_scales must be [E={E}, {N}, {n_blocks}] (one per group), got {tuple(scales.shape)}")
     if zero_points is not None:
         check_tensor(fn, f"{name}_zero_points", zero_points, ndim=3, dtypes=(torch.uint8,))
-        cols = (n_blocks + 1) // 2 if bits == 4 else n_blocks
+        cols = packed_zero_point_columns(n_blocks, bits)
         if tuple(zero_points.shape) != (E, N, cols):
             raise ValueError(
                 f"{fn}: {name}_zero_points must be [E={E}, {N}, {cols}] ({bits}-bit, {n_blocks} groups), "

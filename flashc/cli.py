@@ -1031,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
                    help="input columns sharing a scale (default: the scheme's)")
     c.add_argument("--budget-bits", type=float, default=None, metavar="BITS",
-                   help="mixed precision: 2, 4 or 8 bits per layer by measured sensitivity, at most BITS stored "
+                   help="mixed precision: 2, 3, 4 or 8 bits per layer by measured sensitivity, at most BITS stored "
                         "bits a weight on average (with --quantize int4-gptq / int4-rtn, or --quantize mixed-3.5)")
     c.add_argument("--prune", default=None, metavar="SPEC",
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "

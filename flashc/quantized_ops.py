@@ -1,6 +1,6 @@
 """Quantized ops: weight-only (int4/int8, packed) and weight-and-activation (W8A8, FP8).
 
-`flashc.linear_wq` is a linear layer whose weight is stored as 2-, 4- or 8-bit codes with a
+`flashc.linear_wq` is a linear layer whose weight is stored as 2-, 3-, 4- or 8-bit codes with a
 scale (and optionally a zero point) per group of `group_size` input columns;
 `flashc.moe_wq` is `flashc.moe` with its stacked expert weights stored the same way, and
 `flashc.moe_wq_mixed` the same with a width per expert (a list of tensors, one an expert).
@@ -13,13 +13,20 @@ weight W[N, K] split along K into n_blocks = K / group_size blocks:
 
 * codes q[n, k] in 0 .. 2**bits - 1, W[n, k] = (q[n, k] - zp[n, blk]) * scale[n, blk]
   with blk = k // group_size;
-* `qweight`: uint8 [N, n_blocks, group_size * bits / 8]; below 8 bits 8 / bits codes a
-  byte, the first in the lowest bits (at 4 bits the even k in the low nibble; at 2 bits
-  k = 4j in bits 0-1, ..., 4j + 3 in bits 6-7); at 8 bits one code a byte;
+* `qweight`: uint8 [N, n_blocks, group_size * bits / 8]; below 8 bits each block is a
+  little-endian bitstream, code i of the block in bits bits*i .. bits*i + bits - 1 (at 4
+  bits the even k in the low nibble; at 2 bits k = 4j in bits 0-1, ..., 4j + 3 in bits
+  6-7; at 3 bits eight codes in three bytes, codes 2 and 5 of each eight straddling a
+  byte boundary, so group_size is a multiple of 8); at 8 bits one code a byte;
 * `scales`: [N, n_blocks] in the activation dtype (MatMulNBits reads them flat);
 * `zero_points`: uint8, below 8 bits [N, ceil(n_blocks * bits / 8)] packed like the codes
-  (at 4 bits the even block in the low nibble), at 8 bits [N, n_blocks]; None means the
-  midpoint 2**(bits - 1), i.e. a symmetric grid.
+  (one bitstream a row: at 4 bits the even block in the low nibble, at 3 bits block j at
+  bit 3j), at 8 bits [N, n_blocks]; None means the midpoint 2**(bits - 1), i.e. a
+  symmetric grid.
+
+ONNX Runtime 1.32's CPU MatMulNBits takes 2, 4 and 8 bits only (its kernel refuses
+others); its schema sizes a block at block_size * bits / 8 bytes for any width, which the
+3-bit bitstream fills, but the ONNX lowering dequantizes 3-bit weights with standard ops.
 
 Stacked MoE experts carry one more leading dimension [E, ...] on every tensor. K must
 be a multiple of group_size here (a layer that does not fit is left in float by the
@@ -35,7 +42,7 @@ import torch.nn.functional as F
 
 from flashc.ops import routed_experts
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def default_zero_point(bits: int) -> int:
@@ -50,10 +57,12 @@ def _check_bits(bits: int) -> None:
 
 
 def pack_subbyte(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [..., C] below 2**bits (bits 2 or 4) -> [..., ceil(C * bits / 8)] bytes, 8 / bits values
-    a byte: element p*j + i in bits i*bits .. (i+1)*bits - 1 (p = 8 / bits; MatMulNBits' order)."""
+    """uint8 [..., C] below 2**bits (bits 2, 3 or 4) -> [..., ceil(C * bits / 8)] bytes: a little-endian
+    bitstream, element i in bits bits*i .. bits*i + bits - 1 (MatMulNBits' order at 2 and 4 bits)."""
     if values.dtype != torch.uint8:
         raise ValueError(f"{bits}-bit values must be uint8, got {values.dtype}")
+    if 8 % bits:
+        return _pack_bitstream(values, bits)
     per_byte = 8 // bits
     if values.shape[-1] % per_byte:
         values = F.pad(values, (0, per_byte - values.shape[-1] % per_byte))
@@ -65,10 +74,40 @@ def pack_subbyte(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_subbyte(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack_subbyte: [..., B] bytes -> [..., B * 8 / bits] values."""
+    """Inverse of pack_subbyte: [..., B] bytes -> [..., floor(B * 8 / bits)] values."""
+    if 8 % bits:
+        return _unpack_bitstream(packed, bits)
     mask = (1 << bits) - 1
     parts = [(packed >> (i * bits)) & mask for i in range(8 // bits)]
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_subbyte for a width that does not divide 8: eight values at a time make `bits` whole
+    bytes (an int32 of 8 * bits <= 32 bits, split into its little-endian bytes)."""
+    c = values.shape[-1]
+    if c % 8:
+        values = F.pad(values, (0, 8 - c % 8))
+    eights = values.reshape(*values.shape[:-1], -1, 8).to(torch.int32)
+    word = eights[..., 0].clone()
+    for i in range(1, 8):
+        word |= eights[..., i] << (i * bits)
+    packed = torch.stack([(word >> (8 * j)) & 0xFF for j in range(bits)], dim=-1).to(torch.uint8)
+    return packed.reshape(*values.shape[:-1], -1)[..., :-(-c * bits // 8)]
+
+
+def _unpack_bitstream(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of _pack_bitstream: [..., B] bytes -> [..., floor(B * 8 / bits)] values."""
+    b = packed.shape[-1]
+    if b % bits:
+        packed = F.pad(packed, (0, bits - b % bits))
+    chunks = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)
+    word = chunks[..., 0].clone()
+    for j in range(1, bits):
+        word |= chunks[..., j] << (8 * j)
+    mask = (1 << bits) - 1
+    values = torch.stack([(word >> (i * bits)) & mask for i in range(8)], dim=-1).to(torch.uint8)
+    return values.reshape(*packed.shape[:-1], -1)[..., :b * 8 // bits]
 
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
@@ -104,7 +143,7 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points uint8 [..., N, n_blocks] -> the stored form (8 / bits a byte below 8 bits)."""
+    """Zero points uint8 [..., N, n_blocks] -> the stored form (a bitstream a row below 8 bits)."""
     _check_bits(bits)
     if zero_points.dtype != torch.uint8:
         raise ValueError(f"zero points must be uint8, got {zero_points.dtype}")

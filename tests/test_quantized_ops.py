@@ -29,7 +29,7 @@ def reference_weight(codes, scales, zp, bits, group):
     return (codes.double() - per_k(zpf)) * per_k(scales)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("lead", [(), (3,)])
 def test_pack_round_trip(bits, lead):
     codes, scales, zp, qweight, zp_packed = random_packed(6, 64, bits, 32, lead=lead)
@@ -66,11 +66,13 @@ def test_pack_refuses_bad_codes():
         qops.pack_codes(torch.full((2, 32), 16, dtype=torch.uint8), 4, 32)
     with pytest.raises(ValueError, match="not a multiple"):
         qops.pack_codes(torch.zeros(2, 48, dtype=torch.uint8), 4, 32)
-    with pytest.raises(ValueError, match="2, 4 or 8"):
-        qops.pack_codes(torch.zeros(2, 32, dtype=torch.uint8), 3, 32)
+    with pytest.raises(ValueError, match="2, 3, 4 or 8"):
+        qops.pack_codes(torch.zeros(2, 32, dtype=torch.uint8), 5, 32)
+    with pytest.raises(ValueError, match="a group of 12 3-bit codes is not a whole number of bytes"):
+        qops.pack_codes(torch.zeros(2, 48, dtype=torch.uint8), 3, 12)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_linear_wq_matches_float64(bits, with_extras):
     codes, scales, zp, qweight, zp_packed = random_packed(24, 64, bits, 32)
@@ -108,7 +110,7 @@ def test_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_moe_wq_is_moe_of_the_dequantized_experts(bits):
     e, h, f, t = 4, 64, 32, 9
     gc, gs, gzp, gq, gz = random_packed(2 * f, h, bits, 32, lead=(e,))

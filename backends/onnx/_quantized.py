@@ -6,7 +6,9 @@
   repacked; scales and zero points are only viewed flat), after `x * input_scale` (a
   Mul) when AWQ left one. It fits when x is fp32/fp16 and the group size is a power of
   two >= 16 (ORT's kernels take no other block size; per-channel int8 of a K that is
-  not one of those takes the standard form).
+  not one of those takes the standard form). 3-bit weights never fit: ORT 1.32's CPU
+  kernel refuses every width but 2, 4 and 8 ("Only 2b, 4b and 8b quantization is
+  supported for MatMulNBits op").
 * Otherwise, and with contrib_ops=False, standard ops dequantize the weight as the
   reference does (codes minus zero point, times scale, in fp32; then x's dtype) and
   MatMul: the same numbers, without the memory saving.
@@ -45,8 +47,12 @@ REFUSED = {
 MATMUL_NBITS_DTYPES = (torch.float32, torch.float16)
 
 
-def _matmul_nbits_fits(ctx: LoweringContext, x_dtype, scales_dtype, block_size: int) -> bool:
-    return (ctx.contrib_ops and x_dtype in MATMUL_NBITS_DTYPES and scales_dtype == x_dtype
+# widths ORT's CPU MatMulNBits kernel takes (its constructor refuses the others)
+MATMUL_NBITS_BITS = (2, 4, 8)
+
+
+def _matmul_nbits_fits(ctx: LoweringContext, x_dtype, scales_dtype, block_size: int, bits: int) -> bool:
+    return (ctx.contrib_ops and bits in MATMUL_NBITS_BITS and x_dtype in MATMUL_NBITS_DTYPES and scales_dtype == x_dtype
             and block_size >= 16 and not block_size & (block_size - 1))
 
 
@@ -77,7 +83,7 @@ def _linear_wq(ctx, node):
     if input_scale is not None:
         xv = b.op("Mul", xv, ctx.tensor(input_scale, dt))
     bias_v = None if bias is None else ctx.tensor(bias, dt)
-    if _matmul_nbits_fits(ctx, dt, ctx.dtype(scales), group):
+    if _matmul_nbits_fits(ctx, dt, ctx.dtype(scales), group, bits):
         return matmul_nbits(b, xv, ctx.v(qweight), _flat(ctx, scales), None if zp is None else _flat(ctx, zp),
                             bias_v, k=k, n=n, bits=bits, block_size=group)
     w = _dequantize_standard(ctx, qweight, scales, zp, bits, n, n_blocks, group)  # fp32 [N, K]
@@ -86,8 +92,10 @@ def _linear_wq(ctx, node):
 
 
 def _unpack_subbyte(ctx: LoweringContext, packed, shape: list[int], bits: int):
-    """uint8 [..., B] bytes -> [..., B * 8 / bits] values (bits 2 or 4), the first of a byte from its
-    lowest bits (flashc.quantized_ops.unpack_subbyte)."""
+    """uint8 [..., B] bytes -> [..., floor(B * 8 / bits)] values (bits 2, 3 or 4), the first of a byte
+    from its lowest bits (flashc.quantized_ops.unpack_subbyte)."""
+    if 8 % bits:
+        return _unpack_bitstream(ctx, packed, shape, bits)
     b = ctx.b
     axis = len(shape)
     parts = []
@@ -96,6 +104,33 @@ def _unpack_subbyte(ctx: LoweringContext, packed, shape: list[int], bits: int):
         part = b.op("BitwiseAnd", shifted, b.scalar((1 << bits) - 1, torch.uint8))
         parts.append(b.op("Unsqueeze", part, b.ints([axis])))
     return b.reshape(b.op("Concat", *parts, axis=axis), [*shape[:-1], 8 // bits * shape[-1]])
+
+
+def _unpack_bitstream(ctx: LoweringContext, packed, shape: list[int], bits: int):
+    """_unpack_subbyte for a width that does not divide 8 (3 bits): eight values in `bits` bytes, joined
+    little-endian into a uint32 and shifted apart (flashc.quantized_ops._unpack_bitstream)."""
+    b = ctx.b
+    *lead, nbytes = shape
+    axis = len(shape)  # the new axis of the eight values of a chunk
+    if nbytes % bits:  # zero points: the last chunk's missing bytes are zeros
+        pad = b.const(torch.zeros(*lead, bits - nbytes % bits, dtype=torch.uint8), torch.uint8)
+        packed = b.op("Concat", packed, pad, axis=len(shape) - 1)
+    chunks = -(-nbytes // bits)
+    chunk_bytes = b.cast(b.reshape(packed, [*lead, chunks, bits]), torch.uint8, torch.uint32)
+    word = None
+    for j in range(bits):
+        byte = b.slice(chunk_bytes, axis, j, j + 1)  # [..., chunks, 1]
+        if j:
+            byte = b.op("BitShift", byte, b.scalar(8 * j, torch.uint32), direction="LEFT")
+        word = byte if word is None else b.op("BitwiseOr", word, byte)
+    parts = []
+    for i in range(8):
+        shifted = word if i == 0 else b.op("BitShift", word, b.scalar(i * bits, torch.uint32), direction="RIGHT")
+        parts.append(b.op("BitwiseAnd", shifted, b.scalar((1 << bits) - 1, torch.uint32)))
+    values = b.reshape(b.op("Concat", *parts, axis=axis), [*lead, chunks * 8])
+    values = b.cast(values, torch.uint32, torch.uint8)
+    count = nbytes * 8 // bits
+    return values if count == chunks * 8 else b.slice(values, len(shape) - 1, 0, count)
 
 
 def _dequantize_standard(ctx: LoweringContext, qweight, scales, zp, bits: int, n: int, n_blocks: int, group: int):

@@ -11,7 +11,14 @@ METHODS = ("rtn", "gptq", "awq", "quip", "aqlm", "smoothquant", "fp8")
 WEIGHT_ONLY = ("rtn", "gptq", "awq", "quip", "aqlm")
 ACTIVATIONS = ("smoothquant", "fp8")  # the input is quantized too, per token, on every call
 GROUP_SIZES = (32, 64, 128)
-CANDIDATE_BITS = (2, 4, 8)  # widths a mixed-precision budget chooses from (flashc.quantized_ops packs them)
+PACKED_BITS = (2, 3, 4, 8)  # widths flashc.quantized_ops packs, all a budget may choose from
+# The widths a budget chooses from by default: with 3 among them a 3.5 budget puts layers at 3 and 4
+# bits instead of a quarter of the weights at 2; (3, 4, 8) alone cannot reach budgets below about
+# 3.15 (every layer at 3 bits with fp16 scales and zero points, groups of 128), so 2 stays a candidate.
+# mixtral-ref, both texts: mixed-3.5 +2.45% with these, +2.74% with (3, 4, 8), +3.13% with (2, 4, 8);
+# mixed-3 +6.00% against +9.43% (passes/quantize/mixed.py's docstring).
+CANDIDATE_BITS = (2, 3, 4, 8)
+UNIFORM_BITS = {"rtn": (3, 4, 8), "gptq": (3, 4, 8)}  # weight-only widths by method; the others: 4 or 8
 MIXED_METHODS = ("rtn", "gptq")  # the methods a budget quantizes each layer with (passes/quantize/mixed.py)
 SCALE_BITS = 16  # a scale stored in fp16/bf16, the dtype of the weights a budget is usually set for
 AQLM_GROUP_SIZES = (4, 8, 16)  # AQLM: weights a codeword (passes/quantize/aqlm.py)
@@ -22,6 +29,8 @@ SCHEMES = {
     "int4-rtn": "4-bit weights, round to nearest, groups of 128, asymmetric",
     "int4-gptq": "4-bit weights, GPTQ (Hessian error compensation, act-order), groups of 128, asymmetric",
     "int4-awq": "4-bit weights, AWQ (activation-aware scales and clipping), groups of 128, asymmetric",
+    "int3-rtn": "3-bit weights, round to nearest, groups of 128, asymmetric (eight codes in three bytes)",
+    "int3-gptq": "3-bit weights, GPTQ (Hessian error compensation, act-order), groups of 128, asymmetric",
     "quip-4bit": "4-bit weights, QuIP-style incoherence processing (random Hadamard rotations of the weight "
                  "on both sides, undone at run time) then GPTQ without act-order, groups of 128, asymmetric",
     "aqlm-2bit": "2-bit weights, AQLM additive quantization: each group of 8 weights the sum of 2 codewords "
@@ -35,9 +44,10 @@ SCHEMES = {
     "w8a8": "int8 weights (per output channel) and int8 activations (per token, dynamic), no smoothing",
     "fp8": "FP8 e4m3 weights (a scale per output channel) and activations (a scale per token, dynamic)",
     "fp8-tensor": "FP8 e4m3 weights and activations with one scale per tensor (activations: per call)",
-    "mixed-3.5": "2-, 4- or 8-bit weights chosen per layer by measured sensitivity so that the quantized layers "
+    "mixed-3.5": "2-, 3-, 4- or 8-bit weights chosen per layer by measured sensitivity so that the quantized layers "
                  "average at most 3.5 stored bits a weight (scales and zero points counted), GPTQ, groups of 128, "
-                 "asymmetric; any budget: 'mixed-<bits>' ('mixed-3', 'mixed-4.5-rtn'; passes/quantize/mixed.py)",
+                 "asymmetric; any budget: 'mixed-<bits>' ('mixed-3', 'mixed-4.5-rtn'), other widths: '-b<widths>' "
+                 "('mixed-3.5-b248'; passes/quantize/mixed.py)",
 }
 
 # Schemes of flashc issue #14 that are not built yet: asking for one is an error, never RTN.
@@ -119,8 +129,11 @@ class QuantConfig:
             self._check_budget()
         if self.method == "aqlm":
             self._check_aqlm()
-        elif self.bits not in (4, 8):
-            raise FlashcError(f"QuantConfig.bits must be 4 or 8 (weight-only), got {self.bits!r}")
+        elif self.bits not in UNIFORM_BITS.get(self.method, (4, 8)):
+            widths = UNIFORM_BITS.get(self.method, (4, 8))
+            raise FlashcError(f"QuantConfig.bits must be {', '.join(map(str, widths[:-1]))} or {widths[-1]} "
+                              f"(weight-only, method {self.method!r}), got {self.bits!r}"
+                              + (" (3 bits: method 'rtn' or 'gptq')" if self.bits == 3 else ""))
         elif self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise FlashcError(f"QuantConfig.group_size must be one of {', '.join(map(str, GROUP_SIZES))} or "
                               f"None (per output channel), got {self.group_size!r}")
@@ -149,7 +162,7 @@ class QuantConfig:
             raise FlashcError(f"QuantConfig.aqlm_rounds must be at least 0, got {self.aqlm_rounds}")
 
     def _check_budget(self) -> None:
-        """A budget chooses among at least two of CANDIDATE_BITS, with rtn or gptq, and lies between
+        """A budget chooses among at least two of PACKED_BITS, with rtn or gptq, and lies between
         the cost of every layer at the narrowest candidate and at the widest (scales of SCALE_BITS)."""
         if isinstance(self.budget_bits, bool) or not isinstance(self.budget_bits, (int, float)):
             raise FlashcError(f"QuantConfig.budget_bits must be a number of bits a weight, got {self.budget_bits!r}")
@@ -159,8 +172,8 @@ class QuantConfig:
                               f"{self.method!r}: use '{budget}-gptq' or '{budget}-rtn'")
         widths = self.candidate_bits
         if (not isinstance(widths, tuple) or len(widths) < 2 or len(set(widths)) != len(widths)
-                or any(b not in CANDIDATE_BITS for b in widths) or list(widths) != sorted(widths)):
-            raise FlashcError(f"QuantConfig.candidate_bits must be two or more of {CANDIDATE_BITS} in increasing "
+                or any(b not in PACKED_BITS for b in widths) or list(widths) != sorted(widths)):
+            raise FlashcError(f"QuantConfig.candidate_bits must be two or more of {PACKED_BITS} in increasing "
                               f"order (a tuple), got {widths!r}")
         lo, hi = self.stored_bits(widths[0]), self.stored_bits(widths[-1])
         if not lo <= self.budget_bits <= hi:
@@ -283,7 +296,7 @@ class QuantConfig:
         bits = int(name[3])
         method = name.split("-")[1]
         method = "rtn" if method == "weight" else method
-        defaults = dict(group_size=128, symmetric=False) if bits == 4 else dict(group_size=None, symmetric=True)
+        defaults = dict(group_size=128, symmetric=False) if bits < 8 else dict(group_size=None, symmetric=True)
         if group != "default":
             defaults["group_size"] = group
         if group_size is not None:
@@ -296,11 +309,11 @@ class QuantConfig:
     def _parse_mixed(cls, text: str, name: str, group, group_size: int | None, symmetric: bool | None
                      ) -> "QuantConfig":
         """'mixed-<budget>[-b<candidates>][-gptq|-rtn]' (suffixes already taken off): GPTQ, groups of
-        128, asymmetric unless the suffixes say otherwise; '-b248' names the candidate widths."""
-        m = re.fullmatch(r"mixed-(\d+(?:\.\d+)?)(?:-b([248]+))?(?:-(gptq|rtn))?", name)
+        128, asymmetric unless the suffixes say otherwise; '-b348' names the candidate widths."""
+        m = re.fullmatch(r"mixed-(\d+(?:\.\d+)?)(?:-b([2348]+))?(?:-(gptq|rtn))?", name)
         if not m:
             raise FlashcError(f"quantization scheme {text!r}: a mixed-precision scheme is 'mixed-<bits a weight>' "
-                              "with optional '-b<widths>' (e.g. -b24), '-gptq' or '-rtn', '-g<size>' / "
+                              "with optional '-b<widths>' (e.g. -b24, -b348), '-gptq' or '-rtn', '-g<size>' / "
                               "'-per-channel' and '-sym' / '-asym' (e.g. 'mixed-3.5', 'mixed-3.5-rtn-g64')")
         fields = dict(method=m.group(3) or "gptq", budget_bits=float(m.group(1)), group_size=128, symmetric=False)
         if m.group(2):

@@ -213,6 +213,8 @@ class QuantizeWeights:
                     reason = "expert weights are written in place by the graph"
                 elif not config.activations and config.group_size and any(k % config.group_size for k in k_in):
                     reason = f"input sizes {k_in} are not multiples of the group size {config.group_size}"
+                elif not config.activations and (why := _whole_bytes_skip_reason(k_in, config)):
+                    reason = why
                 elif config.method == "quip" and (why := rotation_skip_reason(k_in[0], k_in[0])):
                     reason = why  # gate_up's input side and down's output side: the hidden size
                 if reason:
@@ -234,6 +236,8 @@ class QuantizeWeights:
                 reason = "output head: kept float, as GPTQ and AWQ do (QuantConfig(lm_head=True) quantizes it)"
             elif config.group_size and k % config.group_size:
                 reason = f"input size {k} is not a multiple of the group size {config.group_size}"
+            elif not config.activations and (why := _whole_bytes_skip_reason((k,), config)):
+                reason = why
             elif config.method == "quip" and (why := rotation_skip_reason(n, k)):
                 reason = why
             if reason:
@@ -1027,6 +1031,19 @@ def _drop_if_unused(program: Program, placeholder: fx.Node) -> None:
 
 
 # ---------------------------------------------------------------------------- measures
+
+
+def _whole_bytes_skip_reason(k_in: tuple[int, ...], config: QuantConfig) -> str | None:
+    """Why a per-channel row of k codes cannot be packed (flashc.quantized_ops stores a group in whole
+    bytes: k * bits a multiple of 8), or None."""
+    if config.group_size or config.method in ("aqlm", "quip"):
+        return None
+    widths = config.candidate_bits if config.mixed else (config.bits,)
+    bad = [b for b in widths if b < 8 and any(k * b % 8 for k in k_in)]
+    if not bad:
+        return None
+    return (f"input size{'s' if len(k_in) > 1 else ''} {', '.join(map(str, k_in))}: a row of {bad[0]}-bit codes "
+            "per output channel is not a whole number of bytes (use a group size)")
 
 
 def _nbytes(t: torch.Tensor) -> int:

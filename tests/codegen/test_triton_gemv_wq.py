@@ -1,4 +1,4 @@
-"""flashc.codegen.triton_gemv_wq: decode GEMVs that read int2/int4/int8 packed weights, with folded
+"""flashc.codegen.triton_gemv_wq: decode GEMVs that read int2/int3/int4/int8 packed weights, with folded
 norm / input scale / bias / GLU / residual, against a float64 reference of the unfused ops on fresh
 random codes, scales and zero points."""
 
@@ -69,7 +69,8 @@ def truth(x, w, kw):
 
 @pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False),
-                                             (2, 16, True), (2, 64, False)], ids=str)
+                                             (2, 16, True), (2, 64, False), (3, 32, True), (3, 64, False)],
+                         ids=str)
 @pytest.mark.parametrize("lead,K,N", [((1,), 160, 37), ((3, 1), 192, 24), ((8,), 128, 33), ((16,), 128, 16)], ids=str)
 def test_codes_groups_and_rows_match_float64(device, lead, K, N, bits, group, asym, config):
     if K % group:
@@ -98,6 +99,21 @@ def test_two_bit_codes_with_every_fold(device, config):
     """16 codes a word: codes past bit 19 take the shifted word, zero points are 4 blocks a byte."""
     x, w, kw = make(device, torch.float32, (2,), 224, 38, FOLDS["everything"], group=32, bits=2, asym=True)
     assert rel_err(gw.gemv_wq(x, *w, **kw, config=config).cpu(), truth(x, w, kw)) < 2e-5
+
+
+@pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
+@pytest.mark.parametrize("group", [32, 96])
+def test_three_bit_codes_with_every_fold(device, config, group):
+    """32 codes in three words: codes 10 and 21 straddle two words, zero points straddle bytes; K not a
+    multiple of BLOCK_K leaves a partial last tile."""
+    x, w, kw = make(device, torch.float32, (2,), 288, 38, FOLDS["everything"], group=group, bits=3, asym=True)
+    assert rel_err(gw.gemv_wq(x, *w, **kw, config=config).cpu(), truth(x, w, kw)) < 2e-5
+
+
+def test_three_bit_group_of_sixteen_is_refused(device):
+    x, w, kw = make(device, torch.float32, (1,), 64, 8, {}, group=16, bits=3)
+    with pytest.raises(ValueError, match="3-bit group must be a multiple of 32"):
+        gw.gemv_wq(x, *w, **kw)
 
 
 @pytest.mark.parametrize("fold", ["plain", "everything"])
@@ -186,7 +202,8 @@ def test_tuning_includes_the_library_path(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("bits,group,asym", [(4, 32, True), (4, 64, False), (8, 32, True), (8, 96, False),
-                                             (2, 32, True), (2, 16, False)], ids=str)
+                                             (2, 32, True), (2, 16, False), (3, 32, True), (3, 96, False)],
+                         ids=str)
 def test_dequantize_weight_is_exact(device, bits, group, asym, dtype):
     # (bfloat16 is left out here: the CPU interpreter rounds float32 -> bfloat16 by truncation)
     qweight, scales, zp = packed(device, 19, 192, group, bits, asym, dtype)
@@ -218,7 +235,7 @@ def test_empty_rows(device):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda x, q, s: gw.gemv_wq(x, q, s, None, 3), "bits must be one of"),
+    (lambda x, q, s: gw.gemv_wq(x, q, s, None, 5), "bits must be one of"),
     (lambda x, q, s: gw.gemv_wq(torch.randn(2, 96, device=x.device), q, s, None, 4), "K = 96"),
     (lambda x, q, s: gw.gemv_wq(x, q.to(torch.int8), s, None, 4), "qweight must have dtype"),
     (lambda x, q, s: gw.gemv_wq(x, q, s[:, :1], None, 4), "scales must be \\[8, 2\\]"),

@@ -223,8 +223,8 @@ def test_moe_wq_empty_batch(device):
 def test_moe_wq_errors(device):
     x, logits, w = make_inputs(3, 4, 64, 32, 4, 32, True, True, torch.float32, device, torch.Generator())
     gq, gs, gz, gi, dq, ds, dz, di = w
-    with pytest.raises(ValueError, match=r"moe_wq: bits must be one of \(4, 8\), got 3"):
-        tw.moe_wq(x, logits, *w, 2, True, 3)
+    with pytest.raises(ValueError, match=r"moe_wq: bits must be one of \(4, 8\), got 5"):
+        tw.moe_wq(x, logits, *w, 2, True, 5)
     with pytest.raises(ValueError, match=r"moe_wq: top_k must be an int in \[1, E=4\], got 5"):
         tw.moe_wq(x, logits, *w, 5, True, 4)
     with pytest.raises(ValueError, match=r"moe_wq: router_logits must be \[T=3, E\]"):

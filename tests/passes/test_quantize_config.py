@@ -15,6 +15,8 @@ from flashc.passes.quantize import NOT_IMPLEMENTED, SCHEMES, QuantConfig
     ("int4-gptq-g32", "gptq", 4, 32, False),
     ("INT4-AWQ-g64-sym", "awq", 4, 64, True),
     ("int4-rtn-per-channel", "rtn", 4, None, False),
+    ("int3-gptq", "gptq", 3, 128, False),
+    ("int3-rtn-g64-sym", "rtn", 3, 64, True),
     ("int8-weight-g128-asym", "rtn", 8, 128, False),
 ])
 def test_parse(text, method, bits, group, symmetric):
@@ -47,7 +49,8 @@ def test_every_listed_scheme_parses_and_reads_back(scheme):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "bits must be 4 or 8"),
+    (dict(bits=5), "bits must be 3, 4 or 8"),
+    (dict(method="awq", bits=3), "bits must be 4 or 8 .*3 bits: method 'rtn' or 'gptq'"),
     (dict(group_size=48), "group_size must be one of 32, 64, 128"),
     (dict(method="hqq"), "method must be one of"),
     (dict(damp=0), "damp"),
@@ -63,3 +66,15 @@ def test_bad_group_suffix():
         QuantConfig.parse("int4-rtn-g48")
     with pytest.raises(FlashcError, match="scheme name or a QuantConfig"):
         QuantConfig.parse(4)
+
+
+@pytest.mark.parametrize("text,widths", [
+    ("mixed-3.5", (2, 3, 4, 8)),
+    ("mixed-3.5-b348", (3, 4, 8)),
+    ("mixed-3-b248-rtn", (2, 4, 8)),
+    ("mixed-2.5-b23", (2, 3)),
+])
+def test_mixed_candidate_widths_parse_and_read_back(text, widths):
+    c = QuantConfig.parse(text)
+    assert c.candidate_bits == widths
+    assert QuantConfig.parse(c.scheme) == c
