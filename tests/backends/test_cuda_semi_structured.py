@@ -148,9 +148,12 @@ def test_shapes_and_dtypes_the_libraries_do_not_take_stay_dense():
     assert fuse_semi_structured_matmuls(program, MAX_ROWS, PROFILES["h100"])[0] == 1
 
 
-def test_the_backend_lists_the_pass_last_and_has_the_kernel():
-    passes = CudaBackend().late_passes(PROFILES["h100"], None)
-    assert [p.name for p in passes][-1] == "cuda_semi_structured_matmuls"
+def test_the_backend_lists_the_pass_after_the_gemv_rewrites_and_has_the_kernel():
+    """Decode-sized linears become GEMVs first; 2:4 takes what is left (the quantized-input fusion after it
+    touches only W8A8/FP8 linears)."""
+    names = [p.name for p in CudaBackend().late_passes(PROFILES["h100"], None)]
+    assert names.index("cuda_semi_structured_matmuls") > names.index("cuda_fuse_small_matmuls")
+    assert names.index("cuda_semi_structured_matmuls") > names.index("cuda_fuse_sparse_matmuls")
     assert "flashc.linear_24" in KERNELS and KERNELS["flashc.linear_24"].tune is not None
 
 
