@@ -113,9 +113,21 @@ def _(q, k, v, log_decay, state):
 
 def check_mix(fn: str, q, k, v, dt, A_log, state, heads: int, kv_heads: int) -> int:
     """Raise ValueError naming `fn` unless the arguments fit `ssm_mix`; return the head dim d."""
+    b, t, d = _check_heads(fn, q, k, v, heads, kv_heads, ("dt", dt))
+    if dt.shape != (b, t, heads):
+        raise ValueError(f"{fn}: dt must be [B, T, heads] = {(b, t, heads)}, got {tuple(dt.shape)}")
+    if A_log.shape != (heads,):
+        raise ValueError(f"{fn}: A_log must be [heads] = {(heads,)}, got {tuple(A_log.shape)}")
+    _check_state(fn, state, b, heads, d)
+    return d
+
+
+def _check_heads(fn: str, q, k, v, heads: int, kv_heads: int, per_token: tuple[str, torch.Tensor]):
+    """The checks `ssm_mix` and `gla_mix` share: the head counts, [B, T, N] projections (and the
+    op's own per-token input `per_token`), k and v of kv_heads heads of q's size; (B, T, d)."""
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise ValueError(f"{fn}: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
-    for name, t in (("q", q), ("k", k), ("v", v), ("dt", dt)):
+    for name, t in (("q", q), ("k", k), ("v", v), per_token):
         if t.dim() != 3:
             raise ValueError(f"{fn}: {name} must be [B, T, N], got shape {tuple(t.shape)}")
     b, t, n = q.shape
@@ -126,13 +138,12 @@ def check_mix(fn: str, q, k, v, dt, A_log, state, heads: int, kv_heads: int) -> 
         if x.shape != (b, t, kv_heads * d):
             raise ValueError(f"{fn}: {name} must be [B, T, kv_heads * d] = {(b, t, kv_heads * d)} (d = {d}: q's last "
                              f"dim / heads), got {tuple(x.shape)}")
-    if dt.shape != (b, t, heads):
-        raise ValueError(f"{fn}: dt must be [B, T, heads] = {(b, t, heads)}, got {tuple(dt.shape)}")
-    if A_log.shape != (heads,):
-        raise ValueError(f"{fn}: A_log must be [heads] = {(heads,)}, got {tuple(A_log.shape)}")
+    return b, t, d
+
+
+def _check_state(fn: str, state, b: int, heads: int, d: int) -> None:
     if state.shape != (b, heads, d, d):
         raise ValueError(f"{fn}: state must be [B, heads, d, d] = {(b, heads, d, d)}, got {tuple(state.shape)}")
-    return d
 
 
 def mix_inputs(q, k, v, dt, A_log, heads: int, kv_heads: int):
@@ -283,25 +294,12 @@ def gla_chunked(q, k, v, log_alpha, state, chunk: int = CHUNK, subchunk: int = S
 
 def check_gla_mix(fn: str, q, k, v, gate, state, heads: int, kv_heads: int, tau: float) -> int:
     """Raise ValueError naming `fn` unless the arguments fit `gla_mix`; return the head dim d."""
-    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
-        raise ValueError(f"{fn}: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
     if not tau > 0:
         raise ValueError(f"{fn}: the gate temperature tau must be > 0, got {tau}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
-        if t.dim() != 3:
-            raise ValueError(f"{fn}: {name} must be [B, T, N], got shape {tuple(t.shape)}")
-    b, t, n = q.shape
-    if n % heads:
-        raise ValueError(f"{fn}: q's last dim {n} is not divisible by heads = {heads}")
-    d = n // heads
-    for name, x in (("k", k), ("v", v)):
-        if x.shape != (b, t, kv_heads * d):
-            raise ValueError(f"{fn}: {name} must be [B, T, kv_heads * d] = {(b, t, kv_heads * d)} (d = {d}: q's last "
-                             f"dim / heads), got {tuple(x.shape)}")
+    b, t, d = _check_heads(fn, q, k, v, heads, kv_heads, ("gate", gate))
     if gate.shape != q.shape:
         raise ValueError(f"{fn}: gate must be [B, T, heads * d] like q = {tuple(q.shape)}, got {tuple(gate.shape)}")
-    if state.shape != (b, heads, d, d):
-        raise ValueError(f"{fn}: state must be [B, heads, d, d] = {(b, heads, d, d)}, got {tuple(state.shape)}")
+    _check_state(fn, state, b, heads, d)
     return d
 
 
