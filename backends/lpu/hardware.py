@@ -19,13 +19,12 @@ the launch cost a CUDA-graph replay with programmatic dependent launch (PDL) lea
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from flashc.backends.lpu.operators import builtin_table_path, load_operator_table
+from flashc.backends.lpu.operators import builtin_table_path, load_operator_table, read_json
 from flashc.errors import InputError, unknown_name
 
 MiB = 2**20
@@ -161,15 +160,7 @@ def _check_number(value: Any, what: str, low: float, zero_ok: bool) -> None:
 def load_profile_file(path: str | Path) -> SystemProfile:
     """Read and validate a user's JSON profile file (errors name the file and the field)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the profile file ({e.strerror or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return profile_from_dict(data, str(path))
+    return profile_from_dict(read_json(path, "the profile file"), str(path))
 
 
 # ---------------------------------------------------------------------------------------

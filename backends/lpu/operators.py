@@ -222,15 +222,19 @@ def load_operator_table(path: str | Path) -> OperatorTable:
 
 @lru_cache(maxsize=32)
 def _load(path: str, mtime_ns: int, size: int) -> OperatorTable:
+    return operator_table_from_dict(read_json(path, "the operator table"), path)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's data; InputError naming the file and `what` it was meant to be, or where the JSON breaks."""
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise InputError(f"{path}: cannot read the operator table ({e.strerror or e})") from None
+        raise InputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return operator_table_from_dict(data, path)
 
 
 def builtin_table_path(profile: str) -> Path:
