@@ -24,9 +24,12 @@ python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time user has
   local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  FLASHC_CACHE=$(mktemp -d) timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local t0=$SECONDS cache
+  cache=$(mktemp -d)
+  FLASHC_CACHE=$cache timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  # the tuner's timings of every candidate (which tile or library path won, and by how much)
+  [ -f "$cache/tuning.json" ] && cp "$cache/tuning.json" "$OUT/$name.tuning.json"
   echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
 }
 case "${1:-verify}" in
