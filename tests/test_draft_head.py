@@ -244,7 +244,8 @@ def test_cli_self_distill_options(tmp_path, capsys):
     for args, message in ((["--self-distill", "0"], "a positive integer"), (["--self-distill", "x"], "integer"),
                           (["--self-distill", "4", "--new-tokens", "-2"], "a positive integer"),
                           (["--new-tokens", "8"], "--new-tokens applies to --self-distill"),
-                          (["--self-distill", "1"], "at least 2 prompts")):
+                          (["--self-distill", "1"], "at least 2 prompts"),
+                          *([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])):
         assert main(["train-draft", "llama-tiny", "--calibration", str(text), *args, "-o", str(tmp_path / "h2")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
