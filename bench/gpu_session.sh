@@ -135,10 +135,11 @@ case "${1:-verify}" in
   speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in five parts, above): a draft head
               # trained on the GPU on the model's own answers, then every speculation variant at batch 1
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
-    (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 128 \
-      --new-tokens 128 --steps 600 --unroll 4 -o /tmp/smol_head)
+    (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 256 \
+      --new-tokens 128 --steps 1500 --unroll 4 -o /tmp/smol_head)
+    head=(); [ -f /tmp/smol_head/manifest.json ] && head=(--head /tmp/smol_head)
     (cd /tmp && step speculate 360 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
-      --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 20 --head /tmp/smol_head --out "$OUT")
+      --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 20 "${head[@]}" --out "$OUT")
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")

@@ -710,7 +710,8 @@ def train_draft_head(model: torch.nn.Module, calibration_tokens: torch.Tensor, *
     start = time.perf_counter()
     try:
         if self_distill:
-            own = generate_own_answers(model, prompts, new_tokens, progress=progress)
+            batch_answers = 32 if next(model.parameters()).is_cuda else 8  # a GPU generates 32 as fast as 8
+            own = generate_own_answers(model, prompts, new_tokens, batch=batch_answers, progress=progress)
             start = time.perf_counter()
             sequences = own.sequences()
             held_sequences = max(1, int(len(sequences) * HELD_OUT))
