@@ -89,6 +89,11 @@ case "${1:-verify}" in
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
     ;;
+  quant-prefill)  # the prefill part less time to first token (met, session 11): new kernels' tests, 8B prefill
+    step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
+    step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
+      --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
+    ;;
   essentials)  # what one call of a lease short on device time measures first (prefill, oprates, in 580 s)
     step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
     target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
@@ -162,5 +167,5 @@ case "${1:-verify}" in
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
   carry) ;;  # nothing but the wheel part above
-  *) echo "unknown part $1 (speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
+  *) echo "unknown part $1 (quant-prefill, carry, speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
 esac
