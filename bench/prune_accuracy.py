@@ -17,7 +17,8 @@ default leaves them dense) unless --no-experts. Columns:
 
 * sparsity: what the pass reports over what it pruned (offline: zeros among the pruned
   layers' weights; online: the model-wide activation sparsity of the sparsified inputs,
-  measured on held-out calibration rows; ffn: FFN parameters removed; experts: MoE expert
+  the experts' intermediate (flashc.moe_sparse) among them, measured on held-out
+  calibration rows; ffn: FFN parameters removed; experts: MoE expert
   and router parameters removed; heads: query heads removed, a rewrite of the model before
   capture, so counted from q_proj's rows in the compiled program);
 * weights read/token: the fraction of the linear weights a token reads that it no longer
@@ -73,11 +74,13 @@ def weights_read_per_token(cm, record) -> float:
             if "embed" in name or "lm_head" in name:
                 continue
             total += int(torch.count_nonzero(program.params[name])) * kept_input(node.args[0])
-        elif node.target is torch.ops.flashc.moe.default:
+        elif node.target in (torch.ops.flashc.moe.default, torch.ops.flashc.moe_sparse.default):
             gate_up, down = (program.params[node.args[i].name] for i in (2, 3))
             share = node.args[4] / gate_up.shape[0]  # top_k of E experts per token
+            # moe_sparse: the experts' intermediate (down's input) sparsified by its 7th argument
+            kept_down = 1 - measured.get(node.args[6].name, 0.0) if len(node.args) > 6 else 1.0
             total += share * (int(torch.count_nonzero(gate_up)) * kept_input(node.args[0])
-                              + int(torch.count_nonzero(down)))
+                              + int(torch.count_nonzero(down)) * kept_down)
     return total
 
 

@@ -18,7 +18,7 @@ the same thing, standard ONNX ops otherwise.
   (index_copy_ at cache_position): the op writes them itself and attends only over the
   live positions 0..cache_position. Otherwise standard ops with the mask
   j <= cache_position[s] (Range/LessOrEqual) over the whole cache.
-* swiglu, geglu, moe -> standard ops (Sigmoid/Gelu; MoE as dense TopK-weighted experts).
+* swiglu, geglu, moe, moe_sparse -> standard ops (Sigmoid/Gelu; MoE as dense TopK-weighted experts).
 
 With contrib_ops=False every flashc op takes its standard-op form.
 
@@ -404,7 +404,7 @@ def _decode_attention(ctx, node):
 def _expert_weight_t(ctx, w):
     """An expert weight [E, A, B] as [E, B, A]: a transposed initializer when it is a constant."""
     t = ctx.param(w)
-    if t is not None and all(u.target == flashc_ops.moe.default for u in w.users):
+    if t is not None and all(u.target in (flashc_ops.moe.default, flashc_ops.moe_sparse.default) for u in w.users):
         key = ("expert_weight_t", w)
         if key not in ctx.cache:
             ctx.cache[key] = ctx.b.weight(f"{w.name}_t", t.detach().transpose(1, 2).contiguous())
@@ -412,14 +412,15 @@ def _expert_weight_t(ctx, w):
     return ctx.b.transpose(ctx.v(w), [0, 2, 1])
 
 
-@lowers(flashc_ops.moe.default)
+@lowers(flashc_ops.moe.default, flashc_ops.moe_sparse.default)
 def _moe(ctx, node):
-    """Dense top-k MoE: every expert runs on every token, weighted by a scattered routing matrix.
+    """Dense top-k MoE: every expert runs on every token, weighted by a scattered routing matrix
+    (flashc.moe_sparse: each expert's intermediate sparsified by the threshold first).
 
     Exact (the unrouted experts get weight 0) and static-shaped, at E/top_k times the
     routed FLOPs: correctness first; a gather-based version is a later optimisation.
     """
-    x, logits, gate_up, down, top_k, normalize = node.args
+    x, logits, gate_up, down, top_k, normalize, *threshold = node.args
     b = ctx.b
     dt = ctx.dtype(x)
     t = ctx.shape(x)[0]
@@ -433,6 +434,9 @@ def _moe(ctx, node):
     gu = b.op("MatMul", ctx.v(x), _expert_weight_t(ctx, gate_up))  # [T, H] x [E, H, 2F] -> [E, T, 2F]
     gate, up = b.slice(gu, 2, 0, f), b.slice(gu, 2, f, 2 * f)
     act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    if threshold:  # flashc.moe_sparse: the intermediate sparsified, act where |act| > threshold
+        kept = b.op("Greater", b.op("Abs", act), ctx.tensor(threshold[0], dt))
+        act = b.op("Where", kept, act, b.const(torch.zeros(()), dt))
     y = b.op("MatMul", act, _expert_weight_t(ctx, down))  # [E, T, F] x [E, F, H] -> [E, T, H]
     route = b.reshape(b.transpose(dense, [1, 0]), [e, t, 1])
     return b.op("ReduceSum", b.op("Mul", y, route), b.ints([0]), keepdims=0)

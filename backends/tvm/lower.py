@@ -61,6 +61,8 @@ WEIGHT_LAYOUTS: dict[tuple[Any, int], tuple[str, Callable]] = {
     (aten.linear.default, 1): ("T", _transposed),
     (torch.ops.flashc.moe.default, 2): ("cols", _experts_in_columns),
     (torch.ops.flashc.moe.default, 3): ("rows", _experts_in_rows),
+    (torch.ops.flashc.moe_sparse.default, 2): ("cols", _experts_in_columns),
+    (torch.ops.flashc.moe_sparse.default, 3): ("rows", _experts_in_rows),
 }
 
 
@@ -87,6 +89,7 @@ def _flashc_converters() -> dict[Any, Callable]:
         fl.geglu.default: lambda o, a: o.geglu(*a),
         fl.attention.default: lambda o, a: o.attention(*a),
         fl.moe.default: lambda o, a: o.moe(*a),
+        fl.moe_sparse.default: lambda o, a: o.moe(*a),  # the threshold, its 7th argument, sparsifies the intermediate
     }
 
 

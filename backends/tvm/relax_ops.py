@@ -117,8 +117,9 @@ class FlashcOps:
         out = self.emit(op.matmul(probs, self.emit(op.reshape(v, [n, l, dv]))))  # [N, G*S, Dv]
         return self.emit(op.reshape(out, [b, hq, s, dv]))
 
-    def moe(self, x, router_logits, gate_up_cols, down_rows, top_k: int, normalize: bool):
-        """Top-k SwiGLU experts, DENSE formulation: every expert runs on every token.
+    def moe(self, x, router_logits, gate_up_cols, down_rows, top_k: int, normalize: bool, threshold=None):
+        """Top-k SwiGLU experts, DENSE formulation: every expert runs on every token; with a
+        threshold (flashc.moe_sparse) each expert's intermediate is sparsified before down.
 
         Correct (unrouted pairs get weight 0) but costs E/top_k times the expert FLOPs
         of a routed kernel; fine for small expert counts, a known cost for large ones.
@@ -147,6 +148,9 @@ class FlashcOps:
         gate = self.emit(op.strided_slice(h, axes=[2], begin=[0], end=[f]))
         up = self.emit(op.strided_slice(h, axes=[2], begin=[f], end=[2 * f]))
         act = self.swiglu(gate, up)  # [T, E, F]
+        if threshold is not None:
+            kept = self.emit(op.greater(self.emit(op.abs(act)), self.cast(threshold, _dtype(act))))
+            act = self.emit(op.where(kept, act, self.const(0.0, _dtype(act))))
         act = self.emit(op.multiply(act, self.cast(self.emit(op.expand_dims(dense, -1)), _dtype(act))))
         out = self.emit(op.matmul(self.emit(op.reshape(act, [t, e * f])), down_rows))
         return self.cast(out, _dtype(x))

@@ -1,32 +1,38 @@
 """SparsifyActivations: online (contextual) activation sparsity, TEAL style, training-free.
 
 Each value that linear layers read (the normed hidden state q/k/v read, the attention
-output o reads, gate/up's input, down's input; a fused MoE's token input when
-`PruneConfig.experts`) gets `flashc.sparsify(x, threshold)` in front of its readers, with a
-threshold calibrated on calibration activations; per-input sparsities come from TEAL's
-greedy allocation under the model-wide target (flashc.passes.prune.teal). Weights are
-untouched: the saving is a GEMV that reads only the weight columns whose input survives
-(the backends' later step). The report gives, per input, the sparsity measured on
-held-out calibration rows (every other sampled row: thresholds come from the rest).
+output o reads, gate/up's input, down's input; with `PruneConfig.experts`, a fused MoE's
+token input and its experts' intermediate silu(gate) * up) gets a threshold calibrated on
+calibration activations: `flashc.sparsify(x, threshold)` in front of its readers, or, for
+the experts' intermediate, which exists only inside flashc.moe, the flashc.moe node
+rewritten to `flashc.moe_sparse(..., threshold)`. Per-input sparsities come from TEAL's
+greedy allocation under the target, in every transformer block by default
+(flashc.passes.prune.teal). Weights are untouched: the saving is a GEMV that reads only the
+weight columns whose input survives (the backends' later step). The report gives, per
+input, the sparsity measured on held-out calibration rows (every other sampled row:
+thresholds come from the rest).
 
 Left dense, and listed: the output head's input unless `PruneConfig.lm_head`, MoE routers,
-MoE experts unless `PruneConfig.experts` (and always the experts' down projections, whose
-input is computed inside flashc.moe), layers whose weight the graph writes.
+MoE experts unless `PruneConfig.experts`, layers whose weight the graph writes.
 
 Invariants kept: every write stays where it was (the new node reads x right before its
-first reader, and readers separated by a write to x's storage get separate nodes); weights
-are never modified; shapes (`meta["val"]`) hold (sparsify keeps x's shape and dtype).
+first reader, and readers separated by a write to x's storage get separate nodes; a
+flashc.moe becomes flashc.moe_sparse in place); weights are never modified; shapes
+(`meta["val"]`) hold (sparsify keeps x's shape and dtype, moe_sparse flashc.moe's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from flashc.aliasing import MutationInfo
 from flashc.ir import Program
+from flashc.ops import moe_routing
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.prune.config import MAX_SPARSITY, PruneConfig
 from flashc.passes.prune.layers import (
@@ -39,6 +45,8 @@ from flashc.passes.prune.teal import (
 from flashc.passes.quantize.calibration import ActivationSample, CalibrationData, collect_statistics
 
 SPARSIFY = torch.ops.flashc.sparsify.default
+MOE = torch.ops.flashc.moe.default
+MOE_SPARSE = torch.ops.flashc.moe_sparse.default
 
 
 @dataclass
@@ -54,6 +62,9 @@ class InputSite:
     name: str
     op: str
     base: str  # name of the threshold parameter, before "_sparsify_threshold"
+    # the experts' intermediate silu(gate) * up inside the flashc.moe reader (x is that node),
+    # sparsified by rewriting it to flashc.moe_sparse; weights are then the experts' down
+    intermediate: bool = False
 
 
 class SparsifyActivations:
@@ -83,12 +94,23 @@ class SparsifyActivations:
         levels = sparsity_levels(config.allocation_step, MAX_SPARSITY)
         curves, held_out = [], []
         for site in sites:
-            rows = samples[id(site)].tensor()
-            fit, held = rows[0::2], rows[1::2]  # thresholds from one half, measured on the other
-            gram = sum(w.float().t() @ w.float() for w in site.weights)
-            curves.append(ErrorCurve(fit, gram, thresholds_for(fit, levels)))
-            held_out.append(held)
-        chosen = greedy_allocation(curves, [s.per_token for s in sites], levels, config.sparsity)
+            if site.intermediate:  # each routed pair's row through its own expert, weighted by its routing weight
+                rows, weights, experts = samples[id(site)].tensors()
+                gram = torch.stack([w.float().t() @ w.float() for w in site.weights])
+                fit = rows[0::2]
+                curves.append(ErrorCurve(fit, gram, thresholds_for(fit, levels), weights[0::2], experts[0::2]))
+            else:
+                rows = samples[id(site)].tensor()
+                fit = rows[0::2]  # thresholds from one half, measured on the other
+                gram = sum(w.float().t() @ w.float() for w in site.weights)
+                curves.append(ErrorCurve(fit, gram, thresholds_for(fit, levels)))
+            held_out.append(rows[1::2])
+        chosen = [0] * len(sites)
+        for group in allocation_groups(sites, config.allocation):
+            picked = greedy_allocation([curves[i] for i in group], [sites[i].per_token for i in group], levels,
+                                       config.sparsity)
+            for i, level in zip(group, picked):
+                chosen[i] = level
         reads_before = reads_after = 0.0
         inserted = 0
         for site, level, curve, held in zip(sites, chosen, curves, held_out):
@@ -117,7 +139,7 @@ class SparsifyActivations:
         config = self.config
         dense, sites, skipped = [], [], []
         for node in list(program.op_nodes()):
-            if node.target is torch.ops.flashc.moe.default:
+            if node.target is MOE:
                 layer = moe_layer(program, node)
                 if layer is None:
                     continue
@@ -131,9 +153,8 @@ class SparsifyActivations:
                     continue
                 sites.append(InputSite(node.args[0], [node], 0, list(gate_up), top_k * gate_up[0].numel(),
                                        layer.name, "moe experts gate_up", layer.gate_up.name))
-                skipped.append(Skipped(layer.name, "moe experts down", "the experts' down projections read an "
-                                       "activation computed inside flashc.moe: not sparsified",
-                                       top_k * down[0].numel(), nbytes(down)))
+                sites.append(InputSite(node, [node], 0, list(down), top_k * down[0].numel(), layer.name,
+                                       "moe experts down", layer.down.name, intermediate=True))
                 continue
             layer = dense_layer(program, node)
             if layer is None:
@@ -156,26 +177,37 @@ class SparsifyActivations:
         sites.sort(key=lambda s: order[s.readers[0]])
         return sites, skipped
 
-    def _calibrate(self, program: Program, sites: list[InputSite]) -> dict[int, ActivationSample]:
+    def _calibrate(self, program: Program, sites: list[InputSite]
+                   ) -> dict[int, ActivationSample | RoutedIntermediateSample]:
         config = self.config
         device = real_weights(program, [w for s in sites for w in s.weights], f"online pruning ({config.spec})")
         calls = calibration_run(program, self.calibration, config, config.min_calibration_tokens,
                                 "online pruning", device)
         stride = max(1, -(-calls.rows // config.sample_rows))
-        samples: dict[int, ActivationSample] = {}
+        samples: dict[int, ActivationSample | RoutedIntermediateSample] = {}
         probes: dict[fx.Node, list] = {}
         for site in sites:
-            samples[id(site)] = ActivationSample(stride, config.sample_rows, site.position)
+            if site.intermediate:
+                top_k = site.readers[0].args[4]
+                samples[id(site)] = RoutedIntermediateSample(max(1, -(-calls.rows * top_k // config.sample_rows)),
+                                                             config.sample_rows)
+            else:
+                samples[id(site)] = ActivationSample(stride, config.sample_rows, site.position)
             probes.setdefault(site.readers[0], []).append(samples[id(site)])
         collect_statistics(program, probes, calls, progress=self.progress)
         return samples
 
     def _insert(self, program: Program, site: InputSite, threshold: torch.Tensor) -> str:
-        """sparsify(x, threshold) right before the first reader, read by every reader; returns
-        the threshold parameter's name."""
+        """sparsify(x, threshold) right before the first reader, read by every reader (or, for
+        the experts' intermediate, flashc.moe rewritten to flashc.moe_sparse); returns the
+        threshold parameter's name."""
         graph = program.graph
         param = program.add_param(f"{site.base}_sparsify_threshold", threshold)
         first = site.readers[0]
+        if site.intermediate:  # flashc.moe(...) -> flashc.moe_sparse(..., threshold), args otherwise as they were
+            first.target = MOE_SPARSE
+            first.args = (*first.args[:6], param)
+            return param.name
         with graph.inserting_before(first):
             node = graph.call_function(SPARSIFY, (site.x, param))
         node.meta.update({k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack")})
@@ -185,3 +217,60 @@ class SparsifyActivations:
             args[site.position] = node
             reader.args = tuple(args)
         return param.name
+
+
+def allocation_groups(sites: list[InputSite], allocation: str) -> list[list[int]]:
+    """The sites (indices) each greedy run allocates the target over: all of them ("model"), or
+    those of one transformer block each ("block": the module path up to its first layer index,
+    'model.layers.3'); sites outside any block (an output head) form one group of their own."""
+    if allocation == "model":
+        return [list(range(len(sites)))]
+    groups: dict[str, list[int]] = {}
+    for i, site in enumerate(sites):
+        block = re.match(r"(.*?[._]\d+)([._]|$)", site.name)
+        # capture names some layers by module path ('model.layers.3.mlp'), some by parameter ('model_layers_3_mlp')
+        groups.setdefault(block.group(1).replace(".", "_") if block else "", []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class RoutedIntermediateSample:
+    """Every `stride`-th routed (token, expert) pair of a flashc.moe node during calibration, at
+    most `limit`: the pair's intermediate silu(gate) * up (what the expert's down projection
+    reads), its routing weight and its expert, so that an error curve weighs each row through
+    its own expert's down projection as the layer's output does."""
+
+    stride: int
+    limit: int
+    rows: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+    experts: list[torch.Tensor] = field(default_factory=list)
+    seen: int = 0
+    kept: int = 0
+
+    def __call__(self, args: tuple) -> None:
+        x, logits, gate_up, down, top_k, normalize = args[:6]
+        weights, experts = moe_routing(logits, top_k, normalize, torch.float32)
+        pairs = weights.numel()
+        first = (-self.seen) % self.stride
+        picked = torch.arange(first, pairs, self.stride, device=x.device)[: self.limit - self.kept]
+        self.seen += pairs
+        if picked.numel() == 0:
+            return
+        token, expert = picked // top_k, experts.flatten()[picked]
+        f = down.shape[-1]
+        rows = x.new_empty((picked.numel(), f), dtype=torch.float32)
+        for e in expert.unique().tolist():
+            mine = expert == e
+            gu = x[token[mine]].float() @ gate_up[e].float().t()
+            rows[mine] = F.silu(gu[:, :f]) * gu[:, f:]
+        self.rows.append(rows)
+        self.weights.append(weights.flatten()[picked])
+        self.experts.append(expert)
+        self.kept += picked.numel()
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sampled intermediates [R, F] (float32), their routing weights [R] and experts [R]."""
+        if not self.rows:
+            return torch.zeros(0, 0), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(self.rows), torch.cat(self.weights), torch.cat(self.experts)

@@ -15,6 +15,10 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn", "heads", "experts
 WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
 RECOVERABLE = (*WEIGHT_METHODS, "ffn", "experts")  # passes that distil their new weights (recover.py)
 MAX_SPARSITY = 0.95
+# online sparsity's greedy allocation: one per transformer block with the target in each (TEAL's,
+# teal/greedyopt.py; the default: on mixtral-ref at 30% / 40%, +2.51% / +8.01% perplexity against
+# +3.60% / +9.41% for one run model-wide, bench/prune_accuracy.py 2026-12-06), or one model-wide run
+ALLOCATIONS = ("block", "model")
 
 # Specs accepted by PruneConfig.parse, with what they mean (X a percentage, N:M a pattern).
 SPECS = {
@@ -24,7 +28,7 @@ SPECS = {
     "N:M": "at most N nonzero weights in every M inputs, by SparseGPT ('2:4')",
     "wanda-N:M / magnitude-N:M / sparsegpt-N:M": "the N:M pattern by that method",
     "online-X%": "activation sparsity (TEAL): inputs of linear layers zeroed below calibrated thresholds, "
-                 "X% model-wide",
+                 "X% in every transformer block",
     "ffn-X%": "drop X% of the intermediate channels of every FFN (smaller dense weights)",
     "heads-X%": "drop X% of the query heads, the same number in every grouped-query group of a layer (key/value "
                 "heads and the KV cache stay; without GQA whole heads go, k/v and the cache too)",
@@ -45,8 +49,8 @@ class PruneConfig:
     the input's column norm, compared within each output row), "sparsegpt" (Frantar &
     Alistarh 2023, arXiv:2301.00774: OBS mask selection with the calibration Hessian and
     error compensation, blocked), "online" (TEAL, arXiv:2408.14690: each linear's input
-    zeroed below a magnitude threshold, per-layer sparsities allocated greedily under the
-    model-wide target), "ffn" (structured: FFN intermediate channels of least Wanda-style
+    zeroed below a magnitude threshold, per-input sparsities allocated greedily under the
+    target in every transformer block), "ffn" (structured: FFN intermediate channels of least Wanda-style
     importance removed), "heads" (query heads removed before capture, `passes/prune/heads.py`:
     the layers that lose them chosen by measured damage, each layer's removal alone against the
     unpruned logits; inside a layer, the heads of least Wanda-style importance on o_proj's input) or "experts" (the MoE experts that
@@ -59,7 +63,9 @@ class PruneConfig:
     prune the output projection too (off, as Wanda and SparseGPT leave it). damp,
     block_size: SparseGPT's dampening (fraction of the mean Hessian diagonal) and columns per
     lazy batch update. allocation_step: the sparsity increment of the online greedy
-    allocation; sample_rows: calibration rows kept per input for thresholds and errors.
+    allocation; allocation: "block" (one greedy run per transformer block, the target in
+    each, as TEAL allocates) or "model" (one run, the target model-wide); sample_rows:
+    calibration rows kept per input for thresholds and errors.
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
     to distil the pruned weights against the unpruned model on the calibration text afterwards
@@ -76,6 +82,7 @@ class PruneConfig:
     damp: float = 0.01
     block_size: int = 128
     allocation_step: float = 0.025
+    allocation: str = "block"
     sample_rows: int = 2048
     calibration_tokens: int = 16384
     min_calibration_tokens: int = 1024
@@ -125,6 +132,9 @@ class PruneConfig:
             raise FlashcError(f"PruneConfig.damp must be in (0, 1), got {self.damp!r}")
         if self.block_size < 1 or self.sample_rows < 2:
             raise FlashcError("PruneConfig.block_size must be positive and sample_rows at least 2")
+        if self.allocation not in ALLOCATIONS:
+            raise FlashcError(f"PruneConfig.allocation must be one of {', '.join(ALLOCATIONS)}, got "
+                              f"{self.allocation!r}")
         if not 0 < self.allocation_step <= MAX_SPARSITY:
             raise FlashcError(f"PruneConfig.allocation_step must be in (0, {MAX_SPARSITY}], got "
                               f"{self.allocation_step!r}")

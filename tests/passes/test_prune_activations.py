@@ -1,8 +1,11 @@
 """Online activation sparsity: the flashc.sparsify op against its reference, and the
 SparsifyActivations pass on llama-tiny (the model with its inputs sparsified by hand) and on
-mixtral-tiny's experts; artifacts keep the thresholds."""
+mixtral-tiny's experts (their input and, through flashc.moe_sparse, their intermediate);
+artifacts keep the thresholds."""
 
 import copy
+import re
+from types import SimpleNamespace
 from dataclasses import replace
 
 import pytest
@@ -13,13 +16,16 @@ from flashc import zoo
 from flashc.capture import capture
 from flashc.ir import module_path
 from flashc.pass_manager import PassContext, PassManager
+from flashc.errors import FlashcError
 from flashc.passes.prune import PruneConfig, SparsifyActivations
+from flashc.passes.prune.activations import allocation_groups
 from flashc.passes.quantize import CalibrationData
 from flashc.pipelines import pipeline
 from flashc.profiles import get_profile
 from flashc_testing import fresh_ids, optimized_program, rel_err
 
 SPARSIFY = torch.ops.flashc.sparsify.default
+MOE_SPARSE = torch.ops.flashc.moe_sparse.default
 
 
 def small(spec: str, **kwargs) -> PruneConfig:
@@ -63,6 +69,8 @@ def hand_sparsified(model, program):
         if node.target is SPARSIFY:
             threshold = program.params[node.args[1].name]
             for reader in node.users:
+                if reader.target is MOE_SPARSE:  # the experts' input: see mixtral_sparsified_by_hand
+                    continue
                 module = reference.get_submodule(module_path(reader))
                 module.register_forward_pre_hook(
                     lambda m, args, t=threshold: (torch.where(args[0].abs() > t, args[0], 0),))
@@ -90,23 +98,161 @@ def test_llama_matches_the_model_with_inputs_sparsified_by_hand(llama):
     assert rel_err(got, dense) > 1e-3  # the sparsity is real
 
 
-def test_mixtral_experts_input_only_when_asked(tiny_models):
+def moe_float64(x, logits, gate_up, down, top_k, threshold):
+    """Mixtral's experts in float64, token by token: top-k of the softmax, renormalised, each
+    chosen expert's intermediate silu(gate) * up zeroed where |.| <= threshold before down."""
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    f = down.shape[-1]
+    out = torch.zeros_like(x)
+    probs = torch.softmax(logits.double(), -1)
+    for t in range(x.shape[0]):
+        weights, experts = probs[t].topk(top_k)
+        for w, e in zip(weights / weights.sum(), experts.tolist()):
+            gu = gate_up[e] @ x[t]
+            h = torch.nn.functional.silu(gu[:f]) * gu[f:]
+            out[t] += w * (down[e] @ (h * (h.abs() > threshold.double())))
+    return out
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_moe_sparse_matches_a_float64_reference(per_channel):
+    g = torch.Generator().manual_seed(3)
+    t, h, f, e, k = 37, 24, 40, 5, 2
+    x, logits = torch.randn(t, h, generator=g), torch.randn(t, e, generator=g)
+    gate_up, down = torch.randn(e, 2 * f, h, generator=g) / h ** 0.5, torch.randn(e, h, f, generator=g) / f ** 0.5
+    threshold = torch.rand(f, generator=g) * 0.6 if per_channel else torch.tensor(0.3)
+    got = torch.ops.flashc.moe_sparse(x, logits, gate_up, down, k, True, threshold)
+    want = moe_float64(x, logits, gate_up, down, k, threshold)
+    assert rel_err(got.double(), want) < 1e-5
+    dense = torch.ops.flashc.moe(x, logits, gate_up, down, k, True)
+    assert rel_err(got, dense) > 0.05  # the threshold zeroes a real share of the intermediate
+    zero = torch.ops.flashc.moe_sparse(x, logits, gate_up, down, k, True, torch.tensor(0.0))
+    assert torch.equal(zero, dense)  # threshold 0 zeroes only exact zeros: flashc.moe itself
+    torch.library.opcheck(MOE_SPARSE, (x, logits, gate_up, down, k, True, threshold))
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_models):
     model = tiny_models["mixtral-tiny"]
     program = capture(model, zoo.example_inputs("mixtral-tiny", seq_len=64), {"use_cache": False})
     PassManager(pipeline(2)).run(program, PassContext(get_profile("cpu")))
-    config = small("online-40%", min_calibration_tokens=128, calibration_tokens=128)  # the MoE reference is slow
-    default = sparsify_pass(program.clone(), config, tokens())
+    return model, program
+
+
+# the MoE reference is slow: a small calibration run
+MOE_CONFIG = small("online-40%", min_calibration_tokens=128, calibration_tokens=128)
+
+
+def test_mixtral_experts_only_when_asked(mixtral):
+    _, program = mixtral
+    default = sparsify_pass(program.clone(), MOE_CONFIG, tokens())
     notes = {d["op"]: d["note"] for d in default.details if d["status"] == "skipped"}
     assert "PruneConfig(experts=True)" in notes["moe experts"]
     assert default.stats["inputs"] == 4  # attention only: q/k/v's and o's input per layer
     experts = program.clone()
-    record = sparsify_pass(experts, replace(config, experts=True), tokens())
-    moe_inputs = [n for n in experts.op_nodes() if n.target is SPARSIFY
-                  and next(iter(n.users)).target is torch.ops.flashc.moe.default]
-    assert len(moe_inputs) == 2 and record.stats["inputs"] == 6
-    router = [n for n in experts.op_nodes() if n.target is torch.ops.flashc.moe.default][0].args[1]
-    assert router.args[0].target is not SPARSIFY  # routing reads the dense input
-    assert any("down projections" in d["note"] for d in record.details)
+    record = sparsify_pass(experts, replace(MOE_CONFIG, experts=True), tokens())
+    moes = [n for n in experts.op_nodes() if n.target is MOE_SPARSE]
+    assert len(moes) == 2 and not any(n.target is torch.ops.flashc.moe.default for n in experts.op_nodes())
+    assert all(n.args[0].target is SPARSIFY for n in moes)  # the experts' token input
+    assert record.stats["inputs"] == 8  # per layer: q/k/v's, o's, the experts' input and their intermediate
+    assert all(n.args[1].args[0].target is not SPARSIFY for n in moes)  # routing reads the dense input
+
+
+def test_mixtral_experts_intermediate_reports_its_measured_sparsity(mixtral):
+    _, program = mixtral
+    experts = program.clone()
+    record = sparsify_pass(experts, replace(MOE_CONFIG, experts=True), tokens())
+    down = [d for d in record.details if d["op"] == "moe experts down"]
+    assert len(down) == 2 and all(d["status"] == "sparsified" for d in down)
+    for d in down:
+        assert 0.05 <= d["sparsity"] < 0.96 and abs(d["sparsity"] - d["calibrated"]) < 0.05  # held-out rows
+        assert d["threshold_param"].endswith("_sparsify_threshold") and 0 < d["rel_error"] < 1
+        assert d["params_after"] < d["params_before"]
+    thresholds = {n.args[6].name for n in experts.op_nodes() if n.target is MOE_SPARSE}
+    assert thresholds == {d["threshold_param"] for d in down}
+    assert 0.4 <= record.stats["sparsity"] < 0.4 + 0.05  # the target now spans the experts' down reads too
+
+
+def mixtral_sparsified_by_hand(model, program):
+    """A copy of mixtral whose attention linears and experts sparsify their inputs and
+    intermediates by hand with the program's thresholds (HF's MixtralExperts, rewritten)."""
+    import types
+
+    import torch.nn.functional as F
+
+    reference = hand_sparsified(model, program)  # q/k/v and o: hooks on the linears
+    for node in program.op_nodes():
+        if node.target is not MOE_SPARSE:
+            continue
+        t_in = program.params[node.args[0].args[1].name] if node.args[0].target is SPARSIFY else torch.tensor(0.0)
+        t_mid = program.params[node.args[6].name]
+        layer = int(re.search(r"layers_(\d+)_", node.args[2].name).group(1))  # p_model_layers_0_mlp_experts_...
+        experts = reference.model.layers[layer].mlp.experts
+
+        def forward(self, hidden, top_k_index, top_k_weights, t_in=t_in, t_mid=t_mid):
+            hidden = torch.where(hidden.abs() > t_in, hidden, 0)
+            out = torch.zeros_like(hidden)
+            for e in range(self.num_experts):
+                token, slot = torch.where(top_k_index == e)
+                gate, up = F.linear(hidden[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = self.act_fn(gate) * up
+                h = torch.where(h.abs() > t_mid, h, 0)
+                out.index_add_(0, token, F.linear(h, self.down_proj[e]) * top_k_weights[token, slot, None])
+            return out
+
+        experts.forward = types.MethodType(forward, experts)
+    return reference
+
+
+def test_mixtral_matches_the_model_with_experts_sparsified_by_hand(mixtral):
+    model, captured = mixtral
+    program = captured.clone()
+    sparsify_pass(program, replace(MOE_CONFIG, experts=True), tokens())
+    reference = mixtral_sparsified_by_hand(model, program)
+    ids = fresh_ids("mixtral-tiny", seq_len=64)
+    with torch.no_grad():
+        want = reference(ids, use_cache=False).logits
+        dense = model(ids, use_cache=False).logits
+    got = program(ids).logits
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, dense) > 1e-3  # the sparsity is real
+
+
+def test_block_allocation_meets_the_target_in_every_block(mixtral):
+    _, program = mixtral
+    record = sparsify_pass(program.clone(), replace(MOE_CONFIG, experts=True, allocation="block"), tokens())
+    rows = [d for d in record.details if d["status"] in ("sparsified", "dense")]
+    blocks: dict[str, list] = {}
+    for d in rows:
+        block = d["layer"].replace(".", "_").split("_layers_")[1].split("_")[0]
+        blocks.setdefault(block, []).append(d)
+    assert sorted(blocks) == ["0", "1"] and all(len(b) == 4 for b in blocks.values())
+    for b in blocks.values():  # the calibrated levels, weighted by the reads of each input
+        reached = sum(d["calibrated"] * d["params_before"] for d in b) / sum(d["params_before"] for d in b)
+        assert 0.4 - 1e-6 <= reached < 0.4 + 0.05
+
+
+def test_allocation_groups_are_transformer_blocks():
+    names = ["model.layers.0.self_attn.q_proj (+k_proj, v_proj)", "model.layers.0.self_attn.o_proj",
+             "model_layers_0_mlp_experts", "model_layers_0_mlp_experts", "model.layers.1.self_attn.o_proj",
+             "model_layers_1_mlp_experts", "model.layers.10.mlp.down_proj", "lm_head"]
+    sites = [SimpleNamespace(name=n) for n in names]
+    assert allocation_groups(sites, "block") == [[0, 1, 2, 3], [4, 5], [6], [7]]
+    assert allocation_groups(sites, "model") == [list(range(8))]
+    with pytest.raises(FlashcError, match="allocation must be one of block, model"):
+        replace(PruneConfig.parse("online-40%"), allocation="layer")
+
+
+def test_mixtral_artifact_keeps_the_experts_thresholds(tiny_models, tmp_path):
+    model = tiny_models["mixtral-tiny"]
+    ids = zoo.example_inputs("mixtral-tiny", seq_len=64)
+    cm = flashc.compile(model, "cpu", ids, prune=replace(MOE_CONFIG, experts=True),
+                        calibration=torch.randint(0, 512, (512,)))
+    cm.save(tmp_path / "a")
+    loaded = flashc.load(tmp_path / "a")
+    assert sum(n.target is MOE_SPARSE for n in loaded.program.op_nodes()) == 2
+    x = fresh_ids("mixtral-tiny", seq_len=64)
+    assert torch.equal(loaded(x).logits, cm(x).logits)
 
 
 def test_compile_and_artifact_keep_the_thresholds(tiny_models, tmp_path):

@@ -41,6 +41,23 @@ def test_error_curve_is_the_relative_output_error():
         assert curve(i) == pytest.approx(float(want), rel=1e-4)
 
 
+def test_error_curve_per_expert_weighs_each_row_through_its_expert():
+    x = activations(300, 2)
+    g = torch.Generator().manual_seed(4)
+    downs = torch.randn(3, 40, 96, generator=g)
+    experts, weights = torch.randint(0, 3, (300,), generator=g), torch.rand(300, generator=g)
+    levels = sparsity_levels(0.1, 0.9)
+    thresholds = thresholds_for(x, levels)
+    curve = ErrorCurve(x, torch.stack([d.t() @ d for d in downs]), thresholds, weights, experts)
+    dense = torch.stack([weights[r] * downs[experts[r]] @ x[r] for r in range(300)]).double()
+    for i in (2, 5, 9):
+        sparse = torch.where(x.abs() > thresholds[i], x, 0)
+        got = torch.stack([weights[r] * downs[experts[r]] @ sparse[r] for r in range(300)]).double()
+        assert curve(i) == pytest.approx(float((got - dense).norm() ** 2 / dense.norm() ** 2), rel=1e-4)
+    with pytest.raises(ValueError, match="each row's expert"):
+        ErrorCurve(x, torch.stack([d.t() @ d for d in downs]), thresholds)
+
+
 def test_greedy_allocation_meets_the_target_and_prefers_cheap_inputs():
     levels = sparsity_levels(0.05, 0.95)
     cheap = lambda i: 0.1 * float(levels[i]) ** 2  # noqa: E731
