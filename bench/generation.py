@@ -23,6 +23,14 @@ Two parts, each a table printed and appended to OUT/generation.md (rows to gener
   greedy output is checked token for token against flashc's plain output; the HF rows say
   whether HF's output matched it too.
   --temperature adds sampled rows (adaptive ngram at that temperature, seeded).
+* early-exit (added by --early-exit E[:TAU] ...): smollm2-135m, greedy, batch 1, the same
+  prompts. Per exit layer E: tau (given, or calibrated on the built-in calibration text for
+  --ee-agreement agreement with the full model, teacher forced), the teacher-forced perplexity
+  of the early-exit predictor against the full model's on flashc's evaluation texts, and
+  tokens/s of flashc early-exit:E against plain decoding and layerskip:E speculation
+  (lossless, the same exit), with the share of tokens that exited, tokens per deep pass, how
+  often the full model agreed with an exited token, and how much of the output equals plain
+  decoding's (flashc.early_exit).
 """
 
 from __future__ import annotations
@@ -265,6 +273,105 @@ def bench_speculate(args, device: str) -> None:
             "`output = flashc plain` compares token ids"])
 
 
+def bench_early_exit(args, device: str) -> None:
+    from flashc import pretrained
+    from flashc.early_exit import EarlyExit, calibrate, calibration_tokens, evaluate, prepare_early_exit
+    from flashc.evaluation import load_eval_text
+    from flashc.generation import compile_generation
+    from flashc.layerskip import compile_layerskip
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        model, tokenizer = pretrained.load_smollm2(dtype)
+    except (ModuleNotFoundError, OSError) as e:
+        print(f"early-exit: skipped, smollm2-135m's weights are not here ({e})", flush=True)
+        return
+    k, cache_len = args.draft_len, args.cache_len
+    gm = compile_generation(model, args.target, cache_len=cache_len, batch=1, prefill_chunk=args.chunk,
+                            draft_len=k, tokenizer="smollm2-135m", progress=True)
+    rules = [EarlyExit.parse(spec) for spec in args.early_exit]
+    rules = [EarlyExit(r.layer, r.threshold, args.ee_agreement) for r in rules]
+    tokens = calibration_tokens("builtin", tokenizer)
+    quality_rows, exits, calibrated = [], {}, {}
+    for rule in rules:
+        found = None
+        if rule.threshold is None:
+            found = calibrate(model, rule.layer, tokens, agreement=rule.agreement,
+                              max_tokens=args.ee_calibration_tokens)[0]
+            rule = EarlyExit(rule.layer, found.threshold, rule.agreement)
+        exits[rule] = prepare_early_exit(model, gm, rule)
+        calibrated[rule] = found
+    drafts = {r.layer: compile_layerskip(model, args.target, exit_layer=r.layer, cache_len=cache_len, batch=1,
+                                         prefill_chunk=args.chunk, tokenizer="smollm2-135m") for r in exits}
+    model = model.to(device)  # every compile read the model on the CPU
+    for rule, found in calibrated.items():
+        for kind in ("prose", "code"):
+            ids = torch.tensor(tokenizer(load_eval_text(kind))["input_ids"])
+            q = evaluate(model, rule.layer, rule.threshold, ids.to(device), limit=args.ee_eval_windows)
+            quality_rows.append([rule.layer, f"{rule.threshold:.6f}",
+                                 "-" if found is None else f"{found.exit_share:.1%} ({found.agreement or 0:.3f})",
+                                 kind, f"{q.ppl_full:.3f}", f"{q.ppl_early_exit:.3f}", f"{q.ppl_change:+.2%}",
+                                 f"{q.exit_share:.1%}", f"{q.argmax_agreement:.1%}"])
+    _write(Path(args.out), f"early exit quality, smollm2-135m ({_device_name(device)})",
+           ["exit layer", "tau", "calibration: exits (agreement)", "text", "ppl full", "ppl early exit", "change",
+            "exits", "argmax = full"], quality_rows,
+           [f"tau calibrated on {min(args.ee_calibration_tokens, tokens.numel())} tokens of the built-in calibration "
+            f"text for {args.ee_agreement:.0%} agreement of the confident exits with the full model (max softmax "
+            "probability); perplexity teacher forced on flashc/data/eval (window 256, stride 128, "
+            f"{args.ee_eval_windows} windows per text): the exit's logits where confident, the full model's elsewhere"])
+    passage, open_ended = _passage_prompts(tokenizer, args.prompts, args.passage_words)
+    rows = []
+    for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
+        variants = [("flashc plain", {})]
+        for rule, ee in exits.items():
+            variants += [(f"flashc layerskip:{rule.layer}", {"speculate": drafts[rule.layer]}),
+                         (f"flashc early-exit:{rule.layer} (tau {rule.threshold:.6f})", {"early_exit": ee})]
+        totals = {name: {"s": 0.0, "tok": 0, "exited": 0, "passes": 0, "deep": 0, "checked": 0, "agreed": 0,
+                         "same": 0, "prefix": 0, "new": 0, "kept": 0, "drafted": 0} for name, _ in variants}
+        for text in prompts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])[:, -(cache_len - args.new_tokens):]
+            plain = None
+            for name, kw in variants:
+                gm.generate(ids, 4, ignore_eos=True, **kw)  # warm up this path
+                _sync(device)
+                out, st = gm.generate(ids, args.new_tokens, ignore_eos=True, return_stats=True, **kw)
+                new = out[0, ids.shape[1]:]
+                plain = new if plain is None else plain
+                same = new == plain
+                t = totals[name]
+                t["s"] += st.decode_s
+                t["tok"] += st.new_tokens - 1
+                t["exited"] += st.exited
+                t["passes"] += st.deep_passes
+                t["deep"] += st.deep_tokens
+                t["checked"] += st.exits_checked
+                t["agreed"] += st.exits_agreed
+                t["kept"] += st.accepted
+                t["drafted"] += st.proposed
+                t["same"] += int(same.sum())
+                t["prefix"] += int(same.int().cumprod(0).sum())
+                t["new"] += len(new)
+        rate = {name: t["tok"] / t["s"] for name, t in totals.items()}
+        for name, t in totals.items():
+            layer = name.split(":")[1].split(" ")[0] if ":" in name else None
+            skip = rate.get(f"flashc layerskip:{layer}")
+            rows.append([kind, name, f"{rate[name]:.1f}", f"{rate[name] / rate['flashc plain']:.2f}",
+                         f"{rate[name] / skip:.2f}" if skip and "early-exit" in name else "-",
+                         f"{t['kept'] / t['drafted']:.2f}" if t["drafted"] else "-",
+                         f"{t['exited'] / t['tok']:.1%}" if t["passes"] or t["exited"] else "-",
+                         f"{t['deep'] / t['passes']:.2f}" if t["passes"] else "-",
+                         f"{t['agreed'] / t['checked']:.1%}" if t["checked"] else "-",
+                         f"{t['same'] / t['new']:.1%}", f"{t['prefix'] / len(prompts):.1f}"])
+    _write(Path(args.out), f"early exit speed, smollm2-135m, batch 1, {args.new_tokens} new tokens, {args.target} "
+           f"({_device_name(device)})",
+           ["prompts", "variant", "tokens/s", "x plain", "x layerskip (same exit)", "drafts kept", "exited",
+            "tokens per deep pass",
+            "exits the full model agrees with", "tokens = plain", "identical prefix (tokens)"], rows,
+           [f"{len(passage)} passage and {len(open_ended)} open-ended prompts as in the speculation table; decode time "
+            f"only; end tokens ignored; layerskip adaptive with {k} drafts at most; a deep pass (the verify entry) "
+            f"catches up at most {k} exited tokens"])
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -277,7 +384,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="cpu", choices=["cpu", "h100", "h200"])
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--parts", nargs="+", default=["ttft", "speculate"], choices=["ttft", "speculate"])
+    ap.add_argument("--parts", nargs="+", default=["ttft", "speculate"], choices=["ttft", "speculate", "early-exit"])
     ap.add_argument("--ttft-model", default=None, help="default: llama-3.2-1b on cuda, smollm2-135m shapes on cpu")
     ap.add_argument("--ttft-tokens", type=int, default=None, help="default: 1000 on cuda, 256 on cpu")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 512 on a GPU, 64 on cpu)")
@@ -292,6 +399,12 @@ def main() -> None:
     ap.add_argument("--no-draft-model", action="store_true")
     ap.add_argument("--head", default=None, metavar="DIR",
                     help="speculate: add rows drafting with this draft head (flashc train-draft smollm2-135m -o DIR)")
+    ap.add_argument("--early-exit", nargs="*", default=[], metavar="E[:TAU]",
+                    help="early-exit rows and quality (a part of its own): exit after layer E, at threshold TAU or "
+                         "calibrated for --ee-agreement")
+    ap.add_argument("--ee-agreement", type=float, default=0.99)
+    ap.add_argument("--ee-calibration-tokens", type=int, default=4096)
+    ap.add_argument("--ee-eval-windows", type=int, default=8, help="perplexity windows per evaluation text")
     ap.add_argument("--layerskip", type=int, nargs="*", default=[],
                     help="exit layers to try as self-speculation drafts (smollm2-135m has 30 layers)")
     args = ap.parse_args()
@@ -303,6 +416,10 @@ def main() -> None:
         bench_ttft(args, device)
     if "speculate" in args.parts:
         bench_speculate(args, device)
+    if args.early_exit or "early-exit" in args.parts:
+        if not args.early_exit:
+            ap.error("--parts early-exit needs --early-exit E[:TAU] ...")
+        bench_early_exit(args, device)
 
 
 if __name__ == "__main__":

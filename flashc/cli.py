@@ -248,7 +248,7 @@ def cmd_generate(args) -> int:
         prompt = [torch.tensor(r) for r in rows]
     result, stats = gm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, speculate=args.speculate,
-                                draft_len=args.draft_len, return_stats=True)
+                                draft_len=args.draft_len, early_exit=args.early_exit, return_stats=True)
     if args.json:
         ids = [r.tolist() for r in result] if isinstance(result, list) and isinstance(result[0], torch.Tensor) else None
         print(json.dumps({"output": None if ids is not None else result, "ids": ids, "stats": stats.to_dict()}))
@@ -1119,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a smaller compiled model with the same tokenizer, or the model's own first E layers "
                         "(compiled on first use from the artifact's source model)")
     g.add_argument("--draft-len", type=POSITIVE, default=None, help="the most drafts a round (default: the artifact's)")
+    g.add_argument("--early-exit", default=None, metavar="E[:TAU]",
+                   help="lossy, greedy: emit a token after layer E where the exit's top probability is >= TAU "
+                        "(default: calibrated on the built-in text for 99%% agreement with the full model)")
     g.add_argument("--json", action="store_true", help="print one JSON object (output, ids, stats)")
     g.set_defaults(func=cmd_generate)
 

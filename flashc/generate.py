@@ -222,6 +222,11 @@ class GenerationStats:
     plain_step_s: float | None = None  # measured time of a one-token step, when one ran
     verify_step_s: float | None = None  # measured time of the verify step, when one ran
     draft_lengths: list[int] = field(default_factory=list)  # k chosen each round (0: plain)
+    exited: int = 0  # early exit (flashc.early_exit): tokens emitted from the exit layer
+    deep_passes: int = 0  # calls of the full model after the prefill that caught up exited tokens
+    deep_tokens: int = 0  # tokens those calls fed (exited tokens + the pending one each)
+    exits_checked: int = 0  # exited tokens a deep pass then scored with the full model (per sequence)
+    exits_agreed: int = 0  # of those, the tokens the full model would have chosen too
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -233,6 +238,20 @@ class GenerationStats:
         if not self.speculative_rounds:
             return None
         return (self.accepted + self.speculative_rounds) / self.speculative_rounds
+
+    @property
+    def exit_share(self) -> float | None:
+        """Share of the tokens after the first that the exit layer emitted (early exit)."""
+        return self.exited / (self.new_tokens - 1) if self.exited and self.new_tokens > 1 else None
+
+    @property
+    def tokens_per_deep_pass(self) -> float | None:
+        return self.deep_tokens / self.deep_passes if self.deep_passes else None
+
+    @property
+    def exit_agreement(self) -> float | None:
+        """Share of the scored exited tokens that the full model, fed the same prefix, would have chosen too."""
+        return self.exits_agreed / self.exits_checked if self.exits_checked else None
 
     @property
     def decode_s(self) -> float:
@@ -254,7 +273,8 @@ class GenerationStats:
     def to_dict(self) -> dict:
         keys = ("batch", "prompt_tokens", "new_tokens", "prefill_s", "total_s", "rounds", "speculative_rounds",
                 "proposed", "accepted", "plain_step_s", "verify_step_s", "acceptance_rate", "mean_accepted_length",
-                "tokens_per_s", "speedup_vs_plain")
+                "tokens_per_s", "speedup_vs_plain", "exited", "deep_passes", "exit_share", "tokens_per_deep_pass",
+                "exit_agreement")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -279,9 +299,44 @@ def stats_table(stats: GenerationStats):
             ("plain step (measured)", fmt(None if stats.plain_step_s is None else stats.plain_step_s * 1e3, " ms")),
             ("verify step (measured)", fmt(None if stats.verify_step_s is None else stats.verify_step_s * 1e3, " ms")),
             ("speedup vs plain steps", fmt(stats.speedup_vs_plain, "x"))]
+    if stats.exited or stats.deep_passes:  # early exit ran
+        rows += [("tokens from the exit layer", f"{stats.exited} ({fmt(stats.exit_share)})"),
+                 ("deep passes (tokens each)", f"{stats.deep_passes} ({fmt(stats.tokens_per_deep_pass)})"),
+                 ("exits the full model agrees with", fmt(stats.exit_agreement))]
     for name, value in rows:
         t.add_row(name, value)
     return t
+
+
+class Emitter:
+    """Cuts each round's new tokens [B, n] to max_new_tokens and, once a sequence has emitted
+    eos_token_id, fills the rest of it with eos; counts what was produced into stats."""
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                 stats: GenerationStats, device: torch.device) -> None:
+        self.max_new_tokens, self.eos_token_id, self.stats = max_new_tokens, eos_token_id, stats
+        self.dtype = input_ids.dtype
+        self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        self.produced = 0
+        stats.batch, stats.prompt_tokens = input_ids.shape
+
+    def __call__(self, new: torch.Tensor) -> torch.Tensor:
+        new = new[:, :self.max_new_tokens - self.produced]
+        if self.eos_token_id is not None:
+            cols = []
+            for j in range(new.shape[1]):
+                col = torch.where(self.done, torch.full_like(new[:, j], self.eos_token_id), new[:, j])
+                self.done = self.done | (col == self.eos_token_id)
+                cols.append(col)
+            new = torch.stack(cols, 1)
+        self.produced += new.shape[1]
+        self.stats.new_tokens = self.produced
+        return new.to(self.dtype)
+
+    @property
+    def finished(self) -> bool:
+        """max_new_tokens produced, or every sequence past its end token."""
+        return self.produced >= self.max_new_tokens or (self.eos_token_id is not None and bool(self.done.all()))
 
 
 def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, *,
@@ -292,28 +347,10 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
 
     speculator: None (plain decoding) or a flashc.speculate.Speculator.
     """
-    batch, prompt_len = input_ids.shape
     device = steps.device
     ids = input_ids.to(device)
     stats = stats if stats is not None else GenerationStats()
-    stats.batch, stats.prompt_tokens = batch, prompt_len
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    produced = 0
-
-    def emit(new: torch.Tensor) -> torch.Tensor:
-        nonlocal done, produced
-        new = new[:, :max_new_tokens - produced]
-        if eos_token_id is not None:
-            cols = []
-            for j in range(new.shape[1]):
-                col = torch.where(done, torch.full_like(new[:, j], eos_token_id), new[:, j])
-                done = done | (col == eos_token_id)
-                cols.append(col)
-            new = torch.stack(cols, 1)
-        produced += new.shape[1]
-        stats.new_tokens = produced
-        return new.to(input_ids.dtype)
-
+    emit = Emitter(input_ids, max_new_tokens, eos_token_id, stats, device)
     start = time.perf_counter()
     if max_new_tokens == 0:
         return
@@ -323,9 +360,9 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
     stats.prefill_s = time.perf_counter() - start
     yield pending
     tokens = torch.cat([ids.to(input_ids.dtype), pending], 1)
-    while produced < max_new_tokens and not (eos_token_id is not None and bool(done.all())):
+    while not emit.finished:
         length = tokens.shape[1]  # the pending token sits at length - 1
-        room = min(steps.cache_len - length, max_new_tokens - produced - 1)
+        room = min(steps.cache_len - length, max_new_tokens - emit.produced - 1)
         plan = speculator.plan(tokens, room, sampling) if speculator is not None else None
         stats.rounds += 1
         if plan is None:
@@ -356,13 +393,14 @@ def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None, progress: bool = False, speculator=None,
              on_tokens: Callable[[torch.Tensor], None] | None = None,
-             stats: GenerationStats | None = None) -> torch.Tensor:
+             stats: GenerationStats | None = None, early_exit=None) -> torch.Tensor:
     """input_ids[B, P] -> [B, P + n] with n <= max_new_tokens new tokens.
 
     step: a one-token decode step (with its kv_cache) or a Steps. The prompt goes through
     the largest steps there are (one token a call when there is only the decode step).
     on_tokens(new[B, n]) is called after every round with the tokens it produced.
-    Stops early once every sequence has produced eos_token_id.
+    Stops early once every sequence has produced eos_token_id. early_exit: None or a
+    flashc.early_exit.EarlyExitModel, whose rounds then replace generate_rounds (lossy, greedy).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise InputError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(input_ids.shape)}")
@@ -383,8 +421,12 @@ def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
-    for new in generate_rounds(steps, input_ids, max_new_tokens, sampling, eos_token_id=eos_token_id,
-                               speculator=speculator, stats=stats):
+    if early_exit is not None:
+        rounds = early_exit.rounds(steps, input_ids, max_new_tokens, sampling, eos_token_id=eos_token_id, stats=stats)
+    else:
+        rounds = generate_rounds(steps, input_ids, max_new_tokens, sampling, eos_token_id=eos_token_id,
+                                 speculator=speculator, stats=stats)
+    for new in rounds:
         out.append(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -167,7 +167,7 @@ class GenerationModel:
         self._tokenizer = None
         self._steps: Steps | None = None
         self.last_stats: GenerationStats | None = None  # what the last generate() call did (report())
-        self._drafts: dict[str, GenerationModel] = {}  # drafts compiled on demand ('layerskip:E')
+        self._drafts: dict[str, Any] = {}  # compiled on demand: drafts ('layerskip:E'), early exits (EarlyExitModel)
         self.draft_head = None  # a flashc.draft_head.DraftHead bound to the decode entry's weights
         if draft_head is not None:
             self.attach_draft_head(draft_head)
@@ -271,7 +271,7 @@ class GenerationModel:
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  speculate: "str | GenerationModel | None" = None, draft_len: int | None = None,
                  adaptive: bool = True, on_tokens: Callable[[torch.Tensor], None] | None = None,
-                 progress: bool = False, return_stats: bool = False, ignore_eos: bool = False):
+                 progress: bool = False, return_stats: bool = False, ignore_eos: bool = False, early_exit=None):
         """Generate after `prompt`: token ids [B, P] (or [P] for one sequence), a list of 1-D id
         tensors of one length, or text (a string or a list of strings) when the model has a
         tokenizer. Returns what it was given, each prompt followed by its new tokens (ids, or
@@ -289,11 +289,16 @@ class GenerationModel:
         picks the draft length each round from measured acceptance and step times, and plain
         steps where speculation would be slower. Greedy output is token for token that of
         plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
+        early_exit: 'E', 'E:TAU', a flashc.early_exit.EarlyExit or an EarlyExitModel: a token
+        leaves after layer E where the exit is confident (lossy, greedy; flashc.early_exit).
         on_tokens(new[B, n]) is called after every round.
         """
         rows, as_text, one_dim = self._prompt_rows(prompt)
         if eos_token_id is None and not ignore_eos:
             eos_token_id = self.tokenizer.eos_token_id if as_text else self.decode.program.meta.eos_token_id
+        exit_model = None
+        if early_exit is not None:
+            exit_model = self._early_exit(early_exit, speculate, draft_len, temperature)
         speculator = self._speculator(speculate, draft_len, adaptive, temperature, top_k, top_p)
         stats = GenerationStats()
         with torch.no_grad():
@@ -303,7 +308,7 @@ class GenerationModel:
             else:
                 out = generate(self.steps(), self._stack(rows), max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, progress=progress,
-                               speculator=speculator, on_tokens=on_tokens, stats=stats)
+                               speculator=speculator, on_tokens=on_tokens, stats=stats, early_exit=exit_model)
                 out_rows = list(out.cpu())
         self.last_stats = stats
         if as_text:
@@ -503,6 +508,39 @@ class GenerationModel:
                                   profile=self.decode.profile, tokenizer=self.tokenizer_name)
         self._drafts[spec] = draft
         return draft
+
+    def _early_exit(self, early_exit, speculate, draft_len: int | None, temperature: float):
+        """generate(early_exit=...) as a checked flashc.early_exit.EarlyExitModel; 'E[:TAU]' and an
+        EarlyExit are compiled (and calibrated, without TAU) from the model the entries' source
+        names, once per rule."""
+        from flashc.early_exit import EarlyExit, EarlyExitModel, prepare_early_exit
+        from flashc.models import build_model
+
+        if speculate is not None or draft_len is not None:
+            raise InputError("early_exit and speculate/draft_len do not combine: early exit keeps its own tokens "
+                             "(lossy), speculation verifies every draft (lossless); choose one")
+        if temperature > 0:
+            raise InputError(f"early_exit is greedy only (temperature 0), got temperature={temperature}: a sampled "
+                             "token has no single exit decision to calibrate")
+        if isinstance(early_exit, EarlyExitModel):
+            early_exit.check_target(self)
+            return early_exit
+        rule = EarlyExit.parse(early_exit)
+        key = f"early-exit:{rule}"
+        cached = self._drafts.get(key)
+        if cached is not None:
+            return cached
+        src = self.decode.source
+        if src.kind not in ("zoo", "factory"):
+            raise InputError(f"early_exit={early_exit!r}: this model was compiled from an in-memory module, which "
+                             "flashc cannot rebuild; use flashc.early_exit.prepare_early_exit(model, gm, ...) and pass "
+                             "its answer as early_exit=")
+        model, _ = build_model(ModelSource(src.kind, src.name, src.dtype, src.seed, self.batch, src.seq_len))
+        if self.decode.reference_weights is not None:  # the weights compiled, when they were kept
+            model.load_state_dict(self.decode.reference_weights, strict=False)
+        exit_model = prepare_early_exit(model, self, rule)
+        self._drafts[key] = exit_model
+        return exit_model
 
     def _check_drafter(self, draft: "GenerationModel") -> int:
         """The target's vocabulary size, once the drafter is known to share its tokenizer."""
