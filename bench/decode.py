@@ -154,6 +154,22 @@ def _active_expert_fraction(cfg, batch: int) -> float:
     return 1 - (1 - k / e) ** batch
 
 
+def decode_step_inputs(model, batch: int, context: int, cache_len: int, device: str = "cuda"):
+    """(step, inputs, kv_bytes): `model`'s decode step over a static cache of cache_len slots, and its
+    inputs for one new token per sequence at position `context`, the first `context` slots holding random
+    keys and values; kv_bytes is what the step reads of the cache (the live context and the new token)."""
+    from flashc.decode import DecodeStep, decode_example_inputs
+
+    step = DecodeStep(model, cache_len)
+    inputs = list(decode_example_inputs(model, batch, cache_len, device=device))
+    for t in inputs[2:]:
+        t.normal_()  # the first `context` slots hold random keys/values
+    inputs[0] = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    inputs[1] = torch.tensor([context], device=device)
+    kv_bytes = sum(t.numel() * t.element_size() for t in inputs[2:]) * (context + 1) / cache_len
+    return step, inputs, kv_bytes
+
+
 class Recorder:
     def __init__(self, out: Path, model: str, device: str, bw: float, mm: float) -> None:
         self.path = out / "decode.jsonl"
@@ -210,7 +226,6 @@ def _measure(rec: Recorder, case: str, name: str, build, ref, floor_ms, tokens: 
 def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Path, variants: set[str]) -> None:
     import flashc
     from flashc import zoo
-    from flashc.decode import DecodeStep, decode_example_inputs
     from flashc.profiles import detect
 
     name, _, layers = spec.partition(":")
@@ -226,13 +241,7 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
     kept: dict = {}
 
     for batch in batches:
-        step = DecodeStep(model, cache_len)
-        inputs = list(decode_example_inputs(model, batch, cache_len, device="cuda"))
-        for t in inputs[2:]:
-            t.normal_()  # the first `context` slots hold random keys/values
-        inputs[0] = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-        inputs[1] = torch.tensor([context], device="cuda")
-        kv_bytes = sum(t.numel() * t.element_size() for t in inputs[2:]) * (context + 1) / cache_len
+        step, inputs, kv_bytes = decode_step_inputs(model, batch, context, cache_len)
         weight_bytes = dense + experts * _active_expert_fraction(model.config, batch)
         floor_ms = (weight_bytes + kv_bytes) / bw * 1e3
         case = f"decode b{batch} ctx{context}"

@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
+#   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -92,7 +93,7 @@ case "${1:-verify}" in
   quant-prefill)  # the prefill part less time to first token (met, session 11): new kernels' tests, 8B prefill
     step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
-      --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
+      --variants flashc flashc-w8a8 flashc-fp8 --out "$OUT" --timeout 240
     ;;
   essentials)  # what one call of a lease short on device time measures first (prefill, oprates, in 580 s)
     step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
@@ -166,6 +167,17 @@ case "${1:-verify}" in
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
     step ssm_speed 420 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k decode-b1-1k decode-b1-32k prefill-32k
     ;;
+  llamacpp)  # issue #14's baseline: llama.cpp built here from source (carried as .llamacpp/src.tar.xz, made by
+             # `tar -cJf .llamacpp/src.tar.xz -C .llamacpp src`; see bench/llamacpp_build.sh), then a Llama-1B-shaped
+             # Q4_0 GGUF against flashc int4 (body and head) on the same weights, batch 1 and 8
+    python3 -m pip install -q --no-deps "${WHEELS:-../.wheels}"/gguf-0.19.0-py3-none-any.whl >>"$OUT/install.log" 2>&1
+    [ -f .llamacpp/src/CMakeLists.txt ] || { mkdir -p .llamacpp && tar -xJf ../.llamacpp/src.tar.xz -C .llamacpp; }
+    [ -x .llamacpp/build-cuda/bin/llama-batched-bench ] || step llamacpp_build 330 bash bench/llamacpp_build.sh
+    cp .llamacpp/build-cuda.*.log "$OUT/" 2>/dev/null
+    models=${LLAMACPP_MODELS:-llama-3.2-1b}
+    (cd /tmp && step llamacpp_side 240 python3 "$OLDPWD/bench/llamacpp_side_by_side.py" --models $models \
+      --flashc-variants ${FLASHC_VARIANTS:-int4-head} --out "$OUT" --timeout 200)
+    ;;
   carry) ;;  # nothing but the wheel part above
-  *) echo "unknown part $1 (quant-prefill, carry, speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
+  *) echo "unknown part $1 (quant-prefill, llamacpp, carry, speculate, speculate-b8, verify, int4, int4-quick, int4-moe, generation, ssm, w8a8, sparse, soundness, sanitize, handwritten, prefill, essentials, oprates, ssm-profile)"; exit 2 ;;
 esac
