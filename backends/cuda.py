@@ -151,6 +151,10 @@ KERNELS: dict[str, Kernel] = {
     "flashc.decode_attention": Kernel(_decode_attention, _tune_decode_attention),
     "flashc.moe": Kernel(lambda x, logits, gate_up, down, top_k, normalize: _codegen("triton_moe").moe(
         x, logits, gate_up, down, top_k, normalize), lambda *args: _codegen("triton_moe").tune_moe(*args)),
+    # online pruning's experts (passes/prune/activations.py): flashc.moe's kernels, the intermediate
+    # pruned in kernel 1's epilogue; device-only routing, so the forward keeps its CUDA graph
+    "flashc.moe_sparse": Kernel(lambda *args: _codegen("triton_moe").moe_sparse(*args),
+                                lambda *args: _codegen("triton_moe").tune_moe_sparse(*args)),
     # written by the late passes (backends/cuda_rewrites.py)
     "flashc.gemv": Kernel(lambda *args: _codegen("triton_gemv").gemv(*args),
                           lambda *args: _codegen("triton_gemv").tune_gemv(*args)),

@@ -8,6 +8,11 @@ Semantics (``torch.ops.flashc.moe``)::
     out[t] = sum_k weights[t, k] * down[e] @ (silu(gate_up[e, :F] @ x[t]) * (gate_up[e, F:] @ x[t])),
              e = experts[t, k]
 
+``torch.ops.flashc.moe_sparse`` (online pruning of the experts' intermediate, TEAL: Liu et al.,
+arXiv:2408.14690; flashc/sparse_ops.py) is the same with ``h = silu(gate) * up`` in ``x.dtype``
+zeroed where ``|h| <= threshold`` (0-d, or one per intermediate channel ``[F]``) before the
+down projection: ``moe_sparse`` runs these kernels with kernel 1's epilogue doing that.
+
 Only the routed experts' weights are read (the "fused MoE" scheme of vLLM / SGLang):
 
 1. Routing.  The ``P = T * top_k`` (token, expert) pairs, numbered
@@ -25,7 +30,8 @@ Only the routed experts' weights are read (the "fused MoE" scheme of vLLM / SGLa
 2. Kernel 1, program ``(block b, column tile n)``: the pairs of block ``b`` gather
    their token rows of ``x`` and multiply them by the gate and up rows ``n`` of
    ``gate_up[block_expert[b]]`` (two fp32 accumulators); the epilogue writes
-   ``h[p, n] = silu(gate) * up`` in ``x.dtype``.
+   ``h[p, n] = silu(gate) * up`` in ``x.dtype`` (``moe_sparse``: 0 where ``|h| <= threshold[n]``,
+   the threshold read once per column tile; a constexpr flag, so ``moe``'s code has no trace of it).
 3. Kernel 2, same grid shape over ``H``: ``h[p] @ down[e]^T`` times the routing
    weight of ``p``, written in fp32 to ``y[p, :]``.
 4. ``out = y.view(T, top_k, H).sum(1)`` (a fixed-order sum, deterministic, unlike
@@ -61,7 +67,7 @@ from ._triton_common import (
     tl,
 )
 
-__all__ = ["moe", "tune_moe", "route", "reference_moe"]
+__all__ = ["moe", "tune_moe", "moe_sparse", "tune_moe_sparse", "route", "reference_moe"]
 
 
 # ---------------------------------------------------------------------------
@@ -74,8 +80,10 @@ def reference_moe(
     down: torch.Tensor,
     top_k: int,
     normalize: bool,
+    threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch MoE in ``x.dtype`` (float64 inputs give the tests' high-precision truth).
+    """Plain PyTorch MoE in ``x.dtype`` (float64 inputs give the tests' high-precision truth);
+    with ``threshold``, ``flashc.moe_sparse``: h zeroed where ``|h| <= threshold``.
 
     Each token's k-th expert weights are gathered and applied per token, so this
     shares no code with the kernels' sort-and-pad scheme.
@@ -87,6 +95,8 @@ def reference_moe(
         e = experts[:, k]
         gu = torch.einsum("th,tnh->tn", x, gate_up[e])
         h = F.silu(gu[:, :f]) * gu[:, f:]
+        if threshold is not None:
+            h = torch.where(h.abs() > threshold, h, torch.zeros((), dtype=h.dtype, device=h.device))
         out = out + torch.einsum("tf,thf->th", h, down[e]) * weights[:, k, None]
     return out
 
@@ -98,12 +108,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_gemm_kernel(
-        A, W, OUT, ROWS, BLOCK_EXPERT, ROUTE_W,
+        A, W, OUT, ROWS, BLOCK_EXPERT, ROUTE_W, THRESHOLD,
         num_pairs, num_experts, N, K, a_row_div, up_offset,
         stride_am, stride_ak,
         stride_we, stride_wn, stride_wk,
         stride_om, stride_on,
+        stride_thr,
         SWIGLU: tl.constexpr,
+        HAS_THRESHOLD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -115,7 +127,9 @@ if HAS_TRITON:
         The A row of pair p is p // a_row_div (x's token for the gate/up GEMM, h's
         pair row for the down GEMM); W = weights of expert BLOCK_EXPERT[b], [N, K]
         per expert.  SWIGLU: also multiply by the up rows (up_offset elements
-        further) and write silu(gate) * up; else scale by ROUTE_W[p].
+        further) and write silu(gate) * up; else scale by ROUTE_W[p].  HAS_THRESHOLD (SWIGLU
+        only): write 0 where |h| <= THRESHOLD[n * stride_thr] (stride 0: one threshold), h
+        compared as stored, in OUT's dtype, as flashc.moe_sparse's reference compares it.
         """
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -163,6 +177,10 @@ if HAS_TRITON:
         if SWIGLU:
             # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows.
             result = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0))) * acc_up
+            if HAS_THRESHOLD:
+                thr = tl.load(THRESHOLD + offs_n * stride_thr, mask=n_ok, other=0.0)
+                h = result.to(OUT.dtype.element_ty)
+                result = tl.where(tl.abs(h.to(thr.dtype)) > thr[None, :], h, 0.0)
         else:
             route_w = tl.load(ROUTE_W + pairs, mask=row_ok, other=0.0).to(tl.float32)
             result = acc * route_w[:, None]
@@ -247,8 +265,7 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _check_moe(x, router_logits, gate_up, down, top_k) -> None:
-    fn = "moe"
+def _check_moe(x, router_logits, gate_up, down, top_k, fn: str = "moe") -> None:
     require_triton(fn)
     check_tensor(fn, "x", x, ndim=2)
     check_tensor(fn, "router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
@@ -272,9 +289,30 @@ def _check_moe(x, router_logits, gate_up, down, top_k) -> None:
     check_devices(fn, _moe_gemm_kernel, [("x", x), ("router_logits", router_logits), ("gate_up", gate_up), ("down", down)])
 
 
-def _moe_key(x, E: int, Fd: int, top_k: int) -> dict:
+def _check_threshold(x, threshold, Fd: int) -> None:
+    """moe_sparse's threshold: a float tensor, 0-d or [F], on x's device."""
+    fn = "moe_sparse"
+    check_tensor(fn, "threshold", threshold, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if threshold.dim() != 0 and tuple(threshold.shape) != (Fd,):
+        raise ValueError(f"{fn}: threshold must be 0-d or one per intermediate channel [F={Fd}], "
+                         f"got shape {tuple(threshold.shape)}")
+    check_devices(fn, _moe_gemm_kernel, [("x", x), ("threshold", threshold)])
+
+
+def _comparison_threshold(x, threshold) -> torch.Tensor:
+    """threshold in the dtype the reference's ``h.abs() > threshold`` compares in (a 0-d fp32
+    threshold against bf16 h is rounded to bf16 first), then in fp32, which holds that dtype's
+    values exactly (fp64 stays fp64).  Device ops only."""
+    dtype = torch.result_type(x, threshold)  # x: h's dtype and, like h, not 0-d
+    threshold = threshold.to(dtype)
+    return threshold if dtype == torch.float64 else threshold.to(torch.float32)
+
+
+def _moe_key(x, E: int, Fd: int, top_k: int, sparse: bool = False) -> dict:
+    """Tuning key; moe_sparse (``sparse``) is tuned apart from moe, over moe's candidates."""
     T, H = x.shape
-    return {"T": T, "E": E, "H": H, "F": Fd, "top_k": top_k, "dtype": str(x.dtype).replace("torch.", "")}
+    key = {"T": T, "E": E, "H": H, "F": Fd, "top_k": top_k, "dtype": str(x.dtype).replace("torch.", "")}
+    return {**key, "sparse": True} if sparse else key
 
 
 def _moe_fits(dtype: torch.dtype, profile: str):
@@ -369,21 +407,26 @@ def _route_pairs(router_logits, top_k: int, normalize: bool, dtype: torch.dtype,
     return route_w, rows, block_expert
 
 
-def _launch_gemm(a, w, out, rows, block_expert, route_w, num_pairs, num_experts, a_row_div, swiglu, config):
-    """One grouped GEMM: out[p] = epilogue(a[p // a_row_div] @ w[expert]^T) for the pairs of the table."""
+def _launch_gemm(a, w, out, rows, block_expert, route_w, num_pairs, num_experts, a_row_div, swiglu, config,
+                 threshold=None):
+    """One grouped GEMM: out[p] = epilogue(a[p // a_row_div] @ w[expert]^T) for the pairs of the table
+    (threshold: the SwiGLU epilogue's, from _comparison_threshold; None: no pruning)."""
     n = out.shape[1]
     k = a.shape[1]
     block_m = int(config["BLOCK_M"])
     block_n = min(int(config["BLOCK_N"]), max(16, next_pow2(n)))
     block_k = min(int(config["BLOCK_K"]), max(16, next_pow2(k)))
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    has_threshold = threshold is not None
     _moe_gemm_kernel[grid](
-        a, w, out, rows, block_expert, route_w,
+        a, w, out, rows, block_expert, route_w, threshold if has_threshold else route_w,  # never read
         num_pairs, num_experts, n, k, a_row_div, n * w.stride(1) if swiglu else 0,
         a.stride(0), a.stride(1),
         *w.stride(),
         out.stride(0), out.stride(1),
+        threshold.stride(0) if has_threshold and threshold.dim() else 0,
         SWIGLU=swiglu,
+        HAS_THRESHOLD=has_threshold,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -393,22 +436,26 @@ def _launch_gemm(a, w, out, rows, block_expert, route_w, num_pairs, num_experts,
     )
 
 
-def _launch_moe(x, router_logits, gate_up, down, top_k, normalize, config) -> torch.Tensor:
+def _launch_moe(x, router_logits, gate_up, down, top_k, normalize, config, threshold=None) -> torch.Tensor:
+    """moe, or with threshold (checked) moe_sparse."""
     T, H = x.shape
     E, Fd = gate_up.shape[0], down.shape[2]
     if T == 0 or H == 0 or Fd == 0:
         return torch.zeros_like(x)
     if config is None:
         profile = tuning.detect_profile(x.device)
-        config = tuning.get_config("moe", _moe_key(x, E, Fd, top_k), profile, _moe_fits(x.dtype, profile))
+        key = _moe_key(x, E, Fd, top_k, sparse=threshold is not None)
+        config = tuning.get_config("moe", key, profile, _moe_fits(x.dtype, profile))
     if int(config["BLOCK_M"]) < 16 or min(int(config["BLOCK_N"]), int(config["BLOCK_K"])) < 16:
         raise ValueError(f"moe: BLOCK_M, BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got config {config}")
     P = T * top_k
     h = torch.empty((P, Fd), dtype=x.dtype, device=x.device)
     y = torch.empty((P, H), dtype=torch.float32, device=x.device)
     with device_guard(x.device):
+        if threshold is not None:
+            threshold = _comparison_threshold(x, threshold)
         route_w, rows, block_expert = _route_pairs(router_logits, top_k, normalize, x.dtype, int(config["BLOCK_M"]))
-        _launch_gemm(x, gate_up, h, rows, block_expert, route_w, P, E, top_k, True, config)
+        _launch_gemm(x, gate_up, h, rows, block_expert, route_w, P, E, top_k, True, config, threshold)
         _launch_gemm(h, down, y, rows, block_expert, route_w, P, E, 1, False, config)
     return y.view(T, top_k, H).sum(1).to(x.dtype)
 
@@ -444,11 +491,54 @@ def tune_moe(
 ) -> dict:
     """Autotune (and cache) the MoE kernels on these example inputs; returns the winning config."""
     _check_moe(x, router_logits, gate_up, down, top_k)
+    return _tune(x, router_logits, gate_up, down, top_k, bool(normalize), None)
+
+
+def moe_sparse(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    threshold: torch.Tensor,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``torch.ops.flashc.moe_sparse``: ``moe`` with each routed pair's intermediate
+    ``h = silu(gate) * up`` (in ``x.dtype``) zeroed where ``|h| <= threshold``.
+
+    ``threshold``: a float tensor on x's device, 0-d or one per intermediate channel
+    ``[F]``.  The rest as ``moe`` (same kernels, launcher and configs), CUDA-graph
+    capturable too.  The down GEMM still reads every weight column (its tile spans
+    channels that other pairs of the block keep); what this saves is the reference's
+    host synchronisation, and with it the backend's CUDA graph.
+    """
+    _check_moe(x, router_logits, gate_up, down, top_k, fn="moe_sparse")
+    _check_threshold(x, threshold, down.shape[2])
+    return _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), config, threshold)
+
+
+def tune_moe_sparse(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    threshold: torch.Tensor,
+) -> dict:
+    """Autotune (and cache) ``moe_sparse`` on these example inputs over moe's candidates; returns the winner."""
+    _check_moe(x, router_logits, gate_up, down, top_k, fn="moe_sparse")
+    _check_threshold(x, threshold, down.shape[2])
+    return _tune(x, router_logits, gate_up, down, top_k, bool(normalize), threshold)
+
+
+def _tune(x, router_logits, gate_up, down, top_k, normalize, threshold) -> dict:
     profile = tuning.detect_profile(x.device)
     fits = _moe_fits(x.dtype, profile)
     cands = [c for c in tuning.candidates("moe", profile) if fits(c)] or tuning.candidates("moe", profile)
-    key = _moe_key(x, gate_up.shape[0], down.shape[2], top_k)
+    key = _moe_key(x, gate_up.shape[0], down.shape[2], top_k, sparse=threshold is not None)
     return tuning.autotune(
-        "moe", key, cands, lambda cfg: _launch_moe(x, router_logits, gate_up, down, top_k, bool(normalize), cfg), profile,
-        bench_fn=tuning.graph_bench_for(x),
+        "moe", key, cands, lambda cfg: _launch_moe(x, router_logits, gate_up, down, top_k, normalize, cfg, threshold),
+        profile, bench_fn=tuning.graph_bench_for(x),
     )

@@ -22,9 +22,10 @@ and heavy-tailed, cheap to sparsify by magnitude; on mixtral-ref, with it, the s
 weight reads removed cost +3.1% perplexity instead of +12.0% (8 windows per text,
 bench/prune_accuracy.py, 2026-12-06). Its own op rather than an optional argument of
 flashc.moe, so that no lowering of flashc.moe can silently drop the threshold: ONNX and TVM
-lower it (backends/onnx/_fused.py, backends/tvm/relax_ops.py); the CUDA backend has no
-kernel for it yet and runs this reference, whose per-expert routing synchronises with the
-host, so such a forward runs without a CUDA graph (the backend warns).
+lower it (backends/onnx/_fused.py, backends/tvm/relax_ops.py), and the CUDA backend runs
+flashc.moe's Triton kernels with the pruning in their SwiGLU epilogue
+(codegen/triton_moe.py: `moe_sparse`), whose routing stays on the device, so the forward
+keeps its CUDA graph; this reference's per-expert routing synchronises with the host.
 """
 
 from __future__ import annotations
