@@ -1,6 +1,6 @@
-"""Accuracy of pruning (flashc.passes.prune) against the dense model: perplexity of mixtral-ref.
+"""Accuracy of pruning (flashc.passes.prune) against the dense model: perplexity of mixtral-ref (or --model).
 
-    python bench/prune_accuracy.py [--specs wanda-50% 2:4 online-40% ...] [--limit N] [--window 256]
+    python bench/prune_accuracy.py [--model smollm2-135m] [--specs wanda-50% 2:4 online-40% ...] [--limit N] [--window 256]
         [--threads N] [--no-experts] [--recover-steps N]
 
 Each pruned model is compiled by flashc.compile(..., prune=PruneConfig, calibration=the
@@ -84,7 +84,8 @@ def weights_read_per_token(cm, record) -> float:
     return total
 
 
-def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps: int | None = None) -> list[dict]:
+def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps: int | None = None,
+             model_name: str = MODEL) -> list[dict]:
     import flashc
     from flashc import zoo
     from flashc.accuracy import logits_fn_of
@@ -92,8 +93,8 @@ def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps
     from flashc.passes.prune import PruneConfig
     from flashc.passes.quantize import CalibrationData
 
-    model = zoo.build(MODEL)
-    tokenizer = zoo.tokenizer(MODEL)
+    model = zoo.build(model_name)
+    tokenizer = zoo.tokenizer(model_name)
     texts = {kind: torch.tensor(tokenizer(load_eval_text(kind))["input_ids"]) for kind in ("prose", "code")}
     calibration = CalibrationData.builtin(tokenizer)
     example = (texts["code"][:window].unsqueeze(0),)
@@ -143,9 +144,9 @@ def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps
     return rows
 
 
-def print_table(rows: list[dict], limit, window, experts: bool) -> None:
+def print_table(rows: list[dict], limit, window, experts: bool, model_name: str = MODEL) -> None:
     tokens = rows[0]["tokens"]
-    print(f"\n{MODEL}: perplexity, window {window}, stride {window // 2}, "
+    print(f"\n{model_name}: perplexity, window {window}, stride {window // 2}, "
           f"{'all windows' if limit is None else f'first {limit} windows'} per text "
           f"({tokens['prose']} prose / {tokens['code']} code tokens scored); MoE experts "
           f"{'pruned' if experts else 'left dense'}")
@@ -175,6 +176,8 @@ def print_targets(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL, help="a zoo model with real weights: mixtral-ref (default) or "
+                                                   "smollm2-135m (its weights come from a 4-bit GGUF)")
     ap.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
     ap.add_argument("--limit", type=int, default=None, help="at most this many windows per text (default: all)")
     ap.add_argument("--window", type=int, default=256)
@@ -188,8 +191,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    rows = rows_for(args.specs, args.limit, args.window, not args.no_experts, args.recover_steps)
-    print_table(rows, args.limit, args.window, not args.no_experts)
+    rows = rows_for(args.specs, args.limit, args.window, not args.no_experts, args.recover_steps, args.model)
+    print_table(rows, args.limit, args.window, not args.no_experts, args.model)
     print_targets(rows)
 
 
