@@ -96,15 +96,16 @@ class SparsifyActivations:
         for site in sites:
             if site.intermediate:  # each routed pair's row through its own expert, weighted by its routing weight
                 rows, weights, experts = samples[id(site)].tensors()
+                fit, held = fit_held_split(rows.shape[0])
                 gram = torch.stack([w.float().t() @ w.float() for w in site.weights])
-                fit = rows[0::2]
-                curves.append(ErrorCurve(fit, gram, thresholds_for(fit, levels), weights[0::2], experts[0::2]))
+                curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels), weights[fit],
+                                         experts[fit]))
             else:
                 rows = samples[id(site)].tensor()
-                fit = rows[0::2]  # thresholds from one half, measured on the other
+                fit, held = fit_held_split(rows.shape[0])  # thresholds from one half, measured on the other
                 gram = sum(w.float().t() @ w.float() for w in site.weights)
-                curves.append(ErrorCurve(fit, gram, thresholds_for(fit, levels)))
-            held_out.append(rows[1::2])
+                curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels)))
+            held_out.append(rows[held])
         chosen = [0] * len(sites)
         for group in allocation_groups(sites, config.allocation):
             picked = greedy_allocation([curves[i] for i in group], [sites[i].per_token for i in group], levels,
@@ -217,6 +218,16 @@ class SparsifyActivations:
             args[site.position] = node
             reader.args = tuple(args)
         return param.name
+
+
+def fit_held_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the sampled rows that fit the thresholds and of those that measure them: a seeded
+    random half each. Not every other row: rows are sampled at a fixed stride, which can put the
+    first token of every calibration window (unlike the others: an attention sink) in one half
+    only; on smollm2-135m, split that way, the held-out sparsity was 17.8% for a 20% target (from
+    the fourth layer on), split at random 20.9% (2026-12-06)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[0::2].sort().values, order[1::2].sort().values
 
 
 def allocation_groups(sites: list[InputSite], allocation: str) -> list[list[int]]:
