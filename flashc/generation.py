@@ -486,7 +486,6 @@ class GenerationModel:
         """speculate='layerskip:E': the model's first E layers as a draft, compiled once from the
         model the entries' source names (a zoo model or a factory file) and kept."""
         from flashc.layerskip import compile_layerskip
-        from flashc.models import build_model
 
         try:
             exit_layer = int(spec.split(":", 1)[1])
@@ -495,26 +494,34 @@ class GenerationModel:
         cached = self._drafts.get(spec)
         if cached is not None:
             return cached
-        src = self.decode.source
-        if src.kind not in ("zoo", "factory"):
-            raise InputError(f"speculate={spec!r}: this model was compiled from an in-memory module, which flashc "
-                             "cannot rebuild; draft with flashc.layerskip.compile_layerskip(model, ...) and pass it "
-                             "as speculate=")
-        model, _ = build_model(ModelSource(src.kind, src.name, src.dtype, src.seed, self.batch, src.seq_len))
-        if self.decode.reference_weights is not None:  # the weights compiled, when they were kept
-            model.load_state_dict(self.decode.reference_weights, strict=False)
+        model = self._source_model(f"speculate={spec!r}", "draft with flashc.layerskip.compile_layerskip(model, "
+                                   "...) and pass it as speculate=")
         draft = compile_layerskip(model, self.decode.target, exit_layer=exit_layer, cache_len=self.cache_len,
                                   batch=self.batch, prefill_chunk=self.prefill_chunk, level=self.decode.level,
                                   profile=self.decode.profile, tokenizer=self.tokenizer_name)
         self._drafts[spec] = draft
         return draft
 
+    def _source_model(self, option: str, instead: str) -> torch.nn.Module:
+        """The eager model the entries were compiled from, rebuilt from their source (a zoo model or
+        a factory file) with the compiled weights when they were kept; an in-memory module cannot be
+        rebuilt: an error naming the option and what to do `instead`."""
+        from flashc.models import build_model
+
+        src = self.decode.source
+        if src.kind not in ("zoo", "factory"):
+            raise InputError(f"{option}: this model was compiled from an in-memory module, which flashc cannot "
+                             f"rebuild; {instead}")
+        model, _ = build_model(ModelSource(src.kind, src.name, src.dtype, src.seed, self.batch, src.seq_len))
+        if self.decode.reference_weights is not None:  # the weights compiled, when they were kept
+            model.load_state_dict(self.decode.reference_weights, strict=False)
+        return model
+
     def _early_exit(self, early_exit, speculate, draft_len: int | None, temperature: float):
         """generate(early_exit=...) as a checked flashc.early_exit.EarlyExitModel; 'E[:TAU]' and an
         EarlyExit are compiled (and calibrated, without TAU) from the model the entries' source
         names, once per rule."""
         from flashc.early_exit import EarlyExit, EarlyExitModel, prepare_early_exit
-        from flashc.models import build_model
 
         if speculate is not None or draft_len is not None:
             raise InputError("early_exit and speculate/draft_len do not combine: early exit keeps its own tokens "
@@ -530,14 +537,8 @@ class GenerationModel:
         cached = self._drafts.get(key)
         if cached is not None:
             return cached
-        src = self.decode.source
-        if src.kind not in ("zoo", "factory"):
-            raise InputError(f"early_exit={early_exit!r}: this model was compiled from an in-memory module, which "
-                             "flashc cannot rebuild; use flashc.early_exit.prepare_early_exit(model, gm, ...) and pass "
-                             "its answer as early_exit=")
-        model, _ = build_model(ModelSource(src.kind, src.name, src.dtype, src.seed, self.batch, src.seq_len))
-        if self.decode.reference_weights is not None:  # the weights compiled, when they were kept
-            model.load_state_dict(self.decode.reference_weights, strict=False)
+        model = self._source_model(f"early_exit={early_exit!r}", "use flashc.early_exit.prepare_early_exit(model, "
+                                   "gm, ...) and pass its answer as early_exit=")
         exit_model = prepare_early_exit(model, self, rule)
         self._drafts[key] = exit_model
         return exit_model
