@@ -43,6 +43,17 @@ def sparsify_pass(program, config, calibration):
         program, PassContext(get_profile("cpu")))[0]
 
 
+def assert_matches_reference_not_dense(program, reference, model, name: str) -> None:
+    """The pruned program equals the model sparsified by hand (reference) on fresh ids and
+    differs from the dense model: the thresholds are the hand-made ones, and they bite."""
+    ids = fresh_ids(name, seq_len=64)
+    with torch.no_grad():
+        want = reference(ids, use_cache=False).logits
+        dense = model(ids, use_cache=False).logits
+    got = program(ids).logits
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, dense) > 1e-3  # the sparsity is real
+
 def test_sparsify_op_matches_its_reference():
     x = torch.randn(2, 5, 16)
     t = torch.tensor(0.5)
@@ -89,13 +100,7 @@ def test_llama_matches_the_model_with_inputs_sparsified_by_hand(llama):
     assert all(0 < d["sparsity"] < 0.96 and abs(d["sparsity"] - d["calibrated"]) < 0.05 for d in rows)
     assert [d["layer"] for d in record.details if d["status"] == "skipped"] == ["lm_head"]
     reference = hand_sparsified(model, program)
-    ids = fresh_ids("llama-tiny", seq_len=64)
-    with torch.no_grad():
-        want = reference(ids, use_cache=False).logits
-        dense = model(ids, use_cache=False).logits
-    got = program(ids).logits
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(got, dense) > 1e-3  # the sparsity is real
+    assert_matches_reference_not_dense(program, reference, model, "llama-tiny")
 
 
 def moe_float64(x, logits, gate_up, down, top_k, threshold):
@@ -209,13 +214,7 @@ def test_mixtral_matches_the_model_with_experts_sparsified_by_hand(mixtral):
     program = captured.clone()
     sparsify_pass(program, replace(MOE_CONFIG, experts=True), tokens())
     reference = mixtral_sparsified_by_hand(model, program)
-    ids = fresh_ids("mixtral-tiny", seq_len=64)
-    with torch.no_grad():
-        want = reference(ids, use_cache=False).logits
-        dense = model(ids, use_cache=False).logits
-    got = program(ids).logits
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(got, dense) > 1e-3  # the sparsity is real
+    assert_matches_reference_not_dense(program, reference, model, "mixtral-tiny")
 
 
 def test_block_allocation_meets_the_target_in_every_block(mixtral):
