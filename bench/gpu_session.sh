@@ -25,6 +25,9 @@ OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+gpu_target() {  # flashc's target for this machine's GPU
+  python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')"
+}
 step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time user has
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS cache
@@ -85,7 +88,7 @@ case "${1:-verify}" in
     ;;
   prefill)  # one call: what session 10 built without a GPU, measured against bf16 in the same process
     step new_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
-    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    target=$(gpu_target)
     (cd /tmp && step ttft 120 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
@@ -97,7 +100,7 @@ case "${1:-verify}" in
     ;;
   essentials)  # what one call of a lease short on device time measures first (prefill, oprates, in 580 s)
     step new_tests 80 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_attention.py -k chunk $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py"
-    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    target=$(gpu_target)
     (cd /tmp && step ttft 100 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts ttft --out "$OUT")
     step op_rates 110 python3 bench/gpu_op_rates.py --out "$OUT" --prompts 2048
     step prefill_1b 60 python3 bench/decode.py --models llama-3.2-1b --batches --prefill 2048 \
@@ -133,14 +136,14 @@ case "${1:-verify}" in
       --variants flashc flashc-int4 --out "$OUT" --timeout 120
     ;;
   generation)  # issue "Generation runtime": prefill entry against one prefill + one decode; speculation
-    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    target=$(gpu_target)
     step ttft 280 python3 bench/generation.py --target "$target" --parts ttft --out "$OUT"
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
   speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in five parts, above): a draft head
               # trained on the GPU on the model's own answers, then every speculation variant at batch 1
-    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    target=$(gpu_target)
     (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 256 \
       --new-tokens 128 --steps 1500 --unroll 4 -o /tmp/smol_head)
     head=(); [ -f /tmp/smol_head/manifest.json ] && head=(--head /tmp/smol_head)
@@ -148,7 +151,7 @@ case "${1:-verify}" in
       --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 20 "${head[@]}" --out "$OUT")
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
-    target=$(python3 -c "import torch; print('h100' if 'H100' in torch.cuda.get_device_name() else 'h200')")
+    target=$(gpu_target)
     (cd /tmp && step speculate_b8 300 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --batch 8 --prompts 2 --new-tokens 96 --no-draft-model --head /tmp/smol_head --out "$OUT/b8")
     ;;
