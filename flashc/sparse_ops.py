@@ -19,8 +19,8 @@ zeroed. The CUDA backend's late pass writes it for decode-sized products
 sparsified by threshold: that value exists only inside the fused experts, so a
 `flashc.sparsify` node cannot reach it. TEAL (Sec. 3) finds the intermediate zero-centred
 and heavy-tailed, cheap to sparsify by magnitude; on mixtral-ref, with it, the same 28% of
-weight reads removed cost +3.1% perplexity instead of +12.0% (8 windows per text,
-bench/prune_accuracy.py, 2026-12-06). Its own op rather than an optional argument of
+weight reads removed cost +3.1% perplexity instead of +12.0% (8 windows per text of the
+evaluation texts, a one-off script not kept, 2026-12-06; bench/RESULTS.md). Its own op rather than an optional argument of
 flashc.moe, so that no lowering of flashc.moe can silently drop the threshold: ONNX and TVM
 lower it (backends/onnx/_fused.py, backends/tvm/relax_ops.py), and the CUDA backend runs
 flashc.moe's Triton kernels with the pruning in their SwiGLU epilogue
