@@ -566,6 +566,7 @@ def draft_head_loss(head: DraftHead, data: TargetFeatures, feature_weight: float
     (where the target restarted) are left out."""
     def loss(idx: torch.Tensor) -> torch.Tensor:
         device = head.up.weight.device
+        idx = idx.to(data.tokens.device)  # the features stay where they were gathered (CPU); the windows may not
         ids = data.tokens[idx].to(device)
         feats = data.features[idx].to(device)
         window = data.segments[idx].to(device)
