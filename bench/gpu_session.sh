@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
+#   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
@@ -149,6 +150,10 @@ case "${1:-verify}" in
     head=(); [ -f /tmp/smol_head/manifest.json ] && head=(--head /tmp/smol_head)
     (cd /tmp && step speculate 360 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 20 "${head[@]}" --out "$OUT")
+    ;;
+  exactness)  # is speculative greedy decoding plain decoding on the GPU, in float32 and bf16? where not, by what margin
+    target=$(gpu_target)
+    (cd /tmp && step exactness 300 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT")
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
     target=$(gpu_target)

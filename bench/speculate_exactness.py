@@ -1,0 +1,105 @@
+"""Is speculative greedy decoding token-for-token plain decoding? Where not, why.
+
+For smollm2-135m (its weights carried, see bench/gpu_session.sh) compiled at each dtype, every
+prompt is decoded plainly and with each speculation variant; where a variant's tokens leave
+plain decoding's, the prefix they share goes through the eager model in float64 and the
+table gives the reference's logit margin between the two candidate tokens at that step and
+which of them the reference prefers. A margin far below the dtype's rounding of a logit (bf16:
+about 0.03 at logit 8) is a tie that the verify entry's matmul order broke the other way; a
+large margin is a bug.
+
+    python bench/speculate_exactness.py --target h100 --out OUT [--dtypes float32 bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from generation import _passage_prompts  # noqa: E402
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    n = min(a.shape[-1], b.shape[-1])
+    diff = (a[..., :n] != b[..., :n]).reshape(-1, n).any(0).nonzero()
+    if len(diff):
+        return int(diff[0])
+    return None if a.shape[-1] == b.shape[-1] else n
+
+
+def main() -> None:
+    from flashc import pretrained
+    from flashc.generation import compile_generation
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--head", default=None, metavar="DIR")
+    args = ap.parse_args()
+    device = "cpu" if args.target == "cpu" else "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref64, tokenizer = pretrained.load_smollm2(torch.float32)
+    ref64 = ref64.to(device=device, dtype=torch.float64).eval()
+    passage, open_ended = _passage_prompts(tokenizer, args.prompts, 90)
+    rows, records = [], []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        model, _ = pretrained.load_smollm2(dtype)
+        head = None
+        if args.head:
+            from flashc.draft_head import load_draft_head
+
+            head = load_draft_head(args.head)
+        gm = compile_generation(model, args.target, cache_len=512, batch=1, draft_len=5,
+                                prefill_chunk=512 if device == "cuda" else 64, draft_head=head)
+        variants = {"ngram": {"speculate": "ngram"}, "ngram k fixed": {"speculate": "ngram", "adaptive": False}}
+        if head is not None:
+            variants["head"] = {"speculate": "head"}
+        for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
+            for p, text in enumerate(prompts):
+                ids = torch.tensor([tokenizer(text)["input_ids"]])
+                plain = gm.generate(ids, args.new_tokens)
+                for name, kw in variants.items():
+                    spec = gm.generate(ids, args.new_tokens, **kw)
+                    at = first_difference(plain, spec)
+                    rec = {"dtype": dtype_name, "prompts": kind, "prompt": p, "variant": name,
+                           "identical": at is None}
+                    if at is not None:
+                        with torch.no_grad():
+                            logits = ref64(input_ids=plain[:, :at].to(device)).logits[0, -1]
+                        a, b = int(plain[0, at]), int(spec[0, at])
+                        top = torch.topk(logits, 2)
+                        rec.update(step=at - ids.shape[1], plain_token=a, spec_token=b,
+                                   margin=float(logits[a] - logits[b]),
+                                   reference_top=int(top.indices[0]),
+                                   reference_gap=float(top.values[0] - top.values[1]))
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+                    rows.append(rec)
+    lines = [f"### speculative greedy decoding against plain, smollm2-135m, {args.target}", "",
+             "| dtype | prompts | variant | identical | first differing step | ref. logit(plain) - logit(spec) |"
+             " ref. top-2 gap | reference's choice |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["identical"]:
+            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | yes | - | - | - | - |")
+        else:
+            choice = ("plain" if r["reference_top"] == r["plain_token"] else
+                      "spec" if r["reference_top"] == r["spec_token"] else "neither")
+            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | NO | {r['step']} | "
+                         f"{r['margin']:+.4f} | {r['reference_gap']:.4f} | {choice} |")
+    (out / "speculate_exactness.md").write_text("\n".join(lines) + "\n")
+    (out / "speculate_exactness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
