@@ -341,7 +341,9 @@ def row_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
     """One scale per row of x [M, K] (fp32 [M, 1]): the row's largest magnitude over qmax; a
     row of zeros gets 1 (its codes are all 0 whatever the scale)."""
     amax = x.abs().amax(-1, keepdim=True).float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # a tensor divisor: PyTorch's CUDA division by a Python number multiplies by its reciprocal,
+    # one ulp off the IEEE quotient that the CPU and the fused kernels (codegen/quantize_rows.py) give
+    return torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
