@@ -177,7 +177,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.rms_norm_quant": Kernel(lambda *args: _codegen("norm_quant").rms_norm_quant(*args)),
     "flashc.add_rms_norm_quant": Kernel(lambda *args: _codegen("norm_quant").add_rms_norm_quant(*args)),
     "flashc.glu_quant": Kernel(lambda *args: _codegen("norm_quant").glu_quant(*args)),
-    "flashc.linear_w8a8_q": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8_q(*args)),
+    "flashc.linear_w8a8_q": Kernel(lambda *args: _codegen("quantized_matmul").linear_w8a8_q(*args),
+                                   lambda *args: _codegen("quantized_matmul").tune_linear_w8a8_q(*args)),
     "flashc.linear_fp8_q": Kernel(lambda *args: _codegen("quantized_matmul").linear_fp8_q(*args)),
     "flashc.moe_a8": Kernel(lambda *args: _codegen("quantized_matmul").moe_a8(*args)),
     # AQLM (passes/quantize/aqlm.py): codes and codebooks read directly for decode, dequantized for prefill

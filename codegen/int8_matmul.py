@@ -123,7 +123,7 @@ if HAS_TRITON:
                 k_ok = ks < K - k0
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton 3.6 asserts acc is of out_dtype (default fp32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 

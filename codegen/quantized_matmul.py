@@ -133,6 +133,19 @@ def tune_linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Ten
     return int8.tune_int8_matmul(xq, qweight, x_scale, w_scales, bias, x.dtype)
 
 
+def tune_linear_w8a8_q(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> Optional[dict]:
+    """tune_linear_w8a8 for flashc.linear_w8a8_q (codes a norm or GLU quantized): the same product,
+    so the same tuned choice per shape; None where linear_w8a8_q takes no tuned path."""
+    n, k = qweight.shape
+    if not fits(k, n):
+        return None
+    rows = codes.reshape(-1, k)
+    if not _int8_fused(_like_input(codes, out_dtype), rows.shape[0], w_scales, bias):
+        return None
+    return int8.tune_int8_matmul(rows, qweight, row_scales, w_scales, bias, out_dtype)
+
+
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
                input_scale: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
     n, k = qweight.shape

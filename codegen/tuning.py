@@ -267,8 +267,9 @@ _GEMV_WQ_ROWS = _cfgs(
 
 # Prefill W8A8 GEMM with its epilogue fused (codegen/int8_matmul): BLOCK_M x BLOCK_N output tiles,
 # BLOCK_K int8 codes (bytes) a step, GROUP_M row tiles sharing weight tiles in L2. K-steps of 128
-# bytes fill a 128-byte shared-memory swizzle row. Offline compiles (Triton 3.9): every Hopper tile
-# below is an s8 wgmma loop with no spills (115-204 registers, 64-144 KiB of shared memory); on
+# bytes fill a 128-byte shared-memory swizzle row. Offline compiles for sm_90 (Triton 3.9, and 3.6 as on the
+# GPU machine, pointers and sizes 16-divisible as the JIT specializes them): every Hopper tile below is an
+# s8 wgmma loop with no spills (116-210 registers, 64-144 KiB of shared memory); on
 # sm_80/89 (mma.sync) 128-row tiles of 4 warps, or of 8 warps 256 wide, spill 0.5 KiB a thread,
 # so those lists leave them out. The library path (torch._int_mm, then the dequantize kernel) comes
 # first: a shape nobody measured runs what ran before this kernel; a tile that does not fit the

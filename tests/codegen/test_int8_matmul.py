@@ -234,10 +234,40 @@ def test_linear_w8a8_routes_prefill_to_the_tuned_gemm(device, w8a8, timed, rows)
         assert tuned is None and calls == []
 
 
-def test_cuda_backend_tunes_linear_w8a8():
+@pytest.mark.parametrize("rows", [5, im.MIN_ROWS + 6])
+def test_linear_w8a8_q_routes_prefill_to_the_tuned_gemm(device, w8a8, timed, rows):
+    """The product on codes a norm or GLU quantized (flashc.linear_w8a8_q) is tuned like linear_w8a8's:
+    before, nothing tuned it and prefill's fused-input linears always ran the library path."""
+    from flashc.passes.quantize.smoothquant import quantize_weight_int8
+    from flashc.quantized_ops import quantize_rows_int8
+
+    qm, calls = w8a8
+    g = seed("route_q", rows)
+    k, n = 64, 48
+    x = (torch.randn(rows, k, generator=g) * torch.logspace(-2, 1, k)).to(torch.bfloat16)
+    codes, row_scales = (t.to(device) for t in quantize_rows_int8(x))
+    q, scales = quantize_weight_int8(torch.randn(n, k, generator=g))
+    q, scales = q.to(device), scales.to(device)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+    profile = tuning.detect_profile(device)
+    tile = next(c for c in tuning.candidates(im.KERNEL, profile) if not c.get("library"))
+    timed["next"] = [0.1 if c == tile else 1.0 for c in tuning.candidates(im.KERNEL, profile)]
+    args = (codes.reshape(1, rows, k), row_scales, q, scales, bias, torch.bfloat16)
+    tuned = qm.tune_linear_w8a8_q(*args)
+    out = qm.linear_w8a8_q(*args)
+    assert out.shape == (1, rows, n) and out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.ops.flashc.linear_w8a8_q.default(*args))
+    if rows >= im.MIN_ROWS:
+        assert tuned == tile and calls == [rows]
+    else:
+        assert tuned is None and calls == []
+
+
+@pytest.mark.parametrize("op", ["flashc.linear_w8a8", "flashc.linear_w8a8_q"])
+def test_cuda_backend_tunes_the_w8a8_products(op):
     from flashc.backends.cuda import KERNELS
 
-    assert KERNELS["flashc.linear_w8a8"].tune is not None
+    assert KERNELS[op].tune is not None
 
 
 # ------------------------------------------------------------------ errors
