@@ -74,13 +74,31 @@ def reference_dequantize(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torc
 # ---------------------------------------------------------------------------
 if HAS_TRITON:
 
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _interpretation_probe():
+        pass
+
+    # On a GPU the roundings below are single conversion instructions (round half to even, as PyTorch's casts);
+    # Triton's interpreter rounds bf16 half up and mishandles carries into the exponent, so there they are
+    # written out in integer arithmetic (about ten instructions an element each). The suspected cost: on an
+    # H100 the norm / GLU producers of codegen/norm_quant.py, which hold rows in registers and round two to
+    # four times an element, took 8.4 ms over the 96 launches of llama-3-8b's FP8 prefill, where the bf16 norm
+    # and GLU kernels moving the same rows took 3.1 ms (2026-12-06; the native forms not yet timed).
+    _NATIVE_ROUNDING = tl.constexpr(not is_interpreted(_interpretation_probe))
+
     @triton.jit
     def _round_half_even(v):
         """torch.round on fp32 (ties to even; inf and NaN pass through), exact for every input."""
-        f = tl.floor(v)
-        d = v - f  # exact: below 2^23 the fraction is representable, above it d is 0
-        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-        return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+        if _NATIVE_ROUNDING:  # one cvt.rni: ties to even
+            r = libdevice.rint(v)
+        else:
+            f = tl.floor(v)
+            d = v - f  # exact: below 2^23 the fraction is representable, above it d is 0
+            odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+            r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+        return r
 
     @triton.jit
     def _bf16_bits(v):
@@ -95,22 +113,29 @@ if HAS_TRITON:
         if ROUND == 1:
             v = v.to(tl.float16).to(tl.float32)
         elif ROUND == 2:
-            v = (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
+            if _NATIVE_ROUNDING:  # one cvt.rn.bf16.f32: ties to even
+                v = v.to(tl.bfloat16).to(tl.float32)
+            else:
+                v = (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
         return v
 
     @triton.jit
     def _e4m3_bits(c):
         """fp32 in [-448, 448] or NaN -> e4m3fn bits (ties to even, subnormals, NaN 0x7F), as uint32."""
-        bits = c.to(tl.uint32, bitcast=True)
-        sign = (bits >> 24) & 0x80
-        mag = bits & 0x7FFFFFFF
-        # normals keep 3 of fp32's 23 mantissa bits; a carry out of the mantissa bumps the exponent
-        rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
-        normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
-        # below 2^-6 the codes count steps of 2^-9 (code 8, the first normal, is where rounding up lands)
-        subnormal = _round_half_even(tl.abs(c) * 512.0).to(tl.uint32)
-        code = tl.where(tl.abs(c) < 0.015625, subnormal, normal)
-        return tl.where(c == c, code, 0x7F) | sign
+        if _NATIVE_ROUNDING:  # cvt.rn.satfinite.e4m3x2.f32 (sm_89 and later): ties to even, subnormals kept
+            bits = c.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint32)
+        else:
+            bits = c.to(tl.uint32, bitcast=True)
+            sign = (bits >> 24) & 0x80
+            mag = bits & 0x7FFFFFFF
+            # normals keep 3 of fp32's 23 mantissa bits; a carry out of the mantissa bumps the exponent
+            rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
+            normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+            # below 2^-6 the codes count steps of 2^-9 (code 8, the first normal, is where rounding up lands)
+            subnormal = _round_half_even(tl.abs(c) * 512.0).to(tl.uint32)
+            code = tl.where(tl.abs(c) < 0.015625, subnormal, normal)
+            bits = tl.where(c == c, code, 0x7F) | sign
+        return bits
 
     @triton.jit
     def _load_rows(X, S, rows, row_ok, cols, K, stride_xm, stride_xk,

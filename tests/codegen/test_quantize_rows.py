@@ -53,6 +53,12 @@ def test_kernels_run_here():
     assert torch.cuda.is_available() or _triton_common.is_interpreted(qr._quantize_rows_kernel)
 
 
+def test_roundings_are_native_exactly_where_compiled():
+    """Compiled kernels round with the GPU's conversion instructions; interpreted ones with the written-out
+    integer forms (the interpreter's casts round bf16 half up). The tests here check whichever this runs."""
+    assert bool(qr._NATIVE_ROUNDING) == (not _triton_common.is_interpreted(qr._quantize_rows_kernel))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (6, 37), (3, qr.TILE + 5)], ids=str)
 @pytest.mark.parametrize("smooth", [None, "same", torch.float32], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
