@@ -95,7 +95,7 @@ case "${1:-verify}" in
       --variants flashc flashc-w8a8 flashc-fp8 flashc-2:4 --out "$OUT" --timeout 240
     ;;
   quant-prefill)  # the prefill part less time to first token (met, session 11): new kernels' tests, 8B prefill
-    step new_tests 150 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py $PWD/tests/codegen/test_triton_moe_sparse.py"
+    step new_tests 150 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_int8_matmul.py $PWD/tests/codegen/test_quantized_matmul.py $PWD/tests/codegen/test_quantize_rows.py $PWD/tests/backends/test_cuda_semi_structured.py $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_quant_fusion.py $PWD/tests/codegen/test_triton_moe_sparse.py"
     step prefill_q 250 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 flashc-fp8 --out "$OUT" --timeout 240
     ;;
