@@ -198,6 +198,7 @@ def bench_speculate(args, device: str) -> None:
             variants += [("flashc head (adaptive)", {"speculate": "head"}),
                          ("flashc head (k fixed)", {"speculate": "head", "adaptive": False})]
         totals = {name: [0.0, 0, 0, 0, True] for name, _ in variants}  # seconds, tokens, kept, drafted, identical
+        rounds = {name: [0, []] for name, _ in variants}  # target calls after the prefill; verify / plain step times
         hf = {"HF generate (eager)": {}}
         if batch == 1:  # transformers' assisted generation takes one sequence
             hf[f"HF generate prompt_lookup_num_tokens={k}"] = {"prompt_lookup_num_tokens": k}
@@ -221,6 +222,9 @@ def bench_speculate(args, device: str) -> None:
                 if plain is None:
                     plain = out
                 tot[4] &= bool(torch.equal(out, plain))
+                rounds[name][0] += st.rounds
+                if st.verify_step_s and st.plain_step_s:
+                    rounds[name][1].append(st.verify_step_s / st.plain_step_s)
             for name, kw in hf.items():
                 with torch.no_grad():
                     hf_ids = ids.to(device)
@@ -243,11 +247,14 @@ def bench_speculate(args, device: str) -> None:
         base = totals["flashc plain"][1] / totals["flashc plain"][0]
         for name, (secs, toks, kept, drafted, same) in totals.items():
             rate = toks / secs
+            calls, ratios = rounds[name]
             rows.append([kind, name, f"{rate:.1f}", f"{rate / base:.2f}",
-                         f"{kept / drafted:.2f}" if drafted else "-", "yes" if same else "NO"])
+                         f"{kept / drafted:.2f}" if drafted else "-", f"{toks / calls:.2f}" if calls else "-",
+                         f"{statistics.median(ratios):.2f}" if ratios else "-", "yes" if same else "NO"])
         for name, (secs, toks, same) in hf_totals.items():
             rate = toks / secs
-            rows.append([kind, name, f"{rate:.1f}", f"{rate / base:.2f}", "-", "yes" if same else "no (fp order)"])
+            rows.append([kind, name, f"{rate:.1f}", f"{rate / base:.2f}", "-", "-", "-",
+                         "yes" if same else "no (fp order)"])
     if args.temperature > 0:
         for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
             res = {}
@@ -262,15 +269,19 @@ def bench_speculate(args, device: str) -> None:
                 res[name] = toks / secs
             for name, rate in res.items():
                 rows.append([f"{kind}, T={args.temperature}", name, f"{rate:.1f}",
-                             f"{rate / res['flashc plain']:.2f}", "-", "sampled"])
+                             f"{rate / res['flashc plain']:.2f}", "-", "-", "-", "sampled"])
     _write(Path(args.out), f"speculative decoding, smollm2-135m, batch {batch}, {args.new_tokens} new tokens, "
            f"{args.target} ({_device_name(device)})", ["prompts", "variant", "tokens/s", "x flashc plain",
-                                                       "drafts kept", "output = flashc plain"], rows,
+                                                       "drafts kept", "tokens a call", "verify / plain step",
+                                                       "output = flashc plain"], rows,
            [f"{len(passage)} passage and {len(open_ended)} open-ended prompts ({args.passage_words}-word paragraphs "
             "of flashc/data/eval/prose.txt, SmolLM2's chat template); decode time only (after the first token); "
             f"verify entry: {k} drafts; weights: SmolLM2-135M-Instruct dequantized from its 4-bit GGUF",
             "HF rows: transformers generate() on the same eager model (its own cache and attention); "
-            "`output = flashc plain` compares token ids"])
+            "`output = flashc plain` compares token ids",
+            "tokens a call: new tokens over the target's calls after the prefill (plain decoding: 1); verify / plain "
+            "step: the generation loop's own measured step times (median over prompts), what a round costs against a "
+            "plain token"])
 
 
 def bench_early_exit(args, device: str) -> None:
