@@ -23,6 +23,14 @@
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+# a call brings back at most 8 files from $OUT: at exit everything but steps.txt goes into one archive
+# (unpack it here with `tar -xzf out.tgz`)
+pack() {
+  (cd "$OUT" && find . -type f ! -name steps.txt ! -name out.tgz | sed 's|^\./||' >/tmp/packed.list &&
+    [ -s /tmp/packed.list ] && tar -czf out.tgz -T /tmp/packed.list && xargs rm -f </tmp/packed.list &&
+    find . -mindepth 1 -type d -empty -delete)
+}
+trap pack EXIT
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
