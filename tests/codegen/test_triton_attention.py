@@ -156,6 +156,34 @@ def test_chunk_attention_sees_the_slots_up_to_each_position(device, dtype, case,
     assert rel_err(o, ta.reference_chunk_attention(q.double(), k.double(), v.double(), per_row)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("positions_shape", ["[T]", "[1, T]"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_verify_queries_run_as_decode_sequences(device, dtype, positions_shape, monkeypatch):
+    """The CUDA backend's flashc.decode_attention for a few queries at batch 1 (a verify step): each query a
+    sequence of the split-KV decode kernel over stride-0 views of the cache, equal to the float64 reference
+    (query i sees the slots j <= positions[i]); batch 2 keeps the chunk kernel."""
+    from flashc.backends import cuda
+
+    calls = []
+    real_chunk, real_decode = ta.chunk_attention, ta.decode_attention
+    small = {"BLOCK_N": 16, "MIN_SPLIT_LEN": 16, "num_warps": 2, "num_stages": 1}  # splits these short caches too
+    monkeypatch.setattr(ta, "chunk_attention", lambda *a, **kw: calls.append(("chunk", a[0].shape))
+                        or real_chunk(*a, **kw))
+    monkeypatch.setattr(ta, "decode_attention", lambda *a, **kw: calls.append(("decode", a[0].shape))
+                        or real_decode(*a, **{**kw, "config": small}))
+    for B, T in ((1, 6), (1, 2), (2, 6)):
+        seed("verify_as_sequences", dtype, positions_shape, B, T)
+        q, k, v = qkv(B, 4, 2, T, 40, 32, dtype, device)
+        start = 40 - T - 5
+        positions = torch.arange(start, start + T, device=device)
+        if positions_shape == "[1, T]":
+            positions = positions[None].expand(B, T)
+        o = cuda._decode_attention(q, k, v, positions, 1 / math.sqrt(32))
+        ref = ta.reference_chunk_attention(q.double(), k.double(), v.double(), positions)
+        assert o.shape == q.shape and o.is_contiguous() and rel_err(o, ref) < TOL[dtype], (B, T)
+    assert calls == [("decode", (6, 4, 1, 32)), ("decode", (2, 4, 1, 32)), ("chunk", (2, 4, 6, 32))]
+
+
 def test_chunk_attention_errors(device):
     q, k, v = qkv(1, 2, 2, 4, 10, 16, torch.float32, device)
     with pytest.raises(ValueError, match="positions must have shape"):
