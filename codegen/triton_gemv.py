@@ -30,6 +30,10 @@ BLOCK_N, BLOCK_K]`` products in registers, reduced over K once at the end); ``DO
 configs pad the rows to 16 and use ``tl.dot`` instead (tensor cores). Tuning times
 every candidate as the step runs it, from a CUDA graph, with the weights cycled
 through enough copies to miss in L2.
+A ``ROWWISE`` config runs each row as the one-row product of the same shape runs (its tuned config, one
+program column a row, one launch): a verify step's few rows then equal, bit for bit, what the decode
+step computes for each, and a tile spreads over rows x N / BLOCK_N programs instead of N / BLOCK_N
+(the weights are read once a row, the repeats mostly from L2).
 Autotuning includes the unfused library path (the norm kernel, cuBLAS, the
 activation kernel) as a candidate, so the fused kernel runs only where it measured
 faster.
@@ -99,7 +103,8 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X (last dims contiguous).
+        """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X (last dims contiguous): all
+        rows with a grid of one column, or one row a column (M = 1) for ROWWISE launches.
 
         ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
         the program accumulates both and writes act(gate) * up.
@@ -107,6 +112,10 @@ if HAS_TRITON:
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
+        row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
+        X += row * stride_xm
+        R += row * stride_rm
+        Y += row * stride_ym
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -268,12 +277,27 @@ def _library(x, w, bias, norm_weight, eps, residual, glu):
     return y if residual is None else y + residual
 
 
+def _one_row_config(x, bias, norm_weight, residual, glu, n_out) -> dict:
+    """What a one-row product of this shape runs (a decode step's tuned choice)."""
+    name, key = _tuning_entry(1, n_out, x, bias, norm_weight, residual, glu)
+    return tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(1))
+
+
 def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     K = x.shape[-1]
     if config is None:
         name, key = _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu)
         config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))
+    rowwise = bool(config.get("ROWWISE"))
+    if rowwise:  # every row as a one-row product runs it (same config, same code): equal bit for bit
+        config = _one_row_config(x, bias, norm_weight, residual, glu, n_out)
     if config.get("library"):
+        if rowwise:
+            rows = _rows(x, K)
+            res = _rows(residual, n_out) if residual is not None else None
+            out = [_library(rows[i:i + 1], w, bias, norm_weight, eps, None if res is None else res[i:i + 1], glu)
+                   for i in range(M)]
+            return torch.cat(out).reshape(*x.shape[:-1], n_out)
         return _library(x, w, bias, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if M == 0 or n_out == 0:
@@ -286,13 +310,13 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     dot = bool(config.get("DOT"))
     if dot:
         block_n = max(16, block_n)
-    elif M > ELEMENTWISE_ROWS:
+    elif M > ELEMENTWISE_ROWS and not rowwise:
         raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
     with device_guard(x.device):
-        _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        _gemv_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1)](
             x2, w2, bias if bias is not None else w2, norm_weight if norm_weight is not None else w2, r2, y,
-            M, n_out, K, n_out * w2.stride(0),
+            1 if rowwise else M, n_out, K, n_out * w2.stride(0),
             x2.stride(0), w2.stride(0), r2.stride(0), n_out,
             float(eps),
             HAS_BIAS=bias is not None,
@@ -302,7 +326,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             DOT=dot,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % block_k == 0,
-            BLOCK_M=MAX_ROWS if dot else next_pow2(M),
+            BLOCK_M=MAX_ROWS if dot else 1 if rowwise else next_pow2(M),
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             PDL=pdl,
@@ -334,7 +358,7 @@ def gemv(
 
 
 def _fits(M: int):
-    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or cfg.get("ROWWISE") or M <= ELEMENTWISE_ROWS)
 
 
 L2_SPILL_BYTES = 96 * 2**20  # more than the L2 of the GPUs flashc targets (50 MB on H100/H200)
