@@ -210,6 +210,33 @@ def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
     assert 0 < spec.choose(4) < 4
 
 
+def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
+    class CostlyDrafter:  # stands for a draft model: every draft is a step of it
+        cheap = False
+
+        def reset(self):
+            pass
+
+    for drafter, probe_k in ((NgramDrafter(), 4), (CostlyDrafter(), 1)):
+        spec = Speculator(drafter, max_draft=4)
+        assert spec.choose(4) == 0
+        spec.observe_plain(1.0)
+        assert spec.choose(4) == probe_k  # the first verify round measures
+        spec.timing.verify = 1.2
+        spec.counts[0] = [0.1, 5.0]  # drafts almost never kept
+        gaps, since = [], 0
+        for _ in range(16 + 32 + 64 + 1):
+            k = spec.choose(4)
+            since += 1
+            if k:
+                assert k == probe_k
+                gaps.append(since)
+                since = 0
+        assert gaps == [16, 32, 64], gaps  # each failed probe doubles the wait
+        spec.counts[0] = [9.0, 1.0]  # conditions changed: speculation pays again
+        assert spec.choose(4) > 0 and spec.probe_every == Speculator.PROBE_EVERY
+
+
 def test_greedy_acceptance_keeps_the_common_prefix():
     logits = torch.full((2, 4, 10), -5.0)
     target = torch.tensor([[1, 2, 3, 4], [1, 2, 7, 8]])
