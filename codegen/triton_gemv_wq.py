@@ -215,7 +215,8 @@ if HAS_TRITON:
         STAGES: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """Program n: Y[:M, n*BLOCK_N:(n+1)*BLOCK_N] for all rows of X.
+        """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X: all rows with a grid of one
+        column, or one row a column (M = 1) for ROWWISE launches (as codegen/triton_gemv.py's).
 
         QW is the packed weight as int32 words, ``row_words`` a row. An iteration reads a
         [BLOCK_N, SUBS, WORDS] tile of words: SUBS sub-blocks of SUB codes a row (SUB
@@ -232,6 +233,10 @@ if HAS_TRITON:
         WORDS: tl.constexpr = SUB // CODES  # units a sub-block
         BLOCK_K: tl.constexpr = SUB * SUBS
         pid = tl.program_id(0)
+        row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
+        X += row * stride_xm
+        R += row * stride_rm
+        Y += row * stride_ym
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_s = tl.arange(0, SUBS)
@@ -507,12 +512,13 @@ def _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm
 
 
 def _fits(M: int):
-    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or cfg.get("ROWWISE") or M <= ELEMENTWISE_ROWS)
 
 
 def _worth_timing(M: int):
     """Candidates the tuner times: elementwise configs only up to TUNED_ELEMENTWISE_ROWS rows."""
-    return lambda cfg: _fits(M)(cfg) and bool(cfg.get("library") or cfg.get("DOT") or M <= TUNED_ELEMENTWISE_ROWS)
+    return lambda cfg: _fits(M)(cfg) and bool(cfg.get("library") or cfg.get("DOT") or cfg.get("ROWWISE")
+                                              or M <= TUNED_ELEMENTWISE_ROWS)
 
 
 def _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu):
@@ -537,7 +543,17 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
     if config is None:
         name, key = _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu)
         config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))
+    rowwise = bool(config.get("ROWWISE"))
+    if rowwise:  # every row as a one-row product runs it (same config, same code): equal bit for bit
+        name, key = _tuning_entry(1, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu)
+        config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(1))
     if config.get("library"):
+        if rowwise:
+            rows = _rows(x, K)
+            res = _rows(residual, n_out) if residual is not None else None
+            out = [_library(rows[i:i + 1], qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps,
+                            None if res is None else res[i:i + 1], glu) for i in range(M)]
+            return torch.cat(out).reshape(*x.shape[:-1], n_out)
         return _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if M == 0 or n_out == 0:
@@ -552,7 +568,7 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
     dot = bool(config.get("DOT"))
     if dot:  # tl.dot needs 16 rows of the tile and 16 units a code position
         block_n, block_k = max(16, block_n), max(block_k, 16 * _codes_per_unit(bits))
-    elif M > ELEMENTWISE_ROWS:
+    elif M > ELEMENTWISE_ROWS and not rowwise:
         raise ValueError(f"gemv_wq: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
     else:  # a sub-block is at least one unit of codes
@@ -561,11 +577,11 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
     pdl = pdl_enabled(x.device)
     n_blocks = qweight.shape[1]
     with device_guard(x.device):
-        _gemv_wq_kernel[(triton.cdiv(n_out, block_n),)](
+        _gemv_wq_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1)](
             x2, words, scales, zero_points if zero_points is not None else qweight,
             bias if bias is not None else x2, norm_weight if norm_weight is not None else x2,
             input_scale if input_scale is not None else x2, r2, y,
-            M, n_out, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0, words.shape[1], n_out,
+            1 if rowwise else M, n_out, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0, words.shape[1], n_out,
             x2.stride(0), r2.stride(0), n_out,
             float(eps),
             BITS=bits,
@@ -579,7 +595,7 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             DOT=dot,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % (sub * subs) == 0,
-            BLOCK_M=MAX_ROWS if dot else next_pow2(M),
+            BLOCK_M=MAX_ROWS if dot else 1 if rowwise else next_pow2(M),
             BLOCK_N=block_n,
             SUB=sub,
             SUBS=subs,

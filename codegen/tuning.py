@@ -277,6 +277,7 @@ _GEMV_WQ_ROWS = _cfgs(
     {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "DOT": True},
     {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
     {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2},
+    {"ROWWISE": True},  # each row as the one-row product runs it (as _GEMV_ROWS's)
     {"library": True},
 )
 

@@ -188,7 +188,26 @@ def test_tuner_times_elementwise_configs_for_few_rows_only(device, monkeypatch, 
     x, w, kw = make(device, torch.float32, (rows,), 64, 16, {}, group=32, bits=4)
     gw.tune_gemv_wq(x, *w, **kw)
     assert {"library": True} in timed
-    assert any(not c.get("DOT") and not c.get("library") for c in timed) == elementwise
+    assert any(not c.get("DOT") and not c.get("library") and not c.get("ROWWISE") for c in timed) == elementwise
+    assert {"ROWWISE": True} in timed or rows == 1  # several rows: row by row as one row runs, a candidate too
+
+
+@pytest.mark.parametrize("rows", [6, 12])
+@pytest.mark.parametrize("fold", ["plain", "everything"])
+def test_rowwise_rows_equal_one_row_products_bit_for_bit(device, monkeypatch, fold, rows):
+    """ROWWISE: each row as the one-row product of the shape runs (its config), in one launch: equal bit for
+    bit to row-by-row calls, 12 rows (past the elementwise limit) included."""
+    name, key = [], []
+    real = gw.tuning.get_config
+    monkeypatch.setattr(gw.tuning, "get_config", lambda n, k, *a: name.append(n) or key.append(k["M"])
+                        or (dict(SMALL) if k["M"] == 1 else real(n, k, *a)))
+    x, w, kw = make(device, torch.float32, (rows, 1), 256, 24, FOLDS[fold], group=128, bits=4, asym=True)
+    out = gw.gemv_wq(x, *w, **kw, config={"ROWWISE": True})
+    assert name == ["gemv_wq"] and key == [1]  # the one-row product's tuned config
+    by_row = torch.cat([gw.gemv_wq(x[i], *w, **{k: (v[i] if k == "residual" else v) for k, v in kw.items()},
+                                   config=SMALL) for i in range(rows)])
+    assert torch.equal(out.reshape(by_row.shape), by_row)
+    assert rel_err(out.cpu(), truth(x, w, kw)) < 2e-5
 
 
 def test_tuning_includes_the_library_path(device):
