@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from flashc.errors import FlashcError
+from flashc.errors import ArtifactError, FlashcError
 from flashc.aliasing import written_placeholders
 from flashc.ir import Program, op_name
 from flashc.lowering import LoweringTable
@@ -228,6 +228,10 @@ KERNELS: dict[str, Kernel] = {
 class CudaOptions:
     cuda_graphs: bool = True  # replay the forward as one CUDA graph (static input shapes)
     tune: bool = True  # autotune each generated kernel on the first call's shapes
+    # every row of a multi-row call computed as a one-row call computes it (codegen.tuning.row_invariant):
+    # a speculative verify step bit-identical to the decode steps it replaces (flashc.generation's
+    # exact_verify), at the cost of reading each weight once a row
+    row_invariant: bool = False
 
 
 class CudaBackend:
@@ -255,6 +259,7 @@ class CudaBackend:
                 raise FlashcError(f"this model was compiled for {profile.name} on a machine without a GPU; "
                                   "save it and run it with flashc.load on a machine with an NVIDIA GPU")
 
+            no_gpu.row_invariant = options.row_invariant  # saved with the artifact (save_payload)
             return no_gpu
         _check_memory(program)
         # The device is detected once, here (flashc.profiles: the one table). The compile's
@@ -266,7 +271,8 @@ class CudaBackend:
                           "kernels are tuned for the local device", stacklevel=3)
         kernel_profile = local.name if local.name in PROFILES else "default"
         return CudaExecutable(program, use_cuda_graph=options.cuda_graphs, tune=options.tune,
-                              save_tuning=save_tuning, kernel_profile=kernel_profile)
+                              save_tuning=save_tuning, kernel_profile=kernel_profile,
+                              row_invariant=options.row_invariant)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         try:
@@ -276,7 +282,11 @@ class CudaBackend:
         import json
 
         (directory / "tuning.json").write_text(json.dumps(export_tuning(), sort_keys=True))
-        return {"tuning": "tuning.json"}
+        info = {"tuning": "tuning.json"}
+        if getattr(executable, "row_invariant", False):  # what the executable computes: kept with it
+            (directory / "cuda_options.json").write_text(json.dumps({"row_invariant": True}))
+            info["options"] = "cuda_options.json"
+        return info
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
         """Lower a loaded artifact; tuning it carries is used, tuning done at its first call is saved back."""
@@ -302,7 +312,17 @@ class CudaBackend:
         if program.meta.profile is None:  # flashc.load sets it from the manifest
             raise FlashcError("the CUDA backend loads a program with the profile it was compiled for; this one "
                               "has none: load artifacts with flashc.load")
-        return self.lower(program, get_profile(program.meta.profile), CudaOptions(), save_tuning)
+        options = CudaOptions()
+        if "options" in info:  # the options that change what the executable computes (save_payload)
+            import json
+
+            try:
+                saved = json.loads((directory / info["options"]).read_text())
+                options = CudaOptions(row_invariant=bool(saved["row_invariant"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ArtifactError(f"{directory / str(info['options'])}: unreadable CUDA options ({e}); "
+                                    "the artifact is damaged: compile the model again") from None
+        return self.lower(program, get_profile(program.meta.profile), options, save_tuning)
 
 
 def _save_tuning(save: Callable[[bytes], None]) -> None:
@@ -346,8 +366,10 @@ class CudaExecutable:
     """The lowered graph on the GPU; replayed from a CUDA graph after the first call."""
 
     def __init__(self, program: Program, use_cuda_graph: bool = True, tune: bool = True,
-                 save_tuning: Callable[[bytes], None] | None = None, kernel_profile: str = "default") -> None:
+                 save_tuning: Callable[[bytes], None] | None = None, kernel_profile: str = "default",
+                 row_invariant: bool = False) -> None:
         self.kernel_profile = kernel_profile  # the tuning tables the kernels read (codegen.tuning)
+        self.row_invariant = row_invariant  # CudaOptions.row_invariant
         _codegen("triton_gemv")  # a clear error now if Triton is missing
         graph = copy.deepcopy(program.graph)
         # inputs the graph writes in place (a decode step's KV cache): under a CUDA graph a
@@ -402,9 +424,9 @@ class CudaExecutable:
         return shared
 
     def run_eager(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        from flashc.codegen.tuning import use_profile
+        from flashc.codegen.tuning import row_invariant, use_profile
 
-        with use_profile(self.kernel_profile):
+        with use_profile(self.kernel_profile), row_invariant(self.row_invariant):
             out = self.module(*self.weights, *[a.to("cuda", non_blocking=True) for a in args])
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -430,9 +452,9 @@ class CudaExecutable:
                 return super().run_node(n)
 
         with torch.no_grad():
-            from flashc.codegen.tuning import use_profile
+            from flashc.codegen.tuning import row_invariant, use_profile
 
-            with use_profile(self.kernel_profile):
+            with use_profile(self.kernel_profile), row_invariant(self.row_invariant):
                 Tuning(self.module).run(*self.weights, *[a.to("cuda") for a in args])
         torch.cuda.synchronize()
         return tuned

@@ -163,7 +163,7 @@ case "${1:-verify}" in
     target=$(gpu_target)
     # session 13: float32 alone (compile + cold tuning) took most of 300 s; bf16 then ran in its own call
     (cd /tmp && step exactness 540 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
-      --prompts 2 --new-tokens 64 --dtypes bfloat16 float32)
+      --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16 float32)
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
     target=$(gpu_target)

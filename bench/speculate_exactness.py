@@ -8,7 +8,10 @@ which of them the reference prefers. A margin far below the dtype's rounding of 
 about 0.03 at logit 8) is a tie that the verify entry's matmul order broke the other way; a
 large margin is a bug.
 
-    python bench/speculate_exactness.py --target h100 --out OUT [--dtypes float32 bfloat16]
+    python bench/speculate_exactness.py --target h100 --out OUT [--dtypes float32 bfloat16 bfloat16-exact]
+
+`bfloat16-exact` compiles the verify entry with exact_verify=True (each token computed as the decode
+entry computes it): its rows should all say identical, and the entry spread be zero.
 """
 from __future__ import annotations
 
@@ -72,8 +75,9 @@ def main() -> None:
     ref64 = ref64.to(device=device, dtype=torch.float64).eval()
     passage, open_ended = _passage_prompts(tokenizer, args.prompts, 90)
     rows, records, spreads = [], [], []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
+    for dtype_name in args.dtypes:  # "bfloat16-exact": the verify entry compiled with exact_verify=True
+        exact = dtype_name.endswith("-exact")
+        dtype = getattr(torch, dtype_name.removesuffix("-exact"))
         model, _ = pretrained.load_smollm2(dtype)
         head = None
         if args.head:
@@ -81,7 +85,7 @@ def main() -> None:
 
             head = load_draft_head(args.head)
         gm = compile_generation(model, args.target, cache_len=512, batch=1, draft_len=5,
-                                prefill_chunk=512 if device == "cuda" else 64, draft_head=head)
+                                prefill_chunk=512 if device == "cuda" else 64, draft_head=head, exact_verify=exact)
         variants = {"ngram": {"speculate": "ngram"}, "ngram k fixed": {"speculate": "ngram", "adaptive": False}}
         if head is not None:
             variants["head"] = {"speculate": "head"}

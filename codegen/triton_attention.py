@@ -777,8 +777,10 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
         return
     profile = tuning.detect_profile(q.device)
     max_len = min(Lmax, max_seq_len) if max_seq_len is not None else Lmax
+    # row-invariant launches (tuning.row_invariant): every sequence split and tiled as a batch of one is
+    like = 1 if tuning.row_invariant_active() else B
     if config is None:
-        config = tuning.get_config("decode_attention", _decode_key(q, k_cache, max_len), profile)
+        config = tuning.get_config("decode_attention", _decode_key(q[:like], k_cache[:like], max_len), profile)
     block_n = int(config.get("BLOCK_N", 64))
     if block_n < 16:
         raise ValueError(f"decode_attention: BLOCK_N must be >= 16 (tl.dot), got config {config}")
@@ -786,7 +788,7 @@ def _launch_decode(q, k_cache, v_cache, seq_lens, o, scale, config, num_splits, 
         sm = tuning.hardware(profile)["sm_count"]
         if q.device.type == "cuda":
             sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-        ns, split_len = decode_num_splits(B, Hkv, max_len, sm, block_n, int(config.get("MIN_SPLIT_LEN", 256)))
+        ns, split_len = decode_num_splits(like, Hkv, max_len, sm, block_n, int(config.get("MIN_SPLIT_LEN", 256)))
     else:
         if int(num_splits) < 1:
             raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")

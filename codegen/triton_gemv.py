@@ -285,6 +285,8 @@ def _one_row_config(x, bias, norm_weight, residual, glu, n_out) -> dict:
 
 def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     K = x.shape[-1]
+    if config is None and M > 1 and tuning.row_invariant_active():
+        config = {"ROWWISE": True}
     if config is None:
         name, key = _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu)
         config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))

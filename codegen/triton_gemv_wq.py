@@ -540,6 +540,8 @@ def _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weig
 def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu,
             M, n_out, group, config):
     K = x.shape[-1]
+    if config is None and M > 1 and tuning.row_invariant_active():
+        config = {"ROWWISE": True}
     if config is None:
         name, key = _tuning_entry(M, n_out, x, group, bits, zero_points, bias, input_scale, norm_weight, residual, glu)
         config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(M))

@@ -185,7 +185,10 @@ def _launch(kernel_name, x, residual, weight, eps, config, y, s):
     if M == 0:
         return
     if config is None:
-        key = {"H": H, "M": M, "dtype": str(x.dtype).replace("torch.", "")}
+        # row-invariant launches (tuning.row_invariant): the one-row call's config (a row's arithmetic in a
+        # program does not depend on the other rows it holds)
+        rows = 1 if tuning.row_invariant_active() else M
+        key = {"H": H, "M": rows, "dtype": str(x.dtype).replace("torch.", "")}
         config = tuning.get_config(kernel_name, key, tuning.detect_profile(x.device), _fits_norm)
     block_m = int(config.get("BLOCK_M", 1))
     block_n = min(next_pow2(H), next_pow2(int(config.get("MAX_BLOCK_N", 8192))))

@@ -437,6 +437,26 @@ def use_profile(name: str):
         _active_profile.reset(token)
 
 
+_row_invariant: contextvars.ContextVar[bool] = contextvars.ContextVar("flashc_row_invariant", default=False)
+
+
+@contextlib.contextmanager
+def row_invariant(on: bool = True):
+    """Kernels launched inside compute every row of a multi-row call exactly as a one-row call of the
+    same shape computes it: the one-row call's tuned config, one row a program (codegen/triton_gemv.py's
+    ROWWISE; the norms' and decode attention's one-row configs and splits). A speculative verify step
+    run so equals, bit for bit, the decode steps it stands for (flashc.generation, exact_verify)."""
+    token = _row_invariant.set(bool(on))
+    try:
+        yield
+    finally:
+        _row_invariant.reset(token)
+
+
+def row_invariant_active() -> bool:
+    return _row_invariant.get()
+
+
 def detect_profile(device: Any = None) -> str:
     """Name of the tuning profile for ``device`` (a torch device, index or None).
 

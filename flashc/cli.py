@@ -121,7 +121,8 @@ def _compile_generation(args) -> int:
                                 source=source, tokenizer=tokenizer, progress=True, level=args.level,
                                 profile=args.profile, numeric_check=args.numeric_check,
                                 quantize=_quantize_option(args), calibration=args.calibration,
-                                prune=_prune_option(args), ssm=_ssm_option(args), draft_head=head)
+                                prune=_prune_option(args), ssm=_ssm_option(args), draft_head=head,
+                                exact_verify=args.exact_verify)
     print(gm.decode.report().render())
     print(gm.describe())
     if args.report_json:
@@ -143,7 +144,8 @@ def _entry_size(given: int | None) -> int | str | None:
 
 def _generation_options_unused(args) -> None:
     for option, value in (("--prefill-chunk", args.prefill_chunk), ("--draft-len", args.draft_len),
-                          ("--ragged", args.ragged or None), ("--draft-head", args.draft_head)):
+                          ("--ragged", args.ragged or None), ("--draft-head", args.draft_head),
+                          ("--exact-verify", args.exact_verify or None)):
         if value is not None:
             raise FlashcError(f"{option} applies to --signature generate (the entries it compiles); add "
                               "--signature generate --cache-len N or drop it")
@@ -1030,6 +1032,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draft-head", default=None, metavar="HEAD_DIR",
                    help="generate: a draft head from `flashc train-draft`, saved with the artifact, for "
                         "`flashc generate --speculate head`")
+    c.add_argument("--exact-verify", action="store_true",
+                   help="generate, CUDA targets, batch 1: the verify entry computes each token as the decode entry "
+                        "does, so greedy speculation is plain decoding bit for bit in bf16 too (weights read once a "
+                        "drafted token)")
     c.add_argument("--report-json", type=_report_output, default=None, metavar="FILE",
                    help="also write the compile report as JSON to FILE (replaced atomically)")
     c.add_argument("--quantize", default=None, metavar="SCHEME",

@@ -47,7 +47,8 @@ DEFAULT_DRAFT_LEN = 4
 def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len: int, batch: int = 1,
                        prefill_chunk: int | None | str = "auto", draft_len: int | None | str = "auto",
                        source: ModelSource | None = None, tokenizer: str | None = None, ragged: bool = False,
-                       progress: bool = False, draft_head=None, **compile_kwargs: Any) -> "GenerationModel":
+                       progress: bool = False, draft_head=None, exact_verify: bool = False,
+                       **compile_kwargs: Any) -> "GenerationModel":
     """Compile a Hugging Face causal LM's decode step at 1, prefill_chunk and draft_len + 1 tokens.
 
     cache_len: positions of the static KV cache (prompt + new tokens must fit). prefill_chunk:
@@ -59,8 +60,12 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
     batch holds prompts of different lengths and each sequence keeps its own drafts
     (flashc.ragged). draft_head: a flashc.draft_head.DraftHead for this model: the entries then
     return their hidden states too, and generate(..., speculate="head") drafts with it; it is
-    saved with the model. compile_kwargs go to flashc.compile for every entry (level,
-    profile, quantize, calibration, prune, verify, ...).
+    saved with the model. exact_verify (CUDA targets, batch 1): the verify entry computes each of
+    its tokens exactly as the decode entry computes one (CudaOptions.row_invariant), so greedy
+    speculation is token for token plain decoding in bf16 too, where the verify step's batched
+    products would otherwise round differently and part at near-ties of the logits; each weight is
+    then read once a token (from L2 for a small model's layers). compile_kwargs go to
+    flashc.compile for every entry (level, profile, quantize, calibration, prune, verify, ...).
     """
     from flashc.api import compile as compile_model
     from flashc.decode import DecodeStep, decode_example_inputs, state_layers
@@ -110,14 +115,68 @@ def compile_generation(model: torch.nn.Module, target: str = "cpu", *, cache_len
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="compile entries", unit="entry")
+    if exact_verify:
+        _check_exact_verify(target, batch, draft_len, compile_kwargs)
     for name, tokens in items:
         example = decode_example_inputs(model, batch, cache_len, tokens=tokens, per_sequence=ragged)
         src = ModelSource(base.kind, base.name, base.dtype, base.seed, batch, tokens, "decode", cache_len)
-        entries[name] = compile_model(step, target, example, source=src, **compile_kwargs)
+        kwargs = compile_kwargs
+        if exact_verify and name == "verify":
+            kwargs = {**compile_kwargs, "options": {**(compile_kwargs.get("options") or {}), "row_invariant": True}}
+        entries[name] = compile_model(step, target, example, source=src, **kwargs)
+        if exact_verify and name == "verify":
+            _check_row_invariant(entries[name])
     share_weights(entries)
     if rewrite is not None:
         entries["decode"].rewrites = {"attention -> SSM": rewrite.rows()}
     return GenerationModel(entries, tokenizer=tokenizer, draft_head=draft_head)
+
+
+# What a row-invariant verify entry may hold (CudaOptions.row_invariant): flashc ops whose CUDA kernels
+# compute every row as a one-row call does under it, and ATen ops that act on each element or only move data
+ROW_INVARIANT_FLASHC = frozenset({
+    "flashc.gemv", "flashc.gemv_wq", "flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary",
+    "flashc.rotary_interleaved", "flashc.rotary_kv_write", "flashc.rotary_qkv_write", "flashc.decode_attention",
+    "flashc.swiglu", "flashc.geglu"})
+ROW_INVARIANT_ATEN = frozenset(f"aten.{n}" for n in (
+    "embedding", "view", "reshape", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "cat", "stack", "split", "split_with_sizes", "chunk", "clone", "contiguous", "to", "_to_copy", "alias",
+    "detach", "mul", "add", "sub", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "silu", "gelu",
+    "cos", "sin", "where", "index_copy_", "index_copy", "index_put_", "index_select", "copy_", "fill_", "full",
+    "zeros", "ones", "arange", "lift_fresh_copy", "type_as", "flatten", "view_as_real", "view_as_complex",
+    "_assert_tensor_metadata"))
+
+
+def _check_exact_verify(target: str, batch: int, draft_len, compile_kwargs: dict) -> None:
+    from flashc.targets import get_target
+
+    if get_target(target).backend().name != "cuda":
+        raise InputError(f"exact_verify: target {target!r} does not run the CUDA backend; the option makes the "
+                         "CUDA kernels compute a verify step row by row (other targets: leave it off)")
+    if batch != 1:
+        raise InputError(f"exact_verify: batch {batch}; the verify step is computed row by row at batch 1 only")
+    if draft_len is None:
+        raise InputError("exact_verify: draft_len=None compiles no verify entry to make exact")
+    if (compile_kwargs.get("options") or {}).get("row_invariant") is False:
+        raise InputError("exact_verify: options={'row_invariant': False} contradicts it")
+
+
+def _check_row_invariant(cm: CompiledModel) -> None:
+    """Refuse a verify entry whose lowered graph (after the CUDA backend's late passes: the GEMVs, the
+    fused KV writes) holds an op whose kernel is not computed row by row (a fused MoE, a GEMM)."""
+    from flashc.backends.cuda import CudaOptions
+    from flashc.ir import op_name
+    from flashc.lowering import run_late_passes
+    from flashc.targets import get_target
+
+    lowered, _ = run_late_passes(get_target(cm.target).backend(), cm.program, cm.profile,
+                                 CudaOptions(row_invariant=True))
+    other = sorted({op_name(n) for n in lowered.graph.nodes if n.op == "call_function"}
+                   - ROW_INVARIANT_FLASHC - ROW_INVARIANT_ATEN - {"getitem"})
+    if other:
+        raise InputError(f"exact_verify: the verify entry holds {', '.join(other)}, whose kernels do not compute "
+                         "each row as a one-row call does; compile without exact_verify (speculation then agrees "
+                         "with plain decoding up to the dtype's rounding)")
 
 
 def share_weights(entries: dict[str, CompiledModel]) -> int:

@@ -75,3 +75,18 @@ def test_layerskip_from_the_command_line_is_plain_greedy(artifact, capsys):
     assert "layerskip:E takes the exit layer" in capsys.readouterr().err
     assert main(["generate", str(artifact), "--prompt-ids", "1,2", "--speculate", "layerskip:2"]) == 2
     assert "exit_layer must be in 1..1" in capsys.readouterr().err
+
+
+def test_compile_exact_verify_for_a_gpu_and_refused_elsewhere(tmp_path, capsys):
+    """--exact-verify: the verify entry of a CUDA target's artifact keeps its row-invariant option; a CPU
+    target and a single-signature compile refuse it, naming why."""
+    out = tmp_path / "exact"
+    assert main(["compile", "llama-tiny", "--target", "h100", "--signature", "generate", "--cache-len", "32",
+                 "--exact-verify", "-o", str(out)]) == 0
+    (options,) = out.rglob("cuda_options.json")
+    assert options.parent.parent.name == "verify" and json.loads(options.read_text()) == {"row_invariant": True}
+    capsys.readouterr()
+    assert main(["compile", "llama-tiny", "--signature", "generate", "--cache-len", "32", "--exact-verify"]) != 0
+    assert "does not run the CUDA backend" in capsys.readouterr().err
+    assert main(["compile", "llama-tiny", "--exact-verify"]) != 0
+    assert "applies to --signature generate" in capsys.readouterr().err

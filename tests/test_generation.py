@@ -14,7 +14,7 @@ from test_generate import greedy_reference
 
 import flashc
 from flashc import zoo
-from flashc.errors import InputError
+from flashc.errors import ArtifactError, InputError
 from flashc.generate import Sampling, Steps
 from flashc.generation import GenerationModel, compile_generation
 from flashc.speculate import NgramDrafter, Plan, Speculator, accept
@@ -235,6 +235,41 @@ def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
         assert gaps == [16, 32, 64], gaps  # each failed probe doubles the wait
         spec.counts[0] = [9.0, 1.0]  # conditions changed: speculation pays again
         assert spec.choose(4) > 0 and spec.probe_every == Speculator.PROBE_EVERY
+
+
+def test_exact_verify_compiles_a_row_invariant_verify_entry_that_artifacts_keep(tmp_path):
+    """exact_verify=True (CUDA targets): the verify entry's CUDA options say row_invariant (its kernels then
+    compute each token as the decode entry does; tests/codegen check them bit for bit), the other entries
+    not; saved and loaded, the verify entry keeps it. Compiled on this CPU machine for an H100."""
+    from flashc.generation import load_generation
+
+    model = zoo.build("llama-tiny", dtype=torch.bfloat16, seed=0)
+    gm = compile_generation(model, "h100", cache_len=32, batch=1, prefill_chunk=8, draft_len=3, level=3,
+                            verify=False, exact_verify=True)
+    assert gm.entries["verify"].executable.row_invariant
+    assert not gm.entries["decode"].executable.row_invariant
+    path = gm.save(tmp_path / "gen")
+    loaded = load_generation(path)
+    assert loaded.entries["verify"].executable.row_invariant
+    assert not loaded.entries["decode"].executable.row_invariant
+    (options,) = path.rglob("cuda_options.json")
+    options.write_text("{")  # damaged: a clear error, not a verify entry silently computed otherwise
+    with pytest.raises(ArtifactError):
+        load_generation(path)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target": "cpu"}, "does not run the CUDA backend"),
+    ({"batch": 2}, "batch 2"),
+    ({"draft_len": None}, "no verify entry"),
+    ({"model": "mixtral-tiny"}, "flashc.moe"),
+])
+def test_exact_verify_refuses_what_it_cannot_make_exact(kwargs, match):
+    model = zoo.build(kwargs.pop("model", "llama-tiny"), dtype=torch.bfloat16, seed=0)
+    args = {"target": "h100", "batch": 1, "draft_len": 3, **kwargs}
+    with pytest.raises(InputError, match=match):
+        compile_generation(model, args.pop("target"), cache_len=32, prefill_chunk=8, level=3, verify=False,
+                           exact_verify=True, **args)
 
 
 def test_greedy_acceptance_keeps_the_common_prefix():

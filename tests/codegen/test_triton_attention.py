@@ -184,6 +184,24 @@ def test_verify_queries_run_as_decode_sequences(device, dtype, positions_shape, 
     assert calls == [("decode", (6, 4, 1, 32)), ("decode", (2, 4, 1, 32)), ("chunk", (2, 4, 6, 32))]
 
 
+def test_row_invariant_verify_queries_equal_one_query_decode_steps_bit_for_bit(device):
+    """Under codegen.tuning.row_invariant (a CUDA verify entry compiled with exact_verify) each query of a
+    verify step is split and tiled as the one-token decode step's call is: equal to it bit for bit."""
+    from flashc.backends import cuda
+
+    seed("row_invariant_verify")
+    T, L, D = 6, 2048, 16  # 8 KV heads: one query splits the keys 8 ways, six as a batch would split them 6 ways
+    q, k, v = qkv(1, 8, 8, T, L, D, torch.float32, device)
+    positions = torch.arange(L - T - 9, L - 9, device=device)
+    scale = 1 / math.sqrt(D)
+    with ta.tuning.row_invariant():
+        together = cuda._decode_attention(q, k, v, positions, scale)
+    alone = torch.cat([cuda._decode_attention(q[:, :, i:i + 1], k, v, positions[i:i + 1], scale) for i in range(T)], 2)
+    assert torch.equal(together, alone)
+    assert rel_err(together, ta.reference_chunk_attention(q.double(), k.double(), v.double(), positions)) < 1e-5
+    assert not torch.equal(cuda._decode_attention(q, k, v, positions, scale), alone)  # as a batch: other splits
+
+
 def test_chunk_attention_errors(device):
     q, k, v = qkv(1, 2, 2, 4, 10, 16, torch.float32, device)
     with pytest.raises(ValueError, match="positions must have shape"):

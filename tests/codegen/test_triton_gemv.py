@@ -111,6 +111,18 @@ def test_rowwise_rows_equal_one_row_products_bit_for_bit(device, monkeypatch, fo
     assert rel_err(out.cpu(), truth(x, w, kw)) < 2e-5
 
 
+@pytest.mark.parametrize("fold", ["norm_swiglu", "everything"])
+def test_row_invariant_context_computes_rows_as_one_row_calls(device, fold):
+    """codegen.tuning.row_invariant (a CUDA verify entry compiled with exact_verify): untuned-config calls of
+    several rows equal the one-row calls bit for bit."""
+    x, w, kw = make(device, torch.float32, (6, 1), 96, 40, FOLDS[fold])
+    with tg.tuning.row_invariant():
+        together = tg.gemv(x, w, **kw)
+    alone = torch.cat([tg.gemv(x[i], w, **{k: (v[i] if k == "residual" else v) for k, v in kw.items()})
+                       for i in range(6)])
+    assert torch.equal(together.reshape(alone.shape), alone)
+
+
 def test_rows_tuning_offers_rowwise(device):
     assert {"ROWWISE": True} in tg.tuning.candidates("gemv_rows", "h100")
     x, w, kw = make(device, torch.float32, (6,), 64, 32, FOLDS["residual"])

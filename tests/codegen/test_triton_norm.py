@@ -124,3 +124,25 @@ def test_norm_errors_name_what_was_expected(device):
 def test_compiled_kernel_rejects_cpu_tensors():
     with pytest.raises(ValueError, match="need CUDA tensors"):
         tn.rms_norm(torch.randn(2, 8), torch.ones(8))
+
+
+def test_row_invariant_rows_equal_one_row_calls(device, monkeypatch):
+    """Under codegen.tuning.row_invariant the rows take the one-row call's config (a multi-row tile here,
+    told apart by its key): each row equals the one-row call bit for bit."""
+    configs = {1: {"BLOCK_M": 1, "MAX_BLOCK_N": 64, "num_warps": 2}, 8: {"BLOCK_M": 4, "MAX_BLOCK_N": 256, "num_warps": 4}}
+    keys = []
+    monkeypatch.setattr(tn.tuning, "get_config",
+                        lambda name, key, *a: keys.append(key["M"]) or configs[1 if key["M"] == 1 else 8])
+    x = torch.randn(6, 200, device=device)
+    r = torch.randn(6, 200, device=device)
+    w = torch.randn(200, device=device)
+    with tn.tuning.row_invariant():
+        y = tn.rms_norm(x, w, 1e-6)
+        total, z = tn.add_rms_norm(x, r, w, 1e-6)
+    assert keys == [1, 1]
+    for i in range(6):
+        assert torch.equal(y[i:i + 1], tn.rms_norm(x[i:i + 1], w, 1e-6))
+        t_i, z_i = tn.add_rms_norm(x[i:i + 1], r[i:i + 1], w, 1e-6)
+        assert torch.equal(total[i:i + 1], t_i) and torch.equal(z[i:i + 1], z_i)
+    tn.rms_norm(x, w, 1e-6)
+    assert keys[-1] == 6  # outside the context: the rows' own key
