@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from flashc.errors import ArtifactError, FlashcError
+from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.aliasing import written_placeholders
 from flashc.ir import Program, op_name
 from flashc.lowering import LoweringTable
@@ -224,6 +224,33 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+# What a row-invariant program may hold (CudaOptions.row_invariant): flashc ops whose kernels compute every
+# row as a one-row call does under codegen.tuning.row_invariant, and ATen ops that act on each element or only
+# move data
+ROW_INVARIANT_FLASHC = frozenset({
+    "flashc.gemv", "flashc.gemv_wq", "flashc.rms_norm", "flashc.add_rms_norm", "flashc.rotary",
+    "flashc.rotary_interleaved", "flashc.rotary_kv_write", "flashc.rotary_qkv_write", "flashc.decode_attention",
+    "flashc.swiglu", "flashc.geglu"})
+ROW_INVARIANT_ATEN = frozenset(f"aten.{n}" for n in (
+    "embedding", "view", "reshape", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "cat", "stack", "split", "split_with_sizes", "chunk", "clone", "contiguous", "to", "_to_copy", "alias",
+    "detach", "mul", "add", "sub", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "silu", "gelu",
+    "cos", "sin", "where", "index_copy_", "index_copy", "index_put_", "index_select", "copy_", "fill_", "full",
+    "zeros", "ones", "arange", "lift_fresh_copy", "type_as", "flatten", "view_as_real", "view_as_complex",
+    "_assert_tensor_metadata"))
+
+
+def _check_row_invariant(program: Program) -> None:
+    """Refuse, under CudaOptions.row_invariant, a lowered program holding an op whose kernel is not computed
+    row by row (a fused MoE, a GEMM): it would compute other numbers than its one-row counterpart."""
+    other = sorted({op_name(n) for n in program.graph.nodes if n.op == "call_function"}
+                   - ROW_INVARIANT_FLASHC - ROW_INVARIANT_ATEN - {"getitem"})
+    if other:
+        raise InputError(f"row_invariant: the program holds {', '.join(other)}, whose kernels do not compute "
+                         "each row as a one-row call does; compile without it (with exact_verify: speculation then "
+                         "agrees with plain decoding up to the dtype's rounding)")
+
+
 @dataclass(frozen=True)
 class CudaOptions:
     cuda_graphs: bool = True  # replay the forward as one CUDA graph (static input shapes)
@@ -254,6 +281,8 @@ class CudaBackend:
 
     def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,
               save_tuning: Callable[[bytes], None] | None = None):
+        if options.row_invariant:
+            _check_row_invariant(program)
         if not torch.cuda.is_available():
             def no_gpu(*args):
                 raise FlashcError(f"this model was compiled for {profile.name} on a machine without a GPU; "
