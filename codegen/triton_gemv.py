@@ -277,6 +277,16 @@ def _library(x, w, bias, norm_weight, eps, residual, glu):
     return y if residual is None else y + residual
 
 
+def by_row(run, x: torch.Tensor, residual: torch.Tensor | None, n_out: int) -> torch.Tensor:
+    """``run(row [1, K], residual row [1, n_out] or None)`` for each row of x, stacked as x's rows of n_out:
+    a ROWWISE product whose one-row choice is the library path (one call a row, as a one-row step makes it)."""
+    K = x.shape[-1]
+    rows = _rows(x, K)
+    res = _rows(residual, n_out) if residual is not None else None
+    out = [run(rows[i:i + 1], None if res is None else res[i:i + 1]) for i in range(rows.shape[0])]
+    return torch.cat(out).reshape(*x.shape[:-1], n_out)
+
+
 def _one_row_config(x, bias, norm_weight, residual, glu, n_out) -> dict:
     """What a one-row product of this shape runs (a decode step's tuned choice)."""
     name, key = _tuning_entry(1, n_out, x, bias, norm_weight, residual, glu)
@@ -295,11 +305,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
         config = _one_row_config(x, bias, norm_weight, residual, glu, n_out)
     if config.get("library"):
         if rowwise:
-            rows = _rows(x, K)
-            res = _rows(residual, n_out) if residual is not None else None
-            out = [_library(rows[i:i + 1], w, bias, norm_weight, eps, None if res is None else res[i:i + 1], glu)
-                   for i in range(M)]
-            return torch.cat(out).reshape(*x.shape[:-1], n_out)
+            return by_row(lambda row, res: _library(row, w, bias, norm_weight, eps, res, glu), x, residual, n_out)
         return _library(x, w, bias, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if M == 0 or n_out == 0:

@@ -77,7 +77,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, reference_gemv
+from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, by_row, reference_gemv
 
 __all__ = ["MAX_ROWS", "gemv_wq", "tune_gemv_wq", "reference_gemv_wq", "dequantize_weight", "linear_wq"]
 
@@ -551,11 +551,8 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
         config = tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(1))
     if config.get("library"):
         if rowwise:
-            rows = _rows(x, K)
-            res = _rows(residual, n_out) if residual is not None else None
-            out = [_library(rows[i:i + 1], qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps,
-                            None if res is None else res[i:i + 1], glu) for i in range(M)]
-            return torch.cat(out).reshape(*x.shape[:-1], n_out)
+            return by_row(lambda row, res: _library(row, qweight, scales, zero_points, bits, bias, input_scale,
+                                                    norm_weight, eps, res, glu), x, residual, n_out)
         return _library(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weight, eps, residual, glu)
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if M == 0 or n_out == 0:
