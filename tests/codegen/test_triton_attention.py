@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from flashc_testing import triton_dtypes
 
 pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's kernels need it")
 
 from flashc.codegen import triton_attention as ta  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-# Triton's CPU interpreter gets tl.dot on bf16 operands wrong (Triton 3.9: relative error
-# ~1e9 on a 16x16 product; bf16 loads, stores and elementwise math are fine), so bf16
-# attention is checked on GPUs only.
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(INTERPRETED, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly"),
-    ),
-]
+DTYPES = triton_dtypes()  # bf16 on GPUs only (flashc_testing.triton_dtypes says why)
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}
 UNEVEN = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from flashc_testing import triton_dtypes
 
 pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's kernels need it")
 
@@ -16,16 +17,8 @@ import flashc.sparse_ops  # noqa: E402,F401  (registers torch.ops.flashc.moe_spa
 from flashc.codegen import triton_moe as tm  # noqa: E402
 from flashc.codegen import tuning  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(INTERPRETED, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly"),
-    ),
-]
+DTYPES = triton_dtypes()  # bf16 on GPUs only (flashc_testing.triton_dtypes says why)
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 1}
 
 # (T, E, top_k, H, F, normalize)
