@@ -162,22 +162,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _group_params(S, ZP, rows, blk, ok, n_blocks, zp_stride, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
-        """Scales and zero points (float32) of rows ``rows`` and groups ``blk``, two index tensors that
-        broadcast to the tile's shape ([rows, sub-blocks] or [sub-blocks, rows])."""
-        s = tl.load(S + rows * n_blocks + blk, mask=ok, other=0.0).to(tl.float32)
+        """Scales and zero points (float32) of the [rows, sub-blocks] tile's groups ``blk``."""
+        s = tl.load(S + rows[:, None] * n_blocks + blk[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_ZP:
             if BITS == 3:  # a bitstream a row, block j at bit 3j: two bytes hold it
                 bit = blk * 3
-                z_ok = ok & ((bit // 8 + 1) < zp_stride)
-                z0 = tl.load(ZP + rows * zp_stride + bit // 8, mask=ok, other=0).to(tl.int32)
-                z1 = tl.load(ZP + rows * zp_stride + (bit // 8 + 1), mask=z_ok, other=0).to(tl.int32)
-                zp = (((z0 | (z1 << 8)) >> (bit % 8)) & 7).to(tl.float32)
+                z_ok = ok & ((bit // 8 + 1) < zp_stride)[None, :]
+                z0 = tl.load(ZP + rows[:, None] * zp_stride + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
+                z1 = tl.load(ZP + rows[:, None] * zp_stride + (bit // 8 + 1)[None, :], mask=z_ok, other=0).to(tl.int32)
+                zp = (((z0 | (z1 << 8)) >> (bit % 8)[None, :]) & 7).to(tl.float32)
             elif BITS < 8:  # 8 / BITS blocks a byte, the first in the lowest bits
                 PER: tl.constexpr = 8 // BITS
-                zb = tl.load(ZP + rows * zp_stride + blk // PER, mask=ok, other=0).to(tl.int32)
-                zp = ((zb >> ((blk % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                zb = tl.load(ZP + rows[:, None] * zp_stride + (blk // PER)[None, :], mask=ok, other=0).to(tl.int32)
+                zp = ((zb >> ((blk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
             else:
-                zp = tl.load(ZP + rows * zp_stride + blk, mask=ok, other=0).to(tl.float32)
+                zp = tl.load(ZP + rows[:, None] * zp_stride + blk[None, :], mask=ok, other=0).to(tl.float32)
         else:
             zp = tl.zeros_like(s) + (1 << (BITS - 1))
         return s, zp
@@ -246,26 +245,18 @@ if HAS_TRITON:
         rows = offs_n.to(tl.int64)
         up_rows = rows + up_row
         word = offs_s[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [SUBS, WORDS]: word i of the iteration
+        w_ptrs = QW + rows[:, None, None] * row_words + word[None, :, :] * UNIT
+        w_up_ptrs = QW + up_rows[:, None, None] * row_words + word[None, :, :] * UNIT
         if DOT:  # y^T = W x^T: the dequantized codes are the MMA's wide operand, the rows its narrow one
-            w_ptrs = QW + rows[:, None, None] * row_words + word[None, :, :] * UNIT  # [BLOCK_N, SUBS, WORDS]
-            w_up_ptrs = QW + up_rows[:, None, None] * row_words + word[None, :, :] * UNIT
             x_ptrs = X + offs_m[:, None] * stride_xm + tl.reshape(word, [SUBS * WORDS])[None, :] * CODES
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             sq = tl.zeros([BLOCK_M, SUBS * WORDS], dtype=tl.float32)
-        else:  # per row m: [SUBS, BLOCK_N, WORDS] sums of scaled products, reduced after the loop
-            # Sub-blocks lead the tile: Triton lays a warp's lanes along the contiguous words, then along the
-            # first dimension, so a thread holds BLOCK_N / num_warps rows of the same columns and every
-            # activation it loads serves all of them (rows first put 8 lanes on rows: one row a thread, an
-            # activation loaded a weight). The activations [SUBS, 1, WORDS] are loaded in the tile's layout
-            # when a code position is fewer elements than the program has threads (Triton re-issues such a
-            # cheap load in the layout its use needs), else they go through shared memory, 2 barriers a code.
-            w_ptrs = QW + rows[None, :, None] * row_words + word[:, None, :] * UNIT
-            w_up_ptrs = QW + up_rows[None, :, None] * row_words + word[:, None, :] * UNIT
-            x_ptrs = X + word[:, None, :] * CODES
-            accs = (tl.zeros([SUBS, BLOCK_N, WORDS], dtype=tl.float32),) * BLOCK_M
+        else:  # per row m: [BLOCK_N, SUBS, WORDS] sums of scaled products, reduced after the loop
+            x_ptrs = X + word * CODES
+            accs = (tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32),) * BLOCK_M
             accs_up = accs
-            sqs = (tl.zeros([SUBS, 1, WORDS], dtype=tl.float32),) * BLOCK_M
+            sqs = (tl.zeros([SUBS, WORDS], dtype=tl.float32),) * BLOCK_M
         # STAGES > 1: the word loads run that many iterations ahead (cp.async into shared memory);
         # without a tl.dot in the loop Triton pipelines only a loop that asks for it
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -274,24 +265,14 @@ if HAS_TRITON:
                 s_ok = offs_s < SUBS
             else:
                 s_ok = offs_s < (K - k0) // SUB
-            if DOT:  # [rows, sub-blocks] tiles
-                w_mask = n_ok[:, None, None] & s_ok[None, :, None]
-                p_ok = n_ok[:, None] & s_ok[None, :]
-                p_rows = rows[:, None]
-                p_up_rows = up_rows[:, None]
-                p_blk = blk[None, :]
-            else:  # [sub-blocks, rows]
-                w_mask = s_ok[:, None, None] & n_ok[None, :, None]
-                p_ok = s_ok[:, None] & n_ok[None, :]
-                p_rows = rows[None, :]
-                p_up_rows = up_rows[None, :]
-                p_blk = blk[:, None]
+            w_mask = n_ok[:, None, None] & s_ok[None, :, None]
             words, words_b, words_c = _load_units(w_ptrs, w_mask, BITS, EVEN)
             if ACT != 0:
                 words_up, words_up_b, words_up_c = _load_units(w_up_ptrs, w_mask, BITS, EVEN)
-            s, zp = _group_params(S, ZP, p_rows, p_blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
+            p_ok = n_ok[:, None] & s_ok[None, :]
+            s, zp = _group_params(S, ZP, rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
             if ACT != 0:
-                s_up, zp_up = _group_params(S, ZP, p_up_rows, p_blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
+                s_up, zp_up = _group_params(S, ZP, up_rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
             if DOT:
                 x_mask = m_ok[:, None] & tl.reshape(s_ok[:, None] & (word >= 0), [SUBS * WORDS])[None, :]
                 for c in tl.static_range(CODES):
@@ -326,23 +307,21 @@ if HAS_TRITON:
                 folds = ()  # norm_weight * input_scale of code c's columns
                 if HAS_NORM or HAS_XSCALE:
                     for c in tl.static_range(CODES):
-                        f = tl.full([SUBS, 1, WORDS], 1.0, tl.float32)
+                        f = tl.full([SUBS, WORDS], 1.0, tl.float32)
                         if HAS_NORM:
-                            f = f * tl.load(G + k0 + word[:, None, :] * CODES + c, mask=s_ok[:, None, None],
-                                            other=0.0).to(tl.float32)
+                            f = f * tl.load(G + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
                         if HAS_XSCALE:
-                            f = f * tl.load(XS + k0 + word[:, None, :] * CODES + c, mask=s_ok[:, None, None],
-                                            other=0.0).to(tl.float32)
+                            f = f * tl.load(XS + k0 + word * CODES + c, mask=s_ok[:, None], other=0.0).to(tl.float32)
                         folds = folds + (f,)
                 new_accs = ()
                 new_accs_up = ()
                 new_sqs = ()
                 for m in tl.static_range(BLOCK_M):
-                    x_sum = tl.zeros([SUBS, 1, WORDS], dtype=tl.float32)
-                    part = tl.zeros([SUBS, BLOCK_N, WORDS], dtype=tl.float32)
-                    part_up = tl.zeros([SUBS, BLOCK_N, WORDS], dtype=tl.float32)
+                    x_sum = tl.zeros([SUBS, WORDS], dtype=tl.float32)
+                    part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                    part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
                     sq = sqs[m]
-                    x_ok = (s_ok & (offs_s * 0 + m < M))[:, None, None]  # (a tensor: the interpreter mishandles a scalar here)
+                    x_ok = (s_ok & (offs_s * 0 + m < M))[:, None]  # (a tensor: the interpreter mishandles a scalar here)
                     for c in tl.static_range(CODES):
                         x = tl.load(x_ptrs + m * stride_xm + c, mask=x_ok, other=0.0).to(tl.float32)
                         if HAS_NORM:
@@ -352,13 +331,13 @@ if HAS_TRITON:
                         x_sum += x
                         # 2**(X_EXP - e_c), e_c as in _masked_code (a constexpr: no jit call in a loop)
                         xq = (x * 2.0 ** (_X_EXP - (c * BITS % 32 - 16 * (c * BITS % 32 + BITS > 20))
-                                          * (c * BITS % 32 + BITS <= 32)))
+                                          * (c * BITS % 32 + BITS <= 32)))[None, :, :]
                         part += _code(words, words_b, words_c, c, BITS) * xq
                         if ACT != 0:
                             part_up += _code(words_up, words_up_b, words_up_c, c, BITS) * xq
-                    new_accs = new_accs + (accs[m] + part * a - b * x_sum,)
+                    new_accs = new_accs + (accs[m] + part * a - b * x_sum[None, :, :],)
                     if ACT != 0:
-                        new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum,)
+                        new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum[None, :, :],)
                     new_sqs = new_sqs + (sq,)
                 accs = new_accs
                 if ACT != 0:
@@ -379,11 +358,11 @@ if HAS_TRITON:
             up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             sq_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
             for m in tl.static_range(BLOCK_M):
-                out = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs[m], axis=2), axis=0)[None, :], out)
+                out = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs[m], axis=2), axis=1)[None, :], out)
                 if ACT != 0:
-                    up = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs_up[m], axis=2), axis=0)[None, :], up)
+                    up = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs_up[m], axis=2), axis=1)[None, :], up)
                 if HAS_NORM:
-                    sq_rows = tl.where(offs_m == m, tl.sum(tl.sum(tl.sum(sqs[m], axis=2), axis=1), axis=0), sq_rows)
+                    sq_rows = tl.where(offs_m == m, tl.sum(tl.sum(sqs[m], axis=1), axis=0), sq_rows)
         gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_row, R, Y, offs_m, offs_n, m_ok, n_ok,
                       stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
 
@@ -423,8 +402,7 @@ if HAS_TRITON:
         else:
             words = tl.load(unit, mask=ok[:, :, None], other=0)
             q = ((words[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-        s, zp = _group_params(S, ZP, rows[:, None], ((k0 + offs_s * SUB) // GROUP)[None, :], ok, n_blocks, zp_stride,
-                              BITS, HAS_ZP)
+        s, zp = _group_params(S, ZP, rows, (k0 + offs_s * SUB) // GROUP, ok, n_blocks, zp_stride, BITS, HAS_ZP)
         w = (q - zp[:, :, None, None]) * s[:, :, None, None]
         cols = k0 + offs_s[:, None, None] * SUB + offs_w[None, :, None] * CODES + j[None, None, :]
         tl.store(Y + rows[:, None, None, None] * K + cols[None, :, :, :], w.to(Y.dtype.element_ty),
@@ -592,10 +570,8 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
     elif M > ELEMENTWISE_ROWS and not rowwise:
         raise ValueError(f"gemv_wq: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
-    else:  # a sub-block is at least one unit of codes, and a code position fewer units than the program has
-        # threads (the activations then load straight into the tile's layout: the kernel's docstring)
-        units = 16 * int(config.get("num_warps", 4))
-        block_k = max(min(block_k, units * _codes_per_unit(bits)), _codes_per_unit(bits))
+    else:  # a sub-block is at least one unit of codes
+        block_k = max(block_k, _codes_per_unit(bits))
     sub, subs = _sub_block(block_k, group)
     pdl = pdl_enabled(x.device)
     n_blocks = qweight.shape[1]

@@ -236,29 +236,33 @@ _GEMV_ROWS = _cfgs(
     {"library": True},
 )
 
-# Weight-only quantized decode GEMV (codegen/triton_gemv_wq): BLOCK_K codes a row per iteration. The
-# elementwise tile is [sub-blocks, BLOCK_N, words]: a warp's lanes run along K (4 lanes of 4 words, then
-# the sub-blocks), the warps along rows, so a thread holds BLOCK_N / num_warps rows (1024 codes at 8 warps)
-# or BLOCK_N / (2 num_warps) (512 codes) of the same columns, and the launcher keeps BLOCK_K below 16
-# units a warp so that the activations are loaded straight into that layout (otherwise they pass through
-# shared memory: 22 barriers an iteration in the tiles tuned on an H100 on 2026-12-06, which read
-# llama-3-8b's matrices at 1.9-3.1x their floor). Offline sm_90 compiles (Triton 3.6, int4, norm + GLU):
-# 64 x 1024 / 8 warps 3.4 SASS instructions a weight at 253 registers, 32 x 1024 / 8 warps 4.0 at 175,
-# 16 x 512 / 4 warps 5.1 at 96, no barrier in the loop beyond one for the scales. num_stages > 1 streams
-# the words through shared memory (cp.async) that many iterations ahead; narrow tiles keep enough programs
-# on 4096-row matrices; the library path is the last candidate. Each candidate is a ~1 s compile per fold
-# combination, so the list stays short.
+# Weight-only quantized decode GEMV (codegen/triton_gemv_wq): BLOCK_K codes a row per iteration
+# (1024 = 8 int4 groups of 128: a warp's 32 lanes x 4 words side by side along K), so a thread
+# holds BLOCK_N / num_warps rows of 4 words; more rows a thread share the activations' loads and
+# conversions (~2.9 SASS instructions a weight at 8 rows, 3.4 at 4: offline sm_90 compiles). An
+# int4 row is a quarter of a bf16 row's bytes, hence wider BLOCK_N than _GEMV; num_stages > 1
+# streams the words through shared memory (cp.async) that many iterations ahead. Narrow tiles
+# keep enough programs on 2048-wide outputs; the library path is the last candidate. Each
+# candidate is a ~1 s compile per fold combination, so the lists stay short.
 _GEMV_WQ = _cfgs(
-    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_N": 64, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 2, "num_stages": 1},
-    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 64, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
+    # more programs and more bytes in flight a program for the small matrices: on an H100 (2026-12-06) the
+    # tuned tiles above read llama-3-8b's 4096-row qkv and o_proj at 3.1x their floor (256-384 programs of
+    # 8-16 KB steps on 132 SMs) against 1.9x for the 28672-row gate|up
+    {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+    # a whole 4096-code row in one step: Nsight Compute on an H100 (2026-12-06) put the 16 x 1024 tile at 17-19%
+    # achieved occupancy (168 registers with norm + GLU, 96 without) and 22-39% of DRAM bandwidth: latency-bound,
+    # too few bytes in flight. These issue every load of a row before any arithmetic (128-250 registers)
+    {"BLOCK_N": 8, "BLOCK_K": 4096, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 1},
     {"library": True},
 )
 # Several rows: the elementwise path spends one FMA a row per weight and spills from 4 rows, so
@@ -276,8 +280,8 @@ _GEMV_WQ_ROWS = _cfgs(
     # kernels), where the weights, read once, dominate both
     {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "DOT": True},
     {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "DOT": True},
-    {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 2, "num_stages": 1},
-    {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2},
     {"ROWWISE": True},  # each row as the one-row product runs it (as _GEMV_ROWS's)
     {"library": True},
 )
