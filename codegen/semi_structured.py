@@ -71,11 +71,13 @@ def shape_fits(n: int, k: int, dtype: torch.dtype) -> bool:
 
 
 def sparse_impls(device: torch.device, n: int, k: int, dtype: torch.dtype) -> list[str]:
-    """The sparse libraries that can run a [n, k] weight of dtype on device (sm80 or later)."""
+    """The sparse libraries that can run a [n, k] weight of dtype on device: PyTorch's CUTLASS kernels
+    on compute capability 8.x only (an H100 raises "Supported only on GPUs with compute capability
+    8.x", 2026-12-06), cuSPARSELt on sm80 and later where PyTorch was built with it."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return []
     out = []
-    if fits("cutlass", n, k, dtype):
+    if fits("cutlass", n, k, dtype) and torch.cuda.get_device_capability(device)[0] == 8:
         out.append("cutlass")
     if fits("cusparselt", n, k, dtype) and torch.backends.cusparselt.is_available():
         out.append("cusparselt")
