@@ -18,6 +18,8 @@
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
+#   bash bench/gpu_session.sh spec-quick # exact_verify's bf16 identity, ngram and layerskip (smollm2 carried)
+#   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -134,6 +136,10 @@ case "${1:-verify}" in
     step decode_q 260 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 125
     ;;
+  int4-shapes)  # the int4 GEMV shapes alone (8B), and the GPU tests session 14 fixed
+    step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
+    step gemv_wq 60 python3 bench/gemv_wq_shapes.py --out "$OUT" --quick --models llama-3-8b --budget-s 45
+    ;;
   int4-moe)  # Mixtral's routed int4 experts (codegen/triton_moe_wq), 4 of its 32 layers
     step decode_moe 300 python3 bench/decode.py --models mixtral-8x7b:4 --batches 1 8 --prefill 0 \
       --variants flashc flashc-int4 --out "$OUT" --timeout 290
@@ -164,6 +170,13 @@ case "${1:-verify}" in
     # session 13: float32 alone (compile + cold tuning) took most of 300 s; bf16 then ran in its own call
     (cd /tmp && step exactness 540 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
       --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16 float32)
+    ;;
+  spec-quick)  # a short lease's #18 check: exact_verify's bf16 identity, then ngram and layerskip (no head training)
+    target=$(gpu_target)
+    (cd /tmp && step exactness 240 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
+      --prompts 2 --new-tokens 64 --dtypes bfloat16-exact)
+    (cd /tmp && step speculate 280 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 --out "$OUT")
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
     target=$(gpu_target)
