@@ -20,6 +20,7 @@
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
 #   bash bench/gpu_session.sh spec-quick # exact_verify's bf16 identity, ngram and layerskip (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
+#   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -177,6 +178,11 @@ case "${1:-verify}" in
       --prompts 2 --new-tokens 64 --dtypes bfloat16-exact)
     (cd /tmp && step speculate 280 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 --out "$OUT")
+    ;;
+  exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
+    target=$(gpu_target)
+    (cd /tmp && step exactness_random 300 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" \
+      --out "$OUT" --model llama-3.2-1b:4 --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16)
     ;;
   speculate-b8)  # the same at batch 8 (the head trained by the part above, still in /tmp on a warm machine)
     target=$(gpu_target)

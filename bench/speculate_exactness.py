@@ -9,6 +9,11 @@ about 0.03 at logit 8) is a tie that the verify entry's matmul order broke the o
 large margin is a bug.
 
     python bench/speculate_exactness.py --target h100 --out OUT [--dtypes float32 bfloat16 bfloat16-exact]
+        [--model llama-3.2-1b:4]
+
+`--model NAME[:LAYERS]` takes a zoo model with seeded random weights instead (no carried wheel): the
+prompts are then random token ids, "passage" ones a random stretch repeated (prompt lookup finds its
+continuations), and random logits are near-ties everywhere, the hardest case for identity.
 
 `bfloat16-exact` compiles the verify entry with exact_verify=True (each token computed as the decode
 entry computes it): its rows should all say identical, and the entry spread be zero.
@@ -67,18 +72,35 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--head", default=None, metavar="DIR")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or a zoo model NAME[:LAYERS] with "
+                    "seeded random weights")
     args = ap.parse_args()
     device = "cpu" if args.target == "cpu" else "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ref64, tokenizer = pretrained.load_smollm2(torch.float32)
+    real = args.model == "smollm2-135m"
+    if real:
+        ref64, tokenizer = pretrained.load_smollm2(torch.float32)
+        passage, open_ended = _passage_prompts(tokenizer, args.prompts, 90)
+        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+        load = lambda dtype: pretrained.load_smollm2(dtype)[0]  # noqa: E731
+    else:
+        from flashc import zoo
+
+        name, _, layers = args.model.partition(":")
+        load = lambda dtype: zoo.build(name, dtype, num_layers=int(layers) if layers else None)  # noqa: E731
+        ref64 = load(torch.float32)
+        g = torch.Generator().manual_seed(0)
+        vocab = ref64.config.vocab_size
+        passage = [torch.randint(vocab, (45,), generator=g).repeat(2).tolist() for _ in range(args.prompts)]
+        open_ended = [torch.randint(vocab, (90,), generator=g).tolist() for _ in range(args.prompts)]
+        encode = lambda ids: ids  # noqa: E731
     ref64 = ref64.to(device=device, dtype=torch.float64).eval()
-    passage, open_ended = _passage_prompts(tokenizer, args.prompts, 90)
     rows, records, spreads = [], [], []
     for dtype_name in args.dtypes:  # "bfloat16-exact": the verify entry compiled with exact_verify=True
         exact = dtype_name.endswith("-exact")
         dtype = getattr(torch, dtype_name.removesuffix("-exact"))
-        model, _ = pretrained.load_smollm2(dtype)
+        model = load(dtype)
         head = None
         if args.head:
             from flashc.draft_head import load_draft_head
@@ -89,7 +111,7 @@ def main() -> None:
         variants = {"ngram": {"speculate": "ngram"}, "ngram k fixed": {"speculate": "ngram", "adaptive": False}}
         if head is not None:
             variants["head"] = {"speculate": "head"}
-        first = torch.tensor([tokenizer(passage[0])["input_ids"]])
+        first = torch.tensor([encode(passage[0])])
         spread = entry_spread(gm, gm.generate(first, 6))
         spread = {"dtype": dtype_name, "entries": "verify (6 tokens, one call) vs decode (a call a token)", **spread}
         print(json.dumps(spread), flush=True)
@@ -97,13 +119,13 @@ def main() -> None:
         spreads.append(spread)
         for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
             for p, text in enumerate(prompts):
-                ids = torch.tensor([tokenizer(text)["input_ids"]])
+                ids = torch.tensor([encode(text)])
                 plain = gm.generate(ids, args.new_tokens)
                 for name, kw in variants.items():
-                    spec = gm.generate(ids, args.new_tokens, **kw)
+                    spec, st = gm.generate(ids, args.new_tokens, return_stats=True, **kw)
                     at = first_difference(plain, spec)
                     rec = {"dtype": dtype_name, "prompts": kind, "prompt": p, "variant": name,
-                           "identical": at is None}
+                           "identical": at is None, "kept": f"{st.accepted}/{st.proposed}"}
                     if at is not None:
                         with torch.no_grad():
                             logits = ref64(input_ids=plain[:, :at].to(device)).logits[0, -1]
@@ -116,16 +138,17 @@ def main() -> None:
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
                     rows.append(rec)
-    lines = [f"### speculative greedy decoding against plain, smollm2-135m, {args.target}", "",
-             "| dtype | prompts | variant | identical | first differing step | ref. logit(plain) - logit(spec) |"
-             " ref. top-2 gap | reference's choice |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"### speculative greedy decoding against plain, {args.model}, {args.target}", "",
+             "| dtype | prompts | variant | drafts kept | identical | first differing step |"
+             " ref. logit(plain) - logit(spec) | ref. top-2 gap | reference's choice |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["identical"]:
-            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | yes | - | - | - | - |")
+            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | {r['kept']} | yes | - | - | - "
+                         "| - |")
         else:
             choice = ("plain" if r["reference_top"] == r["plain_token"] else
                       "spec" if r["reference_top"] == r["spec_token"] else "neither")
-            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | NO | {r['step']} | "
+            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | {r['kept']} | NO | {r['step']} | "
                          f"{r['margin']:+.4f} | {r['reference_gap']:.4f} | {choice} |")
     lines += ["", "| dtype | entries | max abs logit difference | logits' std | argmax differs (of 6) |",
               "|---|---|---|---|---|"]
