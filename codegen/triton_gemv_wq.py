@@ -213,6 +213,7 @@ if HAS_TRITON:
         SUB: tl.constexpr,
         SUBS: tl.constexpr,
         STAGES: tl.constexpr,
+        PREFETCH: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X: all rows with a grid of one
@@ -259,6 +260,14 @@ if HAS_TRITON:
             sqs = (tl.zeros([SUBS, WORDS], dtype=tl.float32),) * BLOCK_M
         # STAGES > 1: the word loads run that many iterations ahead (cp.async into shared memory);
         # without a tl.dot in the loop Triton pipelines only a loop that asks for it
+        # PREFETCH: the next step's words are loaded into registers before this step's arithmetic (the
+        # loads of two steps in flight a thread; Nsight Compute found the kernel latency-bound, its loads
+        # waiting on their step's arithmetic). The first step's words come before the loop.
+        nxt_mask = n_ok[:, None, None] & (offs_s < K // SUB)[None, :, None]
+        nxt, nxt_b, nxt_c = _load_units(w_ptrs, nxt_mask & PREFETCH, BITS, False)
+        nxt_up, nxt_up_b, nxt_up_c = nxt, nxt_b, nxt_c
+        if ACT != 0:
+            nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs, nxt_mask & PREFETCH, BITS, False)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             blk = (k0 + offs_s * SUB) // GROUP
             if EVEN:
@@ -266,9 +275,18 @@ if HAS_TRITON:
             else:
                 s_ok = offs_s < (K - k0) // SUB
             w_mask = n_ok[:, None, None] & s_ok[None, :, None]
-            words, words_b, words_c = _load_units(w_ptrs, w_mask, BITS, EVEN)
-            if ACT != 0:
-                words_up, words_up_b, words_up_c = _load_units(w_up_ptrs, w_mask, BITS, EVEN)
+            if PREFETCH:
+                words, words_b, words_c = nxt, nxt_b, nxt_c
+                words_up, words_up_b, words_up_c = nxt_up, nxt_up_b, nxt_up_c
+                nxt_mask = n_ok[:, None, None] & (offs_s < (K - k0 - BLOCK_K) // SUB)[None, :, None]
+                step = BLOCK_K // CODES * UNIT
+                nxt, nxt_b, nxt_c = _load_units(w_ptrs + step, nxt_mask, BITS, False)
+                if ACT != 0:
+                    nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs + step, nxt_mask, BITS, False)
+            else:
+                words, words_b, words_c = _load_units(w_ptrs, w_mask, BITS, EVEN)
+                if ACT != 0:
+                    words_up, words_up_b, words_up_c = _load_units(w_up_ptrs, w_mask, BITS, EVEN)
             p_ok = n_ok[:, None] & s_ok[None, :]
             s, zp = _group_params(S, ZP, rows, blk, p_ok, n_blocks, zp_stride, BITS, HAS_ZP)
             if ACT != 0:
@@ -599,6 +617,7 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             SUB=sub,
             SUBS=subs,
             STAGES=int(config.get("num_stages", 1)),
+            PREFETCH=bool(config.get("prefetch")) and not dot,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),

@@ -263,6 +263,11 @@ _GEMV_WQ = _cfgs(
     # too few bytes in flight. These issue every load of a row before any arithmetic (128-250 registers)
     {"BLOCK_N": 8, "BLOCK_K": 4096, "num_warps": 8, "num_stages": 1},
     {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 1},
+    # or the next step's words loaded into registers before this step's arithmetic ("prefetch": two steps in
+    # flight a thread; offline sm_90 compiles, int4: 8 x 1024 at 128 registers with norm + GLU, 80 with norm)
+    {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "prefetch": True},
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "prefetch": True},
+    {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "prefetch": True},
     {"library": True},
 )
 # Several rows: the elementwise path spends one FMA a row per weight and spills from 4 rows, so

@@ -28,6 +28,7 @@ FOLDS = {
 }
 SMALL = {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 2}
 DOT = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "DOT": True}
+PREFETCH = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2, "prefetch": True}  # several steps: the next one loaded ahead
 
 
 def rel_err(out, ref) -> float:
@@ -67,7 +68,7 @@ def truth(x, w, kw):
                                 None if zp is None else zp.cpu(), bits, **as64)
 
 
-@pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
+@pytest.mark.parametrize("config", [SMALL, PREFETCH, DOT], ids=["elementwise", "prefetch", "dot"])
 @pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False),
                                              (2, 16, True), (2, 64, False), (3, 32, True), (3, 64, False)],
                          ids=str)
@@ -75,7 +76,7 @@ def truth(x, w, kw):
 def test_codes_groups_and_rows_match_float64(device, lead, K, N, bits, group, asym, config):
     if K % group:
         pytest.skip("K is not a multiple of this group size")
-    if lead[0] > gw.ELEMENTWISE_ROWS and config is SMALL:
+    if lead[0] > gw.ELEMENTWISE_ROWS and not config.get("DOT"):
         pytest.skip("more rows than the elementwise path takes: a DOT config's case")
     x, w, kw = make(device, torch.float32, lead, K, N, {}, group, bits, asym)
     out = gw.gemv_wq(x, *w, **kw, config=config)
