@@ -99,7 +99,7 @@ class FlashcOps:
         g, n = hq // hkv, b * hkv
         q3 = self.emit(op.reshape(q, [n, g * s, d]))
         kt = self.emit(op.permute_dims(self.emit(op.reshape(k, [n, l, d])), [0, 2, 1]))  # [N, D, L]
-        scores = self.cast(self.emit(op.matmul(q3, kt)), "float32")  # [N, G*S, L]
+        scores = self.emit(op.matmul(q3, kt, out_dtype="float32"))  # [N, G*S, L], accumulated in fp32
         scores = self.emit(op.multiply(scores, self.const(scale, "float32")))
         if mask is not None:
             if _dtype(mask) == "bool":
@@ -114,8 +114,18 @@ class FlashcOps:
             bias = np.tile(np.where(allowed, 0.0, -np.inf).astype("float32"), (g, 1))  # [G*S, L]
             scores = self.emit(op.add(scores, self.R.const(bias, "float32")))
         probs = self.cast(self.emit(op.nn.softmax(scores, axis=-1)), _dtype(v))
-        out = self.emit(op.matmul(probs, self.emit(op.reshape(v, [n, l, dv]))))  # [N, G*S, Dv]
+        out = self.cast(self.emit(op.matmul(probs, self.emit(op.reshape(v, [n, l, dv])), out_dtype="float32")),
+                        _dtype(v))  # [N, G*S, Dv]: a sum over L keys, accumulated in fp32
         return self.emit(op.reshape(out, [b, hq, s, dv]))
+
+    def decode_attention(self, q, k_cache, v_cache, cache_position, scale: float):
+        """flashc.decode_attention: `attention` with decode_mask (query s sees the keys j <= cache_position[s]);
+        every cache slot is read (TVM has no kernel bounded by the live length)."""
+        op = self.R.op
+        keys = self.emit(op.arange(_shape(k_cache)[2], dtype="int64"))
+        position = self.emit(op.astype(cache_position, "int64"))
+        mask = self.emit(op.less_equal(op.expand_dims(keys, 0), op.expand_dims(position, 1)))  # [S, L]
+        return self.attention(q, k_cache, v_cache, mask, False, scale)
 
     def moe(self, x, router_logits, gate_up_cols, down_rows, top_k: int, normalize: bool, threshold=None):
         """Top-k SwiGLU experts, DENSE formulation: every expert runs on every token; with a

@@ -409,3 +409,50 @@ def test_tvm_cuda_refuses_unfused_attention():
     model = zoo.build("llama-tiny")
     with pytest.raises(FlashcError, match="-O2 or -O3"):
         flashc.compile(model, "tvm-cuda", zoo.example_inputs("llama-tiny", 1, 8), level=0)
+
+
+def test_half_precision_linears_and_attention_accumulate_in_float32():
+    """A float16 linear over 4096 inputs and attention over 512 keys: each sum in float32 as PyTorch's does
+    (a float16 sum was 2.8e-2 off eager on two llama-3.2-1b layers), so TVM's error against a float64 truth
+    stays near eager float16's own."""
+    torch.manual_seed(0)
+
+    class LinearThenAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4096, 256, bias=False)
+
+        def forward(self, x, k, v):
+            q = self.proj(x).reshape(1, 4, 1, 64)
+            return self.proj(x), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    model = LinearThenAttention().half().eval()
+    x = torch.randn(1, 4096).half()
+    k, v = torch.randn(1, 4, 512, 64).half(), torch.randn(1, 4, 512, 64).half()
+    program = capture(model, (x, k, v))
+    PassManager(pipeline(3)).run(program, PassContext(PROFILES["cpu"]))
+    got = build_tvm(program, "llvm").load()(x, k, v)
+    with torch.no_grad():
+        truth = model.double()(x.double(), k.double(), v.double())
+        eager = model.half()(x, k, v)
+    for out, want, ref in zip(got, truth, eager):
+        assert rel_err(out.double(), want) < 3 * max(rel_err(ref.double(), want), 1e-4)
+
+
+def test_decode_attention_lowers_to_a_mask_over_the_cache():
+    """flashc.decode_attention (what -O3 makes of a decode step's masked attention over a static cache):
+    query s attends the keys j <= cache_position[s], every slot read."""
+    import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, pos):
+            return torch.ops.flashc.decode_attention(q, k, v, pos, 0.125)
+
+    q, k, v = torch.randn(2, 4, 3, 64), torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64)
+    pos = torch.tensor([17, 18, 19])
+    got = build_tvm(capture(Step(), (q, k, v, pos)), "llvm").load()(q, k, v, pos)[0]
+    keys = torch.arange(40)
+    mask = (keys[None, :] <= pos[:, None])[None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), attn_mask=mask, scale=0.125)
+    assert rel_err(got.double(), want) < TOL
