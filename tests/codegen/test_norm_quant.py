@@ -253,3 +253,25 @@ def test_launchers_on_codes_equal_the_linear_launchers(device, kind, per_token, 
         want = qm.linear_fp8(y, qweight, w_scales, bias, None, per_token)
     assert got.shape == want.shape == (m, 128)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind,per_token", SCHEMES)
+def test_glu_sweeps_equal_the_one_pass_kernel_bit_for_bit(device, monkeypatch, kind, per_token, act):
+    """Long GLU rows go through two sweeps of SWEEP_BLOCK_K columns: the same codes and scales as the
+    one-pass kernel (every element computed alike, maxima exact in any order), NaN rows included."""
+    g = seed("sweeps", kind, per_token, act)
+    k = 200  # not a multiple of the sweep's block: a masked last block
+    gu = (torch.randn(5, 2 * k, generator=g) * 3).to(torch.bfloat16).to(device)
+    gate, up = gu[:, :k], gu[:, k:]
+    gate[2, 7] = float("nan")
+    s = smoothing(k, torch.bfloat16, "same", g, device)
+    one_pass = nq.glu_quant(gate, up, act, s, kind, per_token)
+    monkeypatch.setattr(nq, "SWEEP_K", 16)
+    monkeypatch.setattr(nq, "SWEEP_BLOCK_K", 64)
+    swept = nq.glu_quant(gate, up, act, s, kind, per_token)
+    assert_same(swept[0], one_pass[0])
+    assert torch.equal(swept[1].isnan(), one_pass[1].isnan())
+    assert torch.equal(swept[1].nan_to_num(), one_pass[1].nan_to_num())
+    if per_token:  # the NaN row's scale is 1, as quantize_rows gives it
+        assert float(swept[1][2]) == 1.0 and float(swept[1][0]) != 1.0
