@@ -21,6 +21,7 @@
 #   bash bench/gpu_session.sh spec-quick # exact_verify's bf16 identity, ngram and layerskip (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
+#   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
 #   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -148,6 +149,13 @@ case "${1:-verify}" in
     step gemv_wq 60 python3 bench/gemv_wq_shapes.py --out "$OUT" --quick --models llama-3-8b --budget-s 45
     step prefill_w8a8 100 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 --out "$OUT" --timeout 95
+    ;;
+  tvm1b)  # issue #13's leftover: tvm-cuda (TVM's runtime alone) against flashc on a llama-3.2-1b decode step;
+          # carry build/tvm1b and build/tvmgpu (made here: bench/tvm_cuda_1b.py's docstring)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site ../build/tvmgpu/wheels/apache_tvm_ffi-*.whl \
+      >>"$OUT/install.log" 2>&1
+    step tvm1b 450 env PYTHONPATH="/tmp/site:$PWD/../build/tvmgpu/site" TVM_USE_RUNTIME_LIB=1 \
+      python3 bench/tvm_cuda_1b.py check --dir ../build/tvm1b --out "$OUT"
     ;;
   int4-moe)  # Mixtral's routed int4 experts (codegen/triton_moe_wq), 4 of its 32 layers
     step decode_moe 300 python3 bench/decode.py --models mixtral-8x7b:4 --batches 1 8 --prefill 0 \
