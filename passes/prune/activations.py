@@ -40,7 +40,7 @@ from flashc.passes.prune.layers import (
     op_label, real_weights,
 )
 from flashc.passes.prune.teal import (
-    ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
+    ErrorCurve, channel_normalized, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
 )
 from flashc.passes.quantize.calibration import ActivationSample, CalibrationData, collect_statistics
 
@@ -103,7 +103,7 @@ class SparsifyActivations:
             else:
                 rows = samples[id(site)].tensor()
                 fit, held = fit_held_split(rows.shape[0])  # thresholds from one half, measured on the other
-                gram = sum(w.float().t() @ w.float() for w in site.weights)
+                gram = sum(w.t() @ w for w in (channel_normalized(w, rows[fit]) for w in site.weights))
                 curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels)))
             held_out.append(rows[held])
         chosen = [0] * len(sites)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashc.passes.prune.teal import (
-    ErrorCurve, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
+    ErrorCurve, channel_normalized, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
 )
 from flashc.passes.quantize.calibration import ActivationSample
 
@@ -77,3 +77,24 @@ def test_activation_sample_is_spread_over_the_run():
     for call in range(4):  # calls of 4 rows each: rows 0..15
         sample((torch.arange(call * 4, call * 4 + 4).float().unsqueeze(1),))
     assert sample.tensor().flatten().tolist() == [0, 3, 6, 9, 12]
+
+
+def test_channel_normalized_errors_are_the_mean_relative_error_of_the_channels():
+    """Through channel_normalized weights an error curve is the mean over output channels of each channel's
+    relative error; the output's total energy would let one massive channel hide the others' error."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    x[:, 0] *= 200.0  # one massive input ...
+    w[0] = 0.0
+    w[0, 0] = 1.0  # ... read by one output channel only
+    wn = channel_normalized(w, x)
+    assert torch.allclose((x.float() @ wn.t()).norm(dim=0), torch.ones(8), rtol=1e-5)
+    levels = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    thresholds = thresholds_for(x, levels)
+    per_channel = ErrorCurve(x, wn.t() @ wn, thresholds)
+    energy = ErrorCurve(x, (w.t() @ w).float(), thresholds)
+    removed = x * (x.abs() <= float(thresholds[1]))
+    truth = ((removed @ w.t()).norm(dim=0) ** 2 / (x @ w.t()).norm(dim=0) ** 2).mean()
+    assert per_channel(1) == pytest.approx(float(truth), rel=1e-4)
+    assert energy(1) < 0.1 * per_channel(1)  # the massive channel dominates the energy and hides the rest
