@@ -35,7 +35,7 @@ from ._triton_common import FLOAT_DTYPES, HAS_TRITON, check_tensor, device_guard
 from .quantize_rows import _ROUNDING, TILE
 
 if HAS_TRITON:
-    from .quantize_rows import _as_rows, _codes, _row_scale
+    from .quantize_rows import _as_rows, _codes, _store_row_scales
 
     @triton.jit
     def _glu_product(A, B, rows, cols, mask, stride_am, stride_bm, ACT: tl.constexpr, ROUND_A: tl.constexpr,
@@ -140,11 +140,7 @@ if HAS_TRITON:
             # NaN kept apart: torch's amax propagates it, tl.max on a GPU drops it
             row_nan = tl.max((mag != mag).to(tl.int32), axis=1) > 0
             row_amax = tl.max(tl.where(mag == mag, mag, 0.0), axis=1)
-            if MODE == 1:
-                tl.store(AMAX + rows, tl.where(row_nan, float("nan"), row_amax), mask=row_ok)
-            else:
-                scale = _row_scale(row_amax, row_nan, qmax)
-                tl.store(SCALE + rows, scale, mask=row_ok)
+            scale = _store_row_scales(SCALE, AMAX, rows, row_ok, row_amax, row_nan, qmax, MODE)
         else:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SCALE)
         if MODE != 1:
@@ -185,11 +181,7 @@ if HAS_TRITON:
                 row_nans = tl.maximum(row_nans, tl.max((mag != mag).to(tl.int32), axis=1))
                 row_amax = tl.maximum(row_amax, tl.max(tl.where(mag == mag, mag, 0.0), axis=1))
             row_nan = row_nans > 0
-            if MODE == 1:
-                tl.store(AMAX + rows, tl.where(row_nan, float("nan"), row_amax), mask=row_ok)
-            else:
-                scale = _row_scale(row_amax, row_nan, qmax)
-                tl.store(SCALE + rows, scale, mask=row_ok)
+            scale = _store_row_scales(SCALE, AMAX, rows, row_ok, row_amax, row_nan, qmax, MODE)
         else:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SCALE)
         if MODE != 1:

@@ -173,6 +173,18 @@ if HAS_TRITON:
         return tl.where((row_amax > 0.0) & (~row_nan), tl.div_rn(row_amax, qmax), 1.0)
 
     @triton.jit
+    def _store_row_scales(SCALE, AMAX, rows, row_ok, row_amax, row_nan, qmax, MODE: tl.constexpr):
+        """MODE 1 (per-tensor, first launch): the rows' maxima to AMAX, NaN for a row holding one; MODE 0: the
+        rows' scales to SCALE. Returns the scales (MODE 1 writes no codes: its return value is unused)."""
+        if MODE == 1:
+            tl.store(AMAX + rows, tl.where(row_nan, float("nan"), row_amax), mask=row_ok)
+            scale = row_amax
+        else:
+            scale = _row_scale(row_amax, row_nan, qmax)
+            tl.store(SCALE + rows, scale, mask=row_ok)
+        return scale
+
+    @triton.jit
     def _quantize_rows_kernel(
         X, S, Q, SCALE, AMAX,
         M, K,
@@ -202,11 +214,7 @@ if HAS_TRITON:
                 amax = tl.maximum(amax, tl.where(a == a, a, 0.0))
             row_amax = tl.max(amax, axis=1)
             row_nan = tl.max(nan, axis=1) > 0
-            if MODE == 1:
-                tl.store(AMAX + rows, tl.where(row_nan, float("nan"), row_amax), mask=row_ok)
-            else:
-                scale = _row_scale(row_amax, row_nan, qmax)
-                tl.store(SCALE + rows, scale, mask=row_ok)
+            scale = _store_row_scales(SCALE, AMAX, rows, row_ok, row_amax, row_nan, qmax, MODE)
         else:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SCALE)
         if MODE != 1:
