@@ -22,6 +22,7 @@
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
+#   bash bench/gpu_session.sh int4-ncu   # Nsight Compute on the int4 GEMV's old, prefetch and whole-row tiles
 #   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -156,6 +157,19 @@ case "${1:-verify}" in
       >>"$OUT/install.log" 2>&1
     step tvm1b 450 env PYTHONPATH="/tmp/site:$PWD/../build/tvmgpu/site" TVM_USE_RUNTIME_LIB=1 \
       python3 bench/tvm_cuda_1b.py check --dir ../build/tvm1b --out "$OUT"
+    ;;
+  int4-ncu)  # Nsight Compute on the int4 GEMV's tiles (8B gate|up and qkv): occupancy, DRAM throughput, stalls
+    for spec in "28672x4096 norm+glu" "6144x4096 norm"; do
+      set -- $spec
+      for cfg in '{"BLOCK_N":16,"BLOCK_K":1024,"num_warps":4}' '{"BLOCK_N":8,"BLOCK_K":1024,"num_warps":4,"prefetch":true}' \
+                 '{"BLOCK_N":8,"BLOCK_K":4096,"num_warps":8}'; do
+        echo "=== $1 $2 $cfg" >>"$OUT/ncu.txt"
+        timeout 60 ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+          --section MemoryWorkloadAnalysis --kernel-name regex:_gemv_wq --launch-skip 3 --launch-count 1 \
+          python3 bench/gemv_wq_ncu.py --shape "$1" --folds "$2" --config "$cfg" >>"$OUT/ncu.txt" 2>&1
+      done
+    done
+    grep -E "===|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|No Eligible" "$OUT/ncu.txt" | tee -a "$OUT/steps.txt"
     ;;
   int4-moe)  # Mixtral's routed int4 experts (codegen/triton_moe_wq), 4 of its 32 layers
     step decode_moe 300 python3 bench/decode.py --models mixtral-8x7b:4 --batches 1 8 --prefill 0 \
