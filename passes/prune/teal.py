@@ -67,7 +67,8 @@ def sparsified_fraction(rows: torch.Tensor, threshold: float) -> float:
 class ErrorCurve:
     """e(i) = ||(X - S_t_i(X)) W^T||^2 / ||X W^T||^2 over calibration rows X, through the Gram
     matrix G = sum W^T W of the layers reading X (so its cost is rows x K^2 per level, not per
-    layer); computed on demand and kept.
+    layer); computed on demand and kept. W is what the caller passes: flashc's allocation passes
+    `channel_normalized` weights, which make e the mean of the output channels' relative errors.
 
     For MoE experts' intermediates (each row read by one expert's down projection, its output
     scaled by the routing weight) gram is one matrix per expert [E, K, K], `experts` gives each
