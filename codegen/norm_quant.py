@@ -29,10 +29,10 @@ from typing import Optional
 import torch
 
 from flashc.quantized_input_ops import ACTS, KINDS
-from flashc.quantized_ops import FP8_DTYPE, FP8_MAX, INT8_MAX, row_scales
+from flashc.quantized_ops import FP8_DTYPE, FP8_MAX, INT8_MAX
 
 from ._triton_common import FLOAT_DTYPES, HAS_TRITON, check_tensor, device_guard, is_interpreted, next_pow2, triton, tl
-from .quantize_rows import _ROUNDING, TILE
+from .quantize_rows import _ROUNDING, TILE, run_modes
 
 if HAS_TRITON:
     from .quantize_rows import _as_rows, _codes, _store_row_scales
@@ -119,11 +119,10 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         mask = row_ok[:, None] & col_ok[None, :]
-        if PRODUCER != 2:
-            a = tl.load(A + rows[:, None] * stride_am + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if PRODUCER == 2:
             y = _glu_product(A, B, rows, cols, mask, stride_am, stride_bm, ACT, ROUND_A, ROUND_Y)
         else:
+            a = tl.load(A + rows[:, None] * stride_am + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if PRODUCER == 1:
                 r = tl.load(B + rows[:, None] * stride_bm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 a = _as_rows(a + r, ROUND_A)
@@ -150,6 +149,17 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
+    def _glu_quant_tile(A, B, S, rows, row_ok, k0, K, stride_am, stride_bm, ACT: tl.constexpr,
+                        HAS_SMOOTH: tl.constexpr, ROUND_A: tl.constexpr, ROUND_Y: tl.constexpr,
+                        ROUND_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(the smoothed GLU output of columns k0.. of the rows, 0 outside them; its columns; its mask)."""
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        y = _glu_product(A, B, rows, cols, mask, stride_am, stride_bm, ACT, ROUND_A, ROUND_Y)
+        return tl.where(mask, _smoothed(y, S, cols, col_ok, HAS_SMOOTH, ROUND_Q), 0.0), cols, mask
+
+    @triton.jit
     def _glu_quant_sweep_kernel(
         A, B, S, Q, SCALE, AMAX,
         M, K,
@@ -173,11 +183,9 @@ if HAS_TRITON:
             row_amax = tl.zeros([BLOCK_M], dtype=tl.float32)
             row_nans = tl.zeros([BLOCK_M], dtype=tl.int32)
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_ok = cols < K
-                mask = row_ok[:, None] & col_ok[None, :]
-                y = _glu_product(A, B, rows, cols, mask, stride_am, stride_bm, ACT, ROUND_A, ROUND_Y)
-                mag = tl.abs(tl.where(mask, _smoothed(y, S, cols, col_ok, HAS_SMOOTH, ROUND_Q), 0.0))
+                y, cols, mask = _glu_quant_tile(A, B, S, rows, row_ok, k0, K, stride_am, stride_bm, ACT, HAS_SMOOTH,
+                                                ROUND_A, ROUND_Y, ROUND_Q, BLOCK_K)
+                mag = tl.abs(y)
                 row_nans = tl.maximum(row_nans, tl.max((mag != mag).to(tl.int32), axis=1))
                 row_amax = tl.maximum(row_amax, tl.max(tl.where(mag == mag, mag, 0.0), axis=1))
             row_nan = row_nans > 0
@@ -186,11 +194,8 @@ if HAS_TRITON:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SCALE)
         if MODE != 1:
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_ok = cols < K
-                mask = row_ok[:, None] & col_ok[None, :]
-                y = _glu_product(A, B, rows, cols, mask, stride_am, stride_bm, ACT, ROUND_A, ROUND_Y)
-                y = tl.where(mask, _smoothed(y, S, cols, col_ok, HAS_SMOOTH, ROUND_Q), 0.0)
+                y, cols, mask = _glu_quant_tile(A, B, S, rows, row_ok, k0, K, stride_am, stride_bm, ACT, HAS_SMOOTH,
+                                                ROUND_A, ROUND_Y, ROUND_Q, BLOCK_K)
                 tl.store(Q + rows[:, None] * stride_qm + cols[None, :], _codes(y, scale, qmax, FP8), mask=mask)
 
 
@@ -258,13 +263,8 @@ def _launch(producer: int, a2, b2, w, s, sum2, eps: float, act: int, round_a: to
                float(eps), qmax)
     grid = (triton.cdiv(m, block_m),)
     with device_guard(a2.device):
-        if per_token:
-            _produce_quant_kernel[grid](*args, scale, scale, *strides, MODE=0, **common)
-        else:  # per-tensor: the rows' maxima, their maximum (a few bytes, in PyTorch), then the codes
-            amax = torch.empty(m, dtype=torch.float32, device=a2.device)
-            _produce_quant_kernel[grid](*args, scale, amax, *strides, MODE=1, **common)
-            scale.copy_(row_scales(amax.reshape(1, -1), qmax))
-            _produce_quant_kernel[grid](*args, scale, amax, *strides, MODE=2, **common)
+        run_modes(lambda out_scale, amax, mode: _produce_quant_kernel[grid](
+            *args, out_scale, amax, *strides, MODE=mode, **common), per_token, scale, m, qmax)
     return q.reshape(shape), scale
 
 
@@ -276,15 +276,11 @@ def _launch_sweeps(a2, b2, s, act, round_a, round_y, round_q, kind, per_token, s
                   ROUND_Q=_ROUNDING[round_q], FP8=fp8, BLOCK_M=1, BLOCK_K=SWEEP_BLOCK_K, num_warps=4,
                   enable_fp_fusion=False)
     args = [a2, b2, s if s is not None else a2, q.view(torch.uint8) if fp8 else q]
-    sizes = (m, k, a2.stride(0), b2.stride(0), k, FP8_MAX if fp8 else INT8_MAX)
+    qmax = FP8_MAX if fp8 else INT8_MAX
+    sizes = (m, k, a2.stride(0), b2.stride(0), k, qmax)
     with device_guard(a2.device):
-        if per_token:
-            _glu_quant_sweep_kernel[(m,)](*args, scale, scale, *sizes, MODE=0, **common)
-        else:  # per-tensor, as _launch: the rows' maxima, their maximum in PyTorch, then the codes
-            amax = torch.empty(m, dtype=torch.float32, device=a2.device)
-            _glu_quant_sweep_kernel[(m,)](*args, scale, amax, *sizes, MODE=1, **common)
-            scale.copy_(row_scales(amax.reshape(1, -1), FP8_MAX))
-            _glu_quant_sweep_kernel[(m,)](*args, scale, amax, *sizes, MODE=2, **common)
+        run_modes(lambda out_scale, amax, mode: _glu_quant_sweep_kernel[(m,)](
+            *args, out_scale, amax, *sizes, MODE=mode, **common), per_token, scale, m, qmax)
     return q.reshape(shape), scale
 
 

@@ -313,17 +313,23 @@ def quantize_rows(x2d: torch.Tensor, kind: str, input_scale: Optional[torch.Tens
     qmax = FP8_MAX if fp8 else INT8_MAX
     grid = (triton.cdiv(m, block_m),)
     with device_guard(x2d.device):
-        if per_token:
-            _quantize_rows_kernel[grid](x2d, s, q_out, scale, scale, m, k, x2d.stride(0), x2d.stride(1), k, qmax,
-                                        MODE=0, **common)
-        else:  # per-tensor: the rows' maxima, their maximum (a few bytes, in PyTorch), then the codes
-            amax = torch.empty(m, dtype=torch.float32, device=x2d.device)
-            _quantize_rows_kernel[grid](x2d, s, q_out, scale, amax, m, k, x2d.stride(0), x2d.stride(1), k, qmax,
-                                        MODE=1, **common)
-            scale.copy_(row_scales(amax.reshape(1, -1), qmax))
-            _quantize_rows_kernel[grid](x2d, s, q_out, scale, amax, m, k, x2d.stride(0), x2d.stride(1), k, qmax,
-                                        MODE=2, **common)
+        run_modes(lambda out_scale, amax, mode: _quantize_rows_kernel[grid](
+            x2d, s, q_out, out_scale, amax, m, k, x2d.stride(0), x2d.stride(1), k, qmax, MODE=mode, **common),
+            per_token, scale, m, qmax)
     return q, scale
+
+
+def run_modes(launch, per_token: bool, scale: torch.Tensor, m: int, qmax: float) -> None:
+    """Run a quantizing kernel in its MODEs (``_store_row_scales``'): per-row scales in one launch (MODE 0), or one
+    scale for the tensor in two (MODE 1 writes the rows' maxima, PyTorch reduces them, a few bytes, into `scale`,
+    MODE 2 writes the codes). ``launch(scale_out, amax_out, mode)`` starts the kernel once."""
+    if per_token:
+        launch(scale, scale, 0)
+        return
+    amax = torch.empty(m, dtype=torch.float32, device=scale.device)
+    launch(scale, amax, 1)
+    scale.copy_(row_scales(amax.reshape(1, -1), qmax))
+    launch(scale, amax, 2)
 
 
 def dequantize_int32(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
