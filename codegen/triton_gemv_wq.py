@@ -263,11 +263,11 @@ if HAS_TRITON:
         # PREFETCH: the next step's words are loaded into registers before this step's arithmetic (the
         # loads of two steps in flight a thread; Nsight Compute found the kernel latency-bound, its loads
         # waiting on their step's arithmetic). The first step's words come before the loop.
-        nxt_mask = n_ok[:, None, None] & (offs_s < K // SUB)[None, :, None]
-        nxt, nxt_b, nxt_c = _load_units(w_ptrs, nxt_mask & PREFETCH, BITS, False)
-        nxt_up, nxt_up_b, nxt_up_c = nxt, nxt_b, nxt_c
-        if ACT != 0:
-            nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs, nxt_mask & PREFETCH, BITS, False)
+        if PREFETCH:
+            nxt_mask = n_ok[:, None, None] & (offs_s < K // SUB)[None, :, None]
+            nxt, nxt_b, nxt_c = _load_units(w_ptrs, nxt_mask, BITS, False)
+            if ACT != 0:
+                nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs, nxt_mask, BITS, False)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             blk = (k0 + offs_s * SUB) // GROUP
             if EVEN:
@@ -277,7 +277,8 @@ if HAS_TRITON:
             w_mask = n_ok[:, None, None] & s_ok[None, :, None]
             if PREFETCH:
                 words, words_b, words_c = nxt, nxt_b, nxt_c
-                words_up, words_up_b, words_up_c = nxt_up, nxt_up_b, nxt_up_c
+                if ACT != 0:
+                    words_up, words_up_b, words_up_c = nxt_up, nxt_up_b, nxt_up_c
                 nxt_mask = n_ok[:, None, None] & (offs_s < (K - k0 - BLOCK_K) // SUB)[None, :, None]
                 step = BLOCK_K // CODES * UNIT
                 nxt, nxt_b, nxt_c = _load_units(w_ptrs + step, nxt_mask, BITS, False)
