@@ -19,9 +19,9 @@ Differences from TEAL's code (teal/greedyopt.py), chosen for a graph compiler:
   sparsity "for 0.6% error", and online-25% / 40% cost +6.0% / +25.5% perplexity against
   +2.2% / +17.8% per channel (first 24 windows; mixtral-ref, without such channels: +0.8% /
   +7.5% against +0.5% / +8.3%; 2026-12-06). The experts' intermediates keep the energy
-  form below. Scoring the
-  MoE experts' input by the experts' output error instead (through the SwiGLU) was measured
-  worse on mixtral-ref (30% / 40%: +3.07% / +8.51% perplexity against +2.51% / +8.01%);
+  form (averaging each expert's channels was worse on mixtral-ref: +9.6% at 40%). Scoring
+  the MoE experts' input by the experts' output error instead (through the SwiGLU) was
+  measured worse on mixtral-ref (30% / 40%: +3.07% / +8.51% perplexity against +2.51% / +8.01%);
 * layers reading the same value (q/k/v, gate/up) share one threshold: one mask feeds a
   merged GEMV (TEAL thresholds q, k, v separately on the same input).
 """
