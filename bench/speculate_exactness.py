@@ -78,8 +78,7 @@ def main() -> None:
     device = "cpu" if args.target == "cpu" else "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    real = args.model == "smollm2-135m"
-    if real:
+    if args.model == "smollm2-135m":
         ref64, tokenizer = pretrained.load_smollm2(torch.float32)
         passage, open_ended = _passage_prompts(tokenizer, args.prompts, 90)
         encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
@@ -140,16 +139,16 @@ def main() -> None:
                     rows.append(rec)
     lines = [f"### speculative greedy decoding against plain, {args.model}, {args.target}", "",
              "| dtype | prompts | variant | drafts kept | identical | first differing step |"
-             " ref. logit(plain) - logit(spec) | ref. top-2 gap | reference's choice |", "|---|---|---|---|---|---|---|---|---|"]
+             " ref. logit(plain) - logit(spec) | ref. top-2 gap | reference's choice |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        lead = f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | {r['kept']} |"
         if r["identical"]:
-            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | {r['kept']} | yes | - | - | - "
-                         "| - |")
+            lines.append(f"{lead} yes | - | - | - | - |")
         else:
             choice = ("plain" if r["reference_top"] == r["plain_token"] else
                       "spec" if r["reference_top"] == r["spec_token"] else "neither")
-            lines.append(f"| {r['dtype']} | {r['prompts']} {r['prompt']} | {r['variant']} | {r['kept']} | NO | {r['step']} | "
-                         f"{r['margin']:+.4f} | {r['reference_gap']:.4f} | {choice} |")
+            lines.append(f"{lead} NO | {r['step']} | {r['margin']:+.4f} | {r['reference_gap']:.4f} | {choice} |")
     lines += ["", "| dtype | entries | max abs logit difference | logits' std | argmax differs (of 6) |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['entries']} | {r['max_abs_diff']:.3g} | {r['logit_std']:.3g} | "
