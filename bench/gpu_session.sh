@@ -143,13 +143,14 @@ case "${1:-verify}" in
     step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
     step gemv_wq 60 python3 bench/gemv_wq_shapes.py --out "$OUT" --quick --models llama-3-8b --budget-s 45
     ;;
-  s14)  # session 14's last call, most wanted first: exact_verify, W8A8 prefill, the int4 shapes
+  s14)  # session 14's last call, most wanted first: exact_verify, W8A8 prefill, the int4 shapes, fixed tests
     target=$(gpu_target)
     (cd /tmp && step exactness_random 200 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" \
       --out "$OUT" --model llama-3.2-1b:4 --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16)
     step prefill_w8a8 100 python3 bench/decode.py --models llama-3-8b --batches --prefill 2048 \
       --variants flashc flashc-w8a8 --out "$OUT" --timeout 95
     step gemv_wq 60 python3 bench/gemv_wq_shapes.py --out "$OUT" --quick --models llama-3-8b --budget-s 45
+    step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
     ;;
   tvm1b)  # issue #13's leftover: tvm-cuda (TVM's runtime alone) against flashc on a llama-3.2-1b decode step;
           # carry build/tvm1b and build/tvmgpu (made here: bench/tvm_cuda_1b.py's docstring)
