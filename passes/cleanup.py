@@ -78,9 +78,30 @@ def _adds_nothing(value, subtract: bool, floating: bool) -> bool:
     return negative_zero != subtract
 
 
+_MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+
+
+def _outer_product(node: fx.Node) -> bool:
+    """Whether a matmul contracts over one element (``a[..., M, 1] @ b[..., 1, N]``, as Hugging Face's
+    rotary tables are spelled: ``inv_freq[None, :, None] @ positions[:, None, :]``): then every output
+    element is one product, which the broadcasting multiply computes with the same rounding on every
+    backend and whatever the shape (a GEMM kernel chosen per shape may compute it in TF32). Only
+    where that multiply's result has the matmul's shape and layout."""
+    a, b = (_val(x) for x in node.args[:2])
+    out = _val(node)
+    if not all(isinstance(t, torch.Tensor) for t in (a, b, out)) or a.dim() < 2 or b.dim() < 2:
+        return False
+    if a.shape[-1] != 1 or b.shape[-2] != 1 or a.dtype != b.dtype:
+        return False
+    product = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta") * \
+        torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="meta")
+    return product.shape == out.shape and product.stride() == out.stride()
+
+
 class Canonicalize:
     """Remove metadata asserts and identity ops (same-dtype casts, x*1, x+0, aliases, dropout
-    outside training or with p = 0)."""
+    outside training or with p = 0); a matmul over a contraction of one element becomes the
+    multiply it is (one spelling of an outer product)."""
 
     name = "canonicalize"
     requires = ("shapes",)
@@ -88,7 +109,7 @@ class Canonicalize:
     establishes = ("canonical",)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        removed_asserts = removed_identities = 0
+        removed_asserts = removed_identities = outer_products = 0
         mutations = MutationInfo.of(program.graph)  # identities removed keep roots: stays valid
         for node in list(program.graph.nodes):
             if node.op != "call_function":
@@ -100,8 +121,12 @@ class Canonicalize:
                 node.replace_all_uses_with(node.args[0])
                 program.graph.erase_node(node)
                 removed_identities += 1
-        return PassResult(bool(removed_asserts or removed_identities),
-                          {"asserts_removed": removed_asserts, "identities_removed": removed_identities})
+            elif node.target in _MATMULS and _outer_product(node):
+                node.target, node.args = aten.mul.Tensor, tuple(node.args[:2])
+                outer_products += 1
+        return PassResult(bool(removed_asserts or removed_identities or outer_products),
+                          {"asserts_removed": removed_asserts, "identities_removed": removed_identities,
+                           "outer_products_to_multiply": outer_products})
 
 
 def _is_pure(node: fx.Node) -> bool:

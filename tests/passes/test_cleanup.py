@@ -191,3 +191,28 @@ def test_kv_cache_buffer_is_state_carried_across_calls():
         want = sum(2 * model.proj(x)[0, 0] for x in xs)
     assert torch.allclose(out[0], want, atol=1e-5)
     assert torch.equal(model.k, torch.zeros(1, 6, 8))  # the module's own buffer is not the compiled state
+
+
+def test_canonicalize_turns_one_element_contractions_into_multiplies():
+    """Hugging Face's rotary spelling `inv_freq[None, :, None] @ positions[:, None, :]` (a matmul contracting
+    over one element) becomes the broadcasting multiply it is; matmuls over more elements stay."""
+
+    class Outer(torch.nn.Module):
+        def forward(self, f, p, x, w):
+            return (f[None, :, None] @ p[:, None, :].float()).transpose(1, 2), x @ w
+
+    g = torch.Generator().manual_seed(7)
+    args = (torch.rand(32, generator=g), torch.randint(0, 512, (2, 6), generator=g),
+            torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g))
+    program = capture(Outer(), args)
+    assert _ops(program).count("aten.matmul") == 2
+    result = Canonicalize().run(program, CTX)
+    program.recompile()
+    assert result.stats["outer_products_to_multiply"] == 1 and _ops(program).count("aten.matmul") == 1
+    fresh = (torch.rand(32, generator=g), torch.randint(0, 512, (2, 6), generator=g),
+             torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g))
+    outer, mm = program(*fresh)
+    f, p, x, w = fresh
+    want = (f.double()[None, :, None] * p.double()[:, None, :]).transpose(1, 2)
+    assert outer.shape == want.shape and rel_err(outer, want) < 1e-7
+    assert rel_err(mm, x.double() @ w.double()) < 1e-6
