@@ -21,6 +21,7 @@ entry computes it): its rows should all say identical, and the entry spread be z
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -86,8 +87,8 @@ def main() -> None:
     else:
         from flashc import zoo
 
-        name, _, layers = args.model.partition(":")
-        load = lambda dtype: zoo.build(name, dtype, num_layers=int(layers) if layers else None)  # noqa: E731
+        zoo_name, _, layers = args.model.partition(":")
+        load = functools.partial(zoo.build, zoo_name, num_layers=int(layers) if layers else None)
         ref64 = load(torch.float32)
         g = torch.Generator().manual_seed(0)
         vocab = ref64.config.vocab_size
