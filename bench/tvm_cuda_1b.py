@@ -56,6 +56,7 @@ out_dtype float32 there it was 1.5e-3, and backends/tvm now lowers them so (sess
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -310,8 +311,9 @@ def check(directory: Path, out: Path, device: str, position: int | None, variant
     with torch.no_grad():
         written = [t.clone() for t in cache]
         reference = eager(ids, pos, *written)
-        fp32 = DecodeStep(model.float(), info["cache_len"])(ids, pos, *[t.float() for t in cache])
-        model.to(DTYPES[info["dtype"]])
+        # a float32 copy: model.float() then .to(float16) in place would leave the rotary table's inv_freq
+        # buffer (float32 in Hugging Face's model) in float16, 0.5 rad off at position 960, for what runs next
+        fp32 = DecodeStep(copy.deepcopy(model).float(), info["cache_len"])(ids, pos, *[t.float() for t in cache])
     timer = cuda_time if device == "cuda" else wall_time
     rows: list[Row] = []
     fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
