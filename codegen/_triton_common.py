@@ -159,34 +159,3 @@ def pdl_enabled(dev: torch.device) -> bool:
         _PDL[index] = (HAS_TRITON and hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
                        and torch.cuda.get_device_capability(index)[0] >= 9)
     return _PDL[index]
-
-
-# Weights a kernel may send to L2 before it waits on the previous kernel (PDL): a matrix up to this
-# size whole, larger ones their first tile (the previous kernel streams through the same 50 MB L2)
-L2_PREFETCH_WHOLE_BYTES = 16 * 2**20
-
-
-def l2_prefetch_columns(w: torch.Tensor, rows: int, block_k: int) -> int:
-    """How many leading columns of each of ``rows`` rows of the 2-D weight ``w`` a PDL kernel sends to
-    L2 (``prefetch_rows_l2``) before ``gdc_wait``: all of them for a matrix of at most
-    ``L2_PREFETCH_WHOLE_BYTES``, else the first ``block_k``; 0 where the bulk prefetch's 16-byte rule
-    (row starts and lengths) does not hold. Only for weights no earlier kernel of the step writes
-    (the launchers' ``constant_weight``): the prefetch reads before the previous kernel finished."""
-    K, size = w.shape[-1], w.element_size()
-    cols = K if rows * K * size <= L2_PREFETCH_WHOLE_BYTES else min(block_k, K)
-    if w.data_ptr() % 16 or (w.stride(0) * size) % 16 or (cols * size) % 16:
-        return 0
-    return cols
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def prefetch_rows_l2(base, row_offsets, NBYTES: tl.constexpr):
-        """Send NBYTES bytes from ``base + row_offsets`` (each 16-byte aligned, NBYTES a multiple of 16) to
-        L2, one bulk prefetch a row (sm_90's ``cp.async.bulk.prefetch.L2``): no registers held, no wait;
-        a hint the memory system may drop."""
-        nbytes = tl.zeros_like(row_offsets).to(tl.int32) + NBYTES
-        tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,r", [base + row_offsets, nbytes], dtype=tl.int32, is_pure=False, pack=1)

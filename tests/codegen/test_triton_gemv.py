@@ -151,31 +151,3 @@ def test_bad_input_names_what_is_wrong(device, bad, match):
     x, w = torch.randn(2, 32, device=device), torch.randn(8, 32, device=device)
     with pytest.raises((ValueError, TypeError), match=match):
         bad(x, w)
-
-
-@pytest.mark.parametrize("fold", ["plain", "norm_swiglu", "everything"])
-def test_constant_weight_prefetch_changes_no_bit(device, fold):
-    """constant_weight (a model weight: under PDL the rows go to L2 before the previous kernel ends) computes
-    the same numbers as without, in plain launches and back to back under a CUDA graph."""
-    x, w, kw = make(device, torch.bfloat16, (1,), 256, 200, FOLDS[fold])
-    plain = tg.gemv(x, w, **kw, config=SMALL)
-    assert torch.equal(tg.gemv(x, w, **kw, config=SMALL, constant_weight=True), plain)
-    if device.type == "cuda":
-        tg.gemv(x, w, **kw, config=SMALL, constant_weight=True)  # compiled before the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [tg.gemv(x, w, **kw, config=SMALL, constant_weight=True) for _ in range(4)]
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(o, plain) for o in outs)
-
-
-def test_l2_prefetch_columns_whole_small_matrices_first_tile_of_large_ones():
-    from flashc.codegen._triton_common import L2_PREFETCH_WHOLE_BYTES, l2_prefetch_columns
-
-    small = torch.empty(64, 2048, dtype=torch.bfloat16)
-    assert l2_prefetch_columns(small, 64, 512) == 2048
-    rows = L2_PREFETCH_WHOLE_BYTES // (2048 * 2) + 1
-    assert l2_prefetch_columns(torch.empty(rows, 2048, dtype=torch.bfloat16), rows, 512) == 512
-    odd = torch.empty(64, 2047, dtype=torch.bfloat16)  # rows start 4094 bytes apart: not 16-byte aligned
-    assert l2_prefetch_columns(odd, 64, 512) == 0
