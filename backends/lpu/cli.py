@@ -79,6 +79,8 @@ def parse_sweep(text: str, max_chips: int) -> SweepSpec:
 def _number(text: str, name: str, whole: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*(?:/s)?)\s*", text)
     unit = m.group(2).lower().removesuffix("/s") if m else ""
+    if re.fullmatch(r"\s*-\s*[0-9.].*", text):
+        raise InputError(f"--sweep {whole!r}: {text.strip()!r} is negative; {name} takes positive values")
     if not m or unit not in _UNITS:
         raise InputError(f"--sweep {whole!r}: {text.strip()!r} is not a number (units: "
                          f"{', '.join(u for u in _UNITS if u)}, optionally /s)")

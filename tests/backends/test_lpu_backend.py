@@ -118,6 +118,8 @@ def test_simulate_sweep_prints_a_row_per_value_and_plots(capsys, tmp_path):
     ("chips=64:8:8", "LAST >= FIRST"),
     ("clock=1GHz", "PARAMETER one of"),
     ("chips=", "no values"),
+    ("chips=-3", "is negative"),
+    ("link-bw=-1GB", "is negative"),
 ])
 def test_sweep_values_out_of_range_are_refused(text, message):
     with pytest.raises(InputError, match=message):
