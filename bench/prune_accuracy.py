@@ -85,7 +85,7 @@ def weights_read_per_token(cm, record) -> float:
 
 
 def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps: int | None = None,
-             model_name: str = MODEL) -> list[dict]:
+             model_name: str = MODEL, online_score: str = "magnitude") -> list[dict]:
     import flashc
     from flashc import zoo
     from flashc.accuracy import logits_fn_of
@@ -118,6 +118,8 @@ def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps
     runs = []
     for spec in specs:
         config = replace(PruneConfig.parse(spec), experts=experts)
+        if config.method == "online":
+            config = replace(config, score=online_score)
         runs.append((config.spec, config))
         if recover_steps and config.method in RECOVERABLE:
             runs.append((f"{config.spec} + recovery ({recover_steps} steps)",
@@ -182,6 +184,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="at most this many windows per text (default: all)")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--no-experts", action="store_true", help="leave the MoE experts dense (PruneConfig's default)")
+    ap.add_argument("--score", default="magnitude", choices=("magnitude", "weighted"),
+                    help="online pruning's score (PruneConfig.score): |x| (TEAL) or |x| times its weight column's norm")
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="also run each spec with recovery (weights, ffn, experts) with N steps of recovery distillation")
     ap.add_argument("--threads", type=int, default=None,
@@ -191,7 +195,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    rows = rows_for(args.specs, args.limit, args.window, not args.no_experts, args.recover_steps, args.model)
+    rows = rows_for(args.specs, args.limit, args.window, not args.no_experts, args.recover_steps, args.model,
+                    args.score)
     print_table(rows, args.limit, args.window, not args.no_experts, args.model)
     print_targets(rows)
 

@@ -93,17 +93,22 @@ class SparsifyActivations:
         samples = self._calibrate(program, sites)
         levels = sparsity_levels(config.allocation_step, MAX_SPARSITY)
         curves, held_out = [], []
+        scales: dict[int, torch.Tensor] = {}  # score "weighted": each input channel's column scale c
         for site in sites:
             if site.intermediate:  # each routed pair's row through its own expert, weighted by its routing weight
                 rows, weights, experts = samples[id(site)].tensors()
                 fit, held = fit_held_split(rows.shape[0])
                 gram = torch.stack([w.float().t() @ w.float() for w in site.weights])
+                if config.score == "weighted":  # one threshold a channel for every expert: their mean column
+                    scales[id(site)], rows, gram = weighted(rows, gram, gram.mean(0))
                 curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels), weights[fit],
                                          experts[fit]))
             else:
                 rows = samples[id(site)].tensor()
                 fit, held = fit_held_split(rows.shape[0])  # thresholds from one half, measured on the other
                 gram = sum(w.t() @ w for w in (channel_normalized(w, rows[fit]) for w in site.weights))
+                if config.score == "weighted":
+                    scales[id(site)], rows, gram = weighted(rows, gram, gram)
                 curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels)))
             held_out.append(rows[held])
         chosen = [0] * len(sites)
@@ -118,6 +123,9 @@ class SparsifyActivations:
             dtype = site.x.meta["val"].dtype
             threshold = torch.tensor(float(curve.thresholds[level]), dtype=dtype, device=site.weights[0].device)
             measured = sparsified_fraction(held, float(threshold)) if level else 0.0
+            if id(site) in scales:  # |x_i| c_i > t is |x_i| > t / c_i: one threshold a channel
+                threshold = (float(curve.thresholds[level]) / scales[id(site)].double()).to(
+                    dtype=dtype, device=site.weights[0].device)
             param = self._insert(program, site, threshold) if level else None
             inserted += bool(level)
             reads_before += site.per_token
@@ -125,11 +133,14 @@ class SparsifyActivations:
             details.append({
                 "layer": site.name, "op": site.op, "status": "sparsified" if level else "dense",
                 "method": "online", "pattern": config.pattern, "sparsity": measured,
-                "calibrated": float(levels[level]), "threshold": float(threshold), "threshold_param": param,
+                "calibrated": float(levels[level]), "threshold": float(curve.thresholds[level]),
+                "threshold_param": param,
                 "params_before": round(site.per_token), "params_after": round(site.per_token * (1 - measured)),
                 "rel_error": curve(level) ** 0.5 if level else None,
-                "note": (f"threshold {float(threshold):.3g}; {float(levels[level]):.1%} calibrated, "
-                         f"{measured:.1%} held out" if level else "left dense by the allocation")})
+                "note": (f"threshold {float(curve.thresholds[level]):.3g}"
+                         f"{' (of |x| c, per channel)' if id(site) in scales else ''}; "
+                         f"{float(levels[level]):.1%} calibrated, {measured:.1%} held out"
+                         if level else "left dense by the allocation")})
         details += [{"layer": "-", "op": "calibration", "status": "warning", "note": w}
                     for w in self.calibration.warnings]
         stats = {"inputs": inserted, "skipped": len(skipped), "target": config.sparsity,
@@ -218,6 +229,24 @@ class SparsifyActivations:
             args[site.position] = node
             reader.args = tuple(args)
         return param.name
+
+
+def weighted(rows: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PruneConfig.score "weighted": (c, rows * c, gram / (c c^T)) with c = column_scale(columns). The error
+    curve of the scaled rows through the scaled Gram matrix is the original one, its thresholds now on
+    |x_i| c_i (WINA's score, Chen et al. 2025, arXiv:2505.19427, without its orthogonalizing transform of the
+    weights: the criterion is then a heuristic)."""
+    c = column_scale(columns)
+    return c, rows.float() * c, gram / (c[..., :, None] * c[..., None, :])
+
+
+def column_scale(gram: torch.Tensor) -> torch.Tensor:
+    """c_i = sqrt(G_ii), the norm of the readers' (channel-normalized) weight column input i multiplies;
+    columns of zeros take the smallest positive norm (a zero input channel's score stays 0)."""
+    c = gram.diagonal().clamp_min(0).sqrt()
+    positive = c[c > 0]
+    return torch.where(c > 0, c, positive.min() if positive.numel() else torch.ones_like(c))
 
 
 def fit_held_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:

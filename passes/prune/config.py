@@ -19,6 +19,9 @@ MAX_SPARSITY = 0.95
 # teal/greedyopt.py; the default: on mixtral-ref at 30% / 40%, +2.51% / +8.01% perplexity against
 # +3.60% / +9.41% for one run model-wide, bench/prune_accuracy.py 2026-12-06), or one model-wide run
 ALLOCATIONS = ("block", "model")
+# online sparsity's per-entry score: |x| (TEAL) or |x_i| times the size of the weight column x_i multiplies
+# in the readers' channel-normalized weights (WINA's criterion: Chen et al. 2025, arXiv:2505.19427)
+SCORES = ("magnitude", "weighted")
 
 # Specs accepted by PruneConfig.parse, with what they mean (X a percentage, N:M a pattern).
 SPECS = {
@@ -64,7 +67,9 @@ class PruneConfig:
     block_size: SparseGPT's dampening (fraction of the mean Hessian diagonal) and columns per
     lazy batch update. allocation_step: the sparsity increment of the online greedy
     allocation; allocation: "block" (one greedy run per transformer block, the target in
-    each, as TEAL allocates) or "model" (one run, the target model-wide); sample_rows:
+    each, as TEAL allocates) or "model" (one run, the target model-wide); score: what online
+    sparsity thresholds, "magnitude" (|x|, TEAL) or "weighted" (|x_i| times the norm of the weight
+    column it multiplies, a threshold per input channel: WINA); sample_rows:
     calibration rows kept per input for thresholds and errors.
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
@@ -83,6 +88,7 @@ class PruneConfig:
     block_size: int = 128
     allocation_step: float = 0.025
     allocation: str = "block"
+    score: str = "magnitude"
     sample_rows: int = 2048
     calibration_tokens: int = 16384
     min_calibration_tokens: int = 1024
@@ -132,6 +138,8 @@ class PruneConfig:
             raise FlashcError(f"PruneConfig.damp must be in (0, 1), got {self.damp!r}")
         if self.block_size < 1 or self.sample_rows < 2:
             raise FlashcError("PruneConfig.block_size must be positive and sample_rows at least 2")
+        if self.score not in SCORES:
+            raise FlashcError(f"PruneConfig.score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.allocation not in ALLOCATIONS:
             raise FlashcError(f"PruneConfig.allocation must be one of {', '.join(ALLOCATIONS)}, got "
                               f"{self.allocation!r}")

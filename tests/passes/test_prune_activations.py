@@ -209,10 +209,15 @@ def mixtral_sparsified_by_hand(model, program):
     return reference
 
 
-def test_mixtral_matches_the_model_with_experts_sparsified_by_hand(mixtral):
+@pytest.mark.parametrize("score", ["magnitude", "weighted"])
+def test_mixtral_matches_the_model_with_experts_sparsified_by_hand(mixtral, score):
     model, captured = mixtral
     program = captured.clone()
-    sparsify_pass(program, replace(MOE_CONFIG, experts=True), tokens())
+    record = sparsify_pass(program, replace(MOE_CONFIG, experts=True, score=score), tokens())
+    assert 0.4 <= record.stats["sparsity"] < 0.45
+    thresholds = [program.params[n.args[6].name] for n in program.op_nodes() if n.target is MOE_SPARSE]
+    # weighted: one threshold per intermediate channel, shared by the experts
+    assert all(t.dim() == (score == "weighted") for t in thresholds)
     reference = mixtral_sparsified_by_hand(model, program)
     assert_matches_reference_not_dense(program, reference, model, "mixtral-tiny")
 
@@ -267,3 +272,34 @@ def test_compile_and_artifact_keep_the_thresholds(tiny_models, tmp_path):
     assert len(thresholds) == 8 and all(loaded.program.params[k].dim() == 0 for k in thresholds)
     x = fresh_ids("llama-tiny", seq_len=64)
     assert torch.equal(loaded(x).logits, cm(x).logits)
+
+
+def test_weighted_score_thresholds_each_channel_by_its_weight_column(llama):
+    """score="weighted" (WINA): entry i of an input survives when |x_i| c_i > t, c_i the norm of the weight
+    column it multiplies (channel-normalized readers): a threshold per channel, t / c_i; the target is met and
+    the program is the model with those per-channel thresholds applied by hand."""
+    model, captured = llama
+    program = captured.clone()
+    record = sparsify_pass(program, small("online-40%", score="weighted"), tokens())
+    assert 0.4 <= record.stats["sparsity"] < 0.45
+    nodes = [n for n in program.op_nodes() if n.target is SPARSIFY]
+    assert len(nodes) == 8
+    for node in nodes:
+        threshold = program.params[node.args[1].name]
+        weights = [program.params[r.args[1].name].float() for r in node.users]
+        assert threshold.shape == (weights[0].shape[1],)
+        # t_i * c_i is one number: the readers' column norms, up to the per-output-channel normalization
+        # (which rescales whole rows, so the columns' ratios within one reader are kept only approximately)
+        raw = sum((w ** 2).sum(0) for w in weights).sqrt()
+        assert torch.corrcoef(torch.stack([threshold.double().log(), -raw.double().log()]))[0, 1] > 0.5
+    reference = hand_sparsified(model, program)
+    assert_matches_reference_not_dense(program, reference, model, "llama-tiny")
+
+
+def test_column_scale_keeps_zero_columns_finite():
+    from flashc.passes.prune.activations import column_scale
+
+    gram = torch.diag(torch.tensor([4.0, 0.0, 9.0]))
+    assert torch.equal(column_scale(gram), torch.tensor([2.0, 2.0, 3.0]))
+    with pytest.raises(FlashcError, match="score"):
+        PruneConfig(method="online", sparsity=0.4, score="wina")
