@@ -159,3 +159,41 @@ def pdl_enabled(dev: torch.device) -> bool:
         _PDL[index] = (HAS_TRITON and hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
                        and torch.cuda.get_device_capability(index)[0] >= 9)
     return _PDL[index]
+
+
+# Weights a kernel may send to L2 before it waits on the previous kernel (PDL): a matrix up to this
+# size whole, larger ones their first tile (the previous kernel streams through the same 50 MB L2)
+L2_PREFETCH_WHOLE_BYTES = 16 * 2**20
+
+
+def l2_prefetch_plan(w: torch.Tensor, rows: int, block_k: int, block_n: int, num_warps: int) -> tuple[int, int]:
+    """(chunks a row, elements a chunk) for ``prefetch_rows_l2`` on the 2-D weight ``w`` of a GEMV program of
+    ``block_n`` rows and ``num_warps`` warps: each row's leading columns (all of them for a matrix of at most
+    ``L2_PREFETCH_WHOLE_BYTES``, else the first ``block_k``) cut into as many chunks as make one chunk a
+    thread (a [block_n, chunks] tensor Triton does not replicate over threads); (0, 0) where the bulk
+    prefetch's 16-byte rule (row starts, chunk lengths) cannot hold. Only for weights no earlier kernel of
+    the step writes (the launchers' ``constant_weight``): the prefetch reads before that kernel finished."""
+    K, size = w.shape[-1], w.element_size()
+    cols = K if rows * K * size <= L2_PREFETCH_WHOLE_BYTES else min(block_k, K)
+    if w.data_ptr() % 16 or (w.stride(0) * size) % 16:
+        return 0, 0
+    chunks = max(1, 32 * num_warps // max(1, block_n))
+    while chunks > 1 and (cols % chunks or (cols // chunks * size) % 16):
+        chunks //= 2
+    if cols % chunks or (cols // chunks * size) % 16:
+        return 0, 0
+    return chunks, cols // chunks
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def prefetch_rows_l2(base, row_offsets, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BYTES: tl.constexpr):
+        """Send CHUNKS x CHUNK elements (CHUNK_BYTES bytes a chunk, a multiple of 16) from each of
+        ``base + row_offsets`` (16-byte aligned) to L2, one bulk prefetch a chunk (sm_90's
+        ``cp.async.bulk.prefetch.L2``): no registers held, no wait; a hint the memory system may drop."""
+        ptrs = base + row_offsets[:, None] + (tl.arange(0, CHUNKS) * CHUNK)[None, :]
+        nbytes = tl.full(ptrs.shape, CHUNK_BYTES, tl.int32)
+        tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+            "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
