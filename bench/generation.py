@@ -136,6 +136,9 @@ def _passage_prompts(tokenizer, count: int, words: int) -> tuple[list[str], list
     """(prompts answering from a given passage, open-ended prompts), from flashc's eval prose."""
     text = (REPO / "flashc" / "data" / "eval" / "prose.txt").read_text()
     paragraphs = [p.strip().replace("\n", " ") for p in text.split("\n\n") if len(p.split()) >= words]
+    if count > len(paragraphs):  # more prompts than long paragraphs: stretches of `words` words of the whole text
+        every = text.split()
+        paragraphs += [" ".join(every[i:i + words]) for i in range(words // 2, len(every) - words, words)]
     passage, open_ended = [], []
     for i, para in enumerate(paragraphs[:count]):
         para = " ".join(para.split()[:words])

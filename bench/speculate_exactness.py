@@ -150,6 +150,11 @@ def main() -> None:
             choice = ("plain" if r["reference_top"] == r["plain_token"] else
                       "spec" if r["reference_top"] == r["spec_token"] else "neither")
             lines.append(f"{lead} NO | {r['step']} | {r['margin']:+.4f} | {r['reference_gap']:.4f} | {choice} |")
+    for dtype_name in args.dtypes:
+        mine = [r for r in rows if r["dtype"] == dtype_name]
+        lines.append(f"\n{dtype_name}: greedy speculative output identical to plain decoding in "
+                     f"{sum(r['identical'] for r in mine)} of {len(mine)} runs ({len(mine) // max(1, len(variants))} "
+                     f"prompts x {len(variants)} variants)")
     lines += ["", "| dtype | entries | max abs logit difference | logits' std | argmax differs (of 6) |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['entries']} | {r['max_abs_diff']:.3g} | {r['logit_std']:.3g} | "
