@@ -177,6 +177,8 @@ def print_targets(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from flashc.passes.prune.config import SCORES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL, help="a zoo model with real weights: mixtral-ref (default) or "
                                                    "smollm2-135m (its weights come from a 4-bit GGUF)")
@@ -184,7 +186,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="at most this many windows per text (default: all)")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--no-experts", action="store_true", help="leave the MoE experts dense (PruneConfig's default)")
-    ap.add_argument("--score", default="magnitude", choices=("magnitude", "weighted"),
+    ap.add_argument("--score", default="magnitude", choices=SCORES,
                     help="online pruning's score (PruneConfig.score): |x| (TEAL) or |x| times its weight column's norm")
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="also run each spec with recovery (weights, ffn, experts) with N steps of recovery distillation")

@@ -121,11 +121,11 @@ class SparsifyActivations:
         inserted = 0
         for site, level, curve, held in zip(sites, chosen, curves, held_out):
             dtype = site.x.meta["val"].dtype
-            threshold = torch.tensor(float(curve.thresholds[level]), dtype=dtype, device=site.weights[0].device)
+            score = float(curve.thresholds[level])  # of |x|, or of |x| c with the weighted score
+            threshold = torch.tensor(score, dtype=dtype, device=site.weights[0].device)
             measured = sparsified_fraction(held, float(threshold)) if level else 0.0
             if id(site) in scales:  # |x_i| c_i > t is |x_i| > t / c_i: one threshold a channel
-                threshold = (float(curve.thresholds[level]) / scales[id(site)].double()).to(
-                    dtype=dtype, device=site.weights[0].device)
+                threshold = (score / scales[id(site)].double()).to(dtype=dtype, device=site.weights[0].device)
             param = self._insert(program, site, threshold) if level else None
             inserted += bool(level)
             reads_before += site.per_token
@@ -133,11 +133,10 @@ class SparsifyActivations:
             details.append({
                 "layer": site.name, "op": site.op, "status": "sparsified" if level else "dense",
                 "method": "online", "pattern": config.pattern, "sparsity": measured,
-                "calibrated": float(levels[level]), "threshold": float(curve.thresholds[level]),
-                "threshold_param": param,
+                "calibrated": float(levels[level]), "threshold": score, "threshold_param": param,
                 "params_before": round(site.per_token), "params_after": round(site.per_token * (1 - measured)),
                 "rel_error": curve(level) ** 0.5 if level else None,
-                "note": (f"threshold {float(curve.thresholds[level]):.3g}"
+                "note": (f"threshold {score:.3g}"
                          f"{' (of |x| c, per channel)' if id(site) in scales else ''}; "
                          f"{float(levels[level]):.1%} calibrated, {measured:.1%} held out"
                          if level else "left dense by the allocation")})
