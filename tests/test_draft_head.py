@@ -220,7 +220,10 @@ def test_continuation_agreement_scores_the_models_own_answer(model, self_distill
 
     prompt = fresh_ids("llama-tiny", batch=1, seq_len=9)[0]
     got = continuation_agreement(model, self_distilled, prompt, new_tokens=16)
-    seq = model.generate(prompt[None], max_new_tokens=16, do_sample=False, pad_token_id=0)
+    # the model's own answer: every prompt token attended (a random prompt may hold the pad id, which generate
+    # would mask without an explicit mask), ending at its end-of-sequence token as the answer does
+    seq = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=16,
+                         do_sample=False, pad_token_id=0, eos_token_id=model.config.eos_token_id)
     with torch.no_grad():
         out = model(seq, output_hidden_states=True, use_cache=False)
         f = out.hidden_states[-1][0]  # the LM head's input (after the final norm)
