@@ -175,6 +175,10 @@ def bench_speculate(args, device: str) -> None:
         head = load_draft_head(args.head)
     gm = compile_generation(model, args.target, cache_len=cache_len, batch=batch, prefill_chunk=args.chunk,
                             draft_len=k, tokenizer="smollm2-135m", progress=True, draft_head=head)
+    gm_exact = None
+    if args.exact_verify:  # the same model, its verify entry computing each token as a decode step does
+        gm_exact = compile_generation(model, args.target, cache_len=cache_len, batch=batch, prefill_chunk=args.chunk,
+                                      draft_len=k, tokenizer="smollm2-135m", progress=True, exact_verify=True)
     drafters, draft_eager = {}, None
     if not args.no_draft_model:
         draft_model, _ = pretrained.load_mixtral_ref(dtype=dtype)
@@ -197,6 +201,10 @@ def bench_speculate(args, device: str) -> None:
         variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
                     ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
         variants += [(f"flashc {name}", {"speculate": d}) for name, d in drafters.items()]
+        if gm_exact is not None:
+            variants += [("flashc ngram, exact verify (adaptive)", {"speculate": "ngram", "_gm": gm_exact}),
+                         ("flashc ngram, exact verify (k fixed)", {"speculate": "ngram", "adaptive": False,
+                                                                   "_gm": gm_exact})]
         if head is not None:
             variants += [("flashc head (adaptive)", {"speculate": "head"}),
                          ("flashc head (k fixed)", {"speculate": "head", "adaptive": False})]
@@ -214,9 +222,11 @@ def bench_speculate(args, device: str) -> None:
                 ids = ids[:, -(cache_len - args.new_tokens):]
             plain = None
             for name, kw in variants:
-                gm.generate(ids, 4, **kw)  # warm up this path
+                kw = dict(kw)
+                target = kw.pop("_gm", gm)
+                target.generate(ids, 4, **kw)  # warm up this path
                 _sync(device)
-                out, st = gm.generate(ids, args.new_tokens, return_stats=True, **kw)
+                out, st = target.generate(ids, args.new_tokens, return_stats=True, **kw)
                 tot = totals[name]
                 tot[0] += st.total_s - st.prefill_s
                 tot[1] += st.new_tokens - 1
@@ -411,6 +421,8 @@ def main() -> None:
     ap.add_argument("--passage-words", type=int, default=90)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--no-draft-model", action="store_true")
+    ap.add_argument("--exact-verify", action="store_true",
+                    help="also ngram rows with the target compiled with exact_verify (a CUDA target, batch 1)")
     ap.add_argument("--head", default=None, metavar="DIR",
                     help="speculate: add rows drafting with this draft head (flashc train-draft smollm2-135m -o DIR)")
     ap.add_argument("--early-exit", nargs="*", default=[], metavar="E[:TAU]",

@@ -317,7 +317,7 @@ class HeadDrafter:
         return hidden[:, i]
 
     @torch.no_grad()
-    def propose(self, tokens: torch.Tensor, k: int, sampling) -> Plan:
+    def propose(self, tokens: torch.Tensor, k: int, sampling, rows=None) -> Plan:
         from flashc.speculate import Plan
 
         length = tokens.shape[1]  # the pending token sits at length - 1

@@ -197,7 +197,9 @@ class Steps:
             elif at + count == n:
                 outs.append(logits[:, back + count - 1])
             at += count
-        return torch.cat(outs, 1) if all_logits else outs[-1]
+        if not all_logits:
+            return outs[-1]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -310,33 +312,44 @@ def stats_table(stats: GenerationStats):
 
 class Emitter:
     """Cuts each round's new tokens [B, n] to max_new_tokens and, once a sequence has emitted
-    eos_token_id, fills the rest of it with eos; counts what was produced into stats."""
+    eos_token_id, fills the rest of it with eos; counts what was produced into stats.
+
+    The bookkeeping runs on the host: a round reads its tokens back once (the loop needs them
+    there anyway, to know whether to go on), where a check on the device cost a few small
+    kernels a token and a synchronisation besides."""
 
     def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
                  stats: GenerationStats, device: torch.device) -> None:
         self.max_new_tokens, self.eos_token_id, self.stats = max_new_tokens, eos_token_id, stats
-        self.dtype = input_ids.dtype
-        self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        self.dtype, self.device = input_ids.dtype, device
+        self.done = [False] * input_ids.shape[0]
         self.produced = 0
+        self.rows: list[list[int]] = []  # the last call's tokens, on the host
         stats.batch, stats.prompt_tokens = input_ids.shape
 
-    def __call__(self, new: torch.Tensor) -> torch.Tensor:
-        new = new[:, :self.max_new_tokens - self.produced]
-        if self.eos_token_id is not None:
-            cols = []
-            for j in range(new.shape[1]):
-                col = torch.where(self.done, torch.full_like(new[:, j], self.eos_token_id), new[:, j])
-                self.done = self.done | (col == self.eos_token_id)
-                cols.append(col)
-            new = torch.stack(cols, 1)
-        self.produced += new.shape[1]
+    def __call__(self, new: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """new: [B, n] tokens (a tensor, or rows on the host) -> the emitted [B, <= n] on the device."""
+        rows = new.tolist() if isinstance(new, torch.Tensor) else [list(r) for r in new]
+        left = self.max_new_tokens - self.produced
+        rows = [r[:left] for r in rows]
+        eos = self.eos_token_id
+        if eos is not None:
+            for i, row in enumerate(rows):
+                if self.done[i]:
+                    row[:] = [eos] * len(row)
+                elif eos in row:
+                    end = row.index(eos)
+                    row[end:] = [eos] * (len(row) - end)
+                    self.done[i] = True
+        self.rows = rows
+        self.produced += len(rows[0])
         self.stats.new_tokens = self.produced
-        return new.to(self.dtype)
+        return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     @property
     def finished(self) -> bool:
         """max_new_tokens produced, or every sequence past its end token."""
-        return self.produced >= self.max_new_tokens or (self.eos_token_id is not None and bool(self.done.all()))
+        return self.produced >= self.max_new_tokens or (self.eos_token_id is not None and all(self.done))
 
 
 def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, *,
@@ -360,10 +373,11 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
     stats.prefill_s = time.perf_counter() - start
     yield pending
     tokens = torch.cat([ids.to(input_ids.dtype), pending], 1)
+    rows = [prompt + new for prompt, new in zip(input_ids.tolist(), emit.rows)]  # the same on the host
     while not emit.finished:
         length = tokens.shape[1]  # the pending token sits at length - 1
         room = min(steps.cache_len - length, max_new_tokens - emit.produced - 1)
-        plan = speculator.plan(tokens, room, sampling) if speculator is not None else None
+        plan = speculator.plan(tokens, room, sampling, rows) if speculator is not None else None
         stats.rounds += 1
         if plan is None:
             stats.draft_lengths.append(0)
@@ -381,6 +395,8 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
             stats.accepted += accepted
             stats.draft_lengths.append(plan.k)
         tokens = torch.cat([tokens, new], 1)
+        for row, more in zip(rows, emit.rows):
+            row.extend(more)
         yield new
     sync(device)
     stats.total_s = time.perf_counter() - start

@@ -6,7 +6,8 @@ the target's verify step, which returns the target's logits at all k + 1 positio
 `accept` keeps the drafts the target agrees with and adds one token of the target's own,
 so a round emits between 1 and k + 1 tokens for one call of the target.
 
-Drafters (`propose(tokens, k, sampling) -> Plan | None`):
+Drafters (`propose(tokens, k, sampling, rows=None) -> Plan | None`; tokens [B, L] on the device,
+rows the same sequences on the host when the caller keeps them, for a drafter that works there):
 - `NgramDrafter`: prompt lookup. The continuation of the latest earlier occurrence of the
   sequence's last n tokens (n = 3, 2, 1), from an index updated as tokens arrive. No model.
 - `ModelDrafter`: a smaller compiled model with the same tokenizer, run autoregressively
@@ -40,6 +41,7 @@ class Plan:
     q: torch.Tensor | None = None  # [B, k, V]; None: drafts were chosen deterministically
     evidence: int = 0  # the drafter's class of confidence (ngram: the n-gram length matched); acceptance
     # is estimated per class
+    host: list[list[int]] | None = None  # the drafts on the host too, when the drafter made them there
 
     @property
     def k(self) -> int:
@@ -67,10 +69,8 @@ def accept(logits: torch.Tensor, plan: Plan, sampling: Sampling) -> tuple[torch.
     """
     drafts, k = plan.drafts, plan.k
     if sampling.greedy:
-        target = logits.argmax(-1)
-        kept = (drafts == target[:, :k]).int().cumprod(-1).sum(-1)
-        n = int(kept.min())
-        return torch.cat([drafts[:, :n], target[:, n:n + 1]], 1), n
+        rows, n = accept_greedy(logits, plan)
+        return torch.tensor(rows, dtype=drafts.dtype, device=drafts.device), n
     p = sampling.probs(logits)
     p_drafts = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     q_drafts = plan.q.gather(-1, drafts[..., None]).squeeze(-1) if plan.q is not None else torch.ones_like(p_drafts)
@@ -86,6 +86,22 @@ def accept(logits: torch.Tensor, plan: Plan, sampling: Sampling) -> tuple[torch.
         residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p[:, n])
         final = torch.where(kept > n, drafts[:, n], sampling.draw(residual))
     return torch.cat([drafts[:, :n], final[:, None]], 1), n
+
+
+def accept_greedy(logits: torch.Tensor, plan: Plan) -> tuple[list[list[int]], int]:
+    """accept()'s greedy rule on the host: the tokens to emit, as rows, and n. The target's
+    choices come back in one copy (the round's one synchronisation); the drafts too unless the
+    plan has them on the host already."""
+    target = logits.argmax(-1).tolist()
+    drafts = plan.host if plan.host is not None else plan.drafts.tolist()
+    kept = []
+    for d, t in zip(drafts, target):
+        i = 0
+        while i < len(d) and d[i] == t[i]:
+            i += 1
+        kept.append(i)
+    n = min(kept)
+    return [d[:n] + [t[n]] for d, t in zip(drafts, target)], n
 
 
 class NgramDrafter:
@@ -129,10 +145,12 @@ class NgramDrafter:
                 return row[end:end + k], n
         return None
 
-    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan | None:
+    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling,
+                rows: list[list[int]] | None = None) -> Plan | None:
         have = len(self.rows[0]) if self.rows else 0
         found, matched = [], []
-        for i, new in enumerate(tokens[:, have:].tolist()):
+        news = [row[have:] for row in rows] if rows is not None else tokens[:, have:].tolist()
+        for i, new in enumerate(news):
             self._extend(i, new)
         for i, row in enumerate(self.rows[:tokens.shape[0]]):
             match = self.lookup(i, row, k)
@@ -141,8 +159,9 @@ class NgramDrafter:
             found.append(match[0])
             matched.append(match[1])
         k = min(len(f) for f in found)
-        drafts = torch.tensor([f[:k] for f in found], dtype=tokens.dtype, device=tokens.device)
-        return Plan(drafts, evidence=min(matched))
+        host = [f[:k] for f in found]
+        drafts = torch.tensor(host, dtype=tokens.dtype, device=tokens.device)
+        return Plan(drafts, evidence=min(matched), host=host)
 
     def accepted(self, length: int, n: int) -> None:
         pass
@@ -170,7 +189,7 @@ class ModelDrafter:
             return torch.nn.functional.pad(logits, (0, self.vocab_size - v), value=float("-inf"))
         return logits
 
-    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling) -> Plan:
+    def propose(self, tokens: torch.Tensor, k: int, sampling: Sampling, rows=None) -> Plan:
         length = tokens.shape[1]
         if length + k - 1 > self.steps.cache_len:
             raise InputError(f"the draft model's KV cache of {self.steps.cache_len} positions is shorter than the "
@@ -273,23 +292,26 @@ class Speculator:
         measured)."""
         return limit if self.drafter.cheap else 1
 
-    def plan(self, tokens: torch.Tensor, room: int, sampling: Sampling) -> Plan | None:
+    def plan(self, tokens: torch.Tensor, room: int, sampling: Sampling,
+             rows: list[list[int]] | None = None) -> Plan | None:
+        """This round's drafts, or None for a plain step. rows: tokens on the host, if the caller has them."""
         limit = min(self.max_draft, room)
         if limit < 1:
             return None
         if self.drafter.cheap:  # see what the drafter has, then decide how much of it to verify
-            plan = self.drafter.propose(tokens, limit, sampling)
+            plan = self.drafter.propose(tokens, limit, sampling, rows)
             if plan is None:
                 return None
             k = self.choose(plan.k, plan.evidence)
             if k < 1:
                 return None
-            return Plan(plan.drafts[:, :k], None if plan.q is None else plan.q[:, :k], plan.evidence)
+            return Plan(plan.drafts[:, :k], None if plan.q is None else plan.q[:, :k], plan.evidence,
+                        None if plan.host is None else [h[:k] for h in plan.host])
         k = self.choose(limit)
         if k < 1:
             return None
         start = time.perf_counter()
-        plan = self.drafter.propose(tokens, k, sampling)
+        plan = self.drafter.propose(tokens, k, sampling, rows)
         if plan is not None and not self.drafter.cheap:  # a drafter that runs a model (draft model or head)
             sync(tokens.device)
             self.timing.draft = Timing.mix(self.timing.draft or None, (time.perf_counter() - start) / plan.k)
@@ -298,14 +320,16 @@ class Speculator:
     def observe_plain(self, seconds: float) -> None:
         self.timing.plain = Timing.mix(self.timing.plain, seconds)
 
-    def verify(self, steps: Steps, tokens: torch.Tensor, plan: Plan, sampling: Sampling) -> tuple[torch.Tensor, int]:
+    def verify(self, steps: Steps, tokens: torch.Tensor, plan: Plan,
+               sampling: Sampling) -> tuple[torch.Tensor | list[list[int]], int]:
         """One call of the target over the pending token and the drafts; returns the tokens to
-        emit [B, n + 1] and n, the drafts kept."""
+        emit [B, n + 1] (greedy: rows on the host) and n, the drafts kept."""
         length = tokens.shape[1]
         start = time.perf_counter()
         ids = torch.cat([tokens[:, -1:], plan.drafts], 1)
         logits = steps.feed(ids, length - 1, all_logits=True)
-        new, n = accept(logits, plan, sampling)  # reads n on the host: the device is done
+        # n is read on the host: the device is done after this
+        new, n = accept_greedy(logits, plan) if sampling.greedy else accept(logits, plan, sampling)
         self.observe_verify(time.perf_counter() - start)
         self.observe_row(plan.k, n, plan.evidence)
         self.drafter.accepted(length, n)
