@@ -23,7 +23,6 @@
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
 #   bash bench/gpu_session.sh int4-ncu   # Nsight Compute on the int4 GEMV's old, prefetch and whole-row tiles
-#   bash bench/gpu_session.sh gemv-chain # the L2_PREFETCH GEMV config against plain on a 1B step's GEMV chain
 #   bash bench/gpu_session.sh exactness  # speculative greedy output against plain, float32 and bf16, with margins
 #   bash bench/gpu_session.sh llamacpp   # llama.cpp built from source (CUDA), against flashc int4 on one GGUF
 # (on the GPU machine, from the repository root; one call each: each part fits a 10-minute call)
@@ -161,11 +160,6 @@ case "${1:-verify}" in
       >>"$OUT/install.log" 2>&1
     step tvm1b 450 env PYTHONPATH="/tmp/site:$PWD/../build/tvmgpu/site" TVM_USE_RUNTIME_LIB=1 \
       python3 bench/tvm_cuda_1b.py check --dir ../build/tvm1b --out "$OUT"
-    ;;
-  gemv-chain)  # the opt-in L2_PREFETCH GEMV config (session 15, after the reverted first try): its GPU tests, then a
-              # 1B step's chain of GEMVs with and without it, outputs compared bit for bit
-    step l2_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider -k 'l2_prefetch or row_invariant' $PWD/tests/codegen/test_triton_gemv.py"
-    step gemv_chain 120 python3 bench/gemv_chain.py --out "$OUT"
     ;;
   int4-ncu)  # Nsight Compute on the int4 GEMV's tiles (8B gate|up and qkv): occupancy, DRAM throughput, stalls
     for spec in "28672x4096 norm+glu" "6144x4096 norm"; do
