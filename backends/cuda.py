@@ -185,8 +185,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.moe_sparse": Kernel(lambda *args: _codegen("triton_moe").moe_sparse(*args),
                                 lambda *args: _codegen("triton_moe").tune_moe_sparse(*args)),
     # written by the late passes (backends/cuda_rewrites.py)
-    "flashc.gemv": Kernel(lambda *args, **kwargs: _codegen("triton_gemv").gemv(*args, **kwargs),
-                          lambda *args, **kwargs: _codegen("triton_gemv").tune_gemv(*args, **kwargs)),
+    "flashc.gemv": Kernel(lambda *args: _codegen("triton_gemv").gemv(*args),
+                          lambda *args: _codegen("triton_gemv").tune_gemv(*args)),
     "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
     "flashc.sparse_gemv": Kernel(lambda *args: _codegen("triton_sparse_gemv").sparse_gemv(*args),
                                  lambda *args: _codegen("triton_sparse_gemv").tune_sparse_gemv(*args)),
@@ -410,8 +410,6 @@ class CudaExecutable:
         user = [n for n in graph.nodes if n.op == "placeholder"][len(program.params):]
         self.mutated_inputs = [i for i, n in enumerate(user) if n in written]
         self._ops: dict[str, str] = {}  # node name -> flashc op it launches a generated kernel for
-        # weights no kernel writes: a GEMV may read them before the previous kernel finished (PDL)
-        constant = {n.name for n in program.param_nodes()} - {n.name for n in written}
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
@@ -419,8 +417,6 @@ class CudaExecutable:
             node.kwargs = fx.node.map_aggregate(node.kwargs, _to_cuda_args)
             name = op_name(node)
             if name in KERNELS:
-                if name == "flashc.gemv" and getattr(node.args[1], "name", None) in constant:
-                    node.kwargs = {**node.kwargs, "constant_weight": True}
                 node.target = KERNELS[name].launch
                 self._ops[node.name] = name
         self.module = fx.GraphModule(torch.nn.Module(), graph)

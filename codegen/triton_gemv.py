@@ -54,9 +54,7 @@ from ._triton_common import (
     device_guard,
     launch_opts,
     next_pow2,
-    l2_prefetch_plan,
     pdl_enabled,
-    prefetch_rows_l2,
     require_triton,
     triton,
     tl,
@@ -104,35 +102,22 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
-        PREFETCH_CHUNKS: tl.constexpr,
-        PREFETCH_CHUNK: tl.constexpr,
     ):
         """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X (last dims contiguous): all
         rows with a grid of one column, or one row a column (M = 1) for ROWWISE launches.
 
         ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
         the program accumulates both and writes act(gate) * up.
-        PREFETCH_CHUNK > 0 (PDL, a weight no earlier kernel writes: config L2_PREFETCH): the leading
-        PREFETCH_CHUNKS x PREFETCH_CHUNK columns of the program's weight rows go to L2 while the previous
-        kernel still runs, and the next kernel may launch as soon as this one has waited.
         """
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL:  # launched before the previous kernel finished: wait for its results
-            if PREFETCH_CHUNK > 0:
-                rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-                nbytes: tl.constexpr = PREFETCH_CHUNK * W.dtype.element_ty.primitive_bitwidth // 8
-                prefetch_rows_l2(W, rows, PREFETCH_CHUNKS, PREFETCH_CHUNK, nbytes)
-                if ACT != 0:
-                    prefetch_rows_l2(W + up_offset, rows, PREFETCH_CHUNKS, PREFETCH_CHUNK, nbytes)
             tl.extra.cuda.gdc_wait()
-            if PREFETCH_CHUNK > 0:  # its programs send their weights to L2 while this one runs
-                tl.extra.cuda.gdc_launch_dependents()
+        pid = tl.program_id(0)
         row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
         X += row * stride_xm
         R += row * stride_rm
         Y += row * stride_ym
         offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
@@ -186,7 +171,7 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
 
-        if PDL and PREFETCH_CHUNK == 0:  # the weights are streamed: the next kernel may start its launch now
+        if PDL:  # the weights are streamed: the next kernel may start its launch now
             tl.extra.cuda.gdc_launch_dependents()
         if DOT:
             out = tl.trans(acc)
@@ -308,7 +293,7 @@ def _one_row_config(x, bias, norm_weight, residual, glu, n_out) -> dict:
     return tuning.get_config(name, key, tuning.detect_profile(x.device), _fits(1))
 
 
-def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config, constant_weight=False):
+def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     K = x.shape[-1]
     if config is None and M > 1 and tuning.row_invariant_active():
         config = {"ROWWISE": True}
@@ -336,9 +321,6 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config, const
     elif M > ELEMENTWISE_ROWS and not rowwise:
         raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
-    chunks, chunk = 0, 0
-    if pdl and constant_weight and config.get("L2_PREFETCH"):  # glu: the gate and up halves, n_out rows each
-        chunks, chunk = l2_prefetch_plan(w2, w2.shape[0], block_k, block_n, int(config.get("num_warps", 4)))
     with device_guard(x.device):
         _gemv_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1)](
             x2, w2, bias if bias is not None else w2, norm_weight if norm_weight is not None else w2, r2, y,
@@ -356,8 +338,6 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config, const
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             PDL=pdl,
-            PREFETCH_CHUNKS=chunks,
-            PREFETCH_CHUNK=chunk,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
         )
@@ -374,18 +354,15 @@ def gemv(
     glu: str | None = None,
     *,
     config: dict | None = None,
-    constant_weight: bool = False,
 ) -> torch.Tensor:
     """``x[..., K] @ w[N, K]^T`` for at most ``MAX_ROWS`` rows, with the folds of the module docstring.
 
     Returns a new tensor ``[..., N]`` (``[..., N // 2]`` with ``glu``) of x's dtype.
     ``config`` overrides the tuned one (``BLOCK_N``, ``BLOCK_K``, ``num_warps``,
-    ``num_stages``, or ``{"library": True}`` for the unfused ops). ``constant_weight``: no kernel
-    launched before this one writes ``w`` (a model's weight): under PDL its rows are then sent to L2
-    before the previous kernel finishes where the config says ``L2_PREFETCH`` (``l2_prefetch_plan``).
+    ``num_stages``, or ``{"library": True}`` for the unfused ops).
     """
     M, n_out = _check(x, w, bias, norm_weight, residual, glu)
-    return _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config, constant_weight)
+    return _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config)
 
 
 def _fits(M: int):
@@ -395,13 +372,11 @@ def _fits(M: int):
 L2_SPILL_BYTES = 96 * 2**20  # more than the L2 of the GPUs flashc targets (50 MB on H100/H200)
 
 
-def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None, *,
-              constant_weight: bool = False) -> dict:
+def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None) -> dict:
     """Time the kernel's candidate configs and the unfused library ops on these inputs; cache the winner.
 
     Candidates run as a decode step runs them: back to back from a CUDA graph, each
-    call on the next of enough copies of ``w`` that the weights come from memory, not L2
-    (with ``constant_weight``, as ``gemv``: each call's weights sent to L2 during the call before).
+    call on the next of enough copies of ``w`` that the weights come from memory, not L2.
     """
     M, n_out = _check(x, w, bias, norm_weight, residual, glu)
     name, key = _tuning_entry(M, n_out, x, bias, norm_weight, residual, glu)
@@ -414,7 +389,7 @@ def tune_gemv(x, w, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=No
     weights = itertools.cycle([w] + [w.clone() for _ in range(copies - 1)] if x.is_cuda else [w])
 
     def run(cfg):
-        return _launch(x, next(weights), bias, norm_weight, eps, residual, glu, M, n_out, cfg, constant_weight)
+        return _launch(x, next(weights), bias, norm_weight, eps, residual, glu, M, n_out, cfg)
 
     return tuning.autotune(name, key, cands, run, profile,
                            bench_fn=tuning.graph_bench_for(x))

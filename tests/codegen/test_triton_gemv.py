@@ -151,31 +151,3 @@ def test_bad_input_names_what_is_wrong(device, bad, match):
     x, w = torch.randn(2, 32, device=device), torch.randn(8, 32, device=device)
     with pytest.raises((ValueError, TypeError), match=match):
         bad(x, w)
-
-
-@pytest.mark.parametrize("fold", ["plain", "norm_swiglu", "everything"])
-def test_l2_prefetch_changes_no_bit(device, fold):
-    """The L2_PREFETCH config key on a constant weight (under PDL its rows go to L2 before the previous kernel
-    ends) computes the same numbers as without, in plain launches and back to back under a CUDA graph."""
-    x, w, kw = make(device, torch.bfloat16, (1,), 256, 200, FOLDS[fold])
-    plain = tg.gemv(x, w, **kw, config=SMALL)
-    prefetch = {**SMALL, "L2_PREFETCH": True}
-    assert torch.equal(tg.gemv(x, w, **kw, config=prefetch, constant_weight=True), plain)
-    if device.type == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [tg.gemv(x, w, **kw, config=prefetch, constant_weight=True) for _ in range(4)]
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(o, plain) for o in outs)
-
-
-def test_l2_prefetch_plan_one_chunk_a_thread():
-    from flashc.codegen._triton_common import L2_PREFETCH_WHOLE_BYTES, l2_prefetch_plan
-
-    small = torch.empty(64, 2048, dtype=torch.bfloat16)
-    assert l2_prefetch_plan(small, 64, 512, 4, 4) == (32, 64)  # whole rows, 4 rows x 32 chunks = 128 threads
-    rows = L2_PREFETCH_WHOLE_BYTES // (2048 * 2) + 1
-    assert l2_prefetch_plan(torch.empty(rows, 2048, dtype=torch.bfloat16), rows, 512, 16, 4) == (8, 64)
-    odd = torch.empty(64, 2047, dtype=torch.bfloat16)  # rows start 4094 bytes apart: not 16-byte aligned
-    assert l2_prefetch_plan(odd, 64, 512, 4, 4) == (0, 0)
