@@ -209,9 +209,9 @@ case "${1:-verify}" in
     ;;
   spec-quick)  # a short lease's #18 check: ngram with and without exact_verify, layerskip (no head training)
     target=$(gpu_target)
-    (cd /tmp && step speculate 300 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+    (cd /tmp && step speculate 240 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
-    (cd /tmp && step speculate_k8 240 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+    (cd /tmp && step speculate_k8 200 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --draft-len 8 --out "$OUT/k8")
     ;;
   exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
