@@ -566,3 +566,19 @@ def test_cuda_executables_of_the_entries_share_equal_weights():
     entry._graph = object()
     with pytest.raises(RuntimeError, match="captured"):
         entry.share_weights_from(donor)
+
+
+def test_emitter_cuts_and_fills_after_the_end_token():
+    """Rounds of several tokens: a sequence's tokens after its end token become the end token, in the round
+    it ends and in later ones; the last round is cut to max_new_tokens; finished once every sequence ended."""
+    from flashc.generate import Emitter, GenerationStats
+
+    stats = GenerationStats()
+    emit = Emitter(torch.zeros(2, 3, dtype=torch.long), 7, 9, stats, torch.device("cpu"))
+    assert emit(torch.tensor([[1, 9, 4], [5, 6, 7]])).tolist() == [[1, 9, 9], [5, 6, 7]]
+    assert not emit.finished
+    assert emit([[4, 4], [9, 3]]).tolist() == [[9, 9], [9, 9]]
+    assert emit.finished and emit.produced == 5 and stats.new_tokens == 5
+    cut = Emitter(torch.zeros(1, 2, dtype=torch.long), 3, None, GenerationStats(), torch.device("cpu"))
+    cut([[1, 2]])
+    assert cut([[3, 4, 5]]).tolist() == [[3]] and cut.finished
