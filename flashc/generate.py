@@ -16,6 +16,8 @@ past the sequence and are overwritten before any query can see them (a query at 
 sees slots <= p, and every slot < p holds a token fed earlier). For the same reason a
 chunk may be padded past the tokens it feeds, while the padding stays inside the cache, and
 a prompt's last chunk may start early, feeding again tokens the chunk before it wrote.
+A round reads its new tokens back once; what to emit, end tokens and (greedy) acceptance are
+then decided on the host, where the loop must know them anyway to decide whether to go on.
 
 All sequences of a batch share positions (the compiled steps take one cache_position
 vector), so prompts have equal lengths and a speculative round advances every sequence by
