@@ -30,6 +30,10 @@ BLOCK_N, BLOCK_K]`` products in registers, reduced over K once at the end); ``DO
 configs pad the rows to 16 and use ``tl.dot`` instead (tensor cores). Tuning times
 every candidate as the step runs it, from a CUDA graph, with the weights cycled
 through enough copies to miss in L2.
+A ``ROWLOOP`` config holds a [BLOCK_N, BLOCK_K] weight tile as a one-row product does and multiplies
+it by the rows one after another, each reduced over the tile at once: the weights are read once for all
+rows, with a one-row program's registers (a candidate for a verify step's few rows of a small model,
+where the DOT tiles leave most of the machine idle).
 A ``ROWWISE`` config runs each row as the one-row product of the same shape runs (its tuned config, one
 program column a row, one launch): a verify step's few rows then equal, bit for bit, what the decode
 step computes for each, and a tile spreads over rows x N / BLOCK_N programs instead of N / BLOCK_N
@@ -96,6 +100,7 @@ if HAS_TRITON:
         HAS_RES: tl.constexpr,
         ACT: tl.constexpr,
         DOT: tl.constexpr,
+        ROWLOOP: tl.constexpr,
         IEEE: tl.constexpr,
         EVEN: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -127,6 +132,9 @@ if HAS_TRITON:
         if DOT:  # y^T = W x^T: the weight tile is the MMA's wide operand, the few rows its narrow one
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        elif ROWLOOP:  # each row's [BLOCK_N, BLOCK_K] products reduced over the tile at once, rows one by one
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:  # elementwise products for every row, reduced over K once after the loop
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -162,6 +170,20 @@ if HAS_TRITON:
                     acc = tl.dot(w, xt, acc)
                     if ACT != 0:
                         acc_up = tl.dot(w_up, xt, acc_up)
+            elif ROWLOOP:  # the weight tile loaded once for all rows, as a one-row product holds it
+                wf = w.to(tl.float32)
+                if ACT != 0:
+                    wf_up = w_up.to(tl.float32)
+                for m in tl.static_range(BLOCK_M):  # row m read again (from L1), normalised as x was
+                    row_ok = tl.full([BLOCK_K], m, tl.int32) < M
+                    xm = tl.load(X + m * stride_xm + k0 + offs_k, mask=(offs_k < K - k0) & row_ok, other=0.0)
+                    if HAS_NORM:
+                        xm = (xm.to(tl.float32) * g).to(W.dtype.element_ty)
+                    xm = xm.to(tl.float32)
+                    pick = (offs_m == m)[:, None]
+                    acc += tl.where(pick, tl.sum(wf * xm[None, :], axis=1)[None, :], 0.0)
+                    if ACT != 0:
+                        acc_up += tl.where(pick, tl.sum(wf_up * xm[None, :], axis=1)[None, :], 0.0)
             else:
                 xf = x.to(tl.float32)[:, None, :]
                 acc += w.to(tl.float32)[None, :, :] * xf
@@ -176,6 +198,9 @@ if HAS_TRITON:
         if DOT:
             out = tl.trans(acc)
             up = tl.trans(acc_up)
+        elif ROWLOOP:
+            out = acc
+            up = acc_up
         else:
             out = tl.sum(acc, axis=2)
             up = tl.sum(acc_up, axis=2)
@@ -316,9 +341,10 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
     pdl = pdl_enabled(x.device)
     dot = bool(config.get("DOT"))
+    rowloop = bool(config.get("ROWLOOP")) and not dot and not rowwise
     if dot:
         block_n = max(16, block_n)
-    elif M > ELEMENTWISE_ROWS and not rowwise:
+    elif M > ELEMENTWISE_ROWS and not rowwise and not rowloop:
         raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
     with device_guard(x.device):
@@ -332,6 +358,7 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             HAS_RES=residual is not None,
             ACT=_ACTS[glu],
             DOT=dot,
+            ROWLOOP=rowloop,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % block_k == 0,
             BLOCK_M=MAX_ROWS if dot else 1 if rowwise else next_pow2(M),
@@ -366,7 +393,8 @@ def gemv(
 
 
 def _fits(M: int):
-    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or cfg.get("ROWWISE") or M <= ELEMENTWISE_ROWS)
+    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or cfg.get("ROWWISE") or cfg.get("ROWLOOP")
+                            or M <= ELEMENTWISE_ROWS)
 
 
 L2_SPILL_BYTES = 96 * 2**20  # more than the L2 of the GPUs flashc targets (50 MB on H100/H200)

@@ -229,6 +229,11 @@ _GEMV_ROWS = _cfgs(
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "DOT": True},
     {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    # one-row tiles (the one-row list's winners on smollm2-135m: 2-4 rows of W, K whole) reading W once for all
+    # rows, each multiplied in turn (codegen/triton_gemv.py ROWLOOP); untimed on a GPU when added (2026-12-06)
+    {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "ROWLOOP": True},
+    {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1, "ROWLOOP": True},
+    {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "ROWLOOP": True},
     # each row as the one-row product runs it (codegen/triton_gemv.py): on an H100 (2026-12-06) a 6-row verify
     # step's DOT tiles took 2.7-6.3 us a matrix of smollm2-135m where one row took 1.7-2.7 us (N / BLOCK_N
     # programs: 32 for a 1024-row matrix)

@@ -26,6 +26,7 @@ FOLDS = {
 }
 SMALL = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2}
 DOT = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOT": True}
+ROWLOOP = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2, "ROWLOOP": True}
 
 
 def rel_err(out, ref) -> float:
@@ -52,7 +53,7 @@ def truth(x, w, kw):
     return tg.reference_gemv(x.double().cpu(), w.double().cpu(), **as64)
 
 
-@pytest.mark.parametrize("config", [None, SMALL, DOT], ids=["default", "small_tiles", "dot"])
+@pytest.mark.parametrize("config", [None, SMALL, DOT, ROWLOOP], ids=["default", "small_tiles", "dot", "rowloop"])
 @pytest.mark.parametrize("lead,K,N", [((1,), 128, 64), ((1, 1), 100, 38), ((3, 1), 96, 64), ((8,), 70, 34)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", sorted(FOLDS))
@@ -74,6 +75,16 @@ def test_library_candidate_computes_the_same(device, fold):
     library = tg.gemv(x, w, **kw, config={"library": True})
     assert rel_err(library.cpu(), truth(x, w, kw)) < 2e-5
     assert rel_err(fused.cpu(), library.cpu()) < 2e-5
+
+
+@pytest.mark.parametrize("fold", ["plain", "everything"])
+def test_rowloop_takes_up_to_sixteen_rows(device, fold):
+    """ROWLOOP multiplies its rows one by one: more rows than the elementwise path holds (8), odd sizes."""
+    x, w, kw = make(device, torch.float32, (12,), 70, 34, FOLDS[fold])
+    out = tg.gemv(x, w, **kw, config=ROWLOOP)
+    assert rel_err(out.cpu(), truth(x, w, kw)) < TOL[torch.float32]
+    assert {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "ROWLOOP": True} in \
+        tg.tuning.candidates("gemv_rows", "h100")
 
 
 def test_sixteen_rows_take_a_dot_config_untuned(device):
