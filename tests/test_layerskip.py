@@ -16,7 +16,7 @@ from flashc import zoo
 from flashc.errors import InputError
 from flashc.generation import GenerationModel, compile_generation
 from flashc.layerskip import (
-    choose_exit_layer, compile_layerskip, default_exit_layers, early_exit_model,
+    CATCH_UP, choose_exit_layer, compile_layerskip, default_exit_layers, early_exit_model,
 )
 
 CACHE_LEN = 48
@@ -116,10 +116,30 @@ def two_layers():
 
 def test_the_draft_is_a_generation_model_of_the_first_layers(two_layers):
     _, _, draft = two_layers
-    assert isinstance(draft, GenerationModel) and draft.draft_len is None
-    assert set(draft.entries) == {"decode", "prefill"} and draft.prefill_chunk == 8
+    assert isinstance(draft, GenerationModel) and draft.draft_len == CATCH_UP - 1  # its catch-up entry
+    assert set(draft.entries) == {"decode", "prefill", "verify"} and draft.prefill_chunk == 8
     assert len(draft.decode.inputs) == 2 + 2 * 1  # ids, positions, then one layer's k and v caches
     assert "first 1 of 2 layers" in draft.decode.source.name
+
+
+def test_the_draft_catches_up_in_few_calls(two_layers):
+    """After plain rounds the drafter feeds the tokens it missed: 20 of them in two calls (its catch-up
+    entry, then the padded tail), where one-token calls took 20 whenever the prefill chunk did not fit."""
+    from flashc.generate import Sampling
+    from flashc.speculate import ModelDrafter
+
+    _, _, draft = two_layers
+    steps = draft.steps()
+    sizes = []
+    for size, call in list(steps.calls.items()):
+        steps.calls[size] = lambda *a, _call=call, _size=size: sizes.append(_size) or _call(*a)
+    drafter = ModelDrafter(steps, vocab_size=512)
+    ids = fresh_ids("llama-tiny", batch=1, seq_len=26)
+    drafter.propose(ids[:, :6], 1, Sampling())  # the prompt, then one draft
+    sizes.clear()
+    drafter.accepted(6, 0)
+    drafter.propose(ids, 1, Sampling())  # 20 tokens later: catch up, then draft
+    assert sizes == [CATCH_UP, 8], sizes
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
