@@ -54,24 +54,33 @@ def _wait(seconds: float) -> None:
 
 
 class Replay:
-    """A target that emits a recorded sequence: its step for `size` tokens returns logits whose argmax
-    at each fed position is the recorded token after it."""
+    """A model that emits a recorded sequence: its step for `size` tokens waits seconds[size] and
+    returns logits whose argmax at each fed position is the recorded token after it."""
 
-    def __init__(self, tokens: list[int], vocab: int, plain_s: float, verify_s: float) -> None:
+    def __init__(self, tokens: list[int], vocab: int, seconds: dict[int, float]) -> None:
         self.next = torch.tensor(tokens[1:] + [tokens[-1]])
-        self.vocab, self.plain_s, self.verify_s = vocab, plain_s, verify_s
+        self.eye = torch.eye(vocab, dtype=torch.bfloat16)  # a row per token: logits by one gather
+        self.seconds = seconds
 
-    def step(self, size: int):
-        def call(ids, positions, *kv):
-            _wait(self.plain_s if size == 1 else self.verify_s)
-            nxt = self.next[positions.clamp_max(self.next.shape[0] - 1)]
-            return torch.nn.functional.one_hot(nxt, self.vocab).float()[None].expand(ids.shape[0], -1, -1)
-        return call
+    def steps(self, cache_len: int):
+        from flashc.generate import Steps
+
+        def step(size: int):
+            def call(ids, positions, *kv):
+                _wait(self.seconds[size])
+                return self.eye[self.next[positions.clamp_max(self.next.shape[0] - 1)]][None].expand(ids.shape[0],
+                                                                                                      -1, -1)
+            return call
+        return Steps({size: step(size) for size in self.seconds}, [torch.zeros(1, 1, cache_len, 1)])
 
 
-def replay(records: dict, k: int, plain_us: float, ratio: float) -> dict:
-    from flashc.generate import Steps, generate
-    from flashc.speculate import NgramDrafter, Speculator
+def replay(records: dict, k: int, plain_us: float, ratio: float, drafter: tuple[float, list[int]] | None = None,
+           cache_len: int = 512, chunk: int = 512) -> dict:
+    """Seconds, tokens and rounds per (prompt kind, variant). drafter: (its step's cost as a share of a
+    plain step, its entries' sizes) adds a model drafter whose drafts are never kept (the next token
+    shifted by one), as an untrained layerskip draft nearly is."""
+    from flashc.generate import GenerationStats, generate
+    from flashc.speculate import ModelDrafter, NgramDrafter, Speculator
 
     # token ids renumbered densely (equal ids stay equal, so prompt lookup finds the same matches): the
     # stand-in's logits then cost the loop what a real step's small readback does, not a 49k-wide one-hot
@@ -82,15 +91,22 @@ def replay(records: dict, k: int, plain_us: float, ratio: float) -> dict:
     for name, rec in records.items():
         kind = name.split()[0]
         prompt, tokens = rec["prompt"], [dense[t] for t in rec["tokens"]]
-        target = Replay(tokens, vocab, plain_us * 1e-6, plain_us * ratio * 1e-6)
-        steps = Steps({1: target.step(1), k + 1: target.step(k + 1), 64: target.step(64)},
-                      [torch.zeros(1, 1, len(tokens) + k + 64, 1)])
+        plain_s = plain_us * 1e-6
+        # a prefill chunk of T tokens costs T / 200 plain steps (smollm2-135m's 512-token prefill kernels in the
+        # session-16 H100 tuning log: about 1.2 ms, 2.6 decode steps)
+        steps = Replay(tokens, vocab, {1: plain_s, k + 1: plain_s * ratio,
+                                       chunk: plain_s * chunk / 200}).steps(cache_len)
         ids = torch.tensor([tokens[:prompt]])
         new = len(tokens) - prompt
-        for variant, spec in (("plain", None), ("ngram (adaptive)", Speculator(NgramDrafter(), k)),
-                              ("ngram (k fixed)", Speculator(NgramDrafter(), k, adaptive=False))):
-            from flashc.generate import GenerationStats
-
+        variants = [("plain", None), ("ngram (adaptive)", Speculator(NgramDrafter(), k)),
+                    ("ngram (k fixed)", Speculator(NgramDrafter(), k, adaptive=False))]
+        if drafter is not None:
+            share, sizes = drafter
+            cost = {size: plain_s * share * (1 if size == 1 else ratio if size <= 16 else size / 200)
+                    for size in sizes}
+            wrong = Replay([(t + 1) % vocab for t in tokens], vocab, cost).steps(cache_len)
+            variants.append((f"model drafter never kept, entries {sizes}", Speculator(ModelDrafter(wrong, vocab), k)))
+        for variant, spec in variants:
             st = GenerationStats()
             out = generate(steps, ids, new, speculator=spec, stats=st)
             if out[0].tolist() != tokens:
@@ -111,7 +127,13 @@ def main() -> int:
     ap.add_argument("--plain-us", type=float, default=460.0, help="a plain step's device time")
     ap.add_argument("--ratios", type=float, nargs="+", default=[730 / 460], help="verify step / plain step")
     ap.add_argument("--drafts", type=int, nargs="+", default=[5, 8])
+    ap.add_argument("--drafter", type=float, default=None, metavar="SHARE",
+                    help="add a model drafter whose drafts are never kept, its step SHARE of a plain step")
+    ap.add_argument("--drafter-entries", type=int, nargs="+", default=[1, 512],
+                    help="that drafter's entries (tokens a call): 1 512 as before session 16's catch-up entry, "
+                         "1 16 512 with it")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the stand-ins' tensor ops in one thread: no pool wake-ups in the timed loop
     path = Path(args.record)
     if path.is_file():
         records = json.loads(path.read_text())
@@ -121,10 +143,11 @@ def main() -> int:
     print(f"| verify / plain | drafts | prompts | variant | tokens a call | x plain |\n|---|---|---|---|---|---|")
     for ratio in args.ratios:
         for k in args.drafts:
-            rows = replay(records, k, args.plain_us, ratio)
+            drafter = (args.drafter, args.drafter_entries) if args.drafter else None
+            rows = replay(records, k, args.plain_us, ratio, drafter)
             for kind in ("passage", "open-ended"):
                 base = rows[(kind, "plain")]
-                for variant in ("plain", "ngram (adaptive)", "ngram (k fixed)"):
+                for variant in [v for (kd, v) in rows if kd == kind]:
                     secs, toks, calls = rows[(kind, variant)]
                     print(f"| {ratio:.2f} | {k} | {kind} | {variant} | {toks / calls:.2f} | "
                           f"{(toks / secs) / (base[1] / base[0]):.2f} |", flush=True)
