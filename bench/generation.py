@@ -160,6 +160,7 @@ def _chat(tokenizer, text: str) -> str:
 def bench_speculate(args, device: str) -> None:
     from flashc import pretrained
     from flashc.generation import compile_generation
+    from flashc.layerskip import CATCH_UP
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
@@ -184,7 +185,8 @@ def bench_speculate(args, device: str) -> None:
         draft_model, _ = pretrained.load_mixtral_ref(dtype=dtype)
         draft_eager = draft_model
         drafters["draft:mixtral-ref"] = compile_generation(draft_model, args.target, cache_len=cache_len,
-                                                           batch=batch, prefill_chunk=args.chunk, draft_len=None,
+                                                           batch=batch, prefill_chunk=args.chunk,
+                                                           draft_len=CATCH_UP - 1,  # its catch-up entry
                                                            tokenizer="mixtral-ref", progress=True)
     for exit_layer in args.layerskip:
         from flashc.layerskip import compile_layerskip

@@ -308,8 +308,9 @@ class GenerationModel:
         is taken too: each row's unpadded tokens are one prompt (a padded batch needs a ragged model),
         returned as a list like a list of prompts. speculate: None, "ngram" (prompt lookup), "head" (the
         draft head compiled in: compile_generation(..., draft_head=)), "draft:ARTIFACT" or a
-        GenerationModel with the same tokenizer (a smaller model drafts); speculation needs
-        the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
+        GenerationModel with the same tokenizer (a smaller model drafts; compile it with a
+        verify entry too: after plain rounds it catches up on the tokens it missed through its
+        largest entry that fits, else one token a call); speculation needs the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
         picks the draft length each round from measured acceptance and step times, and plain
         steps where speculation would be slower. Greedy output is token for token that of
         plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
