@@ -40,10 +40,12 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    gm = compile_generation(smollm2_shaped(torch.float32 if args.target == "cpu" else torch.bfloat16), args.target, cache_len=512, batch=1, prefill_chunk=64, draft_len=5,
-                            exact_verify=args.exact_verify)
+    dtype = torch.float32 if args.target == "cpu" else torch.bfloat16
+    gm = compile_generation(smollm2_shaped(dtype), args.target, cache_len=512, batch=1, prefill_chunk=64,
+                            draft_len=5, exact_verify=args.exact_verify)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(49152, (1, 40), generator=g) for _ in range(args.prompts)]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     for name, kw in (("plain", {}), ("ngram k fixed", {"speculate": "ngram", "adaptive": False}),
                      ("ngram adaptive", {"speculate": "ngram"})):
         rates, per_call, ratios, kept = [], [], [], []
@@ -62,7 +64,7 @@ def main() -> int:
                               tokens_a_call=round(statistics.median(per_call), 2),
                               verify_over_plain=round(statistics.median(ratios), 3) if ratios else None,
                               drafts_kept=round(statistics.median(kept), 3) if kept else None,
-                              device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flashc=flashc.__file__)), flush=True)
+                              device=device, flashc=flashc.__file__)), flush=True)
     return 0
 
 

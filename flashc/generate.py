@@ -331,9 +331,8 @@ class Emitter:
 
     def __call__(self, new: torch.Tensor | list[list[int]]) -> torch.Tensor:
         """new: [B, n] tokens (a tensor, or rows on the host) -> the emitted [B, <= n] on the device."""
-        rows = new.tolist() if isinstance(new, torch.Tensor) else [list(r) for r in new]
         left = self.max_new_tokens - self.produced
-        rows = [r[:left] for r in rows]
+        rows = [list(r[:left]) for r in (new.tolist() if isinstance(new, torch.Tensor) else new)]
         eos = self.eos_token_id
         if eos is not None:
             for i, row in enumerate(rows):

@@ -310,9 +310,10 @@ class GenerationModel:
         draft head compiled in: compile_generation(..., draft_head=)), "draft:ARTIFACT" or a
         GenerationModel with the same tokenizer (a smaller model drafts; compile it with a
         verify entry too: after plain rounds it catches up on the tokens it missed through its
-        largest entry that fits, else one token a call); speculation needs the verify entry; draft_len (at most the entry's) caps the drafts a round; adaptive
-        picks the draft length each round from measured acceptance and step times, and plain
-        steps where speculation would be slower. Greedy output is token for token that of
+        largest entry that fits, else one token a call); speculation needs the verify entry;
+        draft_len (at most the entry's) caps the drafts a round; adaptive picks the draft length
+        each round from measured acceptance and step times, and plain steps where speculation
+        would be slower. Greedy output is token for token that of
         plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
         early_exit: 'E', 'E:TAU', a flashc.early_exit.EarlyExit or an EarlyExitModel: a token
         leaves after layer E where the exit is confident (lossy, greedy; flashc.early_exit).
