@@ -260,8 +260,13 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
 
         def flashc_step(quantize=None, prune=None):
             def build():
+                calibration = None
+                if prune is not None:  # random weights: the built-in text read as bytes (the step is no zoo source)
+                    from flashc.passes.quantize.calibration import resolve_calibration
+
+                    calibration = resolve_calibration("builtin", None, model.config.vocab_size)
                 cm = flashc.compile(step, "h100", tuple(inputs), level=3, profile=profile, quantize=quantize,
-                                    prune=prune, calibration="builtin" if prune is not None else None)
+                                    prune=prune, calibration=calibration)
                 kept["cm"] = cm
                 kept["read"] = _program_read_bytes(cm, _active_expert_fraction(model.config, batch) or 1.0)
                 return lambda: cm.executable(*inputs)[0]

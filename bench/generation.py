@@ -416,7 +416,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 512 on a GPU, 64 on cpu)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--draft-len", type=int, default=5)
+    ap.add_argument("--draft-len", type=int, default=8)
     ap.add_argument("--cache-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=4)

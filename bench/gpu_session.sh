@@ -19,7 +19,7 @@
 #   bash bench/gpu_session.sh ssm-profile # the SSM decode step at batch 16 / 8k, kernel by kernel
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
-#   bash bench/gpu_session.sh spec-quick # ngram with and without exact_verify, layerskip (smollm2 carried)
+#   bash bench/gpu_session.sh spec-quick # ngram (8 drafts) with and without exact_verify, layerskip (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
@@ -207,12 +207,10 @@ case "${1:-verify}" in
     (cd /tmp && step exactness 540 python3 "$OLDPWD/bench/speculate_exactness.py" --target "$target" --out "$OUT" \
       --prompts 2 --new-tokens 64 --dtypes bfloat16-exact bfloat16 float32)
     ;;
-  spec-quick)  # a short lease's #18 check: ngram with and without exact_verify, layerskip (no head training)
+  spec-quick)  # a short lease's #18 check: ngram (8 drafts, the default) with and without exact_verify, layerskip
     target=$(gpu_target)
-    (cd /tmp && step speculate 240 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
-      --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
-    (cd /tmp && step speculate_k8 200 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
-      --prompts 3 --new-tokens 96 --no-draft-model --exact-verify --draft-len 8 --out "$OUT/k8")
+    (cd /tmp && step speculate 420 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 6 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
     ;;
   exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
     target=$(gpu_target)

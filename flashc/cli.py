@@ -1027,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ragged", action="store_true",
                    help="generate: a position per sequence, so a batch holds prompts of different lengths")
     c.add_argument("--draft-len", type=NON_NEGATIVE, default=None,
-                   help="generate: the most drafted tokens a speculative round verifies (default 4; 0: no verify "
+                   help="generate: the most drafted tokens a speculative round verifies (default 8; 0: no verify "
                         "entry)")
     c.add_argument("--draft-head", default=None, metavar="HEAD_DIR",
                    help="generate: a draft head from `flashc train-draft`, saved with the artifact, for "

@@ -582,3 +582,20 @@ def test_emitter_cuts_and_fills_after_the_end_token():
     cut = Emitter(torch.zeros(1, 2, dtype=torch.long), 3, None, GenerationStats(), torch.device("cpu"))
     cut([[1, 2]])
     assert cut([[3, 4, 5]]).tolist() == [[3]] and cut.finished
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_warm_up_calls_every_entry_and_leaves_generation_unchanged(ragged):
+    model = zoo.build("llama-tiny", seed=0)
+    gm = compile_generation(model, "cpu", cache_len=32, batch=2, prefill_chunk=8, draft_len=3, ragged=ragged)
+    steps = gm.steps()
+    called = []
+    for size, call in list(steps.calls.items()):
+        steps.calls[size] = lambda *a, _call=call, _size=size: called.append(_size) or _call(*a)
+    gm.warm_up()
+    assert sorted(called) == [1, 4, 8]  # decode, verify (3 drafts + 1), prefill
+    assert all(not t.any() for t in steps.kv_cache)  # the dummy tokens' keys and values are gone
+    prompt = fresh_ids("llama-tiny", batch=2, seq_len=5)
+    want = greedy_reference(model, prompt, 9)
+    got = gm.generate(list(prompt) if ragged else prompt, 9, speculate="ngram")
+    assert torch.equal(torch.stack(got) if ragged else got, want)
