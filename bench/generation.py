@@ -199,6 +199,7 @@ def bench_speculate(args, device: str) -> None:
     if draft_eager is not None:
         draft_eager = draft_eager.to(device)
     rows = []
+    answers, round_log = {}, []  # plain decoding's answers (replayable); the speculative rounds' draft lengths
     for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
         variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
                     ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
@@ -218,7 +219,7 @@ def bench_speculate(args, device: str) -> None:
             if draft_eager is not None:
                 hf["HF generate assistant_model=mixtral-ref"] = {"assistant_model": draft_eager}
         hf_totals = {name: [0.0, 0, True] for name in hf}
-        for text in prompts:
+        for i, text in enumerate(prompts):
             ids = torch.tensor([tokenizer(text)["input_ids"]] * batch)
             if ids.shape[1] + args.new_tokens > cache_len:
                 ids = ids[:, -(cache_len - args.new_tokens):]
@@ -234,9 +235,14 @@ def bench_speculate(args, device: str) -> None:
                 tot[1] += st.new_tokens - 1
                 tot[2] += st.accepted
                 tot[3] += st.proposed
-                if plain is None:
+                if plain is None:  # the first variant is plain decoding: its answer, for bench/speculate_replay.py
                     plain = out
+                    answers[f"{kind} {i}"] = {"prompt": ids.shape[1], "tokens": out[0].tolist()}
                 tot[4] &= bool(torch.equal(out, plain))
+                if kw.get("speculate") is not None:  # each round's draft length (0: a plain step)
+                    round_log.append({"prompt": f"{kind} {i}", "variant": name, "k": st.draft_lengths,
+                                      "accepted": st.accepted, "plain_step_s": st.plain_step_s,
+                                      "verify_step_s": st.verify_step_s})
                 rounds[name][0] += st.rounds
                 if st.verify_step_s and st.plain_step_s:
                     rounds[name][1].append(st.verify_step_s / st.plain_step_s)
@@ -285,6 +291,10 @@ def bench_speculate(args, device: str) -> None:
             for name, rate in res.items():
                 rows.append([f"{kind}, T={args.temperature}", name, f"{rate:.1f}",
                              f"{rate / res['flashc plain']:.2f}", "-", "-", "-", "sampled"])
+    if batch == 1:  # `python bench/speculate_replay.py --record OUT/smollm2_answers.json` replays this device's answers
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "smollm2_answers.json").write_text(json.dumps(answers))
+        (Path(args.out) / "speculation_rounds.json").write_text(json.dumps(round_log))
     _write(Path(args.out), f"speculative decoding, smollm2-135m, batch {batch}, {args.new_tokens} new tokens, "
            f"{args.target} ({_device_name(device)})", ["prompts", "variant", "tokens/s", "x flashc plain",
                                                        "drafts kept", "tokens a call", "verify / plain step",

@@ -54,9 +54,9 @@ def thresholds_for(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Per level s, the threshold t that zeroes floor(s * numel) entries of rows under
     `|x| > t` (the largest of those entries; 0 for s = 0, which zeroes only exact zeros)."""
     magnitudes = rows.abs().flatten().sort().values
-    counts = torch.floor(levels * magnitudes.numel() + 1e-9).long()
+    counts = torch.floor(levels * magnitudes.numel() + 1e-9).long().to(magnitudes.device)  # rows may be on a GPU
     picked = magnitudes[(counts - 1).clamp(min=0)]
-    return torch.where(counts > 0, picked, torch.zeros_like(picked)).double()
+    return torch.where(counts > 0, picked, torch.zeros_like(picked)).double().cpu()
 
 
 def sparsified_fraction(rows: torch.Tensor, threshold: float) -> float:
