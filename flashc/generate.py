@@ -387,7 +387,7 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
             new = emit(sampling.next(logits)[:, None])
             if speculator is not None:
                 sync(device)
-                speculator.observe_plain(time.perf_counter() - t)
+                speculator.observe_plain(time.perf_counter() - t, emit.rows)
         else:
             new, accepted = speculator.verify(steps, tokens, plan, sampling)
             new = emit(new)

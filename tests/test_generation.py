@@ -210,6 +210,39 @@ def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
     assert 0 < spec.choose(4) < 4
 
 
+def test_ngram_evidence_is_how_far_back_the_match_goes():
+    drafter = NgramDrafter(max_ngram=3)
+    passage = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    # copying the passage: the last 6 tokens match its start, so the evidence is 6 (not the 3 looked up)
+    drafts, evidence = drafter.lookup(0, [1, 2] + passage + [0] + passage[:6], 3)
+    assert drafts == passage[6:9] and evidence == 6
+    fresh = NgramDrafter(max_ngram=3)  # a match longer than MAX_EVIDENCE counts as MAX_EVIDENCE
+    _, evidence = fresh.lookup(0, passage + [0] + passage, 2)
+    assert evidence == NgramDrafter.MAX_EVIDENCE
+    _, evidence = NgramDrafter(max_ngram=3).lookup(0, [1, 2, 3, 9, 2, 3], 2)  # only "2 3" recurs
+    assert evidence == 2
+
+
+def test_a_declined_ngram_plan_is_scored_against_the_plain_step():
+    spec = Speculator(NgramDrafter(), max_draft=4)
+    spec.observe_plain(1.0)
+    spec.timing.verify = 1.5
+    spec.counts[3] = [0.1, 5.0]  # 3-token matches judged poor: their plans are declined
+    tokens = torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3]])
+    assert spec.plan(tokens, 8, Sampling.make(0.0, None, None, None, "cpu"), tokens.tolist()) is None
+    assert spec.shadow == ([4], 3)  # the first draft, to check against the token the plain step emits
+    before = spec.acceptance(3)
+    spec.observe_plain(1.0, [[4]])  # it was right: one kept draft of that evidence
+    assert spec.acceptance(3) > before and spec.shadow is None
+    assert spec.plan(tokens, 8, Sampling.make(0.0, None, None, None, "cpu"), tokens.tolist()) is None
+    before = spec.acceptance(3)
+    spec.observe_plain(1.0, [[7]])  # wrong: one refused
+    assert spec.acceptance(3) < before
+    counts = {e: list(c) for e, c in spec.counts.items()}
+    spec.observe_plain(1.0, [[4]])  # a plain round without a declined plan changes no estimate
+    assert spec.counts == counts
+
+
 def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
     class CostlyDrafter:  # stands for a draft model: every draft is a step of it
         cheap = False
