@@ -233,9 +233,10 @@ case "${1:-verify}" in
     step decode_sparse 300 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 145
     ;;
-  sparse-decode)  # the whole-model part of `sparse` alone (llama-3.2-1b): decode with online sparsity against dense
-    step decode_sparse 200 python3 bench/decode.py --models llama-3.2-1b --batches 1 --prefill 0 \
-      --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 190
+  sparse-decode)  # the whole-model part of `sparse` alone (SPARSE_MODELS, default llama-3.2-1b): decode with online
+                  # sparsity against dense
+    step decode_sparse 560 python3 bench/decode.py --models ${SPARSE_MODELS:-llama-3.2-1b} --batches 1 --prefill 0 \
+      --variants flashc flashc-online40 flashc-online50 --out "$OUT" --timeout 170
     ;;
   ssm)  # issue "Attention-to-SSM": the SSM kernels and the CUDA target's state handling, then speed
     step ssm_tests 120 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_ssm.py $PWD/tests/codegen/test_triton_gla.py $PWD/tests/backends/test_cuda.py"
