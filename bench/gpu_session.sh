@@ -20,6 +20,7 @@
 #   bash bench/gpu_session.sh speculate  # smollm2-135m (wheel parts carried, see below): head trained, speculation
 #   bash bench/gpu_session.sh speculate-b8 # the same at batch 8
 #   bash bench/gpu_session.sh spec-quick # ngram (8 drafts) with and without exact_verify, layerskip (smollm2 carried)
+#   bash bench/gpu_session.sh spec-ngram # ngram (8 drafts) alone against plain and HF (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
@@ -211,6 +212,11 @@ case "${1:-verify}" in
     target=$(gpu_target)
     (cd /tmp && step speculate 420 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
       --prompts 6 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
+    ;;
+  spec-ngram)  # the shortest #18 check: plain, ngram adaptive and with every plan verified (8 drafts), HF baselines
+    target=$(gpu_target)
+    (cd /tmp && step speculate 400 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
+      --prompts 6 --new-tokens 96 --no-draft-model --out "$OUT")
     ;;
   exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
     target=$(gpu_target)
