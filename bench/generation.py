@@ -199,7 +199,7 @@ def bench_speculate(args, device: str) -> None:
     if draft_eager is not None:
         draft_eager = draft_eager.to(device)
     rows = []
-    answers, round_log = {}, []  # plain decoding's answers (replayable); the speculative rounds' draft lengths
+    answers, round_log = {}, []  # plain decoding's answers (replayable); each run's draft lengths, round times
     for kind, prompts in (("passage", passage), ("open-ended", open_ended)):
         variants = [("flashc plain", {}), ("flashc ngram (adaptive)", {"speculate": "ngram"}),
                     ("flashc ngram (k fixed)", {"speculate": "ngram", "adaptive": False})]
@@ -239,10 +239,11 @@ def bench_speculate(args, device: str) -> None:
                     plain = out
                     answers[f"{kind} {i}"] = {"prompt": ids.shape[1], "tokens": out[0].tolist()}
                 tot[4] &= bool(torch.equal(out, plain))
-                if kw.get("speculate") is not None:  # each round's draft length (0: a plain step)
+                if kw.get("speculate") is not None or name == "flashc plain":  # each round's k (0: plain) and time
                     round_log.append({"prompt": f"{kind} {i}", "variant": name, "k": st.draft_lengths,
                                       "accepted": st.accepted, "plain_step_s": st.plain_step_s,
-                                      "verify_step_s": st.verify_step_s})
+                                      "verify_step_s": st.verify_step_s, "round_s": st.round_s,
+                                      "plan_s": st.plan_s})
                 rounds[name][0] += st.rounds
                 if st.verify_step_s and st.plain_step_s:
                     rounds[name][1].append(st.verify_step_s / st.plain_step_s)

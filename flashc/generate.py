@@ -226,6 +226,8 @@ class GenerationStats:
     plain_step_s: float | None = None  # measured time of a one-token step, when one ran
     verify_step_s: float | None = None  # measured time of the verify step, when one ran
     draft_lengths: list[int] = field(default_factory=list)  # k chosen each round (0: plain)
+    round_s: list[float] = field(default_factory=list)  # each round's wall time, planning to emitted tokens (batches
+    plan_s: list[float] = field(default_factory=list)  # of one length); of which choosing the round (and drafting)
     exited: int = 0  # early exit (flashc.early_exit): tokens emitted from the exit layer
     deep_passes: int = 0  # calls of the full model after the prefill that caught up exited tokens
     deep_tokens: int = 0  # tokens those calls fed (exited tokens + the pending one each)
@@ -378,7 +380,9 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
     while not emit.finished:
         length = tokens.shape[1]  # the pending token sits at length - 1
         room = min(steps.cache_len - length, max_new_tokens - emit.produced - 1)
+        round_start = time.perf_counter()
         plan = speculator.plan(tokens, room, sampling, rows) if speculator is not None else None
+        stats.plan_s.append(time.perf_counter() - round_start)
         stats.rounds += 1
         if plan is None:
             stats.draft_lengths.append(0)
@@ -398,6 +402,7 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
         tokens = torch.cat([tokens, new], 1)
         for row, more in zip(rows, emit.rows):
             row.extend(more)
+        stats.round_s.append(time.perf_counter() - round_start)
         yield new
     sync(device)
     stats.total_s = time.perf_counter() - start

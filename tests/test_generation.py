@@ -632,3 +632,12 @@ def test_warm_up_calls_every_entry_and_leaves_generation_unchanged(ragged):
     want = greedy_reference(model, prompt, 9)
     got = gm.generate(list(prompt) if ragged else prompt, 9, speculate="ngram")
     assert torch.equal(torch.stack(got) if ragged else got, want)
+
+
+def test_stats_time_every_round(target):
+    _, gm = target
+    prompt = repetitive(2, 5, 3)
+    _, stats = gm.generate(prompt, 12, speculate="ngram", return_stats=True)
+    assert len(stats.round_s) == len(stats.plan_s) == len(stats.draft_lengths) == stats.rounds
+    assert all(0 <= p <= r for p, r in zip(stats.plan_s, stats.round_s))
+    assert sum(stats.round_s) <= stats.total_s - stats.prefill_s + 1e-3
