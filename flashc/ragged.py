@@ -138,7 +138,7 @@ def generate_ragged(steps: Steps, prompts: list[torch.Tensor], max_new_tokens: i
             news = [emit(b, [chosen[b]]) if not done[b] else [] for b in range(batch)]
             if speculator is not None:
                 sync(steps.device)
-                speculator.observe_plain(time.perf_counter() - t)
+                speculator.observe_plain(time.perf_counter() - t, news)
         else:
             rows = [pending[b] + drafts[b] for b in range(batch)]
             logits = feed_rows(steps, rows, starts, all_logits=True, finished=done)
@@ -182,8 +182,10 @@ def _ngram_drafts(speculator, seqs: list[list[int]], live: list[int], room: int)
     if not evidence:
         return None
     speculator.last_evidence = min(evidence)
+    speculator.shadow = None
     k = speculator.choose(max(len(f) for f in found), speculator.last_evidence)
-    if k < 1:
+    if k < 1:  # scored against the plain step's tokens (Speculator.observe_plain)
+        speculator.shadow = ([f[0] if f else None for f in found], speculator.last_evidence)
         return None
     return [f[:k] for f in found]
 

@@ -255,7 +255,7 @@ class Speculator:
         self.idle = 0
         self.probe_every = self.PROBE_EVERY
         self.last_evidence = 0
-        self.shadow: tuple[list[int], int] | None = None  # a declined cheap plan's first drafts and evidence
+        self.shadow: tuple[list[int | None], int] | None = None  # a declined cheap plan's first drafts, evidence
         self.drafter.reset()
 
     def acceptance(self, evidence: int = 0) -> float:
@@ -309,7 +309,7 @@ class Speculator:
                 return None
             k = self.choose(plan.k, plan.evidence)
             if k < 1:
-                if plan.host is not None and sampling.greedy:  # checked against the plain step's token
+                if plan.host is not None and plan.q is None:  # checked against the plain step's token
                     self.shadow = ([h[0] for h in plan.host], plan.evidence)
                 return None
             return Plan(plan.drafts[:, :k], None if plan.q is None else plan.q[:, :k], plan.evidence,
@@ -328,14 +328,16 @@ class Speculator:
         """A plain round took `seconds` and emitted these tokens (rows on the host, when the caller has them).
 
         A cheap drafter's plan declined this round is scored for free: its first draft against the
-        token the plain step chose, one observation of that evidence's acceptance. Without it a
+        token the plain step chose, one observation of that evidence's acceptance (sampled too: a
+        deterministic draft d is kept with probability p(d), the chance the plain step draws d;
+        a sequence without a draft, None, or that emitted nothing is left out). Without it a
         class judged poor stays so until a probe (16 plain rounds, then 32, ...), though the text
         may have turned to copying its prompt: on an H100 (smollm2-135m, passage prompts, 8 drafts)
         adaptive speculation ran at 1.71x plain decoding where verifying every plan ran at 2.15x."""
         self.timing.plain = Timing.mix(self.timing.plain, seconds)
         if self.shadow is not None and emitted is not None:
             firsts, evidence = self.shadow
-            kept = all(row[:1] == [d] for row, d in zip(emitted, firsts))
+            kept = all(row[0] == d for row, d in zip(emitted, firsts) if d is not None and row)
             self.observe_row(1, int(kept), evidence)
         self.shadow = None
 

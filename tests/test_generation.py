@@ -641,3 +641,22 @@ def test_stats_time_every_round(target):
     assert len(stats.round_s) == len(stats.plan_s) == len(stats.draft_lengths) == stats.rounds
     assert all(0 <= p <= r for p, r in zip(stats.plan_s, stats.round_s))
     assert sum(stats.round_s) <= stats.total_s - stats.prefill_s + 1e-3
+
+
+def test_ragged_ngram_scores_declined_plans_too():
+    from flashc.ragged import _ngram_drafts
+
+    spec = Speculator(NgramDrafter(), max_draft=4)
+    spec.observe_plain(1.0)
+    spec.timing.verify = 1.5
+    seqs = [[1, 2, 3, 4, 9, 1, 2, 3], [7, 8, 7], [5, 6]]  # matches of 3 tokens and of 1; the third has none
+    drafts = _ngram_drafts(spec, seqs, [0, 1, 2], 8)
+    assert drafts == [[4, 9, 1, 2], [8, 7], []]  # nothing measured yet: the prior (half kept) pays at 1.5
+    evidence = spec.last_evidence
+    assert evidence == 1
+    spec.counts[evidence] = [0.1, 5.0]
+    assert _ngram_drafts(spec, seqs, [0, 1, 2], 8) is None
+    assert spec.shadow == ([4, 8, None], evidence)
+    before = spec.acceptance(evidence)
+    spec.observe_plain(1.0, [[4], [8], [3]])  # both drafts right; the third sequence had none to score
+    assert spec.acceptance(evidence) > before
