@@ -332,9 +332,11 @@ class Emitter:
         stats.batch, stats.prompt_tokens = input_ids.shape
 
     def __call__(self, new: torch.Tensor | list[list[int]]) -> torch.Tensor:
-        """new: [B, n] tokens (a tensor, or rows on the host) -> the emitted [B, <= n] on the device."""
+        """new: [B, n] tokens (a tensor, or rows on the host) -> the emitted [B, <= n] on the device
+        (new itself when it is a tensor that needed no change: no copy back to the device)."""
         left = self.max_new_tokens - self.produced
-        rows = [list(r[:left]) for r in (new.tolist() if isinstance(new, torch.Tensor) else new)]
+        given = new.tolist() if isinstance(new, torch.Tensor) else new
+        rows = [list(r[:left]) for r in given]
         eos = self.eos_token_id
         if eos is not None:
             for i, row in enumerate(rows):
@@ -347,6 +349,8 @@ class Emitter:
         self.rows = rows
         self.produced += len(rows[0])
         self.stats.new_tokens = self.produced
+        if isinstance(new, torch.Tensor) and new.dtype == self.dtype and rows == given:
+            return new
         return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     @property

@@ -615,6 +615,16 @@ def test_emitter_cuts_and_fills_after_the_end_token():
     cut = Emitter(torch.zeros(1, 2, dtype=torch.long), 3, None, GenerationStats(), torch.device("cpu"))
     cut([[1, 2]])
     assert cut([[3, 4, 5]]).tolist() == [[3]] and cut.finished
+    # a tensor round that needs no change comes back as it is (no copy to the device); one that does, changed
+    keep = Emitter(torch.zeros(2, 3, dtype=torch.long), 5, 9, GenerationStats(), torch.device("cpu"))
+    round_ = torch.tensor([[1], [2]])
+    assert keep(round_) is round_
+    ending = torch.tensor([[9, 3], [4, 5]])
+    assert keep(ending).tolist() == [[9, 9], [4, 5]] and ending.tolist() == [[9, 3], [4, 5]]
+    cut_round = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert keep(cut_round).tolist() == [[9, 9], [4, 5]]
+    narrow = Emitter(torch.zeros(1, 2, dtype=torch.int32), 5, None, GenerationStats(), torch.device("cpu"))
+    assert narrow(torch.tensor([[7]])).dtype == torch.int32  # the prompt's dtype, as before
 
 
 @pytest.mark.parametrize("ragged", [False, True])
