@@ -37,7 +37,7 @@ from flashc.generate import Sampling, Steps, sync
 class Plan:
     """k drafted tokens per sequence and, for sampled drafts, the distributions they came from."""
 
-    drafts: torch.Tensor  # [B, k]
+    drafts: torch.Tensor  # [B, k]; a cheap drafter's stay on the host until Speculator.plan verifies them
     q: torch.Tensor | None = None  # [B, k, V]; None: drafts were chosen deterministically
     evidence: int = 0  # the drafter's class of confidence (ngram: the n-gram length matched); acceptance
     # is estimated per class
@@ -163,7 +163,7 @@ class NgramDrafter:
             matched.append(match[1])
         k = min(len(f) for f in found)
         host = [f[:k] for f in found]
-        drafts = torch.tensor(host, dtype=tokens.dtype, device=tokens.device)
+        drafts = torch.tensor(host, dtype=tokens.dtype)  # on the host: the plan may be declined (Speculator.plan)
         return Plan(drafts, evidence=min(matched), host=host)
 
     def accepted(self, length: int, n: int) -> None:
@@ -312,7 +312,7 @@ class Speculator:
                 if plan.host is not None and plan.q is None:  # checked against the plain step's token
                     self.shadow = ([h[0] for h in plan.host], plan.evidence)
                 return None
-            return Plan(plan.drafts[:, :k], None if plan.q is None else plan.q[:, :k], plan.evidence,
+            return Plan(plan.drafts[:, :k].to(tokens.device), None if plan.q is None else plan.q[:, :k], plan.evidence,
                         None if plan.host is None else [h[:k] for h in plan.host])
         k = self.choose(limit)
         if k < 1:
