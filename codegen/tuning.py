@@ -230,7 +230,8 @@ _GEMV_ROWS = _cfgs(
     {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
     # one-row tiles (the one-row list's winners on smollm2-135m: 2-4 rows of W, K whole) reading W once for all
-    # rows, each multiplied in turn (codegen/triton_gemv.py ROWLOOP); untimed on a GPU when added (2026-12-06)
+    # rows, each multiplied in turn (codegen/triton_gemv.py ROWLOOP); on an H100 they won none of smollm2-135m's
+    # 8 verify shapes (best: third, 4.51 us against a DOT tile's 4.30; bench/RESULTS.md session 17), larger untimed
     {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "ROWLOOP": True},
     {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 1, "ROWLOOP": True},
     {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "ROWLOOP": True},

@@ -259,9 +259,7 @@ class GenerationModel:
     @property
     def on_gpu(self) -> bool:
         """Whether the entries run on the GPU (a CUDA target, with a GPU here)."""
-        from flashc.targets import get_target
-
-        return get_target(self.decode.target).backend().name == "cuda" and torch.cuda.is_available()
+        return _entry_device(self.decode) == "cuda"
 
     def warm_up(self) -> None:
         """Call every entry once, so that what a CUDA entry does on its first call (autotuning its

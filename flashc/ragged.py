@@ -184,8 +184,8 @@ def _ngram_drafts(speculator, seqs: list[list[int]], live: list[int], room: int)
     speculator.last_evidence = min(evidence)
     speculator.shadow = None
     k = speculator.choose(max(len(f) for f in found), speculator.last_evidence)
-    if k < 1:  # scored against the plain step's tokens (Speculator.observe_plain)
-        speculator.shadow = ([f[0] if f else None for f in found], speculator.last_evidence)
+    if k < 1:
+        speculator.declined([f[0] if f else None for f in found], speculator.last_evidence)
         return None
     return [f[:k] for f in found]
 

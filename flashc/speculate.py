@@ -309,8 +309,8 @@ class Speculator:
                 return None
             k = self.choose(plan.k, plan.evidence)
             if k < 1:
-                if plan.host is not None and plan.q is None:  # checked against the plain step's token
-                    self.shadow = ([h[0] for h in plan.host], plan.evidence)
+                if plan.host is not None and plan.q is None:
+                    self.declined([h[0] for h in plan.host], plan.evidence)
                 return None
             return Plan(plan.drafts[:, :k].to(tokens.device), None if plan.q is None else plan.q[:, :k], plan.evidence,
                         None if plan.host is None else [h[:k] for h in plan.host])
@@ -323,6 +323,11 @@ class Speculator:
             sync(tokens.device)
             self.timing.draft = Timing.mix(self.timing.draft or None, (time.perf_counter() - start) / plan.k)
         return plan
+
+    def declined(self, firsts: list[int | None], evidence: int) -> None:
+        """This round's deterministic plan (each sequence's first draft, None for a sequence without
+        one) was declined for a plain step: observe_plain scores it against the token that step chose."""
+        self.shadow = (firsts, evidence)
 
     def observe_plain(self, seconds: float, emitted: list[list[int]] | None = None) -> None:
         """A plain round took `seconds` and emitted these tokens (rows on the host, when the caller has them).
