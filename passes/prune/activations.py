@@ -102,14 +102,14 @@ class SparsifyActivations:
                 if config.score == "weighted":  # one threshold a channel for every expert: their mean column
                     scales[id(site)], rows, gram = weighted(rows, gram, gram.mean(0))
                 curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels), weights[fit],
-                                         experts[fit]))
+                                         experts[fit]).settle())
             else:
                 rows = samples[id(site)].tensor()
                 fit, held = fit_held_split(rows.shape[0])  # thresholds from one half, measured on the other
                 gram = sum(w.t() @ w for w in (channel_normalized(w, rows[fit]) for w in site.weights))
                 if config.score == "weighted":
                     scales[id(site)], rows, gram = weighted(rows, gram, gram)
-                curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels)))
+                curves.append(ErrorCurve(rows[fit], gram, thresholds_for(rows[fit], levels)).settle())
             held_out.append(rows[held])
         chosen = [0] * len(sites)
         for group in allocation_groups(sites, config.allocation):

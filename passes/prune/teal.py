@@ -101,10 +101,22 @@ class ErrorCurve:
 
     def __call__(self, level: int) -> float:
         if level not in self.cache:
+            if self.rows is None:
+                raise ValueError(f"ErrorCurve: level {level} was not computed before settle() dropped the rows")
             removed = self.rows * (self.rows.abs() <= float(self.thresholds[level]))
             error = self._energy(removed)
             self.cache[level] = error / self.base if self.base > 0 else 0.0
         return self.cache[level]
+
+    def settle(self) -> "ErrorCurve":
+        """Compute every level now and drop the rows and the Gram matrix. A model's curves are
+        all alive during the allocation, and their Gram matrices are K x K fp32 each: 32 GiB
+        over llama-3-8b's down projections (K = 14336), held at once. Settled, a curve keeps
+        one float a level."""
+        for level in range(len(self.thresholds)):
+            self(level)
+        self.rows = self.gram = self.row_weights = self.experts = None
+        return self
 
 
 def greedy_allocation(curves: list[Callable[[int], float]], weights: list[float], levels: torch.Tensor,

@@ -41,6 +41,16 @@ def test_error_curve_is_the_relative_output_error():
         assert curve(i) == pytest.approx(float(want), rel=1e-4)
 
 
+def test_settled_error_curve_keeps_every_level_and_drops_the_gram_matrix():
+    x = activations(256, 5)
+    w = torch.randn(40, 96)
+    thresholds = thresholds_for(x, sparsity_levels(0.1, 0.9))
+    lazy, settled = ErrorCurve(x, w.t() @ w, thresholds), ErrorCurve(x, w.t() @ w, thresholds).settle()
+    assert settled.gram is None and settled.rows is None  # what a model's curves held at once, K x K each
+    assert [settled(i) for i in range(len(thresholds))] == [lazy(i) for i in range(len(thresholds))]
+    assert settled(9) > settled(3) > 0
+
+
 def test_error_curve_per_expert_weighs_each_row_through_its_expert():
     x = activations(300, 2)
     g = torch.Generator().manual_seed(4)
