@@ -20,6 +20,8 @@ CONFIGS = {
     "split": {"BLOCK_N": 32, "BLOCK_K": 8, "SPLIT_K": 3, "num_warps": 2},
     "one_split": {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1, "num_warps": 2},
     "dot": {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 4, "DOT": True},
+    "compact": {"BLOCK_N": 32, "BLOCK_K": 8, "SPLIT_K": 3, "num_warps": 2, "COMPACT": True},
+    "compact_one_split": {"BLOCK_N": 16, "BLOCK_K": 4, "SPLIT_K": 1, "num_warps": 2, "COMPACT": True},
     "library": {"library": True},
 }
 
@@ -150,6 +152,8 @@ def test_bad_arguments_are_refused_with_what_was_expected(device):
     with pytest.raises(ValueError, match="for at most 8 rows"):
         ts.sparse_gemv(torch.randn(9, 16, device=device), t, torch.randn(16, 8, device=device),
                        config=CONFIGS["split"])
+    with pytest.raises(ValueError, match="COMPACT lists kept features"):
+        ts.sparse_gemv(x, t, torch.randn(16, 8, device=device), config={**CONFIGS["dot"], "COMPACT": True})
 
 
 def test_untuned_launch_uses_the_first_candidate_that_fits(device):
