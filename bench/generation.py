@@ -247,7 +247,7 @@ def bench_speculate(args, device: str) -> None:
                 rounds[name][0] += st.rounds
                 if st.verify_step_s and st.plain_step_s:
                     rounds[name][1].append(st.verify_step_s / st.plain_step_s)
-            for name, kw in hf.items():
+            for name, kw in hf.items() if args.hf_prompts is None or i < args.hf_prompts else ():
                 with torch.no_grad():
                     hf_ids = ids.to(device)
                     hf_model.generate(hf_ids, max_new_tokens=4, do_sample=False, **kw)
@@ -303,8 +303,9 @@ def bench_speculate(args, device: str) -> None:
            [f"{len(passage)} passage and {len(open_ended)} open-ended prompts ({args.passage_words}-word paragraphs "
             "of flashc/data/eval/prose.txt, SmolLM2's chat template); decode time only (after the first token); "
             f"verify entry: {k} drafts; weights: SmolLM2-135M-Instruct dequantized from its 4-bit GGUF",
-            "HF rows: transformers generate() on the same eager model (its own cache and attention); "
-            "`output = flashc plain` compares token ids",
+            "HF rows: transformers generate() on the same eager model (its own cache and attention)"
+            + (f", on the first {args.hf_prompts} prompts of each kind" if args.hf_prompts is not None else "")
+            + "; `output = flashc plain` compares token ids",
             "tokens a call: new tokens over the target's calls after the prefill (plain decoding: 1); verify / plain "
             "step: the generation loop's own measured step times (median over prompts), what a round costs against a "
             "plain token"])
@@ -432,6 +433,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--passage-words", type=int, default=90)
+    ap.add_argument("--hf-prompts", type=int, default=None,
+                    help="HF rows on the first N prompts of each kind only (eager HF decodes 20-60 tokens/s)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--no-draft-model", action="store_true")
     ap.add_argument("--exact-verify", action="store_true",

@@ -214,9 +214,10 @@ case "${1:-verify}" in
       --prompts 6 --new-tokens 96 --no-draft-model --exact-verify --layerskip 12 --out "$OUT")
     ;;
   spec-ngram)  # the shortest #18 check: plain, ngram adaptive and with every plan verified (8 drafts), HF baselines
+               # (16 prompts of each kind: session 18 saw 6 give 2.1x or 2.8x by which answers bf16 tuning produced)
     target=$(gpu_target)
     (cd /tmp && step speculate 400 python3 "$OLDPWD/bench/generation.py" --target "$target" --parts speculate \
-      --prompts 6 --new-tokens 96 --no-draft-model --out "$OUT")
+      --prompts 16 --hf-prompts 2 --new-tokens 96 --no-draft-model --out "$OUT")
     ;;
   exact-random)  # exact_verify without carried weights: 4 layers of llama-3.2-1b, random weights (ties everywhere)
     target=$(gpu_target)
