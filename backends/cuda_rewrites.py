@@ -14,7 +14,8 @@ have reference implementations, so the rewritten graph runs and is checked on th
   before `FuseSmallMatmuls`, which would make the linear a dense `gemv`.
 * `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each (a
   weight-only quantized `linear_wq` -> one `gemv_wq`), with the RMSNorm before, the gated
-  activation after a merged gate|up projection, and the residual add after folded in.
+  activation after a merged gate|up projection, and the residual add after folded in; the
+  same folds go into the `sparse_gemv` calls (their threshold then sees the normed value).
 * `FuseQuantizedInputs`: the RMSNorm, residual add + RMSNorm or gated activation whose output
   only W8A8 / FP8 linears read -> one op that writes their input's codes and row scales
   (flashc/quantized_input_ops.py), the linears -> `linear_w8a8_q` / `linear_fp8_q` on them.
@@ -35,7 +36,6 @@ from flashc.pass_manager import PassContext, PassResult
 
 GEMV = torch.ops.flashc.gemv.default
 GEMV_WQ = torch.ops.flashc.gemv_wq.default  # gemv's first seven arguments, then the packed weight's
-GEMVS = (GEMV, GEMV_WQ)
 LINEAR_WQ = torch.ops.flashc.linear_wq.default
 KV_WRITE = torch.ops.flashc.rotary_kv_write.default
 QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
@@ -66,8 +66,9 @@ class FuseSmallMatmuls:
         self.max_rows = max_rows
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        done = fuse_small_matmuls(program.graph, self.max_rows)
-        return PassResult(done > 0, {"matmuls_to_gemv": done})
+        done = matmuls_to_gemvs(program.graph, self.max_rows)
+        folds = fold_into_gemvs(program.graph)
+        return PassResult(done + folds > 0, {"matmuls_to_gemv": done, "folded_into_gemvs": folds})
 
 
 class FuseQuantizedInputs:
@@ -225,8 +226,16 @@ def fuse_kv_writes(graph: fx.Graph) -> int:
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# argument positions of a gemv call: (x, w, bias, norm_weight, eps, residual, glu); gemv_wq's first seven
-_X, _NORM, _EPS, _RES, _GLU = 0, 3, 4, 5, 6
+# where each op that norms, activations and residuals fold into takes x, norm_weight, eps, residual, glu:
+# gemv (x, w, bias, norm_weight, eps, residual, glu), gemv_wq's first seven, sparse_gemv (x, t, w_t, bias, ...)
+_FOLD_ARGS = {GEMV: (0, 3, 4, 5, 6), GEMV_WQ: (0, 3, 4, 5, 6), SPARSE_GEMV: (0, 4, 5, 6, 7)}
+_FOLD_NAMES = ("x", "norm", "eps", "residual", "glu")
+FOLDS_INTO = tuple(_FOLD_ARGS)
+
+
+def _arg(node: fx.Node, name: str):
+    """The argument `name` ("x", "norm", "eps", "residual", "glu") of a gemv, gemv_wq or sparse_gemv call."""
+    return node.args[_FOLD_ARGS[node.target][_FOLD_NAMES.index(name)]]
 
 
 def _val(node) -> torch.Tensor | None:
@@ -237,7 +246,7 @@ def _val(node) -> torch.Tensor | None:
 def _with(node: fx.Node, **changes) -> None:
     args = list(node.args)
     for name, value in changes.items():
-        args[{"x": _X, "norm": _NORM, "eps": _EPS, "residual": _RES, "glu": _GLU}[name]] = value
+        args[_FOLD_ARGS[node.target][_FOLD_NAMES.index(name)]] = value
     node.args = tuple(args)
 
 
@@ -265,18 +274,20 @@ def _halves(gate: fx.Node, up: fx.Node) -> fx.Node | None:
 
 def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
     """Rewrite decode-sized matmuls into ``flashc.gemv(x, w, bias, norm_weight, eps, residual,
-    glu)`` calls; returns how many matmuls became one.
+    glu)`` calls, then fold norms, activations and residuals into them (`fold_into_gemvs`);
+    returns how many matmuls became one.
 
-    1. ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``;
-       ``flashc.linear_wq(x, q, s, z, b, a, bits)`` -> ``gemv_wq(x, q, b, ..., s, z, a, bits)``.
-       Steps 2-4 treat both alike.
-    2. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm``.
-    3. ``add_rms_norm(y, r, g, eps)`` where y is a gemv used only there -> y takes the
-       residual (its result is the new residual stream) and the normed users take the
-       norm as in 2 (a plain ``rms_norm`` remains for users that are not gemv calls).
-    4. ``swiglu``/``geglu(tanh)`` of the two halves of a gemv's output -> its ``glu``.
+    ``aten.linear(x, w, b)`` with at most ``max_rows`` rows of x -> ``gemv(x, w, b)``;
+    ``flashc.linear_wq(x, q, s, z, b, a, bits)`` -> ``gemv_wq(x, q, b, ..., s, z, a, bits)``.
     """
-    rms, add_rms = torch.ops.flashc.rms_norm.default, torch.ops.flashc.add_rms_norm.default
+    count = matmuls_to_gemvs(graph, max_rows)
+    fold_into_gemvs(graph)
+    return count
+
+
+def matmuls_to_gemvs(graph: fx.Graph, max_rows: int) -> int:
+    """`fuse_small_matmuls`'s first step alone: the linears (and linear_wq) of at most ``max_rows``
+    rows -> gemv (gemv_wq) calls with nothing folded; returns how many."""
     count = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default, LINEAR_WQ):
@@ -302,10 +313,33 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
         node.replace_all_uses_with(call)
         graph.erase_node(node)
         count += 1
+    graph.lint()
+    return count
 
-    def takes_norm(user: fx.Node, normed: fx.Node) -> bool:
-        return (user.target in GEMVS and user.args[_X] is normed and user.args[_NORM] is None
-                and normed not in user.args[1:])
+
+def fold_into_gemvs(graph: fx.Graph) -> int:
+    """Fold into gemv, gemv_wq and sparse_gemv calls what their kernels compute around the product;
+    returns how many folds.
+
+    1. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm`` (a
+       sparse_gemv's threshold then applies to the normed value, as before; it takes a norm
+       whose output keeps x's dtype only).
+    2. ``add_rms_norm(y, r, g, eps)`` where y is such a call used only there -> y takes the
+       residual (its result is the new residual stream) and the normed users take the
+       norm as in 1 (a plain ``rms_norm`` remains for users that are not such calls).
+    3. ``swiglu``/``geglu(tanh)`` of the two halves of a call's output -> its ``glu``.
+    """
+    rms, add_rms = torch.ops.flashc.rms_norm.default, torch.ops.flashc.add_rms_norm.default
+    folds = 0
+
+    def takes_norm(user: fx.Node, normed: fx.Node, source: fx.Node) -> bool:
+        """Can user take the norm of source (whose normed value it reads as normed) in?"""
+        if user.target not in FOLDS_INTO or _arg(user, "x") is not normed or _arg(user, "norm") is not None:
+            return False
+        if normed in user.args[1:]:
+            return False
+        sv, nv = _val(source), _val(normed)  # the sparse kernel norms in x's dtype: no promotion
+        return user.target != SPARSE_GEMV or (sv is not None and nv is not None and sv.dtype == nv.dtype)
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
@@ -313,26 +347,29 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
             continue
         if node.target == rms:
             x, g, eps = node.args
-            if node.users and all(takes_norm(u, node) for u in node.users):
+            if node.users and all(takes_norm(u, node, x) for u in node.users):
                 for u in list(node.users):
                     _with(u, x=x, norm=g, eps=eps)
+                    folds += 1
                 graph.erase_node(node)
         elif node.target == add_rms:
             y, r, g, eps = node.args
-            if not (isinstance(y, fx.Node) and y.target in GEMVS and len(y.users) == 1 and y.args[_RES] is None
-                    and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
+            if not (isinstance(y, fx.Node) and y.target in FOLDS_INTO and len(y.users) == 1
+                    and _arg(y, "residual") is None and _arg(y, "glu") is None and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
                     and (not isinstance(r, fx.Node) or order[r] < order[y])):
                 continue
             items = list(node.users)
             if any(u.target is not operator.getitem for u in items):
                 continue
             _with(y, residual=r)  # y now is the sum: the new residual stream
+            folds += 1
             for item in items:
                 if item.args[1] == 1:
                     item.replace_all_uses_with(y)
-                elif item.users and all(takes_norm(u, item) for u in item.users):
+                elif item.users and all(takes_norm(u, item, y) for u in item.users):
                     for u in list(item.users):
                         _with(u, x=y, norm=g, eps=eps)
+                        folds += 1
                 else:
                     with graph.inserting_before(item):
                         normed = graph.call_function(rms, (y, g, eps))
@@ -354,16 +391,18 @@ def fuse_small_matmuls(graph: fx.Graph, max_rows: int) -> int:
         if not (isinstance(gate, fx.Node) and isinstance(up, fx.Node)):
             continue
         y = _halves(gate, up)
-        if (y is None or y.target not in GEMVS or y.args[_RES] is not None or y.args[_GLU] is not None
+        if (y is None or y.target not in FOLDS_INTO or _arg(y, "residual") is not None
+                or _arg(y, "glu") is not None
                 or set(y.users) != {gate, up} or set(gate.users) != {node} or set(up.users) != {node}):
             continue
         _with(y, glu=act)
+        folds += 1
         y.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(y)
         for n in (node, gate, up):
             graph.erase_node(n)
     graph.lint()
-    return count
+    return folds
 
 
 def _sparse_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max_rows: int) -> str | None:
@@ -425,7 +464,7 @@ def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tupl
         if w not in transposed:
             transposed[w] = program.add_param(f"{w.name}_t", program.params[w.name].t().contiguous())
         with graph.inserting_before(node):
-            call = graph.call_function(SPARSE_GEMV, (*sparse.args, transposed[w], bias))
+            call = graph.call_function(SPARSE_GEMV, (*sparse.args, transposed[w], bias, None, 1e-6, None, None))
         call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
         node.replace_all_uses_with(call)
         graph.erase_node(node)

@@ -68,7 +68,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS
+from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS
 
 __all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv", "sparse_gemv", "tune_sparse_gemv"]
 
@@ -116,20 +116,32 @@ def candidates(kernel_name: str, profile_name: str = "default") -> list[dict]:
     return [dict(c) for c in space[kernel_name]]
 
 
-def reference_sparse_gemv(x, threshold, weight_t, bias=None):
-    """linear(sparsify(x, threshold), weight_t.T, bias) in PyTorch, in the inputs' dtype (float64: a float64 truth)."""
-    kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.linear(kept, weight_t.t(), bias)
+def reference_sparse_gemv(x, threshold, weight_t, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None):
+    """flashc.sparse_gemv's semantics in PyTorch, in the inputs' dtype (float64: a float64 truth):
+    linear(sparsify(rms_norm(x) if norm_weight else x, threshold), weight_t.T, bias), then the
+    gated activation of its halves or the residual."""
+    from flashc import sparse_ops  # the op's own reference (flashc registers it)
+
+    return sparse_ops.sparse_gemv(x, threshold, weight_t, bias, norm_weight, eps, residual, glu)
 
 
 if HAS_TRITON:
 
     @triton.jit
+    def _normed(x, g, rstd):
+        """x RMSNormed as flashc.rms_norm rounds it: (x * rstd) in x's dtype, times g, in x's dtype."""
+        return ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * g.to(tl.float32)).to(x.dtype)
+
+    @triton.jit
     def _sparse_gemv_kernel(
-        X, T, W, BIAS, P, Y, S,
+        X, T, W, BIAS, P, Y, S, G, R,
         M, N, K, k_per_split,
-        stride_xm, stride_wk,
+        stride_xm, stride_wk, stride_rm,
+        eps,
         PER_FEATURE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        NORM_BLOCK: tl.constexpr,
         COMPACT: tl.constexpr,
         RANGE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -144,8 +156,10 @@ if HAS_TRITON:
     ):
         """Program (n, s): the products of columns n*BLOCK_N.. with the features of K range s, for all rows.
 
-        ONE_SPLIT: adds the bias and stores Y [M, N] in Y's dtype; else stores the fp32
-        partial sums at P[s, :M, n*BLOCK_N..] for _sum_splits_kernel.
+        HAS_NORM: x is RMSNormed first (weight G): every program computes its rows' rstd over
+        all of K (a few KiB from L2), the threshold is compared with the normed value.
+        ONE_SPLIT: adds the bias (and HAS_RES: the residual R) and stores Y [M, N] in Y's
+        dtype; else stores the fp32 partial sums at P[s, :M, n*BLOCK_N..] for _sum_splits_kernel.
         COMPACT: the program first lists the features of its K range (``RANGE``, a power of two
         at least k_per_split) that some row keeps, in order, in its own slot of the scratch S
         (int32 [programs, RANGE]), then loops over that list only: its loop has as many
@@ -164,6 +178,15 @@ if HAS_TRITON:
         k_end = tl.minimum(K, k_start + k_per_split)
         if not PER_FEATURE:
             t = tl.load(T).to(tl.float32)
+        rstd = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+        if HAS_NORM:  # the rows' rstd, as flashc.rms_norm: rsqrt(mean(x^2) + eps) in fp32
+            sq = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)
+            for n0 in range(0, K, NORM_BLOCK):
+                kn = n0 + tl.arange(0, NORM_BLOCK)
+                xn = tl.load(X + offs_m[:, None] * stride_xm + kn[None, :], mask=m_ok[:, None] & (kn < K)[None, :],
+                             other=0.0).to(tl.float32)
+                sq += xn * xn
+            rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
         if DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:  # elementwise products for every row, reduced over K once after the loop
@@ -174,6 +197,8 @@ if HAS_TRITON:
             r_ok = kr < k_end
             xr = tl.load(X + offs_m[:, None] * stride_xm + kr[None, :], mask=m_ok[:, None] & r_ok[None, :],
                          other=0.0)
+            if HAS_NORM:
+                xr = _normed(xr, tl.load(G + kr, mask=r_ok, other=0.0)[None, :], rstd)
             if PER_FEATURE:
                 tr = tl.load(T + kr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
             else:
@@ -189,6 +214,8 @@ if HAS_TRITON:
                 kk = tl.load(slot + j, mask=j_ok, other=0)
                 x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & j_ok[None, :],
                             other=0.0)
+                if HAS_NORM:
+                    x = _normed(x, tl.load(G + kk, mask=j_ok, other=0.0)[None, :], rstd)
                 if PER_FEATURE:
                     t = tl.load(T + kk, mask=j_ok, other=0.0).to(tl.float32)[None, :]
                 keep = (tl.abs(x.to(tl.float32)) > t) & m_ok[:, None] & j_ok[None, :]
@@ -205,6 +232,8 @@ if HAS_TRITON:
                 k_ok = kk < k_end
                 x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                             other=0.0)
+                if HAS_NORM:
+                    x = _normed(x, tl.load(G + kk, mask=k_ok, other=0.0)[None, :], rstd)
                 if PER_FEATURE:
                     t = tl.load(T + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
                 # padding lanes are never kept (x there is 0, but a negative threshold keeps zeros)
@@ -233,38 +262,58 @@ if HAS_TRITON:
         if ONE_SPLIT:
             if HAS_BIAS:
                 acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                acc += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
         else:
             part = P + pid_k.to(tl.int64) * M * N
             tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
     @triton.jit
-    def _sum_splits_kernel(P, BIAS, Y, MN, N, splits,
-                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """Y.flat[i] = sum over s of P[s].flat[i] (in split order) + bias[i % N], in Y's dtype."""
+    def _sum_splits_kernel(P, BIAS, R, Y, M, N, F, splits, stride_rm,
+                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
+        """Y[m, j] for the M x F outputs: the sum over s of P[s, m, j] (in split order) + bias[j];
+        ACT != 0 (F = N / 2): act(that) * (the same for column F + j), 1 silu, 2 gelu_tanh; then
+        HAS_RES: + R[m, j]; in Y's dtype."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < MN
+        ok = offs < M * F
+        m = offs // F
+        j = offs % F
         acc = tl.zeros([BLOCK], dtype=tl.float32)
+        up = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(0, splits):
-            acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+            acc += tl.load(P + s * M * N + m * N + j, mask=ok, other=0.0)
+            if ACT != 0:
+                up += tl.load(P + s * M * N + m * N + F + j, mask=ok, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
-            acc += tl.load(BIAS + offs % N, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.load(BIAS + j, mask=ok, other=0.0).to(tl.float32)
+            if ACT != 0:
+                up += tl.load(BIAS + F + j, mask=ok, other=0.0).to(tl.float32)
+        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
+            acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0))) * up
+        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+            z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        if HAS_RES:
+            acc += tl.load(R + m * stride_rm + j, mask=ok, other=0.0).to(tl.float32)
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
     tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _sum_splits_kernel)
     tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _sum_splits_kernel)
 
 SUM_BLOCK = 1024  # outputs a program of _sum_splits_kernel adds up
+NO_FOLDS = (None, 1e-6, None, None)  # (norm_weight, eps, residual, glu): nothing folded in
 
 
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _check(x, threshold, weight_t, bias) -> int:
+def _check(x, threshold, weight_t, bias, norm_weight=None, residual=None, glu=None) -> int:
     """Validate the arguments; returns M, the number of rows."""
     fn = "sparse_gemv"
     require_triton(fn)
@@ -291,6 +340,26 @@ def _check(x, threshold, weight_t, bias) -> int:
             raise ValueError(f"{fn}: bias must be [{weight_t.shape[1]}] of x's dtype {x.dtype}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
         tensors.append(("bias", bias))
+    if glu not in _ACTS:
+        raise ValueError(f"{fn}: glu must be one of {sorted(a for a in _ACTS if a)} or None, got {glu!r}")
+    N = weight_t.shape[1] // 2 if glu is not None else weight_t.shape[1]
+    if glu is not None and weight_t.shape[1] % 2:
+        raise ValueError(f"{fn}: a gated activation needs weight_t's columns to be gate|up halves, got "
+                         f"{weight_t.shape[1]}")
+    if glu is not None and residual is not None:
+        raise ValueError(f"{fn}: a gated activation or a residual, not both (as flashc.gemv)")
+    if norm_weight is not None:
+        check_tensor(fn, "norm_weight", norm_weight, ndim=1)
+        if norm_weight.shape[0] != K or norm_weight.dtype != x.dtype:
+            raise ValueError(f"{fn}: norm_weight must be [{K}] of x's dtype {x.dtype}, got "
+                             f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+        tensors.append(("norm_weight", norm_weight))
+    if residual is not None:
+        check_tensor(fn, "residual", residual, min_ndim=1)
+        if tuple(residual.shape) != (*x.shape[:-1], N) or residual.dtype != x.dtype:
+            raise ValueError(f"{fn}: residual must be {[*x.shape[:-1], N]} of x's dtype {x.dtype}, got "
+                             f"{list(residual.shape)} {residual.dtype}")
+        tensors.append(("residual", residual))
     check_devices(fn, _sparse_gemv_kernel, tensors)
     return M
 
@@ -312,20 +381,23 @@ def _kernel_threshold(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.dim() else t.reshape(1)
 
 
-def _tuning_entry(M, x, threshold, weight_t, bias) -> tuple[str, dict]:
+def _tuning_entry(M, x, threshold, weight_t, bias, folds=NO_FOLDS) -> tuple[str, dict]:
     """(tuning kernel name, shape key): one row and several rows have separate candidate lists."""
+    norm_weight, _, residual, glu = folds
     return ("sparse_gemv" if M == 1 else "sparse_gemv_rows",
             {"M": M, "N": weight_t.shape[1], "K": weight_t.shape[0], "dtype": str(x.dtype).replace("torch.", ""),
-             "bias": bias is not None, "per_feature": threshold.numel() > 1})
+             "bias": bias is not None, "per_feature": threshold.numel() > 1,
+             **({"norm": True} if norm_weight is not None else {}),
+             **({"residual": True} if residual is not None else {}), **({"glu": glu} if glu else {})})
 
 
 def _fits(M: int):
     return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
 
 
-def _config(M, x, threshold, weight_t, bias) -> dict:
+def _config(M, x, threshold, weight_t, bias, folds=NO_FOLDS) -> dict:
     """The tuned config if the cache has one, else the first candidate that fits (never times anything)."""
-    name, key = _tuning_entry(M, x, threshold, weight_t, bias)
+    name, key = _tuning_entry(M, x, threshold, weight_t, bias, folds)
     profile = tuning.detect_profile(x.device)
     hit = tuning.cached_config(name, key, profile)
     if hit is not None and _fits(M)(hit):
@@ -333,24 +405,23 @@ def _config(M, x, threshold, weight_t, bias) -> dict:
     return next(c for c in candidates(name, profile) if _fits(M)(c))
 
 
-def _library(x, threshold, weight_t, bias):
-    """Sparsify in PyTorch, then the dense product on cuBLAS (weight_t.T is a transposed view: no copy)."""
-    return reference_sparse_gemv(x, threshold, weight_t, bias)
-
-
-def _launch(x, threshold, weight_t, bias, M, config):
+def _launch(x, threshold, weight_t, bias, M, config, folds=NO_FOLDS):
+    """folds: (norm_weight, eps, residual, glu), as flashc.sparse_gemv takes them."""
+    norm_weight, eps, residual, glu = folds
     K, N = weight_t.shape
+    n_out = N // 2 if glu is not None else N
     if config is None:
-        config = _config(M, x, threshold, weight_t, bias)
-    if config.get("library"):
-        return _library(x, threshold, weight_t, bias)
-    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        config = _config(M, x, threshold, weight_t, bias, folds)
+    if config.get("library"):  # sparsify in PyTorch, then the dense product on cuBLAS (weight_t.T: a view)
+        return reference_sparse_gemv(x, threshold, weight_t, bias, norm_weight, eps, residual, glu)
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    if K == 0:  # an empty sum: the bias alone
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    if K == 0:  # an empty sum: what the reference computes from a zero product
+        return y.copy_(reference_sparse_gemv(x, threshold, weight_t, bias, norm_weight, eps, residual, glu))
     x2 = (x if x.stride(-1) == 1 else x.contiguous()).reshape(-1, K)
     w2 = weight_t if weight_t.stride(-1) == 1 else weight_t.contiguous()
+    r2 = None if residual is None else (residual if residual.is_contiguous() else residual.contiguous()).view(-1, n_out)
     t = _kernel_threshold(x, threshold)
     t = t if t.is_contiguous() else t.contiguous()
     block_n, block_k = int(config["BLOCK_N"]), int(config["BLOCK_K"])
@@ -360,14 +431,17 @@ def _launch(x, threshold, weight_t, bias, M, config):
     elif M > ELEMENTWISE_ROWS:
         raise ValueError(f"sparse_gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} "
                          f"rows; x has {M} (use a DOT config)")
-    blocks = triton.cdiv(K, block_k)
-    per_split = triton.cdiv(blocks, max(1, min(int(config.get("SPLIT_K", 1)), blocks))) * block_k
-    splits = triton.cdiv(K, per_split)  # no split is left empty
-    partials = y if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    out = y.view(M, N)
     compact = bool(config.get("COMPACT"))
     if compact and dot:
         raise ValueError(f"sparse_gemv: config {config}: COMPACT lists kept features for the elementwise loop, not DOT")
+    blocks = triton.cdiv(K, block_k)
+    per_split = triton.cdiv(blocks, max(1, min(int(config.get("SPLIT_K", 1)), blocks))) * block_k
+    splits = triton.cdiv(K, per_split)  # no split is left empty
+    # a gated activation pairs columns j and N/2 + j, which one program does not both hold: partials and the
+    # summing kernel's epilogue, even for one split
+    one_split = splits == 1 and glu is None
+    partials = y if one_split else torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+    out = y.view(M, n_out)
     grid = (triton.cdiv(N, block_n), splits)
     span = next_pow2(per_split) if compact else 1
     scratch = torch.empty((grid[0] * splits * span if compact else 1,), dtype=torch.int32, device=x.device)
@@ -376,13 +450,18 @@ def _launch(x, threshold, weight_t, bias, M, config):
     with device_guard(x.device):
         _sparse_gemv_kernel[grid](
             x2, t, w2, bias if bias is not None else w2, partials, out, scratch,
+            norm_weight if norm_weight is not None else w2, r2 if r2 is not None else w2,
             M, N, K, per_split,
-            x2.stride(0), w2.stride(0),
+            x2.stride(0), w2.stride(0), r2.stride(0) if r2 is not None else 0,
+            float(eps),
             PER_FEATURE=t.numel() > 1,
+            HAS_NORM=norm_weight is not None,
+            HAS_RES=r2 is not None and one_split,
+            NORM_BLOCK=min(512, next_pow2(K)),
             COMPACT=compact,
             RANGE=span,
             HAS_BIAS=bias is not None,
-            ONE_SPLIT=splits == 1,
+            ONE_SPLIT=one_split,
             DOT=dot,
             IEEE=x.dtype == torch.float32,
             EVEN_N=N % block_n == 0,
@@ -393,10 +472,12 @@ def _launch(x, threshold, weight_t, bias, M, config):
             **pdl_launch,
             **launch_opts(config),
         )
-        if splits > 1:
-            _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
-                partials, bias if bias is not None else w2, out, M * N, N, splits,
-                HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4, **pdl_launch)
+        if not one_split:
+            _sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
+                partials, bias if bias is not None else w2, r2 if r2 is not None else w2, out, M, N, n_out, splits,
+                r2.stride(0) if r2 is not None else 0,
+                HAS_BIAS=bias is not None, HAS_RES=r2 is not None, ACT=_ACTS[glu], BLOCK=SUM_BLOCK, PDL=pdl,
+                num_warps=4, **pdl_launch)
     return y
 
 
@@ -405,28 +486,36 @@ def sparse_gemv(
     threshold: torch.Tensor,
     weight_t: torch.Tensor,
     bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    glu: str | None = None,
     *,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``linear(sparsify(x, threshold), weight_t.T, bias)`` for at most ``MAX_ROWS`` rows of ``x[..., K]``.
+    """``flashc.sparse_gemv``: ``linear(sparsify(x, threshold), weight_t.T, bias)`` for at most
+    ``MAX_ROWS`` rows of ``x[..., K]``, x RMSNormed first when ``norm_weight`` is given, then
+    ``glu`` ('silu' or 'gelu_tanh') of the output's halves or ``residual`` added.
 
     ``weight_t`` is the weight transposed, ``[K, N]``; ``threshold`` 0-d or ``[K]``. Returns
-    a new tensor ``[..., N]`` of x's dtype. ``config`` overrides the tuned one (``BLOCK_N``,
-    ``BLOCK_K``, ``SPLIT_K``, ``DOT`` or ``COMPACT``, ``num_warps``, or ``{"library": True}``).
+    a new tensor ``[..., N]`` (``[..., N / 2]`` with glu) of x's dtype. ``config`` overrides the
+    tuned one (``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, ``DOT`` or ``COMPACT``, ``num_warps``, or
+    ``{"library": True}``).
     """
-    M = _check(x, threshold, weight_t, bias)
-    return _launch(x, threshold, weight_t, bias, M, config)
+    M = _check(x, threshold, weight_t, bias, norm_weight, residual, glu)
+    return _launch(x, threshold, weight_t, bias, M, config, (norm_weight, eps, residual, glu))
 
 
-def tune_sparse_gemv(x, threshold, weight_t, bias=None) -> dict:
+def tune_sparse_gemv(x, threshold, weight_t, bias=None, norm_weight=None, eps=1e-6, residual=None, glu=None) -> dict:
     """Time the kernel's candidate configs and the library path on these inputs; cache the winner.
 
     Candidates run as a decode step runs them: back to back from a CUDA graph, each call on
     the next of enough copies of ``weight_t`` that the weights come from memory, not L2. The
     activations given are the ones timed: their sparsity decides the winner.
     """
-    M = _check(x, threshold, weight_t, bias)
-    name, key = _tuning_entry(M, x, threshold, weight_t, bias)
+    M = _check(x, threshold, weight_t, bias, norm_weight, residual, glu)
+    folds = (norm_weight, eps, residual, glu)
+    name, key = _tuning_entry(M, x, threshold, weight_t, bias, folds)
     profile = tuning.detect_profile(x.device)
     hit = tuning.cached_config(name, key, profile)
     if hit is not None:  # no weight copies for a cache hit
@@ -436,6 +525,6 @@ def tune_sparse_gemv(x, threshold, weight_t, bias=None) -> dict:
     weights = itertools.cycle([weight_t] + [weight_t.clone() for _ in range(copies - 1)] if x.is_cuda else [weight_t])
 
     def run(cfg):
-        return _launch(x, threshold, next(weights), bias, M, cfg)
+        return _launch(x, threshold, next(weights), bias, M, cfg, folds)
 
     return tuning.autotune(name, key, cands, run, profile, bench_fn=tuning.graph_bench_for(x))

@@ -8,10 +8,11 @@ calibrated so that a chosen fraction of the entries is zero; a sparse GEMV then 
 the weight columns whose input survives. The reference below is the numeric truth; it
 computes the dense product's input, so on its own it saves nothing.
 
-`flashc.sparse_gemv(x, threshold, weight_t, bias)` is that saving: `linear(sparsify(x,
+`flashc.sparse_gemv(x, threshold, weight_t, bias, ...)` is that saving: `linear(sparsify(x,
 threshold), weight_t.T, bias)` with the weight stored transposed, [K, N], so the weights
 one input feature multiplies are one contiguous row, skipped whole when the feature is
-zeroed. The CUDA backend's late pass writes it for decode-sized products
+zeroed; the RMSNorm before it, the gated activation or the residual add after it fold in
+as they do into `flashc.gemv`. The CUDA backend's late pass writes it for decode-sized products
 (backends/cuda_rewrites.py) and runs it as a Triton kernel (codegen/triton_sparse_gemv.py).
 
 `flashc.moe_sparse(x, router_logits, gate_up, down, top_k, normalize, threshold)` is
@@ -33,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashc.ops import routed_experts
+from flashc.ops import _rms, routed_experts
 
 
 @torch.library.custom_op("flashc::sparsify", mutates_args=())
@@ -52,21 +53,34 @@ def _(x, threshold):
 
 
 @torch.library.custom_op("flashc::sparse_gemv", mutates_args=())
-def sparse_gemv(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """linear(sparsify(x, threshold), weight_t.T, bias): x [..., K], weight_t [K, N] -> [..., N].
+def sparse_gemv(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                glu: str | None = None) -> torch.Tensor:
+    """linear(sparsify(x, threshold), weight_t.T, bias): x [..., K], weight_t [K, N] -> [..., N],
+    with what folds into it as into `flashc.gemv`: x RMSNormed first (norm_weight, eps: the
+    normed value is what the threshold sees), then either a gated activation ('silu' or
+    'gelu_tanh') of the output's two halves -> [..., N / 2], or the residual added.
 
     threshold as for `sparsify` (0-d, or [K]). With finite weights this is the sum over the
     kept input features only, which is what the kernel computes; a zeroed feature whose weight
     row holds inf or nan gives nan here (0 * inf), so the late pass rewrites finite weights only.
     """
+    if norm_weight is not None:
+        x = _rms(x, eps) * norm_weight
     kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.linear(kept, weight_t.t(), bias)
+    y = F.linear(kept, weight_t.t(), bias)
+    if glu is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up if glu == "silu" else F.gelu(gate, approximate="tanh") * up
+    if residual is not None:
+        y = y + residual
+    return y
 
 
 @sparse_gemv.register_fake
-def _(x, threshold, weight_t, bias):
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+def _(x, threshold, weight_t, bias, norm_weight=None, eps=1e-6, residual=None, glu=None):
+    n = weight_t.shape[1] // 2 if glu is not None else weight_t.shape[1]
+    return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.custom_op("flashc::moe_sparse", mutates_args=())

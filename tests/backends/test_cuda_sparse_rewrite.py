@@ -95,6 +95,12 @@ def test_the_backends_late_passes_run_sparse_first_and_the_rest_become_gemv(prun
     assert stats["cuda_fuse_small_matmuls"]["matmuls_to_gemv"] == 1
     ops = [op_name(n) for n in lowered.op_nodes()]
     assert "aten.linear" not in ops and ops.count("flashc.gemv") == 1
+    # what the dense gemv folds in, the sparse ones take too: one launch a matmul, no norm, activation or add left
+    assert not {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.swiglu", "aten.add"} & set(ops)
+    folded = [(n.args[4] is not None, n.args[6] is not None, n.args[7]) for n in lowered.op_nodes()
+              if n.target is SPARSE_GEMV]
+    assert folded == [(True, False, None), (False, True, None), (True, False, "silu"),
+                      (False, True, None)] * model.config.num_hidden_layers  # qkv, o, gate|up, down
     want, _ = decode_outputs(model, program, seed=1)
     got, _ = decode_outputs(model, lowered, seed=1)
     assert rel_err(got, want) < 1e-5

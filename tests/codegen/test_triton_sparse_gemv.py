@@ -57,6 +57,16 @@ def thresholds(x, sparsity, per_feature):
     return (level * (0.5 + torch.rand(x.shape[-1]))).to(x.dtype)
 
 
+def gap_threshold(x, sparsity):
+    """A 0-d threshold of x's dtype zeroing about `sparsity` of x, midway across the widest gap between
+    neighbouring magnitudes near that quantile (no entry within a rounding of it)."""
+    mags = x.abs().float().flatten().sort().values
+    n = mags.numel()
+    lo, hi = max(1, int(sparsity * n) - n // 10), min(n - 1, int(sparsity * n) + n // 10)
+    j = lo + int((mags[lo:hi + 1] - mags[lo - 1:hi]).argmax())
+    return ((mags[j - 1] + mags[j]) / 2).to(x.dtype)
+
+
 def skip_interpreted_bf16_dot(dtype, config):
     if INTERPRETED and dtype == torch.bfloat16 and config == "dot":
         pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (DOT configs)")
@@ -83,6 +93,58 @@ def test_matches_float64_reference(device, sparsity, per_feature, dtype, config)
         got = ts.sparse_gemv(x.to(device), t.to(device), w_t.to(device), None if bias is None else bias.to(device),
                              config=CONFIGS.get(config))
         check(got, x, t, w_t, bias)
+
+
+FOLDS = {"norm": dict(norm=True), "norm+silu": dict(norm=True, glu="silu"), "gelu_tanh": dict(glu="gelu_tanh"),
+         "residual": dict(residual=True), "norm+residual": dict(norm=True, residual=True)}
+
+
+@pytest.mark.parametrize("folds", sorted(FOLDS))
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_folded_norm_activation_and_residual_match_the_op(device, dtype, config, folds):
+    """The RMSNorm before (the threshold sees the normed value), the gated activation of the output's halves
+    or the residual after, as flashc.sparse_gemv's reference computes them, 1 and 5 rows, per-feature and
+    0-d thresholds, bias or none."""
+    skip_interpreted_bf16_dot(dtype, config)
+    fold = FOLDS[folds]
+    if INTERPRETED and dtype == torch.bfloat16 and fold.get("norm"):
+        pytest.skip("Triton's CPU interpreter rounds fp32 -> bf16 towards zero (a GPU and torch: to nearest): "
+                    "the normed values differ from the op's by an ulp each (fp16 runs the same code here)")
+    for rows, per_feature in ((1, False), (5, True)):
+        K, N = (67, 46) if rows == 1 else (96, 40)
+        x = (torch.randn(rows, K) * 3).to(dtype)
+        w_t = (torch.randn(K, N) / K ** 0.5).to(dtype)
+        bias = torch.randn(N).to(dtype) if rows == 1 else None
+        g = (1 + torch.rand(K)).to(dtype) if fold.get("norm") else None
+        normed = torch.ops.flashc.rms_norm(x, g, 1e-5) if g is not None else x
+        # 16-bit: a normed value an ulp off torch's (its fp32 sum of squares in another order) must not cross
+        # the threshold: a 0-d one in a wide gap between magnitudes
+        t = thresholds(normed, 0.4, per_feature) if dtype == torch.float32 else gap_threshold(normed, 0.4)
+        n_out = N // 2 if fold.get("glu") else N
+        residual = torch.randn(rows, n_out).to(dtype) if fold.get("residual") else None
+        args = (t, w_t, bias, g, 1e-5, residual, fold.get("glu"))
+        want = ts.reference_sparse_gemv(x, *args)
+        on = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        got = ts.sparse_gemv(x.to(device), *on, config=CONFIGS[config]).cpu()
+        scale = float(want.abs().max())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert got.shape == want.shape == (rows, n_out) and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * scale), (got - want).abs().max()
+
+
+def test_folds_refused_where_they_do_not_fit(device):
+    x, t, w_t = torch.randn(2, 16, device=device), torch.tensor(0.1, device=device), torch.randn(16, 8, device=device)
+    with pytest.raises(ValueError, match="glu must be one of"):
+        ts.sparse_gemv(x, t, w_t, glu="relu")
+    with pytest.raises(ValueError, match="gate\\|up halves"):
+        ts.sparse_gemv(x, t, torch.randn(16, 7, device=device), glu="silu")
+    with pytest.raises(ValueError, match="not both"):
+        ts.sparse_gemv(x, t, w_t, residual=torch.randn(2, 4, device=device), glu="silu")
+    with pytest.raises(ValueError, match="norm_weight must be \\[16\\]"):
+        ts.sparse_gemv(x, t, w_t, norm_weight=torch.ones(8, device=device))
+    with pytest.raises(ValueError, match="residual must be \\[2, 8\\]"):
+        ts.sparse_gemv(x, t, w_t, residual=torch.randn(2, 4, device=device))
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
