@@ -355,7 +355,8 @@ def fold_into_gemvs(graph: fx.Graph) -> int:
         elif node.target == add_rms:
             y, r, g, eps = node.args
             if not (isinstance(y, fx.Node) and y.target in FOLDS_INTO and len(y.users) == 1
-                    and _arg(y, "residual") is None and _arg(y, "glu") is None and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
+                    and _arg(y, "residual") is None and _arg(y, "glu") is None
+                    and _val(y) is not None and _val(r) is not None and _val(r).shape == _val(y).shape
                     and (not isinstance(r, fx.Node) or order[r] < order[y])):
                 continue
             items = list(node.users)
