@@ -20,6 +20,10 @@ from flashc.pass_manager import PassContext, PassResult
 aten = torch.ops.aten
 
 
+def _has_bias(linear: fx.Node) -> bool:
+    return len(linear.args) > 2 and linear.args[2] is not None
+
+
 class MergeProjections:
     """linear(x, w_i[, b_i]) for i in a group sharing x -> one linear, then slices."""
 
@@ -42,7 +46,11 @@ class MergeProjections:
                 continue
             groups[node.args[0]].append(node)
         stats = {"qkv": 0, "gate_up": 0, "other": 0}
-        for x, linears in groups.items():
+        # linears with a bias and without merge apart (a zero bias would turn a -0.0 into +0.0): an SSM
+        # layer's q, k, v (no bias) become one matmul beside its dt projection (with one)
+        parted = [(x, [l for l in linears if _has_bias(l) == biased]) for x, linears in groups.items()
+                  for biased in (False, True)]
+        for x, linears in parted:
             if len(linears) < 2:
                 continue
             # the merged matmul reads x where the first linear did: a write to x's storage
@@ -50,13 +58,10 @@ class MergeProjections:
             first = min(linears, key=mutations.order.__getitem__)
             if any(mutations.written_between(x, first, l) for l in linears):
                 continue
-            has_bias = [len(l.args) > 2 and l.args[2] is not None for l in linears]
-            if any(has_bias) and not all(has_bias):
-                continue
             weights = [program.params[l.args[1].name] for l in linears]
             if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
                 continue
-            self._merge(program, x, linears, weights, all(has_bias))
+            self._merge(program, x, linears, weights, _has_bias(linears[0]))
             kind = {3: "qkv", 2: "gate_up"}.get(len(linears), "other")
             stats[kind] += 1
         program.graph.eliminate_dead_code()
