@@ -220,6 +220,9 @@ KERNELS: dict[str, Kernel] = {
         "triton_ssm").ssm_mix_triton(q, k, v, dt, a_log, state, heads, kv_heads, eps)),
     "flashc.gla_mix": Kernel(lambda q, k, v, gate, state, heads, kv_heads, tau, eps: _codegen(
         "triton_gla").gla_mix_triton(q, k, v, gate, state, heads, kv_heads, tau, eps)),
+    # the same writing the layer's state buffer in place (backends/cuda_rewrites.py: FuseStateWrites)
+    "flashc.ssm_mix_into": Kernel(lambda *args: _codegen("triton_ssm").ssm_mix_into_triton(*args)),
+    "flashc.gla_mix_into": Kernel(lambda *args: _codegen("triton_gla").gla_mix_into_triton(*args)),
     "flashc.rotary_kv_write": Kernel(_rotary_kv_write),
     "flashc.rotary_qkv_write": Kernel(_rotary_qkv_write),
 }
@@ -269,7 +272,7 @@ class CudaBackend:
 
     def late_passes(self, profile: HardwareProfile, options: CudaOptions) -> list:
         from flashc.backends.cuda_rewrites import (FuseKvWrites, FuseQuantizedInputs, FuseSmallMatmuls,
-                                                   FuseSparseMatmuls)
+                                                   FuseSparseMatmuls, FuseStateWrites)
         from flashc.backends.cuda_semi_structured import FuseSemiStructuredMatmuls
 
         # more rows than the GEMV kernel takes stay on cuBLAS (codegen/triton_gemv.py measures why);
@@ -277,7 +280,7 @@ class CudaBackend:
         # larger ones, those with 2:4-pruned weights may run on the sparse tensor cores
         max_rows = _codegen("triton_gemv").MAX_ROWS
         # last: W8A8 / FP8 linears' inputs quantized by the norms and GLUs producing them
-        return [FuseKvWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows),
+        return [FuseKvWrites(), FuseStateWrites(), FuseSparseMatmuls(max_rows), FuseSmallMatmuls(max_rows),
                 FuseSemiStructuredMatmuls(max_rows), FuseQuantizedInputs(_codegen("norm_quant").MAX_K)]
 
     def lower(self, program: Program, profile: HardwareProfile, options: CudaOptions,

@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from flashc.aliasing import MutationInfo
+from flashc.aliasing import MutationInfo, is_write
 from flashc.ir import Program, op_name
 from flashc.pass_manager import PassContext, PassResult
 
@@ -41,6 +41,9 @@ KV_WRITE = torch.ops.flashc.rotary_kv_write.default
 QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
 SPARSIFY = torch.ops.flashc.sparsify.default
 SPARSE_GEMV = torch.ops.flashc.sparse_gemv.default
+# a state-space layer's mixing -> the same writing its state buffer in place (the state argument's position)
+MIX_INTO = {torch.ops.flashc.ssm_mix.default: (torch.ops.flashc.ssm_mix_into.default, 5),
+            torch.ops.flashc.gla_mix.default: (torch.ops.flashc.gla_mix_into.default, 4)}
 
 
 class FuseKvWrites:
@@ -53,6 +56,18 @@ class FuseKvWrites:
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         done = fuse_kv_writes(program.graph)
         return PassResult(done > 0, {"kv_writes_fused": done})
+
+
+class FuseStateWrites:
+    """A state-space layer's decode step: the state reset, the mixing and the state write -> one op in place."""
+
+    name = "cuda_fuse_state_writes"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        done = fuse_state_writes(program.graph)
+        return PassResult(done > 0, {"state_writes_fused": done})
 
 
 class FuseSmallMatmuls:
@@ -222,6 +237,70 @@ def fuse_kv_writes(graph: fx.Graph) -> int:
             graph.erase_node(value_view)
         taken |= {kn, vn, rq}
         done += 1
+    return done
+
+
+def _state_write(mix: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, fx.Node, fx.Node] | None:
+    """(buffer, copy_, keep, y getitem, new-state getitem) when ``mix``'s new state is only
+    copied into a placeholder buffer B and its start state is B or ``B * keep`` with keep one
+    factor a sequence ([B, 1, 1, 1]) read by nothing else; else None."""
+    items = list(mix.users)
+    if any(u.target is not operator.getitem for u in items) or sorted(u.args[1] for u in items) != [0, 1]:
+        return None
+    y, new = sorted(items, key=lambda u: u.args[1])
+    if len(new.users) != 1:
+        return None
+    copy = next(iter(new.users))
+    if copy.target != torch.ops.aten.copy_.default or copy.args[1] is not new or copy.users or copy.kwargs:
+        return None
+    buffer, start = copy.args[0], mix.args[MIX_INTO[mix.target][1]]
+    if buffer.op != "placeholder" or _val(buffer) is None:
+        return None
+    if start is buffer:
+        return buffer, copy, None, y, new
+    if (start.op == "call_function" and start.target == torch.ops.aten.mul.Tensor and start.args[0] is buffer
+            and isinstance(start.args[1], fx.Node) and set(start.users) == {mix}
+            and _val(start.args[1]) is not None and _val(start) is not None
+            and tuple(_val(start.args[1]).shape) == (_val(buffer).shape[0], 1, 1, 1)
+            and _val(start).shape == _val(buffer).shape):
+        return buffer, copy, start.args[1], y, new
+    return None
+
+
+def fuse_state_writes(graph: fx.Graph) -> int:
+    """``flashc.ssm_mix`` / ``gla_mix`` of a layer's state buffer B (or ``B * keep``, the reset of
+    sequences starting at position 0) whose new state is then ``copy_``'d into B (three passes
+    over the state a step: the multiply, the mixing, the copy) -> ``ssm_mix_into`` /
+    ``gla_mix_into``, which reads B, scales it by keep and writes the new state back in place
+    (one pass in the decode kernel); returns how many. Only where nothing between the mixing
+    and the copy reads B or writes anything (the write moves from the copy to the mixing) and
+    nothing writes B between the reset and the mixing."""
+    info = MutationInfo.of(graph)
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    done = 0
+    for mix in [n for n in nodes if n.op == "call_function" and n.target in MIX_INTO]:
+        found = _state_write(mix)
+        if found is None:
+            continue
+        buffer, copy, keep, y, new = found
+        start = mix.args[MIX_INTO[mix.target][1]]
+        between = nodes[order[mix] + 1:order[copy]]
+        if any(buffer in n.all_input_nodes or is_write(n) for n in between if n is not new):
+            continue
+        if start is not buffer and info.written_between(buffer, start, mix):
+            continue
+        into, position = MIX_INTO[mix.target]
+        args = list(mix.args)
+        args[position:position + 1] = [buffer, keep]
+        with graph.inserting_before(mix):
+            call = graph.call_function(into, tuple(args))
+        call.meta["val"] = _val(y)
+        y.replace_all_uses_with(call)
+        for n in (copy, new, y, mix) + ((start,) if start is not buffer else ()):
+            graph.erase_node(n)
+        done += 1
+    graph.lint()
     return done
 
 

@@ -162,7 +162,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _gla_mix_step_kernel(
-        Q, K, V, GATE, S_IN, Y, S_OUT,
+        Q, K, V, GATE, S_IN, Y, S_OUT, KEEP,
         sq_b, sq_n,
         sk_b, sk_n,
         sv_b, sv_n,
@@ -170,13 +170,16 @@ if HAS_TRITON:
         ss_b, ss_h, ss_k, ss_v,
         sy_b, sy_n,
         so_b, so_h, so_k, so_v,
+        skeep,
         H, D, GROUP, k_scale, inv_tau, eps,
         BLOCK: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """``flashc.gla_mix``'s decode step, program b * H + h, the whole [d, d] state tile:
         log_alpha = logsigmoid(gate) / tau; S = diag(alpha) S + (k d^-0.5)^T v at kv head h // GROUP;
-        y = rms_norm(q S) over d. q, k, v, gate are [B, 1, N] rows (last-dim stride sq_n ...)."""
+        y = rms_norm(q S) over d. q, k, v, gate are [B, 1, N] rows (last-dim stride sq_n ...).
+        HAS_KEEP: S is first scaled by its sequence's KEEP[b] (flashc.gla_mix_into, in place)."""
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
@@ -190,6 +193,8 @@ if HAS_TRITON:
         state = tl.load(
             S_IN + b * ss_b + hd * ss_h + offs[:, None] * ss_k + offs[None, :] * ss_v, mask=tile_ok, other=0.0
         ).to(tl.float32)
+        if HAS_KEEP:  # 0 restarts the sequence from a zero state
+            state = state * tl.load(KEEP + b * skeep).to(tl.float32)
         q = tl.load(Q + b * sq_b + (hd * D + offs) * sq_n, mask=ok, other=0.0).to(tl.float32)
         k = tl.load(K + b * sk_b + (kv * D + offs) * sk_n, mask=ok, other=0.0)
         v = tl.load(V + b * sv_b + (kv * D + offs) * sv_n, mask=ok, other=0.0).to(tl.float32)
@@ -291,13 +296,13 @@ def gla_scan_triton(
     return y, state_out
 
 
-def _launch_mix_step(q, k, v, gate, state, y, new_state, heads, kv_heads, d, tau, eps, config):
+def _launch_mix_step(q, k, v, gate, state, y, new_state, heads, kv_heads, d, tau, eps, config, keep=None):
     block = max(16, next_pow2(d))
     config = {**MIX_DECODE_CONFIGS[block], **(config or {})}
     pdl = pdl_enabled(q.device)
     with device_guard(q.device):
         _gla_mix_step_kernel[(q.shape[0] * heads,)](
-            q, k, v, gate, state, y, new_state,
+            q, k, v, gate, state, y, new_state, keep if keep is not None else state,
             q.stride(0), q.stride(2),
             k.stride(0), k.stride(2),
             v.stride(0), v.stride(2),
@@ -305,8 +310,10 @@ def _launch_mix_step(q, k, v, gate, state, y, new_state, heads, kv_heads, d, tau
             *state.stride(),
             y.stride(0), y.stride(2),
             *new_state.stride(),
+            keep.stride(0) if keep is not None else 0,
             heads, d, heads // kv_heads, d ** -0.5, 1.0 / float(tau), float(eps),
             BLOCK=block,
+            HAS_KEEP=keep is not None,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
@@ -363,3 +370,30 @@ def gla_mix_triton(
     y_heads = torch.empty((B, T, heads, d), dtype=v.dtype, device=q.device)  # the scan's y, in v's dtype
     _launch_chunked(qh, kh, vh, log_alpha, state, y_heads.transpose(1, 2), state_out, config, heads // kv_heads)
     return head_rms_norm(y_heads, eps, q.dtype).view(B, T, heads * d), state_out
+
+
+def gla_mix_into_triton(q, k, v, gate, state, keep, heads, kv_heads, tau, eps) -> torch.Tensor:
+    """``flashc.gla_mix_into`` on Triton: ``gla_mix`` from ``state * keep`` with the new state
+    written into ``state``; returns y (T = 1: one pass over the state, as ``ssm_mix_into_triton``)."""
+    fn = "gla_mix_into_triton"
+    if keep is not None:
+        check_tensor(fn, "keep", keep)
+        if keep.numel() != state.shape[0] or keep.device != state.device:
+            raise ValueError(f"{fn}: keep must hold one factor a sequence ({state.shape[0]}) on {state.device}, "
+                             f"got {tuple(keep.shape)} on {keep.device}")
+        keep = keep.reshape(-1)
+    if q.shape[1] == 1 and state.is_contiguous():
+        require_triton(fn)
+        d = check_gla_mix(fn, q, k, v, gate, state, heads, kv_heads, tau)
+        check_out(fn, "state", state, (q.shape[0], heads, d, d), torch.float32, q.device, inputs=(q, k, v, gate))
+        if q.shape[0] * heads * d == 0:
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if d > min(_MAX_K, _MAX_MIX_D):
+            raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the kernels hold in "
+                             "one program")
+        y = torch.empty((q.shape[0], 1, heads * d), dtype=q.dtype, device=q.device)
+        _launch_mix_step(q, k, v, gate, state, y, state, heads, kv_heads, d, tau, eps, None, keep=keep)
+        return y
+    start = state if keep is None else state * keep.view(-1, 1, 1, 1).to(state.dtype)
+    y, _ = gla_mix_triton(q, k, v, gate, start, heads, kv_heads, tau, eps, state_out=state)
+    return y

@@ -235,7 +235,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ssm_mix_step_kernel(
-        Q, K, V, DT, A_LOG, S_IN, Y, S_OUT,
+        Q, K, V, DT, A_LOG, S_IN, Y, S_OUT, KEEP,
         sq_b, sq_n,
         sk_b, sk_n,
         sv_b, sv_n,
@@ -244,13 +244,17 @@ if HAS_TRITON:
         ss_b, ss_h, ss_k, ss_v,
         sy_b, sy_n,
         so_b, so_h, so_k, so_v,
+        skeep,
         H, D, GROUP, k_scale, eps,
         BLOCK: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """``flashc.ssm_mix``'s decode step, program b * H + h, the whole [d, d] state tile:
         g = -exp(A_log) softplus(dt); h = exp(g) h + (k d^-0.5)^T v at kv head h // GROUP;
-        y = rms_norm(q h) over d. q, k, v are [B, 1, heads * d] rows (last-dim stride sq_n ...)."""
+        y = rms_norm(q h) over d. q, k, v are [B, 1, heads * d] rows (last-dim stride sq_n ...).
+        HAS_KEEP: h is first scaled by its sequence's KEEP[b] (0: restart; flashc.ssm_mix_into,
+        which passes S_OUT = S_IN: each program reads its whole tile before writing it)."""
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
@@ -264,6 +268,8 @@ if HAS_TRITON:
         state = tl.load(
             S_IN + b * ss_b + hd * ss_h + offs[:, None] * ss_k + offs[None, :] * ss_v, mask=tile_ok, other=0.0
         ).to(tl.float32)
+        if HAS_KEEP:  # 0 restarts the sequence from a zero state
+            state = state * tl.load(KEEP + b * skeep).to(tl.float32)
         q = tl.load(Q + b * sq_b + (hd * D + offs) * sq_n, mask=ok, other=0.0).to(tl.float32)
         k = tl.load(K + b * sk_b + (kv * D + offs) * sk_n, mask=ok, other=0.0)
         v = tl.load(V + b * sv_b + (kv * D + offs) * sv_n, mask=ok, other=0.0).to(tl.float32)
@@ -420,13 +426,13 @@ def ssm_scan_triton(
     return y, state_out
 
 
-def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d, eps, config):
+def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d, eps, config, keep=None):
     block = max(16, next_pow2(d))
     config = {**MIX_DECODE_CONFIGS[block], **(config or {})}
     pdl = pdl_enabled(q.device)
     with device_guard(q.device):
         _ssm_mix_step_kernel[(q.shape[0] * heads,)](
-            q, k, v, dt, A_log, state, y, new_state,
+            q, k, v, dt, A_log, state, y, new_state, keep if keep is not None else state,
             q.stride(0), q.stride(2),
             k.stride(0), k.stride(2),
             v.stride(0), v.stride(2),
@@ -435,8 +441,10 @@ def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d
             *state.stride(),
             y.stride(0), y.stride(2),
             *new_state.stride(),
+            keep.stride(0) if keep is not None else 0,
             heads, d, heads // kv_heads, d ** -0.5, float(eps),
             BLOCK=block,
+            HAS_KEEP=keep is not None,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
@@ -496,3 +504,32 @@ def ssm_mix_triton(
     y_heads = torch.empty((B, T, heads, d), dtype=v.dtype, device=q.device)  # the scan's y, in v's dtype
     _launch_chunked(qh, kh, vh, log_decay, state, y_heads.transpose(1, 2), state_out, config, heads // kv_heads)
     return head_rms_norm(y_heads, eps, q.dtype).view(B, T, heads * d), state_out
+
+
+def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps) -> torch.Tensor:
+    """``flashc.ssm_mix_into`` on Triton: ``ssm_mix`` from ``state * keep`` with the new state
+    written into ``state``; returns y. T = 1: the decode kernel reads each state tile, scales it by
+    its sequence's ``keep`` ([B] or [B, 1, 1, 1]) and writes it back in place: one pass over the
+    state. T > 1: the scaled start state in torch, the chunked scan writing ``state``."""
+    fn = "ssm_mix_into_triton"
+    if keep is not None:
+        check_tensor(fn, "keep", keep)
+        if keep.numel() != state.shape[0] or keep.device != state.device:
+            raise ValueError(f"{fn}: keep must hold one factor a sequence ({state.shape[0]}) on {state.device}, "
+                             f"got {tuple(keep.shape)} on {keep.device}")
+        keep = keep.reshape(-1)
+    if q.shape[1] == 1 and state.is_contiguous():
+        require_triton(fn)
+        d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads)
+        check_out(fn, "state", state, (q.shape[0], heads, d, d), torch.float32, q.device, inputs=(q, k, v, dt, A_log))
+        if q.shape[0] * heads * d == 0:
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if d > _MAX_MIX_D:
+            raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
+                             "holds in one program")
+        y = torch.empty((q.shape[0], 1, heads * d), dtype=q.dtype, device=q.device)
+        _launch_mix_step(q, k, v, dt, A_log, state, y, state, heads, kv_heads, d, eps, None, keep=keep)
+        return y
+    start = state if keep is None else state * keep.view(-1, 1, 1, 1).to(state.dtype)
+    y, _ = ssm_mix_triton(q, k, v, dt, A_log, start, heads, kv_heads, eps, state_out=state)
+    return y

@@ -342,5 +342,46 @@ def _(q, k, v, gate, state, heads, kv_heads, tau, eps):
             torch.empty(q.shape[0], heads, d, d, dtype=torch.float32, device=q.device))
 
 
+# ------------------------------------------------------------------------------------------------
+# The same mixings writing the layer's state buffer in place (the CUDA backend's late rewrite)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("flashc::ssm_mix_into", mutates_args=("state",))
+def ssm_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
+                 state: torch.Tensor, keep: torch.Tensor | None, heads: int, kv_heads: int,
+                 eps: float) -> torch.Tensor:
+    """`ssm_mix` from the state buffer `state` (times `keep`, [B] or [B, 1, 1, 1]: 0 restarts a
+    sequence from a zero state, 1 continues it), the new state written back into `state`;
+    returns y. What a layer's decode step does around `ssm_mix` (passes/ssm/layer.py: the
+    reset multiply, the op, `state.copy_`), as one op: the CUDA backend's late pass
+    (backends/cuda_rewrites.py: FuseStateWrites) writes it so that the state is read and
+    written once a step, by the mixing kernel, instead of three times."""
+    start = state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
+    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, start, heads, kv_heads, eps)
+    state.copy_(new_state)
+    return y
+
+
+@ssm_mix_into.register_fake
+def _(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("flashc::gla_mix_into", mutates_args=("state",))
+def gla_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, state: torch.Tensor,
+                 keep: torch.Tensor | None, heads: int, kv_heads: int, tau: float, eps: float) -> torch.Tensor:
+    """`gla_mix` from the state buffer `state` (times `keep`, as `ssm_mix_into`), the new state
+    written back into it; returns y."""
+    start = state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
+    y, new_state = gla_mix_reference(q, k, v, gate, start, heads, kv_heads, tau, eps)
+    state.copy_(new_state)
+    return y
+
+
+@gla_mix_into.register_fake
+def _(q, k, v, gate, state, keep, heads, kv_heads, tau, eps):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 SSM_OPS = {"ssm_scan": torch.ops.flashc.ssm_scan.default, "ssm_mix": torch.ops.flashc.ssm_mix.default,
-           "gla_mix": torch.ops.flashc.gla_mix.default}
+           "gla_mix": torch.ops.flashc.gla_mix.default, "ssm_mix_into": torch.ops.flashc.ssm_mix_into.default,
+           "gla_mix_into": torch.ops.flashc.gla_mix_into.default}

@@ -38,6 +38,7 @@ def test_an_ahead_of_time_compile_saves_loads_and_refuses_to_run_here(tmp_path, 
         cm(*example)
     loaded = flashc.load(cm.save(tmp_path / "a"))
     assert [r.name for r in loaded.records if r.stage == "backend"] == ["cuda_fuse_kv_writes",
+                                                                       "cuda_fuse_state_writes",
                                                                        "cuda_fuse_sparse_matmuls",
                                                                        "cuda_fuse_small_matmuls",
                                                                        "cuda_semi_structured_matmuls",

@@ -110,12 +110,14 @@ def test_compile_runs_the_late_passes_and_reports_them_as_backend_passes(tiny_mo
     model = tiny_models["llama-tiny"]
     cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 1, 16), level=3)
     late = [r for r in cm.records if r.stage == "backend"]
-    assert [r.name for r in late] == ["cuda_fuse_kv_writes", "cuda_fuse_sparse_matmuls", "cuda_fuse_small_matmuls",
-                                      "cuda_semi_structured_matmuls", "cuda_fuse_quantized_inputs"]
+    assert [r.name for r in late] == ["cuda_fuse_kv_writes", "cuda_fuse_state_writes", "cuda_fuse_sparse_matmuls",
+                                      "cuda_fuse_small_matmuls", "cuda_semi_structured_matmuls",
+                                      "cuda_fuse_quantized_inputs"]
     assert late[0].stats["kv_writes_fused"] == model.config.num_hidden_layers
-    assert late[1].stats["matmuls_to_sparse_gemv"] == 0  # nothing sparsified in this model
-    assert late[2].stats["matmuls_to_gemv"] > 0
-    assert all(r.stage == "pipeline" for r in cm.records[:-5])
+    assert late[1].stats["state_writes_fused"] == 0  # no state-space layer in this model
+    assert late[2].stats["matmuls_to_sparse_gemv"] == 0  # nothing sparsified in this model
+    assert late[3].stats["matmuls_to_gemv"] > 0
+    assert all(r.stage == "pipeline" for r in cm.records[:-len(late)])
     assert "flashc.gemv" not in {op_name(n) for n in cm.program.op_nodes()}
     assert "cuda_fuse_small_matmuls" in cm.report().render()
 

@@ -87,7 +87,8 @@ def test_the_backends_late_passes_run_sparse_first_and_the_rest_become_gemv(prun
     """In the CUDA backend's order: the sparsified linears are sparse_gemv, the lm_head a dense gemv."""
     model, program = pruned_decode
     passes = CudaBackend().late_passes(PROFILES["h100"], None)
-    assert [p.name for p in passes] == ["cuda_fuse_kv_writes", "cuda_fuse_sparse_matmuls", "cuda_fuse_small_matmuls",
+    assert [p.name for p in passes] == ["cuda_fuse_kv_writes", "cuda_fuse_state_writes", "cuda_fuse_sparse_matmuls",
+                                        "cuda_fuse_small_matmuls",
                                         "cuda_semi_structured_matmuls", "cuda_fuse_quantized_inputs"]
     lowered, records = run_late_passes(program, *passes)
     stats = {r.name: r.stats for r in records}

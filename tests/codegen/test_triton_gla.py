@@ -170,3 +170,24 @@ def test_mix_errors(device):
     big = mix_inputs(1, 1, 1, 1, 160, torch.float32, device)
     with pytest.raises(ValueError, match="head dim 160 exceeds 128"):
         tg.gla_mix_triton(*big, 1, 1, TAU, 1e-6)
+
+
+@pytest.mark.parametrize("keep", ["none", "some_restart"])
+@pytest.mark.parametrize("T", [1, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mix_into_writes_the_state_in_place(device, dtype, T, keep):
+    """gla_mix_into: the state buffer scaled by keep (0 restarts the second sequence), mixed, the new
+    state written back into the buffer."""
+    heads, kv_heads, d = 4, 2, 32
+    q, k, v, gate, state = mix_inputs(3, T, heads, kv_heads, d, dtype, device, seed=2)
+    factor = None if keep == "none" else torch.tensor([1.0, 0.0, 1.0], device=device).view(3, 1, 1, 1)
+    buffer = state.clone()
+    ptr = buffer.data_ptr()
+    y = tg.gla_mix_into_triton(q, k, v, gate, buffer, factor, heads, kv_heads, TAU, 1e-6)
+    start = state * (1 if factor is None else factor)
+    want_y, want_s = torch.ops.flashc.gla_mix(q, k, v, gate, start, heads, kv_heads, TAU, 1e-6)
+    assert buffer.data_ptr() == ptr and y.shape == (3, T, heads * d) and y.dtype == dtype
+    assert rel_err(y, want_y) < TOL[dtype] and rel_err(buffer, want_s) < TOL[dtype]
+    if factor is not None:
+        kept_y, _ = torch.ops.flashc.gla_mix(q, k, v, gate, state, heads, kv_heads, TAU, 1e-6)
+        assert rel_err(y[1], kept_y[1]) > 10 * TOL[dtype]

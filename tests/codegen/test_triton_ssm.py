@@ -215,3 +215,26 @@ def test_mix_errors(device):
     big = mix_inputs(1, 1, 1, 1, 160, torch.float32, device)
     with pytest.raises(ValueError, match="head dim 160 exceeds 128"):
         ts.ssm_mix_triton(*big, 1, 1, 1e-6)
+
+
+@pytest.mark.parametrize("keep", ["none", "some_restart"])
+@pytest.mark.parametrize("T", [1, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mix_into_writes_the_state_in_place(device, dtype, T, keep):
+    """ssm_mix_into: the state buffer scaled by keep (0 restarts the second sequence from zero), mixed,
+    and the new state written back into the buffer; y as the op computes it."""
+    heads, kv_heads, d = 4, 2, 32
+    q, k, v, dt, A_log, state = mix_inputs(3, T, heads, kv_heads, d, dtype, device, seed=2)
+    factor = None if keep == "none" else torch.tensor([1.0, 0.0, 1.0], device=device).view(3, 1, 1, 1)
+    buffer, want_state = state.clone(), state.clone()
+    y_ref = torch.ops.flashc.ssm_mix_into(q.cpu(), k.cpu(), v.cpu(), dt.cpu(), A_log.cpu(), want_state.cpu(),
+                                          None if factor is None else factor.cpu(), heads, kv_heads, 1e-6)
+    ptr = buffer.data_ptr()
+    y = ts.ssm_mix_into_triton(q, k, v, dt, A_log, buffer, factor, heads, kv_heads, 1e-6)
+    assert buffer.data_ptr() == ptr and y.shape == (3, T, heads * d) and y.dtype == dtype
+    want_y, want_s = mix_reference(q, k, v, dt, A_log, state * (1 if factor is None else factor), heads, kv_heads)
+    assert rel_err(y, want_y) < TOL[dtype] and rel_err(y.cpu(), y_ref) < TOL[dtype]
+    assert rel_err(buffer, want_s) < TOL[dtype]
+    if factor is not None:  # the restarted sequence forgot its state: not what continuing it gives
+        kept_y, _ = mix_reference(q, k, v, dt, A_log, state, heads, kv_heads)
+        assert rel_err(y[1], kept_y[1]) > 10 * TOL[dtype]
