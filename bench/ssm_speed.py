@@ -66,7 +66,7 @@ def _time(fn) -> float:
 
 def _variants(model_name: str, layers: int | None, kinds: list[str]):
     from flashc import zoo
-    from flashc.passes.ssm import attention_sites, convert
+    from flashc.passes.ssm import attention_sites, convert, ssm_layers
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = zoo.build(model_name, dtype=dtype, device=DEVICE, num_layers=layers)
@@ -74,7 +74,10 @@ def _variants(model_name: str, layers: int | None, kinds: list[str]):
     variants = {"attention": model}
     for kind in kinds:
         name = "ssm (all layers)" if kind == "mamba2" else f"{kind} (all layers)"
-        variants[name] = convert(model, every, kind).to(dtype)
+        converted = convert(model, every, kind).to(dtype)
+        for layer in ssm_layers(converted):  # as flashc.compile(..., ssm=...) hands it over after training
+            layer.fold_norm_weight()
+        variants[name] = converted
     return variants
 
 
