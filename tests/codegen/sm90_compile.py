@@ -1,0 +1,78 @@
+"""Compile flashc's interpreter-only kernel variants for sm_90 without a GPU; run by
+tests/codegen/test_compile_sm90.py in a process without TRITON_INTERPRET. Prints one line a variant,
+exits 1 if any failed."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashc.codegen import triton_gla, triton_moe, triton_sparse_gemv, triton_ssm
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"eps", "k_scale", "inv_tau"}
+
+
+def compile_variant(fn, pointers: dict[str, str], constexprs: dict, num_warps: int = 4) -> None:
+    """Compile fn with its pointer arguments typed by `pointers`, float scalars by name, the rest i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=TARGET, options={"num_warps": num_warps})
+    assert kernel.asm.get("cubin"), "no cubin"
+
+
+def variants():
+    sparse_ptrs = {"X": "*bf16", "T": "*bf16", "W": "*bf16", "BIAS": "*bf16", "P": "*fp32", "Y": "*bf16",
+                   "S": "*i32", "G": "*bf16", "R": "*bf16"}
+    for compact, norm, one_split, per_feature, rows in itertools.product(
+            [True, False], [True, False], [True, False], [True, False], [1, 4]):
+        yield (f"sparse_gemv compact={compact} norm={norm} one_split={one_split} per_feature={per_feature} "
+               f"rows={rows}", triton_sparse_gemv._sparse_gemv_kernel, sparse_ptrs,
+               dict(PER_FEATURE=per_feature, HAS_NORM=norm, HAS_RES=one_split, NORM_BLOCK=512, COMPACT=compact,
+                    RANGE=1024 if compact else 1, HAS_BIAS=True, ONE_SPLIT=one_split, DOT=False, IEEE=False,
+                    EVEN_N=True, BLOCK_M=rows, BLOCK_N=256, BLOCK_K=16, PDL=True))
+    yield ("sparse_gemv dot norm", triton_sparse_gemv._sparse_gemv_kernel, sparse_ptrs,
+           dict(PER_FEATURE=False, HAS_NORM=True, HAS_RES=False, NORM_BLOCK=512, COMPACT=False, RANGE=1,
+                HAS_BIAS=False, ONE_SPLIT=False, DOT=True, IEEE=False, EVEN_N=True, BLOCK_M=16, BLOCK_N=64,
+                BLOCK_K=32, PDL=True))
+    for act, res in itertools.product([0, 1, 2], [True, False]):
+        yield (f"sparse_gemv sum act={act} residual={res}", triton_sparse_gemv._sum_splits_kernel,
+               {"P": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
+               dict(HAS_BIAS=True, HAS_RES=res, ACT=act, BLOCK=1024, PDL=True))
+    mix_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DT": "*bf16", "A_LOG": "*fp32", "S_IN": "*fp32",
+                "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16"}
+    for fn, keep, block in itertools.product((triton_ssm._ssm_mix_step_kernel, triton_gla._gla_mix_step_kernel),
+                                             [True, False], [64, 128]):
+        yield f"{fn.__name__} keep={keep} d={block}", fn, mix_ptrs, dict(BLOCK=block, HAS_KEEP=keep, PDL=True)
+    for threshold in (True, False):
+        yield (f"moe gemm swiglu threshold={threshold}", triton_moe._moe_gemm_kernel,
+               {"A": "*bf16", "W": "*bf16", "OUT": "*bf16", "ROWS": "*i32", "BLOCK_EXPERT": "*i32",
+                "ROUTE_W": "*fp32", "THRESHOLD": "*bf16"},
+               dict(SWIGLU=True, HAS_THRESHOLD=threshold, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, EVEN_NK=True,
+                    IEEE=False))
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, pointers, constexprs in variants():
+        try:
+            compile_variant(fn, pointers, constexprs)
+            print(f"ok   {name}")
+        except Exception as e:  # noqa: BLE001  (every failure is reported, then the exit code says it)
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:1500]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
