@@ -216,8 +216,7 @@ KERNELS: dict[str, Kernel] = {
     "flashc.hadamard": Kernel(lambda x, signs: _codegen("hadamard").hadamard(x, signs)),
     # the attention-to-SSM rewrite's layers (passes/ssm): a recurrent step at T = 1, chunked scan above
     "flashc.ssm_scan": Kernel(lambda q, k, v, g, state: _codegen("triton_ssm").ssm_scan_triton(q, k, v, g, state)),
-    "flashc.ssm_mix": Kernel(lambda q, k, v, dt, a_log, state, heads, kv_heads, eps: _codegen(
-        "triton_ssm").ssm_mix_triton(q, k, v, dt, a_log, state, heads, kv_heads, eps)),
+    "flashc.ssm_mix": Kernel(lambda *args: _codegen("triton_ssm").ssm_mix_triton(*args)),
     "flashc.gla_mix": Kernel(lambda q, k, v, gate, state, heads, kv_heads, tau, eps: _codegen(
         "triton_gla").gla_mix_triton(q, k, v, gate, state, heads, kv_heads, tau, eps)),
     # the same writing the layer's state buffer in place (backends/cuda_rewrites.py: FuseStateWrites)

@@ -279,7 +279,7 @@ def fuse_state_writes(graph: fx.Graph) -> int:
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     done = 0
-    for mix in [n for n in nodes if n.op == "call_function" and n.target in MIX_INTO]:
+    for mix in [n for n in nodes if n.op == "call_function" and n.target in MIX_INTO and not n.kwargs]:
         found = _state_write(mix)
         if found is None:
             continue

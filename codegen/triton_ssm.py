@@ -235,7 +235,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ssm_mix_step_kernel(
-        Q, K, V, DT, A_LOG, S_IN, Y, S_OUT, KEEP,
+        Q, K, V, DT, A_LOG, S_IN, Y, S_OUT, KEEP, DT_BIAS,
         sq_b, sq_n,
         sk_b, sk_n,
         sv_b, sv_n,
@@ -248,6 +248,7 @@ if HAS_TRITON:
         H, D, GROUP, k_scale, eps,
         BLOCK: tl.constexpr,
         HAS_KEEP: tl.constexpr,
+        HAS_DT_BIAS: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """``flashc.ssm_mix``'s decode step, program b * H + h, the whole [d, d] state tile:
@@ -274,6 +275,8 @@ if HAS_TRITON:
         k = tl.load(K + b * sk_b + (kv * D + offs) * sk_n, mask=ok, other=0.0)
         v = tl.load(V + b * sv_b + (kv * D + offs) * sv_n, mask=ok, other=0.0).to(tl.float32)
         dt = tl.load(DT + b * sdt_b + hd * sdt_h).to(tl.float32)
+        if HAS_DT_BIAS:  # added in fp32, as the op adds it
+            dt += tl.load(DT_BIAS + hd).to(tl.float32)
         a_log = tl.load(A_LOG + hd * sa).to(tl.float32)
         if PDL:  # every input is loaded: the next kernel may start its launch now
             tl.extra.cuda.gdc_launch_dependents()
@@ -426,13 +429,15 @@ def ssm_scan_triton(
     return y, state_out
 
 
-def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d, eps, config, keep=None):
+def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d, eps, config, keep=None,
+                     dt_bias=None):
     block = max(16, next_pow2(d))
     config = {**MIX_DECODE_CONFIGS[block], **(config or {})}
     pdl = pdl_enabled(q.device)
     with device_guard(q.device):
         _ssm_mix_step_kernel[(q.shape[0] * heads,)](
             q, k, v, dt, A_log, state, y, new_state, keep if keep is not None else state,
+            dt_bias if dt_bias is not None else A_log,
             q.stride(0), q.stride(2),
             k.stride(0), k.stride(2),
             v.stride(0), v.stride(2),
@@ -445,6 +450,7 @@ def _launch_mix_step(q, k, v, dt, A_log, state, y, new_state, heads, kv_heads, d
             heads, d, heads // kv_heads, d ** -0.5, float(eps),
             BLOCK=block,
             HAS_KEEP=keep is not None,
+            HAS_DT_BIAS=dt_bias is not None,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
@@ -461,6 +467,7 @@ def ssm_mix_triton(
     heads: int,
     kv_heads: int,
     eps: float,
+    dt_bias: torch.Tensor | None = None,
     *,
     state_out: torch.Tensor | None = None,
     config: dict | None = None,
@@ -468,7 +475,8 @@ def ssm_mix_triton(
     """``flashc.ssm_mix`` on Triton: ``(y[B, T, heads * d] in q's dtype, new_state[B, heads, d, d] fp32)``.
 
     ``q[B, T, heads * d]``, ``k, v[B, T, kv_heads * d]`` (rows may be strided, e.g. slices of a
-    merged projection), ``dt[B, T, heads]`` before softplus, ``A_log[heads]``, ``state[B, heads, d, d]``.
+    merged projection), ``dt[B, T, heads]`` before softplus (``dt_bias[heads]`` added in fp32),
+    ``A_log[heads]``, ``state[B, heads, d, d]``.
     T = 1: one kernel (``_ssm_mix_step_kernel``, d <= 128) does the whole step. T > 1: the scan's
     inputs from torch ops (``mix_inputs``, k and v unrepeated), the chunked kernel reading grouped
     heads, the per-head norm in torch (prefill is not launch-bound). ``state_out`` may be
@@ -478,9 +486,10 @@ def ssm_mix_triton(
     fn = "ssm_mix_triton"
     require_triton(fn)
     named = [("q", q), ("k", k), ("v", v), ("dt", dt), ("A_log", A_log), ("state", state)]
+    named += [("dt_bias", dt_bias)] if dt_bias is not None else []
     for name, t in named:
         check_tensor(fn, name, t)
-    d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads)
+    d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads, dt_bias)
     check_devices(fn, _ssm_mix_step_kernel, named)
     B, T = q.shape[:2]
     if state_out is None:
@@ -496,17 +505,19 @@ def ssm_mix_triton(
             raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
                              "holds in one program")
         y = torch.empty((B, 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, dt, A_log, state, y, state_out, heads, kv_heads, d, eps, config)
+        _launch_mix_step(q, k, v, dt, A_log, state, y, state_out, heads, kv_heads, d, eps, config, dt_bias=dt_bias)
         return y, state_out
     if d > _MAX_K:
         raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_K}, the largest state tile the kernels hold in registers")
+    if dt_bias is not None:
+        dt = dt.float() + dt_bias.float()
     qh, kh, vh, log_decay = mix_inputs(q, k, v, dt, A_log, heads, kv_heads)
     y_heads = torch.empty((B, T, heads, d), dtype=v.dtype, device=q.device)  # the scan's y, in v's dtype
     _launch_chunked(qh, kh, vh, log_decay, state, y_heads.transpose(1, 2), state_out, config, heads // kv_heads)
     return head_rms_norm(y_heads, eps, q.dtype).view(B, T, heads * d), state_out
 
 
-def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps) -> torch.Tensor:
+def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps, dt_bias=None) -> torch.Tensor:
     """``flashc.ssm_mix_into`` on Triton: ``ssm_mix`` from ``state * keep`` with the new state
     written into ``state``; returns y. T = 1: the decode kernel reads each state tile, scales it by
     its sequence's ``keep`` ([B] or [B, 1, 1, 1]) and writes it back in place: one pass over the
@@ -520,7 +531,7 @@ def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps) -
         keep = keep.reshape(-1)
     if q.shape[1] == 1 and state.is_contiguous():
         require_triton(fn)
-        d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads)
+        d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads, dt_bias)
         check_out(fn, "state", state, (q.shape[0], heads, d, d), torch.float32, q.device, inputs=(q, k, v, dt, A_log))
         if q.shape[0] * heads * d == 0:
             return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -528,8 +539,9 @@ def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps) -
             raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
                              "holds in one program")
         y = torch.empty((q.shape[0], 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, dt, A_log, state, y, state, heads, kv_heads, d, eps, None, keep=keep)
+        _launch_mix_step(q, k, v, dt, A_log, state, y, state, heads, kv_heads, d, eps, None, keep=keep,
+                         dt_bias=dt_bias)
         return y
     start = state if keep is None else state * keep.view(-1, 1, 1, 1).to(state.dtype)
-    y, _ = ssm_mix_triton(q, k, v, dt, A_log, start, heads, kv_heads, eps, state_out=state)
+    y, _ = ssm_mix_triton(q, k, v, dt, A_log, start, heads, kv_heads, eps, dt_bias, state_out=state)
     return y

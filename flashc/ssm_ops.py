@@ -111,13 +111,15 @@ def _(q, k, v, log_decay, state):
             torch.empty(b, h, dk, v.shape[-1], dtype=torch.float32, device=v.device))
 
 
-def check_mix(fn: str, q, k, v, dt, A_log, state, heads: int, kv_heads: int) -> int:
+def check_mix(fn: str, q, k, v, dt, A_log, state, heads: int, kv_heads: int, dt_bias=None) -> int:
     """Raise ValueError naming `fn` unless the arguments fit `ssm_mix`; return the head dim d."""
     b, t, d = _check_heads(fn, q, k, v, heads, kv_heads, ("dt", dt))
     if dt.shape != (b, t, heads):
         raise ValueError(f"{fn}: dt must be [B, T, heads] = {(b, t, heads)}, got {tuple(dt.shape)}")
     if A_log.shape != (heads,):
         raise ValueError(f"{fn}: A_log must be [heads] = {(heads,)}, got {tuple(A_log.shape)}")
+    if dt_bias is not None and dt_bias.shape != (heads,):
+        raise ValueError(f"{fn}: dt_bias must be [heads] = {(heads,)}, got {tuple(dt_bias.shape)}")
     _check_state(fn, state, b, heads, d)
     return d
 
@@ -170,10 +172,13 @@ def head_rms_norm(y: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tens
     return (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
-def ssm_mix_reference(q, k, v, dt, A_log, state, heads: int, kv_heads: int, eps: float):
-    """`ssm_mix` in plain torch (differentiable): `mix_inputs`, k and v repeated to `heads`, the scan
-    (y in v's dtype, as the layer's scan returns it), then `head_rms_norm` of each head's y."""
-    d = check_mix("ssm_mix", q, k, v, dt, A_log, state, heads, kv_heads)
+def ssm_mix_reference(q, k, v, dt, A_log, state, heads: int, kv_heads: int, eps: float, dt_bias=None):
+    """`ssm_mix` in plain torch (differentiable): `mix_inputs` (dt_bias added to dt in fp32 first),
+    k and v repeated to `heads`, the scan (y in v's dtype, as the layer's scan returns it), then
+    `head_rms_norm` of each head's y."""
+    d = check_mix("ssm_mix", q, k, v, dt, A_log, state, heads, kv_heads, dt_bias)
+    if dt_bias is not None:
+        dt = dt.float() + dt_bias.float()
     qh, kh, vh, log_decay = mix_inputs(q, k, v, dt, A_log, heads, kv_heads)
     return _scan_heads(q.dtype, qh, kh, vh, log_decay, state, heads, kv_heads, d, eps, ssm_recurrent, ssm_chunked)
 
@@ -192,22 +197,24 @@ def _scan_heads(dtype, qh, kh, vh, log_w, state, heads: int, kv_heads: int, d: i
 
 @torch.library.custom_op("flashc::ssm_mix", mutates_args=())
 def ssm_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
-            state: torch.Tensor, heads: int, kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            state: torch.Tensor, heads: int, kv_heads: int, eps: float,
+            dt_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An SSM layer's whole mixing, projections to output norm: (y[B, T, heads * d] in q's dtype, state fp32).
 
     q: [B, T, heads * d]; k, v: [B, T, kv_heads * d]; dt: [B, T, heads], the dt projection's
-    output before softplus; A_log: [heads]; state: [B, heads, d, d]. What `passes/ssm/layer.py`
+    output before softplus (dt_bias [heads], if given, added to it in fp32: the projection then has
+    no bias and merges with q, k and v); A_log: [heads]; state: [B, heads, d, d]. What `passes/ssm/layer.py`
     computes between its projections (and q/k norms) and its output norm weight, as one op so
     a backend can run a decode step's dozen small kernels (repeat, scale, softplus, exp, norm,
     casts) as one. Reference: `ssm_mix_reference`."""
-    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, state, heads, kv_heads, eps)
+    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, state, heads, kv_heads, eps, dt_bias)
     if new_state is state:  # T = 0 hands back an fp32 state itself; an op's output may not alias an input
         new_state = new_state.clone()
     return y, new_state
 
 
 @ssm_mix.register_fake
-def _(q, k, v, dt, A_log, state, heads, kv_heads, eps):
+def _(q, k, v, dt, A_log, state, heads, kv_heads, eps, dt_bias=None):
     d = q.shape[-1] // heads
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[0], heads, d, d, dtype=torch.float32, device=q.device))
@@ -348,7 +355,7 @@ def _(q, k, v, gate, state, heads, kv_heads, tau, eps):
 @torch.library.custom_op("flashc::ssm_mix_into", mutates_args=("state",))
 def ssm_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
                  state: torch.Tensor, keep: torch.Tensor | None, heads: int, kv_heads: int,
-                 eps: float) -> torch.Tensor:
+                 eps: float, dt_bias: torch.Tensor | None = None) -> torch.Tensor:
     """`ssm_mix` from the state buffer `state` (times `keep`, [B] or [B, 1, 1, 1]: 0 restarts a
     sequence from a zero state, 1 continues it), the new state written back into `state`;
     returns y. What a layer's decode step does around `ssm_mix` (passes/ssm/layer.py: the
@@ -356,13 +363,13 @@ def ssm_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Te
     (backends/cuda_rewrites.py: FuseStateWrites) writes it so that the state is read and
     written once a step, by the mixing kernel, instead of three times."""
     start = state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
-    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, start, heads, kv_heads, eps)
+    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, start, heads, kv_heads, eps, dt_bias)
     state.copy_(new_state)
     return y
 
 
 @ssm_mix_into.register_fake
-def _(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps):
+def _(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps, dt_bias=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

@@ -31,6 +31,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from flashc.ssm_ops import ssm_mix_reference
 
@@ -82,9 +83,11 @@ class SSMAttention(nn.Module):
         """(normalized y [B, T, heads * d], the state after the tokens): flashc.ssm_mix's grouped
         heads, decay, scan and per-head norm, one op (one kernel a decode step on the CUDA
         target); training differentiates its reference."""
-        dt = self.dt_proj(hidden_states)  # [B, T, H], before softplus
+        # [B, T, H] before softplus; the bias added inside the op, so that the projection (no bias) merges
+        # with q, k and v into one matmul (passes/merge.py merges linears with a bias and without apart)
+        dt = F.linear(hidden_states, self.dt_proj.weight)
         mix = ssm_mix_reference if torch.is_grad_enabled() else torch.ops.flashc.ssm_mix
-        return mix(q, k, v, dt, self.A_log, state, self.heads, self.kv_heads, NORM_EPS)
+        return mix(q, k, v, dt, self.A_log, state, self.heads, self.kv_heads, NORM_EPS, self.dt_proj.bias)
 
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """The recurrent state a decode step carries for this layer: [B, H, d, d], fp32."""

@@ -50,10 +50,13 @@ def variants():
                {"P": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
                dict(HAS_BIAS=True, HAS_RES=res, ACT=act, BLOCK=1024, PDL=True))
     mix_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DT": "*bf16", "A_LOG": "*fp32", "S_IN": "*fp32",
-                "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16"}
-    for fn, keep, block in itertools.product((triton_ssm._ssm_mix_step_kernel, triton_gla._gla_mix_step_kernel),
-                                             [True, False], [64, 128]):
-        yield f"{fn.__name__} keep={keep} d={block}", fn, mix_ptrs, dict(BLOCK=block, HAS_KEEP=keep, PDL=True)
+                "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16", "DT_BIAS": "*bf16"}
+    for keep, bias, block in itertools.product([True, False], [True, False], [64, 128]):
+        yield (f"ssm mix step keep={keep} dt_bias={bias} d={block}", triton_ssm._ssm_mix_step_kernel, mix_ptrs,
+               dict(BLOCK=block, HAS_KEEP=keep, HAS_DT_BIAS=bias, PDL=True))
+    for keep, block in itertools.product([True, False], [64, 128]):
+        yield (f"gla mix step keep={keep} d={block}", triton_gla._gla_mix_step_kernel, mix_ptrs,
+               dict(BLOCK=block, HAS_KEEP=keep, PDL=True))
     for threshold in (True, False):
         yield (f"moe gemm swiglu threshold={threshold}", triton_moe._moe_gemm_kernel,
                {"A": "*bf16", "W": "*bf16", "OUT": "*bf16", "ROWS": "*i32", "BLOCK_EXPERT": "*i32",

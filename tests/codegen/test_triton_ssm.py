@@ -172,13 +172,18 @@ MIX_SHAPES = [(4, 2, 32), (3, 3, 64)]
 @pytest.mark.parametrize("shape", MIX_SHAPES, ids=lambda s: "H{}KV{}d{}".format(*s))
 @pytest.mark.parametrize("T", [1, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_mix_matches_reference(device, dtype, T, shape):
-    """T = 1: the one-kernel decode step; T = 70: the chunked kernel over grouped heads, a partial chunk."""
+@pytest.mark.parametrize("dt_bias", [False, True], ids=["no_dt_bias", "dt_bias"])
+def test_mix_matches_reference(device, dtype, T, shape, dt_bias):
+    """T = 1: the one-kernel decode step; T = 70: the chunked kernel over grouped heads, a partial chunk;
+    the dt projection's bias added by the op (the projection then merges with q, k and v)."""
     heads, kv_heads, d = shape
     q, k, v, dt, A_log, state = mix_inputs(2, T, heads, kv_heads, d, dtype, device)
+    bias = (torch.randn(heads) - 1).to(dtype).to(device) if dt_bias else None
     assert q.stride(1) > heads * d and v.stride(1) > kv_heads * d  # slices of the merged projection's rows
-    y, new_state = ts.ssm_mix_triton(q, k, v, dt, A_log, state, heads, kv_heads, 1e-6)
-    y_ref, state_ref = mix_reference(q, k, v, dt, A_log, state, heads, kv_heads)
+    y, new_state = ts.ssm_mix_triton(q, k, v, dt, A_log, state, heads, kv_heads, 1e-6, bias)
+    y_ref, state_ref = torch.ops.flashc.ssm_mix(q, k, v, dt, A_log, state, heads, kv_heads, 1e-6, bias)
+    if dt_bias:  # the bias matters: without it the decays differ
+        assert rel_err(mix_reference(q, k, v, dt, A_log, state, heads, kv_heads)[1], state_ref) > 3 * TOL[dtype]
     assert y.shape == (2, T, heads * d) and y.dtype == dtype
     assert new_state.shape == (2, heads, d, d) and new_state.dtype == torch.float32
     assert rel_err(y, y_ref) < TOL[dtype]
