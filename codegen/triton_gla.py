@@ -54,7 +54,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_ssm import MIX_DECODE_CONFIGS, _dot_mode
+from .triton_ssm import MIX_DECODE_CONFIGS, _dot_mode, checked_keep
 
 if HAS_TRITON:
     from .triton_ssm import _dot
@@ -376,12 +376,7 @@ def gla_mix_into_triton(q, k, v, gate, state, keep, heads, kv_heads, tau, eps) -
     """``flashc.gla_mix_into`` on Triton: ``gla_mix`` from ``state * keep`` with the new state
     written into ``state``; returns y (T = 1: one pass over the state, as ``ssm_mix_into_triton``)."""
     fn = "gla_mix_into_triton"
-    if keep is not None:
-        check_tensor(fn, "keep", keep)
-        if keep.numel() != state.shape[0] or keep.device != state.device:
-            raise ValueError(f"{fn}: keep must hold one factor a sequence ({state.shape[0]}) on {state.device}, "
-                             f"got {tuple(keep.shape)} on {keep.device}")
-        keep = keep.reshape(-1)
+    keep = checked_keep(fn, keep, state)
     if q.shape[1] == 1 and state.is_contiguous():
         require_triton(fn)
         d = check_gla_mix(fn, q, k, v, gate, state, heads, kv_heads, tau)

@@ -517,18 +517,24 @@ def ssm_mix_triton(
     return head_rms_norm(y_heads, eps, q.dtype).view(B, T, heads * d), state_out
 
 
+def checked_keep(fn: str, keep: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor | None:
+    """A mix_into op's keep factors ([B] or [B, 1, 1, 1], one a sequence of state) as [B]; None stays None."""
+    if keep is None:
+        return None
+    check_tensor(fn, "keep", keep)
+    if keep.numel() != state.shape[0] or keep.device != state.device:
+        raise ValueError(f"{fn}: keep must hold one factor a sequence ({state.shape[0]}) on {state.device}, "
+                         f"got {tuple(keep.shape)} on {keep.device}")
+    return keep.reshape(-1)
+
+
 def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps, dt_bias=None) -> torch.Tensor:
     """``flashc.ssm_mix_into`` on Triton: ``ssm_mix`` from ``state * keep`` with the new state
     written into ``state``; returns y. T = 1: the decode kernel reads each state tile, scales it by
     its sequence's ``keep`` ([B] or [B, 1, 1, 1]) and writes it back in place: one pass over the
     state. T > 1: the scaled start state in torch, the chunked scan writing ``state``."""
     fn = "ssm_mix_into_triton"
-    if keep is not None:
-        check_tensor(fn, "keep", keep)
-        if keep.numel() != state.shape[0] or keep.device != state.device:
-            raise ValueError(f"{fn}: keep must hold one factor a sequence ({state.shape[0]}) on {state.device}, "
-                             f"got {tuple(keep.shape)} on {keep.device}")
-        keep = keep.reshape(-1)
+    keep = checked_keep(fn, keep, state)
     if q.shape[1] == 1 and state.is_contiguous():
         require_triton(fn)
         d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads, dt_bias)
