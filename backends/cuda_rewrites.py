@@ -114,10 +114,18 @@ class FuseSparseMatmuls:
         self.max_rows = max_rows
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        before = set(program.params)
         done, skipped = fuse_sparse_matmuls(program, self.max_rows)
         details = [{"layer": node, "op": "aten.linear", "status": "dense", "note": why} for node, why in skipped]
-        return PassResult(done > 0, {"matmuls_to_sparse_gemv": done, "sparse_kept_dense": len(skipped)},
-                          details=details)
+        # the transposed copies are new memory: the model the user compiled still holds its own weights
+        copies = [program.params[name] for name in set(program.params) - before]
+        copy_mb = sum(t.numel() * t.element_size() for t in copies) / 2**20
+        if copies:
+            details.append({"layer": "-", "op": "flashc.sparse_gemv", "status": "memory",
+                            "note": f"{len(copies)} weights stored transposed for the sparse GEMVs: {copy_mb:,.1f} MiB "
+                                    "beside the compiled model's own weights"})
+        return PassResult(done > 0, {"matmuls_to_sparse_gemv": done, "sparse_kept_dense": len(skipped),
+                                     "transposed_weight_mib": round(copy_mb, 1)}, details=details)
 
 
 ROPES = {torch.ops.flashc.rotary.default: False, torch.ops.flashc.rotary_interleaved.default: True}  # -> interleaved

@@ -63,6 +63,9 @@ def test_pruned_decode_linears_become_sparse_gemv_and_keep_the_numbers(pruned_de
     assert len(linears) == 4 * model.config.num_hidden_layers  # qkv, o, gate|up, down per layer
     lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
     assert record.stats["matmuls_to_sparse_gemv"] == len(linears) and record.stats["sparse_kept_dense"] == 0
+    copied = sum(program.params[linear.args[1].name].numel() * 4 for linear in linears) / 2**20  # fp32, each once
+    assert record.stats["transposed_weight_mib"] == round(copied, 1)
+    assert "stored transposed for the sparse GEMVs" in record.details[-1]["note"]
     calls = [n for n in lowered.op_nodes() if n.target is SPARSE_GEMV]
     ops = [op_name(n) for n in lowered.op_nodes()]
     assert len(calls) == len(linears) and "flashc.sparsify" not in ops
@@ -126,7 +129,8 @@ def test_a_weight_written_in_place_is_not_rewritten():
     program = capture(WritesItsWeight(), (torch.randn(2, 16),))
     assert len(sparsified_linears(program)) == 2
     lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
-    assert record.stats == {"matmuls_to_sparse_gemv": 1, "sparse_kept_dense": 1}
+    assert record.stats == {"matmuls_to_sparse_gemv": 1, "sparse_kept_dense": 1,
+                            "transposed_weight_mib": round(12 * 16 * 4 / 2**20, 1)}
     assert "writes the weight in place" in record.details[0]["note"]
     kept = sparsified_linears(lowered)
     assert len(kept) == 1 and kept[0].args[1].name.endswith("w")
