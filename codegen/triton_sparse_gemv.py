@@ -211,7 +211,7 @@ if HAS_TRITON:
             for i in range(0, count, BLOCK_K):
                 j = i + offs_k
                 j_ok = j < count
-                kk = tl.load(slot + j, mask=j_ok, other=0)
+                kk = tl.load(slot + j, mask=j_ok, other=0, cache_modifier=".cg")  # L2: written by this program
                 x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & j_ok[None, :],
                             other=0.0)
                 if HAS_NORM:
