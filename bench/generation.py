@@ -64,6 +64,34 @@ def _median_time(fn, device: str, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _replay_note(answers: dict, round_log: list[dict], k: int) -> str | None:
+    """What the same policy gives on this run's plain answers with zero host work, from the run's own step
+    times (bench/speculate_replay.py): the measured ngram rows against it separate the code's efficiency
+    from how repetitive this run's answers happened to be (bf16 near-ties change them between runs)."""
+    from speculate_replay import replay  # bench/ is this script's directory
+
+    rows = [r for r in round_log if r["variant"] == "flashc ngram (adaptive)" and r["plain_step_s"]
+            and r["verify_step_s"]]
+    if not rows:
+        return None
+    plain_s = statistics.median(r["plain_step_s"] for r in rows)
+    ratio = statistics.median(r["verify_step_s"] / r["plain_step_s"] for r in rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replay script runs: the stand-ins' ops in one thread
+    try:
+        got = replay(answers, k, plain_s * 1e6, ratio)
+    finally:
+        torch.set_num_threads(threads)
+    parts = []
+    for kind in ("passage", "open-ended"):
+        secs, toks, _ = got[(kind, "plain")]
+        base = toks / secs
+        parts.append(f"{kind} " + " / ".join(f"{(t / s) / base:.2f}x" for s, t, _ in
+                                              (got[(kind, "ngram (adaptive)")], got[(kind, "ngram (k fixed)")])))
+    return (f"replay of this run's plain answers (bench/speculate_replay.py; plain step {plain_s * 1e6:.0f} us, "
+            f"verify {ratio:.2f} plain steps, no host work), adaptive / every plan: " + "; ".join(parts))
+
+
 def _write(out: Path, title: str, header: list[str], rows: list[list], notes: list[str]) -> None:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -296,6 +324,7 @@ def bench_speculate(args, device: str) -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "smollm2_answers.json").write_text(json.dumps(answers))
         (Path(args.out) / "speculation_rounds.json").write_text(json.dumps(round_log))
+    replay_note = _replay_note(answers, round_log, k) if batch == 1 and args.temperature == 0 else None
     _write(Path(args.out), f"speculative decoding, smollm2-135m, batch {batch}, {args.new_tokens} new tokens, "
            f"{args.target} ({_device_name(device)})", ["prompts", "variant", "tokens/s", "x flashc plain",
                                                        "drafts kept", "tokens a call", "verify / plain step",
@@ -308,7 +337,7 @@ def bench_speculate(args, device: str) -> None:
             + "; `output = flashc plain` compares token ids",
             "tokens a call: new tokens over the target's calls after the prefill (plain decoding: 1); verify / plain "
             "step: the generation loop's own measured step times (median over prompts), what a round costs against a "
-            "plain token"])
+            "plain token"] + ([replay_note] if replay_note else []))
 
 
 def bench_early_exit(args, device: str) -> None:
