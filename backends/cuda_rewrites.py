@@ -8,6 +8,9 @@ have reference implementations, so the rewritten graph runs and is checked on th
 
 * `FuseKvWrites`: rotary of the new queries and keys plus the key and value cache
   writes -> one `rotary_qkv_write` (or `rotary_kv_write`).
+* `FuseStateWrites`: a state-space layer's state reset, mixing (`ssm_mix` / `gla_mix`) and
+  copy of the new state into its buffer -> one `ssm_mix_into` / `gla_mix_into` that writes
+  the buffer in place (one pass over the state a decode step instead of three).
 * `FuseSparseMatmuls`: a linear of at most a few rows whose input is `flashc.sparsify`d
   (online activation sparsity) -> one `sparse_gemv` reading a transposed copy of the
   weight, stored in the program, that skips the weight rows of the zeroed inputs. It runs
