@@ -208,6 +208,17 @@ if HAS_TRITON:
                       stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
 
     @triton.jit
+    def gated(g, up, ACT: tl.constexpr):
+        """act(g) * up in fp32 (ACT 1: silu, 2: gelu_tanh; 0: g unchanged), the gated activations of the
+        GEMV epilogues (this module's, triton_gemv_wq's, triton_sparse_gemv's split sum)."""
+        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
+            g = g / (1.0 + tl.exp(tl.minimum(-g, 80.0))) * up
+        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+            z = 1.5957691216057308 * (g + 0.044715 * g * g * g)
+            g = g / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        return g
+
+    @triton.jit
     def gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_bias, R, Y, offs_m, offs_n, m_ok, n_ok,
                       stride_rm, stride_ym,
                       HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
@@ -223,18 +234,14 @@ if HAS_TRITON:
             out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if ACT != 0:
                 up += tl.load(BIAS + up_bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
-            out = out / (1.0 + tl.exp(tl.minimum(-out, 80.0))) * up
-        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
-            z = 1.5957691216057308 * (out + 0.044715 * out * out * out)
-            out = out / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        out = gated(out, up, ACT)
         mask = m_ok[:, None] & n_ok[None, :]
         if HAS_RES:
             out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
 
-    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue)
-    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue)
+    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue, gated)
+    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue, gated)
 
 
 # ---------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def reference_gemv_wq(x, qweight, scales, zero_points, bits, bias=None, input_sc
 
 
 if HAS_TRITON:
-    from .triton_gemv import gemv_epilogue  # the folds after the product, shared with the bf16 GEMV
+    from .triton_gemv import gated, gemv_epilogue  # the folds after the product, shared with the bf16 GEMV
 
     _X_EXP = tl.constexpr(X_EXP)
 
@@ -428,9 +428,9 @@ if HAS_TRITON:
                  mask=ok[:, :, None, None])
 
     tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code, gemv_epilogue)
+                                    _dequantized_code, gemv_epilogue, gated)
     tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code, gemv_epilogue)
+                                    _dequantized_code, gemv_epilogue, gated)
 
 
 # ---------------------------------------------------------------------------

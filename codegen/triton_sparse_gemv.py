@@ -126,11 +126,26 @@ def reference_sparse_gemv(x, threshold, weight_t, bias=None, norm_weight=None, e
 
 
 if HAS_TRITON:
+    from .triton_gemv import gated  # the GEMV epilogues' gated activations
 
     @triton.jit
     def _normed(x, g, rstd):
         """x RMSNormed as flashc.rms_norm rounds it: (x * rstd) in x's dtype, times g, in x's dtype."""
         return ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * g.to(tl.float32)).to(x.dtype)
+
+    @triton.jit
+    def _kept_inputs(X, T, G, kk, k_ok, offs_m, m_ok, stride_xm, t, rstd,
+                     PER_FEATURE: tl.constexpr, HAS_NORM: tl.constexpr):
+        """(x[:, kk] as the op sees it, RMSNormed under HAS_NORM, with |x| <= t zeroed; the keep mask). Lanes
+        off k_ok are never kept (x there is 0, but a negative threshold keeps zeros). PER_FEATURE: t is
+        loaded here, T[kk]; else it is the 0-d threshold the caller loaded."""
+        x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_NORM:
+            x = _normed(x, tl.load(G + kk, mask=k_ok, other=0.0)[None, :], rstd)
+        if PER_FEATURE:
+            t = tl.load(T + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        keep = (tl.abs(x.to(tl.float32)) > t) & m_ok[:, None] & k_ok[None, :]
+        return tl.where(keep, x, tl.zeros_like(x)), keep
 
     @triton.jit
     def _sparse_gemv_kernel(
@@ -176,7 +191,9 @@ if HAS_TRITON:
         n_ok = offs_n < N
         k_start = pid_k * k_per_split
         k_end = tl.minimum(K, k_start + k_per_split)
-        if not PER_FEATURE:
+        if PER_FEATURE:
+            t = 0.0  # _kept_inputs loads each feature's
+        else:
             t = tl.load(T).to(tl.float32)
         rstd = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
         if HAS_NORM:  # the rows' rstd, as flashc.rms_norm: rsqrt(mean(x^2) + eps) in fp32
@@ -195,15 +212,8 @@ if HAS_TRITON:
             # the kept features of this K range, listed in order: the loop below reads only them
             kr = k_start + tl.arange(0, RANGE)
             r_ok = kr < k_end
-            xr = tl.load(X + offs_m[:, None] * stride_xm + kr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                         other=0.0)
-            if HAS_NORM:
-                xr = _normed(xr, tl.load(G + kr, mask=r_ok, other=0.0)[None, :], rstd)
-            if PER_FEATURE:
-                tr = tl.load(T + kr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-            else:
-                tr = t
-            used = tl.max(((tl.abs(xr.to(tl.float32)) > tr) & m_ok[:, None] & r_ok[None, :]).to(tl.int32), axis=0)
+            xr, kept = _kept_inputs(X, T, G, kr, r_ok, offs_m, m_ok, stride_xm, t, rstd, PER_FEATURE, HAS_NORM)
+            used = tl.max(kept.to(tl.int32), axis=0)
             count = tl.sum(used, axis=0)
             slot = S + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * RANGE
             tl.store(slot + tl.cumsum(used, axis=0) - 1, kr, mask=used > 0)
@@ -212,14 +222,8 @@ if HAS_TRITON:
                 j = i + offs_k
                 j_ok = j < count
                 kk = tl.load(slot + j, mask=j_ok, other=0, cache_modifier=".cg")  # L2: written by this program
-                x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & j_ok[None, :],
-                            other=0.0)
-                if HAS_NORM:
-                    x = _normed(x, tl.load(G + kk, mask=j_ok, other=0.0)[None, :], rstd)
-                if PER_FEATURE:
-                    t = tl.load(T + kk, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-                keep = (tl.abs(x.to(tl.float32)) > t) & m_ok[:, None] & j_ok[None, :]
-                x = tl.where(keep, x, tl.zeros_like(x))
+                # listed features are kept by some row: each row's own threshold test still applies
+                x, keep = _kept_inputs(X, T, G, kk, j_ok, offs_m, m_ok, stride_xm, t, rstd, PER_FEATURE, HAS_NORM)
                 w_ptrs = W + kk.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
                 if EVEN_N:
                     w = tl.load(w_ptrs, mask=j_ok[:, None], other=0.0)
@@ -230,15 +234,7 @@ if HAS_TRITON:
             for k0 in range(k_start, k_end, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < k_end
-                x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                if HAS_NORM:
-                    x = _normed(x, tl.load(G + kk, mask=k_ok, other=0.0)[None, :], rstd)
-                if PER_FEATURE:
-                    t = tl.load(T + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                # padding lanes are never kept (x there is 0, but a negative threshold keeps zeros)
-                keep = (tl.abs(x.to(tl.float32)) > t) & m_ok[:, None] & k_ok[None, :]
-                x = tl.where(keep, x, tl.zeros_like(x))
+                x, keep = _kept_inputs(X, T, G, kk, k_ok, offs_m, m_ok, stride_xm, t, rstd, PER_FEATURE, HAS_NORM)
                 # a weight row is read when some row keeps its feature; predicated-off lanes issue no load
                 row_used = tl.max(keep.to(tl.int32), axis=0) > 0
                 w_ptrs = W + kk.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
@@ -294,17 +290,14 @@ if HAS_TRITON:
             acc += tl.load(BIAS + j, mask=ok, other=0.0).to(tl.float32)
             if ACT != 0:
                 up += tl.load(BIAS + F + j, mask=ok, other=0.0).to(tl.float32)
-        if ACT == 1:  # silu(g) = g * sigmoid(g); the exponent is capped so exp never overflows
-            acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0))) * up
-        elif ACT == 2:  # gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
-            z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-            acc = acc / (1.0 + tl.exp(tl.minimum(-z, 80.0))) * up
+        acc = gated(acc, up, ACT)
         if HAS_RES:
             acc += tl.load(R + m * stride_rm + j, mask=ok, other=0.0).to(tl.float32)
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
-    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _sum_splits_kernel)
-    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _sum_splits_kernel)
+    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _kept_inputs, _normed, _sum_splits_kernel, gated)
+    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _kept_inputs, _normed, _sum_splits_kernel,
+                                  gated)
 
 SUM_BLOCK = 1024  # outputs a program of _sum_splits_kernel adds up
 NO_FOLDS = (None, 1e-6, None, None)  # (norm_weight, eps, residual, glu): nothing folded in

@@ -1,6 +1,6 @@
-"""Compile flashc's interpreter-only kernel variants for sm_90 without a GPU; run by
-tests/codegen/test_compile_sm90.py in a process without TRITON_INTERPRET. Prints one line a variant,
-exits 1 if any failed."""
+"""Compile flashc's interpreter-only kernel variants (and the dense GEMV, whose epilogue they share) for
+sm_90 without a GPU; run by tests/codegen/test_compile_sm90.py in a process without TRITON_INTERPRET.
+Prints one line a variant, exits 1 if any failed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flashc.codegen import triton_gla, triton_moe, triton_sparse_gemv, triton_ssm
+from flashc.codegen import triton_gemv, triton_gla, triton_moe, triton_sparse_gemv, triton_ssm
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "k_scale", "inv_tau"}
@@ -49,6 +49,12 @@ def variants():
         yield (f"sparse_gemv sum act={act} residual={res}", triton_sparse_gemv._sum_splits_kernel,
                {"P": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
                dict(HAS_BIAS=True, HAS_RES=res, ACT=act, BLOCK=1024, PDL=True))
+    for act, mode in itertools.product([0, 1, 2], ["elementwise", "dot", "rowloop"]):  # the shared epilogue
+        yield (f"gemv act={act} {mode}", triton_gemv._gemv_kernel,
+               {"X": "*bf16", "W": "*bf16", "BIAS": "*bf16", "G": "*bf16", "R": "*bf16", "Y": "*bf16"},
+               dict(HAS_BIAS=True, HAS_NORM=True, HAS_RES=act == 0, ACT=act, DOT=mode == "dot",
+                    ROWLOOP=mode == "rowloop", IEEE=False, EVEN=True, BLOCK_M=16 if mode == "dot" else 4,
+                    BLOCK_N=64, BLOCK_K=128, PDL=True))
     mix_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DT": "*bf16", "A_LOG": "*fp32", "S_IN": "*fp32",
                 "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16", "DT_BIAS": "*bf16"}
     for keep, bias, block in itertools.product([True, False], [True, False], [64, 128]):
