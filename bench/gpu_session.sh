@@ -134,7 +134,7 @@ case "${1:-verify}" in
     step sparse24 60 python3 bench/sparse24_shapes.py --out "$OUT"
     ;;
   ssm-profile)
-    step gla_tests 90 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gla.py"
+    step gla_tests 150 bash -c "cd /tmp && python3 -m pytest -q -x -p no:cacheprovider $PWD/tests/codegen/test_triton_gla.py $PWD/tests/codegen/test_triton_gemv.py"
     step ssm_profile 330 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --kind mamba2 gla --profile
     ;;
   int4)

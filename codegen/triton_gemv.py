@@ -38,6 +38,10 @@ A ``ROWWISE`` config runs each row as the one-row product of the same shape runs
 program column a row, one launch): a verify step's few rows then equal, bit for bit, what the decode
 step computes for each, and a tile spreads over rows x N / BLOCK_N programs instead of N / BLOCK_N
 (the weights are read once a row, the repeats mostly from L2).
+A ``SPLIT_K`` config divides K into ranges of whole ``BLOCK_K`` blocks, one program column each: with few
+programs over N (a 2048-wide output in 64-column DOT tiles is 32 programs) the weight stream lacks the loads in
+flight to fill HBM. Each range stores fp32 partial products (and its rows' partial sums of squares for the
+norm); ``sum_splits_kernel`` adds them in range order and applies the folds (the sparse GEMV's split sum too).
 Autotuning includes the unfused library path (the norm kernel, cuBLAS, the
 activation kernel) as a candidate, so the fused kernel runs only where it measured
 faster.
@@ -91,8 +95,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        X, W, BIAS, G, R, Y,
-        M, N, K, up_offset,
+        X, W, BIAS, G, R, Y, P, S,
+        M, N, K, up_offset, per_split,
         stride_xm, stride_wn, stride_rm, stride_ym,
         eps,
         HAS_BIAS: tl.constexpr,
@@ -103,21 +107,28 @@ if HAS_TRITON:
         ROWLOOP: tl.constexpr,
         IEEE: tl.constexpr,
         EVEN: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X (last dims contiguous): all
-        rows with a grid of one column, or one row a column (M = 1) for ROWWISE launches.
+        """Program (n, r, s): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X (last dims contiguous):
+        all rows with a grid of one column, or one row a column (M = 1) for ROWWISE launches.
 
         ACT != 0: W rows ``up_offset // stride_wn`` further down are the up projection;
         the program accumulates both and writes act(gate) * up.
+        SPLIT: program s takes K from s * per_split (a multiple of BLOCK_K) on and stores its fp32 partial
+        products in P[s, M, N or 2N] (up columns after the gate ones) and, HAS_NORM and n == 0, its rows'
+        partial sums of squares in S[s, M]; sum_splits_kernel then adds the splits and applies the epilogue.
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
+        pid_k = tl.program_id(2)
+        k_lo = pid_k * per_split
+        k_hi = tl.minimum(K, k_lo + per_split)
         X += row * stride_xm
         R += row * stride_rm
         Y += row * stride_ym
@@ -126,9 +137,9 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-        g_ptrs = G + offs_k
+        x_ptrs = X + offs_m[:, None] * stride_xm + k_lo + offs_k[None, :]
+        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + k_lo + offs_k[None, :]
+        g_ptrs = G + k_lo + offs_k
         if DOT:  # y^T = W x^T: the weight tile is the MMA's wide operand, the few rows its narrow one
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -139,14 +150,14 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN:
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 w = tl.load(w_ptrs)
                 if ACT != 0:
                     w_up = tl.load(w_ptrs + up_offset)
             else:
-                k_ok = offs_k < K - k0
+                k_ok = offs_k < k_hi - k0
                 x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w_mask = n_ok[:, None] & k_ok[None, :]
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -158,7 +169,7 @@ if HAS_TRITON:
                 if EVEN:
                     g = tl.load(g_ptrs).to(tl.float32)
                 else:
-                    g = tl.load(g_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
+                    g = tl.load(g_ptrs, mask=offs_k < k_hi - k0, other=0.0).to(tl.float32)
                 x = (xf * g[None, :]).to(W.dtype.element_ty)
             if DOT:
                 xt = tl.trans(x)
@@ -176,7 +187,7 @@ if HAS_TRITON:
                     wf_up = w_up.to(tl.float32)
                 for m in tl.static_range(BLOCK_M):  # row m read again (from L1), normalised as x was
                     row_ok = tl.full([BLOCK_K], m, tl.int32) < M
-                    xm = tl.load(X + m * stride_xm + k0 + offs_k, mask=(offs_k < K - k0) & row_ok, other=0.0)
+                    xm = tl.load(X + m * stride_xm + k0 + offs_k, mask=(offs_k < k_hi - k0) & row_ok, other=0.0)
                     if HAS_NORM:
                         xm = (xm.to(tl.float32) * g).to(W.dtype.element_ty)
                     xm = xm.to(tl.float32)
@@ -204,8 +215,57 @@ if HAS_TRITON:
         else:
             out = tl.sum(acc, axis=2)
             up = tl.sum(acc_up, axis=2)
-        gemv_epilogue(out, up, tl.sum(sq, axis=1), K, eps, BIAS, N, R, Y, offs_m, offs_n, m_ok, n_ok,
-                      stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
+        if SPLIT:  # fp32 partials; the epilogue waits for the sum over splits
+            width = N * 2 if ACT != 0 else N
+            part = P + pid_k.to(tl.int64) * M * width + offs_m[:, None] * width + offs_n[None, :]
+            mask = m_ok[:, None] & n_ok[None, :]
+            tl.store(part, out, mask=mask)
+            if ACT != 0:
+                tl.store(part + N, up, mask=mask)
+            if HAS_NORM:
+                if pid == 0:  # every column's programs summed the same squares: one writes them
+                    tl.store(S + pid_k * M + offs_m, tl.sum(sq, axis=1), mask=m_ok)
+        else:
+            gemv_epilogue(out, up, tl.sum(sq, axis=1), K, eps, BIAS, N, R, Y, offs_m, offs_n, m_ok, n_ok,
+                          stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
+
+    @triton.jit
+    def sum_splits_kernel(P, S, BIAS, R, Y, M, N, F, K, splits, stride_rm, eps,
+                          HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Y[m, j] for the M x F outputs of a split-K product (this module's and triton_sparse_gemv's): the
+        sum over s of P[s, m, j] (in split order), times HAS_NORM's rstd of row m (from the sum over s of
+        S[s, m], the rows' partial sums of squares over K), + bias[j]; ACT != 0 (F = N / 2): act(that) *
+        (the same for column F + j), 1 silu, 2 gelu_tanh; then HAS_RES: + R[m, j]; in Y's dtype."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < M * F
+        m = offs // F
+        j = offs % F
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        up = tl.zeros([BLOCK], dtype=tl.float32)
+        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, splits):
+            acc += tl.load(P + s * M * N + m * N + j, mask=ok, other=0.0)
+            if ACT != 0:
+                up += tl.load(P + s * M * N + m * N + F + j, mask=ok, other=0.0)
+            if HAS_NORM:
+                sq += tl.load(S + s * M + m, mask=ok, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_NORM:
+            rstd = tl.math.rsqrt(sq / K + eps)
+            acc = acc * rstd
+            up = up * rstd
+        if HAS_BIAS:
+            acc += tl.load(BIAS + j, mask=ok, other=0.0).to(tl.float32)
+            if ACT != 0:
+                up += tl.load(BIAS + F + j, mask=ok, other=0.0).to(tl.float32)
+        acc = gated(acc, up, ACT)
+        if HAS_RES:
+            acc += tl.load(R + m * stride_rm + j, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
     def gated(g, up, ACT: tl.constexpr):
@@ -240,8 +300,10 @@ if HAS_TRITON:
             out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
 
-    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue, gated)
-    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue, gated)
+    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue, gated, sum_splits_kernel)
+    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue, gated, sum_splits_kernel)
+
+SUM_BLOCK = 1024  # outputs a program of sum_splits_kernel adds up
 
 
 # ---------------------------------------------------------------------------
@@ -354,10 +416,23 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     elif M > ELEMENTWISE_ROWS and not rowwise and not rowloop:
         raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
+    split_k = max(1, int(config.get("SPLIT_K", 1)))
+    if split_k > 1 and (rowwise or rowloop):
+        raise ValueError(f"gemv: config {config}: SPLIT_K is for DOT and elementwise tiles, not ROWWISE or ROWLOOP")
+    blocks = triton.cdiv(K, block_k)
+    per_split = triton.cdiv(blocks, min(split_k, blocks)) * block_k if K else block_k
+    splits = triton.cdiv(K, per_split) if K else 1  # no split is left empty
+    split = splits > 1
+    width = n_out * 2 if glu else n_out
+    partials = torch.empty((splits, M, width) if split else (1,), dtype=torch.float32, device=x.device)
+    sums = torch.empty((splits, M) if split and norm_weight is not None else (1,), dtype=torch.float32,
+                       device=x.device)
+    pdl_launch = {"launch_pdl": True} if pdl else {}
     with device_guard(x.device):
-        _gemv_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1)](
+        _gemv_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1, splits)](
             x2, w2, bias if bias is not None else w2, norm_weight if norm_weight is not None else w2, r2, y,
-            1 if rowwise else M, n_out, K, n_out * w2.stride(0),
+            partials, sums,
+            1 if rowwise else M, n_out, K, n_out * w2.stride(0), per_split,
             x2.stride(0), w2.stride(0), r2.stride(0), n_out,
             float(eps),
             HAS_BIAS=bias is not None,
@@ -368,13 +443,20 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             ROWLOOP=rowloop,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % block_k == 0,
+            SPLIT=split,
             BLOCK_M=MAX_ROWS if dot else 1 if rowwise else next_pow2(M),
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             PDL=pdl,
-            **({"launch_pdl": True} if pdl else {}),
+            **pdl_launch,
             **launch_opts(config),
         )
+        if split:
+            sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
+                partials, sums, bias if bias is not None else w2, r2, y, M, width, n_out, K, splits,
+                r2.stride(0), float(eps),
+                HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                ACT=_ACTS[glu], BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4, **pdl_launch)
     return y
 
 

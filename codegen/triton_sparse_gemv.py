@@ -33,7 +33,7 @@ The kernel, for ``M`` rows (at most ``MAX_ROWS``; leading dimensions are flatten
   reduced over K once after the loop (up to ``ELEMENTWISE_ROWS`` rows), or ``tl.dot`` with
   the rows padded to 16 (``DOT`` configs, IEEE fp32 for fp32 inputs);
 * the K ranges are combined by a second, tiny kernel: each split writes its fp32 partial
-  sums ``[SPLIT_K, M, N]``, and ``_sum_splits_kernel`` adds them in split order, adds the
+  sums ``[SPLIT_K, M, N]``, and ``triton_gemv.sum_splits_kernel`` adds them in split order, adds the
   bias once and casts. Not fp32 atomics into a zeroed buffer (TEAL's choice): those need a
   memset and the cast as launches too, and their order of additions changes from run to
   run; the partials (``SPLIT_K * M * N * 4`` bytes, 128 KiB for a 2048-wide output at
@@ -68,7 +68,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS
+from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, SUM_BLOCK
 
 __all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv", "sparse_gemv", "tune_sparse_gemv"]
 
@@ -126,7 +126,7 @@ def reference_sparse_gemv(x, threshold, weight_t, bias=None, norm_weight=None, e
 
 
 if HAS_TRITON:
-    from .triton_gemv import gated  # the GEMV epilogues' gated activations
+    from .triton_gemv import gated, sum_splits_kernel  # the GEMV epilogues' gated activation, split sum
 
     @triton.jit
     def _normed(x, g, rstd):
@@ -174,7 +174,7 @@ if HAS_TRITON:
         HAS_NORM: x is RMSNormed first (weight G): every program computes its rows' rstd over
         all of K (a few KiB from L2), the threshold is compared with the normed value.
         ONE_SPLIT: adds the bias (and HAS_RES: the residual R) and stores Y [M, N] in Y's
-        dtype; else stores the fp32 partial sums at P[s, :M, n*BLOCK_N..] for _sum_splits_kernel.
+        dtype; else stores the fp32 partial sums at P[s, :M, n*BLOCK_N..] for sum_splits_kernel.
         COMPACT: the program first lists the features of its K range (``RANGE``, a power of two
         at least k_per_split) that some row keeps, in order, in its own slot of the scratch S
         (int32 [programs, RANGE]), then loops over that list only: its loop has as many
@@ -265,41 +265,10 @@ if HAS_TRITON:
             part = P + pid_k.to(tl.int64) * M * N
             tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
-    @triton.jit
-    def _sum_splits_kernel(P, BIAS, R, Y, M, N, F, splits, stride_rm,
-                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                           PDL: tl.constexpr):
-        """Y[m, j] for the M x F outputs: the sum over s of P[s, m, j] (in split order) + bias[j];
-        ACT != 0 (F = N / 2): act(that) * (the same for column F + j), 1 silu, 2 gelu_tanh; then
-        HAS_RES: + R[m, j]; in Y's dtype."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < M * F
-        m = offs // F
-        j = offs % F
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        up = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in range(0, splits):
-            acc += tl.load(P + s * M * N + m * N + j, mask=ok, other=0.0)
-            if ACT != 0:
-                up += tl.load(P + s * M * N + m * N + F + j, mask=ok, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        if HAS_BIAS:
-            acc += tl.load(BIAS + j, mask=ok, other=0.0).to(tl.float32)
-            if ACT != 0:
-                up += tl.load(BIAS + F + j, mask=ok, other=0.0).to(tl.float32)
-        acc = gated(acc, up, ACT)
-        if HAS_RES:
-            acc += tl.load(R + m * stride_rm + j, mask=ok, other=0.0).to(tl.float32)
-        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
-
-    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _kept_inputs, _normed, _sum_splits_kernel, gated)
-    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _kept_inputs, _normed, _sum_splits_kernel,
+    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _kept_inputs, _normed, sum_splits_kernel, gated)
+    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _kept_inputs, _normed, sum_splits_kernel,
                                   gated)
 
-SUM_BLOCK = 1024  # outputs a program of _sum_splits_kernel adds up
 NO_FOLDS = (None, 1e-6, None, None)  # (norm_weight, eps, residual, glu): nothing folded in
 
 
@@ -466,11 +435,11 @@ def _launch(x, threshold, weight_t, bias, M, config, folds=NO_FOLDS):
             **launch_opts(config),
         )
         if not one_split:
-            _sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
-                partials, bias if bias is not None else w2, r2 if r2 is not None else w2, out, M, N, n_out, splits,
-                r2.stride(0) if r2 is not None else 0,
-                HAS_BIAS=bias is not None, HAS_RES=r2 is not None, ACT=_ACTS[glu], BLOCK=SUM_BLOCK, PDL=pdl,
-                num_warps=4, **pdl_launch)
+            sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
+                partials, partials, bias if bias is not None else w2, r2 if r2 is not None else w2, out, M, N, n_out,
+                K, splits, r2.stride(0) if r2 is not None else 0, float(eps),
+                HAS_NORM=False, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, ACT=_ACTS[glu], BLOCK=SUM_BLOCK,
+                PDL=pdl, num_warps=4, **pdl_launch)
     return y
 
 

@@ -229,6 +229,13 @@ _GEMV_ROWS = _cfgs(
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "DOT": True},
     {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "DOT": True},
     {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    # DOT tiles over K ranges (SPLIT_K, partials summed by a second kernel): N / BLOCK_N programs alone leave an
+    # H100's 132 SMs with 32-128 programs on 2048-wide outputs (session 18's batch-16 SSM step ran its 16-row
+    # projections on cuBLAS at 1.7x their weight floor); untimed when added
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "DOT": True, "SPLIT_K": 4},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "DOT": True, "SPLIT_K": 8},
+    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "DOT": True, "SPLIT_K": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "DOT": True, "SPLIT_K": 2},
     # one-row tiles (the one-row list's winners on smollm2-135m: 2-4 rows of W, K whole) reading W once for all
     # rows, each multiplied in turn (codegen/triton_gemv.py ROWLOOP); on an H100 they won none of smollm2-135m's
     # 8 verify shapes (best: third, 4.51 us against a DOT tile's 4.30; bench/RESULTS.md session 17), larger untimed

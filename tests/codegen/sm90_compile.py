@@ -45,15 +45,18 @@ def variants():
            dict(PER_FEATURE=False, HAS_NORM=True, HAS_RES=False, NORM_BLOCK=512, COMPACT=False, RANGE=1,
                 HAS_BIAS=False, ONE_SPLIT=False, DOT=True, IEEE=False, EVEN_N=True, BLOCK_M=16, BLOCK_N=64,
                 BLOCK_K=32, PDL=True))
-    for act, res in itertools.product([0, 1, 2], [True, False]):
-        yield (f"sparse_gemv sum act={act} residual={res}", triton_sparse_gemv._sum_splits_kernel,
-               {"P": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
-               dict(HAS_BIAS=True, HAS_RES=res, ACT=act, BLOCK=1024, PDL=True))
-    for act, mode in itertools.product([0, 1, 2], ["elementwise", "dot", "rowloop"]):  # the shared epilogue
-        yield (f"gemv act={act} {mode}", triton_gemv._gemv_kernel,
-               {"X": "*bf16", "W": "*bf16", "BIAS": "*bf16", "G": "*bf16", "R": "*bf16", "Y": "*bf16"},
+    for act, res, norm in itertools.product([0, 1, 2], [True, False], [True, False]):  # gemv's and sparse_gemv's
+        yield (f"gemv split sum act={act} residual={res} norm={norm}", triton_gemv.sum_splits_kernel,
+               {"P": "*fp32", "S": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
+               dict(HAS_NORM=norm, HAS_BIAS=True, HAS_RES=res, ACT=act, BLOCK=1024, PDL=True))
+    for act, mode, split in itertools.product([0, 1, 2], ["elementwise", "dot", "rowloop"], [False, True]):
+        if split and mode == "rowloop":
+            continue
+        yield (f"gemv act={act} {mode} split={split}", triton_gemv._gemv_kernel,
+               {"X": "*bf16", "W": "*bf16", "BIAS": "*bf16", "G": "*bf16", "R": "*bf16", "Y": "*bf16",
+                "P": "*fp32", "S": "*fp32"},
                dict(HAS_BIAS=True, HAS_NORM=True, HAS_RES=act == 0, ACT=act, DOT=mode == "dot",
-                    ROWLOOP=mode == "rowloop", IEEE=False, EVEN=True, BLOCK_M=16 if mode == "dot" else 4,
+                    ROWLOOP=mode == "rowloop", IEEE=False, EVEN=True, SPLIT=split, BLOCK_M=16 if mode == "dot" else 4,
                     BLOCK_N=64, BLOCK_K=128, PDL=True))
     mix_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DT": "*bf16", "A_LOG": "*fp32", "S_IN": "*fp32",
                 "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16", "DT_BIAS": "*bf16"}

@@ -27,6 +27,8 @@ FOLDS = {
 SMALL = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2}
 DOT = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOT": True}
 ROWLOOP = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2, "ROWLOOP": True}
+SPLIT_DOT = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOT": True, "SPLIT_K": 3}
+SPLIT_SMALL = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2, "SPLIT_K": 2}
 
 
 def rel_err(out, ref) -> float:
@@ -85,6 +87,31 @@ def test_rowloop_takes_up_to_sixteen_rows(device, fold):
     assert rel_err(out.cpu(), truth(x, w, kw)) < TOL[torch.float32]
     assert {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "ROWLOOP": True} in \
         tg.tuning.candidates("gemv_rows", "h100")
+
+
+@pytest.mark.parametrize("config", [SPLIT_SMALL, SPLIT_DOT], ids=["elementwise", "dot"])
+@pytest.mark.parametrize("lead,K", [((1,), 128), ((3, 1), 100), ((16,), 70), ((5,), 20)], ids=str)
+@pytest.mark.parametrize("fold", sorted(FOLDS))
+def test_split_k_sums_its_ranges_then_applies_the_folds(device, fold, lead, K, config):
+    """SPLIT_K: K in ranges of whole BLOCK_K blocks (128 -> 2 ranges, 100 -> 2 with a short last one, 70 -> 3, 20
+    -> 1: no empty range), fp32 partials summed by a second kernel that applies the norm's rstd (from the ranges'
+    sums of squares), bias, gated activation and residual."""
+    if config is SPLIT_SMALL and lead[0] > tg.ELEMENTWISE_ROWS:
+        pytest.skip("elementwise tiles take at most 8 rows")
+    x, w, kw = make(device, torch.float32, lead, K, 48, FOLDS[fold])
+    out = tg.gemv(x, w, **kw, config=config)
+    ref = truth(x, w, kw)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out.cpu(), ref) < TOL[torch.float32]
+    if not INTERPRETED:  # bf16 too where tl.dot is computed right
+        xb, wb, kwb = make(device, torch.bfloat16, lead, K, 48, FOLDS[fold])
+        assert rel_err(tg.gemv(xb, wb, **kwb, config=config).cpu(), truth(xb, wb, kwb)) < TOL[torch.bfloat16]
+
+
+def test_split_k_is_not_for_rowwise_or_rowloop(device):
+    x, w = torch.randn(2, 64, device=device), torch.randn(16, 64, device=device)
+    with pytest.raises(ValueError, match="SPLIT_K is for DOT and elementwise"):
+        tg.gemv(x, w, config={**ROWLOOP, "SPLIT_K": 2})
 
 
 def test_sixteen_rows_take_a_dot_config_untuned(device):
