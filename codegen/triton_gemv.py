@@ -216,18 +216,27 @@ if HAS_TRITON:
             out = tl.sum(acc, axis=2)
             up = tl.sum(acc_up, axis=2)
         if SPLIT:  # fp32 partials; the epilogue waits for the sum over splits
-            width = N * 2 if ACT != 0 else N
-            part = P + pid_k.to(tl.int64) * M * width + offs_m[:, None] * width + offs_n[None, :]
-            mask = m_ok[:, None] & n_ok[None, :]
-            tl.store(part, out, mask=mask)
-            if ACT != 0:
-                tl.store(part + N, up, mask=mask)
-            if HAS_NORM:
-                if pid == 0:  # every column's programs summed the same squares: one writes them
-                    tl.store(S + pid_k * M + offs_m, tl.sum(sq, axis=1), mask=m_ok)
+            store_partials(out, up, tl.sum(sq, axis=1), P, S, pid, pid_k, M, N, offs_m, offs_n, m_ok, n_ok,
+                           HAS_NORM, ACT)
         else:
             gemv_epilogue(out, up, tl.sum(sq, axis=1), K, eps, BIAS, N, R, Y, offs_m, offs_n, m_ok, n_ok,
                           stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
+
+    @triton.jit
+    def store_partials(out, up, sq_rows, P, S, pid, pid_k, M, N, offs_m, offs_n, m_ok, n_ok,
+                       HAS_NORM: tl.constexpr, ACT: tl.constexpr):
+        """A split-K program's share (this module's and triton_gemv_wq's): its [BLOCK_M, BLOCK_N] fp32
+        products at P[pid_k, m, n] (ACT != 0: the up products at column N + n of rows 2N wide) and, HAS_NORM,
+        its rows' partial sums of squares at S[pid_k, m] (from the programs of column 0: all sum the same)."""
+        width = N * 2 if ACT != 0 else N
+        part = P + pid_k.to(tl.int64) * M * width + offs_m[:, None] * width + offs_n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        tl.store(part, out, mask=mask)
+        if ACT != 0:
+            tl.store(part + N, up, mask=mask)
+        if HAS_NORM:
+            if pid == 0:
+                tl.store(S + pid_k * M + offs_m, sq_rows, mask=m_ok)
 
     @triton.jit
     def sum_splits_kernel(P, S, BIAS, R, Y, M, N, F, K, splits, stride_rm, eps,
@@ -300,8 +309,9 @@ if HAS_TRITON:
             out += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
 
-    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue, gated, sum_splits_kernel)
-    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue, gated, sum_splits_kernel)
+    tuning.register_kernel_source("gemv", _gemv_kernel, gemv_epilogue, gated, store_partials, sum_splits_kernel)
+    tuning.register_kernel_source("gemv_rows", _gemv_kernel, gemv_epilogue, gated, store_partials,
+                                  sum_splits_kernel)
 
 SUM_BLOCK = 1024  # outputs a program of sum_splits_kernel adds up
 
@@ -416,17 +426,11 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
     elif M > ELEMENTWISE_ROWS and not rowwise and not rowloop:
         raise ValueError(f"gemv: config {config} multiplies elementwise, for at most {ELEMENTWISE_ROWS} rows; "
                          f"x has {M} (use a DOT config)")
-    split_k = max(1, int(config.get("SPLIT_K", 1)))
-    if split_k > 1 and (rowwise or rowloop):
+    if config.get("SPLIT_K", 1) > 1 and (rowwise or rowloop):
         raise ValueError(f"gemv: config {config}: SPLIT_K is for DOT and elementwise tiles, not ROWWISE or ROWLOOP")
-    blocks = triton.cdiv(K, block_k)
-    per_split = triton.cdiv(blocks, min(split_k, blocks)) * block_k if K else block_k
-    splits = triton.cdiv(K, per_split) if K else 1  # no split is left empty
+    per_split, splits = k_ranges(K, block_k, config)
     split = splits > 1
-    width = n_out * 2 if glu else n_out
-    partials = torch.empty((splits, M, width) if split else (1,), dtype=torch.float32, device=x.device)
-    sums = torch.empty((splits, M) if split and norm_weight is not None else (1,), dtype=torch.float32,
-                       device=x.device)
+    partials, sums = split_buffers(splits, M, n_out, glu, norm_weight is not None, x.device)
     pdl_launch = {"launch_pdl": True} if pdl else {}
     with device_guard(x.device):
         _gemv_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1, splits)](
@@ -452,12 +456,41 @@ def _launch(x, w, bias, norm_weight, eps, residual, glu, M, n_out, config):
             **launch_opts(config),
         )
         if split:
-            sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
-                partials, sums, bias if bias is not None else w2, r2, y, M, width, n_out, K, splits,
-                r2.stride(0), float(eps),
-                HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                ACT=_ACTS[glu], BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4, **pdl_launch)
+            sum_splits(partials, sums, bias, r2 if residual is not None else None, y, K, eps, glu,
+                       norm_weight is not None, pdl)
     return y
+
+
+def k_ranges(K: int, block_k: int, config: dict) -> tuple[int, int]:
+    """(features a range, ranges) for a config's SPLIT_K: whole BLOCK_K blocks a range, none left empty."""
+    blocks = triton.cdiv(K, block_k)
+    if K == 0:
+        return block_k, 1
+    per_split = triton.cdiv(blocks, min(max(1, int(config.get("SPLIT_K", 1))), blocks)) * block_k
+    return per_split, triton.cdiv(K, per_split)
+
+
+def split_buffers(splits: int, M: int, n_out: int, glu, norm: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partial products [splits, M, N or 2N] and partial sums of squares [splits, M] of a
+    split-K launch (one-element placeholders when there is one range)."""
+    split = splits > 1
+    partials = torch.empty((splits, M, n_out * 2 if glu else n_out) if split else (1,), dtype=torch.float32,
+                           device=device)
+    sums = torch.empty((splits, M) if split and norm else (1,), dtype=torch.float32, device=device)
+    return partials, sums
+
+
+def sum_splits(partials, sums, bias, residual, y, K: int, eps: float, glu, norm: bool, pdl: bool) -> None:
+    """Launch sum_splits_kernel over a split-K launch's partials into y [M, n_out]; residual: its rows
+    [M, n_out] or None; norm: the partials are of normed rows whose sums of squares are in sums."""
+    splits, M, width = partials.shape
+    n_out = y.shape[-1]
+    r = residual if residual is not None else y.view(-1, n_out)
+    with device_guard(y.device):
+        sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
+            partials, sums, bias if bias is not None else y, r, y, M, width, n_out, K, splits, r.stride(0),
+            float(eps), HAS_NORM=norm, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_ACTS[glu],
+            BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
 def gemv(

@@ -77,7 +77,16 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, by_row, reference_gemv
+from .triton_gemv import (
+    ELEMENTWISE_ROWS,
+    L2_SPILL_BYTES,
+    MAX_ROWS,
+    by_row,
+    k_ranges,
+    reference_gemv,
+    split_buffers,
+    sum_splits,
+)
 
 __all__ = ["MAX_ROWS", "gemv_wq", "tune_gemv_wq", "reference_gemv_wq", "dequantize_weight", "linear_wq"]
 
@@ -108,7 +117,8 @@ def reference_gemv_wq(x, qweight, scales, zero_points, bits, bias=None, input_sc
 
 
 if HAS_TRITON:
-    from .triton_gemv import gated, gemv_epilogue  # the folds after the product, shared with the bf16 GEMV
+    # the folds after the product and the split-K partials, shared with the bf16 GEMV
+    from .triton_gemv import gated, gemv_epilogue, store_partials, sum_splits_kernel
 
     _X_EXP = tl.constexpr(X_EXP)
 
@@ -193,8 +203,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_wq_kernel(
-        X, QW, S, ZP, BIAS, G, XS, R, Y,
-        M, N, K, n_blocks, zp_stride, row_words, up_row,
+        X, QW, S, ZP, BIAS, G, XS, R, Y, P, PSQ,
+        M, N, K, n_blocks, zp_stride, row_words, up_row, per_split,
         stride_xm, stride_rm, stride_ym,
         eps,
         BITS: tl.constexpr,
@@ -208,6 +218,7 @@ if HAS_TRITON:
         DOT: tl.constexpr,
         IEEE: tl.constexpr,
         EVEN: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SUB: tl.constexpr,
@@ -226,6 +237,8 @@ if HAS_TRITON:
         WORDS] tensor (`_code`), multiplied with the activations ``x[k0 + i * CODES + c]``
         (strided loads, so every tensor of the loop keeps the words' layout). ACT != 0:
         rows ``up_row`` further down are the up projection.
+        SPLIT: program (n, 0, s) takes K from s * per_split (whole BLOCK_K blocks) on and stores fp32 partials
+        (triton_gemv.store_partials: P, and PSQ for the norm) for triton_gemv.sum_splits_kernel.
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
@@ -235,7 +248,11 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr = SUB * SUBS
         pid = tl.program_id(0)
         row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
-        X += row * stride_xm
+        pid_k = tl.program_id(2)
+        k_lo = pid_k * per_split
+        k_hi = tl.minimum(K, k_lo + per_split)
+        X += row * stride_xm + k_lo
+        QW += k_lo // CODES * UNIT
         R += row * stride_rm
         Y += row * stride_ym
         offs_m = tl.arange(0, BLOCK_M)
@@ -264,22 +281,22 @@ if HAS_TRITON:
         # loads of two steps in flight a thread; Nsight Compute found the kernel latency-bound, its loads
         # waiting on their step's arithmetic). The first step's words come before the loop.
         if PREFETCH:
-            nxt_mask = n_ok[:, None, None] & (offs_s < K // SUB)[None, :, None]
+            nxt_mask = n_ok[:, None, None] & (offs_s < (k_hi - k_lo) // SUB)[None, :, None]
             nxt, nxt_b, nxt_c = _load_units(w_ptrs, nxt_mask, BITS, False)
             if ACT != 0:
                 nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs, nxt_mask, BITS, False)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             blk = (k0 + offs_s * SUB) // GROUP
             if EVEN:
                 s_ok = offs_s < SUBS
             else:
-                s_ok = offs_s < (K - k0) // SUB
+                s_ok = offs_s < (k_hi - k0) // SUB
             w_mask = n_ok[:, None, None] & s_ok[None, :, None]
             if PREFETCH:
                 words, words_b, words_c = nxt, nxt_b, nxt_c
                 if ACT != 0:
                     words_up, words_up_b, words_up_c = nxt_up, nxt_up_b, nxt_up_c
-                nxt_mask = n_ok[:, None, None] & (offs_s < (K - k0 - BLOCK_K) // SUB)[None, :, None]
+                nxt_mask = n_ok[:, None, None] & (offs_s < (k_hi - k0 - BLOCK_K) // SUB)[None, :, None]
                 step = BLOCK_K // CODES * UNIT
                 nxt, nxt_b, nxt_c = _load_units(w_ptrs + step, nxt_mask, BITS, False)
                 if ACT != 0:
@@ -382,8 +399,11 @@ if HAS_TRITON:
                     up = tl.where(offs_m[:, None] == m, tl.sum(tl.sum(accs_up[m], axis=2), axis=1)[None, :], up)
                 if HAS_NORM:
                     sq_rows = tl.where(offs_m == m, tl.sum(tl.sum(sqs[m], axis=1), axis=0), sq_rows)
-        gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_row, R, Y, offs_m, offs_n, m_ok, n_ok,
-                      stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
+        if SPLIT:
+            store_partials(out, up, sq_rows, P, PSQ, pid, pid_k, M, N, offs_m, offs_n, m_ok, n_ok, HAS_NORM, ACT)
+        else:
+            gemv_epilogue(out, up, sq_rows, K, eps, BIAS, up_row, R, Y, offs_m, offs_n, m_ok, n_ok,
+                          stride_rm, stride_ym, HAS_NORM, HAS_BIAS, HAS_RES, ACT)
 
     @triton.jit
     def _dequantize_kernel(
@@ -428,9 +448,9 @@ if HAS_TRITON:
                  mask=ok[:, :, None, None])
 
     tuning.register_kernel_source("gemv_wq", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code, gemv_epilogue, gated)
+                                    _dequantized_code, gemv_epilogue, gated, store_partials, sum_splits_kernel)
     tuning.register_kernel_source("gemv_wq_rows", _gemv_wq_kernel, _masked_code, _code, _group_params,
-                                    _dequantized_code, gemv_epilogue, gated)
+                                    _dequantized_code, gemv_epilogue, gated, store_partials, sum_splits_kernel)
 
 
 # ---------------------------------------------------------------------------
@@ -592,14 +612,19 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
     else:  # a sub-block is at least one unit of codes
         block_k = max(block_k, _codes_per_unit(bits))
     sub, subs = _sub_block(block_k, group)
+    if config.get("SPLIT_K", 1) > 1 and rowwise:
+        raise ValueError(f"gemv_wq: config {config}: SPLIT_K is for DOT and elementwise tiles, not ROWWISE")
+    per_split, splits = k_ranges(K, sub * subs, config)
+    partials, sums = split_buffers(splits, M, n_out, glu, norm_weight is not None, x.device)
     pdl = pdl_enabled(x.device)
     n_blocks = qweight.shape[1]
     with device_guard(x.device):
-        _gemv_wq_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1)](
+        _gemv_wq_kernel[(triton.cdiv(n_out, block_n), M if rowwise else 1, splits)](
             x2, words, scales, zero_points if zero_points is not None else qweight,
             bias if bias is not None else x2, norm_weight if norm_weight is not None else x2,
-            input_scale if input_scale is not None else x2, r2, y,
-            1 if rowwise else M, n_out, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0, words.shape[1], n_out,
+            input_scale if input_scale is not None else x2, r2, y, partials, sums,
+            1 if rowwise else M, n_out, K, n_blocks, zero_points.shape[1] if zero_points is not None else 0,
+            words.shape[1], n_out, per_split,
             x2.stride(0), r2.stride(0), n_out,
             float(eps),
             BITS=bits,
@@ -613,6 +638,7 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             DOT=dot,
             IEEE=x.dtype == torch.float32,
             EVEN=n_out % block_n == 0 and K % (sub * subs) == 0,
+            SPLIT=splits > 1,
             BLOCK_M=MAX_ROWS if dot else 1 if rowwise else next_pow2(M),
             BLOCK_N=block_n,
             SUB=sub,
@@ -623,6 +649,9 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),
         )
+        if splits > 1:
+            sum_splits(partials, sums, bias, r2 if residual is not None else None, y, K, eps, glu,
+                       norm_weight is not None, pdl)
     return y
 
 

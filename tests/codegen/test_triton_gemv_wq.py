@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's kernels need it")
 
 from flashc import quantized_ops as qo  # noqa: E402
+from flashc.codegen import triton_gemv as tg  # noqa: E402
 from flashc.codegen import triton_gemv_wq as gw  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -109,6 +110,24 @@ def test_three_bit_codes_with_every_fold(device, config, group):
     multiple of BLOCK_K leaves a partial last tile."""
     x, w, kw = make(device, torch.float32, (2,), 288, 38, FOLDS["everything"], group=group, bits=3, asym=True)
     assert rel_err(gw.gemv_wq(x, *w, **kw, config=config).cpu(), truth(x, w, kw)) < 2e-5
+
+
+@pytest.mark.parametrize("config", [{**SMALL, "BLOCK_K": 32, "SPLIT_K": 3}, {**DOT, "SPLIT_K": 3}],
+                         ids=["elementwise", "dot"])
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 448), (8, 64, 320), (3, 32, 1088), (2, 32, 1024)], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_split_k_ranges_sum_to_the_product(device, monkeypatch, rows, bits, group, K, config):
+    """SPLIT_K: K in ranges of whole (widened) BLOCK_K blocks, a short last block where K is not a multiple
+    (448 at 4 bits), partials summed and every fold applied by triton_gemv's summing kernel."""
+    if rows > gw.ELEMENTWISE_ROWS and not config.get("DOT"):
+        pytest.skip("more rows than the elementwise path takes")
+    sums = []
+    monkeypatch.setattr(gw, "sum_splits", lambda partials, *a: (sums.append(partials.shape[0]),
+                                                                tg.sum_splits(partials, *a)))
+    x, w, kw = make(device, torch.float32, (rows,), K, 38, FOLDS["everything"], group=group, bits=bits, asym=True)
+    out = gw.gemv_wq(x, *w, **kw, config=config)
+    assert rel_err(out.cpu(), truth(x, w, kw)) < 2e-5
+    assert sums and sums[0] > 1  # the product did run in several ranges
 
 
 def test_three_bit_group_of_sixteen_is_refused(device):
