@@ -89,18 +89,25 @@ _ONE_ROW = [
     {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 8},
     {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 4},
     {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 1, "num_warps": 4},
-    # the kept features listed first (COMPACT): the H100 put the loop above at 38-40 us on llama-3-8b's
-    # down projection whether it read 20% or 100% of the weight (session 18): its iterations, not its
-    # bytes, set its time. A listed range loops over the kept features only.
+    # the H100 put the loop above at 38-42 us on llama-3-8b's down projection whether it read 20% or 60% of
+    # the weight (sessions 18-19): a round's weight loads wait on its input loads, rounds one after another.
+    # The next round's loads issued before this round's products (PREFETCH), and shorter chains over more
+    # programs (SPLIT_K 64: 7 rounds of 32 features a program on 14336 inputs); untimed when added
+    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 16, "num_warps": 4, "PREFETCH": True},
+    {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 16, "num_warps": 4, "PREFETCH": True},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 4, "PREFETCH": True},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 64, "num_warps": 4},
+    # the kept features listed first, the loop over them only (COMPACT): on the H100 (session 19) it won at 80%
+    # sparsity only (8B gate|up 49.9 us against 54.6) and was 2-4x slower below; the other two tiles tried then
+    # won nothing and are gone
     {"BLOCK_N": 256, "BLOCK_K": 16, "SPLIT_K": 16, "num_warps": 4, "COMPACT": True},
-    {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 16, "num_warps": 4, "COMPACT": True},
-    {"BLOCK_N": 256, "BLOCK_K": 32, "SPLIT_K": 32, "num_warps": 8, "COMPACT": True},
     LIBRARY,
 ]
 _ROWS = [
     {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4, "DOT": True},
     {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4, "DOT": True},
     {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 16, "num_warps": 4, "DOT": True},
+    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 8, "num_warps": 4, "DOT": True, "PREFETCH": True},
     {"BLOCK_N": 128, "BLOCK_K": 8, "SPLIT_K": 16, "num_warps": 4},
     LIBRARY,
 ]
@@ -148,6 +155,32 @@ if HAS_TRITON:
         return tl.where(keep, x, tl.zeros_like(x)), keep
 
     @triton.jit
+    def _chunk(X, T, G, W, kk, k_ok, offs_m, offs_n, m_ok, n_ok, stride_xm, stride_wk, t, rstd,
+               PER_FEATURE: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_N: tl.constexpr):
+        """(the kept inputs of features kk, as _kept_inputs gives them; the weight rows kk [BLOCK_K, BLOCK_N],
+        read where some row keeps the feature: predicated-off lanes issue no load)."""
+        x, keep = _kept_inputs(X, T, G, kk, k_ok, offs_m, m_ok, stride_xm, t, rstd, PER_FEATURE, HAS_NORM)
+        row_used = tl.max(keep.to(tl.int32), axis=0) > 0
+        w_ptrs = W + kk.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+        if EVEN_N:  # a mask constant along N: the loads of a row stay vectorized
+            w = tl.load(w_ptrs, mask=row_used[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=row_used[:, None] & n_ok[None, :], other=0.0)
+        return x, w
+
+    @triton.jit
+    def _accumulate(acc, acc3, x, w, DOT: tl.constexpr, IEEE: tl.constexpr):
+        """(acc, acc3) plus the products of the chunk: tl.dot into acc (DOT), else elementwise into acc3."""
+        if DOT:
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        else:
+            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+        return acc, acc3
+
+    @triton.jit
     def _sparse_gemv_kernel(
         X, T, W, BIAS, P, Y, S, G, R,
         M, N, K, k_per_split,
@@ -158,6 +191,7 @@ if HAS_TRITON:
         HAS_RES: tl.constexpr,
         NORM_BLOCK: tl.constexpr,
         COMPACT: tl.constexpr,
+        PREFETCH: tl.constexpr,
         RANGE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ONE_SPLIT: tl.constexpr,
@@ -179,6 +213,9 @@ if HAS_TRITON:
         at least k_per_split) that some row keeps, in order, in its own slot of the scratch S
         (int32 [programs, RANGE]), then loops over that list only: its loop has as many
         iterations as BLOCK_K-chunks of kept features, not of all features.
+        PREFETCH (not COMPACT): each round issues the next chunk's input and weight loads before it multiplies
+        the chunk loaded the round before, so a round waits on one chain of loads, not on the input load and
+        then the weight load it gates (the predicated loop's time at high sparsity, session 19).
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
@@ -204,10 +241,10 @@ if HAS_TRITON:
                              other=0.0).to(tl.float32)
                 sq += xn * xn
             rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
-        if DOT:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:  # elementwise products for every row, reduced over K once after the loop
-            acc3 = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_N], dtype=tl.float32)
+        # DOT: acc [BLOCK_M, BLOCK_N]; else elementwise products for every row in acc3, reduced over K after
+        # the loop (the other one is a placeholder)
+        acc = tl.zeros([BLOCK_M, BLOCK_N] if DOT else [1, 1], dtype=tl.float32)
+        acc3 = tl.zeros([1, 1, 1] if DOT else [BLOCK_M, BLOCK_K, BLOCK_N], dtype=tl.float32)
         if COMPACT:
             # the kept features of this K range, listed in order: the loop below reads only them
             kr = k_start + tl.arange(0, RANGE)
@@ -230,25 +267,23 @@ if HAS_TRITON:
                 else:
                     w = tl.load(w_ptrs, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
                 acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+        elif PREFETCH:  # the same, the next chunk's loads issued before this chunk's products
+            kk = k_start + offs_k
+            x, w = _chunk(X, T, G, W, kk, kk < k_end, offs_m, offs_n, m_ok, n_ok, stride_xm, stride_wk, t, rstd,
+                          PER_FEATURE, HAS_NORM, EVEN_N)
+            for k0 in range(k_start + BLOCK_K, k_end + BLOCK_K, BLOCK_K):  # the last round loads nothing
+                kk = k0 + offs_k
+                x_next, w_next = _chunk(X, T, G, W, kk, kk < k_end, offs_m, offs_n, m_ok, n_ok, stride_xm,
+                                        stride_wk, t, rstd, PER_FEATURE, HAS_NORM, EVEN_N)
+                acc, acc3 = _accumulate(acc, acc3, x, w, DOT, IEEE)
+                x = x_next
+                w = w_next
         else:  # every BLOCK_K-chunk of the range, loads predicated on the features kept
             for k0 in range(k_start, k_end, BLOCK_K):
                 kk = k0 + offs_k
-                k_ok = kk < k_end
-                x, keep = _kept_inputs(X, T, G, kk, k_ok, offs_m, m_ok, stride_xm, t, rstd, PER_FEATURE, HAS_NORM)
-                # a weight row is read when some row keeps its feature; predicated-off lanes issue no load
-                row_used = tl.max(keep.to(tl.int32), axis=0) > 0
-                w_ptrs = W + kk.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
-                if EVEN_N:  # a mask constant along N: the loads of a row stay vectorized
-                    w = tl.load(w_ptrs, mask=row_used[:, None], other=0.0)
-                else:
-                    w = tl.load(w_ptrs, mask=row_used[:, None] & n_ok[None, :], other=0.0)
-                if DOT:
-                    if IEEE:
-                        acc = tl.dot(x, w, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(x, w, acc)
-                else:
-                    acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+                x, w = _chunk(X, T, G, W, kk, kk < k_end, offs_m, offs_n, m_ok, n_ok, stride_xm, stride_wk, t, rstd,
+                              PER_FEATURE, HAS_NORM, EVEN_N)
+                acc, acc3 = _accumulate(acc, acc3, x, w, DOT, IEEE)
 
         if PDL:  # the weights are streamed: the next kernel may start its launch now
             tl.extra.cuda.gdc_launch_dependents()
@@ -265,9 +300,9 @@ if HAS_TRITON:
             part = P + pid_k.to(tl.int64) * M * N
             tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
-    tuning.register_kernel_source("sparse_gemv", _sparse_gemv_kernel, _kept_inputs, _normed, sum_splits_kernel, gated)
-    tuning.register_kernel_source("sparse_gemv_rows", _sparse_gemv_kernel, _kept_inputs, _normed, sum_splits_kernel,
-                                  gated)
+    for _name in ("sparse_gemv", "sparse_gemv_rows"):
+        tuning.register_kernel_source(_name, _sparse_gemv_kernel, _kept_inputs, _normed, _chunk, _accumulate,
+                                      sum_splits_kernel, gated)
 
 NO_FOLDS = (None, 1e-6, None, None)  # (norm_weight, eps, residual, glu): nothing folded in
 
@@ -421,6 +456,7 @@ def _launch(x, threshold, weight_t, bias, M, config, folds=NO_FOLDS):
             HAS_RES=r2 is not None and one_split,
             NORM_BLOCK=min(512, next_pow2(K)),
             COMPACT=compact,
+            PREFETCH=bool(config.get("PREFETCH")) and not compact,
             RANGE=span,
             HAS_BIAS=bias is not None,
             ONE_SPLIT=one_split,

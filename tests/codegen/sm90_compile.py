@@ -39,12 +39,19 @@ def variants():
         yield (f"sparse_gemv compact={compact} norm={norm} one_split={one_split} per_feature={per_feature} "
                f"rows={rows}", triton_sparse_gemv._sparse_gemv_kernel, sparse_ptrs,
                dict(PER_FEATURE=per_feature, HAS_NORM=norm, HAS_RES=one_split, NORM_BLOCK=512, COMPACT=compact,
-                    RANGE=1024 if compact else 1, HAS_BIAS=True, ONE_SPLIT=one_split, DOT=False, IEEE=False,
-                    EVEN_N=True, BLOCK_M=rows, BLOCK_N=256, BLOCK_K=16, PDL=True))
-    yield ("sparse_gemv dot norm", triton_sparse_gemv._sparse_gemv_kernel, sparse_ptrs,
-           dict(PER_FEATURE=False, HAS_NORM=True, HAS_RES=False, NORM_BLOCK=512, COMPACT=False, RANGE=1,
-                HAS_BIAS=False, ONE_SPLIT=False, DOT=True, IEEE=False, EVEN_N=True, BLOCK_M=16, BLOCK_N=64,
-                BLOCK_K=32, PDL=True))
+                    PREFETCH=False, RANGE=1024 if compact else 1, HAS_BIAS=True, ONE_SPLIT=one_split, DOT=False,
+                    IEEE=False, EVEN_N=True, BLOCK_M=rows, BLOCK_N=256, BLOCK_K=16, PDL=True))
+    for norm, rows, even in itertools.product([True, False], [1, 4], [True, False]):
+        yield (f"sparse_gemv prefetch norm={norm} rows={rows} even_n={even}", triton_sparse_gemv._sparse_gemv_kernel,
+               sparse_ptrs,
+               dict(PER_FEATURE=False, HAS_NORM=norm, HAS_RES=False, NORM_BLOCK=512, COMPACT=False, PREFETCH=True,
+                    RANGE=1, HAS_BIAS=True, ONE_SPLIT=False, DOT=False, IEEE=False, EVEN_N=even, BLOCK_M=rows,
+                    BLOCK_N=128, BLOCK_K=32, PDL=True))
+    for prefetch in (False, True):
+        yield (f"sparse_gemv dot norm prefetch={prefetch}", triton_sparse_gemv._sparse_gemv_kernel, sparse_ptrs,
+               dict(PER_FEATURE=False, HAS_NORM=True, HAS_RES=False, NORM_BLOCK=512, COMPACT=False,
+                    PREFETCH=prefetch, RANGE=1, HAS_BIAS=False, ONE_SPLIT=False, DOT=True, IEEE=False, EVEN_N=True,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, PDL=True))
     for act, res, norm in itertools.product([0, 1, 2], [True, False], [True, False]):  # gemv's and sparse_gemv's
         yield (f"gemv split sum act={act} residual={res} norm={norm}", triton_gemv.sum_splits_kernel,
                {"P": "*fp32", "S": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},

@@ -22,6 +22,9 @@ CONFIGS = {
     "dot": {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 4, "DOT": True},
     "compact": {"BLOCK_N": 32, "BLOCK_K": 8, "SPLIT_K": 3, "num_warps": 2, "COMPACT": True},
     "compact_one_split": {"BLOCK_N": 16, "BLOCK_K": 4, "SPLIT_K": 1, "num_warps": 2, "COMPACT": True},
+    "prefetch": {"BLOCK_N": 32, "BLOCK_K": 8, "SPLIT_K": 3, "num_warps": 2, "PREFETCH": True},
+    "prefetch_one_split": {"BLOCK_N": 16, "BLOCK_K": 4, "SPLIT_K": 1, "num_warps": 2, "PREFETCH": True},
+    "dot_prefetch": {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 4, "DOT": True, "PREFETCH": True},
     "library": {"library": True},
 }
 
@@ -68,7 +71,7 @@ def gap_threshold(x, sparsity):
 
 
 def skip_interpreted_bf16_dot(dtype, config):
-    if INTERPRETED and dtype == torch.bfloat16 and config == "dot":
+    if INTERPRETED and dtype == torch.bfloat16 and CONFIGS[config].get("DOT"):
         pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (DOT configs)")
 
 
