@@ -108,6 +108,16 @@ def test_split_k_sums_its_ranges_then_applies_the_folds(device, fold, lead, K, c
         assert rel_err(tg.gemv(xb, wb, **kwb, config=config).cpu(), truth(xb, wb, kwb)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("name,config", [(n, c) for n in ("gemv", "gemv_rows") for c in tg.tuning.candidates(n, "h100")],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_every_h100_candidate(device, name, config):
+    """Each tile the tuner may pick computes the fused product (K of 3 blocks of the largest tile, so split-K
+    tiles run several ranges; a short last one)."""
+    rows = 1 if name == "gemv" else 3
+    x, w, kw = make(device, torch.float32, (rows,), 2600, 40, FOLDS["everything"])
+    assert rel_err(tg.gemv(x, w, **kw, config=config).cpu(), truth(x, w, kw)) < TOL[torch.float32]
+
+
 def test_split_k_is_not_for_rowwise_or_rowloop(device):
     x, w = torch.randn(2, 64, device=device), torch.randn(16, 64, device=device)
     with pytest.raises(ValueError, match="SPLIT_K is for DOT and elementwise"):

@@ -171,6 +171,22 @@ def test_edge_thresholds_and_inputs_match_the_reference_exactly_in_fp32(device, 
     assert torch.equal(zero.cpu(), bias.expand(3, N))  # nothing kept: the bias, exactly
 
 
+@pytest.mark.parametrize("name,config", [(n, c) for n in ("sparse_gemv", "sparse_gemv_rows") for c in ts.candidates(n)],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_every_candidate(device, name, config):
+    """Each tile the tuner may pick computes the op, with the norm and the gated activation folded in (K of
+    several ranges for every SPLIT_K, a short last one)."""
+    rows, K, N = (1 if name == "sparse_gemv" else 3), 1100, 24
+    x, w_t, bias = torch.randn(rows, K), torch.randn(K, N) / K ** 0.5, torch.randn(N)
+    g = 1 + 0.3 * torch.randn(K)
+    t = torch.tensor(0.7)
+    want = torch.ops.flashc.sparse_gemv(x.double(), t.double(), w_t.double(), bias.double(), g.double(), 1e-5,
+                                        None, "silu")
+    got = ts.sparse_gemv(x.to(device), t.to(device), w_t.to(device), bias.to(device), g.to(device), 1e-5, None,
+                         "silu", config=config)
+    assert ((got.cpu().double() - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_threshold_is_compared_in_the_dtype_torch_compares_in(device):
     """A 0-d fp32 threshold with bf16 x is rounded to bf16 first (torch's type promotion); a float64 one
     per feature with fp32 x is compared exactly. Weights of ones make y count the kept features."""
