@@ -108,7 +108,8 @@ def test_split_k_sums_its_ranges_then_applies_the_folds(device, fold, lead, K, c
         assert rel_err(tg.gemv(xb, wb, **kwb, config=config).cpu(), truth(xb, wb, kwb)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("name,config", [(n, c) for n in ("gemv", "gemv_rows") for c in tg.tuning.candidates(n, "h100")],
+@pytest.mark.parametrize("name,config",
+                         [(n, c) for n in ("gemv", "gemv_rows") for c in tg.tuning.candidates(n, "h100")],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
 def test_every_h100_candidate(device, name, config):
     """Each tile the tuner may pick computes the fused product (K of 3 blocks of the largest tile, so split-K
