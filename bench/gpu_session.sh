@@ -22,6 +22,7 @@
 #   bash bench/gpu_session.sh spec-quick # ngram (8 drafts) with and without exact_verify, layerskip (smollm2 carried)
 #   bash bench/gpu_session.sh spec-ngram # ngram (8 drafts) alone against plain and HF (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
+#   bash bench/gpu_session.sh int4-b8    # int4 against bf16 at batch 1 and 8 (8B, 1B)
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
 #   bash bench/gpu_session.sh int4-ncu   # Nsight Compute on the int4 GEMV's old, prefetch and whole-row tiles
@@ -143,6 +144,11 @@ case "${1:-verify}" in
     step gemv_wq 150 python3 bench/gemv_wq_shapes.py --out "$OUT" --budget-s 125
     step decode_q 260 python3 bench/decode.py --models llama-3.2-1b llama-3-8b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 125
+    ;;
+  int4-b8)  # int4 against bf16 at batch 1 and 8 with the split-K DOT tiles (session 19: 8B int4 0.68x bf16 at b8
+            # before them; a cold int4 b8 row tunes 12 candidates a shape, about 1.3 s each)
+    step decode_int4_b8 560 python3 bench/decode.py --models llama-3-8b llama-3.2-1b --batches 1 8 --prefill 0 \
+      --variants flashc flashc-int4 --out "$OUT" --timeout 270
     ;;
   int4-shapes)  # the int4 GEMV shapes alone (8B), and the GPU tests session 14 fixed
     step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
