@@ -68,7 +68,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, SUM_BLOCK
+from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, sum_splits
 
 __all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv", "sparse_gemv", "tune_sparse_gemv"]
 
@@ -470,12 +470,8 @@ def _launch(x, threshold, weight_t, bias, M, config, folds=NO_FOLDS):
             **pdl_launch,
             **launch_opts(config),
         )
-        if not one_split:
-            sum_splits_kernel[(triton.cdiv(M * n_out, SUM_BLOCK),)](
-                partials, partials, bias if bias is not None else w2, r2 if r2 is not None else w2, out, M, N, n_out,
-                K, splits, r2.stride(0) if r2 is not None else 0, float(eps),
-                HAS_NORM=False, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, ACT=_ACTS[glu], BLOCK=SUM_BLOCK,
-                PDL=pdl, num_warps=4, **pdl_launch)
+        if not one_split:  # the norm was applied to the inputs: the sum has none to apply
+            sum_splits(partials, partials, bias, r2, out, K, eps, glu, False, pdl)
     return y
 
 
