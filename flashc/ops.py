@@ -282,7 +282,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], no
     the two halves of the output."""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
-    y = F.linear(x, weight, bias)
+    return gemv_epilogue(F.linear(x, weight, bias), glu, residual)
+
+
+def gemv_epilogue(y: torch.Tensor, glu: Optional[str], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """What folds after the product in `flashc.gemv` and the ops that fold like it (`gemv_wq`,
+    `sparse_gemv`): the gated activation ('silu' or 'gelu_tanh') of the output's two halves, then
+    the residual added."""
     if glu is not None:
         gate, up = y.chunk(2, dim=-1)
         y = swiglu(gate, up) if glu == "silu" else geglu(gate, up, "tanh")

@@ -303,17 +303,11 @@ def gemv_wq(
     input scale, the product with the dequantized weight plus bias, then either a gated
     activation ('silu' or 'gelu_tanh') of the two halves of the output or the residual add.
     """
-    from flashc.ops import geglu, rms_norm, swiglu
+    from flashc.ops import gemv_epilogue, rms_norm
 
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
-    y = linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits)
-    if glu is not None:
-        gate, up = y.chunk(2, dim=-1)
-        y = swiglu(gate, up) if glu == "silu" else geglu(gate, up, "tanh")
-    if residual is not None:
-        y = y + residual
-    return y
+    return gemv_epilogue(linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits), glu, residual)
 
 
 @gemv_wq.register_fake

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashc.ops import _rms, routed_experts
+from flashc.ops import _rms, gemv_epilogue, routed_experts
 
 
 @torch.library.custom_op("flashc::sparsify", mutates_args=())
@@ -68,13 +68,7 @@ def sparse_gemv(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor
     if norm_weight is not None:
         x = _rms(x, eps) * norm_weight
     kept = torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    y = F.linear(kept, weight_t.t(), bias)
-    if glu is not None:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up if glu == "silu" else F.gelu(gate, approximate="tanh") * up
-    if residual is not None:
-        y = y + residual
-    return y
+    return gemv_epilogue(F.linear(kept, weight_t.t(), bias), glu, residual)
 
 
 @sparse_gemv.register_fake
