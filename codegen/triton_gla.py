@@ -38,7 +38,12 @@ from __future__ import annotations
 
 import torch
 
-from flashc.ssm_ops import check_gla_mix, gla_inputs, head_rms_norm  # the op's semantics, shared with its reference
+from flashc.ssm_ops import (  # the op's semantics, shared with its reference
+    check_gla_mix,
+    gla_inputs,
+    head_rms_norm,
+    restarted,
+)
 
 from ._triton_common import (
     HAS_TRITON,
@@ -332,6 +337,7 @@ def gla_mix_triton(
     eps: float,
     *,
     state_out: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``flashc.gla_mix`` on Triton: ``(y[B, T, heads * d] in q's dtype, new_state[B, heads, d, d] fp32)``.
@@ -340,7 +346,8 @@ def gla_mix_triton(
     be strided), ``state[B, heads, d, d]``. T = 1: one kernel (``_gla_mix_step_kernel``) does the
     whole step. T > 1: the scan's inputs from torch ops (``gla_inputs``, k and v unrepeated), the
     chunked kernel reading grouped heads, the per-head norm in torch (prefill is not
-    launch-bound). ``state_out`` may be ``state`` (in place). ``config`` overrides the launch
+    launch-bound). ``state_out`` may be ``state`` (in place). ``keep`` scales each sequence's start
+    state (``flashc.gla_mix_into``'s reset, as ``ssm_mix_triton``'s). ``config`` overrides the launch
     config (``MIX_DECODE_CONFIGS``, ``PREFILL_CONFIGS``). Both need d <= 128.
     """
     fn = "gla_mix_triton"
@@ -355,6 +362,9 @@ def gla_mix_triton(
         state_out = torch.empty((B, heads, d, d), dtype=torch.float32, device=q.device)
     else:
         check_out(fn, "state_out", state_out, (B, heads, d, d), torch.float32, q.device, inputs=(q, k, v, gate))
+    keep = checked_keep(fn, keep, state)
+    if keep is not None and (T != 1 or B * heads * d == 0):  # the decode kernel scales the tiles it reads
+        state, keep = restarted(state, keep), None
     if B * heads * d == 0 or T == 0:
         if state_out is not state:
             state_out.copy_(state)
@@ -364,7 +374,7 @@ def gla_mix_triton(
                          "one program")
     if T == 1:
         y = torch.empty((B, 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, gate, state, y, state_out, heads, kv_heads, d, tau, eps, config)
+        _launch_mix_step(q, k, v, gate, state, y, state_out, heads, kv_heads, d, tau, eps, config, keep=keep)
         return y, state_out
     qh, kh, vh, log_alpha = gla_inputs(q, k, v, gate, heads, kv_heads, tau)
     y_heads = torch.empty((B, T, heads, d), dtype=v.dtype, device=q.device)  # the scan's y, in v's dtype
@@ -375,20 +385,5 @@ def gla_mix_triton(
 def gla_mix_into_triton(q, k, v, gate, state, keep, heads, kv_heads, tau, eps) -> torch.Tensor:
     """``flashc.gla_mix_into`` on Triton: ``gla_mix`` from ``state * keep`` with the new state
     written into ``state``; returns y (T = 1: one pass over the state, as ``ssm_mix_into_triton``)."""
-    fn = "gla_mix_into_triton"
-    keep = checked_keep(fn, keep, state)
-    if q.shape[1] == 1 and state.is_contiguous():
-        require_triton(fn)
-        d = check_gla_mix(fn, q, k, v, gate, state, heads, kv_heads, tau)
-        check_out(fn, "state", state, (q.shape[0], heads, d, d), torch.float32, q.device, inputs=(q, k, v, gate))
-        if q.shape[0] * heads * d == 0:
-            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if d > min(_MAX_K, _MAX_MIX_D):
-            raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the kernels hold in "
-                             "one program")
-        y = torch.empty((q.shape[0], 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, gate, state, y, state, heads, kv_heads, d, tau, eps, None, keep=keep)
-        return y
-    start = state if keep is None else state * keep.view(-1, 1, 1, 1).to(state.dtype)
-    y, _ = gla_mix_triton(q, k, v, gate, start, heads, kv_heads, tau, eps, state_out=state)
+    y, _ = gla_mix_triton(q, k, v, gate, state, heads, kv_heads, tau, eps, state_out=state, keep=keep)
     return y

@@ -45,7 +45,12 @@ from __future__ import annotations
 
 import torch
 
-from flashc.ssm_ops import check_mix, head_rms_norm, mix_inputs  # the op's semantics, shared with its reference
+from flashc.ssm_ops import (  # the op's semantics, shared with its reference
+    check_mix,
+    head_rms_norm,
+    mix_inputs,
+    restarted,
+)
 
 from ._triton_common import (
     HAS_TRITON,
@@ -470,6 +475,7 @@ def ssm_mix_triton(
     dt_bias: torch.Tensor | None = None,
     *,
     state_out: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``flashc.ssm_mix`` on Triton: ``(y[B, T, heads * d] in q's dtype, new_state[B, heads, d, d] fp32)``.
@@ -480,8 +486,9 @@ def ssm_mix_triton(
     T = 1: one kernel (``_ssm_mix_step_kernel``, d <= 128) does the whole step. T > 1: the scan's
     inputs from torch ops (``mix_inputs``, k and v unrepeated), the chunked kernel reading grouped
     heads, the per-head norm in torch (prefill is not launch-bound). ``state_out`` may be
-    ``state`` (in place). ``config`` overrides the launch config (``MIX_DECODE_CONFIGS``,
-    ``PREFILL_CONFIGS``).
+    ``state`` (in place). ``keep`` ([B] or [B, 1, 1, 1]) scales each sequence's start state
+    (``flashc.ssm_mix_into``'s reset; the decode kernel applies it as it reads the tile).
+    ``config`` overrides the launch config (``MIX_DECODE_CONFIGS``, ``PREFILL_CONFIGS``).
     """
     fn = "ssm_mix_triton"
     require_triton(fn)
@@ -496,6 +503,9 @@ def ssm_mix_triton(
         state_out = torch.empty((B, heads, d, d), dtype=torch.float32, device=q.device)
     else:
         check_out(fn, "state_out", state_out, (B, heads, d, d), torch.float32, q.device, inputs=(q, k, v, dt, A_log))
+    keep = checked_keep(fn, keep, state)
+    if keep is not None and (T != 1 or B * heads * d == 0):  # the decode kernel scales the tiles it reads
+        state, keep = restarted(state, keep), None
     if B * heads * d == 0 or T == 0:
         if state_out is not state:
             state_out.copy_(state)
@@ -505,7 +515,8 @@ def ssm_mix_triton(
             raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
                              "holds in one program")
         y = torch.empty((B, 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, dt, A_log, state, y, state_out, heads, kv_heads, d, eps, config, dt_bias=dt_bias)
+        _launch_mix_step(q, k, v, dt, A_log, state, y, state_out, heads, kv_heads, d, eps, config, keep=keep,
+                         dt_bias=dt_bias)
         return y, state_out
     if d > _MAX_K:
         raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_K}, the largest state tile the kernels hold in registers")
@@ -533,21 +544,5 @@ def ssm_mix_into_triton(q, k, v, dt, A_log, state, keep, heads, kv_heads, eps, d
     written into ``state``; returns y. T = 1: the decode kernel reads each state tile, scales it by
     its sequence's ``keep`` ([B] or [B, 1, 1, 1]) and writes it back in place: one pass over the
     state. T > 1: the scaled start state in torch, the chunked scan writing ``state``."""
-    fn = "ssm_mix_into_triton"
-    keep = checked_keep(fn, keep, state)
-    if q.shape[1] == 1 and state.is_contiguous():
-        require_triton(fn)
-        d = check_mix(fn, q, k, v, dt, A_log, state, heads, kv_heads, dt_bias)
-        check_out(fn, "state", state, (q.shape[0], heads, d, d), torch.float32, q.device, inputs=(q, k, v, dt, A_log))
-        if q.shape[0] * heads * d == 0:
-            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if d > _MAX_MIX_D:
-            raise ValueError(f"{fn}: head dim {d} exceeds {_MAX_MIX_D}, the largest state tile the decode step "
-                             "holds in one program")
-        y = torch.empty((q.shape[0], 1, heads * d), dtype=q.dtype, device=q.device)
-        _launch_mix_step(q, k, v, dt, A_log, state, y, state, heads, kv_heads, d, eps, None, keep=keep,
-                         dt_bias=dt_bias)
-        return y
-    start = state if keep is None else state * keep.view(-1, 1, 1, 1).to(state.dtype)
-    y, _ = ssm_mix_triton(q, k, v, dt, A_log, start, heads, kv_heads, eps, dt_bias, state_out=state)
+    y, _ = ssm_mix_triton(q, k, v, dt, A_log, state, heads, kv_heads, eps, dt_bias, state_out=state, keep=keep)
     return y

@@ -352,6 +352,12 @@ def _(q, k, v, gate, state, heads, kv_heads, tau, eps):
 # ------------------------------------------------------------------------------------------------
 # The same mixings writing the layer's state buffer in place (the CUDA backend's late rewrite)
 # ------------------------------------------------------------------------------------------------
+def restarted(state: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The start state of a `*_mix_into` op: `state` scaled by each sequence's keep factor ([B] or
+    [B, 1, 1, 1]: 0 restarts it from zero, 1 continues it); `state` itself without keep."""
+    return state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
+
+
 @torch.library.custom_op("flashc::ssm_mix_into", mutates_args=("state",))
 def ssm_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor,
                  state: torch.Tensor, keep: torch.Tensor | None, heads: int, kv_heads: int,
@@ -362,8 +368,7 @@ def ssm_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Te
     reset multiply, the op, `state.copy_`), as one op: the CUDA backend's late pass
     (backends/cuda_rewrites.py: FuseStateWrites) writes it so that the state is read and
     written once a step, by the mixing kernel, instead of three times."""
-    start = state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
-    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, start, heads, kv_heads, eps, dt_bias)
+    y, new_state = ssm_mix_reference(q, k, v, dt, A_log, restarted(state, keep), heads, kv_heads, eps, dt_bias)
     state.copy_(new_state)
     return y
 
@@ -378,8 +383,7 @@ def gla_mix_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.
                  keep: torch.Tensor | None, heads: int, kv_heads: int, tau: float, eps: float) -> torch.Tensor:
     """`gla_mix` from the state buffer `state` (times `keep`, as `ssm_mix_into`), the new state
     written back into it; returns y."""
-    start = state if keep is None else state * keep.reshape(-1, 1, 1, 1).to(state.dtype)
-    y, new_state = gla_mix_reference(q, k, v, gate, start, heads, kv_heads, tau, eps)
+    y, new_state = gla_mix_reference(q, k, v, gate, restarted(state, keep), heads, kv_heads, tau, eps)
     state.copy_(new_state)
     return y
 
