@@ -68,7 +68,7 @@ from ._triton_common import (
     triton,
     tl,
 )
-from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, sum_splits
+from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, k_ranges, sum_splits
 
 __all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv", "sparse_gemv", "tune_sparse_gemv"]
 
@@ -431,9 +431,7 @@ def _launch(x, threshold, weight_t, bias, M, config, folds=NO_FOLDS):
     compact = bool(config.get("COMPACT"))
     if compact and dot:
         raise ValueError(f"sparse_gemv: config {config}: COMPACT lists kept features for the elementwise loop, not DOT")
-    blocks = triton.cdiv(K, block_k)
-    per_split = triton.cdiv(blocks, max(1, min(int(config.get("SPLIT_K", 1)), blocks))) * block_k
-    splits = triton.cdiv(K, per_split)  # no split is left empty
+    per_split, splits = k_ranges(K, block_k, config)
     # a gated activation pairs columns j and N/2 + j, which one program does not both hold: partials and the
     # summing kernel's epilogue, even for one split
     one_split = splits == 1 and glu is None
@@ -493,7 +491,7 @@ def sparse_gemv(
 
     ``weight_t`` is the weight transposed, ``[K, N]``; ``threshold`` 0-d or ``[K]``. Returns
     a new tensor ``[..., N]`` (``[..., N / 2]`` with glu) of x's dtype. ``config`` overrides the
-    tuned one (``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, ``DOT`` or ``COMPACT``, ``num_warps``, or
+    tuned one (``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, ``DOT``, ``COMPACT`` or ``PREFETCH``, ``num_warps``, or
     ``{"library": True}``).
     """
     M = _check(x, threshold, weight_t, bias, norm_weight, residual, glu)
