@@ -225,6 +225,7 @@ if HAS_TRITON:
         SUBS: tl.constexpr,
         STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,
+        FLAT: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X: all rows with a grid of one
@@ -239,6 +240,13 @@ if HAS_TRITON:
         rows ``up_row`` further down are the up projection.
         SPLIT: program (n, 0, s) takes K from s * per_split (whole BLOCK_K blocks) on and stores fp32 partials
         (triton_gemv.store_partials: P, and PSQ for the norm) for triton_gemv.sum_splits_kernel.
+        FLAT (EVEN, one-word units): a step's words are loaded as a [BLOCK_N, BLOCK_K / CODES] tile, one
+        contiguous run a row, and reshaped to [BLOCK_N, SUBS, WORDS]. The same words in the same registers'
+        order, but Triton then lays the tile out with a warp's lanes along K and the rows across warps
+        (offline sm_90 compiles, Triton 3.6: threads [1, 8, 4], warps [4, 1, 1]) instead of lanes across
+        rows: a code position's activations, broadcast to every row through shared memory, are needed by
+        4 threads a value instead of 16, and the shared-memory reads a step fall about 3.5x (Nsight Compute
+        found the one-row tiles bound by L1/shared traffic, 70-89% busy, with DRAM at 7-41%).
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
@@ -249,7 +257,9 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         row = tl.program_id(1)  # row-wise launches (one program column a row, M = 1): the row's offsets
         pid_k = tl.program_id(2)
-        k_lo = pid_k * per_split
+        # per_split is whole BLOCK_K blocks: written so, the compiler knows k_lo // CODES is a multiple of
+        # BLOCK_K / CODES words and loads the words 16 bytes at a time (as pid_k * per_split it knew only 2 words)
+        k_lo = pid_k * (per_split // BLOCK_K) * BLOCK_K
         k_hi = tl.minimum(K, k_lo + per_split)
         X += row * stride_xm + k_lo
         QW += k_lo // CODES * UNIT
@@ -301,6 +311,17 @@ if HAS_TRITON:
                 nxt, nxt_b, nxt_c = _load_units(w_ptrs + step, nxt_mask, BITS, False)
                 if ACT != 0:
                     nxt_up, nxt_up_b, nxt_up_c = _load_units(w_up_ptrs + step, nxt_mask, BITS, False)
+            elif FLAT:  # [BLOCK_N, BLOCK_K / CODES] words, reshaped: see the docstring
+                flat = tl.arange(0, SUBS * WORDS)[None, :]
+                words = tl.reshape(tl.load(QW + rows[:, None] * row_words + (k0 - k_lo) // CODES + flat),
+                                   [BLOCK_N, SUBS, WORDS])
+                words_b = words
+                words_c = words
+                if ACT != 0:
+                    words_up = tl.reshape(tl.load(QW + up_rows[:, None] * row_words + (k0 - k_lo) // CODES + flat),
+                                          [BLOCK_N, SUBS, WORDS])
+                    words_up_b = words_up
+                    words_up_c = words_up
             else:
                 words, words_b, words_c = _load_units(w_ptrs, w_mask, BITS, EVEN)
                 if ACT != 0:
@@ -645,6 +666,8 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             SUBS=subs,
             STAGES=int(config.get("num_stages", 1)),
             PREFETCH=bool(config.get("prefetch")) and not dot,
+            FLAT=bool(config.get("flat")) and not config.get("prefetch") and bits != 3
+            and n_out % block_n == 0 and K % (sub * subs) == 0,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),
             **launch_opts(config),

@@ -271,11 +271,14 @@ _GEMV_WQ = _cfgs(
     {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
     {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 2, "num_stages": 1},
     {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
-    # a whole 4096-code row in one step: Nsight Compute on an H100 (2026-12-06) put the 16 x 1024 tile at 17-19%
-    # achieved occupancy (168 registers with norm + GLU, 96 without) and 22-39% of DRAM bandwidth: latency-bound,
-    # too few bytes in flight. These issue every load of a row before any arithmetic (128-250 registers)
-    {"BLOCK_N": 8, "BLOCK_K": 4096, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 1},
+    # "flat": the words loaded as one contiguous run a row and reshaped (triton_gemv_wq's FLAT): a warp's lanes
+    # along K, rows across warps, so a code position's activations reach 4 threads a value instead of 16. Nsight
+    # Compute on an H100 (2026-12-06, session 20) found these tiles bound by L1/shared-memory traffic (70-89%
+    # busy, DRAM 7-41%); whole-row tiles (BLOCK_K 4096), tried for bytes in flight, were 3x slower and are gone
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "flat": True},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "flat": True},
+    {"BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True},
+    {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True},
     # or the next step's words loaded into registers before this step's arithmetic ("prefetch": two steps in
     # flight a thread; offline sm_90 compiles, int4: 8 x 1024 at 128 registers with norm + GLU, 80 with norm)
     {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "prefetch": True},
