@@ -145,6 +145,18 @@ def _tune_gemv_wq(x, qweight, bias, norm_weight, eps, residual, glu, scales, zer
                                             norm_weight, eps, residual, glu)
 
 
+def _sparse_gemv_wq(x, threshold, qweight_t, bias, norm_weight, eps, residual, glu, scales_t, zero_points_t,
+                    input_scale, bits):
+    return _codegen("triton_sparse_gemv_wq").sparse_gemv_wq(x, threshold, qweight_t, scales_t, zero_points_t, bits,
+                                                            bias, input_scale, norm_weight, eps, residual, glu)
+
+
+def _tune_sparse_gemv_wq(x, threshold, qweight_t, bias, norm_weight, eps, residual, glu, scales_t, zero_points_t,
+                         input_scale, bits):
+    _codegen("triton_sparse_gemv_wq").tune_sparse_gemv_wq(x, threshold, qweight_t, scales_t, zero_points_t, bits,
+                                                          bias, input_scale, norm_weight, eps, residual, glu)
+
+
 def _tune_linear_wq(x, qweight, scales, zero_points, bias, input_scale, bits):
     """Decode-sized products are tuned (most become gemv_wq before this); prefill's are dequantize + cuBLAS."""
     gemv_wq = _codegen("triton_gemv_wq")
@@ -190,6 +202,8 @@ KERNELS: dict[str, Kernel] = {
     "flashc.gemv_wq": Kernel(_gemv_wq, _tune_gemv_wq),
     "flashc.sparse_gemv": Kernel(lambda *args: _codegen("triton_sparse_gemv").sparse_gemv(*args),
                                  lambda *args: _codegen("triton_sparse_gemv").tune_sparse_gemv(*args)),
+    # the same on a weight-only quantized layer, its codes K-major (the late pass converts them once)
+    "flashc.sparse_gemv_wq": Kernel(_sparse_gemv_wq, _tune_sparse_gemv_wq),
     # 2:4-pruned prefill linears (backends/cuda_semi_structured.py): sparse tensor cores where measured faster
     "flashc.linear_24": Kernel(lambda *args: _codegen("semi_structured").linear_24(*args),
                                lambda *args: _codegen("semi_structured").tune_linear_24(*args)),

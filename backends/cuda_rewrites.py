@@ -13,12 +13,15 @@ have reference implementations, so the rewritten graph runs and is checked on th
   the buffer in place (one pass over the state a decode step instead of three).
 * `FuseSparseMatmuls`: a linear of at most a few rows whose input is `flashc.sparsify`d
   (online activation sparsity) -> one `sparse_gemv` reading a transposed copy of the
-  weight, stored in the program, that skips the weight rows of the zeroed inputs. It runs
-  before `FuseSmallMatmuls`, which would make the linear a dense `gemv`.
+  weight, stored in the program, that skips the weight rows of the zeroed inputs; a
+  weight-only quantized `linear_wq` so fed -> one `sparse_gemv_wq` reading its codes
+  repacked K-major (flashc.sparse_ops.to_kmajor), likewise stored once. It runs before
+  `FuseSmallMatmuls`, which would make the linear a dense `gemv` (`gemv_wq`).
 * `FuseSmallMatmuls`: matmuls of at most a few rows (decode) -> one `gemv` each (a
   weight-only quantized `linear_wq` -> one `gemv_wq`), with the RMSNorm before, the gated
   activation after a merged gate|up projection, and the residual add after folded in; the
-  same folds go into the `sparse_gemv` calls (their threshold then sees the normed value).
+  same folds go into the `sparse_gemv` and `sparse_gemv_wq` calls (their threshold then sees
+  the normed value).
 * `FuseQuantizedInputs`: the RMSNorm, residual add + RMSNorm or gated activation whose output
   only W8A8 / FP8 linears read -> one op that writes their input's codes and row scales
   (flashc/quantized_input_ops.py), the linears -> `linear_w8a8_q` / `linear_fp8_q` on them.
@@ -36,6 +39,7 @@ import torch.fx as fx
 from flashc.aliasing import MutationInfo, is_write
 from flashc.ir import Program, op_name
 from flashc.pass_manager import PassContext, PassResult
+from flashc.sparse_ops import KMAJOR_BITS, to_kmajor
 
 GEMV = torch.ops.flashc.gemv.default
 GEMV_WQ = torch.ops.flashc.gemv_wq.default  # gemv's first seven arguments, then the packed weight's
@@ -44,6 +48,7 @@ KV_WRITE = torch.ops.flashc.rotary_kv_write.default
 QKV_WRITE = torch.ops.flashc.rotary_qkv_write.default
 SPARSIFY = torch.ops.flashc.sparsify.default
 SPARSE_GEMV = torch.ops.flashc.sparse_gemv.default
+SPARSE_GEMV_WQ = torch.ops.flashc.sparse_gemv_wq.default  # sparse_gemv's first eight arguments, then the packed weight
 # a state-space layer's mixing -> the same writing its state buffer in place (the state argument's position)
 MIX_INTO = {torch.ops.flashc.ssm_mix.default: (torch.ops.flashc.ssm_mix_into.default, 5),
             torch.ops.flashc.gla_mix.default: (torch.ops.flashc.gla_mix_into.default, 4)}
@@ -107,7 +112,8 @@ class FuseQuantizedInputs:
 
 
 class FuseSparseMatmuls:
-    """linear(sparsify(x, t), w, b) of at most `max_rows` rows -> flashc.sparse_gemv(x, t, w_t, b)."""
+    """linear(sparsify(x, t), w, b) of at most `max_rows` rows -> flashc.sparse_gemv(x, t, w_t, b), and
+    linear_wq(sparsify(x, t), ...) -> flashc.sparse_gemv_wq on the codes K-major."""
 
     name = "cuda_fuse_sparse_matmuls"
     requires = ("shapes",)
@@ -119,7 +125,10 @@ class FuseSparseMatmuls:
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         before = set(program.params)
         done, skipped = fuse_sparse_matmuls(program, self.max_rows)
+        quantized, kept_quantized = fuse_sparse_quantized_matmuls(program, self.max_rows)
         details = [{"layer": node, "op": "aten.linear", "status": "dense", "note": why} for node, why in skipped]
+        details += [{"layer": node, "op": "flashc.linear_wq", "status": "dense", "note": why}
+                    for node, why in kept_quantized]
         # the transposed copies are new memory: the model the user compiled still holds its own weights
         copies = [program.params[name] for name in set(program.params) - before]
         copy_mb = sum(t.numel() * t.element_size() for t in copies) / 2**20
@@ -127,8 +136,11 @@ class FuseSparseMatmuls:
             details.append({"layer": "-", "op": "flashc.sparse_gemv", "status": "memory",
                             "note": f"{len(copies)} weights stored transposed for the sparse GEMVs: {copy_mb:,.1f} MiB "
                                     "beside the compiled model's own weights"})
-        return PassResult(done > 0, {"matmuls_to_sparse_gemv": done, "sparse_kept_dense": len(skipped),
-                                     "transposed_weight_mib": round(copy_mb, 1)}, details=details)
+        stats = {"matmuls_to_sparse_gemv": done, "sparse_kept_dense": len(skipped) + len(kept_quantized),
+                 "transposed_weight_mib": round(copy_mb, 1)}
+        if quantized or kept_quantized:  # a program with quantized sparsified linears says what became of them
+            stats["quantized_to_sparse_gemv_wq"] = quantized
+        return PassResult(done + quantized > 0, stats, details=details)
 
 
 ROPES = {torch.ops.flashc.rotary.default: False, torch.ops.flashc.rotary_interleaved.default: True}  # -> interleaved
@@ -317,14 +329,17 @@ def fuse_state_writes(graph: fx.Graph) -> int:
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # where each op that norms, activations and residuals fold into takes x, norm_weight, eps, residual, glu:
-# gemv (x, w, bias, norm_weight, eps, residual, glu), gemv_wq's first seven, sparse_gemv (x, t, w_t, bias, ...)
-_FOLD_ARGS = {GEMV: (0, 3, 4, 5, 6), GEMV_WQ: (0, 3, 4, 5, 6), SPARSE_GEMV: (0, 4, 5, 6, 7)}
+# gemv (x, w, bias, norm_weight, eps, residual, glu), gemv_wq's first seven, sparse_gemv (x, t, w_t, bias, ...),
+# sparse_gemv_wq's first eight
+_FOLD_ARGS = {GEMV: (0, 3, 4, 5, 6), GEMV_WQ: (0, 3, 4, 5, 6), SPARSE_GEMV: (0, 4, 5, 6, 7),
+              SPARSE_GEMV_WQ: (0, 4, 5, 6, 7)}
+SPARSE_GEMVS = (SPARSE_GEMV, SPARSE_GEMV_WQ)  # their kernels norm in x's dtype
 _FOLD_NAMES = ("x", "norm", "eps", "residual", "glu")
 FOLDS_INTO = tuple(_FOLD_ARGS)
 
 
 def _arg(node: fx.Node, name: str):
-    """The argument `name` ("x", "norm", "eps", "residual", "glu") of a gemv, gemv_wq or sparse_gemv call."""
+    """The argument `name` ("x", "norm", "eps", "residual", "glu") of a call of one of FOLDS_INTO."""
     return node.args[_FOLD_ARGS[node.target][_FOLD_NAMES.index(name)]]
 
 
@@ -408,8 +423,8 @@ def matmuls_to_gemvs(graph: fx.Graph, max_rows: int) -> int:
 
 
 def fold_into_gemvs(graph: fx.Graph) -> int:
-    """Fold into gemv, gemv_wq and sparse_gemv calls what their kernels compute around the product;
-    returns how many folds.
+    """Fold into gemv, gemv_wq, sparse_gemv and sparse_gemv_wq calls what their kernels compute around the
+    product; returns how many folds.
 
     1. ``rms_norm(x, g, eps)`` whose users are all such calls -> their ``x`` and ``norm`` (a
        sparse_gemv's threshold then applies to the normed value, as before; it takes a norm
@@ -428,8 +443,8 @@ def fold_into_gemvs(graph: fx.Graph) -> int:
             return False
         if normed in user.args[1:]:
             return False
-        sv, nv = _val(source), _val(normed)  # the sparse kernel norms in x's dtype: no promotion
-        return user.target != SPARSE_GEMV or (sv is not None and nv is not None and sv.dtype == nv.dtype)
+        sv, nv = _val(source), _val(normed)  # the sparse kernels norm in x's dtype: no promotion
+        return user.target not in SPARSE_GEMVS or (sv is not None and nv is not None and sv.dtype == nv.dtype)
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
@@ -566,6 +581,95 @@ def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tupl
         if not w.users:
             graph.erase_node(w)
             del program.params[w.name]
+    graph.lint()
+    return count, skipped
+
+
+def _sparse_wq_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max_rows: int) -> str | None:
+    """Why linear_wq(sparsify(x, t), qweight, scales, zero_points, bias, input_scale, bits) at node cannot
+    become a sparse_gemv_wq (None: it can)."""
+    sparse = node.args[0]
+    x, t = sparse.args
+    _, qweight, scales, zero_points, _, input_scale, bits = node.args
+    xv, tv, qv, sv = _val(x), _val(t), _val(qweight), _val(scales)
+    if node.kwargs or xv is None or tv is None or qv is None or sv is None:
+        return "no shapes recorded, or keyword arguments"
+    bv = _val(node.args[4])
+    if xv.dtype not in _FLOATS or xv.shape[-1] == 0 or (bv is not None and bv.dtype != xv.dtype):
+        return f"input {xv.dtype}{list(xv.shape)}: the kernel takes float rows (and a bias of their dtype)"
+    if xv.numel() // xv.shape[-1] > max_rows:
+        return f"{xv.numel() // xv.shape[-1]} rows: more than {max_rows}, a GEMM (cuBLAS) reads the weight once anyway"
+    if not (tv.dim() == 0 or tuple(tv.shape) in ((xv.shape[-1],), (1,))) or not tv.dtype.is_floating_point:
+        return f"threshold {tv.dtype}{list(tv.shape)}: the kernel takes a 0-d or per-feature float threshold"
+    if bits not in KMAJOR_BITS or qv.shape[0] % (32 // bits):
+        return (f"{bits}-bit codes, {qv.shape[0]} outputs: the K-major layout fills whole 32-bit words along N "
+                f"with {KMAJOR_BITS}-bit codes")
+    group = qv.shape[2] * 8 // bits
+    if group & -group < 16 or sv.dtype not in (xv.dtype, torch.float32):
+        return (f"group size {group}, scales {sv.dtype}: the kernel takes a group size that is a multiple of 16, "
+                "scales of x's dtype or fp32")
+    packed = [a for a in (qweight, scales, zero_points) if a is not None]
+    if any(a.op != "placeholder" or a.name not in program.params for a in packed):
+        return "the packed weight is computed in the graph, not stored"
+    if any(info.is_written(a) for a in packed):
+        return "the graph writes the packed weight in place: a K-major copy would go stale"
+    if any(info.written_between(v, sparse, node) for v in (x, t, sparse, input_scale) if isinstance(v, fx.Node)):
+        return "the input, threshold, sparsified value or input scale is written between the sparsify and the linear"
+    stored = program.params[scales.name]
+    if stored.device.type != "meta" and not bool(torch.isfinite(stored).all()):
+        return "the scales hold inf or nan: a skipped row would not give the reference's 0 * inf = nan"
+    return None
+
+
+def fuse_sparse_quantized_matmuls(program: Program, max_rows: int) -> tuple[int, list[tuple[str, str]]]:
+    """Rewrite ``flashc.linear_wq(flashc.sparsify(x, t), qweight, scales, zero_points, bias, input_scale, bits)``
+    with at most ``max_rows`` rows into ``flashc.sparse_gemv_wq(x, t, qweight_t, bias, None, 1e-6, None, None,
+    scales_t, zero_points_t, input_scale, bits)``; returns (how many, [(linear node, why not)] for the rest).
+
+    The packed weight is repacked K-major here, once (flashc.sparse_ops.to_kmajor: the same codes, scales
+    and zero points; each packed weight once however many linears read it), into new weights of the
+    program, so a zeroed input skips a contiguous row of codes; the originals are dropped when nothing else
+    reads them, so the GPU holds the same bytes. Left as they are, as in `fuse_sparse_matmuls`: packed
+    weights the graph writes in place or computes, scales holding inf or nan, an input, threshold,
+    sparsified value or input scale written between the sparsify and the linear, more rows than
+    ``max_rows``, and what the layout cannot hold (3-bit codes, outputs not filling whole words, groups not
+    a multiple of 16). The sparsify stays while other nodes read it. Keeps shapes (the new call has the
+    linear's meta["val"]) and every in-place write.
+    """
+    graph = program.graph
+    info = MutationInfo.of(graph)
+    kmajor: dict[tuple, tuple] = {}
+    skipped: list[tuple[str, str]] = []
+    count = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or node.target != LINEAR_WQ
+                or not isinstance(node.args[0], fx.Node) or node.args[0].target != SPARSIFY):
+            continue
+        why = _sparse_wq_skip_reason(program, info, node, max_rows)
+        if why is not None:
+            skipped.append((node.name, why))
+            continue
+        sparse, qweight, scales, zero_points, bias, input_scale, bits = node.args
+        if (qweight, scales, zero_points) not in kmajor:
+            converted = to_kmajor(program.params[qweight.name], program.params[scales.name],
+                                  None if zero_points is None else program.params[zero_points.name], bits)
+            kmajor[(qweight, scales, zero_points)] = tuple(
+                None if t is None else program.add_param(f"{source.name}_kmajor", t)
+                for source, t in zip((qweight, scales, zero_points), converted))
+        qweight_t, scales_t, zero_points_t = kmajor[(qweight, scales, zero_points)]
+        with graph.inserting_before(node):
+            call = graph.call_function(SPARSE_GEMV_WQ, (*sparse.args, qweight_t, bias, None, 1e-6, None, None,
+                                                        scales_t, zero_points_t, input_scale, bits))
+        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        if not sparse.users:
+            graph.erase_node(sparse)
+        count += 1
+    for source in {a for key in kmajor for a in key if a is not None}:
+        if not source.users:
+            graph.erase_node(source)
+            del program.params[source.name]
     graph.lint()
     return count, skipped
 

@@ -113,6 +113,13 @@ def _pruned_variants() -> dict:
     return variants
 
 
+def _composed_variants() -> dict:
+    """--variants name -> (row label, compile's quantize=, compile's prune=): online activation sparsity on int4
+    weights (flashc issue #15: the sparsified linear_wq become sparse_gemv_wq on the codes K-major)."""
+    _, online40 = _pruned_variants()["flashc-online40"]
+    return {"flashc-int4-online40": ("int4-rtn + online-40%", "int4-rtn", online40)}
+
+
 def profile_kernels(fn, out: Path, title: str, weight_bytes: float, bw: float, iters: int = 5) -> None:
     """Per-kernel GPU time of fn() (kernel by kernel, no CUDA graph), grouped by kernel name."""
     from collections import defaultdict
@@ -307,6 +314,20 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                     _measure(rec, case, f"flashc h100 -O3 {label_p}", flashc_step(prune=spec), ref, floor_ms, batch)
                     kept.pop("cm", None)
                     kept.pop("read", None)
+            for variant, (label_c, scheme, spec) in _composed_variants().items():
+                if variant not in variants:
+                    continue
+                # the floor is the quantized one (all its packed weights): what sparsity saves depends on the token
+                def c_floor_ms():  # known once the variant is built
+                    return (kept["read"] + kv_bytes) / bw * 1e3
+
+                _measure(rec, case, f"flashc h100 -O3 {label_c}", flashc_step(scheme, spec), ref, c_floor_ms, batch)
+                if "cm" in kept:
+                    exe = kept.pop("cm").executable
+                    profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {label_c} {case}",
+                                    kept["read"], bw)
+                    del exe
+                kept.pop("read", None)
         del step, inputs, ref
         torch._dynamo.reset()
 
@@ -385,7 +406,8 @@ def main() -> int:
                    help="eager, compile, reduce-overhead, flashc, and the quantized flashc-int4 (int4-rtn, "
                         "group 128), flashc-int4-head (the output head too), flashc-int8 (int8-weight), flashc-w8a8 "
                         "(int8 weights and activations), flashc-fp8 (e4m3 weights and activations), flashc-online40 / "
-                        "flashc-online50 (online activation sparsity, sparse GEMVs), flashc-2:4 (magnitude 2:4 "
+                        "flashc-online50 (online activation sparsity, sparse GEMVs), flashc-int4-online40 (int4-rtn "
+                        "with online-40%%: sparse GEMVs on int4 codes, decode only), flashc-2:4 (magnitude 2:4 "
                         "weights: the sparse tensor cores for prefill where they measure faster)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model")
     p.add_argument("--out", default="bench_out")

@@ -1,6 +1,7 @@
 """The CUDA backend's sparse late pass (backends/cuda_rewrites.py: FuseSparseMatmuls), checked on the CPU:
 an online-pruned decode step's linear(sparsify(x, t), w, b) become flashc.sparse_gemv on a stored transposed
-weight, and the rewritten graph (the op's reference runs here) computes what the pruned graph computed."""
+weight (a quantized one's linear_wq(sparsify(x, t), ...) flashc.sparse_gemv_wq on its codes K-major), and the
+rewritten graph (the ops' references run here) computes what the pruned graph computed."""
 
 from dataclasses import replace
 
@@ -11,7 +12,8 @@ from flashc_testing import rel_err
 
 import flashc
 from flashc.backends.cuda import CudaBackend
-from flashc.backends.cuda_rewrites import SPARSE_GEMV, SPARSIFY, FuseSparseMatmuls, fuse_sparse_matmuls
+from flashc.backends.cuda_rewrites import (LINEAR_WQ, SPARSE_GEMV, SPARSE_GEMV_WQ, SPARSIFY, FuseSparseMatmuls,
+                                           fuse_sparse_matmuls, fuse_sparse_quantized_matmuls)
 from flashc.capture import capture
 from flashc.codegen.triton_gemv import MAX_ROWS
 from flashc.decode import DecodeStep, decode_example_inputs, empty_kv_cache
@@ -188,3 +190,140 @@ def test_compiling_for_the_gpu_reports_the_sparse_pass(tiny_models):
     assert late["cuda_fuse_sparse_matmuls"].stats["matmuls_to_sparse_gemv"] == 4 * model.config.num_hidden_layers
     ops = {op_name(n) for n in cm.program.op_nodes()}
     assert "flashc.sparsify" in ops and "flashc.sparse_gemv" not in ops
+
+
+# ------------------------------------------------------------------ quantized: linear_wq(sparsify(x, t), ...)
+def sparsified_quantized(program):
+    return [n for n in program.op_nodes() if n.target is LINEAR_WQ and n.args[0].target is SPARSIFY]
+
+
+class QuantizedLayers(torch.nn.Module):
+    """Two int4 layers (one asymmetric with an AWQ input scale and a bias, one symmetric) reading sparsified inputs;
+    `write` scales the first layer's input in place between its sparsify and its linear, `shared` reads the
+    second layer's sparsified value in another op too."""
+
+    def __init__(self, write=False, shared=False):
+        super().__init__()
+        from flashc.quantized_ops import pack_codes, pack_zero_points
+
+        self.write, self.shared = write, shared
+        self.register_buffer("q1", pack_codes(torch.randint(0, 16, (32, 64), dtype=torch.uint8), 4, 32))
+        self.register_buffer("s1", torch.rand(32, 2) / 40 + 0.01)
+        self.register_buffer("z1", pack_zero_points(torch.randint(0, 16, (32, 2), dtype=torch.uint8), 4))
+        self.register_buffer("b1", torch.randn(32))
+        self.register_buffer("a1", torch.rand(64) + 0.5)
+        self.register_buffer("q2", pack_codes(torch.randint(0, 16, (16, 32), dtype=torch.uint8), 4, 32))
+        self.register_buffer("s2", torch.rand(16, 1) / 20 + 0.01)
+        self.register_buffer("t1", torch.tensor(0.6))
+        self.register_buffer("t2", torch.rand(32) * 0.5)
+
+    def forward(self, x):
+        h = x * 1.0
+        s = torch.ops.flashc.sparsify(h, self.t1)
+        if self.write:
+            h.mul_(2.0)
+        y = torch.ops.flashc.linear_wq(s, self.q1, self.s1, self.z1, self.b1, self.a1, 4)
+        s2 = torch.ops.flashc.sparsify(y, self.t2)
+        out = torch.ops.flashc.linear_wq(s2, self.q2, self.s2, None, None, None, 4)
+        return out + s2.sum() if self.shared else out
+
+
+def test_quantized_sparsified_linears_become_sparse_gemv_wq_on_codes_converted_once():
+    """Both layers -> flashc.sparse_gemv_wq on K-major copies (to_kmajor's, the same codes), made once at compile
+    time; the packed originals and the sparsify nodes go; the numbers are the quantized graph's, bit for bit."""
+    from flashc.sparse_ops import to_kmajor
+
+    program = capture(QuantizedLayers(), (torch.randn(2, 64),))
+    assert len(sparsified_quantized(program)) == 2
+    lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
+    assert record.stats["quantized_to_sparse_gemv_wq"] == 2 and record.stats["matmuls_to_sparse_gemv"] == 0
+    ops = [op_name(n) for n in lowered.op_nodes()]
+    assert ops.count("flashc.sparse_gemv_wq") == 2 and "flashc.linear_wq" not in ops and "flashc.sparsify" not in ops
+    first, second = [n for n in lowered.op_nodes() if n.target is SPARSE_GEMV_WQ]
+    (linear1, linear2) = sparsified_quantized(program)
+    want = to_kmajor(*(program.params[a.name] for a in linear1.args[1:4]), 4)
+    got = [lowered.params[a.name] for a in (first.args[2], first.args[8], first.args[9])]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert second.args[9] is None and second.args[10] is None  # symmetric, no input scale
+    assert first.args[10].name == linear1.args[5].name and first.args[3].name == linear1.args[4].name
+    assert not {a.name for a in linear1.args[1:4]} & set(lowered.params)  # nothing else read them
+    x = torch.randn(2, 64)
+    assert torch.equal(lowered.run_flat(x)[0], program.run_flat(x)[0])
+
+
+def test_a_write_between_the_sparsify_and_the_linear_keeps_the_linear_and_a_shared_sparsify_stays():
+    """The input scaled in place after the sparsify read it: the fused op would read the new values, so that
+    layer stays linear_wq(sparsify); the second layer's sparsified value is also summed: its sparsify stays beside
+    the new op, which reads the unsparsified input."""
+    program = capture(QuantizedLayers(write=True, shared=True), (torch.randn(2, 64),))
+    assert any(n.target is torch.ops.aten.mul_.Tensor for n in program.op_nodes())
+    lowered, (record,) = run_late_passes(program, FuseSparseMatmuls(MAX_ROWS))
+    assert record.stats["quantized_to_sparse_gemv_wq"] == 1 and record.stats["sparse_kept_dense"] == 1
+    assert "written between the sparsify and the linear" in record.details[0]["note"]
+    assert len(sparsified_quantized(lowered)) == 1  # the first layer, as it was
+    (call,) = [n for n in lowered.op_nodes() if n.target is SPARSE_GEMV_WQ]
+    assert op_name(call.args[0]) != "flashc.sparsify" and call.args[1].name.endswith("t2")
+    assert sum(n.target is SPARSIFY for n in lowered.op_nodes()) == 2
+    x = torch.randn(2, 64)
+    assert torch.equal(lowered.run_flat(x.clone())[0], program.run_flat(x.clone())[0])
+
+
+def test_layouts_the_kernel_cannot_hold_stay_linear_wq():
+    """3-bit codes, and outputs that do not fill whole words along N (20 int4 codes), are left as they are,
+    with the reason; a decode-sized program only (a prefill's rows stay for cuBLAS)."""
+    from flashc.quantized_ops import pack_codes
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("q3", pack_codes(torch.randint(0, 8, (16, 64), dtype=torch.uint8), 3, 32))
+            self.register_buffer("q4", pack_codes(torch.randint(0, 16, (20, 64), dtype=torch.uint8), 4, 32))
+            self.register_buffer("s3", torch.rand(16, 2))
+            self.register_buffer("s4", torch.rand(20, 2))
+            self.register_buffer("t", torch.tensor(0.5))
+
+        def forward(self, x):
+            s = torch.ops.flashc.sparsify(x, self.t)
+            return (torch.ops.flashc.linear_wq(s, self.q3, self.s3, None, None, None, 3).sum()
+                    + torch.ops.flashc.linear_wq(s, self.q4, self.s4, None, None, None, 4).sum())
+
+    program = capture(Odd(), (torch.randn(2, 64),))
+    done, skipped = fuse_sparse_quantized_matmuls(program.clone(), MAX_ROWS)
+    assert done == 0 and len(skipped) == 2 and all("whole 32-bit words" in why for _, why in skipped)
+    prefill = capture(QuantizedLayers(), (torch.randn(MAX_ROWS + 1, 64),))
+    done, skipped = fuse_sparse_quantized_matmuls(prefill, MAX_ROWS)
+    assert done == 0 and all("more than 16" in why for _, why in skipped)
+
+
+@pytest.fixture(scope="module")
+def pruned_quantized_for_gpu(tiny_models):
+    """llama-tiny's decode step with online-40% and int4-rtn, compiled for the h100 target (here, without a
+    GPU: the executable refuses to run; the portable program and the late passes' records are what is checked)."""
+    model = tiny_models["llama-tiny"]
+    cm = flashc.compile(DecodeStep(model, 16), "h100", decode_example_inputs(model, 2, 16), level=3, prune=PRUNE,
+                        quantize="int4-rtn", calibration=torch.randint(0, model.config.vocab_size, (1024,),
+                                                                       generator=torch.Generator().manual_seed(0)))
+    return model, cm
+
+
+def test_a_model_compiled_with_online_sparsity_and_int4_for_the_gpu_runs_sparse_gemv_wq(pruned_quantized_for_gpu):
+    """prune="online-40%" with quantize="int4-rtn", for h100: every pruned linear_wq becomes a sparse_gemv_wq (the
+    CUDA lowering table has it: no fallback), norms, SwiGLU and residual adds fold in as into sparse_gemv, and the
+    lowered graph computes what the portable one (kept in the artifact, linear_wq(sparsify)) computes."""
+    model, cm = pruned_quantized_for_gpu
+    layers = model.config.num_hidden_layers
+    late = {r.name: r for r in cm.records if r.stage == "backend"}
+    assert late["cuda_fuse_sparse_matmuls"].stats["quantized_to_sparse_gemv_wq"] == 4 * layers
+    assert "flashc.sparse_gemv_wq" not in {f.op for f in cm.fallbacks}
+    portable = {op_name(n) for n in cm.program.op_nodes()}
+    assert {"flashc.sparsify", "flashc.linear_wq"} <= portable and "flashc.sparse_gemv_wq" not in portable
+    lowered, records = run_late_passes(cm.program, *CudaBackend().late_passes(PROFILES["h100"], None))
+    ops = [op_name(n) for n in lowered.op_nodes()]
+    assert ops.count("flashc.sparse_gemv_wq") == 4 * layers and "flashc.linear_wq" not in ops
+    assert not {"flashc.rms_norm", "flashc.add_rms_norm", "flashc.swiglu", "flashc.sparsify", "aten.add"} & set(ops)
+    folded = [(n.args[4] is not None, n.args[6] is not None, n.args[7]) for n in lowered.op_nodes()
+              if n.target is SPARSE_GEMV_WQ]
+    assert folded == [(True, False, None), (False, True, None), (True, False, "silu"), (False, True, None)] * layers
+    want, cache_want = decode_outputs(model, cm.program, seed=2)
+    got, cache_got = decode_outputs(model, lowered, seed=2)
+    assert rel_err(got, want) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(cache_got, cache_want))

@@ -11,7 +11,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flashc.codegen import triton_gemv, triton_gemv_wq, triton_gla, triton_moe, triton_sparse_gemv, triton_ssm
+from flashc.codegen import (triton_gemv, triton_gemv_wq, triton_gla, triton_moe, triton_sparse_gemv,
+                            triton_sparse_gemv_wq, triton_ssm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "k_scale", "inv_tau"}
@@ -52,6 +53,28 @@ def variants():
                dict(PER_FEATURE=False, HAS_NORM=True, HAS_RES=False, NORM_BLOCK=512, COMPACT=False,
                     PREFETCH=prefetch, RANGE=1, HAS_BIAS=False, ONE_SPLIT=False, DOT=True, IEEE=False, EVEN_N=True,
                     BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, PDL=True))
+    sparse_wq_ptrs = {"X": "*bf16", "T": "*bf16", "QW": "*i32", "S": "*bf16", "ZP": "*i32", "BIAS": "*bf16",
+                      "XS": "*bf16", "G": "*bf16", "R": "*bf16", "Y": "*bf16", "P": "*fp32"}
+    for prefetch, skip, norm, rows in itertools.product([False, True], [False, True], [True, False], [1, 2]):
+        if skip and rows == 2:
+            continue
+        yield (f"sparse_gemv_wq int4 prefetch={prefetch} skip={skip} norm={norm} rows={rows}",
+               triton_sparse_gemv_wq._sparse_gemv_wq_kernel, sparse_wq_ptrs,
+               dict(BITS=4, GROUP=128, HAS_ZP=norm, PER_FEATURE=not norm, HAS_NORM=norm, HAS_XSCALE=norm,
+                    HAS_BIAS=True, HAS_RES=not prefetch, ONE_SPLIT=not prefetch, DOT=False, IEEE=False,
+                    PREFETCH=prefetch, SKIP=skip, EVEN_N=rows == 1, NORM_BLOCK=512, ROWS=rows, WORDS=128,
+                    BLOCK_K=16, PDL=True))
+    for bits in (8, 2):
+        yield (f"sparse_gemv_wq int{bits} prefetch", triton_sparse_gemv_wq._sparse_gemv_wq_kernel, sparse_wq_ptrs,
+               dict(BITS=bits, GROUP=64, HAS_ZP=True, PER_FEATURE=False, HAS_NORM=True, HAS_XSCALE=False,
+                    HAS_BIAS=False, HAS_RES=False, ONE_SPLIT=False, DOT=False, IEEE=False, PREFETCH=True,
+                    SKIP=False, EVEN_N=True, NORM_BLOCK=512, ROWS=1, WORDS=128, BLOCK_K=16, PDL=True))
+    for bits, prefetch in itertools.product([4, 8], [False, True]):
+        yield (f"sparse_gemv_wq int{bits} dot prefetch={prefetch}", triton_sparse_gemv_wq._sparse_gemv_wq_kernel,
+               sparse_wq_ptrs,
+               dict(BITS=bits, GROUP=128, HAS_ZP=True, PER_FEATURE=prefetch, HAS_NORM=True, HAS_XSCALE=True,
+                    HAS_BIAS=False, HAS_RES=False, ONE_SPLIT=False, DOT=True, IEEE=False, PREFETCH=prefetch,
+                    SKIP=False, EVEN_N=not prefetch, NORM_BLOCK=512, ROWS=16, WORDS=32, BLOCK_K=32, PDL=True))
     for act, res, norm in itertools.product([0, 1, 2], [True, False], [True, False]):  # gemv's and sparse_gemv's
         yield (f"gemv split sum act={act} residual={res} norm={norm}", triton_gemv.sum_splits_kernel,
                {"P": "*fp32", "S": "*fp32", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16"},
