@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh spec-ngram # ngram (8 drafts) alone against plain and HF (smollm2 carried)
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh s20        # int4 tiles b1/b8, sparse PREFETCH tiles, 8B int4 decode b1/b8
+#   bash bench/gpu_session.sh s20b       # int4 GEMV after FLAT, 8B int4 decode, sparse_gemv_wq shapes
 #   bash bench/gpu_session.sh int4-b8    # int4 against bf16 at batch 1 and 8 (8B, 1B)
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
@@ -158,6 +159,14 @@ case "${1:-verify}" in
     step sparse_gemv 100 python3 bench/sparse_gemv_shapes.py --out "$OUT" --models llama-3-8b --sparsities 0 0.4 0.5
     step decode_int4_8b 330 python3 bench/decode.py --models llama-3-8b --batches 1 8 --prefill 0 \
       --variants flashc flashc-int4 --out "$OUT" --timeout 320
+    ;;
+  s20b)  # session 20's second call: the int4 GEMV after the aligned loads and FLAT tiles (8B, batch 1), the 8B int4
+         # decode step against bf16, then sparse_gemv_wq (online sparsity on int4 codes) against dense int4
+    step gemv_wq 100 python3 bench/gemv_wq_shapes.py --out "$OUT" --models llama-3-8b --quick --budget-s 90
+    step decode_int4_8b 200 python3 bench/decode.py --models llama-3-8b --batches 1 --prefill 0 \
+      --variants flashc flashc-int4 --out "$OUT" --timeout 190
+    step sparse_int4 220 python3 bench/sparse_gemv_shapes.py --out "$OUT" --models --int4-models llama-3-8b \
+      --sparsities 0 0.4 0.5
     ;;
   int4-shapes)  # the int4 GEMV shapes alone (8B), and the GPU tests session 14 fixed
     step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
