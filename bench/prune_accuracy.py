@@ -1,7 +1,7 @@
 """Accuracy of pruning (flashc.passes.prune) against the dense model: perplexity of mixtral-ref (or --model).
 
-    python bench/prune_accuracy.py [--model smollm2-135m] [--specs wanda-50% 2:4 online-40% ...] [--limit N] [--window 256]
-        [--threads N] [--no-experts] [--recover-steps N]
+    python bench/prune_accuracy.py [--model smollm2-135m] [--specs wanda-50% 2:4 online-40% dejavu-40% ...] [--limit N]
+        [--window 256] [--threads N] [--no-experts] [--recover-steps N]
 
 Each pruned model is compiled by flashc.compile(..., prune=PruneConfig, calibration=the
 built-in calibration text) for the cpu target at -O2 and scored by flashc.evaluation:
@@ -18,14 +18,17 @@ default leaves them dense) unless --no-experts. Columns:
 * sparsity: what the pass reports over what it pruned (offline: zeros among the pruned
   layers' weights; online: the model-wide activation sparsity of the sparsified inputs,
   the experts' intermediate (flashc.moe_sparse) among them, measured on held-out
-  calibration rows; ffn: FFN parameters removed; experts: MoE expert
-  and router parameters removed; heads: query heads removed, a rewrite of the model before
-  capture, so counted from q_proj's rows in the compiled program);
+  calibration rows; dejavu: the share of the gated MLPs' intermediate neurons the predictors
+  zero, on held-out rows (MoE experts have no predictor: on mixtral-ref nothing is pruned);
+  ffn: FFN parameters removed; experts: MoE expert and router parameters removed; heads:
+  query heads removed, a rewrite of the model before capture, so counted from q_proj's rows
+  in the compiled program);
 * weights read/token: the fraction of the linear weights a token reads that it no longer
   needs (a nonzero weight times a surviving input), over every linear layer but the output
   head (tied to the 49152 x 128 embedding, 64% of all per-token reads of this small model,
   and left dense by every method). For online sparsity this is the fraction a sparse GEMV
-  could skip; for offline pruning the fraction a sparse kernel could skip. Dropping experts
+  could skip; for offline pruning the fraction a sparse kernel could skip; for dejavu the down
+  projections' skipped reads less the predictors' own (r (K + F) a token each). Dropping experts
   reads as about 0%: a token still runs top_k experts, of fewer (the model gets smaller,
   not cheaper per token).
 """
@@ -45,7 +48,7 @@ MODEL = "mixtral-ref"
 
 
 def prune_record(cm):
-    return next((r for r in cm.records if r.name in ("prune_weights", "sparsify_activations",
+    return next((r for r in cm.records if r.name in ("prune_weights", "sparsify_activations", "predict_mlp_sparsity",
                                                       "prune_ffn_channels", "prune_experts")), None)
 
 
@@ -58,7 +61,8 @@ def query_heads_removed(cm, dense_cm) -> float:
 
 def weights_read_per_token(cm, record) -> float:
     """Nonzero weights x surviving-input fraction a token reads through the linear layers and
-    MoE experts of cm's program (the output head excluded; see the module docstring)."""
+    MoE experts of cm's program, and Deja Vu's predictors (the output head excluded; see the
+    module docstring)."""
     program = cm.program
     measured = {d["threshold_param"]: d["sparsity"] for d in (record.details if record else []) or []
                 if d.get("threshold_param")}
@@ -81,11 +85,14 @@ def weights_read_per_token(cm, record) -> float:
             kept_down = 1 - measured.get(node.args[6].name, 0.0) if len(node.args) > 6 else 1.0
             total += share * (int(torch.count_nonzero(gate_up)) * kept_input(node.args[0])
                               + int(torch.count_nonzero(down)) * kept_down)
+        elif node.target is torch.ops.flashc.predicted_sparsify.default:  # the predictor's A and B, read whole
+            total += sum(program.params[node.args[i].name].numel() for i in (2, 3))
     return total
 
 
 def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps: int | None = None,
-             model_name: str = MODEL, online_score: str = "magnitude") -> list[dict]:
+             model_name: str = MODEL, online_score: str = "magnitude", predictor_rank: int | None = None
+             ) -> list[dict]:
     import flashc
     from flashc import zoo
     from flashc.accuracy import logits_fn_of
@@ -120,7 +127,11 @@ def rows_for(specs, limit: int | None, window: int, experts: bool, recover_steps
         config = replace(PruneConfig.parse(spec), experts=experts)
         if config.method == "online":
             config = replace(config, score=online_score)
-        runs.append((config.spec, config))
+        label = config.spec
+        if config.method == "dejavu" and predictor_rank is not None:
+            config = replace(config, predictor_rank=predictor_rank)
+            label += f" (rank {predictor_rank})"
+        runs.append((label, config))
         if recover_steps and config.method in RECOVERABLE:
             runs.append((f"{config.spec} + recovery ({recover_steps} steps)",
                          replace(config, recover=DistillConfig(steps=recover_steps, lr=3e-4))))
@@ -188,6 +199,8 @@ def main() -> None:
     ap.add_argument("--no-experts", action="store_true", help="leave the MoE experts dense (PruneConfig's default)")
     ap.add_argument("--score", default="magnitude", choices=SCORES,
                     help="online pruning's score (PruneConfig.score): |x| (TEAL) or |x| times its weight column's norm")
+    ap.add_argument("--predictor-rank", type=int, default=None,
+                    help="dejavu's predictor rank (PruneConfig.predictor_rank; default min(128, K // 8))")
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="also run each spec with recovery (weights, ffn, experts) with N steps of recovery distillation")
     ap.add_argument("--threads", type=int, default=None,
@@ -198,7 +211,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = rows_for(args.specs, args.limit, args.window, not args.no_experts, args.recover_steps, args.model,
-                    args.score)
+                    args.score, args.predictor_rank)
     print_table(rows, args.limit, args.window, not args.no_experts, args.model)
     print_targets(rows)
 

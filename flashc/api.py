@@ -59,7 +59,7 @@ def compile(
     weight-only quantization after the level's pipeline; calibration (None or "builtin":
     flashc's calibration text, a text or .safetensors file, or token ids) feeds GPTQ/AWQ.
     prune ("wanda-50%", "sparsegpt-50%", "magnitude-50%", "2:4", "wanda-2:4", "online-40%",
-    "ffn-25%", "experts-2", "heads-25%" or a PruneConfig) appends pruning after the level's
+    "dejavu-40%", "ffn-25%", "experts-2", "heads-25%" or a PruneConfig) appends pruning after the level's
     pipeline and before quantization (heads: a rewrite of a copy of the model before capture,
     passes/prune/heads.py); calibration feeds it too (every method but magnitude). recover (a
     flashc.distill.DistillConfig) then distils the pruned weights against the unpruned model

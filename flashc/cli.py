@@ -1047,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits a weight on average (with --quantize int4-gptq / int4-rtn, or --quantize mixed-3.5)")
     c.add_argument("--prune", default=None, metavar="SPEC",
                    help="pruning, before any quantization: wanda-50%%, sparsegpt-50%%, magnitude-50%%, 2:4, wanda-2:4, "
-                        "online-40%%, ffn-25%%, heads-25%%, experts-2 (see PruneConfig)")
+                        "online-40%%, dejavu-40%%, ffn-25%%, heads-25%%, experts-2 (see PruneConfig)")
     c.add_argument("--recover-steps", type=POSITIVE, default=None, metavar="N",
                    help="after --prune (magnitude, wanda, sparsegpt, ffn, experts): N steps distilling the pruned weights "
                         "against the unpruned model on the calibration text")

@@ -344,6 +344,7 @@ def _(q, k, v, cos, sin, k_cache, v_cache, positions, interleaved=False):
 from flashc import quantized_ops as _quantized_ops  # noqa: E402,F401  (registers flashc.linear_wq, flashc.moe_wq)
 from flashc import quantized_input_ops as _quantized_input_ops  # noqa: E402,F401  (flashc.rms_norm_quant, ...)
 from flashc import sparse_ops as _sparse_ops  # noqa: E402,F401  (registers flashc.sparsify)
+from flashc import predictor_ops as _predictor_ops  # noqa: E402,F401  (registers flashc.predicted_sparsify)
 from flashc import semi_structured_ops as _semi_structured_ops  # noqa: E402,F401  (registers flashc.linear_24)
 from flashc import codebook_ops as _codebook_ops  # noqa: E402,F401  (registers flashc.linear_aqlm)
 from flashc import hadamard_ops as _hadamard_ops  # noqa: E402,F401  (registers flashc.hadamard)

@@ -134,7 +134,7 @@ class CompileReport:
         return self.render()
 
 
-PRUNE_PASSES = ("prune_weights", "sparsify_activations", "prune_ffn_channels")
+PRUNE_PASSES = ("prune_weights", "sparsify_activations", "predict_mlp_sparsity", "prune_ffn_channels")
 
 
 def _details_table(record):
@@ -172,14 +172,15 @@ def _details_table(record):
 
 
 def _prune_table(record):
-    """A pruning pass's rows: per layer (or per sparsified input) the pattern, the sparsity
-    reached and the parameters before and after (nonzero ones; for online sparsity the
-    weights a token reads through the input, at the sparsity measured on held-out rows)."""
+    """A pruning pass's rows: per layer (or per sparsified input, or per MLP) the pattern, the
+    sparsity reached and the parameters before and after (nonzero ones; for online sparsity the
+    weights a token reads through the input, at the sparsity measured on held-out rows; for Deja
+    Vu's predictors those it reads through the MLP, the predictor's own included)."""
     from rich.table import Table
 
-    online = record.name == "sparsify_activations"
+    online = record.name in ("sparsify_activations", "predict_mlp_sparsity")
     method = next((d["method"] for d in record.details if d.get("method")), None)
-    title = {"online": "online activations", "ffn": "ffn channels"}.get(method, method)
+    title = {"online": "online activations", "dejavu": "Deja Vu predictors", "ffn": "ffn channels"}.get(method, method)
     table = Table(title="pruning" + (f" ({title})" if title else ""), title_justify="left")
     table.add_column("layer", overflow="fold", ratio=3)
     table.add_column("pattern", overflow="fold", ratio=1)

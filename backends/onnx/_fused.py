@@ -19,6 +19,8 @@ the same thing, standard ONNX ops otherwise.
   live positions 0..cache_position. Otherwise standard ops with the mask
   j <= cache_position[s] (Range/LessOrEqual) over the whole cache.
 * swiglu, geglu, moe, moe_sparse -> standard ops (Sigmoid/Gelu; MoE as dense TopK-weighted experts).
+* sparsify, predicted_sparsify (online pruning's masks) -> Abs/Greater/Where and MatMul/MatMul/
+  Greater/Where: the masked values are computed, nothing is skipped (ORT has no sparse GEMV).
 
 With contrib_ops=False every flashc op takes its standard-op form.
 
@@ -440,3 +442,26 @@ def _moe(ctx, node):
     y = b.op("MatMul", act, _expert_weight_t(ctx, down))  # [E, T, F] x [E, F, H] -> [E, T, H]
     route = b.reshape(b.transpose(dense, [1, 0]), [e, t, 1])
     return b.op("ReduceSum", b.op("Mul", y, route), b.ints([0]), keepdims=0)
+
+
+# --- Activation sparsity (online pruning) ----------------------------------------------------------
+
+
+@lowers(flashc_ops.sparsify.default)
+def _sparsify(ctx, node):
+    """flashc.sparsify: x where |x| > threshold (0-d or per channel), else 0."""
+    x, threshold = node.args
+    b, dt = ctx.b, ctx.dtype(x)
+    kept = b.op("Greater", b.op("Abs", ctx.v(x)), ctx.tensor(threshold, dt))
+    return b.op("Where", kept, ctx.v(x), b.const(torch.zeros(()), dt))
+
+
+@lowers(flashc_ops.predicted_sparsify.default)
+def _predicted_sparsify(ctx, node):
+    """flashc.predicted_sparsify: h where the predictor's score (x @ a) @ pb, in a's dtype, is above the
+    threshold (0-d or per neuron), else 0."""
+    h, x, a, pb, threshold = node.args
+    b, dt = ctx.b, ctx.dtype(a)
+    score = b.op("MatMul", b.op("MatMul", ctx.tensor(x, dt), ctx.v(a)), ctx.tensor(pb, dt))
+    kept = b.op("Greater", score, ctx.tensor(threshold, dt))
+    return b.op("Where", kept, ctx.v(h), b.const(torch.zeros(()), ctx.dtype(h)))

@@ -91,6 +91,8 @@ def _flashc_converters() -> dict[Any, Callable]:
         fl.decode_attention.default: lambda o, a: o.decode_attention(*a),
         fl.moe.default: lambda o, a: o.moe(*a),
         fl.moe_sparse.default: lambda o, a: o.moe(*a),  # the threshold, its 7th argument, sparsifies the intermediate
+        fl.sparsify.default: lambda o, a: o.sparsify(*a),
+        fl.predicted_sparsify.default: lambda o, a: o.predicted_sparsify(*a),
     }
 
 

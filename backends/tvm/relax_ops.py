@@ -164,3 +164,18 @@ class FlashcOps:
         act = self.emit(op.multiply(act, self.cast(self.emit(op.expand_dims(dense, -1)), _dtype(act))))
         out = self.emit(op.matmul(self.emit(op.reshape(act, [t, e * f])), down_rows))
         return self.cast(out, _dtype(x))
+
+    def sparsify(self, x, threshold):
+        """flashc.sparsify: x where |x| > threshold (0-d or per channel), else 0."""
+        op = self.R.op
+        kept = self.emit(op.greater(self.emit(op.abs(x)), self.cast(threshold, _dtype(x))))
+        return self.emit(op.where(kept, x, self.const(0.0, _dtype(x))))
+
+    def predicted_sparsify(self, h, x, a, b, threshold):
+        """flashc.predicted_sparsify: h where the predictor's score (x @ a) @ b, in a's dtype, is above
+        the threshold (0-d or per neuron), else 0."""
+        op = self.R.op
+        dt = _dtype(a)
+        score = self.emit(op.matmul(self.emit(op.matmul(self.cast(x, dt), a)), self.cast(b, dt)))
+        kept = self.emit(op.greater(score, self.cast(threshold, dt)))
+        return self.emit(op.where(kept, h, self.const(0.0, _dtype(h))))

@@ -1,6 +1,6 @@
 """Pruning: offline (magnitude, Wanda, SparseGPT; unstructured or N:M), online activation
-sparsity (TEAL) and structured pruning (FFN channels, attention heads, MoE experts), with
-calibration shared with quantization.
+sparsity (TEAL, or Deja Vu's learned predictor per MLP) and structured pruning (FFN channels,
+attention heads, MoE experts), with calibration shared with quantization.
 
     from flashc.passes.prune import PruneConfig, prune_pass
     prune_pass(PruneConfig.parse("wanda-50%"), resolve_calibration("builtin", tokenizer))
@@ -8,8 +8,9 @@ calibration shared with quantization.
 One module per idea: config (PruneConfig), masks, magnitude, wanda, sparsegpt, teal (the
 methods), layers (what the passes share), recover (distillation of the pruned weights against
 the unpruned program, flashc.distill's loop), and the passes: weights (PruneWeights),
-activations (SparsifyActivations: flashc.sparsify nodes), ffn (PruneFfnChannels), experts
-(PruneExperts). Attention heads are pruned on the model before capture (heads:
+activations (SparsifyActivations: flashc.sparsify nodes), dejavu (PredictMlpSparsity: a trained
+predictor's mask on each gated MLP's intermediate, flashc.predicted_sparsify), ffn
+(PruneFfnChannels), experts (PruneExperts). Attention heads are pruned on the model before capture (heads:
 prune_heads, which flashc.compile runs where it runs model-level rewrites), because a head
 count is baked into a captured graph's view sizes.
 """
@@ -19,13 +20,15 @@ from __future__ import annotations
 from flashc.errors import FlashcError
 from flashc.passes.prune.activations import SparsifyActivations
 from flashc.passes.prune.config import METHODS, NOT_IMPLEMENTED, SPECS, PruneConfig
+from flashc.passes.prune.dejavu import PredictMlpSparsity
 from flashc.passes.prune.experts import PruneExperts
 from flashc.passes.prune.ffn import PruneFfnChannels
 from flashc.passes.prune.heads import HeadsResult, prune_heads
 from flashc.passes.prune.weights import PruneWeights
 
 PASSES = {"magnitude": PruneWeights, "wanda": PruneWeights, "sparsegpt": PruneWeights,
-          "online": SparsifyActivations, "ffn": PruneFfnChannels, "experts": PruneExperts}
+          "online": SparsifyActivations, "dejavu": PredictMlpSparsity, "ffn": PruneFfnChannels,
+          "experts": PruneExperts}
 MODEL_REWRITES = ("heads",)  # methods that rewrite the nn.Module before capture (no graph pass)
 
 
@@ -53,7 +56,7 @@ def for_model(prune, calibration, model, source=None, quantize_reads_it: bool = 
     if not config.needs_calibration:
         if calibration is not None and not quantize_reads_it:
             raise FlashcError(f"pruning {config.spec} reads no calibration data; drop calibration=, or choose "
-                              "wanda, sparsegpt, online or ffn")
+                              "wanda, sparsegpt, online, dejavu or ffn")
         return prune_pass(config)
     return prune_pass(config, calibration_for_model(calibration, model, source))
 
@@ -70,6 +73,6 @@ def heads_for_model(prune, calibration, model, source=None) -> HeadsResult:
     return prune_heads(model, config, calibration_for_model(calibration, model, source))
 
 
-__all__ = ["METHODS", "MODEL_REWRITES", "NOT_IMPLEMENTED", "PASSES", "HeadsResult", "PruneConfig", "PruneExperts",
-           "PruneFfnChannels", "PruneWeights", "SPECS", "SparsifyActivations", "for_model", "heads_for_model",
-           "prune_heads", "prune_pass"]
+__all__ = ["METHODS", "MODEL_REWRITES", "NOT_IMPLEMENTED", "PASSES", "HeadsResult", "PredictMlpSparsity",
+           "PruneConfig", "PruneExperts", "PruneFfnChannels", "PruneWeights", "SPECS", "SparsifyActivations",
+           "for_model", "heads_for_model", "prune_heads", "prune_pass"]

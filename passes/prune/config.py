@@ -1,4 +1,4 @@
-"""PruneConfig: what pruning does, parsed from a spec ('wanda-50%', '2:4', 'online-40%') in one place."""
+"""PruneConfig: what pruning does, parsed from a spec ('wanda-50%', '2:4', 'online-40%', 'dejavu-40%') in one place."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 from flashc.errors import FlashcError, closest_names
 
 # offline: weights set to zero once (unstructured or N:M); online: activations zeroed per
-# token below a calibrated threshold; ffn, heads, experts: whole FFN channels, query heads or
-# MoE experts removed (smaller dense weights)
-METHODS = ("magnitude", "wanda", "sparsegpt", "online", "ffn", "heads", "experts")
+# token below a calibrated threshold; dejavu: MLP neurons zeroed per token by a learned
+# predictor; ffn, heads, experts: whole FFN channels, query heads or MoE experts removed
+# (smaller dense weights)
+METHODS = ("magnitude", "wanda", "sparsegpt", "online", "dejavu", "ffn", "heads", "experts")
 WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
 RECOVERABLE = (*WEIGHT_METHODS, "ffn", "experts")  # passes that distil their new weights (recover.py)
 MAX_SPARSITY = 0.95
@@ -32,6 +33,8 @@ SPECS = {
     "wanda-N:M / magnitude-N:M / sparsegpt-N:M": "the N:M pattern by that method",
     "online-X%": "activation sparsity (TEAL): inputs of linear layers zeroed below calibrated thresholds, "
                  "X% in every transformer block",
+    "dejavu-X%": "contextual sparsity (Deja Vu): X% of each gated MLP's intermediate neurons zeroed per token, "
+                 "chosen by a low-rank predictor trained on the calibration text",
     "ffn-X%": "drop X% of the intermediate channels of every FFN (smaller dense weights)",
     "heads-X%": "drop X% of the query heads, the same number in every grouped-query group of a layer (key/value "
                 "heads and the KV cache stay; without GQA whole heads go, k/v and the cache too)",
@@ -39,9 +42,7 @@ SPECS = {
 }
 
 # Kinds of flashc issue #15 that are not built yet: asking for one is an error, never a fallback.
-NOT_IMPLEMENTED = {
-    "dejavu": "a learned activation-sparsity predictor per MLP (Deja Vu)",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,12 @@ class PruneConfig:
     Alistarh 2023, arXiv:2301.00774: OBS mask selection with the calibration Hessian and
     error compensation, blocked), "online" (TEAL, arXiv:2408.14690: each linear's input
     zeroed below a magnitude threshold, per-input sparsities allocated greedily under the
-    target in every transformer block), "ffn" (structured: FFN intermediate channels of least Wanda-style
-    importance removed), "heads" (query heads removed before capture, `passes/prune/heads.py`:
+    target in every transformer block), "dejavu" (Liu et al. 2023, arXiv:2310.17157, the MLP part: in each
+    gated MLP, the intermediate act(gate x) * up x multiplied per token by the mask of a low-rank predictor
+    (x @ A) @ B above a threshold, A [K, r] and B [r, F] trained on calibration activations to find the
+    top (1 - sparsity) of |act(gate x) * up x|, `passes/prune/dejavu.py`; the down projection reads the kept
+    neurons only, gate and up are still computed whole), "ffn" (structured: FFN intermediate channels of
+    least Wanda-style importance removed), "heads" (query heads removed before capture, `passes/prune/heads.py`:
     the layers that lose them chosen by measured damage, each layer's removal alone against the
     unpruned logits; inside a layer, the heads of least Wanda-style importance on o_proj's input) or "experts" (the MoE experts that
     received the least routing weight on the calibration text removed, with their router
@@ -70,7 +75,10 @@ class PruneConfig:
     each, as TEAL allocates) or "model" (one run, the target model-wide); score: what online
     sparsity thresholds, "magnitude" (|x|, TEAL) or "weighted" (|x_i| times the norm of the weight
     column it multiplies, a threshold per input channel: WINA); sample_rows:
-    calibration rows kept per input for thresholds and errors.
+    calibration rows kept per input for thresholds and errors. predictor_rank: r of the "dejavu" predictors
+    (None: min(128, K // 8), K the MLP's input width); predictor_steps: their Adam steps; predictor_rows:
+    calibration rows sampled per MLP, three quarters to train on, the rest held out for the threshold and
+    the report.
     calibration_tokens: at most this many calibration tokens are run;
     min_calibration_tokens: fewer than this is an error. recover: a DistillConfig (flashc.distill)
     to distil the pruned weights against the unpruned model on the calibration text afterwards
@@ -90,6 +98,9 @@ class PruneConfig:
     allocation: str = "block"
     score: str = "magnitude"
     sample_rows: int = 2048
+    predictor_rank: int | None = None
+    predictor_steps: int = 400
+    predictor_rows: int = 8192
     calibration_tokens: int = 16384
     min_calibration_tokens: int = 1024
     recover: Any = None  # flashc.distill.DistillConfig
@@ -146,6 +157,12 @@ class PruneConfig:
         if not 0 < self.allocation_step <= MAX_SPARSITY:
             raise FlashcError(f"PruneConfig.allocation_step must be in (0, {MAX_SPARSITY}], got "
                               f"{self.allocation_step!r}")
+        if self.predictor_rank is not None and (not isinstance(self.predictor_rank, int) or self.predictor_rank < 1):
+            raise FlashcError(f"PruneConfig.predictor_rank must be a positive integer or None (min(128, K // 8)), "
+                              f"got {self.predictor_rank!r}")
+        if self.predictor_steps < 1 or self.predictor_rows < 8:
+            raise FlashcError(f"PruneConfig.predictor_steps must be positive and predictor_rows at least 8, got "
+                              f"{self.predictor_steps} and {self.predictor_rows}")
         if self.min_calibration_tokens < 1 or self.calibration_tokens < self.min_calibration_tokens:
             raise FlashcError(f"PruneConfig.calibration_tokens ({self.calibration_tokens}) must be at least "
                               f"min_calibration_tokens ({self.min_calibration_tokens}), which must be positive")
@@ -156,10 +173,11 @@ class PruneConfig:
 
     @property
     def pattern(self) -> str:
-        """'2:4', 'unstructured', 'online' (activations), 'ffn channels', 'attention heads' or 'experts'."""
+        """'2:4', 'unstructured', 'online' (activations), 'predicted' (Deja Vu), 'ffn channels', 'attention
+        heads' or 'experts'."""
         if self.n_m is not None:
             return f"{self.n_m[0]}:{self.n_m[1]}"
-        return {"online": "online", "ffn": "ffn channels", "heads": "attention heads",
+        return {"online": "online", "dejavu": "predicted", "ffn": "ffn channels", "heads": "attention heads",
                 "experts": "experts"}.get(self.method, "unstructured")
 
     @property
@@ -174,7 +192,7 @@ class PruneConfig:
     @classmethod
     def parse(cls, text: "str | PruneConfig") -> "PruneConfig":
         """A config from a spec: 'magnitude-50%', 'wanda-50%', 'sparsegpt-50%', '2:4' (SparseGPT),
-        'wanda-2:4', 'online-40%', 'ffn-25%', 'heads-25%' (the % sign is optional), 'experts-2' (a count
+        'wanda-2:4', 'online-40%', 'dejavu-40%', 'ffn-25%', 'heads-25%' (the % sign is optional), 'experts-2' (a count
         of experts per MoE layer: without %) or 'experts-25%'."""
         if isinstance(text, PruneConfig):
             return text
@@ -212,7 +230,8 @@ class PruneConfig:
         if head in NOT_IMPLEMENTED:
             _check_method(head, text)
         raise FlashcError(f"prune={text!r} is not a pruning spec; known specs: {', '.join(SPECS)} "
-                          f"(e.g. 'wanda-50%', '2:4', 'online-40%', 'ffn-25%', 'heads-25%', 'experts-2')")
+                          f"(e.g. 'wanda-50%', '2:4', 'online-40%', 'dejavu-40%', 'ffn-25%', 'heads-25%', "
+                          "'experts-2')")
 
 
 def _check_method(method: str, text: str) -> None:

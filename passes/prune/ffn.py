@@ -126,7 +126,7 @@ class PruneFfnChannels:
                 continue
             if node.target not in GATED and node.target not in UNARY:
                 continue
-            ffn = _match_ffn(program, node)
+            ffn = match_ffn(program, node)
             if ffn is None:
                 continue
             weights = [n.args[1] for n in (*ffn.readers, ffn.down)]
@@ -269,7 +269,7 @@ def _plain_linear(program: Program, node) -> bool:
             and (bias is None or (bias.op == "placeholder" and bias.name in program.params)))
 
 
-def _match_ffn(program: Program, act: fx.Node) -> Ffn | None:
+def match_ffn(program: Program, act: fx.Node) -> Ffn | None:
     """The FFN around an activation node, or None when the graph around it is another shape."""
     if len(act.users) != 1:
         return None

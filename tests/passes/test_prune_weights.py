@@ -173,5 +173,3 @@ def test_cli(capsys):
     assert "pruning (magnitude)" in out and "unstructured" in out and "prune_weights" in out
     assert cli.main(["compile", "llama-tiny", "--prune", "wanda-120%"]) == 2
     assert "within 0-95%" in capsys.readouterr().err
-    assert cli.main(["compile", "llama-tiny", "--prune", "dejavu-50%"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
