@@ -511,6 +511,37 @@ def fold_into_gemvs(graph: fx.Graph) -> int:
     return folds
 
 
+def _sparse_rows_reason(xv, tv, max_rows: int) -> str | None:
+    """What both sparse rewrites ask of the sparsified input x (shape and dtype xv, at least one feature) and
+    its threshold (tv): decode-sized rows, and a 0-d or per-feature float threshold (None: both hold)."""
+    if xv.numel() // xv.shape[-1] > max_rows:
+        return f"{xv.numel() // xv.shape[-1]} rows: more than {max_rows}, a GEMM (cuBLAS) reads the weight once anyway"
+    if not (tv.dim() == 0 or tuple(tv.shape) in ((xv.shape[-1],), (1,))) or not tv.dtype.is_floating_point:
+        return f"threshold {tv.dtype}{list(tv.shape)}: the kernel takes a 0-d or per-feature float threshold"
+    return None
+
+
+def _replace_sparse_linear(graph: fx.Graph, node: fx.Node, target, args: tuple) -> None:
+    """node, a linear of ``sparsify(x, t)`` (its first argument), -> ``target(*args)`` with node's meta; the
+    sparsify goes too when nothing else reads it."""
+    sparse = node.args[0]
+    with graph.inserting_before(node):
+        call = graph.call_function(target, args)
+    call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    if not sparse.users:
+        graph.erase_node(sparse)
+
+
+def _drop_unread_params(program: Program, nodes) -> None:
+    """The weights among nodes that nothing reads any more (their re-laid-out copies replaced them), dropped."""
+    for w in nodes:
+        if not w.users:
+            program.graph.erase_node(w)
+            del program.params[w.name]
+
+
 def _sparse_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max_rows: int) -> str | None:
     """Why linear(sparsify(x, t), w, b) at node cannot become a sparse_gemv (None: it can)."""
     sparse = node.args[0]
@@ -521,10 +552,9 @@ def _sparse_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max
         return "no shapes recorded, or keyword arguments"
     if xv.dtype not in _FLOATS or wv.dim() != 2 or wv.dtype != xv.dtype or xv.shape[-1] == 0:
         return f"input {xv.dtype} and weight {wv.dtype}{list(wv.shape)}: the kernel takes a 2-d weight of x's dtype"
-    if xv.numel() // xv.shape[-1] > max_rows:
-        return f"{xv.numel() // xv.shape[-1]} rows: more than {max_rows}, a GEMM (cuBLAS) reads the weight once anyway"
-    if not (tv.dim() == 0 or tuple(tv.shape) in ((xv.shape[-1],), (1,))) or not tv.dtype.is_floating_point:
-        return f"threshold {tv.dtype}{list(tv.shape)}: the kernel takes a 0-d or per-feature float threshold"
+    rows_why = _sparse_rows_reason(xv, tv, max_rows)
+    if rows_why is not None:
+        return rows_why
     if w.op != "placeholder" or w.name not in program.params:
         return "the weight is computed in the graph, not a stored weight"
     if info.is_written(w):
@@ -569,18 +599,9 @@ def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tupl
         bias = node.args[2] if len(node.args) > 2 else None
         if w not in transposed:
             transposed[w] = program.add_param(f"{w.name}_t", program.params[w.name].t().contiguous())
-        with graph.inserting_before(node):
-            call = graph.call_function(SPARSE_GEMV, (*sparse.args, transposed[w], bias, None, 1e-6, None, None))
-        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        if not sparse.users:
-            graph.erase_node(sparse)
+        _replace_sparse_linear(graph, node, SPARSE_GEMV, (*sparse.args, transposed[w], bias, None, 1e-6, None, None))
         count += 1
-    for w in transposed:
-        if not w.users:
-            graph.erase_node(w)
-            del program.params[w.name]
+    _drop_unread_params(program, transposed)
     graph.lint()
     return count, skipped
 
@@ -597,10 +618,9 @@ def _sparse_wq_skip_reason(program: Program, info: MutationInfo, node: fx.Node, 
     bv = _val(node.args[4])
     if xv.dtype not in _FLOATS or xv.shape[-1] == 0 or (bv is not None and bv.dtype != xv.dtype):
         return f"input {xv.dtype}{list(xv.shape)}: the kernel takes float rows (and a bias of their dtype)"
-    if xv.numel() // xv.shape[-1] > max_rows:
-        return f"{xv.numel() // xv.shape[-1]} rows: more than {max_rows}, a GEMM (cuBLAS) reads the weight once anyway"
-    if not (tv.dim() == 0 or tuple(tv.shape) in ((xv.shape[-1],), (1,))) or not tv.dtype.is_floating_point:
-        return f"threshold {tv.dtype}{list(tv.shape)}: the kernel takes a 0-d or per-feature float threshold"
+    rows_why = _sparse_rows_reason(xv, tv, max_rows)
+    if rows_why is not None:
+        return rows_why
     if bits not in KMAJOR_BITS or qv.shape[0] % (32 // bits):
         return (f"{bits}-bit codes, {qv.shape[0]} outputs: the K-major layout fills whole 32-bit words along N "
                 f"with {KMAJOR_BITS}-bit codes")
@@ -657,19 +677,10 @@ def fuse_sparse_quantized_matmuls(program: Program, max_rows: int) -> tuple[int,
                 None if t is None else program.add_param(f"{source.name}_kmajor", t)
                 for source, t in zip((qweight, scales, zero_points), converted))
         qweight_t, scales_t, zero_points_t = kmajor[(qweight, scales, zero_points)]
-        with graph.inserting_before(node):
-            call = graph.call_function(SPARSE_GEMV_WQ, (*sparse.args, qweight_t, bias, None, 1e-6, None, None,
-                                                        scales_t, zero_points_t, input_scale, bits))
-        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        if not sparse.users:
-            graph.erase_node(sparse)
+        _replace_sparse_linear(graph, node, SPARSE_GEMV_WQ, (*sparse.args, qweight_t, bias, None, 1e-6, None, None,
+                                                             scales_t, zero_points_t, input_scale, bits))
         count += 1
-    for source in {a for key in kmajor for a in key if a is not None}:
-        if not source.users:
-            graph.erase_node(source)
-            del program.params[source.name]
+    _drop_unread_params(program, {a: None for key in kmajor for a in key if a is not None})
     graph.lint()
     return count, skipped
 
