@@ -295,14 +295,17 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                     profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {case}",
                                     weight_bytes, bw)
                     del exe
-            for variant, (label_q, scheme) in _quantized_variants().items():
+            # quantized, and quantized with online sparsity (composed: what sparsity saves depends on the token)
+            quantized = {name: (label_q, scheme, None) for name, (label_q, scheme) in _quantized_variants().items()}
+            for variant, (label_q, scheme, spec) in {**quantized, **_composed_variants()}.items():
                 if variant not in variants:
                     continue
                 # the floor of a quantized step: its own packed weights (and scales), plus the KV cache
                 def q_floor_ms():  # known once the variant is built
                     return (kept["read"] + kv_bytes) / bw * 1e3
 
-                _measure(rec, case, f"flashc h100 -O3 {label_q}", flashc_step(scheme), ref, q_floor_ms, batch)
+                _measure(rec, case, f"flashc h100 -O3 {label_q}", flashc_step(scheme, spec), ref, q_floor_ms,
+                         batch)
                 if "cm" in kept:
                     exe = kept.pop("cm").executable
                     profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {label_q} {case}",
@@ -314,20 +317,6 @@ def run_model(spec: str, batches: list[int], context: int, prefill: int, out: Pa
                     _measure(rec, case, f"flashc h100 -O3 {label_p}", flashc_step(prune=spec), ref, floor_ms, batch)
                     kept.pop("cm", None)
                     kept.pop("read", None)
-            for variant, (label_c, scheme, spec) in _composed_variants().items():
-                if variant not in variants:
-                    continue
-                # the floor is the quantized one (all its packed weights): what sparsity saves depends on the token
-                def c_floor_ms():  # known once the variant is built
-                    return (kept["read"] + kv_bytes) / bw * 1e3
-
-                _measure(rec, case, f"flashc h100 -O3 {label_c}", flashc_step(scheme, spec), ref, c_floor_ms, batch)
-                if "cm" in kept:
-                    exe = kept.pop("cm").executable
-                    profile_kernels(lambda: exe.run_eager(*inputs), out, f"{label} flashc {label_c} {case}",
-                                    kept["read"], bw)
-                    del exe
-                kept.pop("read", None)
         del step, inputs, ref
         torch._dynamo.reset()
 

@@ -88,7 +88,7 @@ from ._triton_common import (
 )
 from .triton_gemv import _ACTS, ELEMENTWISE_ROWS, L2_SPILL_BYTES, MAX_ROWS, k_ranges, sum_splits
 from .triton_gemv_wq import X_EXP
-from .triton_sparse_gemv import _kernel_threshold
+from .triton_sparse_gemv import _fits, _kernel_threshold  # the elementwise path's row limit, as there
 
 __all__ = ["MAX_ROWS", "TUNING_SPACE", "candidates", "reference_sparse_gemv_wq", "sparse_gemv_wq",
            "tune_sparse_gemv_wq"]
@@ -566,10 +566,6 @@ def _tuning_entry(M, x, threshold, N, group, bits, zero_points_t, bias, folds) -
              "dtype": str(x.dtype).replace("torch.", ""), "bias": bias is not None,
              "per_feature": threshold.numel() > 1, "xscale": input_scale is not None,
              "norm": norm_weight is not None, "residual": residual is not None, "glu": str(glu)})
-
-
-def _fits(M: int):
-    return lambda cfg: bool(cfg.get("library") or cfg.get("DOT") or M <= ELEMENTWISE_ROWS)
 
 
 def _worth_timing(M: int):
