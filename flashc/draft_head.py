@@ -517,10 +517,12 @@ def _end_of_sequence_ids(model) -> set[int]:
 
 @torch.no_grad()
 def generate_own_answers(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, batch: int = 8,
-                         progress: bool = True) -> OwnAnswers:
+                         progress: bool = True, sample: bool = False, seed: int = 0) -> OwnAnswers:
     """The target's greedy answers (at most new_tokens each, up to and including its end of
     sequence token) to prompts: eager Hugging Face generate, batched with left padding and an
-    attention mask; the padding is stripped from what comes back."""
+    attention mask; the padding is stripped from what comes back. sample: drawn from the
+    model's full distribution instead (temperature 1, no top-k or top-p cut, torch seeded with
+    seed): text to distil a student on, more varied than greedy answers, which loop."""
     import time
 
     from tqdm.auto import tqdm
@@ -546,9 +548,12 @@ def generate_own_answers(model: torch.nn.Module, prompts: list[torch.Tensor], ne
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, p in enumerate(chunk):
                 ids[row, width - p.numel():], mask[row, width - p.numel():] = p, 1
+            if sample:
+                torch.manual_seed(seed + i)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                 min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
+                                 min_new_tokens=0, do_sample=sample, num_beams=1, pad_token_id=pad,
+                                 temperature=1.0 if sample else None, top_p=1.0 if sample else None,
+                                 top_k=0 if sample else None)
             for row in out[:, width:].cpu():
                 # after a row's end of sequence token, generate pads it: cut right after the first one
                 ends = [j for j, t in enumerate(row.tolist()) if t in eos]
