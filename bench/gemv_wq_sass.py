@@ -33,7 +33,7 @@ POINTERS = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "ZP": "*u8", "BIAS": "*bf1
 ALIGNED = {"N", "K", "row_words", "up_row", "per_split", "stride_xm", "stride_rm", "stride_ym", "n_blocks"}
 DEFAULTS = dict(BITS=4, GROUP=128, HAS_ZP=False, HAS_BIAS=False, HAS_XSCALE=False, HAS_RES=False, DOT=False,
                 IEEE=False, EVEN=True, SPLIT=False, BLOCK_M=1, BLOCK_N=16, SUB=128, SUBS=8, STAGES=1, PREFETCH=False,
-                FLAT=False, PDL=True)
+                FLAT=False, XVEC=False, PDL=True)
 
 
 def main(argv: list[str]) -> int:

@@ -171,6 +171,19 @@ if HAS_TRITON:
         return _masked_code(words, words_b, words_c, c, BITS).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _code_columns(x3, SUBS: tl.constexpr, WORDS: tl.constexpr):
+        """The 8 columns of x3 [SUBS, WORDS, 8] as [SUBS, WORDS] tensors, in order (three rounds of
+        tl.split, which takes the last dimension's even and odd halves)."""
+        e, o = tl.split(tl.reshape(x3, [SUBS, WORDS, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
+        ee, eo = tl.split(tl.reshape(e, [SUBS, WORDS, 2, 2]))  # 0 4 | 2 6
+        oe, oo = tl.split(tl.reshape(o, [SUBS, WORDS, 2, 2]))  # 1 5 | 3 7
+        c0, c4 = tl.split(ee)
+        c2, c6 = tl.split(eo)
+        c1, c5 = tl.split(oe)
+        c3, c7 = tl.split(oo)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
     def _group_params(S, ZP, rows, blk, ok, n_blocks, zp_stride, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
         """Scales and zero points (float32) of the [rows, sub-blocks] tile's groups ``blk``."""
         s = tl.load(S + rows[:, None] * n_blocks + blk[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -226,6 +239,7 @@ if HAS_TRITON:
         STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,
         FLAT: tl.constexpr,
+        XVEC: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """Program (n, r): Y[r:r + M, n*BLOCK_N:(n+1)*BLOCK_N] for rows r.. of X: all rows with a grid of one
@@ -247,6 +261,11 @@ if HAS_TRITON:
         rows: a code position's activations, broadcast to every row through shared memory, are needed by
         4 threads a value instead of 16, and the shared-memory reads a step fall about 3.5x (Nsight Compute
         found the one-row tiles bound by L1/shared traffic, 70-89% busy, with DRAM at 7-41%).
+        XVEC (elementwise, EVEN, 4 bits): a step's activations (and norm weight, input scale) are loaded once
+        as a [SUBS, WORDS, 8] tile, word i's 8 columns as one 16-byte vector, and split into the 8 code
+        positions' [SUBS, WORDS] tensors (`_code_columns`), instead of 8 strided 2-byte loads each (offline
+        sm_90 compiles, Triton 3.6, 16 x 1024 flat tile with norm + GLU: 18 LDG.U16 -> 2 LDG.128 a thread a
+        step; the split columns still reach the words' layout through shared memory, as before).
         """
         if PDL:  # launched before the previous kernel finished: wait for its results
             tl.extra.cuda.gdc_wait()
@@ -362,7 +381,7 @@ if HAS_TRITON:
                     a_up = (s_up * 2.0 ** (149 - _X_EXP))[:, :, None]
                     b_up = (s_up * zp_up)[:, :, None]
                 folds = ()  # norm_weight * input_scale of code c's columns
-                if HAS_NORM or HAS_XSCALE:
+                if (HAS_NORM or HAS_XSCALE) and not XVEC:
                     for c in tl.static_range(CODES):
                         f = tl.full([SUBS, WORDS], 1.0, tl.float32)
                         if HAS_NORM:
@@ -373,7 +392,35 @@ if HAS_TRITON:
                 new_accs = ()
                 new_accs_up = ()
                 new_sqs = ()
-                for m in tl.static_range(BLOCK_M):
+                if XVEC:  # x as [SUBS, WORDS, CODES] vectors, contiguous (see the docstring); 4 bits only
+                    col = word[:, :, None] * CODES + tl.arange(0, CODES)[None, None, :]  # the step's columns
+                    f3 = tl.full([SUBS, WORDS, CODES], 1.0, tl.float32)
+                    if HAS_NORM:
+                        f3 = f3 * tl.load(G + k0 + col).to(tl.float32)
+                    if HAS_XSCALE:
+                        f3 = f3 * tl.load(XS + k0 + col).to(tl.float32)
+                    for m in tl.static_range(BLOCK_M):
+                        x3 = tl.load(X + (k0 - k_lo) + m * stride_xm + col, mask=(col * 0 + m) < M,
+                                     other=0.0).to(tl.float32)
+                        sq = sqs[m]
+                        if HAS_NORM:
+                            sq += tl.sum(x3 * x3, axis=2)
+                        if HAS_NORM or HAS_XSCALE:
+                            x3 = x3 * f3
+                        x_sum = tl.sum(x3, axis=2)
+                        xs = _code_columns(x3, SUBS, WORDS)
+                        part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                        part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                        for c in tl.static_range(CODES):
+                            xq = (xs[c] * 2.0 ** (_X_EXP - (c * BITS % 32 - 16 * (c * BITS % 32 + BITS > 20))))[None]
+                            part += _code(words, words_b, words_c, c, BITS) * xq
+                            if ACT != 0:
+                                part_up += _code(words_up, words_up_b, words_up_c, c, BITS) * xq
+                        new_accs = new_accs + (accs[m] + part * a - b * x_sum[None, :, :],)
+                        if ACT != 0:
+                            new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum[None, :, :],)
+                        new_sqs = new_sqs + (sq,)
+                for m in tl.static_range(0 if XVEC else BLOCK_M):
                     x_sum = tl.zeros([SUBS, WORDS], dtype=tl.float32)
                     part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
                     part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
@@ -667,6 +714,8 @@ def _launch(x, qweight, scales, zero_points, bits, bias, input_scale, norm_weigh
             STAGES=int(config.get("num_stages", 1)),
             PREFETCH=bool(config.get("prefetch")) and not dot,
             FLAT=bool(config.get("flat")) and not config.get("prefetch") and bits != 3
+            and n_out % block_n == 0 and K % (sub * subs) == 0,
+            XVEC=bool(config.get("xvec")) and not config.get("prefetch") and not dot and bits == 4
             and n_out % block_n == 0 and K % (sub * subs) == 0,
             PDL=pdl,
             **({"launch_pdl": True} if pdl else {}),

@@ -279,6 +279,12 @@ _GEMV_WQ = _cfgs(
     {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "flat": True},
     {"BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True},
     {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True},
+    # and the activations loaded once a step as 16-byte vectors, split into code positions ("xvec",
+    # triton_gemv_wq's XVEC, 4 bits): 2 LDG.128 a thread a step instead of 18 strided 2-byte loads
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "flat": True, "xvec": True},
+    {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "flat": True, "xvec": True},
+    {"BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True, "xvec": True},
+    {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "flat": True, "xvec": True},
     # or the next step's words loaded into registers before this step's arithmetic ("prefetch": two steps in
     # flight a thread; offline sm_90 compiles, int4: 8 x 1024 at 128 registers with norm + GLU, 80 with norm)
     {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "prefetch": True},

@@ -96,6 +96,17 @@ def test_folds_match_float64(device, fold, dtype):
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("rows,fold,group,asym,dtype", [(1, "everything", 32, True, torch.float32),
+                                                        (2, "norm_swiglu", 128, False, torch.bfloat16),
+                                                        (1, "plain", 64, False, torch.bfloat16)], ids=str)
+def test_activations_as_vectors_match_float64(device, rows, fold, group, asym, dtype):
+    """xvec: x (and the folded norm weight, input scale) loaded as 8-column vectors a word and split."""
+    config = {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 2, "xvec": True, "flat": True}
+    x, w, kw = make(device, dtype, (rows,), 256, 32, FOLDS[fold], group=group, bits=4, asym=asym)
+    out = gw.gemv_wq(x, *w, **kw, config=config)
+    assert rel_err(out.cpu(), truth(x, w, kw)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("config", [SMALL, DOT], ids=["elementwise", "dot"])
 def test_two_bit_codes_with_every_fold(device, config):
     """16 codes a word: codes past bit 19 take the shifted word, zero points are 4 blocks a byte."""
