@@ -24,6 +24,7 @@
 #   bash bench/gpu_session.sh int4-shapes # the 8B int4 GEMV shapes and the fixed GPU tests
 #   bash bench/gpu_session.sh s20        # int4 tiles b1/b8, sparse PREFETCH tiles, 8B int4 decode b1/b8
 #   bash bench/gpu_session.sh s20b       # int4 GEMV after FLAT, 8B int4 decode, sparse_gemv_wq shapes
+#   bash bench/gpu_session.sh s21        # int4 GEMV with xvec tiles (8B), 8B and 1B int4 decode (head too)
 #   bash bench/gpu_session.sh int4-1b    # 1B int4 with the head in int4, 8B int4 GEMV shapes at 8 rows
 #   bash bench/gpu_session.sh ssm-smol   # smollm2-135m half converted and distilled on the GPU (resumable)
 #   bash bench/gpu_session.sh int4-b8    # int4 against bf16 at batch 1 and 8 (8B, 1B)
@@ -169,6 +170,12 @@ case "${1:-verify}" in
       --variants flashc flashc-int4 --out "$OUT" --timeout 190
     step sparse_int4 220 python3 bench/sparse_gemv_shapes.py --out "$OUT" --models --int4-models llama-3-8b \
       --sparsities 0 0.4 0.5
+    ;;
+  s21)  # session 21: the int4 GEMV with the xvec candidates (8B shapes, batch 1), then 8B and 1B int4 decode
+        # against bf16, the output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the step)
+    step gemv_wq 110 python3 bench/gemv_wq_shapes.py --out "$OUT" --models llama-3-8b --quick --budget-s 100
+    step decode_int4 420 python3 bench/decode.py --models llama-3-8b llama-3.2-1b --batches 1 --prefill 0 \
+      --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 200
     ;;
   int4-1b)  # llama-3.2-1b int4 with its output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the
             # step), then the 8B int4 GEMV's 8-row shapes the session-20 budget cut (down, lm_head)
