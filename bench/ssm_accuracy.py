@@ -29,9 +29,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 
 def _setting(text: str):
     from flashc.passes.ssm import SSMConfig

@@ -92,9 +92,11 @@ def logits_fn_of(model_or_compiled) -> Callable[[torch.Tensor], torch.Tensor]:
             return _logits(model_or_compiled(ids), model_or_compiled.source.name)
         return run
 
+    device = next(iter(model_or_compiled.parameters()), torch.empty(0)).device  # a model on a GPU: ids go there
+
     def run_eager(ids):
         with torch.no_grad():
-            return _logits(model_or_compiled(ids, use_cache=False), type(model_or_compiled).__name__)
+            return _logits(model_or_compiled(ids.to(device), use_cache=False), type(model_or_compiled).__name__)
     return run_eager
 
 
