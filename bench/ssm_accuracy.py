@@ -69,6 +69,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-4, help="distillation's peak rate (alignment: 4x)")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per text (default: all)")
     p.add_argument("--kind", default="mamba2", help="the new layers' kind: mamba2 or gla (SSMConfig.kind)")
+    p.add_argument("--train", default="ssm", help="what the logit stage trains: ssm (the new layers), blocks (their "
+                                                "decoder blocks too) or all (SSMConfig.train)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--self-distill", type=int, default=0, metavar="N",
                    help="also train on N continuations of calibration paragraphs sampled from the original model "
@@ -110,7 +112,9 @@ def main() -> int:
     lines = []
     for setting in args.settings:
         label, fields = _setting(setting)
-        config = SSMConfig(**fields(layers), kind=args.kind, align=align, distill=distill,
+        if args.train != "ssm":
+            label += f"; logit stage trains {args.train}"
+        config = SSMConfig(**fields(layers), kind=args.kind, align=align, distill=distill, train=args.train,
                            plot=str(out / f"ssm_loss_{args.model}_{args.kind}_{setting.replace(',', '-')}.png"))
         t0 = time.perf_counter()
         ckpt = None if args.checkpoint is None else str(Path(args.checkpoint) / setting.replace(",", "-"))
@@ -127,6 +131,7 @@ def main() -> int:
                "align_steps": args.align_steps, "distill_steps": args.distill_steps,
                "tokens_per_step": args.batch * args.seq_len, "seconds": time.perf_counter() - t0,
                "training_tokens": tokens.numel(), "self_distill": args.self_distill, "tf32": args.tf32,
+               "train": args.train,
                "per_text": [r.to_dict() for r in rows], "device": args.device}
         with open(out / "ssm_accuracy.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -285,7 +285,7 @@ def _ssm_option(args):
     """The SSMConfig that --ssm and its training options name (None without --ssm)."""
     extras = {"--ssm-keep-attention": args.ssm_keep_attention, "--align-steps": args.align_steps,
               "--distill-steps": args.distill_steps, "--ssm-checkpoint": args.ssm_checkpoint,
-              "--ssm-plot": args.ssm_plot}
+              "--ssm-plot": args.ssm_plot, "--ssm-train": args.ssm_train}
     if args.ssm is None:
         given = [k for k, v in extras.items() if v is not None]
         if given:
@@ -307,6 +307,8 @@ def _ssm_option(args):
         changes["checkpoint_dir"] = args.ssm_checkpoint
     if args.ssm_plot is not None:
         changes["plot"] = args.ssm_plot
+    if args.ssm_train is not None:
+        changes["train"] = args.ssm_train
     return dataclasses.replace(config, **changes)
 
 
@@ -1070,6 +1072,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ssm-checkpoint", default=None, metavar="DIR",
                    help="--ssm: training checkpoints here; the same command again resumes")
     c.add_argument("--ssm-plot", default=None, metavar="FILE.png", help="--ssm: save the loss curves as a PNG")
+    c.add_argument("--ssm-train", default=None, choices=["ssm", "blocks", "all"],
+                   help="--ssm: what the logit distillation trains: the new layers (ssm, default), the decoder "
+                        "blocks holding them (blocks: their MLPs and norms too) or every weight (all)")
     model_args(c)
     c.set_defaults(func=cmd_compile)
 

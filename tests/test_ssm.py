@@ -14,6 +14,7 @@ from flashc.compiled import ModelSource
 from flashc.distill import DistillConfig, layer_alignment_loss, train
 from flashc.errors import FlashcError, InputError
 from flashc.passes.quantize.calibration import CalibrationData
+from flashc.passes import ssm as ssm_pass
 from flashc.passes.ssm import SSMConfig, attention_sites, convert, rewrite, ssm_layers
 from flashc.ssm_ops import ssm_chunked, ssm_recurrent
 
@@ -184,6 +185,31 @@ def test_alignment_lowers_the_layer_loss_and_distillation_reports():
     assert rows["converted layers"].startswith("3 of 3")
     assert "MiB, any context" in rows["state per sequence"]
     assert result.state_bytes == 3 * 4 * 4 * 32 * 32  # fp32 [heads, d, d] per layer
+
+
+@pytest.mark.parametrize("scope", ["ssm", "blocks", "all"])
+def test_the_logit_stage_trains_what_train_names(scope):
+    """train="ssm" leaves every weight but the new layers' as it was; "blocks" also trains the MLP and norms of the
+    decoder blocks holding a new layer (no other block's); "all" trains every weight. The input model is never
+    changed."""
+    model = zoo.build("llama-tiny", seed=0, num_layers=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = CalibrationData.builtin(None, model.config.vocab_size)
+    config = SSMConfig(layers=[1], align=DistillConfig(steps=0), distill=DistillConfig(steps=2, **TINY), train=scope)
+    result = rewrite(model, config, data.tokens, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    after = dict(result.model.named_parameters())
+    changed = {n for n, p in before.items() if n in after and not torch.equal(after[n].float(), p.float())}
+    assert any(".layers.1.self_attn." in n for n in changed)  # the new layer trains in every scope
+    assert ("model.layers.1.mlp.up_proj.weight" in changed) == (scope != "ssm")
+    assert ("model.layers.1.input_layernorm.weight" in changed) == (scope != "ssm")
+    assert ("model.layers.0.mlp.up_proj.weight" in changed) == (scope == "all")
+    assert dict(result.rows())["end-to-end distillation trained"] == ssm_pass.TRAIN_SCOPES[scope]
+
+
+def test_an_unknown_training_scope_is_refused():
+    with pytest.raises(FlashcError, match="not a training scope"):
+        SSMConfig(train="everything")
 
 
 def _train_run(model, pairs, tokens, config, ckpt, fingerprint, fail_at=None):

@@ -28,6 +28,10 @@ from flashc.passes.ssm.gla import GLAAttention
 from flashc.passes.ssm.layer import SSMAttention
 
 
+# what end-to-end distillation may train (SSMConfig.train)
+TRAIN_SCOPES = {"ssm": "the new layers", "blocks": "the new layers' decoder blocks", "all": "every parameter"}
+
+
 @dataclass(frozen=True)
 class SSMConfig:
     """Which attention layers become state-space layers, and how they are trained.
@@ -39,7 +43,10 @@ class SSMConfig:
     (steps=0 skips one); checkpoint_dir: where training checkpoints go (a rerun with the
     same model and settings resumes there); plot: a PNG path for the loss curves; kind: the
     new layers' kind, "mamba2" (SSMAttention, a scalar decay per head) or "gla" (GLAAttention,
-    gated linear attention: a decay per key dimension)."""
+    gated linear attention: a decay per key dimension); train: what the end-to-end (logit)
+    stage trains, "ssm" (the new layers only), "blocks" (the decoder blocks holding them:
+    their MLPs and norms too) or "all" (every parameter of the student); layer alignment
+    always trains the new layers only."""
 
     layers: Any = "all"
     keep_attention: int = 0
@@ -49,11 +56,14 @@ class SSMConfig:
     checkpoint_dir: str | None = None
     plot: str | None = None
     kind: str = "mamba2"
+    train: str = "ssm"
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
             raise FlashcError(f"ssm: kind={self.kind!r} is not a state-space layer kind; known: "
                               f"{', '.join(LAYER_KINDS)}")
+        if self.train not in TRAIN_SCOPES:
+            raise FlashcError(f"ssm: train={self.train!r} is not a training scope; known: {', '.join(TRAIN_SCOPES)}")
 
     @classmethod
     def parse(cls, spec: Any) -> "SSMConfig":
@@ -64,10 +74,10 @@ class SSMConfig:
             return spec
         if isinstance(spec, dict):
             unknown = set(spec) - {"layers", "keep_attention", "ppl_budget", "align", "distill", "checkpoint_dir",
-                                   "plot", "kind"}
+                                   "plot", "kind", "train"}
             if unknown:
                 raise FlashcError(f"ssm={spec!r}: unknown key(s) {sorted(unknown)}; known: layers, keep_attention, "
-                                  "ppl_budget, align, distill, checkpoint_dir, plot, kind")
+                                  "ppl_budget, align, distill, checkpoint_dir, plot, kind, train")
             fields = dict(spec)
             for stage in ("align", "distill"):
                 if isinstance(fields.get(stage), dict):
@@ -108,6 +118,7 @@ class SSMResult:
     layers: list[int]
     total_layers: int
     kind: str = "mamba2"  # the new layers' kind (SSMConfig.kind)
+    train: str = "ssm"  # what the logit stage trained (SSMConfig.train)
     candidates: int = 0  # layers converted and aligned before a measured choice kept `layers`
     perplexity: dict[str, float] = field(default_factory=dict)  # original / converted / distilled
     training: list[TrainResult] = field(default_factory=list)
@@ -129,6 +140,8 @@ class SSMResult:
                 base = self.perplexity.get("original")
                 change = "" if key == "original" or not base else f" ({(ppl / base - 1) * 100:+.1f}%)"
                 rows.append([f"perplexity, {labels.get(key, key)}", f"{ppl:.3f}{change}"])
+        if any(r.stage == "logits" for r in self.training):
+            rows.append(["end-to-end distillation trained", TRAIN_SCOPES.get(self.train, self.train)])
         for r in self.training:
             rows.append([f"distill {r.stage}", f"{len(r.losses)} steps, loss {r.first_loss:.4g} -> "
                          f"{r.last_loss:.4g}, {r.seconds:.0f} s" + (f" (resumed at {r.resumed_from})"
@@ -164,7 +177,7 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
         tokens, eval_tokens = tokens[:-held], tokens[-held:]
     window = min(256, eval_tokens.numel() - 1)
     measure = lambda m=teacher: _perplexity(m, eval_tokens, window)  # noqa: E731
-    result = SSMResult(model, [], len(sites), config.kind)
+    result = SSMResult(model, [], len(sites), config.kind, train=config.train)
     result.perplexity["original"] = measure()
 
     measured = config.layers == "auto" or config.keep_attention > 0
@@ -200,7 +213,7 @@ def rewrite(model: torch.nn.Module, config: SSMConfig | Any, tokens: torch.Tenso
     result.layers = layers
     if config.distill.steps:
         result.training.append(train(logit_kl_loss(student, teacher, config.distill.temperature),
-                                     _ssm_params(student), tokens, config.distill, "logits",
+                                     _trainable(student, config.train), tokens, config.distill, "logits",
                                      checkpoint_dir=checkpoint_dir, fingerprint=_fingerprint(model, layers),
                                      progress=progress))
         result.perplexity["distilled"] = measure(student)
@@ -262,6 +275,21 @@ def _ssm_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
             for pname, p in module.named_parameters():
                 p.requires_grad_(True)
                 params[f"{name}.{pname}"] = p
+    return params
+
+
+def _trainable(model: torch.nn.Module, scope: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters end-to-end distillation trains (SSMConfig.train), switched to require
+    grad; every other parameter is frozen."""
+    params = _ssm_params(model)
+    if scope == "ssm":
+        return params
+    blocks = [name for name, module in model.named_modules()
+              if any(isinstance(child, SSMAttention) for child in module.children())]
+    for name, p in model.named_parameters():
+        if scope == "all" or any(name.startswith(f"{block}.") for block in blocks):
+            p.requires_grad_(True)
+            params[name] = p
     return params
 
 
