@@ -13,7 +13,8 @@ def test_ssm_compile_generate_and_run(tmp_path):
     out = tmp_path / "gen"
     r = flashc("compile", "llama-tiny", "--signature", "generate", "--cache-len", "32", "--prefill-chunk", "8",
                "--draft-len", "0", "--ssm", "1", "--align-steps", "2", "--distill-steps", "1",
-               "--ssm-checkpoint", str(tmp_path / "ckpt"), "--ssm-plot", str(tmp_path / "loss.png"), "--ssm-train", "blocks", "-o", str(out))
+               "--ssm-checkpoint", str(tmp_path / "ckpt"), "--ssm-plot", str(tmp_path / "loss.png"),
+               "--ssm-train", "blocks", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "attention -> SSM" in r.stdout and "1 of 2: [1]" in r.stdout
     assert "the new layers' decoder blocks" in r.stdout
