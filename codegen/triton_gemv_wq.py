@@ -400,40 +400,32 @@ if HAS_TRITON:
                         f3 = f3 * tl.load(G + k0 + col).to(tl.float32)
                     if HAS_XSCALE:
                         f3 = f3 * tl.load(XS + k0 + col).to(tl.float32)
-                    for m in tl.static_range(BLOCK_M):
+                for m in tl.static_range(BLOCK_M):
+                    part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                    part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
+                    sq = sqs[m]
+                    if XVEC:  # the row's step of x at once, then its code positions split out of it
                         x3 = tl.load(X + (k0 - k_lo) + m * stride_xm + col, mask=(col * 0 + m) < M,
                                      other=0.0).to(tl.float32)
-                        sq = sqs[m]
                         if HAS_NORM:
                             sq += tl.sum(x3 * x3, axis=2)
                         if HAS_NORM or HAS_XSCALE:
                             x3 = x3 * f3
                         x_sum = tl.sum(x3, axis=2)
                         xs = _code_columns(x3, SUBS, WORDS)
-                        part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
-                        part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
-                        for c in tl.static_range(CODES):
-                            xq = (xs[c] * 2.0 ** (_X_EXP - (c * BITS % 32 - 16 * (c * BITS % 32 + BITS > 20))))[None]
-                            part += _code(words, words_b, words_c, c, BITS) * xq
-                            if ACT != 0:
-                                part_up += _code(words_up, words_up_b, words_up_c, c, BITS) * xq
-                        new_accs = new_accs + (accs[m] + part * a - b * x_sum[None, :, :],)
-                        if ACT != 0:
-                            new_accs_up = new_accs_up + (accs_up[m] + part_up * a_up - b_up * x_sum[None, :, :],)
-                        new_sqs = new_sqs + (sq,)
-                for m in tl.static_range(0 if XVEC else BLOCK_M):
-                    x_sum = tl.zeros([SUBS, WORDS], dtype=tl.float32)
-                    part = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
-                    part_up = tl.zeros([BLOCK_N, SUBS, WORDS], dtype=tl.float32)
-                    sq = sqs[m]
-                    x_ok = (s_ok & (offs_s * 0 + m < M))[:, None]  # (a tensor: the interpreter mishandles a scalar here)
+                    else:
+                        x_sum = tl.zeros([SUBS, WORDS], dtype=tl.float32)
+                        x_ok = (s_ok & (offs_s * 0 + m < M))[:, None]  # (a tensor: the interpreter mishandles a scalar)
                     for c in tl.static_range(CODES):
-                        x = tl.load(x_ptrs + m * stride_xm + c, mask=x_ok, other=0.0).to(tl.float32)
-                        if HAS_NORM:
-                            sq += x * x
-                        if HAS_NORM or HAS_XSCALE:
-                            x = x * folds[c]
-                        x_sum += x
+                        if XVEC:
+                            x = xs[c]
+                        else:  # code position c's activations, strided
+                            x = tl.load(x_ptrs + m * stride_xm + c, mask=x_ok, other=0.0).to(tl.float32)
+                            if HAS_NORM:
+                                sq += x * x
+                            if HAS_NORM or HAS_XSCALE:
+                                x = x * folds[c]
+                            x_sum += x
                         # 2**(X_EXP - e_c), e_c as in _masked_code (a constexpr: no jit call in a loop)
                         xq = (x * 2.0 ** (_X_EXP - (c * BITS % 32 - 16 * (c * BITS % 32 + BITS > 20))
                                           * (c * BITS % 32 + BITS <= 32)))[None, :, :]
