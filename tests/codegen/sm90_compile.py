@@ -88,14 +88,17 @@ def variants():
                dict(HAS_BIAS=True, HAS_NORM=True, HAS_RES=act == 0, ACT=act, DOT=mode == "dot",
                     ROWLOOP=mode == "rowloop", IEEE=False, EVEN=True, SPLIT=split, BLOCK_M=16 if mode == "dot" else 4,
                     BLOCK_N=64, BLOCK_K=128, PDL=True))
-    for mode, split, flat in itertools.product(["elementwise", "dot"], [False, True], [False, True]):  # int4
-        yield (f"gemv_wq int4 {mode} split={split} flat={flat}", triton_gemv_wq._gemv_wq_kernel,
+    for mode, split, (flat, xvec) in itertools.product(["elementwise", "dot"], [False, True],  # int4
+                                                       [(False, False), (True, False), (True, True)]):
+        if xvec and mode == "dot":
+            continue
+        yield (f"gemv_wq int4 {mode} split={split} flat={flat} xvec={xvec}", triton_gemv_wq._gemv_wq_kernel,
                {"X": "*bf16", "QW": "*i32", "S": "*bf16", "ZP": "*u8", "BIAS": "*bf16", "G": "*bf16", "XS": "*bf16",
                 "R": "*bf16", "Y": "*bf16", "P": "*fp32", "PSQ": "*fp32"},
                dict(BITS=4, GROUP=128, HAS_ZP=True, HAS_BIAS=False, HAS_NORM=True, HAS_XSCALE=False, HAS_RES=False,
                     ACT=1, DOT=mode == "dot", IEEE=False, EVEN=True, SPLIT=split, BLOCK_M=16 if mode == "dot" else 2,
                     BLOCK_N=32 if mode == "dot" else 8, SUB=128, SUBS=4 if mode == "dot" else 8, STAGES=2,
-                    PREFETCH=False, FLAT=flat, PDL=True))
+                    PREFETCH=False, FLAT=flat, XVEC=xvec, PDL=True))
     mix_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DT": "*bf16", "A_LOG": "*fp32", "S_IN": "*fp32",
                 "Y": "*bf16", "S_OUT": "*fp32", "KEEP": "*fp32", "GATE": "*bf16", "DT_BIAS": "*bf16"}
     for keep, bias, block in itertools.product([True, False], [True, False], [64, 128]):
