@@ -36,13 +36,13 @@ from flashc.ops import moe_routing
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.prune.config import MAX_SPARSITY, PruneConfig
 from flashc.passes.prune.layers import (
-    Skipped, calibration_run, dense_layer, dense_skip_reason, input_groups, moe_layer, moe_skip_reason, nbytes,
-    op_label, real_weights,
+    CalibratedPrunePass, Skipped, calibration_run, dense_layer, dense_skip_reason, input_groups, moe_layer,
+    moe_skip_reason, nbytes, op_label, real_weights,
 )
 from flashc.passes.prune.teal import (
     ErrorCurve, channel_normalized, greedy_allocation, sparsified_fraction, sparsity_levels, thresholds_for,
 )
-from flashc.passes.quantize.calibration import ActivationSample, CalibrationData, collect_statistics
+from flashc.passes.quantize.calibration import ActivationSample, collect_statistics
 
 SPARSIFY = torch.ops.flashc.sparsify.default
 MOE = torch.ops.flashc.moe.default
@@ -67,7 +67,7 @@ class InputSite:
     intermediate: bool = False
 
 
-class SparsifyActivations:
+class SparsifyActivations(CalibratedPrunePass):
     """Online activation sparsity (TEAL): calibrated flashc.sparsify nodes before linear layers."""
 
     name = "sparsify_activations"
@@ -75,13 +75,8 @@ class SparsifyActivations:
     preserves = ("shapes", "canonical")
     changes_numerics = True
 
-    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
-                 progress: bool = True) -> None:
-        self.config = PruneConfig.parse(config)
-        if self.config.method != "online":
-            raise ValueError(f"SparsifyActivations is the online method; {self.config.spec} is another pass's")
-        self.calibration = calibration
-        self.progress = progress
+    methods = ("online",)
+    refusal = "SparsifyActivations is the online method; {spec} is another pass's"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config

@@ -59,9 +59,9 @@ from flashc.ir import Program
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.prune.config import PruneConfig
 from flashc.passes.prune.ffn import GATED, UNARY, Ffn, match_ffn
-from flashc.passes.prune.layers import Skipped, calibration_run, moe_layer, nbytes, real_weights
+from flashc.passes.prune.layers import CalibratedPrunePass, Skipped, calibration_run, moe_layer, nbytes, real_weights
 from flashc.passes.prune.masks import pruned_count
-from flashc.passes.quantize.calibration import ActivationSample, CalibrationData, collect_statistics
+from flashc.passes.quantize.calibration import ActivationSample, collect_statistics
 from flashc.predictor_ops import predicted_mask
 
 PREDICTED_SPARSIFY = torch.ops.flashc.predicted_sparsify.default
@@ -96,7 +96,7 @@ class HeldOut:
     rel_error: float  # ||(h - mask h) W_down^T|| / ||h W_down^T||
 
 
-class PredictMlpSparsity:
+class PredictMlpSparsity(CalibratedPrunePass):
     """dejavu-X%: X% of each gated MLP's intermediate neurons zeroed per token by a trained predictor."""
 
     name = "predict_mlp_sparsity"
@@ -104,13 +104,8 @@ class PredictMlpSparsity:
     preserves = ("shapes", "canonical")
     changes_numerics = True
 
-    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
-                 progress: bool = True) -> None:
-        self.config = PruneConfig.parse(config)
-        if self.config.method != "dejavu":
-            raise ValueError(f"PredictMlpSparsity is the dejavu method; {self.config.spec} is another pass's")
-        self.calibration = calibration
-        self.progress = progress
+    methods = ("dejavu",)
+    refusal = "PredictMlpSparsity is the dejavu method; {spec} is another pass's"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config

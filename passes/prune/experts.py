@@ -28,12 +28,12 @@ from flashc.aliasing import MutationInfo
 from flashc.errors import FlashcError
 from flashc.ir import Program, propagate_shapes
 from flashc.pass_manager import PassContext, PassResult
-from flashc.passes.prune.config import PruneConfig
 from flashc.passes.prune.layers import (
-    DenseLayer, Skipped, calibration_run, dense_layer, moe_layer, nbytes, real_weights, replace_param, replace_weight,
+    CalibratedPrunePass, DenseLayer, Skipped, calibration_run, dense_layer, moe_layer, nbytes, real_weights,
+    replace_param, replace_weight,
 )
 from flashc.passes.prune.masks import pruned_count
-from flashc.passes.quantize.calibration import CalibrationData, collect_statistics
+from flashc.passes.quantize.calibration import collect_statistics
 
 MOE = torch.ops.flashc.moe.default
 
@@ -71,7 +71,7 @@ class RoutingProbe:
         self.tokens += logits.shape[0]
 
 
-class PruneExperts:
+class PruneExperts(CalibratedPrunePass):
     """experts-N / experts-X%: the least routed experts of every fused MoE layer removed."""
 
     name = "prune_experts"
@@ -79,13 +79,8 @@ class PruneExperts:
     preserves = ("shapes", "canonical")  # shapes: propagated again after the rewrite
     changes_numerics = True  # measured by the accuracy rows (flashc.compile), not by the numeric check
 
-    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
-                 progress: bool = True) -> None:
-        self.config = PruneConfig.parse(config)
-        if self.config.method != "experts":
-            raise ValueError(f"PruneExperts removes MoE experts; {self.config.spec} is another pass's")
-        self.calibration = calibration
-        self.progress = progress
+    methods = ("experts",)
+    refusal = "PruneExperts removes MoE experts; {spec} is another pass's"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config

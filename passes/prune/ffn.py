@@ -31,12 +31,13 @@ from flashc.ir import Program, module_path, propagate_shapes
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.prune.config import PruneConfig
 from flashc.passes.prune.layers import (
-    Skipped, calibration_run, dense_layer, moe_layer, moe_skip_reason, nbytes, real_weights, replace_param,
+    CalibratedPrunePass, Skipped, calibration_run, dense_layer, moe_layer, moe_skip_reason, nbytes, real_weights,
+    replace_param,
 )
 from flashc.passes.prune.masks import pruned_count
 from flashc.passes.prune.wanda import column_norms
 from flashc.passes.quantize.calibration import (
-    CalibrationData, InputStatistics, LinearProbe, MoeProbe, collect_statistics,
+    InputStatistics, LinearProbe, MoeProbe, collect_statistics,
 )
 
 aten = torch.ops.aten
@@ -62,7 +63,7 @@ class Ffn:
         return [self.merged] if self.merged is not None else self.ins
 
 
-class PruneFfnChannels:
+class PruneFfnChannels(CalibratedPrunePass):
     """ffn-X%: the X% least important intermediate channels of every FFN removed."""
 
     name = "prune_ffn_channels"
@@ -70,13 +71,8 @@ class PruneFfnChannels:
     preserves = ("shapes", "canonical")  # shapes: propagated again after the rewrite
     changes_numerics = True
 
-    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
-                 progress: bool = True) -> None:
-        self.config = PruneConfig.parse(config)
-        if self.config.method != "ffn":
-            raise ValueError(f"PruneFfnChannels prunes FFN channels; {self.config.spec} is another pass's")
-        self.calibration = calibration
-        self.progress = progress
+    methods = ("ffn",)
+    refusal = "PruneFfnChannels prunes FFN channels; {spec} is another pass's"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         teacher = program.clone() if self.config.recover is not None else None  # the unpruned graph and weights

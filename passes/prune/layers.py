@@ -16,6 +16,7 @@ import torch.fx as fx
 from flashc.aliasing import MutationInfo
 from flashc.errors import FlashcError
 from flashc.ir import Program
+from flashc.passes.prune.config import PruneConfig
 from flashc.passes.quantize.calibration import CalibrationCalls, CalibrationData, calibration_calls
 from flashc.passes.quantize.grid import output_error
 from flashc.passes.quantize.weights import (
@@ -24,10 +25,27 @@ from flashc.passes.quantize.weights import (
     _op_label as op_label,
 )
 
-__all__ = ["DenseLayer", "MoeLayer", "Skipped", "calibration_run", "dense_layer", "dense_skip_reason", "drop_if_unused",
-           "input_groups", "moe_layer", "moe_skip_reason", "nbytes", "nonzeros", "op_label", "real_weights",
-           "relative_error", "replace_param", "replace_weight"]
+__all__ = ["CalibratedPrunePass", "DenseLayer", "MoeLayer", "Skipped", "calibration_run", "dense_layer",
+           "dense_skip_reason", "drop_if_unused", "input_groups", "moe_layer", "moe_skip_reason", "nbytes", "nonzeros",
+           "op_label", "real_weights", "relative_error", "replace_param", "replace_weight"]
 
+
+
+class CalibratedPrunePass:
+    """What every calibrated pruning pass is built from: a PruneConfig (or its spec) of one of the
+    pass's `methods` (refused otherwise, with `refusal` formatted with the spec), the calibration
+    data and whether to show progress."""
+
+    methods: tuple[str, ...] = ()
+    refusal = "{spec} is another pass's"
+
+    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
+                 progress: bool = True) -> None:
+        self.config = PruneConfig.parse(config)
+        if self.config.method not in self.methods:
+            raise ValueError(self.refusal.format(spec=self.config.spec))
+        self.calibration = calibration
+        self.progress = progress
 
 @dataclass
 class Skipped:

@@ -30,18 +30,18 @@ from flashc.ir import Program
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.prune.config import PruneConfig
 from flashc.passes.prune.layers import (
-    DenseLayer, MoeLayer, Skipped, calibration_run, dense_layer, dense_skip_reason, input_groups, moe_layer,
-    moe_skip_reason, nbytes, nonzeros, op_label, real_weights, relative_error, replace_param, replace_weight,
+    CalibratedPrunePass, DenseLayer, MoeLayer, Skipped, calibration_run, dense_layer, dense_skip_reason, input_groups,
+    moe_layer, moe_skip_reason, nbytes, nonzeros, op_label, real_weights, relative_error, replace_param, replace_weight,
 )
 from flashc.passes.prune.magnitude import magnitude_mask
 from flashc.passes.prune.sparsegpt import sparsegpt_prune
 from flashc.passes.prune.wanda import column_norms, wanda_mask
 from flashc.passes.quantize.calibration import (
-    CalibrationData, InputStatistics, LinearProbe, MoeProbe, collect_statistics,
+    InputStatistics, LinearProbe, MoeProbe, collect_statistics,
 )
 
 
-class PruneWeights:
+class PruneWeights(CalibratedPrunePass):
     """Offline pruning (magnitude, Wanda, SparseGPT; unstructured or N:M) of linear layers."""
 
     name = "prune_weights"
@@ -49,13 +49,8 @@ class PruneWeights:
     preserves = ("shapes", "canonical")
     changes_numerics = True  # measured by the accuracy rows (flashc.compile), not by the numeric check
 
-    def __init__(self, config: PruneConfig | str, calibration: CalibrationData | None = None,
-                 progress: bool = True) -> None:
-        self.config = PruneConfig.parse(config)
-        if self.config.method not in ("magnitude", "wanda", "sparsegpt"):
-            raise ValueError(f"PruneWeights prunes weights; {self.config.spec} is another pass's (flashc.passes.prune)")
-        self.calibration = calibration
-        self.progress = progress
+    methods = ("magnitude", "wanda", "sparsegpt")
+    refusal = "PruneWeights prunes weights; {spec} is another pass's (flashc.passes.prune)"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config

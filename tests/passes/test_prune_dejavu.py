@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import flashc
 from flashc import cli, zoo
@@ -24,6 +23,7 @@ from flashc.passes.quantize import CalibrationData
 from flashc.predictor_ops import predicted_mask
 from flashc.profiles import get_profile
 from flashc_testing import optimized_program, rel_err
+from test_prune_ffn import GeluMlp  # a language model whose MLP is not gated: down(gelu(up x))
 
 PREDICTED = torch.ops.flashc.predicted_sparsify.default
 SPARSIFY = torch.ops.flashc.sparsify.default
@@ -231,21 +231,6 @@ def test_cli_prunes_with_the_spec(capsys):
     assert "pruning (Deja Vu predictors)" in out and "predict_mlp_sparsity" in out
     assert cli.main(["compile", "llama-tiny", "--prune", "dejavu-96%"]) == 2
     assert "within 0-95%" in capsys.readouterr().err
-
-
-class GeluMlp(torch.nn.Module):
-    """A language model whose MLP is not gated: down(gelu(up x))."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(300, 32)
-        self.fc1 = torch.nn.Linear(32, 64)
-        self.fc2 = torch.nn.Linear(64, 32)
-        self.head = torch.nn.Linear(32, 300)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        return self.head(h + self.fc2(F.gelu(self.fc1(h))))
 
 
 def test_mlps_it_cannot_predict_are_listed_and_left_dense(tiny_models):
