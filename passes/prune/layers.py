@@ -30,7 +30,6 @@ __all__ = ["CalibratedPrunePass", "DenseLayer", "MoeLayer", "Skipped", "calibrat
            "op_label", "real_weights", "relative_error", "replace_param", "replace_weight"]
 
 
-
 class CalibratedPrunePass:
     """What every calibrated pruning pass is built from: a PruneConfig (or its spec) of one of the
     pass's `methods` (refused otherwise, with `refusal` formatted with the spec), the calibration
