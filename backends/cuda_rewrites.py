@@ -534,14 +534,6 @@ def _replace_sparse_linear(graph: fx.Graph, node: fx.Node, target, args: tuple) 
         graph.erase_node(sparse)
 
 
-def _drop_unread_params(program: Program, nodes) -> None:
-    """The weights among nodes that nothing reads any more (their re-laid-out copies replaced them), dropped."""
-    for w in nodes:
-        if not w.users:
-            program.graph.erase_node(w)
-            del program.params[w.name]
-
-
 def _sparse_skip_reason(program: Program, info: MutationInfo, node: fx.Node, max_rows: int) -> str | None:
     """Why linear(sparsify(x, t), w, b) at node cannot become a sparse_gemv (None: it can)."""
     sparse = node.args[0]
@@ -601,7 +593,7 @@ def fuse_sparse_matmuls(program: Program, max_rows: int) -> tuple[int, list[tupl
             transposed[w] = program.add_param(f"{w.name}_t", program.params[w.name].t().contiguous())
         _replace_sparse_linear(graph, node, SPARSE_GEMV, (*sparse.args, transposed[w], bias, None, 1e-6, None, None))
         count += 1
-    _drop_unread_params(program, transposed)
+    program.drop_unused_params(transposed)
     graph.lint()
     return count, skipped
 
@@ -680,7 +672,7 @@ def fuse_sparse_quantized_matmuls(program: Program, max_rows: int) -> tuple[int,
         _replace_sparse_linear(graph, node, SPARSE_GEMV_WQ, (*sparse.args, qweight_t, bias, None, 1e-6, None, None,
                                                              scales_t, zero_points_t, input_scale, bits))
         count += 1
-    _drop_unread_params(program, {a: None for key in kmajor for a in key if a is not None})
+    program.drop_unused_params({a: None for key in kmajor for a in key if a is not None})
     graph.lint()
     return count, skipped
 

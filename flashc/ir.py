@@ -211,10 +211,11 @@ class Program:
         self.params[node.name] = value
         return node
 
-    def drop_unused_params(self) -> int:
-        """Remove weight placeholders nothing reads any more; returns how many."""
+    def drop_unused_params(self, nodes: Iterable[fx.Node] | None = None) -> int:
+        """Remove the weight placeholders among `nodes` (default: all of them) that nothing reads any more;
+        returns how many."""
         dropped = 0
-        for node in list(self.param_nodes()):
+        for node in dict.fromkeys(self.param_nodes() if nodes is None else nodes):
             if not node.users:
                 self.graph.erase_node(node)
                 del self.params[node.name]

@@ -26,7 +26,7 @@ from flashc.passes.quantize.weights import (
 )
 
 __all__ = ["CalibratedPrunePass", "DenseLayer", "MoeLayer", "Skipped", "calibration_run", "dense_layer",
-           "dense_skip_reason", "drop_if_unused", "input_groups", "moe_layer", "moe_skip_reason", "nbytes", "nonzeros",
+           "dense_skip_reason", "input_groups", "moe_layer", "moe_skip_reason", "nbytes", "nonzeros",
            "op_label", "real_weights", "relative_error", "replace_param", "replace_weight"]
 
 
@@ -126,7 +126,7 @@ def replace_weight(program: Program, layer: DenseLayer, weight: torch.Tensor) ->
         with graph.inserting_before(layer.node):
             view = graph.node_copy(layer.view, lambda n: new if n is layer.weight else n)
         layer.node.replace_input_with(layer.view, view)
-    drop_if_unused(program, layer.weight)
+    program.drop_unused_params([layer.weight])
     return new
 
 
@@ -135,14 +135,8 @@ def replace_param(program: Program, node: fx.Node, old: fx.Node, value: torch.Te
     """node reads a new parameter `value` where it read the parameter `old`."""
     new = program.add_param(f"{old.name}_{suffix}", value)
     node.replace_input_with(old, new)
-    drop_if_unused(program, old)
+    program.drop_unused_params([old])
     return new
-
-
-def drop_if_unused(program: Program, placeholder: fx.Node) -> None:
-    if not placeholder.users:
-        program.graph.erase_node(placeholder)
-        del program.params[placeholder.name]
 
 
 def relative_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor | None) -> float | None:

@@ -817,7 +817,7 @@ def _rewrite_dense(program: Program, layer: DenseLayer, q: QuantizedWeight,
     _replace(program, layer.node, torch.ops.flashc.linear_wq.default, args)
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
-    _drop_if_unused(program, layer.weight)
+    program.drop_unused_params([layer.weight])
     return new
 
 
@@ -836,7 +836,7 @@ def _rewrite_activations(program: Program, layer: DenseLayer, config: QuantConfi
         _replace(program, layer.node, torch.ops.flashc.linear_fp8.default, (*args, config.granularity == "row"))
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
-    _drop_if_unused(program, layer.weight)
+    program.drop_unused_params([layer.weight])
     return [t for t in (qweight, scales, input_scale) if t is not None]
 
 
@@ -855,7 +855,7 @@ def _rewrite_moe_activations(program: Program, layer: MoeLayer, parts: dict[str,
     _replace(program, node, torch.ops.flashc.moe_a8.default,
              (x, logits, *args, top_k, normalize, config.method == "fp8", config.granularity == "row"))
     for placeholder in (layer.gate_up, layer.down):
-        _drop_if_unused(program, placeholder)
+        program.drop_unused_params([placeholder])
     return new
 
 
@@ -876,7 +876,7 @@ def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], con
     _replace(program, node, torch.ops.flashc.moe_wq.default,
              (x, logits, *args, top_k, normalize, parts["gate_up"][0].bits))
     for placeholder in (layer.gate_up, layer.down):
-        _drop_if_unused(program, placeholder)
+        program.drop_unused_params([placeholder])
     return new
 
 
@@ -899,7 +899,7 @@ def _rewrite_moe_mixed(program: Program, layer: MoeLayer, chosen: list) -> list[
     _replace(program, node, torch.ops.flashc.moe_wq_mixed.default,
              (x, logits, *args, top_k, normalize, [c.bits for c in chosen]))
     for placeholder in (layer.gate_up, layer.down):
-        _drop_if_unused(program, placeholder)
+        program.drop_unused_params([placeholder])
     return new
 
 
@@ -946,7 +946,7 @@ def _rewrite_quip(program: Program, group: list[DenseLayer], quantized: list[Qui
         graph.erase_node(node)
         if layer.view is not None and not layer.view.users:
             graph.erase_node(layer.view)
-        _drop_if_unused(program, layer.weight)
+        program.drop_unused_params([layer.weight])
         new.append([t for t in (qweight, scales, zero_points, q.output_signs) if t is not None]
                    + ([signs_in] if i == 0 else []))
     return new
@@ -992,7 +992,7 @@ def _rewrite_aqlm(program: Program, layer: DenseLayer, q: AqlmWeight) -> list[to
     _replace(program, layer.node, torch.ops.flashc.linear_aqlm.default, args)
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
-    _drop_if_unused(program, layer.weight)
+    program.drop_unused_params([layer.weight])
     return new
 
 
@@ -1008,7 +1008,7 @@ def _rewrite_moe_aqlm(program: Program, layer: MoeLayer, parts: dict[str, AqlmWe
     x, logits, _, _, top_k, normalize = node.args[:6]
     _replace(program, node, torch.ops.flashc.moe_aqlm.default, (x, logits, *args, top_k, normalize))
     for placeholder in (layer.gate_up, layer.down):
-        _drop_if_unused(program, placeholder)
+        program.drop_unused_params([placeholder])
     return new
 
 
@@ -1022,12 +1022,6 @@ def _replace(program: Program, node: fx.Node, target, args: tuple) -> None:
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-
-
-def _drop_if_unused(program: Program, placeholder: fx.Node) -> None:
-    if not placeholder.users:
-        program.graph.erase_node(placeholder)
-        del program.params[placeholder.name]
 
 
 # ---------------------------------------------------------------------------- measures
