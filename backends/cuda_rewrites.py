@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from flashc.aliasing import MutationInfo, is_write
-from flashc.ir import Program, op_name
+from flashc.ir import Program, op_name, replace_with_call
 from flashc.pass_manager import PassContext, PassResult
 from flashc.sparse_ops import KMAJOR_BITS, to_kmajor
 
@@ -412,11 +412,7 @@ def matmuls_to_gemvs(graph: fx.Graph, max_rows: int) -> int:
             if wv is None or wv.dim() != 2 or xv.dtype != wv.dtype:
                 continue
             target, args = GEMV, (x, w, bias, None, 1e-6, None, None)
-        with graph.inserting_before(node):
-            call = graph.call_function(target, args)
-        call.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        replace_with_call(graph, node, target, args)
         count += 1
     graph.lint()
     return count
@@ -525,11 +521,7 @@ def _replace_sparse_linear(graph: fx.Graph, node: fx.Node, target, args: tuple) 
     """node, a linear of ``sparsify(x, t)`` (its first argument), -> ``target(*args)`` with node's meta; the
     sparsify goes too when nothing else reads it."""
     sparse = node.args[0]
-    with graph.inserting_before(node):
-        call = graph.call_function(target, args)
-    call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
+    replace_with_call(graph, node, target, args)
     if not sparse.users:
         graph.erase_node(sparse)
 
@@ -818,13 +810,8 @@ def fuse_quantized_inputs(graph: fx.Graph, max_k: int) -> tuple[int, int, list[t
         out_dtype = _val(out).dtype
         for linear in list(out.users):
             _, qweight, w_scales, bias = linear.args[:4]
-            with graph.inserting_before(linear):
-                on_codes = graph.call_function(ON_CODES[linear.target], (codes, scales, qweight, w_scales, bias,
-                                                                         out_dtype))
-            on_codes.meta.update({k: v for k, v in linear.meta.items()
-                                  if k in ("stack_trace", "nn_module_stack", "val")})
-            linear.replace_all_uses_with(on_codes)
-            graph.erase_node(linear)
+            replace_with_call(graph, linear, ON_CODES[linear.target], (codes, scales, qweight, w_scales, bias,
+                                                                       out_dtype))
             linears += 1
         if sum_item is not None:
             sum_item.replace_all_uses_with(items[0])

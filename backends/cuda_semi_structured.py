@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from flashc.aliasing import MutationInfo
 from flashc.codegen.semi_structured import MULTIPLES, shape_fits
-from flashc.ir import Program
+from flashc.ir import Program, replace_with_call
 from flashc.pass_manager import PassContext, PassResult
 from flashc.semi_structured_ops import is_2_4
 
@@ -114,11 +114,7 @@ def fuse_semi_structured_matmuls(program: Program, max_rows: int, profile=None) 
             continue
         x, w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
-        with graph.inserting_before(node):
-            call = graph.call_function(LINEAR_24, (x, w, bias))
-        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        replace_with_call(graph, node, LINEAR_24, (x, w, bias))
         count += 1
     graph.lint()
     return count, skipped

@@ -248,6 +248,20 @@ def written_in_place(node) -> bool:
     return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
 
 
+NODE_META = ("val", "stack_trace", "nn_module_stack")  # what a node's replacement keeps: its value, where it came from
+
+
+def replace_with_call(graph: fx.Graph, node: fx.Node, target: Callable, args: tuple) -> fx.Node:
+    """``target(*args)`` inserted where node was, with node's value and source, read by all node's users;
+    node erased. The caller vouches that the call computes node's value."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in NODE_META})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
 def upstream(roots: Iterable[fx.Node]) -> set[fx.Node]:
     """The roots and every node they depend on."""
     seen: set[fx.Node] = set()

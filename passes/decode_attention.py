@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
-from flashc.ir import Program, function_of_one_input, upstream
+from flashc.ir import Program, function_of_one_input, replace_with_call, upstream
 from flashc.ops import decode_mask
 from flashc.pass_manager import PassContext, PassResult
 from flashc.rewrite import Candidate, describe
@@ -77,11 +77,7 @@ class DecodeAttention:
                 continue
             if found is not None:
                 found.append(Candidate(node, self.name, True))
-            with program.graph.inserting_before(node):
-                new = program.graph.call_function(flashc_ops.decode_attention.default, (q, k, v, position, scale))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            program.graph.erase_node(node)
+            replace_with_call(program.graph, node, flashc_ops.decode_attention.default, (q, k, v, position, scale))
             rewritten += 1
         if rewritten:
             program.graph.eliminate_dead_code()

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import flashc.ops  # noqa: F401  (registers torch.ops.flashc)
-from flashc.ir import Program, op_name, propagate_shapes
+from flashc.ir import Program, op_name, propagate_shapes, replace_with_call
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.cleanup import Canonicalize, EliminateDeadCode
 from flashc.rewrite import (
@@ -84,14 +84,6 @@ def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
     return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
 
 
-def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
-    with graph.inserting_before(node):
-        new = graph.call_function(target, args)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return new
-
-
 def _val_shape(node: fx.Node) -> tuple | None:
     val = node.meta.get("val")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
@@ -113,14 +105,14 @@ def rms_norm_replacement(x, weight, eps):
 def _square_as_product(graph):  # x * x
     pows = [n for n in _nodes(graph, aten.pow.Tensor_Scalar) if n.args[1] == 2]
     for n in pows:
-        _replace(graph, n, aten.mul.Tensor, (n.args[0], n.args[0]))
+        replace_with_call(graph, n, aten.mul.Tensor, (n.args[0], n.args[0]))
     return bool(pows)
 
 
 def _square_as_square(graph):  # torch.square(x)
     pows = [n for n in _nodes(graph, aten.pow.Tensor_Scalar) if n.args[1] == 2]
     for n in pows:
-        _replace(graph, n, aten.square.default, (n.args[0],))
+        replace_with_call(graph, n, aten.square.default, (n.args[0],))
     return bool(pows)
 
 
@@ -131,7 +123,7 @@ def _rsqrt_as_division(graph):  # x / torch.sqrt(var + eps)
             other = user.args[1] if user.args[0] is r else user.args[0]
             with graph.inserting_before(user):
                 root = graph.call_function(aten.sqrt.default, r.args)
-            _replace(graph, user, aten.div.Tensor, (other, root))
+            replace_with_call(graph, user, aten.div.Tensor, (other, root))
             changed = True
         if not r.users:
             graph.erase_node(r)
@@ -142,7 +134,7 @@ def _cast_back_by_type_as(graph):  # h.type_as(x) for h.to(x.dtype), as Meta's L
     x = _placeholder(graph, "x")
     casts = [n for n in _nodes(graph, aten.to.dtype) if n.args[0] is not x]
     for n in casts:
-        _replace(graph, n, aten.type_as.default, (n.args[0], x))
+        replace_with_call(graph, n, aten.type_as.default, (n.args[0], x))
     return bool(casts)
 
 
@@ -420,7 +412,7 @@ def _flatten_as(target):  # .reshape(x.shape), .view(b, h, s, d): the check comp
     def edit(graph):
         nodes = _nodes(graph, aten.flatten.using_ints)
         for n in nodes:
-            _replace(graph, n, target, (n.args[0], [1, 1, 1, 1]))
+            replace_with_call(graph, n, target, (n.args[0], [1, 1, 1, 1]))
         return bool(nodes)
     return edit
 
@@ -435,7 +427,7 @@ def _slices_of_step_one(graph):  # x[..., :d/2], x[..., d/2:]: halves, which the
 def _pairs_as_view(graph):  # x.view(*x.shape[:-1], -1, 2)
     nodes = [n for n in _nodes(graph, aten.reshape.default) if n.args[0].op == "placeholder"]
     for n in nodes:
-        _replace(graph, n, aten.view.default, n.args)
+        replace_with_call(graph, n, aten.view.default, n.args)
     return bool(nodes)
 
 
@@ -583,7 +575,7 @@ def _silu_as_sigmoid_product(graph):  # gate * torch.sigmoid(gate)
     for n in silus:
         with graph.inserting_before(n):
             sigmoid = graph.call_function(aten.sigmoid.default, (n.args[0],))
-        _replace(graph, n, aten.mul.Tensor, (n.args[0], sigmoid))
+        replace_with_call(graph, n, aten.mul.Tensor, (n.args[0], sigmoid))
     return bool(silus)
 
 
@@ -636,7 +628,7 @@ def _literal_as_int(value: float):  # 1 + torch.tanh(...), gate ** 3: an int whe
 def _division_by_sqrt2_as_product(graph):  # gate * (1 / math.sqrt(2)), gate * 0.7071067811865476
     divs = [n for n in _nodes(graph, aten.div.Tensor) if n.args[1] == math.sqrt(2.0)]
     for n in divs:
-        _replace(graph, n, aten.mul.Tensor, (n.args[0], 1 / math.sqrt(2.0)))
+        replace_with_call(graph, n, aten.mul.Tensor, (n.args[0], 1 / math.sqrt(2.0)))
     return bool(divs)
 
 
@@ -727,7 +719,7 @@ def _scaled_products(graph):
 def _scale_as_division(graph):  # scores / math.sqrt(d)
     muls = _scaled_products(graph)
     for n in muls:
-        _replace(graph, n, aten.div.Tensor, n.args)
+        replace_with_call(graph, n, aten.div.Tensor, n.args)
     return bool(muls)
 
 
@@ -751,7 +743,7 @@ def _transposed(*dims):  # k.transpose(2, 3), k.transpose(-1, -2)
 def _transposed_by_mT(graph):  # k.mT
     nodes = [n for n in _nodes(graph, aten.transpose.int) if tuple(n.args[1:]) == (-2, -1)]
     for n in nodes:
-        _replace(graph, n, aten.mT.default, (n.args[0],))
+        replace_with_call(graph, n, aten.mT.default, (n.args[0],))
     return bool(nodes)
 
 
@@ -935,7 +927,7 @@ def _without_mask(is_causal: bool):  # attention(..., None, is_causal, scale)
 def _heads_flattened(graph):  # .flatten(1, 2) for .reshape(b, h * n, s, d)
     nodes = _nodes(graph, aten.reshape.default)
     for n in nodes:
-        _replace(graph, n, aten.flatten.using_ints, (n.args[0], 1, 2))
+        replace_with_call(graph, n, aten.flatten.using_ints, (n.args[0], 1, 2))
     return bool(nodes)
 
 
@@ -1125,7 +1117,8 @@ def mixtral_moe_replacement(x, router_weight, gate_up, down, top_k, shape):
 def _check_moe(m: Match) -> bool | str:
     x, r, gu, dn = (m.val(n) for n in ("x", "router_weight", "gate_up", "down"))
     e, h = r.shape
-    if x.shape[-1] != h or gu.shape[0] != e or gu.shape[2] != h or dn.shape[:2] != (e, h) or gu.shape[1] != 2 * dn.shape[2]:
+    if (x.shape[-1] != h or gu.shape[0] != e or gu.shape[2] != h or dn.shape[:2] != (e, h)
+            or gu.shape[1] != 2 * dn.shape[2]):
         return (f"the weights (router {list(r.shape)}, gate_up {list(gu.shape)}, down {list(dn.shape)}) are not "
                 f"{e} experts' of a gated MLP over x {list(x.shape)}")
     topk = m.covered(aten.topk.default)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from flashc.aliasing import MutationInfo
 from flashc.errors import FlashcError
-from flashc.ir import Program, module_path, op_name
+from flashc.ir import Program, module_path, op_name, replace_with_call
 from flashc.pass_manager import PassContext, PassResult
 from flashc.passes.quantize.aqlm import AqlmWeight, aqlm_quantize
 from flashc.passes.quantize.awq import awq_quantize, awq_search_scales
@@ -814,7 +814,7 @@ def _rewrite_dense(program: Program, layer: DenseLayer, q: QuantizedWeight,
             None if zero_points is None else program.add_param(f"{base}_zero_points", zero_points),
             layer.bias, None if input_scale is None else program.add_param(f"{base}_input_scale", input_scale),
             q.bits)
-    _replace(program, layer.node, torch.ops.flashc.linear_wq.default, args)
+    replace_with_call(program.graph, layer.node, torch.ops.flashc.linear_wq.default, args)
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
     program.drop_unused_params([layer.weight])
@@ -831,9 +831,10 @@ def _rewrite_activations(program: Program, layer: DenseLayer, config: QuantConfi
     args = (layer.x, program.add_param(f"{base}_{kind}", qweight), program.add_param(f"{base}_{kind}_scales", scales),
             layer.bias, None if input_scale is None else program.add_param(f"{base}_smooth", input_scale))
     if config.method == "smoothquant":
-        _replace(program, layer.node, torch.ops.flashc.linear_w8a8.default, args)
+        replace_with_call(program.graph, layer.node, torch.ops.flashc.linear_w8a8.default, args)
     else:
-        _replace(program, layer.node, torch.ops.flashc.linear_fp8.default, (*args, config.granularity == "row"))
+        replace_with_call(program.graph, layer.node, torch.ops.flashc.linear_fp8.default,
+                          (*args, config.granularity == "row"))
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
     program.drop_unused_params([layer.weight])
@@ -852,7 +853,7 @@ def _rewrite_moe_activations(program: Program, layer: MoeLayer, parts: dict[str,
                  None if inverse is None else program.add_param(f"{base}_smooth", inverse)]
         new += [t for t in (codes, scales, inverse) if t is not None]
     x, logits, _, _, top_k, normalize = node.args[:6]
-    _replace(program, node, torch.ops.flashc.moe_a8.default,
+    replace_with_call(program.graph, node, torch.ops.flashc.moe_a8.default,
              (x, logits, *args, top_k, normalize, config.method == "fp8", config.granularity == "row"))
     for placeholder in (layer.gate_up, layer.down):
         program.drop_unused_params([placeholder])
@@ -873,7 +874,7 @@ def _rewrite_moe(program: Program, layer: MoeLayer, parts: dict[str, tuple], con
                  None if input_scale is None else program.add_param(f"{base}_input_scale", input_scale)]
         new += [t for t in (qweight, scales, zero_points, input_scale) if t is not None]
     x, logits, _, _, top_k, normalize = node.args[:6]
-    _replace(program, node, torch.ops.flashc.moe_wq.default,
+    replace_with_call(program.graph, node, torch.ops.flashc.moe_wq.default,
              (x, logits, *args, top_k, normalize, parts["gate_up"][0].bits))
     for placeholder in (layer.gate_up, layer.down):
         program.drop_unused_params([placeholder])
@@ -896,7 +897,7 @@ def _rewrite_moe_mixed(program: Program, layer: MoeLayer, chosen: list) -> list[
             new += [t for t in (qweight, scales, zero_points) if t is not None]
         args += list(lists)
     x, logits, _, _, top_k, normalize = node.args[:6]
-    _replace(program, node, torch.ops.flashc.moe_wq_mixed.default,
+    replace_with_call(program.graph, node, torch.ops.flashc.moe_wq_mixed.default,
              (x, logits, *args, top_k, normalize, [c.bits for c in chosen]))
     for placeholder in (layer.gate_up, layer.down):
         program.drop_unused_params([placeholder])
@@ -989,7 +990,7 @@ def _rewrite_aqlm(program: Program, layer: DenseLayer, q: AqlmWeight) -> list[to
     base = layer.weight.name
     new = [q.codes.contiguous(), q.codebooks.contiguous(), q.scales.contiguous()]
     args = (layer.x, *(program.add_param(f"{base}_aqlm_{part}", t) for part, t in zip(_AQLM_PARTS, new)), layer.bias)
-    _replace(program, layer.node, torch.ops.flashc.linear_aqlm.default, args)
+    replace_with_call(program.graph, layer.node, torch.ops.flashc.linear_aqlm.default, args)
     if layer.view is not None and not layer.view.users:
         program.graph.erase_node(layer.view)
     program.drop_unused_params([layer.weight])
@@ -1006,22 +1007,13 @@ def _rewrite_moe_aqlm(program: Program, layer: MoeLayer, parts: dict[str, AqlmWe
         args += [program.add_param(f"{placeholder.name}_aqlm_{part}", t) for part, t in zip(_AQLM_PARTS, tensors)]
         new += tensors
     x, logits, _, _, top_k, normalize = node.args[:6]
-    _replace(program, node, torch.ops.flashc.moe_aqlm.default, (x, logits, *args, top_k, normalize))
+    replace_with_call(program.graph, node, torch.ops.flashc.moe_aqlm.default, (x, logits, *args, top_k, normalize))
     for placeholder in (layer.gate_up, layer.down):
         program.drop_unused_params([placeholder])
     return new
 
 
 _AQLM_PARTS = ("codes", "codebooks", "scales")
-
-
-def _replace(program: Program, node: fx.Node, target, args: tuple) -> None:
-    graph = program.graph
-    with graph.inserting_before(node):
-        new = graph.call_function(target, args)
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
 
 
 # ---------------------------------------------------------------------------- measures
