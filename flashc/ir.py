@@ -233,7 +233,12 @@ class Program:
         """A copy whose graph can be rewritten without touching this one (weights shared)."""
         import copy
 
-        gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph))
+        graph = copy.deepcopy(self.graph)
+        for mine, theirs in zip(self.placeholders(), (n for n in graph.nodes if n.op == "placeholder")):
+            # fx renames a copied node named like a builtin (torch.export keeps `input`): inputs and
+            # weights are looked up by name
+            theirs.name = mine.name
+        gm = fx.GraphModule(self.graph_module, graph)
         return Program(gm, dict(self.params), list(self.inputs), self.out_spec, self.meta.copy())
 
 

@@ -59,13 +59,14 @@ def _conv(ctx, node):
 @lowers(aten.convolution.default)
 def _convolution(ctx, node):
     a = ctx.args(node)
-    if a["transposed"]:
-        raise NotLowerable("transposed convolution (ConvTranspose) is not lowered yet")
     spatial = len(ctx.shape(a["input"])) - 2
     pads = _tuple(a["padding"], spatial)
     inputs = [ctx.v(a["input"]), ctx.v(a["weight"])] + ([ctx.v(a["bias"])] if a["bias"] is not None else [])
-    return ctx.b.op("Conv", *inputs, strides=_tuple(a["stride"], spatial), dilations=_tuple(a["dilation"], spatial),
-                    pads=pads + pads, group=int(a["groups"]))
+    attrs = dict(strides=_tuple(a["stride"], spatial), dilations=_tuple(a["dilation"], spatial), pads=pads + pads,
+                 group=int(a["groups"]))
+    if a["transposed"]:  # PyTorch's weight [C_in, C_out / groups, k...] is ConvTranspose's layout
+        return ctx.b.op("ConvTranspose", *inputs, output_padding=_tuple(a["output_padding"], spatial), **attrs)
+    return ctx.b.op("Conv", *inputs, **attrs)
 
 
 @lowers(aten.batch_norm.default)

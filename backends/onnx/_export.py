@@ -245,8 +245,21 @@ def _needed(b: GraphBuilder, outputs: list[ir.Value]) -> tuple[list[ir.Node], li
     for node in reversed(b.nodes):
         if any(id(o) in needed for o in node.outputs):
             nodes.append(node)
-            needed.update(id(i) for i in node.inputs if i is not None)
+            needed.update(id(i) for i in _reads(node))
     return nodes[::-1], [v for v in b.initializers if id(v) in needed]
+
+
+def _reads(node: ir.Node) -> list[ir.Value]:
+    """The values a node reads: its inputs, and those its subgraphs (an If's branches, a Loop's
+    body, as torchlib's functions emit them) read from the graph around them."""
+    reads = [i for i in node.inputs if i is not None]
+    for attr in node.attributes.values():
+        graphs = (attr.value,) if attr.type == ir.AttributeType.GRAPH else (
+            tuple(attr.value) if attr.type == ir.AttributeType.GRAPHS else ())
+        for graph in graphs:
+            for inner in graph:
+                reads.extend(_reads(inner))  # inner values too: no node outside produces them
+    return reads
 
 
 def _name_results(b: GraphBuilder, node: fx.Node, result, start: int) -> None:

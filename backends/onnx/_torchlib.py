@@ -108,7 +108,7 @@ def torchlib_target(target: Any) -> Any:
     back), None when target is not an ATen op. Mutable ops torchlib registers itself (they come
     functionalized in torch.onnx) are not used: flashc's in-place path needs the functional result.
     """
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return None
     if target._schema.is_mutable:
         return functional_form(target)
@@ -137,11 +137,12 @@ def covered_op_names() -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for key in _registry(DEFAULT_OPSET).functions:
-        if not isinstance(key, str) or not key.startswith("aten::"):
-            continue
-        name = "aten." + key[len("aten::"):].split(".")[0]
+        if not isinstance(key, str) or not key.startswith(("aten::", "prims::")):
+            continue  # prims: what PyTorch's decompositions bring in (`passes/decompose.py`: std -> prims.var)
+        namespace, _, op = key.partition("::")
+        name = f"{namespace}.{op.split('.')[0]}"
         out[name] = "onnxscript torchlib"
-        if not name.split(".")[-1].startswith("_"):
+        if namespace == "aten" and not op.startswith("_"):
             out[name + "_"] = "onnxscript torchlib"  # in place, through the functional form (`_in_place`)
     return out
 

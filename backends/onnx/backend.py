@@ -46,6 +46,12 @@ class OnnxBackend:
 
         return full_table()
 
+    def late_passes(self, profile: HardwareProfile, options: OnnxOptions) -> list:
+        """Ops neither flashc nor torchlib lowers, written as PyTorch's decompositions of them."""
+        from flashc.passes.decompose import DecomposeUnlowered
+
+        return [DecomposeUnlowered(self.lowering.lowers)]
+
     def lower(self, program: Program, profile: HardwareProfile, options: OnnxOptions) -> OnnxRuntimeModel:
         """Export into a private temporary directory, kept as long as the session lives."""
         providers = options.providers or self.providers

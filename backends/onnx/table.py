@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from flashc.ir import op_name
@@ -29,6 +30,9 @@ LOWERINGS: dict[Any, Lowering] = {k: v for m in _MODULES for k, v in m.LOWERINGS
 assert len(LOWERINGS) == sum(len(m.LOWERINGS) for m in _MODULES), "an op has lowerings in two modules"
 # ops known and deliberately not lowered -> why, and what to do (the refusal's reason)
 REFUSED: dict[Any, str] = dict(_quantized.REFUSED)
+_BAGS = "torchlib's EmbeddingBag builds a tensor sequence ONNX Runtime rejects; use nn.Embedding and a reduction"
+REFUSED.update({torch.ops.aten.embedding_bag.default: _BAGS, torch.ops.aten.embedding_bag.padding_idx: _BAGS,
+                torch.ops.aten._embedding_bag.default: _BAGS})
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
 

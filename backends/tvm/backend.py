@@ -55,6 +55,12 @@ class TvmBackend:
             self._table = LoweringTable(self.name, ops)
         return self._table
 
+    def late_passes(self, profile, options: TvmOptions) -> list:
+        """Ops neither flashc nor TVM's frontend lowers, written as PyTorch's decompositions of them."""
+        from flashc.passes.decompose import DecomposeUnlowered
+
+        return [DecomposeUnlowered(self.lowering.lowers)]
+
     def lower(self, program: Program, profile, options: TvmOptions):
         if self.kind == "cuda":
             from flashc.ir import op_name

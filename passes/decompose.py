@@ -1,0 +1,181 @@
+"""Ops a backend does not lower, replaced by PyTorch's own decomposition of them.
+
+flashc captures a model without decomposing it (`aten.linear`, `aten.argsort`, `aten.std` stay
+whole, so the fusion patterns see what the model wrote). A backend with a smaller op set (ONNX
+through onnxscript's torchlib, TVM's Relax frontend) then meets composite ops it has no lowering
+for, though PyTorch knows how to write each in simpler ATen ops: `argsort` is `sort` and an index,
+`std` is `var` and `sqrt`, `conv_transpose2d` is `convolution`, `one_hot` is a comparison with
+`arange`. This pass, declared by those backends as a late pass, rewrites every node whose op the
+backend does not lower into PyTorch's decomposition of it, and again for the ops that brings in
+that the backend does not lower either. A node is rewritten only when that ends in ops the backend
+lowers; else it stays, and the backend refuses it as before, naming the op and the model line.
+
+The decomposition of an op is torch._decomp's registered one, else the op's
+CompositeImplicitAutograd kernel (`OpOverload.decompose`, how PyTorch itself writes the op in
+other ops), traced on fake tensors of the node's argument shapes. It is spliced in only when the
+ops it brings write nothing and its results are new tensors, not arguments or views of them (an
+op that writes or aliases an argument is never decomposed), it needs no constant tensor, and it
+checks no input values (one_hot's class range: a backend would drop the check); else the node is
+left as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from flashc.ir import NODE_META, Program, op_name, propagate_shapes
+from flashc.pass_manager import PassContext, PassResult
+
+_CHECKS = (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default, torch.ops.aten._assert_scalar.default)
+MAX_DEPTH = 8  # decompositions of decompositions: std -> var -> prims.var
+
+
+class DecomposeUnlowered:
+    """Each op `lowers(name)` rejects, written as PyTorch's decomposition of it when that is all ops
+    the backend lowers (`stats`: how many nodes of each op; the others are left for the backend to
+    refuse, naming the op the model wrote)."""
+
+    name = "decompose_unlowered"
+    requires = ("shapes",)
+    preserves = ("canonical", "shapes")
+
+    def __init__(self, lowers: Callable[[str], bool]) -> None:
+        self.lowers = lowers
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        stats: dict[str, int] = {}
+        for node in list(program.op_nodes()):
+            name = op_name(node)
+            if not self.lowers(name) and decompose_node(program.graph, node, self.lowers):
+                stats[name] = stats.get(name, 0) + 1
+        if stats:
+            program.recompile()
+            propagate_shapes(program)  # one fake mode for every node's value, as the other passes leave it
+        return PassResult(bool(stats), stats)
+
+
+def decomposition_of(target: Any) -> Callable | None:
+    """PyTorch's decomposition of an ATen op: torch._decomp's, else its CompositeImplicitAutograd
+    kernel; None for other ops and for ops that write or alias an argument."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    schema = target._schema
+    if schema.is_mutable or any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)):
+        return None
+    from torch._decomp import decomposition_table
+
+    if target in decomposition_table:
+        return decomposition_table[target]
+    if torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+        return target.decompose
+    return None
+
+
+def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[str], bool], depth: int = MAX_DEPTH) -> bool:
+    """Replace node by the ops of its decomposition (traced on its arguments' shapes), the ops of that
+    `lowers` rejects decomposed in turn; False, and the graph untouched, unless that ends in ops
+    `lowers` accepts, every step spliced in safely."""
+    fn = decomposition_of(node.target) if depth > 0 else None
+    traced = _trace(fn, node) if fn is not None else None
+    if traced is None:
+        return False
+    gm, tensor_args = traced
+    for inner in list(gm.graph.nodes):
+        if inner.op == "call_function" and not lowers(op_name(inner)) and not decompose_node(
+                gm.graph, inner, lowers, depth - 1):
+            return False  # e.g. digamma -> prims.digamma: the model's own op is the one to name
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(tensor_args)
+    source = {k: v for k, v in node.meta.items() if k in NODE_META and k != "val"}
+    outputs: Any = None
+    with graph.inserting_before(node):
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(placeholders)
+            elif n.op == "output":
+                outputs = fx.map_arg(n.args[0], env.__getitem__)
+            else:
+                new = graph.call_function(n.target, fx.map_arg(n.args, env.__getitem__),
+                                          fx.map_arg(n.kwargs, env.__getitem__))
+                new.meta.update(source)
+                new.meta["val"] = n.meta.get("val")
+                env[n] = new
+    if isinstance(outputs, (list, tuple)) and not isinstance(node.meta.get("val"), torch.Tensor):
+        for user in list(node.users):  # operator.getitem(node, i): checked in _trace
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
+    graph.erase_node(node)
+    return True
+
+
+def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
+    """fn on node's arguments traced to an ATen graph over fake tensors of their shapes, with the
+    argument nodes its placeholders stand for; None where the result cannot be spliced safely."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+            return None
+    elif not isinstance(val, torch.Tensor):
+        return None
+    flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+    tensor_args = [a for a in flat if isinstance(a, fx.Node)]
+    vals = [a.meta.get("val") for a in tensor_args]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
+                                     device="cpu" if v.device.type == "meta" else v.device) for v in vals]
+
+    def call(*tensors):
+        it = iter(tensors)
+        args, kwargs = pytree.tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in flat], spec)
+        out = fn(*args, **kwargs)
+        return list(out) if isinstance(out, (list, tuple)) else out
+
+    try:
+        gm = make_fx(call, tracing_mode="fake")(*fakes)
+    except Exception:  # no decomposition for these arguments (data-dependent, unsupported dtype, ...)
+        return None
+    nodes = list(gm.graph.nodes)
+    placeholders = {n for n in nodes if n.op == "placeholder"}
+    out = next(n for n in nodes if n.op == "output").args[0]
+    results = out if isinstance(out, (list, tuple)) else [out]
+    if any(n.op in ("get_attr", "call_module", "call_method") for n in nodes):
+        return None  # a constant tensor (or a module) the program's graph does not hold
+    if any(not isinstance(r, fx.Node) or _view_of(r, placeholders) for r in results):
+        return None  # an argument (or a view of one) returned as the result would alias it
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
+        return None  # it writes a tensor: kept out of the graph's write order
+    if any(n.target in _CHECKS for n in nodes):
+        return None  # the op checks its input's values (one_hot's class range): a backend would drop the check
+    if isinstance(val, torch.Tensor) != (not isinstance(out, (list, tuple)) or len(results) == 1):
+        return None
+    got = [r.meta.get("val") for r in results]
+    want = list(val) if isinstance(val, (list, tuple)) else [val]
+    if len(got) != len(want) or any(not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype
+                                    for g, w in zip(got, want)):
+        return None  # not the node's shapes and dtypes: leave it to the backend's refusal
+    return gm, tensor_args
+
+
+def _view_of(node: fx.Node, roots: set[fx.Node]) -> bool:
+    """Whether node is one of roots or a view of one (through ops whose result aliases an argument)."""
+    while node not in roots:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not any(r.alias_info for r in schema.returns):
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return True

@@ -1,0 +1,154 @@
+"""Ops a backend does not lower, written as PyTorch's decompositions of them (passes/decompose.py):
+the pass on its own (what it splices in computes what the op computed, it leaves what it cannot
+decompose safely), and models whose ops only their decompositions lower, on onnx-cpu and tvm-cpu
+against eager on fresh inputs."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashc
+from flashc.capture import capture
+from flashc.errors import UnsupportedOpError
+from flashc.ir import op_name
+from flashc.pass_manager import PassContext, PassManager
+from flashc.passes.decompose import DecomposeUnlowered
+from flashc.profiles import get_profile
+from flashc_testing import rel_err
+
+
+class Fn(nn.Module):
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for name, m in modules.items():
+            setattr(self, name, m)
+
+    def forward(self, *args):
+        return self.fn(self, *args)
+
+
+def _decomposed(model, inputs, rejected: set[str]):
+    """(program after the pass, its record) with the ops named in `rejected` not lowered."""
+    program = capture(model, inputs)
+    records = PassManager([DecomposeUnlowered(lambda name: name not in rejected)]).run(
+        program, PassContext(get_profile("cpu")))
+    return program, records[0]
+
+
+def _ops(program) -> set[str]:
+    return {op_name(n) for n in program.op_nodes()}
+
+
+def _run(program, *inputs):
+    """The program's graph called on its weights and these inputs."""
+    given = iter(inputs)
+    return program.graph_module(*[program.params[n.name] if n.name in program.params else next(given)
+                                  for n in program.placeholders()])
+
+
+def test_composite_ops_become_their_decompositions_and_compute_the_same():
+    model = Fn(lambda s, x: (x.std(-1, keepdim=True) + torch.argsort(x, -1).float(), torch.sort(x, 0)[0]))
+    program, record = _decomposed(model, (torch.randn(4, 7),), {"aten.std", "aten.var", "aten.argsort"})
+    assert record.stats == {"aten.std": 1, "aten.argsort": 1}  # its var decomposed in turn
+    assert not _ops(program) & {"aten.std", "aten.var", "aten.argsort"}
+    for _ in range(2):
+        x = torch.randn(4, 7)
+        for got, want in zip(_run(program, x), model(x)):
+            assert rel_err(got, want) < 1e-6
+
+
+def test_multi_output_op_users_read_the_decomposition():
+    """A decomposition returning several tensors replaces the op's getitem users."""
+    model = Fn(lambda s, x: torch.var_mean(x, -1, correction=0)[1] * 2 + torch.var_mean(x, -1, correction=0)[0])
+    program, record = _decomposed(model, (torch.randn(3, 5),), {"aten.var_mean"})
+    assert record.stats.get("aten.var_mean", 0) >= 1 and "aten.var_mean" not in _ops(program)
+    x = torch.randn(3, 5)
+    got = _run(program, x)
+    assert rel_err(got[0] if isinstance(got, (list, tuple)) else got, model(x)) < 1e-6
+
+
+def test_what_cannot_be_decomposed_safely_is_left():
+    """An in-place op (it writes its argument) and one_hot (its decomposition checks the class
+    values: a backend would drop the check) stay as they are."""
+    model = Fn(lambda s, x, i: (x.add_(1), F.one_hot(i, 5)))
+    program, record = _decomposed(model, (torch.randn(3), torch.tensor([0, 4, 2])), {"aten.add_", "aten.one_hot"})
+    assert not record.changed and {"aten.add_", "aten.one_hot"} <= _ops(program)
+
+
+def _check(model, inputs, target, tol=1e-5):
+    model = model.eval()
+    cm = flashc.compile(model, target, inputs)
+    decomposed = [r for r in cm.records if r.name == "decompose_unlowered"]
+    for _ in range(2):
+        fresh = tuple(torch.randn_like(a) for a in inputs)
+        with torch.no_grad():
+            assert rel_err(cm(*fresh), model(*fresh)) < tol
+    return cm, decomposed
+
+
+NEED_DECOMPOSITION = {  # ops neither flashc nor onnxscript's torchlib lowers whole
+    "argsort": (Fn(lambda s, x: torch.gather(torch.cumsum(x, -1), -1, torch.argsort(x, -1))), (2, 8, 12)),
+    "std_var": (Fn(lambda s, x: torch.logsumexp(x, -1) + x.std(-1) + x.var(-1, unbiased=False)), (2, 8, 12)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEED_DECOMPOSITION))
+def test_onnx_runs_ops_through_their_decompositions(name):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, shape = NEED_DECOMPOSITION[name]
+    cm, records = _check(model, (torch.randn(shape),), "onnx-cpu")
+    assert records and records[0].stats and records[0].stage == "backend"
+    assert "decompose_unlowered" in str(cm.report())
+
+
+def test_onnx_transposed_convolution():
+    pytest.importorskip("onnxruntime")
+    for conv in (nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+                 nn.ConvTranspose1d(4, 6, 2, stride=2, groups=2, bias=False)):
+        shape = (2, 3, 9, 9) if isinstance(conv, nn.ConvTranspose2d) else (2, 4, 10)
+        _check(Fn(lambda s, x: s.c(x), c=conv), (torch.randn(shape),), "onnx-cpu")
+
+
+def test_onnx_refusals_stay_clear():
+    """one_hot (its check of the class values would be lost) and embedding_bag (torchlib's
+    function builds a sequence ONNX Runtime rejects) are refused naming the op and the reason."""
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(UnsupportedOpError, match="aten.one_hot"):
+        flashc.compile(Fn(lambda s, x: F.one_hot(x.argmax(-1), 12).float() * x), "onnx-cpu", (torch.randn(2, 12),))
+    with pytest.raises(UnsupportedOpError, match="aten.embedding_bag.*ONNX Runtime rejects"):
+        flashc.compile(Fn(lambda s, i: s.e(i), e=nn.EmbeddingBag(50, 8, mode="mean")), "onnx-cpu",
+                       (torch.randint(0, 50, (4, 5)),))
+
+
+def test_onnx_artifact_with_a_decomposed_op_loads(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, shape = NEED_DECOMPOSITION["argsort"]
+    cm = flashc.compile(model, "onnx-cpu", (torch.randn(shape),))
+    cm.save(tmp_path / "a")
+    loaded = flashc.load(tmp_path / "a")
+    x = torch.randn(shape)
+    assert rel_err(loaded(x), model(x)) < 1e-6
+
+
+def test_tvm_runs_ops_through_their_decompositions():
+    pytest.importorskip("tvm")
+    model = Fn(lambda s, x: F.mish(x) + F.softplus(x) + x.std(-1, keepdim=True))
+    _, records = _check(model, (torch.randn(2, 8, 12),), "tvm-cpu")
+    assert records and records[0].stats
+
+
+def test_a_decomposition_into_ops_still_not_lowered_is_not_spliced():
+    """digamma's decomposition is prims.digamma: left whole, so the refusal names the model's op."""
+    model = Fn(lambda s, x: torch.digamma(x.abs() + 1))
+    program, record = _decomposed(model, (torch.randn(4),), {"aten.digamma", "prims.digamma"})
+    assert not record.changed and "aten.digamma" in _ops(program)
+
+
+def test_a_copy_keeps_input_names_fx_would_change():
+    """Late passes run on a copy of the program; a forward argument named `input` (a builtin, which
+    fx renames when it copies a node) must keep its name there, where inputs are looked up."""
+    program = capture(nn.AdaptiveAvgPool2d(1), (torch.randn(1, 4, 3, 3),))
+    assert [n.name for n in program.clone().placeholders()] == [s.name for s in program.inputs] == ["input"]
