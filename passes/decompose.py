@@ -31,7 +31,8 @@ from torch.utils import _pytree as pytree
 from flashc.ir import NODE_META, Program, op_name, propagate_shapes
 from flashc.pass_manager import PassContext, PassResult
 
-_CHECKS = (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default, torch.ops.aten._assert_scalar.default)
+_CHECKS = (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default,
+           torch.ops.aten._assert_scalar.default)
 MAX_DEPTH = 8  # decompositions of decompositions: std -> var -> prims.var
 
 
