@@ -149,6 +149,9 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
     except Exception:  # no decomposition for these arguments (data-dependent, unsupported dtype, ...)
         return None
     nodes = list(gm.graph.nodes)
+    for n in nodes:  # reshape's copy-then-view, written as the view it is (backends lower view)
+        if n.target is torch.ops.aten._unsafe_view.default:
+            n.target = torch.ops.aten.view.default
     placeholders = {n for n in nodes if n.op == "placeholder"}
     out = next(n for n in nodes if n.op == "output").args[0]
     results = out if isinstance(out, (list, tuple)) else [out]
