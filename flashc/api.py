@@ -151,7 +151,7 @@ def capture_program(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     (vocabulary size, a decode step's cache length) in the program's metadata."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    kwargs = dict(example_kwargs) if example_kwargs is not None else _default_kwargs(model)
+    kwargs = {**_default_kwargs(model), **(example_kwargs or {})}  # decoder_input_ids, and still no cache
     program = capture(model, tuple(example_inputs), kwargs)
     config = getattr(model, "config", None)
     if getattr(config, "vocab_size", None):
