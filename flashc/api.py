@@ -221,6 +221,11 @@ def check_end_to_end(captured: Program, program: Program, executable, example_in
     except VerificationError as e:
         raise VerificationError(f"the compiled model does not compute what the model computes on the example "
                                 f"inputs ({why}): {e}. Compile at a lower level, or report the model") from None
+    except Exception as e:  # the replay's random inputs are ones the model cannot take (an integer x // 0)
+        raise VerificationError(f"target {target!r} computes something else than the model on the example inputs "
+                                f"({why}); replaying the passes on random inputs to find the one at fault failed "
+                                f"({type(e).__name__}: {e}). Use target 'cpu', or compile with verify=False at your "
+                                "own risk") from None
     raise VerificationError(f"target {target!r} computes something else than the model on the example inputs "
                             f"({why}); every pass checked out, so its lowering is at fault. Use target 'cpu', "
                             "or compile with verify=False at your own risk")

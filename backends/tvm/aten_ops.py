@@ -16,7 +16,8 @@ one fixes:
     only knows at run time and the same-operand forms are written out for inf and NaN;
   * cumsum and diff: the frontend accumulates bools in bool and has no diff;
   * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
-  * where with a Python number on one side: no converter.
+  * where with a Python number on one side: no converter;
+  * true division of integer tensors: the frontend divided as integers, then cast.
 """
 
 from __future__ import annotations
@@ -291,14 +292,21 @@ def _float_result(node) -> str | None:
 
 
 def _by_zero(relax_op: str):
-    """mul / div by a scalar zero (x * 0.0, x / 0): the zero as a run-time value."""
+    """mul / div by a scalar zero (x * 0.0, x / 0): the zero as a run-time value; div of integers
+    (true division): in the result's float type."""
 
     def lower(lw, node):
         dtype = _float_result(node)
         a, b = node.args[0], node.args[1]
-        if dtype is None or not (_is_zero(b) or (relax_op == "multiply" and _is_zero(a))):
-            return lw.frontend_convert(node)
         if node.target == aten.div.Tensor_mode or node.kwargs.get("rounding_mode") is not None:
+            return lw.frontend_convert(node)
+        if dtype is not None and relax_op == "divide" and not _is_zero(b) and any(
+                isinstance(x, fx.Node) and "float" not in _dtype(lw.value(x)) for x in (a, b)):
+            # true division of integers: the frontend divided them as integers, then cast the quotient
+            def operand(x):
+                return lw.ops.cast(lw.value(x), dtype) if isinstance(x, fx.Node) else lw.opaque_scalar(float(x), dtype)
+            return lw.bb.emit(lw.R.op.divide(operand(a), operand(b)))
+        if dtype is None or not (_is_zero(b) or (relax_op == "multiply" and _is_zero(a))):
             return lw.frontend_convert(node)
         tensor, zero = (a, b) if _is_zero(b) else (b, a)
         x = lw.ops.cast(lw.value(tensor), dtype)

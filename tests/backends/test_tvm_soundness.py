@@ -134,6 +134,31 @@ def test_nan_and_inf_keep_their_ieee_meaning():
             assert _same_values(g, r), i
 
 
+def test_true_division_of_integers_is_float_division():
+    """int32 / int32 (and / a Python int) is PyTorch's float quotient; TVM's frontend divided as
+    integers and cast the result (found by the differential fuzzer, seed 50217)."""
+    model = Fn(lambda a, b: (a / b, a / 3, a // b))
+    make = lambda: (torch.randint(-20, 21, (3, 4), dtype=torch.int32),
+                    torch.randint(1, 6, (3, 4), dtype=torch.int32) * (torch.randint(0, 2, (3, 4)) * 2 - 1).int())
+    cm = _compile(model, make(), level=2)
+    for _ in range(2):
+        a, b = make()
+        for g, r in zip(cm(a, b), model(a, b)):
+            assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+def test_a_mismatch_whose_replay_cannot_run_is_still_a_verification_error(monkeypatch):
+    """The pass replay that names the pass at fault runs on random inputs; where the model cannot
+    take them (an integer division by zero) the mismatch is still reported as what it is."""
+    from flashc import api
+    from flashc.errors import VerificationError
+
+    monkeypatch.setattr(api, "PassManager", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ZeroDivisionError")))
+    captured = api.capture_program(Fn(lambda a: a + 1), (torch.ones(2),))
+    with pytest.raises(VerificationError, match="ZeroDivisionError"):
+        api.check_end_to_end(captured, captured, lambda a: [a], (torch.ones(2),), [], None, "tvm-cpu")
+
+
 def test_division_by_a_constant_zero_builds_and_runs():
     """A zero tensor inlined under a division: TVM cannot fold the constant 1.0 / 0.0 and
     used to abort the process; the function is now left unscheduled and still right."""
