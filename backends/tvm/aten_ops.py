@@ -17,7 +17,8 @@ one fixes:
   * cumsum and diff: the frontend accumulates bools in bool and has no diff;
   * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
   * where with a Python number on one side: no converter;
-  * true division of integer tensors: the frontend divided as integers, then cast.
+  * true division of integer tensors: the frontend divided as integers, then cast;
+  * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build.
 """
 
 from __future__ import annotations
@@ -345,6 +346,17 @@ def _where_scalar(lw, node):
     return lw.bb.emit(lw.R.op.where(lw.value(cond), a, b))
 
 
+def _masked_fill_scalar(lw, node):
+    """masked_fill with a number (an attention mask's -inf): where(mask, number, x), the number a
+    tensor of x's dtype (the frontend's fill of -inf failed to build)."""
+    x, mask, value = node.args[:3]
+    xv = lw.value(x)
+    dtype = _dtype(xv)
+    if "float" not in dtype:
+        return lw.frontend_convert(node)
+    return lw.bb.emit(lw.R.op.where(lw.value(mask), lw.opaque_scalar(float(value), dtype), xv))
+
+
 ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
@@ -375,6 +387,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.index_put.default: lower_index_put,
     aten.mul.Tensor: _by_zero("multiply"),
     aten.mul.Scalar: _by_zero("multiply"),
+    aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.div.Tensor: _by_zero("divide"),
     aten.div.Scalar: _by_zero("divide"),
     aten.sub.Tensor: _same_operands("sub"),
