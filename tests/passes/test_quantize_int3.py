@@ -203,6 +203,7 @@ def test_three_bit_moe_kernel_refuses_with_what_to_do():
 
 def test_per_channel_three_bit_rows_of_partial_bytes_stay_float():
     """K = 36: a row of 36 3-bit codes is 13.5 bytes; that layer is skipped with the reason."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     cm = flashc.compile(model, "cpu", (torch.randn(2, 36),), quantize=QuantConfig.parse("int3-rtn-per-channel"))
     record = next(r for r in cm.report().records if r.name == "quantize_weights")
@@ -211,5 +212,5 @@ def test_per_channel_three_bit_rows_of_partial_bytes_stay_float():
     assert status["2"][0] == "quantized"  # K = 16: 6 bytes a row
     assert [n.args[-1] for n in cm.program.op_nodes() if n.target is LINEAR_WQ] == [3]
     x = torch.randn(2, 36)
-    with torch.no_grad():
-        assert rel_err(cm(x), model(x)) < 0.1
+    with torch.no_grad():  # one 16-wide layer at 3 bits a channel: 3-16% over 20 seeds (0.1 failed 3 of them)
+        assert rel_err(cm(x), model(x)) < 0.25
