@@ -18,7 +18,8 @@ one fixes:
   * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
   * where with a Python number on one side: no converter;
   * true division of integer tensors: the frontend divided as integers, then cast;
-  * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build.
+  * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
+  * scatter_add: no converter.
 """
 
 from __future__ import annotations
@@ -357,6 +358,20 @@ def _masked_fill_scalar(lw, node):
     return lw.bb.emit(lw.R.op.where(lw.value(mask), lw.opaque_scalar(float(value), dtype), xv))
 
 
+def _scatter_add(lw, node):
+    """scatter_add (no converter in TVM's frontend): ONNX-style scatter_elements with an add, the
+    indices range-checked at run time as the frontend's scatter's are (indexing.guarded_indices)."""
+    from flashc.backends.tvm.indexing import guarded_indices
+
+    x, dim, index, src = node.args[:4]
+    if _shape(lw.value(src)) != _shape(lw.value(index)):
+        raise refuse(node, f"src {_shape(lw.value(src))} larger than index {_shape(lw.value(index))} (PyTorch "
+                           "reads only the index's shape of it)")
+    idx = guarded_indices(lw, node).get(index, lw.value(index))
+    rank = len(_shape(lw.value(x)))
+    return lw.bb.emit(lw.R.op.scatter_elements(lw.value(x), idx, lw.value(src), axis=dim % rank, reduction="add"))
+
+
 ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
@@ -388,6 +403,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.mul.Tensor: _by_zero("multiply"),
     aten.mul.Scalar: _by_zero("multiply"),
     aten.masked_fill.Scalar: _masked_fill_scalar,
+    aten.scatter_add.default: _scatter_add,
     aten.div.Tensor: _by_zero("divide"),
     aten.div.Scalar: _by_zero("divide"),
     aten.sub.Tensor: _same_operands("sub"),

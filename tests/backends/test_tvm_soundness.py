@@ -162,6 +162,21 @@ def test_attention_mask_filled_with_minus_infinity(level):
         assert _rel(got[0], want[0]) < 1e-6 and _same_values(got[1], want[1])
 
 
+def test_scatter_add_accumulates_repeated_indices_and_checks_their_range():
+    """scatter_add (no converter in TVM's frontend): repeated indices add up, as in PyTorch; an
+    index out of range is an InputError naming the input, as PyTorch raises."""
+    from flashc.errors import InputError
+
+    model = Fn(lambda x, i: x.scatter_add(1, i, x[:, :3] * 2))
+    make = lambda: (torch.randn(2, 8, 12), torch.randint(0, 8, (2, 3, 12)))
+    cm = _compile(model, make())
+    for _ in range(2):
+        x, i = make()
+        assert _rel(cm(x, i), model(x, i)) < 1e-6
+    with pytest.raises(InputError, match="input 'input_1'.*outside"):
+        cm(x, torch.full((2, 3, 12), 8))
+
+
 def test_a_mismatch_whose_replay_cannot_run_is_still_a_verification_error(monkeypatch):
     """The pass replay that names the pass at fault runs on random inputs; where the model cannot
     take them (an integer division by zero) the mismatch is still reported as what it is."""
