@@ -19,7 +19,8 @@ one fixes:
   * where with a Python number on one side: no converter;
   * true division of integer tensors: the frontend divided as integers, then cast;
   * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
-  * scatter_add: no converter.
+  * scatter_add: no converter;
+  * an int64 tensor divided by a Python int with a rounding mode: the frontend's int32 constant was refused.
 """
 
 from __future__ import annotations
@@ -358,6 +359,27 @@ def _masked_fill_scalar(lw, node):
     return lw.bb.emit(lw.R.op.where(lw.value(mask), lw.opaque_scalar(float(value), dtype), xv))
 
 
+def _div_rounded(lw, node):
+    """An integer tensor divided by a Python int with rounding_mode floor or trunc (the frontend
+    made the number an int32 constant, which int64 tensors refused); other forms: the frontend."""
+    a, b = node.args[:2]
+    mode = _arg(node, 2, "rounding_mode")
+    if not isinstance(a, fx.Node) or isinstance(b, (fx.Node, float)) or mode not in ("floor", "trunc"):
+        return lw.frontend_convert(node)
+    x = lw.value(a)
+    dtype = _dtype(x)
+    if not dtype.startswith("int") or _float_result(node) is not None:
+        return lw.frontend_convert(node)
+    if int(b) == 0:
+        raise refuse(node, "an integer division by zero (PyTorch raises ZeroDivisionError)", "fix the model")
+    op, R = lw.R.op, lw.R
+    if mode == "floor":
+        return lw.bb.emit(op.floor_divide(x, R.const(int(b), dtype)))
+    q = lw.bb.emit(op.floor_divide(op.abs(x), R.const(abs(int(b)), dtype)))  # trunc: |x| // |b|, signed
+    negative = op.less(x, R.const(0, dtype)) if b > 0 else op.greater_equal(x, R.const(0, dtype))
+    return lw.bb.emit(op.where(negative, op.negative(q), q))
+
+
 def _scatter_add(lw, node):
     """scatter_add (no converter in TVM's frontend): ONNX-style scatter_elements with an add, the
     indices range-checked at run time as the frontend's scatter's are (indexing.guarded_indices)."""
@@ -404,6 +426,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.mul.Scalar: _by_zero("multiply"),
     aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.scatter_add.default: _scatter_add,
+    aten.div.Tensor_mode: _div_rounded,
     aten.div.Tensor: _by_zero("divide"),
     aten.div.Scalar: _by_zero("divide"),
     aten.sub.Tensor: _same_operands("sub"),

@@ -162,6 +162,19 @@ def test_attention_mask_filled_with_minus_infinity(level):
         assert _rel(got[0], want[0]) < 1e-6 and _same_values(got[1], want[1])
 
 
+def test_integer_division_by_a_number_with_rounding_modes():
+    """int64 // a Python int, floor and trunc, both signs (the frontend's int32 constant was refused)."""
+    model = Fn(lambda i: (torch.div(i, 4, rounding_mode="floor"), torch.div(i, 3, rounding_mode="trunc"),
+                          torch.div(i, -3, rounding_mode="trunc"), torch.div(i, -4, rounding_mode="floor"),
+                          torch.div(i.int(), 5, rounding_mode="trunc")))
+    make = lambda: (torch.randint(-20, 20, (3, 5)),)
+    cm = _compile(model, make())
+    for _ in range(2):
+        (i,) = make()
+        for g, r in zip(cm(i), model(i)):
+            assert g.dtype == r.dtype and torch.equal(g, r)
+
+
 def test_scatter_add_accumulates_repeated_indices_and_checks_their_range():
     """scatter_add (no converter in TVM's frontend): repeated indices add up, as in PyTorch; an
     index out of range is an InputError naming the input, as PyTorch raises."""
