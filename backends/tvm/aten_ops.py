@@ -16,7 +16,7 @@ one fixes:
     only knows at run time and the same-operand forms are written out for inf and NaN;
   * cumsum and diff: the frontend accumulates bools in bool and has no diff;
   * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
-  * where with a Python number on one side: no converter;
+  * where with a Python number on one side or both: no converter;
   * true division of integer tensors: the frontend divided as integers, then cast;
   * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
   * scatter_add: no converter;
@@ -343,7 +343,10 @@ def _where_scalar(lw, node):
     number as a tensor of the other side's dtype, as PyTorch promotes it; inf and NaN kept."""
     cond, a, b = (node.args + (None,) * 3)[:3]
     other = a if isinstance(a, fx.Node) else b
-    dtype = _dtype(lw.value(other))
+    if isinstance(other, fx.Node):
+        dtype = _dtype(lw.value(other))
+    else:  # where(cond, 1.0, 0.0): the result's dtype
+        dtype = _tvm_dtype(node.meta["val"].dtype)
     a, b = (lw.value(v) if isinstance(v, fx.Node) else lw.opaque_scalar(float(v), dtype) for v in (a, b))
     return lw.bb.emit(lw.R.op.where(lw.value(cond), a, b))
 
@@ -397,6 +400,7 @@ def _scatter_add(lw, node):
 ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
+    aten.where.Scalar: _where_scalar,
     aten.amax.default: _extreme("max"),
     aten.amin.default: _extreme("min"),
     aten.var.dim: _var,

@@ -162,6 +162,16 @@ def test_attention_mask_filled_with_minus_infinity(level):
         assert _rel(got[0], want[0]) < 1e-6 and _same_values(got[1], want[1])
 
 
+def test_where_between_two_numbers():
+    """where(cond, 1.0, 0.0) and where(cond, 2, -1): the result's dtype, inf and NaN kept (fuzz: 40 refusals)."""
+    model = Fn(lambda x: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, 2, -1),
+                          torch.where(x > 0, float("inf"), float("nan"))))
+    cm = _compile(model, (torch.randn(3, 4),))
+    x = torch.randn(3, 4)
+    for g, r in zip(cm(x), model(x)):
+        assert _same_values(g, r)
+
+
 def test_integer_division_by_a_number_with_rounding_modes():
     """int64 // a Python int, floor and trunc, both signs (the frontend's int32 constant was refused)."""
     model = Fn(lambda i: (torch.div(i, 4, rounding_mode="floor"), torch.div(i, 3, rounding_mode="trunc"),
