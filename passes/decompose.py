@@ -16,7 +16,8 @@ other ops), traced on fake tensors of the node's argument shapes. It is spliced 
 ops it brings write nothing and its results are new tensors, not arguments or views of them (an
 op that writes or aliases an argument is never decomposed), it needs no constant tensor, and it
 checks no input values (one_hot's class range: a backend would drop the check); else the node is
-left as it was.
+left as it was. The ops go where the node was and read what it read, so no read moves across a
+write to the same storage.
 """
 
 from __future__ import annotations
@@ -106,19 +107,20 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[str], bool]
                 new.meta.update(source)
                 new.meta["val"] = n.meta.get("val")
                 env[n] = new
-    if isinstance(outputs, (list, tuple)) and not isinstance(node.meta.get("val"), torch.Tensor):
+    if isinstance(node.meta["val"], torch.Tensor):
+        node.replace_all_uses_with(outputs[0])
+    else:
         for user in list(node.users):  # operator.getitem(node, i): checked in _trace
             user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
-    else:
-        node.replace_all_uses_with(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
     graph.erase_node(node)
     return True
 
 
 def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
-    """fn on node's arguments traced to an ATen graph over fake tensors of their shapes, with the
-    argument nodes its placeholders stand for; None where the result cannot be spliced safely."""
+    """fn on node's arguments traced to an ATen graph over fake tensors of their shapes, returning a
+    list of its results, with the argument nodes its placeholders stand for; None where the result
+    cannot be spliced safely."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -142,7 +144,7 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
         it = iter(tensors)
         args, kwargs = pytree.tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in flat], spec)
         out = fn(*args, **kwargs)
-        return list(out) if isinstance(out, (list, tuple)) else out
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
     try:
         gm = make_fx(call, tracing_mode="fake")(*fakes)
@@ -153,8 +155,7 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
         if n.target is torch.ops.aten._unsafe_view.default:
             n.target = torch.ops.aten.view.default
     placeholders = {n for n in nodes if n.op == "placeholder"}
-    out = next(n for n in nodes if n.op == "output").args[0]
-    results = out if isinstance(out, (list, tuple)) else [out]
+    results = next(n for n in nodes if n.op == "output").args[0]
     if any(n.op in ("get_attr", "call_module", "call_method") for n in nodes):
         return None  # a constant tensor (or a module) the program's graph does not hold
     if any(not isinstance(r, fx.Node) or _view_of(r, placeholders) for r in results):
@@ -163,8 +164,6 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
         return None  # it writes a tensor: kept out of the graph's write order
     if any(n.target in _CHECKS for n in nodes):
         return None  # the op checks its input's values (one_hot's class range): a backend would drop the check
-    if isinstance(val, torch.Tensor) != (not isinstance(out, (list, tuple)) or len(results) == 1):
-        return None
     got = [r.meta.get("val") for r in results]
     want = list(val) if isinstance(val, (list, tuple)) else [val]
     if len(got) != len(want) or any(not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype

@@ -388,13 +388,12 @@ def _scatter_add(lw, node):
     indices range-checked at run time as the frontend's scatter's are (indexing.guarded_indices)."""
     from flashc.backends.tvm.indexing import guarded_indices
 
-    x, dim, index, src = node.args[:4]
-    if _shape(lw.value(src)) != _shape(lw.value(index)):
-        raise refuse(node, f"src {_shape(lw.value(src))} larger than index {_shape(lw.value(index))} (PyTorch "
-                           "reads only the index's shape of it)")
-    idx = guarded_indices(lw, node).get(index, lw.value(index))
-    rank = len(_shape(lw.value(x)))
-    return lw.bb.emit(lw.R.op.scatter_elements(lw.value(x), idx, lw.value(src), axis=dim % rank, reduction="add"))
+    x, dim, index, src = (lw.value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
+    if _shape(src) != _shape(index):
+        raise refuse(node, f"src {_shape(src)} larger than index {_shape(index)} (PyTorch reads only the index's "
+                           "shape of it)")
+    index = guarded_indices(lw, node).get(node.args[2], index)
+    return lw.bb.emit(lw.R.op.scatter_elements(x, index, src, axis=dim % len(_shape(x)), reduction="add"))
 
 
 ATEN_OPS: dict[Any, Callable] = {

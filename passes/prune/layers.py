@@ -46,6 +46,7 @@ class CalibratedPrunePass:
         self.calibration = calibration
         self.progress = progress
 
+
 @dataclass
 class Skipped:
     """A layer a pruning pass leaves as it is, and why (one report row)."""
