@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 #   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
+#   bash bench/gpu_session.sh s23      # hand-written decoder vs reduce-overhead, then the fp8 fused-input prefill test
 #   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
 #                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
 #   bash bench/gpu_session.sh essentials # one call: new kernels' tests, TTFT, operator table, 1B and 8B (W8A8/FP8) prefill
@@ -176,6 +177,12 @@ case "${1:-verify}" in
     step gemv_wq 110 python3 bench/gemv_wq_shapes.py --out "$OUT" --models llama-3-8b --quick --budget-s 100
     step decode_int4 420 python3 bench/decode.py --models llama-3-8b llama-3.2-1b --batches 1 --prefill 0 \
       --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 200
+    ;;
+  s23)  # session 23's one call: issue #13's hand-written decoder against reduce-overhead (its 2x is for an H200),
+        # then the fp8 fused-input prefill test with its GPU-sound tolerance (session 22: failed at 2e-3 on an H100)
+    step handwritten 200 python3 bench/handwritten_decode.py --out "$OUT" --timeout 95 \
+      --variants reduce-overhead flashc-handwritten
+    step fp8_test 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/backends/test_cuda_quant_fusion.py -k rewritten_prefill"
     ;;
   int4-1b)  # llama-3.2-1b int4 with its output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the
             # step), then the 8B int4 GEMV's 8-row shapes the session-20 budget cut (down, lm_head)

@@ -149,7 +149,7 @@ def test_the_rewritten_prefill_runs_the_kernels(scheme):
     and PyTorch's int8 / fp8 GEMMs on the CPU) against the quantized program: the logits agree but for
     the codes a different summation order of a norm's sum of squares moves by one step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, program = quantized_prefill(scheme)
+    model, program = quantized_prefill(scheme)
     lowered = program.clone()
     PassManager([FuseQuantizedInputs(MAX_K)]).run(lowered, PassContext(PROFILES["h100"]))
     graph = copy.deepcopy(lowered.graph)
@@ -165,4 +165,11 @@ def test_the_rewritten_prefill_runs_the_kernels(scheme):
     got = module(*weights, *[i.to(device) for i in ids])
     got = (got[0] if isinstance(got, (tuple, list)) else got).cpu()
     want = program.run_flat(*ids)[0]
-    assert rel_err(got, want) < 2e-3  # 0 for these prompts here; one code a step off moves logits ~1e-3
+    if device == "cpu":  # the same summation orders: the same codes (0 for these prompts)
+        assert rel_err(got, want) < 2e-3
+    # On a GPU every bf16 rounding upstream may differ, and a code one step off moves an fp8 value by 6-12% (3
+    # mantissa bits): session 22 measured 2.6% against the unfused program on the CPU. What must hold anywhere: the
+    # kernels are as accurate as the unfused program, both measured against the float64 model.
+    exact = copy.deepcopy(model).double()(*ids)
+    exact = exact.logits if hasattr(exact, "logits") else exact[0]
+    assert rel_err(got, exact) < 1.25 * rel_err(want, exact)
