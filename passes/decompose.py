@@ -22,6 +22,7 @@ write to the same storage.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Any, Callable
 
@@ -147,7 +148,8 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     try:
-        gm = make_fx(call, tracing_mode="fake")(*fakes)
+        with _without_mkldnn():
+            gm = make_fx(call, tracing_mode="fake")(*fakes)
     except Exception:  # no decomposition for these arguments (data-dependent, unsupported dtype, ...)
         return None
     nodes = list(gm.graph.nodes)
@@ -170,6 +172,18 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
                                     for g, w in zip(got, want)):
         return None  # not the node's shapes and dtypes: leave it to the backend's refusal
     return gm, tensor_args
+
+
+@contextlib.contextmanager
+def _without_mkldnn():
+    """The portable decomposition: PyTorch's RNN decompositions pick the CPU's oneDNN kernel
+    (`mkldnn_rnn`, which no backend lowers) for float32 CPU tensors while oneDNN is enabled."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _view_of(node: fx.Node, roots: set[fx.Node]) -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from flashc.backends.tvm.common import _dtype, _shape, _tvm_dtype, refuse
-from flashc.backends.tvm.indexing import lower_index_put
+from flashc.backends.tvm.indexing import lower_index, lower_index_put
 
 aten = torch.ops.aten
 HALF = ("float16", "bfloat16")
@@ -277,8 +277,9 @@ def _select(lw, node):
     return lw.bb.emit(lw.R.op.take(x, lw.R.const(index % size, "int64"), axis=dim))
 
 
-def _numpy_t(lw, node):
-    """aten.numpy_T (x.T: every dim reversed; Falcon's fused QKV at -O0): no frontend converter."""
+def _reversed_dims(lw, node):
+    """aten.numpy_T (x.T: every dim reversed; Falcon's fused QKV at -O0) and aten.t (the same for at most
+    2 dims; the RNN decompositions' weights): no frontend converter."""
     x = lw.value(node.args[0])
     return lw.bb.emit(lw.R.op.permute_dims(x, list(reversed(range(len(_shape(x)))))))
 
@@ -423,7 +424,9 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.slice.Tensor: _slice,
     aten.narrow.default: _narrow,
     aten.select.int: _select,
-    aten.numpy_T.default: _numpy_t,
+    aten.numpy_T.default: _reversed_dims,
+    aten.t.default: _reversed_dims,
+    aten.index.Tensor: lower_index,
     aten.index_put.default: lower_index_put,
     aten.mul.Tensor: _by_zero("multiply"),
     aten.mul.Scalar: _by_zero("multiply"),

@@ -131,22 +131,51 @@ def out_of_range_message(check: dict[str, Any], lo: int, hi: int) -> str:
             f"{check['op']} (node {check['node']}, {check['where']}) accepts; PyTorch raises IndexError here: {fix}")
 
 
+def lower_index(lw, node: fx.Node):
+    """aten.index.Tensor (x[i, j], x[:, i], x[..., i, :, j]) with PyTorch's advanced indexing. One index
+    tensor is a `take` along its axis; more than one, with whole dims between or around them, index
+    every dim with a full index tensor (`_full_indices`): TVM's frontend takes them one after another
+    (x[:, i, j] came out [B, n, n] for PyTorch's [B, n]) or cannot broadcast them (unfold's im2col)."""
+    op = lw.R.op
+    with lw.substituted(guarded_indices(lw, node)):
+        data = lw.value(node.args[0])
+        indices = [lw.value(i) if isinstance(i, fx.Node) else None for i in node.args[1]]
+    if any(i is not None and not _dtype(i).startswith(("int", "uint")) for i in indices):
+        raise refuse(node, "indexing with a boolean mask (its result's shape depends on the mask's values)")
+    advanced = [k for k, i in enumerate(indices) if i is not None]
+    if len(advanced) == 1:
+        return lw.bb.emit(op.take(data, indices[advanced[0]], axis=advanced[0]))
+    full, _ = _full_indices(lw, data, indices)
+    return lw.bb.emit(op.index_tensor(data, full))
+
+
 def lower_index_put(lw, node: fx.Node):
     """aten.index_put(data, indices, values, accumulate) with PyTorch's advanced indexing:
     indices may be fewer than data's dims or None (a whole dim), as `x[:, idx] = v` gives;
-    TVM's index_put wants one index tensor per dim. Every dim gets a full index tensor of
-    the indexing result's shape (the broadcast index shape where the index tensors sit
-    together, else first), and values are broadcast to that shape."""
+    TVM's index_put wants one index tensor per dim (`_full_indices`), and values are broadcast
+    to the indexing result's shape."""
     op, R = lw.R.op, lw.R
     with lw.substituted(guarded_indices(lw, node)):
         data = lw.value(node.args[0])
-        items = list(node.args[1]) + [None] * (len(_shape(data)) - len(node.args[1]))
-        indices = [lw.value(i) if isinstance(i, fx.Node) else None for i in items]
+        indices = [lw.value(i) if isinstance(i, fx.Node) else None for i in node.args[1]]
     values = lw.value(node.args[2])
     accumulate = bool(node.args[3]) if len(node.args) > 3 else bool(node.kwargs.get("accumulate", False))
     if any(i is not None and not _dtype(i).startswith(("int", "uint")) for i in indices):
         raise refuse(node, "index_put with a boolean mask")
+    full, result = _full_indices(lw, data, indices)
+    values = lw.bb.emit(op.broadcast_to(op.astype(values, _dtype(data)), result))
+    return lw.bb.emit(op.index_put(data, R.Tuple(full), values, accumulate))
+
+
+def _full_indices(lw, data, indices: list) -> tuple[list, list[int]]:
+    """One int64 index tensor per dim of data, each of the indexing result's shape, for PyTorch's
+    advanced indexing by `indices` (tensors, or None for a whole dim; fewer than data's dims: the
+    rest whole): the index tensors broadcast together, their dims where they sit when they sit
+    together, else first; whole dims as ramps along their own result dim. Returns them and the
+    result's shape."""
+    op, R = lw.R.op, lw.R
     shape = _shape(data)
+    indices = list(indices) + [None] * (len(shape) - len(indices))
     advanced = [k for k, i in enumerate(indices) if i is not None]
     broadcast = list(torch.broadcast_shapes(*[tuple(_shape(indices[k])) for k in advanced]))
     together = advanced == list(range(advanced[0], advanced[-1] + 1))
@@ -170,5 +199,4 @@ def lower_index_put(lw, node: fx.Node):
             idx = lw.bb.emit(op.astype(idx, "int64"))
             spread = [1] * len(before) + broadcast + [1] * len(after)
             full.append(lw.bb.emit(op.broadcast_to(op.reshape(op.broadcast_to(idx, broadcast), spread), result)))
-    values = lw.bb.emit(op.broadcast_to(op.astype(values, _dtype(data)), result))
-    return lw.bb.emit(op.index_put(data, R.Tuple(full), values, accumulate))
+    return full, result

@@ -127,6 +127,7 @@ class FxToRelax:
         self.program = program
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
+        self.bound: set[fx.Node] = set()  # nodes `substituted` binds to other values, weights included
         self.frontend = ExportedProgramImporter()
         self.frontend.env = self.env  # the frontend's converters read our values
         self.frontend.block_builder = self.bb
@@ -196,7 +197,7 @@ class FxToRelax:
     def value(self, a):
         """The Relax value of an argument (weights as stored, unchanged), or a Python value as it is."""
         if isinstance(a, fx.Node):
-            return self._weight(a, None) if self.is_weight(a) else self.env[a]
+            return self._weight(a, None) if self.is_weight(a) and a not in self.bound else self.env[a]
         if isinstance(a, (list, tuple)):
             return type(a)(self.value(x) for x in a)
         return a
@@ -206,9 +207,12 @@ class FxToRelax:
         """env with some nodes bound to other Relax values while a converter runs."""
         saved = {n: self.env[n] for n in values if n in self.env}
         self.env.update(values)
+        outer = self.bound
+        self.bound = outer | set(values)
         try:
             yield
         finally:
+            self.bound = outer
             for n in values:
                 if n in saved:
                     self.env[n] = saved[n]

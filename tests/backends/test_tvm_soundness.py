@@ -260,6 +260,23 @@ def test_negative_indices_count_from_the_end(level):
             assert torch.equal(g, r), i
 
 
+def test_several_index_tensors_index_together_as_in_pytorch():
+    """x[:, i, j] zips i and j ([B, n]; TVM's frontend took them one after the other: [B, n, n]);
+    apart (x[i, :, j]) their dims come first; they broadcast ([3, 1] with [4]); unfold's im2col
+    indexes two dims after two whole ones. Negative indices count from the end, out of range is
+    an InputError."""
+    model = Fn(lambda x, i, j: (x[:, i, j], x[i, :, j], x[:, :, i.view(-1, 1), j.view(1, -1)],
+                                torch.nn.functional.unfold(x, 2)))
+    make = lambda: (torch.randn(5, 5, 6, 6), torch.randint(-5, 5, (3,)), torch.randint(-6, 6, (3,)))
+    cm = _compile(model, make())
+    for _ in range(2):
+        inputs = make()
+        for k, (g, r) in enumerate(zip(cm(*inputs), model(*inputs))):
+            assert g.shape == r.shape and torch.equal(g, r), k
+    with pytest.raises(InputError, match=r"input 'input_2': indices 0\.\.6 are outside \[-6, 6\)"):
+        cm(make()[0], torch.zeros(3, dtype=torch.long), torch.tensor([0, 6, 1]))
+
+
 @pytest.mark.parametrize("ids,j,message", [
     (torch.full((2, 5), 10), torch.tensor([0, 1]), r"input 'ids': indices 10\.\.10 are outside \[0, 10\).*embedding"),
     (torch.full((2, 5), -1), torch.tensor([0, 1]), r"input 'ids': indices -1\.\.-1 are outside \[0, 10\)"),

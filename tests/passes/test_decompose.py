@@ -140,6 +140,20 @@ def test_tvm_runs_ops_through_their_decompositions():
     assert records and "aten.pixel_shuffle" in records[0].stats  # TVM 0.27's own converter fails
 
 
+def test_tvm_runs_recurrent_layers_through_their_decompositions():
+    """TVM 0.27's LSTM/GRU converters return one tensor for PyTorch's tuple; their decompositions
+    (oneDNN off while tracing: else they pick `mkldnn_rnn`) run: two layers, both directions, a given
+    initial state, every output read."""
+    pytest.importorskip("tvm")
+    lstm = Fn(lambda s, x, h, c: (lambda o, hc: torch.cat([o[:, -1], hc[0][-1], hc[1][0]], -1))(*s.l(x, (h, c))),
+              l=nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True))
+    _, records = _check(lstm, (torch.randn(2, 7, 6), torch.randn(4, 2, 5), torch.randn(4, 2, 5)), "tvm-cpu")
+    assert records and "aten.lstm" in records[0].stats
+    gru = Fn(lambda s, x: (lambda o, h: o.sum(0) + h[-1])(*s.l(x)), l=nn.GRU(6, 5, num_layers=2))
+    _, records = _check(gru, (torch.randn(7, 2, 6),), "tvm-cpu")
+    assert records and "aten.gru" in records[0].stats
+
+
 def test_a_decomposition_into_ops_still_not_lowered_is_not_spliced():
     """digamma's decomposition is prims.digamma: left whole, so the refusal names the model's op."""
     model = Fn(lambda s, x: torch.digamma(x.abs() + 1))
