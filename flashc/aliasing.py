@@ -167,3 +167,56 @@ def aliased_outputs(graph: fx.Graph) -> list[int]:
     leaves = pytree.tree_leaves(graph.output_node().args[0])
     return [i for i, v in enumerate(leaves)
             if isinstance(v, fx.Node) and info.root_of(v) is not None and info.root_of(v).op == "placeholder"]
+
+
+def output_storage_groups(graph: fx.Graph) -> list[int]:
+    """For each flat output, the index of the first output living in the same storage (itself when
+    none before it does; -1 for a leaf that is not a node): which outputs the caller gets as one
+    tensor, or as views of one, so that writing into one shows in the others."""
+    from torch.utils import _pytree as pytree
+
+    info = MutationInfo.of(graph)
+    first: dict[fx.Node, int] = {}
+    groups = []
+    for i, leaf in enumerate(pytree.tree_leaves(graph.output_node().args[0])):
+        root = info.root_of(leaf)
+        groups.append(-1 if root is None else first.setdefault(root, i))
+    return groups
+
+
+def separate_outputs(graph: fx.Graph, groups: list[int]) -> int:
+    """Give each output that now shares storage with an earlier one it did not share with in
+    `groups` (output_storage_groups before the passes) a copy of its own (`aten.clone`), so that a
+    pass merging two equal values (CSE: `return x * 2, x * 2`; an identity dropped: `h, h * 1`)
+    never lets the caller's write into one output change another. Outputs of one original group
+    that are one node share one copy. Returns how many copies were made."""
+    from torch.utils import _pytree as pytree
+
+    output = graph.output_node()
+    leaves, spec = pytree.tree_flatten(output.args[0])
+    if len(leaves) != len(groups):
+        raise ValueError(f"{len(leaves)} outputs, {len(groups)} storage groups: not the same graph's outputs")
+    info = MutationInfo.of(graph)
+    owner: dict[fx.Node, int] = {}  # storage root -> the original group the first output in it belongs to
+    copies: dict[tuple[fx.Node, int], fx.Node] = {}
+    made = 0
+    for i, leaf in enumerate(leaves):
+        root = info.root_of(leaf)
+        if root is None or groups[i] < 0:
+            continue
+        if owner.setdefault(root, groups[i]) == groups[i]:
+            continue
+        key = (leaf, groups[i])
+        if key not in copies:
+            with graph.inserting_before(output):
+                copy = graph.call_function(torch.ops.aten.clone.default, (leaf,))
+            copy.meta.update({k: v for k, v in leaf.meta.items() if k != "val"})
+            if isinstance(leaf.meta.get("val"), torch.Tensor):
+                copy.meta["val"] = leaf.meta["val"].clone()
+            copies[key] = copy
+            owner[copy] = groups[i]
+            made += 1
+        leaves[i] = copies[key]
+    if made:
+        output.args = (pytree.tree_unflatten(leaves, spec),)
+    return made

@@ -52,6 +52,7 @@ def capture(
             export_error = e
             export_where = tracker.failing_module()
     if export_error is None:
+        _refuse_value_dependent_shapes(program)
         return _own_state(program)
     with _module_tracker(model) as tracker:
         try:
@@ -65,6 +66,27 @@ def capture(
         "the fallback specialises data-dependent control flow on the example inputs"
     )
     return _own_state(program)
+
+
+def _refuse_value_dependent_shapes(program: Program) -> None:
+    """A result whose shape depends on the values of the input (`x[x > 0]`, `nonzero`, `unique`,
+    `masked_select`): the passes and backends compile shapes known at compile time, so say which
+    op gives one, and where, rather than fail inside a pass."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    from flashc.errors import UnsupportedOpError
+    from flashc.ir import op_name, source_location
+
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        values = val if isinstance(val, (list, tuple)) else [val]
+        if node.op == "call_function" and any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v)
+                                              for v in values):
+            raise UnsupportedOpError(
+                f"{op_name(node)} (node {node.name}, {source_location(node)}) gives a result whose shape depends on "
+                "the input's values (a boolean mask index, nonzero, unique, masked_select); flashc compiles "
+                "shapes known when it compiles. Keep the shape fixed (torch.where(mask, x, 0), "
+                "x.masked_fill(~mask, 0)) or run that part outside the compiled model")
 
 
 def _own_state(program: Program) -> Program:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from flashc.aliasing import check_writes_kept, write_signature
+from flashc.aliasing import check_writes_kept, output_storage_groups, separate_outputs, write_signature
 from flashc.errors import VerificationError
 from flashc.ir import Program, output_signature, propagate_shapes, verify
 from flashc.profiles import HardwareProfile
@@ -223,6 +223,7 @@ class PassManager:
             propagate_shapes(program)
         for instrument in self.instruments:
             instrument.enter(program)
+        storage_groups = output_storage_groups(program.graph)
         for index, p in enumerate(self.passes):
             missing = [r for r in p.requires if r not in held]
             if "shapes" in missing:
@@ -249,6 +250,7 @@ class PassManager:
             for instrument in self.instruments:
                 instrument.after(index, p, program, result, record)
             records.append(record)
+        separate_outputs(program.graph, storage_groups)  # outputs that passes made share storage get copies
         program.recompile()  # cheap once; guards against a pass that changed the graph but said it did not
         for instrument in self.instruments:
             instrument.exit(program)

@@ -74,3 +74,31 @@ def test_capture_gives_the_program_its_own_state():
     program = capture(model, (torch.randn(1, 8), torch.tensor([1])))
     assert program.params["b_cache"].data_ptr() != model.cache.data_ptr()  # written: copied
     assert program.params["b_scale"].data_ptr() == model.scale.data_ptr()  # only read: shared
+
+
+class _Outputs(torch.nn.Module):
+    def forward(self, x):
+        y = x * 2
+        return x * 2, x * 2, y, y, y * 1, (x * 2).view(-1)  # equal values, one tensor returned twice
+
+
+def test_outputs_passes_made_one_tensor_are_copies_again():
+    """CSE merges equal values and cleanup drops `* 1`: the caller must still get a tensor of its
+    own wherever the model returned one (writing into it changes nothing else), and one tensor
+    where the model returned the same one twice."""
+    import flashc
+    from flashc.aliasing import output_storage_groups
+
+    model = _Outputs()
+    assert output_storage_groups(capture(model, (torch.randn(3, 4),)).graph) == [0, 1, 2, 2, 4, 5]
+    for level in (0, 1, 3):
+        cm = flashc.compile(model, target="cpu", example_inputs=(torch.randn(3, 4),), level=level)
+        x = torch.randn(3, 4)
+        got, want = cm(x), model(x)
+        storages = [t.untyped_storage().data_ptr() for t in got]
+        assert len(set(storages)) == 5 and storages[2] == storages[3], level
+        got[0].fill_(7.0)
+        got[2].fill_(5.0)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g, torch.full_like(w, 7.0) if i == 0 else torch.full_like(w, 5.0) if i in (2, 3)
+                               else w), (level, i)

@@ -173,3 +173,16 @@ def test_the_default_level_is_the_targets(tiny_models):
     assert flashc.compile(model, "cpu", (ids,), level=3).level == 3
     merged = flashc.compile(model, "h100", (ids,))  # no GPU here: lowered for later, passes ran
     assert merged.level == 3 and any(r.name == "merge_projections" and r.changed for r in merged.records)
+
+
+def test_a_shape_that_depends_on_values_is_refused_naming_the_op():
+    """x[x > 0]: torch.export gives it a size no pass may guard on; flashc says which op and where."""
+    from flashc.errors import UnsupportedOpError
+
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            return x[x > 0] * 2
+
+    with pytest.raises(UnsupportedOpError, match=r"aten.index \(node index, .*test_api.py:\d+ in forward\) "
+                                                 r"gives a result whose shape depends on the input's values"):
+        flashc.compile(Masked(), target="cpu", example_inputs=(torch.randn(3, 4),))

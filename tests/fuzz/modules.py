@@ -385,6 +385,32 @@ def reductions(r: random.Random) -> tuple[str, str]:
     return variant, _module([], "x, xi", [_ret(picks)], inputs)
 
 
+INDEX_FORMS = {  # expressions of x [A, B, C] and index tensors ia, ib, ic in [-size, size) of their dims, [n] each
+    "one": "x[ia]", "second": "x[:, ib]", "last": "x[..., ic]", "zipped": "x[ia, ib]",
+    "zipped_after_slice": "x[:, ib, ic]",
+    "apart": "x[ia, :, ic]", "apart_ellipsis": "x[ia, ..., ic]", "all_three": "x[ia, ib, ic]",
+    "outer": "x[ia.view(-1, 1), ib]", "outer_after_slice": "x[:, ib.view(-1, 1), ic]", "chained": "x[ia][:, ib]",
+    "constant_list": "x[[0, -1]]", "constant_pair": "x[:, [0, -1], [-1, 0]]", "new_axis": "x[None][:, ia]",
+    "index_select": "torch.index_select(x, 1, ib % {B})", "flat": "x.flatten()[ia * {B} * {C}]",
+    "gather": "x.gather(2, (ic % {C}).view(1, 1, -1).expand({A}, {B}, -1))",
+    "take_along_dim": "torch.take_along_dim(x, (ic % {C}).view(1, 1, -1).expand({A}, {B}, -1), 2)",
+    "embedding": "F.embedding(ia % {A}, x.flatten(1))", "mask": "x[x > 0]", "index_of_index": "x[:, ib[ia % {n}]]",
+}
+
+
+def indexing(r: random.Random) -> tuple[str, str]:
+    """Advanced indexing reads: one index tensor or several (zipped, broadcast, apart with whole dims
+    between: their dims first), negative indices, constant lists, gather, embedding, a boolean mask."""
+    A, B, C, n = r.randint(2, 5), r.randint(2, 5), r.randint(2, 6), r.randint(1, 4)
+    picks = r.sample(sorted(INDEX_FORMS), r.randint(1, 3))
+    body = [_ret([INDEX_FORMS[p].format(A=A, B=B, C=C, n=n) + " * 2" for p in picks])]
+    inputs = [f"x = {_randn((A, B, C))}"]
+    inputs += [f"{name} = torch.randint(-{size}, {size}, ({n},), generator=g)"
+               for name, size in (("ia", A), ("ib", B), ("ic", C))]
+    inputs.append("return (x, ia, ib, ic)")
+    return ",".join(picks), _module([], "x, ia, ib, ic", body, inputs)
+
+
 def integer_ops(r: random.Random) -> tuple[str, str]:
     """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts."""
     R, C = r.randint(2, 4), r.randint(3, 9)
@@ -693,6 +719,7 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "dtype_casts": dtype_casts,
     "reductions": reductions,
     "integer_ops": integer_ops,
+    "indexing": indexing,
     "rms_norm": rms_norm,
     "rotary": rotary,
     "attention": attention,
