@@ -39,22 +39,23 @@ MAX_DEPTH = 8  # decompositions of decompositions: std -> var -> prims.var
 
 
 class DecomposeUnlowered:
-    """Each op `lowers(name)` rejects, written as PyTorch's decomposition of it when that is all ops
-    the backend lowers (`stats`: how many nodes of each op; the others are left for the backend to
-    refuse, naming the op the model wrote)."""
+    """Each node `lowers(node)` rejects (the backend has no converter for its op, or for that overload
+    of it), written as PyTorch's decomposition of it when that is all ops the backend lowers (`stats`:
+    how many nodes of each op; the others are left for the backend to refuse, naming the op the model
+    wrote)."""
 
     name = "decompose_unlowered"
     requires = ("shapes",)
     preserves = ("canonical", "shapes")
 
-    def __init__(self, lowers: Callable[[str], bool]) -> None:
+    def __init__(self, lowers: Callable[[fx.Node], bool]) -> None:
         self.lowers = lowers
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         stats: dict[str, int] = {}
         for node in list(program.op_nodes()):
             name = op_name(node)
-            if not self.lowers(name) and decompose_node(program.graph, node, self.lowers):
+            if not self.lowers(node) and decompose_node(program.graph, node, self.lowers):
                 stats[name] = stats.get(name, 0) + 1
         if stats:
             program.recompile()
@@ -79,7 +80,8 @@ def decomposition_of(target: Any) -> Callable | None:
     return None
 
 
-def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[str], bool], depth: int = MAX_DEPTH) -> bool:
+def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], bool],
+                   depth: int = MAX_DEPTH) -> bool:
     """Replace node by the ops of its decomposition (traced on its arguments' shapes), the ops of that
     `lowers` rejects decomposed in turn; False, and the graph untouched, unless that ends in ops
     `lowers` accepts, every step spliced in safely."""
@@ -89,7 +91,7 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[str], bool]
         return False
     gm, tensor_args = traced
     for inner in list(gm.graph.nodes):
-        if inner.op == "call_function" and not lowers(op_name(inner)) and not decompose_node(
+        if inner.op == "call_function" and not lowers(inner) and not decompose_node(
                 gm.graph, inner, lowers, depth - 1):
             return False  # e.g. digamma -> prims.digamma: the model's own op is the one to name
     env: dict[fx.Node, Any] = {}

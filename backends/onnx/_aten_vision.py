@@ -3,8 +3,10 @@ beyond decoders (ResNet, ViT's patch embedding) compile for onnx-cpu.
 
 Each follows PyTorch's semantics where ONNX's default differs:
 * conv: PyTorch pads symmetrically with `padding` per side ("same" pads the extra element at
-  the end, as ONNX's SAME_UPPER; only for stride 1, as PyTorch allows it); groups and
-  dilation map one to one. Transposed convolution is not lowered (refused by name).
+  the end, written as explicit pads: ONNX Runtime refuses SAME_UPPER with dilation; only for
+  stride 1, as PyTorch allows it); groups and dilation map one to one. Transposed convolution
+  (`convolution` with transposed=True) is ConvTranspose; an output_padding ONNX Runtime refuses
+  (not below the stride, which PyTorch allows below the dilation) becomes less padding at the end.
 * batch_norm in eval mode (running statistics) -> BatchNormalization; with training=True
   (batch statistics) it is refused: export the model in eval mode.
 * max_pool: PyTorch pads with -inf (ONNX's MaxPool too) and `ceil_mode` maps one to one;
@@ -43,10 +45,12 @@ def _conv(ctx, node):
     stride, dilation = _tuple(a["stride"], spatial), _tuple(a["dilation"], spatial)
     padding = a["padding"]
     attrs = dict(strides=stride, dilations=dilation, group=int(a["groups"]))
-    if padding == "same":
+    if padding == "same":  # explicit pads: ONNX Runtime refuses auto_pad SAME_UPPER with dilation
         if any(s != 1 for s in stride):
             raise NotLowerable("padding='same' with a stride other than 1 (PyTorch refuses it too)")
-        attrs["auto_pad"] = "SAME_UPPER"
+        kernel = ctx.shape(a["weight"])[2:]
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        attrs["pads"] = [t // 2 for t in total] + [t - t // 2 for t in total]
     elif padding == "valid":
         attrs["pads"] = [0] * (2 * spatial)
     else:
@@ -65,7 +69,16 @@ def _convolution(ctx, node):
     attrs = dict(strides=_tuple(a["stride"], spatial), dilations=_tuple(a["dilation"], spatial), pads=pads + pads,
                  group=int(a["groups"]))
     if a["transposed"]:  # PyTorch's weight [C_in, C_out / groups, k...] is ConvTranspose's layout
-        return ctx.b.op("ConvTranspose", *inputs, output_padding=_tuple(a["output_padding"], spatial), **attrs)
+        extra = _tuple(a["output_padding"], spatial)
+        if all(e < s for e, s in zip(extra, attrs["strides"])):
+            return ctx.b.op("ConvTranspose", *inputs, output_padding=extra, **attrs)
+        # PyTorch allows output_padding below the dilation too, ONNX Runtime only below the stride: the
+        # extra outputs are those the padding crops at the end, so crop that much less there
+        if any(e > p for e, p in zip(extra, pads)):
+            raise NotLowerable(f"output_padding {extra} at or above the stride {attrs['strides']} and above the "
+                               f"padding {pads} (ONNX Runtime refuses it)")
+        attrs["pads"] = pads + [p - e for p, e in zip(pads, extra)]
+        return ctx.b.op("ConvTranspose", *inputs, **attrs)
     return ctx.b.op("Conv", *inputs, **attrs)
 
 

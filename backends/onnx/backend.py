@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashc.ir import Program
+from flashc.ir import Program, op_name
 from flashc.lowering import LoweringTable
 from flashc.profiles import HardwareProfile
 
@@ -46,11 +46,18 @@ class OnnxBackend:
 
         return full_table()
 
+    def converts(self, node) -> bool:
+        """Whether lowering finds a function for node's op overload: flashc's, else torchlib's, which
+        is per overload (`upsample_linear1d.default`, not `.vec`)."""
+        from .table import find_lowering
+
+        return op_name(node) == "getitem" or find_lowering(node) is not None
+
     def late_passes(self, profile: HardwareProfile, options: OnnxOptions) -> list:
         """Ops neither flashc nor torchlib lowers, written as PyTorch's decompositions of them."""
         from flashc.passes.decompose import DecomposeUnlowered
 
-        return [DecomposeUnlowered(self.lowering.lowers)]
+        return [DecomposeUnlowered(self.converts)]
 
     def lower(self, program: Program, profile: HardwareProfile, options: OnnxOptions) -> OnnxRuntimeModel:
         """Export into a private temporary directory, kept as long as the session lives."""

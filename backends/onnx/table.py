@@ -31,8 +31,9 @@ assert len(LOWERINGS) == sum(len(m.LOWERINGS) for m in _MODULES), "an op has low
 # ops known and deliberately not lowered -> why, and what to do (the refusal's reason)
 REFUSED: dict[Any, str] = dict(_quantized.REFUSED)
 _BAGS = "torchlib's EmbeddingBag builds a tensor sequence ONNX Runtime rejects; use nn.Embedding and a reduction"
-REFUSED.update({torch.ops.aten.embedding_bag.default: _BAGS, torch.ops.aten.embedding_bag.padding_idx: _BAGS,
-                torch.ops.aten._embedding_bag.default: _BAGS})
+REFUSED.update({op: _BAGS for op in (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
+                                      torch.ops.aten._embedding_bag.default,
+                                      torch.ops.aten._embedding_bag_forward_only.default)})
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
 

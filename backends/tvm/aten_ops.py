@@ -397,6 +397,26 @@ def _scatter_add(lw, node):
     return lw.bb.emit(lw.R.op.scatter_elements(x, index, src, axis=dim % len(_shape(x)), reduction="add"))
 
 
+def _clamp(lw, node):
+    """aten.clamp of integers with one bound None (PyTorch's upsample decompositions clamp indices from
+    one side): the frontend writes the missing bound as an infinity, which TVM cannot make an integer
+    (the build failed). Floats, or both bounds, go to the frontend."""
+    val = node.meta.get("val")
+    low, high = _arg(node, 1, "min"), _arg(node, 2, "max")
+    if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or (low is not None and high is not None):
+        return lw.frontend_convert(node)
+    if not all(b is None or isinstance(b, int) for b in (low, high)):
+        return lw.frontend_convert(node)
+    op, R = lw.R.op, lw.R
+    x = lw.value(node.args[0])
+    dtype = _dtype(x)
+    if low is not None:
+        x = lw.bb.emit(op.maximum(x, R.const(low, dtype)))
+    if high is not None:
+        x = lw.bb.emit(op.minimum(x, R.const(high, dtype)))
+    return x
+
+
 ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
@@ -432,6 +452,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.mul.Scalar: _by_zero("multiply"),
     aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.scatter_add.default: _scatter_add,
+    aten.clamp.default: _clamp,
     aten.div.Tensor_mode: _div_rounded,
     aten.div.Tensor: _by_zero("divide"),
     aten.div.Scalar: _by_zero("divide"),

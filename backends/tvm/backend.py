@@ -11,10 +11,10 @@ import torch
 
 from flashc.backends.tvm.build import TARGET_KINDS, TvmBuild, build_tvm
 from flashc.backends.tvm.common import import_tvm
-from flashc.backends.tvm.lower import _flashc_converters, own_aten_ops
+from flashc.backends.tvm.lower import _flashc_converters, own_aten_ops, own_aten_targets
 from flashc.backends.tvm.runtime import TvmModel, load_tvm_artifact
 from flashc.errors import FlashcError
-from flashc.ir import Program
+from flashc.ir import Program, op_name
 from flashc.lowering import LoweringTable
 
 
@@ -53,8 +53,8 @@ class TvmBackend:
             import_tvm()
             from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-            ops: dict[str, Any] = {"aten." + k.split(".")[0]: "relax frontend"
-                                   for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
+            self._frontend_keys = {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
+            ops: dict[str, Any] = {"aten." + k.split(".")[0]: "relax frontend" for k in self._frontend_keys}
             ops["aten.to"] = ops["aten.scaled_dot_product_attention"] = "relax frontend"
             for name in FRONTEND_BROKEN:  # left to their decompositions (`late_passes`)
                 ops.pop(name, None)
@@ -63,11 +63,21 @@ class TvmBackend:
             self._table = LoweringTable(self.name, ops)
         return self._table
 
+    def converts(self, node) -> bool:
+        """Whether lowering finds a converter for node's op overload: flashc's, else TVM's frontend's,
+        whose table is per overload (`conv2d.default`, not `conv2d.padding`: padding='same')."""
+        if not self.lowering.lowers(op_name(node)):
+            return False
+        target = node.target
+        if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
+            return True
+        return target in own_aten_targets() or target.__name__ in self._frontend_keys
+
     def late_passes(self, profile, options: TvmOptions) -> list:
         """Ops neither flashc nor TVM's frontend lowers, written as PyTorch's decompositions of them."""
         from flashc.passes.decompose import DecomposeUnlowered
 
-        return [DecomposeUnlowered(self.lowering.lowers)]
+        return [DecomposeUnlowered(self.converts)]
 
     def lower(self, program: Program, profile, options: TvmOptions):
         if self.kind == "cuda":

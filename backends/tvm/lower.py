@@ -96,6 +96,13 @@ def _flashc_converters() -> dict[Any, Callable]:
     }
 
 
+def own_aten_targets() -> set:
+    """The ATen op overloads lowered here rather than by TVM's frontend (`FxToRelax._own_converters`)."""
+    from flashc.backends.tvm.aten_ops import ATEN_OPS
+
+    return set(ATEN_OPS) | {aten.linear.default, aten.scaled_dot_product_attention.default, aten.to.device}
+
+
 def own_aten_ops() -> set[str]:
     """'aten.<name>' of the ATen ops lowered here rather than by TVM's frontend."""
     from flashc.backends.tvm.aten_ops import ATEN_OPS

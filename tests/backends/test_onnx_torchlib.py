@@ -123,8 +123,10 @@ def test_a_network_refused_before_now_compiles(monkeypatch):
         m.setattr(_torchlib, "covers", lambda target: False)
         with pytest.raises(UnsupportedOpError) as err:
             flashc.compile(model, target="onnx-cpu", example_inputs=(torch.randn(2, 3, 8, 8),))
-    for op in ("aten.group_norm", "aten.hardswish", "aten.roll", "aten.pixel_shuffle", "aten.logsumexp"):
+    for op in ("aten.group_norm", "aten.roll"):  # the others decompose into ops flashc's table has
         assert op in str(err.value)
+    for op in ("aten.hardswish", "aten.pixel_shuffle", "aten.logsumexp"):
+        assert op not in str(err.value)
     cm = flashc.compile(model, target="onnx-cpu", example_inputs=(torch.randn(2, 3, 8, 8),))
     assert set(via_torchlib(cm.executable)) >= {"aten.group_norm", "aten.hardswish", "aten.roll",
                                                  "aten.pixel_shuffle", "aten.logsumexp"}

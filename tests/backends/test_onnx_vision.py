@@ -65,6 +65,9 @@ def test_resnet_shaped_network():
     (nn.Conv2d(3, 5, 4, padding="same"), (1, 3, 8, 8)),  # even kernel: the extra pad goes at the end
     (nn.Conv2d(3, 5, 3, padding="valid"), (1, 3, 7, 9)),
     (nn.Conv1d(3, 4, 5, stride=2, padding=2), (2, 3, 17)),
+    (nn.Conv1d(3, 4, 3, padding="same", dilation=2), (1, 3, 9)),  # ONNX Runtime: no SAME_UPPER with dilation
+    (nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1), (1, 2, 6)),
+    (nn.ConvTranspose2d(2, 3, 3, dilation=2, padding=1, output_padding=1), (1, 2, 6, 6)),  # output_padding = stride
     (nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), (1, 2, 10, 10)),
     (nn.MaxPool2d(2, dilation=2), (1, 2, 9, 9)),
     (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 2, 10, 10)),
@@ -75,6 +78,13 @@ def test_resnet_shaped_network():
 def test_each_form_matches_eager(layer, shape):
     torch.manual_seed(1)
     check(layer, shape)
+
+
+def test_an_output_padding_onnx_runtime_cannot_take_is_refused_by_name():
+    with pytest.raises(UnsupportedOpError, match=r"output_padding \[1\] at or above the stride \[1\] and above "
+                                                 r"the padding \[0\]"):
+        flashc.compile(nn.ConvTranspose1d(2, 3, 3, dilation=2, output_padding=1).eval(), "onnx-cpu",
+                       (torch.randn(1, 2, 6),))
 
 
 def test_batch_norm_1d_in_eval_mode():

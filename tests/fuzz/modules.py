@@ -411,6 +411,46 @@ def indexing(r: random.Random) -> tuple[str, str]:
     return ",".join(picks), _module([], "x, ia, ib, ic", body, inputs)
 
 
+def vision(r: random.Random) -> tuple[str, str]:
+    """Convolutions (1-D, 2-D, transposed) with random stride, padding, dilation, groups and bias; then
+    batch norm, pooling (max, average with ceil_mode and count_include_pad, adaptive) or resizing."""
+    N, G = r.randint(1, 2), r.choice([1, 1, 2])
+    Cin, Cout = G * r.randint(1, 3), G * r.randint(1, 3)
+    k, stride, dil = r.choice([1, 2, 3]), r.choice([1, 1, 2]), r.choice([1, 1, 2])
+    two_d = r.random() < 0.6
+    H = r.randint(k * dil + 2, 11)
+    shape = (N, Cin, H, r.randint(k * dil + 2, 11)) if two_d else (N, Cin, H)
+    nd = "2d" if two_d else "1d"
+    pad = r.choice(["0", "1", "'same'" if stride == 1 else "1", str(k // 2)])
+    bias = r.choice([True, False])
+    conv = r.choice(["conv", "conv", "transposed"])
+    if conv == "transposed":
+        out_pad = r.randrange(max(stride, dil))
+        tpad = r.randint(0, (k - 1) * dil // 2)
+        init = [f"self.c = nn.ConvTranspose{nd}({Cin}, {Cout}, {k}, stride={stride}, padding={tpad}, "
+                f"output_padding={out_pad}, groups={G}, dilation={dil}, bias={bias})"]
+    else:
+        init = [f"self.c = nn.Conv{nd}({Cin}, {Cout}, {k}, stride={stride}, padding={pad}, dilation={dil}, "
+                f"groups={G}, bias={bias})"]
+    init.append(f"self.bn = nn.BatchNorm{nd}({Cout})")
+    after = {
+        "bn_relu": "F.relu(self.bn(y))",
+        "max_pool": f"F.max_pool{nd}(y, 2, ceil_mode={r.choice([True, False])})",
+        "avg_pool": f"F.avg_pool{nd}(y, 2, stride=1, padding=1, count_include_pad={r.choice([True, False])})",
+        "adaptive": f"F.adaptive_avg_pool{nd}(y, {r.randint(1, 3)})",
+        "adaptive_max": f"F.adaptive_max_pool{nd}(y, {r.randint(1, 3)})",
+        "nearest": "F.interpolate(y, scale_factor=2)",
+        "linear_resize": f"F.interpolate(y, size={'(5, 7)' if two_d else '7'}, "
+                         f"mode='{'bilinear' if two_d else 'linear'}', align_corners={r.choice([True, False])})",
+        "hardswish_mean": f"F.hardswish(y).mean({'(-2, -1)' if two_d else '-1'})",
+    }
+    tail = r.choice(sorted(after))
+    body = ["y = self.c(x)", f"return {after[tail]}"]
+    stats = ["self.bn.running_mean.uniform_(-1, 1)", "self.bn.running_var.uniform_(0.5, 2)"]
+    inputs = [f"x = {_randn(shape)}", "return (x,)"]
+    return f"{conv}{nd}:k{k}s{stride}d{dil}g{G}p{pad}:{tail}", _module(init + stats, "x", body, inputs)
+
+
 def integer_ops(r: random.Random) -> tuple[str, str]:
     """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts."""
     R, C = r.randint(2, 4), r.randint(3, 9)
@@ -720,6 +760,7 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "reductions": reductions,
     "integer_ops": integer_ops,
     "indexing": indexing,
+    "vision": vision,
     "rms_norm": rms_norm,
     "rotary": rotary,
     "attention": attention,
