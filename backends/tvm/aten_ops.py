@@ -417,6 +417,21 @@ def _clamp(lw, node):
     return x
 
 
+def _pool_default_stride(lw, node):
+    """max_pool with stride [] (PyTorch: the kernel size; what F.max_pool2d(x, 2, ceil_mode=True)
+    records): the frontend indexes the empty list, so it gets the kernel size written out."""
+    args = list(node.args)
+    if len(args) < 3 or args[2]:
+        return lw.frontend_convert(node)
+    args[2] = args[1]
+    original = node.args
+    node.args = tuple(args)
+    try:
+        return lw.frontend_convert(node)
+    finally:
+        node.args = original
+
+
 ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
@@ -453,6 +468,9 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.scatter_add.default: _scatter_add,
     aten.clamp.default: _clamp,
+    aten.max_pool1d.default: _pool_default_stride,
+    aten.max_pool2d.default: _pool_default_stride,
+    aten.max_pool3d.default: _pool_default_stride,
     aten.div.Tensor_mode: _div_rounded,
     aten.div.Tensor: _by_zero("divide"),
     aten.div.Scalar: _by_zero("divide"),

@@ -200,6 +200,19 @@ def test_scatter_add_accumulates_repeated_indices_and_checks_their_range():
         cm(x, torch.full((2, 3, 12), 8))
 
 
+def test_max_pool_with_the_default_stride_and_ceil_mode():
+    """F.max_pool2d(x, 2, ceil_mode=True) records stride [] (the kernel size), which TVM's frontend
+    indexed; a partial last window (ceil_mode) reads only what is there."""
+    model = Fn(lambda x, y: (torch.nn.functional.max_pool2d(x, 2, ceil_mode=True),
+                             torch.nn.functional.max_pool1d(y, 3, ceil_mode=True)))
+    make = lambda: (torch.randn(1, 2, 7, 7), torch.randn(1, 2, 8))
+    cm = _compile(model, make())
+    for _ in range(2):
+        inputs = make()
+        for g, r in zip(cm(*inputs), model(*inputs)):
+            assert torch.equal(g, r)
+
+
 def test_a_mismatch_whose_replay_cannot_run_is_still_a_verification_error(monkeypatch):
     """The pass replay that names the pass at fault runs on random inputs; where the model cannot
     take them (an integer division by zero) the mismatch is still reported as what it is."""
