@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from flashc.ir import NODE_META, Program, op_name, propagate_shapes
+from flashc.aliasing import MutationInfo
+from flashc.ir import NODE_META, Program, op_name, propagate_shapes, upstream
 from flashc.pass_manager import PassContext, PassResult
 
 _CHECKS = (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default,
@@ -55,7 +56,7 @@ class DecomposeUnlowered:
         stats: dict[str, int] = {}
         for node in list(program.op_nodes()):
             name = op_name(node)
-            if not self.lowers(node) and decompose_node(program.graph, node, self.lowers):
+            if not self.lowers(node) and decompose_node(program.graph, node, self.lowers, params=program.params):
                 stats[name] = stats.get(name, 0) + 1
         if stats:
             program.recompile()
@@ -63,9 +64,62 @@ class DecomposeUnlowered:
         return PassResult(bool(stats), stats)
 
 
+def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                   per_sample_weights=None, include_last_offset=False, padding_idx=None, *_):
+    """EmbeddingBag's pooled rows (its first output only) in ops the backends lower: each position's
+    bag by a cumulative sum of marks at the bags' starts, rows summed (mode 0), averaged over the
+    bag's non-padding entries (1) or maxed (2) into their bag by scatter; an empty bag is 0, as in
+    PyTorch. Spliced only where the offsets come from the graph itself (`_checked_elsewhere`)."""
+    n, dim = indices.shape[0], weight.shape[1]
+    bags = offsets.shape[0] - int(bool(include_last_offset))
+    starts = offsets[:bags]
+    marks = torch.zeros(n + 1, dtype=starts.dtype, device=indices.device)
+    marks = marks.scatter_add(0, starts, torch.ones_like(starts))
+    bag = torch.cumsum(marks[:n], 0) - 1
+    rows = torch.ops.aten.embedding.default(weight, indices)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1)
+    keep = (indices != padding_idx) if padding_idx is not None and padding_idx >= 0 else torch.ones_like(indices) > 0
+    counts = torch.zeros(bags, dtype=weight.dtype, device=weight.device).scatter_add(0, bag, keep.to(weight.dtype))
+    spread = bag.unsqueeze(1).expand(n, dim)
+    zeros = torch.zeros(bags, dim, dtype=weight.dtype, device=weight.device)
+    if mode == 2:
+        rows = torch.where(keep.unsqueeze(1), rows, torch.full_like(rows, float("-inf")))
+        pooled = zeros.scatter_reduce(0, spread, rows, "amax", include_self=False)
+        return [torch.where(counts.unsqueeze(1) > 0, pooled, zeros)]
+    pooled = zeros.scatter_add(0, spread, rows * keep.unsqueeze(1).to(rows.dtype))
+    return [pooled / counts.clamp(min=1).unsqueeze(1) if mode == 1 else pooled]
+
+
+# ops whose PyTorch decomposition no backend lowers (EmbeddingBag's is its own kernel), written here;
+# such a decomposition may compute the op's first outputs only: spliced where nothing reads the rest
+OWN_DECOMPOSITIONS: dict[Any, Callable] = {
+    torch.ops.aten.embedding_bag.default: _embedding_bag,
+    torch.ops.aten.embedding_bag.padding_idx: _embedding_bag,
+    torch.ops.aten._embedding_bag.default: _embedding_bag,
+    torch.ops.aten._embedding_bag_forward_only.default: _embedding_bag,
+}
+
+
+def _checked_elsewhere(node: fx.Node, params: dict[str, torch.Tensor]) -> bool:
+    """Whether what the op checks of its inputs' values needs no check at run time: EmbeddingBag's
+    offsets (first 0, never decreasing) made in the graph (`arange` for 2-D input), or a constant
+    checked here; not passed in by the caller."""
+    if node.target not in OWN_DECOMPOSITIONS:
+        return True
+    offsets = node.args[2]
+    if offsets.op == "placeholder":
+        value = params.get(offsets.name)
+        mutations = MutationInfo.of(node.graph)
+        return (value is not None and value.ndim == 1 and value.numel() > 0 and int(value[0]) == 0
+                and bool((value[1:] >= value[:-1]).all()) and not mutations.is_written(offsets))
+    return not any(n.op == "placeholder" for n in upstream([offsets]))
+
+
 def decomposition_of(target: Any) -> Callable | None:
-    """PyTorch's decomposition of an ATen op: torch._decomp's, else its CompositeImplicitAutograd
-    kernel; None for other ops and for ops that write or alias an argument."""
+    """PyTorch's decomposition of an ATen op: flashc's own for the few whose PyTorch decomposition
+    no backend lowers, torch._decomp's, else its CompositeImplicitAutograd kernel; None for other
+    ops and for ops that write or alias an argument."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return None
     schema = target._schema
@@ -73,6 +127,8 @@ def decomposition_of(target: Any) -> Callable | None:
         return None
     from torch._decomp import decomposition_table
 
+    if target in OWN_DECOMPOSITIONS:
+        return OWN_DECOMPOSITIONS[target]
     if target in decomposition_table:
         return decomposition_table[target]
     if torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
@@ -81,18 +137,18 @@ def decomposition_of(target: Any) -> Callable | None:
 
 
 def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], bool],
-                   depth: int = MAX_DEPTH) -> bool:
+                   depth: int = MAX_DEPTH, params: dict[str, torch.Tensor] | None = None) -> bool:
     """Replace node by the ops of its decomposition (traced on its arguments' shapes), the ops of that
     `lowers` rejects decomposed in turn; False, and the graph untouched, unless that ends in ops
     `lowers` accepts, every step spliced in safely."""
-    fn = decomposition_of(node.target) if depth > 0 else None
+    fn = decomposition_of(node.target) if depth > 0 and _checked_elsewhere(node, params or {}) else None
     traced = _trace(fn, node) if fn is not None else None
     if traced is None:
         return False
     gm, tensor_args = traced
     for inner in list(gm.graph.nodes):
         if inner.op == "call_function" and not lowers(inner) and not decompose_node(
-                gm.graph, inner, lowers, depth - 1):
+                gm.graph, inner, lowers, depth - 1, {}):
             return False  # e.g. digamma -> prims.digamma: the model's own op is the one to name
     env: dict[fx.Node, Any] = {}
     placeholders = iter(tensor_args)
@@ -113,8 +169,9 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], b
     if isinstance(node.meta["val"], torch.Tensor):
         node.replace_all_uses_with(outputs[0])
     else:
-        for user in list(node.users):  # operator.getitem(node, i): checked in _trace
-            user.replace_all_uses_with(outputs[user.args[1]])
+        for user in list(node.users):  # operator.getitem(node, i): checked in _trace (i past outputs: unread)
+            if user.args[1] < len(outputs):
+                user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
     graph.erase_node(node)
     return True
@@ -170,6 +227,8 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
         return None  # the op checks its input's values (one_hot's class range): a backend would drop the check
     got = [r.meta.get("val") for r in results]
     want = list(val) if isinstance(val, (list, tuple)) else [val]
+    if len(got) < len(want) and not any(u.args[1] >= len(got) and u.users for u in node.users):
+        want = want[:len(got)]  # the first outputs only (OWN_DECOMPOSITIONS): nothing reads the others
     if len(got) != len(want) or any(not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype
                                     for g, w in zip(got, want)):
         return None  # not the node's shapes and dtypes: leave it to the backend's refusal

@@ -30,7 +30,9 @@ LOWERINGS: dict[Any, Lowering] = {k: v for m in _MODULES for k, v in m.LOWERINGS
 assert len(LOWERINGS) == sum(len(m.LOWERINGS) for m in _MODULES), "an op has lowerings in two modules"
 # ops known and deliberately not lowered -> why, and what to do (the refusal's reason)
 REFUSED: dict[Any, str] = dict(_quantized.REFUSED)
-_BAGS = "torchlib's EmbeddingBag builds a tensor sequence ONNX Runtime rejects; use nn.Embedding and a reduction"
+_BAGS = ("offsets passed in (PyTorch checks they start at 0 and never decrease; flashc's decomposition, used for "
+         "offsets the graph makes, would not) or its other outputs read, and torchlib's EmbeddingBag builds a tensor "
+         "sequence ONNX Runtime rejects; use 2-D input, or nn.Embedding and a reduction")
 REFUSED.update({op: _BAGS for op in (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
                                       torch.ops.aten._embedding_bag.default,
                                       torch.ops.aten._embedding_bag_forward_only.default)})

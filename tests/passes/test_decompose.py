@@ -113,14 +113,15 @@ def test_onnx_transposed_convolution():
 
 
 def test_onnx_refusals_stay_clear():
-    """one_hot (its check of the class values would be lost) and embedding_bag (torchlib's
-    function builds a sequence ONNX Runtime rejects) are refused naming the op and the reason."""
+    """one_hot (its check of the class values would be lost) and embedding_bag with offsets passed in
+    (their checks would be lost; torchlib's function builds a sequence ONNX Runtime rejects) are
+    refused naming the op and the reason."""
     pytest.importorskip("onnxruntime")
     with pytest.raises(UnsupportedOpError, match="aten.one_hot"):
         flashc.compile(Fn(lambda s, x: F.one_hot(x.argmax(-1), 12).float() * x), "onnx-cpu", (torch.randn(2, 12),))
-    with pytest.raises(UnsupportedOpError, match="aten.embedding_bag.*ONNX Runtime rejects"):
-        flashc.compile(Fn(lambda s, i: s.e(i), e=nn.EmbeddingBag(50, 8, mode="mean")), "onnx-cpu",
-                       (torch.randint(0, 50, (4, 5)),))
+    with pytest.raises(UnsupportedOpError, match="aten.embedding_bag.*offsets passed in"):
+        flashc.compile(Fn(lambda s, i, o: s.e(i, o), e=nn.EmbeddingBag(50, 8, mode="mean")), "onnx-cpu",
+                       (torch.randint(0, 50, (7,)), torch.tensor([0, 3, 3])))
 
 
 def test_onnx_artifact_with_a_decomposed_op_loads(tmp_path):
@@ -163,6 +164,29 @@ def test_tvm_decomposes_the_overloads_its_frontend_lacks():
                c=nn.Conv2d(3, 4, 4, padding="same", dilation=2))
     _, records = _check(model, (torch.randn(2, 3, 7, 6),), "tvm-cpu")
     assert records and {"aten.conv2d", "aten.upsample_linear1d"} <= set(records[0].stats)
+
+
+@pytest.mark.parametrize("target", ["onnx-cpu", "tvm-cpu"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bags_become_scatters_where_the_graph_makes_the_offsets(target, mode):
+    """2-D input (offsets made in the graph): each position's bag, rows summed, averaged over the
+    non-padding entries or maxed into it; a bag of padding only is 0, per-sample weights scale rows.
+    TVM lowers no scatter_reduce: its max stays refused."""
+    pytest.importorskip("onnxruntime" if target == "onnx-cpu" else "tvm")
+    bags = nn.EmbeddingBag(20, 6, mode=mode, padding_idx=3)
+    model = Fn(lambda s, i, w: s.e(i) + (s.f(i, per_sample_weights=w) if mode == "sum" else 0), e=bags,
+               f=nn.EmbeddingBag(20, 6, mode="sum")).eval()
+    inputs = (torch.randint(0, 20, (4, 5)), torch.randn(4, 5))
+    if target == "tvm-cpu" and mode == "max":
+        with pytest.raises(UnsupportedOpError, match="aten.embedding_bag"):
+            flashc.compile(model, target, inputs)
+        return
+    cm = flashc.compile(model, target, inputs)
+    assert "aten.embedding_bag" in [r for r in cm.records if r.name == "decompose_unlowered"][0].stats
+    for ids in (torch.randint(0, 20, (4, 5)), torch.tensor([[3] * 5, [3, 1, 3, 2, 0]] * 2)):
+        w = torch.randn(4, 5)
+        with torch.no_grad():
+            assert rel_err(cm(ids, w), model(ids, w)) < 1e-6
 
 
 def test_a_decomposition_into_ops_still_not_lowered_is_not_spliced():
