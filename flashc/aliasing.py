@@ -220,3 +220,16 @@ def separate_outputs(graph: fx.Graph, groups: list[int]) -> int:
     if made:
         output.args = (pytree.tree_unflatten(leaves, spec),)
     return made
+
+
+def functional_form(target):
+    """aten.foo_.overload -> aten.foo.overload for an in-place ATen op (one that writes its first
+    argument), else None (the ONNX backend lowers writes through it; decompositions' writes to
+    their own intermediates become it)."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from flashc.aliasing import MutationInfo
+from flashc.aliasing import MutationInfo, functional_form
 from flashc.ir import NODE_META, Program, op_name, propagate_shapes, upstream
 from flashc.pass_manager import PassContext, PassResult
 
@@ -211,6 +211,7 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
             gm = make_fx(call, tracing_mode="fake")(*fakes)
     except Exception:  # no decomposition for these arguments (data-dependent, unsupported dtype, ...)
         return None
+    _functionalize_local_writes(gm.graph)
     nodes = list(gm.graph.nodes)
     for n in nodes:  # reshape's copy-then-view, written as the view it is (backends lower view)
         if n.target is torch.ops.aten._unsafe_view.default:
@@ -245,6 +246,19 @@ def _without_mkldnn():
         yield
     finally:
         torch._C._set_mkldnn_enabled(enabled)
+
+
+def _functionalize_local_writes(graph: fx.Graph) -> None:
+    """A decomposition's write to a tensor it made and reads nowhere else (rms_norm's
+    `mean(...).add_(eps)`) as the functional op: the result is the same tensor's new value. Writes
+    to anything else stay, and the trace is refused for them."""
+    roots = MutationInfo.of(graph)
+    for node in list(graph.nodes):
+        functional = functional_form(node.target) if node.op == "call_function" else None
+        written = node.args[0] if functional is not None and node.args else None
+        if (isinstance(written, fx.Node) and written.op == "call_function" and len(written.users) == 1
+                and roots.root_of(written) is written):  # a tensor of its own, not a view of another
+            node.target = functional
 
 
 def _view_of(node: fx.Node, roots: set[fx.Node]) -> bool:

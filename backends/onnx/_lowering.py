@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
+from flashc.aliasing import functional_form  # noqa: F401 (table and _torchlib import it from here)
 from flashc.errors import UnsupportedOpError
 from flashc.lowering import unsupported_op_error
 from flashc.ir import Program
@@ -43,18 +44,6 @@ def lowerings_into(table: dict[Any, Lowering]) -> Callable[..., Callable[[Loweri
         return put
 
     return lowers
-
-
-def functional_form(target: Any) -> Any:
-    """aten.foo_.overload -> aten.foo.overload for an in-place ATen op (one that writes its first
-    argument), else None; `_in_place` lowers the write through the functional form."""
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
-        return None
-    name = target._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_") or not target._schema.is_mutable:
-        return None
-    packet = getattr(torch.ops.aten, name[:-1], None)
-    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 class NotLowerable(Exception):

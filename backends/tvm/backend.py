@@ -29,7 +29,8 @@ class TvmOptions:
 # converters of TVM's frontend (0.27) that fail when the module builds
 FRONTEND_BROKEN = {"aten.pixel_shuffle": "calls tvm.topi.nn.pixel_shuffle, which TVM 0.27 lacks",
                    "aten.lstm": "returns one tensor where PyTorch returns (output, h, c)",
-                   "aten.gru": "returns one tensor where PyTorch returns (output, h)"}
+                   "aten.gru": "returns one tensor where PyTorch returns (output, h)",
+                   "aten.rnn_tanh": "refuses more than one layer", "aten.rnn_relu": "refuses more than one layer"}
 
 
 class TvmBackend:

@@ -451,6 +451,40 @@ def vision(r: random.Random) -> tuple[str, str]:
     return f"{conv}{nd}:k{k}s{stride}d{dil}g{G}p{pad}:{tail}", _module(init + stats, "x", body, inputs)
 
 
+def sequence(r: random.Random) -> tuple[str, str]:
+    """Recurrent layers (LSTM, GRU, RNN: layers, directions, batch_first, bias, a given initial state,
+    every output read) and normalizations (layer, group, instance, RMS, local response)."""
+    B, T, E, H = r.randint(1, 3), r.randint(1, 6), r.randint(2, 6), r.randint(2, 5)
+    kind = r.choice(["LSTM", "GRU", "RNN", "norm"])
+    if kind == "norm":
+        C, L = r.choice([2, 4, 6]), r.randint(2, 7)
+        norms = {"layer": f"nn.LayerNorm({L}, elementwise_affine={r.choice([True, False])})",
+                 "layer2": f"nn.LayerNorm(({C}, {L}))", "group": f"nn.GroupNorm({r.choice([1, 2])}, {C})",
+                 "instance": f"nn.InstanceNorm1d({C}, affine={r.choice([True, False])})",
+                 "rms": f"nn.RMSNorm({L}, eps={r.choice([1e-6, 1e-5])})", "lrn": "nn.LocalResponseNorm(2)"}
+        form = r.choice(sorted(norms))
+        init = [f"self.n = {norms[form]}"]
+        body = ["return self.n(x) * 2 + x"]
+        return f"norm:{form}", _module(init, "x", body, [f"x = {_randn((B, C, L))}", "return (x,)"])
+    layers, bidir, first, bias = r.choice([1, 1, 2]), r.choice([True, False]), r.choice([True, False]), r.random() < 0.8
+    extra = f", nonlinearity='{r.choice(['tanh', 'relu'])}'" if kind == "RNN" else ""
+    init = [f"self.l = nn.{kind}({E}, {H}, num_layers={layers}, bidirectional={bidir}, batch_first={first}, "
+            f"bias={bias}{extra})"]
+    x_shape = (B, T, E) if first else (T, B, E)
+    state_shape = (layers * (2 if bidir else 1), B, H)
+    given = r.choice([True, False])
+    if kind == "LSTM":
+        call = "self.l(x, (h0, c0))" if given else "self.l(x)"
+        body = [f"out, (h, c) = {call}", "return out * 2, h, c"]
+    else:
+        call = "self.l(x, h0)" if given else "self.l(x)"
+        body = [f"out, h = {call}", "return out * 2, h"]
+    inputs = [f"x = {_randn(x_shape)}", f"h0 = {_randn(state_shape)}", f"c0 = {_randn(state_shape)}",
+              "return (x, h0, c0)"]
+    variant = f"{kind}:l{layers}{':bi' if bidir else ''}{':bf' if first else ''}{'' if bias else ':nobias'}"
+    return variant + (":h0" if given else ""), _module(init, "x, h0, c0", body, inputs)
+
+
 def integer_ops(r: random.Random) -> tuple[str, str]:
     """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts."""
     R, C = r.randint(2, 4), r.randint(3, 9)
@@ -761,6 +795,7 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "integer_ops": integer_ops,
     "indexing": indexing,
     "vision": vision,
+    "sequence": sequence,
     "rms_norm": rms_norm,
     "rotary": rotary,
     "attention": attention,

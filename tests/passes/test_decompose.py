@@ -153,6 +153,21 @@ def test_tvm_runs_recurrent_layers_through_their_decompositions():
     gru = Fn(lambda s, x: (lambda o, h: o.sum(0) + h[-1])(*s.l(x)), l=nn.GRU(6, 5, num_layers=2))
     _, records = _check(gru, (torch.randn(7, 2, 6),), "tvm-cpu")
     assert records and "aten.gru" in records[0].stats
+    rnn = Fn(lambda s, x: s.l(x)[0], l=nn.RNN(6, 5, num_layers=2, nonlinearity="relu"))  # the frontend: 1 layer
+    _, records = _check(rnn, (torch.randn(7, 2, 6),), "tvm-cpu")
+    assert records and "aten.rnn_relu" in records[0].stats
+
+
+def test_a_decomposition_writing_its_own_intermediate_is_spliced_as_the_functional_op():
+    """rms_norm's decomposition adds eps in place to the mean it just made: that write becomes
+    `add`, so the norm runs at -O0 on TVM (at -O2 it is flashc.rms_norm)."""
+    pytest.importorskip("tvm")
+    model = nn.RMSNorm(5)
+    model.weight.data.uniform_(0.5, 1.5)
+    cm = flashc.compile(model.eval(), "tvm-cpu", (torch.randn(2, 3, 5),), level=0)
+    assert [r.stats for r in cm.records if r.name == "decompose_unlowered"] == [{"aten.rms_norm": 1}]
+    x = torch.randn(2, 3, 5)
+    assert rel_err(cm(x), model(x)) < 1e-6
 
 
 def test_tvm_decomposes_the_overloads_its_frontend_lacks():
