@@ -7,17 +7,23 @@ for, though PyTorch knows how to write each in simpler ATen ops: `argsort` is `s
 `std` is `var` and `sqrt`, `conv_transpose2d` is `convolution`, `one_hot` is a comparison with
 `arange`. This pass, declared by those backends as a late pass, rewrites every node whose op the
 backend does not lower into PyTorch's decomposition of it, and again for the ops that brings in
-that the backend does not lower either. A node is rewritten only when that ends in ops the backend
-lowers; else it stays, and the backend refuses it as before, naming the op and the model line.
+that the backend does not lower either. The backend answers per node, so per op overload
+(TVM's frontend converts `conv2d.default` but not `conv2d.padding`). A node is rewritten only when
+that ends in ops the backend lowers; else it stays, and the backend refuses it as before, naming
+the op and the model line.
 
-The decomposition of an op is torch._decomp's registered one, else the op's
+The decomposition of an op is flashc's own for the few whose PyTorch decomposition no backend
+lowers (`OWN_DECOMPOSITIONS`: EmbeddingBag), else torch._decomp's registered one, else the op's
 CompositeImplicitAutograd kernel (`OpOverload.decompose`, how PyTorch itself writes the op in
-other ops), traced on fake tensors of the node's argument shapes. It is spliced in only when the
-ops it brings write nothing and its results are new tensors, not arguments or views of them (an
-op that writes or aliases an argument is never decomposed), it needs no constant tensor, and it
-checks no input values (one_hot's class range: a backend would drop the check); else the node is
-left as it was. The ops go where the node was and read what it read, so no read moves across a
-write to the same storage.
+other ops), traced on fake tensors of the node's argument shapes (oneDNN off, so the RNNs take
+their portable form). It is spliced in only when the ops it brings write nothing but intermediates
+of their own (such a write becomes the functional op) and its results are new tensors, not
+arguments or views of them (an op that writes or aliases an argument is never decomposed), it
+needs no constant tensor, and it checks no input values (one_hot's class range; EmbeddingBag's
+offsets unless the graph makes them: a backend would drop the check); else the node is left as it
+was. A decomposition may compute the op's first outputs only, where nothing reads the others. The
+ops go where the node was and read what it read, so no read moves across a write to the same
+storage.
 """
 
 from __future__ import annotations
