@@ -89,9 +89,10 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     counts = torch.zeros(bags, dtype=weight.dtype, device=weight.device).scatter_add(0, bag, keep.to(weight.dtype))
     spread = bag.unsqueeze(1).expand(n, dim)
     zeros = torch.zeros(bags, dim, dtype=weight.dtype, device=weight.device)
-    if mode == 2:
-        rows = torch.where(keep.unsqueeze(1), rows, torch.full_like(rows, float("-inf")))
-        pooled = zeros.scatter_reduce(0, spread, rows, "amax", include_self=False)
+    if mode == 2:  # padding entries go to a bag past the last, dropped after (no -inf: TVM cannot build one)
+        aside = torch.where(keep, bag, torch.full_like(bag, bags)).unsqueeze(1).expand(n, dim)
+        spare = torch.zeros(bags + 1, dim, dtype=weight.dtype, device=weight.device)
+        pooled = spare.scatter_reduce(0, aside, rows, "amax", include_self=False)[:bags]
         return [torch.where(counts.unsqueeze(1) > 0, pooled, zeros)]
     pooled = zeros.scatter_add(0, spread, rows * keep.unsqueeze(1).to(rows.dtype))
     return [pooled / counts.clamp(min=1).unsqueeze(1) if mode == 1 else pooled]

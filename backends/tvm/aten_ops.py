@@ -397,6 +397,45 @@ def _scatter_add(lw, node):
     return lw.bb.emit(lw.R.op.scatter_elements(x, index, src, axis=dim % len(_shape(x)), reduction="add"))
 
 
+_SCATTER_REDUCTIONS = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+
+
+def _scatter_reduce(lw, node):
+    """scatter_reduce.two with sum, prod, amax or amin (no converter in TVM's frontend): scatter_elements
+    with that reduction; without include_self the positions written start from the reduction's
+    identity, or for amax / amin from one of the updates landing there, and NaN among what reaches a
+    position gives NaN for amax / amin, as in PyTorch. "mean" is refused (its count of updates is not
+    built)."""
+    from flashc.backends.tvm.indexing import guarded_indices
+
+    op, R = lw.R.op, lw.R
+    x, dim, index, src = (lw.value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
+    reduce = node.args[4] if len(node.args) > 4 else node.kwargs["reduce"]
+    include_self = bool(_arg(node, 5, "include_self", True))
+    if reduce not in _SCATTER_REDUCTIONS:
+        raise refuse(node, f"scatter_reduce with reduce={reduce!r}")
+    if _shape(src) != _shape(index):
+        raise refuse(node, f"src {_shape(src)} larger than index {_shape(index)} (PyTorch reads only the index's "
+                           "shape of it)")
+    index = guarded_indices(lw, node).get(node.args[2], index)
+    axis = dim % len(_shape(x))
+    dtype = _dtype(x)
+    if not include_self:  # sum, prod: the identity; amax, amin: one of the updates landing there (idempotent)
+        fill = src if reduce in ("amax", "amin") else lw.bb.emit(op.full_like(src, R.const(int(reduce == "prod"),
+                                                                                           dtype)))
+        x = lw.bb.emit(op.scatter_elements(x, index, fill, axis=axis, reduction="update"))
+    out = lw.bb.emit(op.scatter_elements(x, index, src, axis=axis, reduction=_SCATTER_REDUCTIONS[reduce]))
+    if reduce in ("amax", "amin") and "float" in dtype:
+        hits = lw.bb.emit(op.astype(op.isnan(src), "int32"))
+        zeros = lw.bb.emit(op.zeros(_shape(x), "int32"))
+        nan = lw.bb.emit(op.greater(op.scatter_elements(zeros, index, hits, axis=axis, reduction="add"),
+                                    R.const(0, "int32")))
+        if include_self:
+            nan = lw.bb.emit(op.logical_or(nan, op.isnan(x)))
+        out = lw.bb.emit(op.where(nan, R.const(float("nan"), dtype), out))
+    return out
+
+
 def _clamp(lw, node):
     """aten.clamp of integers with one bound None (PyTorch's upsample decompositions clamp indices from
     one side): the frontend writes the missing bound as an infinity, which TVM cannot make an integer
@@ -467,6 +506,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.mul.Scalar: _by_zero("multiply"),
     aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.scatter_add.default: _scatter_add,
+    aten.scatter_reduce.two: _scatter_reduce,
     aten.clamp.default: _clamp,
     aten.max_pool1d.default: _pool_default_stride,
     aten.max_pool2d.default: _pool_default_stride,

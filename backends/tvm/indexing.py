@@ -52,6 +52,7 @@ INDEXED: dict[str, Indexed] = {
     "scatter.src": Indexed(2, 0, _arg_axis(1), negative=False),
     "scatter.value": Indexed(2, 0, _arg_axis(1), negative=False),
     "scatter_add.default": Indexed(2, 0, _arg_axis(1), negative=False),
+    "scatter_reduce.two": Indexed(2, 0, _arg_axis(1), negative=False),
     "take.default": Indexed(1, 0, lambda _n, _k: None, negative=True),
 }
 

@@ -200,6 +200,25 @@ def test_scatter_add_accumulates_repeated_indices_and_checks_their_range():
         cm(x, torch.full((2, 3, 12), 8))
 
 
+@pytest.mark.parametrize("reduce", ["sum", "prod", "amax", "amin"])
+def test_scatter_reduce_with_and_without_self_and_nan(reduce):
+    """scatter_reduce (no converter in TVM's frontend): repeated indices reduce together; without
+    include_self the written positions forget their value; NaN reaching a position is NaN (amax,
+    amin) and -inf an ordinary value, as in PyTorch. mean is refused by name."""
+    model = Fn(lambda x, i, u: (x.scatter_reduce(1, i, u, reduce),
+                                x.scatter_reduce(1, i, u, reduce, include_self=False)))
+    make = lambda: (torch.randn(3, 6), torch.randint(0, 6, (3, 4)), torch.randn(3, 4))
+    cm = _compile(model, make())
+    for k in range(3):
+        x, i, u = make()
+        if k:
+            u[0, 1], u[2, 0], x[1, 2] = float("nan"), float("-inf"), float("nan")
+        for g, r in zip(cm(x, i, u), model(x, i, u)):
+            assert torch.equal(g.isnan(), r.isnan()) and torch.allclose(g.nan_to_num(), r.nan_to_num())
+    with pytest.raises(UnsupportedOpError, match="scatter_reduce with reduce='mean'"):
+        _compile(Fn(lambda x, i, u: x.scatter_reduce(1, i, u, "mean")), make())
+
+
 def test_max_pool_with_the_default_stride_and_ceil_mode():
     """F.max_pool2d(x, 2, ceil_mode=True) records stride [] (the kernel size), which TVM's frontend
     indexed; a partial last window (ceil_mode) reads only what is there."""
