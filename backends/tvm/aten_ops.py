@@ -385,35 +385,31 @@ def _div_rounded(lw, node):
 
 
 def _scatter_add(lw, node):
-    """scatter_add (no converter in TVM's frontend): ONNX-style scatter_elements with an add, the
-    indices range-checked at run time as the frontend's scatter's are (indexing.guarded_indices)."""
-    from flashc.backends.tvm.indexing import guarded_indices
-
-    x, dim, index, src = (lw.value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
-    if _shape(src) != _shape(index):
-        raise refuse(node, f"src {_shape(src)} larger than index {_shape(index)} (PyTorch reads only the index's "
-                           "shape of it)")
-    index = guarded_indices(lw, node).get(node.args[2], index)
-    return lw.bb.emit(lw.R.op.scatter_elements(x, index, src, axis=dim % len(_shape(x)), reduction="add"))
+    """scatter_add (no converter in TVM's frontend): scatter_reduce's sum, with self."""
+    return _scatter(lw, node, "sum", True)
 
 
 _SCATTER_REDUCTIONS = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
 
 
 def _scatter_reduce(lw, node):
-    """scatter_reduce.two with sum, prod, amax or amin (no converter in TVM's frontend): scatter_elements
-    with that reduction; without include_self the positions written start from the reduction's
-    identity, or for amax / amin from one of the updates landing there, and NaN among what reaches a
-    position gives NaN for amax / amin, as in PyTorch. "mean" is refused (its count of updates is not
-    built)."""
+    """scatter_reduce.two with sum, prod, amax or amin (no converter in TVM's frontend); "mean" is
+    refused (its count of updates is not built)."""
+    reduce = node.args[4] if len(node.args) > 4 else node.kwargs["reduce"]
+    if reduce not in _SCATTER_REDUCTIONS:
+        raise refuse(node, f"scatter_reduce with reduce={reduce!r}")
+    return _scatter(lw, node, reduce, bool(_arg(node, 5, "include_self", True)))
+
+
+def _scatter(lw, node, reduce: str, include_self: bool):
+    """ONNX-style scatter_elements with the reduction, the indices range-checked at run time as the
+    frontend's scatter's are (indexing.guarded_indices). Without include_self the positions written
+    start from the reduction's identity, or for amax / amin from one of the updates landing there;
+    NaN among what reaches a position gives NaN for amax / amin, as in PyTorch."""
     from flashc.backends.tvm.indexing import guarded_indices
 
     op, R = lw.R.op, lw.R
     x, dim, index, src = (lw.value(a) if isinstance(a, fx.Node) else a for a in node.args[:4])
-    reduce = node.args[4] if len(node.args) > 4 else node.kwargs["reduce"]
-    include_self = bool(_arg(node, 5, "include_self", True))
-    if reduce not in _SCATTER_REDUCTIONS:
-        raise refuse(node, f"scatter_reduce with reduce={reduce!r}")
     if _shape(src) != _shape(index):
         raise refuse(node, f"src {_shape(src)} larger than index {_shape(index)} (PyTorch reads only the index's "
                            "shape of it)")

@@ -55,6 +55,7 @@ class TvmBackend:
             from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
             self._frontend_keys = {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
+            self._own_targets = own_aten_targets()
             ops: dict[str, Any] = {"aten." + k.split(".")[0]: "relax frontend" for k in self._frontend_keys}
             ops["aten.to"] = ops["aten.scaled_dot_product_attention"] = "relax frontend"
             for name in FRONTEND_BROKEN:  # left to their decompositions (`late_passes`)
@@ -72,7 +73,7 @@ class TvmBackend:
         target = node.target
         if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
             return True
-        return target in own_aten_targets() or target.__name__ in self._frontend_keys
+        return target in self._own_targets or target.__name__ in self._frontend_keys
 
     def late_passes(self, profile, options: TvmOptions) -> list:
         """Ops neither flashc nor TVM's frontend lowers, written as PyTorch's decompositions of them."""
