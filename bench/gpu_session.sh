@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh w8a8     # W8A8 / FP8 GEMM launchers on the GPU, 8B prefill against bf16
 #   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
+#   bash bench/gpu_session.sh s24      # on an H200 only: hand-written decoder, SSM decode b16/8k profile
 #   bash bench/gpu_session.sh s23      # hand-written decoder vs reduce-overhead, then the fp8 fused-input prefill test
 #   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
 #                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
@@ -183,6 +184,16 @@ case "${1:-verify}" in
     step handwritten 200 python3 bench/handwritten_decode.py --out "$OUT" --timeout 95 \
       --variants reduce-overhead flashc-handwritten
     step fp8_test 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider $PWD/tests/backends/test_cuda_quant_fusion.py -k rewritten_prefill"
+    ;;
+  s24)  # session 24's first call: on an H200 only (issue #13's 2x and #16's b16/8k were measured on H100s), the
+        # hand-written decoder against reduce-overhead and HF's model, then the SSM decode step kernel by kernel
+    if [ "$(gpu_target)" = h200 ]; then
+      step handwritten 200 python3 bench/handwritten_decode.py --out "$OUT" --timeout 95 \
+        --variants reduce-overhead flashc-handwritten flashc-hf
+      step ssm_profile 300 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --kind mamba2 --profile
+    else
+      echo "not an H200: nothing timed" | tee -a "$OUT/steps.txt"
+    fi
     ;;
   int4-1b)  # llama-3.2-1b int4 with its output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the
             # step), then the 8B int4 GEMV's 8-row shapes the session-20 budget cut (down, lm_head)
