@@ -19,6 +19,7 @@ one fixes:
   * where with a Python number on one side or both: no converter;
   * true division of integer tensors: the frontend divided as integers, then cast;
   * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
+  * full, full_like and new_full with inf or NaN: TVM's legalization of a non-finite fill failed to build;
   * scatter_add: no converter;
   * an int64 tensor divided by a Python int with a rounding mode: the frontend's int32 constant was refused.
 """
@@ -363,6 +364,22 @@ def _masked_fill_scalar(lw, node):
     return lw.bb.emit(lw.R.op.where(lw.value(mask), lw.opaque_scalar(float(value), dtype), xv))
 
 
+_FILL_ARG = {"full": 1, "full_like": 1, "new_full": 2}
+
+
+def _fill_nonfinite(lw, node):
+    """full / full_like / new_full of a float tensor with inf or NaN: the value as a run-time
+    scalar broadcast to the result's shape (TVM's legalization of a non-finite fill failed to
+    build, and a constant one would be folded as if floats were reals). Other fills: the frontend."""
+    value = _arg(node, _FILL_ARG[node.target._opname], "fill_value")
+    val = node.meta.get("val")
+    if (not isinstance(value, (int, float)) or math.isfinite(value) or val is None or not val.is_floating_point()
+            or not all(isinstance(d, int) for d in val.shape)):
+        return lw.frontend_convert(node)
+    scalar = lw.opaque_scalar(float(value), _tvm_dtype(val.dtype))
+    return lw.bb.emit(lw.R.op.broadcast_to(scalar, [int(d) for d in val.shape]))
+
+
 def _div_rounded(lw, node):
     """An integer tensor divided by a Python int with rounding_mode floor or trunc (the frontend
     made the number an int32 constant, which int64 tensors refused); other forms: the frontend."""
@@ -501,6 +518,9 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.mul.Tensor: _by_zero("multiply"),
     aten.mul.Scalar: _by_zero("multiply"),
     aten.masked_fill.Scalar: _masked_fill_scalar,
+    aten.full.default: _fill_nonfinite,
+    aten.full_like.default: _fill_nonfinite,
+    aten.new_full.default: _fill_nonfinite,
     aten.scatter_add.default: _scatter_add,
     aten.scatter_reduce.two: _scatter_reduce,
     aten.clamp.default: _clamp,

@@ -162,6 +162,22 @@ def test_attention_mask_filled_with_minus_infinity(level):
         assert _rel(got[0], want[0]) < 1e-6 and _same_values(got[1], want[1])
 
 
+@pytest.mark.parametrize("level", [0, 2])
+def test_tensors_filled_with_infinity_or_nan(level):
+    """full_like / new_full / full with -inf, inf or NaN, as masks and running maxima start (TVM's
+    legalization of a non-finite fill failed to build); a finite fill is unchanged."""
+    def fills(x):
+        low = torch.full_like(x, float("-inf"))
+        return (torch.maximum(x, low), torch.where(x > 0, x, low), x.new_full((2, 3), float("nan")),
+                x[0] + torch.full((4,), float("inf")), x + torch.full_like(x, 0.5))
+    model = Fn(fills)
+    cm = _compile(model, (torch.randn(3, 4),), level=level)
+    for _ in range(2):
+        x = torch.randn(3, 4)
+        for g, r in zip(cm(x), model(x)):
+            assert _same_values(g, r)
+
+
 def test_where_between_two_numbers():
     """where(cond, 1.0, 0.0) and where(cond, 2, -1): the result's dtype, inf and NaN kept (fuzz: 40 refusals)."""
     model = Fn(lambda x: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, 2, -1),
