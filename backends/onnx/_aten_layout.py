@@ -204,6 +204,22 @@ def _embedding(ctx, node):
     return ctx.b.op("Gather", ctx.v(a["weight"]), _checked_index(ctx, a["indices"], rows), axis=0)
 
 
+@lowers(aten.one_hot.default)
+def _one_hot(ctx, node):
+    """one_hot(i, C): Equal(i[..., None], [0, C)) as int64, plus a Gather of C zeros at the checked
+    index, so an index outside [0, C) fails in ONNX Runtime as PyTorch raises (ONNX's OneHot gives
+    that index a row of zeros, and wraps negative ones)."""
+    b = ctx.b
+    index = node.args[0]
+    shape = ctx.shape(index)
+    classes = int(node.meta["val"].shape[-1])
+    hot = b.cast(b.op("Equal", b.reshape(ctx.tensor(index, torch.int64), [*shape, 1]),
+                      b.const(torch.arange(classes), torch.int64)), torch.bool, torch.int64)
+    zeros = b.op("Gather", b.const(torch.zeros(classes, dtype=torch.int64), torch.int64),
+                 _checked_index(ctx, index, classes), axis=0)
+    return b.op("Add", hot, b.reshape(zeros, [*shape, 1]))
+
+
 @lowers(aten.index_select.default)
 def _index_select(ctx, node):
     a = ctx.args(node)

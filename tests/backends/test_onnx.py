@@ -651,3 +651,26 @@ def test_quantize_int4_error_within_half_a_step(symmetric):
     err = (weight.dequantize() - w).abs() / scales.repeat_interleave(32, 1)
     assert err.max() <= 0.5 + 1e-4
     assert weight.packed.shape == (64, 3, 16) and weight.packed.dtype == torch.uint8
+
+
+class OneHot(nn.Module):
+    def forward(self, i, x):
+        return F.one_hot(i, 7) * x.shape[0], F.one_hot(x.argmax(-1), x.shape[-1]).float() * x
+
+
+def test_one_hot_matches_eager_and_refuses_classes_out_of_range():
+    """one_hot as a comparison with the class range; a class outside [0, C) is an error as in
+    PyTorch (ONNX's OneHot would give it a row of zeros, and wrap negative ones)."""
+    make = lambda: (torch.randint(0, 7, (3, 5)), torch.randn(4, 6))
+    cm = flashc.compile(OneHot(), target="onnx-cpu", example_inputs=make())
+    for _ in range(3):
+        inputs = make()
+        for got, want in zip(cm(*inputs), OneHot()(*inputs)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    for bad in (7, -1):
+        i, x = make()
+        i[1, 2] = bad
+        with pytest.raises(RuntimeError):
+            OneHot()(i, x)
+        with pytest.raises(FlashcError, match="one_hot.*out of data bounds"):
+            cm(i, x)

@@ -113,12 +113,9 @@ def test_onnx_transposed_convolution():
 
 
 def test_onnx_refusals_stay_clear():
-    """one_hot (its check of the class values would be lost) and embedding_bag with offsets passed in
-    (their checks would be lost; torchlib's function builds a sequence ONNX Runtime rejects) are
-    refused naming the op and the reason."""
+    """embedding_bag with offsets passed in (their checks would be lost; torchlib's function builds
+    a sequence ONNX Runtime rejects) is refused naming the op and the reason."""
     pytest.importorskip("onnxruntime")
-    with pytest.raises(UnsupportedOpError, match="aten.one_hot"):
-        flashc.compile(Fn(lambda s, x: F.one_hot(x.argmax(-1), 12).float() * x), "onnx-cpu", (torch.randn(2, 12),))
     with pytest.raises(UnsupportedOpError, match="aten.embedding_bag.*offsets passed in"):
         flashc.compile(Fn(lambda s, i, o: s.e(i, o), e=nn.EmbeddingBag(50, 8, mode="mean")), "onnx-cpu",
                        (torch.randint(0, 50, (7,)), torch.tensor([0, 3, 3])))
