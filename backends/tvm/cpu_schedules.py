@@ -178,8 +178,10 @@ class MatmulTiles(CPUScheduleRule):
         _inline_intermediates(sch, keep=block)
         size = {kind: 1 for kind in "TSIJK"}
         groups: dict[str, list] = {kind: [] for kind in "TSIJK"}
+        extents: dict[str, list[int]] = {kind: [] for kind in "TSIJK"}
         for it, kind, extent in zip(main.iters, kinds, _extents(main)):
             groups[kind].append(it.loop_rv)
+            extents[kind].append(extent)
             size[kind] *= extent
         sch.reorder(*groups["T"], *groups["S"], *groups["I"], *groups["J"], *groups["K"])
         batch = groups["T"] + groups["S"]
@@ -189,7 +191,8 @@ class MatmulTiles(CPUScheduleRule):
         nr = _tile(size["J"], 2 * lanes)
         jo, ji = sch.split(j, [None, nr])
         if i is not None:
-            mr = _tile(size["I"], TILE_ROWS[_registers(target)])
+            preferred = TILE_ROWS[_registers(target)]
+            mr = _tile(size["I"], preferred) if len(extents["I"]) == 1 else _box_tile(extents["I"], preferred)
             io, ii = sch.split(i, [None, mr])
             tiles = _extent(sch, io)
             tiles_in_l2 = max(1, L2_BLOCK_ELEMENTS // size["K"] // mr)
@@ -461,6 +464,20 @@ def _product(values) -> int:
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)
+
+
+def _box_tile(extents: list[int], preferred: int) -> int:
+    """A tile of several fused axes (extents outer to inner) that is a box of the unfused ones:
+    whole runs of the inner axes times a divisor of the next, at most preferred. A tile that
+    straddled an inner row would have its accumulator written back over the whole rows it
+    touches, values it never computed among them (TVM compacts the local buffer to the tile):
+    a Linear on a [5, 9, 24] input came out wrong."""
+    tile = 1
+    for extent in reversed(extents):
+        if tile * extent > preferred:
+            return tile * _largest_divisor(extent, preferred // tile)
+        tile *= extent
+    return tile
 
 
 def _tile(n: int, preferred: int) -> int:
