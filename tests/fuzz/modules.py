@@ -625,13 +625,13 @@ def _sub(expr: str, name: str) -> str:
 
 def attention(r: random.Random) -> tuple[str, str]:
     """SDPA and hand-written attention: masks (bool, additive, causal, off-by-one), GQA, Dv != D."""
-    B, Hkv, rep = r.randint(1, 2), r.randint(1, 2), r.choice([1, 2, 3])
+    B, Hkv, rep = r.randint(1, 3), r.randint(1, 2), r.choice([1, 2, 3])
     Hq = Hkv * rep
     D = r.choice([4, 8, 16])
     Dv = r.choice([D, D, D // 2, D * 2])
     projected = r.random() < 0.35
-    Sq = r.randint(1, 6)
-    Sk = Sq if projected or r.random() < 0.5 else r.randint(Sq, 8)
+    Sq = r.randint(1, 9)  # batch x query rows that a CPU matmul tile of 8 straddles (3 x 3, 2 x 9)
+    Sk = Sq if projected or r.random() < 0.5 else r.randint(Sq, 10)
     form = r.choice(["sdpa", "manual"])
     gqa = "none" if rep == 1 else r.choice(["repeat_interleave", "expand", "tile"] +
                                            (["enable_gqa"] if form == "sdpa" else []))
