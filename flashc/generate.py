@@ -392,9 +392,8 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
             stats.draft_lengths.append(0)
             t = time.perf_counter()
             logits = steps.feed(tokens[:, -1:], length - 1)
-            new = emit(sampling.next(logits)[:, None])
+            new = emit(sampling.next(logits)[:, None])  # reads the tokens back: the step is done
             if speculator is not None:
-                sync(device)
                 speculator.observe_plain(time.perf_counter() - t, emit.rows)
         else:
             new, accepted = speculator.verify(steps, tokens, plan, sampling)

@@ -193,6 +193,9 @@ class GenerationModel:
         self.tokenizer_name = tokenizer
         self._tokenizer = None
         self._steps: Steps | None = None
+        # what speculation measured (step times, acceptance, probe waits), kept across generate() calls:
+        # (drafter, draft length, greedy, adaptive) -> flashc.speculate.Learned
+        self._learned: dict[tuple, Any] = {}
         self.last_stats: GenerationStats | None = None  # what the last generate() call did (report())
         self._drafts: dict[str, Any] = {}  # compiled on demand: drafts ('layerskip:E'), early exits (EarlyExitModel)
         self.draft_head = None  # a flashc.draft_head.DraftHead bound to the decode entry's weights
@@ -336,7 +339,8 @@ class GenerationModel:
         largest entry that fits, else one token a call); speculation needs the verify entry;
         draft_len (at most the entry's) caps the drafts a round; adaptive picks the draft length
         each round from measured acceptance and step times, and plain steps where speculation
-        would be slower. Greedy output is token for token that of
+        would be slower; what it measured carries over to this model's next calls with the same
+        drafter (a drafter that did not pay is probed less and less often). Greedy output is token for token that of
         plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
         early_exit: 'E', 'E:TAU', a flashc.early_exit.EarlyExit or an EarlyExitModel: a token
         leaves after layer E where the exit is confident (lossy, greedy; flashc.early_exit).
@@ -484,7 +488,7 @@ class GenerationModel:
 
     def _speculator(self, speculate, draft_len: int | None, adaptive: bool, temperature: float,
                     top_k: int | None, top_p: float | None):
-        from flashc.speculate import ModelDrafter, NgramDrafter, Speculator
+        from flashc.speculate import Learned, ModelDrafter, NgramDrafter, Speculator
 
         if speculate is None:
             if draft_len is not None:
@@ -503,6 +507,8 @@ class GenerationModel:
         if not 1 <= k <= self.draft_len:
             raise InputError(f"draft_len must be in 1..{self.draft_len} (the verify entry checks {self.draft_len} "
                              f"drafts), got {k}")
+        learned = self._learned.setdefault((speculate if isinstance(speculate, str) else id(speculate), k,
+                                            temperature == 0, adaptive), Learned())
         if isinstance(speculate, str) and speculate.startswith("draft:"):
             from flashc.compiled import load
 
@@ -529,7 +535,7 @@ class GenerationModel:
             raise InputError(f"speculate={speculate!r}: known are 'ngram' (prompt lookup), 'head' (the model's "
                              "draft head), 'draft:ARTIFACT', 'layerskip:E' (the model's first E layers) and a "
                              "GenerationModel (a smaller model with the same tokenizer)")
-        return Speculator(drafter, k, adaptive=adaptive)
+        return Speculator(drafter, k, adaptive=adaptive, learned=learned)
 
     def _layerskip_draft(self, spec: str) -> "GenerationModel":
         """speculate='layerskip:E': the model's first E layers as a draft, compiled once from the

@@ -134,10 +134,9 @@ def generate_ragged(steps: Steps, prompts: list[torch.Tensor], max_new_tokens: i
         if drafts is None:
             stats.draft_lengths.append(0)
             logits = feed_rows(steps, pending, starts, finished=done)
-            chosen = sampling.next(torch.stack(logits)).tolist()
+            chosen = sampling.next(torch.stack(logits)).tolist()  # read back: the step is done
             news = [emit(b, [chosen[b]]) if not done[b] else [] for b in range(batch)]
             if speculator is not None:
-                sync(steps.device)
                 speculator.observe_plain(time.perf_counter() - t, news)
         else:
             rows = [pending[b] + drafts[b] for b in range(batch)]

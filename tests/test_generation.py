@@ -270,6 +270,31 @@ def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
         assert spec.choose(4) > 0 and spec.probe_every == Speculator.PROBE_EVERY
 
 
+def test_what_speculation_measured_carries_over_to_the_next_call(target):
+    """A generate() call starts from what earlier calls with the same drafter measured: step times
+    (no first probe just to time a verify round) and the probe wait (a drafter that did not pay is
+    not probed from scratch on every prompt). Another drafter, draft length or kind of sampling starts
+    afresh, as does k fixed (adaptive=False); the output is what plain decoding gives whatever was
+    learned."""
+    model, gm = target
+    gm._learned.clear()
+    prompt = repetitive(2, 5, 3)
+    plain = gm.generate(prompt, 12)
+    first = gm.generate(prompt, 12, speculate="ngram", draft_len=3)
+    (learned,) = gm._learned.values()
+    assert learned.timing.plain is not None and learned.timing.verify is not None
+    learned.probe_every, learned.idle = 64, 0  # as after failed probes
+    learned.counts.clear()
+    learned.counts.update({e: [0.0, 1000.0] for e in range(9)})  # drafts judged never kept
+    again, stats = gm.generate(prompt, 12, speculate="ngram", draft_len=3, return_stats=True)
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert stats.speculative_rounds == 0 and learned.idle > 0  # no probe yet: the wait carried over
+    gm.generate(prompt, 12, speculate="ngram", draft_len=2)
+    gm.generate(prompt, 12, speculate="ngram", draft_len=3, temperature=0.8, seed=0)
+    gm.generate(prompt, 12, speculate="ngram", draft_len=3, adaptive=False)
+    assert len(gm._learned) == 4
+
+
 def test_exact_verify_compiles_a_row_invariant_verify_entry_that_artifacts_keep(tmp_path):
     """exact_verify=True (CUDA targets): the verify entry's CUDA options say row_invariant (its kernels then
     compute each token as the decode entry does; tests/codegen check them bit for bit), the other entries
