@@ -178,6 +178,25 @@ def test_tensors_filled_with_infinity_or_nan(level):
             assert _same_values(g, r)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_instance_norm_keeps_precision_far_from_zero(offset):
+    """InstanceNorm over inputs near 1000 (the frontend's E[x^2] - E[x]^2 was 0.3 off there), with and
+    without affine weights, and with running statistics in eval mode; against float64."""
+    torch.manual_seed(int(offset))
+    tracked = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True).eval()
+    tracked.running_mean.uniform_(-1, 1)
+    tracked.running_var.uniform_(0.5, 2.0)
+    for model, shape in ((torch.nn.InstanceNorm1d(6), (2, 6, 16)), (torch.nn.InstanceNorm1d(6, affine=True), (2, 6, 16)),
+                         (tracked, (2, 3, 4, 4))):
+        model = model.eval()
+        cm = _compile(model, (torch.randn(shape),))
+        x = torch.randn(shape) + offset
+        with torch.no_grad():
+            ref = model.double()(x.double())
+            eager = model.float()(x)
+        assert (cm(x).double() - ref).abs().max() <= 4 * (eager.double() - ref).abs().max() + 1e-6
+
+
 def test_where_between_two_numbers():
     """where(cond, 1.0, 0.0) and where(cond, 2, -1): the result's dtype, inf and NaN kept (fuzz: 40 refusals)."""
     model = Fn(lambda x: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, 2, -1),
