@@ -18,6 +18,8 @@ one fixes:
   * cumsum and diff: the frontend accumulates bools in bool and has no diff;
   * index_put with fewer index tensors than dims (`x[:, i] = v`): see indexing.py;
   * where with a Python number on one side or both: no converter;
+  * add, sub, mul and div whose operands are not of the result's dtype (int tensor + 2.5, bool + 1):
+    the frontend computed in the operand's dtype (a + 2.5 was a + 2) or failed to build;
   * true division of integer tensors: the frontend divided as integers, then cast;
   * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
   * full, full_like and new_full with inf or NaN: TVM's legalization of a non-finite fill failed to build;
@@ -357,6 +359,53 @@ def _by_zero(relax_op: str):
     return lower
 
 
+def _mixed_types(lw, node, relax_op: str):
+    """add / sub / mul / div whose tensor operands are not of the result's dtype (an integer tensor
+    + 2.5 is float, bool + 1 is int64): the operands cast to the result's dtype first, a number as a
+    run-time scalar of it. The frontend computed in the tensor's dtype (a + 2.5 came out a + 2,
+    a * 0.5 zero) or failed to build (bool + 1). None when no operand needs a cast."""
+    val = node.meta.get("val")
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if (not isinstance(val, torch.Tensor) or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode")
+            or not isinstance(b, (fx.Node, int, float))):
+        return None
+    dtype = _tvm_dtype(val.dtype)
+    if all(_dtype(lw.value(x)) == dtype for x in (a, b) if isinstance(x, fx.Node)):
+        return None
+
+    def operand(x):
+        if isinstance(x, fx.Node):
+            return lw.ops.cast(lw.value(x), dtype)
+        return lw.opaque_scalar(float(x) if "float" in dtype else int(x), dtype)
+
+    return lw.bb.emit(getattr(lw.R.op, relax_op)(operand(a), operand(b)))
+
+
+def _rsub(lw, node):
+    """rsub(x, number) = number - x (`2.5 - a`): with x's dtype other than the result's, as sub."""
+    x, other = node.args[0], node.args[1]
+    val = node.meta.get("val")
+    if (not isinstance(val, torch.Tensor) or node.kwargs.get("alpha", 1) != 1 or not isinstance(other, (int, float))
+            or _dtype(lw.value(x)) == _tvm_dtype(val.dtype)):
+        return lw.frontend_convert(node)
+    dtype = _tvm_dtype(val.dtype)
+    number = lw.opaque_scalar(float(other) if "float" in dtype else int(other), dtype)
+    return lw.bb.emit(lw.R.op.subtract(number, lw.ops.cast(lw.value(x), dtype)))
+
+
+def _promoting(relax_op: str, then: Callable | None = None):
+    """A lowering of an arithmetic op: operands of another dtype than the result's through
+    _mixed_types, the rest by `then` (default: the frontend)."""
+
+    def lower(lw, node):
+        mixed = _mixed_types(lw, node, relax_op)
+        if mixed is not None:
+            return mixed
+        return then(lw, node) if then is not None else lw.frontend_convert(node)
+
+    return lower
+
+
 def _same_operands(kind: str):
     """x - x, x == x, x != x of one float tensor: NaN - NaN and inf - inf are NaN, and NaN
     is not equal to itself; TVM folds them to 0, True and False."""
@@ -553,8 +602,10 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.t.default: _reversed_dims,
     aten.index.Tensor: lower_index,
     aten.index_put.default: lower_index_put,
-    aten.mul.Tensor: _by_zero("multiply"),
-    aten.mul.Scalar: _by_zero("multiply"),
+    aten.add.Tensor: _promoting("add"),
+    aten.add.Scalar: _promoting("add"),
+    aten.mul.Tensor: _promoting("multiply", _by_zero("multiply")),
+    aten.mul.Scalar: _promoting("multiply", _by_zero("multiply")),
     aten.masked_fill.Scalar: _masked_fill_scalar,
     aten.full.default: _fill_nonfinite,
     aten.full_like.default: _fill_nonfinite,
@@ -566,9 +617,11 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.max_pool2d.default: _pool_default_stride,
     aten.max_pool3d.default: _pool_default_stride,
     aten.div.Tensor_mode: _div_rounded,
-    aten.div.Tensor: _by_zero("divide"),
-    aten.div.Scalar: _by_zero("divide"),
-    aten.sub.Tensor: _same_operands("sub"),
+    aten.div.Tensor: _promoting("divide", _by_zero("divide")),
+    aten.div.Scalar: _promoting("divide", _by_zero("divide")),
+    aten.sub.Tensor: _promoting("subtract", _same_operands("sub")),
+    aten.sub.Scalar: _promoting("subtract"),
+    aten.rsub.Scalar: _rsub,
     aten.eq.Tensor: _same_operands("eq"),
     aten.ne.Tensor: _same_operands("ne"),
 }

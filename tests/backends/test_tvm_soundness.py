@@ -197,6 +197,19 @@ def test_instance_norm_keeps_precision_far_from_zero(offset):
         assert (cm(x).double() - ref).abs().max() <= 4 * (eager.double() - ref).abs().max() + 1e-6
 
 
+def test_arithmetic_promotes_integer_and_bool_operands_as_pytorch():
+    """int tensor + 2.5 and * 0.5 are float, bool + 1 is int64, int32 + int64 is int64 (the frontend
+    added 2 instead of 2.5 and failed to build bool + 1; fuzz: dtype_casts, integer_ops)."""
+    model = Fn(lambda a, x: (a + 2.5, a * 0.5, a.int() - 1.25, (x > 0) + 1, a.int() + a, a / 4, (x > 0) * 2.5,
+                             2.5 - a, x.half() * x))
+    make = lambda: (torch.randint(-20, 21, (2, 8)), torch.randn(2, 8))
+    for level in (0, 2):
+        cm = _compile(model, make(), level=level)
+        inputs = make()
+        for g, r in zip(cm(*inputs), model(*inputs)):
+            assert _same_values(g, r)
+
+
 def test_where_between_two_numbers():
     """where(cond, 1.0, 0.0) and where(cond, 2, -1): the result's dtype, inf and NaN kept (fuzz: 40 refusals)."""
     model = Fn(lambda x: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, 2, -1),
