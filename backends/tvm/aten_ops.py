@@ -9,6 +9,7 @@ one fixes:
     and normalized with the batch's statistics (a ResNet-18 in eval mode was 79% off);
   * narrow, slice, select: PyTorch's negative and out-of-range bounds (the frontend's
     narrow ended at `length` rather than `start + length`); numpy_T: no converter;
+  * max.dim / min.dim of floats: NaN (and its index) where PyTorch has it;
   * amax, amin, var, std, var_mean, layer_norm and group_norm without weight or bias:
     no converter, or one that failed;
   * reductions and softmax of float16 / bfloat16 accumulate in float32, as PyTorch;
@@ -76,6 +77,27 @@ def _extreme(reduce: str):
             return out
         nan = lw.bb.emit(op.max(lw.bb.emit(op.astype(op.isnan(x), "int8")), axis=axes, keepdims=keepdim))
         return lw.bb.emit(op.where(lw.bb.emit(op.astype(nan, "bool")), lw.R.const(float("nan"), _dtype(x)), out))
+
+    return lower
+
+
+def _extreme_dim(reduce: str):
+    """max.dim / min.dim -> (values, indices) of a float tensor: a NaN in the reduced elements gives
+    NaN and the index of the first NaN, as in PyTorch (TVM's max and argmax pass over it)."""
+
+    def lower(lw, node):
+        op, emit = lw.R.op, lw.bb.emit
+        x = lw.value(node.args[0])
+        if "float" not in _dtype(x) or not _shape(x):
+            return lw.frontend_convert(node)
+        dim, keepdim = node.args[1] % len(_shape(x)), bool(_arg(node, 2, "keepdim", False))
+        values = emit(getattr(op, reduce)(x, axis=[dim], keepdims=keepdim))
+        index = emit(getattr(op, f"arg{reduce}")(x, axis=dim, keepdims=keepdim))
+        nan = emit(op.astype(op.isnan(x), "int8"))
+        any_nan = emit(op.astype(emit(op.max(nan, axis=[dim], keepdims=keepdim)), "bool"))
+        first_nan = emit(op.argmax(nan, axis=dim, keepdims=keepdim))
+        return (emit(op.where(any_nan, lw.R.const(float("nan"), _dtype(x)), values)),
+                emit(op.where(any_nan, first_nan, index)))
 
     return lower
 
@@ -576,6 +598,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.where.Scalar: _where_scalar,
     aten.amax.default: _extreme("max"),
     aten.amin.default: _extreme("min"),
+    aten.max.dim: _extreme_dim("max"),
+    aten.min.dim: _extreme_dim("min"),
     aten.var.dim: _var,
     aten.var.correction: _var,
     aten.std.dim: _std,

@@ -210,6 +210,24 @@ def test_arithmetic_promotes_integer_and_bool_operands_as_pytorch():
             assert _same_values(g, r)
 
 
+def test_max_and_min_along_a_dim_keep_nan_and_its_index():
+    """x.max(dim) / x.min(dim) with NaN in some rows: NaN and the first NaN's index, as PyTorch (TVM's
+    max and argmax passed over NaN; fuzz: reductions); ties and integer tensors as before."""
+    model = Fn(lambda x: (x.max(-1), x.min(1, keepdim=True), x.max(0)[1], x.int().max(-1)))
+
+    def make():
+        x = torch.randn(2, 3, 16)
+        x.view(-1)[[5, 40, 41]] = float("nan")
+        x[1, 2, 3] = x[1, 2, 9] = 50.0
+        return (x,)
+    cm = _compile(model, make())
+    for _ in range(2):
+        inputs = make()
+        for g, r in zip(cm(*inputs), model(*inputs)):
+            for gi, ri in zip(g, r) if isinstance(r, tuple) else ((g, r),):
+                assert _same_values(gi, ri)
+
+
 def test_where_between_two_numbers():
     """where(cond, 1.0, 0.0) and where(cond, 2, -1): the result's dtype, inf and NaN kept (fuzz: 40 refusals)."""
     model = Fn(lambda x: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, 2, -1),
