@@ -9,7 +9,9 @@ one fixes:
     and normalized with the batch's statistics (a ResNet-18 in eval mode was 79% off);
   * narrow, slice, select: PyTorch's negative and out-of-range bounds (the frontend's
     narrow ended at `length` rather than `start + length`); numpy_T: no converter;
-  * max.dim / min.dim of floats: NaN (and its index) where PyTorch has it;
+  * max.dim / min.dim, argmax / argmin of floats: NaN (and its index) where PyTorch has it, the
+    first index of the extreme (TVM's argmax passed over NaN and over rows of -inf);
+  * prod: no converter;
   * amax, amin, var, std, var_mean, layer_norm and group_norm without weight or bias:
     no converter, or one that failed;
   * reductions and softmax of float16 / bfloat16 accumulate in float32, as PyTorch;
@@ -63,7 +65,7 @@ def _float32(lw, x):
 
 def _extreme(reduce: str):
     """amax / amin: NaN anywhere in the reduced elements gives NaN, as in PyTorch (TVM's
-    max/min keeps whichever operand its comparison picks)."""
+    max/min keeps whichever operand its comparison picks), and all -inf gives -inf (+inf for min)."""
 
     def lower(lw, node):
         op = lw.R.op
@@ -75,6 +77,11 @@ def _extreme(reduce: str):
         out = lw.bb.emit(getattr(op, reduce)(x, axis=axes, keepdims=keepdim))
         if "float" not in _dtype(x):
             return out
+        # TVM starts max at the lowest finite float: a row of -inf (min: +inf) comes out finite
+        infinite = float("-inf") if reduce == "max" else float("inf")
+        all_inf = lw.bb.emit(op.min(lw.bb.emit(op.astype(op.equal(x, lw.R.const(infinite, _dtype(x))), "int8")),
+                                    axis=axes, keepdims=keepdim))
+        out = lw.bb.emit(op.where(lw.bb.emit(op.astype(all_inf, "bool")), lw.R.const(infinite, _dtype(x)), out))
         nan = lw.bb.emit(op.max(lw.bb.emit(op.astype(op.isnan(x), "int8")), axis=axes, keepdims=keepdim))
         return lw.bb.emit(op.where(lw.bb.emit(op.astype(nan, "bool")), lw.R.const(float("nan"), _dtype(x)), out))
 
@@ -86,20 +93,59 @@ def _extreme_dim(reduce: str):
     NaN and the index of the first NaN, as in PyTorch (TVM's max and argmax pass over it)."""
 
     def lower(lw, node):
-        op, emit = lw.R.op, lw.bb.emit
         x = lw.value(node.args[0])
         if "float" not in _dtype(x) or not _shape(x):
             return lw.frontend_convert(node)
-        dim, keepdim = node.args[1] % len(_shape(x)), bool(_arg(node, 2, "keepdim", False))
-        values = emit(getattr(op, reduce)(x, axis=[dim], keepdims=keepdim))
-        index = emit(getattr(op, f"arg{reduce}")(x, axis=dim, keepdims=keepdim))
-        nan = emit(op.astype(op.isnan(x), "int8"))
-        any_nan = emit(op.astype(emit(op.max(nan, axis=[dim], keepdims=keepdim)), "bool"))
-        first_nan = emit(op.argmax(nan, axis=dim, keepdims=keepdim))
-        return (emit(op.where(any_nan, lw.R.const(float("nan"), _dtype(x)), values)),
-                emit(op.where(any_nan, first_nan, index)))
+        return _first_extreme(lw, x, reduce, node.args[1] % len(_shape(x)), bool(_arg(node, 2, "keepdim", False)))
 
     return lower
+
+
+def _arg_extreme(reduce: str):
+    """argmax / argmin of a float tensor: the index of the first NaN where there is one, else of the
+    first extreme, as PyTorch (TVM's argmax passed over NaN, and over a row of -inf)."""
+
+    def lower(lw, node):
+        x = lw.value(node.args[0])
+        dim, keepdim = _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False))
+        if "float" not in _dtype(x) or not _shape(x) or (dim is None and keepdim):
+            return lw.frontend_convert(node)
+        if dim is None:
+            x, dim = lw.bb.emit(lw.R.op.reshape(x, [-1])), 0
+        return _first_extreme(lw, x, reduce, dim % len(_shape(x)), keepdim)[1]
+
+    return lower
+
+
+def _first_extreme(lw, x, reduce: str, dim: int, keepdim: bool):
+    """(values, indices) along dim: NaN and the first NaN's index where a NaN is, else the extreme
+    and the first index holding it."""
+    op, emit = lw.R.op, lw.bb.emit
+    extreme = emit(getattr(op, reduce)(x, axis=[dim], keepdims=True))
+    nan = emit(op.astype(op.isnan(x), "int8"))
+    any_nan = emit(op.astype(emit(op.max(nan, axis=[dim], keepdims=True)), "bool"))
+    hits = emit(op.where(any_nan, nan, emit(op.astype(op.equal(x, extreme), "int8"))))
+    index = emit(op.argmax(hits, axis=dim, keepdims=True))
+    # the values read back at the indices: TVM's max of a row of -inf is the lowest finite float
+    values = emit(op.gather_elements(x, index, axis=dim))
+    if keepdim:
+        return values, index
+    return emit(op.squeeze(values, axis=[dim])), emit(op.squeeze(index, axis=[dim]))
+
+
+def _prod(lw, node):
+    """prod (all elements) and prod.dim_int: no converter. In the result's dtype (integers and bools
+    multiply in int64, as PyTorch), half floats through float32."""
+    op = lw.R.op
+    x = lw.value(node.args[0])
+    dtype = _tvm_dtype(node.meta["val"].dtype)
+    if node.target == aten.prod.dim_int:
+        axes, keepdim = _axes(node.args[1], len(_shape(x))), bool(_arg(node, 2, "keepdim", False))
+    else:
+        axes, keepdim = list(range(len(_shape(x)))), False
+    work = "float32" if dtype in HALF else dtype
+    out = lw.bb.emit(op.prod(lw.ops.cast(x, work), axis=axes, keepdims=keepdim)) if _shape(x) else lw.ops.cast(x, work)
+    return lw.ops.cast(out, dtype)
 
 
 def _variance(lw, node, correction_default: float):
@@ -598,6 +644,10 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.where.Scalar: _where_scalar,
     aten.amax.default: _extreme("max"),
     aten.amin.default: _extreme("min"),
+    aten.prod.default: _prod,
+    aten.prod.dim_int: _prod,
+    aten.argmax.default: _arg_extreme("max"),
+    aten.argmin.default: _arg_extreme("min"),
     aten.max.dim: _extreme_dim("max"),
     aten.min.dim: _extreme_dim("min"),
     aten.var.dim: _var,

@@ -211,14 +211,19 @@ def test_arithmetic_promotes_integer_and_bool_operands_as_pytorch():
 
 
 def test_max_and_min_along_a_dim_keep_nan_and_its_index():
-    """x.max(dim) / x.min(dim) with NaN in some rows: NaN and the first NaN's index, as PyTorch (TVM's
-    max and argmax passed over NaN; fuzz: reductions); ties and integer tensors as before."""
-    model = Fn(lambda x: (x.max(-1), x.min(1, keepdim=True), x.max(0)[1], x.int().max(-1)))
+    """x.max(dim) / x.min(dim), argmax / argmin, amax / amin with NaN in some rows and rows of -inf or
+    +inf: NaN and the first NaN's index, the first index of the extreme, infinities kept, as PyTorch
+    (TVM's max and argmax passed over NaN, and a row of -inf came out as the lowest finite float;
+    fuzz: reductions); ties and integer tensors as before."""
+    model = Fn(lambda x: (x.max(-1), x.min(1, keepdim=True), x.max(0)[1], x.argmax(-1), x.argmin(1, keepdim=True),
+                          x.argmax(), x.amax(-1), x.amin(-1), x.nan_to_num(0.0, 9.0, -9.0).round().int().max(-1)))
 
     def make():
         x = torch.randn(2, 3, 16)
         x.view(-1)[[5, 40, 41]] = float("nan")
         x[1, 2, 3] = x[1, 2, 9] = 50.0
+        x[1, 0] = float("-inf")  # a row of -inf: TVM's max starts at the lowest finite float
+        x[1, 1, :] = float("inf")
         return (x,)
     cm = _compile(model, make())
     for _ in range(2):
@@ -226,6 +231,24 @@ def test_max_and_min_along_a_dim_keep_nan_and_its_index():
         for g, r in zip(cm(*inputs), model(*inputs)):
             for gi, ri in zip(g, r) if isinstance(r, tuple) else ((g, r),):
                 assert _same_values(gi, ri)
+
+
+def test_prod_over_all_or_one_dim_in_the_result_dtype():
+    """prod (no converter: was refused): floats with NaN, inf and 0 among them, integers and bools
+    multiplied in int64 as PyTorch, bfloat16 through float32."""
+    model = Fn(lambda x, i: (x.prod(), x.prod(-1), x.prod(1, keepdim=True), i.prod(0), (i > 0).prod(-1),
+                             x.bfloat16().prod(-1), i.int().prod(-1)))
+
+    def make():
+        x = torch.randn(3, 4, 5)
+        x[0, 0, 0], x[1, 1, 1], x[2, 2, 2] = float("nan"), float("inf"), 0.0
+        return x, torch.randint(-3, 4, (3, 4))
+    cm = _compile(model, make())
+    inputs = make()
+    for g, r in zip(cm(*inputs), model(*inputs)):
+        tol = 1e-2 if r.dtype == torch.bfloat16 else 1e-6
+        assert g.dtype == r.dtype and torch.equal(torch.isnan(g), torch.isnan(r))
+        assert _rel(g.nan_to_num(0.0, 1e30, -1e30), r.nan_to_num(0.0, 1e30, -1e30)) < tol
 
 
 def test_where_between_two_numbers():
