@@ -410,7 +410,7 @@ def generate_rounds(steps: Steps, input_ids: torch.Tensor, max_new_tokens: int, 
     sync(device)
     stats.total_s = time.perf_counter() - start
     if speculator is not None:
-        stats.plain_step_s, stats.verify_step_s = speculator.timing.plain, speculator.timing.verify
+        stats.plain_step_s, stats.verify_step_s = speculator.learned.timing.plain, speculator.learned.timing.verify
 
 
 def generate(step: Step | Steps, input_ids: torch.Tensor, max_new_tokens: int,

@@ -340,8 +340,9 @@ class GenerationModel:
         draft_len (at most the entry's) caps the drafts a round; adaptive picks the draft length
         each round from measured acceptance and step times, and plain steps where speculation
         would be slower; what it measured carries over to this model's next calls with the same
-        drafter (a drafter that did not pay is probed less and less often). Greedy output is token for token that of
-        plain decoding; sampled output keeps the model's distribution (flashc.speculate.accept).
+        drafter (a drafter that did not pay is probed less and less often). Greedy output is
+        token for token that of plain decoding; sampled output keeps the model's distribution
+        (flashc.speculate.accept).
         early_exit: 'E', 'E:TAU', a flashc.early_exit.EarlyExit or an EarlyExitModel: a token
         leaves after layer E where the exit is confident (lossy, greedy; flashc.early_exit).
         on_tokens(new[B, n]) is called after every round.

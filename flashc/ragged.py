@@ -162,7 +162,7 @@ def generate_ragged(steps: Steps, prompts: list[torch.Tensor], max_new_tokens: i
     sync(steps.device)
     stats.total_s = time.perf_counter() - start
     if speculator is not None:
-        stats.plain_step_s, stats.verify_step_s = speculator.timing.plain, speculator.timing.verify
+        stats.plain_step_s, stats.verify_step_s = speculator.learned.timing.plain, speculator.learned.timing.verify
 
 
 def _ngram_drafts(speculator, seqs: list[list[int]], live: list[int], room: int) -> list[list[int]] | None:

@@ -236,8 +236,8 @@ PROBE_EVERY = 16  # plain rounds before a speculative probe while speculation is
 @dataclass
 class Learned:
     """What a Speculator measured: step times, acceptance per class of evidence, and how long
-    it waits before probing again. GenerationModel keeps one per drafter, batch and kind of
-    sampling across its generate() calls, so a drafter found not to pay on one prompt is not
+    it waits before probing again. GenerationModel keeps one per drafter, draft length, kind of
+    sampling and adaptive or not across its generate() calls, so a drafter found not to pay on one prompt is not
     probed from scratch on every prompt after it (on an H100, smollm2-135m, 96 new tokens a
     prompt, three probes an answer cost a head drafter 4-5% against plain decoding)."""
 
@@ -278,39 +278,15 @@ class Speculator:
         self.shadow = None
         self.drafter.reset()
 
-    @property
-    def timing(self) -> Timing:
-        return self.learned.timing
-
-    @property
-    def counts(self) -> dict[int, list[float]]:
-        return self.learned.counts
-
-    @property
-    def idle(self) -> int:
-        return self.learned.idle
-
-    @idle.setter
-    def idle(self, value: int) -> None:
-        self.learned.idle = value
-
-    @property
-    def probe_every(self) -> int:
-        return self.learned.probe_every
-
-    @probe_every.setter
-    def probe_every(self, value: int) -> None:
-        self.learned.probe_every = value
-
     def acceptance(self, evidence: int = 0) -> float:
         """Estimated chance that a draft of this class is kept, given the ones before it were."""
-        kept, refused = self.counts.get(evidence, (1.0, 1.0))
+        kept, refused = self.learned.counts.get(evidence, (1.0, 1.0))
         return kept / (kept + refused)
 
     def choose(self, limit: int, evidence: int = 0) -> int:
         if not self.adaptive:
             return limit
-        t = self.timing
+        t = self.learned.timing
         if t.plain is None:
             return 0  # time a plain step first
         if t.verify is None:
@@ -325,12 +301,13 @@ class Speculator:
             if rate > best_rate:
                 best, best_rate = k, rate
         if best > 0:
-            self.probe_every = self.PROBE_EVERY
+            self.learned.probe_every = self.PROBE_EVERY
             return best
-        self.idle += 1
-        if self.idle >= self.probe_every:  # conditions change (a passage to copy, a lower temperature)
-            self.idle = 0
-            self.probe_every = min(2 * self.probe_every, self.PROBE_EVERY_MAX)
+        learned = self.learned
+        learned.idle += 1
+        if learned.idle >= learned.probe_every:  # conditions change (a passage to copy, a lower temperature)
+            learned.idle = 0
+            learned.probe_every = min(2 * learned.probe_every, self.PROBE_EVERY_MAX)
             return self._probe(limit)
         return 0
 
@@ -367,7 +344,8 @@ class Speculator:
         plan = self.drafter.propose(tokens, k, sampling, rows)
         if plan is not None and not self.drafter.cheap:  # a drafter that runs a model (draft model or head)
             sync(tokens.device)
-            self.timing.draft = Timing.mix(self.timing.draft or None, (time.perf_counter() - start) / plan.k)
+            timing = self.learned.timing
+            timing.draft = Timing.mix(timing.draft or None, (time.perf_counter() - start) / plan.k)
         return plan
 
     def declined(self, firsts: list[int | None], evidence: int) -> None:
@@ -385,7 +363,7 @@ class Speculator:
         class judged poor stays so until a probe (16 plain rounds, then 32, ...), though the text
         may have turned to copying its prompt: on an H100 (smollm2-135m, passage prompts, 8 drafts)
         adaptive speculation ran at 1.71x plain decoding where verifying every plan ran at 2.15x."""
-        self.timing.plain = Timing.mix(self.timing.plain, seconds)
+        self.learned.timing.plain = Timing.mix(self.learned.timing.plain, seconds)
         if self.shadow is not None and emitted is not None:
             firsts, evidence = self.shadow
             kept = all(row[0] == d for row, d in zip(emitted, firsts) if d is not None and row)
@@ -410,9 +388,9 @@ class Speculator:
     def observe_row(self, drafted: int, kept: int, evidence: int) -> None:
         """A sequence verified `drafted` drafts of this evidence and kept `kept`."""
         if drafted:
-            counts = self.counts.setdefault(evidence, [1.0, 1.0])
+            counts = self.learned.counts.setdefault(evidence, [1.0, 1.0])
             counts[0] = 0.9 * counts[0] + kept
             counts[1] = 0.9 * counts[1] + (1 if kept < drafted else 0)
 
     def observe_verify(self, seconds: float) -> None:
-        self.timing.verify = Timing.mix(self.timing.verify, seconds)
+        self.learned.timing.verify = Timing.mix(self.learned.timing.verify, seconds)

@@ -198,15 +198,15 @@ def test_adaptive_draft_length_turns_speculation_off_when_it_would_be_slower():
     assert spec.choose(4) == 0  # nothing measured: time a plain step first
     spec.observe_plain(1.0)
     assert spec.choose(4) == 4  # then a verify round
-    spec.timing.verify = 1.2
-    spec.counts[0] = [9.0, 1.0]  # drafts usually kept: speculate fully
+    spec.learned.timing.verify = 1.2
+    spec.learned.counts[0] = [9.0, 1.0]  # drafts usually kept: speculate fully
     assert spec.choose(4) == 4
-    spec.counts[0] = [0.1, 5.0]  # drafts almost never kept: a verify costs more than it gives
+    spec.learned.counts[0] = [0.1, 5.0]  # drafts almost never kept: a verify costs more than it gives
     assert [spec.choose(4) for _ in range(Speculator.PROBE_EVERY - 1)] == [0] * (Speculator.PROBE_EVERY - 1)
     assert spec.choose(4) == 4  # a probe now and then
-    spec.counts[3] = [9.0, 1.0]  # ...while 3-gram matches are usually kept
+    spec.learned.counts[3] = [9.0, 1.0]  # ...while 3-gram matches are usually kept
     assert spec.choose(4, evidence=3) == 4 and spec.choose(4, evidence=0) == 0
-    spec.timing.draft, spec.counts[0] = 0.5, [3.0, 1.0]  # a costly drafter: a shorter draft pays more
+    spec.learned.timing.draft, spec.learned.counts[0] = 0.5, [3.0, 1.0]  # a costly drafter: a shorter draft pays more
     assert 0 < spec.choose(4) < 4
 
 
@@ -226,8 +226,8 @@ def test_ngram_evidence_is_how_far_back_the_match_goes():
 def test_a_declined_ngram_plan_is_scored_against_the_plain_step():
     spec = Speculator(NgramDrafter(), max_draft=4)
     spec.observe_plain(1.0)
-    spec.timing.verify = 1.5
-    spec.counts[3] = [0.1, 5.0]  # 3-token matches judged poor: their plans are declined
+    spec.learned.timing.verify = 1.5
+    spec.learned.counts[3] = [0.1, 5.0]  # 3-token matches judged poor: their plans are declined
     tokens = torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3]])
     assert spec.plan(tokens, 8, Sampling.make(0.0, None, None, None, "cpu"), tokens.tolist()) is None
     assert spec.shadow == ([4], 3)  # the first draft, to check against the token the plain step emits
@@ -238,9 +238,9 @@ def test_a_declined_ngram_plan_is_scored_against_the_plain_step():
     before = spec.acceptance(3)
     spec.observe_plain(1.0, [[7]])  # wrong: one refused
     assert spec.acceptance(3) < before
-    counts = {e: list(c) for e, c in spec.counts.items()}
+    counts = {e: list(c) for e, c in spec.learned.counts.items()}
     spec.observe_plain(1.0, [[4]])  # a plain round without a declined plan changes no estimate
-    assert spec.counts == counts
+    assert spec.learned.counts == counts
 
 
 def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
@@ -255,8 +255,8 @@ def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
         assert spec.choose(4) == 0
         spec.observe_plain(1.0)
         assert spec.choose(4) == probe_k  # the first verify round measures
-        spec.timing.verify = 1.2
-        spec.counts[0] = [0.1, 5.0]  # drafts almost never kept
+        spec.learned.timing.verify = 1.2
+        spec.learned.counts[0] = [0.1, 5.0]  # drafts almost never kept
         gaps, since = [], 0
         for _ in range(16 + 32 + 64 + 1):
             k = spec.choose(4)
@@ -266,8 +266,8 @@ def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
                 gaps.append(since)
                 since = 0
         assert gaps == [16, 32, 64], gaps  # each failed probe doubles the wait
-        spec.counts[0] = [9.0, 1.0]  # conditions changed: speculation pays again
-        assert spec.choose(4) > 0 and spec.probe_every == Speculator.PROBE_EVERY
+        spec.learned.counts[0] = [9.0, 1.0]  # conditions changed: speculation pays again
+        assert spec.choose(4) > 0 and spec.learned.probe_every == Speculator.PROBE_EVERY
 
 
 def test_what_speculation_measured_carries_over_to_the_next_call(target):
@@ -683,13 +683,13 @@ def test_ragged_ngram_scores_declined_plans_too():
 
     spec = Speculator(NgramDrafter(), max_draft=4)
     spec.observe_plain(1.0)
-    spec.timing.verify = 1.5
+    spec.learned.timing.verify = 1.5
     seqs = [[1, 2, 3, 4, 9, 1, 2, 3], [7, 8, 7], [5, 6]]  # matches of 3 tokens and of 1; the third has none
     drafts = _ngram_drafts(spec, seqs, [0, 1, 2], 8)
     assert drafts == [[4, 9, 1, 2], [8, 7], []]  # nothing measured yet: the prior (half kept) pays at 1.5
     evidence = spec.last_evidence
     assert evidence == 1
-    spec.counts[evidence] = [0.1, 5.0]
+    spec.learned.counts[evidence] = [0.1, 5.0]
     assert _ngram_drafts(spec, seqs, [0, 1, 2], 8) is None
     assert spec.shadow == ([4, 8, None], evidence)
     before = spec.acceptance(evidence)
