@@ -314,8 +314,7 @@ def _instance_norm(lw, node):
         if mean is None or var is None:
             raise refuse(node, "instance norm without input statistics needs running statistics")
         return _batch_norm_eval(lw, x, weight, bias, mean, var, eps)
-    out = _grouped_norm(lw, _float32(lw, x), _shape(x)[1], weight, bias, eps)
-    return out if _dtype(x) == "float32" else lw.bb.emit(lw.R.op.astype(out, _dtype(x)))
+    return _grouped_norm(lw, _float32(lw, x), _shape(x)[1], weight, bias, eps)  # _check casts back
 
 
 def _grouped_norm(lw, x, groups: int, weight, bias, eps: float):
@@ -427,15 +426,18 @@ def _by_zero(relax_op: str):
     return lower
 
 
-def _mixed_types(lw, node, relax_op: str):
+def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
     """add / sub / mul / div whose tensor operands are not of the result's dtype (an integer tensor
     + 2.5 is float, bool + 1 is int64): the operands cast to the result's dtype first, a number as a
     run-time scalar of it. The frontend computed in the tensor's dtype (a + 2.5 came out a + 2,
-    a * 0.5 zero) or failed to build (bool + 1). None when no operand needs a cast."""
+    a * 0.5 zero) or failed to build (bool + 1). swapped: the op takes its arguments the other way
+    round (rsub(x, 2.5) is 2.5 - x). None when no operand needs a cast."""
     val = node.meta.get("val")
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if swapped:
+        a, b = b, a
     if (not isinstance(val, torch.Tensor) or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode")
-            or not isinstance(b, (fx.Node, int, float))):
+            or not all(isinstance(v, (fx.Node, int, float)) for v in (a, b))):
         return None
     dtype = _tvm_dtype(val.dtype)
     if all(_dtype(lw.value(x)) == dtype for x in (a, b) if isinstance(x, fx.Node)):
@@ -449,24 +451,12 @@ def _mixed_types(lw, node, relax_op: str):
     return lw.bb.emit(getattr(lw.R.op, relax_op)(operand(a), operand(b)))
 
 
-def _rsub(lw, node):
-    """rsub(x, number) = number - x (`2.5 - a`): with x's dtype other than the result's, as sub."""
-    x, other = node.args[0], node.args[1]
-    val = node.meta.get("val")
-    if (not isinstance(val, torch.Tensor) or node.kwargs.get("alpha", 1) != 1 or not isinstance(other, (int, float))
-            or _dtype(lw.value(x)) == _tvm_dtype(val.dtype)):
-        return lw.frontend_convert(node)
-    dtype = _tvm_dtype(val.dtype)
-    number = lw.opaque_scalar(float(other) if "float" in dtype else int(other), dtype)
-    return lw.bb.emit(lw.R.op.subtract(number, lw.ops.cast(lw.value(x), dtype)))
-
-
-def _promoting(relax_op: str, then: Callable | None = None):
+def _promoting(relax_op: str, then: Callable | None = None, swapped: bool = False):
     """A lowering of an arithmetic op: operands of another dtype than the result's through
     _mixed_types, the rest by `then` (default: the frontend)."""
 
     def lower(lw, node):
-        mixed = _mixed_types(lw, node, relax_op)
+        mixed = _mixed_types(lw, node, relax_op, swapped)
         if mixed is not None:
             return mixed
         return then(lw, node) if then is not None else lw.frontend_convert(node)
@@ -695,7 +685,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.div.Scalar: _promoting("divide", _by_zero("divide")),
     aten.sub.Tensor: _promoting("subtract", _same_operands("sub")),
     aten.sub.Scalar: _promoting("subtract"),
-    aten.rsub.Scalar: _rsub,
+    aten.rsub.Scalar: _promoting("subtract", swapped=True),
     aten.eq.Tensor: _same_operands("eq"),
     aten.ne.Tensor: _same_operands("ne"),
 }

@@ -176,13 +176,12 @@ class MatmulTiles(CPUScheduleRule):
     def _schedule(self, sch, main, kinds: list[str], target: Target) -> None:
         block = main.block_rv
         _inline_intermediates(sch, keep=block)
-        size = {kind: 1 for kind in "TSIJK"}
         groups: dict[str, list] = {kind: [] for kind in "TSIJK"}
         extents: dict[str, list[int]] = {kind: [] for kind in "TSIJK"}
         for it, kind, extent in zip(main.iters, kinds, _extents(main)):
             groups[kind].append(it.loop_rv)
             extents[kind].append(extent)
-            size[kind] *= extent
+        size = {kind: _product(extents[kind]) for kind in "TSIJK"}
         sch.reorder(*groups["T"], *groups["S"], *groups["I"], *groups["J"], *groups["K"])
         batch = groups["T"] + groups["S"]
         i, j, k = (sch.fuse(*groups[kind]) if groups[kind] else None for kind in "IJK")
