@@ -286,6 +286,7 @@ def test_what_speculation_measured_carries_over_to_the_next_call(target):
     learned.probe_every, learned.idle = 64, 0  # as after failed probes
     learned.counts.clear()
     learned.counts.update({e: [0.0, 1000.0] for e in range(9)})  # drafts judged never kept
+    learned.timing.verify = 1e3  # and verify rounds judged slow: scoring declined plans cannot turn it on
     again, stats = gm.generate(prompt, 12, speculate="ngram", draft_len=3, return_stats=True)
     assert torch.equal(first, plain) and torch.equal(again, plain)
     assert stats.speculative_rounds == 0 and learned.idle > 0  # no probe yet: the wait carried over
