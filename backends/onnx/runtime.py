@@ -287,4 +287,10 @@ def _bind(bind, name: str, t: torch.Tensor) -> None:
     """Bind a contiguous CPU tensor's memory as an input or output (bind_input / bind_output)."""
     if t.dtype not in _ELEMENT_TYPES:
         raise InputError(f"{name!r}: ONNX Runtime cannot take a {t.dtype} tensor")
-    bind(name, "cpu", 0, _ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
+    # a tensor without elements may have no memory (data_ptr 0), which ONNX Runtime refuses: it reads
+    # and writes nothing there, so any valid address does
+    address = t.data_ptr() if t.numel() else _NO_ELEMENTS.data_ptr()
+    bind(name, "cpu", 0, _ELEMENT_TYPES[t.dtype], list(t.shape), address)
+
+
+_NO_ELEMENTS = torch.empty(64, dtype=torch.uint8)

@@ -674,3 +674,15 @@ def test_one_hot_matches_eager_and_refuses_classes_out_of_range():
             OneHot()(i, x)
         with pytest.raises(FlashcError, match="one_hot.*out of data bounds"):
             cm(i, x)
+
+
+class EmptyResults(nn.Module):
+    """Outputs without elements (a diagonal past the edge, an empty split) and an input without them:
+    their tensors may have no memory at all, which ONNX Runtime's binding refuses unless given an address."""
+
+    def forward(self, x, nothing):
+        return x.diagonal(2, 1, 2) * 2, x.split([2, 0], -1), nothing * 2, x.sum(-1) + nothing.sum()
+
+
+def test_tensors_without_elements_in_and_out():
+    check_against_eager(EmptyResults(), lambda: (torch.randn(4, 4, 2), torch.randn(0, 3)), 0)

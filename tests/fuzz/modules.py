@@ -782,6 +782,94 @@ def aliasing_outputs(r: random.Random) -> tuple[str, str]:
                                                                    [f"x = {_randn((R, C))}", "return (x,)"])
 
 
+def shapes(r: random.Random) -> tuple[str, str]:
+    """Tensor plumbing of x [A, B, C] (sizes 1..6): concatenation, splits of uneven sizes, transposes,
+    repeats, flips and rolls (negative shifts, several dims), triangles with a diagonal offset, padding in
+    every mode, narrowing, unfolding, diagonals, batched matmuls with broadcasting, einsum, sort and topk."""
+    A, B, C = r.randint(1, 4), r.randint(2, 5), r.randint(2, 6)
+    s, k, d = r.randint(1, C), r.randint(1, C), r.randint(-2, 2)
+    size = r.randint(1, C - 1) if C > 1 else 1
+    p1, p2 = r.randint(0, min(C, B) - 1), r.randint(0, min(C, B) - 1)
+    pool = {
+        "cat": "torch.cat([x, y * 2], -1)", "cat0": "torch.cat([x, x[:1]], 0)", "stack": "torch.stack([x, y], 1)",
+        "split": f"x.split({size}, -1)", "split_sizes": f"x.split([{size}, {C - size}], -1)",
+        "chunk": f"x.chunk({r.randint(2, 4)}, -1)", "unbind": "x.unbind(1)",
+        "permute": "x.permute(2, 0, 1).contiguous() * 2", "transpose": "x.transpose(0, 2) + 1",
+        "movedim": "torch.movedim(x, 0, -1) * 3", "expand": f"x[:, :1].expand({A}, {B}, {C}) + y",
+        "repeat": f"x.repeat(1, {r.randint(1, 3)}, {r.randint(1, 2)})",
+        "repeat_interleave": f"x.repeat_interleave({r.randint(2, 3)}, dim={r.choice([0, 1, 2, -1])})",
+        "flip": f"x.flip({r.choice(['0', '-1', '(0, 2)', '(1, 2)'])})",
+        "roll": f"x.roll({r.randint(-C - 1, C + 1)}, {r.choice([0, 1, -1])})",
+        "roll_dims": f"x.roll(({r.randint(-3, 3)}, {r.randint(-3, 3)}), (1, 2))", "roll_flat": f"x.roll({d})",
+        "tril": f"x.tril({d})", "triu": f"x.triu({d})",
+        "pad": f"F.pad(x, ({p1}, {p2}), value={_const(r)})",
+        "pad_reflect": f"F.pad(x, ({p1}, {p2}), mode='reflect')",
+        "pad_replicate": f"F.pad(x, ({p1}, {p2}, {r.randint(0, 2)}, {r.randint(0, 2)}), mode='replicate')",
+        "pad_circular": f"F.pad(x, ({p1}, {p2}), mode='circular')",
+        "pad_negative": f"F.pad(x, (-1, {p2}))", "narrow": f"x.narrow(-1, {C - s}, {s})",
+        "unfold": f"x.unfold(-1, {s}, {r.randint(1, 2)})", "diagonal": f"x.diagonal({d}, 1, 2)",
+        "diag_embed": "torch.diag_embed(x)", "matmul": "x @ y.transpose(-1, -2)",
+        "matmul_broadcast": "x @ self.w", "bmm": "torch.bmm(x, y.transpose(1, 2))",
+        "einsum": "torch.einsum('abc,adc->abd', x, y)", "outer": "torch.outer(x[0, 0], y[0, 0])",
+        "sort": f"x.sort(-1, descending={r.choice([True, False])})", "argsort": "x.argsort(1)",
+        "topk": f"x.topk({k}, -1, largest={r.choice([True, False])})", "kthvalue": f"x.kthvalue({k}, -1)",
+        "cumprod": "x.cumprod(1)", "cummax": "x.cummax(-1)", "where": "torch.where(x > y, x, y[:, :1])",
+        "squeeze": "x[:, :1].squeeze(1) * 2", "view": f"x.reshape(-1, {C}).t() * 2",
+        "flatten": "x.flatten(1) + 1", "unflatten": f"x.flatten().unflatten(0, ({A * B}, {C})) * 2",
+        "masked_scatter": "x.masked_scatter(x > 0, y * 10)", "clamp_tensor": "x.clamp(min=y, max=y + 1)",
+        "tile": f"x.tile(({r.randint(1, 2)}, 1))", "meshgrid": "torch.meshgrid(x[0, 0], y[0, :, 0], indexing='ij')",
+    }
+    picks = r.sample(sorted(pool), r.randint(1, 3))
+    inputs = [f"x = {_randn((A, B, C))}", f"y = {_randn((A, B, C))}", "return (x, y)"]
+    init = [f"self.register_buffer('w', torch.randn({C}, {r.randint(1, 4)}))"]
+    return ",".join(picks), _module(init, "x, y", [_ret([pool[p] for p in picks])], inputs)
+
+
+ELEMENTWISE = [  # unary expressions of x; inputs include 0.0, -0.0, +-inf, NaN, and values at the kinks
+    "F.gelu(x)", "F.gelu(x, approximate='tanh')", "F.silu(x)", "F.mish(x)", "F.hardswish(x)", "F.hardsigmoid(x)",
+    "F.elu(x, alpha={a})", "F.selu(x)", "F.celu(x, alpha={a})", "F.softplus(x, beta={b}, threshold={t})",
+    "F.leaky_relu(x, {s})", "F.relu6(x)", "F.hardtanh(x, -{a}, {a})", "F.logsigmoid(x)", "F.softsign(x)",
+    "F.tanhshrink(x)", "F.softshrink(x, {a})", "F.hardshrink(x, {a})", "torch.sigmoid(x)", "torch.tanh(x)",
+    "torch.erf(x)", "torch.exp2(x)", "torch.expm1(x)", "torch.log1p(x)", "torch.log2(x)", "torch.log10(x)",
+    "torch.reciprocal(x)", "torch.rsqrt(x)", "torch.sqrt(x)", "x.pow({p})", "x ** 3", "{a} ** x", "torch.atan2(x, y)",
+    "torch.sin(x)", "torch.cos(x)", "torch.tan(x)", "torch.asin(x)", "torch.acos(x)", "torch.atan(x)",
+    "torch.sinh(x)", "torch.cosh(x)", "torch.asinh(x)", "torch.acosh(x)", "torch.atanh(x)", "x.floor()", "x.ceil()",
+    "x.round()", "x.round(decimals=1)", "x.trunc()", "x.frac()", "torch.sign(x)", "torch.sgn(x)", "x.signbit()",
+    "torch.lerp(x, y, {a})", "torch.addcmul(x, x, y, value={a})", "torch.addcdiv(x, x, y, value={a})",
+    "torch.hypot(x, y)", "torch.logaddexp(x, y)", "torch.xlogy(x, y)", "torch.nan_to_num(x)",
+    "torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)", "x.clamp({lo}, {hi})", "x.clamp(min={lo})",
+    "torch.copysign(x, y)", "torch.fmod(x, {a})", "torch.remainder(x, {a})", "x.abs()", "-x", "torch.exp(x)",
+    "torch.log(x)", "x.isnan()", "x.isinf()", "x.isfinite()", "torch.maximum(x, y)", "torch.minimum(x, y)",
+    "torch.fmax(x, y)", "torch.fmin(x, y)", "x.square()", "F.threshold(x, {s}, {a})", "F.glu(torch.cat([x, y], -1))",
+    "torch.heaviside(x, y)", "x.sigmoid() * x", "torch.logit(x.sigmoid(), eps=1e-6)", "torch.special.erfc(x)",
+    "torch.special.expit(x)", "torch.sinc(x)", "torch.deg2rad(x)",
+    "torch.float_power(x, 2).float()", "torch.true_divide(x, y)", "x / y", "x // y", "torch.ldexp(x, y.round())",
+]
+
+
+def elementwise(r: random.Random) -> tuple[str, str]:
+    """Activations and elementwise math on inputs that hold the special values (0.0, -0.0, +-inf, NaN, the
+    kinks of the piecewise activations), float32 or float16 (computed in float32, as the results compare)."""
+    R, C = r.randint(1, 3), r.randint(4, 9)
+    a, b, t = r.choice([0.5, 1.0, 1.5, 2.0]), r.choice([1.0, 2.0, 0.5]), r.choice([20.0, 1.0, 5.0])
+    s, p = r.choice([0.01, 0.2, -0.5]), r.choice([2, 0.5, 1.5, -1, 2.5, 0])
+    lo, hi = sorted(r.sample([-2.0, -0.5, 0.0, 0.5, 1.0], 2))
+    picks = [e.format(a=a, b=b, t=t, s=s, p=p, lo=lo, hi=hi) for e in r.sample(ELEMENTWISE, r.randint(1, 3))]
+    specials = ["0.0", "-0.0", "float('inf')", "float('-inf')", "float('nan')", str(a), str(-a), str(t / b), "3.0",
+                "-3.0", "1.0", "-1.0", "100.0", "-100.0"]
+    chosen = r.sample(specials, r.randint(0, 4))
+    inputs = [f"x = {_randn((R, C))} * {r.choice([1, 3, 10])}", f"y = {_randn((R, C))}"]
+    inputs += [f"x.view(-1)[{i}] = {v}" for i, v in zip(r.sample(range(R * C), len(chosen)), chosen)]
+    if r.random() < 0.3:
+        inputs.append(f"y.view(-1)[{r.randrange(R * C)}] = {r.choice(specials)}")
+    half = r.random() < 0.25
+    inputs.append("return (x.half(), y.half())" if half else "return (x, y)")
+    body = ["x, y = x.float(), y.float()"] if half else []
+    body.append(_ret(picks))
+    variant = ("fp16:" if half else "") + ",".join(e.split("(")[0] for e in picks) + (":special" if chosen else "")
+    return variant, _module([], "x, y", body, inputs)
+
+
 FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "inplace_input": inplace_input,
     "inplace_buffer": inplace_buffer,
@@ -802,6 +890,8 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "swiglu": swiglu,
     "linear_around_write": linear_around_write,
     "aliasing_outputs": aliasing_outputs,
+    "shapes": shapes,
+    "elementwise": elementwise,
 }
 FAMILY_NAMES = list(FAMILIES)
 
