@@ -13,17 +13,20 @@ that ends in ops the backend lowers; else it stays, and the backend refuses it a
 the op and the model line.
 
 The decomposition of an op is flashc's own for the few whose PyTorch decomposition no backend
-lowers (`OWN_DECOMPOSITIONS`: EmbeddingBag), else torch._decomp's registered one, else the op's
+lowers or whose converters are wrong at the edges (`OWN_DECOMPOSITIONS`: EmbeddingBag, and the
+elementwise math of exact_math.py), else torch._decomp's registered one, else the op's
 CompositeImplicitAutograd kernel (`OpOverload.decompose`, how PyTorch itself writes the op in
 other ops), traced on fake tensors of the node's argument shapes (oneDNN off, so the RNNs take
 their portable form). It is spliced in only when the ops it brings write nothing but intermediates
 of their own (such a write becomes the functional op) and its results are new tensors, not
-arguments or views of them (an op that writes or aliases an argument is never decomposed), it
+arguments or views of them (an op that writes an argument is never decomposed; views: below), it
 needs no constant tensor, and it checks no input values (one_hot's class range; EmbeddingBag's
 offsets unless the graph makes them: a backend would drop the check); else the node is left as it
 was. A decomposition may compute the op's first outputs only, where nothing reads the others. The
 ops go where the node was and read what it read, so no read moves across a write to the same
-storage.
+storage. A view op (movedim) and an op whose results are views of its arguments (meshgrid's
+expands) are decomposed through their CompositeImplicitAutograd kernel only: that is what eager
+itself runs, so the views are the model's own, and writes through them reach what they view.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch.utils import _pytree as pytree
 
 from flashc.aliasing import MutationInfo, functional_form
 from flashc.ir import NODE_META, Program, op_name, propagate_shapes, upstream
+from flashc.passes.exact_math import EXACT_MATH
 from flashc.pass_manager import PassContext, PassResult
 
 _CHECKS = (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default,
@@ -98,21 +102,19 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return [pooled / counts.clamp(min=1).unsqueeze(1) if mode == 1 else pooled]
 
 
-# ops whose PyTorch decomposition no backend lowers (EmbeddingBag's is its own kernel), written here;
-# such a decomposition may compute the op's first outputs only: spliced where nothing reads the rest
-OWN_DECOMPOSITIONS: dict[Any, Callable] = {
-    torch.ops.aten.embedding_bag.default: _embedding_bag,
-    torch.ops.aten.embedding_bag.padding_idx: _embedding_bag,
-    torch.ops.aten._embedding_bag.default: _embedding_bag,
-    torch.ops.aten._embedding_bag_forward_only.default: _embedding_bag,
-}
+_EMBEDDING_BAGS = (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
+                   torch.ops.aten._embedding_bag.default, torch.ops.aten._embedding_bag_forward_only.default)
+# ops whose PyTorch decomposition no backend lowers (EmbeddingBag's is its own kernel) or is not exact at
+# the edges (exact_math.py), written here; such a decomposition may compute the op's first outputs only:
+# spliced where nothing reads the rest
+OWN_DECOMPOSITIONS: dict[Any, Callable] = {**{op: _embedding_bag for op in _EMBEDDING_BAGS}, **EXACT_MATH}
 
 
 def _checked_elsewhere(node: fx.Node, params: dict[str, torch.Tensor]) -> bool:
     """Whether what the op checks of its inputs' values needs no check at run time: EmbeddingBag's
     offsets (first 0, never decreasing) made in the graph (`arange` for 2-D input), or a constant
     checked here; not passed in by the caller."""
-    if node.target not in OWN_DECOMPOSITIONS:
+    if node.target not in _EMBEDDING_BAGS:
         return True
     offsets = node.args[2]
     if offsets.op == "placeholder":
@@ -130,15 +132,19 @@ def decomposition_of(target: Any) -> Callable | None:
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return None
     schema = target._schema
-    if schema.is_mutable or any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)):
+    if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
+                                for a in (*schema.arguments, *schema.returns)):
         return None
+    composite = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
+    if any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)):  # a view (movedim)
+        return target.decompose if composite else None  # only the views eager itself makes
     from torch._decomp import decomposition_table
 
     if target in OWN_DECOMPOSITIONS:
         return OWN_DECOMPOSITIONS[target]
     if target in decomposition_table:
         return decomposition_table[target]
-    if torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+    if composite:
         return target.decompose
     return None
 
@@ -150,6 +156,10 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], b
     `lowers` accepts, every step spliced in safely."""
     fn = decomposition_of(node.target) if depth > 0 and _checked_elsewhere(node, params or {}) else None
     traced = _trace(fn, node) if fn is not None else None
+    eager_kernel = getattr(node.target, "decompose", None)
+    if traced is None and fn is not None and fn != eager_kernel and torch._C._dispatch_has_kernel_for_dispatch_key(
+            node.target.name(), "CompositeImplicitAutograd"):
+        traced = _trace(eager_kernel, node)  # meshgrid: torch._decomp's views are refused, eager's own are not
     if traced is None:
         return False
     gm, tensor_args = traced
@@ -227,7 +237,8 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
     results = next(n for n in nodes if n.op == "output").args[0]
     if any(n.op in ("get_attr", "call_module", "call_method") for n in nodes):
         return None  # a constant tensor (or a module) the program's graph does not hold
-    if any(not isinstance(r, fx.Node) or _view_of(r, placeholders) for r in results):
+    eager_kernel = fn == getattr(node.target, "decompose", None)  # what eager runs for the op, views included
+    if any(not isinstance(r, fx.Node) or (_view_of(r, placeholders) and not eager_kernel) for r in results):
         return None  # an argument (or a view of one) returned as the result would alias it
     if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
         return None  # it writes a tensor: kept out of the graph's write order

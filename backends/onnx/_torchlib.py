@@ -232,6 +232,9 @@ def lower_with_torchlib(ctx: LoweringContext, node: fx.Node) -> ir.Value | tuple
     for value, val in zip(results, metas):
         if value.dtype != onnx_dtype(val.dtype):
             value = ctx.b.op("Cast", value, to=onnx_dtype(val.dtype))
+        # the shape PyTorch gave the node, not what torchlib's recording inferred: IsNaN's result came out
+        # 0-d, and a graph output of that shape is bound as a scalar
+        value.shape = ir.Shape([int(d) for d in val.shape])
         out.append(value)
     return tuple(out) if isinstance(vals, (tuple, list)) else out[0]
 

@@ -36,6 +36,16 @@ _BAGS = ("offsets passed in (PyTorch checks they start at 0 and never decrease; 
 REFUSED.update({op: _BAGS for op in (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
                                       torch.ops.aten._embedding_bag.default,
                                       torch.ops.aten._embedding_bag_forward_only.default)})
+# torchlib's functions that answer otherwise than PyTorch at the edges, left to flashc's exact decompositions
+# (passes/exact_math.py); an op without one is refused
+REFUSED.update({
+    torch.ops.aten.log_sigmoid.default: "torchlib's log_sigmoid is -inf for large negative inputs",
+    torch.ops.aten.atan2.default: "torchlib's atan2 is NaN for two zeros or two infinities",
+    torch.ops.aten.logaddexp.default: "torchlib's logaddexp is NaN for two equal infinities",
+    torch.ops.aten.heaviside.default: "torchlib's heaviside gives other values than PyTorch's",
+    torch.ops.aten.logit.default: "torchlib's logit fails on flashc's graphs",
+    torch.ops.aten.signbit.default: "torchlib's signbit is x < 0, which loses -0.0, and ONNX cannot read a NaN's sign bit",
+})
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)
 

@@ -26,6 +26,10 @@ one fixes:
   * true division of integer tensors: the frontend divided as integers, then cast;
   * masked_fill of a float tensor with -inf (attention masks): the frontend's fill failed to build;
   * full, full_like and new_full with inf or NaN: TVM's legalization of a non-finite fill failed to build;
+    new_full: no converter;
+  * comparisons with a bool tensor: the build failed (LLVM compared the bits as floats); an int tensor
+    compared with a float number compared as ints (x < 2.5 as x < 2);
+  * rsub with an int (`1 - x`): the frontend's int32 constant minus a float tensor failed;
   * scatter_add: no converter;
   * an int64 tensor divided by a Python int with a rounding mode: the frontend's int32 constant was refused.
 """
@@ -431,7 +435,7 @@ def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
     + 2.5 is float, bool + 1 is int64): the operands cast to the result's dtype first, a number as a
     run-time scalar of it. The frontend computed in the tensor's dtype (a + 2.5 came out a + 2,
     a * 0.5 zero) or failed to build (bool + 1). swapped: the op takes its arguments the other way
-    round (rsub(x, 2.5) is 2.5 - x). None when no operand needs a cast."""
+    round (rsub(x, 2.5) is 2.5 - x; always lowered here). None when no operand needs a cast."""
     val = node.meta.get("val")
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
     if swapped:
@@ -440,8 +444,8 @@ def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
             or not all(isinstance(v, (fx.Node, int, float)) for v in (a, b))):
         return None
     dtype = _tvm_dtype(val.dtype)
-    if all(_dtype(lw.value(x)) == dtype for x in (a, b) if isinstance(x, fx.Node)):
-        return None
+    if not swapped and all(_dtype(lw.value(x)) == dtype for x in (a, b) if isinstance(x, fx.Node)):
+        return None  # (the frontend's rsub made `1 - x` an int32 constant minus a float tensor, and failed)
 
     def operand(x):
         if isinstance(x, fx.Node):
@@ -460,6 +464,33 @@ def _promoting(relax_op: str, then: Callable | None = None, swapped: bool = Fals
         if mixed is not None:
             return mixed
         return then(lw, node) if then is not None else lw.frontend_convert(node)
+
+    return lower
+
+
+def _compare(relax_op: str, then: Callable | None = None):
+    """A comparison whose operands are not all of the dtype PyTorch compares in (an int tensor < 2.5
+    compares as floats; the frontend made it < 2) or holds a bool tensor (`mask == True`, `(x > 0) != 0`:
+    TVM's LLVM codegen compared the bits as floats, and the build failed): the operands cast to that
+    dtype (two bools: uint8) first. Other comparisons: `then`, else the frontend."""
+
+    def lower(lw, node):
+        a, b = node.args[:2]
+        vals = [x.meta.get("val") if isinstance(x, fx.Node) else x for x in (a, b)]
+        if not all(isinstance(v, (torch.Tensor, bool, int, float)) for v in vals):
+            return then(lw, node) if then is not None else lw.frontend_convert(node)
+        common = torch.result_type(*vals)
+        dtype = "uint8" if common == torch.bool else _tvm_dtype(common)
+        tensors = [_dtype(lw.value(x)) for x in (a, b) if isinstance(x, fx.Node)]
+        if all(t == dtype for t in tensors):
+            return then(lw, node) if then is not None else lw.frontend_convert(node)
+
+        def operand(x):
+            if isinstance(x, fx.Node):
+                return lw.ops.cast(lw.value(x), dtype)
+            return lw.opaque_scalar(float(x) if "float" in dtype else int(x), dtype)
+
+        return lw.bb.emit(getattr(lw.R.op, relax_op)(operand(a), operand(b)))
 
     return lower
 
@@ -508,19 +539,24 @@ def _masked_fill_scalar(lw, node):
     return lw.bb.emit(lw.R.op.where(lw.value(mask), lw.opaque_scalar(float(value), dtype), xv))
 
 
+_ORDER = {"lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_equal"}
 _FILL_ARG = {"full": 1, "full_like": 1, "new_full": 2}
 
 
 def _fill_nonfinite(lw, node):
     """full / full_like / new_full of a float tensor with inf or NaN: the value as a run-time
     scalar broadcast to the result's shape (TVM's legalization of a non-finite fill failed to
-    build, and a constant one would be folded as if floats were reals). Other fills: the frontend."""
+    build, and a constant one would be folded as if floats were reals); new_full with any value
+    (the frontend has none: lerp's decomposition makes one). Other fills: the frontend."""
     value = _arg(node, _FILL_ARG[node.target._opname], "fill_value")
     val = node.meta.get("val")
-    if (not isinstance(value, (int, float)) or math.isfinite(value) or val is None or not val.is_floating_point()
-            or not all(isinstance(d, int) for d in val.shape)):
+    static = val is not None and all(isinstance(d, int) for d in val.shape)
+    if static and node.target._opname == "new_full" and isinstance(value, (bool, int, float)):
+        pass  # the frontend has no new_full: every value here
+    elif (not isinstance(value, (int, float)) or math.isfinite(value) or not static or not val.is_floating_point()):
         return lw.frontend_convert(node)
-    scalar = lw.opaque_scalar(float(value), _tvm_dtype(val.dtype))
+    kind = float if val.is_floating_point() else bool if val.dtype == torch.bool else int
+    scalar = lw.opaque_scalar(kind(value), _tvm_dtype(val.dtype))
     return lw.bb.emit(lw.R.op.broadcast_to(scalar, [int(d) for d in val.shape]))
 
 
@@ -686,6 +722,10 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.sub.Tensor: _promoting("subtract", _same_operands("sub")),
     aten.sub.Scalar: _promoting("subtract"),
     aten.rsub.Scalar: _promoting("subtract", swapped=True),
-    aten.eq.Tensor: _same_operands("eq"),
-    aten.ne.Tensor: _same_operands("ne"),
+    aten.eq.Tensor: _compare("equal", _same_operands("eq")),
+    aten.ne.Tensor: _compare("not_equal", _same_operands("ne")),
+    aten.eq.Scalar: _compare("equal"),
+    aten.ne.Scalar: _compare("not_equal"),
+    **{getattr(aten, op).Tensor: _compare(relax) for op, relax in _ORDER.items()},
+    **{getattr(aten, op).Scalar: _compare(relax) for op, relax in _ORDER.items()},
 }

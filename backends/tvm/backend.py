@@ -30,7 +30,15 @@ class TvmOptions:
 FRONTEND_BROKEN = {"aten.pixel_shuffle": "calls tvm.topi.nn.pixel_shuffle, which TVM 0.27 lacks",
                    "aten.lstm": "returns one tensor where PyTorch returns (output, h, c)",
                    "aten.gru": "returns one tensor where PyTorch returns (output, h)",
-                   "aten.rnn_tanh": "refuses more than one layer", "aten.rnn_relu": "refuses more than one layer"}
+                   "aten.rnn_tanh": "refuses more than one layer", "aten.rnn_relu": "refuses more than one layer",
+                   # flashc's exact decompositions (passes/exact_math.py) instead:
+                   "aten.sinh": "no LLVM intrinsic: the build fails", "aten.cosh": "no LLVM intrinsic: the build fails",
+                   "aten.celu": "computes exp(x) / alpha - 1 for exp(x / alpha) - 1",
+                   "aten.softshrink": "masks by multiplying: softshrink(inf) is NaN",
+                   "aten.logaddexp": "NaN for two equal infinities",
+                   "aten.meshgrid": "indexing='xy' gave the transposed shapes"}  # PyTorch's own meshgrid instead
+# floor division of floats: inf // 2 is inf where PyTorch (dividing as fmod does) has NaN; integers are right
+FRONTEND_BROKEN_FOR_FLOATS = {"aten.floor_divide"}
 
 
 class TvmBackend:
@@ -69,6 +77,8 @@ class TvmBackend:
         """Whether lowering finds a converter for node's op overload: flashc's, else TVM's frontend's,
         whose table is per overload (`conv2d.default`, not `conv2d.padding`: padding='same')."""
         if not self.lowering.lowers(op_name(node)):
+            return False
+        if op_name(node) in FRONTEND_BROKEN_FOR_FLOATS and _floating(node):
             return False
         target = node.target
         if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
@@ -125,3 +135,8 @@ class TvmExecutable:
         if self._model is None:
             self._model = self.build.load(self.device)
         return self._model(*args)
+
+
+def _floating(node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()

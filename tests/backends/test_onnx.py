@@ -686,3 +686,22 @@ class EmptyResults(nn.Module):
 
 def test_tensors_without_elements_in_and_out():
     check_against_eager(EmptyResults(), lambda: (torch.randn(4, 4, 2), torch.randn(0, 3)), 0)
+
+
+class TorchlibShapesAndViews(nn.Module):
+    """isnan / isinf / isfinite through torchlib, whose recording gave their results a 0-d shape (ONNX Runtime
+    then refused the bound output); meshgrid and movedim, which torchlib lacks, through PyTorch's own
+    decompositions of them (their results are views, as in eager)."""
+
+    def forward(self, x, y):
+        return (x.isnan(), x.isinf(), x.isfinite(), *torch.meshgrid(x[0], y[:, 0], indexing="xy"),
+                torch.movedim(x.view(2, 2, 4), (0, 1), (2, 0)) * 2)
+
+
+def test_torchlib_result_shapes_and_view_decompositions():
+    def inputs():
+        x = torch.randn(4, 4)
+        x[0, 1], x[1, 2] = float("nan"), float("-inf")
+        return x, torch.randn(3, 2)
+
+    check_against_eager(TorchlibShapesAndViews(), inputs, 0)

@@ -210,6 +210,24 @@ def test_arithmetic_promotes_integer_and_bool_operands_as_pytorch():
             assert _same_values(g, r)
 
 
+def test_comparisons_reversed_subtraction_and_fills_as_pytorch():
+    """Comparisons with a bool tensor (the build failed: LLVM compared the bits as floats), an int tensor
+    against a float number (compared as ints: a < 2.5 was a < 2), `1 - x` of a float tensor (the frontend's
+    int32 1 minus a float tensor failed), new_full (no converter; lerp's decomposition makes one), and
+    meshgrid (indexing='xy' came out transposed) and movedim (no converter), through PyTorch's own
+    decompositions of them (fuzz: elementwise, shapes)."""
+    model = Fn(lambda a, x: ((x > 0) == True, (x > 0) != 0, (x > 0) == (a > 0), (x > 0) < (a > 2), (x > 0) == x,  # noqa: E712
+                             a < 2.5, a == 2.0, a >= x, 1 - x, 1 - x.sum(), x.new_full((3,), 2),
+                             x.new_full((2, 2), True), torch.lerp(x, x * 2, 0.25),
+                             *torch.meshgrid(x[0], a[1].float(), indexing="xy"), torch.movedim(x.view(2, 2, 4), 0, -1)))
+    make = lambda: (torch.randint(-3, 4, (2, 8)), torch.randn(2, 8).round())
+    for level in (0, 2):
+        cm = _compile(model, make(), level=level)
+        inputs = make()
+        for g, r in zip(cm(*inputs), model(*inputs), strict=True):
+            assert _same_values(g, r)
+
+
 def test_max_and_min_along_a_dim_keep_nan_and_its_index():
     """x.max(dim) / x.min(dim), argmax / argmin, amax / amin with NaN in some rows and rows of -inf or
     +inf: NaN and the first NaN's index, the first index of the extreme, infinities kept, as PyTorch

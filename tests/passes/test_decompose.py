@@ -208,3 +208,27 @@ def test_a_copy_keeps_input_names_fx_would_change():
     fx renames when it copies a node) must keep its name there, where inputs are looked up."""
     program = capture(nn.AdaptiveAvgPool2d(1), (torch.randn(1, 4, 3, 3),))
     assert [n.name for n in program.clone().placeholders()] == [s.name for s in program.inputs] == ["input"]
+
+
+def test_view_ops_become_the_views_eager_makes():
+    """movedim (a view op) and meshgrid (whose results are expands of its inputs) decompose through their
+    CompositeImplicitAutograd kernels, what eager runs: the results are views, so a write through one
+    reaches the tensor it views, and a later write to that tensor shows through it, as in eager."""
+
+    def body(_, s, x):
+        v = torch.movedim(x, 0, 1)
+        v[0] += 1  # writes x[:, 0]
+        g = torch.meshgrid(s, x[0], indexing="xy")
+        before = g[1] * 1
+        x.mul_(2)  # g[1] views x[0]: it sees this
+        return v * 1, g[0] * 1, before, g[1] * 1
+
+    model = Fn(body)
+    program, record = _decomposed(model, (torch.randn(3), torch.randn(2, 3)), {"aten.movedim", "aten.meshgrid"})
+    assert record.stats == {"aten.movedim": 1, "aten.meshgrid": 1}
+    for _ in range(2):
+        s, x = torch.randn(3), torch.randn(2, 3)
+        got, x_got = _run(program, s, x.clone()), x.clone()
+        want = model(s, x_got)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
