@@ -13,8 +13,8 @@ that ends in ops the backend lowers; else it stays, and the backend refuses it a
 the op and the model line.
 
 The decomposition of an op is flashc's own for the few whose PyTorch decomposition no backend
-lowers or whose converters are wrong at the edges (`OWN_DECOMPOSITIONS`: EmbeddingBag, and the
-elementwise math of exact_math.py), else torch._decomp's registered one, else the op's
+lowers or whose converters are wrong at the edges (`OWN_DECOMPOSITIONS`: EmbeddingBag, masked_scatter,
+and the elementwise math of exact_math.py), else torch._decomp's registered one, else the op's
 CompositeImplicitAutograd kernel (`OpOverload.decompose`, how PyTorch itself writes the op in
 other ops), traced on fake tensors of the node's argument shapes (oneDNN off, so the RNNs take
 their portable form). It is spliced in only when the ops it brings write nothing but intermediates
@@ -102,12 +102,23 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return [pooled / counts.clamp(min=1).unsqueeze(1) if mode == 1 else pooled]
 
 
+def _masked_scatter(x, mask, source):
+    """x with its masked positions (mask broadcast to x, row-major order) taking source's elements in turn:
+    each position's rank among the masked ones by a cumulative sum, read from the flattened source by an
+    index, whose range the backends check (a source with fewer elements than the mask has is an error, as in
+    PyTorch). Vision-language models merge image features into the text embeddings so."""
+    keep = mask.expand(x.shape).reshape(-1)
+    rank = (torch.cumsum(keep.long(), 0) - 1).clamp(min=0)  # -1 before the first masked position: unread
+    return torch.where(keep, source.reshape(-1)[rank].to(x.dtype), x.reshape(-1)).reshape(x.shape)
+
+
 _EMBEDDING_BAGS = (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
                    torch.ops.aten._embedding_bag.default, torch.ops.aten._embedding_bag_forward_only.default)
 # ops whose PyTorch decomposition no backend lowers (EmbeddingBag's is its own kernel) or is not exact at
 # the edges (exact_math.py), written here; such a decomposition may compute the op's first outputs only:
 # spliced where nothing reads the rest
-OWN_DECOMPOSITIONS: dict[Any, Callable] = {**{op: _embedding_bag for op in _EMBEDDING_BAGS}, **EXACT_MATH}
+OWN_DECOMPOSITIONS: dict[Any, Callable] = {**{op: _embedding_bag for op in _EMBEDDING_BAGS},
+                                            torch.ops.aten.masked_scatter.default: _masked_scatter, **EXACT_MATH}
 
 
 def _checked_elsewhere(node: fx.Node, params: dict[str, torch.Tensor]) -> bool:

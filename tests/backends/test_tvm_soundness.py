@@ -228,6 +228,27 @@ def test_comparisons_reversed_subtraction_and_fills_as_pytorch():
             assert _same_values(g, r)
 
 
+def test_masked_scatter_as_pytorch_and_a_short_source_is_an_error():
+    """masked_scatter (vision-language models merge image features into text embeddings so; TVM has no
+    converter) through flashc's decomposition: masked positions in row-major order take the source's elements
+    in turn, a broadcast mask too; a source with fewer elements than the mask selects raises, as in eager."""
+    model = Fn(lambda x, m, rows, s: (x.masked_scatter(m, s) * 2, x.masked_scatter(rows, s)))
+
+    def make():
+        m = torch.zeros(12, dtype=torch.bool)
+        m[torch.randperm(12)[:5]] = True  # 5 of 12 selected; one row of 4 by the [3, 1] mask
+        return torch.randn(3, 4), m.view(3, 4), torch.arange(3).view(3, 1) == torch.randint(0, 3, ()), torch.randn(6)
+
+    cm = _compile(model, make(), level=2)
+    for _ in range(3):
+        inputs = make()
+        for g, r in zip(cm(*inputs), model(*inputs), strict=True):
+            assert torch.equal(g, r)
+    x, _, rows, s = make()
+    with pytest.raises(InputError):  # 12 positions, 6 source elements
+        cm(x, torch.ones(3, 4, dtype=torch.bool), rows, s)
+
+
 def test_max_and_min_along_a_dim_keep_nan_and_its_index():
     """x.max(dim) / x.min(dim), argmax / argmin, amax / amin with NaN in some rows and rows of -inf or
     +inf: NaN and the first NaN's index, the first index of the extreme, infinities kept, as PyTorch
