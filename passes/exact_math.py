@@ -10,7 +10,7 @@ inputs are special (found by the differential fuzzer's `elementwise` family):
     softshrink(+-inf) NaN (it masks by multiplying, and inf * 0 is NaN);
   * sinh and cosh failed TVM's build (no LLVM intrinsic); floor division of floats on TVM gave
     inf where PyTorch, dividing as fmod does, gives NaN (inf // 2);
-  * hypot, fmax, fmin and exp2 have no converter on one of them, logit's torchlib function fails.
+  * hypot, fmax, fmin, exp2 and cdist have no converter on one of them, logit's torchlib function fails.
 The backends name the ops they leave to these (`REFUSED` in the ONNX table, `FRONTEND_BROKEN` in
 the TVM backend); `passes/decompose.py` splices them in where a node's op is not lowered. Each
 takes the op's arguments and returns its result; float16 and bfloat16 are computed in float32 and
@@ -169,6 +169,30 @@ def floor_divide(a, b):
     return torch.where(b == 0, q, out)
 
 
+def cdist(x1, x2, p=2.0, compute_mode=None):
+    """PyTorch's two ways: for p = 2 with more than 25 rows on a side (or compute_mode 1, use_mm), through a
+    matmul (|x|^2 + |y|^2 - 2 x.y, clamped at 0 before the square root: PyTorch's CPU answer for a point and
+    itself is 0); else the p-norm of every difference (p = 0 counts the nonzero ones, p = inf takes the
+    largest). The matmul way cancels: small distances carry absolute errors of about sqrt(eps) |x| (1e-3 in
+    float32) in PyTorch as in any backend, each rounding its own way."""
+    rows = max(x1.shape[-2], x2.shape[-2])
+    if p == 2 and (compute_mode == 1 or (compute_mode is None and rows > 25)):
+        x_norm, y_norm = x1.pow(2).sum(-1, keepdim=True), x2.pow(2).sum(-1, keepdim=True)
+        x = torch.cat([x1 * -2, x_norm, torch.ones_like(x_norm)], -1)
+        y = torch.cat([x2, torch.ones_like(y_norm), y_norm], -1)
+        return (x @ y.transpose(-1, -2)).clamp_min(0).sqrt()
+    diff = (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs()
+    if p == 0:
+        return (diff != 0).to(diff.dtype).sum(-1)
+    if p == math.inf:
+        return diff.amax(-1)
+    if p == 1:
+        return diff.sum(-1)
+    if p == 2:
+        return diff.pow(2).sum(-1).sqrt()
+    return diff.pow(p).sum(-1).pow(1 / p)
+
+
 EXACT_MATH: dict[Any, Callable] = {
     aten.sinh.default: sinh,
     aten.cosh.default: cosh,
@@ -183,6 +207,7 @@ EXACT_MATH: dict[Any, Callable] = {
     aten.logit.default: logit,
     aten.celu.default: celu,
     aten.softshrink.default: softshrink,
-    aten.floor_divide.default: floor_divide,  # for floats: the backends divide integers right
+    aten.floor_divide.default: floor_divide,
+    aten.cdist.default: cdist,  # for floats: the backends divide integers right
 }
 """op -> its exact decomposition (see the module docstring)."""

@@ -45,6 +45,10 @@ REFUSED.update({
     torch.ops.aten.heaviside.default: "torchlib's heaviside gives other values than PyTorch's",
     torch.ops.aten.logit.default: "torchlib's logit fails on flashc's graphs",
     torch.ops.aten.signbit.default: "torchlib's signbit is x < 0, which loses -0.0, and ONNX cannot read a NaN's sign bit",
+    # left to PyTorch's own decompositions (log_softmax, nll_loss, ...):
+    torch.ops.aten.cross_entropy_loss.default: "torchlib's cross_entropy ignores label smoothing and makes an invalid "
+                                               "graph for probability targets",
+    torch.ops.aten.mse_loss.default: "torchlib's mse_loss fails on flashc's graphs",
 })
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)

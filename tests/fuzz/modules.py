@@ -870,6 +870,48 @@ def elementwise(r: random.Random) -> tuple[str, str]:
     return variant, _module([], "x, y", body, inputs)
 
 
+def heads(r: random.Random) -> tuple[str, str]:
+    """What sits on top of an encoder or a classifier: pooling under a padding mask (mean, max, first,
+    last), normalized embeddings and their similarities (a zero vector among them), distances, and losses
+    with their options (ignore_index, label smoothing, class weights, reductions, log targets)."""
+    B, T, D, K = r.randint(1, 3), r.randint(2, 6), r.randint(2, 8), r.randint(2, 6)
+    pool = {
+        "mean_pool": "(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)",
+        "max_pool": "h.masked_fill(~m.bool()[..., None], float('-inf')).amax(1)",
+        "last_token": f"h[torch.arange({B}), (m.sum(1).long() - 1).clamp(min=0)]",
+        "first_token": "h[:, 0]", "normalize": f"F.normalize(h, p=2, dim=-1, eps={r.choice([1e-12, 1e-6])})",
+        "normalize_l1": "F.normalize(h, p=1, dim=1)", "cosine": "F.cosine_similarity(h[:, :1], h, dim=-1)",
+        "cosine_pairs": "F.cosine_similarity(h[0], h[-1], dim=-1, eps=1e-8)",
+        "dot_scores": "F.normalize(h[:, 0], dim=-1) @ F.normalize(h[:, -1], dim=-1).t()",
+        "cdist": f"torch.cdist(h, h, p={r.choice([1.0, 2.0])})", "pdist": "F.pairwise_distance(h[:, 0], h[:, -1])",
+        "cross_entropy": "F.cross_entropy(logits, labels)",
+        "cross_entropy_ignore": "F.cross_entropy(logits, labels.masked_fill(labels == 0, -100), ignore_index=-100)",
+        "cross_entropy_smooth": f"F.cross_entropy(logits, labels, label_smoothing={r.choice([0.1, 0.25])})",
+        "cross_entropy_weight": f"F.cross_entropy(logits, labels, weight=torch.linspace(0.5, 2.0, {K}))",
+        "cross_entropy_none": "F.cross_entropy(logits, labels, reduction='none')",
+        "cross_entropy_sum": "F.cross_entropy(logits, labels, reduction='sum')",
+        "cross_entropy_probs": "F.cross_entropy(logits, probs)",
+        "nll": "F.nll_loss(F.log_softmax(logits, -1), labels)", "mse": "F.mse_loss(h[:, 0], h[:, -1])",
+        "smooth_l1": f"F.smooth_l1_loss(h[:, 0], h[:, -1], beta={r.choice([0.5, 1.0])})",
+        "huber": "F.huber_loss(h[:, 0], h[:, -1], delta=0.5)", "l1": "F.l1_loss(h, h.flip(1), reduction='none')",
+        "kl_div": "F.kl_div(F.log_softmax(logits, -1), probs, reduction='batchmean')",
+        "kl_div_log": "F.kl_div(F.log_softmax(logits, -1), probs.log(), reduction='sum', log_target=True)",
+        "bce_logits": "F.binary_cross_entropy_with_logits(logits, probs)",
+        "bce_pos_weight": f"F.binary_cross_entropy_with_logits(logits, probs, pos_weight=torch.full(({K},), 2.0))",
+        "bce": "F.binary_cross_entropy(logits.sigmoid(), probs)", "margin": "F.margin_ranking_loss(h[:, 0, 0], "
+        "h[:, -1, 0], torch.ones(h.shape[0]))", "log_softmax_dim0": "F.log_softmax(logits, 0)",
+        "logsumexp": "torch.logsumexp(logits, -1, keepdim=True)",
+    }
+    picks = r.sample(sorted(pool), r.randint(1, 3))
+    inputs = [f"h = {_randn((B, T, D))}", f"m = (torch.rand({B}, {T}, generator=g) < 0.7).float()", "m[:, 0] = 1",
+              f"logits = {_randn((B * T, K))} * 3", f"labels = torch.randint(0, {K}, ({B * T},), generator=g)",
+              f"probs = {_randn((B * T, K))}.softmax(-1)"]
+    if r.random() < 0.3:
+        inputs.append(f"h[0, {r.randrange(T)}] = 0")  # a zero vector: normalize and cosine divide by eps
+    inputs.append("return (h, m, logits, labels, probs)")
+    return ",".join(picks), _module([], "h, m, logits, labels, probs", [_ret([pool[p] for p in picks])], inputs)
+
+
 FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "inplace_input": inplace_input,
     "inplace_buffer": inplace_buffer,
@@ -892,6 +934,7 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "aliasing_outputs": aliasing_outputs,
     "shapes": shapes,
     "elementwise": elementwise,
+    "heads": heads,
 }
 FAMILY_NAMES = list(FAMILIES)
 
