@@ -232,3 +232,29 @@ def test_view_ops_become_the_views_eager_makes():
         want = model(s, x_got)
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
+
+
+class Losses(nn.Module):
+    """cross_entropy with its options and mse_loss: torchlib's and TVM's converters ignored label smoothing,
+    gave reduction 'none' and 'sum' wrong (TVM) and an invalid graph for probability targets (ONNX); both
+    backends now run PyTorch's decomposition of them."""
+
+    def forward(self, logits, labels, probs, a, b):
+        ignored = labels.masked_fill(labels == 0, -100)
+        return (F.cross_entropy(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.25),
+                F.cross_entropy(logits, labels, reduction="none"), F.cross_entropy(logits, labels, reduction="sum"),
+                F.cross_entropy(logits, ignored, weight=torch.linspace(0.5, 2.0, 5)), F.cross_entropy(logits, probs),
+                F.mse_loss(a, b), F.mse_loss(a, b, reduction="none"))
+
+
+@pytest.mark.parametrize("target", ["onnx-cpu", "tvm-cpu"])
+def test_losses_run_through_their_decompositions(target):
+    pytest.importorskip("onnxruntime" if target == "onnx-cpu" else "tvm")
+    make = lambda: (torch.randn(9, 5) * 3, torch.randint(0, 5, (9,)), torch.randn(9, 5).softmax(-1),
+                    torch.randn(3, 4), torch.randn(3, 4))
+    model = Losses()
+    cm = flashc.compile(model, target, make(), level=2)
+    for _ in range(2):
+        inputs = make()
+        for got, want in zip(cm(*inputs), model(*inputs), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
