@@ -30,6 +30,7 @@ one fixes:
   * comparisons with a bool tensor: the build failed (LLVM compared the bits as floats); an int tensor
     compared with a float number compared as ints (x < 2.5 as x < 2);
   * rsub with an int (`1 - x`): the frontend's int32 constant minus a float tensor failed;
+  * x + 0.0 and x - (-0.0) of floats: TVM folds them to x, which keeps -0.0 where PyTorch has +0.0;
   * scatter_add: no converter;
   * an int64 tensor divided by a Python int with a rounding mode: the frontend's int32 constant was refused.
 """
@@ -430,6 +431,23 @@ def _by_zero(relax_op: str):
     return lower
 
 
+def _plus_zero(relax_op: str, then: Callable | None = None):
+    """x + 0.0 and x - (-0.0) of a float tensor: -0.0 + 0.0 is +0.0, which TVM's simplifier loses by
+    folding the sum to x (1 / (x * 0 + 0.0) came out -inf for negative x); the zero as a run-time value.
+    Other operands: `then`, else the frontend."""
+
+    def lower(lw, node):
+        x, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        dtype = _tvm_dtype(node.meta["val"].dtype) if isinstance(node.meta.get("val"), torch.Tensor) else ""
+        signed = -1.0 if relax_op == "subtract" else 1.0  # the zero that changes -0.0's sign
+        if (isinstance(x, fx.Node) and isinstance(b, float) and b == 0 and math.copysign(1.0, b) == signed
+                and "float" in dtype and _dtype(lw.value(x)) == dtype and node.kwargs.get("alpha", 1) == 1):
+            return lw.bb.emit(getattr(lw.R.op, relax_op)(lw.value(x), lw.opaque_scalar(b, dtype)))
+        return then(lw, node) if then is not None else lw.frontend_convert(node)
+
+    return lower
+
+
 def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
     """add / sub / mul / div whose tensor operands are not of the result's dtype (an integer tensor
     + 2.5 is float, bool + 1 is int64): the operands cast to the result's dtype first, a number as a
@@ -702,8 +720,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.t.default: _reversed_dims,
     aten.index.Tensor: lower_index,
     aten.index_put.default: lower_index_put,
-    aten.add.Tensor: _promoting("add"),
-    aten.add.Scalar: _promoting("add"),
+    aten.add.Tensor: _promoting("add", _plus_zero("add")),
+    aten.add.Scalar: _promoting("add", _plus_zero("add")),
     aten.mul.Tensor: _promoting("multiply", _by_zero("multiply")),
     aten.mul.Scalar: _promoting("multiply", _by_zero("multiply")),
     aten.masked_fill.Scalar: _masked_fill_scalar,
@@ -719,8 +737,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.div.Tensor_mode: _div_rounded,
     aten.div.Tensor: _promoting("divide", _by_zero("divide")),
     aten.div.Scalar: _promoting("divide", _by_zero("divide")),
-    aten.sub.Tensor: _promoting("subtract", _same_operands("sub")),
-    aten.sub.Scalar: _promoting("subtract"),
+    aten.sub.Tensor: _promoting("subtract", _plus_zero("subtract", _same_operands("sub"))),
+    aten.sub.Scalar: _promoting("subtract", _plus_zero("subtract")),
     aten.rsub.Scalar: _promoting("subtract", swapped=True),
     aten.eq.Tensor: _compare("equal", _same_operands("eq")),
     aten.ne.Tensor: _compare("not_equal", _same_operands("ne")),

@@ -228,6 +228,18 @@ def test_comparisons_reversed_subtraction_and_fills_as_pytorch():
             assert _same_values(g, r)
 
 
+def test_adding_a_zero_keeps_the_sign_pytorch_gives():
+    """-0.0 + 0.0 is +0.0: TVM's simplifier folded x + 0.0 to x (1 / (x * 0 + 0.0) was -inf for negative x;
+    fuzz: cse_traps zero_sign); x - (-0.0) likewise; x - 0.0 and x + -0.0 are x, sign included."""
+    model = Fn(lambda x: (1 / (x * 0 + 0.0), 1 / (x + 0.0), 1 / (x * 0 - -0.0), 1 / (x * 0 - 0.0), 1 / (x * 0 + -0.0)))
+    make = lambda: (torch.cat([torch.tensor([-0.0, 0.0, -1.0, 2.0]), torch.randn(8)]),)
+    for level in (0, 2):
+        cm = _compile(model, make(), level=level)
+        x = make()
+        for g, r in zip(cm(*x), model(*x), strict=True):
+            assert torch.equal(g, r)
+
+
 def test_masked_scatter_as_pytorch_and_a_short_source_is_an_error():
     """masked_scatter (vision-language models merge image features into text embeddings so; TVM has no
     converter) through flashc's decomposition: masked positions in row-major order take the source's elements
