@@ -407,6 +407,13 @@ def _float_result(node) -> str | None:
     return _tvm_dtype(val.dtype) if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
 
 
+def _operand(lw, x, dtype: str):
+    """An operand as a tensor of dtype: a node's value cast, a number a run-time scalar of it."""
+    if isinstance(x, fx.Node):
+        return lw.ops.cast(lw.value(x), dtype)
+    return lw.opaque_scalar(float(x) if "float" in dtype else int(x), dtype)
+
+
 def _by_zero(relax_op: str):
     """mul / div by a scalar zero (x * 0.0, x / 0): the zero as a run-time value; div of integers
     (true division): in the result's float type."""
@@ -419,9 +426,7 @@ def _by_zero(relax_op: str):
         if dtype is not None and relax_op == "divide" and not _is_zero(b) and any(
                 isinstance(x, fx.Node) and "float" not in _dtype(lw.value(x)) for x in (a, b)):
             # true division of integers: the frontend divided them as integers, then cast the quotient
-            def operand(x):
-                return lw.ops.cast(lw.value(x), dtype) if isinstance(x, fx.Node) else lw.opaque_scalar(float(x), dtype)
-            return lw.bb.emit(lw.R.op.divide(operand(a), operand(b)))
+            return lw.bb.emit(lw.R.op.divide(_operand(lw, a, dtype), _operand(lw, b, dtype)))
         if dtype is None or not (_is_zero(b) or (relax_op == "multiply" and _is_zero(a))):
             return lw.frontend_convert(node)
         tensor, zero = (a, b) if _is_zero(b) else (b, a)
@@ -465,12 +470,7 @@ def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
     if not swapped and all(_dtype(lw.value(x)) == dtype for x in (a, b) if isinstance(x, fx.Node)):
         return None  # (the frontend's rsub made `1 - x` an int32 constant minus a float tensor, and failed)
 
-    def operand(x):
-        if isinstance(x, fx.Node):
-            return lw.ops.cast(lw.value(x), dtype)
-        return lw.opaque_scalar(float(x) if "float" in dtype else int(x), dtype)
-
-    return lw.bb.emit(getattr(lw.R.op, relax_op)(operand(a), operand(b)))
+    return lw.bb.emit(getattr(lw.R.op, relax_op)(_operand(lw, a, dtype), _operand(lw, b, dtype)))
 
 
 def _promoting(relax_op: str, then: Callable | None = None, swapped: bool = False):
@@ -503,12 +503,7 @@ def _compare(relax_op: str, then: Callable | None = None):
         if all(t == dtype for t in tensors):
             return then(lw, node) if then is not None else lw.frontend_convert(node)
 
-        def operand(x):
-            if isinstance(x, fx.Node):
-                return lw.ops.cast(lw.value(x), dtype)
-            return lw.opaque_scalar(float(x) if "float" in dtype else int(x), dtype)
-
-        return lw.bb.emit(getattr(lw.R.op, relax_op)(operand(a), operand(b)))
+        return lw.bb.emit(getattr(lw.R.op, relax_op)(_operand(lw, a, dtype), _operand(lw, b, dtype)))
 
     return lower
 
