@@ -314,14 +314,25 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path)) from None
 
 
+ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator gives
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, each at an address aligned as PyTorch allocates. safetensors gives them at
+    whatever offset the file's header left (8 bytes apart, say), and CPU matrix kernels take other paths
+    on such data: a loaded mixtral-tiny differed from the model it was saved from in the last bits on
+    3 inputs in 60."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot read safetensors weights ({e})") from None
+    for name, t in tensors.items():
+        if t.data_ptr() % ALIGNMENT:
+            tensors[name] = t.clone()  # one at a time: the unaligned copy is freed before the next
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------

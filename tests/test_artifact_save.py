@@ -258,3 +258,14 @@ def test_is_artifact(cm, tmp_path):
     (tmp_path / "fifo").mkdir()
     os.mkfifo(tmp_path / "fifo" / "manifest.json")  # must not hang the check
     assert [artifact.is_artifact(tmp_path / n) for n in ("art", "plain", "fifo", "missing")] == [True, False, False, False]
+
+
+def test_loaded_weights_are_aligned_as_pytorch_allocates(tmp_path):
+    """safetensors hands tensors out at the file's offsets; CPU kernels round differently on unaligned data,
+    so load_tensors realigns them (values unchanged)."""
+    tensors = {f"t{i}": torch.randn(i + 1, 3) for i in range(8)}  # odd sizes: offsets 12 bytes apart
+    tensors["half"] = torch.randn(5, dtype=torch.float16)
+    artifact.save_tensors(tensors, tmp_path / "w.safetensors")
+    loaded = artifact.load_tensors(tmp_path / "w.safetensors")
+    assert all(t.data_ptr() % artifact.ALIGNMENT == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
