@@ -150,7 +150,7 @@ class TvmModel:
 
 def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmModel:
     """Load an exported TVM artifact with only TVM's runtime (never imports tvm.relax)."""
-    from safetensors.torch import load_file
+    from flashc.artifact import load_tensors
 
     directory = Path(directory)
     manifest_path = directory / MANIFEST
@@ -173,7 +173,7 @@ def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmM
     lib = tvm.runtime.load_module(str(directory / manifest["library"]))
     from tvm.runtime.vm import VirtualMachine
 
-    stored = load_file(str(directory / manifest["weights"]))
+    stored = load_tensors(directory / manifest["weights"])  # aligned as PyTorch allocates
     names = [w["name"] for w in manifest["signature"]["weights"]]
     missing = [n for n in names if n not in stored]
     if missing:
