@@ -136,6 +136,14 @@ def _checked_elsewhere(node: fx.Node, params: dict[str, torch.Tensor]) -> bool:
     return not any(n.op == "placeholder" for n in upstream([offsets]))
 
 
+def _eager_kernel(target: Any) -> Callable | None:
+    """The op's CompositeImplicitAutograd kernel (eager writes it in other ATen ops), if it has one."""
+    if isinstance(target, torch._ops.OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            target.name(), "CompositeImplicitAutograd"):
+        return target.decompose
+    return None
+
+
 def decomposition_of(target: Any) -> Callable | None:
     """PyTorch's decomposition of an ATen op: flashc's own for the few whose PyTorch decomposition
     no backend lowers, torch._decomp's, else its CompositeImplicitAutograd kernel; None for other
@@ -146,18 +154,15 @@ def decomposition_of(target: Any) -> Callable | None:
     if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
                                 for a in (*schema.arguments, *schema.returns)):
         return None
-    composite = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
     if any(a.alias_info is not None for a in (*schema.arguments, *schema.returns)):  # a view (movedim)
-        return target.decompose if composite else None  # only the views eager itself makes
+        return _eager_kernel(target)  # only the views eager itself makes
     from torch._decomp import decomposition_table
 
     if target in OWN_DECOMPOSITIONS:
         return OWN_DECOMPOSITIONS[target]
     if target in decomposition_table:
         return decomposition_table[target]
-    if composite:
-        return target.decompose
-    return None
+    return _eager_kernel(target)
 
 
 def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], bool],
@@ -167,9 +172,8 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], b
     `lowers` accepts, every step spliced in safely."""
     fn = decomposition_of(node.target) if depth > 0 and _checked_elsewhere(node, params or {}) else None
     traced = _trace(fn, node) if fn is not None else None
-    eager_kernel = getattr(node.target, "decompose", None)
-    if traced is None and fn is not None and fn != eager_kernel and torch._C._dispatch_has_kernel_for_dispatch_key(
-            node.target.name(), "CompositeImplicitAutograd"):
+    eager_kernel = _eager_kernel(node.target)
+    if traced is None and fn is not None and eager_kernel is not None and fn != eager_kernel:
         traced = _trace(eager_kernel, node)  # meshgrid: torch._decomp's views are refused, eager's own are not
     if traced is None:
         return False
@@ -248,7 +252,7 @@ def _trace(fn: Callable, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] 
     results = next(n for n in nodes if n.op == "output").args[0]
     if any(n.op in ("get_attr", "call_module", "call_method") for n in nodes):
         return None  # a constant tensor (or a module) the program's graph does not hold
-    eager_kernel = fn == getattr(node.target, "decompose", None)  # what eager runs for the op, views included
+    eager_kernel = fn == _eager_kernel(node.target)  # what eager runs for the op, views included
     if any(not isinstance(r, fx.Node) or (_view_of(r, placeholders) and not eager_kernel) for r in results):
         return None  # an argument (or a view of one) returned as the result would alias it
     if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
