@@ -27,6 +27,9 @@ ops go where the node was and read what it read, so no read moves across a write
 storage. A view op (movedim) and an op whose results are views of its arguments (meshgrid's
 expands) are decomposed through their CompositeImplicitAutograd kernel only: that is what eager
 itself runs, so the views are the model's own, and writes through them reach what they view.
+An in-place op the backend does not lower (`index_copy_`) becomes `x.copy_(index_copy(x, ...))`,
+the same write at the same point, when the backend lowers copy_ and the functional op or its
+decomposition (`split_write`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from flashc.aliasing import MutationInfo, functional_form
+from flashc.aliasing import MutationInfo, functional_form, written_arguments
 from flashc.ir import NODE_META, Program, op_name, propagate_shapes, upstream
 from flashc.passes.exact_math import EXACT_MATH
 from flashc.pass_manager import PassContext, PassResult
@@ -66,7 +69,8 @@ class DecomposeUnlowered:
         stats: dict[str, int] = {}
         for node in list(program.op_nodes()):
             name = op_name(node)
-            if not self.lowers(node) and decompose_node(program.graph, node, self.lowers, params=program.params):
+            if not self.lowers(node) and (decompose_node(program.graph, node, self.lowers, params=program.params)
+                                          or split_write(program.graph, node, self.lowers, program.params)):
                 stats[name] = stats.get(name, 0) + 1
         if stats:
             program.recompile()
@@ -205,6 +209,28 @@ def decompose_node(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], b
             if user.args[1] < len(outputs):
                 user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
+    graph.erase_node(node)
+    return True
+
+
+def split_write(graph: fx.Graph, node: fx.Node, lowers: Callable[[fx.Node], bool],
+                params: dict[str, torch.Tensor] | None = None) -> bool:
+    """An in-place op the backend does not lower (x.index_copy_(...) on TVM) as x.copy_(op(x, ...)): the
+    same write to the same storage at the same point, its value computed by the functional op, which is
+    decomposed like any other; False, and the graph untouched, unless both then lower."""
+    functional = functional_form(node.target)
+    if functional is None or written_arguments(node) != [node.args[0]] or node.args[0] in node.args[1:]:
+        return False
+    with graph.inserting_before(node):
+        value = graph.call_function(functional, node.args, node.kwargs)
+        write = graph.call_function(torch.ops.aten.copy_.default, (node.args[0], value))
+    for new in (value, write):
+        new.meta.update({k: v for k, v in node.meta.items() if k in NODE_META})
+    if not lowers(write) or not (lowers(value) or decompose_node(graph, value, lowers, params=params)):
+        graph.erase_node(write)
+        graph.erase_node(value)
+        return False
+    node.replace_all_uses_with(write)
     graph.erase_node(node)
     return True
 

@@ -14,10 +14,11 @@ from torch.utils import _pytree as pytree
 
 from flashc.errors import FlashcError
 from flashc.ir import Program, upstream
+from flashc.storage import Storage, is_write
 
 from . import DEFAULT_OPSET
 from ._builder import GraphBuilder, onnx_dtype
-from ._in_place import Storage, is_write, lower_write
+from ._in_place import lower_write
 from ._lowering import LoweringContext, NotLowerable, annotate, unsupported_error
 from ._torchlib import VIA_TORCHLIB_KEY, describe
 from .table import find_lowering, full_table, why_not_lowered

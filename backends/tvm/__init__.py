@@ -25,8 +25,9 @@ serial naive loop nest. CUDA builds get dlight's.
 What the module computes is PyTorch's answer or a flashc error, never silently another:
 ATen ops whose frontend converter is wrong or missing are lowered by flashc (aten_ops:
 batch norm, slicing bounds, half-precision reductions, IEEE zeros), indices are
-normalized and checked on every call (indexing), in-place writes are carried where
-values can stand for them and refused elsewhere (in_place), and TIR passes keep
+normalized and checked on every call (indexing), in-place writes are carried as new
+values, scattered into the storage a view was taken from, and written back into the
+caller's inputs and the model's state by the runtime (in_place), and TIR passes keep
 bfloat16 rounding and NaN propagation (float_semantics).
 
 Modules: common (TVM import, helpers), relax_ops (flashc ops in Relax), lower (FX ->

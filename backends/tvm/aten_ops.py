@@ -473,6 +473,26 @@ def _mixed_types(lw, node, relax_op: str, swapped: bool = False):
     return lw.bb.emit(getattr(lw.R.op, relax_op)(_operand(lw, a, dtype), _operand(lw, b, dtype)))
 
 
+def _alpha(relax_op: str, then: Callable, swapped: bool = False):
+    """x + alpha * y and x - alpha * y (rsub: y - alpha * x) for alpha != 1, in the result's dtype; the
+    frontend dropped alpha (torch.add(a, b, alpha=0.75) came out a + b). Other calls: `then`."""
+
+    def lower(lw, node):
+        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)  # add.Scalar: positional
+        val = node.meta.get("val")
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if swapped:
+            a, b = b, a
+        if alpha == 1 or not isinstance(val, torch.Tensor) or not all(isinstance(v, (fx.Node, int, float))
+                                                                     for v in (a, b, alpha)):
+            return then(lw, node)
+        dtype = _tvm_dtype(val.dtype)
+        scaled = lw.bb.emit(lw.R.op.multiply(_operand(lw, b, dtype), _operand(lw, alpha, dtype)))
+        return lw.bb.emit(getattr(lw.R.op, relax_op)(_operand(lw, a, dtype), scaled))
+
+    return lower
+
+
 def _promoting(relax_op: str, then: Callable | None = None, swapped: bool = False):
     """A lowering of an arithmetic op: operands of another dtype than the result's through
     _mixed_types, the rest by `then` (default: the frontend)."""
@@ -715,8 +735,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.t.default: _reversed_dims,
     aten.index.Tensor: lower_index,
     aten.index_put.default: lower_index_put,
-    aten.add.Tensor: _promoting("add", _plus_zero("add")),
-    aten.add.Scalar: _promoting("add", _plus_zero("add")),
+    aten.add.Tensor: _alpha("add", _promoting("add", _plus_zero("add"))),
+    aten.add.Scalar: _alpha("add", _promoting("add", _plus_zero("add"))),
     aten.mul.Tensor: _promoting("multiply", _by_zero("multiply")),
     aten.mul.Scalar: _promoting("multiply", _by_zero("multiply")),
     aten.masked_fill.Scalar: _masked_fill_scalar,
@@ -732,9 +752,10 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.div.Tensor_mode: _div_rounded,
     aten.div.Tensor: _promoting("divide", _by_zero("divide")),
     aten.div.Scalar: _promoting("divide", _by_zero("divide")),
-    aten.sub.Tensor: _promoting("subtract", _plus_zero("subtract", _same_operands("sub"))),
-    aten.sub.Scalar: _promoting("subtract", _plus_zero("subtract")),
-    aten.rsub.Scalar: _promoting("subtract", swapped=True),
+    aten.sub.Tensor: _alpha("subtract", _promoting("subtract", _plus_zero("subtract", _same_operands("sub")))),
+    aten.sub.Scalar: _alpha("subtract", _promoting("subtract", _plus_zero("subtract"))),
+    aten.rsub.Scalar: _alpha("subtract", _promoting("subtract", swapped=True), swapped=True),
+    aten.rsub.Tensor: _alpha("subtract", _promoting("subtract", swapped=True), swapped=True),
     aten.eq.Tensor: _compare("equal", _same_operands("eq")),
     aten.ne.Tensor: _compare("not_equal", _same_operands("ne")),
     aten.eq.Scalar: _compare("equal"),

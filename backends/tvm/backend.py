@@ -110,7 +110,7 @@ class TvmBackend:
             arch = "sm_{}{}".format(*profile.compute_capability)
         build = build_tvm(program, self.kind, arch=arch, tune_trials=options.tune_trials,
                           work_dir=options.work_dir, tuning_database=options.tuning_database)
-        return TvmExecutable(build, self.device)
+        return TvmExecutable(build, self.device, program.params)
 
     def save_payload(self, executable, directory: Path) -> dict[str, Any]:
         if isinstance(executable, TvmExecutable):
@@ -122,20 +122,20 @@ class TvmBackend:
         return {"tvm": "tvm"}
 
     def load_payload(self, program: Program, directory: Path, info: dict[str, Any]):
-        return load_tvm_artifact(Path(directory) / info.get("tvm", "tvm"), self.device)
+        return load_tvm_artifact(Path(directory) / info.get("tvm", "tvm"), self.device, program.params)
 
 
 class TvmExecutable:
     """A fresh build as a flashc executable; it loads its VM on first call (so a CUDA
     build made without a GPU can still be saved)."""
 
-    def __init__(self, build: TvmBuild, device: str) -> None:
-        self.build, self.device = build, device
+    def __init__(self, build: TvmBuild, device: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.build, self.device, self.state = build, device, state
         self._model: TvmModel | None = None
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         if self._model is None:
-            self._model = self.build.load(self.device)
+            self._model = self.build.load(self.device, self.state)
         return self._model(*args)
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -207,11 +207,11 @@ class TvmBuild:
             raise
         return directory
 
-    def load(self, device: str = "cpu") -> "TvmModel":
-        """Run this build in-process (no export), e.g. to check it before saving."""
+    def load(self, device: str = "cpu", state: Mapping[str, torch.Tensor] | None = None) -> "TvmModel":
+        """Run this build in-process (no export), e.g. to check it before saving; state: see TvmModel."""
         tvm = import_tvm()
         return TvmModel(tvm.runtime.vm.VirtualMachine(self.executable, _device(tvm, device)),
-                        self.weights, self.signature, device)
+                        self.weights, self.signature, device, state)
 
 
 def _replace_dir(new: Path, directory: Path) -> None:

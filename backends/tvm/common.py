@@ -12,7 +12,8 @@ from flashc.ir import dtype_name
 
 INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"
 # 2: outputs may be Python values and `main` also returns index checks (indexing.py)
-ARTIFACT_FORMAT = 2
+ARTIFACT_FORMAT = 3  # 3: the module may return written inputs and state after its outputs (signature 'writes')
+READ_FORMATS = (2, 3)  # 2 never writes in place
 LIBRARY, WEIGHTS, MANIFEST, TUNING_DIR = "model.so", "weights.safetensors", "model.json", "tuning"
 
 

@@ -1,20 +1,24 @@
-"""In-place writes in a TVM module: carried exactly where values can stand for them,
-refused everywhere else.
+"""In-place writes in a TVM module, carried with PyTorch's semantics or refused.
 
-flashc's IR keeps PyTorch's in-place ops (`add_`, `index_put_`, `copy_`, ...). A Relax
-module has values, not storage, so a write is lowered as its functional op (add_ ->
-add) and the written tensor's node is rebound to the result: every later read, through
-that node or the write's own, sees the new value. That is PyTorch's answer when the
-written storage is a tensor the graph allocated itself, written directly, and no view of
-it taken before the last write is read (a view would still show the old value).
+flashc's IR keeps PyTorch's in-place ops (`add_`, `index_put_`, `copy_` into a slice, ...).
+A Relax module has values, not storage, so each write becomes a new value, as in the ONNX
+backend (both read the graph's storage from flashc.storage):
+  * the written tensor's new value is the functional op (add_ -> add, copy_ -> the source
+    cast and broadcast) applied to its current value;
+  * a write through a view (slice, select, view, transpose, ...) is scattered into its
+    *root*, the placeholder or op result owning the storage, at the elements the view
+    covers (a constant index map: `Storage.positions`);
+  * the root, and every alias of it taken before the write and read after it, are bound
+    to their new values, so reads after the write see it (the graph is lowered in order);
+  * a root that is a user input or a weight/buffer (state: a KV cache) is also returned
+    by the module, after the model's outputs; the runtime writes it into the caller's
+    tensor or the state tensor (runtime.TvmModel).
 
-Refused at compile time with UnsupportedOpError naming the op, the node, its source
-line and the way out (the 'cpu' target runs them as PyTorch does):
-  * writes to weights, buffers or user inputs: state kept across calls (a KV cache),
-    or the caller's tensor, which a TVM module cannot update;
-  * writes through a view (a slice, select, view, transpose, ...), or to storage a view
-    was taken of before the write;
-  * ops that write an argument other than their first, or have no functional lowering.
+Refused at compile time with UnsupportedOpError naming the op, the node, its source line
+and the way out (the 'cpu' target runs them as PyTorch does): ops that write an argument
+other than their first or change a shape in place, writes through overlapping views
+(expand), views whose layout cannot be evaluated when their storage is written, and
+in-place ops without a functional lowering.
 """
 
 from __future__ import annotations
@@ -22,112 +26,112 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashc.aliasing import MutationInfo, written_arguments
+from flashc.aliasing import functional_form
 from flashc.backends.tvm.common import _dtype, _shape
 from flashc.errors import UnsupportedOpError
 from flashc.ir import Program, module_path, op_name, source_location
+from flashc.storage import LayoutError, Storage, is_write
 
 aten = torch.ops.aten
 
 
-def is_write(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
-
-
-def functional_form(target):
-    """add_.Tensor -> add.Tensor, index_put_.default -> index_put.default (None if absent)."""
-    name = target._schema.name.split("::")[-1]
-    if not name.endswith("_"):
-        return None
-    packet = getattr(aten, name[:-1], None)
-    return getattr(packet, target._overloadname, None) if packet is not None else None
-
-
 class InPlaceWrites:
-    """The in-place writes of a Program's graph, checked once; lowers the ones it accepts."""
+    """The in-place writes of a Program's graph, checked once; lowers them."""
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self.info = MutationInfo.of(program.graph)
+        self.storage = Storage(program.graph)
         self.problems: dict[fx.Node, str] = {}
-        for node in program.graph.nodes:
-            if node.op == "call_function" and is_write(node):
-                why = self._why_not(node)
-                if why:
-                    self.problems[node] = why
+        for node, why in self.storage.problems:
+            self.problems.setdefault(node, why)
+        # placeholders written (graph order): the module returns their final values
+        self.written_placeholders = [n for n in program.graph.nodes
+                                     if n.op == "placeholder" and n in self.storage.writes]
+        self.state = {n for n in self.written_placeholders if n.name in program.params}
 
     def is_write(self, node: fx.Node) -> bool:
         return is_write(node)
 
-    def _why_not(self, node: fx.Node) -> str | None:
-        schema = node.target._schema
-        written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-        if written != [0] or len(written_arguments(node)) != 1:
-            return "it writes an argument other than the tensor it is called on"
-        target = node.args[0]
-        root = self.info.root_of(target)
-        if root is None:
-            return "its target is not a tensor of the graph"
-        if root.op == "placeholder":
-            what = (f"weight or buffer {root.name!r}, state a TVM module does not keep between calls"
-                    if root.name in self.program.params
-                    else f"user input {root.name!r}, the caller's tensor, which a TVM module cannot update")
-        else:
-            what = root.name
-        direct = self._written_directly(target)
-        if direct is not root:
-            return f"it writes through {direct.name} ({op_name(direct)}), a view of {what}"
-        if root.op != "call_function":
-            return f"it writes {what}"
-        last = max(self.info.order[w] for w in self.info.writes[root])
-        for view in self._views(root):
-            if self.info.order[view] < last:
-                return (f"{view.name} ({op_name(view)}) is a view of {root.name} taken before the write; "
-                        "it would not see the new value")
-        return None
-
-    def _written_directly(self, target: fx.Node) -> fx.Node:
-        """target, or what an in-place chain (x.add_(1).mul_(2)) was called on."""
-        while isinstance(target, fx.Node) and target.op == "call_function" and is_write(target):
-            target = target.args[0]
-        return target
-
-    def _views(self, root: fx.Node) -> list[fx.Node]:
-        return [n for n, r in self.info.root.items() if r is root and n is not root and not is_write(n)]
-
     def refuse_unsupported(self) -> None:
         """UnsupportedOpError for the first write that cannot be carried (in graph order)."""
-        if not self.problems:
-            return
-        node, why = next(iter(self.problems.items()))
+        if self.problems:
+            node = min(self.problems, key=self.storage.order.__getitem__)
+            self._refuse(node, self.problems[node], len(self.problems) - 1)
+
+    @staticmethod
+    def _refuse(node: fx.Node, why: str, more: int = 0):
         where = module_path(node)
-        more = len(self.problems) - 1
         raise UnsupportedOpError(
             f"TVM backend cannot run in-place {op_name(node)} (node {node.name})" + (f" in {where}" if where else "")
             + f" at {source_location(node)}: {why}" + (f" ({more} more in-place write(s) like it)" if more else "")
             + "; use target 'cpu', which runs in-place ops as PyTorch does")
 
     def lower(self, lw, node: fx.Node):
-        """The write as its functional op; node and the tensor it writes now stand for the result."""
+        """The write as its functional op, scattered into its root's storage; returns the written
+        tensor's new value (what node, an alias of it, evaluates to)."""
         if node in self.problems:
             self.refuse_unsupported()
-        target = self._written_directly(node.args[0])
+        new = self._functional(lw, node)
+        storage, target = self.storage, node.args[0]
+        root = storage.root[node]
+        root_shape = list(storage.layout_of(root).shape)
+        where = self._positions(node, target)
+        op = lw.R.op
+        if where is None:
+            new_root = new if _shape(new) == root_shape else lw.bb.emit(op.reshape(new, root_shape))
+        else:
+            flat = where.reshape(-1)
+            if flat.unique().numel() != flat.numel():
+                self._refuse(node, f"it writes through {target.name}, a view whose elements overlap (expand); "
+                                   "write to a copy (.clone()) instead")
+            scattered = lw.bb.emit(op.scatter_elements(lw.bb.emit(op.reshape(lw.env[root], [-1])),
+                                                       lw.R.const(flat.numpy()),
+                                                       lw.bb.emit(op.reshape(new, [-1])), axis=0))
+            new_root = lw.bb.emit(op.reshape(scattered, root_shape))
+        lw.env[root] = new_root
+        at = storage.order[node]
+        for alias in storage.aliases.get(root, []):
+            if storage.order[alias] >= at or not any(storage.order[u] > at for u in alias.users):
+                continue
+            lw.env[alias] = new if alias is target else self._read(lw, node, alias, new_root)
+        return new
+
+    def _positions(self, node: fx.Node, view: fx.Node, layout=None):
+        try:
+            return self.storage.positions(view, layout)
+        except LayoutError as e:
+            self._refuse(node, str(e))
+
+    def _read(self, lw, node: fx.Node, alias: fx.Node, new_root):
+        """alias's value re-read from its root's new value."""
+        layout = self.storage.layout.get(alias)
+        if isinstance(layout, list):
+            return tuple(self._read_one(lw, node, alias, new_root, part) for part in layout)
+        return self._read_one(lw, node, alias, new_root, layout)
+
+    def _read_one(self, lw, node, alias, new_root, layout):
+        op = lw.R.op
+        where = self._positions(node, alias, layout)
+        if where is None:
+            shape = [int(d) for d in layout.shape] if layout is not None else _shape(new_root)
+            return new_root if shape == _shape(new_root) else lw.bb.emit(op.reshape(new_root, shape))
+        return lw.bb.emit(op.take(lw.bb.emit(op.reshape(new_root, [-1])), lw.R.const(where.numpy()), axis=0))
+
+    def _functional(self, lw, node: fx.Node):
+        """The written tensor's new value: node's op in its functional form on the current values."""
         functional = functional_form(node.target)
         if node.target == aten.copy_.default:
-            value = self._copy(lw, node)
-        elif functional is not None and (functional in lw.own or functional.__name__ in lw.frontend.convert_map):
+            return self._copy(lw, node)
+        if functional is not None and (functional in lw.own or functional.__name__ in lw.frontend.convert_map):
             in_place, node.target = node.target, functional
             try:  # converters read node.target: lowered as the functional op throughout
-                value = lw._check(node, lw.convert(node))
+                return lw._check(node, lw.convert(node))
             finally:
                 node.target = in_place
-        else:  # the frontend's own in-place converter; undo what it rebinds (we rebind below)
-            saved = dict(lw.env)
-            value = lw._check(node, lw.convert(node))
-            lw.env.clear()
-            lw.env.update(saved)
-        lw.env[target] = value
+        saved = dict(lw.env)  # the frontend's own in-place converter; undo what it rebinds (lower() rebinds)
+        value = lw._check(node, lw.convert(node))
+        lw.env.clear()
+        lw.env.update(saved)
         return value
 
     def _copy(self, lw, node: fx.Node):

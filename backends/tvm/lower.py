@@ -9,9 +9,10 @@ op, the node and its source line when it cannot be kept):
   * indices are normalized (x[..., -2] is the second last) and bounds-checked per call:
     each indexing op also returns the min and max of its indices, which the runtime
     compares with the valid range (indexing.py);
-  * in-place writes to tensors the graph allocates are carried as new values, the
-    written node rebound for every later read; writes to weights, buffers, user inputs
-    or through views are refused (in_place.py);
+  * in-place writes are carried as new values, rebound for every later read and
+    scattered into the storage a view was taken from; the final values of written user
+    inputs and weights/buffers (state) are returned after the outputs, for the runtime
+    to write back (in_place.py);
   * outputs that are not tensors (None, numbers) are returned as they are.
 Any other exception from a converter becomes an UnsupportedOpError with the original
 as its __cause__.
@@ -180,7 +181,9 @@ class FxToRelax:
         return value
 
     def is_weight(self, a) -> bool:
-        return isinstance(a, fx.Node) and (
+        """A weight the module reads as stored; state (weights/buffers written in place) is a value like any
+        other, bound to its stored tensor at the start."""
+        return isinstance(a, fx.Node) and a not in self.writes.state and (
             (a.op == "placeholder" and a.name in self.program.params) or a.op == "get_attr")
 
     def weight_value(self, a: fx.Node) -> torch.Tensor:
@@ -346,17 +349,20 @@ class FxToRelax:
             self.env[node] = var
             inputs.append(var)
         self.writes.refuse_unsupported()  # before building anything: the first refused write
+        for node in self.writes.state:
+            self.env[node] = self._weight(node, None)
         with self.bb.function("main"):
             with self.bb.dataflow():
-                outputs, kinds = [], []
+                outputs, kinds, written = [], [], []
                 for node in program.graph.nodes:
                     if node.op == "call_function":
                         self.env[node] = self._lower_node(node)
                     elif node.op == "output":
                         outputs, kinds = self._outputs(node)
+                        written = [self.env[n] for n in self.writes.written_placeholders]
                     elif node.op not in ("placeholder", "get_attr"):
                         raise UnsupportedOpError(f"graph node kind {node.op!r} ({node.name}) has no TVM lowering")
-                result = self.bb.emit_output(R.Tuple(outputs + [c for c, _ in self.checks]))
+                result = self.bb.emit_output(R.Tuple(outputs + written + [c for c, _ in self.checks]))
             self.bb.emit_func_output(result, params=inputs + list(self.weight_vars.values()))
         mod = self.bb.get()
         mod["main"] = mod["main"].with_attr("num_input", len(inputs))
@@ -382,11 +388,15 @@ class FxToRelax:
         return values, kinds
 
     def _signature(self, outputs, kinds) -> dict[str, Any]:
+        inputs = list(self.program.input_nodes())
         tensors = [{"shape": _shape(o), "dtype": _dtype(o)} for o in outputs]
         return {
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)}
                        for s in self.program.inputs],
             "outputs": [tensors[k] if isinstance(k, int) else k for k in kinds],
+            # after the outputs: the final values of what the graph writes in place, to write back
+            "writes": [{"weight": n.name} if n in self.writes.state else {"input": inputs.index(n)}
+                       for n in self.writes.written_placeholders],
             "index_checks": [info for _, info in self.checks],
             "weights": [{"name": n, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                         for n, t in self.weights.items()],

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, cpu_cores, import_tvm
+from flashc.backends.tvm.common import ARTIFACT_FORMAT, MANIFEST, READ_FORMATS, cpu_cores, import_tvm
 from flashc.backends.tvm.indexing import out_of_range_message
 from flashc.errors import ArtifactError, FlashcError, InputError
 from flashc.ir import dtype_name
@@ -98,9 +98,16 @@ def _to_tvm(tvm, t: torch.Tensor):
 
 
 class TvmModel:
-    """A loaded TVM build: `model(*tensors) -> list[torch.Tensor]` on its device."""
+    """A loaded TVM build: `model(*tensors) -> list[torch.Tensor]` on its device.
 
-    def __init__(self, vm, weights: dict[str, torch.Tensor], signature: dict[str, Any], device: str) -> None:
+    A module that writes in place returns the new values after its outputs (signature 'writes'): a
+    written input is copied into the caller's tensor, a written weight/buffer (state: a KV cache) into
+    its tensor in `state` (the compiled program's params, so flashc's checks see and restore it), else
+    into the model's own copy; each call reads the state as it then is.
+    """
+
+    def __init__(self, vm, weights: dict[str, torch.Tensor], signature: dict[str, Any], device: str,
+                 state: Mapping[str, torch.Tensor] | None = None) -> None:
         import tvm
 
         self.tvm, self.vm, self.signature, self.device = tvm, vm, signature, device
@@ -109,6 +116,14 @@ class TvmModel:
         keep = [_to_tvm(tvm, w.to(device)) for w in weights.values()]
         self._weights = [k[0] for k in keep]
         self._weight_tensors = [k[1] for k in keep]  # keep the torch storage alive
+        self.writes = signature.get("writes", [])
+        index = {name: i for i, name in enumerate(weights)}
+        self._state: dict[int, torch.Tensor] = {}  # weight position -> the tensor the state lives in
+        for w in self.writes:
+            if "weight" in w:
+                i = index[w["weight"]]
+                outside = state.get(w["weight"]) if state is not None else None
+                self._state[i] = outside if outside is not None else self._weight_tensors[i]
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "TvmModel":
@@ -129,8 +144,12 @@ class TvmModel:
         as they are. Raises InputError when indices were out of range (indexing.py)."""
         self._check(args)
         inputs = [_to_tvm(self.tvm, a.to(self.device)) for a in args]
+        weights = list(self._weights)
+        state = {i: _to_tvm(self.tvm, t.to(self.device)) for i, t in self._state.items()}  # zero-copy: aligned
+        for i, (array, _) in state.items():
+            weights[i] = array
         try:
-            out = self.main(*[i[0] for i in inputs], *self._weights)
+            out = self.main(*[i[0] for i in inputs], *weights)
         except Exception as e:  # a TVM runtime error (an assertion of the VM, a kernel failing)
             last = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
             raise FlashcError(f"the TVM module failed at run time ({last}); run the model with target 'cpu' "
@@ -140,16 +159,24 @@ class TvmModel:
         results = [torch.from_dlpack(o).clone() for o in out]
         kinds = self.signature["outputs"]
         tensors = sum(1 for k in kinds if "constant" not in k)
-        for check, extremes in zip(self.signature.get("index_checks", []), results[tensors:]):
+        written = results[tensors:tensors + len(self.writes)]
+        for check, extremes in zip(self.signature.get("index_checks", []), results[tensors + len(written):]):
             lo, hi = (int(v) for v in extremes.tolist())
             if lo < check["low"] or hi >= check["high"]:
-                raise InputError(out_of_range_message(check, lo, hi))
+                raise InputError(out_of_range_message(check, lo, hi))  # before any write: state kept
+        weight_names = [w["name"] for w in self.signature["weights"]]
+        for w, value in zip(self.writes, written):
+            dst = args[w["input"]] if "input" in w else self._state[weight_names.index(w["weight"])]
+            with torch.no_grad():
+                dst.copy_(value)
         produced = iter(results[:tensors])
         return [k["constant"] if "constant" in k else next(produced) for k in kinds]
 
 
-def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmModel:
-    """Load an exported TVM artifact with only TVM's runtime (never imports tvm.relax)."""
+def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu",
+                      state: Mapping[str, torch.Tensor] | None = None) -> TvmModel:
+    """Load an exported TVM artifact with only TVM's runtime (never imports tvm.relax). state: where the
+    weights/buffers the module writes in place live (TvmModel), if not in the model's own copies."""
     from flashc.artifact import load_tensors
 
     directory = Path(directory)
@@ -157,7 +184,7 @@ def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmM
     if not manifest_path.exists():
         raise ArtifactError(f"{directory} is not a flashc TVM artifact (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != ARTIFACT_FORMAT:
+    if manifest.get("format") not in READ_FORMATS:
         why = (" (format 1 predates the fixes of reductions, indices and casts: its answers may be wrong)"
                if manifest.get("format") == 1 else "")
         raise ArtifactError(f"{manifest_path}: artifact format {manifest.get('format')!r}, "
@@ -179,6 +206,6 @@ def load_tvm_artifact(directory: str | os.PathLike, device: str = "cpu") -> TvmM
     if missing:
         raise ArtifactError(f"{directory / manifest['weights']} lacks weight(s) {', '.join(missing[:5])}")
     weights = {n: stored[n] for n in names}
-    model = TvmModel(VirtualMachine(lib, dev), weights, manifest["signature"], device)
+    model = TvmModel(VirtualMachine(lib, dev), weights, manifest["signature"], device, state)
     model.directory = directory
     return model

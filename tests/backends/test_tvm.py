@@ -457,6 +457,23 @@ def test_half_precision_linears_and_attention_accumulate_in_float32():
         assert rel_err(out.double(), want) < 3 * max(rel_err(ref.double(), want), 1e-4)
 
 
+def test_a_decode_step_writes_its_cache_and_generates_what_the_cpu_target_does():
+    """DecodeStep writes each token's keys and values into the cache inputs in place: the module returns
+    the caches' new values and the runtime writes them into the caller's tensors, so generation over a
+    TVM step is token for token the cpu target's (greedy; a fresh random prompt)."""
+    import flashc
+    from flashc import zoo
+    from flashc.decode import DecodeStep, decode_example_inputs
+
+    model = zoo.build("llama-tiny", seed=0)
+    inputs = decode_example_inputs(model, 1, 48)
+    tvm_step = flashc.compile(DecodeStep(model, max_cache_len=48), target="tvm-cpu", example_inputs=inputs)
+    cpu_step = flashc.compile(DecodeStep(model, max_cache_len=48), target="cpu", example_inputs=inputs)
+    prompt = fresh_ids("llama-tiny", batch=1, seq_len=7)
+    want = cpu_step.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(tvm_step.generate(prompt, max_new_tokens=12, ignore_eos=True), want)
+
+
 def test_decode_attention_lowers_to_a_mask_over_the_cache():
     """flashc.decode_attention (what -O3 makes of a decode step's masked attention over a static cache):
     query s attends the keys j <= cache_position[s], every slot read."""
