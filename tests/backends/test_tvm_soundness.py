@@ -210,6 +210,19 @@ def test_arithmetic_promotes_integer_and_bool_operands_as_pytorch():
             assert _same_values(g, r)
 
 
+def test_alpha_scales_the_second_operand():
+    """torch.add / sub / rsub with alpha (keyword, or positional in the Scalar overloads): the frontend dropped
+    it (a + 0.75 * b came out a + b). Built without the compile-time check, which would catch it."""
+    model = Fn(lambda a, b, i: (torch.add(a, b, alpha=0.75), torch.sub(a, b, alpha=2), torch.rsub(a, b, alpha=3),
+                                torch.rsub(a, 2.0, alpha=3), torch.add(i, i, alpha=3), torch.sub(i, 2, alpha=-2),
+                                torch.add(a, 2, alpha=0.5)))
+    args = (torch.randn(5), torch.randn(5), torch.randint(-9, 9, (5,)))
+    cm = flashc.compile(model, target="tvm-cpu", example_inputs=args, level=0, verify=False)
+    args = (torch.randn(5), torch.randn(5), torch.randint(-9, 9, (5,)))
+    for g, r in zip(cm(*args), model(*args)):
+        assert g.dtype == r.dtype and _rel(g, r) < 1e-6
+
+
 def test_comparisons_reversed_subtraction_and_fills_as_pytorch():
     """Comparisons with a bool tensor (the build failed: LLVM compared the bits as floats), an int tensor
     against a float number (compared as ints: a < 2.5 was a < 2), `1 - x` of a float tensor (the frontend's

@@ -844,6 +844,8 @@ ELEMENTWISE = [  # unary expressions of x; inputs include 0.0, -0.0, +-inf, NaN,
     "torch.heaviside(x, y)", "x.sigmoid() * x", "torch.logit(x.sigmoid(), eps=1e-6)", "torch.special.erfc(x)",
     "torch.special.expit(x)", "torch.sinc(x)", "torch.deg2rad(x)",
     "torch.float_power(x, 2).float()", "torch.true_divide(x, y)", "x / y", "x // y", "torch.ldexp(x, y.round())",
+    "torch.add(x, y, alpha={a})", "torch.sub(x, y, alpha={s})", "torch.rsub(x, {a}, alpha={b})",
+    "torch.rsub(x, y, alpha={s})",
 ]
 
 
