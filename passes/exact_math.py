@@ -209,5 +209,9 @@ EXACT_MATH: dict[Any, Callable] = {
     aten.softshrink.default: softshrink,
     aten.floor_divide.default: floor_divide,
     aten.cdist.default: cdist,  # for floats: the backends divide integers right
+    # `x << y` of two tensors is the bitwise_left_shift kernel under another name (ONNX lowers only that one)
+    aten.__lshift__.Tensor: torch.bitwise_left_shift,
+    aten.__rshift__.Tensor: torch.bitwise_right_shift,
+    aten.bitwise_right_shift.Scalar_Tensor: lambda x, s: torch.bitwise_right_shift(torch.full_like(s, x), s),
 }
 """op -> its exact decomposition (see the module docstring)."""

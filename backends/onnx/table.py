@@ -49,6 +49,8 @@ REFUSED.update({
     torch.ops.aten.cross_entropy_loss.default: "torchlib's cross_entropy ignores label smoothing and makes an invalid "
                                                "graph for probability targets",
     torch.ops.aten.mse_loss.default: "torchlib's mse_loss fails on flashc's graphs",
+    torch.ops.aten.bitwise_right_shift.Scalar_Tensor: "torchlib's number >> tensor compares an int64 with the "
+                                                      "tensor's type: ONNX Runtime refuses the model for other types",
 })
 # ops of other libraries, by op name
 NAMED_LOWERINGS: dict[str, Lowering] = dict(_aten_layout.NAMED_LOWERINGS)

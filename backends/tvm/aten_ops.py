@@ -697,7 +697,40 @@ def _pool_default_stride(lw, node):
         node.args = original
 
 
+def _shift(left: bool):
+    """x << s and x >> s of integers as PyTorch computes them: a shift outside the type's width gives 0 (left,
+    and right of unsigned types) or the sign fill (right of signed types: s >= bits - 1 is x >> (bits - 1));
+    a negative shift counts as outside. LLVM's shifts are undefined there. Not integers: the frontend."""
+
+    def lower(lw, node):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or val.dtype == torch.bool:
+            return lw.frontend_convert(node)
+        dtype, signed = _tvm_dtype(val.dtype), val.dtype.is_signed
+        limit = torch.iinfo(val.dtype).bits - (1 if signed and not left else 0)
+        op, emit = lw.R.op, lw.bb.emit
+        x, s = (_operand(lw, a, dtype) if isinstance(a, fx.Node) else lw.R.const(a, dtype) for a in node.args[:2])
+        zero = lw.R.const(0, dtype)
+        inside = emit(op.logical_and(emit(op.greater_equal(s, zero)), emit(op.less(s, lw.R.const(limit, dtype)))))
+        shifted = emit((op.left_shift if left else op.right_shift)(x, emit(op.where(inside, s, zero))))
+        fill = emit(op.right_shift(x, lw.R.const(limit, dtype))) if signed and not left else zero
+        return emit(op.where(inside, shifted, fill))
+
+    return lower
+
+
+_SHIFTS = {
+    **{op: _shift(left=True) for op in (aten.bitwise_left_shift.Tensor, aten.bitwise_left_shift.Tensor_Scalar,
+                                        aten.bitwise_left_shift.Scalar_Tensor, aten.__lshift__.Tensor,
+                                        aten.__lshift__.Scalar)},
+    **{op: _shift(left=False) for op in (aten.bitwise_right_shift.Tensor, aten.bitwise_right_shift.Tensor_Scalar,
+                                         aten.bitwise_right_shift.Scalar_Tensor, aten.__rshift__.Tensor,
+                                         aten.__rshift__.Scalar)},
+}
+
+
 ATEN_OPS: dict[Any, Callable] = {
+    **_SHIFTS,
     aten.where.ScalarOther: _where_scalar,
     aten.where.ScalarSelf: _where_scalar,
     aten.where.Scalar: _where_scalar,

@@ -486,14 +486,16 @@ def sequence(r: random.Random) -> tuple[str, str]:
 
 
 def integer_ops(r: random.Random) -> tuple[str, str]:
-    """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts."""
+    """Integer arithmetic with negative operands: floor vs trunc division, remainder, shifts (by amounts past the
+    type's width and negative ones too)."""
     R, C = r.randint(2, 4), r.randint(3, 9)
     dtype = r.choice(["torch.int64", "torch.int32"])
     ops = ["a // b", "a % b", "torch.remainder(a, b)", "torch.fmod(a, b)", "torch.div(a, b, rounding_mode='trunc')",
            "torch.div(a, b, rounding_mode='floor')", "a / b", "a & b", "a | b", "a ^ b", "a.abs() << 2", "a >> 1",
            "a * b", "a - b", "a.abs()", "a.clamp(-5, 5)", "torch.maximum(a, b)", "a.sum(-1)", "a.cumsum(-1)",
            "a == b", "a.neg()", "a // 3", "a % 3", "a ** 2", "torch.sign(a)", "a.max(-1).values", "a.float().mean(-1)",
-           "a // -3", "a % -3", "~a", "a + 2.5", "a * True"]
+           "a // -3", "a % -3", "~a", "a + 2.5", "a * True", "a << b.abs()", "a >> (b * 7)", "a << (b * 13)",
+           "torch.bitwise_right_shift(5, b * 9)"]  # shift amounts past the width and negative ones
     picks = r.sample(ops, r.randint(2, 5))
     inputs = [f"a = torch.randint(-20, 21, ({R}, {C}), generator=g, dtype={dtype})",
               f"b = torch.randint(1, 6, ({R}, {C}), generator=g, dtype={dtype})",

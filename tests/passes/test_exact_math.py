@@ -19,7 +19,8 @@ SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.5,
 ARGS = {aten.logit.default: [(), (1e-6,), (0.2,)], aten.celu.default: [(), (1.5,), (0.5,)],
         aten.softshrink.default: [(), (1.5,), (0.0,)]}
 UNARY = [op for op in EXACT_MATH if len(op._schema.arguments) == 1 or op in ARGS]
-BINARY = [op for op in EXACT_MATH if op not in UNARY and op is not aten.cdist.default]  # cdist: below
+SHIFTS = (aten.__lshift__.Tensor, aten.__rshift__.Tensor, aten.bitwise_right_shift.Scalar_Tensor)  # integers: below
+BINARY = [op for op in EXACT_MATH if op not in UNARY and op not in SHIFTS and op is not aten.cdist.default]
 
 
 def _same(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float = 1e-30) -> None:
@@ -113,3 +114,35 @@ def test_cdist_as_pytorch(p, rows):
         torch.testing.assert_close(EXACT_MATH[aten.cdist.default](a, b, p), torch.cdist(a, b, p), rtol=1e-9, atol=1e-7)
     mm = EXACT_MATH[aten.cdist.default](x1, x1, 2.0, 1)
     torch.testing.assert_close(mm, torch.cdist(x1, x1, compute_mode="use_mm_for_euclid_dist"), rtol=1e-9, atol=1e-7)
+
+
+class Shifts(torch.nn.Module):
+    def forward(self, x, s):
+        return x << s, x >> s, x << 3, x >> 2, torch.bitwise_left_shift(x, s), torch.bitwise_right_shift(7, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8])
+@pytest.mark.parametrize("target", ["onnx-cpu", "tvm-cpu"])
+def test_shifts_as_pytorch_beyond_the_width(target, dtype):
+    """Shift amounts past the type's width and negative ones: 0, or the sign fill for >> of signed types, as
+    PyTorch's kernels answer (LLVM's shifts are undefined there). TVM lowers the shifts itself; ONNX gets
+    `x << s` of two tensors as bitwise_left_shift (EXACT_MATH). Built without the compile-time check."""
+    import flashc
+
+    if importlib.util.find_spec("onnxruntime" if target == "onnx-cpu" else "tvm") is None:
+        pytest.skip(f"{target} is not installed")
+    x, s = torch.randint(0, 100, (9,)).to(dtype), torch.arange(-2, 7).to(dtype)
+    for op in SHIFTS:
+        assert torch.equal(EXACT_MATH[op](x, s), op(x, s)) if op._overloadname == "Tensor" else torch.equal(
+            EXACT_MATH[op](7, s), op(7, s))
+
+    def inputs():
+        low = 0 if dtype == torch.uint8 else -100
+        x = torch.randint(low, 100, (4, 20)).to(dtype)
+        return x, torch.cat([torch.arange(-3, 17), torch.randint(0, 80, (60,))]).view(4, 20).to(dtype)
+
+    model = Shifts()
+    cm = flashc.compile(model, target, example_inputs=inputs(), level=0, verify=False)
+    args = inputs()
+    for got, want in zip(cm(*args), model(*args)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
