@@ -130,6 +130,30 @@ def _ms_build(mod, target, _params):
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _cpu_tensor_intrinsics() -> None:
+    """Register TVM's CPU tensor intrinsics without its CUDA ones before MetaSchedule would import them all.
+
+    MetaSchedule's TuneContext imports `tvm.s_tir.tensor_intrin`, whose CUDA module parses hundreds of TVMScript
+    functions, each calling inspect.stack(), which scans sys.modules for every frame: with PyTorch loaded that
+    took 146 s on a 2-core machine before a 4-trial CPU tuning could start. CPU schedules tensorize with the
+    x86/ARM intrinsics only, so the package is entered without running its __init__ and those are imported."""
+    import importlib.util
+    import sys
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        for cpu in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{cpu}")
+    except Exception:
+        del sys.modules[name]  # let MetaSchedule import it as usual
+        raise
+
+
 def _tune(tvm, mod, target, trials: int, database_dir: Path) -> dict[str, Any]:
     """MetaSchedule-tune mod's fused functions for `trials` measurements in total, printing
     progress; records accumulate in database_dir (a JSON database), reused on rebuild."""
@@ -138,6 +162,7 @@ def _tune(tvm, mod, target, trials: int, database_dir: Path) -> dict[str, Any]:
     from tvm.s_tir.meta_schedule.measure_callback import MeasureCallback, PyMeasureCallback
 
     database_dir.mkdir(parents=True, exist_ok=True)
+    _cpu_tensor_intrinsics()  # tuning is for llvm only (build_tvm)
     mod = _fuse(tvm, mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     # MetaSchedule's learned cost model needs xgboost; without it candidates are sampled at random
