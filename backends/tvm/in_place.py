@@ -44,6 +44,9 @@ class InPlaceWrites:
         self.problems: dict[fx.Node, str] = {}
         for node, why in self.storage.problems:
             self.problems.setdefault(node, why)
+        for root, writes in self.storage.writes.items():
+            if root.op == "get_attr":  # neither an input nor state the runtime writes back
+                self.problems.setdefault(writes[0], f"it writes {root.target}, a constant of the graph")
         # placeholders written (graph order): the module returns their final values
         self.written_placeholders = [n for n in program.graph.nodes
                                      if n.op == "placeholder" and n in self.storage.writes]

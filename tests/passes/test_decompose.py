@@ -70,11 +70,25 @@ def test_multi_output_op_users_read_the_decomposition():
 
 
 def test_what_cannot_be_decomposed_safely_is_left():
-    """An in-place op (it writes its argument) and one_hot (its decomposition checks the class
-    values: a backend would drop the check) stay as they are."""
+    """An in-place op the backend cannot write with copy_ (it writes its argument) and one_hot (its
+    decomposition checks the class values: a backend would drop the check) stay as they are."""
     model = Fn(lambda s, x, i: (x.add_(1), F.one_hot(i, 5)))
-    program, record = _decomposed(model, (torch.randn(3), torch.tensor([0, 4, 2])), {"aten.add_", "aten.one_hot"})
+    program, record = _decomposed(model, (torch.randn(3), torch.tensor([0, 4, 2])),
+                                  {"aten.add_", "aten.one_hot", "aten.copy_"})
     assert not record.changed and {"aten.add_", "aten.one_hot"} <= _ops(program)
+
+
+def test_an_unlowered_in_place_op_becomes_a_copy_of_its_functional_op():
+    """x.add_(1) where the backend lowers add and copy_: x.copy_(x.add(1)), the same write at the same point;
+    the input is written and the result returned as eager does (split_write)."""
+    model = Fn(lambda s, x: (x.add_(1) * 2, x.sum()))
+    program, record = _decomposed(model, (torch.randn(3),), {"aten.add_"})
+    assert record.changed and "aten.add_" not in _ops(program) and {"aten.add", "aten.copy_"} <= _ops(program)
+    x = torch.randn(3)
+    mine, theirs = x.clone(), x.clone()
+    for g, r in zip(_run(program, mine), model(theirs)):
+        assert torch.equal(g, r)
+    assert torch.equal(mine, theirs)
 
 
 def _check(model, inputs, target, tol=1e-5):
