@@ -194,6 +194,12 @@ class Storage:
         return any(self.order[u] > at and u in live
                    for n in [root, *self.aliases.get(root, [])] for u in n.users)
 
+    def stale_after(self, write: fx.Node) -> list[fx.Node]:
+        """The aliases of write's root taken before write and read after it: their values must be read again."""
+        at = self.order[write]
+        return [alias for alias in self.aliases.get(self.root[write], [])
+                if self.order[alias] < at and any(self.order[u] > at for u in alias.users)]
+
     def positions(self, node: fx.Node, layout=None) -> torch.Tensor | None:
         """The root elements (flat, row-major) that node's elements are, in node's shape;
         None when node is the whole root in row-major order (a reshape of it at most)."""

@@ -54,10 +54,7 @@ def lower_write(ctx: LoweringContext, storage: Storage, node: fx.Node, lowering)
                          b.reshape(new, [-1]), axis=0)
         new_root = b.reshape(scattered, root_shape)
     ctx.values[root] = new_root
-    at = storage.order[node]
-    for alias in storage.aliases.get(root, []):
-        if storage.order[alias] >= at or not any(storage.order[u] > at for u in alias.users):
-            continue
+    for alias in storage.stale_after(node):
         ctx.values[alias] = new if alias is target else _read(ctx, storage, alias, new_root)
     return new
 

@@ -92,10 +92,7 @@ class InPlaceWrites:
                                                        lw.bb.emit(op.reshape(new, [-1])), axis=0))
             new_root = lw.bb.emit(op.reshape(scattered, root_shape))
         lw.env[root] = new_root
-        at = storage.order[node]
-        for alias in storage.aliases.get(root, []):
-            if storage.order[alias] >= at or not any(storage.order[u] > at for u in alias.users):
-                continue
+        for alias in storage.stale_after(node):
             lw.env[alias] = new if alias is target else self._read(lw, node, alias, new_root)
         return new
 

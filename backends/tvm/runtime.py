@@ -124,6 +124,9 @@ class TvmModel:
                 i = index[w["weight"]]
                 outside = state.get(w["weight"]) if state is not None else None
                 self._state[i] = outside if outside is not None else self._weight_tensors[i]
+        # per written value: the caller's input position, or None and the state tensor it goes into
+        self._write_back = [(w["input"], None) if "input" in w else (None, self._state[index[w["weight"]]])
+                            for w in self.writes]
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "TvmModel":
@@ -164,9 +167,8 @@ class TvmModel:
             lo, hi = (int(v) for v in extremes.tolist())
             if lo < check["low"] or hi >= check["high"]:
                 raise InputError(out_of_range_message(check, lo, hi))  # before any write: state kept
-        weight_names = [w["name"] for w in self.signature["weights"]]
-        for w, value in zip(self.writes, written):
-            dst = args[w["input"]] if "input" in w else self._state[weight_names.index(w["weight"])]
+        for (position, state), value in zip(self._write_back, written):
+            dst = args[position] if state is None else state
             with torch.no_grad():
                 dst.copy_(value)
         produced = iter(results[:tensors])
