@@ -1,5 +1,6 @@
 """Helpers shared by the tests (importable through pytest's pythonpath = tests)."""
 
+import itertools
 import os
 
 import torch
@@ -68,6 +69,12 @@ def optimized_program(model, name: str, seq_len: int, level: int = 2):
     return program
 
 
+def dot_dtypes() -> list:
+    """triton_dtypes as plain values, for kernel_cases: bf16 left out under Triton's CPU interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return [torch.float32, torch.float16] + ([] if interpreted else [torch.bfloat16])
+
+
 def triton_dtypes() -> list:
     """fp32, fp16 and bf16 as test parameters for Triton kernels that multiply with tl.dot: bf16 is skipped
     under Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/codegen/conftest.py without CUDA), which
@@ -81,3 +88,32 @@ def triton_dtypes() -> list:
     return [torch.float32, torch.float16,
             pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
                 interpreted, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly"))]
+
+
+
+def all_pairs(where=None, **factors: list) -> list[tuple]:
+    """Rows (value tuples, in the order the factors are given) in which every value of each factor meets every
+    value of each other factor at least once: pairwise testing. Faults in tiles, dtypes and options show up in
+    the interplay of two of them far more often than of three, and the full product of four factors is 5-10x
+    these rows. Greedy (the row that covers most uncovered pairs next, the first in product order on ties), so
+    the rows are the same every run. where(row) -> False leaves a combination out (one the test skips): its
+    pairs are covered by other rows where any has them."""
+    values = [list(v) for v in factors.values()]
+    product = [row for row in itertools.product(*(range(len(v)) for v in values))  # indices: values may be
+               if where is None or where(*(v[i] for v, i in zip(values, row)))]     # unhashable (dicts)
+    pairs = lambda row: {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+    uncovered = set().union(*(pairs(row) for row in product)) if len(values) > 1 else set()
+    rows = [] if uncovered else product
+    while uncovered:
+        best = max(product, key=lambda row: len(pairs(row) & uncovered))
+        rows.append(best)
+        uncovered -= pairs(best)
+    return [tuple(v[i] for v, i in zip(values, row)) for row in rows]
+
+
+def kernel_cases(where=None, **factors: list) -> list[tuple]:
+    """A kernel test's cases: every combination on a GPU, pairwise (all_pairs) in Triton's CPU interpreter,
+    where a case costs seconds and the suite's time on two CI cores is budgeted."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return list(itertools.product(*factors.values()))
+    return all_pairs(where, **factors)

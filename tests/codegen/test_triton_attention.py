@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from flashc_testing import triton_dtypes
+from flashc_testing import dot_dtypes, kernel_cases, triton_dtypes
 
 pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's kernels need it")
 
@@ -324,9 +324,8 @@ def counters_are_zero() -> bool:
     return all(not c.any() for c in ta._COUNTERS.values())
 
 
-@pytest.mark.parametrize("splits", [1, 3, 13, 40, None], ids=lambda s: f"splits={s}")
-@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,case,splits", kernel_cases(dtype=dot_dtypes(), case=FUSED_CASES,
+                                                            splits=[1, 3, 13, 40, None]), ids=str)
 def test_fused_decode_matches_reference(device, dtype, case, splits, monkeypatch):
     B, Hq, Hkv, Lmax, D = case
     q = torch.randn(B, Hq, 1, D).to(dtype).to(device)

@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's 
 from flashc import quantized_ops as qo  # noqa: E402
 from flashc.codegen import triton_gemv as tg  # noqa: E402
 from flashc.codegen import triton_gemv_wq as gw  # noqa: E402
+from flashc_testing import kernel_cases  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -69,16 +70,24 @@ def truth(x, w, kw):
                                 None if zp is None else zp.cpu(), bits, **as64)
 
 
-@pytest.mark.parametrize("config", [SMALL, PREFETCH, DOT], ids=["elementwise", "prefetch", "dot"])
-@pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False),
-                                             (2, 16, True), (2, 64, False), (3, 32, True), (3, 64, False)],
-                         ids=str)
-@pytest.mark.parametrize("lead,K,N", [((1,), 160, 37), ((3, 1), 192, 24), ((8,), 128, 33), ((16,), 128, 16)], ids=str)
-def test_codes_groups_and_rows_match_float64(device, lead, K, N, bits, group, asym, config):
-    if K % group:
-        pytest.skip("K is not a multiple of this group size")
-    if lead[0] > gw.ELEMENTWISE_ROWS and not config.get("DOT"):
-        pytest.skip("more rows than the elementwise path takes: a DOT config's case")
+CODES = [(4, 32, False), (4, 64, True), (8, 128, True), (8, 32, False), (2, 16, True), (2, 64, False), (3, 32, True),
+         (3, 64, False)]
+SHAPES = [((1,), 160, 37), ((3, 1), 192, 24), ((8,), 128, 33), ((16,), 128, 16)]
+CODE_CONFIGS = {"elementwise": SMALL, "prefetch": PREFETCH, "dot": DOT}
+
+
+def _runs(config: str, codes: tuple, shape: tuple) -> bool:
+    """A case the kernel takes: K a multiple of the group, the elementwise paths up to ELEMENTWISE_ROWS rows."""
+    (lead, K, _), (_, group, _) = shape, codes
+    return K % group == 0 and (lead[0] <= gw.ELEMENTWISE_ROWS or bool(CODE_CONFIGS[config].get("DOT")))
+
+
+@pytest.mark.parametrize("config,codes,shape", kernel_cases(_runs, config=sorted(CODE_CONFIGS), codes=CODES,
+                                                             shape=SHAPES), ids=str)
+def test_codes_groups_and_rows_match_float64(device, config, codes, shape):
+    if not _runs(config, codes, shape):  # on a GPU every combination is a case
+        pytest.skip(f"not a case the {config} path takes (K a multiple of the group, rows it takes)")
+    (lead, K, N), (bits, group, asym), config = shape, codes, CODE_CONFIGS[config]
     x, w, kw = make(device, torch.float32, lead, K, N, {}, group, bits, asym)
     out = gw.gemv_wq(x, *w, **kw, config=config)
     ref = truth(x, w, kw)
@@ -123,13 +132,16 @@ def test_three_bit_codes_with_every_fold(device, config, group):
     assert rel_err(gw.gemv_wq(x, *w, **kw, config=config).cpu(), truth(x, w, kw)) < 2e-5
 
 
-@pytest.mark.parametrize("config", [{**SMALL, "BLOCK_K": 32, "SPLIT_K": 3}, {**DOT, "SPLIT_K": 3}],
-                         ids=["elementwise", "dot"])
-@pytest.mark.parametrize("bits,group,K", [(4, 32, 448), (8, 64, 320), (3, 32, 544), (2, 32, 512)], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_split_k_ranges_sum_to_the_product(device, monkeypatch, rows, bits, group, K, config):
+SPLIT_CONFIGS = {"elementwise": {**SMALL, "BLOCK_K": 32, "SPLIT_K": 3}, "dot": {**DOT, "SPLIT_K": 3}}
+
+
+@pytest.mark.parametrize("config,codes,rows", kernel_cases(
+    lambda config, codes, rows: rows <= gw.ELEMENTWISE_ROWS or config == "dot", config=sorted(SPLIT_CONFIGS),
+    codes=[(4, 32, 448), (8, 64, 320), (3, 32, 544), (2, 32, 512)], rows=[1, 3, 16]), ids=str)
+def test_split_k_ranges_sum_to_the_product(device, monkeypatch, rows, codes, config):
     """SPLIT_K: K in ranges of whole (widened) BLOCK_K blocks, a short last block where K is not a multiple
     (448 at 4 bits), partials summed and every fold applied by triton_gemv's summing kernel."""
+    (bits, group, K), config = codes, SPLIT_CONFIGS[config]
     if rows > gw.ELEMENTWISE_ROWS and not config.get("DOT"):
         pytest.skip("more rows than the elementwise path takes")
     sums = []

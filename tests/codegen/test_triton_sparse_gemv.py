@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="Triton is not installed: flashc.codegen's 
 
 import flashc  # noqa: E402,F401  (registers flashc.sparse_gemv)
 from flashc.codegen import triton_sparse_gemv as ts  # noqa: E402
+from flashc_testing import kernel_cases  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the accumulation is fp32 whatever the dtype: the bound is the output's rounding plus fp32 sums
@@ -78,10 +79,13 @@ def skip_interpreted_bf16_dot(dtype, config):
 SPARSITIES = [0.0, 0.4, 0.9, 1.0]
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("per_feature", [False, True], ids=["scalar_t", "per_feature_t"])
-@pytest.mark.parametrize("sparsity", SPARSITIES)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INTERPRETABLE = lambda dtype, config, *_: not (dtype == torch.bfloat16 and CONFIGS[config].get("DOT"))
+
+
+@pytest.mark.parametrize("dtype,config,per_feature,sparsity",
+                         kernel_cases(INTERPRETABLE, dtype=DTYPES, config=sorted(CONFIGS), per_feature=[False, True],
+                                      sparsity=SPARSITIES), ids=str)
 def test_matches_float64_reference(device, sparsity, per_feature, dtype, config):
     """1 row, 8 rows and one count between (2..7 over the sparsities and threshold kinds), odd K and N,
     bias or none, at the given sparsity and threshold kind."""
@@ -102,9 +106,9 @@ FOLDS = {"norm": dict(norm=True), "norm+silu": dict(norm=True, glu="silu"), "gel
          "residual": dict(residual=True), "norm+residual": dict(norm=True, residual=True)}
 
 
-@pytest.mark.parametrize("folds", sorted(FOLDS))
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,config,folds", kernel_cases(
+    lambda dtype, config, folds: INTERPRETABLE(dtype, config) and not (dtype == torch.bfloat16 and "norm" in folds),
+    dtype=DTYPES, config=sorted(CONFIGS), folds=sorted(FOLDS)), ids=str)
 def test_folded_norm_activation_and_residual_match_the_op(device, dtype, config, folds):
     """The RMSNorm before (the threshold sees the normed value), the gated activation of the output's halves
     or the residual after, as flashc.sparse_gemv's reference computes them, 1 and 5 rows, per-feature and
