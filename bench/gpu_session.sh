@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh sanitize # compute-sanitizer memcheck over the cold-tuning repro and a short soak
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
 #   bash bench/gpu_session.sh s24      # on an H200 only: hand-written decoder, SSM decode b16/8k profile
+#   bash bench/gpu_session.sh s27      # s24 on an H200, int4-1b on an H100
 #   bash bench/gpu_session.sh s23      # hand-written decoder vs reduce-overhead, then the fp8 fused-input prefill test
 #   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
 #                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
@@ -193,6 +194,19 @@ case "${1:-verify}" in
       step ssm_profile 300 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --kind mamba2 --profile
     else
       echo "not an H200: nothing timed" | tee -a "$OUT/steps.txt"
+    fi
+    ;;
+  s27)  # session 27's one call: on an H200 what s24 measures (issues #13 and #16 name H200 targets), on an H100
+        # what int4-1b measures (the queue's other part that needs no carried wheel)
+    if [ "$(gpu_target)" = h200 ]; then
+      step handwritten 200 python3 bench/handwritten_decode.py --out "$OUT" --timeout 95 \
+        --variants reduce-overhead flashc-handwritten flashc-hf
+      step ssm_profile 300 python3 bench/ssm_speed.py --out "$OUT" --cases decode-b16-8k --kind mamba2 --profile
+    else
+      step decode_int4_1b 250 python3 bench/decode.py --models llama-3.2-1b --batches 1 --prefill 0 \
+        --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 120
+      step gemv_wq_b8 200 python3 bench/gemv_wq_shapes.py --out "$OUT" --models llama-3-8b --quants int4 \
+        --batches 8 --budget-s 185
     fi
     ;;
   int4-1b)  # llama-3.2-1b int4 with its output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the
