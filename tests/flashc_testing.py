@@ -117,3 +117,24 @@ def kernel_cases(where=None, **factors: list) -> list[tuple]:
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return list(itertools.product(*factors.values()))
     return all_pairs(where, **factors)
+
+
+def run_cli(*args, cwd=None):
+    """`flashc ARGS` run in this process by flashc.cli.main, the `flashc` command's entry point: a
+    CompletedProcess with its exit status, stdout and stderr. A subprocess costs seconds of importing torch and
+    flashc per command; the tests about the process itself (the entry point, its exit status) still start one.
+    The command's seeding does not reach the caller's random generator, and the working directory is restored."""
+    import contextlib
+    import io
+    import subprocess
+
+    from flashc.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            os.chdir(cwd or here)
+            code = main([str(a) for a in args])
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(["flashc", *map(str, args)], code, out.getvalue(), err.getvalue())

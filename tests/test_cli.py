@@ -1,4 +1,5 @@
-"""The flashc command line, run as a user runs it (subprocess)."""
+"""The flashc command line, run as a user runs it (flashc.cli.main with its arguments; the entry point in a
+subprocess once)."""
 
 import json
 import re
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flashc_testing import run_cli
 
 FACTORY = '''
 import torch
@@ -22,13 +24,12 @@ def make():
 '''
 
 
-def flashc(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "flashc.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+flashc = run_cli  # in this process: a subprocess per command cost seconds of imports
 
 
 def test_targets_lists_targets_and_profiles():
-    r = flashc("targets")
+    """The entry point a user runs, in its own process."""
+    r = subprocess.run([sys.executable, "-m", "flashc.cli", "targets"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0
     for needle in ("cpu", "h100", "tvm-cpu", "onnx-cpu", "lpu-v1", "3.35", "989"):
         assert needle in r.stdout

@@ -1,12 +1,8 @@
 """The model-level options of `flashc compile` (--ssm, --recover-steps), run as a user runs them."""
 
 import json
-import subprocess
-import sys
 
-
-def flashc(*args):
-    return subprocess.run([sys.executable, "-m", "flashc.cli", *args], capture_output=True, text=True, timeout=600)
+from flashc_testing import run_cli as flashc
 
 
 def test_ssm_compile_generate_and_run(tmp_path):
