@@ -389,6 +389,26 @@ def _select(lw, node):
     return lw.bb.emit(lw.R.op.take(x, lw.R.const(index % size, "int64"), axis=dim))
 
 
+def _unfold(lw, node):
+    """Tensor.unfold(dim, size, step): the windows of `size` elements every `step` along dim, as a new last dim
+    (a view in PyTorch; here a gather with a constant index map, then the window's dim moved last). The frontend
+    has no converter."""
+    x = lw.value(node.args[0])
+    dim, size, step = node.args[1], node.args[2], node.args[3]
+    shape = _shape(x)
+    if not shape:
+        raise refuse(node, "unfold of a 0-d tensor")
+    dim %= len(shape)
+    if not (step > 0 and 0 < size <= shape[dim]):
+        raise refuse(node, f"unfold({dim}, {size}, {step}) of a dimension of size {shape[dim]} (PyTorch raises "
+                            "here too)", "fix the model")
+    windows = (shape[dim] - size) // step + 1
+    index = torch.arange(windows)[:, None] * step + torch.arange(size)[None, :]
+    taken = lw.bb.emit(lw.R.op.take(x, lw.R.const(index.numpy(), "int64"), axis=dim))  # dims: .., windows, size, ..
+    order = list(range(dim + 1)) + list(range(dim + 2, len(shape) + 1)) + [dim + 1]
+    return lw.bb.emit(lw.R.op.permute_dims(taken, order))
+
+
 def _reversed_dims(lw, node):
     """aten.numpy_T (x.T: every dim reversed; Falcon's fused QKV at -O0) and aten.t (the same for at most
     2 dims; the RNN decompositions' weights): no frontend converter."""
@@ -764,6 +784,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.slice.Tensor: _slice,
     aten.narrow.default: _narrow,
     aten.select.int: _select,
+    aten.unfold.default: _unfold,
     aten.numpy_T.default: _reversed_dims,
     aten.t.default: _reversed_dims,
     aten.index.Tensor: lower_index,

@@ -462,6 +462,18 @@ def test_several_index_tensors_index_together_as_in_pytorch():
         cm(make()[0], torch.zeros(3, dtype=torch.long), torch.tensor([0, 6, 1]))
 
 
+def test_tensor_unfold_windows_every_dim_size_and_step():
+    """Tensor.unfold (a view in PyTorch: sliding windows as a new last dim), on a first, middle and last dim,
+    windows that overlap, touch or leave a remainder, then used in arithmetic; its output is a fresh tensor."""
+    model = Fn(lambda x: (x.unfold(0, 2, 1), x.unfold(1, 3, 2) * 2, x.unfold(-1, 4, 3) + 1, x.unfold(2, 7, 1),
+                          x.unfold(1, 1, 5)))
+    cm = _compile(model, (torch.randn(3, 5, 7),))
+    for _ in range(2):
+        x = torch.randn(3, 5, 7)
+        for k, (g, r) in enumerate(zip(cm(x), model(x))):
+            assert g.shape == r.shape and torch.equal(g, r), k
+
+
 @pytest.mark.parametrize("ids,j,message", [
     (torch.full((2, 5), 10), torch.tensor([0, 1]), r"input 'ids': indices 10\.\.10 are outside \[0, 10\).*embedding"),
     (torch.full((2, 5), -1), torch.tensor([0, 1]), r"input 'ids': indices -1\.\.-1 are outside \[0, 10\)"),
