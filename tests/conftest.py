@@ -43,11 +43,12 @@ def _patch_triton_language_once_per_launch() -> None:
         return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
 
     def patch_lang_once(fn):
-        if patched and langs(fn) <= patched[-1]:
+        needed = langs(fn)
+        if patched and needed <= patched[-1]:
             return ti._LangPatchScope()  # nothing to restore: the launch's own scope restores them
         scope = patch_lang(fn)
         if patched:
-            patched[-1] |= langs(fn)
+            patched[-1] |= needed
         return scope
 
     def launch_tracked(self, *args, **kwargs):

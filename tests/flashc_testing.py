@@ -69,10 +69,14 @@ def optimized_program(model, name: str, seq_len: int, level: int = 2):
     return program
 
 
+def interpreted() -> bool:
+    """Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def dot_dtypes() -> list:
     """triton_dtypes as plain values, for kernel_cases: bf16 left out under Triton's CPU interpreter."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return [torch.float32, torch.float16] + ([] if interpreted else [torch.bfloat16])
+    return [torch.float32, torch.float16] + ([] if interpreted() else [torch.bfloat16])
 
 
 def triton_dtypes() -> list:
@@ -80,15 +84,11 @@ def triton_dtypes() -> list:
     under Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/codegen/conftest.py without CUDA), which
     gets tl.dot on bf16 operands wrong (Triton 3.9: relative error ~1e9 on a 16x16 product; bf16 loads, stores
     and elementwise math are fine), so those run on GPUs only."""
-    import os
-
     import pytest
 
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return [torch.float32, torch.float16,
             pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-                interpreted, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly"))]
-
+                interpreted(), reason="Triton's CPU interpreter computes bf16 tl.dot wrongly"))]
 
 
 def all_pairs(where=None, **factors: list) -> list[tuple]:
@@ -114,7 +114,7 @@ def all_pairs(where=None, **factors: list) -> list[tuple]:
 def kernel_cases(where=None, **factors: list) -> list[tuple]:
     """A kernel test's cases: every combination on a GPU, pairwise (all_pairs) in Triton's CPU interpreter,
     where a case costs seconds and the suite's time on two CI cores is budgeted."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not interpreted():
         return list(itertools.product(*factors.values()))
     return all_pairs(where, **factors)
 

@@ -135,15 +135,20 @@ def test_three_bit_codes_with_every_fold(device, config, group):
 SPLIT_CONFIGS = {"elementwise": {**SMALL, "BLOCK_K": 32, "SPLIT_K": 3}, "dot": {**DOT, "SPLIT_K": 3}}
 
 
+def _split_runs(config: str, codes: tuple, rows: int) -> bool:
+    """A case the kernel takes: the elementwise path up to ELEMENTWISE_ROWS rows."""
+    return rows <= gw.ELEMENTWISE_ROWS or bool(SPLIT_CONFIGS[config].get("DOT"))
+
+
 @pytest.mark.parametrize("config,codes,rows", kernel_cases(
-    lambda config, codes, rows: rows <= gw.ELEMENTWISE_ROWS or config == "dot", config=sorted(SPLIT_CONFIGS),
-    codes=[(4, 32, 448), (8, 64, 320), (3, 32, 544), (2, 32, 512)], rows=[1, 3, 16]), ids=str)
+    _split_runs, config=sorted(SPLIT_CONFIGS), codes=[(4, 32, 448), (8, 64, 320), (3, 32, 544), (2, 32, 512)],
+    rows=[1, 3, 16]), ids=str)
 def test_split_k_ranges_sum_to_the_product(device, monkeypatch, rows, codes, config):
     """SPLIT_K: K in ranges of whole (widened) BLOCK_K blocks, a short last block where K is not a multiple
     (448 at 4 bits), partials summed and every fold applied by triton_gemv's summing kernel."""
-    (bits, group, K), config = codes, SPLIT_CONFIGS[config]
-    if rows > gw.ELEMENTWISE_ROWS and not config.get("DOT"):
+    if not _split_runs(config, codes, rows):  # on a GPU every combination is a case
         pytest.skip("more rows than the elementwise path takes")
+    (bits, group, K), config = codes, SPLIT_CONFIGS[config]
     sums = []
     monkeypatch.setattr(gw, "sum_splits", lambda partials, *a: (sums.append(partials.shape[0]),
                                                                 tg.sum_splits(partials, *a)))
