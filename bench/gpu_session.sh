@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh handwritten [VARIANTS...] # issue "Any model fast": hand-written vs HF decoder
 #   bash bench/gpu_session.sh s24      # on an H200 only: hand-written decoder, SSM decode b16/8k profile
 #   bash bench/gpu_session.sh s27      # s24 on an H200, int4-1b on an H100
+#   bash bench/gpu_session.sh s28      # cold tuning: candidates compiled one after another against side by side
 #   bash bench/gpu_session.sh s23      # hand-written decoder vs reduce-overhead, then the fp8 fused-input prefill test
 #   bash bench/gpu_session.sh prefill  # session 10's unmeasured kernels: chunk attention (time to first token),
 #                                      # one-pass W8A8/FP8 quantization, 2:4 on sparse tensor cores (8B prefill)
@@ -206,6 +207,11 @@ case "${1:-verify}" in
       step decode_int4_1b 540 python3 bench/decode.py --models llama-3.2-1b --batches 1 --prefill 0 \
         --variants flashc flashc-int4 flashc-int4-head --out "$OUT" --timeout 180
     fi
+    ;;
+  s28)  # session 28's first call: candidates compiled side by side before timing (codegen/tuning.py), its GPU test
+        # and a first-time user's wait for the 1B decode step's GEMVs to tune, one after another against 16 workers
+    step tuning_tests 150 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_tuning.py
+    step cold_tuning 400 python3 bench/cold_tuning.py --out "$OUT" --kinds int4 bf16 --workers 0 16 --timeout 170
     ;;
   int4-1b)  # llama-3.2-1b int4 with its output head in int4 too (session 20's 1B row kept a bf16 head, 19% of the
             # step); a cold int4 tuning of the 1B model took over 120 s in session 27 (the 8-row shapes ran then)

@@ -52,6 +52,7 @@ __all__ = [
     "cached_config",
     "candidates",
     "clear_memory_cache",
+    "compile_workers",
     "detect_profile",
     "export_tuning",
     "get_config",
@@ -796,6 +797,92 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
+# ---------------------------------------------------------------------------
+# Compiling candidates side by side
+# ---------------------------------------------------------------------------
+def compile_workers() -> int:
+    """Threads that compile a kernel's candidates before they are timed (``FLASHC_COMPILE_WORKERS``, default
+    ``min(16, cores)``; 0 or 1 compiles each candidate when it is first timed, one after another)."""
+    raw = os.environ.get("FLASHC_COMPILE_WORKERS", "").strip()
+    if raw:
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            raise ValueError(f"FLASHC_COMPILE_WORKERS must be an integer, got {raw!r}") from None
+    return min(16, os.cpu_count() or 1)
+
+
+def _record_compiles(cands: list[dict], run_fn: Callable[[dict], Any]) -> list[tuple[Any, str]]:
+    """The Triton compiles running each candidate would start, without compiling or launching them.
+
+    Triton asks ``knobs.runtime.jit_cache_hook`` before every compile of a kernel it has not
+    compiled yet; a hook that answers True makes the launch return without compiling or running
+    it. Each candidate's ``run_fn`` is called under such a hook (for this thread only; other
+    threads keep the hook that was there), and the hook keeps what ``JITFunction.preload`` needs to
+    compile the same specialization later. Work ``run_fn`` does besides Triton launches (allocating
+    outputs, library calls) runs as usual; what a skipped kernel would have written is never read
+    by anything but the rest of this throwaway call.
+    """
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover - older Triton: compile while timing
+        return []
+    runtime = knobs.runtime
+    previous = runtime.jit_cache_hook
+    me = threading.get_ident()
+    seen: dict[Any, tuple[Any, str]] = {}
+
+    def hook(*args, **kwargs):
+        if threading.get_ident() != me:
+            return previous(*args, **kwargs) if previous else None
+        compile_args = kwargs.get("compile") or {}
+        data = compile_args.get("specialization_data")
+        fn = getattr(kwargs.get("fn"), "jit_function", None)
+        if data is None or fn is None:
+            return previous(*args, **kwargs) if previous else None
+        seen.setdefault((id(fn), data), (fn, data))
+        return True
+
+    runtime.jit_cache_hook = hook
+    try:
+        for cfg in cands:
+            try:
+                run_fn(dict(cfg))
+            except Exception:  # the timing pass reports a candidate that fails
+                pass
+    finally:
+        runtime.jit_cache_hook = previous
+    return list(seen.values())
+
+
+def _precompile(cands: list[dict], run_fn: Callable[[dict], Any], workers: int) -> int:
+    """Compile the Triton kernels of every candidate on ``workers`` threads; how many were compiled.
+
+    Timing then finds each kernel in Triton's cache. A compile that fails here is left for the
+    timing pass, which records the candidate's error as it always has.
+    """
+    specs = _record_compiles(cands, run_fn)
+    if len(specs) < 2:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def compile_one(spec) -> bool:
+        fn, data = spec
+        try:  # a thread starts on device 0: compile for the device the candidates ran on
+            with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+                fn.preload(data)
+            return True
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(specs)), thread_name_prefix="flashc-compile") as pool:
+        return sum(pool.map(compile_one, specs))
+
+
 def autotune(
     kernel_name: str,
     key: Mapping[str, Any],
@@ -841,6 +928,10 @@ def autotune(
             hit = _entries(path).get(ckey)
         if hit is not None:
             return dict(hit["config"])
+
+    workers = compile_workers()
+    if workers > 1 and len(cands) > 1 and _can_time_on_gpu():
+        _precompile(cands, run_fn, workers)
 
     timings: list[tuple[float, dict]] = []
     errors: list[str] = []

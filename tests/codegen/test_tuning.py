@@ -291,3 +291,116 @@ def test_a_kernel_that_never_compiles_is_said_not_hidden_behind_the_library_path
         best = tuning.autotune("my_kernel", {**KEY, "M": 7}, cands, some_fail.run_fn, "h100", kernel_source=SRC_A,
                                bench_fn=some_fail)
     assert best == CANDS[2]
+
+
+class FakeJit:
+    """Stands in for a Triton JITFunction: `launch` asks the jit_cache_hook as Triton does before compiling."""
+
+    def __init__(self):
+        self.compiled: dict[str, str] = {}  # specialization -> thread that compiled it
+
+    def launch(self, spec: str) -> bool:
+        """True if the kernel ran (compiling it first when needed), False if the hook skipped it."""
+        from triton import knobs
+
+        if spec not in self.compiled:
+            hook = knobs.runtime.jit_cache_hook
+            info = type("Info", (), {"jit_function": self})()
+            if hook and hook(key=spec, repr=spec, fn=info, compile={"key": spec, "specialization_data": spec},
+                             is_manual_warmup=False, already_compiled=False):
+                return False
+            self.preload(spec)
+        return True
+
+    def preload(self, spec: str) -> None:
+        import threading
+
+        self.compiled.setdefault(spec, threading.current_thread().name)
+
+
+def test_candidates_compile_side_by_side_before_timing(monkeypatch):
+    """autotune first runs every candidate under Triton's jit_cache_hook to learn what each would compile (nothing
+    compiles or launches then), compiles those on worker threads, and times them afterwards: no compile is left."""
+    knobs = pytest.importorskip("triton.knobs", reason="Triton is not installed")
+    monkeypatch.setattr(tuning, "_can_time_on_gpu", lambda: True)
+    monkeypatch.setenv("FLASHC_COMPILE_WORKERS", "3")
+    jit = FakeJit()
+    timed: list[tuple[int, bool]] = []
+
+    def run_fn(cfg):
+        ran = jit.launch(f"BLOCK={cfg['BLOCK']}")
+        jit.launch("sum_splits")  # a second kernel the candidates share: compiled once
+        return ran
+
+    def bench(fn):
+        compiled_before = len(jit.compiled)
+        assert fn() is True
+        timed.append((len(jit.compiled) - compiled_before, True))
+        return 1.0
+
+    assert tuning.compile_workers() == 3
+    tuning.autotune("my_kernel", KEY, CANDS, run_fn, "h100", kernel_source=SRC_A, bench_fn=bench)
+    assert sorted(jit.compiled) == ["BLOCK=16", "BLOCK=32", "BLOCK=64", "sum_splits"]
+    assert all(name.startswith("flashc-compile") for name in jit.compiled.values())
+    assert timed == [(0, True)] * 3  # timing compiled nothing
+    assert knobs.runtime.jit_cache_hook is None  # the hook is handed back
+
+
+def test_the_recording_hook_is_for_the_tuning_thread_only(monkeypatch):
+    """Another thread compiling while candidates are recorded gets the hook that was installed before."""
+    knobs = pytest.importorskip("triton.knobs", reason="Triton is not installed")
+    import threading
+
+    asked = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: asked.append(kw["key"]))
+    other = FakeJit()
+    ran_elsewhere = []
+
+    def run_fn(cfg):
+        thread = threading.Thread(target=lambda: ran_elsewhere.append(other.launch("elsewhere")))
+        thread.start()
+        thread.join()
+        FakeJit().launch(f"BLOCK={cfg['BLOCK']}")
+
+    specs = tuning._record_compiles([dict(c) for c in CANDS], run_fn)
+    assert sorted(data for _, data in specs) == ["BLOCK=16", "BLOCK=32", "BLOCK=64"]
+    assert ran_elsewhere == [True] * 3 and asked == ["elsewhere"]  # compiled once there, through the old hook
+    assert knobs.runtime.jit_cache_hook is not None and knobs.runtime.jit_cache_hook(key="x") is None
+
+
+def test_compile_workers_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("FLASHC_COMPILE_WORKERS", "0")
+    assert tuning.compile_workers() == 0
+    monkeypatch.setenv("FLASHC_COMPILE_WORKERS", "many")
+    with pytest.raises(ValueError, match="FLASHC_COMPILE_WORKERS"):
+        tuning.compile_workers()
+    monkeypatch.delenv("FLASHC_COMPILE_WORKERS")
+    assert 1 <= tuning.compile_workers() <= 16
+
+
+def test_a_cold_gpu_tuning_compiles_every_candidate_before_timing_it(device, monkeypatch):
+    """On a GPU: after the side-by-side compiles, timing the GEMV's candidates compiles nothing more."""
+    if device.type != "cuda":
+        pytest.skip("needs a GPU: Triton compiles for it")
+    knobs = pytest.importorskip("triton.knobs", reason="Triton is not installed")
+    from flashc.codegen import triton_gemv
+
+    monkeypatch.setenv("FLASHC_COMPILE_WORKERS", "4")
+    x = torch.randn(1, 320, device=device, dtype=torch.bfloat16)  # a shape no other test compiles
+    w = torch.randn(448, 320, device=device, dtype=torch.bfloat16)
+    late = []
+    real = tuning._precompile
+
+    def precompile_then_watch(cands, run_fn, workers):
+        n = real(cands, run_fn, workers)
+        knobs.runtime.jit_cache_hook = lambda **kw: late.append(kw["repr"])
+        return n
+
+    monkeypatch.setattr(tuning, "_precompile", precompile_then_watch)
+    try:
+        cfg = triton_gemv.tune_gemv(x, w)
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    assert late == []
+    y = triton_gemv.gemv(x, w, config=cfg)  # the winner computes the product
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=2e-2, atol=5e-2)
