@@ -303,6 +303,11 @@ def _convert_and_type(m, model: ir.Model, opset: int) -> None:
             converter.ConvertVersionPass(target_version=opset, fallback=False)(model)
         else:  # older onnxscript: the converter inlines itself
             converter.convert_version(model, opset)
+        # the inlined functions' values keep the shapes their bodies were written with (IsNaN's result in
+        # aten_isnan is a scalar there): onnx's inference refuses to contradict them, so it infers them afresh
+        for n in model.graph:
+            for out in n.outputs:
+                out.shape = None
         m["ShapeInferencePass"]()(model)
     except Exception as e:
         raise NotLowerable(f"converting onnxscript's torchlib lowering to opset {opset} failed "

@@ -241,3 +241,19 @@ def test_without_onnxscript_the_op_is_refused_saying_what_to_install(without_onn
     cm = flashc.compile(Op(lambda x: torch.relu(x) + 1), target="onnx-cpu", example_inputs=(torch.randn(3, 2),))
     x = torch.randn(3, 2)
     assert torch.equal(cm(x), torch.relu(x) + 1)
+
+
+def test_inlined_functions_get_their_shapes_inferred_without_a_warning(caplog):
+    """torchlib's aten_isnan (inside nan_to_num) types its IsNaN result as a scalar in its own body: once inlined,
+    onnx's shape inference refused to contradict that and onnx-ir logged a traceback at every compile."""
+    import logging
+
+    module = Op(lambda x: torch.nan_to_num(torch.log(x), nan=0.5, posinf=3.0, neginf=-3.0)).eval()
+    with caplog.at_level(logging.WARNING):
+        cm = flashc.compile(module, target="onnx-cpu", example_inputs=(torch.randn(4, 5),), level=0)
+    assert not [r for r in caplog.records if "Shape inference failed" in r.getMessage()]
+    x = torch.randn(4, 5)
+    x[0, 0] = 0.0  # log: -inf
+    x[1, 1] = float("inf")
+    got, want = cm(x), module(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and rel_err(got, want) < 1e-6
