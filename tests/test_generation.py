@@ -270,6 +270,56 @@ def test_failed_probes_wait_longer_and_a_model_drafter_probes_with_one_draft():
         assert spec.choose(4) > 0 and spec.learned.probe_every == Speculator.PROBE_EVERY
 
 
+def test_a_greedy_model_drafter_probes_without_a_verify_round():
+    """Once a verify round has been timed, a model drafter's probe in greedy decoding drafts one token and lets a
+    plain step run: the draft is scored against the token that step emits (kept exactly when it is that token).
+    Sampling still probes with a verify round (a sampled draft's chance of being kept is not the chance that the
+    plain step draws it)."""
+
+    class OneDraft:  # stands for a draft model: proposes a fixed token, counts its calls
+        cheap = False
+
+        def __init__(self):
+            self.calls = []
+
+        def reset(self):
+            pass
+
+        def propose(self, tokens, k, sampling, rows=None):
+            self.calls.append(k)
+            return Plan(torch.full((tokens.shape[0], k), 7, dtype=tokens.dtype))
+
+    greedy = Sampling.make(0.0, None, None, None, "cpu")
+    tokens = torch.tensor([[1, 2, 3]])
+    drafter = OneDraft()
+    spec = Speculator(drafter, max_draft=4)
+    spec.observe_plain(1.0)
+    first = spec.plan(tokens, 8, greedy)
+    assert first is not None and first.k == 1  # no verify round timed yet: the first probe is one
+    spec.learned.timing.verify = 1.5
+    spec.learned.counts[0] = [0.1, 5.0]  # drafts almost never kept
+    rounds = [spec.plan(tokens, 8, greedy) for _ in range(Speculator.PROBE_EVERY)]
+    assert rounds == [None] * Speculator.PROBE_EVERY  # all plain steps, the last one with a draft beside it
+    assert drafter.calls == [1, 1] and spec.shadow is not None and spec.shadow[0].tolist() == [7]
+    before = spec.acceptance(0)
+    spec.observe_plain(1.0, [[7]])  # the plain step picked the drafted token
+    assert spec.acceptance(0) > before and spec.shadow is None
+    spec.plan(tokens, 8, greedy)
+    spec.learned.idle = spec.learned.probe_every - 1
+    assert spec.plan(tokens, 8, greedy) is None
+    before = spec.acceptance(0)
+    spec.observe_plain(1.0, [[8]])  # it picked another
+    assert spec.acceptance(0) < before
+
+    sampled = Speculator(OneDraft(), max_draft=4)
+    sampled.observe_plain(1.0)
+    sampled.learned.timing.verify = 1.5
+    sampled.learned.counts[0] = [0.1, 5.0]
+    sampled.learned.idle = sampled.learned.probe_every - 1
+    plan = sampled.plan(tokens, 8, Sampling.make(0.8, None, None, 0, "cpu"))
+    assert plan is not None and plan.k == 1 and sampled.shadow is None
+
+
 def test_what_speculation_measured_carries_over_to_the_next_call(target):
     """A generate() call starts from what earlier calls with the same drafter measured: step times
     (no first probe just to time a verify round) and the probe wait (a drafter that did not pay is
