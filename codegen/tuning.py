@@ -293,6 +293,12 @@ _GEMV_WQ = _cfgs(
     {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1, "prefetch": True},
     {"library": True},
 )
+# Hopper (h100, h200): the untuned default, the flat and xvec tiles and the library path. Every int4 one-row shape
+# timed on an H100 went to an xvec tile (llama-3-8b's five, session 21; llama-3.2-1b's qkv and o_proj, session 27,
+# where the other tiles ran 12-63% slower than the winner, flat first), and each candidate is a ~1 s compile a
+# shape: 22 of them made a first-time user's int4 compile of the 1B model tune for over two minutes (session 27).
+# The flat tiles stay for int8, where xvec does not apply (triton_gemv_wq runs an xvec config as its flat tile).
+_GEMV_WQ_HOPPER = [_GEMV_WQ[0]] + [c for c in _GEMV_WQ[1:] if c.get("flat") or c.get("library")]
 # Several rows: the elementwise path spends one FMA a row per weight and spills from 4 rows, so
 # the DOT configs (codes dequantized to x's dtype, tl.dot with the rows padded to 16: ~6-6.9 SASS
 # instructions a weight, offline sm_90 compiles) take over from 3 rows; BLOCK_N >= 64 for Hopper's
@@ -374,7 +380,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "moe_wq": _MOE_WQ_HOPPER,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
-        "gemv_wq": _GEMV_WQ,
+        "gemv_wq": _GEMV_WQ_HOPPER,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
         "int8_matmul": _INT8_MM_HOPPER,
     },
@@ -389,7 +395,7 @@ TUNING_SPACE: dict[str, dict[str, list[dict]]] = {
         "moe_wq": _MOE_WQ_HOPPER,
         "gemv": _GEMV,
         "gemv_rows": _GEMV_ROWS,
-        "gemv_wq": _GEMV_WQ,
+        "gemv_wq": _GEMV_WQ_HOPPER,
         "gemv_wq_rows": _GEMV_WQ_ROWS,
         "int8_matmul": _INT8_MM_HOPPER,
     },
