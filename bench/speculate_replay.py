@@ -118,6 +118,56 @@ def replay(records: dict, k: int, plain_us: float, ratio: float, drafter: tuple[
     return rows
 
 
+def device_time(records: dict, k: int, plain_us: float, ratio: float, share: float, repeats: int = 3,
+                cache_len: int = 1024) -> dict:
+    """Plain decoding's device time over a model drafter's whose drafts are never kept, per prompt kind and
+    repeat, with what speculation learned carried from prompt to prompt as GenerationModel carries it: the
+    cost of the adaptive policy's probes alone, free of this machine's timing noise (the seconds each stand-in
+    call was given, added up; the policy itself still decides on the times it measures)."""
+    from flashc.generate import generate
+    from flashc.speculate import Learned, ModelDrafter, Speculator
+
+    spent = [0.0]
+    global _wait
+    real_wait = _wait
+
+    def counted(seconds: float) -> None:
+        spent[0] += seconds
+        real_wait(seconds)
+
+    _wait = counted
+    ids_seen = sorted({t for rec in records.values() for t in rec["tokens"]})
+    dense = {t: i for i, t in enumerate(ids_seen)}
+    vocab, plain_s, out = len(ids_seen), plain_us * 1e-6, {}
+    sizes = (1, 16, 512)
+    try:
+        for kind in ("passage", "open-ended"):
+            learned = Learned()
+            for rep in range(repeats):
+                totals = []
+                for drafted in (False, True):
+                    spent[0] = 0.0
+                    for name, rec in records.items():
+                        if not name.startswith(kind):
+                            continue
+                        tokens = [dense[t] for t in rec["tokens"]]
+                        steps = Replay(tokens, vocab, {1: plain_s, k + 1: plain_s * ratio,
+                                                       512: plain_s * 512 / 200}).steps(cache_len)
+                        spec = None
+                        if drafted:
+                            cost = {n: plain_s * share * (1 if n == 1 else ratio if n <= 16 else n / 200)
+                                    for n in sizes}
+                            wrong = Replay([(t + 1) % vocab for t in tokens], vocab, cost).steps(cache_len)
+                            spec = Speculator(ModelDrafter(wrong, vocab), k, learned=learned)
+                        generate(steps, torch.tensor([tokens[:rec["prompt"]]]), len(tokens) - rec["prompt"],
+                                 speculator=spec)
+                    totals.append(spent[0])
+                out[(kind, rep)] = totals[0] / totals[1]
+    finally:
+        _wait = real_wait
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--record", default=str(REPO / "bench_out" / "smollm2_greedy.json"),
@@ -132,6 +182,9 @@ def main() -> int:
     ap.add_argument("--drafter-entries", type=int, nargs="+", default=[1, 512],
                     help="that drafter's entries (tokens a call): 1 512 as before session 16's catch-up entry, "
                          "1 16 512 with it")
+    ap.add_argument("--device-time", type=float, default=None, metavar="SHARE",
+                    help="only the device-time cost of a never-kept model drafter's probes (its step SHARE of a "
+                         "plain step), what was learned carried from prompt to prompt, per repeat")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the stand-ins' tensor ops in one thread: no pool wake-ups in the timed loop
     path = Path(args.record)
@@ -140,6 +193,14 @@ def main() -> int:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         records = record(args.prompts, args.new_tokens, path)
+    if args.device_time is not None:
+        print("| verify / plain | drafter step / plain | prompts | repeat | device time x plain |")
+        print("|---|---|---|---|---|")
+        for ratio in args.ratios:
+            for (kind, rep), x in device_time(records, max(args.drafts), args.plain_us, ratio,
+                                              args.device_time).items():
+                print(f"| {ratio:.2f} | {args.device_time:.2f} | {kind} | {rep + 1} | {x:.3f} |", flush=True)
+        return 0
     print(f"| verify / plain | drafts | prompts | variant | tokens a call | x plain |\n|---|---|---|---|---|---|")
     for ratio in args.ratios:
         for k in args.drafts:

@@ -14,12 +14,12 @@ the op and the model line.
 
 The decomposition of an op is flashc's own for the few whose PyTorch decomposition no backend
 lowers or whose converters are wrong at the edges (`OWN_DECOMPOSITIONS`: EmbeddingBag, masked_scatter,
-and the elementwise math of exact_math.py), else torch._decomp's registered one, else the op's
-CompositeImplicitAutograd kernel (`OpOverload.decompose`, how PyTorch itself writes the op in
-other ops), traced on fake tensors of the node's argument shapes (oneDNN off, so the RNNs take
-their portable form). It is spliced in only when the ops it brings write nothing but intermediates
-of their own (such a write becomes the functional op) and its results are new tensors, not
-arguments or views of them (an op that writes an argument is never decomposed; views: below), it
+the values of kthvalue and (nan)median by a sort, and the elementwise math of exact_math.py), else
+torch._decomp's registered one, else the op's CompositeImplicitAutograd kernel (`OpOverload.decompose`,
+how PyTorch itself writes the op in other ops), traced on fake tensors of the node's argument shapes
+(oneDNN off, so the RNNs take their portable form). It is spliced in only when the ops it brings
+write nothing but intermediates of their own (such a write becomes the functional op) and its results
+are new tensors, not arguments or views of them (an op that writes an argument is never decomposed; views: below), it
 needs no constant tensor, and it checks no input values (one_hot's class range; EmbeddingBag's
 offsets unless the graph makes them: a backend would drop the check); else the node is left as it
 was. A decomposition may compute the op's first outputs only, where nothing reads the others. The
@@ -116,13 +116,64 @@ def _masked_scatter(x, mask, source):
     return torch.where(keep, source.reshape(-1)[rank].to(x.dtype), x.reshape(-1)).reshape(x.shape)
 
 
+def _kthvalue(x, k, dim=-1, keepdim=False):
+    """kthvalue's values (its first output only): the k-th of each slice sorted ascending, NaN after every
+    number, as PyTorch ranks it. Which index a tie reports PyTorch leaves open, so nothing reading the
+    indices gets this."""
+    dim = dim % max(x.dim(), 1)
+    picked = torch.sort(x, dim).values.narrow(dim, k - 1, 1)
+    return [picked if keepdim else picked.squeeze(dim)]
+
+
+def _nan_in(x, dim, keepdim):
+    return torch.isnan(x).any(dim, keepdim=keepdim) if x.is_floating_point() else None
+
+
+def _median_dim(x, dim=0, keepdim=False):
+    """median's values along dim (first output only): the lower of the two middle elements sorted, NaN
+    where the slice holds a NaN."""
+    dim = dim % max(x.dim(), 1)
+    mid = (x.shape[dim] - 1) // 2 if x.dim() else 0
+    picked = torch.sort(x, dim).values.narrow(dim, mid, 1)
+    picked = picked if keepdim else picked.squeeze(dim)
+    nan = _nan_in(x, dim, keepdim)
+    return [picked if nan is None else torch.where(nan, torch.full_like(picked, float("nan")), picked)]
+
+
+def _median(x):
+    """median of every element: the lower middle one, NaN if there is a NaN."""
+    return _median_dim(x.reshape(-1), 0)[0]
+
+
+def _nanmedian_dim(x, dim=0, keepdim=False):
+    """nanmedian's values along dim (first output only): the lower middle of the slice's numbers (NaN sorts
+    after them), NaN for a slice of NaNs only."""
+    if not x.is_floating_point():
+        return _median_dim(x, dim, keepdim)
+    dim = dim % max(x.dim(), 1)
+    numbers = (~torch.isnan(x)).sum(dim, keepdim=True)
+    mid = ((numbers - 1).clamp(min=0) // 2).to(torch.int64)
+    picked = torch.gather(torch.sort(x, dim).values, dim, mid)  # all-NaN slices: the first NaN
+    return [picked if keepdim else picked.squeeze(dim)]
+
+
+def _nanmedian(x):
+    return _nanmedian_dim(x.reshape(-1), 0)[0]
+
+
 _EMBEDDING_BAGS = (torch.ops.aten.embedding_bag.default, torch.ops.aten.embedding_bag.padding_idx,
                    torch.ops.aten._embedding_bag.default, torch.ops.aten._embedding_bag_forward_only.default)
 # ops whose PyTorch decomposition no backend lowers (EmbeddingBag's is its own kernel) or is not exact at
 # the edges (exact_math.py), written here; such a decomposition may compute the op's first outputs only:
 # spliced where nothing reads the rest
 OWN_DECOMPOSITIONS: dict[Any, Callable] = {**{op: _embedding_bag for op in _EMBEDDING_BAGS},
-                                            torch.ops.aten.masked_scatter.default: _masked_scatter, **EXACT_MATH}
+                                            torch.ops.aten.masked_scatter.default: _masked_scatter, **EXACT_MATH,
+                                            # order statistics by a sort (values only)
+                                            torch.ops.aten.kthvalue.default: _kthvalue,
+                                            torch.ops.aten.median.dim: _median_dim,
+                                            torch.ops.aten.median.default: _median,
+                                            torch.ops.aten.nanmedian.dim: _nanmedian_dim,
+                                            torch.ops.aten.nanmedian.default: _nanmedian}
 
 
 def _checked_elsewhere(node: fx.Node, params: dict[str, torch.Tensor]) -> bool:

@@ -440,8 +440,8 @@ def _reduce(onnx_op: str):
 
 lowers(aten.mean.dim, aten.mean.default)(_reduce("ReduceMean"))
 lowers(aten.sum.dim_IntList, aten.sum.default)(_reduce("ReduceSum"))
-lowers(aten.amax.default)(_reduce("ReduceMax"))
-lowers(aten.amin.default)(_reduce("ReduceMin"))
+lowers(aten.amax.default, aten.max.default)(_reduce("ReduceMax"))  # max(): torchlib's was +inf for NaN
+lowers(aten.amin.default, aten.min.default)(_reduce("ReduceMin"))
 
 
 def _arg_extreme(ctx, x, op: str, axis: int, keep: int):

@@ -105,8 +105,17 @@ def _max_pool(ctx, node):
     kernel = _tuple(a["kernel_size"], spatial)
     stride = _tuple(a["stride"], spatial) if a["stride"] not in (None, []) else kernel
     pads = _tuple(a["padding"], spatial)
-    return ctx.b.op("MaxPool", ctx.v(a["input"]), kernel_shape=kernel, strides=stride, pads=pads + pads,
-                    dilations=_tuple(a["dilation"], spatial), ceil_mode=int(bool(a["ceil_mode"])))
+    attrs = dict(kernel_shape=kernel, strides=stride, pads=pads + pads, dilations=_tuple(a["dilation"], spatial),
+                 ceil_mode=int(bool(a["ceil_mode"])))
+    b, x = ctx.b, ctx.v(a["input"])
+    pooled = b.op("MaxPool", x, **attrs)
+    dt = ctx.dtype(a["input"])
+    if not dt.is_floating_point:
+        return pooled
+    # PyTorch's window max is NaN where the window holds one; ONNX Runtime's MaxPool passes over NaN (a window of
+    # NaN only came out as the lowest float): pool where the NaNs are, and write NaN there
+    nan = b.op("MaxPool", b.cast(b.op("IsNaN", x), torch.bool, dt), **attrs)
+    return b.op("Where", b.op("Greater", nan, b.scalar(0.0, dt)), b.scalar(float("nan"), dt), pooled)
 
 
 @lowers(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)

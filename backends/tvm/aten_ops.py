@@ -12,6 +12,9 @@ one fixes:
   * max.dim / min.dim, argmax / argmin of floats: NaN (and its index) where PyTorch has it, the
     first index of the extreme (TVM's argmax passed over NaN and over rows of -inf);
   * prod: no converter;
+  * sort and topk of floats: NaN after every number (TVM compared NaN as it came: a row holding one came out
+    in another order), the indices of NaN after those of +inf; isnan, isinf and isfinite of bfloat16 and
+    float16 in float32 (the build failed);
   * amax, amin, var, std, var_mean, layer_norm and group_norm without weight or bias:
     no converter, or one that failed;
   * reductions and softmax of float16 / bfloat16 accumulate in float32, as PyTorch;
@@ -136,6 +139,105 @@ def _first_extreme(lw, x, reduce: str, dim: int, keepdim: bool):
     if keepdim:
         return values, index
     return emit(op.squeeze(values, axis=[dim])), emit(op.squeeze(index, axis=[dim]))
+
+
+# --- sorting ----------------------------------------------------------------------------
+
+# a finite number above every finite value of the source dtype, in the dtype its sort key is widened to
+_WIDER = {"float16": ("float32", 3.4028234663852886e38), "bfloat16": ("float32", 3.4028234663852886e38),
+          "float32": ("float64", 1e300)}
+
+
+def _reads_indices(node) -> bool:
+    import operator
+
+    return any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
+
+
+def _nan_order(lw, node, x, dim: int):
+    """(key, index key, NaN count along dim) for sorting floats as PyTorch does, NaN after every number: TVM's
+    sort compares NaN as it comes (a row holding one came out in another order, or the NaN in the middle).
+    key: NaN read as +inf, so each NaN sorts among the infinities at the end, where the values then write NaN.
+    index key: the same widened (NaN +inf, +inf a finite number above the source's), so NaN's indices come
+    after +inf's too; float64 has nothing wider, and its indices are refused where they are read."""
+    op, emit = lw.R.op, lw.bb.emit
+    xf = _float32(lw, x)  # LLVM has no isnan of bfloat16, and TVM's sort of bfloat16 was wrong: sorted in float32
+    nan = emit(op.isnan(xf))
+    key = emit(op.where(nan, lw.R.const(float("inf"), _dtype(xf)), xf))
+    count = emit(op.sum(emit(op.astype(nan, "int64")), axis=[dim], keepdims=True))
+    dt = _dtype(x)
+    if dt not in _WIDER:
+        if _reads_indices(node):
+            raise refuse(node, "the indices of a float64 sort with NaN and +inf in one row would be in TVM's "
+                         "order, not PyTorch's")
+        return key, key, count
+    wide, big = _WIDER[dt]
+    xw = emit(op.astype(x, wide))
+    finite_inf = emit(op.where(emit(op.equal(xw, lw.R.const(float("inf"), wide))), lw.R.const(big, wide), xw))
+    return key, emit(op.where(nan, lw.R.const(float("inf"), wide), finite_inf)), count
+
+
+def _positions(lw, n: int, dim: int, rank: int):
+    """0..n-1 along dim, shaped to broadcast against a tensor of `rank` dims."""
+    shape = [1] * rank
+    shape[dim] = n
+    return lw.bb.emit(lw.R.op.reshape(lw.bb.emit(lw.R.op.arange(0, n, 1, "int64")), shape))
+
+
+def _sort(lw, node):
+    """sort of floats as PyTorch orders them: NaN after every number (first when descending)."""
+    op, emit = lw.R.op, lw.bb.emit
+    x = lw.value(node.args[0])
+    shape = _shape(x)
+    if "float" not in _dtype(x) or not shape:
+        return lw.frontend_convert(node)
+    dim = _arg(node, 1, "dim", -1) % len(shape)
+    descending = bool(_arg(node, 2, "descending", False))
+    key, index_key, nans = _nan_order(lw, node, x, dim)
+    n = shape[dim]
+    at = _positions(lw, n, dim, len(shape))
+    tail = emit(op.less(at, nans)) if descending else emit(op.greater_equal(at, emit(op.subtract(
+        lw.R.const(n, "int64"), nans))))
+    values = emit(op.where(tail, lw.R.const(float("nan"), _dtype(key)), emit(op.sort(key, dim, descending))))
+    return _like(lw, values, x), emit(op.argsort(index_key, dim, descending, "int64"))
+
+
+def _topk(lw, node):
+    """topk of floats as PyTorch ranks them: NaN above every number."""
+    op, emit = lw.R.op, lw.bb.emit
+    x = lw.value(node.args[0])
+    shape = _shape(x)
+    if "float" not in _dtype(x) or not shape:
+        return lw.frontend_convert(node)
+    k = int(node.args[1])
+    dim = _arg(node, 2, "dim", -1) % len(shape)
+    largest = bool(_arg(node, 3, "largest", True))
+    key, index_key, nans = _nan_order(lw, node, x, dim)
+    at = _positions(lw, k, dim, len(shape))
+    # the NaNs are the largest: the first ones of the k largest, past the numbers among the k smallest
+    nan_at = emit(op.less(at, nans)) if largest else emit(op.greater_equal(at, emit(op.subtract(
+        lw.R.const(shape[dim], "int64"), nans))))
+    top = emit(op.topk(key, k, dim, "values", largest))
+    values = emit(op.where(nan_at, lw.R.const(float("nan"), _dtype(key)), top))
+    return _like(lw, values, x), emit(op.topk(index_key, k, dim, "indices", largest, "int64"))
+
+
+def _float_test(relax_op: str):
+    """isnan / isinf / isfinite, in float32 for bfloat16 and float16 (LLVM has no isnan of bfloat16: the build
+    failed)."""
+
+    def lower(lw, node):
+        x = lw.value(node.args[0])
+        if _dtype(x) not in HALF:
+            return lw.frontend_convert(node)
+        return lw.bb.emit(getattr(lw.R.op, relax_op)(_float32(lw, x)))
+
+    return lower
+
+
+def _like(lw, v, x):
+    """v in x's dtype (the sorts of half-precision tensors run in float32: exact both ways)."""
+    return v if _dtype(v) == _dtype(x) else lw.bb.emit(lw.R.op.astype(v, _dtype(x)))
 
 
 def _prod(lw, node):
@@ -755,6 +857,11 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.where.ScalarSelf: _where_scalar,
     aten.where.Scalar: _where_scalar,
     aten.amax.default: _extreme("max"),
+    aten.sort.default: _sort,
+    aten.isnan.default: _float_test("isnan"),
+    aten.isinf.default: _float_test("isinf"),
+    aten.isfinite.default: _float_test("isfinite"),
+    aten.topk.default: _topk,
     aten.amin.default: _extreme("min"),
     aten.prod.default: _prod,
     aten.prod.dim_int: _prod,

@@ -39,8 +39,12 @@ FRONTEND_BROKEN = {"aten.pixel_shuffle": "calls tvm.topi.nn.pixel_shuffle, which
                    # PyTorch's own decompositions instead:
                    "aten.meshgrid": "indexing='xy' gave the transposed shapes",
                    "aten.cross_entropy_loss": "ignores label smoothing, reduction 'none' and probability targets"}
-# floor division of floats: inf // 2 is inf where PyTorch (dividing as fmod does) has NaN; integers are right
-FRONTEND_BROKEN_FOR_FLOATS = {"aten.floor_divide"}
+# integers are right, floats not: left to decompositions for floats
+FRONTEND_BROKEN_FOR_FLOATS = {
+    "aten.floor_divide": "gives inf for inf // 2 where PyTorch, dividing as fmod does, has NaN",
+    # flashc's decompositions by a sort (passes/decompose.py) instead, values only
+    "aten.median": "sorts NaN as a number: the median of a row holding NaN was a number",
+    "aten.nanmedian": "sorts NaN as a number"}
 
 
 class TvmBackend:
@@ -140,5 +144,8 @@ class TvmExecutable:
 
 
 def _floating(node) -> bool:
+    """Whether the op's (first) result is a float tensor."""
     val = node.meta.get("val")
+    if isinstance(val, (list, tuple)) and val:
+        val = val[0]
     return isinstance(val, torch.Tensor) and val.is_floating_point()

@@ -257,3 +257,27 @@ def test_inlined_functions_get_their_shapes_inferred_without_a_warning(caplog):
     x[1, 1] = float("inf")
     got, want = cm(x), module(x)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and rel_err(got, want) < 1e-6
+
+
+NAN_CASES = {
+    "max_all": lambda x: x.max() + x,  # torchlib's ReduceMax: +inf where PyTorch has NaN
+    "min_all": lambda x: x.min() + x,
+    "max_pool": lambda x: F.max_pool2d(x, 2),  # ORT's MaxPool passes over NaN (the lowest float for a NaN window)
+    "max_pool_padded": lambda x: F.max_pool2d(x, 3, 1, 1),
+    "kthvalue": lambda x: torch.kthvalue(x, 2, -1).values,  # by a sort (passes/decompose.py): no ONNX lowering
+    "median": lambda x: x.median(-1, keepdim=True).values,
+    "nanmedian": lambda x: x.nanmedian(),
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_CASES))
+def test_nan_reaches_the_result_as_in_pytorch(name):
+    fn = NAN_CASES[name]
+    cm = flashc.compile(Op(fn).eval(), target="onnx-cpu", example_inputs=(torch.randn(2, 3, 4, 6),))
+    x = torch.randn(2, 3, 4, 6)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 2] = float("nan")  # whole planes of NaN
+    x[0, 1, 2, 3] = float("inf")
+    got, want = cm(x), fn(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -757,3 +757,56 @@ def test_variance_of_fewer_elements_than_the_correction_is_inf_or_nan_as_eager()
         assert _same_values(g, r) or (_rel(g[torch.isfinite(r)], r[torch.isfinite(r)]) < 1e-6
                                       and torch.equal(torch.isfinite(g), torch.isfinite(r)))
     assert math.isnan(cm(x)[0][0]) and math.isinf(cm(x)[0][1])
+
+
+# --- sorting with NaN: PyTorch puts NaN after every number (first when descending) -------
+
+def _with_nan_and_inf(dtype):
+    x = torch.randn(6, 9).to(dtype)
+    x[0, 3] = float("nan")
+    x[1, [1, 4]] = float("inf")
+    x[1, 6] = float("nan")  # NaN and +inf in one row: NaN's index after inf's
+    x[2] = float("nan")
+    x[3, 0] = float("-inf")
+    x[4, 2:5] = float("nan")
+    return x  # rows 5: numbers only
+
+
+SORTS = {
+    "sort": lambda x: torch.sort(x, -1),
+    "sort_descending": lambda x: torch.sort(x, 0, descending=True),
+    "topk": lambda x: torch.topk(x, 4, -1),
+    "topk_smallest": lambda x: torch.topk(x, 3, -1, largest=False),
+    "msort": lambda x: torch.msort(x),
+    "median": lambda x: x.median(-1).values,
+    "median_all": lambda x: x.median() + x,
+    "nanmedian": lambda x: x.nanmedian(0, keepdim=True).values,
+    "kthvalue": lambda x: torch.kthvalue(x, 3, -1).values,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(SORTS))
+def test_sorting_orders_nan_as_pytorch_does(name, dtype):
+    """TVM's sort compared NaN as it came (a row holding one came out in another order, its median a number);
+    flashc sorts floats with NaN after every number, and (nan)median and kthvalue decompose into that sort."""
+    fn = SORTS[name]
+    cm = _compile(Fn(fn), [torch.randn(6, 9).to(dtype)])
+    x = _with_nan_and_inf(dtype)
+    got, ref = cm(x), fn(x)
+    got, ref = (got, ref) if isinstance(ref, torch.Tensor) else (tuple(got), tuple(ref))
+    values_got, values_ref = (got[0], ref[0]) if isinstance(ref, tuple) else (got, ref)
+    assert _same_values(values_got, values_ref), (values_got, values_ref)
+    if isinstance(ref, tuple):  # indices: rows without ties (2 and 4 tie among their NaNs; PyTorch leaves that open)
+        rows = [0, 1, 3, 5] if name != "sort_descending" else slice(None)
+        i_got, i_ref = got[1], ref[1]
+        if name == "sort_descending":  # along dim 0: columns 2-4 hold two NaNs
+            i_got, i_ref = i_got[:, [0, 1, 5, 6, 7, 8]], i_ref[:, [0, 1, 5, 6, 7, 8]]
+        assert torch.equal(i_got[rows], i_ref[rows]), (i_got, i_ref)
+
+
+def test_indices_of_a_median_are_refused_rather_than_computed_by_tvms_sort():
+    with pytest.raises(UnsupportedOpError, match=r"aten.median.*sorts NaN as a number"):
+        _compile(Fn(lambda x: x.median(-1).indices), [torch.randn(4, 5)])
+    with pytest.raises(UnsupportedOpError, match=r"aten.sort.*float64"):
+        _compile(Fn(lambda x: x.sort(-1).indices), [torch.randn(4, 5, dtype=torch.float64)])
