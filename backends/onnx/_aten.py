@@ -237,6 +237,11 @@ def _pow(ctx, node):
     e = a["exponent"]
     if isinstance(e, (int, float)) and not isinstance(e, bool) and e == 2:
         return ctx.b.op("Mul", x, x)  # exactly what torch computes for x ** 2
+    if isinstance(e, float) and dt.is_floating_point and e in (0.5, -0.5):
+        # PyTorch takes x ** 0.5 as sqrt (sqrt(-inf) is NaN where pow(-inf, 0.5) is inf; sqrt(-0.0) is -0.0) and
+        # x ** -0.5 as its reciprocal
+        root = ctx.b.op("Sqrt", x)
+        return root if e > 0 else ctx.b.op("Reciprocal", root)
     return ctx.b.op("Pow", x, ctx.tensor(e, dt))
 
 

@@ -45,6 +45,9 @@ REFUSED.update({
     torch.ops.aten.heaviside.default: "torchlib's heaviside gives other values than PyTorch's",
     torch.ops.aten.logit.default: "torchlib's logit fails on flashc's graphs",
     torch.ops.aten.signbit.default: "torchlib's signbit is x < 0, which loses -0.0, and ONNX cannot read a NaN's sign bit",
+    torch.ops.aten.logcumsumexp.default: "torchlib's logcumsumexp is NaN where a prefix holds an infinity",
+    # left to PyTorch's decomposition (abs, amax: NaN propagates)
+    torch.ops.aten.linalg_vector_norm.default: "torchlib's infinity norm passes over NaN",
     # left to PyTorch's own decompositions (log_softmax, nll_loss, ...):
     torch.ops.aten.cross_entropy_loss.default: "torchlib's cross_entropy ignores label smoothing and makes an invalid "
                                                "graph for probability targets",

@@ -14,7 +14,8 @@ one fixes:
   * prod: no converter;
   * sort and topk of floats: NaN after every number (TVM compared NaN as it came: a row holding one came out
     in another order), the indices of NaN after those of +inf; isnan, isinf and isfinite of bfloat16 and
-    float16 in float32 (the build failed);
+    float16 in float32 (the build failed); x ** 0.5 and x ** -0.5 as sqrt and its reciprocal, as PyTorch
+    (pow(-inf, 0.5) is inf where PyTorch has NaN);
   * amax, amin, var, std, var_mean, layer_norm and group_norm without weight or bias:
     no converter, or one that failed;
   * reductions and softmax of float16 / bfloat16 accumulate in float32, as PyTorch;
@@ -233,6 +234,28 @@ def _float_test(relax_op: str):
         return lw.bb.emit(getattr(lw.R.op, relax_op)(_float32(lw, x)))
 
     return lower
+
+
+def _pow_scalar(lw, node):
+    """x ** 0.5 and x ** -0.5 of floats as PyTorch computes them, sqrt and its reciprocal (pow(-inf, 0.5) is inf,
+    sqrt(-inf) NaN; sqrt(-0.0) is -0.0); x ** 2 as x * x; bfloat16 and float16 in float32. Other exponents of
+    other floats: the frontend."""
+    x, e = lw.value(node.args[0]), node.args[1]
+    half = _dtype(x) in HALF
+    if "float" not in _dtype(x) or isinstance(e, bool) or not isinstance(e, (int, float)) or (
+            e not in (0.5, -0.5, 2) and not half):
+        return lw.frontend_convert(node)
+    op, emit = lw.R.op, lw.bb.emit
+    xf = _float32(lw, x)  # half precision in float32, rounded once (TVM's power of bfloat16 failed to build)
+    if e == 2:
+        y = emit(op.multiply(xf, xf))
+    elif e in (0.5, -0.5):
+        y = emit(op.sqrt(xf))
+        if e < 0:  # PyTorch rounds the root to the tensor's dtype before taking its reciprocal
+            y = emit(op.divide(lw.R.const(1.0, _dtype(xf)), _float32(lw, _like(lw, y, x))))
+    else:
+        y = emit(op.power(xf, lw.R.const(float(e), "float32")))
+    return _like(lw, y, x)
 
 
 def _like(lw, v, x):
@@ -859,6 +882,7 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.amax.default: _extreme("max"),
     aten.sort.default: _sort,
     aten.isnan.default: _float_test("isnan"),
+    aten.pow.Tensor_Scalar: _pow_scalar,
     aten.isinf.default: _float_test("isinf"),
     aten.isfinite.default: _float_test("isfinite"),
     aten.topk.default: _topk,

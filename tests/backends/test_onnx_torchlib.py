@@ -267,6 +267,8 @@ NAN_CASES = {
     "kthvalue": lambda x: torch.kthvalue(x, 2, -1).values,  # by a sort (passes/decompose.py): no ONNX lowering
     "median": lambda x: x.median(-1, keepdim=True).values,
     "nanmedian": lambda x: x.nanmedian(),
+    "norm_inf": lambda x: torch.linalg.vector_norm(x, float("inf"), -1),  # torchlib's passed over NaN
+    "sqrt_by_pow": lambda x: x ** 0.5 + x.abs() ** -0.5,  # PyTorch: sqrt (NaN at -inf, -0.0 at -0.0), rsqrt
 }
 
 
@@ -278,6 +280,13 @@ def test_nan_reaches_the_result_as_in_pytorch(name):
     x[0, 0, 1, 1] = float("nan")
     x[1, 2] = float("nan")  # whole planes of NaN
     x[0, 1, 2, 3] = float("inf")
+    x[0, 1, 3, :2] = torch.tensor([float("-inf"), -0.0])
     got, want = cm(x), fn(x)
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
-    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-6, atol=0)  # rsqrt: 1 ulp
+
+
+def test_logcumsumexp_is_refused_rather_than_nan_at_infinities():
+    with pytest.raises(UnsupportedOpError, match="logcumsumexp is NaN where a prefix holds an infinity"):
+        flashc.compile(Op(lambda x: torch.logcumsumexp(x, -1)).eval(), target="onnx-cpu",
+                       example_inputs=(torch.randn(3, 5),))

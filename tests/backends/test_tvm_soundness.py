@@ -810,3 +810,15 @@ def test_indices_of_a_median_are_refused_rather_than_computed_by_tvms_sort():
         _compile(Fn(lambda x: x.median(-1).indices), [torch.randn(4, 5)])
     with pytest.raises(UnsupportedOpError, match=r"aten.sort.*float64"):
         _compile(Fn(lambda x: x.sort(-1).indices), [torch.randn(4, 5, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("exponent", [0.5, -0.5, 2, 3, -1, 1.5])
+def test_powers_of_a_scalar_as_pytorch_computes_them(exponent, dtype):
+    """x ** 0.5 is sqrt in PyTorch (NaN at -inf, -0.0 at -0.0) and x ** -0.5 its reciprocal; TVM's power gave inf,
+    and failed to build for bfloat16 (now computed in float32 and rounded once)."""
+    fn = lambda x: x ** exponent  # noqa: E731
+    cm = _compile(Fn(fn), [torch.rand(2, 8).to(dtype) + 0.5])
+    x = torch.tensor([[float("-inf"), -0.0, -1.0, float("inf"), 0.0, 4.0, 2.5, float("nan")],
+                      [0.3, -2.0, 7.0, 1e-3, 30.0, -0.5, 1.0, 2.0]]).to(dtype)
+    assert _same_values(cm(x), fn(x)), (cm(x), fn(x))
