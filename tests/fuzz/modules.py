@@ -373,7 +373,11 @@ def reductions(r: random.Random) -> tuple[str, str]:
            f"x.amin(-1, keepdim={kd})", "x.softmax(-1)", "torch.log_softmax(x, -1)", f"x.var(-1, keepdim={kd})",
            "x.var(-1, correction=0)", "x.std(-1)", "torch.logsumexp(x, -1)", "x.norm(dim=-1)", "x.prod(-1)",
            "x.argmax(-1)", "x.max(-1)", "x.cumsum(-1)", "x.float().softmax(-1).to(x.dtype)",
-           "xi.sum(-1)", "xi.amax(-1)", "xi.to(torch.int32).sum(-1)", "(x > 0).sum(-1)"]
+           "xi.sum(-1)", "xi.amax(-1)", "xi.to(torch.int32).sum(-1)", "(x > 0).sum(-1)",
+           # orders: PyTorch puts NaN after every number (2026-12-08: tvm-cpu's sort and median, onnx-cpu's max() and
+           # max_pool passed over it)
+           "x.sort(-1)", "x.sort(-1, descending=True).values", "torch.topk(x, 1, -1)", "x.median(-1).values",
+           "torch.kthvalue(x, 1, -1).values", "x.max()", "x.min()"]
     if len(shape) > 1:
         ops += [f"x.sum((-2, -1), keepdim={kd})", "x.mean((-2, -1))", "x.amax((-2, -1))", "x.var((-2, -1))"]
     picks = r.sample(ops, r.randint(1, 3))
