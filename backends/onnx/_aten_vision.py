@@ -10,7 +10,8 @@ Each follows PyTorch's semantics where ONNX's default differs:
 * batch_norm in eval mode (running statistics) -> BatchNormalization; with training=True
   (batch statistics) it is refused: export the model in eval mode.
 * max_pool: PyTorch pads with -inf (ONNX's MaxPool too) and `ceil_mode` maps one to one;
-  dilation too.
+  dilation too. A window holding NaN is NaN (ONNX Runtime passes over NaN), its index the last NaN's; indices
+  count within each plane (ONNX's over the whole tensor).
 * avg_pool: `count_include_pad` and `ceil_mode` map one to one; divisor_override is refused.
 * adaptive_avg_pool: an output of 1 per spatial dim is GlobalAveragePool; an output that
   divides the input evenly is AveragePool with kernel = stride = input / output (the windows
@@ -102,12 +103,8 @@ def _batch_norm(ctx, node):
 def _max_pool(ctx, node):
     a = ctx.args(node)
     spatial = len(ctx.shape(a["input"])) - 2
-    kernel = _tuple(a["kernel_size"], spatial)
-    stride = _tuple(a["stride"], spatial) if a["stride"] not in (None, []) else kernel
-    pads = _tuple(a["padding"], spatial)
-    attrs = dict(kernel_shape=kernel, strides=stride, pads=pads + pads, dilations=_tuple(a["dilation"], spatial),
-                 ceil_mode=int(bool(a["ceil_mode"])))
     b, x = ctx.b, ctx.v(a["input"])
+    attrs = _pool_attrs(a, spatial)
     pooled = b.op("MaxPool", x, **attrs)
     dt = ctx.dtype(a["input"])
     if not dt.is_floating_point:
@@ -116,6 +113,74 @@ def _max_pool(ctx, node):
     # NaN only came out as the lowest float): pool where the NaNs are, and write NaN there
     nan = b.op("MaxPool", b.cast(b.op("IsNaN", x), torch.bool, dt), **attrs)
     return b.op("Where", b.op("Greater", nan, b.scalar(0.0, dt)), b.scalar(float("nan"), dt), pooled)
+
+
+def _pool_attrs(a, spatial: int) -> dict:
+    kernel = _tuple(a["kernel_size"], spatial)
+    stride = _tuple(a["stride"], spatial) if a["stride"] not in (None, []) else kernel
+    pads = _tuple(a["padding"], spatial)
+    return dict(kernel_shape=kernel, strides=stride, pads=pads + pads, dilations=_tuple(a["dilation"], spatial),
+                ceil_mode=int(bool(a["ceil_mode"])))
+
+
+def _plane(what: str, shape: list[int], spatial: int) -> int:
+    """Elements of one (batch, channel) plane; refused where indices could not be counted in float32."""
+    if len(shape) != spatial + 2:
+        raise NotLowerable(f"{what} of a {len(shape)}-d input (batch and channels first only)")
+    plane = 1
+    for size in shape[2:]:
+        plane *= size
+    if plane >= 2**24:
+        raise NotLowerable(f"{what} over planes of {plane} elements (float32 counts them exactly up to 2**24)")
+    return plane
+
+
+@lowers(aten.max_pool1d_with_indices.default, aten.max_pool2d_with_indices.default,
+        aten.max_pool3d_with_indices.default)
+def _max_pool_with_indices(ctx, node):
+    a = ctx.args(node)
+    spatial = {aten.max_pool1d_with_indices.default: 1, aten.max_pool2d_with_indices.default: 2}.get(node.target, 3)
+    shape = ctx.shape(a["input"])
+    plane = _plane("max pooling with indices", shape, spatial)
+    return _pooled_with_indices(ctx, a, shape, spatial, plane, _pool_attrs(a, spatial))
+
+
+@lowers(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def _adaptive_max_pool(ctx, node):
+    """Adaptive max pooling to sizes that divide the input: MaxPool with kernel = stride = input / output, the
+    windows PyTorch's adaptive pooling takes then, with NaN and indices as max_pool's (torchlib's passed over
+    NaN); other sizes (overlapping windows) are refused."""
+    a = ctx.args(node)
+    spatial = 2 if node.target == aten.adaptive_max_pool2d.default else 3
+    shape = ctx.shape(a["input"])
+    plane = _plane("adaptive max pooling", shape, spatial)
+    val = node.meta["val"]
+    in_sizes, out_sizes = shape[2:], [int(d) for d in val[0].shape[-spatial:]]
+    if any(o == 0 or i % o for i, o in zip(in_sizes, out_sizes)):
+        raise NotLowerable(f"adaptive max pooling from {in_sizes} to {out_sizes}: the windows overlap "
+                           "(only sizes that divide the input are lowered)")
+    kernel = [i // o for i, o in zip(in_sizes, out_sizes)]
+    return _pooled_with_indices(ctx, a, shape, spatial, plane, dict(kernel_shape=kernel, strides=kernel))
+
+
+def _pooled_with_indices(ctx, a, shape: list[int], spatial: int, plane: int, attrs: dict):
+    """Window maxima and where they are, as PyTorch has them: the index within each plane (ONNX's MaxPool counts
+    over the whole tensor); a window holding NaN gives NaN and the last NaN's index (PyTorch's loop takes every
+    NaN it meets, ONNX Runtime's passes over them: torchlib's lowering did)."""
+    b, x = ctx.b, ctx.v(a["input"])
+    values, flat = b.op("MaxPool", x, outputs=2, **attrs)
+    starts = torch.arange(shape[0] * shape[1], dtype=torch.int64).reshape(shape[0], shape[1], *[1] * spatial)
+    indices = b.op("Sub", flat, b.const(starts * plane, torch.int64))
+    if not ctx.dtype(a["input"]).is_floating_point:
+        return values, indices
+    # each NaN's position + 1 (0 elsewhere), pooled: the window's last NaN, in scan order
+    at = b.const(torch.arange(1, plane + 1, dtype=torch.float32).reshape(1, 1, *shape[2:]), torch.float32)
+    marks = b.op("Where", b.op("IsNaN", x), at, b.scalar(0.0, torch.float32))
+    last = b.op("MaxPool", marks, **attrs)
+    nan = b.op("Greater", last, b.scalar(0.0, torch.float32))
+    values = b.op("Where", nan, b.scalar(float("nan"), ctx.dtype(a["input"])), values)
+    last_index = b.cast(b.op("Sub", last, b.scalar(1.0, torch.float32)), torch.float32, torch.int64)
+    return values, b.op("Where", nan, last_index, indices)
 
 
 @lowers(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)

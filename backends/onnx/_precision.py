@@ -42,8 +42,8 @@ def _result_dtypes(node: ir.Node, dtype) -> list:
         return [ir.DataType.BOOL]
     if op in _INDEX_RESULTS:
         return [ir.DataType.INT64]
-    if op == "TopK":
-        return [first, ir.DataType.INT64]
+    if op in ("TopK", "MaxPool"):  # MaxPool's second output: the indices
+        return [first, ir.DataType.INT64][:len(node.outputs)]
     if op == "ConstantOfShape":
         value = node.attributes.get("value")
         return [value.as_tensor().dtype if value is not None else FLOAT]

@@ -88,7 +88,9 @@ class PoolWithIndices(nn.Module):
         return values * 2, indices
 
 
-def test_an_op_with_several_results():
+def test_an_op_with_several_results(monkeypatch):
+    # flashc lowers max pooling with indices itself (NaN as PyTorch has it): set that aside to reach torchlib's
+    monkeypatch.delitem(LOWERINGS, aten.max_pool2d_with_indices.default)
     module = PoolWithIndices()
     cm = flashc.compile(module, target="onnx-cpu", example_inputs=(torch.randn(2, 3, 6, 8),), level=0)
     assert via_torchlib(cm.executable) == {"aten.max_pool2d_with_indices": 1}
@@ -290,3 +292,32 @@ def test_logcumsumexp_is_refused_rather_than_nan_at_infinities():
     with pytest.raises(UnsupportedOpError, match="logcumsumexp is NaN where a prefix holds an infinity"):
         flashc.compile(Op(lambda x: torch.logcumsumexp(x, -1)).eval(), target="onnx-cpu",
                        example_inputs=(torch.randn(3, 5),))
+
+
+POOLS_WITH_INDICES = {
+    "k2": lambda x: F.max_pool2d(x, 2, return_indices=True),
+    "k3_s1_p1": lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True),
+    "dilated_ceil": lambda x: F.max_pool2d(x, 2, 2, 0, 2, ceil_mode=True, return_indices=True),
+    "3d": lambda x: F.max_pool3d(x[None], (1, 2, 2), return_indices=True),
+    "1d": lambda x: F.max_pool1d(x.flatten(2), 3, return_indices=True),
+    "adaptive": lambda x: F.adaptive_max_pool2d(x, (7, 4), return_indices=True),
+    "adaptive_global": lambda x: F.adaptive_max_pool2d(x, 1, return_indices=True),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS_WITH_INDICES))
+def test_max_pool_indices_count_within_the_plane_and_take_the_last_nan(name):
+    """Indices as PyTorch's: within each plane (ONNX's MaxPool counts over the tensor), the first of equal maxima,
+    the last NaN of a window holding NaN (torchlib's passed over NaN, values and indices)."""
+    fn = POOLS_WITH_INDICES[name]
+    cm = flashc.compile(Op(fn).eval(), target="onnx-cpu", example_inputs=(torch.randn(2, 3, 7, 8),))
+    x = torch.randn(2, 3, 7, 8)
+    x[0, 0, 1, 1:3] = float("nan")
+    x[0, 1] = float("nan")
+    x[1, 2, 3, 3] = float("inf")
+    x[1, 0, :2, :2] = 1.0  # ties
+    for inputs in (x, x.nan_to_num(nan=0.5)):
+        (values, indices), (want_values, want_indices) = cm(inputs), fn(inputs)
+        assert torch.equal(values.isnan(), want_values.isnan())
+        assert torch.equal(values.nan_to_num(), want_values.nan_to_num())
+        assert torch.equal(indices, want_indices)
