@@ -159,14 +159,16 @@ def softshrink(x, lambd=0.5):
 def floor_divide(a, b):
     """c10's div_floor_floating: (a - fmod(a, b)) / b, one less where the remainder's sign is not b's,
     rounded to the nearest integer; a zero quotient with the sign of a / b; a / b where b is 0."""
+    q = a / b
+    if not isinstance(b, torch.Tensor) and b == 0:  # a number (x // 0.7): decided here, no constant tensor
+        return q
     mod = torch.fmod(a, b)
     div = (a - mod) / b
-    div = torch.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+    div = torch.where((mod != 0) & ((mod < 0) != (b < 0)), div - 1, div)
     floor = torch.floor(div)
     floor = torch.where(div - floor > 0.5, floor + 1, floor)
-    q = a / b
     out = torch.where(div != 0, floor, q * 0)
-    return torch.where(b == 0, q, out)
+    return torch.where(b == 0, q, out) if isinstance(b, torch.Tensor) else out
 
 
 def cdist(x1, x2, p=2.0, compute_mode=None):

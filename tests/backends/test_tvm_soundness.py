@@ -822,3 +822,14 @@ def test_powers_of_a_scalar_as_pytorch_computes_them(exponent, dtype):
     x = torch.tensor([[float("-inf"), -0.0, -1.0, float("inf"), 0.0, 4.0, 2.5, float("nan")],
                       [0.3, -2.0, 7.0, 1e-3, 30.0, -0.5, 1.0, 2.0]]).to(dtype)
     assert _same_values(cm(x), fn(x)), (cm(x), fn(x))
+
+
+@pytest.mark.parametrize("divisor", [0.7, -3, 0.0, -0.0])
+def test_floor_division_of_floats_by_a_number(divisor):
+    """x // 0.7: TVM's converter gave inf for inf // 0.7 (PyTorch: NaN); flashc's exact decomposition took only a
+    tensor divisor, so a number went to that converter. Signs of zero as PyTorch's."""
+    fn = lambda x: x // divisor  # noqa: E731
+    cm = _compile(Fn(fn), [torch.randn(1, 12)])
+    x = torch.tensor([[-1.5, 2.5, 300.7, float("inf"), 0.5, -0.5, 1e10, float("nan"), -0.0, 0.7, -1.4, float("-inf")]])
+    got, want = cm(x), fn(x)
+    assert _same_values(got, want) and torch.equal(torch.signbit(got), torch.signbit(want)), (got, want)
