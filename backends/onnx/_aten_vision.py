@@ -20,6 +20,8 @@ Each follows PyTorch's semantics where ONNX's default differs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._lowering import NotLowerable, lowerings_into
@@ -127,9 +129,7 @@ def _plane(what: str, shape: list[int], spatial: int) -> int:
     """Elements of one (batch, channel) plane; refused where indices could not be counted in float32."""
     if len(shape) != spatial + 2:
         raise NotLowerable(f"{what} of a {len(shape)}-d input (batch and channels first only)")
-    plane = 1
-    for size in shape[2:]:
-        plane *= size
+    plane = math.prod(shape[2:])
     if plane >= 2**24:
         raise NotLowerable(f"{what} over planes of {plane} elements (float32 counts them exactly up to 2**24)")
     return plane

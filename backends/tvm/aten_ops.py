@@ -42,6 +42,7 @@ one fixes:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable
 
 import torch
@@ -150,8 +151,6 @@ _WIDER = {"float16": ("float32", 3.4028234663852886e38), "bfloat16": ("float32",
 
 
 def _reads_indices(node) -> bool:
-    import operator
-
     return any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
 
 
@@ -185,6 +184,15 @@ def _positions(lw, n: int, dim: int, rank: int):
     return lw.bb.emit(lw.R.op.reshape(lw.bb.emit(lw.R.op.arange(0, n, 1, "int64")), shape))
 
 
+def _nan_slots(lw, at, nans, n: int, first: bool):
+    """Where the NaNs go among n sorted places (`at`, their positions): the first `nans` of them when NaN ranks
+    first (descending, largest), else the last."""
+    op, emit = lw.R.op, lw.bb.emit
+    if first:
+        return emit(op.less(at, nans))
+    return emit(op.greater_equal(at, emit(op.subtract(lw.R.const(n, "int64"), nans))))
+
+
 def _sort(lw, node):
     """sort of floats as PyTorch orders them: NaN after every number (first when descending)."""
     op, emit = lw.R.op, lw.bb.emit
@@ -197,8 +205,7 @@ def _sort(lw, node):
     key, index_key, nans = _nan_order(lw, node, x, dim)
     n = shape[dim]
     at = _positions(lw, n, dim, len(shape))
-    tail = emit(op.less(at, nans)) if descending else emit(op.greater_equal(at, emit(op.subtract(
-        lw.R.const(n, "int64"), nans))))
+    tail = _nan_slots(lw, at, nans, n, descending)
     values = emit(op.where(tail, lw.R.const(float("nan"), _dtype(key)), emit(op.sort(key, dim, descending))))
     return _like(lw, values, x), emit(op.argsort(index_key, dim, descending, "int64"))
 
@@ -216,8 +223,7 @@ def _topk(lw, node):
     key, index_key, nans = _nan_order(lw, node, x, dim)
     at = _positions(lw, k, dim, len(shape))
     # the NaNs are the largest: the first ones of the k largest, past the numbers among the k smallest
-    nan_at = emit(op.less(at, nans)) if largest else emit(op.greater_equal(at, emit(op.subtract(
-        lw.R.const(shape[dim], "int64"), nans))))
+    nan_at = _nan_slots(lw, at, nans, shape[dim], largest)
     top = emit(op.topk(key, k, dim, "values", largest))
     values = emit(op.where(nan_at, lw.R.const(float("nan"), _dtype(key)), top))
     return _like(lw, values, x), emit(op.topk(index_key, k, dim, "indices", largest, "int64"))

@@ -82,9 +82,7 @@ class TvmBackend:
     def converts(self, node) -> bool:
         """Whether lowering finds a converter for node's op overload: flashc's, else TVM's frontend's,
         whose table is per overload (`conv2d.default`, not `conv2d.padding`: padding='same')."""
-        if not self.lowering.lowers(op_name(node)):
-            return False
-        if op_name(node) in FRONTEND_BROKEN_FOR_FLOATS and _floating(node):
+        if not self.lowering.lowers(op_name(node)) or broken_converter(node):
             return False
         target = node.target
         if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
@@ -141,6 +139,13 @@ class TvmExecutable:
         if self._model is None:
             self._model = self.build.load(self.device, self.state)
         return self._model(*args)
+
+
+def broken_converter(node) -> str | None:
+    """Why TVM's frontend converter of node's op is not to be used (FRONTEND_BROKEN, or
+    FRONTEND_BROKEN_FOR_FLOATS for a float result), else None."""
+    name = op_name(node)
+    return FRONTEND_BROKEN.get(name) or (FRONTEND_BROKEN_FOR_FLOATS.get(name) if _floating(node) else None)
 
 
 def _floating(node) -> bool:

@@ -300,10 +300,9 @@ class FxToRelax:
             convert = self.frontend.convert_map.get(target.__name__)
         if convert is None:
             raise unsupported_op(node, "TVM")
-        from flashc.backends.tvm.backend import FRONTEND_BROKEN, FRONTEND_BROKEN_FOR_FLOATS, _floating
+        from flashc.backends.tvm.backend import broken_converter
 
-        name = op_name(node)  # left to a decomposition that did not apply (its indices are read, ...)
-        broken = FRONTEND_BROKEN.get(name) or (FRONTEND_BROKEN_FOR_FLOATS.get(name) if _floating(node) else None)
+        broken = broken_converter(node)  # left to a decomposition that did not apply (its indices are read, ...)
         if broken:
             raise unsupported_op(node, "TVM", f"TVM's converter: {broken}")
         for a in node.all_input_nodes:  # frontend converters read weights from env
